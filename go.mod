@@ -1,0 +1,3 @@
+module github.com/nbdcache/nbdcache
+
+go 1.26

@@ -1,0 +1,105 @@
+package storage
+
+import "errors"
+
+// Flags modify a single data request.
+type Flags uint8
+
+const (
+	// FUA asks for the data of this request to be durable before the call
+	// returns (force unit access).
+	FUA Flags = 1 << iota
+	// NoHole asks Zero to leave the range allocated: it must not punch a
+	// hole.
+	NoHole
+	// FastZero asks Zero to fail with ErrNotSupported, without touching
+	// anything, unless it can zero the range faster than by writing zeroes.
+	FastZero
+)
+
+// Sentinel errors. Callers check them with errors.Is; the nbd package maps
+// them, and the syscall errnos they may wrap, to NBD errors in one place.
+var (
+	ErrOutOfRange   = errors.New("storage: range outside the device")
+	ErrReadOnly     = errors.New("storage: device is read-only")
+	ErrNotSupported = errors.New("storage: operation not supported")
+	ErrClosed       = errors.New("storage: device closed")
+	ErrNoSpace      = errors.New("storage: no space left")
+)
+
+// Caps describes what a device can do. A layer above must not call a method
+// whose capability is false (Trim without Trim, FUA without FUA).
+type Caps struct {
+	ReadOnly   bool // every write, trim and zero fails with ErrReadOnly
+	Flush      bool // Flush makes earlier writes durable (false: writes are durable when acknowledged, or the device is volatile)
+	FUA        bool // the FUA flag is honoured natively
+	Trim       bool // Trim discards data
+	Zero       bool // Zero is cheaper than writing zeroes
+	FastZero   bool // Zero can honour FastZero
+	Rotational bool // seeks are expensive (a disk, or the hdd model)
+	// BlockSize is the smallest unit of I/O that the device handles
+	// without read-modify-write; a power of two, at least 512.
+	BlockSize int
+}
+
+// Device is a block device: a fixed-size array of bytes with a volatile
+// write cache. It is the one contract between the NBD server, the cache and
+// every storage implementation.
+//
+// The durability contract: a WriteAt, Trim or Zero that returned nil may
+// still be lost by a crash until a later Flush returns nil, unless it
+// carried FUA. Methods may be called concurrently; concurrent writes to
+// overlapping ranges leave one of them, per block, in an unspecified order.
+// Every method checks its range: off >= 0 and off+len <= Size(), else
+// ErrOutOfRange.
+type Device interface {
+	// Size is the device size in bytes. It does not change.
+	Size() int64
+	// ReadAt fills p from offset off. It never returns a short read
+	// without an error.
+	ReadAt(p []byte, off int64) error
+	// WriteAt writes p at offset off. Flags: FUA.
+	WriteAt(p []byte, off int64, flags Flags) error
+	// Flush makes every write that returned before Flush was called
+	// durable.
+	Flush() error
+	// Trim discards the range: it reads back as zeroes or as its old data.
+	// Flags: FUA.
+	Trim(off, length int64, flags Flags) error
+	// Zero makes the range read back as zeroes. Flags: FUA, NoHole,
+	// FastZero.
+	Zero(off, length int64, flags Flags) error
+	// Caps reports the device's capabilities. It does not change.
+	Caps() Caps
+	// Close releases the device. It does not flush.
+	Close() error
+}
+
+// Extent is a run of bytes with the same allocation state.
+type Extent struct {
+	Length int64
+	Hole   bool // reads as zeroes and is not allocated
+	Zero   bool // reads as zeroes
+}
+
+// Extenter is implemented by devices that know which ranges are allocated
+// (NBD BLOCK_STATUS, base:allocation). Extents calls fn with consecutive
+// extents starting at off, covering at least one byte and at most length
+// bytes, and stops early when fn returns false.
+type Extenter interface {
+	Extents(off, length int64, fn func(Extent) bool) error
+}
+
+// Prefetcher is implemented by devices that can warm a range into a faster
+// tier (NBD CACHE).
+type Prefetcher interface {
+	Prefetch(off, length int64) error
+}
+
+// CheckRange validates a request against a device of the given size.
+func CheckRange(size, off, length int64) error {
+	if off < 0 || length < 0 || off > size || length > size-off {
+		return ErrOutOfRange
+	}
+	return nil
+}
