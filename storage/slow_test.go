@@ -1,0 +1,304 @@
+package storage
+
+import (
+	"bytes"
+	"errors"
+	"math/rand/v2"
+	"os"
+	"strconv"
+	"sync"
+	"testing"
+	"testing/synctest"
+	"time"
+)
+
+// slowTestDev is a sparse in-memory device for the Slow tests: it keeps
+// only the 4 KiB blocks written, so a 1 TB "disk" costs nothing.
+type slowTestDev struct {
+	size int64
+	mu   sync.Mutex
+	blk  map[int64][]byte
+}
+
+const slowTestBlock = 4096
+
+func newSlowTestDev(size int64) *slowTestDev {
+	return &slowTestDev{size: size, blk: map[int64][]byte{}}
+}
+
+func (d *slowTestDev) Size() int64 { return d.size }
+func (d *slowTestDev) Caps() Caps  { return Caps{Flush: true, BlockSize: 512} }
+func (d *slowTestDev) Flush() error {
+	return nil
+}
+func (d *slowTestDev) Close() error { return nil }
+func (d *slowTestDev) Trim(off, n int64, _ Flags) error {
+	return CheckRange(d.size, off, n)
+}
+func (d *slowTestDev) Zero(off, n int64, f Flags) error {
+	if err := CheckRange(d.size, off, n); err != nil {
+		return err
+	}
+	return d.WriteAt(make([]byte, n), off, f)
+}
+func (d *slowTestDev) ReadAt(p []byte, off int64) error {
+	if err := CheckRange(d.size, off, int64(len(p))); err != nil {
+		return err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for i := range p {
+		o := off + int64(i)
+		b := d.blk[o/slowTestBlock]
+		if b == nil {
+			p[i] = 0
+		} else {
+			p[i] = b[o%slowTestBlock]
+		}
+	}
+	return nil
+}
+func (d *slowTestDev) WriteAt(p []byte, off int64, _ Flags) error {
+	if err := CheckRange(d.size, off, int64(len(p))); err != nil {
+		return err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for i := range p {
+		o := off + int64(i)
+		b := d.blk[o/slowTestBlock]
+		if b == nil {
+			b = make([]byte, slowTestBlock)
+			d.blk[o/slowTestBlock] = b
+		}
+		b[o%slowTestBlock] = p[i]
+	}
+	return nil
+}
+
+// slowSeed returns the seed for a randomized Slow test: NBDCACHE_SEED
+// replays one, else a fresh one. It is always logged.
+func slowSeed(t *testing.T) uint64 {
+	t.Helper()
+	seed := uint64(time.Now().UnixNano())
+	if s := os.Getenv("NBDCACHE_SEED"); s != "" {
+		v, err := strconv.ParseUint(s, 10, 64)
+		if err != nil {
+			t.Fatalf("NBDCACHE_SEED=%q: %v", s, err)
+		}
+		seed = v
+	}
+	t.Logf("seed %d (replay with NBDCACHE_SEED=%d)", seed, seed)
+	return seed
+}
+
+func within(t *testing.T, what string, got, lo, hi time.Duration) {
+	t.Helper()
+	if got < lo || got > hi {
+		t.Errorf("%s = %v, want within [%v, %v]", what, got, lo, hi)
+	} else {
+		t.Logf("%s = %v", what, got)
+	}
+}
+
+func TestSlowHDDRandomVersusSequential(t *testing.T) {
+	seed := slowSeed(t)
+	synctest.Test(t, func(t *testing.T) {
+		const size = 1 << 40 // a 1 TiB disk: the whole span is a full stroke
+		rng := rand.New(rand.NewPCG(seed, 0))
+		s := NewSlow(newSlowTestDev(size), HDDModel())
+		buf := make([]byte, 4096)
+
+		// Random 4 KiB writes.
+		const n = 400
+		start := time.Now()
+		for range n {
+			off := rng.Int64N(size/4096) * 4096
+			if err := s.WriteAt(buf, off, 0); err != nil {
+				t.Fatal(err)
+			}
+		}
+		random := time.Since(start) / n
+		within(t, "random 4 KiB write", random, 11*time.Millisecond, 14*time.Millisecond)
+		st := s.Stats()
+		within(t, "average seek", st.Seek/n, 7500*time.Microsecond, 9500*time.Microsecond)
+		within(t, "average rotation", st.Rotation/n, 3600*time.Microsecond, 4800*time.Microsecond)
+
+		// Sequential 4 KiB writes from where the head is.
+		off := rng.Int64N(size/2/4096) * 4096
+		if err := s.WriteAt(buf, off, 0); err != nil { // position the head
+			t.Fatal(err)
+		}
+		start = time.Now()
+		for i := range n {
+			if err := s.WriteAt(buf, off+int64(i+1)*4096, 0); err != nil {
+				t.Fatal(err)
+			}
+		}
+		seq := time.Since(start) / n
+		within(t, "sequential 4 KiB write", seq, 20*time.Microsecond, 40*time.Microsecond)
+		if random < 100*seq {
+			t.Errorf("random %v is not far slower than sequential %v", random, seq)
+		}
+
+		// One sequential 1 MiB write.
+		big := make([]byte, 1<<20)
+		start = time.Now()
+		if err := s.WriteAt(big, off+int64(n+1)*4096, 0); err != nil {
+			t.Fatal(err)
+		}
+		within(t, "sequential 1 MiB write", time.Since(start), 6500*time.Microsecond, 7500*time.Microsecond)
+	})
+}
+
+func TestSlowSeekGrowsWithDistance(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const size = 1 << 40
+		m := HDDModel()
+		m.RPM = 0 // isolate the seek
+		s := NewSlow(newSlowTestDev(size), m)
+		buf := make([]byte, 512)
+		prev := time.Duration(0)
+		for _, d := range []int64{4096, 1 << 20, 1 << 30, 1 << 36, size / 2, size - 512} {
+			if err := s.WriteAt(buf, 0, 0); err != nil { // head back to 512
+				t.Fatal(err)
+			}
+			start := time.Now()
+			if err := s.WriteAt(buf, d, 0); err != nil {
+				t.Fatal(err)
+			}
+			took := time.Since(start)
+			if took <= prev {
+				t.Errorf("seek over %d took %v, not longer than the shorter seek's %v", d, took, prev)
+			}
+			if took > m.FullStroke+time.Millisecond {
+				t.Errorf("seek over %d took %v, more than a full stroke", d, took)
+			}
+			prev = took
+		}
+		if prev < m.FullStroke-time.Millisecond {
+			t.Errorf("full-span seek took %v, want about %v", prev, m.FullStroke)
+		}
+	})
+}
+
+// TestSlowOneHead checks that concurrent requests are served one at a time:
+// the elapsed time is the sum of their modelled times.
+func TestSlowOneHead(t *testing.T) {
+	seed := slowSeed(t)
+	synctest.Test(t, func(t *testing.T) {
+		const size = 1 << 36
+		s := NewSlow(newSlowTestDev(size), HDDModel())
+		start := time.Now()
+		var wg sync.WaitGroup
+		for g := range 4 {
+			rng := rand.New(rand.NewPCG(seed, uint64(g)))
+			wg.Go(func() {
+				buf := make([]byte, 4096)
+				for range 50 {
+					if err := s.WriteAt(buf, rng.Int64N(size/4096)*4096, 0); err != nil {
+						t.Error(err)
+					}
+				}
+			})
+		}
+		wg.Wait()
+		elapsed := time.Since(start)
+		busy := s.Stats().Busy()
+		if st := s.Stats(); st.Requests != 200 {
+			t.Errorf("requests = %d, want 200", st.Requests)
+		}
+		// Timer granularity aside, the elapsed time is the busy time.
+		if elapsed < busy || elapsed > busy+time.Millisecond {
+			t.Errorf("elapsed %v, busy %v: requests overlapped or idled", elapsed, busy)
+		}
+		if busy < 200*10*time.Millisecond {
+			t.Errorf("busy %v for 200 random writes: too fast for one head", busy)
+		}
+	})
+}
+
+func TestSlowFlushAndData(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		s := NewSlow(newSlowTestDev(1<<30), HDDModel())
+		if !s.Caps().Rotational || !s.Caps().Flush {
+			t.Errorf("caps %+v: want rotational and the inner caps", s.Caps())
+		}
+		want := bytes.Repeat([]byte("slow"), 2048)
+		if err := s.WriteAt(want, 12345, FUA); err != nil {
+			t.Fatal(err)
+		}
+		got := make([]byte, len(want))
+		if err := s.ReadAt(got, 12345); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, want) {
+			t.Error("read back differs from what was written")
+		}
+		start := time.Now()
+		if err := s.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		if took := time.Since(start); took != HDDModel().FlushTime {
+			t.Errorf("flush took %v, want %v", took, HDDModel().FlushTime)
+		}
+		before := s.Stats()
+		start = time.Now()
+		if err := s.WriteAt(want, 1<<30-10, 0); !errors.Is(err, ErrOutOfRange) {
+			t.Errorf("write past the end: %v, want ErrOutOfRange", err)
+		}
+		if time.Since(start) != 0 || s.Stats() != before {
+			t.Error("a rejected request was charged")
+		}
+		if err := s.Zero(0, 8192, 0); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.ReadAt(got[:8192], 0); err != nil || !bytes.Equal(got[:8192], make([]byte, 8192)) {
+			t.Errorf("zeroed range reads back %v, %q...", err, got[:8])
+		}
+	})
+}
+
+func TestParseDiskModel(t *testing.T) {
+	hdd := HDDModel()
+	slowHDD := HDDModel()
+	slowHDD.RPM, slowHDD.TransferRate = 5400, 100_000_000
+	flat := HDDModel()
+	flat.Name, flat.RPM, flat.Settle, flat.FullStroke, flat.TransferRate, flat.FlushTime = "custom", 0, 0, 0, 500_000_000, 100*time.Microsecond
+	for _, tc := range []struct {
+		in   string
+		want DiskModel
+		err  bool
+	}{
+		{in: "hdd", want: hdd},
+		{in: " HDD ", want: hdd},
+		{in: "hdd,rpm=5400,rate=100M", want: slowHDD},
+		{in: "custom,rpm=0,settle=0s,stroke=0s,rate=500M,flush=100us", want: flat},
+		{in: hdd.String(), want: hdd},
+		{in: "ssd", err: true},
+		{in: "", err: true},
+		{in: "hdd,rpm", err: true},
+		{in: "hdd,rpm=fast", err: true},
+		{in: "hdd,rate=0", err: true},
+		{in: "hdd,settle=20ms", err: true}, // longer than the full stroke
+		{in: "hdd,colour=blue", err: true},
+		{in: "hdd,span=99999999999G", err: true},
+	} {
+		got, err := ParseDiskModel(tc.in)
+		if tc.err {
+			if !errors.Is(err, ErrBadModel) {
+				t.Errorf("ParseDiskModel(%q) = %v, %v; want ErrBadModel", tc.in, got, err)
+			}
+			continue
+		}
+		if err != nil || got != tc.want {
+			t.Errorf("ParseDiskModel(%q) = %+v, %v; want %+v", tc.in, got, err, tc.want)
+		}
+	}
+	if d := hdd.AvgSeek(); d < 8490*time.Microsecond || d > 8510*time.Microsecond {
+		t.Errorf("hdd average seek %v, want 8.5ms", d)
+	}
+	if d := hdd.AvgRotation(); d < 4160*time.Microsecond || d > 4170*time.Microsecond {
+		t.Errorf("hdd average rotation %v, want 4.17ms", d)
+	}
+}
