@@ -1,0 +1,421 @@
+package nbd
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nbdcache/nbdcache/storage"
+)
+
+// conn is one client connection.
+//
+// One goroutine (serve) reads requests and validates them; each valid
+// request runs in a goroutine of its own, so replies leave in completion
+// order. Replies are written under wmu into a buffered writer, which is
+// flushed by whichever handler finishes last (inflight drops to zero), or
+// else by the flusher goroutine, so that a burst of replies costs one
+// write() and no reply waits behind a slow request.
+type conn struct {
+	s   *Server
+	nc  net.Conn
+	ss  *session
+	dev storage.Device
+	ro  bool
+
+	stopping atomic.Bool
+	inflight atomic.Int64
+	handlers sync.WaitGroup
+	kick     chan struct{}
+
+	wmu  sync.Mutex
+	w    *bufio.Writer
+	werr error // sticky: the first write error, after which replies are dropped
+	hdr  []byte
+}
+
+// stopReading makes serve stop after the request it is reading, if any.
+func (c *conn) stopReading() {
+	c.stopping.Store(true)
+	c.nc.SetReadDeadline(time.Now())
+}
+
+func (c *conn) serve() {
+	defer c.nc.Close()
+	r, w := newBufio(c.nc)
+	c.w = w
+	c.nc.SetDeadline(time.Now().Add(c.s.handshakeTimeout))
+	ss, err := c.s.negotiate(r, w)
+	if err != nil {
+		if !errors.Is(err, io.EOF) && !errors.Is(err, errAbort) {
+			c.s.log.Info("negotiation failed", "remote", remote(c.nc), "err", err)
+		}
+		return
+	}
+	c.nc.SetDeadline(time.Time{})
+	if c.stopping.Load() {
+		return
+	}
+	c.ss, c.dev, c.ro = ss, ss.export.Device, ss.export.ReadOnly
+	c.kick = make(chan struct{}, 1)
+	flusherDone := make(chan struct{})
+	go c.flusher(flusherDone)
+
+	err = c.readLoop(r)
+	c.handlers.Wait()
+	close(c.kick)
+	<-flusherDone
+	c.wmu.Lock()
+	if c.werr == nil {
+		c.werr = c.w.Flush()
+	}
+	c.wmu.Unlock()
+	if err != nil && !errors.Is(err, io.EOF) && !c.stopping.Load() {
+		c.s.log.Info("connection closed", "remote", remote(c.nc), "err", err)
+	}
+}
+
+func remote(nc net.Conn) string {
+	if a := nc.RemoteAddr(); a != nil {
+		return a.String()
+	}
+	return ""
+}
+
+// readLoop reads and dispatches requests until DISC, EOF or an error
+// that desynchronises the stream.
+func (c *conn) readLoop(r *bufio.Reader) error {
+	var hb [requestHeaderSize]byte
+	for {
+		if _, err := io.ReadFull(r, hb[:]); err != nil {
+			return err
+		}
+		req, err := parseRequest(hb[:])
+		if err != nil {
+			return err
+		}
+		c.s.stats.requests.Add(1)
+		if req.typ == cmdDisc {
+			return nil
+		}
+		errno, msg := c.validate(req)
+		var payload []byte
+		if req.typ == cmdWrite {
+			if errno != 0 {
+				// Keep the stream in sync: consume the payload.
+				if _, err := io.CopyN(io.Discard, r, int64(req.length)); err != nil {
+					return err
+				}
+			} else {
+				payload = c.s.bufs.get(int(req.length))
+				if _, err := io.ReadFull(r, payload); err != nil {
+					c.s.bufs.put(payload)
+					return err
+				}
+			}
+		}
+		c.inflight.Add(1)
+		if errno != 0 {
+			c.s.stats.errors.Add(1)
+			c.replyError(req, errno, msg)
+			continue
+		}
+		c.handlers.Add(1)
+		go c.handle(req, payload)
+	}
+}
+
+// validate checks a request against the export and the negotiated state.
+// It is the one place where requests are judged; handlers trust it.
+func (c *conn) validate(req request) (errno uint32, msg string) {
+	allowed := uint16(cflagFUA)
+	switch req.typ {
+	case cmdRead:
+		if c.ss.structured {
+			allowed |= cflagDF
+		}
+	case cmdWrite, cmdTrim, cmdFlush, cmdCache:
+	case cmdWriteZeroes:
+		allowed |= cflagNoHole | cflagFastZero
+	case cmdBlockStatus:
+		if !c.ss.meta {
+			return errInval, "BLOCK_STATUS without a negotiated meta context"
+		}
+		allowed |= cflagReqOne
+	default:
+		return errInval, fmt.Sprintf("unknown command %d", req.typ)
+	}
+	if req.flags&^allowed != 0 {
+		return errInval, fmt.Sprintf("%s: invalid flags %#x", cmdName(req.typ), req.flags)
+	}
+	if (req.typ == cmdRead || req.typ == cmdWrite) && req.length > c.s.maxPayload {
+		if req.flags&cflagDF != 0 {
+			return errOverflow, "read too large to send unfragmented"
+		}
+		return errInval, fmt.Sprintf("%s of %d bytes exceeds the maximum payload %d", cmdName(req.typ), req.length, c.s.maxPayload)
+	}
+	write := req.typ == cmdWrite || req.typ == cmdTrim || req.typ == cmdWriteZeroes
+	if write && c.ro {
+		return errPerm, "the export is read-only"
+	}
+	if req.typ == cmdFlush {
+		if req.offset != 0 || req.length != 0 {
+			return errInval, "FLUSH with a nonzero offset or length"
+		}
+		return 0, ""
+	}
+	if req.typ == cmdTrim && !c.dev.Caps().Trim {
+		return errInval, "TRIM was not offered"
+	}
+	size := uint64(c.dev.Size())
+	if req.offset > size || uint64(req.length) > size-req.offset {
+		if req.typ == cmdWrite || req.typ == cmdWriteZeroes {
+			return errNoSpc, fmt.Sprintf("%s beyond the end of the export (%d)", cmdName(req.typ), size)
+		}
+		return errInval, fmt.Sprintf("%s beyond the end of the export (%d)", cmdName(req.typ), size)
+	}
+	if req.typ == cmdBlockStatus && req.length == 0 {
+		return errInval, "BLOCK_STATUS of length 0"
+	}
+	return 0, ""
+}
+
+// handle runs one validated request and sends its reply.
+func (c *conn) handle(req request, payload []byte) {
+	defer c.handlers.Done()
+	st := &c.s.stats
+	off, n := int64(req.offset), int64(req.length)
+	var fl storage.Flags
+	if req.flags&cflagFUA != 0 {
+		fl |= storage.FUA
+	}
+	var err error
+	switch req.typ {
+	case cmdRead:
+		st.reads.Add(1)
+		buf := c.s.bufs.get(int(n))
+		if err = c.dev.ReadAt(buf, off); err == nil {
+			st.bytesRead.Add(n)
+			c.replyRead(req, buf)
+			c.s.bufs.put(buf)
+			return
+		}
+		c.s.bufs.put(buf)
+	case cmdWrite:
+		st.writes.Add(1)
+		if n > 0 {
+			err = c.dev.WriteAt(payload, off, fl)
+		}
+		c.s.bufs.put(payload)
+		if err == nil {
+			st.bytesWritten.Add(n)
+		}
+	case cmdFlush:
+		st.flushes.Add(1)
+		err = c.dev.Flush()
+	case cmdTrim:
+		st.trims.Add(1)
+		if n > 0 {
+			err = c.dev.Trim(off, n, fl)
+		}
+	case cmdWriteZeroes:
+		st.zeroes.Add(1)
+		if req.flags&cflagNoHole != 0 {
+			fl |= storage.NoHole
+		}
+		if req.flags&cflagFastZero != 0 {
+			fl |= storage.FastZero
+		}
+		if n > 0 {
+			err = c.zero(off, n, fl)
+		}
+	case cmdCache:
+		if p, ok := c.dev.(storage.Prefetcher); ok && n > 0 {
+			err = p.Prefetch(off, n)
+		}
+	case cmdBlockStatus:
+		st.blockStatuses.Add(1)
+		var desc []byte
+		desc, err = c.blockStatus(req)
+		if err == nil {
+			c.replyBlockStatus(req, desc)
+			return
+		}
+	}
+	if err != nil {
+		st.errors.Add(1)
+		c.replyError(req, errnoFor(err, req.typ == cmdWrite || req.typ == cmdWriteZeroes), err.Error())
+		return
+	}
+	c.replyOK(req)
+}
+
+// zero runs WRITE_ZEROES, writing zeroes when the device cannot zero
+// natively (unless the client asked for a fast zero only).
+func (c *conn) zero(off, n int64, fl storage.Flags) error {
+	err := c.dev.Zero(off, n, fl)
+	if !errors.Is(err, storage.ErrNotSupported) || fl&storage.FastZero != 0 {
+		return err
+	}
+	const chunk = 1 << 20
+	z := c.s.bufs.get(int(min(n, chunk)))
+	defer c.s.bufs.put(z)
+	clear(z)
+	for n > 0 {
+		k := min(n, int64(len(z)))
+		if err := c.dev.WriteAt(z[:k], off, fl&storage.FUA); err != nil {
+			return err
+		}
+		off, n = off+k, n-k
+	}
+	return nil
+}
+
+// maxDescriptors bounds one BLOCK_STATUS reply.
+const maxDescriptors = 1 << 16
+
+// blockStatus builds the base:allocation descriptors for req.
+func (c *conn) blockStatus(req request) ([]byte, error) {
+	off, n := int64(req.offset), int64(req.length)
+	one := req.flags&cflagReqOne != 0
+	desc := binary.BigEndian.AppendUint32(nil, metaContextID)
+	ex, ok := c.dev.(storage.Extenter)
+	if !ok {
+		desc = binary.BigEndian.AppendUint32(desc, uint32(n))
+		return binary.BigEndian.AppendUint32(desc, 0), nil
+	}
+	count := 0
+	var lastFlags uint32
+	err := ex.Extents(off, n, func(e storage.Extent) bool {
+		var f uint32
+		if e.Hole {
+			f |= stateHole
+		}
+		if e.Zero {
+			f |= stateZero
+		}
+		l := min(e.Length, n)
+		if count > 0 && f == lastFlags {
+			// Merge with the previous descriptor when the status is
+			// the same and the length still fits.
+			i := len(desc) - 8
+			if prev := int64(binary.BigEndian.Uint32(desc[i:])); prev+l <= 0xffffffff {
+				binary.BigEndian.PutUint32(desc[i:], uint32(prev+l))
+				n -= l
+				return n > 0
+			}
+		}
+		desc = binary.BigEndian.AppendUint32(desc, uint32(l))
+		desc = binary.BigEndian.AppendUint32(desc, f)
+		lastFlags = f
+		count++
+		n -= l
+		return n > 0 && !one && count < maxDescriptors
+	})
+	if err != nil {
+		return nil, err
+	}
+	if count == 0 {
+		desc = binary.BigEndian.AppendUint32(desc, uint32(n))
+		desc = binary.BigEndian.AppendUint32(desc, 0)
+	}
+	return desc, nil
+}
+
+// Replies. Each takes wmu, appends to the buffered writer and then calls
+// done, which decides when the buffer reaches the socket.
+
+func (c *conn) replyOK(req request) {
+	c.wmu.Lock()
+	c.hdr = appendSimpleReply(c.hdr[:0], 0, req.cookie)
+	c.write(c.hdr)
+	c.done()
+}
+
+func (c *conn) replyRead(req request, data []byte) {
+	c.wmu.Lock()
+	if c.ss.structured {
+		if len(data) == 0 {
+			c.hdr = appendStructHeader(c.hdr[:0], replyFlagDone, replyTypeNone, req.cookie, 0)
+		} else {
+			c.hdr = appendStructHeader(c.hdr[:0], replyFlagDone, replyTypeOffsetData, req.cookie, uint32(8+len(data)))
+			c.hdr = binary.BigEndian.AppendUint64(c.hdr, req.offset)
+		}
+	} else {
+		c.hdr = appendSimpleReply(c.hdr[:0], 0, req.cookie)
+	}
+	c.write(c.hdr)
+	c.write(data)
+	c.done()
+}
+
+func (c *conn) replyBlockStatus(req request, desc []byte) {
+	c.wmu.Lock()
+	c.hdr = appendStructHeader(c.hdr[:0], replyFlagDone, replyTypeBlockStatus, req.cookie, uint32(len(desc)))
+	c.write(c.hdr)
+	c.write(desc)
+	c.done()
+}
+
+func (c *conn) replyError(req request, errno uint32, msg string) {
+	c.wmu.Lock()
+	if c.ss.structured {
+		if len(msg) > maxStringLength {
+			msg = msg[:maxStringLength]
+		}
+		c.hdr = appendStructHeader(c.hdr[:0], replyFlagDone, replyTypeError, req.cookie, uint32(6+len(msg)))
+		c.hdr = binary.BigEndian.AppendUint32(c.hdr, errno)
+		c.hdr = binary.BigEndian.AppendUint16(c.hdr, uint16(len(msg)))
+		c.hdr = append(c.hdr, msg...)
+	} else {
+		c.hdr = appendSimpleReply(c.hdr[:0], errno, req.cookie)
+	}
+	c.write(c.hdr)
+	c.done()
+}
+
+// write appends b to the reply stream; wmu is held.
+func (c *conn) write(b []byte) {
+	if c.werr == nil {
+		_, c.werr = c.w.Write(b)
+	}
+}
+
+// done finishes a reply: wmu is held on entry and released. The last
+// request in flight flushes; otherwise the flusher is woken.
+func (c *conn) done() {
+	if c.inflight.Add(-1) == 0 {
+		if c.werr == nil && c.w.Buffered() > 0 {
+			c.werr = c.w.Flush()
+		}
+		c.wmu.Unlock()
+		return
+	}
+	c.wmu.Unlock()
+	select {
+	case c.kick <- struct{}{}:
+	default:
+	}
+}
+
+// flusher pushes buffered replies out while other requests are still in
+// flight. It yields once before flushing so that replies completing at
+// the same moment share the write.
+func (c *conn) flusher(done chan<- struct{}) {
+	defer close(done)
+	for range c.kick {
+		runtime.Gosched()
+		c.wmu.Lock()
+		if c.werr == nil && c.w.Buffered() > 0 {
+			c.werr = c.w.Flush()
+		}
+		c.wmu.Unlock()
+	}
+}

@@ -1,0 +1,38 @@
+package nbd
+
+import (
+	"errors"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nbdcache/nbdcache/storage"
+)
+
+// errnoFor maps an error from a Device to the NBD error sent to the client.
+// It is the only place where this mapping happens.
+func errnoFor(err error, write bool) uint32 {
+	switch {
+	case err == nil:
+		return 0
+	case errors.Is(err, storage.ErrOutOfRange):
+		if write {
+			return errNoSpc
+		}
+		return errInval
+	case errors.Is(err, storage.ErrReadOnly), errors.Is(err, unix.EROFS), errors.Is(err, unix.EPERM), errors.Is(err, unix.EACCES):
+		return errPerm
+	case errors.Is(err, storage.ErrNoSpace), errors.Is(err, unix.ENOSPC), errors.Is(err, unix.EDQUOT), errors.Is(err, unix.EFBIG):
+		return errNoSpc
+	case errors.Is(err, storage.ErrNotSupported), errors.Is(err, unix.EOPNOTSUPP):
+		return errNotSup
+	case errors.Is(err, unix.EINVAL):
+		return errInval
+	case errors.Is(err, unix.ENOMEM):
+		return errNoMem
+	case errors.Is(err, unix.EOVERFLOW):
+		return errOverflow
+	case errors.Is(err, unix.ESHUTDOWN):
+		return errShutdown
+	}
+	return errIO
+}

@@ -1,0 +1,287 @@
+package nbd
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nbdcache/nbdcache/storage"
+)
+
+// Export is one device offered to clients under a name.
+type Export struct {
+	Name        string
+	Description string
+	Device      storage.Device
+	ReadOnly    bool
+}
+
+// Config configures a Server.
+type Config struct {
+	// Exports offered. The first is also the default export, reached with
+	// the empty name. At least one is required.
+	Exports []Export
+	// HandshakeTimeout bounds the whole negotiation phase of a connection
+	// (default 10 s, qemu's limit since CVE-2024-7409).
+	HandshakeTimeout time.Duration
+	// MaxPayload is the largest READ or WRITE payload accepted and the
+	// advertised maximum block size (default 32 MiB).
+	MaxPayload uint32
+	// Logger receives connection-level events (default: discard).
+	Logger *slog.Logger
+}
+
+// ErrServerClosed is returned by Serve after Shutdown.
+var ErrServerClosed = errors.New("nbd: server closed")
+
+// Server serves exports over NBD. It is safe for concurrent use.
+type Server struct {
+	exports          []*Export
+	log              *slog.Logger
+	handshakeTimeout time.Duration
+	minBlock         uint32
+	preferredBlock   uint32
+	maxPayload       uint32
+	bufs             bufPool
+	stats            counters
+
+	mu struct {
+		sync.Mutex
+		closing   bool
+		listeners map[net.Listener]struct{}
+		conns     map[*conn]struct{}
+	}
+	connWG sync.WaitGroup
+}
+
+// NewServer checks cfg and returns a server.
+func NewServer(cfg Config) (*Server, error) {
+	if len(cfg.Exports) == 0 {
+		return nil, errors.New("nbd: no export configured")
+	}
+	s := &Server{
+		log:              cfg.Logger,
+		handshakeTimeout: cfg.HandshakeTimeout,
+		minBlock:         1,
+		preferredBlock:   4096,
+		maxPayload:       cfg.MaxPayload,
+	}
+	if s.log == nil {
+		s.log = slog.New(slog.DiscardHandler)
+	}
+	if s.handshakeTimeout <= 0 {
+		s.handshakeTimeout = 10 * time.Second
+	}
+	if s.maxPayload == 0 {
+		s.maxPayload = 32 << 20
+	}
+	if s.maxPayload < 4096 || s.maxPayload > 1<<30 {
+		return nil, fmt.Errorf("nbd: maximum payload %d out of range [4096, 1 GiB]", s.maxPayload)
+	}
+	seen := map[string]bool{}
+	for i := range cfg.Exports {
+		ex := cfg.Exports[i]
+		if ex.Device == nil {
+			return nil, fmt.Errorf("nbd: export %q has no device", ex.Name)
+		}
+		if len(ex.Name) > maxStringLength || len(ex.Description) > maxStringLength {
+			return nil, fmt.Errorf("nbd: export name or description of %q too long", ex.Name)
+		}
+		if seen[ex.Name] {
+			return nil, fmt.Errorf("nbd: export %q configured twice", ex.Name)
+		}
+		seen[ex.Name] = true
+		if ex.Device.Caps().ReadOnly {
+			ex.ReadOnly = true
+		}
+		s.exports = append(s.exports, &ex)
+	}
+	s.mu.listeners = map[net.Listener]struct{}{}
+	s.mu.conns = map[*conn]struct{}{}
+	return s, nil
+}
+
+// lookup finds an export by name; the empty name is the default export.
+func (s *Server) lookup(name string) *Export {
+	for _, ex := range s.exports {
+		if ex.Name == name {
+			return ex
+		}
+	}
+	if name == "" {
+		return s.exports[0]
+	}
+	return nil
+}
+
+func (s *Server) transmissionFlags(ex *Export, ss *session) uint16 {
+	caps := ex.Device.Caps()
+	f := uint16(tflagHasFlags | tflagSendFlush | tflagSendFUA | tflagSendWriteZeroes |
+		tflagSendFastZero | tflagCanMultiConn | tflagSendCache)
+	if ex.ReadOnly {
+		f |= tflagReadOnly
+	}
+	if caps.Trim {
+		f |= tflagSendTrim
+	}
+	if caps.Rotational {
+		f |= tflagRotational
+	}
+	if ss.structured {
+		f |= tflagSendDF
+	}
+	return f
+}
+
+// Serve accepts connections on l until Shutdown is called or l fails. It
+// always closes l.
+func (s *Server) Serve(l net.Listener) error {
+	s.mu.Lock()
+	if s.mu.closing {
+		s.mu.Unlock()
+		l.Close()
+		return ErrServerClosed
+	}
+	s.mu.listeners[l] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.mu.listeners, l)
+		s.mu.Unlock()
+		l.Close()
+	}()
+	var backoff time.Duration
+	for {
+		nc, err := l.Accept()
+		if err != nil {
+			s.mu.Lock()
+			closing := s.mu.closing
+			s.mu.Unlock()
+			if closing {
+				return ErrServerClosed
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				// Out of file descriptors and the like: back off
+				// rather than spin.
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				s.log.Warn("accept failed", "err", err, "retry_in", backoff)
+				t := time.NewTimer(backoff)
+				<-t.C
+				continue
+			}
+			return err
+		}
+		backoff = 0
+		s.ServeConn(nc)
+	}
+}
+
+// ServeConn serves one already-connected client in a new goroutine (for
+// example one end of a socketpair handed to the kernel). The connection
+// is closed when the client disconnects or the server shuts down.
+func (s *Server) ServeConn(nc net.Conn) {
+	c := &conn{s: s, nc: nc}
+	s.mu.Lock()
+	if s.mu.closing {
+		s.mu.Unlock()
+		nc.Close()
+		return
+	}
+	s.mu.conns[c] = struct{}{}
+	s.connWG.Add(1)
+	s.mu.Unlock()
+	s.stats.connections.Add(1)
+	go func() {
+		defer s.connWG.Done()
+		c.serve()
+		s.mu.Lock()
+		delete(s.mu.conns, c)
+		s.mu.Unlock()
+	}()
+}
+
+// Shutdown stops accepting connections, stops reading new requests,
+// waits for the requests in flight to be answered, and closes every
+// connection. If ctx ends first, the remaining connections are closed
+// at once and ctx's error is returned. Devices are not flushed: that is
+// the owner's job, after Shutdown returns.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	s.mu.closing = true
+	for l := range s.mu.listeners {
+		l.Close()
+	}
+	for c := range s.mu.conns {
+		c.stopReading()
+	}
+	s.mu.Unlock()
+	done := make(chan struct{})
+	go func() {
+		s.connWG.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		s.mu.Lock()
+		for c := range s.mu.conns {
+			c.nc.Close()
+		}
+		s.mu.Unlock()
+		<-done
+		return ctx.Err()
+	}
+}
+
+// Stats is a snapshot of the server's counters.
+type Stats struct {
+	Connections   int64 // accepted since start
+	Active        int64 // open now
+	Requests      int64
+	Errors        int64 // requests answered with an error
+	BytesRead     int64
+	BytesWritten  int64
+	Reads         int64
+	Writes        int64
+	Flushes       int64
+	Trims         int64
+	Zeroes        int64
+	BlockStatuses int64
+}
+
+type counters struct {
+	connections, requests, errors         atomic.Int64
+	bytesRead, bytesWritten               atomic.Int64
+	reads, writes, flushes, trims, zeroes atomic.Int64
+	blockStatuses                         atomic.Int64
+}
+
+// Stats returns the server's counters.
+func (s *Server) Stats() Stats {
+	s.mu.Lock()
+	active := int64(len(s.mu.conns))
+	s.mu.Unlock()
+	c := &s.stats
+	return Stats{
+		Connections: c.connections.Load(), Active: active,
+		Requests: c.requests.Load(), Errors: c.errors.Load(),
+		BytesRead: c.bytesRead.Load(), BytesWritten: c.bytesWritten.Load(),
+		Reads: c.reads.Load(), Writes: c.writes.Load(), Flushes: c.flushes.Load(),
+		Trims: c.trims.Load(), Zeroes: c.zeroes.Load(), BlockStatuses: c.blockStatuses.Load(),
+	}
+}
+
+// newBufio sizes the connection buffers: large enough that a burst of
+// small requests is parsed out of one read, and a burst of replies leaves
+// in one write.
+func newBufio(nc net.Conn) (*bufio.Reader, *bufio.Writer) {
+	return bufio.NewReaderSize(nc, 256<<10), bufio.NewWriterSize(nc, 256<<10)
+}
