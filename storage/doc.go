@@ -1,7 +1,12 @@
 // Package storage defines Device, the one contract between the NBD server,
-// the cache and every piece of storage, and holds its implementations: File
-// (regular files and block devices, on golang.org/x/sys), Mem, and the test
-// and experiment wrappers (Crash, which drops unsynced writes on demand).
+// the cache and every piece of storage, and holds its implementations:
+//
+//   - File: regular files and block devices, on golang.org/x/sys/unix;
+//   - Mem: a sparse in-memory device (64 KiB chunks, one lock each);
+//   - Crash: an in-memory device with a volatile cache that loses power on
+//     demand (PowerCut), for crash tests;
+//   - Faulty: a wrapper that injects errors;
+//   - Slow: a wrapper that gives a device the latency of a hard disk.
 //
 // Invariants:
 //   - A Device has a fixed size; every call is range-checked against it and
@@ -11,6 +16,43 @@
 //   - A wrapper that intercepts calls implements every method itself and
 //     holds the wrapped device in a named field, never embedded, so that a
 //     method added to Device cannot pass through a wrapper unnoticed.
+//   - Errors are this package's sentinels, or syscall errnos wrapped with %w
+//     so that errors.Is(err, unix.EIO) works; callers never match strings.
+//
+// # Crash
+//
+// A Crash device keeps a durable image, a visible image and the log of
+// unsynced operations since the last Flush:
+//
+//	            WriteAt/Trim/Zero                Flush
+//	caller ──────────────┬──────────▶ visible    (replays the log onto
+//	                     └──append──▶ log ──────▶ durable, empties it)
+//	                                  │
+//	                      PowerCut    ▼
+//	durable + (the log's ops the LossModel keeps, in log order) ─▶ new Crash
+//
+// A FUA operation is applied to the durable image at once if the log is
+// empty, else logged as "forced" and replayed by every cut. The models work
+// at 512-byte sector granularity (SectorSize): LoseUnsynced keeps nothing of
+// the log, LoseRandom keeps each sector of each operation with probability
+// 1/2, LoseTorn adds a torn last write and, sometimes, one garbage sector
+// (see LoseTorn for the exact rule), KeepUnsynced keeps everything.
+//
+// Ordering: writes, trims, zeroes, flushes and PowerCut are serialized by one
+// lock, so the log order is the order the visible image saw. An operation
+// racing with PowerCut is either wholly in the log the cut replays or fails
+// with ErrPoweredOff. The hook (SetHook) runs before an operation takes the
+// lock, so it may call PowerCut.
+//
+// # File
+//
+// File issues pread/pwrite in loops (short transfers, EINTR) on a raw file
+// descriptor that only Close closes, after the requests in flight have
+// drained, so a descriptor is never closed or reused under a request. With
+// O_DIRECT, a request whose buffer, offset or length is not aligned goes
+// through an aligned bounce buffer (read-modify-write for partial blocks,
+// serialized per block). FUA uses pwritev2(RWF_DSYNC) where the kernel takes
+// it, else pwrite + fdatasync.
 //
 // Storage sits at the bottom: it imports nothing of this module.
 package storage
