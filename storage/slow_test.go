@@ -4,93 +4,11 @@ import (
 	"bytes"
 	"errors"
 	"math/rand/v2"
-	"os"
-	"strconv"
 	"sync"
 	"testing"
 	"testing/synctest"
 	"time"
 )
-
-// slowTestDev is a sparse in-memory device for the Slow tests: it keeps
-// only the 4 KiB blocks written, so a 1 TB "disk" costs nothing.
-type slowTestDev struct {
-	size int64
-	mu   sync.Mutex
-	blk  map[int64][]byte
-}
-
-const slowTestBlock = 4096
-
-func newSlowTestDev(size int64) *slowTestDev {
-	return &slowTestDev{size: size, blk: map[int64][]byte{}}
-}
-
-func (d *slowTestDev) Size() int64 { return d.size }
-func (d *slowTestDev) Caps() Caps  { return Caps{Flush: true, BlockSize: 512} }
-func (d *slowTestDev) Flush() error {
-	return nil
-}
-func (d *slowTestDev) Close() error { return nil }
-func (d *slowTestDev) Trim(off, n int64, _ Flags) error {
-	return CheckRange(d.size, off, n)
-}
-func (d *slowTestDev) Zero(off, n int64, f Flags) error {
-	if err := CheckRange(d.size, off, n); err != nil {
-		return err
-	}
-	return d.WriteAt(make([]byte, n), off, f)
-}
-func (d *slowTestDev) ReadAt(p []byte, off int64) error {
-	if err := CheckRange(d.size, off, int64(len(p))); err != nil {
-		return err
-	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	for i := range p {
-		o := off + int64(i)
-		b := d.blk[o/slowTestBlock]
-		if b == nil {
-			p[i] = 0
-		} else {
-			p[i] = b[o%slowTestBlock]
-		}
-	}
-	return nil
-}
-func (d *slowTestDev) WriteAt(p []byte, off int64, _ Flags) error {
-	if err := CheckRange(d.size, off, int64(len(p))); err != nil {
-		return err
-	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	for i := range p {
-		o := off + int64(i)
-		b := d.blk[o/slowTestBlock]
-		if b == nil {
-			b = make([]byte, slowTestBlock)
-			d.blk[o/slowTestBlock] = b
-		}
-		b[o%slowTestBlock] = p[i]
-	}
-	return nil
-}
-
-// slowSeed returns the seed for a randomized Slow test: NBDCACHE_SEED
-// replays one, else a fresh one. It is always logged.
-func slowSeed(t *testing.T) uint64 {
-	t.Helper()
-	seed := uint64(time.Now().UnixNano())
-	if s := os.Getenv("NBDCACHE_SEED"); s != "" {
-		v, err := strconv.ParseUint(s, 10, 64)
-		if err != nil {
-			t.Fatalf("NBDCACHE_SEED=%q: %v", s, err)
-		}
-		seed = v
-	}
-	t.Logf("seed %d (replay with NBDCACHE_SEED=%d)", seed, seed)
-	return seed
-}
 
 func within(t *testing.T, what string, got, lo, hi time.Duration) {
 	t.Helper()
@@ -101,12 +19,25 @@ func within(t *testing.T, what string, got, lo, hi time.Duration) {
 	}
 }
 
+// zeroModel costs nothing, so the contract suite runs in real time.
+func zeroModel() DiskModel {
+	return DiskModel{Name: "zero", TransferRate: 1 << 62}
+}
+
+func TestSlowContract(t *testing.T) {
+	testContract(t, func(t *testing.T, size int64) Device {
+		d := NewSlow(NewMem(size), zeroModel())
+		t.Cleanup(func() { d.Close() })
+		return d
+	})
+}
+
 func TestSlowHDDRandomVersusSequential(t *testing.T) {
-	seed := slowSeed(t)
+	seed := testSeed(t)
 	synctest.Test(t, func(t *testing.T) {
 		const size = 1 << 40 // a 1 TiB disk: the whole span is a full stroke
 		rng := rand.New(rand.NewPCG(seed, 0))
-		s := NewSlow(newSlowTestDev(size), HDDModel())
+		s := NewSlow(NewMem(size), HDDModel())
 		buf := make([]byte, 4096)
 
 		// Random 4 KiB writes.
@@ -156,7 +87,7 @@ func TestSlowSeekGrowsWithDistance(t *testing.T) {
 		const size = 1 << 40
 		m := HDDModel()
 		m.RPM = 0 // isolate the seek
-		s := NewSlow(newSlowTestDev(size), m)
+		s := NewSlow(NewMem(size), m)
 		buf := make([]byte, 512)
 		prev := time.Duration(0)
 		for _, d := range []int64{4096, 1 << 20, 1 << 30, 1 << 36, size / 2, size - 512} {
@@ -185,10 +116,10 @@ func TestSlowSeekGrowsWithDistance(t *testing.T) {
 // TestSlowOneHead checks that concurrent requests are served one at a time:
 // the elapsed time is the sum of their modelled times.
 func TestSlowOneHead(t *testing.T) {
-	seed := slowSeed(t)
+	seed := testSeed(t)
 	synctest.Test(t, func(t *testing.T) {
 		const size = 1 << 36
-		s := NewSlow(newSlowTestDev(size), HDDModel())
+		s := NewSlow(NewMem(size), HDDModel())
 		start := time.Now()
 		var wg sync.WaitGroup
 		for g := range 4 {
@@ -220,7 +151,7 @@ func TestSlowOneHead(t *testing.T) {
 
 func TestSlowFlushAndData(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		s := NewSlow(newSlowTestDev(1<<30), HDDModel())
+		s := NewSlow(NewMem(1<<30), HDDModel())
 		if !s.Caps().Rotational || !s.Caps().Flush {
 			t.Errorf("caps %+v: want rotational and the inner caps", s.Caps())
 		}
