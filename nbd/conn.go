@@ -51,24 +51,27 @@ func (c *conn) serve() {
 	defer c.nc.Close()
 	r, w := newBufio(c.nc)
 	c.w = w
-	c.nc.SetDeadline(time.Now().Add(c.s.handshakeTimeout))
-	ss, err := c.s.negotiate(r, w)
-	if err != nil {
-		if !errors.Is(err, io.EOF) && !errors.Is(err, errAbort) {
-			c.s.log.Info("negotiation failed", "remote", remote(c.nc), "err", err)
+	if c.ss == nil {
+		c.nc.SetDeadline(time.Now().Add(c.s.handshakeTimeout))
+		ss, err := c.s.negotiate(r, w)
+		if err != nil {
+			if !errors.Is(err, io.EOF) && !errors.Is(err, errAbort) {
+				c.s.log.Info("negotiation failed", "remote", remote(c.nc), "err", err)
+			}
+			return
 		}
-		return
+		c.nc.SetDeadline(time.Time{})
+		c.ss = ss
 	}
-	c.nc.SetDeadline(time.Time{})
 	if c.stopping.Load() {
 		return
 	}
-	c.ss, c.dev, c.ro = ss, ss.export.Device, ss.export.ReadOnly
+	c.dev, c.ro = c.ss.export.Device, c.ss.export.ReadOnly
 	c.kick = make(chan struct{}, 1)
 	flusherDone := make(chan struct{})
 	go c.flusher(flusherDone)
 
-	err = c.readLoop(r)
+	err := c.readLoop(r)
 	c.handlers.Wait()
 	close(c.kick)
 	<-flusherDone

@@ -183,11 +183,47 @@ func (s *Server) Serve(l net.Listener) error {
 	}
 }
 
-// ServeConn serves one already-connected client in a new goroutine (for
-// example one end of a socketpair handed to the kernel). The connection
-// is closed when the client disconnects or the server shuts down.
+// ServeConn serves one already-connected client in a new goroutine,
+// starting with the handshake. The connection is closed when the client
+// disconnects or the server shuts down.
 func (s *Server) ServeConn(nc net.Conn) {
-	c := &conn{s: s, nc: nc}
+	s.serveConn(&conn{s: s, nc: nc})
+}
+
+// ServeNegotiated serves a connection whose handshake happened elsewhere,
+// such as one end of a socketpair handed to the kernel's nbd driver with
+// netlink: transmission starts at once, with simple replies, on the named
+// export. Use Info to learn the size and flags to hand to the kernel.
+func (s *Server) ServeNegotiated(nc net.Conn, export string) error {
+	ex := s.lookup(export)
+	if ex == nil {
+		return fmt.Errorf("%w: %q", errUnknownExport, export)
+	}
+	s.serveConn(&conn{s: s, nc: nc, ss: &session{export: ex}})
+	return nil
+}
+
+// ExportInfo describes an export as a client sees it after negotiation.
+type ExportInfo struct {
+	Size int64
+	// Flags are the NBD transmission flags (without structured replies),
+	// as the kernel's NBD_ATTR_SERVER_FLAGS wants them.
+	Flags uint16
+	// BlockSize is the device's preferred I/O size.
+	BlockSize int
+}
+
+// Info reports what a client of the named export is told.
+func (s *Server) Info(export string) (ExportInfo, error) {
+	ex := s.lookup(export)
+	if ex == nil {
+		return ExportInfo{}, fmt.Errorf("%w: %q", errUnknownExport, export)
+	}
+	return ExportInfo{Size: ex.Device.Size(), Flags: s.transmissionFlags(ex, &session{}), BlockSize: ex.Device.Caps().BlockSize}, nil
+}
+
+func (s *Server) serveConn(c *conn) {
+	nc := c.nc
 	s.mu.Lock()
 	if s.mu.closing {
 		s.mu.Unlock()

@@ -1,0 +1,36 @@
+# nbdcache: `make test` installs what the tests need, then runs them all.
+GO ?= go
+FUZZTIME ?= 10s
+export PATH := /usr/bin:/bin:/usr/sbin:/sbin:$(PATH)
+
+.PHONY: all build deps test unit integration fuzz bench vet clean
+
+all: build
+
+build:
+	$(GO) build -o nbdcache ./cmd/nbdcache
+
+# Installs the Debian packages the tests use, if any is missing.
+deps:
+	./test/install-deps.sh
+
+vet:
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
+	$(GO) vet ./...
+
+# Everything CI runs. A missing tool fails the run instead of skipping.
+test: deps vet
+	NBDCACHE_REQUIRE_TOOLS=1 $(GO) test -timeout 25m ./...
+	FUZZTIME=$(FUZZTIME) ./test/fuzz.sh
+
+unit:
+	$(GO) test -short ./...
+
+fuzz:
+	FUZZTIME=$(FUZZTIME) ./test/fuzz.sh
+
+bench: build
+	./bench/fio-vs-peers.sh
+
+clean:
+	rm -f nbdcache

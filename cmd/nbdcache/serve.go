@@ -1,0 +1,136 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"time"
+
+	"github.com/nbdcache/nbdcache/nbd"
+)
+
+const defaultListen = "127.0.0.1:10809"
+
+type serveFlags struct {
+	storage storageFlags
+	listens []listenAddr
+	export  string
+	verbose bool
+}
+
+func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	var f serveFlags
+	fs := newFlagSet("serve", stderr)
+	f.storage.register(fs)
+	fs.Func("listen", "listen on `ADDR`: unix:PATH or HOST:PORT; repeatable (default "+defaultListen+")", func(s string) error {
+		a, err := parseListen(s)
+		if err != nil {
+			return err
+		}
+		f.listens = append(f.listens, a)
+		return nil
+	})
+	fs.StringVar(&f.export, "export", "", "export `NAME` (the empty name always reaches it too)")
+	fs.BoolVar(&f.verbose, "v", false, "log connection events")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if len(f.listens) == 0 {
+		a, _ := parseListen(defaultListen)
+		f.listens = []listenAddr{a}
+	}
+	level := slog.LevelWarn
+	if f.verbose {
+		level = slog.LevelInfo
+	}
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+
+	st, err := f.storage.open(stdout)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	dev := st.dev
+
+	srv, err := nbd.NewServer(nbd.Config{
+		Exports: []nbd.Export{{Name: f.export, Device: dev, ReadOnly: f.storage.readOnly}},
+		Logger:  log,
+	})
+	if err != nil {
+		return err
+	}
+	var ls []net.Listener
+	for _, a := range f.listens {
+		l, err := listen(a)
+		if err != nil {
+			for _, l := range ls {
+				l.Close()
+			}
+			return err
+		}
+		if a.network == "unix" {
+			defer os.Remove(a.addr)
+		}
+		ls = append(ls, l)
+	}
+	serveErr := make(chan error, len(ls))
+	for _, l := range ls {
+		go func() { serveErr <- srv.Serve(l) }()
+	}
+	for i, l := range ls {
+		fmt.Fprintf(stdout, "nbdcache: serving export %q (%d bytes) on %s\n", f.export, dev.Size(), listenString(f.listens[i], l))
+	}
+	if st.demo {
+		printConnectHelp(stdout, f.listens[0], ls[0], f.export)
+	}
+
+	select {
+	case <-ctx.Done():
+	case err = <-serveErr:
+		log.Error("listener failed", "err", err)
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if serr := srv.Shutdown(sctx); serr != nil {
+		log.Warn("shutdown did not finish in time; connections were closed", "err", serr)
+	}
+	if ferr := dev.Flush(); ferr != nil {
+		return fmt.Errorf("final flush: %w", ferr)
+	}
+	if err != nil && !errors.Is(err, nbd.ErrServerClosed) {
+		return err
+	}
+	fmt.Fprintln(stdout, "nbdcache: stopped cleanly")
+	return nil
+}
+
+// listenString shows where a listener really is (port 0 resolved).
+func listenString(a listenAddr, l net.Listener) string {
+	if a.network == "unix" {
+		return a.String()
+	}
+	return l.Addr().String()
+}
+
+// nbdURI is the NBD URI (as understood by libnbd and qemu) for a listener.
+func nbdURI(a listenAddr, l net.Listener, export string) string {
+	if a.network == "unix" {
+		return fmt.Sprintf("nbd+unix:///%s?socket=%s", export, a.addr)
+	}
+	return fmt.Sprintf("nbd://%s/%s", l.Addr().String(), export)
+}
+
+func printConnectHelp(w io.Writer, a listenAddr, l net.Listener, export string) {
+	uri := nbdURI(a, l, export)
+	fmt.Fprintf(w, `
+Connect with:
+  nbdinfo '%[1]s'
+  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' '%[1]s'
+  fio --name=demo --ioengine=nbd --uri='%[1]s' --rw=randrw --bs=4k --iodepth=32 --size=256M --runtime=10 --time_based
+Stop with Ctrl-C: requests in flight finish and the device is flushed.
+`, uri)
+}
