@@ -1,0 +1,387 @@
+package writeback
+
+// batch.go: one batch — collect dirty extents from the cursor, merge them
+// into backing writes, write them (bounded in flight, issued in ascending
+// order, paced by the limiter), flush the backing, and only then mark
+// clean.
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/nbdcache/nbdcache/btreeidx"
+)
+
+// span is one merged backing write: contiguous pieces of dirty extents,
+// ascending, [off, off+n).
+type span struct {
+	off, n int64
+	ext    []btreeidx.Extent
+}
+
+func (s *span) end() int64 { return s.off + s.n }
+
+// status is the fate of one piece in a batch.
+type status uint8
+
+const (
+	pending status = iota
+	written        // in the backing (not yet flushed)
+	stale          // ReadCached said ErrStale: a newer write won
+	failed         // cache read or backing write failed
+)
+
+// batchResult is what one batch did.
+type batchResult struct {
+	pieces            int   // pieces written back and marked clean
+	cleaned, collided int64 // MarkClean's sums
+	errs              int
+	lastErr           error
+	wrapped           bool // the batch completed a pass
+	empty             bool // nothing dirty was listed, even from 0
+	extents           int  // pieces collected
+}
+
+// plan merges dirty extents listed from `from` into spans: adjacent pieces
+// join one span up to maxWrite bytes; an extent longer than that, or one
+// that would overflow the span it joins, is cut into pieces at the span
+// boundary (a piece is a sub-range of the extent with Loc moved by the
+// same amount, which Source accepts like the extent itself). It stops
+// once budget bytes are planned and reports whether dirty extents remain
+// beyond what it planned. An extent that starts before from is clipped to
+// it.
+func plan(src Source, from, budget, maxWrite int64) (spans []span, more bool) {
+	var total int64
+	src.DirtyExtents(from, func(e btreeidx.Extent) bool {
+		if !e.Dirty || e.Len <= 0 || e.End() <= from {
+			return true // not for us; the Source should not list it
+		}
+		if e.Off < from {
+			k := from - e.Off
+			e.Off, e.Loc, e.Len = from, e.Loc+k, e.Len-k
+		}
+		if len(spans) > 0 && e.Off < spans[len(spans)-1].end() {
+			// Overlaps what is planned (a Source bug, or a snapshot
+			// torn by a concurrent change): leave it for the next batch
+			// rather than write one range twice at once.
+			more = true
+			return false
+		}
+		for e.Len > 0 {
+			if total >= budget {
+				more = true
+				return false
+			}
+			var last *span
+			if len(spans) > 0 {
+				last = &spans[len(spans)-1]
+			}
+			if last == nil || last.end() != e.Off || last.n >= maxWrite {
+				spans = append(spans, span{off: e.Off})
+				last = &spans[len(spans)-1]
+			}
+			p := e
+			p.Len = min(e.Len, maxWrite-last.n)
+			last.ext = append(last.ext, p)
+			last.n += p.Len
+			total += p.Len
+			e.Off, e.Loc, e.Len = e.Off+p.Len, e.Loc+p.Len, e.Len-p.Len
+		}
+		return true
+	})
+	return spans, more
+}
+
+// budgetLocked is how many dirty bytes a batch in mode m may take.
+func (f *Flusher) budgetLocked(m Mode) int64 {
+	if m.FullSpeed() {
+		return f.cfg.BatchBytes
+	}
+	b := int64(f.mu.ctl.rate * f.cfg.BatchTime.Seconds())
+	return min(max(b, 1), f.cfg.BatchBytes)
+}
+
+// batch runs one batch from the cursor. The caller holds the token.
+func (f *Flusher) batch(ctx context.Context) batchResult {
+	var res batchResult
+	now := time.Now()
+	f.mu.Lock()
+	mode := f.modeLocked(now)
+	budget := f.budgetLocked(mode)
+	from := f.mu.cursor
+	f.mu.Unlock()
+	if mode == ModeStopped {
+		return res
+	}
+
+	spans, more := plan(f.src, from, budget, f.cfg.MaxWrite)
+	if len(spans) == 0 {
+		// Nothing after the cursor: the pass is over; start the next.
+		f.mu.Lock()
+		if from > 0 {
+			f.completePassLocked(now)
+			res.wrapped = true
+		}
+		f.mu.Unlock()
+		if from == 0 {
+			res.empty = true
+			return res
+		}
+		if spans, more = plan(f.src, 0, budget, f.cfg.MaxWrite); len(spans) == 0 {
+			res.empty = true
+			return res
+		}
+	}
+	for i := range spans {
+		res.extents += len(spans[i].ext)
+	}
+
+	// Write, in ascending order, at most MaxInFlight at once, paced.
+	sts := make([][]status, len(spans))
+	sem := make(chan struct{}, f.cfg.MaxInFlight)
+	var wg sync.WaitGroup
+	prev := make(chan struct{})
+	close(prev)
+	var sent int64
+	n := 0
+dispatch:
+	for n < len(spans) {
+		s := &spans[n]
+		if !f.pace(ctx, s.n, sent) {
+			break
+		}
+		select {
+		case sem <- struct{}{}:
+		case <-ctx.Done():
+			break dispatch
+		}
+		started := make(chan struct{})
+		st := make([]status, len(s.ext))
+		sts[n] = st
+		p := prev
+		wg.Go(func() {
+			defer func() { <-sem }()
+			f.writeSpan(s, st, p, started)
+		})
+		prev = started
+		sent += s.n
+		n++
+	}
+	wg.Wait()
+	complete := n == len(spans) && !more
+	spans, sts = spans[:n], sts[:n]
+
+	// Make the backing durable, then mark clean.
+	anyWritten := false
+	for i := range spans {
+		for j, st := range sts[i] {
+			switch st {
+			case written:
+				anyWritten = true
+			case stale:
+				l := spans[i].ext[j].Len
+				res.collided += l
+				f.count(func(s *Stats) { s.Collisions++; s.CollidedBytes += l })
+			}
+		}
+	}
+	if anyWritten && f.flush {
+		if err := f.backingFlush(); err != nil {
+			for i := range sts {
+				for j := range sts[i] {
+					if sts[i][j] == written {
+						sts[i][j] = failed
+					}
+				}
+			}
+		}
+	}
+	for i := range spans {
+		for j, st := range sts[i] {
+			switch st {
+			case failed:
+				res.errs++
+			case written:
+				cleaned, collided := f.src.MarkClean(spans[i].ext[j])
+				res.pieces++
+				res.cleaned += cleaned
+				res.collided += collided
+				f.count(func(s *Stats) {
+					s.Cleaned += cleaned
+					if collided > 0 {
+						s.Collisions++
+						s.CollidedBytes += collided
+					}
+				})
+			}
+		}
+	}
+
+	f.mu.Lock()
+	f.mu.stats.Batches++
+	if res.errs > 0 {
+		f.mu.passErrs = true
+		res.lastErr = f.mu.stats.LastError
+	}
+	if n > 0 {
+		f.mu.cursor = spans[n-1].end()
+		if complete {
+			f.completePassLocked(time.Now())
+			res.wrapped = true
+		}
+	}
+	f.mu.Unlock()
+	if res.errs > 0 {
+		f.cfg.Logger.Warn("writeback: batch failed in part; its extents stay dirty",
+			slog.Int("failed_pieces", res.errs),
+			slog.Int64("from", spans[0].off),
+			slog.Int64("to", spans[n-1].end()),
+			slog.Any("error", res.lastErr))
+	}
+	return res
+}
+
+// completePassLocked ends a pass: the cursor wraps to 0.
+func (f *Flusher) completePassLocked(now time.Time) {
+	f.mu.stats.Passes++
+	if !f.mu.passErrs {
+		f.mu.swept = f.mu.passFrom
+	}
+	f.mu.agePass = false
+	f.mu.passFrom, f.mu.passErrs, f.mu.cursor = now, false, 0
+}
+
+// pace blocks until the next span of n bytes may be issued. It reports
+// false when the batch should stop here: ctx is done, the mode turned to
+// stopped, or the batch has used its budget (in rate mode, about
+// BatchTime's worth at the current rate; at full speed, BatchBytes).
+func (f *Flusher) pace(ctx context.Context, n, sent int64) bool {
+	for {
+		if ctx.Err() != nil {
+			return false
+		}
+		now := time.Now()
+		f.mu.Lock()
+		mode := f.modeLocked(now)
+		if mode == ModeStopped || (sent > 0 && sent+n > f.budgetLocked(mode)) {
+			f.mu.Unlock()
+			return false
+		}
+		if mode.FullSpeed() {
+			f.mu.lim.reset(now)
+			f.mu.Unlock()
+			return true
+		}
+		d := f.mu.lim.delay(now)
+		if d <= 0 {
+			f.mu.lim.charge(n, f.mu.ctl.rate)
+			f.mu.Unlock()
+			return true
+		}
+		f.mu.binding = true
+		f.mu.Unlock()
+		if !f.wait(ctx, d) {
+			return false
+		}
+	}
+}
+
+// writeSpan reads the pieces of s from the cache and writes them to the
+// backing, recording each piece's fate in st. It issues its first backing
+// write only after the span before it has issued its last (prev closed),
+// and closes started just before its own last write: backing writes leave
+// in ascending order.
+func (f *Flusher) writeSpan(s *span, st []status, prev <-chan struct{}, started chan<- struct{}) {
+	buf := f.getBuf()
+	defer f.putBuf(buf)
+	for j, e := range s.ext {
+		err := f.src.ReadCached(e, buf[e.Off-s.off:e.End()-s.off])
+		switch {
+		case err == nil:
+			st[j] = pending
+		case errors.Is(err, ErrStale):
+			st[j] = stale
+		default:
+			st[j] = failed
+			f.fail(err)
+		}
+	}
+	// Runs of readable pieces, each one backing write.
+	type run struct{ a, b int } // pieces [a, b)
+	var runs []run
+	for j := 0; j < len(st); {
+		if st[j] != pending {
+			j++
+			continue
+		}
+		k := j
+		for k < len(st) && st[k] == pending {
+			k++
+		}
+		runs = append(runs, run{j, k})
+		j = k
+	}
+	<-prev
+	if len(runs) == 0 {
+		close(started)
+		return
+	}
+	for i, r := range runs {
+		if i == len(runs)-1 {
+			close(started)
+		}
+		off := s.ext[r.a].Off
+		end := s.ext[r.b-1].End()
+		err := f.backing.WriteAt(buf[off-s.off:end-s.off], off, 0)
+		fate := written
+		if err != nil {
+			fate = failed
+			f.fail(err)
+		} else {
+			f.count(func(s *Stats) { s.Writes++; s.BytesWritten += end - off })
+		}
+		for j := r.a; j < r.b; j++ {
+			st[j] = fate
+		}
+	}
+}
+
+// backingFlush flushes the backing and counts it.
+func (f *Flusher) backingFlush() error {
+	err := f.backing.Flush()
+	if err != nil {
+		f.fail(err)
+		return err
+	}
+	f.count(func(s *Stats) { s.Flushes++ })
+	return nil
+}
+
+func (f *Flusher) fail(err error) {
+	f.count(func(s *Stats) { s.Errors++; s.LastError = err })
+}
+
+func (f *Flusher) count(fn func(*Stats)) {
+	f.mu.Lock()
+	fn(&f.mu.stats)
+	f.mu.Unlock()
+}
+
+func (f *Flusher) getBuf() []byte {
+	select {
+	case b := <-f.bufs:
+		return b
+	default:
+		return make([]byte, f.cfg.MaxWrite)
+	}
+}
+
+func (f *Flusher) putBuf(b []byte) {
+	select {
+	case f.bufs <- b:
+	default:
+	}
+}

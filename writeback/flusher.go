@@ -1,0 +1,369 @@
+package writeback
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nbdcache/nbdcache/btreeidx"
+	"github.com/nbdcache/nbdcache/storage"
+)
+
+// Sentinel errors.
+var (
+	// ErrConfig is wrapped by Config.Validate's errors.
+	ErrConfig = errors.New("writeback: bad config")
+	// ErrRunning is returned by Run when another Run is under way.
+	ErrRunning = errors.New("writeback: already running")
+	// ErrStale may be wrapped by Source.ReadCached when the extent it was
+	// given is no longer current (overwritten, its bucket reused). The
+	// flusher counts it as a collision and moves on, with no backoff.
+	ErrStale = errors.New("writeback: extent no longer current")
+	// ErrDrain is wrapped by Drain when it cannot write everything back:
+	// a whole pass failed without cleaning a byte, or the Source reports
+	// dirty bytes that it does not list.
+	ErrDrain = errors.New("writeback: drain incomplete")
+)
+
+// Source is what the flusher needs from the cache.
+type Source interface {
+	// DirtyExtents calls fn for dirty extents with End() > from,
+	// ascending (a snapshot; no lock held during fn's I/O).
+	DirtyExtents(from int64, fn func(btreeidx.Extent) bool)
+	// ReadCached reads the cache-device data of e (e as handed out by
+	// DirtyExtents) into p (len(p) == e.Len).
+	ReadCached(e btreeidx.Extent, p []byte) error
+	// MarkClean is called only after the backing write of e is durable
+	// (backing flushed). It does the CAS on e.Ver, journals the change,
+	// and returns bytes cleaned and bytes that collided with a newer
+	// write.
+	MarkClean(e btreeidx.Extent) (cleaned, collided int64)
+	DirtyBytes() int64
+	CapacityBytes() int64
+}
+
+// Stats is a snapshot of the flusher's counters.
+type Stats struct {
+	Mode         Mode    // what the flusher is doing now
+	Rate         int64   // controller output, bytes/s (the limit in ModeRate)
+	Proportional float64 // controller's proportional term, bytes/s
+	Integral     float64 // controller's integral term, bytes/s
+	Target       int64   // target dirty bytes
+	Dirty        int64   // dirty bytes at the last look
+	WrittenRate  int64   // bytes/s written back over the last controller interval
+
+	BytesWritten  int64 // bytes written to the backing
+	Writes        int64 // backing writes
+	AvgWrite      int64 // BytesWritten / Writes
+	Flushes       int64 // backing flushes
+	Batches       int64 // batches completed
+	Passes        int64 // passes over the whole device completed
+	Cleaned       int64 // bytes marked clean
+	Collisions    int64 // extents that lost the race with a newer write
+	CollidedBytes int64 // bytes of those
+	Errors        int64 // failed cache reads, backing writes and flushes
+	LastError     error // the most recent of those, or nil
+}
+
+// Flusher writes dirty data back from the cache to the backing device.
+// See the package documentation for the order it keeps and the controller.
+type Flusher struct {
+	src     Source
+	backing storage.Device
+	cfg     Config
+	flush   bool // the backing needs Flush for durability
+
+	wake     chan struct{} // Kick: re-evaluate now (one slot, never blocks)
+	token    chan struct{} // held by whoever runs batches (Run or Drain)
+	bufs     chan []byte   // free MaxWrite buffers
+	running  atomic.Bool
+	draining atomic.Int32
+	lastFG   atomic.Int64 // UnixNano of the last NoteForeground
+
+	mu struct {
+		sync.Mutex
+		ctl      controller
+		lim      limiter
+		binding  bool  // the limiter made the flusher wait since the last update
+		cursor   int64 // the next batch starts at the first dirty extent ending after it
+		passFrom time.Time
+		swept    time.Time // start of the last pass that completed without errors
+		agePass  bool
+		passErrs bool
+		stats    Stats
+	}
+}
+
+// Validate fills in Config's defaults and reports whether the result is
+// usable. New panics on a Config that fails it; callers validate at their
+// edge.
+func (c Config) Validate() error {
+	_, err := c.withDefaults()
+	return err
+}
+
+// New returns a flusher that writes back src's dirty data to backing. It
+// does nothing until Run or Drain is called.
+func New(src Source, backing storage.Device, cfg Config) *Flusher {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		panic(err)
+	}
+	f := &Flusher{
+		src:     src,
+		backing: backing,
+		cfg:     cfg,
+		flush:   backing.Caps().Flush,
+		wake:    make(chan struct{}, 1),
+		token:   make(chan struct{}, 1),
+		bufs:    make(chan []byte, cfg.MaxInFlight),
+	}
+	now := time.Now()
+	f.lastFG.Store(now.UnixNano())
+	f.mu.ctl = newController(&cfg)
+	f.mu.lim = limiter{next: now, lag: min(cfg.BatchTime, cfg.UpdateInterval) / 4, maxWait: cfg.UpdateInterval}
+	f.mu.passFrom = now
+	f.mu.swept = now
+	f.mu.stats.Rate = int64(f.mu.ctl.rate)
+	return f
+}
+
+// Kick makes the flusher re-evaluate now: new dirty data arrived, or the
+// foreground went idle. It never blocks.
+func (f *Flusher) Kick() {
+	select {
+	case f.wake <- struct{}{}:
+	default:
+	}
+}
+
+// NoteForeground records a client request; the foreground is idle when none
+// came for Config.IdleAfter. It is one atomic store.
+func (f *Flusher) NoteForeground() {
+	f.lastFG.Store(time.Now().UnixNano())
+}
+
+// Stats returns a snapshot of the counters.
+func (f *Flusher) Stats() Stats {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	s := f.mu.stats
+	if s.Writes > 0 {
+		s.AvgWrite = s.BytesWritten / s.Writes
+	}
+	return s
+}
+
+// idleAt reports whether the foreground is idle at now, and when it will be
+// if it is not.
+func (f *Flusher) idleAt(now time.Time) (bool, time.Time) {
+	at := time.Unix(0, f.lastFG.Load()).Add(f.cfg.IdleAfter)
+	return !now.Before(at), at
+}
+
+// situationLocked gathers what decide needs. It starts an age pass when one
+// is due.
+func (f *Flusher) situationLocked(now time.Time) situation {
+	s := situation{
+		dirty:    f.src.DirtyBytes(),
+		capacity: f.src.CapacityBytes(),
+		draining: f.draining.Load() > 0,
+	}
+	s.idle, _ = f.idleAt(now)
+	if s.dirty <= 0 {
+		// Nothing dirty: nothing is old.
+		f.mu.swept, f.mu.agePass = now, false
+	}
+	if f.cfg.MaxDirtyAge >= 0 && !f.mu.agePass && now.Sub(f.mu.swept) > f.cfg.MaxDirtyAge {
+		// Restart the pass, so that when it completes everything dirty
+		// now has been written back once.
+		f.mu.agePass = true
+		f.mu.cursor, f.mu.passFrom, f.mu.passErrs = 0, now, false
+	}
+	s.aged = f.mu.agePass
+	f.mu.stats.Dirty = s.dirty
+	return s
+}
+
+// modeLocked decides what to do at now.
+func (f *Flusher) modeLocked(now time.Time) Mode {
+	m := decide(f.situationLocked(now), &f.cfg)
+	f.mu.stats.Mode = m
+	return m
+}
+
+// updateLocked runs one controller step, dt after the previous one.
+func (f *Flusher) updateLocked(dt time.Duration, written int64) {
+	st := &f.mu.stats
+	dirty := f.src.DirtyBytes()
+	st.Target = int64(float64(f.src.CapacityBytes()) * float64(f.cfg.TargetPercent) / 100)
+	f.mu.ctl.update(dirty, st.Target, dt.Seconds(), f.mu.binding)
+	f.mu.binding = false
+	st.Dirty = dirty
+	st.Rate = int64(f.mu.ctl.rate)
+	st.Proportional, st.Integral = f.mu.ctl.p, f.mu.ctl.i
+	if dt > 0 {
+		st.WrittenRate = int64(float64(written) / dt.Seconds())
+	}
+}
+
+// acquire takes the batch token.
+func (f *Flusher) acquire(ctx context.Context) error {
+	select {
+	case f.token <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (f *Flusher) release() { <-f.token }
+
+// wait blocks for d, or until ctx is done or Kick is called. It reports
+// false when ctx is done.
+func (f *Flusher) wait(ctx context.Context, d time.Duration) bool {
+	if d <= 0 {
+		return ctx.Err() == nil
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-f.wake:
+	case <-t.C:
+	}
+	return true
+}
+
+// Run writes back in the background until ctx is done, then returns nil
+// (ErrRunning if another Run is under way). Batches already started finish
+// first: their backing writes are flushed and marked clean.
+func (f *Flusher) Run(ctx context.Context) error {
+	if !f.running.CompareAndSwap(false, true) {
+		return ErrRunning
+	}
+	defer f.running.Store(false)
+
+	lastUpdate := time.Now()
+	var lastWritten int64
+	backoff := time.Duration(0)
+	for ctx.Err() == nil {
+		now := time.Now()
+		f.mu.Lock()
+		if dt := now.Sub(lastUpdate); dt >= f.cfg.UpdateInterval {
+			w := f.mu.stats.BytesWritten
+			f.updateLocked(dt, w-lastWritten)
+			lastUpdate, lastWritten = now, w
+		}
+		mode := f.modeLocked(now)
+		f.mu.Unlock()
+
+		if mode == ModeStopped {
+			// Sleep until the next controller step, or the moment the
+			// foreground turns idle or dirty data turns old, or a Kick.
+			next := lastUpdate.Add(f.cfg.UpdateInterval)
+			if idle, at := f.idleAt(now); !idle && at.Before(next) {
+				next = at
+			}
+			f.mu.Lock()
+			if f.cfg.MaxDirtyAge >= 0 {
+				if at := f.mu.swept.Add(f.cfg.MaxDirtyAge + time.Nanosecond); at.Before(next) {
+					next = at
+				}
+			}
+			f.mu.Unlock()
+			f.wait(ctx, next.Sub(now))
+			continue
+		}
+
+		if err := f.acquire(ctx); err != nil {
+			break
+		}
+		res := f.batch(ctx)
+		f.release()
+		if res.errs == 0 {
+			backoff = 0
+			continue
+		}
+		backoff = min(max(2*backoff, f.cfg.RetryMin), f.cfg.RetryMax)
+		f.wait(ctx, backoff)
+	}
+	return nil
+}
+
+// Drain writes back everything dirty at full speed, then flushes the
+// backing. progress, if not nil, is called with the bytes cleaned so far
+// and the total to clean (which grows if new dirty data arrives). It is
+// safe to call while Run runs: Run yields to it. It returns nil once
+// DirtyBytes is 0 and the backing is flushed, ctx's error if ctx ends
+// first, or an error wrapping ErrDrain.
+//
+// Drain ends only when nothing is dirty: the caller stops new dirty writes
+// first (switching the cache to writethrough), or the drain chases them.
+func (f *Flusher) Drain(ctx context.Context, progress func(done, total int64)) error {
+	f.draining.Add(1)
+	defer f.draining.Add(-1)
+	f.Kick() // a rate-limited wait in Run ends now
+	if err := f.acquire(ctx); err != nil {
+		return err
+	}
+	defer f.release()
+
+	total := max(f.src.DirtyBytes(), 0)
+	var done int64
+	report := func() {
+		if progress != nil {
+			progress(done, total)
+		}
+	}
+	report()
+	backoff := time.Duration(0)
+	var passCleaned int64 // cleaned since the last pass boundary
+	passFailed := false   // some batch since the last pass boundary failed
+	for {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if f.src.DirtyBytes() <= 0 {
+			break
+		}
+		res := f.batch(ctx)
+		done += res.cleaned
+		passCleaned += res.cleaned
+		total = max(total, done+f.src.DirtyBytes())
+		report()
+		if res.errs > 0 {
+			passFailed = true
+		}
+		if res.wrapped || res.empty {
+			if passFailed && passCleaned == 0 {
+				return fmt.Errorf("%w: a whole pass failed: %w", ErrDrain, res.lastErr)
+			}
+			if res.empty && res.extents == 0 && !passFailed {
+				if d := f.src.DirtyBytes(); d > 0 {
+					return fmt.Errorf("%w: %d bytes dirty but no dirty extent listed", ErrDrain, d)
+				}
+			}
+			passCleaned, passFailed = 0, false
+		}
+		if res.errs > 0 {
+			backoff = min(max(2*backoff, f.cfg.RetryMin), f.cfg.RetryMax)
+			if !f.wait(ctx, backoff) {
+				return ctx.Err()
+			}
+		} else {
+			backoff = 0
+		}
+	}
+	if f.flush {
+		if err := f.backingFlush(); err != nil {
+			return fmt.Errorf("%w: final flush: %w", ErrDrain, err)
+		}
+	}
+	report()
+	return nil
+}
