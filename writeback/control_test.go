@@ -73,7 +73,7 @@ func TestControllerStep(t *testing.T) {
 
 // TestControllerLoop closes the loop on the pure controller: a foreground
 // rate W starts filling an empty cache. Linearised, the error obeys
-// e'' + e'/P + e/I = 0 from e = 0, e' = W when dirty crosses the target, so
+// e” + e'/P + e/I = 0 from e = 0, e' = W when dirty crosses the target, so
 // e(t) = W/(r1-r2) (exp(r1 t) - exp(r2 t)) with r1, r2 the roots of
 // s² + s/P + 1/I: for the defaults (-0.005 and -0.02 per s) the error peaks
 // at about 31.5 s * W after 92 s, then decays without ever crossing zero

@@ -2,6 +2,7 @@ package writeback
 
 import (
 	"bytes"
+	"encoding/binary"
 	"flag"
 	"fmt"
 	"math/rand/v2"
@@ -48,12 +49,26 @@ const locBias = 1 << 40
 
 // content is the data of the write with version ver at byte pos.
 func content(pos int64, ver uint64) byte {
-	x := uint64(pos>>3)*0x9e3779b97f4a7c15 ^ ver*0xbf58476d1ce4e5b9
-	return byte(x>>56) ^ byte(pos)
+	var w [8]byte
+	binary.LittleEndian.PutUint64(w[:], word(pos>>3, ver))
+	return w[pos&7]
 }
 
+func word(i int64, ver uint64) uint64 {
+	x := uint64(i)*0x9e3779b97f4a7c15 ^ ver*0xbf58476d1ce4e5b9
+	return x ^ x>>29
+}
+
+// fillContent fills p with the data of version ver from byte off.
 func fillContent(p []byte, off int64, ver uint64) {
-	for i := range p {
+	i := 0
+	for ; i < len(p) && (off+int64(i))&7 != 0; i++ {
+		p[i] = content(off+int64(i), ver)
+	}
+	for ; i+8 <= len(p); i += 8 {
+		binary.LittleEndian.PutUint64(p[i:], word((off+int64(i))>>3, ver))
+	}
+	for ; i < len(p); i++ {
 		p[i] = content(off+int64(i), ver)
 	}
 }

@@ -1,0 +1,337 @@
+package writeback
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"sync"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/nbdcache/nbdcache/btreeidx"
+	"github.com/nbdcache/nbdcache/storage"
+)
+
+var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
+
+// densely writes random 4 KiB blocks until the region has been written
+// k times over on average.
+func densely(s *fakeSource, seed uint64, k int) {
+	rng := newRand(seed)
+	n := len(s.mu.ver)
+	for range k * n {
+		s.write(rng.IntN(n), 1)
+	}
+}
+
+// checkAscending checks the order backing writes arrived in: within one
+// pass, each write starts at or after the end of every write issued more
+// than window-1 writes before it (window 1: strictly ascending).
+func checkAscending(t *testing.T, ws []rec, window int) {
+	t.Helper()
+	for i := range ws {
+		if j := i - window; j >= 0 && ws[i].off < ws[j].off+ws[j].n {
+			t.Fatalf("write %d at %d arrived after write %d ending at %d (window %d)", i, ws[i].off, j, ws[j].off+ws[j].n, window)
+		}
+	}
+}
+
+// TestDrainMergesAscending is the first claim: random 4 KiB writes
+// that cover a region densely reach the backing as long writes in ascending
+// order, and the backing ends up equal to the model.
+func TestDrainMergesAscending(t *testing.T) {
+	seed := testSeed(t)
+	for _, inFlight := range []int{1, 4} {
+		t.Run(fmt.Sprintf("inflight=%d", inFlight), func(t *testing.T) {
+			const blocks = 8192 // 32 MiB
+			src := newFakeSource(blocks, 4096, 1<<30)
+			densely(src, seed, 5)
+			dev := &recDev{inner: storage.NewMem(src.size())}
+			guard(src, dev)
+			f := New(src, dev, Config{MaxInFlight: inFlight, Logger: quiet})
+
+			var last, calls int64
+			var bad []string
+			err := f.Drain(context.Background(), func(done, total int64) {
+				calls++
+				if done < last || done > total {
+					bad = append(bad, fmt.Sprintf("progress(%d, %d) after done=%d", done, total, last))
+				}
+				last = done
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			src.check(t)
+			for _, b := range bad {
+				t.Error(b)
+			}
+			if d := src.DirtyBytes(); d != 0 {
+				t.Errorf("DirtyBytes after Drain = %d", d)
+			}
+			checkImage(t, dev, src)
+			ws := dev.writes()
+			checkAscending(t, ws, inFlight)
+			st := f.Stats()
+			t.Logf("%d dirty blocks: %d backing writes, average %d KiB, %d flushes, %d batches, %d progress calls",
+				st.Cleaned/4096, st.Writes, st.AvgWrite>>10, dev.flushes(), st.Batches, calls)
+			if st.Writes != int64(len(ws)) || st.AvgWrite < 64<<10 {
+				t.Errorf("average backing write %d bytes over %d writes: not merged", st.AvgWrite, st.Writes)
+			}
+			if dev.flushes() == 0 || int64(dev.flushes()) != st.Flushes {
+				t.Errorf("flushes: device saw %d, stats say %d", dev.flushes(), st.Flushes)
+			}
+			if last != st.Cleaned || st.Collisions != 0 || st.Errors != 0 {
+				t.Errorf("progress ended at %d, cleaned %d, collisions %d, errors %d", last, st.Cleaned, st.Collisions, st.Errors)
+			}
+		})
+	}
+}
+
+// oneBatch runs a single full-speed batch, as a Drain would.
+func oneBatch(f *Flusher) batchResult {
+	f.draining.Add(1)
+	defer f.draining.Add(-1)
+	f.acquire(context.Background())
+	defer f.release()
+	return f.batch(context.Background())
+}
+
+// TestCollision: a newer write lands between the read from the cache and
+// MarkClean. The CAS loses, the block stays dirty with the newer data, the
+// loss is counted, and a later pass writes the newer data back.
+func TestCollision(t *testing.T) {
+	src := newFakeSource(64, 4096, 1<<20)
+	for b := range 64 {
+		src.write(b, 1)
+	}
+	dev := &recDev{inner: storage.NewMem(src.size())}
+	guard(src, dev)
+	var once sync.Once
+	src.afterRead = func(e btreeidx.Extent) {
+		if e.Off <= 10*4096 && 10*4096 < e.End() {
+			once.Do(func() { src.write(10, 1) })
+		}
+	}
+	f := New(src, dev, Config{Logger: quiet})
+
+	// One batch by hand, to look between passes.
+	res := oneBatch(f)
+	if res.collided != 4096 || res.cleaned != 63*4096 {
+		t.Errorf("batch cleaned %d collided %d, want %d and 4096", res.cleaned, res.collided, 63*4096)
+	}
+	if st := f.Stats(); st.Collisions != 1 || st.CollidedBytes != 4096 || st.Errors != 0 {
+		t.Errorf("stats %+v: want one collision of 4096 bytes and no error", st)
+	}
+	if d := src.DirtyBytes(); d != 4096 {
+		t.Errorf("DirtyBytes = %d, want the newer block's 4096", d)
+	}
+	if err := f.Drain(context.Background(), nil); err != nil {
+		t.Fatal(err)
+	}
+	src.check(t)
+	checkImage(t, dev, src)
+	if st := f.Stats(); st.Collisions != 1 {
+		t.Errorf("collisions %d after the drain, want 1", st.Collisions)
+	}
+}
+
+// TestStaleRead: ReadCached says ErrStale for one piece in the middle of a
+// merged span. The pieces around it are still written (two backing writes),
+// the stale one is a collision, not an error.
+func TestStaleRead(t *testing.T) {
+	src := newFakeSource(16, 4096, 1<<20)
+	for b := range 16 {
+		src.write(b, 1)
+	}
+	dev := &recDev{inner: storage.NewMem(src.size())}
+	guard(src, dev)
+	stale := true
+	src.readErr = func(e btreeidx.Extent) error {
+		if e.Off == 5*4096 && stale {
+			stale = false
+			return fmt.Errorf("bucket reused: %w", ErrStale)
+		}
+		return nil
+	}
+	f := New(src, dev, Config{MaxInFlight: 1, Logger: quiet})
+	res := oneBatch(f)
+	if res.errs != 0 || res.collided != 4096 || res.cleaned != 15*4096 {
+		t.Errorf("batch: %+v", res)
+	}
+	ws := dev.writes()
+	if len(ws) != 2 || ws[0] != (rec{0, 5 * 4096}) || ws[1] != (rec{6 * 4096, 10 * 4096}) {
+		t.Errorf("backing writes %v, want [0,20K) and [24K,64K)", ws)
+	}
+	if err := f.Drain(context.Background(), nil); err != nil {
+		t.Fatal(err)
+	}
+	src.check(t)
+	checkImage(t, dev, src)
+}
+
+// TestBackingErrors: failing backing writes and flushes leave data dirty,
+// are counted, and are retried with a growing backoff until they succeed.
+func TestBackingErrors(t *testing.T) {
+	boom := errors.New("disk on fire")
+	t.Run("write", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			src := newFakeSource(256, 4096, 64<<20)
+			for b := 0; b < 256; b += 2 {
+				src.write(b, 1)
+			}
+			dev := &recDev{inner: storage.NewMem(src.size())}
+			guard(src, dev)
+			var mu sync.Mutex
+			var attempts []time.Time
+			dev.failWrite = func(off, n int64) error {
+				if off <= 100*4096 && 100*4096 < off+n {
+					mu.Lock()
+					defer mu.Unlock()
+					attempts = append(attempts, time.Now())
+					if len(attempts) <= 5 {
+						return boom
+					}
+				}
+				return nil
+			}
+			f := New(src, dev, Config{IdleAfter: time.Millisecond, RetryMin: 100 * time.Millisecond, Logger: quiet})
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan error)
+			go func() { done <- f.Run(ctx) }()
+			time.Sleep(50 * time.Millisecond)
+			synctest.Wait()
+			if d := src.DirtyBytes(); d != 4096 {
+				t.Errorf("after the first pass DirtyBytes = %d, want the failed block's 4096", d)
+			}
+			time.Sleep(time.Minute)
+			synctest.Wait()
+			cancel()
+			if err := <-done; err != nil {
+				t.Fatal(err)
+			}
+			src.check(t)
+			if d := src.DirtyBytes(); d != 0 {
+				t.Errorf("DirtyBytes = %d after the retries", d)
+			}
+			checkImage(t, dev, src)
+			st := f.Stats()
+			if st.Errors != 5 || !errors.Is(st.LastError, boom) {
+				t.Errorf("errors %d (last %v), want 5 of %v", st.Errors, st.LastError, boom)
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			for i := 2; i < len(attempts) && i < 6; i++ {
+				a, b := attempts[i-1].Sub(attempts[i-2]), attempts[i].Sub(attempts[i-1])
+				if b < 2*a-time.Millisecond || a < 100*time.Millisecond {
+					t.Errorf("retry intervals %v then %v: backoff does not double from RetryMin", a, b)
+				}
+			}
+		})
+	})
+	t.Run("flush", func(t *testing.T) {
+		src := newFakeSource(64, 4096, 64<<20)
+		for b := range 64 {
+			src.write(b, 1)
+		}
+		dev := &recDev{inner: storage.NewMem(src.size())}
+		guard(src, dev)
+		dev.failFlush = func() error { return boom }
+		f := New(src, dev, Config{Logger: quiet})
+		res := oneBatch(f)
+		if res.cleaned != 0 || res.errs != 64 || src.DirtyBytes() != 64*4096 {
+			t.Errorf("a failed flush cleaned %d, %d pieces failed, %d dirty: want 0, 64, all", res.cleaned, res.errs, src.DirtyBytes())
+		}
+		src.mu.Lock()
+		marks := src.mu.marks
+		src.mu.Unlock()
+		if marks != 0 {
+			t.Errorf("%d MarkClean calls after a failed flush", marks)
+		}
+		// A drain that cannot flush gives up with ErrDrain after a pass
+		// that cleans nothing.
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		err := f.Drain(ctx, nil)
+		if !errors.Is(err, ErrDrain) || !errors.Is(err, boom) {
+			t.Errorf("Drain = %v, want ErrDrain wrapping %v", err, boom)
+		}
+		src.check(t)
+	})
+}
+
+// TestDrainWhileRunning: Run is rate-limiting a busy foreground; Drain
+// takes over at full speed, and leaves nothing dirty once the foreground
+// stops writing.
+func TestDrainWhileRunning(t *testing.T) {
+	seed := testSeed(t)
+	synctest.Test(t, func(t *testing.T) {
+		rng := newRand(seed)
+		src := newFakeSource(4096, 4096, 64<<20)
+		dev := &recDev{inner: storage.NewMem(src.size())}
+		guard(src, dev)
+		f := New(src, dev, Config{Logger: quiet})
+		ctx, cancel := context.WithCancel(context.Background())
+		runDone := make(chan error)
+		go func() { runDone <- f.Run(ctx) }()
+
+		stop := make(chan struct{})
+		fgDone := make(chan struct{})
+		go func() { // 4 MiB/s of random 4 KiB writes, all the time active
+			defer close(fgDone)
+			tick := time.NewTicker(10 * time.Millisecond)
+			defer tick.Stop()
+			for {
+				select {
+				case <-stop:
+					return
+				case <-tick.C:
+					for range 10 {
+						src.write(rng.IntN(4096), 1)
+					}
+					f.NoteForeground()
+				}
+			}
+		}()
+		time.Sleep(3 * time.Second)
+		if m := f.Stats().Mode; m != ModeRate {
+			t.Errorf("mode %v while busy between the watermarks, want rate", m)
+		}
+		close(stop) // the cache switches to writethrough: no new dirty data
+		<-fgDone
+		var last int64
+		if err := f.Drain(context.Background(), func(done, total int64) { last = done }); err != nil {
+			t.Fatal(err)
+		}
+		if d := src.DirtyBytes(); d != 0 || last == 0 {
+			t.Errorf("after Drain: DirtyBytes %d, progress %d", d, last)
+		}
+		checkImage(t, dev, src)
+		cancel()
+		if err := <-runDone; err != nil {
+			t.Fatal(err)
+		}
+		src.check(t)
+	})
+}
+
+func TestRunTwice(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		src := newFakeSource(16, 4096, 1<<20)
+		f := New(src, nullDev{src.size()}, Config{Logger: quiet})
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error)
+		go func() { done <- f.Run(ctx) }()
+		synctest.Wait()
+		if err := f.Run(ctx); !errors.Is(err, ErrRunning) {
+			t.Errorf("second Run = %v, want ErrRunning", err)
+		}
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run = %v after cancel, want nil", err)
+		}
+	})
+}
