@@ -4,5 +4,5 @@ go 1.26.0
 
 require (
 	github.com/google/btree v1.1.3
-	golang.org/x/sys v0.50.0 // indirect
+	golang.org/x/sys v0.50.0
 )

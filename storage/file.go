@@ -1,0 +1,718 @@
+package storage
+
+// file.go: File, a Device on a regular file or a block device.
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// FileOptions configures OpenFile.
+type FileOptions struct {
+	// ReadOnly opens the file read-only: writes, trims and zeroes fail
+	// with ErrReadOnly.
+	ReadOnly bool
+	// Direct opens the file with O_DIRECT, bypassing the page cache.
+	// Requests that are not aligned (buffer address, offset or length)
+	// go through an aligned bounce buffer. A regular file's size must be
+	// a multiple of the direct I/O alignment.
+	Direct bool
+	// Size, if > 0, is the least size of the device: a regular file that
+	// is smaller (or missing) is created or extended to it; a block device
+	// that is smaller is an error. 0 takes the existing size.
+	Size int64
+}
+
+// Tunables of File.
+const (
+	fileBounceSize = 1 << 20   // bounce buffer for unaligned O_DIRECT requests
+	fileZeroSize   = 256 << 10 // zero buffer for zeroing by writing
+	fileRMWStripes = 64        // locks serializing read-modify-write per block
+	fileMinAlign   = 512
+	fileMemAlign   = 4096 // alignment of every buffer File allocates
+)
+
+// File is a Device on a regular file or a block device. Requests are
+// pread/pwrite calls on a descriptor that File owns; Close closes it only
+// after the requests in flight have returned.
+type File struct {
+	path     string
+	fd       int
+	size     int64
+	caps     Caps
+	blockDev bool
+	direct   bool
+	align    int64 // O_DIRECT offset and length alignment
+	memAlign uintptr
+
+	// Features found missing at run time.
+	noDSync     atomic.Bool // pwritev2(RWF_DSYNC) refused: pwrite + fdatasync
+	noPunch     atomic.Bool
+	noZeroRange atomic.Bool
+	noAllocate  atomic.Bool
+
+	bounce sync.Pool // *[]byte of fileBounceSize, aligned
+	zeros  []byte    // fileZeroSize zeroes, aligned
+	rmw    [fileRMWStripes]sync.Mutex
+
+	// mu is held shared by every request and exclusively by Close.
+	mu struct {
+		sync.RWMutex
+		closed bool
+	}
+}
+
+var (
+	_ Device   = (*File)(nil)
+	_ Extenter = (*File)(nil)
+)
+
+// OpenFile opens a regular file or a block device as a Device.
+func OpenFile(path string, opts FileOptions) (*File, error) {
+	flags := unix.O_CLOEXEC
+	if opts.ReadOnly {
+		flags |= unix.O_RDONLY
+	} else {
+		flags |= unix.O_RDWR
+	}
+	if opts.Direct {
+		flags |= unix.O_DIRECT
+	}
+	if opts.Size > 0 && !opts.ReadOnly {
+		flags |= unix.O_CREAT
+	}
+	var fd int
+	err := retryEINTR(func() (err error) { fd, err = unix.Open(path, flags, 0o644); return err })
+	if err != nil {
+		return nil, fmt.Errorf("storage: open %s: %w", path, err)
+	}
+	f := &File{path: path, fd: fd, direct: opts.Direct, align: fileMinAlign, memAlign: fileMinAlign}
+	if err := f.setup(opts); err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	return f, nil
+}
+
+// setup finds the size, type, alignment and capabilities of the open file.
+func (f *File) setup(opts FileOptions) error {
+	var st unix.Stat_t
+	if err := unix.Fstat(f.fd, &st); err != nil {
+		return fmt.Errorf("storage: stat %s: %w", f.path, err)
+	}
+	f.caps = Caps{
+		ReadOnly: opts.ReadOnly, Flush: true, FUA: true, Trim: true, Zero: true, FastZero: true,
+		BlockSize: fileMinAlign,
+	}
+	var queue string // sysfs queue directory of the underlying disk
+	switch st.Mode & unix.S_IFMT {
+	case unix.S_IFREG:
+		f.size = st.Size
+		if opts.Size > f.size {
+			if opts.ReadOnly {
+				return fmt.Errorf("storage: %s is %d bytes, %d asked: %w", f.path, f.size, opts.Size, ErrReadOnly)
+			}
+			if err := retryEINTR(func() error { return unix.Ftruncate(f.fd, opts.Size) }); err != nil {
+				return fmt.Errorf("storage: extend %s to %d: %w", f.path, opts.Size, err)
+			}
+			f.size = opts.Size
+		}
+		queue = sysfsQueue(unix.Major(st.Dev), unix.Minor(st.Dev))
+	case unix.S_IFBLK:
+		f.blockDev = true
+		sz, err := unix.IoctlGetUint64(f.fd, unix.BLKGETSIZE64)
+		if err != nil {
+			return fmt.Errorf("storage: BLKGETSIZE64 %s: %w", f.path, err)
+		}
+		f.size = int64(sz)
+		if opts.Size > f.size {
+			return fmt.Errorf("storage: %s is %d bytes, %d asked: %w", f.path, f.size, opts.Size, ErrNoSpace)
+		}
+		if lbs, err := unix.IoctlGetInt(f.fd, unix.BLKSSZGET); err == nil && lbs >= fileMinAlign {
+			f.align = int64(lbs)
+			f.caps.BlockSize = lbs
+		}
+		queue = sysfsQueue(unix.Major(st.Rdev), unix.Minor(st.Rdev))
+		f.caps.Trim = sysfsInt(queue, "discard_max_bytes") > 0
+		f.caps.FastZero = sysfsInt(queue, "write_zeroes_max_bytes") > 0
+	default:
+		return fmt.Errorf("storage: %s is neither a regular file nor a block device: %w", f.path, ErrNotSupported)
+	}
+	f.caps.Rotational = sysfsInt(queue, "rotational") == 1
+	if f.direct {
+		var stx unix.Statx_t
+		err := unix.Statx(f.fd, "", unix.AT_EMPTY_PATH, unix.STATX_DIOALIGN, &stx)
+		if err == nil && stx.Mask&unix.STATX_DIOALIGN != 0 && stx.Dio_offset_align > 0 {
+			f.align = max(f.align, int64(stx.Dio_offset_align))
+			f.memAlign = uintptr(max(stx.Dio_mem_align, 1))
+		} else if !f.blockDev {
+			f.align = fileMemAlign // a safe guess for an older kernel
+			f.memAlign = fileMemAlign
+		}
+		if f.align > fileMemAlign || f.align&(f.align-1) != 0 {
+			return fmt.Errorf("storage: %s: direct I/O alignment %d: %w", f.path, f.align, ErrNotSupported)
+		}
+		if f.size%f.align != 0 {
+			return fmt.Errorf("storage: %s: size %d is not a multiple of the direct I/O alignment %d: %w",
+				f.path, f.size, f.align, ErrNotSupported)
+		}
+		f.caps.BlockSize = int(f.align)
+		f.bounce.New = func() any { b := alignedBuf(fileBounceSize); return &b }
+	}
+	f.zeros = alignedBuf(fileZeroSize)
+	return nil
+}
+
+// Size returns the device size in bytes.
+func (f *File) Size() int64 { return f.size }
+
+// Caps reports the capabilities found at open.
+func (f *File) Caps() Caps { return f.caps }
+
+// Path returns the path the file was opened with.
+func (f *File) Path() string { return f.path }
+
+// begin takes the shared lock and checks the state and the range. On
+// success the caller must call f.mu.RUnlock.
+func (f *File) begin(off, length int64, write bool) error {
+	f.mu.RLock()
+	switch {
+	case f.mu.closed:
+		f.mu.RUnlock()
+		return ErrClosed
+	case CheckRange(f.size, off, length) != nil:
+		f.mu.RUnlock()
+		return ErrOutOfRange
+	case write && f.caps.ReadOnly:
+		f.mu.RUnlock()
+		return ErrReadOnly
+	}
+	return nil
+}
+
+// ReadAt fills p from offset off.
+func (f *File) ReadAt(p []byte, off int64) error {
+	if err := f.begin(off, int64(len(p)), false); err != nil {
+		return err
+	}
+	defer f.mu.RUnlock()
+	if f.direct && !f.aligned(p, off) {
+		return f.readBounce(p, off)
+	}
+	return f.pread(p, off)
+}
+
+// WriteAt writes p at offset off; with FUA, p is durable on return.
+func (f *File) WriteAt(p []byte, off int64, flags Flags) error {
+	if err := f.begin(off, int64(len(p)), true); err != nil {
+		return err
+	}
+	defer f.mu.RUnlock()
+	return f.write(p, off, flags&FUA != 0)
+}
+
+// Flush makes every write that returned before it durable (fdatasync).
+func (f *File) Flush() error {
+	if err := f.begin(0, 0, false); err != nil {
+		return err
+	}
+	defer f.mu.RUnlock()
+	return f.fdatasync()
+}
+
+// Trim discards the range: a hole punched in a regular file (it reads
+// back as zeroes), BLKDISCARD on a block device (it reads back as zeroes
+// or old data). Where neither is supported, Trim does nothing, which the
+// contract allows.
+func (f *File) Trim(off, length int64, flags Flags) error {
+	if err := f.begin(off, length, true); err != nil {
+		return err
+	}
+	defer f.mu.RUnlock()
+	if length == 0 {
+		return nil
+	}
+	if f.blockDev {
+		if !f.caps.Trim {
+			return nil
+		}
+		// BLKDISCARD takes whole blocks only: discard the ones inside.
+		start := alignUp(off, f.align)
+		end := alignDown(off+length, f.align)
+		if start < end {
+			r := [2]uint64{uint64(start), uint64(end - start)}
+			err := ioctlPtr(f.fd, unix.BLKDISCARD, unsafe.Pointer(&r))
+			if err != nil && !notSupported(err) {
+				return f.errorf("discard", off, err)
+			}
+		}
+	} else if !f.noPunch.Load() {
+		err := f.fallocate(unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+		if notSupported(err) {
+			f.noPunch.Store(true)
+		} else if err != nil {
+			return f.errorf("punch hole", off, err)
+		}
+	}
+	if flags&FUA != 0 {
+		return f.fdatasync()
+	}
+	return nil
+}
+
+// Zero makes the range read back as zeroes. A regular file gets a hole
+// punched (unless NoHole), else FALLOC_FL_ZERO_RANGE, else a hole punched
+// and reallocated (NoHole), else written zeroes. A block device gets
+// fallocate(PUNCH_HOLE) (unless NoHole), else BLKZEROOUT, with partial
+// blocks at the ends written. FastZero fails with ErrNotSupported, having
+// touched nothing, when only writing zeroes is left.
+func (f *File) Zero(off, length int64, flags Flags) error {
+	if err := f.begin(off, length, true); err != nil {
+		return err
+	}
+	defer f.mu.RUnlock()
+	if length == 0 {
+		return nil
+	}
+	var err error
+	if f.blockDev {
+		err = f.zeroBlockDev(off, length, flags)
+	} else {
+		err = f.zeroFile(off, length, flags)
+	}
+	if err == nil && flags&FUA != 0 {
+		err = f.fdatasync()
+	}
+	return err
+}
+
+func (f *File) zeroFile(off, length int64, flags Flags) error {
+	const keep = unix.FALLOC_FL_KEEP_SIZE
+	if flags&NoHole == 0 && !f.noPunch.Load() {
+		err := f.fallocate(unix.FALLOC_FL_PUNCH_HOLE|keep, off, length)
+		if err == nil {
+			return nil
+		}
+		if !notSupported(err) {
+			return f.errorf("punch hole", off, err)
+		}
+		f.noPunch.Store(true)
+	}
+	if !f.noZeroRange.Load() {
+		err := f.fallocate(unix.FALLOC_FL_ZERO_RANGE|keep, off, length)
+		if err == nil {
+			return nil
+		}
+		if !notSupported(err) {
+			return f.errorf("zero range", off, err)
+		}
+		f.noZeroRange.Store(true)
+	}
+	if !f.noPunch.Load() && !f.noAllocate.Load() {
+		// NoHole without ZERO_RANGE (tmpfs, btrfs): punch, then allocate
+		// again. The range reads as zeroes from the punch on.
+		err := f.fallocate(unix.FALLOC_FL_PUNCH_HOLE|keep, off, length)
+		if err != nil && !notSupported(err) {
+			return f.errorf("punch hole", off, err)
+		}
+		if err == nil {
+			err = f.fallocate(keep, off, length)
+			if err == nil {
+				return nil
+			}
+			if !notSupported(err) {
+				return f.errorf("allocate", off, err)
+			}
+			f.noAllocate.Store(true)
+			return nil // zeroed, if not allocated
+		}
+		f.noPunch.Store(true)
+	}
+	if flags&FastZero != 0 {
+		return fmt.Errorf("storage: zero %s: only by writing: %w", f.path, ErrNotSupported)
+	}
+	return f.writeZeroes(off, length)
+}
+
+func (f *File) zeroBlockDev(off, length int64, flags Flags) error {
+	start := min(alignUp(off, f.align), off+length)
+	end := max(alignDown(off+length, f.align), start)
+	if flags&FastZero != 0 && !f.caps.FastZero && (flags&NoHole != 0 || !f.caps.Trim) {
+		return fmt.Errorf("storage: zero %s: only by writing: %w", f.path, ErrNotSupported)
+	}
+	if start < end {
+		done := false
+		if flags&NoHole == 0 && !f.noPunch.Load() {
+			// The kernel punches only if the device guarantees zeroes
+			// afterwards, and never falls back to writing.
+			err := f.fallocate(unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, start, end-start)
+			switch {
+			case err == nil:
+				done = true
+			case notSupported(err):
+				f.noPunch.Store(true)
+			default:
+				return f.errorf("punch hole", start, err)
+			}
+		}
+		if !done {
+			if flags&FastZero != 0 && !f.caps.FastZero {
+				return fmt.Errorf("storage: zero %s: only by writing: %w", f.path, ErrNotSupported)
+			}
+			r := [2]uint64{uint64(start), uint64(end - start)}
+			if err := ioctlPtr(f.fd, unix.BLKZEROOUT, unsafe.Pointer(&r)); err != nil {
+				return f.errorf("zeroout", start, err)
+			}
+		}
+	}
+	if off < start {
+		if err := f.writeZeroes(off, start-off); err != nil {
+			return err
+		}
+	}
+	if end < off+length {
+		return f.writeZeroes(end, off+length-end)
+	}
+	return nil
+}
+
+// writeZeroes zeroes the range by writing.
+func (f *File) writeZeroes(off, length int64) error {
+	for length > 0 {
+		n := min(length, int64(len(f.zeros)))
+		if err := f.write(f.zeros[:n], off, false); err != nil {
+			return err
+		}
+		off += n
+		length -= n
+	}
+	return nil
+}
+
+// Extents reports the holes of a regular file (SEEK_DATA/SEEK_HOLE) as
+// Hole and Zero. A block device, or a file system without SEEK_DATA, is
+// all data.
+func (f *File) Extents(off, length int64, fn func(Extent) bool) error {
+	if err := f.begin(off, length, false); err != nil {
+		return err
+	}
+	defer f.mu.RUnlock()
+	end := off + length
+	if f.blockDev && off < end {
+		fn(Extent{Length: length})
+		return nil
+	}
+	for off < end {
+		data, err := unix.Seek(f.fd, off, unix.SEEK_DATA)
+		switch {
+		case errors.Is(err, unix.ENXIO): // no data after off
+			data = end
+		case errors.Is(err, unix.EINVAL) || notSupported(err):
+			fn(Extent{Length: end - off})
+			return nil
+		case err != nil:
+			return f.errorf("seek data", off, err)
+		}
+		if data > off {
+			n := min(data, end) - off
+			if !fn(Extent{Length: n, Hole: true, Zero: true}) {
+				return nil
+			}
+			off += n
+			continue
+		}
+		hole, err := unix.Seek(f.fd, off, unix.SEEK_HOLE)
+		if err != nil {
+			return f.errorf("seek hole", off, err)
+		}
+		n := min(max(hole, off+1), end) - off
+		if !fn(Extent{Length: n}) {
+			return nil
+		}
+		off += n
+	}
+	return nil
+}
+
+// Close waits for the requests in flight and closes the descriptor. It
+// does not flush. Later calls fail with ErrClosed.
+func (f *File) Close() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.mu.closed {
+		return nil
+	}
+	f.mu.closed = true
+	if err := unix.Close(f.fd); err != nil {
+		return fmt.Errorf("storage: close %s: %w", f.path, err)
+	}
+	return nil
+}
+
+// aligned reports whether p and off suit O_DIRECT as they are.
+func (f *File) aligned(p []byte, off int64) bool {
+	if len(p) == 0 {
+		return true
+	}
+	return (off|int64(len(p)))&(f.align-1) == 0 && uintptr(unsafe.Pointer(&p[0]))&(f.memAlign-1) == 0
+}
+
+// pread reads exactly len(p) bytes at off.
+func (f *File) pread(p []byte, off int64) error {
+	for len(p) > 0 {
+		n, err := unix.Pread(f.fd, p, off)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err != nil:
+			return f.errorf("pread", off, err)
+		case n == 0:
+			return f.errorf("pread", off, unix.EIO) // the file shrank under us
+		}
+		p = p[n:]
+		off += int64(n)
+	}
+	return nil
+}
+
+// write writes p at off, through the bounce buffer if O_DIRECT needs it.
+func (f *File) write(p []byte, off int64, fua bool) error {
+	if f.direct && !f.aligned(p, off) {
+		return f.writeBounce(p, off, fua)
+	}
+	return f.pwrite(p, off, fua)
+}
+
+// pwrite writes all of p at off; with fua, durably.
+func (f *File) pwrite(p []byte, off int64, fua bool) error {
+	if fua && !f.noDSync.Load() {
+		err := f.pwriteDSync(p, off)
+		if err == nil || !(notSupported(err) || errors.Is(err, unix.EINVAL)) {
+			return err
+		}
+		// The kernel or file system refused RWF_DSYNC: fall back to
+		// pwrite + fdatasync, and remember if that works.
+		if err := f.pwrite(p, off, false); err != nil {
+			return err
+		}
+		f.noDSync.Store(true)
+		return f.fdatasync()
+	}
+	for len(p) > 0 {
+		n, err := unix.Pwrite(f.fd, p, off)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err != nil:
+			return f.errorf("pwrite", off, err)
+		case n == 0:
+			return f.errorf("pwrite", off, unix.EIO)
+		}
+		p = p[n:]
+		off += int64(n)
+	}
+	if fua {
+		return f.fdatasync()
+	}
+	return nil
+}
+
+// pwriteDSync writes all of p at off with pwritev2(RWF_DSYNC): each call
+// returns once its data (and the metadata to reach it) is durable. The
+// iovec lives on the stack, so the call does not allocate.
+func (f *File) pwriteDSync(p []byte, off int64) error {
+	for len(p) > 0 {
+		var iov unix.Iovec
+		iov.Base = &p[0]
+		iov.SetLen(len(p))
+		// pwritev2(fd, iov, iovcnt, pos_l, pos_h, flags); pos_h is 0 on
+		// 64-bit systems.
+		r, _, e := unix.Syscall6(unix.SYS_PWRITEV2, uintptr(f.fd), uintptr(unsafe.Pointer(&iov)), 1,
+			uintptr(off), 0, unix.RWF_DSYNC)
+		n := int(r)
+		switch {
+		case e == unix.EINTR:
+			continue
+		case e != 0:
+			return f.errorf("pwritev2", off, e)
+		case n == 0:
+			return f.errorf("pwritev2", off, unix.EIO)
+		}
+		p = p[n:]
+		off += int64(n)
+	}
+	return nil
+}
+
+// readBounce serves an unaligned O_DIRECT read through aligned buffers.
+func (f *File) readBounce(p []byte, off int64) error {
+	bp := f.bounce.Get().(*[]byte)
+	defer f.bounce.Put(bp)
+	buf := *bp
+	end := off + int64(len(p))
+	for pos := alignDown(off, f.align); pos < end; {
+		n := min(int64(len(buf)), alignUp(end, f.align)-pos)
+		if err := f.pread(buf[:n], pos); err != nil {
+			return err
+		}
+		from := max(pos, off)
+		to := min(pos+n, end)
+		copy(p[from-off:to-off], buf[from-pos:to-pos])
+		pos += n
+	}
+	return nil
+}
+
+// writeBounce serves an unaligned O_DIRECT write through aligned buffers,
+// reading the partial blocks at either end first. Those blocks are locked
+// for the whole read-modify-write, so two unaligned writes that share a
+// block do not undo each other.
+func (f *File) writeBounce(p []byte, off int64, fua bool) error {
+	end := off + int64(len(p))
+	first := alignDown(off, f.align)
+	last := alignDown(end-1, f.align)
+	headPartial := off != first
+	tailPartial := end != last+f.align
+	if headPartial || tailPartial {
+		a, b := f.stripe(first), f.stripe(last)
+		if !headPartial {
+			a = b
+		} else if !tailPartial {
+			b = a
+		}
+		if a > b {
+			a, b = b, a
+		}
+		f.rmw[a].Lock()
+		defer f.rmw[a].Unlock()
+		if b != a {
+			f.rmw[b].Lock()
+			defer f.rmw[b].Unlock()
+		}
+	}
+	bp := f.bounce.Get().(*[]byte)
+	defer f.bounce.Put(bp)
+	buf := *bp
+	for pos := first; pos < end; {
+		n := min(int64(len(buf)), alignUp(end, f.align)-pos)
+		chunk := buf[:n]
+		if pos < off { // head block
+			if err := f.pread(chunk[:f.align], pos); err != nil {
+				return err
+			}
+		}
+		// tail block, unless it is the head block, read just above
+		if pos+n > end && !(pos < off && n == f.align) {
+			if err := f.pread(chunk[n-f.align:], pos+n-f.align); err != nil {
+				return err
+			}
+		}
+		from := max(pos, off)
+		to := min(pos+n, end)
+		copy(chunk[from-pos:to-pos], p[from-off:to-off])
+		if err := f.pwrite(chunk, pos, fua); err != nil {
+			return err
+		}
+		pos += n
+	}
+	return nil
+}
+
+// stripe is the RMW lock index of the block at off.
+func (f *File) stripe(off int64) int { return int(uint64(off/f.align) % fileRMWStripes) }
+
+// fdatasync makes the written data durable.
+func (f *File) fdatasync() error {
+	if err := retryEINTR(func() error { return unix.Fdatasync(f.fd) }); err != nil {
+		return fmt.Errorf("storage: fdatasync %s: %w", f.path, err)
+	}
+	return nil
+}
+
+func (f *File) fallocate(mode uint32, off, length int64) error {
+	return retryEINTR(func() error { return unix.Fallocate(f.fd, mode, off, length) })
+}
+
+// errorf wraps a syscall error with the operation and place, and with the
+// package sentinel that matches it, if any.
+func (f *File) errorf(op string, off int64, err error) error {
+	switch {
+	case errors.Is(err, unix.ENOSPC) || errors.Is(err, unix.EDQUOT):
+		return fmt.Errorf("storage: %s %s at %d: %w: %w", op, f.path, off, ErrNoSpace, err)
+	case notSupported(err):
+		return fmt.Errorf("storage: %s %s at %d: %w: %w", op, f.path, off, ErrNotSupported, err)
+	case errors.Is(err, unix.EROFS):
+		return fmt.Errorf("storage: %s %s at %d: %w: %w", op, f.path, off, ErrReadOnly, err)
+	}
+	return fmt.Errorf("storage: %s %s at %d: %w", op, f.path, off, err)
+}
+
+// notSupported reports whether err says the operation is not supported.
+func notSupported(err error) bool {
+	return errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOTSUP) || errors.Is(err, unix.ENOSYS) ||
+		errors.Is(err, unix.ENOTTY)
+}
+
+func retryEINTR(fn func() error) error {
+	for {
+		if err := fn(); err != unix.EINTR {
+			return err
+		}
+	}
+}
+
+func ioctlPtr(fd int, req uint, arg unsafe.Pointer) error {
+	return retryEINTR(func() error {
+		_, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), uintptr(req), uintptr(arg))
+		if e != 0 {
+			return e
+		}
+		return nil
+	})
+}
+
+func alignDown(x, a int64) int64 { return x &^ (a - 1) }
+func alignUp(x, a int64) int64   { return (x + a - 1) &^ (a - 1) }
+
+// alignedBuf returns n bytes aligned to fileMemAlign.
+func alignedBuf(n int) []byte {
+	b := make([]byte, n+fileMemAlign)
+	o := int(-uintptr(unsafe.Pointer(&b[0])) & (fileMemAlign - 1))
+	return b[o : o+n : o+n]
+}
+
+// sysfsQueue returns the sysfs queue directory of block device
+// major:minor, or of the whole disk if it is a partition; "" if none.
+func sysfsQueue(major, minor uint32) string {
+	dir := "/sys/dev/block/" + strconv.FormatUint(uint64(major), 10) + ":" + strconv.FormatUint(uint64(minor), 10)
+	for _, q := range []string{dir + "/queue", dir + "/../queue"} {
+		if _, err := os.Stat(q); err == nil {
+			return q
+		}
+	}
+	return ""
+}
+
+// sysfsInt reads an integer attribute of a queue directory; -1 if absent.
+func sysfsInt(queue, name string) int64 {
+	if queue == "" {
+		return -1
+	}
+	b, err := os.ReadFile(queue + "/" + name)
+	if err != nil {
+		return -1
+	}
+	v, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
+	if err != nil {
+		return -1
+	}
+	return v
+}
