@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"runtime/pprof"
 	"time"
 
 	"github.com/nbdcache/nbdcache/nbd"
@@ -20,6 +21,7 @@ type serveFlags struct {
 	listens []listenAddr
 	export  string
 	verbose bool
+	cpuProf string
 }
 
 func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -36,12 +38,20 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	})
 	fs.StringVar(&f.export, "export", "", "export `NAME` (the empty name always reaches it too)")
 	fs.BoolVar(&f.verbose, "v", false, "log connection events")
+	fs.StringVar(&f.cpuProf, "cpuprofile", "", "write a Go CPU profile of the whole run to `FILE`")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
 	if len(f.listens) == 0 {
 		a, _ := parseListen(defaultListen)
 		f.listens = []listenAddr{a}
+	}
+	if f.cpuProf != "" {
+		stopProf, err := startCPUProfile(f.cpuProf)
+		if err != nil {
+			return err
+		}
+		defer stopProf()
 	}
 	level := slog.LevelWarn
 	if f.verbose {
@@ -133,4 +143,20 @@ Connect with:
   fio --name=demo --ioengine=nbd --uri='%[1]s' --rw=randrw --bs=4k --iodepth=32 --size=256M --runtime=10 --time_based
 Stop with Ctrl-C: requests in flight finish and the device is flushed.
 `, uri)
+}
+
+// startCPUProfile profiles the process until the returned func is called.
+func startCPUProfile(path string) (func(), error) {
+	fh, err := os.Create(path)
+	if err != nil {
+		return nil, err
+	}
+	if err := pprof.StartCPUProfile(fh); err != nil {
+		fh.Close()
+		return nil, err
+	}
+	return func() {
+		pprof.StopCPUProfile()
+		fh.Close()
+	}, nil
 }
