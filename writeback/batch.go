@@ -147,10 +147,11 @@ func (f *Flusher) batch(ctx context.Context) batchResult {
 	close(prev)
 	var sent int64
 	n := 0
+	start := time.Now()
 dispatch:
 	for n < len(spans) {
 		s := &spans[n]
-		if !f.pace(ctx, s.n, sent) {
+		if !f.pace(ctx, s.n, sent, start) {
 			break
 		}
 		select {
@@ -221,6 +222,8 @@ dispatch:
 	}
 
 	f.mu.Lock()
+	f.mu.pending = 0
+	f.mu.stats.Pending = 0
 	f.mu.stats.Batches++
 	if res.errs > 0 {
 		f.mu.passErrs = true
@@ -256,9 +259,10 @@ func (f *Flusher) completePassLocked(now time.Time) {
 
 // pace blocks until the next span of n bytes may be issued. It reports
 // false when the batch should stop here: ctx is done, the mode turned to
-// stopped, or the batch has used its budget (in rate mode, about
-// BatchTime's worth at the current rate; at full speed, BatchBytes).
-func (f *Flusher) pace(ctx context.Context, n, sent int64) bool {
+// stopped, the batch has run for BatchTime, or it has used its budget (in
+// rate mode, about BatchTime's worth at the current rate; at full speed,
+// BatchBytes). A batch always issues its first span.
+func (f *Flusher) pace(ctx context.Context, n, sent int64, start time.Time) bool {
 	for {
 		if ctx.Err() != nil {
 			return false
@@ -266,7 +270,7 @@ func (f *Flusher) pace(ctx context.Context, n, sent int64) bool {
 		now := time.Now()
 		f.mu.Lock()
 		mode := f.modeLocked(now)
-		if mode == ModeStopped || (sent > 0 && sent+n > f.budgetLocked(mode)) {
+		if mode == ModeStopped || (sent > 0 && (sent+n > f.budgetLocked(mode) || now.Sub(start) >= f.cfg.BatchTime)) {
 			f.mu.Unlock()
 			return false
 		}
@@ -283,6 +287,9 @@ func (f *Flusher) pace(ctx context.Context, n, sent int64) bool {
 		}
 		f.mu.binding = true
 		f.mu.Unlock()
+		if _, at := f.idleAt(now); at.Sub(now) < d {
+			d = max(at.Sub(now), time.Nanosecond) // wake up to go full speed when idle comes
+		}
 		if !f.wait(ctx, d) {
 			return false
 		}
@@ -341,7 +348,12 @@ func (f *Flusher) writeSpan(s *span, st []status, prev <-chan struct{}, started 
 			fate = failed
 			f.fail(err)
 		} else {
-			f.count(func(s *Stats) { s.Writes++; s.BytesWritten += end - off })
+			f.mu.Lock()
+			f.mu.pending += end - off
+			f.mu.stats.Pending = f.mu.pending
+			f.mu.stats.Writes++
+			f.mu.stats.BytesWritten += end - off
+			f.mu.Unlock()
 		}
 		for j := r.a; j < r.b; j++ {
 			st[j] = fate

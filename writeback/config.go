@@ -29,9 +29,10 @@ type Config struct {
 	// [2*MaxInFlight*MaxWrite]. A batch ends with one backing Flush,
 	// then the MarkClean of everything it wrote.
 	BatchBytes int64
-	// BatchTime bounds a rate-limited batch to about this much writing at
-	// the current rate, so that data written back is marked clean soon
-	// [1 s].
+	// BatchTime bounds a batch in time: it issues no new write after
+	// running this long, and a rate-limited batch takes about
+	// rate*BatchTime bytes. Data written back is marked clean within about
+	// BatchTime plus one Flush [1 s].
 	BatchTime time.Duration
 
 	// MaxDirtyAge: when the last complete pass started longer ago than

@@ -17,7 +17,8 @@
 //     the same amount and the same Ver and Gen, and the Source accepts it
 //     wherever it accepts an extent (the index splits extents the same
 //     way). A batch takes at most BatchBytes at full speed, and about
-//     rate*BatchTime when rate-limited.
+//     rate*BatchTime when rate-limited; it issues no new write once it has
+//     run for BatchTime.
 //  2. Write: for each span, in ascending order, wait for the rate limiter,
 //     take one of MaxInFlight slots, read its pieces from the cache
 //     (Source.ReadCached) and write it to the backing with one WriteAt.
@@ -49,7 +50,11 @@
 // # Modes
 //
 // Before each batch and each span, one pure predicate (decide) picks the
-// mode, first match wins:
+// mode. "dirty" there, and in the controller, is the dirty data not yet
+// written back: Source.DirtyBytes less what the current batch has written
+// and will mark clean after its flush (Stats.Pending), so a batch under way
+// does not hold the flusher at full speed after it has in fact crossed a
+// watermark. First match wins:
 //
 //	nothing dirty                         stopped
 //	a Drain runs                          drain   (full speed)

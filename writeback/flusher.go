@@ -52,7 +52,8 @@ type Stats struct {
 	Proportional float64 // controller's proportional term, bytes/s
 	Integral     float64 // controller's integral term, bytes/s
 	Target       int64   // target dirty bytes
-	Dirty        int64   // dirty bytes at the last look
+	Dirty        int64   // dirty bytes not yet written back, at the last look (Source.DirtyBytes - Pending)
+	Pending      int64   // bytes of the current batch written to the backing, not yet flushed and marked clean
 	WrittenRate  int64   // bytes/s written back over the last controller interval
 
 	BytesWritten  int64 // bytes written to the backing
@@ -88,6 +89,7 @@ type Flusher struct {
 		ctl      controller
 		lim      limiter
 		binding  bool  // the limiter made the flusher wait since the last update
+		pending  int64 // bytes of the current batch written, not yet marked clean
 		cursor   int64 // the next batch starts at the first dirty extent ending after it
 		passFrom time.Time
 		swept    time.Time // start of the last pass that completed without errors
@@ -168,7 +170,7 @@ func (f *Flusher) idleAt(now time.Time) (bool, time.Time) {
 // is due.
 func (f *Flusher) situationLocked(now time.Time) situation {
 	s := situation{
-		dirty:    f.src.DirtyBytes(),
+		dirty:    f.dirtyLocked(),
 		capacity: f.src.CapacityBytes(),
 		draining: f.draining.Load() > 0,
 	}
@@ -188,6 +190,14 @@ func (f *Flusher) situationLocked(now time.Time) situation {
 	return s
 }
 
+// dirtyLocked is the dirty data not yet written back: what the Source
+// reports, less what the current batch has written and will mark clean
+// after its flush. Modes and the controller look at this, so that a batch
+// under way does not count twice and the level they see moves smoothly.
+func (f *Flusher) dirtyLocked() int64 {
+	return max(f.src.DirtyBytes()-f.mu.pending, 0)
+}
+
 // modeLocked decides what to do at now.
 func (f *Flusher) modeLocked(now time.Time) Mode {
 	m := decide(f.situationLocked(now), &f.cfg)
@@ -198,7 +208,8 @@ func (f *Flusher) modeLocked(now time.Time) Mode {
 // updateLocked runs one controller step, dt after the previous one.
 func (f *Flusher) updateLocked(dt time.Duration, written int64) {
 	st := &f.mu.stats
-	dirty := f.src.DirtyBytes()
+	st.Pending = f.mu.pending
+	dirty := f.dirtyLocked()
 	st.Target = int64(float64(f.src.CapacityBytes()) * float64(f.cfg.TargetPercent) / 100)
 	f.mu.ctl.update(dirty, st.Target, dt.Seconds(), f.mu.binding)
 	f.mu.binding = false
