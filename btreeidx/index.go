@@ -76,10 +76,23 @@ func (ix *Index) Insert(e Extent, dropped func(Extent)) {
 		if q.len() > maxLenS {
 			q.end = q.start + maxLenS
 		}
-		// The item ending exactly at q.end, if any, is left for put to
-		// overwrite: one tree operation instead of two.
+		// Store q first, then cut around it: the cut's search then walks
+		// the path the insert has just brought into the CPU cache, which
+		// saves most of a cold descent (see BenchmarkInsertRandom).
+		old, replaced := ix.put(q)
 		ix.cut(q.start, q.end, q.end, dropped)
-		ix.put(q)
+		if replaced {
+			// old ended where q ends; only its part before q can stay.
+			o := old.unpack()
+			if o.start < q.start {
+				l := o
+				l.end = q.start
+				ix.put(l) // new key q.start
+			}
+			if dropped != nil {
+				dropped(o.clip(q.start, q.end).extent()) // the last piece, in order
+			}
+		}
 		p.loc += q.len()
 		p.start = q.end
 	}
@@ -192,33 +205,36 @@ func (ix *Index) collect(after, t int64) (more bool) {
 // cut removes the sectors [s, t) from the index: overlapped items are
 // trimmed or split so that their parts outside the range stay. Every
 // removed part is reported to dropped (if not nil) after the batch it
-// belongs to has been applied. An item ending exactly at keepEnd is left
-// in the tree, whole, for the caller to overwrite with put at once; its
-// part in the range is still reported.
-func (ix *Index) cut(s, t, keepEnd int64, dropped func(Extent)) {
+// belongs to has been applied. The item ending at skip (Insert's new
+// extent, already in the tree) is left alone.
+func (ix *Index) cut(s, t, skip int64, dropped func(Extent)) {
 	after := s
 	for {
 		more := ix.collect(after, t)
 		for _, it := range ix.scratch {
 			x := it.unpack()
+			if x.end == skip {
+				continue
+			}
 			if x.start < s {
 				l := x
 				l.end = s
 				ix.put(l) // new key s
 			}
-			switch {
-			case x.end > t:
+			if x.end > t {
 				r := x
 				r.loc += t - x.start
 				r.start = t
 				ix.put(r) // replaces x: same key
-			case x.end != keepEnd:
+			} else {
 				ix.remove(it)
 			}
 		}
 		if dropped != nil {
 			for _, it := range ix.scratch {
-				dropped(it.unpack().clip(s, t).extent())
+				if it.endS() != skip {
+					dropped(it.unpack().clip(s, t).extent())
+				}
 			}
 		}
 		if !more {
@@ -229,9 +245,9 @@ func (ix *Index) cut(s, t, keepEnd int64, dropped func(Extent)) {
 }
 
 // put stores p, replacing the item with the same end sector if there is
-// one, and keeps the counters and the dirty set in step.
-func (ix *Index) put(p piece) {
-	old, replaced := ix.tree.ReplaceOrInsert(p.pack())
+// one (returned), and keeps the counters and the dirty set in step.
+func (ix *Index) put(p piece) (old item, replaced bool) {
+	old, replaced = ix.tree.ReplaceOrInsert(p.pack())
 	wasDirty := false
 	if replaced {
 		ix.sectors -= old.lenS()
@@ -251,6 +267,7 @@ func (ix *Index) put(p piece) {
 	case wasDirty:
 		ix.dirty.Delete(p.end)
 	}
+	return old, replaced
 }
 
 // remove deletes it from the tree, the counters and the dirty set.
