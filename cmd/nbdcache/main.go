@@ -23,6 +23,8 @@ type command struct {
 func commands() []command {
 	return []command{
 		{"serve", "serve a device over NBD (with no storage flags: a demo in a temporary folder)", runServe},
+		{"format", "write a cache superblock binding a cache device to its backing", runFormat},
+		{"check", "verify a cache offline; exits 1 on any corruption, saying what and where", runCheck},
 		{"version", "print the version", runVersion},
 	}
 }

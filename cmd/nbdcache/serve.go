@@ -59,7 +59,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 
-	st, err := f.storage.open(stdout)
+	st, err := f.storage.open(stdout, log)
 	if err != nil {
 		return err
 	}
@@ -110,6 +110,9 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	if ferr := dev.Flush(); ferr != nil {
 		return fmt.Errorf("final flush: %w", ferr)
+	}
+	if cerr := st.Close(); cerr != nil {
+		return fmt.Errorf("closing: %w", cerr)
 	}
 	if err != nil && !errors.Is(err, nbd.ErrServerClosed) {
 		return err

@@ -1,25 +1,49 @@
 package main
 
 import (
+	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 
+	"github.com/nbdcache/nbdcache/cache"
 	"github.com/nbdcache/nbdcache/storage"
 )
 
 // storageFlags are the flags that choose the storage behind an export.
 // serve and attach share them.
 type storageFlags struct {
-	backing  string
-	readOnly bool
-	direct   bool
+	backing      string
+	cachePath    string
+	mode         string
+	format       bool
+	blockSize    int64
+	bucketSize   int64
+	ramCache     int64
+	seqCutoff    int64
+	wbPercent    int
+	backingModel string
+	readOnly     bool
+	direct       bool
 }
 
 func (f *storageFlags) register(fs *flag.FlagSet) {
-	fs.StringVar(&f.backing, "backing", "", "backing file or block device `PATH` (none: a demo file in a temporary folder)")
+	fs.StringVar(&f.backing, "backing", "", "backing file or block device `PATH` (none at all: a demo in a temporary folder)")
+	fs.StringVar(&f.cachePath, "cache", "", "cache file or block device `PATH` (none: serve the backing directly)")
+	fs.StringVar(&f.mode, "mode", "writeback", "cache `MODE`: writeback, writethrough, writearound or none")
+	fs.BoolVar(&f.format, "format", false, "format the cache device if it holds no cache yet")
+	f.blockSize = 4096
+	fs.Var(sizeFlag{&f.blockSize}, "block-size", "cache block `SIZE` (with --format)")
+	f.bucketSize = 1 << 20
+	fs.Var(sizeFlag{&f.bucketSize}, "bucket-size", "cache bucket `SIZE` (with --format)")
+	fs.Var(sizeFlag{&f.ramCache}, "ram-cache", "`SIZE` of the RAM tier for hot clean data (0: off)")
+	f.seqCutoff = 4 << 20
+	fs.Var(sizeFlag{&f.seqCutoff}, "sequential-cutoff", "sequential streams longer than `SIZE` bypass the cache (0: never)")
+	fs.IntVar(&f.wbPercent, "writeback-percent", 10, "dirty share of the cache that background writeback aims at, in `PERCENT`")
+	fs.StringVar(&f.backingModel, "backing-model", "", "give the backing a slow disk's latency: `MODEL` hdd (see docs)")
 	fs.BoolVar(&f.readOnly, "read-only", false, "refuse writes, trims and zeroes with EPERM")
 	fs.BoolVar(&f.direct, "direct", false, "open the devices with O_DIRECT")
 }
@@ -27,45 +51,118 @@ func (f *storageFlags) register(fs *flag.FlagSet) {
 // openedStorage is the device to export and what to do when done with it.
 type openedStorage struct {
 	dev   storage.Device
-	demo  bool     // the embedded default: files in a temporary folder
-	close []func() // run in reverse order by Close
+	cache *cache.Cache // nil without --cache
+	demo  bool         // the embedded default: files in a temporary folder
+	close []func() error
 }
 
-func (o *openedStorage) Close() {
+// Close closes everything open, the cache first; it returns the first
+// error.
+func (o *openedStorage) Close() error {
+	var first error
 	for i := len(o.close) - 1; i >= 0; i-- {
-		o.close[i]()
+		if err := o.close[i](); err != nil && first == nil {
+			first = err
+		}
 	}
+	o.close = nil
+	return first
 }
 
-// demoBackingSize is the size of the embedded default's backing file.
-const demoBackingSize = 1 << 30
+// Demo sizes: the embedded default's backing and cache files.
+const (
+	demoBackingSize = 1 << 30
+	demoCacheSize   = 256 << 20
+)
 
 // open opens the storage the flags describe. With no storage flags it
 // creates the embedded default in a temporary folder and says so on w.
-func (f *storageFlags) open(w io.Writer) (*openedStorage, error) {
-	o := &openedStorage{}
-	backing := f.backing
-	if backing == "" {
+func (f *storageFlags) open(w io.Writer, log *slog.Logger) (o *openedStorage, err error) {
+	o = &openedStorage{}
+	defer func() {
+		if err != nil {
+			o.Close()
+		}
+	}()
+	mode, err := cache.ParseMode(f.mode)
+	if err != nil {
+		return nil, fmt.Errorf("%w: --mode: %v", errUsage, err)
+	}
+	var model *storage.DiskModel
+	if f.backingModel != "" {
+		m, err := storage.ParseDiskModel(f.backingModel)
+		if err != nil {
+			return nil, fmt.Errorf("%w: --backing-model: %v", errUsage, err)
+		}
+		model = &m
+	}
+	backing, cachePath, format := f.backing, f.cachePath, f.format
+	if backing == "" && cachePath == "" {
 		dir, err := os.MkdirTemp("", "nbdcache-demo-")
 		if err != nil {
 			return nil, err
 		}
-		o.close = append(o.close, func() { os.RemoveAll(dir) })
-		backing = filepath.Join(dir, "backing.img")
+		o.close = append(o.close, func() error { return os.RemoveAll(dir) })
+		backing, cachePath, format = filepath.Join(dir, "backing.img"), filepath.Join(dir, "cache.img"), true
 		if err := createSparse(backing, demoBackingSize); err != nil {
-			o.Close()
+			return nil, err
+		}
+		if err := createSparse(cachePath, demoCacheSize); err != nil {
 			return nil, err
 		}
 		o.demo = true
-		fmt.Fprintf(w, "nbdcache: demo mode: no --backing given, serving a %d MiB sparse file in %s (deleted on exit)\n", demoBackingSize>>20, dir)
+		fmt.Fprintf(w, "nbdcache: demo mode: no --backing or --cache given; a %d MiB backing file behind a %d MiB write-back cache in %s (deleted on exit)\n",
+			demoBackingSize>>20, demoCacheSize>>20, dir)
+	} else if backing == "" {
+		return nil, fmt.Errorf("%w: --cache needs --backing", errUsage)
 	}
-	dev, err := storage.OpenFile(backing, storage.FileOptions{ReadOnly: f.readOnly, Direct: f.direct})
+
+	bdev, err := storage.OpenFile(backing, storage.FileOptions{ReadOnly: f.readOnly && cachePath == "", Direct: f.direct})
 	if err != nil {
-		o.Close()
 		return nil, err
 	}
-	o.close = append(o.close, func() { dev.Close() })
-	o.dev = dev
+	o.close = append(o.close, bdev.Close)
+	var back storage.Device = bdev
+	if model != nil {
+		back = storage.NewSlow(bdev, *model)
+	}
+	o.dev = back
+	if cachePath == "" {
+		return o, nil
+	}
+
+	cdev, err := storage.OpenFile(cachePath, storage.FileOptions{Direct: f.direct})
+	if err != nil {
+		return nil, err
+	}
+	o.close = append(o.close, cdev.Close)
+	id, err := backingID(backing, format)
+	if err != nil {
+		return nil, err
+	}
+	opts := cache.Options{
+		Mode: mode, BackingID: id, RAMCache: f.ramCache, WritebackPercent: f.wbPercent,
+		SequentialCutoff: f.seqCutoff, Logger: log,
+	}
+	if f.seqCutoff == 0 {
+		opts.SequentialCutoff = -1
+	}
+	c, err := cache.Open(cdev, back, opts)
+	if errors.Is(err, cache.ErrNotFormatted) && format {
+		fmt.Fprintf(w, "nbdcache: formatting %s as a cache for %s\n", cachePath, backing)
+		if err := cache.Format(cdev, back, cache.FormatOptions{BlockSize: int(f.blockSize), BucketSize: f.bucketSize, BackingID: id, Logger: log}); err != nil {
+			return nil, err
+		}
+		c, err = cache.Open(cdev, back, opts)
+	}
+	if errors.Is(err, cache.ErrNotFormatted) {
+		return nil, fmt.Errorf("%s: %w; format it with `nbdcache format --cache %s --backing %s`, or pass --format", cachePath, err, cachePath, backing)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("opening the cache %s: %w", cachePath, err)
+	}
+	o.close = append(o.close, c.Close)
+	o.cache, o.dev = c, c
 	return o, nil
 }
 
