@@ -1,10 +1,13 @@
 package storage
 
 import (
+	"cmp"
 	"errors"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"sync/atomic"
+	"unsafe"
 )
 
 // ErrPoweredOff is returned by every call on a Crash device after PowerCut.
@@ -393,22 +396,62 @@ func (c *Crash) Close() error {
 // unsynced log. rng drives LoseRandom and LoseTorn; nil means a fixed
 // seed. PowerCut panics if the device is already powered off.
 func (c *Crash) PowerCut(model LossModel, rng *rand.Rand) (*Crash, CutReport) {
-	c.mu.Lock()
-	if c.mu.poweredOff {
-		c.mu.Unlock()
-		panic("storage: PowerCut on a device that is already powered off")
+	devs, reps := PowerCutAll(model, rng, c)
+	return devs[0], reps[0]
+}
+
+// PowerCutAll cuts the power of several devices at one instant, as a
+// machine's power cut hits its cache and its backing disk together: every
+// device stops between two of its operations, and no operation on any of
+// them runs after the cut of another. It returns the new devices and the
+// reports in the order of devs. The draws of rng are made device by
+// device, in that order.
+func PowerCutAll(model LossModel, rng *rand.Rand, devs ...*Crash) ([]*Crash, []CutReport) {
+	// Lock in address order, so that concurrent cuts of overlapping sets
+	// cannot deadlock; operations only ever hold one device's lock.
+	order := slices.Clone(devs)
+	slices.SortFunc(order, func(a, b *Crash) int {
+		return cmp.Compare(uintptr(unsafe.Pointer(a)), uintptr(unsafe.Pointer(b)))
+	})
+	order = slices.Compact(order)
+	if len(order) != len(devs) {
+		panic("storage: PowerCutAll: a device is listed twice")
 	}
-	c.mu.poweredOff = true
-	c.down.Store(true)
-	durable, log := c.mu.durable, c.mu.log
-	c.mu.durable, c.mu.visible, c.mu.log, c.mu.logBytes = nil, nil, nil, 0
-	c.mu.Unlock()
+	for _, c := range order {
+		c.mu.Lock()
+	}
+	type detached struct {
+		durable *Mem
+		log     []crashRecord
+	}
+	parts := make(map[*Crash]detached, len(devs))
+	for _, c := range order {
+		if c.mu.poweredOff {
+			for _, c := range order {
+				c.mu.Unlock()
+			}
+			panic("storage: PowerCut on a device that is already powered off")
+		}
+		c.mu.poweredOff = true
+		c.down.Store(true)
+		parts[c] = detached{c.mu.durable, c.mu.log}
+		c.mu.durable, c.mu.visible, c.mu.log, c.mu.logBytes = nil, nil, nil, 0
+	}
+	for _, c := range order {
+		c.mu.Unlock()
+	}
 
 	if rng == nil {
 		rng = rand.New(rand.NewPCG(1, 2))
 	}
-	rep := replayCut(durable, log, model, rng)
-	return newCrash(durable), rep
+	out := make([]*Crash, len(devs))
+	reps := make([]CutReport, len(devs))
+	for i, c := range devs {
+		p := parts[c]
+		reps[i] = replayCut(p.durable, p.log, model, rng)
+		out[i] = newCrash(p.durable)
+	}
+	return out, reps
 }
 
 // replayCut applies to img the records of log that model keeps.

@@ -515,3 +515,68 @@ func TestCrashCutConcurrent(t *testing.T) {
 		}
 	}
 }
+
+// TestPowerCutAll cuts two devices from another goroutine while one
+// goroutine writes to both in turn, as a cache writes its cache device and
+// its backing. The cut is one instant: once a write to A has failed, no
+// write to B may succeed, and with KeepUnsynced each device keeps exactly
+// the writes that were acknowledged.
+func TestPowerCutAll(t *testing.T) {
+	seed := testSeed(t)
+	rng := newRand(seed)
+	for round := range 100 {
+		a, b := NewCrash(64*SectorSize), NewCrash(64*SectorSize)
+		k := rng.Int64N(100)
+		cut := make(chan struct{})
+		a.SetHook(func(op Op) {
+			if op.Index == k {
+				close(cut)
+			}
+		})
+		type result struct {
+			devs []*Crash
+			reps []CutReport
+		}
+		done := make(chan result)
+		go func() {
+			<-cut
+			devs, reps := PowerCutAll(KeepUnsynced, nil, a, b)
+			done <- result{devs, reps}
+		}()
+		ma := newCrashModel(make([]byte, a.Size()))
+		mb := newCrashModel(make([]byte, b.Size()))
+		aFailed := false
+		for i := 0; ; i++ {
+			off := int64(i%64) * SectorSize
+			pa, pb := fill(SectorSize, uint64(2*i)), fill(SectorSize, uint64(2*i+1))
+			errA := a.WriteAt(pa, off, 0)
+			errB := b.WriteAt(pb, off, 0)
+			switch {
+			case errA == nil:
+				ma.apply(pa, off, SectorSize, false)
+			case errors.Is(errA, ErrPoweredOff):
+				aFailed = true
+			default:
+				t.Fatal(errA)
+			}
+			switch {
+			case errB == nil && aFailed:
+				t.Fatalf("round %d: write %d to B succeeded after A lost power", round, i)
+			case errB == nil:
+				mb.apply(pb, off, SectorSize, false)
+			case errors.Is(errB, ErrPoweredOff):
+			default:
+				t.Fatal(errB)
+			}
+			if errA != nil && errB != nil {
+				break
+			}
+		}
+		r := <-done
+		for i, m := range []*crashModel{ma, mb} {
+			if err := m.check(readAll(t, r.devs[i]), r.reps[i]); err != nil {
+				t.Fatalf("round %d, device %d: %v", round, i, err)
+			}
+		}
+	}
+}

@@ -38,8 +38,11 @@
 // 1/2, LoseTorn adds a torn last write and, sometimes, one garbage sector
 // (see LoseTorn for the exact rule), KeepUnsynced keeps everything.
 //
+// PowerCutAll cuts several devices (a cache and its backing) at one
+// instant: it takes every device's lock before it cuts any of them.
+//
 // Ordering: writes, trims, zeroes, flushes and PowerCut are serialized by one
-// lock, so the log order is the order the visible image saw. An operation
+// lock per device, so the log order is the order the visible image saw. An operation
 // racing with PowerCut is either wholly in the log the cut replays or fails
 // with ErrPoweredOff. The hook (SetHook) runs before an operation takes the
 // lock, so it may call PowerCut.
