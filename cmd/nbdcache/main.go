@@ -25,6 +25,9 @@ func commands() []command {
 		{"serve", "serve a device over NBD (with no storage flags: a demo in a temporary folder)", runServe},
 		{"format", "write a cache superblock binding a cache device to its backing", runFormat},
 		{"check", "verify a cache offline; exits 1 on any corruption, saying what and where", runCheck},
+		{"stats", "show a running server's counters (--control)", runStats},
+		{"flush", "flush --drain: write back every dirty byte of a running server and sync the backing", runFlush},
+		{"mode", "switch a running server's cache mode", runMode},
 		{"version", "print the version", runVersion},
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"runtime/pprof"
 	"time"
 
+	"github.com/nbdcache/nbdcache/control"
 	"github.com/nbdcache/nbdcache/nbd"
 )
 
@@ -22,6 +23,7 @@ type serveFlags struct {
 	export  string
 	verbose bool
 	cpuProf string
+	control string
 }
 
 func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -38,6 +40,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	})
 	fs.StringVar(&f.export, "export", "", "export `NAME` (the empty name always reaches it too)")
 	fs.BoolVar(&f.verbose, "v", false, "log connection events")
+	fs.StringVar(&f.control, "control", "", "serve the control socket (stats, flush --drain, mode) on `unix:PATH`")
 	fs.StringVar(&f.cpuProf, "cpuprofile", "", "write a Go CPU profile of the whole run to `FILE`")
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -73,6 +76,19 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err != nil {
 		return err
 	}
+	stopControl := func() error { return nil }
+	if f.control != "" {
+		path, err := control.ParseAddr(f.control)
+		if err != nil {
+			return fmt.Errorf("%w: --control: %v", errUsage, err)
+		}
+		stop, err := control.Serve(path, control.Handler(&daemon{srv: srv, st: st, started: time.Now()}))
+		if err != nil {
+			return err
+		}
+		stopControl = stop
+		defer func() { stopControl() }()
+	}
 	var ls []net.Listener
 	for _, a := range f.listens {
 		l, err := listen(a)
@@ -103,6 +119,8 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	case err = <-serveErr:
 		log.Error("listener failed", "err", err)
 	}
+	stopControl()
+	stopControl = func() error { return nil }
 	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if serr := srv.Shutdown(sctx); serr != nil {

@@ -1,0 +1,179 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"text/tabwriter"
+	"time"
+
+	"github.com/schollz/progressbar/v3"
+	"golang.org/x/term"
+
+	"github.com/nbdcache/nbdcache/control"
+)
+
+// controlFlag registers --control and returns a func that dials it.
+func controlFlag(fs *flag.FlagSet) func() (*control.Client, error) {
+	addr := fs.String("control", "", "the server's control socket, `unix:PATH` (required)")
+	return func() (*control.Client, error) {
+		if *addr == "" {
+			return nil, fmt.Errorf("%w: --control unix:PATH is required (the value given to `nbdcache serve --control`)", errUsage)
+		}
+		p, err := control.ParseAddr(*addr)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %v", errUsage, err)
+		}
+		return control.Dial(p), nil
+	}
+}
+
+func runStats(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("stats", stderr)
+	dial := controlFlag(fs)
+	asJSON := fs.Bool("json", false, "print the raw JSON snapshot")
+	watch := fs.Duration("watch", 0, "print again every `INTERVAL` (e.g. 1s) until interrupted, with rates")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	c, err := dial()
+	if err != nil {
+		return err
+	}
+	var prev control.Stats
+	var prevAt time.Time
+	for {
+		s, err := c.Stats(ctx)
+		if err != nil {
+			return err
+		}
+		now := time.Now()
+		if *asJSON {
+			b, _ := json.MarshalIndent(s, "", "  ")
+			fmt.Fprintln(stdout, string(b))
+		} else {
+			printStats(stdout, s, prev, now.Sub(prevAt), !prevAt.IsZero())
+		}
+		if *watch <= 0 {
+			return nil
+		}
+		prev, prevAt = s, now
+		t := time.NewTimer(*watch)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+func printStats(w io.Writer, s, prev control.Stats, dt time.Duration, rates bool) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintf(tw, "mode\t%s\tuptime\t%.0fs\n", s.Mode, s.UptimeSeconds)
+	fmt.Fprintf(tw, "dirty\t%s\tcached\t%s of %s (occupancy %.1f%%)\n", mibs(s.DirtyBytes), mibs(s.CachedBytes), mibs(s.CapacityBytes), 100*s.Occupancy)
+	fmt.Fprintf(tw, "hit ratio\t%.3f\thits/misses/partial\t%d/%d/%d (RAM %d)\n", s.HitRatio, s.Hits, s.Misses, s.PartialHits, s.RAMHits)
+	fmt.Fprintf(tw, "bypasses\t%d\tpromotions\t%d\n", s.Bypasses, s.Promotions)
+	wbRate := s.WritebackRate
+	if rates && dt > 0 {
+		wbRate = int64(float64(s.WritebackBytes-prev.WritebackBytes) / dt.Seconds())
+	}
+	fmt.Fprintf(tw, "writeback\t%s total\trate\t%s/s\n", mibs(s.WritebackBytes), mibs(wbRate))
+	fmt.Fprintf(tw, "collisions\t%d\tbacking writes\t%d (avg %s)\n", s.Collisions, s.BackingWrites, mibs(s.BackingWriteAvg))
+	fmt.Fprintf(tw, "requests\t%d (errors %d)\tconnections\t%d open, %d total\n", s.Requests, s.RequestErrors, s.ActiveConns, s.Connections)
+	if rates && dt > 0 {
+		fmt.Fprintf(tw, "client I/O\tread %s/s\twrite\t%s/s\n",
+			mibs(int64(float64(s.BytesRead-prev.BytesRead)/dt.Seconds())), mibs(int64(float64(s.BytesWritten-prev.BytesWritten)/dt.Seconds())))
+	}
+	fmt.Fprintf(tw, "gc runs\t%d (moved %s)\tevicted\t%s\n", s.GCRuns, mibs(s.GCMovedBytes), mibs(s.EvictedBytes))
+	if s.Failed {
+		fmt.Fprintf(tw, "FAILED\tthe cache device failed; dirty data is at risk\t\t\n")
+	}
+	tw.Flush()
+	fmt.Fprintln(w)
+}
+
+func mibs(n int64) string {
+	switch {
+	case n >= 1<<30:
+		return fmt.Sprintf("%.2f GiB", float64(n)/(1<<30))
+	case n >= 1<<20:
+		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
+	case n >= 1<<10:
+		return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10))
+	}
+	return fmt.Sprintf("%d B", n)
+}
+
+func runFlush(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("flush", stderr)
+	dial := controlFlag(fs)
+	drain := fs.Bool("drain", false, "write back every dirty byte and sync the backing (required)")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if !*drain {
+		return fmt.Errorf("%w: only `flush --drain` exists: clients flush the cache themselves with NBD FLUSH", errUsage)
+	}
+	c, err := dial()
+	if err != nil {
+		return err
+	}
+	var bar *progressbar.ProgressBar
+	if f, ok := stderr.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
+		bar = progressbar.NewOptions64(-1, progressbar.OptionSetWriter(stderr), progressbar.OptionShowBytes(true),
+			progressbar.OptionSetDescription("draining"), progressbar.OptionSetPredictTime(true),
+			progressbar.OptionShowElapsedTimeOnFinish(), progressbar.OptionThrottle(100*time.Millisecond))
+	}
+	start := time.Now()
+	var last control.Progress
+	err = c.Drain(ctx, func(p control.Progress) {
+		last = p
+		if bar != nil {
+			bar.ChangeMax64(p.Total)
+			bar.Set64(p.Done)
+			return
+		}
+		fmt.Fprintf(stdout, "drain: %d of %d bytes\n", p.Done, p.Total)
+	})
+	if bar != nil {
+		bar.Finish()
+		fmt.Fprintln(stderr)
+	}
+	if err != nil {
+		var re *control.RemoteError
+		if errors.As(err, &re) {
+			return fmt.Errorf("drain failed: %s", re.Msg)
+		}
+		return err
+	}
+	fmt.Fprintf(stdout, "nbdcache: drained %s in %.1fs; the backing is consistent and synced\n", mibs(last.Total), time.Since(start).Seconds())
+	return nil
+}
+
+func runMode(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("mode", stderr)
+	dial := controlFlag(fs)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	if fs.NArg() != 1 {
+		return fmt.Errorf("%w: want one mode: writeback, writethrough, writearound or none", errUsage)
+	}
+	c, err := dial()
+	if err != nil {
+		return err
+	}
+	if err := c.SetMode(ctx, fs.Arg(0)); err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "nbdcache: mode is now %s\n", fs.Arg(0))
+	return nil
+}

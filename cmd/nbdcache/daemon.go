@@ -1,0 +1,86 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nbdcache/nbdcache/cache"
+	"github.com/nbdcache/nbdcache/control"
+	"github.com/nbdcache/nbdcache/nbd"
+)
+
+// daemon is what the control socket sees of a running server: the one
+// place where every counter of the process is gathered.
+type daemon struct {
+	srv     *nbd.Server
+	st      *openedStorage
+	started time.Time
+}
+
+var _ control.Target = (*daemon)(nil)
+
+func (d *daemon) Stats() control.Stats {
+	n := d.srv.Stats()
+	s := control.Stats{
+		Mode:          "none",
+		Connections:   n.Connections,
+		ActiveConns:   n.Active,
+		Requests:      n.Requests,
+		RequestErrors: n.Errors,
+		BytesRead:     n.BytesRead,
+		BytesWritten:  n.BytesWritten,
+		ClientFlushes: n.Flushes,
+		UptimeSeconds: time.Since(d.started).Seconds(),
+	}
+	c := d.st.cache
+	if c == nil {
+		s.Mode = "direct"
+		return s
+	}
+	cs := c.Stats()
+	s.Mode = cs.Mode.String()
+	s.Hits, s.Misses, s.PartialHits, s.RAMHits = cs.Hits, cs.Misses, cs.PartialHits, cs.RAMHits
+	if reads := cs.Hits + cs.Misses + cs.PartialHits; reads > 0 {
+		s.HitRatio = (float64(cs.Hits) + float64(cs.PartialHits)/2) / float64(reads)
+	}
+	s.Bypasses, s.Promotions = cs.Bypasses, cs.Promotions
+	s.DirtyBytes, s.CachedBytes, s.CapacityBytes, s.Extents = cs.DirtyBytes, cs.CachedBytes, cs.CapacityBytes, cs.Extents
+	if cs.Buckets > 0 {
+		s.Occupancy = float64(cs.Buckets-cs.FreeBuckets) / float64(cs.Buckets)
+	}
+	s.GCRuns, s.GCMovedBytes, s.EvictedBytes = cs.GCRuns, cs.GCMovedBytes, cs.EvictedBytes
+	s.JournalCommits, s.Checkpoints = cs.Commits, cs.Checkpoints
+	s.CacheErrors = cs.CacheReadErrors + cs.CacheWriteErrors
+	s.Failed = cs.Failed
+	s.WritebackBytes, s.Collisions = cs.WritebackBytes, cs.WritebackCollisions
+	return s
+}
+
+func (d *daemon) Drain(ctx context.Context, progress func(done, total int64)) error {
+	if d.st.cache == nil {
+		// Without a cache there is nothing to write back: a flush is
+		// the whole drain.
+		progress(0, 0)
+		return d.st.dev.Flush()
+	}
+	return d.st.cache.Drain(ctx, progress)
+}
+
+func (d *daemon) SetMode(ctx context.Context, mode string) error {
+	if d.st.cache == nil {
+		return control.ErrNoCache
+	}
+	m, err := cache.ParseMode(mode)
+	if err != nil {
+		return fmt.Errorf("%w: %v", control.ErrBadRequest, err)
+	}
+	if err := d.st.cache.SetMode(ctx, m); err != nil {
+		if errors.Is(err, cache.ErrBadMode) {
+			return fmt.Errorf("%w: %v", control.ErrBadRequest, err)
+		}
+		return err
+	}
+	return nil
+}

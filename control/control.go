@@ -1,0 +1,304 @@
+package control
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"strings"
+	"time"
+)
+
+// Stats is what `nbdcache stats` shows. Byte counts are bytes; rates are
+// bytes per second; ratios are in [0, 1].
+type Stats struct {
+	Mode string `json:"mode"`
+
+	// NBD server.
+	Connections   int64 `json:"connections"`
+	ActiveConns   int64 `json:"active_connections"`
+	Requests      int64 `json:"requests"`
+	RequestErrors int64 `json:"request_errors"`
+	BytesRead     int64 `json:"bytes_read"`
+	BytesWritten  int64 `json:"bytes_written"`
+	ClientFlushes int64 `json:"client_flushes"`
+
+	// Cache.
+	Hits           int64   `json:"hits"`
+	Misses         int64   `json:"misses"`
+	PartialHits    int64   `json:"partial_hits"`
+	HitRatio       float64 `json:"hit_ratio"`
+	RAMHits        int64   `json:"ram_hits"`
+	Bypasses       int64   `json:"bypasses"`
+	Promotions     int64   `json:"promotions"`
+	DirtyBytes     int64   `json:"dirty_bytes"`
+	CachedBytes    int64   `json:"cached_bytes"`
+	CapacityBytes  int64   `json:"capacity_bytes"`
+	Occupancy      float64 `json:"occupancy"`
+	Extents        int64   `json:"extents"`
+	GCRuns         int64   `json:"gc_runs"`
+	GCMovedBytes   int64   `json:"gc_moved_bytes"`
+	EvictedBytes   int64   `json:"evicted_bytes"`
+	JournalCommits int64   `json:"journal_commits"`
+	Checkpoints    int64   `json:"checkpoints"`
+	CacheErrors    int64   `json:"cache_errors"`
+	Failed         bool    `json:"failed"`
+
+	// Writeback.
+	WritebackBytes  int64  `json:"writeback_bytes"`
+	WritebackRate   int64  `json:"writeback_rate"`    // bytes/s written back recently
+	WritebackTarget int64  `json:"writeback_target"`  // target dirty bytes
+	Collisions      int64  `json:"collisions"`        // writebacks that lost the race with a newer write
+	BackingWrites   int64  `json:"backing_writes"`    // writeback writes to the backing
+	BackingWriteAvg int64  `json:"backing_write_avg"` // their average size
+	WritebackState  string `json:"writeback_state"`
+
+	UptimeSeconds float64 `json:"uptime_seconds"`
+}
+
+// Progress is one line of a drain's progress.
+type Progress struct {
+	Done  int64  `json:"done"`
+	Total int64  `json:"total"`
+	Error string `json:"error,omitempty"`
+}
+
+// Target is what the daemon exposes to the control socket.
+type Target interface {
+	Stats() Stats
+	// Drain writes back every dirty byte and syncs the backing.
+	Drain(ctx context.Context, progress func(done, total int64)) error
+	// SetMode switches the cache mode.
+	SetMode(ctx context.Context, mode string) error
+}
+
+// ErrNoCache is returned by a Target without a cache for the cache
+// operations; it maps to 409 Conflict.
+var ErrNoCache = errors.New("control: this server runs without a cache")
+
+// Handler serves the API for t.
+func Handler(t Target) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/stats", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, t.Stats())
+	})
+	mux.HandleFunc("POST /v1/drain", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/x-ndjson")
+		w.WriteHeader(http.StatusOK)
+		enc := json.NewEncoder(w)
+		fl, _ := w.(http.Flusher)
+		var last time.Time
+		var final, sent Progress
+		send := func(p Progress) {
+			if p == sent {
+				return
+			}
+			sent = p
+			enc.Encode(p)
+			if fl != nil {
+				fl.Flush()
+			}
+		}
+		err := t.Drain(r.Context(), func(done, total int64) {
+			final = Progress{Done: done, Total: total}
+			if now := time.Now(); now.Sub(last) >= 100*time.Millisecond {
+				last = now
+				send(final)
+			}
+		})
+		if err != nil {
+			send(Progress{Error: err.Error()})
+			return
+		}
+		final.Done = final.Total // the drain is complete
+		send(final)
+	})
+	mux.HandleFunc("POST /v1/mode", func(w http.ResponseWriter, r *http.Request) {
+		if err := t.SetMode(r.Context(), r.URL.Query().Get("mode")); err != nil {
+			writeError(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]string{"mode": r.URL.Query().Get("mode")})
+	})
+	return mux
+}
+
+// Register adds more endpoints (such as the fault commands) to h, which
+// must come from Handler.
+func Register(h http.Handler, pattern string, fn http.HandlerFunc) {
+	h.(*http.ServeMux).HandleFunc(pattern, fn)
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	json.NewEncoder(w).Encode(v)
+}
+
+// WriteError answers with err as {"error": ...}: 409 for ErrNoCache, 400
+// for anything wrapping ErrBadRequest, 500 otherwise.
+func writeError(w http.ResponseWriter, err error) {
+	status := http.StatusInternalServerError
+	switch {
+	case errors.Is(err, ErrNoCache):
+		status = http.StatusConflict
+	case errors.Is(err, ErrBadRequest):
+		status = http.StatusBadRequest
+	}
+	writeJSON(w, status, map[string]string{"error": err.Error()})
+}
+
+// WriteError is writeError for endpoints registered from outside.
+func WriteError(w http.ResponseWriter, err error) { writeError(w, err) }
+
+// WriteJSON answers 200 with v, for endpoints registered from outside.
+func WriteJSON(w http.ResponseWriter, v any) { writeJSON(w, http.StatusOK, v) }
+
+// ErrBadRequest marks a request the Target refuses as malformed.
+var ErrBadRequest = errors.New("control: bad request")
+
+// Serve serves h on the unix socket at path in the background and returns
+// the function that stops it (waiting up to 5 s for requests in progress)
+// and removes the socket file. A stale socket file is replaced.
+func Serve(path string, h http.Handler) (stop func() error, err error) {
+	if fi, err := os.Lstat(path); err == nil && fi.Mode()&os.ModeSocket != 0 {
+		if c, err := net.Dial("unix", path); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("control socket %s: another server is listening there", path)
+		}
+		os.Remove(path)
+	}
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, err
+	}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	go srv.Serve(l)
+	return func() error {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		err := srv.Shutdown(sctx)
+		os.Remove(path)
+		return err
+	}, nil
+}
+
+// Client talks to a control socket.
+type Client struct {
+	hc *http.Client
+}
+
+// ParseAddr reads a --control value: unix:PATH.
+func ParseAddr(s string) (string, error) {
+	p, ok := strings.CutPrefix(s, "unix:")
+	if !ok || p == "" {
+		return "", fmt.Errorf("%w: control address %q: want unix:PATH", ErrBadRequest, s)
+	}
+	return p, nil
+}
+
+// Dial returns a client for the socket at path.
+func Dial(path string) *Client {
+	tr := &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", path)
+	}}
+	return &Client{hc: &http.Client{Transport: tr}}
+}
+
+// Do sends a request and decodes a JSON answer into out (if not nil).
+func (c *Client) Do(ctx context.Context, method, path string, q url.Values, out any) error {
+	resp, err := c.send(ctx, method, path, q)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if out == nil {
+		return nil
+	}
+	return json.NewDecoder(resp.Body).Decode(out)
+}
+
+func (c *Client) send(ctx context.Context, method, path string, q url.Values) (*http.Response, error) {
+	u := "http://nbdcache" + path
+	if len(q) > 0 {
+		u += "?" + q.Encode()
+	}
+	req, err := http.NewRequestWithContext(ctx, method, u, nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("control socket: %w (is `nbdcache serve --control` running?)", err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		defer resp.Body.Close()
+		var e struct {
+			Error string `json:"error"`
+		}
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<16))
+		if json.Unmarshal(b, &e) != nil || e.Error == "" {
+			e.Error = strings.TrimSpace(string(b))
+		}
+		return nil, &RemoteError{Status: resp.StatusCode, Msg: e.Error}
+	}
+	return resp, nil
+}
+
+// RemoteError is an error the server answered with.
+type RemoteError struct {
+	Status int
+	Msg    string
+}
+
+func (e *RemoteError) Error() string { return e.Msg }
+
+// Stats fetches a snapshot.
+func (c *Client) Stats(ctx context.Context) (Stats, error) {
+	var s Stats
+	err := c.Do(ctx, http.MethodGet, "/v1/stats", nil, &s)
+	return s, err
+}
+
+// SetMode switches the cache mode.
+func (c *Client) SetMode(ctx context.Context, mode string) error {
+	return c.Do(ctx, http.MethodPost, "/v1/mode", url.Values{"mode": {mode}}, nil)
+}
+
+// Drain writes everything back, calling progress as lines arrive.
+func (c *Client) Drain(ctx context.Context, progress func(Progress)) error {
+	resp, err := c.send(ctx, http.MethodPost, "/v1/drain", nil)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	complete := false
+	for sc.Scan() {
+		var p Progress
+		if err := json.Unmarshal(sc.Bytes(), &p); err != nil {
+			return fmt.Errorf("control socket: bad progress line %q", sc.Text())
+		}
+		if p.Error != "" {
+			return &RemoteError{Status: http.StatusInternalServerError, Msg: p.Error}
+		}
+		complete = p.Done >= p.Total
+		if progress != nil {
+			progress(p)
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return err
+	}
+	if !complete {
+		return errors.New("control socket: the drain ended before it was complete")
+	}
+	return nil
+}

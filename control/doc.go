@@ -1,0 +1,20 @@
+// Package control is the running server's control socket: a small HTTP+JSON
+// API on a unix socket (`--control unix:PATH`) and its client, used by
+// `nbdcache stats`, `nbdcache flush --drain`, `nbdcache mode` and the fault
+// commands of `nbdcache ctl`.
+//
+// Endpoints (all JSON; errors are {"error": "..."} with a 4xx/5xx status):
+//
+//	GET  /v1/stats                 one Stats snapshot
+//	POST /v1/drain                 write back everything and sync the backing;
+//	                               streams Progress lines (NDJSON), the last
+//	                               one with done == total, or an error line
+//	POST /v1/mode?mode=M           switch the cache mode (leaving writeback drains first)
+//
+// Stats field names are an interface that users and tests rely on: add
+// fields, never rename them. Every counter the process keeps is gathered into
+// Stats in one place (the Target's Stats method), which is also what a
+// metrics endpoint exports.
+//
+// The package knows nothing of caching or NBD: the daemon hands it a Target.
+package control
