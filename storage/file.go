@@ -316,23 +316,20 @@ func (f *File) zeroFile(off, length int64, flags Flags) error {
 		}
 		f.noZeroRange.Store(true)
 	}
-	if !f.noPunch.Load() && !f.noAllocate.Load() {
+	if !f.noPunch.Load() && !f.noAllocate.Load() && f.allocate(off, length) {
 		// NoHole without ZERO_RANGE (tmpfs, btrfs): punch, then allocate
-		// again. The range reads as zeroes from the punch on.
+		// again (allocate is known to work: it just did). The range reads
+		// as zeroes from the punch on.
 		err := f.fallocate(unix.FALLOC_FL_PUNCH_HOLE|keep, off, length)
-		if err != nil && !notSupported(err) {
-			return f.errorf("punch hole", off, err)
-		}
 		if err == nil {
 			err = f.fallocate(keep, off, length)
-			if err == nil {
-				return nil
-			}
-			if !notSupported(err) {
+			if err != nil {
 				return f.errorf("allocate", off, err)
 			}
-			f.noAllocate.Store(true)
-			return nil // zeroed, if not allocated
+			return nil
+		}
+		if !notSupported(err) {
+			return f.errorf("punch hole", off, err)
 		}
 		f.noPunch.Store(true)
 	}
@@ -345,7 +342,9 @@ func (f *File) zeroFile(off, length int64, flags Flags) error {
 func (f *File) zeroBlockDev(off, length int64, flags Flags) error {
 	start := min(alignUp(off, f.align), off+length)
 	end := max(alignDown(off+length, f.align), start)
-	if flags&FastZero != 0 && !f.caps.FastZero && (flags&NoHole != 0 || !f.caps.Trim) {
+	// Both fast paths (punch, and BLKZEROOUT without its fallback) need
+	// the device to support write-zeroes.
+	if flags&FastZero != 0 && !f.caps.FastZero {
 		return fmt.Errorf("storage: zero %s: only by writing: %w", f.path, ErrNotSupported)
 	}
 	if start < end {
@@ -364,9 +363,6 @@ func (f *File) zeroBlockDev(off, length int64, flags Flags) error {
 			}
 		}
 		if !done {
-			if flags&FastZero != 0 && !f.caps.FastZero {
-				return fmt.Errorf("storage: zero %s: only by writing: %w", f.path, ErrNotSupported)
-			}
 			r := [2]uint64{uint64(start), uint64(end - start)}
 			if err := ioctlPtr(f.fd, unix.BLKZEROOUT, unsafe.Pointer(&r)); err != nil {
 				return f.errorf("zeroout", start, err)
@@ -382,6 +378,16 @@ func (f *File) zeroBlockDev(off, length int64, flags Flags) error {
 		return f.writeZeroes(end, off+length-end)
 	}
 	return nil
+}
+
+// allocate allocates the range without changing its contents, and reports
+// whether the file system can.
+func (f *File) allocate(off, length int64) bool {
+	err := f.fallocate(unix.FALLOC_FL_KEEP_SIZE, off, length)
+	if err != nil && notSupported(err) {
+		f.noAllocate.Store(true)
+	}
+	return err == nil
 }
 
 // writeZeroes zeroes the range by writing.

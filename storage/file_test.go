@@ -453,3 +453,60 @@ func TestFileBlockDevice(t *testing.T) {
 		}
 	})
 }
+
+// TestFileZeroPaths forces each way File can zero a range of a regular
+// file, as on file systems that lack some fallocate modes.
+func TestFileZeroPaths(t *testing.T) {
+	const mib = 1 << 20
+	cases := []struct {
+		name                          string
+		noPunch, noZeroRange, noAlloc bool
+		flags                         Flags
+		hole, notSupported            bool // expected outcome
+	}{
+		{"punch", false, false, false, 0, true, false},
+		{"zero range", false, false, false, NoHole, false, false},
+		{"punch+allocate", false, true, false, NoHole, false, false},
+		{"punch+allocate fast", false, true, false, NoHole | FastZero, false, false},
+		{"write, no allocate", false, true, true, NoHole, false, false},
+		{"write, no allocate, fast", false, true, true, NoHole | FastZero, false, true},
+		{"zero range, no punch", true, false, false, 0, false, false},
+		{"write, no punch", true, true, false, 0, false, false},
+		{"write, no punch, fast", true, true, false, FastZero, false, true},
+	}
+	for _, c := range cases {
+		f := openTemp(t, 4*mib, false)
+		data := fill(4*mib, 3)
+		if err := f.WriteAt(data, 0, 0); err != nil {
+			t.Fatal(err)
+		}
+		if err := f.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		f.noPunch.Store(c.noPunch)
+		f.noZeroRange.Store(c.noZeroRange)
+		f.noAllocate.Store(c.noAlloc)
+		before := allocated(t, f.Path())
+		err := f.Zero(mib+100, 2*mib, c.flags)
+		if c.notSupported {
+			if !errors.Is(err, ErrNotSupported) {
+				t.Errorf("%s: %v, want ErrNotSupported", c.name, err)
+			}
+			if got := readAll(t, f); !bytes.Equal(got, data) {
+				t.Errorf("%s: a refused FastZero touched data: %s", c.name, firstDiff(got, data))
+			}
+			continue
+		}
+		if err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		clear(data[mib+100 : 3*mib+100])
+		if got := readAll(t, f); !bytes.Equal(got, data) {
+			t.Errorf("%s: %s", c.name, firstDiff(got, data))
+		}
+		after := allocated(t, f.Path())
+		if c.hole != (after < before) {
+			t.Errorf("%s: allocation went from %d to %d bytes", c.name, before, after)
+		}
+	}
+}
