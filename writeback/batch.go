@@ -139,9 +139,10 @@ func (f *Flusher) batch(ctx context.Context) batchResult {
 		res.extents += len(spans[i].ext)
 	}
 
-	// Write, in ascending order, at most MaxInFlight at once, paced.
+	// Write, in ascending order, paced, in a sliding window: span k+w
+	// (w = MaxInFlight) is not issued before span k has completed.
 	sts := make([][]status, len(spans))
-	sem := make(chan struct{}, f.cfg.MaxInFlight)
+	done := make([]chan struct{}, 0, len(spans))
 	var wg sync.WaitGroup
 	prev := make(chan struct{})
 	close(prev)
@@ -150,21 +151,24 @@ func (f *Flusher) batch(ctx context.Context) batchResult {
 	start := time.Now()
 dispatch:
 	for n < len(spans) {
+		if w := f.cfg.MaxInFlight; n >= w {
+			select {
+			case <-done[n-w]:
+			case <-ctx.Done():
+				break dispatch
+			}
+		}
 		s := &spans[n]
 		if !f.pace(ctx, s.n, sent, start) {
 			break
 		}
-		select {
-		case sem <- struct{}{}:
-		case <-ctx.Done():
-			break dispatch
-		}
-		started := make(chan struct{})
+		started, fin := make(chan struct{}), make(chan struct{})
+		done = append(done, fin)
 		st := make([]status, len(s.ext))
 		sts[n] = st
 		p := prev
 		wg.Go(func() {
-			defer func() { <-sem }()
+			defer close(fin)
 			f.writeSpan(s, st, p, started)
 		})
 		prev = started

@@ -20,12 +20,15 @@
 //     rate*BatchTime when rate-limited; it issues no new write once it has
 //     run for BatchTime.
 //  2. Write: for each span, in ascending order, wait for the rate limiter,
-//     take one of MaxInFlight slots, read its pieces from the cache
-//     (Source.ReadCached) and write it to the backing with one WriteAt.
-//     Spans are read concurrently but a span's backing write is issued only
-//     after the previous span's was, so within a pass the backing sees
-//     writes in ascending order (up to MaxInFlight of them may be in
-//     flight at once, and the device may complete them in any order).
+//     read its pieces from the cache (Source.ReadCached) and write it to
+//     the backing with one WriteAt. At most MaxInFlight spans are under way,
+//     in a sliding window: span k+MaxInFlight is not started before span k
+//     has completed. Spans are read concurrently, but a span's backing
+//     write is issued only after the previous span's was. So within a pass
+//     the backing sees writes in ascending order, except that a write may
+//     be overtaken by writes of fewer than MaxInFlight later spans (the
+//     goroutines race between issuing and the device call); with
+//     MaxInFlight 1 the order is strict.
 //  3. Flush: once every write of the batch has returned, one backing
 //     Flush (skipped if the backing's Caps say Flush is not needed).
 //  4. Mark clean: only then, Source.MarkClean for every piece whose write

@@ -350,14 +350,18 @@ func (d *recDev) flushes() int {
 
 // guard makes the fake check the ordering rule at every MarkClean: the
 // piece is durable on the backing and holds the piece's data.
-func guard(s *fakeSource, d *recDev) {
+func guard(s *fakeSource, d *recDev) { guardRaw(s, d, d.inner) }
+
+// guardRaw is guard reading the data back from raw, the device under any
+// latency model.
+func guardRaw(s *fakeSource, d *recDev, raw storage.Device) {
 	s.onMark = func(e btreeidx.Extent) {
 		if !d.durable(e.Off, e.Len) {
 			s.violation("MarkClean(%v) before its backing write was flushed", e)
 			return
 		}
 		got := make([]byte, e.Len)
-		if err := d.inner.ReadAt(got, e.Off); err != nil {
+		if err := raw.ReadAt(got, e.Off); err != nil {
 			s.violation("reading back %v: %v", e, err)
 			return
 		}

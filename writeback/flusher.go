@@ -23,8 +23,8 @@ var (
 	// flusher counts it as a collision and moves on, with no backoff.
 	ErrStale = errors.New("writeback: extent no longer current")
 	// ErrDrain is wrapped by Drain when it cannot write everything back:
-	// a whole pass failed without cleaning a byte, or the Source reports
-	// dirty bytes that it does not list.
+	// several passes in a row failed without cleaning a byte, or the
+	// Source reports dirty bytes that it does not list.
 	ErrDrain = errors.New("writeback: drain incomplete")
 )
 
@@ -306,12 +306,17 @@ func (f *Flusher) Run(ctx context.Context) error {
 	return nil
 }
 
+// drainPasses is how many passes in a row may fail without cleaning a byte
+// before Drain gives up. Between them it backs off as Run does.
+const drainPasses = 5
+
 // Drain writes back everything dirty at full speed, then flushes the
 // backing. progress, if not nil, is called with the bytes cleaned so far
 // and the total to clean (which grows if new dirty data arrives). It is
 // safe to call while Run runs: Run yields to it. It returns nil once
 // DirtyBytes is 0 and the backing is flushed, ctx's error if ctx ends
-// first, or an error wrapping ErrDrain.
+// first, or an error wrapping ErrDrain (and the backing's error) when
+// drainPasses passes in a row fail without cleaning anything.
 //
 // Drain ends only when nothing is dirty: the caller stops new dirty writes
 // first (switching the cache to writethrough), or the drain chases them.
@@ -335,6 +340,7 @@ func (f *Flusher) Drain(ctx context.Context, progress func(done, total int64)) e
 	backoff := time.Duration(0)
 	var passCleaned int64 // cleaned since the last pass boundary
 	passFailed := false   // some batch since the last pass boundary failed
+	fruitless := 0        // passes in a row that failed and cleaned nothing
 	for {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -352,7 +358,12 @@ func (f *Flusher) Drain(ctx context.Context, progress func(done, total int64)) e
 		}
 		if res.wrapped || res.empty {
 			if passFailed && passCleaned == 0 {
-				return fmt.Errorf("%w: a whole pass failed: %w", ErrDrain, res.lastErr)
+				fruitless++
+				if fruitless >= drainPasses {
+					return fmt.Errorf("%w: %d passes in a row failed: %w", ErrDrain, fruitless, res.lastErr)
+				}
+			} else {
+				fruitless = 0
 			}
 			if res.empty && res.extents == 0 && !passFailed {
 				if d := f.src.DirtyBytes(); d > 0 {
