@@ -94,7 +94,8 @@ func Handler(t Target) http.Handler {
 		enc := json.NewEncoder(w)
 		fl, _ := w.(http.Flusher)
 		var last time.Time
-		var final, sent Progress
+		var final Progress
+		sent := Progress{Done: -1}
 		send := func(p Progress) {
 			if p == sent {
 				return

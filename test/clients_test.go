@@ -162,7 +162,7 @@ func TestFioVerify(t *testing.T) {
 	run(t, fio, "--name=verify", "--ioengine=nbd", "--uri="+s.uri,
 		"--rw=randwrite", "--bs=4k", "--iodepth=16", "--numjobs=4",
 		"--size=16M", "--offset_increment=16M", "--verify=crc32c", "--do_verify=1",
-		"--verify_fatal=1", "--output-format=json", "--output="+out)
+		"--verify_fatal=1", "--verify_state_save=0", "--output-format=json", "--output="+out)
 	var res struct {
 		Jobs []struct {
 			Error int `json:"error"`

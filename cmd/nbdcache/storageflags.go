@@ -77,8 +77,8 @@ const (
 
 // open opens the storage the flags describe. With no storage flags it
 // creates the embedded default in a temporary folder and says so on w.
-func (f *storageFlags) open(w io.Writer, log *slog.Logger) (o *openedStorage, err error) {
-	o = &openedStorage{}
+func (f *storageFlags) open(w io.Writer, log *slog.Logger) (_ *openedStorage, err error) {
+	o := &openedStorage{}
 	defer func() {
 		if err != nil {
 			o.Close()

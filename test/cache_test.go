@@ -1,0 +1,171 @@
+package test
+
+import (
+	"bytes"
+	"flag"
+	"fmt"
+	"math/rand"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+var (
+	crashSeed   = flag.Int64("crash-seed", 0, "seed of TestKill9Recovery (0: from the clock)")
+	crashRounds = flag.Int("crash-rounds", 3, "rounds of TestKill9Recovery")
+)
+
+// cacheFiles makes a backing and a cache file.
+func cacheFiles(t *testing.T, backingSize, cacheSize int64) (backing, cache string) {
+	return sparseFile(t, "backing.img", backingSize), sparseFile(t, "cache.img", cacheSize)
+}
+
+// nbdcache runs a subcommand of the binary and returns its combined output
+// and exit status.
+func nbdcache(t *testing.T, args ...string) (string, int) {
+	t.Helper()
+	out, err := exec.Command(binary, args...).CombinedOutput()
+	if ee, ok := err.(*exec.ExitError); ok {
+		return string(out), ee.ExitCode()
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(out), 0
+}
+
+func mustCheck(t *testing.T, cache, backing string) {
+	t.Helper()
+	if out, code := nbdcache(t, "check", "--cache", cache, "--backing", backing); code != 0 {
+		t.Fatalf("check failed (exit %d):\n%s", code, out)
+	}
+}
+
+// TestCacheWithClients runs the real clients through a write-back cache
+// with a small cache (so that GC, eviction and writeback run), then drains
+// it and checks that the backing file alone holds the image.
+func TestCacheWithClients(t *testing.T) {
+	qemuImg := tool(t, "qemu-img")
+	fio := tool(t, "fio")
+	backing, cache := cacheFiles(t, 64*mib, 24*mib)
+	ctl := "unix:" + filepath.Join(t.TempDir(), "ctl.sock")
+	s := startServe(t, "--backing", backing, "--cache", cache, "--format", "--control", ctl)
+	src, data := randomFile(t, "src.img", 64*mib, 3)
+	run(t, qemuImg, "convert", "-n", "-f", "raw", "-O", "raw", src, s.uri)
+	run(t, qemuImg, "compare", "-f", "raw", "-F", "raw", src, s.uri)
+	// fio with verify on a region, over 4 connections.
+	out := filepath.Join(t.TempDir(), "fio.txt")
+	run(t, fio, "--name=verify", "--ioengine=nbd", "--uri="+s.uri, "--rw=randwrite", "--bs=4k",
+		"--iodepth=16", "--numjobs=4", "--size=8M", "--offset_increment=8M", "--verify=crc32c",
+		"--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", "--output="+out)
+	// The fio region now holds fio's data; the rest still the image.
+	want := append([]byte(nil), data...)
+	dev := filepath.Join(t.TempDir(), "dev.img")
+	run(t, tool(t, "nbdcopy"), s.uri, dev)
+	got, _ := os.ReadFile(dev)
+	if !bytes.Equal(got[32*mib:], want[32*mib:]) {
+		t.Fatal("the image outside the fio region changed")
+	}
+	copy(want, got[:32*mib])
+
+	if out, code := nbdcache(t, "flush", "--drain", "--control", ctl); code != 0 || !strings.Contains(out, "drained") {
+		t.Fatalf("flush --drain (exit %d):\n%s", code, out)
+	}
+	st, code := nbdcache(t, "stats", "--json", "--control", ctl)
+	if code != 0 || !strings.Contains(st, `"dirty_bytes": 0,`) {
+		t.Fatalf("stats after the drain (exit %d):\n%s", code, st)
+	}
+	b, _ := os.ReadFile(backing)
+	if !bytes.Equal(b, want) {
+		t.Fatal("after flush --drain the backing file alone differs from what clients read")
+	}
+	s.stop()
+	mustCheck(t, cache, backing)
+}
+
+// TestCacheBinding: a cache refuses another backing, even of the same
+// size; format refuses to drop dirty data without --force.
+func TestCacheBinding(t *testing.T) {
+	backing, cache := cacheFiles(t, 32*mib, 16*mib)
+	other := sparseFile(t, "other.img", 32*mib)
+	if out, code := nbdcache(t, "format", "--cache", cache, "--backing", backing); code != 0 {
+		t.Fatalf("format: %s", out)
+	}
+	sock := "unix:" + filepath.Join(t.TempDir(), "s")
+	out, code := nbdcache(t, "serve", "--cache", cache, "--backing", other, "--listen", sock)
+	if code == 0 || !strings.Contains(out, "never been formatted") {
+		t.Fatalf("serving with a backing that has no id: exit %d:\n%s", code, out)
+	}
+	// Give the other backing an identity of its own, with a cache of its own.
+	if out, code := nbdcache(t, "format", "--cache", sparseFile(t, "cache2.img", 16*mib), "--backing", other); code != 0 {
+		t.Fatalf("format: %s", out)
+	}
+	out, code = nbdcache(t, "serve", "--cache", cache, "--backing", other, "--listen", sock)
+	if code == 0 || !strings.Contains(out, "another backing") {
+		t.Fatalf("serving with another backing: exit %d:\n%s", code, out)
+	}
+	if out, code := nbdcache(t, "check", "--cache", cache, "--backing", other); code == 0 {
+		t.Fatalf("check accepted another backing:\n%s", out)
+	}
+
+	// Leave dirty data: write, flush, kill -9.
+	s := startServe(t, "--cache", cache, "--backing", backing)
+	run(t, tool(t, "qemu-io"), "-f", "raw", "-c", "write -P 0x42 0 1M", "-c", "flush", s.uri)
+	s.kill()
+	out, code = nbdcache(t, "format", "--cache", cache, "--backing", backing)
+	if code == 0 || !strings.Contains(out, "dirty") {
+		t.Fatalf("format over dirty data without --force: exit %d:\n%s", code, out)
+	}
+	s = startServe(t, "--cache", cache, "--backing", backing)
+	run(t, tool(t, "qemu-io"), "-f", "raw", "-c", "read -P 0x42 0 1M", s.uri)
+	s.stop()
+	if out, code := nbdcache(t, "format", "--force", "--cache", cache, "--backing", backing); code != 0 {
+		t.Fatalf("format --force: %s", out)
+	}
+}
+
+// TestKill9Recovery kills the real server with SIGKILL during a seeded
+// write/flush/FUA workload, runs check, restarts it, and verifies that
+// every flushed or FUA write reads back (or a newer write to the block).
+// Replay a failure with -crash-seed=N.
+func TestKill9Recovery(t *testing.T) {
+	py := python3(t)
+	seed := *crashSeed
+	if seed == 0 {
+		seed = time.Now().UnixNano()
+	}
+	t.Logf("seed %d (replay with go test ./test -run Kill9 -crash-seed=%d)", seed, seed)
+	rng := rand.New(rand.NewSource(seed))
+	backing, cache := cacheFiles(t, 32*mib, 8*mib) // a small cache: GC and writeback run
+	const blocks = 8192                               // 32 MiB of 4 KiB blocks
+	script := filepath.Join("testdata", "crashwriter.py")
+	for round := range *crashRounds {
+		rseed := rng.Int63()
+		log := filepath.Join(t.TempDir(), "log")
+		args := []string{"--cache", cache, "--backing", backing}
+		if round == 0 {
+			args = append(args, "--format")
+		}
+		s := startServe(t, args...)
+		initial := filepath.Join(t.TempDir(), "initial.img")
+		run(t, tool(t, "nbdcopy"), s.uri, initial)
+		w := exec.Command(py, script, "write", s.uri, fmt.Sprint(rseed), fmt.Sprint(blocks), log)
+		var wout bytes.Buffer
+		w.Stdout, w.Stderr = &wout, &wout
+		if err := w.Start(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Duration(300+rng.Intn(1500)) * time.Millisecond) // the moment of the crash
+		s.kill()
+		w.Wait()
+		mustCheck(t, cache, backing)
+		s = startServe(t, args[:4]...)
+		out := run(t, py, script, "verify", s.uri, fmt.Sprint(rseed), fmt.Sprint(blocks), log, initial)
+		t.Logf("round %d (seed %d): %s", round, rseed, strings.TrimSpace(out))
+		s.stop()
+		mustCheck(t, cache, backing)
+	}
+}
