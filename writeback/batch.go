@@ -31,7 +31,9 @@ const (
 	pending status = iota
 	written        // in the backing (not yet flushed)
 	stale          // ReadCached said ErrStale: a newer write won
-	failed         // cache read or backing write failed
+	failed         // ReadCached failed: nothing to release
+	lost           // read, but its backing write or the flush failed: released
+	busy           // ReadCached said ErrBusy: skipped, retried on a later pass
 )
 
 // batchResult is what one batch did.
@@ -198,7 +200,7 @@ dispatch:
 			for i := range sts {
 				for j := range sts[i] {
 					if sts[i][j] == written {
-						sts[i][j] = failed
+						sts[i][j] = lost
 					}
 				}
 			}
@@ -209,6 +211,11 @@ dispatch:
 			switch st {
 			case failed:
 				res.errs++
+			case lost:
+				res.errs++
+				if f.rel != nil {
+					f.rel.ReleaseCached(spans[i].ext[j])
+				}
 			case written:
 				cleaned, collided := f.src.MarkClean(spans[i].ext[j])
 				res.pieces++
@@ -315,6 +322,9 @@ func (f *Flusher) writeSpan(s *span, st []status, prev <-chan struct{}, started 
 			st[j] = pending
 		case errors.Is(err, ErrStale):
 			st[j] = stale
+		case errors.Is(err, ErrBusy):
+			st[j] = busy
+			f.count(func(s *Stats) { s.Busy++ })
 		default:
 			st[j] = failed
 			f.fail(err)
@@ -349,7 +359,7 @@ func (f *Flusher) writeSpan(s *span, st []status, prev <-chan struct{}, started 
 		err := f.backing.WriteAt(buf[off-s.off:end-s.off], off, 0)
 		fate := written
 		if err != nil {
-			fate = failed
+			fate = lost
 			f.fail(err)
 		} else {
 			f.mu.Lock()

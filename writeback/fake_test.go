@@ -95,14 +95,19 @@ type fakeSource struct {
 		dirtyBytes int64
 		reads      int
 		marks      int
-		bad        []string // contract violations seen
+		releases   int
+		reg        map[btreeidx.Extent]int // pieces read and not yet marked clean or released
+		bad        []string                // contract violations seen
 	}
 }
+
+var _ Releaser = (*fakeSource)(nil)
 
 func newFakeSource(blocks int, bs, capacity int64) *fakeSource {
 	s := &fakeSource{bs: bs, capacity: capacity}
 	s.mu.ver = make([]uint64, blocks)
 	s.mu.dirty = make([]bool, blocks)
+	s.mu.reg = map[btreeidx.Extent]int{}
 	return s
 }
 
@@ -128,11 +133,15 @@ func (s *fakeSource) violation(format string, args ...any) {
 	s.mu.Unlock()
 }
 
-// check fails t with every contract violation seen.
+// check fails t with every contract violation seen, and with pieces read
+// but never marked clean or released.
 func (s *fakeSource) check(t testing.TB) {
 	t.Helper()
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	for e := range s.mu.reg {
+		s.mu.bad = append(s.mu.bad, fmt.Sprintf("%v was read but neither marked clean nor released", e))
+	}
 	for i, b := range s.mu.bad {
 		if i == 10 {
 			t.Errorf("... and %d more", len(s.mu.bad)-10)
@@ -185,6 +194,12 @@ func (s *fakeSource) ReadCached(e btreeidx.Extent, p []byte) error {
 	}
 	s.mu.Lock()
 	s.mu.reads++
+	for r := range s.mu.reg {
+		if r.Off < e.End() && e.Off < r.End() {
+			s.mu.bad = append(s.mu.bad, fmt.Sprintf("ReadCached(%v) while %v is being written back", e, r))
+		}
+	}
+	s.mu.reg[e]++
 	s.mu.Unlock()
 	fillContent(p, e.Off, e.Ver)
 	if s.afterRead != nil {
@@ -200,6 +215,7 @@ func (s *fakeSource) MarkClean(e btreeidx.Extent) (cleaned, collided int64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.mu.marks++
+	s.unregisterLocked("MarkClean", e)
 	for pos := e.Off; pos < e.End(); {
 		b := int(pos / s.bs)
 		n := min(int64(b+1)*s.bs, e.End()) - pos
@@ -215,6 +231,23 @@ func (s *fakeSource) MarkClean(e btreeidx.Extent) (cleaned, collided int64) {
 		pos += n
 	}
 	return cleaned, collided
+}
+
+func (s *fakeSource) ReleaseCached(e btreeidx.Extent) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.mu.releases++
+	s.unregisterLocked("ReleaseCached", e)
+}
+
+func (s *fakeSource) unregisterLocked(op string, e btreeidx.Extent) {
+	if s.mu.reg[e] == 0 {
+		s.mu.bad = append(s.mu.bad, fmt.Sprintf("%s(%v) without a ReadCached of that piece", op, e))
+		return
+	}
+	if s.mu.reg[e]--; s.mu.reg[e] == 0 {
+		delete(s.mu.reg, e)
+	}
 }
 
 func (s *fakeSource) DirtyBytes() int64 {

@@ -21,7 +21,13 @@ var (
 	// ErrStale may be wrapped by Source.ReadCached when the extent it was
 	// given is no longer current (overwritten, its bucket reused). The
 	// flusher counts it as a collision and moves on, with no backoff.
+	// (A Source's own sentinel can wrap it: fmt.Errorf("cache: ...: %w",
+	// writeback.ErrStale).)
 	ErrStale = errors.New("writeback: extent no longer current")
+	// ErrBusy may be wrapped by Source.ReadCached when the range is being
+	// written back by someone else. The piece is skipped, stays dirty and
+	// is retried on a later pass; it is neither an error nor a collision.
+	ErrBusy = errors.New("writeback: range busy")
 	// ErrDrain is wrapped by Drain when it cannot write everything back:
 	// several passes in a row failed without cleaning a byte, or the
 	// Source reports dirty bytes that it does not list.
@@ -45,6 +51,16 @@ type Source interface {
 	CapacityBytes() int64
 }
 
+// Releaser is implemented by a Source that keeps state between ReadCached
+// and MarkClean (for example, a range locked against a concurrent
+// writeback). For every piece that ReadCached returned without error but
+// that will not be marked clean, because its backing write or the flush
+// after it failed, the flusher calls ReleaseCached once instead of
+// MarkClean. A piece whose ReadCached failed gets neither.
+type Releaser interface {
+	ReleaseCached(e btreeidx.Extent)
+}
+
 // Stats is a snapshot of the flusher's counters.
 type Stats struct {
 	Mode         Mode    // what the flusher is doing now
@@ -65,6 +81,7 @@ type Stats struct {
 	Cleaned       int64 // bytes marked clean
 	Collisions    int64 // extents that lost the race with a newer write
 	CollidedBytes int64 // bytes of those
+	Busy          int64 // pieces skipped because ReadCached said ErrBusy
 	Errors        int64 // failed cache reads, backing writes and flushes
 	LastError     error // the most recent of those, or nil
 }
@@ -73,6 +90,7 @@ type Stats struct {
 // See the package documentation for the order it keeps and the controller.
 type Flusher struct {
 	src     Source
+	rel     Releaser // src, if it is one
 	backing storage.Device
 	cfg     Config
 	flush   bool // the backing needs Flush for durability
@@ -114,8 +132,10 @@ func New(src Source, backing storage.Device, cfg Config) *Flusher {
 	if err != nil {
 		panic(err)
 	}
+	rel, _ := src.(Releaser)
 	f := &Flusher{
 		src:     src,
+		rel:     rel,
 		backing: backing,
 		cfg:     cfg,
 		flush:   backing.Caps().Flush,

@@ -193,6 +193,39 @@ func TestStaleRead(t *testing.T) {
 	checkImage(t, dev, src)
 }
 
+// TestBusyRead: ReadCached says ErrBusy (someone else is writing the range
+// back): the piece is skipped without error or collision and written on a
+// later pass.
+func TestBusyRead(t *testing.T) {
+	src := newFakeSource(16, 4096, 1<<20)
+	for b := range 16 {
+		src.write(b, 1)
+	}
+	dev := &recDev{inner: storage.NewMem(src.size())}
+	guard(src, dev)
+	busy := 2
+	src.readErr = func(e btreeidx.Extent) error {
+		if e.Off == 7*4096 && busy > 0 {
+			busy--
+			return fmt.Errorf("cache: overlapping writeback: %w", ErrBusy)
+		}
+		return nil
+	}
+	f := New(src, dev, Config{Logger: quiet})
+	res := oneBatch(f)
+	if res.errs != 0 || res.collided != 0 || res.cleaned != 15*4096 || src.DirtyBytes() != 4096 {
+		t.Errorf("batch %+v, %d dirty: want 15 blocks cleaned, block 7 left dirty", res, src.DirtyBytes())
+	}
+	if err := f.Drain(context.Background(), nil); err != nil {
+		t.Fatal(err)
+	}
+	if st := f.Stats(); st.Busy != 2 || st.Errors != 0 || st.Collisions != 0 {
+		t.Errorf("stats: busy %d errors %d collisions %d, want 2, 0, 0", st.Busy, st.Errors, st.Collisions)
+	}
+	src.check(t)
+	checkImage(t, dev, src)
+}
+
 // TestBackingErrors: failing backing writes and flushes leave data dirty,
 // are counted, and are retried with a growing backoff until they succeed.
 func TestBackingErrors(t *testing.T) {
@@ -270,6 +303,12 @@ func TestBackingErrors(t *testing.T) {
 		src.mu.Unlock()
 		if marks != 0 {
 			t.Errorf("%d MarkClean calls after a failed flush", marks)
+		}
+		src.mu.Lock()
+		releases := src.mu.releases
+		src.mu.Unlock()
+		if releases != 64 {
+			t.Errorf("%d ReleaseCached calls after a failed flush, want one per piece, 64", releases)
 		}
 		// A drain that cannot flush gives up with ErrDrain after some
 		// passes that clean nothing.
