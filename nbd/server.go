@@ -277,6 +277,19 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 }
 
+// DropConnections closes every open connection at once, as a power-cycled
+// disk would: requests in flight get no reply. The server keeps accepting
+// new connections. It returns the number of connections dropped.
+func (s *Server) DropConnections() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for c := range s.mu.conns {
+		c.stopping.Store(true)
+		c.nc.Close()
+	}
+	return len(s.mu.conns)
+}
+
 // Stats is a snapshot of the server's counters.
 type Stats struct {
 	Connections   int64 // accepted since start

@@ -456,3 +456,25 @@ func TestShutdownFinishesInFlight(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+func TestDropConnections(t *testing.T) {
+	s, addr := startServer(t)
+	a, b := dial(t, addr), dial(t, addr)
+	a.connect("", false)
+	b.connect("", true)
+	if n := s.DropConnections(); n != 2 {
+		t.Fatalf("dropped %d connections", n)
+	}
+	for _, c := range []*rawClient{a, b} {
+		c.nc.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.r.ReadByte(); err == nil {
+			t.Fatal("a dropped connection still delivers data")
+		}
+	}
+	c := dial(t, addr) // new clients are welcome
+	c.connect("", false)
+	c.request(cmdFlush, 0, 1, 0, 0, nil)
+	if r := c.readReply(nil); r.errno != 0 {
+		t.Fatal(r)
+	}
+}
