@@ -19,7 +19,7 @@ var ErrBadModel = errors.New("storage: bad disk model")
 // DiskModel describes the mechanics of a hard disk. Slow charges every
 // request the time such a disk would take:
 //
-//	cost = seek(d) + rotation + len/TransferRate      when d > 0
+//	cost = seek(d) + rotation + len/TransferRate      when d > 0 (seek 0 on the same track)
 //	cost = len/TransferRate                           when d == 0 (sequential)
 //
 //	d        = |off - head|, the head being where the previous request ended
@@ -29,8 +29,12 @@ var ErrBadModel = errors.New("storage: bad disk model")
 //	           at offset off sits at angle frac(off / TrackBytes), where
 //	           TrackBytes = TransferRate * one revolution.
 //
-// The rotation is deterministic from position and time, so it averages half a
-// revolution for random requests and is reproducible under testing/synctest.
+// Bytes are laid out on tracks of TrackBytes in address order. A request
+// on the track the head is on needs no seek, only the rotation: a short
+// skip forward costs about gap/TransferRate, a short step back almost a
+// revolution. The rotation is deterministic from position and time, so it
+// averages half a revolution for random requests and is reproducible under
+// testing/synctest.
 // A request that continues exactly where the previous one ended pays no
 // positioning at all, as a disk with read-ahead and a write cache does. Flush
 // costs FlushTime. Trim moves nothing and costs nothing; Zero costs what a write
@@ -352,11 +356,18 @@ func (s *Slow) costLocked(off, n int64, now time.Time) (seek, rot, xfer time.Dur
 	if d == 0 {
 		return 0, 0, xfer
 	}
-	frac := math.Sqrt(float64(min(d, s.span)) / float64(s.span))
-	seek = m.Settle + time.Duration(frac*float64(m.FullStroke-m.Settle))
+	var rev time.Duration
+	var track float64 // bytes under the head per revolution
 	if m.RPM > 0 {
-		rev := m.revolution()
-		track := float64(m.TransferRate) * rev.Seconds() // bytes under the head per revolution
+		rev = m.revolution()
+		track = float64(m.TransferRate) * rev.Seconds()
+	}
+	if m.RPM <= 0 || int64(float64(off)/track) != int64(float64(s.mu.pos)/track) {
+		// Another track: move the arm.
+		frac := math.Sqrt(float64(min(d, s.span)) / float64(s.span))
+		seek = m.Settle + time.Duration(frac*float64(m.FullStroke-m.Settle))
+	}
+	if m.RPM > 0 {
 		target := math.Mod(float64(off)/track, 1)
 		at := math.Mod(float64(now.Add(seek).Sub(s.epoch))/float64(rev), 1)
 		wait := target - at

@@ -3,6 +3,8 @@ package storage
 import (
 	"bytes"
 	"errors"
+	"fmt"
+	"math"
 	"math/rand/v2"
 	"sync"
 	"testing"
@@ -109,6 +111,41 @@ func TestSlowSeekGrowsWithDistance(t *testing.T) {
 		}
 		if prev < m.FullStroke-time.Millisecond {
 			t.Errorf("full-span seek took %v, want about %v", prev, m.FullStroke)
+		}
+	})
+}
+
+// TestSlowSameTrack: on the head's track there is no seek; skipping ahead
+// costs the time the gap takes to pass under the head, stepping back most
+// of a revolution.
+func TestSlowSameTrack(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		m := HDDModel()
+		s := NewSlow(NewMem(1<<30), m)
+		buf := make([]byte, 4096)
+		track := int64(float64(m.TransferRate) * m.revolution().Seconds())
+		base := 100 * track
+		if err := s.WriteAt(buf, base, 0); err != nil { // head to the start of a track
+			t.Fatal(err)
+		}
+		xfer := time.Duration(4096 * int64(time.Second) / m.TransferRate)
+		for _, gap := range []int64{4096, 64 << 10, 256 << 10} {
+			pos := s.mu.pos
+			start := time.Now()
+			if err := s.WriteAt(buf, pos+gap, 0); err != nil {
+				t.Fatal(err)
+			}
+			want := time.Duration(gap*int64(time.Second)/m.TransferRate) + xfer
+			within(t, fmt.Sprintf("skip %d KiB ahead", gap>>10), time.Since(start), want-20*time.Microsecond, want+20*time.Microsecond)
+		}
+		pos := s.mu.pos
+		start := time.Now()
+		if err := s.WriteAt(buf, pos-8192, 0); err != nil {
+			t.Fatal(err)
+		}
+		within(t, "step 8 KiB back", time.Since(start), m.revolution()-200*time.Microsecond, m.revolution()+100*time.Microsecond)
+		if st := s.Stats(); st.Seek != m.Settle+time.Duration(float64(m.FullStroke-m.Settle)*math.Sqrt(float64(base)/float64(1<<30))) {
+			t.Errorf("seek time %v: only the first request should have moved the arm", st.Seek)
 		}
 	})
 }
