@@ -45,7 +45,12 @@ type batchResult struct {
 	wrapped           bool // the batch completed a pass
 	empty             bool // nothing dirty was listed, even from 0
 	extents           int  // pieces collected
+	busy              int  // pieces skipped as busy
 }
+
+// progressed reports whether the batch got anywhere: something was cleaned
+// or lost a race to a newer write (which will be written in its turn).
+func (r *batchResult) progressed() bool { return r.cleaned > 0 || r.collided > 0 }
 
 // plan merges dirty extents listed from `from` into spans: adjacent pieces
 // join one span up to maxWrite bytes; an extent longer than that, or one
@@ -211,6 +216,8 @@ dispatch:
 			switch st {
 			case failed:
 				res.errs++
+			case busy:
+				res.busy++
 			case lost:
 				res.errs++
 				if f.rel != nil {

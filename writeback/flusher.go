@@ -29,8 +29,8 @@ var (
 	// is retried on a later pass; it is neither an error nor a collision.
 	ErrBusy = errors.New("writeback: range busy")
 	// ErrDrain is wrapped by Drain when it cannot write everything back:
-	// several passes in a row failed without cleaning a byte, or the
-	// Source reports dirty bytes that it does not list.
+	// several passes in a row made no progress (writes failed, or the
+	// Source reports dirty bytes that it does not list).
 	ErrDrain = errors.New("writeback: drain incomplete")
 )
 
@@ -316,12 +316,19 @@ func (f *Flusher) Run(ctx context.Context) error {
 		}
 		res := f.batch(ctx)
 		f.release()
-		if res.errs == 0 {
+		switch {
+		case res.errs > 0:
+			backoff = min(max(2*backoff, f.cfg.RetryMin), f.cfg.RetryMax)
+			f.wait(ctx, backoff)
+		case !res.progressed():
+			// Nothing listed, or all of it busy elsewhere, though the
+			// Source reports dirty data: wait for a Kick or the next
+			// controller step rather than spin.
 			backoff = 0
-			continue
+			f.wait(ctx, lastUpdate.Add(f.cfg.UpdateInterval).Sub(time.Now()))
+		default:
+			backoff = 0
 		}
-		backoff = min(max(2*backoff, f.cfg.RetryMin), f.cfg.RetryMax)
-		f.wait(ctx, backoff)
 	}
 	return nil
 }
@@ -335,8 +342,10 @@ const drainPasses = 5
 // and the total to clean (which grows if new dirty data arrives). It is
 // safe to call while Run runs: Run yields to it. It returns nil once
 // DirtyBytes is 0 and the backing is flushed, ctx's error if ctx ends
-// first, or an error wrapping ErrDrain (and the backing's error) when
-// drainPasses passes in a row fail without cleaning anything.
+// first, or an error wrapping ErrDrain (and the last error, if any) when
+// drainPasses passes in a row make no progress: every write failed, or the
+// Source lists nothing (or only busy ranges) while it reports dirty bytes.
+// Between such passes it backs off as Run does.
 //
 // Drain ends only when nothing is dirty: the caller stops new dirty writes
 // first (switching the cache to writethrough), or the drain chases them.
@@ -358,9 +367,8 @@ func (f *Flusher) Drain(ctx context.Context, progress func(done, total int64)) e
 	}
 	report()
 	backoff := time.Duration(0)
-	var passCleaned int64 // cleaned since the last pass boundary
-	passFailed := false   // some batch since the last pass boundary failed
-	fruitless := 0        // passes in a row that failed and cleaned nothing
+	passProgress := false // some batch since the last pass boundary cleaned or collided
+	fruitless := 0        // passes in a row without progress
 	for {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -370,35 +378,29 @@ func (f *Flusher) Drain(ctx context.Context, progress func(done, total int64)) e
 		}
 		res := f.batch(ctx)
 		done += res.cleaned
-		passCleaned += res.cleaned
 		total = max(total, done+f.src.DirtyBytes())
 		report()
-		if res.errs > 0 {
-			passFailed = true
-		}
+		progressed := res.progressed()
+		passProgress = passProgress || progressed
 		if res.wrapped || res.empty {
-			if passFailed && passCleaned == 0 {
-				fruitless++
-				if fruitless >= drainPasses {
-					return fmt.Errorf("%w: %d passes in a row failed: %w", ErrDrain, fruitless, res.lastErr)
-				}
-			} else {
+			if passProgress {
 				fruitless = 0
-			}
-			if res.empty && res.extents == 0 && !passFailed {
-				if d := f.src.DirtyBytes(); d > 0 {
-					return fmt.Errorf("%w: %d bytes dirty but no dirty extent listed", ErrDrain, d)
+			} else if fruitless++; fruitless >= drainPasses {
+				if res.lastErr != nil {
+					return fmt.Errorf("%w: %d passes in a row without progress: %w", ErrDrain, fruitless, res.lastErr)
 				}
+				return fmt.Errorf("%w: %d passes in a row without progress, %d bytes dirty", ErrDrain, fruitless, f.src.DirtyBytes())
 			}
-			passCleaned, passFailed = 0, false
+			passProgress = false
 		}
-		if res.errs > 0 {
-			backoff = min(max(2*backoff, f.cfg.RetryMin), f.cfg.RetryMax)
-			if !f.wait(ctx, backoff) {
-				return ctx.Err()
-			}
-		} else {
+		if progressed {
 			backoff = 0
+			continue
+		}
+		// Errors, or nothing listed or everything busy: wait and retry.
+		backoff = min(max(2*backoff, f.cfg.RetryMin), f.cfg.RetryMax)
+		if !f.wait(ctx, backoff) {
+			return ctx.Err()
 		}
 	}
 	if f.flush {

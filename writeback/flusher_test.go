@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -398,5 +399,50 @@ func TestRunTwice(t *testing.T) {
 		if err := <-done; err != nil {
 			t.Errorf("Run = %v after cancel, want nil", err)
 		}
+	})
+}
+
+// liar reports dirty bytes but lists no dirty extent (as a cache does while
+// another writeback holds every dirty range). After 1000 listings it blocks
+// until released, so that a spinning flusher shows up as a count, not a hang.
+type liar struct {
+	sliceSource
+	calls   atomic.Int64
+	release chan struct{}
+}
+
+func (l *liar) DirtyBytes() int64 { return 4096 }
+func (l *liar) DirtyExtents(from int64, fn func(btreeidx.Extent) bool) {
+	if l.calls.Add(1) > 1000 {
+		<-l.release
+	}
+}
+
+// TestNoSpin: dirty data that cannot be listed makes Run wait for the next
+// controller step, not spin, and makes Drain give up with ErrDrain.
+func TestNoSpin(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		l := &liar{release: make(chan struct{})}
+		defer close(l.release)
+		f := New(l, nullDev{1 << 20}, Config{IdleAfter: time.Millisecond, Logger: quiet})
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error)
+		go func() { done <- f.Run(ctx) }()
+		time.Sleep(10 * time.Second)
+		calls := l.calls.Load()
+		cancel()
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+		// Two listings (from the cursor, then from 0) per controller step.
+		if calls > 30 {
+			t.Errorf("Run listed dirty extents %d times in 10 s: it spins", calls)
+		}
+		l.calls.Store(0)
+		err := f.Drain(context.Background(), nil)
+		if !errors.Is(err, ErrDrain) {
+			t.Errorf("Drain = %v, want ErrDrain", err)
+		}
+		t.Logf("Run: %d listings in 10 s; Drain: %v", calls, err)
 	})
 }
