@@ -116,7 +116,7 @@ func (f *Flusher) batch(ctx context.Context) batchResult {
 	var res batchResult
 	now := time.Now()
 	f.mu.Lock()
-	mode := f.modeLocked(now)
+	mode := f.modeLocked(now, true)
 	budget := f.budgetLocked(mode)
 	from := f.mu.cursor
 	f.mu.Unlock()
@@ -287,7 +287,7 @@ func (f *Flusher) pace(ctx context.Context, n, sent int64, start time.Time) bool
 		}
 		now := time.Now()
 		f.mu.Lock()
-		mode := f.modeLocked(now)
+		mode := f.modeLocked(now, false)
 		if mode == ModeStopped || (sent > 0 && (sent+n > f.budgetLocked(mode) || now.Sub(start) >= f.cfg.BatchTime)) {
 			f.mu.Unlock()
 			return false

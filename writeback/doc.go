@@ -47,8 +47,13 @@
 // Failures: a failed cache read or backing write leaves its pieces dirty;
 // a failed Flush leaves the whole batch dirty. Each is counted in Stats,
 // logged once per batch (log/slog), and retried on a later pass after a
-// backoff that doubles from RetryMin to RetryMax. A ReadCached error that
-// wraps ErrStale is a lost race, counted as a collision without backoff.
+// backoff that doubles from RetryMin to RetryMax. A piece that was read
+// but not marked clean is handed to ReleaseCached if the Source implements
+// Releaser. A ReadCached error that wraps ErrStale is a lost race, counted
+// as a collision; one that wraps ErrBusy (someone else is writing that
+// range back) is skipped and counted; neither causes a backoff. When the
+// Source reports dirty bytes but lists nothing writable, Run waits for a
+// Kick or the next controller step instead of spinning.
 //
 // # Modes
 //

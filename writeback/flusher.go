@@ -186,26 +186,29 @@ func (f *Flusher) idleAt(now time.Time) (bool, time.Time) {
 	return !now.Before(at), at
 }
 
-// situationLocked gathers what decide needs. It starts an age pass when one
-// is due.
-func (f *Flusher) situationLocked(now time.Time) situation {
+// situationLocked gathers what decide needs. At a batch boundary
+// (between batches, when the cursor is free) it starts an age pass when
+// one is due; within a batch a due pass only makes the mode age, and the
+// pass starts at the next boundary.
+func (f *Flusher) situationLocked(now time.Time, boundary bool) situation {
 	s := situation{
 		dirty:    f.dirtyLocked(),
 		capacity: f.src.CapacityBytes(),
 		draining: f.draining.Load() > 0,
 	}
 	s.idle, _ = f.idleAt(now)
-	if s.dirty <= 0 {
+	if s.dirty <= 0 && f.mu.pending == 0 {
 		// Nothing dirty: nothing is old.
 		f.mu.swept, f.mu.agePass = now, false
 	}
-	if f.cfg.MaxDirtyAge >= 0 && !f.mu.agePass && now.Sub(f.mu.swept) > f.cfg.MaxDirtyAge {
+	due := f.cfg.MaxDirtyAge >= 0 && !f.mu.agePass && now.Sub(f.mu.swept) > f.cfg.MaxDirtyAge
+	if due && boundary {
 		// Restart the pass, so that when it completes everything dirty
 		// now has been written back once.
-		f.mu.agePass = true
+		f.mu.agePass, due = true, false
 		f.mu.cursor, f.mu.passFrom, f.mu.passErrs = 0, now, false
 	}
-	s.aged = f.mu.agePass
+	s.aged = f.mu.agePass || due
 	f.mu.stats.Dirty = s.dirty
 	return s
 }
@@ -218,9 +221,9 @@ func (f *Flusher) dirtyLocked() int64 {
 	return max(f.src.DirtyBytes()-f.mu.pending, 0)
 }
 
-// modeLocked decides what to do at now.
-func (f *Flusher) modeLocked(now time.Time) Mode {
-	m := decide(f.situationLocked(now), &f.cfg)
+// modeLocked decides what to do at now; boundary as for situationLocked.
+func (f *Flusher) modeLocked(now time.Time, boundary bool) Mode {
+	m := decide(f.situationLocked(now, boundary), &f.cfg)
 	f.mu.stats.Mode = m
 	return m
 }
@@ -290,7 +293,7 @@ func (f *Flusher) Run(ctx context.Context) error {
 			f.updateLocked(dt, w-lastWritten)
 			lastUpdate, lastWritten = now, w
 		}
-		mode := f.modeLocked(now)
+		mode := f.modeLocked(now, true)
 		f.mu.Unlock()
 
 		if mode == ModeStopped {
