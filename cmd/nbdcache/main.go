@@ -28,6 +28,8 @@ func commands() []command {
 		{"stats", "show a running server's counters (--control)", runStats},
 		{"flush", "flush --drain: write back every dirty byte of a running server and sync the backing", runFlush},
 		{"mode", "switch a running server's cache mode", runMode},
+		{"attach", "attach the storage as /dev/nbdN through the kernel's nbd driver (root)", runAttach},
+		{"detach", "disconnect /dev/nbdN; its attach process flushes and exits", runDetach},
 		{"version", "print the version", runVersion},
 	}
 }

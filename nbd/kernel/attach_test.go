@@ -1,0 +1,154 @@
+package kernel
+
+import (
+	"encoding/binary"
+	"flag"
+	"io"
+	"math/rand/v2"
+	"net"
+	"os"
+	"strconv"
+	"testing"
+	"time"
+)
+
+var seedFlag = flag.Uint64("seed", 0, "seed of the randomized tests (0: time-based; also $NBDCACHE_SEED)")
+
+// testSeed returns the seed to use and prints it, for replay.
+func testSeed(t *testing.T) uint64 {
+	t.Helper()
+	seed := *seedFlag
+	if s := os.Getenv("NBDCACHE_SEED"); seed == 0 && s != "" {
+		v, err := strconv.ParseUint(s, 10, 64)
+		if err != nil {
+			t.Fatalf("NBDCACHE_SEED: %v", err)
+		}
+		seed = v
+	}
+	if seed == 0 {
+		seed = uint64(time.Now().UnixNano())
+	}
+	t.Logf("seed %d (replay with -seed %d)", seed, seed)
+	return seed
+}
+
+// request encodes a simple NBD request header (and payload for WRITE).
+func request(typ uint16, length uint32, payload bool) []byte {
+	b := make([]byte, 28)
+	binary.BigEndian.PutUint32(b[0:4], requestMagic)
+	binary.BigEndian.PutUint16(b[6:8], typ)
+	binary.BigEndian.PutUint64(b[8:16], 42)
+	binary.BigEndian.PutUint32(b[24:28], length)
+	if payload {
+		p := make([]byte, length)
+		for i := range p {
+			// payload bytes that look like a DISC header, to catch a
+			// sniffer that does not skip payloads
+			p[i] = []byte{0x25, 0x60, 0x95, 0x13, 0, 0, 0, 2}[i%8]
+		}
+		b = append(b, p...)
+	}
+	return b
+}
+
+// TestSnifferModel feeds random request streams, cut at random places,
+// and compares what the sniffer saw with the model: DISC was seen iff a
+// DISC header was fed completely.
+func TestSnifferModel(t *testing.T) {
+	seed := testSeed(t)
+	r := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
+	for iter := range 500 {
+		var stream []byte
+		discAt := -1 // offset just after the DISC header
+		n := r.IntN(20)
+		for range n {
+			switch r.IntN(5) {
+			case 0, 1: // WRITE with payload
+				stream = append(stream, request(nbdCmdWrite, uint32(r.IntN(9000)), true)...)
+			case 2: // READ
+				stream = append(stream, request(0, uint32(r.IntN(1<<20)), false)...)
+			case 3: // FLUSH, TRIM
+				stream = append(stream, request(uint16(3+r.IntN(2)), uint32(r.IntN(1<<20)), false)...)
+			case 4:
+				if discAt < 0 && r.IntN(3) == 0 {
+					stream = append(stream, request(nbdCmdDisc, 0, false)...)
+					discAt = len(stream)
+				}
+			}
+		}
+		var s sniffer
+		fed := 0
+		for fed < len(stream) {
+			k := 1 + r.IntN(min(len(stream)-fed, 4096))
+			s.feed(stream[fed : fed+k])
+			fed += k
+			want := discAt >= 0 && fed >= discAt
+			if s.disc.Load() != want {
+				t.Fatalf("iter %d: after %d of %d bytes (DISC ends at %d) disc=%v", iter, fed, len(stream), discAt, s.disc.Load())
+			}
+		}
+		if s.broken {
+			t.Fatalf("iter %d: sniffer lost the stream", iter)
+		}
+	}
+	var s sniffer
+	s.feed([]byte("garbage that is no request header....."))
+	if !s.broken || s.disc.Load() {
+		t.Fatal("garbage not detected")
+	}
+}
+
+// TestTrackedConnsDone: Done closes only when every connection closed,
+// and a DISC marks the disconnect as requested; without netlink no
+// replacement is attempted.
+func TestTrackedConnsDone(t *testing.T) {
+	served := make(chan net.Conn, 4)
+	a := &Attachment{done: make(chan struct{}), cfg: AttachConfig{Connections: 2,
+		Serve: func(c net.Conn) error { served <- c; return nil }}}
+	var peers []net.Conn
+	for range 2 {
+		c1, c2 := net.Pipe()
+		if err := a.serve(c1); err != nil {
+			t.Fatal(err)
+		}
+		peers = append(peers, c2)
+	}
+	c := <-served
+	d := <-served
+	// The kernel sends DISC on the first connection.
+	go peers[0].Write(request(nbdCmdDisc, 0, false))
+	buf := make([]byte, 28)
+	if _, err := io.ReadFull(c, buf); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	c.Close() // counted once
+	select {
+	case <-a.Done():
+		t.Fatal("done with a connection still open")
+	default:
+	}
+	if !a.DisconnectRequested() {
+		t.Fatal("DISC not noticed")
+	}
+	d.Close()
+	select {
+	case <-a.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("not done after every connection closed")
+	}
+}
+
+func TestSocketpair(t *testing.T) {
+	k, s, err := socketpair(1 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer k.Close()
+	defer s.Close()
+	go k.Write([]byte("ping"))
+	buf := make([]byte, 4)
+	if _, err := io.ReadFull(s, buf); err != nil || string(buf) != "ping" {
+		t.Fatalf("read %q, %v", buf, err)
+	}
+}
