@@ -1,0 +1,104 @@
+// Command plot draws the writeback experiment's time series as a PNG:
+// client write IOPS, dirty data and writeback rate over time, one panel
+// each, sharing the time axis.
+//
+//	go run ./bench/plot -in series.csv -out writeback.png
+//
+// The CSV has a header line and the columns t_seconds, iops, dirty_mib,
+// writeback_mib_s.
+package main
+
+import (
+	"encoding/csv"
+	"flag"
+	"fmt"
+	"image/color"
+	"os"
+	"strconv"
+
+	"gonum.org/v1/plot"
+	"gonum.org/v1/plot/plotter"
+	"gonum.org/v1/plot/vg"
+	"gonum.org/v1/plot/vg/draw"
+	"gonum.org/v1/plot/vg/vgimg"
+)
+
+func main() {
+	in := flag.String("in", "", "CSV file (t_seconds, iops, dirty_mib, writeback_mib_s)")
+	out := flag.String("out", "writeback.png", "PNG to write")
+	title := flag.String("title", "nbdcache write-back over an HDD model: fio 4k randwrite QD32", "title")
+	flag.Parse()
+	if err := run(*in, *out, *title); err != nil {
+		fmt.Fprintln(os.Stderr, "plot:", err)
+		os.Exit(1)
+	}
+}
+
+func run(in, out, title string) error {
+	f, err := os.Open(in)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	rows, err := csv.NewReader(f).ReadAll()
+	if err != nil {
+		return err
+	}
+	if len(rows) < 2 {
+		return fmt.Errorf("%s: no data rows", in)
+	}
+	cols := len(rows[0])
+	if cols < 4 {
+		return fmt.Errorf("%s: want 4 columns, have %d", in, cols)
+	}
+	series := make([]plotter.XYs, 3)
+	for _, r := range rows[1:] {
+		var v [4]float64
+		for i := range v {
+			if v[i], err = strconv.ParseFloat(r[i], 64); err != nil {
+				return fmt.Errorf("%s: %q: %v", in, r[i], err)
+			}
+		}
+		for i := range series {
+			series[i] = append(series[i], plotter.XY{X: v[0], Y: v[i+1]})
+		}
+	}
+	labels := []string{"client write IOPS", "dirty (MiB)", "writeback (MiB/s)"}
+	colors := []color.Color{color.RGBA{0x1f, 0x77, 0xb4, 0xff}, color.RGBA{0xd6, 0x27, 0x28, 0xff}, color.RGBA{0x2c, 0xa0, 0x2c, 0xff}}
+	plots := make([][]*plot.Plot, 3)
+	for i := range series {
+		p := plot.New()
+		if i == 0 {
+			p.Title.Text = title
+		}
+		p.Y.Label.Text = labels[i]
+		if i == 2 {
+			p.X.Label.Text = "time (s)"
+		}
+		p.Add(plotter.NewGrid())
+		l, err := plotter.NewLine(series[i])
+		if err != nil {
+			return err
+		}
+		l.Color = colors[i]
+		l.Width = vg.Points(1.5)
+		p.Add(l)
+		plots[i] = []*plot.Plot{p}
+	}
+	img := vgimg.New(vg.Points(720), vg.Points(640))
+	dc := draw.New(img)
+	tiles := draw.Tiles{Rows: 3, Cols: 1, PadTop: vg.Points(6), PadBottom: vg.Points(6), PadLeft: vg.Points(6), PadRight: vg.Points(12), PadY: vg.Points(8)}
+	canvases := plot.Align(plots, tiles, dc)
+	for i := range plots {
+		plots[i][0].Draw(canvases[i][0])
+	}
+	w, err := os.Create(out)
+	if err != nil {
+		return err
+	}
+	if _, err := (vgimg.PngCanvas{Canvas: img}).WriteTo(w); err != nil {
+		w.Close()
+		return err
+	}
+	return w.Close()
+}

@@ -1,0 +1,114 @@
+#!/bin/bash
+# The writeback experiment (issue 5): fio 4k randwrite QD32 against a slow
+# backing (the hdd model), three ways, in one run:
+#   (a) direct:  nbdcache serve --backing-model hdd, no cache
+#   (b) nbdcache: the same behind nbdcache's write-back cache
+#   (c) nbdkit:  nbdkit's cache filter (write-back, 4 KiB blocks) in front of
+#                (a), through nbdkit's nbd plugin
+# then the drain of what (b) left dirty, timed against writing the same
+# number of blocks randomly to the model, and FLUSH latency after 2000
+# random dirty writes. Prints a table; writes series.csv and writeback.png
+# (IOPS, dirty bytes and writeback rate over time during (b)) to OUT.
+#
+#   bench/writeback-experiment.sh                # 30 s per run
+#   RUNTIME=10 OUT=/tmp/wb bench/writeback-experiment.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNTIME=${RUNTIME:-30}
+SPAN_MB=${SPAN_MB:-256}      # the region fio writes
+OUT=${OUT:-bench/out}
+PY=/usr/bin/python3
+for t in fio nbdkit $PY; do command -v "$t" >/dev/null || { echo "missing $t (run make deps)"; exit 1; }; done
+mkdir -p "$OUT"
+work=$(mktemp -d /tmp/nbdcache-wb.XXXXXX)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+bin="$work/nbdcache"
+go build -o "$bin" ./cmd/nbdcache
+
+# wait_serving LOG: wait for nbdcache to say it serves.
+wait_serving() { for _ in $(seq 600); do grep -q "serving export" "$1" 2>/dev/null && return; sleep 0.05; done; cat "$1"; exit 1; }
+wait_sock() { for _ in $(seq 600); do [ -S "$1" ] && return; sleep 0.05; done; echo "no socket $1"; exit 1; }
+
+fio_randwrite() { # URI OUTJSON
+	fio --name=wb --ioengine=nbd --uri="$1" --rw=randwrite --bs=4k --iodepth=32 --size="${SPAN_MB}M" \
+		--runtime="$RUNTIME" --time_based --randrepeat=1 --randseed=7 --output-format=json --output="$2" >/dev/null 2>&1
+}
+iops_of() { $PY -c "import json,sys;print(round(json.load(open(sys.argv[1]))['jobs'][0]['write']['iops']))" "$1"; }
+
+truncate -s 1G "$work/a.img" "$work/b.img" "$work/c.img"
+truncate -s 1G "$work/cache.img"
+
+echo "(a) direct to the hdd model..." >&2
+"$bin" serve --backing "$work/a.img" --backing-model hdd --listen "unix:$work/a.sock" >"$work/a.log" 2>&1 & pids+=($!)
+wait_serving "$work/a.log"
+fio_randwrite "nbd+unix:///?socket=$work/a.sock" "$work/a.json"
+A=$(iops_of "$work/a.json")
+
+echo "(b) nbdcache write-back over the hdd model..." >&2
+"$bin" serve --backing "$work/b.img" --backing-model hdd --cache "$work/cache.img" --format \
+	--listen "unix:$work/b.sock" --control "unix:$work/b.ctl" >"$work/b.log" 2>&1 & pids+=($!)
+bpid=$!
+wait_serving "$work/b.log"
+"$bin" stats --json --watch 1s --control "unix:$work/b.ctl" >"$work/stats.ndjson" 2>/dev/null & spid=$!
+fio_randwrite "nbd+unix:///?socket=$work/b.sock" "$work/b.json"
+B=$(iops_of "$work/b.json")
+DIRTY=$("$bin" stats --json --control "unix:$work/b.ctl" | $PY -c "import json,sys;print(json.load(sys.stdin)['dirty_bytes'])")
+t0=$(date +%s.%N)
+"$bin" flush --drain --control "unix:$work/b.ctl" >/dev/null
+t1=$(date +%s.%N)
+sleep 1
+kill $spid 2>/dev/null || true
+DRAIN=$($PY -c "print(f'{$t1-$t0:.2f}')")
+FLUSH_MS=$($PY bench/flushlat.py "nbd+unix:///?socket=$work/b.sock" 2000 $((SPAN_MB << 20)) 5 1 | sort -n | sed -n 3p)
+kill $bpid; wait $bpid 2>/dev/null || true
+
+echo "(c) nbdkit cache filter (write-back, 4 KiB blocks) over the hdd model..." >&2
+"$bin" serve --backing "$work/c.img" --backing-model hdd --listen "unix:$work/c-up.sock" >"$work/c-up.log" 2>&1 & pids+=($!)
+wait_serving "$work/c-up.log"
+nbdkit -f -U "$work/c.sock" --filter=cache nbd socket="$work/c-up.sock" cache=writeback cache-min-block-size=4096 >"$work/c.log" 2>&1 & pids+=($!)
+wait_sock "$work/c.sock"
+fio_randwrite "nbd+unix:///?socket=$work/c.sock" "$work/c.json"
+C=$(iops_of "$work/c.json")
+
+# The time to write the drained blocks randomly to the model: at (a)'s rate.
+BLOCKS=$((DIRTY / 4096))
+RANDOM_S=$($PY -c "print(f'{$BLOCKS/max($A,1):.1f}')")
+
+$PY - "$work/stats.ndjson" "$OUT/series.csv" <<'PYEOF'
+import json, sys
+objs, dec, buf = [], json.JSONDecoder(), open(sys.argv[1]).read()
+i = 0
+while True:
+    while i < len(buf) and buf[i].isspace():
+        i += 1
+    if i >= len(buf):
+        break
+    try:
+        o, i = dec.raw_decode(buf, i)
+    except ValueError:
+        break
+    objs.append(o)
+with open(sys.argv[2], "w") as f:
+    f.write("t_seconds,iops,dirty_mib,writeback_mib_s\n")
+    for a, b in zip(objs, objs[1:]):
+        dt = max(b["uptime_seconds"] - a["uptime_seconds"], 1e-3)
+        f.write("%.1f,%.0f,%.2f,%.2f\n" % (b["uptime_seconds"], (b["bytes_written"] - a["bytes_written"]) / 4096 / dt,
+                b["dirty_bytes"] / 2**20, (b["writeback_bytes"] - a["writeback_bytes"]) / 2**20 / dt))
+PYEOF
+go run ./bench/plot -in "$OUT/series.csv" -out "$OUT/writeback.png"
+
+cat <<EOT
+
+writeback experiment, $(date +%F), fio 4k randwrite QD32, ${RUNTIME} s over ${SPAN_MB} MiB, backing = hdd model
+| run | IOPS | ratio |
+|---|---|---|
+| (a) direct to the hdd model | $A | 1.0x |
+| (b) nbdcache write-back | $B | $($PY -c "print(f'{$B/max($A,1):.1f}x of (a), {$B/max($C,1):.2f}x of (c)')") |
+| (c) nbdkit cache filter, write-back | $C | $($PY -c "print(f'{$C/max($A,1):.1f}x of (a)')") |
+
+drain of (b): $BLOCKS dirty 4 KiB blocks in ${DRAIN} s; writing them randomly to the model at (a)'s rate: ${RANDOM_S} s (ratio $($PY -c "print(f'{$DRAIN/max($RANDOM_S,1e-9):.3f}')"))
+FLUSH after 2000 random dirty 4 KiB writes (median of 5): ${FLUSH_MS} ms
+plot: $OUT/writeback.png, series: $OUT/series.csv
+EOT
