@@ -99,6 +99,9 @@ func joinLines(s []string) string {
 func (c *checker) apply(o op) {
 	c.t.Helper()
 	c.step++
+	if len(c.trace) == 64 {
+		c.trace = append(c.trace[:0], c.trace[44:]...)
+	}
 	c.trace = append(c.trace, o.String())
 	end := min(o.off+o.len, int64(len(c.m)))
 	switch o.kind {
@@ -364,11 +367,12 @@ func TestModel(t *testing.T) {
 }
 
 // decodeOps turns fuzz input into operations on a 320-sector device, six
-// bytes per operation.
+// bytes per operation, at most maxFuzzOps of them (longer inputs only slow
+// the fuzzer down).
 func decodeOps(data []byte) []op {
 	var ops []op
 	var ver uint64
-	for ; len(data) >= 6; data = data[6:] {
+	for ; len(data) >= 6 && len(ops) < maxFuzzOps; data = data[6:] {
 		o := op{
 			kind:  opKind(data[0] % uint8(numOps)),
 			off:   int64(data[1]),
@@ -389,7 +393,10 @@ func decodeOps(data []byte) []op {
 	return ops
 }
 
-const fuzzSectors = 256 + 64
+const (
+	fuzzSectors = 256 + 64
+	maxFuzzOps  = 100
+)
 
 func FuzzIndexOps(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) {
