@@ -1,0 +1,52 @@
+# Attach and use: 2 connections; fio verify=crc32c on /dev/nbd0; ext4 and
+# xfs: mount, write and fsync files, umount, clean fsck, detach,
+# re-attach and check every file.
+set -e
+. /lib.sh
+
+step "attach, 2 connections"
+attach a1 --connections 2
+queue_report
+[ "$(cat /sys/block/nbd0/queue/max_sectors_kb)" = 1024 ] || fail "max_sectors_kb not applied"
+
+step "fio verify=crc32c on /dev/nbd0"
+fio --name=verify --filename=/dev/nbd0 --direct=1 --ioengine=libaio --iodepth=16 \
+	--rw=randwrite --bsrange=4k-64k --size=48m --verify=crc32c --verify_fatal=1 \
+	--do_verify=1 --randseed=${SEED:-1} --output=/tmp/fio.log || { cat /tmp/fio.log; fail "fio verify"; }
+grep -E 'err=|IOPS' /tmp/fio.log | head -4
+
+for fs in ext4 xfs; do
+	step "$fs: mkfs, mount, write and fsync files"
+	case $fs in
+	ext4) mkfs.ext4 -q -F /dev/nbd0 ;;
+	xfs) mkfs.xfs -q -f /dev/nbd0 ;;
+	esac
+	mount -t $fs /dev/nbd0 $MNT
+	rm -f /tmp/sums
+	write_files $MNT 40
+	umount $MNT
+	step "$fs: fsck"
+	case $fs in
+	ext4) e2fsck -f -n /dev/nbd0 || fail "e2fsck found problems" ;;
+	xfs) xfs_repair -n /dev/nbd0 >/tmp/repair.log 2>&1 || { cat /tmp/repair.log; fail "xfs_repair found problems"; } ;;
+	esac
+	step "$fs: detach"
+	nbdcache detach /dev/nbd0
+	finish $apid a1
+	step "$fs: re-attach, check every file"
+	attach a1 --connections 2
+	mount -t $fs -o ro /dev/nbd0 $MNT
+	verify /tmp/sums
+	umount $MNT
+	if [ $fs = ext4 ]; then
+		nbdcache detach /dev/nbd0
+		finish $apid a1
+		attach a1 --connections 2
+	fi
+done
+
+step "stop with SIGTERM"
+kill -TERM $apid
+finish $apid a1
+no_io_errors
+echo "ATTACH-SCENARIO-OK"

@@ -1,0 +1,64 @@
+# Speed ratio: fio on /dev/nbd0 served by nbdcache, then by nbd-server
+# with nbd-client, on the same disk and with the same number of
+# connections. Under TCG only the ratio means anything.
+# Prints "BENCH <job> nbdcache=<KiB/s> peer=<KiB/s>".
+set -e
+. /lib.sh
+CONNS=${BENCH_CONNECTIONS:-2}
+RUNTIME=${BENCH_RUNTIME:-8}
+
+# run_jobs LABEL: the four jobs on /dev/nbd0; results in /tmp/bench.LABEL
+run_jobs() {
+	local label=$1
+	: >/tmp/bench.$label
+	for job in "seq-write-1M write 1M 4" "seq-read-1M read 1M 4" "rand-write-4k randwrite 4k 16" "rand-read-4k randread 4k 16"; do
+		# shellcheck disable=SC2086
+		set -- $job
+		out=$(fio --name=$1 --filename=/dev/nbd0 --direct=1 --ioengine=libaio --rw=$2 --bs=$3 \
+			--iodepth=$4 --size=256m --runtime=$RUNTIME --time_based --minimal)
+		case $2 in
+		*write) bw=$(echo "$out" | awk -F';' '{print $48}') ;;
+		*) bw=$(echo "$out" | awk -F';' '{print $7}') ;;
+		esac
+		echo "$1 $bw" >>/tmp/bench.$label
+		echo "$label $1 ${bw} KiB/s"
+	done
+}
+
+step "prefill /dev/vdb (reads of holes are not a fair test)"
+dd if=/dev/urandom of=/tmp/r bs=1M count=16 2>/dev/null
+i=0; while [ $i -lt 16 ]; do dd if=/tmp/r of=/dev/vdb bs=1M seek=$((i * 16)) conv=notrunc,fsync 2>/dev/null; i=$((i + 1)); done
+
+step "nbdcache"
+attach b1 --connections $CONNS
+run_jobs nbdcache
+nbdcache detach /dev/nbd0
+finish $apid b1
+
+step "nbd-server + nbd-client"
+mkdir -p /etc/nbd-server
+cat >/etc/nbd-server/config <<CFG
+[generic]
+user = root
+group = root
+listenaddr = 127.0.0.1
+port = 10809
+[disk]
+exportname = /dev/vdb
+flush = true
+fua = true
+trim = true
+multifile = false
+CFG
+nbd-server -C /etc/nbd-server/config
+n=0
+while ! grep -q ':2A39 00000000:0000 0A' /proc/net/tcp && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+nbd-client -N disk -C $CONNS 127.0.0.1 10809 /dev/nbd0
+run_jobs peer
+nbd-client -d /dev/nbd0
+
+while read -r job a; do
+	b=$(awk -v j="$job" '$1 == j {print $2}' /tmp/bench.peer)
+	echo "BENCH $job nbdcache=$a peer=$b"
+done </tmp/bench.nbdcache
+echo "BENCH-SCENARIO-OK"

@@ -1,0 +1,111 @@
+# Helpers for the guest scripts; installed as /lib.sh and sourced. busybox sh.
+# shellcheck shell=sh
+# STORAGE: the storage flags of every nbdcache attach (default: the backing disk only).
+# (commas stand for spaces: kernel command line words hold none)
+STORAGE=$(echo "${NBDCACHE_STORAGE:---backing /dev/vdb}" | tr , ' ')
+# ATTACH_FLAGS: extra attach flags for every start (timeouts and the like).
+ATTACH_FLAGS=${ATTACH_FLAGS:-}
+MNT=/mnt/n
+mkdir -p $MNT
+
+t() { cut -d' ' -f1 /proc/uptime; }
+step() { echo "STEP $(t) $*"; }
+fail() {
+	echo "FAIL: $*"
+	for f in /tmp/*.out /tmp/*.err; do [ -s "$f" ] && { echo "--- $f"; tail -n 30 "$f"; }; done
+	echo "--- dmesg"; dmesg | tail -n 40
+	exit 1
+}
+
+# wait_line FILE REGEX [TENTHS]: wait until FILE has a line matching REGEX.
+wait_line() {
+	local n=0
+	while ! grep -q "$2" "$1" 2>/dev/null; do
+		n=$((n + 1))
+		[ $n -gt "${3:-600}" ] && return 1
+		sleep 0.1
+	done
+}
+
+# attach NAME [FLAGS...]: start `nbdcache attach` in the background (pid in
+# $apid) and wait until it says it attached or reconnected.
+attach() {
+	local name=$1
+	shift
+	rm -f /tmp/$name.out /tmp/$name.err
+	# shellcheck disable=SC2086
+	${NBDCACHE:-nbdcache} attach $STORAGE $ATTACH_FLAGS "$@" >/tmp/$name.out 2>/tmp/$name.err &
+	apid=$!
+	wait_line /tmp/$name.out 'nbdcache: \(attached\|reconnected\)' 600 || fail "attach $name did not start"
+	cat /tmp/$name.out
+}
+
+# finish PID NAME [WORD]: wait for an attach process; it must exit 0 and
+# have printed "nbdcache: WORD" (default detached).
+finish() {
+	local rc=0
+	wait "$1" || rc=$?
+	cat /tmp/$2.out
+	[ $rc = 0 ] || fail "attach $2 exited with $rc"
+	grep -q "nbdcache: ${3:-detached}" /tmp/$2.out || fail "attach $2 did not say ${3:-detached}"
+}
+
+# write_files DIR N: N files of random sizes, each fsync'd; sums in /tmp/sums.
+write_files() {
+	local n=0
+	while [ $n -lt "$2" ]; do
+		dd if=/dev/urandom of="$1/f$n" bs=4k count=$((1 + n * 7 % 64)) conv=fsync 2>/dev/null || fail "writing $1/f$n"
+		n=$((n + 1))
+	done
+	md5sum "$1"/f* >>/tmp/sums
+}
+
+# writer DIR: fsync-heavy writer until /tmp/stop exists. Each file is
+# written from a copy in RAM with fsync; only after fsync returned is its
+# sum recorded in /tmp/synced. Exits 1 on the first I/O error.
+writer() {
+	local i=0
+	while [ ! -e /tmp/stop ]; do
+		dd if=/dev/urandom of=/tmp/w.tmp bs=4k count=$((1 + i % 16)) 2>/dev/null
+		dd if=/tmp/w.tmp of="$1/w$i" bs=4k conv=fsync 2>/dev/null || { echo "WRITER: I/O error on $1/w$i"; exit 1; }
+		echo "$(md5sum </tmp/w.tmp | cut -d' ' -f1)  $1/w$i" >>/tmp/synced
+		i=$((i + 1))
+	done
+	echo "WRITER: $i files fsync'd"
+}
+
+# synced_count: how many files the writer has fsync'd.
+synced_count() { [ -f /tmp/synced ] && wc -l </tmp/synced || echo 0; }
+
+# wait_synced N [TENTHS]: wait until the writer fsync'd N files.
+wait_synced() {
+	local n=0
+	while [ "$(synced_count)" -lt "$1" ]; do
+		n=$((n + 1))
+		[ $n -gt "${2:-1200}" ] && fail "writer stuck at $(synced_count) files"
+		sleep 0.1
+	done
+}
+
+# verify SUMFILE: drop caches, then check every recorded sum.
+verify() {
+	sync
+	echo 3 >/proc/sys/vm/drop_caches
+	md5sum -c "$1" >/tmp/verify.log 2>&1 || { grep -v ': OK$' /tmp/verify.log | head; fail "files differ ($1)"; }
+	echo "verified $(wc -l <"$1") files"
+}
+
+# no_io_errors: the kernel logged no I/O error on nbd.
+no_io_errors() {
+	if dmesg | grep -iE 'I/O error.*nbd|nbd.*(I/O error|Dead connection|Connection timed out$)' >/tmp/ioerr; then
+		cat /tmp/ioerr
+		fail "the kernel saw I/O errors"
+	fi
+}
+
+queue_report() {
+	for f in size queue/logical_block_size queue/max_sectors_kb queue/rotational queue/nr_requests backend; do
+		printf '%s=%s ' "$f" "$(cat /sys/block/nbd0/$f 2>/dev/null)"
+	done
+	echo
+}
