@@ -57,7 +57,7 @@ func heapAlloc() uint64 {
 func fill(n, d int, p pattern, seed uint64) (ix *Index, perExtent float64, took time.Duration) {
 	r := rand.New(rand.NewPCG(seed, 1))
 	before := heapAlloc()
-	ix = newDegree(d)
+	ix = newIndex(d, regionShift)
 	start := time.Now()
 	for i := range n {
 		ix.Insert(p(r, i), nil)
@@ -75,7 +75,7 @@ func BenchmarkInsertRandom(b *testing.B) {
 	for _, d := range []int{16, 32, degree, 128} {
 		b.Run(fmt.Sprintf("degree=%d", d), func(b *testing.B) {
 			r := rand.New(rand.NewPCG(1, 1))
-			ix := newDegree(d)
+			ix := newIndex(d, regionShift)
 			p := random4K(true)
 			b.ReportAllocs()
 			b.SetBytes(4 * kib)

@@ -10,7 +10,22 @@ func (ix *Index) Check() error {
 		err                       error
 		n, sectors, dirty, dirtyN int64
 		prevEnd                   int64
+		regions                   int   // regions with dirty extents, walked
+		cur                       int64 // region being counted
+		curN                      int   // its dirty extents
 	)
+	// flush compares the dirty count of region cur with the summary.
+	flush := func() {
+		if curN == 0 {
+			return
+		}
+		regions++
+		r, ok := ix.dirty.Get(regionKey(cur))
+		if !ok || r.count() != curN {
+			err = fmt.Errorf("%w: region %d (from byte %d) holds %d dirty extents, summary says %d",
+				ErrCorrupt, cur, cur<<(ix.regionShift+sectorShift), curN, r.count())
+		}
+	}
 	ix.tree.Ascend(func(it item) bool {
 		p := it.unpack()
 		switch {
@@ -22,21 +37,29 @@ func (ix *Index) Check() error {
 			err = fmt.Errorf("%w: extent %d %v starts before the previous one ends (%d)", ErrCorrupt, n, p.extent(), prevEnd<<sectorShift)
 		case p.loc+p.len() > maxLocS:
 			err = fmt.Errorf("%w: extent %d %v: location beyond %d", ErrCorrupt, n, p.extent(), MaxLoc)
-		case p.dirty && !ix.dirty.Has(p.end):
-			err = fmt.Errorf("%w: dirty extent %d %v missing from the dirty set", ErrCorrupt, n, p.extent())
 		}
 		if err != nil {
 			return false
+		}
+		if id := p.end >> ix.regionShift; id != cur {
+			if flush(); err != nil {
+				return false
+			}
+			cur, curN = id, 0
 		}
 		n++
 		sectors += p.len()
 		if p.dirty {
 			dirtyN++
+			curN++
 			dirty += p.len()
 		}
 		prevEnd = p.end
 		return true
 	})
+	if err == nil {
+		flush()
+	}
 	switch {
 	case err != nil:
 		return err
@@ -46,10 +69,12 @@ func (ix *Index) Check() error {
 		return fmt.Errorf("%w: extents cover %d bytes, counter says %d", ErrCorrupt, sectors<<sectorShift, ix.Bytes())
 	case dirty != ix.dirtySectors:
 		return fmt.Errorf("%w: dirty extents cover %d bytes, counter says %d", ErrCorrupt, dirty<<sectorShift, ix.DirtyBytes())
-	case dirtyN != int64(ix.dirty.Len()):
-		// Every dirty extent's key is in the set (checked above), so equal
-		// sizes mean the set holds nothing else.
-		return fmt.Errorf("%w: %d dirty extents, dirty set holds %d keys", ErrCorrupt, dirtyN, ix.dirty.Len())
+	case dirtyN != int64(ix.dirtyN):
+		return fmt.Errorf("%w: %d dirty extents, counter says %d", ErrCorrupt, dirtyN, ix.dirtyN)
+	case regions != ix.dirty.Len():
+		// Every region walked matched the summary, so a surplus there is a
+		// region without dirty extents.
+		return fmt.Errorf("%w: %d regions hold dirty extents, summary lists %d", ErrCorrupt, regions, ix.dirty.Len())
 	}
 	return nil
 }

@@ -26,9 +26,12 @@
 //     nothing observable but Len() changes: same Ver, Gen and Dirty, and
 //     contiguous Loc (pieces of one write, rejoined by MarkClean or
 //     Replace). Insert never merges: every write has its own Ver.
-//  4. The dirty set holds exactly the end keys of the dirty extents, so
-//     AscendDirty costs O(log n) per dirty extent reported, however many
-//     clean extents there are.
+//  4. The dirty summary is exact: the virtual device is cut into regions
+//     of 1 MiB, and an extent belongs to region r when
+//     r MiB <= End() < (r+1) MiB (the key decides), and a second B-tree lists
+//     every region holding dirty extents with their count, and no other
+//     region. AscendDirty walks that list, skips clean regions whole and
+//     stops scanning a region after its last dirty extent.
 //  5. Len, Bytes, DirtyBytes and DirtyLen equal what a full walk counts.
 //
 // # Ordering rules
@@ -62,10 +65,14 @@
 //	w2    63..32  location sector, low 32 bits (43 in all: cache < 4 PiB)
 //	w2    31..0   length in sectors (32 bits: < 2 TiB per item)
 //
-// A dirty extent costs 8 more bytes (its key in the dirty set) plus that
-// set's node overhead. Both trees use degree 64. bench_test.go measures
-// the bytes per extent; doc figures are in the package's commit history
-// and the README of the benchmarks.
+// The dirty summary costs 8 bytes (plus node overhead) per region with
+// dirty extents, shared by every dirty extent in it: little when dirty
+// data is dense (sequential writes), at most about 12 bytes per dirty
+// extent when each sits alone in its region. Both trees use degree 64.
+// Measured by BenchmarkMemory (1e6 extents of 4 KiB, heap bytes per
+// extent): random and never adjacent 35.5 clean, 43.5 dirty; sequential
+// 50 clean or dirty (B-tree nodes split in the middle, so appending in
+// order leaves them half full). TestLong measures 1e7 random inserts.
 //
 // Calls do not allocate in the steady state: results go to callbacks, and
 // range operations reuse one scratch slice of at most 64 items (they work

@@ -19,23 +19,26 @@ const (
 // own mutex, held across every call, including the callbacks. Callbacks
 // (fn, dropped) may read the Index but must not modify it.
 type Index struct {
-	tree  *btree.BTreeG[item]  // every extent, keyed by end sector
-	dirty *btree.BTreeG[int64] // end sector of every dirty extent
+	tree  *btree.BTreeG[item]   // every extent, keyed by end sector
+	dirty *btree.BTreeG[region] // regions holding dirty extents, with counts
 
 	sectors      int64 // sectors covered by tree
 	dirtySectors int64 // sectors covered by dirty extents
+	dirtyN       int   // number of dirty extents
+	regionShift  uint  // log2 of the region size in sectors; tests shrink it
 
 	scratch []item // reused by range operations; never more than batch items
 }
 
 // New returns an empty index.
-func New() *Index { return newDegree(degree) }
+func New() *Index { return newIndex(degree, regionShift) }
 
-func newDegree(d int) *Index {
+func newIndex(d int, regionShift uint) *Index {
 	return &Index{
-		tree:    btree.NewG(d, less),
-		dirty:   btree.NewOrderedG[int64](d),
-		scratch: make([]item, 0, batch),
+		tree:        btree.NewG(d, less),
+		dirty:       btree.NewG(d, regionLess),
+		regionShift: regionShift,
+		scratch:     make([]item, 0, batch),
 	}
 }
 
@@ -50,7 +53,7 @@ func (ix *Index) Bytes() int64 { return ix.sectors << sectorShift }
 func (ix *Index) DirtyBytes() int64 { return ix.dirtySectors << sectorShift }
 
 // DirtyLen is the number of dirty extents.
-func (ix *Index) DirtyLen() int { return ix.dirty.Len() }
+func (ix *Index) DirtyLen() int { return ix.dirtyN }
 
 // Insert adds e, replacing whatever overlapped [e.Off, e.End()):
 // overlapped extents are split or trimmed. dropped (may be nil) is called,
@@ -154,19 +157,32 @@ func (ix *Index) Ascend(from int64, fn func(Extent) bool) {
 
 // AscendDirty calls fn, in ascending order, for every dirty extent with
 // End() > from, until fn returns false. Extents are reported whole. It
-// walks the dirty set, not the whole index: each reported extent costs one
-// O(log n) lookup however many clean extents lie in between.
+// skips every region (see doc.go) without dirty extents, and within a
+// region it stops after the last dirty one, so its cost follows the dirty
+// extents, not the clean ones around them.
 func (ix *Index) AscendDirty(from int64, fn func(Extent) bool) {
 	first, ok := pivot(from)
 	if !ok {
 		return
 	}
-	ix.dirty.AscendGreaterOrEqual(first, func(endS int64) bool {
-		it, ok := ix.tree.Get(keyItem(endS))
-		if !ok {
-			return true // Check reports the mismatch
-		}
-		return fn(it.extent())
+	ix.dirty.AscendGreaterOrEqual(regionKey(first>>ix.regionShift), func(r region) bool {
+		left := r.count() // dirty extents of the region not yet seen
+		limit := (r.id() + 1) << ix.regionShift
+		cont := true
+		ix.tree.AscendGreaterOrEqual(keyItem(max(first, r.id()<<ix.regionShift)), func(it item) bool {
+			if it.endS() >= limit {
+				return false
+			}
+			if !it.dirty() {
+				return true
+			}
+			left--
+			if cont = fn(it.extent()); !cont {
+				return false
+			}
+			return left > 0
+		})
+		return cont
 	})
 }
 
@@ -262,10 +278,10 @@ func (ix *Index) put(p piece) (old item, replaced bool) {
 	case p.dirty:
 		ix.dirtySectors += n
 		if !wasDirty {
-			ix.dirty.ReplaceOrInsert(p.end)
+			ix.markDirty(p.end, 1)
 		}
 	case wasDirty:
-		ix.dirty.Delete(p.end)
+		ix.markDirty(p.end, -1)
 	}
 	return old, replaced
 }
@@ -277,6 +293,23 @@ func (ix *Index) remove(it item) {
 	ix.sectors -= n
 	if it.dirty() {
 		ix.dirtySectors -= n
-		ix.dirty.Delete(it.endS())
+		ix.markDirty(it.endS(), -1)
+	}
+}
+
+// markDirty counts one dirty extent more (d = 1) or less (d = -1) in the
+// region of the end sector endS, and drops regions that reach zero.
+func (ix *Index) markDirty(endS int64, d int) {
+	ix.dirtyN += d
+	id := endS >> ix.regionShift
+	old, found := ix.dirty.ReplaceOrInsert(mkRegion(id, 1))
+	if !found {
+		return // d must be 1: now counted
+	}
+	switch n := old.count() + d; n {
+	case 0:
+		ix.dirty.Delete(old)
+	default:
+		ix.dirty.ReplaceOrInsert(mkRegion(id, n)) // warm: same path again
 	}
 }

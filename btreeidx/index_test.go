@@ -455,8 +455,10 @@ func TestCheckFails(t *testing.T) {
 		{"empty", func(ix *Index) { ix.tree.ReplaceOrInsert(piece{start: 50, end: 50}.pack()) }, "length 0"},
 		{"bytes counter", func(ix *Index) { ix.sectors++ }, "counter says"},
 		{"dirty counter", func(ix *Index) { ix.dirtySectors-- }, "counter says"},
-		{"dirty key missing", func(ix *Index) { ix.dirty.Delete(20) }, "missing from the dirty set"},
-		{"stray dirty key", func(ix *Index) { ix.dirty.ReplaceOrInsert(99) }, "dirty set holds"},
+		{"dirty region missing", func(ix *Index) { ix.dirty.Delete(regionKey(0)) }, "summary says 0"},
+		{"dirty count wrong", func(ix *Index) { ix.dirty.ReplaceOrInsert(mkRegion(0, 2)) }, "summary says 2"},
+		{"stray dirty region", func(ix *Index) { ix.dirty.ReplaceOrInsert(mkRegion(99, 1)) }, "summary lists 2"},
+		{"dirty extent counter", func(ix *Index) { ix.dirtyN++ }, "counter says 2"},
 		{"spare bit", func(ix *Index) {
 			it := piece{start: 40, end: 41}.pack()
 			it.w0 |= spareBit

@@ -72,8 +72,10 @@ type checker struct {
 	trace []string // recent ops, printed on failure
 }
 
-func newChecker(t testing.TB, sectors int) *checker {
-	return &checker{t: t, ix: New(), m: make([]slot, sectors)}
+// newChecker models a device of the given size. Dirty regions of
+// 1<<regionShift sectors: small ones, so that AscendDirty crosses many.
+func newChecker(t testing.TB, sectors int, regionShift uint) *checker {
+	return &checker{t: t, ix: newIndex(degree, regionShift), m: make([]slot, sectors)}
 }
 
 func (c *checker) fatalf(format string, args ...any) {
@@ -355,7 +357,9 @@ func TestModel(t *testing.T) {
 	for i, cfg := range configs {
 		t.Run(cfg.name, func(t *testing.T) {
 			r := rand.New(rand.NewPCG(uint64(seed), uint64(i)))
-			c := newChecker(t, cfg.sectors)
+			shift := uint(r.IntN(8))
+			t.Logf("regions of %d sectors", 1<<shift)
+			c := newChecker(t, cfg.sectors, shift)
 			var nextVer uint64
 			for range *opsFlag {
 				c.apply(c.randomOp(r, cfg, &nextVer))
@@ -400,7 +404,7 @@ const (
 
 func FuzzIndexOps(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) {
-		c := newChecker(t, fuzzSectors)
+		c := newChecker(t, fuzzSectors, 3)
 		for _, o := range decodeOps(data) {
 			c.apply(o)
 			c.verify(nil)
