@@ -26,11 +26,10 @@
 //     nothing observable but Len() changes: same Ver, Gen and Dirty, and
 //     contiguous Loc (pieces of one write, rejoined by MarkClean or
 //     Replace). Insert never merges: every write has its own Ver.
-//  4. The dirty summary is exact: the virtual device is cut into regions
-//     of 1 MiB, and an extent belongs to region r when
-//     r MiB <= End() < (r+1) MiB (the key decides), and a second B-tree lists
-//     every region holding dirty extents with their count, and no other
-//     region. AscendDirty walks that list, skips clean regions whole and
+//  4. The dirty summary is exact. The virtual device is cut into regions
+//     of 2 MiB; an extent belongs to region r when 2r MiB <= End() <
+//     2(r+1) MiB (its key decides). A second B-tree lists every region
+//     holding dirty extents, with their count, and no other region. AscendDirty walks that list, skips clean regions whole and
 //     stops scanning a region after its last dirty extent.
 //  5. Len, Bytes, DirtyBytes and DirtyLen equal what a full walk counts.
 //
