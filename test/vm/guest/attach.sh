@@ -48,5 +48,14 @@ done
 step "stop with SIGTERM"
 kill -TERM $apid
 finish $apid a1
+
+step "the ioctl path: attach --ioctl, check every file, detach"
+attach a2 --ioctl --connections 2
+grep -q ioctl /tmp/a2.out || fail "not attached with ioctls"
+mount -t xfs -o ro /dev/nbd0 $MNT
+verify /tmp/sums
+umount $MNT
+nbdcache detach /dev/nbd0
+finish $apid a2
 no_io_errors
 echo "ATTACH-SCENARIO-OK"

@@ -8,8 +8,16 @@ set -e
 # kernel when their timeout expires: a short one keeps the test short.
 ATTACH_FLAGS="--timeout 10s $ATTACH_FLAGS"
 
+step "hide modules.dep and gzip nbd.ko: attach must load it anyway"
+[ ! -e /sys/module/nbd ] || fail "nbd already loaded"
+modprobe xfs # mount's module autoload needs modules.dep
+rm -f /lib/modules/*/modules.dep
+gzip /lib/modules/*/kernel/drivers/block/nbd.ko
+ls /lib/modules/*/kernel/drivers/block/
+
 step "attach, mkfs.xfs, mount, start the writer"
 attach u1 --connections 2
+[ -e /sys/module/nbd ] || fail "nbd not loaded"
 mkfs.xfs -q -f /dev/nbd0
 mount -t xfs /dev/nbd0 $MNT
 rm -f /tmp/synced /tmp/stop
