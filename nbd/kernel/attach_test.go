@@ -4,12 +4,16 @@ import (
 	"encoding/binary"
 	"flag"
 	"io"
+	"log/slog"
 	"math/rand/v2"
 	"net"
 	"os"
 	"strconv"
 	"testing"
 	"time"
+
+	"github.com/mdlayher/genetlink"
+	"github.com/mdlayher/netlink"
 )
 
 var seedFlag = flag.Uint64("seed", 0, "seed of the randomized tests (0: time-based; also $NBDCACHE_SEED)")
@@ -150,5 +154,74 @@ func TestSocketpair(t *testing.T) {
 	buf := make([]byte, 4)
 	if _, err := io.ReadFull(s, buf); err != nil || string(buf) != "ping" {
 		t.Fatalf("read %q, %v", buf, err)
+	}
+}
+
+// TestHealReplacesDeadConnection: a connection that ends without a DISC
+// is replaced with a fresh socket through RECONFIGURE, Done stays open,
+// and nothing is replaced after Release.
+func TestHealReplacesDeadConnection(t *testing.T) {
+	reconf := make(chan []byte, 8)
+	n := fakeKernel(t, func(greq genetlink.Message, _ netlink.Message) ([]genetlink.Message, error) {
+		if greq.Header.Command == cmdReconfigure {
+			reconf <- greq.Data
+		}
+		return []genetlink.Message{{}}, nil
+	})
+	served := make(chan net.Conn, 8)
+	a := &Attachment{done: make(chan struct{}), nl: n, index: 3, log: slog.New(slog.DiscardHandler),
+		cfg: AttachConfig{Connections: 1, Config: Config{Index: 3, Backend: "b", DeadConnTimeout: time.Minute},
+			Serve: func(c net.Conn) error { served <- c; return nil }}}
+	c1, c2 := net.Pipe()
+	defer c2.Close()
+	if err := a.serve(c1); err != nil {
+		t.Fatal(err)
+	}
+	(<-served).Close() // the kernel gave the socket up: no DISC
+	var data []byte
+	select {
+	case data = <-reconf:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no RECONFIGURE after a dead connection")
+	}
+	ad, err := netlink.NewAttributeDecoder(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var index uint32 = 99
+	socks := 0
+	for ad.Next() {
+		switch ad.Type() {
+		case attrIndex:
+			index = ad.Uint32()
+		case attrSockets:
+			ad.Nested(func(nad *netlink.AttributeDecoder) error {
+				for nad.Next() {
+					socks++
+				}
+				return nil
+			})
+		}
+	}
+	if index != 3 || socks != 1 {
+		t.Fatalf("reconfigure index %d with %d sockets, want 3 and 1", index, socks)
+	}
+	repl := <-served
+	select {
+	case <-a.Done():
+		t.Fatal("done while the replacement is open")
+	default:
+	}
+	a.Release()
+	repl.Close()
+	select {
+	case <-a.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("not done after the replacement closed")
+	}
+	select {
+	case <-reconf:
+		t.Fatal("replaced a connection after Release")
+	default:
 	}
 }
