@@ -1,0 +1,411 @@
+package cache
+
+import (
+	"context"
+	"crypto/rand"
+	"fmt"
+	"log/slog"
+	"sync"
+
+	"github.com/dgraph-io/ristretto/v2"
+	"github.com/nbdcache/nbdcache/btreeidx"
+	"github.com/nbdcache/nbdcache/storage"
+)
+
+// Bucket states.
+const (
+	bFree    uint8 = iota // empty, reusable
+	bOpen                 // being filled by an allocator
+	bFull                 // sealed; holds extents
+	bPending              // emptied; reusable once a checkpoint is durable
+)
+
+type bucket struct {
+	gen      uint8  // on-disk generation, in extents and checkpoints
+	state    uint8  // bFree...
+	inflight int32  // allocations whose extent is not inserted yet
+	epoch    uint64 // bumped whenever the bucket is emptied: readers revalidate
+	live     int64  // bytes of index extents in the bucket
+	sealed   uint64 // order in which the bucket filled (FIFO eviction)
+}
+
+// allocator appends into one open bucket.
+type allocator struct {
+	b  int64 // open bucket, -1 for none
+	wp int64 // next free byte in it, device offset
+}
+
+// inflightWB is a writeback in progress (ReadCached → MarkClean).
+type inflightWB struct {
+	off, end int64
+	ver      uint64
+}
+
+// stream is one sequential stream for the cutoff.
+type stream struct {
+	end, bytes int64
+	used       uint64
+}
+
+// sealedBlock is a journal block waiting to be written.
+type sealedBlock struct {
+	seq  uint64
+	pos  int64
+	data []byte
+}
+
+// Cache is a storage.Device made of a cache device and a backing device.
+// See doc.go.
+type Cache struct {
+	dev, back storage.Device
+	sb        superblock // geometry is immutable; State and Seq under mu
+	salt      uint32
+	opts      Options
+	log       *slog.Logger
+	maxExt    int64
+
+	// gate: index-changing operations hold it shared (enter/leave);
+	// a checkpoint holds it exclusively.
+	gate  sync.RWMutex
+	sem   chan struct{} // bounds the operations inside the gate (journal space)
+	ckMu  sync.Mutex    // one checkpoint at a time
+	gcMu  sync.Mutex    // one GC pass at a time
+	rmwMu sync.Mutex    // serializes unaligned read-modify-writes
+	sbMu  sync.Mutex    // serializes superblock writes
+
+	ram *ristretto.Cache[uint64, ramEntry]
+
+	stats counters
+
+	bgCancel context.CancelFunc
+	bgDone   sync.WaitGroup
+	kick     chan struct{}
+
+	mu struct {
+		sync.Mutex
+		idx       *btreeidx.Index
+		buckets   []bucket
+		free      []int64 // free buckets, FIFO
+		pending   []int64 // emptied; free after the next durable checkpoint
+		fg, gc    allocator
+		sealCount uint64
+		nextVer   uint64
+		mode      Mode
+		closed    bool
+		failed    error // sticky: a commit failed
+
+		// journal
+		jrecs      []record // the open block
+		jsealed    []sealedBlock
+		jnextSeq   uint64 // seq the next sealed block gets
+		jprev      uint32 // chain value of the last sealed block
+		jhead      int64  // ring slot of the next sealed block
+		jstartSeq  uint64 // first block after the durable checkpoint
+		jdurable   uint64 // every block with seq < jdurable is durable
+		committing bool
+		commitErr  error
+		commitCond sync.Cond
+
+		bWrites, bFlushed uint64 // backing writes done / covered by a flush
+
+		ckptSeq  uint64
+		ckptSlot int // slot of the durable checkpoint
+
+		bypassInflight int
+		bypassSeq      uint64
+		wb             []inflightWB
+		wbCond         sync.Cond
+		spaceCond      sync.Cond
+
+		streams [16]stream
+		tick    uint64
+		admit   admission
+	}
+}
+
+var (
+	_ storage.Device     = (*Cache)(nil)
+	_ storage.Prefetcher = (*Cache)(nil)
+)
+
+// readSuper loads the newest valid superblock copy.
+func readSuper(dev storage.Device) (*superblock, error) {
+	var best *superblock
+	var firstErr error
+	for _, off := range []int64{0, metaBlock} {
+		b := make([]byte, metaBlock)
+		if dev.Size() < 2*metaBlock {
+			return nil, ErrNotFormatted
+		}
+		if err := dev.ReadAt(b, off); err != nil {
+			return nil, fmt.Errorf("cache: read superblock at %d: %w", off, err)
+		}
+		sb, err := decodeSuperblock(b, dev.Size())
+		if err != nil {
+			if firstErr == nil || (firstErr == ErrNotFormatted && err != ErrNotFormatted) {
+				firstErr = fmt.Errorf("superblock copy at %d: %w", off, err)
+			}
+			continue
+		}
+		if best == nil || sb.Seq > best.Seq {
+			best = sb
+		}
+	}
+	if best == nil {
+		return nil, firstErr
+	}
+	return best, nil
+}
+
+// writeSuper writes both copies, syncing after each, so that one valid copy
+// exists at every moment.
+func writeSuper(dev storage.Device, sb *superblock) error {
+	b := sb.encode()
+	for _, off := range []int64{0, metaBlock} {
+		if err := dev.WriteAt(b, off, 0); err != nil {
+			return fmt.Errorf("cache: write superblock at %d: %w", off, err)
+		}
+		if err := dev.Flush(); err != nil {
+			return fmt.Errorf("cache: sync superblock: %w", err)
+		}
+	}
+	return nil
+}
+
+// Format writes a fresh cache on cacheDev for backing. It refuses, with
+// ErrDirty, to overwrite a valid cache that holds dirty data unless
+// opts.Force; then it logs what is lost.
+func Format(cacheDev, backing storage.Device, opts FormatOptions) error {
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if backing.Size() <= 0 || backing.Size()%sectorSize != 0 {
+		return fmt.Errorf("%w: backing size %d is not a positive multiple of %d", ErrBadOption, backing.Size(), sectorSize)
+	}
+	if bs := opts.BlockSize; bs != 0 && (bs < sectorSize || bs&(bs-1) != 0) {
+		return fmt.Errorf("%w: block size %d", ErrBadOption, bs)
+	}
+	if old, err := readSuper(cacheDev); err == nil {
+		st, rerr := loadState(cacheDev, old, breakNone, nil)
+		switch {
+		case rerr != nil && !opts.Force:
+			return fmt.Errorf("%w: existing cache unreadable (%v); --force to overwrite", ErrDirty, rerr)
+		case rerr != nil:
+			log.Warn("cache: overwriting an unreadable cache; any dirty data in it is lost", "err", rerr)
+		case st.idx.DirtyBytes() > 0 && !opts.Force:
+			return fmt.Errorf("%w: %d dirty bytes in %d extents not yet written back; --force to discard them",
+				ErrDirty, st.idx.DirtyBytes(), st.idx.DirtyLen())
+		case st.idx.DirtyBytes() > 0:
+			log.Warn("cache: formatting over dirty data; it is lost", "dirty_bytes", st.idx.DirtyBytes(), "dirty_extents", st.idx.DirtyLen())
+		}
+	}
+	sb, err := layout(cacheDev.Size(), backing.Size(), opts.BlockSize, opts.BucketSize, opts.JournalSize)
+	if err != nil {
+		return err
+	}
+	sb.BackingID = opts.BackingID
+	if _, err := rand.Read(sb.CacheID[:]); err != nil {
+		return fmt.Errorf("cache: uuid: %w", err)
+	}
+	sb.CacheID[6] = sb.CacheID[6]&0x0f | 0x40
+	sb.CacheID[8] = sb.CacheID[8]&0x3f | 0x80
+	sb.State = stateClean
+	sb.Seq = 1
+	// Kill the old superblocks first, so a crash in the middle leaves no
+	// valid cache pointing at a half-written layout.
+	zero := make([]byte, 2*metaBlock)
+	if err := cacheDev.WriteAt(zero, 0, 0); err != nil {
+		return fmt.Errorf("cache: format: %w", err)
+	}
+	if err := cacheDev.Flush(); err != nil {
+		return fmt.Errorf("cache: format: %w", err)
+	}
+	salt := sb.salt()
+	ck := &ckptHeader{Seq: 1, JSeq: 1, JPos: 0, Seed: randSeed(), NBuckets: uint32(sb.NBuckets), NextVer: 1}
+	body := encodeCkptBody(make([]uint8, sb.NBuckets), nil)
+	ck.BodyCRC = crcSalted(salt, body)
+	buf := append(encodeCkptHeader(salt, ck), body...)
+	if err := cacheDev.WriteAt(buf, sb.CkptOff, 0); err != nil {
+		return fmt.Errorf("cache: format: write checkpoint: %w", err)
+	}
+	if err := cacheDev.WriteAt(make([]byte, metaBlock), sb.CkptOff+sb.CkptSize, 0); err != nil {
+		return fmt.Errorf("cache: format: clear checkpoint: %w", err)
+	}
+	if err := cacheDev.Flush(); err != nil {
+		return fmt.Errorf("cache: format: %w", err)
+	}
+	return writeSuper(cacheDev, sb)
+}
+
+// Open recovers the cache on cacheDev (superblock → checkpoint → journal
+// replay) and returns it ready to serve.
+func Open(cacheDev, backing storage.Device, opts Options) (*Cache, error) {
+	if err := opts.fill(); err != nil {
+		return nil, err
+	}
+	sb, err := readSuper(cacheDev)
+	if err != nil {
+		return nil, err
+	}
+	if sb.BackingID != opts.BackingID {
+		return nil, fmt.Errorf("%w: superblock names backing %x, given %x", ErrWrongBacking, sb.BackingID, opts.BackingID)
+	}
+	if sb.BackingSize != backing.Size() {
+		return nil, fmt.Errorf("%w: superblock backing size %d, device has %d", ErrWrongBacking, sb.BackingSize, backing.Size())
+	}
+	st, err := loadState(cacheDev, sb, opts.testBreak, opts.Logger)
+	if err != nil {
+		return nil, err
+	}
+	c := &Cache{dev: cacheDev, back: backing, sb: *sb, salt: sb.salt(), opts: opts, log: opts.Logger, maxExt: sb.maxExtents()}
+	slots := sb.journalSlots()
+	c.sem = make(chan struct{}, max(1, (slots/2-2)/2))
+	c.kick = make(chan struct{}, 1)
+	c.mu.commitCond.L = &c.mu.Mutex
+	c.mu.wbCond.L = &c.mu.Mutex
+	c.mu.spaceCond.L = &c.mu.Mutex
+	c.mu.idx = st.idx
+	c.mu.buckets = st.buckets
+	c.mu.nextVer = st.nextVer
+	c.mu.mode = opts.Mode
+	c.mu.fg.b, c.mu.gc.b = -1, -1
+	c.mu.jnextSeq = st.jseq
+	c.mu.jhead = st.jpos
+	c.mu.jprev = st.jprev
+	c.mu.jstartSeq = st.jseq
+	c.mu.jdurable = st.jseq
+	c.mu.ckptSeq = st.ckptSeq
+	c.mu.ckptSlot = st.ckptSlot
+	c.mu.admit.init()
+	c.stats.replayed.Store(st.replayed)
+	c.stats.replayDropped.Store(st.dropped)
+	for b := range c.mu.buckets {
+		if c.mu.buckets[b].live == 0 {
+			c.mu.buckets[b].state = bFree
+			c.mu.free = append(c.mu.free, int64(b))
+		} else {
+			c.mu.buckets[b].state = bFull
+			c.mu.sealCount++
+			c.mu.buckets[b].sealed = c.mu.sealCount
+		}
+	}
+	if opts.RAMCache > 0 {
+		ram, err := ristretto.NewCache(&ristretto.Config[uint64, ramEntry]{
+			NumCounters: max(opts.RAMCache/ramPage*10, 1000),
+			MaxCost:     opts.RAMCache,
+			BufferItems: 64,
+		})
+		if err != nil {
+			return nil, fmt.Errorf("cache: ram tier: %w", err)
+		}
+		c.ram = ram
+	}
+	// A checkpoint right away: the replayed journal (torn tail and all)
+	// is never read again, and the ring starts afresh with a new seed.
+	if err := c.checkpoint(); err != nil {
+		c.closeRAM()
+		return nil, err
+	}
+	sb.State = stateDirty
+	sb.Seq++
+	c.sb.State, c.sb.Seq = sb.State, sb.Seq
+	if err := writeSuper(cacheDev, sb); err != nil {
+		c.closeRAM()
+		return nil, err
+	}
+	c.log.Info("cache: opened", "extents", st.idx.Len(), "dirty_bytes", st.idx.DirtyBytes(),
+		"replayed_records", st.replayed, "dropped_records", st.dropped, "mode", opts.Mode.String())
+	if !opts.NoBackground {
+		ctx, cancel := context.WithCancel(context.Background())
+		c.bgCancel = cancel
+		c.bgDone.Add(1)
+		go c.background(ctx)
+	}
+	return c, nil
+}
+
+func (c *Cache) closeRAM() {
+	if c.ram != nil {
+		c.ram.Close()
+	}
+}
+
+// Close stops background work, commits the journal and writes a
+// checkpoint. It does not write back: dirty data stays durable in the
+// cache. It does not close the two devices.
+func (c *Cache) Close() error {
+	c.mu.Lock()
+	if c.mu.closed {
+		c.mu.Unlock()
+		return ErrClosed
+	}
+	c.mu.closed = true
+	c.mu.spaceCond.Broadcast()
+	c.mu.Unlock()
+	if c.bgCancel != nil {
+		c.bgCancel()
+		c.bgDone.Wait()
+	}
+	err := c.checkpoint()
+	if err == nil {
+		c.mu.Lock()
+		dirty := c.mu.idx.DirtyBytes()
+		c.mu.Unlock()
+		err = c.setState(dirty == 0)
+	}
+	c.closeRAM()
+	return err
+}
+
+// setState writes the superblock with the clean/dirty state word.
+func (c *Cache) setState(clean bool) error {
+	c.sbMu.Lock()
+	defer c.sbMu.Unlock()
+	c.mu.Lock()
+	sb := c.sb
+	sb.State = stateDirty
+	if clean {
+		sb.State = stateClean
+	}
+	sb.Seq++
+	c.sb.Seq, c.sb.State = sb.Seq, sb.State
+	c.mu.Unlock()
+	return writeSuper(c.dev, &sb)
+}
+
+// Size is the size of the virtual device: the backing's.
+func (c *Cache) Size() int64 { return c.sb.BackingSize }
+
+// Caps: 512-byte requests are native; flush, FUA, trim and zero always.
+func (c *Cache) Caps() storage.Caps {
+	bc := c.back.Caps()
+	return storage.Caps{Flush: true, FUA: true, Trim: true, Zero: true, FastZero: bc.FastZero,
+		Rotational: false, BlockSize: sectorSize}
+}
+
+// Mode returns the current mode.
+func (c *Cache) Mode() Mode {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.mu.mode
+}
+
+// SetMode switches the mode. Leaving writeback stops new dirty data, then
+// drains what there is; on a drain error the mode stays switched and the
+// error is returned (the remaining dirty data is still served and will be
+// written back).
+func (c *Cache) SetMode(ctx context.Context, m Mode) error {
+	if m < Writeback || m > None {
+		return fmt.Errorf("%w: %d", ErrBadMode, m)
+	}
+	c.mu.Lock()
+	old := c.mu.mode
+	c.mu.mode = m
+	c.mu.Unlock()
+	c.log.Info("cache: mode", "from", old.String(), "to", m.String())
+	if m != Writeback {
+		return c.Drain(ctx, nil)
+	}
+	return nil
+}

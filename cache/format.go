@@ -1,0 +1,422 @@
+package cache
+
+import (
+	"encoding/binary"
+	"fmt"
+	"hash/crc32"
+)
+
+// On-disk constants. doc.go draws the layout.
+const (
+	sectorSize   = 512
+	metaBlock    = 4096 // superblock copy, journal block and checkpoint alignment
+	sbMagic      = "NBDCACHE"
+	ckptMagic    = "NBDCCKPT"
+	jMagic       = "NBDJ"
+	formatVer    = 1
+	sbUsed       = 152 // bytes of a superblock copy covered by its checksum (+4)
+	ckptHdrSize  = 64
+	ckptExtSize  = 32
+	jHdrSize     = 24
+	jRecSize     = 40
+	jRecsPerBlk  = (metaBlock - jHdrSize - 4) / jRecSize
+	minBuckets   = 4
+	defaultBlock = 4096
+	defaultBkt   = 1 << 20
+)
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+func crc(p []byte) uint32 { return crc32.Checksum(p, castagnoli) }
+
+// State word of the superblock.
+const (
+	stateClean uint32 = 0 // no dirty data: the backing alone is the whole disk
+	stateDirty uint32 = 1 // the cache may hold dirty data (in use, or closed dirty)
+)
+
+// superblock is the decoded form of one superblock copy.
+type superblock struct {
+	CacheID     [16]byte
+	BackingID   [16]byte
+	BackingSize int64
+	CacheSize   int64
+	BlockSize   int64
+	BucketSize  int64
+	CkptOff     int64 // slot 0; slot 1 follows at CkptOff+CkptSize
+	CkptSize    int64
+	JournalOff  int64
+	JournalSize int64
+	DataOff     int64
+	NBuckets    int64
+	State       uint32
+	Seq         uint64
+}
+
+// salt seeds the checksums of journal blocks and checkpoints with the cache
+// UUID, so that metadata left by an earlier format never validates.
+func (sb *superblock) salt() uint32 { return crc(sb.CacheID[:]) }
+
+func (sb *superblock) maxExtents() int64 {
+	return (sb.CkptSize - ckptHdrSize - align8(sb.NBuckets)) / ckptExtSize
+}
+
+func (sb *superblock) journalSlots() int64 { return sb.JournalSize / metaBlock }
+
+func (sb *superblock) bucketOf(loc int64) int64 { return (loc - sb.DataOff) / sb.BucketSize }
+
+func (sb *superblock) bucketStart(b int64) int64 { return sb.DataOff + b*sb.BucketSize }
+
+func align8(n int64) int64 { return (n + 7) &^ 7 }
+
+func alignUp(n, a int64) int64 { return (n + a - 1) / a * a }
+
+// encode writes sb into a metaBlock-sized buffer.
+func (sb *superblock) encode() []byte {
+	b := make([]byte, metaBlock)
+	copy(b[0:8], sbMagic)
+	le := binary.LittleEndian
+	le.PutUint32(b[8:], formatVer)
+	le.PutUint32(b[12:], sbUsed)
+	copy(b[16:32], sb.CacheID[:])
+	copy(b[32:48], sb.BackingID[:])
+	for i, v := range []int64{sb.BackingSize, sb.CacheSize, sb.BlockSize, sb.BucketSize, sb.CkptOff,
+		sb.CkptSize, sb.JournalOff, sb.JournalSize, sb.DataOff, sb.NBuckets} {
+		le.PutUint64(b[48+8*i:], uint64(v))
+	}
+	le.PutUint32(b[128:], sb.State)
+	le.PutUint64(b[136:], sb.Seq)
+	le.PutUint32(b[sbUsed:], crc(b[:sbUsed]))
+	return b
+}
+
+// decodeSuperblock validates magic, then version, then checksum, then the
+// geometry against the device size, and decodes one copy.
+func decodeSuperblock(b []byte, devSize int64) (*superblock, error) {
+	if len(b) < sbUsed+4 {
+		return nil, fmt.Errorf("%w: short superblock", ErrCorrupt)
+	}
+	if string(b[0:8]) != sbMagic {
+		return nil, ErrNotFormatted
+	}
+	le := binary.LittleEndian
+	if v := le.Uint32(b[8:]); v != formatVer {
+		return nil, fmt.Errorf("%w: version %d, want %d", ErrVersion, v, formatVer)
+	}
+	if le.Uint32(b[12:]) != sbUsed {
+		return nil, fmt.Errorf("%w: superblock header length %d", ErrCorrupt, le.Uint32(b[12:]))
+	}
+	if got, want := crc(b[:sbUsed]), le.Uint32(b[sbUsed:]); got != want {
+		return nil, fmt.Errorf("%w: superblock checksum %08x, stored %08x", ErrCorrupt, got, want)
+	}
+	sb := &superblock{}
+	copy(sb.CacheID[:], b[16:32])
+	copy(sb.BackingID[:], b[32:48])
+	v := make([]int64, 10)
+	for i := range v {
+		v[i] = int64(le.Uint64(b[48+8*i:]))
+	}
+	sb.BackingSize, sb.CacheSize, sb.BlockSize, sb.BucketSize, sb.CkptOff = v[0], v[1], v[2], v[3], v[4]
+	sb.CkptSize, sb.JournalOff, sb.JournalSize, sb.DataOff, sb.NBuckets = v[5], v[6], v[7], v[8], v[9]
+	sb.State = le.Uint32(b[128:])
+	sb.Seq = le.Uint64(b[136:])
+	if err := sb.validate(devSize); err != nil {
+		return nil, err
+	}
+	return sb, nil
+}
+
+// validate checks the geometry: every region inside the device, in order,
+// aligned, not overlapping.
+func (sb *superblock) validate(devSize int64) error {
+	bad := func(what string, args ...any) error {
+		return fmt.Errorf("%w: superblock: %s", ErrCorrupt, fmt.Sprintf(what, args...))
+	}
+	pow2 := func(x int64) bool { return x > 0 && x&(x-1) == 0 }
+	switch {
+	case sb.BackingSize <= 0 || sb.BackingSize%sectorSize != 0:
+		return bad("backing size %d", sb.BackingSize)
+	case devSize >= 0 && sb.CacheSize != devSize:
+		return bad("cache size %d, device has %d", sb.CacheSize, devSize)
+	case !pow2(sb.BlockSize) || sb.BlockSize < sectorSize || sb.BlockSize > 1<<20:
+		return bad("block size %d", sb.BlockSize)
+	case sb.BucketSize < sb.BlockSize || sb.BucketSize%sb.BlockSize != 0 || sb.BucketSize > 1<<30:
+		return bad("bucket size %d", sb.BucketSize)
+	case sb.CkptOff != 2*metaBlock:
+		return bad("checkpoint offset %d", sb.CkptOff)
+	case sb.CkptSize < ckptHdrSize || sb.CkptSize%metaBlock != 0 || sb.CkptSize > 1<<40:
+		return bad("checkpoint size %d", sb.CkptSize)
+	case sb.JournalOff != sb.CkptOff+2*sb.CkptSize:
+		return bad("journal offset %d", sb.JournalOff)
+	case sb.JournalSize < 4*metaBlock || sb.JournalSize%metaBlock != 0 || sb.JournalSize > 1<<40:
+		return bad("journal size %d", sb.JournalSize)
+	case sb.DataOff < sb.JournalOff+sb.JournalSize || sb.DataOff%metaBlock != 0:
+		return bad("data offset %d", sb.DataOff)
+	case sb.NBuckets < minBuckets || sb.NBuckets > (sb.CacheSize-sb.DataOff)/sb.BucketSize:
+		return bad("%d buckets of %d bytes from %d in %d bytes", sb.NBuckets, sb.BucketSize, sb.DataOff, sb.CacheSize)
+	case sb.maxExtents() < 1:
+		return bad("checkpoint slot of %d bytes holds no extent", sb.CkptSize)
+	case sb.State > stateDirty:
+		return bad("state %d", sb.State)
+	}
+	return nil
+}
+
+// layout computes a fresh superblock for a cache device of cacheSize bytes.
+func layout(cacheSize, backingSize int64, blockSize int, bucketSize, journalSize int64) (*superblock, error) {
+	sb := &superblock{BackingSize: backingSize, CacheSize: cacheSize, BlockSize: int64(blockSize), BucketSize: bucketSize}
+	if blockSize == 0 {
+		sb.BlockSize = defaultBlock
+	}
+	if bucketSize == 0 {
+		sb.BucketSize = defaultBkt
+	}
+	sb.CkptOff = 2 * metaBlock
+	// First guess of the buckets, ignoring metadata, then shrink until
+	// everything fits.
+	n := cacheSize / sb.BucketSize
+	for ; n >= minBuckets; n-- {
+		data := n * sb.BucketSize
+		maxExt := 2*data/sb.BlockSize + 64
+		sb.CkptSize = alignUp(ckptHdrSize+align8(n)+maxExt*ckptExtSize, metaBlock)
+		sb.JournalOff = sb.CkptOff + 2*sb.CkptSize
+		js := journalSize
+		if js == 0 {
+			js = min(max(data/64, 1<<20), 128<<20)
+		}
+		sb.JournalSize = alignUp(max(js, 4*metaBlock), metaBlock)
+		sb.DataOff = sb.JournalOff + sb.JournalSize
+		if sb.DataOff+data <= cacheSize {
+			break
+		}
+	}
+	sb.NBuckets = n
+	if err := sb.validate(cacheSize); err != nil {
+		return nil, fmt.Errorf("%w: %d-byte cache device too small for %d-byte buckets: %w", ErrTooSmall, cacheSize, sb.BucketSize, err)
+	}
+	return sb, nil
+}
+
+// Journal record types.
+const (
+	recInsert  uint8 = 1 // Off, Len, Loc, Gen, Ver, Dirty, data CRC
+	recDelete  uint8 = 2 // Off, Len
+	recClean   uint8 = 3 // Off, Len, Ver (writeback's CAS)
+	recReplace uint8 = 4 // Off, Len, Ver, Loc, Gen, data CRC (GC's CAS move)
+)
+
+// record is one index update in the journal.
+type record struct {
+	Type  uint8
+	Gen   uint8
+	Dirty bool
+	Off   int64
+	Len   int64
+	Loc   int64
+	Ver   uint64
+	CRC   uint32 // crc32c of the data at Loc (insert, replace)
+}
+
+func (r *record) encode(b []byte) {
+	le := binary.LittleEndian
+	b[0] = r.Type
+	b[1] = r.Gen
+	b[2] = 0
+	if r.Dirty {
+		b[2] = 1
+	}
+	b[3] = 0
+	le.PutUint32(b[4:], uint32(r.Len/sectorSize))
+	le.PutUint64(b[8:], uint64(r.Off))
+	le.PutUint64(b[16:], uint64(r.Loc))
+	le.PutUint64(b[24:], r.Ver)
+	le.PutUint32(b[32:], r.CRC)
+	le.PutUint32(b[36:], 0)
+}
+
+func decodeRecord(b []byte) (record, error) {
+	le := binary.LittleEndian
+	r := record{Type: b[0], Gen: b[1], Dirty: b[2] == 1}
+	r.Len = int64(le.Uint32(b[4:])) * sectorSize
+	r.Off = int64(le.Uint64(b[8:]))
+	r.Loc = int64(le.Uint64(b[16:]))
+	r.Ver = le.Uint64(b[24:])
+	r.CRC = le.Uint32(b[32:])
+	switch {
+	case r.Type < recInsert || r.Type > recReplace:
+		return r, fmt.Errorf("%w: journal record type %d", ErrCorrupt, r.Type)
+	case b[2] > 1 || b[3] != 0 || le.Uint32(b[36:]) != 0:
+		return r, fmt.Errorf("%w: journal record flags", ErrCorrupt)
+	case r.Len <= 0 || r.Off < 0 || r.Off%sectorSize != 0 || r.Loc < 0 || r.Loc%sectorSize != 0 || r.Off > 1<<62 || r.Loc > 1<<62:
+		return r, fmt.Errorf("%w: journal record range [%d+%d)@%d", ErrCorrupt, r.Off, r.Len, r.Loc)
+	}
+	return r, nil
+}
+
+// jblock is a decoded journal block.
+type jblock struct {
+	Seq  uint64
+	Prev uint32 // chain: the CRC of the block before, or the checkpoint's seed
+	Recs []record
+	CRC  uint32 // this block's own checksum (the next block's Prev)
+}
+
+func encodeJBlock(salt uint32, seq uint64, prev uint32, recs []record) ([]byte, uint32) {
+	b := make([]byte, metaBlock)
+	le := binary.LittleEndian
+	copy(b[0:4], jMagic)
+	le.PutUint32(b[4:], uint32(len(recs)))
+	le.PutUint64(b[8:], seq)
+	le.PutUint32(b[16:], prev)
+	for i := range recs {
+		recs[i].encode(b[jHdrSize+i*jRecSize:])
+	}
+	c := crc32.Update(salt, castagnoli, b[:metaBlock-4])
+	le.PutUint32(b[metaBlock-4:], c)
+	return b, c
+}
+
+// decodeJBlock checks magic, checksum and record count, and decodes.
+// Sequence and chain are the caller's business.
+func decodeJBlock(salt uint32, b []byte) (*jblock, error) {
+	if len(b) != metaBlock {
+		return nil, fmt.Errorf("%w: journal block of %d bytes", ErrCorrupt, len(b))
+	}
+	le := binary.LittleEndian
+	if string(b[0:4]) != jMagic {
+		return nil, fmt.Errorf("%w: journal block magic", ErrCorrupt)
+	}
+	c := crc32.Update(salt, castagnoli, b[:metaBlock-4])
+	if c != le.Uint32(b[metaBlock-4:]) {
+		return nil, fmt.Errorf("%w: journal block checksum", ErrCorrupt)
+	}
+	n := le.Uint32(b[4:])
+	if n > jRecsPerBlk {
+		return nil, fmt.Errorf("%w: journal block with %d records", ErrCorrupt, n)
+	}
+	jb := &jblock{Seq: le.Uint64(b[8:]), Prev: le.Uint32(b[16:]), CRC: c, Recs: make([]record, n)}
+	if le.Uint32(b[20:]) != 0 {
+		return nil, fmt.Errorf("%w: journal block header", ErrCorrupt)
+	}
+	for i := range jb.Recs {
+		r, err := decodeRecord(b[jHdrSize+int(i)*jRecSize:])
+		if err != nil {
+			return nil, fmt.Errorf("record %d: %w", i, err)
+		}
+		jb.Recs[i] = r
+	}
+	return jb, nil
+}
+
+// ckptHeader is the decoded header of a checkpoint slot.
+type ckptHeader struct {
+	Seq      uint64 // checkpoint number, increasing
+	JSeq     uint64 // sequence of the first journal block to replay
+	JPos     int64  // its slot in the journal ring
+	Seed     uint32 // the Prev that block must carry
+	NBuckets uint32
+	NextVer  uint64
+	NExt     uint64
+	BodyCRC  uint32
+}
+
+func (h *ckptHeader) bodyLen() int64 { return align8(int64(h.NBuckets)) + int64(h.NExt)*ckptExtSize }
+
+// checkpoint is a decoded checkpoint: the index and bucket generations as of
+// journal block JSeq-1.
+type checkpoint struct {
+	ckptHeader
+	Gens []uint8
+	Ext  []ckptExtent
+}
+
+type ckptExtent struct {
+	Off, Len, Loc int64
+	Ver           uint64
+	Gen           uint8
+	Dirty         bool
+}
+
+func encodeCkptHeader(salt uint32, h *ckptHeader) []byte {
+	b := make([]byte, ckptHdrSize)
+	le := binary.LittleEndian
+	copy(b[0:8], ckptMagic)
+	le.PutUint64(b[8:], h.Seq)
+	le.PutUint64(b[16:], h.JSeq)
+	le.PutUint64(b[24:], uint64(h.JPos))
+	le.PutUint32(b[32:], h.Seed)
+	le.PutUint32(b[36:], h.NBuckets)
+	le.PutUint64(b[40:], h.NextVer)
+	le.PutUint64(b[48:], h.NExt)
+	le.PutUint32(b[56:], h.BodyCRC)
+	le.PutUint32(b[60:], crc32.Update(salt, castagnoli, b[:60]))
+	return b
+}
+
+func decodeCkptHeader(salt uint32, b []byte) (*ckptHeader, error) {
+	if len(b) < ckptHdrSize {
+		return nil, fmt.Errorf("%w: short checkpoint header", ErrCorrupt)
+	}
+	if string(b[0:8]) != ckptMagic {
+		return nil, fmt.Errorf("%w: checkpoint magic", ErrCorrupt)
+	}
+	le := binary.LittleEndian
+	if crc32.Update(salt, castagnoli, b[:60]) != le.Uint32(b[60:]) {
+		return nil, fmt.Errorf("%w: checkpoint header checksum", ErrCorrupt)
+	}
+	h := &ckptHeader{
+		Seq: le.Uint64(b[8:]), JSeq: le.Uint64(b[16:]), JPos: int64(le.Uint64(b[24:])), Seed: le.Uint32(b[32:]),
+		NBuckets: le.Uint32(b[36:]), NextVer: le.Uint64(b[40:]), NExt: le.Uint64(b[48:]), BodyCRC: le.Uint32(b[56:]),
+	}
+	if h.NExt > 1<<40 || h.JPos < 0 {
+		return nil, fmt.Errorf("%w: checkpoint header fields", ErrCorrupt)
+	}
+	return h, nil
+}
+
+func encodeCkptBody(gens []uint8, ext []ckptExtent) []byte {
+	n := align8(int64(len(gens)))
+	b := make([]byte, n+int64(len(ext))*ckptExtSize)
+	copy(b, gens)
+	le := binary.LittleEndian
+	for i, e := range ext {
+		p := b[n+int64(i)*ckptExtSize:]
+		le.PutUint64(p[0:], uint64(e.Off))
+		le.PutUint32(p[8:], uint32(e.Len/sectorSize))
+		p[12] = e.Gen
+		if e.Dirty {
+			p[13] = 1
+		}
+		le.PutUint64(p[16:], uint64(e.Loc))
+		le.PutUint64(p[24:], e.Ver)
+	}
+	return b
+}
+
+// decodeCkptBody decodes the body described by h; extents must be valid,
+// sorted and non-overlapping.
+func decodeCkptBody(salt uint32, h *ckptHeader, b []byte) (*checkpoint, error) {
+	if int64(len(b)) != h.bodyLen() {
+		return nil, fmt.Errorf("%w: checkpoint body of %d bytes, want %d", ErrCorrupt, len(b), h.bodyLen())
+	}
+	if crc32.Update(salt, castagnoli, b) != h.BodyCRC {
+		return nil, fmt.Errorf("%w: checkpoint body checksum", ErrCorrupt)
+	}
+	ck := &checkpoint{ckptHeader: *h, Gens: append([]uint8(nil), b[:h.NBuckets]...)}
+	n := align8(int64(h.NBuckets))
+	le := binary.LittleEndian
+	ck.Ext = make([]ckptExtent, h.NExt)
+	var prevEnd int64
+	for i := range ck.Ext {
+		p := b[n+int64(i)*ckptExtSize:]
+		e := ckptExtent{Off: int64(le.Uint64(p[0:])), Len: int64(le.Uint32(p[8:])) * sectorSize, Gen: p[12], Dirty: p[13] == 1,
+			Loc: int64(le.Uint64(p[16:])), Ver: le.Uint64(p[24:])}
+		if p[13] > 1 || p[14] != 0 || p[15] != 0 || e.Len <= 0 || e.Off < prevEnd || e.Off%sectorSize != 0 ||
+			e.Loc < 0 || e.Loc%sectorSize != 0 || e.Off > 1<<62 || e.Loc > 1<<62 {
+			return nil, fmt.Errorf("%w: checkpoint extent %d [%d+%d)@%d", ErrCorrupt, i, e.Off, e.Len, e.Loc)
+		}
+		prevEnd = e.Off + e.Len
+		ck.Ext[i] = e
+	}
+	return ck, nil
+}

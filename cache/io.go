@@ -1,0 +1,570 @@
+package cache
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+
+	"github.com/nbdcache/nbdcache/storage"
+)
+
+// readPiece is part of a read: a cached piece (in one bucket) or a gap.
+type readPiece struct {
+	off, n int64 // on the virtual device
+	cached bool
+	loc    int64
+	ver    uint64
+	dirty  bool
+	b      int64
+	epoch  uint64
+}
+
+// lookupLocked splits [off, off+n) into cached pieces, one bucket each,
+// and gaps.
+func (c *Cache) lookupLocked(off, n int64) []readPiece {
+	var ps []readPiece
+	pos := off
+	c.mu.idx.Lookup(off, n, func(e btreeExtent) bool {
+		if e.Off > pos {
+			ps = append(ps, readPiece{off: pos, n: e.Off - pos})
+		}
+		c.sb.forBuckets(e.Loc, e.Len, func(b, loc, m int64) {
+			ps = append(ps, readPiece{off: e.Off + (loc - e.Loc), n: m, cached: true, loc: loc, ver: e.Ver,
+				dirty: e.Dirty, b: b, epoch: c.mu.buckets[b].epoch})
+		})
+		pos = e.End()
+		return true
+	})
+	if pos < off+n {
+		ps = append(ps, readPiece{off: pos, n: off + n - pos})
+	}
+	return ps
+}
+
+// streamLocked feeds the sequential-cutoff detector and reports whether the
+// request belongs to a stream longer than the cutoff.
+func (c *Cache) streamLocked(off, n int64) bool {
+	if c.opts.SequentialCutoff < 0 {
+		return false
+	}
+	c.mu.tick++
+	victim := 0
+	for i := range c.mu.streams {
+		s := &c.mu.streams[i]
+		if s.used != 0 && s.end == off {
+			s.end, s.bytes, s.used = off+n, s.bytes+n, c.mu.tick
+			return s.bytes > c.opts.SequentialCutoff
+		}
+		if s.used < c.mu.streams[victim].used {
+			victim = i
+		}
+	}
+	c.mu.streams[victim] = stream{end: off + n, bytes: n, used: c.mu.tick}
+	return n > c.opts.SequentialCutoff
+}
+
+// ReadAt reads from the cache where it holds the data (RAM tier first),
+// from the backing elsewhere; misses may be promoted.
+func (c *Cache) ReadAt(p []byte, off int64) error {
+	if err := storage.CheckRange(c.Size(), off, int64(len(p))); err != nil {
+		return err
+	}
+	if len(p) == 0 {
+		return nil
+	}
+	return c.read(p, off, false)
+}
+
+// Prefetch warms [off, off+length) into the cache (NBD CACHE), past the
+// admission policy.
+func (c *Cache) Prefetch(off, length int64) error {
+	if err := storage.CheckRange(c.Size(), off, length); err != nil {
+		return err
+	}
+	for length > 0 {
+		n := min(length, c.sb.BucketSize)
+		if err := c.read(make([]byte, n), off, true); err != nil {
+			return err
+		}
+		off, length = off+n, length-n
+	}
+	return nil
+}
+
+func (c *Cache) read(p []byte, off int64, prefetch bool) error {
+	n := int64(len(p))
+	for {
+		c.mu.Lock()
+		if c.mu.closed {
+			c.mu.Unlock()
+			return ErrClosed
+		}
+		ps := c.lookupLocked(off, n)
+		mode := c.mu.mode
+		seq := c.streamLocked(off, n)
+		bseq, bfree := c.mu.bypassSeq, c.mu.bypassInflight == 0
+		c.mu.Unlock()
+
+		var fromDev []readPiece
+		gaps := false
+		for _, pc := range ps {
+			dst := p[pc.off-off : pc.off-off+pc.n]
+			if !pc.cached {
+				gaps = true
+				if err := c.back.ReadAt(dst, pc.off); err != nil {
+					return fmt.Errorf("cache: read backing: %w", err)
+				}
+				continue
+			}
+			if c.ramGet(pc, dst) {
+				c.stats.ramHits.Add(1)
+				continue
+			}
+			if err := c.dev.ReadAt(dst, pc.loc); err != nil {
+				c.stats.cacheReadErrors.Add(1)
+				if pc.dirty {
+					c.log.Error("cache: read of dirty data failed; it exists nowhere else", "off", pc.off, "len", pc.n, "err", err)
+					return fmt.Errorf("cache: read dirty data at %d: %w", pc.off, err)
+				}
+				c.log.Warn("cache: cache read failed; reading the backing", "off", pc.off, "err", err)
+				if err := c.back.ReadAt(dst, pc.off); err != nil {
+					return fmt.Errorf("cache: read backing: %w", err)
+				}
+				continue
+			}
+			fromDev = append(fromDev, pc)
+		}
+		// Data read from a bucket that was emptied (and maybe reused)
+		// meanwhile may be garbage: read again.
+		stale := false
+		c.mu.Lock()
+		for _, pc := range fromDev {
+			if c.mu.buckets[pc.b].epoch != pc.epoch {
+				stale = true
+				break
+			}
+		}
+		admit := false
+		if gaps && !stale && mode != None && !seq && bfree {
+			admit = prefetch || c.opts.PromoteAll || c.mu.admit.touch(off, n)
+		}
+		c.mu.Unlock()
+		if stale {
+			c.stats.readRetries.Add(1)
+			continue
+		}
+		for _, pc := range fromDev {
+			c.ramPut(pc, p[pc.off-off:pc.off-off+pc.n])
+		}
+		c.stats.reads.Add(1)
+		c.stats.readBytes.Add(n)
+		switch {
+		case !gaps:
+			c.stats.hits.Add(1)
+		case len(ps) == 1:
+			c.stats.misses.Add(1)
+		default:
+			c.stats.partialHits.Add(1)
+		}
+		if seq && gaps {
+			c.stats.bypasses.Add(1)
+		}
+		if admit {
+			for _, pc := range ps {
+				if !pc.cached {
+					c.promote(p[pc.off-off:pc.off-off+pc.n], pc.off, bseq)
+				}
+			}
+		}
+		return nil
+	}
+}
+
+// promote copies data just read from the backing into the cache as clean
+// extents, unless a write reached the backing or the index since the read
+// began (bseq), which would make the copy stale.
+func (c *Cache) promote(data []byte, off int64, bseq uint64) {
+	ok := func() bool {
+		if c.mu.bypassSeq != bseq || c.mu.bypassInflight != 0 {
+			return false
+		}
+		return true
+	}
+	done, _ := c.writeCached(data, off, false, ok, false)
+	if done > 0 {
+		c.stats.promotions.Add(1)
+		c.stats.promotedBytes.Add(done)
+	}
+}
+
+// writeCached appends p to the cache and inserts it as extents (dirty or
+// clean), chunk by chunk. cond, if not nil, is checked under the lock
+// before each insert; promotion passes one that also refuses ranges the
+// index covers. It returns the bytes done; errNoSpace when the cache is
+// full (if makeRoom, after trying to free space).
+func (c *Cache) writeCached(p []byte, off int64, dirty bool, cond func() bool, makeRoom bool) (int64, error) {
+	var done int64
+	tries := 0
+	for done < int64(len(p)) {
+		if err := c.enter(); err != nil {
+			return done, err
+		}
+		c.mu.Lock()
+		if cond != nil && !cond() {
+			c.mu.Unlock()
+			c.leave()
+			return done, nil
+		}
+		loc, got, b, ok := c.allocLocked(&c.mu.fg, int64(len(p))-done, fgReserve)
+		c.mu.Unlock()
+		if !ok {
+			c.leave()
+			c.kickBackground()
+			if !makeRoom || tries >= 4 || !c.makeSpace() {
+				c.stats.noSpace.Add(1)
+				return done, errNoSpace
+			}
+			tries++
+			continue
+		}
+		n := min(got, int64(len(p))-done)
+		chunk := p[done : done+n]
+		sum := crc(chunk)
+		err := c.dev.WriteAt(chunk, loc, 0)
+		c.mu.Lock()
+		if err == nil && cond != nil {
+			if !cond() {
+				err = errSkip
+			} else {
+				c.mu.idx.Lookup(off+done, n, func(btreeExtent) bool { err = errSkip; return false })
+			}
+		}
+		if err == nil {
+			e := btreeExtent{Off: off + done, Len: n, Loc: loc, Ver: c.mu.nextVer, Gen: c.mu.buckets[b].gen, Dirty: dirty}
+			c.mu.nextVer++
+			c.insertLocked(e, sum)
+		}
+		c.releaseLocked(b)
+		c.mu.Unlock()
+		c.leave()
+		if err == errSkip {
+			return done, nil
+		}
+		if err != nil {
+			c.stats.cacheWriteErrors.Add(1)
+			return done, fmt.Errorf("cache: write cache device: %w", err)
+		}
+		c.stats.cachedBytes.Add(n)
+		done += n
+	}
+	return done, nil
+}
+
+var errSkip = errors.New("cache: skipped")
+
+// pinnedLocked reports whether [off, off+n) holds dirty data or is being
+// written back: such a range must never be written to the backing
+// directly, or a writeback in flight could land stale data over it.
+func (c *Cache) pinnedLocked(off, n int64) bool {
+	pinned := false
+	c.mu.idx.Lookup(off, n, func(e btreeExtent) bool { pinned = e.Dirty; return !pinned })
+	return pinned || c.busyLocked(off, n)
+}
+
+func (c *Cache) busyLocked(off, n int64) bool {
+	for _, w := range c.mu.wb {
+		if w.off < off+n && off < w.end {
+			return true
+		}
+	}
+	return false
+}
+
+// WriteAt writes p at off. 512-byte-aligned requests are native; others go
+// through read-modify-write of the sectors they touch.
+func (c *Cache) WriteAt(p []byte, off int64, flags storage.Flags) error {
+	if err := storage.CheckRange(c.Size(), off, int64(len(p))); err != nil {
+		return err
+	}
+	if len(p) > 0 {
+		var err error
+		if off%sectorSize != 0 || len(p)%sectorSize != 0 {
+			err = c.rmw(p, off)
+		} else {
+			err = c.write(p, off)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	if flags&storage.FUA != 0 {
+		c.stats.fua.Add(1)
+		return c.commit()
+	}
+	return nil
+}
+
+// rmw handles an unaligned write: read the sectors it touches, patch them,
+// write them whole. Unaligned writes are serialized among themselves.
+func (c *Cache) rmw(p []byte, off int64) error {
+	c.rmwMu.Lock()
+	defer c.rmwMu.Unlock()
+	a := off / sectorSize * sectorSize
+	e := alignUp(off+int64(len(p)), sectorSize)
+	buf := make([]byte, e-a)
+	if err := c.read(buf, a, false); err != nil {
+		return err
+	}
+	copy(buf[off-a:], p)
+	c.stats.rmw.Add(1)
+	return c.write(buf, a)
+}
+
+// write is the aligned write path: the mode, the cutoff and the space
+// decide between the cache (dirty or clean) and the backing.
+func (c *Cache) write(p []byte, off int64) error {
+	n := int64(len(p))
+	c.mu.Lock()
+	if err := c.errLocked(); err != nil {
+		c.mu.Unlock()
+		return err
+	}
+	mode := c.mu.mode
+	seq := c.streamLocked(off, n)
+	pinned := c.pinnedLocked(off, n)
+	c.mu.Unlock()
+	c.stats.writes.Add(1)
+	c.stats.writeBytes.Add(n)
+
+	if pinned || (mode == Writeback && !seq) {
+		for {
+			done, err := c.writeCached(p, off, true, nil, true)
+			if err == nil {
+				return nil
+			}
+			if !errors.Is(err, errNoSpace) {
+				return err
+			}
+			// Full: the rest goes to the backing, after writing back
+			// whatever dirty data it overlaps.
+			p, off = p[done:], off+done
+			if err := c.flushRange(off, int64(len(p))); err != nil {
+				return err
+			}
+			c.mu.Lock()
+			pinned = c.pinnedLocked(off, int64(len(p)))
+			c.mu.Unlock()
+			if !pinned {
+				c.stats.bypasses.Add(1)
+				return c.writeBacking(p, off, nil)
+			}
+		}
+	}
+	if seq || mode != Writethrough {
+		c.stats.bypasses.Add(1)
+		return c.writeBacking(p, off, nil)
+	}
+	// Writethrough: the backing, then a clean copy in the cache.
+	return c.writeBacking(p, off, func() error {
+		done, err := c.writeCached(p, off, false, nil, false)
+		if errors.Is(err, errNoSpace) {
+			err = nil
+		}
+		if err != nil || done < n {
+			// Nothing stale may stay for the part not cached.
+			if e := c.enter(); e != nil {
+				return e
+			}
+			c.mu.Lock()
+			c.deleteLocked(off+done, n-done)
+			c.mu.Unlock()
+			c.leave()
+		}
+		return err
+	})
+}
+
+// passthrough performs op on the backing for [off, off+n), which must not be
+// pinned. Any extent over the range is deleted first, durably: a clean
+// extent that outlived a crash over newer backing data would be stale.
+// After op, then (if not nil) runs with the backing write counted, so the
+// records it appends are committed only after a backing flush.
+func (c *Cache) passthrough(off, n int64, op func() error, then func() error) error {
+	if err := c.enter(); err != nil {
+		return err
+	}
+	c.mu.Lock()
+	c.mu.bypassSeq++
+	c.mu.bypassInflight++
+	deleted := c.deleteLocked(off, n)
+	c.mu.Unlock()
+	c.leave()
+	defer func() {
+		c.mu.Lock()
+		c.mu.bypassInflight--
+		c.mu.Unlock()
+	}()
+	if deleted {
+		if err := c.commit(); err != nil {
+			return err
+		}
+	}
+	if err := op(); err != nil {
+		return err
+	}
+	c.mu.Lock()
+	c.mu.bWrites++
+	c.mu.Unlock()
+	if then != nil {
+		return then()
+	}
+	return nil
+}
+
+func (c *Cache) writeBacking(p []byte, off int64, then func() error) error {
+	return c.passthrough(off, int64(len(p)), func() error {
+		if err := c.back.WriteAt(p, off, 0); err != nil {
+			return fmt.Errorf("cache: write backing: %w", err)
+		}
+		c.stats.backingWriteBytes.Add(int64(len(p)))
+		return nil
+	}, then)
+}
+
+// pieces splits [off, off+n) into runs that are pinned and runs that are
+// not.
+func (c *Cache) pinnedRuns(off, n int64) (runs []readPiece) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var cur *readPiece
+	// Walk extent boundaries rather than sectors: collect the boundaries.
+	cuts := []int64{off, off + n}
+	c.mu.idx.Lookup(off, n, func(e btreeExtent) bool {
+		cuts = append(cuts, e.Off, e.End())
+		return true
+	})
+	for _, w := range c.mu.wb {
+		cuts = append(cuts, max(w.off, off), min(w.end, off+n))
+	}
+	slices.Sort(cuts)
+	for i := 0; i+1 < len(cuts); i++ {
+		a, b := cuts[i], cuts[i+1]
+		if a >= b || a < off || b > off+n {
+			continue
+		}
+		p := c.pinnedLocked(a, b-a)
+		if cur != nil && cur.dirty == p && cur.off+cur.n == a {
+			cur.n += b - a
+			continue
+		}
+		runs = append(runs, readPiece{off: a, n: b - a, dirty: p})
+		cur = &runs[len(runs)-1]
+	}
+	return runs
+}
+
+// Trim discards [off, off+length): clean cached data is dropped and the
+// backing trimmed; dirty data is left alone (a trimmed range may read back
+// as its old data). Only whole sectors are trimmed.
+func (c *Cache) Trim(off, length int64, flags storage.Flags) error {
+	if err := storage.CheckRange(c.Size(), off, length); err != nil {
+		return err
+	}
+	a, e := alignUp(off, sectorSize), (off+length)/sectorSize*sectorSize
+	c.stats.trims.Add(1)
+	if a < e {
+		for _, r := range c.pinnedRuns(a, e-a) {
+			if r.dirty {
+				continue
+			}
+			err := c.passthrough(r.off, r.n, func() error {
+				if !c.back.Caps().Trim {
+					return nil
+				}
+				return c.back.Trim(r.off, r.n, 0)
+			}, nil)
+			if err != nil {
+				return err
+			}
+		}
+	}
+	if flags&storage.FUA != 0 {
+		return c.commit()
+	}
+	return nil
+}
+
+// Zero makes [off, off+length) read back as zeroes: dirty ranges get zeroes
+// written into the cache, the rest is invalidated and zeroed on the
+// backing.
+func (c *Cache) Zero(off, length int64, flags storage.Flags) error {
+	if err := storage.CheckRange(c.Size(), off, length); err != nil {
+		return err
+	}
+	c.stats.zeros.Add(1)
+	if flags&storage.FastZero != 0 {
+		c.mu.Lock()
+		pinned := c.pinnedLocked(off, length)
+		c.mu.Unlock()
+		if pinned || !c.back.Caps().FastZero {
+			return storage.ErrNotSupported
+		}
+	}
+	a, e := alignUp(off, sectorSize), (off+length)/sectorSize*sectorSize
+	if a >= e {
+		if err := c.rmw(make([]byte, length), off); err != nil {
+			return err
+		}
+	} else {
+		if a > off {
+			if err := c.rmw(make([]byte, a-off), off); err != nil {
+				return err
+			}
+		}
+		if e < off+length {
+			if err := c.rmw(make([]byte, off+length-e), e); err != nil {
+				return err
+			}
+		}
+		for _, r := range c.pinnedRuns(a, e-a) {
+			if err := c.zeroRun(r, flags); err != nil {
+				return err
+			}
+		}
+	}
+	if flags&storage.FUA != 0 {
+		return c.commit()
+	}
+	return nil
+}
+
+func (c *Cache) zeroRun(r readPiece, flags storage.Flags) error {
+	if r.dirty {
+		for done := int64(0); done < r.n; {
+			m := min(r.n-done, c.sb.BucketSize)
+			if err := c.write(make([]byte, m), r.off+done); err != nil {
+				return err
+			}
+			done += m
+		}
+		return nil
+	}
+	bflags := flags & (storage.NoHole | storage.FastZero)
+	return c.passthrough(r.off, r.n, func() error {
+		if c.back.Caps().Zero {
+			err := c.back.Zero(r.off, r.n, bflags)
+			if err == nil || !errors.Is(err, storage.ErrNotSupported) || bflags&storage.FastZero != 0 {
+				return err
+			}
+		}
+		z := make([]byte, min(r.n, 1<<20))
+		for done := int64(0); done < r.n; {
+			m := min(r.n-done, int64(len(z)))
+			if err := c.back.WriteAt(z[:m], r.off+done, 0); err != nil {
+				return err
+			}
+			done += m
+		}
+		return nil
+	}, nil)
+}

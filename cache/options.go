@@ -1,0 +1,143 @@
+package cache
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+)
+
+// Sentinel errors. Callers check them with errors.Is.
+var (
+	ErrNotFormatted = errors.New("cache: device holds no cache superblock")
+	ErrVersion      = errors.New("cache: unsupported on-disk format version")
+	ErrCorrupt      = errors.New("cache: metadata corrupt")
+	ErrDirty        = errors.New("cache: cache holds dirty data")
+	ErrWrongBacking = errors.New("cache: cache belongs to another backing device")
+	ErrTooSmall     = errors.New("cache: cache device too small")
+	ErrClosed       = errors.New("cache: closed")
+	ErrFailed       = errors.New("cache: cache device failed; writes refused")
+	ErrBadMode      = errors.New("cache: unknown mode")
+	ErrBadOption    = errors.New("cache: invalid option")
+	// errStale is returned by ReadCached when the extent handed out is no
+	// longer (wholly) current; writeback skips it.
+	ErrStale = errors.New("cache: extent no longer current")
+	// ErrBusy is returned by ReadCached when another writeback of an
+	// overlapping range is in flight.
+	ErrBusy = errors.New("cache: overlapping writeback in flight")
+)
+
+// Mode is the cache mode.
+type Mode int
+
+const (
+	Writeback    Mode = iota // writes land in the cache, dirty; written back later
+	Writethrough             // writes land in the backing and the cache (clean)
+	Writearound              // writes land in the backing only; reads are cached
+	None                     // nothing new is cached; residual dirty data is still served
+)
+
+// String names the mode as ParseMode reads it.
+func (m Mode) String() string {
+	switch m {
+	case Writeback:
+		return "writeback"
+	case Writethrough:
+		return "writethrough"
+	case Writearound:
+		return "writearound"
+	case None:
+		return "none"
+	}
+	return fmt.Sprintf("mode(%d)", int(m))
+}
+
+// ParseMode reads "writeback", "writethrough", "writearound" or "none".
+func ParseMode(s string) (Mode, error) {
+	for m := Writeback; m <= None; m++ {
+		if strings.EqualFold(s, m.String()) {
+			return m, nil
+		}
+	}
+	return 0, fmt.Errorf("%w: %q", ErrBadMode, s)
+}
+
+// FormatOptions configures Format.
+type FormatOptions struct {
+	BlockSize  int   // allocation unit in buckets; default 4096
+	BucketSize int64 // default 1 MiB
+	BackingID  [16]byte
+	Force      bool // overwrite a cache that still holds dirty data
+	// JournalSize is the journal ring's size; 0 picks 1/64 of the data
+	// area, between 1 MiB and 128 MiB.
+	JournalSize int64
+	Logger      *slog.Logger
+}
+
+// Options configures Open.
+type Options struct {
+	Mode      Mode
+	BackingID [16]byte // must match the superblock, else ErrWrongBacking
+	// SequentialCutoff: a stream of sequential requests longer than this
+	// bypasses the cache. 0 means 4 MiB, < 0 turns it off.
+	SequentialCutoff int64
+	RAMCache         int64 // bytes of RAM tier; 0 turns it off
+	// WritebackPercent is the dirty share of the cache the background
+	// writeback aims at (default 10).
+	WritebackPercent int
+	Logger           *slog.Logger
+
+	// Tuning knobs, mostly for tests.
+
+	// NoBackground runs no goroutines: writeback, GC and checkpoints then
+	// happen only when a caller needs them (space, journal) or asks
+	// (WritebackStep, GCStep, Checkpoint, Drain).
+	NoBackground bool
+	// CheckpointEvery: checkpoint when the journal ring is this full
+	// (fraction in percent, default 50, max 50).
+	CheckpointPercent int
+	// GCPercent: a full bucket whose live data is below this share of
+	// its size is compacted (default 25).
+	GCPercent int
+	// PromoteAll turns the read admission policy off: every miss is
+	// promoted (unless bypassed by the cutoff).
+	PromoteAll bool
+
+	// test-only switch that breaks the ordering rules on purpose.
+	testBreak breakMode
+}
+
+// breakMode selects an ordering bug for the harness self-test.
+type breakMode int
+
+const (
+	breakNone       breakMode = iota
+	breakNoSync               // commit writes the journal but never syncs the cache device
+	breakNoDataCRC            // replay trusts records without checking their data
+	breakSkipBFlush           // commit does not flush the backing before the journal
+)
+
+func (o *Options) fill() error {
+	if o.Mode < Writeback || o.Mode > None {
+		return fmt.Errorf("%w: mode %d", ErrBadOption, o.Mode)
+	}
+	if o.SequentialCutoff == 0 {
+		o.SequentialCutoff = 4 << 20
+	}
+	if o.WritebackPercent <= 0 || o.WritebackPercent > 100 {
+		o.WritebackPercent = 10
+	}
+	if o.CheckpointPercent <= 0 || o.CheckpointPercent > 50 {
+		o.CheckpointPercent = 50
+	}
+	if o.GCPercent <= 0 || o.GCPercent >= 100 {
+		o.GCPercent = 25
+	}
+	if o.RAMCache < 0 {
+		return fmt.Errorf("%w: RAMCache %d", ErrBadOption, o.RAMCache)
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	return nil
+}

@@ -1,0 +1,88 @@
+package cache
+
+// The RAM tier keeps copies of whole 4 KiB pages of cached extents in a
+// ristretto cache. An entry records the version of the extent it was read
+// from; it is served only for a piece of the same version, so a write (which
+// always gets a new version) can never be answered from an older copy, and
+// ristretto's asynchronous sets and evictions cannot make it stale.
+
+const ramPage = 4096
+
+type ramEntry struct {
+	ver  uint64
+	data []byte
+}
+
+// ramGet fills dst from the RAM tier if every page of the piece is there
+// with the piece's version.
+func (c *Cache) ramGet(pc readPiece, dst []byte) bool {
+	if c.ram == nil || pc.off%ramPage != 0 || pc.n%ramPage != 0 {
+		return false
+	}
+	for i := int64(0); i < pc.n; i += ramPage {
+		e, ok := c.ram.Get(uint64((pc.off + i) / ramPage))
+		if !ok || e.ver != pc.ver {
+			return false
+		}
+		copy(dst[i:i+ramPage], e.data)
+	}
+	return true
+}
+
+// ramPut stores the whole pages of a piece just read from the cache device.
+func (c *Cache) ramPut(pc readPiece, src []byte) {
+	if c.ram == nil {
+		return
+	}
+	first := alignUp(pc.off, ramPage)
+	for p := first; p+ramPage <= pc.off+pc.n; p += ramPage {
+		d := make([]byte, ramPage)
+		copy(d, src[p-pc.off:])
+		c.ram.Set(uint64(p/ramPage), ramEntry{ver: pc.ver, data: d}, ramPage)
+	}
+}
+
+// admission is the read-promotion policy: a miss is promoted the second
+// time its 64 KiB region misses within the sketch's window — a doorkeeper
+// in TinyLFU's sense. One-hit wonders (a backup scan, a single read of a
+// cold file) never displace cached data; anything read twice is cached.
+// Counters are 4-bit-ish saturating bytes, halved every window (aging).
+type admission struct {
+	counts []uint8
+	seen   int
+}
+
+const (
+	admitRegion = 64 << 10
+	admitSlots  = 1 << 14
+	admitWindow = admitSlots * 4
+)
+
+func (a *admission) init() { a.counts = make([]uint8, admitSlots) }
+
+func (a *admission) slot(region int64) int {
+	h := uint64(region) * 0x9e3779b97f4a7c15
+	return int(h >> (64 - 14))
+}
+
+// touch records a miss of [off, off+n) and reports whether to promote.
+func (a *admission) touch(off, n int64) bool {
+	admit := false
+	for r := off / admitRegion; r <= (off+n-1)/admitRegion; r++ {
+		s := a.slot(r)
+		if a.counts[s] >= 1 {
+			admit = true
+		}
+		if a.counts[s] < 15 {
+			a.counts[s]++
+		}
+	}
+	a.seen++
+	if a.seen >= admitWindow {
+		a.seen = 0
+		for i := range a.counts {
+			a.counts[i] /= 2
+		}
+	}
+	return admit
+}

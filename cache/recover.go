@@ -1,0 +1,239 @@
+package cache
+
+import (
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"log/slog"
+	"math/rand/v2"
+	"sort"
+
+	"github.com/nbdcache/nbdcache/btreeidx"
+	"github.com/nbdcache/nbdcache/storage"
+)
+
+func crcSalted(salt uint32, p []byte) uint32 { return crc32.Update(salt, castagnoli, p) }
+
+func randSeed() uint32 { return rand.Uint32() }
+
+// state is what recovery rebuilds: the index and bucket table as of the end
+// of the valid journal.
+type state struct {
+	idx      *btreeidx.Index
+	buckets  []bucket
+	nextVer  uint64
+	jseq     uint64 // seq of the next journal block
+	jpos     int64  // its ring slot
+	jprev    uint32 // chain value it must carry
+	ckptSeq  uint64
+	ckptSlot int
+	replayed int64 // records applied
+	dropped  int64 // records dropped (data checksum, stale generation)
+	blocks   int64 // journal blocks replayed
+	stopWhy  string
+	problems []string // structural problems (Check reports them)
+}
+
+// readCheckpoint reads and decodes slot i.
+func readCheckpoint(dev storage.Device, sb *superblock, salt uint32, i int) (*checkpoint, error) {
+	off := sb.CkptOff + int64(i)*sb.CkptSize
+	hb := make([]byte, ckptHdrSize)
+	if err := dev.ReadAt(hb, off); err != nil {
+		return nil, fmt.Errorf("checkpoint slot %d: %w", i, err)
+	}
+	h, err := decodeCkptHeader(salt, hb)
+	if err != nil {
+		return nil, fmt.Errorf("checkpoint slot %d: %w", i, err)
+	}
+	if int64(h.NBuckets) != sb.NBuckets || ckptHdrSize+h.bodyLen() > sb.CkptSize ||
+		h.JPos >= sb.journalSlots() {
+		return nil, fmt.Errorf("checkpoint slot %d: %w: header does not fit the superblock", i, ErrCorrupt)
+	}
+	body := make([]byte, h.bodyLen())
+	if err := dev.ReadAt(body, off+ckptHdrSize); err != nil {
+		return nil, fmt.Errorf("checkpoint slot %d: %w", i, err)
+	}
+	ck, err := decodeCkptBody(salt, h, body)
+	if err != nil {
+		return nil, fmt.Errorf("checkpoint slot %d: %w", i, err)
+	}
+	return ck, nil
+}
+
+// inData reports whether [loc, loc+n) lies in the data area.
+func (sb *superblock) inData(loc, n int64) bool {
+	return loc >= sb.DataOff && n > 0 && loc+n <= sb.DataOff+sb.NBuckets*sb.BucketSize && loc+n > loc
+}
+
+// forBuckets calls fn for each piece of [loc, loc+n) within one bucket.
+func (sb *superblock) forBuckets(loc, n int64, fn func(b, loc, n int64)) {
+	for n > 0 {
+		b := sb.bucketOf(loc)
+		end := min(loc+n, sb.bucketStart(b+1))
+		fn(b, loc, end-loc)
+		n -= end - loc
+		loc = end
+	}
+}
+
+// genOK reports whether every bucket under [loc, loc+n) has generation gen.
+func genOK(sb *superblock, gens func(int64) uint8, loc, n int64, gen uint8) bool {
+	ok := true
+	sb.forBuckets(loc, n, func(b, _, _ int64) {
+		if gens(b) != gen {
+			ok = false
+		}
+	})
+	return ok
+}
+
+// loadState runs recovery without changing the device: the newest valid
+// checkpoint, then the journal from there until the first block that fails
+// its checksum, sequence or chain. Insert and replace records whose data
+// fails its checksum are dropped (that data never became durable).
+func loadState(dev storage.Device, sb *superblock, brk breakMode, log *slog.Logger) (*state, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	salt := sb.salt()
+	var ck *checkpoint
+	st := &state{}
+	for i := range 2 {
+		c, err := readCheckpoint(dev, sb, salt, i)
+		if err != nil && !errors.Is(err, ErrCorrupt) {
+			return nil, err // the device failed, not the metadata
+		}
+		if err != nil {
+			st.problems = append(st.problems, err.Error())
+			continue
+		}
+		if ck == nil || c.Seq > ck.Seq {
+			ck, st.ckptSlot = c, i
+		}
+	}
+	if ck == nil {
+		return nil, fmt.Errorf("%w: no valid checkpoint: %v", ErrCorrupt, st.problems)
+	}
+	// The other slot may legitimately be stale or torn.
+	st.problems = nil
+	st.ckptSeq = ck.Seq
+	st.nextVer = max(ck.NextVer, 1)
+	gens := append([]uint8(nil), ck.Gens...)
+	genOf := func(b int64) uint8 { return gens[b] }
+	st.idx = btreeidx.New()
+	for i, e := range ck.Ext {
+		if !sb.inData(e.Loc, e.Len) || e.Off+e.Len > sb.BackingSize {
+			return nil, fmt.Errorf("%w: checkpoint %d extent %d [%d+%d)@%d outside the device", ErrCorrupt, ck.Seq, i, e.Off, e.Len, e.Loc)
+		}
+		if !genOK(sb, genOf, e.Loc, e.Len, e.Gen) {
+			return nil, fmt.Errorf("%w: checkpoint %d extent %d [%d+%d)@%d has generation %d, bucket has another", ErrCorrupt, ck.Seq, i, e.Off, e.Len, e.Loc, e.Gen)
+		}
+		st.idx.Insert(btreeidx.Extent{Off: e.Off, Len: e.Len, Loc: e.Loc, Ver: e.Ver, Gen: e.Gen, Dirty: e.Dirty}, nil)
+		st.nextVer = max(st.nextVer, e.Ver+1)
+	}
+
+	// Journal replay.
+	slots := sb.journalSlots()
+	seq, pos, prev := ck.JSeq, ck.JPos, ck.Seed
+	blk := make([]byte, metaBlock)
+	verify := func(r *record) bool {
+		if !sb.inData(r.Loc, r.Len) || sb.bucketOf(r.Loc) != sb.bucketOf(r.Loc+r.Len-1) || r.Off+r.Len > sb.BackingSize {
+			st.problems = append(st.problems, fmt.Sprintf("journal block %d: record [%d+%d)@%d outside the device", seq, r.Off, r.Len, r.Loc))
+			return false
+		}
+		if gens[sb.bucketOf(r.Loc)] != r.Gen {
+			return false // stale: the bucket was reused after a checkpoint
+		}
+		if brk == breakNoDataCRC {
+			return true
+		}
+		data := make([]byte, r.Len)
+		if err := dev.ReadAt(data, r.Loc); err != nil {
+			return false
+		}
+		return crc(data) == r.CRC
+	}
+	for n := int64(0); n < slots; n++ {
+		if err := dev.ReadAt(blk, sb.JournalOff+pos*metaBlock); err != nil {
+			return nil, fmt.Errorf("cache: read journal slot %d: %w", pos, err)
+		}
+		jb, err := decodeJBlock(salt, blk)
+		if err != nil {
+			st.stopWhy = err.Error()
+			break
+		}
+		if jb.Seq != seq || jb.Prev != prev {
+			st.stopWhy = fmt.Sprintf("slot %d holds seq %d prev %08x, want seq %d prev %08x", pos, jb.Seq, jb.Prev, seq, prev)
+			break
+		}
+		for _, r := range jb.Recs {
+			if r.Off+r.Len > sb.BackingSize {
+				st.problems = append(st.problems, fmt.Sprintf("journal block %d: record [%d+%d) beyond the backing", seq, r.Off, r.Len))
+				st.dropped++
+				continue
+			}
+			switch r.Type {
+			case recInsert:
+				if !verify(&r) {
+					st.dropped++
+					continue
+				}
+				st.idx.Insert(btreeidx.Extent{Off: r.Off, Len: r.Len, Loc: r.Loc, Ver: r.Ver, Gen: r.Gen, Dirty: r.Dirty}, nil)
+			case recDelete:
+				st.idx.Delete(r.Off, r.Len, nil)
+			case recClean:
+				st.idx.MarkClean(r.Off, r.Len, r.Ver)
+			case recReplace:
+				if !verify(&r) {
+					st.dropped++
+					continue
+				}
+				st.idx.Replace(r.Off, r.Len, r.Ver, r.Loc, r.Gen)
+			}
+			st.replayed++
+			st.nextVer = max(st.nextVer, r.Ver+1)
+		}
+		st.blocks++
+		prev = jb.CRC
+		seq++
+		pos = (pos + 1) % slots
+	}
+	st.jseq, st.jpos, st.jprev = seq, pos, prev
+
+	// Buckets: generations from the checkpoint, live bytes from the index.
+	st.buckets = make([]bucket, sb.NBuckets)
+	for b := range st.buckets {
+		st.buckets[b].gen = gens[b]
+	}
+	var bad []btreeidx.Extent
+	st.idx.Ascend(0, func(e btreeidx.Extent) bool {
+		if !sb.inData(e.Loc, e.Len) || !genOK(sb, genOf, e.Loc, e.Len, e.Gen) {
+			bad = append(bad, e)
+			return true
+		}
+		sb.forBuckets(e.Loc, e.Len, func(b, _, n int64) { st.buckets[b].live += n })
+		return true
+	})
+	for _, e := range bad {
+		st.problems = append(st.problems, fmt.Sprintf("extent %v points at a bucket of another generation", e))
+		log.Error("cache: dropping an extent with a stale generation", "extent", e.String())
+		st.idx.Delete(e.Off, e.Len, nil)
+	}
+	if err := st.idx.Check(); err != nil {
+		return nil, fmt.Errorf("%w: index after replay: %w", ErrCorrupt, err)
+	}
+	return st, nil
+}
+
+// overlapsLoc reports the first pair of extents that share cache space.
+func overlapsLoc(idx *btreeidx.Index) (a, b btreeidx.Extent, found bool) {
+	var all []btreeidx.Extent
+	idx.Ascend(0, func(e btreeidx.Extent) bool { all = append(all, e); return true })
+	sort.Slice(all, func(i, j int) bool { return all[i].Loc < all[j].Loc })
+	for i := 1; i < len(all); i++ {
+		if all[i].Loc < all[i-1].Loc+all[i-1].Len {
+			return all[i-1], all[i], true
+		}
+	}
+	return a, b, false
+}

@@ -1,0 +1,100 @@
+package cache
+
+import "sync/atomic"
+
+// counters are the live counters behind Stats.
+type counters struct {
+	reads, readBytes, hits, misses, partialHits, ramHits, readRetries atomic.Int64
+	writes, writeBytes, cachedBytes, bypasses, rmw, fua, flushes      atomic.Int64
+	trims, zeros, promotions, promotedBytes, noSpace                  atomic.Int64
+	cacheReadErrors, cacheWriteErrors, backingWriteBytes              atomic.Int64
+	journalRecords, journalBlocks, commits, commitWaits               atomic.Int64
+	backingFlushes, checkpoints, checkpointBytes                      atomic.Int64
+	gcRuns, gcMovedBytes, evictedBytes, bucketsFreed                  atomic.Int64
+	writebackBytes, writebackCollisions                               atomic.Int64
+	replayed, replayDropped                                           atomic.Int64
+}
+
+// Stats is a snapshot of the cache's figures. Byte counts are bytes;
+// request counts are requests.
+type Stats struct {
+	Mode Mode
+
+	Reads, ReadBytes    int64
+	Hits                int64 // reads served wholly from the cache (device or RAM)
+	Misses              int64 // reads served wholly from the backing
+	PartialHits         int64 // reads served from both
+	RAMHits             int64 // pieces served from the RAM tier
+	ReadRetries         int64 // reads redone because their bucket was emptied under them
+	Writes, WriteBytes  int64
+	CachedWriteBytes    int64 // bytes written into the cache (writes, zeroes and promotions)
+	Bypasses            int64 // requests sent to the backing by mode, cutoff or a full cache
+	RMW                 int64 // unaligned writes done by read-modify-write
+	FUA, Flushes        int64
+	Trims, Zeros        int64
+	Promotions          int64 // read misses copied into the cache
+	PromotedBytes       int64
+	NoSpace             int64 // allocations that found the cache full
+	CacheReadErrors     int64 // cache device read errors (clean data fell back to the backing)
+	CacheWriteErrors    int64
+	BackingWriteBytes   int64 // foreground bytes written to the backing
+	DirtyBytes          int64
+	CachedBytes         int64 // bytes in the index
+	Extents             int64
+	CapacityBytes       int64
+	FreeBuckets         int64
+	PendingBuckets      int64 // emptied, reusable after the next checkpoint
+	Buckets             int64
+	JournalRecords      int64
+	JournalBlocks       int64
+	JournalUsedBlocks   int64 // blocks since the last checkpoint
+	JournalSlots        int64
+	Commits             int64 // group commits that wrote the journal
+	CommitWaits         int64 // waits for another committer (group commit sharing)
+	BackingFlushes      int64
+	Checkpoints         int64
+	CheckpointBytes     int64
+	GCRuns              int64
+	GCMovedBytes        int64
+	EvictedBytes        int64
+	BucketsFreed        int64
+	WritebackBytes      int64 // bytes marked clean after writeback
+	WritebackCollisions int64 // bytes rewritten while being written back (CAS lost)
+	WritebackInFlight   int64
+	ReplayedRecords     int64 // journal records applied by the last recovery
+	ReplayDropped       int64 // records dropped by it (data never became durable)
+	Failed              bool  // a journal commit failed; writes are refused
+}
+
+// Stats returns a snapshot.
+func (c *Cache) Stats() Stats {
+	s := Stats{
+		Reads: c.stats.reads.Load(), ReadBytes: c.stats.readBytes.Load(), Hits: c.stats.hits.Load(),
+		Misses: c.stats.misses.Load(), PartialHits: c.stats.partialHits.Load(), RAMHits: c.stats.ramHits.Load(),
+		ReadRetries: c.stats.readRetries.Load(), Writes: c.stats.writes.Load(), WriteBytes: c.stats.writeBytes.Load(),
+		CachedWriteBytes: c.stats.cachedBytes.Load(), Bypasses: c.stats.bypasses.Load(), RMW: c.stats.rmw.Load(),
+		FUA: c.stats.fua.Load(), Flushes: c.stats.flushes.Load(), Trims: c.stats.trims.Load(), Zeros: c.stats.zeros.Load(),
+		Promotions: c.stats.promotions.Load(), PromotedBytes: c.stats.promotedBytes.Load(), NoSpace: c.stats.noSpace.Load(),
+		CacheReadErrors: c.stats.cacheReadErrors.Load(), CacheWriteErrors: c.stats.cacheWriteErrors.Load(),
+		BackingWriteBytes: c.stats.backingWriteBytes.Load(), JournalRecords: c.stats.journalRecords.Load(),
+		JournalBlocks: c.stats.journalBlocks.Load(), Commits: c.stats.commits.Load(), CommitWaits: c.stats.commitWaits.Load(),
+		BackingFlushes: c.stats.backingFlushes.Load(), Checkpoints: c.stats.checkpoints.Load(),
+		CheckpointBytes: c.stats.checkpointBytes.Load(), GCRuns: c.stats.gcRuns.Load(), GCMovedBytes: c.stats.gcMovedBytes.Load(),
+		EvictedBytes: c.stats.evictedBytes.Load(), BucketsFreed: c.stats.bucketsFreed.Load(),
+		WritebackBytes: c.stats.writebackBytes.Load(), WritebackCollisions: c.stats.writebackCollisions.Load(),
+		ReplayedRecords: c.stats.replayed.Load(), ReplayDropped: c.stats.replayDropped.Load(),
+		CapacityBytes: c.CapacityBytes(), Buckets: c.sb.NBuckets, JournalSlots: c.sb.journalSlots(),
+	}
+	c.mu.Lock()
+	s.Mode = c.mu.mode
+	s.DirtyBytes = c.mu.idx.DirtyBytes()
+	s.CachedBytes = c.mu.idx.Bytes()
+	s.Extents = int64(c.mu.idx.Len())
+	s.FreeBuckets = int64(len(c.mu.free))
+	s.PendingBuckets = int64(len(c.mu.pending))
+	s.JournalUsedBlocks = int64(c.mu.jnextSeq - c.mu.jstartSeq)
+	s.WritebackInFlight = int64(len(c.mu.wb))
+	s.Failed = c.mu.failed != nil
+	c.mu.Unlock()
+	return s
+}

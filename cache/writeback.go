@@ -1,0 +1,337 @@
+package cache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nbdcache/nbdcache/btreeidx"
+)
+
+// DirtyExtents calls fn for dirty extents with End() > from, ascending: a
+// snapshot taken in batches, no lock held while fn runs. Extents under a
+// writeback in flight are skipped.
+func (c *Cache) DirtyExtents(from int64, fn func(btreeidx.Extent) bool) {
+	const batch = 256
+	for {
+		var es []btreeidx.Extent
+		c.mu.Lock()
+		c.mu.idx.AscendDirty(from, func(e btreeidx.Extent) bool {
+			if !c.busyLocked(e.Off, e.Len) {
+				es = append(es, e)
+			}
+			from = e.End()
+			return len(es) < batch
+		})
+		c.mu.Unlock()
+		if len(es) == 0 {
+			return
+		}
+		for _, e := range es {
+			if !fn(e) {
+				return
+			}
+		}
+	}
+}
+
+// ReadCached reads the cache-device data of e, as handed out by
+// DirtyExtents, into p, and registers e as being written back: until
+// MarkClean(e) or ReleaseCached(e), nothing writes its range to the
+// backing directly and no overlapping ReadCached succeeds (ErrBusy). If e
+// is no longer current (rewritten, moved, trimmed) it returns ErrStale.
+func (c *Cache) ReadCached(e btreeidx.Extent, p []byte) error {
+	if int64(len(p)) != e.Len {
+		return fmt.Errorf("%w: buffer of %d bytes for %d", ErrBadOption, len(p), e.Len)
+	}
+	c.mu.Lock()
+	if c.busyLocked(e.Off, e.Len) {
+		c.mu.Unlock()
+		return ErrBusy
+	}
+	if !c.pieceCurrentLocked(gcPiece{off: e.Off, n: e.Len, loc: e.Loc, ver: e.Ver}) {
+		c.mu.Unlock()
+		return ErrStale
+	}
+	type be struct{ b, epoch int64 }
+	var eps []be
+	c.sb.forBuckets(e.Loc, e.Len, func(b, _, _ int64) { eps = append(eps, be{b, int64(c.mu.buckets[b].epoch)}) })
+	c.mu.wb = append(c.mu.wb, inflightWB{off: e.Off, end: e.End(), ver: e.Ver})
+	c.mu.Unlock()
+	err := c.dev.ReadAt(p, e.Loc)
+	c.mu.Lock()
+	for _, x := range eps {
+		if int64(c.mu.buckets[x.b].epoch) != x.epoch {
+			err = ErrStale
+		}
+	}
+	if err != nil {
+		c.unregisterLocked(e)
+	}
+	c.mu.Unlock()
+	return err
+}
+
+// ReleaseCached ends a writeback of e that will not be marked clean (its
+// backing write failed).
+func (c *Cache) ReleaseCached(e btreeidx.Extent) {
+	c.mu.Lock()
+	c.unregisterLocked(e)
+	c.mu.Unlock()
+}
+
+func (c *Cache) unregisterLocked(e btreeidx.Extent) {
+	for i, w := range c.mu.wb {
+		if w.off == e.Off && w.end == e.End() && w.ver == e.Ver {
+			c.mu.wb = append(c.mu.wb[:i], c.mu.wb[i+1:]...)
+			c.mu.wbCond.Broadcast()
+			return
+		}
+	}
+}
+
+// MarkClean is called once the backing write of e is durable. It does the
+// compare-and-swap on e.Ver and journals it; a part rewritten meanwhile
+// stays dirty and counts as collided.
+func (c *Cache) MarkClean(e btreeidx.Extent) (cleaned, collided int64) {
+	err := c.enter()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.unregisterLocked(e)
+	if err != nil {
+		return 0, e.Len
+	}
+	defer c.leave()
+	before := c.mu.idx.DirtyBytes()
+	cleaned, collided = c.mu.idx.MarkClean(e.Off, e.Len, e.Ver)
+	if before != c.mu.idx.DirtyBytes() {
+		c.appendLocked(record{Type: recClean, Off: e.Off, Len: e.Len, Ver: e.Ver})
+	}
+	c.stats.writebackBytes.Add(before - c.mu.idx.DirtyBytes())
+	c.stats.writebackCollisions.Add(collided)
+	return cleaned, collided
+}
+
+// DirtyBytes is the amount of dirty data in the cache.
+func (c *Cache) DirtyBytes() int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.mu.idx.DirtyBytes()
+}
+
+// CapacityBytes is the size of the data area.
+func (c *Cache) CapacityBytes() int64 { return c.sb.NBuckets * c.sb.BucketSize }
+
+// WritebackStep writes back up to maxBytes of dirty data from the cursor
+// on, in address order, flushes the backing once and marks it clean. It
+// returns the bytes written.
+func (c *Cache) WritebackStep(from, maxBytes int64) (next, written int64, err error) {
+	var es []btreeidx.Extent
+	var bufs [][]byte
+	next = from
+	c.DirtyExtents(from, func(e btreeidx.Extent) bool {
+		if written >= maxBytes {
+			return false
+		}
+		p := make([]byte, e.Len)
+		if rerr := c.ReadCached(e, p); rerr != nil {
+			if !errors.Is(rerr, ErrStale) && !errors.Is(rerr, ErrBusy) {
+				err = rerr
+				return false
+			}
+			next = e.End()
+			return true
+		}
+		es, bufs = append(es, e), append(bufs, p)
+		written += e.Len
+		next = e.End()
+		return true
+	})
+	release := func() {
+		for _, e := range es {
+			c.ReleaseCached(e)
+		}
+	}
+	if err != nil {
+		release()
+		return next, 0, fmt.Errorf("cache: writeback: %w", err)
+	}
+	if len(es) == 0 {
+		return 0, 0, nil // wrap around
+	}
+	for i, e := range es {
+		if err := c.back.WriteAt(bufs[i], e.Off, 0); err != nil {
+			release()
+			return next, 0, fmt.Errorf("cache: writeback: %w", err)
+		}
+	}
+	if err := c.back.Flush(); err != nil {
+		release()
+		return next, 0, fmt.Errorf("cache: writeback flush: %w", err)
+	}
+	for _, e := range es {
+		c.MarkClean(e)
+	}
+	return next, written, nil
+}
+
+// flushRange writes back the dirty data overlapping [off, off+n) now,
+// waiting for writebacks of it already in flight.
+func (c *Cache) flushRange(off, n int64) error {
+	for {
+		var es []btreeidx.Extent
+		c.mu.Lock()
+		c.mu.idx.Lookup(off, n, func(e btreeidx.Extent) bool {
+			if e.Dirty {
+				es = append(es, e)
+			}
+			return true
+		})
+		if len(es) == 0 && !c.busyLocked(off, n) {
+			c.mu.Unlock()
+			return nil
+		}
+		if len(es) == 0 || c.busyLocked(off, n) {
+			if err := c.errLocked(); err != nil {
+				c.mu.Unlock()
+				return err
+			}
+			c.mu.wbCond.Wait()
+			c.mu.Unlock()
+			continue
+		}
+		c.mu.Unlock()
+		var done []btreeidx.Extent
+		var bufs [][]byte
+		for _, e := range es {
+			p := make([]byte, e.Len)
+			if err := c.ReadCached(e, p); err != nil {
+				if errors.Is(err, ErrStale) || errors.Is(err, ErrBusy) {
+					continue // moved, rewritten or in flight: the next round sees it
+				}
+				for _, d := range done {
+					c.ReleaseCached(d)
+				}
+				return fmt.Errorf("cache: write back before bypass: %w", err)
+			}
+			done, bufs = append(done, e), append(bufs, p)
+		}
+		var werr error
+		for i, e := range done {
+			if werr = c.back.WriteAt(bufs[i], e.Off, 0); werr != nil {
+				break
+			}
+		}
+		if werr == nil && len(done) > 0 {
+			werr = c.back.Flush()
+		}
+		for _, e := range done {
+			if werr != nil {
+				c.ReleaseCached(e)
+			} else {
+				c.MarkClean(e)
+			}
+		}
+		if werr != nil {
+			return fmt.Errorf("cache: write back before bypass: %w", werr)
+		}
+	}
+}
+
+// Drain writes back every dirty byte and syncs the backing; afterwards the
+// backing alone holds the whole disk (unless writes continue in writeback
+// mode). progress, if not nil, is called with bytes done and the total.
+func (c *Cache) Drain(ctx context.Context, progress func(done, total int64)) error {
+	total := c.DirtyBytes()
+	var done, cur int64
+	for {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if c.DirtyBytes() == 0 {
+			break
+		}
+		next, n, err := c.WritebackStep(cur, 8<<20)
+		if err != nil {
+			return err
+		}
+		done += n
+		if progress != nil {
+			progress(min(done, total), max(total, done))
+		}
+		if n == 0 && cur == 0 {
+			// Everything left is in flight elsewhere: wait for it.
+			c.mu.Lock()
+			if len(c.mu.wb) > 0 {
+				c.mu.wbCond.Wait()
+			}
+			c.mu.Unlock()
+		}
+		cur = next
+	}
+	if err := c.back.Flush(); err != nil {
+		return fmt.Errorf("cache: drain: flush backing: %w", err)
+	}
+	return c.commit()
+}
+
+func (c *Cache) kickBackground() {
+	select {
+	case c.kick <- struct{}{}:
+	default:
+	}
+}
+
+// background writes back above the dirty target (and everything when the
+// device is idle), and keeps free buckets available.
+func (c *Cache) background(ctx context.Context) {
+	defer c.bgDone.Done()
+	t := time.NewTicker(200 * time.Millisecond)
+	defer t.Stop()
+	var cur int64
+	var lastWrites int64
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-c.kick:
+		case <-t.C:
+		}
+		writes := c.stats.writes.Load()
+		idle := writes == lastWrites
+		lastWrites = writes
+		for ctx.Err() == nil {
+			c.mu.Lock()
+			dirty := c.mu.idx.DirtyBytes()
+			free := int64(len(c.mu.free))
+			pending := len(c.mu.pending)
+			c.mu.Unlock()
+			lowFree := free < max(2, c.sb.NBuckets/8)
+			target := c.CapacityBytes() * int64(c.opts.WritebackPercent) / 100
+			worked := false
+			if dirty > 0 && (dirty > target || idle || lowFree) {
+				next, n, err := c.WritebackStep(cur, 4<<20)
+				if err != nil {
+					c.log.Warn("cache: background writeback", "err", err)
+					break
+				}
+				cur = next
+				worked = n > 0
+			}
+			if lowFree {
+				if pending == 0 {
+					if c.gcStep(true) > 0 {
+						worked = true
+					}
+				}
+				if err := c.checkpoint(); err != nil && !errors.Is(err, ErrClosed) {
+					c.log.Warn("cache: background checkpoint", "err", err)
+				}
+			}
+			if !worked {
+				break
+			}
+		}
+	}
+}
