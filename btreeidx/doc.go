@@ -69,9 +69,10 @@
 // data is dense (sequential writes), at most about 12 bytes per dirty
 // extent when each sits alone in its region. Both trees use degree 64.
 // Measured by BenchmarkMemory (1e6 extents of 4 KiB, heap bytes per
-// extent): random and never adjacent 35.5 clean, 43.5 dirty; sequential
-// 50 clean or dirty (B-tree nodes split in the middle, so appending in
-// order leaves them half full). TestLong measures 1e7 random inserts.
+// extent): random and never adjacent 35.5 clean, 41 dirty; sequential 50
+// clean or dirty (B-tree nodes split in the middle, so appending in order
+// leaves them half full). TestLong (1e7 random 4 KiB inserts over 1 TiB):
+// 35.4 clean, 36.0 dirty.
 //
 // Calls do not allocate in the steady state: results go to callbacks, and
 // range operations reuse one scratch slice of at most 64 items (they work
