@@ -1,7 +1,8 @@
 # Speed ratio: fio on /dev/nbd0 served by nbdcache, then by nbd-server
 # with nbd-client, on the same disk and with the same number of
 # connections. Under TCG only the ratio means anything.
-# Prints "BENCH <job> nbdcache=<KiB/s> peer=<KiB/s>".
+# Prints "BENCH <job> nbdcache=<KiB/s> peer=<KiB/s>". The queue settings
+# attach writes (max_sectors_kb) stay on /dev/nbd0 for the peer run too.
 set -e
 . /lib.sh
 CONNS=${BENCH_CONNECTIONS:-2}
@@ -11,6 +12,7 @@ RUNTIME=${BENCH_RUNTIME:-8}
 run_jobs() {
 	local label=$1
 	: >/tmp/bench.$label
+	echo "$label: max_sectors_kb=$(cat /sys/block/nbd0/queue/max_sectors_kb) read_ahead_kb=$(cat /sys/block/nbd0/queue/read_ahead_kb) scheduler=$(cat /sys/block/nbd0/queue/scheduler) blocksize=$(cat /sys/block/nbd0/queue/logical_block_size)"
 	for job in "seq-write-1M write 1M 4" "seq-read-1M read 1M 4" "rand-write-4k randwrite 4k 16" "rand-read-4k randread 4k 16"; do
 		# shellcheck disable=SC2086
 		set -- $job
