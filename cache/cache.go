@@ -10,6 +10,7 @@ import (
 	"github.com/dgraph-io/ristretto/v2"
 	"github.com/nbdcache/nbdcache/btreeidx"
 	"github.com/nbdcache/nbdcache/storage"
+	"github.com/nbdcache/nbdcache/writeback"
 )
 
 // Bucket states.
@@ -73,7 +74,8 @@ type Cache struct {
 	rmwMu sync.Mutex    // serializes unaligned read-modify-writes
 	sbMu  sync.Mutex    // serializes superblock writes
 
-	ram *ristretto.Cache[uint64, ramEntry]
+	ram     *ristretto.Cache[uint64, ramEntry]
+	flusher *writeback.Flusher // nil with NoBackground
 
 	stats counters
 
@@ -126,6 +128,8 @@ type Cache struct {
 var (
 	_ storage.Device     = (*Cache)(nil)
 	_ storage.Prefetcher = (*Cache)(nil)
+	_ writeback.Source   = (*Cache)(nil)
+	_ writeback.Releaser = (*Cache)(nil)
 )
 
 // readSuper loads the newest valid superblock copy.
@@ -317,10 +321,26 @@ func Open(cacheDev, backing storage.Device, opts Options) (*Cache, error) {
 	c.log.Info("cache: opened", "extents", st.idx.Len(), "dirty_bytes", st.idx.DirtyBytes(),
 		"replayed_records", st.replayed, "dropped_records", st.dropped, "mode", opts.Mode.String())
 	if !opts.NoBackground {
+		wcfg := opts.Writeback
+		if wcfg.TargetPercent == 0 {
+			wcfg.TargetPercent = opts.WritebackPercent
+		}
+		if wcfg.Logger == nil {
+			wcfg.Logger = c.log
+		}
+		if err := wcfg.Validate(); err != nil {
+			c.closeRAM()
+			return nil, fmt.Errorf("%w: %w", ErrBadOption, err)
+		}
+		c.flusher = writeback.New(c, backing, wcfg)
 		ctx, cancel := context.WithCancel(context.Background())
 		c.bgCancel = cancel
-		c.bgDone.Add(1)
+		c.bgDone.Add(2)
 		go c.background(ctx)
+		go func() {
+			defer c.bgDone.Done()
+			c.flusher.Run(ctx)
+		}()
 	}
 	return c, nil
 }

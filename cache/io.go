@@ -171,8 +171,10 @@ func (c *Cache) read(p []byte, off int64, prefetch bool) error {
 		}
 		if admit {
 			for _, pc := range ps {
-				if !pc.cached {
-					c.promote(p[pc.off-off:pc.off-off+pc.n], pc.off, bseq)
+				// Only whole sectors are cached.
+				a, e := alignUp(pc.off, sectorSize), (pc.off+pc.n)/sectorSize*sectorSize
+				if !pc.cached && a < e {
+					c.promote(p[a-off:e-off], a, bseq)
 				}
 			}
 		}
@@ -335,6 +337,9 @@ func (c *Cache) write(p []byte, off int64) error {
 	c.mu.Unlock()
 	c.stats.writes.Add(1)
 	c.stats.writeBytes.Add(n)
+	if c.flusher != nil {
+		c.flusher.NoteForeground()
+	}
 
 	if pinned || (mode == Writeback && !seq) {
 		for {

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
+
+	"github.com/nbdcache/nbdcache/writeback"
 )
 
 // Sentinel errors. Callers check them with errors.Is.
@@ -19,12 +21,13 @@ var (
 	ErrFailed       = errors.New("cache: cache device failed; writes refused")
 	ErrBadMode      = errors.New("cache: unknown mode")
 	ErrBadOption    = errors.New("cache: invalid option")
-	// errStale is returned by ReadCached when the extent handed out is no
-	// longer (wholly) current; writeback skips it.
-	ErrStale = errors.New("cache: extent no longer current")
+	// ErrStale is returned by ReadCached when the extent handed out is no
+	// longer (wholly) current; writeback skips it. It wraps
+	// writeback.ErrStale.
+	ErrStale = fmt.Errorf("cache: extent no longer current: %w", writeback.ErrStale)
 	// ErrBusy is returned by ReadCached when another writeback of an
-	// overlapping range is in flight.
-	ErrBusy = errors.New("cache: overlapping writeback in flight")
+	// overlapping range is in flight. It wraps writeback.ErrBusy.
+	ErrBusy = fmt.Errorf("cache: overlapping writeback in flight: %w", writeback.ErrBusy)
 )
 
 // Mode is the cache mode.
@@ -89,6 +92,9 @@ type Options struct {
 
 	// Tuning knobs, mostly for tests.
 
+	// Writeback configures the background flusher (package writeback);
+	// TargetPercent defaults to WritebackPercent.
+	Writeback writeback.Config
 	// NoBackground runs no goroutines: writeback, GC and checkpoints then
 	// happen only when a caller needs them (space, journal) or asks
 	// (WritebackStep, GCStep, Checkpoint, Drain).

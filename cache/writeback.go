@@ -243,6 +243,15 @@ func (c *Cache) flushRange(off, n int64) error {
 // backing alone holds the whole disk (unless writes continue in writeback
 // mode). progress, if not nil, is called with bytes done and the total.
 func (c *Cache) Drain(ctx context.Context, progress func(done, total int64)) error {
+	if c.flusher != nil {
+		if err := c.flusher.Drain(ctx, progress); err != nil {
+			return fmt.Errorf("cache: drain: %w", err)
+		}
+		if err := c.back.Flush(); err != nil {
+			return fmt.Errorf("cache: drain: flush backing: %w", err)
+		}
+		return c.commit()
+	}
 	total := c.DirtyBytes()
 	var done, cur int64
 	for {
@@ -277,6 +286,9 @@ func (c *Cache) Drain(ctx context.Context, progress func(done, total int64)) err
 }
 
 func (c *Cache) kickBackground() {
+	if c.flusher != nil {
+		c.flusher.Kick()
+	}
 	select {
 	case c.kick <- struct{}{}:
 	default:
@@ -310,7 +322,11 @@ func (c *Cache) background(ctx context.Context) {
 			lowFree := free < max(2, c.sb.NBuckets/8)
 			target := c.CapacityBytes() * int64(c.opts.WritebackPercent) / 100
 			worked := false
-			if dirty > 0 && (dirty > target || idle || lowFree) {
+			if c.flusher != nil {
+				if lowFree || dirty > target {
+					c.flusher.Kick()
+				}
+			} else if dirty > 0 && (dirty > target || idle || lowFree) {
 				next, n, err := c.WritebackStep(cur, 4<<20)
 				if err != nil {
 					c.log.Warn("cache: background writeback", "err", err)
@@ -320,13 +336,15 @@ func (c *Cache) background(ctx context.Context) {
 				worked = n > 0
 			}
 			if lowFree {
-				if pending == 0 {
-					if c.gcStep(true) > 0 {
-						worked = true
-					}
+				if pending == 0 && c.gcStep(true) > 0 {
+					worked = true
+					pending = 1
 				}
-				if err := c.checkpoint(); err != nil && !errors.Is(err, ErrClosed) {
-					c.log.Warn("cache: background checkpoint", "err", err)
+				if pending > 0 {
+					if err := c.checkpoint(); err != nil && !errors.Is(err, ErrClosed) {
+						c.log.Warn("cache: background checkpoint", "err", err)
+						break
+					}
 				}
 			}
 			if !worked {
