@@ -1,0 +1,143 @@
+// Package cache is the product: a storage.Device made of a fast cache
+// device and a slow backing device, bcache-style. In write-back mode it
+// takes writes at cache speed and keeps every flushed byte through a crash;
+// it never serves garbage; Check tells the truth about its state offline.
+//
+// # Layout on the cache device
+//
+//	offset                      size              contents
+//	0                           4 KiB             superblock copy A
+//	4 KiB                       4 KiB             superblock copy B (same contents)
+//	8 KiB                       CkptSize          checkpoint slot 0
+//	8 KiB + CkptSize            CkptSize          checkpoint slot 1
+//	JournalOff                  JournalSize       journal ring of 4 KiB blocks
+//	DataOff                     NBuckets*Bucket   data buckets, written append-only
+//
+// Superblock (little endian; crc32c Castagnoli over bytes 0..151):
+//
+//	off  size  field
+//	0    8     magic "NBDCACHE"
+//	8    4     format version (1)
+//	12   4     header length (152)
+//	16   16    cache UUID
+//	32   16    backing ID (must match Options.BackingID)
+//	48   8     backing size          96   8  journal offset
+//	56   8     cache device size     104  8  journal size
+//	64   8     block size            112  8  data offset
+//	72   8     bucket size           120  8  number of buckets
+//	80   8     checkpoint offset     128  4  state: 0 clean (no dirty data), 1 dirty
+//	88   8     checkpoint slot size  136  8  sequence (newest valid copy wins)
+//	152  4     crc32c
+//
+// Decoding checks magic, then version, then checksum, then the geometry
+// (regions in order, aligned, inside the device), like bbolt's
+// Meta.Validate. Both copies are written with a sync after each, so one is
+// always whole.
+//
+// Journal block (4 KiB; crc32c seeded with the crc of the cache UUID, so
+// blocks of an earlier format never validate):
+//
+//	off   size  field
+//	0     4     magic "NBDJ"
+//	4     4     record count (<= 101)
+//	8     8     sequence number
+//	16    4     prev: the crc of the block before, or the checkpoint's seed
+//	20    4     zero
+//	24    40*n  records
+//	4092  4     crc32c of bytes 0..4091
+//
+// Record (40 bytes): type (1 insert, 2 delete, 3 clean, 4 replace), gen,
+// dirty, 0, length in sectors (u32), offset (u64), cache location (u64),
+// version (u64), crc32c of the data at the location (u32), zero (u32).
+//
+// Checkpoint slot: a 64-byte header (magic "NBDCCKPT", checkpoint sequence,
+// first journal sequence and ring slot to replay, chain seed, bucket count,
+// next version, extent count, body crc, header crc) then the body: one
+// generation byte per bucket (padded to 8) and 32 bytes per extent
+// (offset u64, length in sectors u32, gen, dirty, 0, 0, location u64,
+// version u64), sorted. A slot holds 2*data/BlockSize+64 extents; the
+// write path treats the cache as full at 3/4 of that.
+//
+// # Invariants
+//
+//   - Data buckets are append-only: live data is never overwritten in
+//     place, so a torn or lost write can only lose the newest, unflushed
+//     version.
+//   - A journal record never makes data visible that did not reach the
+//     disk: every insert and replace record carries the crc32c of its data,
+//     and recovery drops a record whose data fails it. Because of that, data
+//     and journal blocks go out without a sync in between, and one sync of
+//     the cache device per group commit serves every FLUSH and FUA waiting
+//     (the design's "one fdatasync per FLUSH").
+//   - Recovery stops at the first journal block that fails its checksum,
+//     its sequence or its chain (prev): the torn tail. The chain, reseeded
+//     by every checkpoint with a random value, keeps blocks of an earlier
+//     life of the ring from ever being replayed.
+//   - Bucket reuse: a bucket emptied by GC, eviction or overwrites gets a
+//     new generation and becomes "pending"; it is handed out again only
+//     after a checkpoint that no longer refers to its old contents is
+//     durable. So no record in the replayable journal (and no extent of the
+//     loaded checkpoint) points at a reused bucket: the data checksum test
+//     at replay is exact, and a flushed write can never be lost to GC.
+//     Generations are also checked at replay (a record of another
+//     generation is stale), and each bucket has an in-memory epoch that
+//     readers revalidate after reading, so a read that raced with reuse is
+//     retried rather than served.
+//   - Dirty data is never bypassed: a range holding dirty extents, or being
+//     written back, is always written into the cache (as dirty), whatever
+//     the mode, so a writeback in flight can never land stale data over a
+//     newer direct write to the backing.
+//   - Before anything is written to the backing directly (bypass,
+//     writethrough, writearound, trim, zero), the extents over the range are
+//     deleted and that deletion is committed: a clean extent that outlived a
+//     crash over newer backing data would be stale. A clean record that
+//     follows a backing write is committed only after a backing flush (the
+//     commit flushes the backing first when backing writes happened).
+//   - Writeback's MarkClean is a compare-and-swap on the version, journaled
+//     after the backing write is durable; a lost race counts as a collision.
+//
+// # Ordering and locking
+//
+// One mutex (mu) guards the index, the bucket table and the journal's
+// in-memory state; it is never held across I/O. Operations that append
+// journal records hold a gate shared (enter/leave), bounded by a semaphore
+// so the ring cannot overflow; a checkpoint holds the gate exclusively:
+// commit (data and journal durable) → snapshot index and generations →
+// write the other slot → sync → restart the ring and free pending buckets.
+// The checkpoint is taken when the ring is half full, after recovery and at
+// Close. Reads take mu only to look up and to revalidate, so reads of
+// different ranges run in parallel; a clean piece whose cache read fails
+// is read from the backing.
+//
+// # Policy
+//
+//   - Modes: writeback (default), writethrough, writearound, none,
+//     switchable with SetMode; leaving writeback drains.
+//   - Sequential cutoff (4 MiB): 16 streams detected by address; a stream
+//     longer than the cutoff bypasses the cache (reads are not promoted).
+//   - Read promotion: a miss is copied in the second time its 64 KiB region
+//     misses within a window (a TinyLFU-style doorkeeper with aging), so
+//     one-time scans do not evict the working set; Prefetch (NBD CACHE)
+//     promotes unconditionally. A promotion is dropped if any direct backing
+//     write started meanwhile or the range got cached.
+//   - RAM tier (ristretto): copies of 4 KiB pages tagged with the version
+//     of the extent they came from, served only for that version, so it can
+//     never be stale. It holds copies of dirty pieces too: it is never the
+//     only copy.
+//   - Space: GC compacts buckets whose live data is below GCPercent (25%);
+//     eviction drops the clean data of the oldest buckets (moving their
+//     dirty data); a writer that finds no space frees pending buckets by a
+//     checkpoint, runs GC/eviction, and otherwise bypasses to the backing
+//     (after writing back, itself, any dirty data the range overlaps), so a
+//     full cache never deadlocks.
+//   - Background: the writeback package's Flusher (rate controller,
+//     watermarks) drives writeback through the Source methods; a small loop
+//     keeps free buckets available.
+//
+// # Known limits
+//
+// A checkpoint blocks index-changing operations while it writes the whole
+// index. Unaligned writes are serialized among themselves (read-modify-
+// write). Concurrent overlapping writethrough writes may leave the cache's
+// clean copy and the backing holding different ones of the two writes.
+package cache
