@@ -31,7 +31,7 @@ import (
 
 // guestScenarios are the guest scripts in test/vm/guest, each run as
 // /scenarios/<name>.sh by /test.sh.
-var guestScenarios = []string{"attach", "powercut", "upgrade", "bench"}
+var guestScenarios = []string{"attach", "powercut", "upgrade", "cut1", "cut2", "bench"}
 
 // vmTools are the host programs the VM tests need.
 var vmTools = []string{"qemu-system-x86_64", "busybox", "gzip", "mkfs.ext4", "e2fsck", "mkfs.xfs", "xfs_repair", "fio", "nbd-server", "nbd-client"}
@@ -78,56 +78,82 @@ type vmResult struct {
 	console string
 }
 
-// runVM boots the image with a 64 MiB /dev/vda and a 512 MiB /dev/vdb
-// (sparse files) and runs one scenario; env becomes the guest's
-// environment.
-func runVM(t *testing.T, initrd, scenario string, limit time.Duration, env ...string) vmResult {
+// vmRun describes one boot.
+type vmRun struct {
+	scenario string
+	limit    time.Duration
+	env      []string // KEY=VALUE for the guest
+	disks    []string // raw images: /dev/vda, /dev/vdb, ... (default: fresh 64 MiB and 512 MiB)
+	kill     string   // SIGKILL qemu 1 s after a console line with this marker
+}
+
+// newDisks makes the default disks: a 64 MiB /dev/vda (for a cache) and
+// a 512 MiB /dev/vdb, sparse.
+func newDisks(t *testing.T) []string {
 	t.Helper()
 	dir := t.TempDir()
-	ssd, hdd := filepath.Join(dir, "ssd.img"), filepath.Join(dir, "hdd.img")
-	for p, size := range map[string]int64{ssd: 64 << 20, hdd: 512 << 20} {
+	var disks []string
+	for _, d := range []struct {
+		name string
+		size int64
+	}{{"ssd.img", 64 << 20}, {"hdd.img", 512 << 20}} {
+		p := filepath.Join(dir, d.name)
 		f, err := os.Create(p)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := f.Truncate(size); err != nil {
+		if err := f.Truncate(d.size); err != nil {
 			t.Fatal(err)
 		}
 		f.Close()
+		disks = append(disks, p)
+	}
+	return disks
+}
+
+// runVM boots the image and runs one scenario.
+func runVM(t *testing.T, initrd string, r vmRun) vmResult {
+	t.Helper()
+	if r.disks == nil {
+		r.disks = newDisks(t)
 	}
 	seed := os.Getenv("NBDCACHE_SEED")
 	if seed == "" {
 		seed = strconv.FormatInt(time.Now().UnixNano()%1_000_000_007, 10)
 	}
-	t.Logf("%s: guest seed %s (replay with NBDCACHE_SEED=%s)", scenario, seed, seed)
-	kargs := []string{"SCENARIO=" + scenario, "SEED=" + seed}
+	t.Logf("%s: guest seed %s (replay with NBDCACHE_SEED=%s)", r.scenario, seed, seed)
+	kargs := []string{"SCENARIO=" + r.scenario, "SEED=" + seed}
 	if s := os.Getenv("NBDCACHE_VM_STORAGE"); s != "" {
 		// Kernel command line words cannot hold spaces: commas stand in.
 		kargs = append(kargs, "NBDCACHE_STORAGE="+strings.ReplaceAll(s, " ", ","))
 	}
-	kargs = append(kargs, env...)
-	logPath := filepath.Join(dir, "console.log")
-	mem := "2048"
-	ctx, cancel := context.WithTimeout(context.Background(), limit+time.Minute)
+	kargs = append(kargs, r.env...)
+	logPath := filepath.Join(t.TempDir(), "console.log")
+	args := []string{"-q", "-m", "2048", "-t", strconv.Itoa(int(r.limit.Seconds())), "-i", initrd, "-l", logPath, "-A", strings.Join(kargs, " ")}
+	for _, d := range r.disks {
+		args = append(args, "-d", d)
+	}
+	if r.kill != "" {
+		args = append(args, "-K", r.kill, "-D", "1")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), r.limit+time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "./vm/run-vm.sh", "-q", "-m", mem, "-t", strconv.Itoa(int(limit.Seconds())),
-		"-i", initrd, "-d", ssd, "-d", hdd, "-l", logPath, "-A", strings.Join(kargs, " "))
 	start := time.Now()
-	out, err := cmd.CombinedOutput()
+	out, err := exec.CommandContext(ctx, "./vm/run-vm.sh", args...).CombinedOutput()
 	status := 0
 	if err != nil {
-		if ee, ok := err.(*exec.ExitError); ok {
-			status = ee.ExitCode()
-		} else {
+		ee, ok := err.(*exec.ExitError)
+		if !ok {
 			t.Fatalf("run-vm.sh: %v\n%s", err, out)
 		}
+		status = ee.ExitCode()
 	}
 	console, _ := os.ReadFile(logPath)
 	if keep := os.Getenv("NBDCACHE_VM_KEEP"); keep != "" {
 		os.MkdirAll(keep, 0o755)
-		os.WriteFile(filepath.Join(keep, scenario+".log"), console, 0o644)
+		os.WriteFile(filepath.Join(keep, r.scenario+".log"), console, 0o644)
 	}
-	t.Logf("%s: guest exit status %d after %v; %s", scenario, status, time.Since(start).Round(time.Second), strings.TrimSpace(lastLine(string(out))))
+	t.Logf("%s: guest exit status %d after %v; %s", r.scenario, status, time.Since(start).Round(time.Second), strings.TrimSpace(lastLine(string(out))))
 	for _, l := range strings.Split(string(console), "\n") {
 		if strings.HasPrefix(l, "STEP ") {
 			t.Log(l)
@@ -179,20 +205,50 @@ func TestVM(t *testing.T) {
 	}
 	initrd := buildVMImage(t, t.TempDir())
 	t.Run("attach", func(t *testing.T) {
-		runVM(t, initrd, "attach", 4*time.Minute).requireOK(t, "ATTACH-SCENARIO-OK")
+		runVM(t, initrd, vmRun{scenario: "attach", limit: 4 * time.Minute}).requireOK(t, "ATTACH-SCENARIO-OK")
 	})
 	t.Run("powercut", func(t *testing.T) {
-		runVM(t, initrd, "powercut", 4*time.Minute).requireOK(t, "POWERCUT-SCENARIO-OK")
+		runVM(t, initrd, vmRun{scenario: "powercut", limit: 4 * time.Minute}).requireOK(t, "POWERCUT-SCENARIO-OK")
 	})
 	t.Run("upgrade", func(t *testing.T) {
-		runVM(t, initrd, "upgrade", 4*time.Minute).requireOK(t, "UPGRADE-SCENARIO-OK")
+		runVM(t, initrd, vmRun{scenario: "upgrade", limit: 4 * time.Minute}).requireOK(t, "UPGRADE-SCENARIO-OK")
 	})
+	t.Run("vmcut", func(t *testing.T) { vmPowerCut(t, initrd) })
 	t.Run("bench", func(t *testing.T) {
 		if os.Getenv("NBDCACHE_VM_BENCH") == "" {
 			t.Skip("set NBDCACHE_VM_BENCH=1 to measure the speed ratio in the VM")
 		}
-		vmBench(t, runVM(t, initrd, "bench", 8*time.Minute))
+		vmBench(t, runVM(t, initrd, vmRun{scenario: "bench", limit: 8 * time.Minute}))
 	})
+}
+
+// vmPowerCut cuts the VM's power (SIGKILL of qemu: the guest's page
+// cache is lost, what qemu wrote to the disk images stays) under an
+// fsync-heavy writer, then boots again on the same disks: fsck must be
+// clean and every file whose fsync returned before the cut intact.
+func vmPowerCut(t *testing.T, initrd string) {
+	disks := newDisks(t)
+	r := runVM(t, initrd, vmRun{scenario: "cut1", limit: 4 * time.Minute, disks: disks, kill: "CUT-NOW"})
+	if r.status != 137 {
+		t.Fatalf("part 1: guest exit status %d, want 137 (killed at CUT-NOW); console tail:\n%s", r.status, tail(r.console, 60))
+	}
+	var synced []string
+	for _, l := range strings.Split(r.console, "\n") {
+		if strings.HasPrefix(l, "SYNCED ") && len(strings.Fields(l)) == 3 {
+			synced = append(synced, l)
+		}
+	}
+	if len(synced) < 20 {
+		t.Fatalf("part 1: only %d files fsync'd before the cut", len(synced))
+	}
+	t.Logf("power cut after %d fsync'd files", len(synced))
+	list := filepath.Join(t.TempDir(), "synced.img")
+	data := []byte(strings.Join(synced, "\n") + "\n")
+	data = append(data, make([]byte, 4096-len(data)%4096)...)
+	if err := os.WriteFile(list, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	runVM(t, initrd, vmRun{scenario: "cut2", limit: 4 * time.Minute, disks: append(disks, list)}).requireOK(t, "CUT-SCENARIO-OK")
 }
 
 // vmBench prints the ratios of the bench scenario.
