@@ -69,7 +69,36 @@ func buildVMImage(t *testing.T, dir string) string {
 		t.Fatalf("build-initramfs.sh: %v\n%s", err, out)
 	}
 	t.Logf("initramfs built in %v", time.Since(start).Round(time.Second))
+	trackInputs(t)
 	return initrd
+}
+
+// trackInputs opens what the VM run is made of. go test caches a result
+// by the files the test process itself opened (inside the module); the
+// guest scripts and the Go sources of the binary reach the VM through
+// subprocesses, so they are opened here, and a change to any of them
+// invalidates a cached result.
+func trackInputs(t *testing.T) {
+	t.Helper()
+	err := filepath.WalkDir("..", func(p string, d os.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() {
+			if n := d.Name(); p != ".." && (strings.HasPrefix(n, ".") || n == "testdata") {
+				return filepath.SkipDir
+			}
+			return nil
+		}
+		if n := d.Name(); strings.HasSuffix(n, ".go") || strings.HasSuffix(n, ".sh") || n == "go.mod" || n == "go.sum" {
+			_, err := os.ReadFile(p)
+			return err
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
 }
 
 // vmResult is what a guest run left.

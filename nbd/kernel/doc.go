@@ -4,7 +4,7 @@
 //
 // Its one job is the kernel's side of the NBD client: module loading
 // (LoadModule, with pmorjan/kmod), the generic netlink family "nbd"
-// (Netlink: Connect, Reconfigure, Disconnect, Status; LinkDeadWatcher),
+// (Netlink: Connect, Reconfigure, Disconnect, Status),
 // the legacy ioctls as a fallback (ConnectIoctl), and the block-queue
 // shape in sysfs (Tune). Attach ties them together. It knows nothing of
 // caching, and nothing of the NBD server beyond the request header it
@@ -62,8 +62,7 @@
 // CLIENT_FLAGS, BACKEND_IDENTIFIER (it must match) and SOCKETS;
 // NBD_CMD_DISCONNECT carries INDEX. The STATUS reply nests
 // NBD_ATTR_DEVICE_LIST (9) { NBD_DEVICE_ITEM (1) { NBD_DEVICE_INDEX (1)
-// u32, NBD_DEVICE_CONNECTED (2) u8 } ... }. NBD_CMD_LINK_DEAD, sent to
-// the multicast group nbd_mc_group, carries INDEX.
+// u32, NBD_DEVICE_CONNECTED (2) u8 } ... }.
 //
 // One attribute on the wire:
 //

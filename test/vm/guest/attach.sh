@@ -4,10 +4,12 @@
 set -e
 . /lib.sh
 
-step "attach, 2 connections"
-attach a1 --connections 2
+step "attach, 2 connections, queue depth 64"
+attach a1 --connections 2 --queue-depth 64
 queue_report
 [ "$(cat /sys/block/nbd0/queue/max_sectors_kb)" = 1024 ] || fail "max_sectors_kb not applied"
+[ "$(cat /sys/block/nbd0/queue/nr_requests)" = 64 ] || fail "nr_requests not applied"
+grep -q 'nbdcache:/dev/vdb' /sys/block/nbd0/backend || fail "backend identifier not set"
 
 step "fio verify=crc32c on /dev/nbd0"
 fio --name=verify --filename=/dev/nbd0 --direct=1 --ioengine=libaio --iodepth=16 \

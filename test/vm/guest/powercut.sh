@@ -15,7 +15,7 @@ mount -t ext4 /dev/nbd0 $MNT
 rm -f /tmp/synced /tmp/stop
 
 step "start fio (fsync=1, verify) and the writer"
-fio --name=fsync --filename=$MNT/fio.dat --rw=write --bs=16k --size=4m --fsync=1 \
+fio --name=fsync --filename=$MNT/fio.dat --rw=write --bs=16k --size=8m --fsync=1 \
 	--verify=crc32c --verify_fatal=1 --output=/tmp/fio.log &
 fpid=$!
 writer $MNT >/tmp/writer.log 2>&1 &
@@ -23,6 +23,7 @@ wpid=$!
 wait_synced 15
 
 step "kill -9 the server ($apid) after $(synced_count) fsync'd files"
+kill -0 $fpid 2>/dev/null || fail "fio finished before the kill: make it write more"
 kill -9 $apid
 wait $apid || true
 before=$(synced_count)
