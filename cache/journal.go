@@ -139,6 +139,11 @@ func (c *Cache) writeCommit(blocks []sealedBlock, needB bool) error {
 	if len(blocks) == 0 {
 		return nil
 	}
+	if c.opts.twoSyncs {
+		if err := c.dev.Flush(); err != nil {
+			return fmt.Errorf("sync data: %w", err)
+		}
+	}
 	// Contiguous runs of the ring go out as one write each.
 	for i := 0; i < len(blocks); {
 		j := i + 1

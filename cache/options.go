@@ -111,6 +111,9 @@ type Options struct {
 
 	// test-only switch that breaks the ordering rules on purpose.
 	testBreak breakMode
+	// twoSyncs: the alternative ordering, measured by BenchmarkFlush: sync
+	// the data, then write the journal and sync again.
+	twoSyncs bool
 }
 
 // breakMode selects an ordering bug for the harness self-test.

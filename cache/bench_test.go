@@ -1,0 +1,128 @@
+package cache
+
+import (
+	"math/rand/v2"
+	"path/filepath"
+	"testing"
+
+	"github.com/nbdcache/nbdcache/storage"
+)
+
+func benchDevs(b *testing.B, kind string, cacheSize, backSize int64) devPair {
+	b.Helper()
+	switch kind {
+	case "mem":
+		return devPair{storage.NewMem(cacheSize), storage.NewMem(backSize)}
+	default:
+		dir := b.TempDir()
+		cf, err := storage.OpenFile(filepath.Join(dir, "cache"), storage.FileOptions{Size: cacheSize})
+		if err != nil {
+			b.Fatal(err)
+		}
+		bf, err := storage.OpenFile(filepath.Join(dir, "back"), storage.FileOptions{Size: backSize})
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { cf.Close(); bf.Close() })
+		return devPair{cf, bf}
+	}
+}
+
+func benchCache(b *testing.B, kind string, o Options) (*Cache, devPair) {
+	d := benchDevs(b, kind, 256<<20, 1<<30)
+	if err := Format(d.cache, d.back, FormatOptions{BackingID: testBackingID}); err != nil {
+		b.Fatal(err)
+	}
+	o.BackingID = testBackingID
+	c, err := Open(d.cache, d.back, o)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { c.Close() })
+	return c, d
+}
+
+// BenchmarkRandWrite4K: 4 KiB random writes in writeback mode, from
+// parallel goroutines, over a 64 MiB range (fits the cache).
+func BenchmarkRandWrite4K(b *testing.B) {
+	for _, kind := range []string{"mem", "file"} {
+		b.Run(kind, func(b *testing.B) {
+			c, _ := benchCache(b, kind, Options{})
+			b.SetBytes(4096)
+			b.ReportAllocs()
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				r := rand.New(rand.NewPCG(rand.Uint64(), 1))
+				p := make([]byte, 4096)
+				for pb.Next() {
+					if err := c.WriteAt(p, r.Int64N(64<<20/4096)*4096, 0); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+		})
+	}
+}
+
+// BenchmarkHotRead4K: 4 KiB random reads of a cached 32 MiB range, with
+// and without the RAM tier.
+func BenchmarkHotRead4K(b *testing.B) {
+	for _, kind := range []string{"mem", "file"} {
+		for _, ram := range []int64{0, 64 << 20} {
+			name := kind
+			if ram > 0 {
+				name += "-ram"
+			}
+			b.Run(name, func(b *testing.B) {
+				c, _ := benchCache(b, kind, Options{RAMCache: ram, SequentialCutoff: -1})
+				p := make([]byte, 1<<20)
+				for off := int64(0); off < 32<<20; off += int64(len(p)) {
+					if err := c.WriteAt(p, off, 0); err != nil {
+						b.Fatal(err)
+					}
+				}
+				b.SetBytes(4096)
+				b.ReportAllocs()
+				b.ResetTimer()
+				b.RunParallel(func(pb *testing.PB) {
+					r := rand.New(rand.NewPCG(rand.Uint64(), 2))
+					p := make([]byte, 4096)
+					for pb.Next() {
+						if err := c.ReadAt(p, r.Int64N(32<<20/4096)*4096); err != nil {
+							b.Fatal(err)
+						}
+					}
+				})
+				if st := c.Stats(); st.Misses > 0 {
+					b.Fatalf("hot reads missed: %+v", st)
+				}
+			})
+		}
+	}
+}
+
+// BenchmarkFlush: one 4 KiB write then FLUSH, on files, with the chosen
+// ordering (one sync per commit, data checksummed) and with the
+// alternative (sync data, then write the journal and sync again).
+func BenchmarkFlush(b *testing.B) {
+	for _, two := range []bool{false, true} {
+		name := "one-sync-crc"
+		if two {
+			name = "two-syncs"
+		}
+		b.Run(name, func(b *testing.B) {
+			c, _ := benchCache(b, "file", Options{twoSyncs: two})
+			p := make([]byte, 4096)
+			r := rand.New(rand.NewPCG(1, 2))
+			b.ResetTimer()
+			for range b.N {
+				if err := c.WriteAt(p, r.Int64N(64<<20/4096)*4096, 0); err != nil {
+					b.Fatal(err)
+				}
+				if err := c.Flush(); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
