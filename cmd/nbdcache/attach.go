@@ -40,7 +40,7 @@ func (f *attachFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.device, "device", "", "attach to `/dev/nbdN` (default: a free one, picked by the kernel)")
 	fs.IntVar(&f.connections, "connections", 2, "`N` socket connections to the kernel (multi-conn)")
 	fs.DurationVar(&f.timeout, "timeout", 0, "request `TIMEOUT` after which the kernel resends a request on another connection (0: the kernel's 30 s; whole seconds)")
-	fs.DurationVar(&f.deadConnTimeout, "dead-conn-timeout", 60*time.Second, "how long requests wait for `attach --reconnect` once the server died, before they fail")
+	fs.DurationVar(&f.deadConnTimeout, "dead-conn-timeout", 60*time.Second, "how long requests wait for a restarted server (attach --reconnect) once this one died, before they fail, `DURATION`")
 	fs.BoolVar(&f.reconnect, "reconnect", false, "with --device: hand fresh sockets to a device whose server died (restart or upgrade under a mounted filesystem)")
 	fs.IntVar(&f.kernelBlockSize, "kernel-block-size", 0, "logical block `SIZE` of /dev/nbdN: 512 to 4096 (default: the device's block size)")
 	f.maxRequest = 1 << 20
@@ -274,6 +274,9 @@ func runDetach(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	}
 	nl, err := kernel.DialNetlink()
 	if errors.Is(err, kernel.ErrNoNetlink) {
+		if _, serr := os.Stat(path); serr != nil {
+			return fmt.Errorf("%s: %w (is nbd loaded?)", path, serr)
+		}
 		if err := kernel.DisconnectIoctl(path); err != nil {
 			return err
 		}

@@ -1,0 +1,57 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"strings"
+	"testing"
+)
+
+// TestAttachUsage: flag mistakes are usage errors, found before any
+// storage is opened or the kernel is touched.
+func TestAttachUsage(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--reconnect"}, "--reconnect needs --device"},
+		{[]string{"--device", "/dev/nbd0", "--reconnect", "--ioctl"}, "drop --ioctl"},
+		{[]string{"--device", "/dev/sda"}, "not an nbd device"},
+		{[]string{"--device", "/dev/nbd0", "--connections", "0"}, "--connections 0"},
+		{[]string{"stray"}, "unexpected argument"},
+	} {
+		var out, errb bytes.Buffer
+		err := runAttach(context.Background(), tc.args, &out, &errb)
+		if !errors.Is(err, errUsage) || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("attach %q: %v, want a usage error with %q", tc.args, err, tc.want)
+		}
+		if out.Len() != 0 {
+			t.Errorf("attach %q printed %q", tc.args, out.String())
+		}
+	}
+}
+
+func TestDetachUsage(t *testing.T) {
+	for _, args := range [][]string{nil, {"/dev/nbd0", "/dev/nbd1"}, {"/dev/sdb"}} {
+		var out, errb bytes.Buffer
+		if err := runDetach(context.Background(), args, &out, &errb); !errors.Is(err, errUsage) {
+			t.Errorf("detach %q: %v, want a usage error", args, err)
+		}
+	}
+}
+
+func TestBackendIdentifier(t *testing.T) {
+	f := storageFlags{backing: "/dev/vdb"}
+	if got := backendIdentifier(&f); got != "nbdcache:/dev/vdb" {
+		t.Errorf("got %q", got)
+	}
+	f.cachePath = "/dev/vda"
+	if got := backendIdentifier(&f); got != "nbdcache:/dev/vdb+cache:/dev/vda" {
+		t.Errorf("got %q", got)
+	}
+	rel := storageFlags{backing: "disk.img"}
+	if got := backendIdentifier(&rel); !strings.HasPrefix(got, "nbdcache:/") || !strings.HasSuffix(got, "/disk.img") {
+		t.Errorf("relative path not made absolute: %q", got)
+	}
+}
