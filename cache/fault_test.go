@@ -1,0 +1,99 @@
+package cache
+
+import (
+	"bytes"
+	"errors"
+	"testing"
+
+	"github.com/nbdcache/nbdcache/storage"
+)
+
+// A cache read error on clean data falls back to the backing; on dirty
+// data it is an error (the data exists nowhere else).
+func TestCacheReadErrorFallsBack(t *testing.T) {
+	mem := storage.NewMem(2 << 20)
+	back := storage.NewMem(4 << 20)
+	faulty := storage.NewFaulty(mem, 1)
+	d := devPair{faulty, back}
+	if err := Format(d.cache, d.back, FormatOptions{BackingID: testBackingID, BucketSize: 64 << 10, JournalSize: 16 * metaBlock}); err != nil {
+		t.Fatal(err)
+	}
+	c := openT(t, d, Options{NoBackground: true, PromoteAll: true})
+	defer c.Close()
+	clean := payload(0, 8192, 1)
+	if err := back.WriteAt(clean, 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 8192)
+	for range 2 { // miss, promoted; then a hit
+		if err := c.ReadAt(got, 0); err != nil || !bytes.Equal(got, clean) {
+			t.Fatal("read", err)
+		}
+	}
+	dirty := payload(1<<20, 4096, 2)
+	if err := c.WriteAt(dirty, 1<<20, 0); err != nil {
+		t.Fatal(err)
+	}
+	if st := c.Stats(); st.Hits != 1 || st.Promotions != 1 {
+		t.Fatalf("want one hit and one promotion: %+v", st)
+	}
+	sb, _ := readSuper(mem)
+	faulty.SetFaults(storage.Fault{Ops: storage.OpRead, Off: sb.DataOff, Length: sb.NBuckets * sb.BucketSize})
+	if err := c.ReadAt(got, 0); err != nil || !bytes.Equal(got, clean) {
+		t.Fatal("clean read did not fall back", err)
+	}
+	if err := c.ReadAt(got[:4096], 1<<20); !errors.Is(err, storage.ErrInjected) {
+		t.Fatalf("dirty read error: %v", err)
+	}
+	if c.Stats().CacheReadErrors != 2 {
+		t.Fatalf("cache read errors: %+v", c.Stats())
+	}
+}
+
+// A full cache of dirty data never deadlocks: writes go on, bypassing or
+// writing back.
+func TestFullCacheNoDeadlock(t *testing.T) {
+	d := formatMem(t, 512<<10, 8<<20, FormatOptions{BucketSize: 32 << 10, JournalSize: 16 * metaBlock})
+	c := openT(t, d, Options{NoBackground: true, SequentialCutoff: -1})
+	defer c.Close()
+	r := rng(testSeed(t))
+	model := make([]byte, 8<<20)
+	for i := 0; i < 2000; i++ {
+		off := r.Int64N(8<<20/4096) * 4096
+		p := payload(off, 4096, uint64(i+1))
+		if err := c.WriteAt(p, off, 0); err != nil {
+			t.Fatal(err)
+		}
+		copy(model[off:], p)
+	}
+	got := make([]byte, 8<<20)
+	if err := c.ReadAt(got, 0); err != nil || !bytes.Equal(got, model) {
+		t.Fatal("contents differ", err)
+	}
+	st := c.Stats()
+	if st.NoSpace == 0 || st.Bypasses == 0 {
+		t.Fatalf("the cache never filled: %+v", st)
+	}
+	t.Logf("no-space %d, bypasses %d, dirty %d of %d", st.NoSpace, st.Bypasses, st.DirtyBytes, st.CapacityBytes)
+}
+
+func TestExtents(t *testing.T) {
+	d := formatMem(t, 1<<20, 4<<20, FormatOptions{BucketSize: 32 << 10, JournalSize: 16 * metaBlock})
+	c := openT(t, d, Options{NoBackground: true})
+	defer c.Close()
+	if err := c.WriteAt(make([]byte, 8192), 64<<10, 0); err != nil {
+		t.Fatal(err)
+	}
+	var got []storage.Extent
+	for off := int64(0); off < 128<<10; {
+		var first storage.Extent
+		if err := c.Extents(off, 128<<10-off, func(e storage.Extent) bool { first = e; return false }); err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, first)
+		off += first.Length
+	}
+	if len(got) != 3 || !got[0].Hole || got[0].Length != 64<<10 || got[1].Hole || got[1].Length != 8192 || !got[2].Hole {
+		t.Fatalf("extents %+v", got)
+	}
+}
