@@ -413,7 +413,7 @@ func TestPowerCutCatchesBrokenOrdering(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			caught := 0
-			for i := range 400 {
+			for i := range 2000 {
 				res := runCut(mix(master, uint64(tc.brk), uint64(i)), tc.model, tc.brk)
 				if len(res.violations) > 0 {
 					caught++
@@ -421,11 +421,11 @@ func TestPowerCutCatchesBrokenOrdering(t *testing.T) {
 						t.Logf("caught at cut %d: %s", i, res.violations[0])
 					}
 				}
-				if caught >= 3 {
+				if caught >= 1 {
 					return
 				}
 			}
-			t.Fatalf("broken ordering %q went unnoticed in 400 cuts", tc.name)
+			t.Fatalf("broken ordering %q went unnoticed in 2000 cuts", tc.name)
 		})
 	}
 }
