@@ -9,8 +9,10 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/nbdcache/nbdcache/storage"
+	"github.com/nbdcache/nbdcache/writeback"
 )
 
 // The randomized power-cut test. A seeded single-goroutine workload of
@@ -160,7 +162,7 @@ type pcResult struct {
 
 // runCut runs one seeded workload, cuts the power at a random storage
 // operation under model, recovers and checks.
-func runCut(seed uint64, model storage.LossModel, brk breakMode) pcResult {
+func runCut(seed uint64, model storage.LossModel, brk breakMode, bg bool) pcResult {
 	r := rng(seed)
 	cfg := randomConfig(r)
 	var res pcResult
@@ -201,6 +203,11 @@ func runCut(seed uint64, model storage.LossModel, brk breakMode) pcResult {
 
 	o := newOracle(cfg.back / sectorSize)
 	opts := cfg.opts
+	if bg {
+		opts.NoBackground = false
+		opts.Writeback = writeback.Config{TargetPercent: 1, LowWatermark: -1, IdleAfter: time.Millisecond,
+			UpdateInterval: 5 * time.Millisecond, BatchTime: 5 * time.Millisecond, RetryMin: time.Millisecond, RetryMax: 5 * time.Millisecond}
+	}
 	opts.BackingID = testBackingID
 	opts.testBreak = brk
 	c, err := Open(cdev, bdev, opts)
@@ -374,7 +381,7 @@ func TestPowerCut(t *testing.T) {
 				if i > 0 {
 					seed = mix(master, uint64(mi), uint64(i))
 				}
-				res := runCut(seed, model, breakNone)
+				res := runCut(seed, model, breakNone, false)
 				if res.reachedCut {
 					reached++
 				} else {
@@ -414,7 +421,7 @@ func TestPowerCutCatchesBrokenOrdering(t *testing.T) {
 			t.Parallel()
 			caught := 0
 			for i := range 2000 {
-				res := runCut(mix(master, uint64(tc.brk), uint64(i)), tc.model, tc.brk)
+				res := runCut(mix(master, uint64(tc.brk), uint64(i)), tc.model, tc.brk, false)
 				if len(res.violations) > 0 {
 					caught++
 					if caught == 1 {
@@ -427,5 +434,26 @@ func TestPowerCutCatchesBrokenOrdering(t *testing.T) {
 			}
 			t.Fatalf("broken ordering %q went unnoticed in 2000 cuts", tc.name)
 		})
+	}
+}
+
+// TestPowerCutBackground: the same, with the background writeback
+// (package writeback's Flusher, fast settings) and GC goroutines running
+// during the workload. Timing makes a run not exactly replayable; the
+// seed still fixes the workload, the configuration and the cut index.
+func TestPowerCutBackground(t *testing.T) {
+	master := testSeed(t)
+	n := 200
+	if *flagCuts > 0 {
+		n = *flagCuts
+	}
+	models := []storage.LossModel{storage.LoseUnsynced, storage.LoseRandom, storage.LoseTorn, storage.KeepUnsynced}
+	for i := range n {
+		seed := mix(master, 77, uint64(i))
+		model := models[i%len(models)]
+		res := runCut(seed, model, breakNone, true)
+		if len(res.violations) > 0 {
+			t.Fatalf("cut %d (%s) at op %d, seed %d:\n%s", i, model, res.cutAt, seed, strings.Join(res.violations, "\n"))
+		}
 	}
 }
