@@ -140,7 +140,7 @@ func TestKill9Recovery(t *testing.T) {
 	t.Logf("seed %d (replay with go test ./test -run Kill9 -crash-seed=%d)", seed, seed)
 	rng := rand.New(rand.NewSource(seed))
 	backing, cache := cacheFiles(t, 32*mib, 8*mib) // a small cache: GC and writeback run
-	const blocks = 8192                               // 32 MiB of 4 KiB blocks
+	const blocks = 8192                            // 32 MiB of 4 KiB blocks
 	script := filepath.Join("testdata", "crashwriter.py")
 	for round := range *crashRounds {
 		rseed := rng.Int63()
