@@ -117,13 +117,23 @@ func (c *Cache) deleteLocked(off, n int64) bool {
 // emptied buckets (after a checkpoint), else evict clean data and compact
 // sparse buckets. It reports whether anything was freed.
 func (c *Cache) makeSpace() bool {
-	c.mu.Lock()
-	pending := len(c.mu.pending)
-	c.mu.Unlock()
+	room := func() (pending int, free bool) {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return len(c.mu.pending), len(c.mu.free) > fgReserve
+	}
+	pending, free := room()
+	if free {
+		return true
+	}
 	if pending == 0 {
-		if c.gcStep(true) == 0 {
-			return false
+		c.gcStep(true)
+		if pending, free = room(); free {
+			return true
 		}
+	}
+	if pending == 0 {
+		return false
 	}
 	return c.checkpoint() == nil
 }
@@ -147,6 +157,11 @@ func (c *Cache) gcStep(evict bool) int {
 	defer c.gcMu.Unlock()
 
 	c.mu.Lock()
+	if len(c.mu.pending) > 0 || len(c.mu.free) > fgReserve+1 {
+		// Another pass (or a checkpoint) made room while we waited.
+		c.mu.Unlock()
+		return 0
+	}
 	nb := int64(len(c.mu.buckets))
 	dirty := make([]int64, nb)
 	c.mu.idx.AscendDirty(0, func(e btreeExtent) bool {

@@ -182,7 +182,7 @@ func layout(cacheSize, backingSize int64, blockSize int, bucketSize, journalSize
 		sb.JournalOff = sb.CkptOff + 2*sb.CkptSize
 		js := journalSize
 		if js == 0 {
-			js = min(max(data/64, 1<<20), 128<<20)
+			js = min(max(data/32, 4<<20), 256<<20, alignUp(cacheSize/4, metaBlock))
 		}
 		sb.JournalSize = alignUp(max(js, 4*metaBlock), metaBlock)
 		sb.DataOff = sb.JournalOff + sb.JournalSize

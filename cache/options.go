@@ -71,8 +71,8 @@ type FormatOptions struct {
 	BucketSize int64 // default 1 MiB
 	BackingID  [16]byte
 	Force      bool // overwrite a cache that still holds dirty data
-	// JournalSize is the journal ring's size; 0 picks 1/64 of the data
-	// area, between 1 MiB and 128 MiB.
+	// JournalSize is the journal ring's size; 0 picks 1/32 of the data
+	// area, between 4 MiB and 256 MiB (at most a quarter of the device).
 	JournalSize int64
 	Logger      *slog.Logger
 }

@@ -338,8 +338,10 @@ func (c *Cache) background(ctx context.Context) {
 			if lowFree {
 				if pending == 0 && c.gcStep(true) > 0 {
 					worked = true
-					pending = 1
 				}
+				c.mu.Lock()
+				pending = len(c.mu.pending)
+				c.mu.Unlock()
 				if pending > 0 {
 					if err := c.checkpoint(); err != nil && !errors.Is(err, ErrClosed) {
 						c.log.Warn("cache: background checkpoint", "err", err)
