@@ -155,6 +155,8 @@ type reply struct {
 	errno  uint32
 	msg    string
 	data   []byte // READ data or BLOCK_STATUS payload
+	holes  int    // hole chunks received
+	chunks int
 }
 
 // readReply reads one complete reply; for READ it needs the length.
@@ -180,6 +182,9 @@ func (c *rawClient) readReply(readLen map[uint64]int) reply {
 			switch typ {
 			case replyTypeOffsetData:
 				rp.data = append(rp.data, p[8:]...)
+			case replyTypeOffsetHole:
+				rp.data = append(rp.data, make([]byte, binary.BigEndian.Uint32(p[8:]))...)
+				rp.holes++
 			case replyTypeBlockStatus:
 				rp.data = p
 			case replyTypeError:
@@ -189,6 +194,7 @@ func (c *rawClient) readReply(readLen map[uint64]int) reply {
 			default:
 				c.t.Fatalf("unexpected chunk type %d", typ)
 			}
+			rp.chunks++
 			if flags&replyFlagDone != 0 {
 				return rp
 			}

@@ -203,10 +203,11 @@ func (c *conn) handle(req request, payload []byte) {
 	switch req.typ {
 	case cmdRead:
 		st.reads.Add(1)
+		holes := c.holes(req)
 		buf := c.s.bufs.get(int(n))
 		if err = c.dev.ReadAt(buf, off); err == nil {
 			st.bytesRead.Add(n)
-			c.replyRead(req, buf)
+			c.replyRead(req, buf, holes)
 			c.s.bufs.put(buf)
 			return
 		}
@@ -342,21 +343,91 @@ func (c *conn) replyOK(req request) {
 	c.done()
 }
 
-func (c *conn) replyRead(req request, data []byte) {
+func (c *conn) replyRead(req request, data []byte, holes []span) {
 	c.wmu.Lock()
-	if c.ss.structured {
-		if len(data) == 0 {
-			c.hdr = appendStructHeader(c.hdr[:0], replyFlagDone, replyTypeNone, req.cookie, 0)
-		} else {
-			c.hdr = appendStructHeader(c.hdr[:0], replyFlagDone, replyTypeOffsetData, req.cookie, uint32(8+len(data)))
-			c.hdr = binary.BigEndian.AppendUint64(c.hdr, req.offset)
-		}
-	} else {
+	switch {
+	case !c.ss.structured:
 		c.hdr = appendSimpleReply(c.hdr[:0], 0, req.cookie)
+		c.write(c.hdr)
+		c.write(data)
+	case len(data) == 0:
+		c.hdr = appendStructHeader(c.hdr[:0], replyFlagDone, replyTypeNone, req.cookie, 0)
+		c.write(c.hdr)
+	default:
+		// Data chunks between the holes, hole chunks for the holes;
+		// the last chunk carries DONE.
+		pos := int64(0)
+		chunk := func(end int64, last bool) {
+			if end > pos {
+				c.dataChunk(req, data, pos, end, last)
+				pos = end
+			}
+		}
+		for i, h := range holes {
+			chunk(h.off, false)
+			flags := uint16(0)
+			if i == len(holes)-1 && h.off+h.len == int64(len(data)) {
+				flags = replyFlagDone
+			}
+			c.hdr = appendStructHeader(c.hdr[:0], flags, replyTypeOffsetHole, req.cookie, 12)
+			c.hdr = binary.BigEndian.AppendUint64(c.hdr, req.offset+uint64(h.off))
+			c.hdr = binary.BigEndian.AppendUint32(c.hdr, uint32(h.len))
+			c.write(c.hdr)
+			pos = h.off + h.len
+		}
+		chunk(int64(len(data)), true)
 	}
-	c.write(c.hdr)
-	c.write(data)
 	c.done()
+}
+
+func (c *conn) dataChunk(req request, data []byte, from, to int64, last bool) {
+	flags := uint16(0)
+	if last {
+		flags = replyFlagDone
+	}
+	c.hdr = appendStructHeader(c.hdr[:0], flags, replyTypeOffsetData, req.cookie, uint32(8+to-from))
+	c.hdr = binary.BigEndian.AppendUint64(c.hdr, req.offset+uint64(from))
+	c.write(c.hdr)
+	c.write(data[from:to])
+}
+
+// span is a range relative to a request's offset.
+type span struct{ off, len int64 }
+
+// minHoleRead is the smallest read for which holes are looked up: below
+// it the lookup costs more than sending the zeroes.
+const minHoleRead = 64 << 10
+
+// maxHoleChunks bounds the chunks of one read reply.
+const maxHoleChunks = 64
+
+// holes lists the ranges of a structured read that read as zeroes, so that
+// they go out as hole chunks (sparse copies with nbdcopy and qemu-img stay
+// sparse and cheap). It is empty for small or DF reads and for devices
+// that do not report extents.
+func (c *conn) holes(req request) []span {
+	ex, ok := c.dev.(storage.Extenter)
+	if !ok || !c.ss.structured || req.flags&cflagDF != 0 || req.length < minHoleRead {
+		return nil
+	}
+	var hs []span
+	pos := int64(0)
+	err := ex.Extents(int64(req.offset), int64(req.length), func(e storage.Extent) bool {
+		l := min(e.Length, int64(req.length)-pos)
+		if e.Zero && l >= 4096 {
+			if n := len(hs); n > 0 && hs[n-1].off+hs[n-1].len == pos {
+				hs[n-1].len += l
+			} else {
+				hs = append(hs, span{pos, l})
+			}
+		}
+		pos += l
+		return pos < int64(req.length) && len(hs) < maxHoleChunks
+	})
+	if err != nil {
+		return nil
+	}
+	return hs
 }
 
 func (c *conn) replyBlockStatus(req request, desc []byte) {

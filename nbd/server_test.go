@@ -478,3 +478,36 @@ func TestDropConnections(t *testing.T) {
 		t.Fatal(r)
 	}
 }
+
+// TestHoleChunks: a structured read over a sparse range sends hole chunks
+// for the holes and data chunks for the data, in order, covering it all.
+func TestHoleChunks(t *testing.T) {
+	mem := storage.NewMem(testSize)
+	pat := bytes.Repeat([]byte{7}, 64<<10)
+	mem.WriteAt(pat, 256<<10, 0)
+	_, addr := startServer(t, Export{Device: mem})
+	c := dial(t, addr)
+	c.connect("", true)
+	c.request(cmdRead, 0, 1, 0, 1<<20, nil)
+	r := c.readReply(nil)
+	want := make([]byte, 1<<20)
+	copy(want[256<<10:], pat)
+	if r.errno != 0 || !bytes.Equal(r.data, want) {
+		t.Fatalf("errno %d, %d bytes, equal %v", r.errno, len(r.data), bytes.Equal(r.data, want))
+	}
+	if r.holes != 2 || r.chunks != 3 {
+		t.Errorf("%d chunks, %d holes; want 3 and 2", r.chunks, r.holes)
+	}
+	// DF: one data chunk.
+	c.request(cmdRead, cflagDF, 2, 0, 1<<20, nil)
+	if r := c.readReply(nil); r.holes != 0 || r.chunks != 1 || !bytes.Equal(r.data, want) {
+		t.Errorf("DF read: %d chunks, %d holes", r.chunks, r.holes)
+	}
+	// Simple replies are unaffected.
+	d := dial(t, addr)
+	d.connect("", false)
+	d.request(cmdRead, 0, 3, 0, 1<<20, nil)
+	if r := d.readReply(map[uint64]int{3: 1 << 20}); !bytes.Equal(r.data, want) {
+		t.Error("simple read differs")
+	}
+}
