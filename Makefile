@@ -20,7 +20,7 @@ vet:
 
 # Everything CI runs. A missing tool fails the run instead of skipping.
 test: deps vet
-	NBDCACHE_REQUIRE_TOOLS=1 $(GO) test -timeout 25m ./...
+	NBDCACHE_REQUIRE_TOOLS=1 $(GO) test -count=1 -timeout 25m ./...
 	FUZZTIME=$(FUZZTIME) ./test/fuzz.sh
 
 unit:
