@@ -277,6 +277,10 @@ func (v *Volatile) Flush() error {
 	if err := v.inner.Flush(); err != nil {
 		return err
 	}
+	if v.dead.Load() {
+		// The power failed while the flush ran: it covers nothing.
+		return ErrPoweredOff
+	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	i, _ := slices.BinarySearchFunc(v.mu.log, upto+1, func(e undoEntry, seq uint64) int { return cmp.Compare(e.seq, seq) })
@@ -318,8 +322,11 @@ func (v *Volatile) Cut(model LossModel, rng *rand.Rand) (VolatileReport, error) 
 }
 
 // CutVolatile cuts the power of several devices (a cache and its backing)
-// at one instant. It takes every device's gate, waiting for the calls in
-// flight, before it touches any; then, for each device, it undoes unsynced
+// at one instant: it marks them all dead, so that every call made from
+// then on fails with ErrPoweredOff, and a Flush in flight returns
+// ErrPoweredOff and covers nothing. It then takes every device's gate,
+// waiting for the calls in flight (a write in flight completes and is
+// logged, for the model to judge), and, for each device, undoes unsynced
 // entries under model, newest first, and syncs the wrapped device:
 //
 //   - LoseUnsynced undoes every entry: the device holds exactly what was
@@ -349,6 +356,15 @@ func CutVolatile(model LossModel, rng *rand.Rand, devs ...*Volatile) ([]Volatile
 	if len(order) != len(devs) {
 		panic("storage: CutVolatile: a device is listed twice")
 	}
+	for i, v := range order {
+		if !v.dead.CompareAndSwap(false, true) {
+			for _, u := range order[:i] {
+				u.dead.Store(false)
+			}
+			return make([]VolatileReport, len(devs)), ErrAlreadyCut
+		}
+	}
+	// That was the instant of the cut. Wait for the calls in flight.
 	for _, v := range order {
 		v.gate.Lock()
 	}
@@ -357,16 +373,6 @@ func CutVolatile(model LossModel, rng *rand.Rand, devs ...*Volatile) ([]Volatile
 			v.gate.Unlock()
 		}
 	}()
-	for _, v := range order {
-		if v.dead.Load() {
-			return make([]VolatileReport, len(devs)), ErrAlreadyCut
-		}
-	}
-	// The instant of the cut: nothing runs on any device now. Mark them
-	// all dead before undoing, so no call slips in afterwards.
-	for _, v := range order {
-		v.dead.Store(true)
-	}
 	reps := make([]VolatileReport, len(devs))
 	var first error
 	for i, v := range devs {

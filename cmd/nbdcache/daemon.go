@@ -34,7 +34,7 @@ func (d *daemon) Stats() control.Stats {
 		ClientFlushes: n.Flushes,
 		UptimeSeconds: time.Since(d.started).Seconds(),
 	}
-	c := d.st.cache
+	c := d.st.liveCache()
 	if c == nil {
 		s.Mode = "direct"
 		return s
@@ -59,24 +59,26 @@ func (d *daemon) Stats() control.Stats {
 }
 
 func (d *daemon) Drain(ctx context.Context, progress func(done, total int64)) error {
-	if d.st.cache == nil {
+	c := d.st.liveCache()
+	if c == nil {
 		// Without a cache there is nothing to write back: a flush is
 		// the whole drain.
 		progress(0, 0)
 		return d.st.dev.Flush()
 	}
-	return d.st.cache.Drain(ctx, progress)
+	return c.Drain(ctx, progress)
 }
 
 func (d *daemon) SetMode(ctx context.Context, mode string) error {
-	if d.st.cache == nil {
+	c := d.st.liveCache()
+	if c == nil {
 		return control.ErrNoCache
 	}
 	m, err := cache.ParseMode(mode)
 	if err != nil {
 		return fmt.Errorf("%w: %v", control.ErrBadRequest, err)
 	}
-	if err := d.st.cache.SetMode(ctx, m); err != nil {
+	if err := c.SetMode(ctx, m); err != nil {
 		if errors.Is(err, cache.ErrBadMode) {
 			return fmt.Errorf("%w: %v", control.ErrBadRequest, err)
 		}

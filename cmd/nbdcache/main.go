@@ -28,6 +28,7 @@ func commands() []command {
 		{"stats", "show a running server's counters (--control)", runStats},
 		{"flush", "flush --drain: write back every dirty byte of a running server and sync the backing", runFlush},
 		{"mode", "switch a running server's cache mode", runMode},
+		{"ctl", "drive a `serve --faults` server: power-cut, error, delay, status", runCtl},
 		{"attach", "attach the storage as /dev/nbdN through the kernel's nbd driver (root)", runAttach},
 		{"detach", "disconnect /dev/nbdN; its attach process flushes and exits", runDetach},
 		{"version", "print the version", runVersion},

@@ -42,8 +42,12 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.BoolVar(&f.verbose, "v", false, "log connection events")
 	fs.StringVar(&f.control, "control", "", "serve the control socket (stats, flush --drain, mode) on `unix:PATH`")
 	fs.StringVar(&f.cpuProf, "cpuprofile", "", "write a Go CPU profile of the whole run to `FILE`")
+	fs.BoolVar(&f.storage.faults, "faults", false, "fault mode: power cuts, injected errors and latency through `nbdcache ctl` (needs --control)")
 	if err := parseFlags(fs, args); err != nil {
 		return err
+	}
+	if f.storage.faults && f.control == "" {
+		return fmt.Errorf("%w: --faults needs --control unix:PATH, through which `nbdcache ctl` drives it", errUsage)
 	}
 	if len(f.listens) == 0 {
 		a, _ := parseListen(defaultListen)
@@ -76,13 +80,18 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err != nil {
 		return err
 	}
+	if st.rig != nil {
+		st.rig.srv.Store(srv) // power cuts drop the connections
+	}
 	stopControl := func() error { return nil }
 	if f.control != "" {
 		path, err := control.ParseAddr(f.control)
 		if err != nil {
 			return fmt.Errorf("%w: --control: %v", errUsage, err)
 		}
-		stop, err := control.Serve(path, control.Handler(&daemon{srv: srv, st: st, started: time.Now()}))
+		h := control.Handler(&daemon{srv: srv, st: st, started: time.Now()})
+		registerFaultEndpoints(h, st.rig) // faults.go
+		stop, err := control.Serve(path, h)
 		if err != nil {
 			return err
 		}
@@ -109,6 +118,9 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	for i, l := range ls {
 		fmt.Fprintf(stdout, "nbdcache: serving export %q (%d bytes) on %s\n", f.export, dev.Size(), listenString(f.listens[i], l))
+	}
+	if st.rig != nil {
+		fmt.Fprintf(stdout, "nbdcache: fault mode: `nbdcache ctl --control %s power-cut|error|delay|status`\n", f.control)
 	}
 	if st.demo {
 		printConnectHelp(stdout, f.listens[0], ls[0], f.export)

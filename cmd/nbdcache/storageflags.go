@@ -28,6 +28,8 @@ type storageFlags struct {
 	backingModel string
 	readOnly     bool
 	direct       bool
+	syncMode     string // --sync: normal or always (faults.go)
+	faults       bool   // serve --faults (faults.go)
 }
 
 func (f *storageFlags) register(fs *flag.FlagSet) {
@@ -46,6 +48,7 @@ func (f *storageFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.backingModel, "backing-model", "", "give the backing a slow disk's latency: `MODEL` hdd (see docs)")
 	fs.BoolVar(&f.readOnly, "read-only", false, "refuse writes, trims and zeroes with EPERM")
 	fs.BoolVar(&f.direct, "direct", false, "open the devices with O_DIRECT")
+	fs.StringVar(&f.syncMode, "sync", "normal", "`MODE` always: acknowledge a write only once it is durable (FUA on every write); normal: as the client asks")
 }
 
 // openedStorage is the device to export and what to do when done with it.
@@ -53,6 +56,7 @@ type openedStorage struct {
 	dev   storage.Device
 	cache *cache.Cache // nil without --cache
 	demo  bool         // the embedded default: files in a temporary folder
+	rig   *faultRig    // --faults: power cuts, errors, delays (faults.go)
 	close []func() error
 }
 
@@ -84,6 +88,12 @@ func (f *storageFlags) open(w io.Writer, log *slog.Logger) (_ *openedStorage, er
 			o.Close()
 		}
 	}()
+	if err := parseSyncMode(f.syncMode); err != nil {
+		return nil, err
+	}
+	if f.faults {
+		o.rig = newFaultRig(log)
+	}
 	mode, err := cache.ParseMode(f.mode)
 	if err != nil {
 		return nil, fmt.Errorf("%w: --mode: %v", errUsage, err)
@@ -123,11 +133,19 @@ func (f *storageFlags) open(w io.Writer, log *slog.Logger) (_ *openedStorage, er
 	}
 	o.close = append(o.close, bdev.Close)
 	var back storage.Device = bdev
-	if model != nil {
+	if model != nil && o.rig == nil {
 		back = storage.NewSlow(bdev, *model)
+	}
+	if o.rig != nil { // --faults: the disk model goes inside the fault wrappers
+		var slow func(storage.Device) storage.Device
+		if model != nil {
+			slow = func(d storage.Device) storage.Device { return storage.NewSlow(d, *model) }
+		}
+		back = o.rig.wrapBacking(bdev, slow)
 	}
 	o.dev = back
 	if cachePath == "" {
+		o.finishExport(f)
 		return o, nil
 	}
 
@@ -136,6 +154,10 @@ func (f *storageFlags) open(w io.Writer, log *slog.Logger) (_ *openedStorage, er
 		return nil, err
 	}
 	o.close = append(o.close, cdev.Close)
+	var cd storage.Device = cdev
+	if o.rig != nil {
+		cd = o.rig.wrapCache(cdev)
+	}
 	id, err := backingID(backing, format)
 	if err != nil {
 		return nil, err
@@ -147,13 +169,16 @@ func (f *storageFlags) open(w io.Writer, log *slog.Logger) (_ *openedStorage, er
 	if f.seqCutoff == 0 {
 		opts.SequentialCutoff = -1
 	}
-	c, err := cache.Open(cdev, back, opts)
+	if o.rig != nil {
+		opts.Logger = o.rig.cacheLogger() // muted when a power cut abandons the cache
+	}
+	c, err := cache.Open(cd, back, opts)
 	if errors.Is(err, cache.ErrNotFormatted) && format {
 		fmt.Fprintf(w, "nbdcache: formatting %s as a cache for %s\n", cachePath, backing)
-		if err := cache.Format(cdev, back, cache.FormatOptions{BlockSize: int(f.blockSize), BucketSize: f.bucketSize, BackingID: id, Logger: log}); err != nil {
+		if err := cache.Format(cd, back, cache.FormatOptions{BlockSize: int(f.blockSize), BucketSize: f.bucketSize, BackingID: id, Logger: log}); err != nil {
 			return nil, err
 		}
-		c, err = cache.Open(cdev, back, opts)
+		c, err = cache.Open(cd, back, opts)
 	}
 	if errors.Is(err, cache.ErrNotFormatted) {
 		return nil, fmt.Errorf("%s: %w; format it with `nbdcache format --cache %s --backing %s`, or pass --format", cachePath, err, cachePath, backing)
@@ -161,8 +186,14 @@ func (f *storageFlags) open(w io.Writer, log *slog.Logger) (_ *openedStorage, er
 	if err != nil {
 		return nil, fmt.Errorf("opening the cache %s: %w", cachePath, err)
 	}
-	o.close = append(o.close, c.Close)
+	if o.rig != nil {
+		o.rig.setCache(c, opts)
+		o.close = append(o.close, o.rig.closeCache)
+	} else {
+		o.close = append(o.close, c.Close)
+	}
 	o.cache, o.dev = c, c
+	o.finishExport(f)
 	return o, nil
 }
 

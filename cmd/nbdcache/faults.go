@@ -1,0 +1,1121 @@
+package main
+
+// faults.go: fault mode (`serve --faults`): power cuts, injected errors
+// and latency, driven through the control socket by `nbdcache ctl`; and
+// durable acknowledgements (`--sync always`).
+//
+// With --faults each real device gets this chain, built once:
+//
+//	cache.Cache ─▶ fence(gen) ─▶ Faulty ─▶ Delay ─▶ [Slow] ─▶ slot ─▶ Volatile ─▶ File
+//	               per power-on  persistent: faults and delays outlive a cut  per power-on
+//
+// and the export (what the NBD server sees) gets
+//
+//	nbd.Server ─▶ [durableAcks] ─▶ Faulty ─▶ Delay ─▶ exportSwitch ─▶ cache.Cache (or the backing's fence)
+//
+// A power cut, in this order:
+//  1. the export switch holds new requests (a client that reconnects waits);
+//  2. every client connection is dropped: no request in flight is answered
+//     from here on, so everything acknowledged was complete before the cut;
+//  3. storage.CutVolatile marks both Volatile wrappers dead at one instant
+//     (the power failure: a flush in flight then covers nothing), waits for
+//     their calls in flight, undoes unsynced writes per the model and syncs
+//     the files;
+//  4. the generation's fences close, waiting for the calls still inside the
+//     chains (a request sleeping in a Delay): the old Cache (its writeback,
+//     its journal) can no longer reach any device, now or later;
+//  5. power on: new Volatile wrappers in the slots, a new generation of
+//     fences, cache.Check and cache.Open (recovery, as at a real start);
+//  6. the export switch points at the new Cache and lets requests go; the
+//     old Cache is closed in the background (its calls all fail, its log
+//     is muted).
+//
+// Without --faults none of this exists: no wrapper, no cost.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net/http"
+	"net/url"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nbdcache/nbdcache/cache"
+	"github.com/nbdcache/nbdcache/control"
+	"github.com/nbdcache/nbdcache/nbd"
+	"github.com/nbdcache/nbdcache/storage"
+)
+
+// errFaultsOff answers the fault endpoints of a server started without
+// --faults.
+var errFaultsOff = fmt.Errorf("%w: fault mode is off: start the server with `nbdcache serve --faults --control unix:PATH`", control.ErrBadRequest)
+
+// ---------------------------------------------------------------------
+// durable acknowledgements
+
+// durableAcks sends every write, trim and zero down with FUA (or follows
+// it with a Flush when the device below has no FUA), so that a request is
+// durable when it is acknowledged: `--sync always`.
+type durableAcks struct {
+	inner storage.Device
+	fua   bool
+}
+
+var (
+	_ storage.Device     = (*durableAcks)(nil)
+	_ storage.Extenter   = (*durableAcks)(nil)
+	_ storage.Prefetcher = (*durableAcks)(nil)
+)
+
+func newDurableAcks(inner storage.Device) *durableAcks {
+	return &durableAcks{inner: inner, fua: inner.Caps().FUA}
+}
+
+func (d *durableAcks) Size() int64 { return d.inner.Size() }
+
+func (d *durableAcks) Caps() storage.Caps {
+	c := d.inner.Caps()
+	c.FUA = true
+	return c
+}
+
+func (d *durableAcks) ReadAt(p []byte, off int64) error { return d.inner.ReadAt(p, off) }
+
+func (d *durableAcks) sync(do func(storage.Flags) error, flags storage.Flags) error {
+	if d.fua {
+		return do(flags | storage.FUA)
+	}
+	if err := do(flags &^ storage.FUA); err != nil {
+		return err
+	}
+	return d.inner.Flush()
+}
+
+func (d *durableAcks) WriteAt(p []byte, off int64, flags storage.Flags) error {
+	return d.sync(func(f storage.Flags) error { return d.inner.WriteAt(p, off, f) }, flags)
+}
+
+func (d *durableAcks) Trim(off, length int64, flags storage.Flags) error {
+	return d.sync(func(f storage.Flags) error { return d.inner.Trim(off, length, f) }, flags)
+}
+
+func (d *durableAcks) Zero(off, length int64, flags storage.Flags) error {
+	return d.sync(func(f storage.Flags) error { return d.inner.Zero(off, length, f) }, flags)
+}
+
+func (d *durableAcks) Flush() error { return d.inner.Flush() }
+
+func (d *durableAcks) Extents(off, length int64, fn func(storage.Extent) bool) error {
+	return extentsOf(d.inner, off, length, fn)
+}
+
+func (d *durableAcks) Prefetch(off, length int64) error { return prefetchOf(d.inner, off, length) }
+
+func (d *durableAcks) Close() error { return d.inner.Close() }
+
+// extentsOf asks dev, or reports the range as all data when dev is not an
+// Extenter.
+func extentsOf(dev storage.Device, off, length int64, fn func(storage.Extent) bool) error {
+	if e, ok := dev.(storage.Extenter); ok {
+		return e.Extents(off, length, fn)
+	}
+	if err := storage.CheckRange(dev.Size(), off, length); err != nil {
+		return err
+	}
+	if length > 0 {
+		fn(storage.Extent{Length: length})
+	}
+	return nil
+}
+
+// prefetchOf asks dev, or does nothing when dev is not a Prefetcher.
+func prefetchOf(dev storage.Device, off, length int64) error {
+	if p, ok := dev.(storage.Prefetcher); ok {
+		return p.Prefetch(off, length)
+	}
+	return storage.CheckRange(dev.Size(), off, length)
+}
+
+// ---------------------------------------------------------------------
+// generations and fences
+
+// powerGen is one power-on of the devices. Every device call of that
+// generation holds mu shared; the cut takes it exclusively (waiting for
+// the calls in flight) and sets off, after which every call fails.
+type powerGen struct {
+	mu  sync.RWMutex
+	off bool
+}
+
+func (g *powerGen) cut() {
+	g.mu.Lock()
+	g.off = true
+	g.mu.Unlock()
+}
+
+// fence is a device seen through one generation.
+type fence struct {
+	gen   *powerGen
+	inner storage.Device
+}
+
+var (
+	_ storage.Device   = (*fence)(nil)
+	_ storage.Extenter = (*fence)(nil)
+)
+
+func (f *fence) enter() error {
+	f.gen.mu.RLock()
+	if f.gen.off {
+		f.gen.mu.RUnlock()
+		return storage.ErrPoweredOff
+	}
+	return nil
+}
+
+func (f *fence) Size() int64        { return f.inner.Size() }
+func (f *fence) Caps() storage.Caps { return f.inner.Caps() }
+
+func (f *fence) ReadAt(p []byte, off int64) error {
+	if err := f.enter(); err != nil {
+		return err
+	}
+	defer f.gen.mu.RUnlock()
+	return f.inner.ReadAt(p, off)
+}
+
+func (f *fence) WriteAt(p []byte, off int64, flags storage.Flags) error {
+	if err := f.enter(); err != nil {
+		return err
+	}
+	defer f.gen.mu.RUnlock()
+	return f.inner.WriteAt(p, off, flags)
+}
+
+func (f *fence) Flush() error {
+	if err := f.enter(); err != nil {
+		return err
+	}
+	defer f.gen.mu.RUnlock()
+	return f.inner.Flush()
+}
+
+func (f *fence) Trim(off, length int64, flags storage.Flags) error {
+	if err := f.enter(); err != nil {
+		return err
+	}
+	defer f.gen.mu.RUnlock()
+	return f.inner.Trim(off, length, flags)
+}
+
+func (f *fence) Zero(off, length int64, flags storage.Flags) error {
+	if err := f.enter(); err != nil {
+		return err
+	}
+	defer f.gen.mu.RUnlock()
+	return f.inner.Zero(off, length, flags)
+}
+
+func (f *fence) Extents(off, length int64, fn func(storage.Extent) bool) error {
+	if err := f.enter(); err != nil {
+		return err
+	}
+	defer f.gen.mu.RUnlock()
+	return extentsOf(f.inner, off, length, fn)
+}
+
+// Close does nothing: the devices below outlive every generation and are
+// closed by the storage that opened them.
+func (f *fence) Close() error { return nil }
+
+// ---------------------------------------------------------------------
+// slot: the bottom of a chain, holding the current Volatile
+
+// slot forwards to the device it holds now.
+type slot struct {
+	cur atomic.Pointer[storage.Volatile]
+}
+
+var (
+	_ storage.Device   = (*slot)(nil)
+	_ storage.Extenter = (*slot)(nil)
+)
+
+func (s *slot) Size() int64                      { return s.cur.Load().Size() }
+func (s *slot) Caps() storage.Caps               { return s.cur.Load().Caps() }
+func (s *slot) ReadAt(p []byte, off int64) error { return s.cur.Load().ReadAt(p, off) }
+func (s *slot) WriteAt(p []byte, off int64, flags storage.Flags) error {
+	return s.cur.Load().WriteAt(p, off, flags)
+}
+func (s *slot) Flush() error { return s.cur.Load().Flush() }
+func (s *slot) Trim(off, length int64, flags storage.Flags) error {
+	return s.cur.Load().Trim(off, length, flags)
+}
+func (s *slot) Zero(off, length int64, flags storage.Flags) error {
+	return s.cur.Load().Zero(off, length, flags)
+}
+func (s *slot) Extents(off, length int64, fn func(storage.Extent) bool) error {
+	return s.cur.Load().Extents(off, length, fn)
+}
+
+// Close does nothing; see fence.Close.
+func (s *slot) Close() error { return nil }
+
+// ---------------------------------------------------------------------
+// the export switch
+
+// exportGen is one device behind the export, with its calls in flight.
+type exportGen struct {
+	dev      storage.Device
+	inflight sync.WaitGroup
+}
+
+// exportSwitch is what the NBD server serves in fault mode: it forwards to
+// the current device, holds new requests while a power cut is under way,
+// and sends them to the new device afterwards.
+type exportSwitch struct {
+	size int64
+	caps storage.Caps
+
+	mu struct {
+		sync.Mutex
+		cur  *exportGen
+		held chan struct{} // non-nil while held; closed on release
+	}
+}
+
+var (
+	_ storage.Device     = (*exportSwitch)(nil)
+	_ storage.Extenter   = (*exportSwitch)(nil)
+	_ storage.Prefetcher = (*exportSwitch)(nil)
+)
+
+func newExportSwitch(dev storage.Device) *exportSwitch {
+	s := &exportSwitch{size: dev.Size(), caps: dev.Caps()}
+	s.mu.cur = &exportGen{dev: dev}
+	return s
+}
+
+// hold makes new requests wait until release.
+func (s *exportSwitch) hold() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.mu.held == nil {
+		s.mu.held = make(chan struct{})
+	}
+}
+
+// release points the switch at dev (if not nil), lets the held requests
+// go, and returns the previous device's generation when it changed.
+func (s *exportSwitch) release(dev storage.Device) *exportGen {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var old *exportGen
+	if dev != nil {
+		old = s.mu.cur
+		s.mu.cur = &exportGen{dev: dev}
+	}
+	if s.mu.held != nil {
+		close(s.mu.held)
+		s.mu.held = nil
+	}
+	return old
+}
+
+// acquire returns the current generation with one more call in flight.
+func (s *exportSwitch) acquire() *exportGen {
+	s.mu.Lock()
+	for s.mu.held != nil {
+		ch := s.mu.held
+		s.mu.Unlock()
+		<-ch
+		s.mu.Lock()
+	}
+	g := s.mu.cur
+	g.inflight.Add(1)
+	s.mu.Unlock()
+	return g
+}
+
+func (s *exportSwitch) Size() int64        { return s.size }
+func (s *exportSwitch) Caps() storage.Caps { return s.caps }
+
+func (s *exportSwitch) ReadAt(p []byte, off int64) error {
+	g := s.acquire()
+	defer g.inflight.Done()
+	return g.dev.ReadAt(p, off)
+}
+
+func (s *exportSwitch) WriteAt(p []byte, off int64, flags storage.Flags) error {
+	g := s.acquire()
+	defer g.inflight.Done()
+	return g.dev.WriteAt(p, off, flags)
+}
+
+func (s *exportSwitch) Flush() error {
+	g := s.acquire()
+	defer g.inflight.Done()
+	return g.dev.Flush()
+}
+
+func (s *exportSwitch) Trim(off, length int64, flags storage.Flags) error {
+	g := s.acquire()
+	defer g.inflight.Done()
+	return g.dev.Trim(off, length, flags)
+}
+
+func (s *exportSwitch) Zero(off, length int64, flags storage.Flags) error {
+	g := s.acquire()
+	defer g.inflight.Done()
+	return g.dev.Zero(off, length, flags)
+}
+
+func (s *exportSwitch) Extents(off, length int64, fn func(storage.Extent) bool) error {
+	g := s.acquire()
+	defer g.inflight.Done()
+	return extentsOf(g.dev, off, length, fn)
+}
+
+func (s *exportSwitch) Prefetch(off, length int64) error {
+	g := s.acquire()
+	defer g.inflight.Done()
+	return prefetchOf(g.dev, off, length)
+}
+
+// Close does nothing: the rig closes the cache it holds.
+func (s *exportSwitch) Close() error { return nil }
+
+// deadDevice is served when the power-on failed: every call fails with
+// its error (EIO on the wire), loudly, rather than serving a guess.
+type deadDevice struct {
+	size int64
+	caps storage.Caps
+	err  error
+}
+
+func (d deadDevice) Size() int64                                { return d.size }
+func (d deadDevice) Caps() storage.Caps                         { return d.caps }
+func (d deadDevice) ReadAt([]byte, int64) error                 { return d.err }
+func (d deadDevice) WriteAt([]byte, int64, storage.Flags) error { return d.err }
+func (d deadDevice) Flush() error                               { return d.err }
+func (d deadDevice) Trim(int64, int64, storage.Flags) error     { return d.err }
+func (d deadDevice) Zero(int64, int64, storage.Flags) error     { return d.err }
+func (d deadDevice) Close() error                               { return nil }
+
+// ---------------------------------------------------------------------
+// the rig
+
+// faultChain is one real device with its fault-mode wrappers.
+type faultChain struct {
+	name   string
+	file   storage.Device // the real device: outlives every cut
+	slot   *slot
+	faulty *storage.Faulty
+	delay  *storage.Delay
+	top    storage.Device // what a generation's fence wraps
+	vol    *storage.Volatile
+}
+
+// faultRig holds fault mode's state for one server.
+type faultRig struct {
+	log     *slog.Logger
+	maxUndo int64
+	back    *faultChain
+	cache   *faultChain // nil without --cache
+
+	exportFaulty *storage.Faulty
+	exportDelay  *storage.Delay
+	export       *exportSwitch
+	srv          atomic.Pointer[nbd.Server]
+
+	mu struct {
+		sync.Mutex
+		gen    *powerGen
+		cache  *cache.Cache // the current one; nil without --cache
+		mute   *atomic.Bool // mutes the current cache's log
+		opts   cache.Options
+		cuts   int
+		faults map[string][]faultSpec // installed, per target
+	}
+}
+
+func newFaultRig(log *slog.Logger) *faultRig {
+	r := &faultRig{log: log, maxUndo: storage.DefaultMaxUndo}
+	r.mu.gen = &powerGen{}
+	r.mu.faults = make(map[string][]faultSpec)
+	return r
+}
+
+// chain builds the persistent wrappers over a real device. model, if not
+// nil, sits between the delays and the volatile cache (the disk model).
+func (r *faultRig) chain(name string, file storage.Device, model func(storage.Device) storage.Device) *faultChain {
+	c := &faultChain{name: name, file: file, slot: &slot{}}
+	c.vol = storage.NewVolatile(file, storage.VolatileOptions{MaxUndo: r.maxUndo})
+	c.slot.cur.Store(c.vol)
+	var d storage.Device = c.slot
+	if model != nil {
+		d = model(d)
+	}
+	c.delay = storage.NewDelay(d)
+	c.faulty = storage.NewFaulty(c.delay, rand.Uint64())
+	c.top = c.faulty
+	return c
+}
+
+// wrapBacking returns the backing as the first generation sees it.
+func (r *faultRig) wrapBacking(file storage.Device, model func(storage.Device) storage.Device) storage.Device {
+	r.back = r.chain("backing", file, model)
+	return &fence{gen: r.mu.gen, inner: r.back.top}
+}
+
+// wrapCache returns the cache device as the first generation sees it.
+func (r *faultRig) wrapCache(file storage.Device) storage.Device {
+	r.cache = r.chain("cache", file, nil)
+	return &fence{gen: r.mu.gen, inner: r.cache.top}
+}
+
+// setCache records the open cache and the options to reopen it with.
+func (r *faultRig) setCache(c *cache.Cache, opts cache.Options) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.mu.cache, r.mu.opts = c, opts
+}
+
+// cacheLogger returns the logger for the first cache.
+func (r *faultRig) cacheLogger() *slog.Logger {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.cacheLoggerLocked()
+}
+
+// cacheLoggerLocked returns a logger for a new cache that the next cut
+// mutes.
+func (r *faultRig) cacheLoggerLocked() *slog.Logger {
+	r.mu.mute = new(atomic.Bool)
+	return slog.New(muteHandler{inner: r.log.Handler(), muted: r.mu.mute})
+}
+
+// muteHandler drops every record once muted.
+type muteHandler struct {
+	inner slog.Handler
+	muted *atomic.Bool
+}
+
+func (h muteHandler) Enabled(ctx context.Context, l slog.Level) bool {
+	return !h.muted.Load() && h.inner.Enabled(ctx, l)
+}
+
+func (h muteHandler) Handle(ctx context.Context, rec slog.Record) error {
+	if h.muted.Load() {
+		return nil
+	}
+	return h.inner.Handle(ctx, rec)
+}
+
+func (h muteHandler) WithAttrs(as []slog.Attr) slog.Handler {
+	return muteHandler{inner: h.inner.WithAttrs(as), muted: h.muted}
+}
+
+func (h muteHandler) WithGroup(name string) slog.Handler {
+	return muteHandler{inner: h.inner.WithGroup(name), muted: h.muted}
+}
+
+// wrapExport returns what the NBD server serves.
+func (r *faultRig) wrapExport(dev storage.Device) storage.Device {
+	r.export = newExportSwitch(dev)
+	r.exportDelay = storage.NewDelay(r.export)
+	r.exportFaulty = storage.NewFaulty(r.exportDelay, rand.Uint64())
+	return r.exportFaulty
+}
+
+// currentCache is the cache serving now (nil without --cache).
+func (r *faultRig) currentCache() *cache.Cache {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.mu.cache
+}
+
+// closeCache closes the current cache (at shutdown).
+func (r *faultRig) closeCache() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.mu.cache == nil {
+		return nil
+	}
+	err := r.mu.cache.Close()
+	r.mu.cache = nil
+	return err
+}
+
+// liveCache is the cache serving now: fault mode swaps it at every cut.
+func (o *openedStorage) liveCache() *cache.Cache {
+	if o.rig != nil {
+		return o.rig.currentCache()
+	}
+	return o.cache
+}
+
+// finishExport wraps the device to serve as the flags ask: the fault
+// mode's export layers, then durable acknowledgements.
+func (o *openedStorage) finishExport(f *storageFlags) {
+	if o.rig != nil {
+		o.dev = o.rig.wrapExport(o.dev)
+	}
+	if f.syncMode == "always" {
+		o.dev = newDurableAcks(o.dev)
+	}
+}
+
+// parseSyncMode checks --sync.
+func parseSyncMode(s string) error {
+	switch s {
+	case "normal", "always":
+		return nil
+	}
+	return fmt.Errorf("%w: --sync %q: want normal or always", errUsage, s)
+}
+
+// namedModel is a loss model as `power-cut --model` names it.
+type namedModel struct {
+	name  string
+	model storage.LossModel
+}
+
+func lossModelNames() []namedModel {
+	return []namedModel{
+		{"unflushed", storage.LoseUnsynced},
+		{"random", storage.LoseRandom},
+		{"torn", storage.LoseTorn},
+		{"keep", storage.KeepUnsynced},
+	}
+}
+
+func parseLossModel(s string) (storage.LossModel, error) {
+	for _, m := range lossModelNames() {
+		if s == m.name {
+			return m.model, nil
+		}
+	}
+	return 0, fmt.Errorf("%w: model %q: want unflushed, random, torn or keep", control.ErrBadRequest, s)
+}
+
+func lossModelName(m storage.LossModel) string {
+	for _, n := range lossModelNames() {
+		if n.model == m {
+			return n.name
+		}
+	}
+	return m.String()
+}
+
+// deviceLoss is what a cut did to one device (JSON for ctl).
+type deviceLoss struct {
+	Device       string  `json:"device"`
+	Entries      int     `json:"unsynced_writes"`
+	Dropped      int     `json:"dropped"`
+	Kept         int     `json:"kept"`
+	Partial      int     `json:"partly_dropped"`
+	BytesDropped int64   `json:"bytes_dropped"`
+	BytesKept    int64   `json:"bytes_kept"`
+	Torn         []int64 `json:"torn_sectors,omitempty"`
+	Garbage      []int64 `json:"garbage_sectors,omitempty"`
+	Overflows    int64   `json:"early_flushes"`
+	WriteThrough int64   `json:"written_through"`
+}
+
+// checkResult is cache.Check's verdict on the devices after the cut.
+type checkResult struct {
+	OK               bool     `json:"ok"`
+	Error            string   `json:"error,omitempty"`
+	State            string   `json:"state"`
+	SuperblockCopies int      `json:"superblock_copies"`
+	CheckpointsValid int      `json:"checkpoints_valid"`
+	JournalBlocks    int64    `json:"journal_blocks"`
+	JournalStop      string   `json:"journal_stop,omitempty"`
+	Replayed         int64    `json:"replayed_records"`
+	Dropped          int64    `json:"dropped_records"`
+	Extents          int64    `json:"extents"`
+	DirtyBytes       int64    `json:"dirty_bytes"`
+	Problems         []string `json:"problems,omitempty"`
+	Warnings         []string `json:"warnings,omitempty"`
+}
+
+// recoveryResult is what the reopened cache reports.
+type recoveryResult struct {
+	Mode            string `json:"mode"`
+	ReplayedRecords int64  `json:"replayed_records"`
+	ReplayDropped   int64  `json:"dropped_records"`
+	Extents         int64  `json:"extents"`
+	DirtyBytes      int64  `json:"dirty_bytes"`
+}
+
+// powerCutResult is the answer to POST /v1/fault/power-cut.
+type powerCutResult struct {
+	Cut         int             `json:"cut"` // 1 for the server's first cut
+	Model       string          `json:"model"`
+	Seed        uint64          `json:"seed"`
+	Connections int             `json:"connections_dropped"`
+	Devices     []deviceLoss    `json:"devices"`
+	Check       *checkResult    `json:"check,omitempty"`
+	Recovery    *recoveryResult `json:"recovery,omitempty"`
+	Error       string          `json:"error,omitempty"` // the cut or the power-on failed
+	Millis      float64         `json:"millis"`
+}
+
+// powerCut cuts the power under model and powers the devices on again.
+func (r *faultRig) powerCut(model storage.LossModel, seed uint64) powerCutResult {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	start := time.Now()
+	r.mu.cuts++
+	res := powerCutResult{Cut: r.mu.cuts, Model: lossModelName(model), Seed: seed}
+
+	// 1-2: hold the export, drop the clients.
+	r.export.hold()
+	if srv := r.srv.Load(); srv != nil {
+		res.Connections = srv.DropConnections()
+	}
+	if r.mu.mute != nil {
+		r.mu.mute.Store(true) // what the old cache says from now on is noise
+	}
+
+	// 3: the loss itself, on every device at one instant.
+	chains := []*faultChain{r.back}
+	if r.cache != nil {
+		chains = []*faultChain{r.cache, r.back}
+	}
+	vols := make([]*storage.Volatile, len(chains))
+	for i, c := range chains {
+		vols[i] = c.vol
+	}
+	rng := rand.New(rand.NewPCG(seed, seed^0x2545f4914f6cdd1d))
+	reps, err := storage.CutVolatile(model, rng, vols...)
+	for i, rep := range reps {
+		res.Devices = append(res.Devices, deviceLoss{
+			Device: chains[i].name, Entries: rep.Entries, Dropped: rep.Dropped, Kept: rep.Kept, Partial: rep.Partial,
+			BytesDropped: rep.BytesDropped, BytesKept: rep.BytesKept, Torn: rep.Torn, Garbage: rep.Garbage,
+			Overflows: rep.Overflows, WriteThrough: rep.WriteThrough,
+		})
+	}
+	if err != nil {
+		res.Error = err.Error()
+	}
+	// 4: nothing of the old generation reaches the devices any more.
+	r.mu.gen.cut()
+
+	// 5: power on.
+	for _, c := range chains {
+		c.vol = storage.NewVolatile(c.file, storage.VolatileOptions{MaxUndo: r.maxUndo})
+		c.slot.cur.Store(c.vol)
+	}
+	r.mu.gen = &powerGen{}
+	bd := &fence{gen: r.mu.gen, inner: r.back.top}
+	var next storage.Device = bd
+	old := r.mu.cache
+	if old != nil {
+		cd := &fence{gen: r.mu.gen, inner: r.cache.top}
+		rep, cerr := cache.Check(cd, bd)
+		res.Check = &checkResult{
+			OK: cerr == nil, State: rep.State, SuperblockCopies: rep.SuperblockCopies, CheckpointsValid: rep.CheckpointsValid,
+			JournalBlocks: rep.JournalBlocks, JournalStop: rep.JournalStop, Replayed: rep.Replayed, Dropped: rep.Dropped,
+			Extents: rep.Extents, DirtyBytes: rep.DirtyBytes, Problems: rep.Problems, Warnings: rep.Warnings,
+		}
+		if cerr != nil {
+			res.Check.Error = cerr.Error()
+		}
+		opts := r.mu.opts
+		opts.Mode = old.Mode()
+		opts.Logger = r.cacheLoggerLocked()
+		c, oerr := cache.Open(cd, bd, opts)
+		if oerr != nil {
+			oerr = fmt.Errorf("powering on: opening the cache: %w", oerr)
+			res.Error = oerr.Error()
+			r.log.Error("fault mode: the cache did not come back after the power cut; every request fails", "err", oerr)
+			next = deadDevice{size: r.export.size, caps: r.export.caps, err: fmt.Errorf("%w: %w", unix.EIO, oerr)}
+			r.mu.cache = nil
+		} else {
+			s := c.Stats()
+			res.Recovery = &recoveryResult{Mode: s.Mode.String(), ReplayedRecords: s.ReplayedRecords,
+				ReplayDropped: s.ReplayDropped, Extents: s.Extents, DirtyBytes: s.DirtyBytes}
+			next = c
+			r.mu.cache = c
+		}
+	}
+
+	// 6: serve the new state.
+	prev := r.export.release(next)
+	if old != nil {
+		go r.abandon(old, prev)
+	}
+	res.Millis = float64(time.Since(start).Microseconds()) / 1000
+	r.log.Info("fault mode: power cut", "cut", res.Cut, "model", res.Model, "seed", seed,
+		"connections", res.Connections, "millis", res.Millis, "error", res.Error)
+	return res
+}
+
+// abandon closes a cache whose power was cut, once the requests that were
+// in it have returned (they fail: its devices are gone). Its errors mean
+// nothing.
+func (r *faultRig) abandon(c *cache.Cache, g *exportGen) {
+	done := make(chan struct{})
+	go func() {
+		g.inflight.Wait()
+		close(done)
+	}()
+	t := time.NewTimer(time.Minute)
+	defer t.Stop()
+	select {
+	case <-done:
+		c.Close()
+	case <-t.C:
+		r.log.Warn("fault mode: requests are still stuck in the cache from before the power cut; not closing it")
+	}
+}
+
+// ---------------------------------------------------------------------
+// errors and delays
+
+// faultSpec is one installed fault, as ctl shows it.
+type faultSpec struct {
+	Ops         string  `json:"ops"`
+	Errno       string  `json:"errno"`
+	Offset      int64   `json:"offset"`
+	Length      int64   `json:"length"` // 0: the whole device
+	Probability float64 `json:"probability,omitempty"`
+	After       int64   `json:"after,omitempty"`
+	Times       int64   `json:"times,omitempty"`
+	fault       storage.Fault
+}
+
+// wireErrnos are the errors an NBD reply can carry; injecting any other
+// would reach the client as one of these, not as asked.
+type namedErrno struct {
+	name  string
+	errno unix.Errno
+}
+
+func wireErrnos() []namedErrno {
+	return []namedErrno{
+		{"EIO", unix.EIO}, {"EPERM", unix.EPERM}, {"ENOSPC", unix.ENOSPC}, {"EINVAL", unix.EINVAL},
+		{"ENOMEM", unix.ENOMEM}, {"EOVERFLOW", unix.EOVERFLOW}, {"ENOTSUP", unix.ENOTSUP}, {"ESHUTDOWN", unix.ESHUTDOWN},
+	}
+}
+
+func parseErrno(s string) (unix.Errno, error) {
+	if s == "" {
+		return unix.EIO, nil
+	}
+	u := strings.ToUpper(s)
+	if u == "EOPNOTSUPP" {
+		u = "ENOTSUP"
+	}
+	var names []string
+	for _, e := range wireErrnos() {
+		if u == e.name {
+			return e.errno, nil
+		}
+		names = append(names, e.name)
+	}
+	return 0, fmt.Errorf("%w: errno %q: NBD carries only %s", control.ErrBadRequest, s, strings.Join(names, ", "))
+}
+
+func errnoName(e error) string {
+	for _, w := range wireErrnos() {
+		if errors.Is(e, w.errno) {
+			return w.name
+		}
+	}
+	return fmt.Sprint(e)
+}
+
+type namedOp struct {
+	name string
+	kind storage.OpKind
+}
+
+// opNames are the kinds `--op` takes; "all" comes last.
+func opNames() []namedOp {
+	return []namedOp{
+		{"read", storage.OpRead}, {"write", storage.OpWrite}, {"flush", storage.OpFlush},
+		{"trim", storage.OpTrim}, {"zero", storage.OpZero}, {"extents", storage.OpExtents}, {"all", storage.OpAll},
+	}
+}
+
+// parseOps reads "read,write" (empty: every kind).
+func parseOps(s string) (storage.OpKind, error) {
+	if s == "" {
+		return storage.OpAll, nil
+	}
+	var k storage.OpKind
+	for _, part := range strings.Split(s, ",") {
+		found := false
+		for _, o := range opNames() {
+			if strings.TrimSpace(part) == o.name {
+				k |= o.kind
+				found = true
+			}
+		}
+		if !found {
+			return 0, fmt.Errorf("%w: op %q: want read, write, flush, trim, zero, extents or all", control.ErrBadRequest, part)
+		}
+	}
+	return k, nil
+}
+
+// targets returns the targets a request names ("" or "all": every one).
+func (r *faultRig) targets(name string, export bool) ([]string, error) {
+	all := []string{"backing"}
+	if r.cache != nil {
+		all = []string{"cache", "backing"}
+	}
+	if export {
+		all = append([]string{"export"}, all...)
+	}
+	if name == "" || name == "all" {
+		return all, nil
+	}
+	if !slices.Contains(all, name) {
+		return nil, fmt.Errorf("%w: target %q: want one of %s", control.ErrBadRequest, name, strings.Join(all, ", "))
+	}
+	return []string{name}, nil
+}
+
+func (r *faultRig) faultyOf(target string) *storage.Faulty {
+	switch target {
+	case "export":
+		return r.exportFaulty
+	case "cache":
+		return r.cache.faulty
+	}
+	return r.back.faulty
+}
+
+func (r *faultRig) delayOf(target string) *storage.Delay {
+	switch target {
+	case "export":
+		return r.exportDelay
+	case "cache":
+		return r.cache.delay
+	}
+	return r.back.delay
+}
+
+// faultStatus is the answer to GET /v1/fault and to the error and delay
+// endpoints.
+type faultStatus struct {
+	Cuts    int                    `json:"power_cuts"`
+	Faults  map[string][]faultSpec `json:"faults"`
+	Failed  map[string]int64       `json:"injected"`         // requests failed so far, per target
+	Delays  map[string]string      `json:"delays,omitempty"` // "read=5ms,write=5ms", per target
+	Pending map[string]int64       `json:"unsynced_bytes"`   // what a cut may drop now, per device
+}
+
+func (r *faultRig) status() faultStatus {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	st := faultStatus{Cuts: r.mu.cuts, Faults: map[string][]faultSpec{}, Failed: map[string]int64{},
+		Delays: map[string]string{}, Pending: map[string]int64{}}
+	ts, _ := r.targets("", true)
+	for _, t := range ts {
+		if fs := r.mu.faults[t]; len(fs) > 0 {
+			st.Faults[t] = fs
+		}
+		st.Failed[t] = r.faultyOf(t).Injected()
+		var parts []string
+		for _, o := range opNames()[:6] {
+			if l := r.delayOf(t).Latency(o.kind); l > 0 {
+				parts = append(parts, o.name+"="+l.String())
+			}
+		}
+		if len(parts) > 0 {
+			st.Delays[t] = strings.Join(parts, ",")
+		}
+	}
+	for _, c := range []*faultChain{r.cache, r.back} {
+		if c != nil {
+			st.Pending[c.name] = c.vol.Stats().UnsyncedBytes
+		}
+	}
+	return st
+}
+
+func queryInt(q url.Values, key string) (int64, error) {
+	s := q.Get(key)
+	if s == "" {
+		return 0, nil
+	}
+	n, err := strconv.ParseInt(s, 0, 64)
+	if err != nil || n < 0 {
+		return 0, fmt.Errorf("%w: %s=%q: want a number >= 0", control.ErrBadRequest, key, s)
+	}
+	return n, nil
+}
+
+// setError installs (or, with clear, removes) an injected error.
+func (r *faultRig) setError(q url.Values) error {
+	ts, err := r.targets(q.Get("target"), true)
+	if err != nil {
+		return err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if q.Get("clear") != "" {
+		for _, t := range ts {
+			r.faultyOf(t).Clear()
+			delete(r.mu.faults, t)
+		}
+		return nil
+	}
+	if len(ts) != 1 {
+		return fmt.Errorf("%w: --target export, cache or backing is required", control.ErrBadRequest)
+	}
+	ops, err := parseOps(q.Get("op"))
+	if err != nil {
+		return err
+	}
+	errno, err := parseErrno(q.Get("errno"))
+	if err != nil {
+		return err
+	}
+	var spec faultSpec
+	if spec.Offset, err = queryInt(q, "offset"); err != nil {
+		return err
+	}
+	if spec.Length, err = queryInt(q, "length"); err != nil {
+		return err
+	}
+	if spec.After, err = queryInt(q, "after"); err != nil {
+		return err
+	}
+	if spec.Times, err = queryInt(q, "times"); err != nil {
+		return err
+	}
+	if p := q.Get("probability"); p != "" {
+		v, err := strconv.ParseFloat(p, 64)
+		if err != nil || v <= 0 || v > 1 {
+			return fmt.Errorf("%w: probability %q: want a number in (0, 1]", control.ErrBadRequest, p)
+		}
+		spec.Probability = v
+	}
+	size := r.export.size
+	if ts[0] != "export" {
+		size = r.faultyOf(ts[0]).Size()
+	}
+	if spec.Offset >= size || spec.Length > size-spec.Offset {
+		return fmt.Errorf("%w: range %d+%d is outside the %s (%d bytes)", control.ErrBadRequest, spec.Offset, spec.Length, ts[0], size)
+	}
+	if spec.Length == 0 && spec.Offset > 0 {
+		spec.Length = size - spec.Offset
+	}
+	spec.Ops, spec.Errno = ops.String(), errnoName(errno)
+	spec.fault = storage.Fault{Ops: ops, Off: spec.Offset, Length: spec.Length, Prob: spec.Probability,
+		After: spec.After, Times: spec.Times, Err: errno}
+	t := ts[0]
+	r.mu.faults[t] = append(r.mu.faults[t], spec)
+	var all []storage.Fault
+	for _, s := range r.mu.faults[t] {
+		all = append(all, s.fault)
+	}
+	r.faultyOf(t).SetFaults(all...)
+	return nil
+}
+
+// setDelay sets (or, with clear, removes) latency.
+func (r *faultRig) setDelay(q url.Values) error {
+	ts, err := r.targets(q.Get("target"), true)
+	if err != nil {
+		return err
+	}
+	if q.Get("clear") != "" {
+		for _, t := range ts {
+			r.delayOf(t).Clear()
+		}
+		return nil
+	}
+	if len(ts) != 1 {
+		return fmt.Errorf("%w: --target export, cache or backing is required", control.ErrBadRequest)
+	}
+	ops, err := parseOps(q.Get("op"))
+	if err != nil {
+		return err
+	}
+	lat, err := time.ParseDuration(q.Get("latency"))
+	if err != nil || lat < 0 || lat > time.Minute {
+		return fmt.Errorf("%w: latency %q: want a duration such as 5ms, at most 1m", control.ErrBadRequest, q.Get("latency"))
+	}
+	r.delayOf(ts[0]).Set(ops, lat)
+	return nil
+}
+
+// registerFaultEndpoints adds the fault API to the control handler; r is
+// nil without --faults, and the endpoints then say so.
+//
+//	GET  /v1/fault                          faultStatus
+//	POST /v1/fault/power-cut?model=&seed=   powerCutResult
+//	POST /v1/fault/error?target=&op=&errno=&offset=&length=&probability=&after=&times=  (or clear=1)
+//	POST /v1/fault/delay?target=&op=&latency=                                           (or clear=1)
+func registerFaultEndpoints(h http.Handler, r *faultRig) {
+	control.Register(h, "GET /v1/fault", func(w http.ResponseWriter, req *http.Request) {
+		if r == nil {
+			control.WriteError(w, errFaultsOff)
+			return
+		}
+		control.WriteJSON(w, r.status())
+	})
+	control.Register(h, "POST /v1/fault/power-cut", func(w http.ResponseWriter, req *http.Request) {
+		if r == nil {
+			control.WriteError(w, errFaultsOff)
+			return
+		}
+		q := req.URL.Query()
+		model := storage.LoseUnsynced
+		if m := q.Get("model"); m != "" {
+			var err error
+			if model, err = parseLossModel(m); err != nil {
+				control.WriteError(w, err)
+				return
+			}
+		}
+		seed := rand.Uint64()
+		if s := q.Get("seed"); s != "" {
+			v, err := strconv.ParseUint(s, 0, 64)
+			if err != nil {
+				control.WriteError(w, fmt.Errorf("%w: seed %q", control.ErrBadRequest, s))
+				return
+			}
+			seed = v
+		}
+		control.WriteJSON(w, r.powerCut(model, seed))
+	})
+	control.Register(h, "POST /v1/fault/error", func(w http.ResponseWriter, req *http.Request) {
+		if r == nil {
+			control.WriteError(w, errFaultsOff)
+			return
+		}
+		if err := r.setError(req.URL.Query()); err != nil {
+			control.WriteError(w, err)
+			return
+		}
+		control.WriteJSON(w, r.status())
+	})
+	control.Register(h, "POST /v1/fault/delay", func(w http.ResponseWriter, req *http.Request) {
+		if r == nil {
+			control.WriteError(w, errFaultsOff)
+			return
+		}
+		if err := r.setDelay(req.URL.Query()); err != nil {
+			control.WriteError(w, err)
+			return
+		}
+		control.WriteJSON(w, r.status())
+	})
+}
