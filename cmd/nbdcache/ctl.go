@@ -82,7 +82,7 @@ func printStats(w io.Writer, s, prev control.Stats, dt time.Duration, rates bool
 	if rates && dt > 0 {
 		wbRate = int64(float64(s.WritebackBytes-prev.WritebackBytes) / dt.Seconds())
 	}
-	fmt.Fprintf(tw, "writeback\t%s total\trate\t%s/s\n", mibs(s.WritebackBytes), mibs(wbRate))
+	fmt.Fprintf(tw, "writeback\t%s total (%s)\trate\t%s/s, target dirty %s\n", mibs(s.WritebackBytes), s.WritebackState, mibs(wbRate), mibs(s.WritebackTarget))
 	fmt.Fprintf(tw, "collisions\t%d\tbacking writes\t%d (avg %s)\n", s.Collisions, s.BackingWrites, mibs(s.BackingWriteAvg))
 	fmt.Fprintf(tw, "requests\t%d (errors %d)\tconnections\t%d open, %d total\n", s.Requests, s.RequestErrors, s.ActiveConns, s.Connections)
 	if rates && dt > 0 {

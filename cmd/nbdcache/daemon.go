@@ -55,6 +55,11 @@ func (d *daemon) Stats() control.Stats {
 	s.CacheErrors = cs.CacheReadErrors + cs.CacheWriteErrors
 	s.Failed = cs.Failed
 	s.WritebackBytes, s.Collisions = cs.WritebackBytes, cs.WritebackCollisions
+	if ws, ok := c.WritebackStats(); ok {
+		s.WritebackRate, s.WritebackTarget = ws.WrittenRate, ws.Target
+		s.BackingWrites, s.BackingWriteAvg = ws.Writes, ws.AvgWrite
+		s.WritebackState = ws.Mode.String()
+	}
 	return s
 }
 
