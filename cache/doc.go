@@ -137,7 +137,10 @@
 // # Known limits
 //
 // A checkpoint blocks index-changing operations while it writes the whole
-// index. Unaligned writes are serialized among themselves (read-modify-
+// index (O(extents)); a GC pass walks the whole index. Data checksums live
+// only in journal records: data covered by a checkpoint is not verified on
+// read, so bit rot inside a bucket is not detected (metadata corruption
+// is). Unaligned writes are serialized among themselves (read-modify-
 // write). Concurrent overlapping writethrough writes may leave the cache's
 // clean copy and the backing holding different ones of the two writes.
 package cache
