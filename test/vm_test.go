@@ -247,7 +247,7 @@ func TestVM(t *testing.T) {
 		if os.Getenv("NBDCACHE_VM_BENCH") == "" {
 			t.Skip("set NBDCACHE_VM_BENCH=1 to measure the speed ratio in the VM")
 		}
-		vmBench(t, runVM(t, initrd, vmRun{scenario: "bench", limit: 8 * time.Minute}))
+		vmBench(t, runVM(t, initrd, vmRun{scenario: "bench", limit: 12 * time.Minute}))
 	})
 }
 
