@@ -33,7 +33,7 @@
 # that is the negative control.
 set -u
 
-uri= ctl= rounds=5 size=192M model=cycle seed=$$ bin=nbdcache dir= minms=200 maxms=1000
+uri= ctl= rounds=5 size=192M model=cycle seed=$$ bin=nbdcache dir= minms=300 maxms=1000
 while [ $# -gt 0 ]; do
 	case $1 in
 	--uri) uri=$2; shift ;;
@@ -106,7 +106,7 @@ for round in $(seq 1 "$rounds"); do
 			why="verify failed: $(grep -m1 -h 'verify:' "$aux/verify.err" "$aux/verify.txt")"
 		fi
 	fi
-	written=$(grep -o 'io=[0-9.]*[KMG]i*B' "$aux/write.txt" 2>/dev/null | head -1)
+	written=$(grep -o 'io=[0-9.]*[KMG]*i*B' "$aux/write.txt" 2>/dev/null | head -1)
 	if [ -z "$why" ]; then
 		passed=$((passed + 1))
 		echo "round $round: PASS (model $m, cut after ${delay}ms, fio wrote ${written#io=}, cut seed $cutseed)"
