@@ -1,0 +1,221 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"log/slog"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nbdcache/nbdcache/cache"
+	"github.com/nbdcache/nbdcache/storage"
+)
+
+// testRig builds fault mode the way storageFlags.open does, on in-memory
+// devices: a backing, a write-back cache (nil cacheMem: none) and the
+// export.
+type testRig struct {
+	rig               *faultRig
+	backMem, cacheMem *storage.Mem
+	export            storage.Device
+	backDev, cacheDev storage.Device // the first generation's fences
+	firstCache        *cache.Cache
+	opts              cache.Options
+	backingID         [16]byte
+}
+
+func newTestRig(t *testing.T, withCache bool) *testRig {
+	t.Helper()
+	log := slog.New(slog.DiscardHandler)
+	r := &testRig{rig: newFaultRig(log), backMem: storage.NewMem(8 << 20), backingID: [16]byte{1, 2, 3}}
+	r.backDev = r.rig.wrapBacking(r.backMem, nil)
+	dev := r.backDev
+	if withCache {
+		r.cacheMem = storage.NewMem(8 << 20)
+		r.cacheDev = r.rig.wrapCache(r.cacheMem)
+		if err := cache.Format(r.cacheDev, r.backDev, cache.FormatOptions{BackingID: r.backingID, BucketSize: 256 << 10}); err != nil {
+			t.Fatal(err)
+		}
+		r.opts = cache.Options{BackingID: r.backingID, Logger: r.rig.cacheLogger()}
+		c, err := cache.Open(r.cacheDev, r.backDev, r.opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.rig.setCache(c, r.opts)
+		r.firstCache = c
+		dev = c
+	}
+	r.export = r.rig.wrapExport(dev)
+	t.Cleanup(func() { r.rig.closeCache() })
+	return r
+}
+
+func pattern(n int, b byte) []byte { return bytes.Repeat([]byte{b}, n) }
+
+func readBack(t *testing.T, d storage.Device, off int64, n int) []byte {
+	t.Helper()
+	p := make([]byte, n)
+	if err := d.ReadAt(p, off); err != nil {
+		t.Fatalf("read at %d: %v", off, err)
+	}
+	return p
+}
+
+// TestRigPowerCutUnflushed: through the export, flushed data survives the
+// unflushed model and unflushed data is gone, with and without a cache;
+// the export keeps serving the new state.
+func TestRigPowerCutUnflushed(t *testing.T) {
+	for _, withCache := range []bool{false, true} {
+		r := newTestRig(t, withCache)
+		must := func(err error) {
+			t.Helper()
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+		must(r.export.WriteAt(pattern(64<<10, 0xA1), 0, 0))
+		must(r.export.Flush())
+		must(r.export.WriteAt(pattern(64<<10, 0xB2), 1<<20, 0))
+		must(r.export.WriteAt(pattern(4096, 0xC3), 0, 0))
+		res := r.rig.powerCut(storage.LoseUnsynced, 1)
+		if res.Error != "" || (res.Check != nil && !res.Check.OK) {
+			t.Fatalf("cache=%v: cut: %+v %+v", withCache, res, res.Check)
+		}
+		if got := readBack(t, r.export, 0, 64<<10); !bytes.Equal(got, pattern(64<<10, 0xA1)) {
+			t.Errorf("cache=%v: flushed data lost", withCache)
+		}
+		if got := readBack(t, r.export, 1<<20, 64<<10); !bytes.Equal(got, make([]byte, 64<<10)) {
+			t.Errorf("cache=%v: unflushed data survived", withCache)
+		}
+		if withCache && r.rig.currentCache() == r.firstCache {
+			t.Error("the cache was not reopened")
+		}
+		if withCache && res.Recovery == nil {
+			t.Error("no recovery report")
+		}
+		// The export serves the new state and takes writes.
+		must(r.export.WriteAt(pattern(4096, 0xD4), 2<<20, 0))
+		must(r.export.Flush())
+		if got := readBack(t, r.export, 2<<20, 4096); !bytes.Equal(got, pattern(4096, 0xD4)) {
+			t.Errorf("cache=%v: write after the cut lost", withCache)
+		}
+	}
+}
+
+// TestRigOldGenerationFenced: nothing of the world before a cut reaches
+// the devices after it: not the old cache, and not a request that was
+// sleeping in a Delay when the power failed.
+func TestRigOldGenerationFenced(t *testing.T) {
+	r := newTestRig(t, true)
+	old := r.firstCache
+	r.rig.back.delay.Set(storage.OpWrite, 300*time.Millisecond)
+	var wg sync.WaitGroup
+	var lateErr error
+	wg.Add(1)
+	started := make(chan struct{})
+	go func() {
+		defer wg.Done()
+		close(started)
+		lateErr = r.backDev.WriteAt(pattern(4096, 0xEE), 4<<20, 0) // sleeps in the Delay
+	}()
+	<-started
+	res := r.rig.powerCut(storage.LoseUnsynced, 2)
+	if res.Error != "" {
+		t.Fatal(res.Error)
+	}
+	wg.Wait()
+	r.rig.back.delay.Clear()
+	if !errors.Is(lateErr, storage.ErrPoweredOff) {
+		t.Errorf("a request of the old generation that outlived the cut: %v, want ErrPoweredOff", lateErr)
+	}
+	if got := readBack(t, r.backMem, 4<<20, 4096); !bytes.Equal(got, make([]byte, 4096)) {
+		t.Error("a request of the old generation landed after the cut")
+	}
+	// The old cache fails; the new devices are untouched by it.
+	before := readBack(t, r.cacheMem, 0, 8<<20)
+	if err := old.WriteAt(pattern(4096, 0xFF), 0, storage.FUA); err == nil {
+		t.Error("the abandoned cache still writes")
+	}
+	if err := r.cacheDev.WriteAt(pattern(4096, 0xFF), 0, 0); !errors.Is(err, storage.ErrPoweredOff) {
+		t.Errorf("the old fence: %v", err)
+	}
+	if after := readBack(t, r.cacheMem, 0, 8<<20); !bytes.Equal(before, after) {
+		t.Error("the abandoned cache changed the cache device")
+	}
+}
+
+// TestRigExportHeld: a request that arrives during a cut waits for the
+// new device instead of failing.
+func TestRigExportHeld(t *testing.T) {
+	r := newTestRig(t, false)
+	sw := r.rig.export
+	sw.hold()
+	done := make(chan error)
+	go func() { done <- r.export.WriteAt(pattern(4096, 0x11), 0, 0) }()
+	select {
+	case err := <-done:
+		t.Fatalf("a request went through a held export: %v", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	next := storage.NewMem(r.export.Size())
+	sw.release(next)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if got := readBack(t, next, 0, 4096); !bytes.Equal(got, pattern(4096, 0x11)) {
+		t.Error("the held request did not go to the new device")
+	}
+}
+
+// TestDurableAcks: with --sync always, a write the client never flushed
+// survives the unflushed model.
+func TestDurableAcks(t *testing.T) {
+	for _, withCache := range []bool{false, true} {
+		r := newTestRig(t, withCache)
+		d := newDurableAcks(r.export)
+		for i := range 16 {
+			if err := d.WriteAt(pattern(4096, byte(i+1)), int64(i)*(64<<10), 0); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := d.Zero(1<<20, 8192, 0); err != nil {
+			t.Fatal(err)
+		}
+		res := r.rig.powerCut(storage.LoseUnsynced, 3)
+		if res.Error != "" {
+			t.Fatal(res.Error)
+		}
+		for i := range 16 {
+			if got := readBack(t, d, int64(i)*(64<<10), 4096); !bytes.Equal(got, pattern(4096, byte(i+1))) {
+				t.Fatalf("cache=%v: acknowledged write %d lost", withCache, i)
+			}
+		}
+	}
+}
+
+func TestParseFaultArgs(t *testing.T) {
+	if _, err := parseErrno("EDQUOT"); err == nil {
+		t.Error("EDQUOT accepted: NBD cannot carry it")
+	}
+	for _, e := range wireErrnos() {
+		got, err := parseErrno(e.name)
+		if err != nil || got != e.errno || errnoName(got) != e.name {
+			t.Errorf("%s: %v %v", e.name, got, err)
+		}
+	}
+	if k, err := parseOps("read,trim"); err != nil || k != storage.OpRead|storage.OpTrim {
+		t.Errorf("read,trim: %v %v", k, err)
+	}
+	if _, err := parseOps("read,append"); err == nil {
+		t.Error("append accepted")
+	}
+	for _, m := range lossModelNames() {
+		if got, err := parseLossModel(m.name); err != nil || got != m.model || lossModelName(got) != m.name {
+			t.Errorf("%s: %v %v", m.name, got, err)
+		}
+	}
+	if err := parseSyncMode("sometimes"); err == nil {
+		t.Error("--sync sometimes accepted")
+	}
+}
