@@ -31,6 +31,17 @@
 //  6. Shape (sysfs) is written after the device is connected: the queue
 //     limits are reset by the connect.
 //
+// # Timeouts
+//
+// Config.Timeout is per request. When it expires the kernel gives the
+// connection up and sends the request again on another one (or, with
+// every connection dead, waits DeadConnTimeout for a Reconfigure); the
+// Attachment then hands it a fresh socket. A short timeout makes a
+// restart quick, since requests the dead server had read are only resent
+// on expiry; but a request that is merely slow is then executed twice,
+// and the first copy may land after a later write to the same blocks.
+// The default (0: the kernel's 30 s) is the safe one.
+//
 // # Invariants
 //
 //   - A server-side connection counts as closed exactly once; Done is
