@@ -21,7 +21,7 @@ import (
 // Environment:
 //
 //	NBDCACHE_VM_STORAGE  storage flags of attach in the guest
-//	                     (default "--backing /dev/vdb"; /dev/vda is a
+//	                     (default vmCacheStorage; /dev/vda is a
 //	                     64 MiB disk for a cache, e.g.
 //	                     "--cache /dev/vda --backing /dev/vdb --format")
 //	NBDCACHE_VM_BENCH=1  also run the speed ratio against nbd-server
@@ -114,7 +114,12 @@ type vmRun struct {
 	env      []string // KEY=VALUE for the guest
 	disks    []string // raw images: /dev/vda, /dev/vdb, ... (default: fresh 64 MiB and 512 MiB)
 	kill     string   // SIGKILL qemu 1 s after a console line with this marker
+	storage  string   // attach's storage flags (default vmCacheStorage)
 }
+
+// vmCacheStorage is what the scenarios attach by default: the product, a
+// write-back cache on /dev/vda in front of /dev/vdb.
+const vmCacheStorage = "--cache /dev/vda --backing /dev/vdb --format"
 
 // newDisks makes the default disks: a 64 MiB /dev/vda (for a cache) and
 // a 512 MiB /dev/vdb, sparse.
@@ -152,7 +157,14 @@ func runVM(t *testing.T, initrd string, r vmRun) vmResult {
 	}
 	t.Logf("%s: guest seed %s (replay with NBDCACHE_SEED=%s)", r.scenario, seed, seed)
 	kargs := []string{"SCENARIO=" + r.scenario, "SEED=" + seed}
+	storage := r.storage
+	if storage == "" {
+		storage = vmCacheStorage
+	}
 	if s := os.Getenv("NBDCACHE_VM_STORAGE"); s != "" {
+		storage = s
+	}
+	if s := storage; s != "" {
 		// Kernel command line words cannot hold spaces: commas stand in.
 		kargs = append(kargs, "NBDCACHE_STORAGE="+strings.ReplaceAll(s, " ", ","))
 	}
@@ -235,6 +247,9 @@ func TestVM(t *testing.T) {
 	initrd := buildVMImage(t, t.TempDir())
 	t.Run("attach", func(t *testing.T) {
 		runVM(t, initrd, vmRun{scenario: "attach", limit: 4 * time.Minute}).requireOK(t, "ATTACH-SCENARIO-OK")
+	})
+	t.Run("attach-nocache", func(t *testing.T) {
+		runVM(t, initrd, vmRun{scenario: "attach", limit: 4 * time.Minute, storage: "--backing /dev/vdb"}).requireOK(t, "ATTACH-SCENARIO-OK")
 	})
 	t.Run("powercut", func(t *testing.T) {
 		runVM(t, initrd, vmRun{scenario: "powercut", limit: 4 * time.Minute}).requireOK(t, "POWERCUT-SCENARIO-OK")
