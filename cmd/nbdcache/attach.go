@@ -33,10 +33,15 @@ type attachFlags struct {
 	backendID       string
 	ioctl           bool
 	verbose         bool
+	control         string
+	noDrain         bool
 }
 
 func (f *attachFlags) register(fs *flag.FlagSet) {
 	f.storage.register(fs)
+	fs.StringVar(&f.control, "control", "", "serve the control socket (stats, flush --drain, mode, ctl) on `unix:PATH`")
+	fs.BoolVar(&f.storage.faults, "faults", false, "fault mode: power cuts, injected errors and latency through `nbdcache ctl` (needs --control)")
+	fs.BoolVar(&f.noDrain, "no-drain", false, "on detach, leave dirty data in the cache instead of writing it back first")
 	fs.StringVar(&f.device, "device", "", "attach to `/dev/nbdN` (default: a free one, picked by the kernel)")
 	fs.IntVar(&f.connections, "connections", 2, "`N` socket connections to the kernel (multi-conn)")
 	fs.DurationVar(&f.timeout, "timeout", 0, "request `TIMEOUT` after which the kernel resends a request on another connection (0: the kernel's 30 s; whole seconds)")
@@ -65,6 +70,9 @@ func runAttach(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	f.register(fs)
 	if err := parseFlags(fs, args); err != nil {
 		return err
+	}
+	if f.storage.faults && f.control == "" {
+		return fmt.Errorf("%w: --faults needs --control unix:PATH, through which `nbdcache ctl` drives it", errUsage)
 	}
 	index := kernel.AnyIndex
 	if f.device != "" {
@@ -107,6 +115,16 @@ func runAttach(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	})
 	if err != nil {
 		return err
+	}
+	if st.rig != nil {
+		st.rig.srv.Store(srv) // power cuts drop the connections
+	}
+	if f.control != "" {
+		stopControl, err := startControl(f.control, &daemon{srv: srv, st: st, started: time.Now()})
+		if err != nil {
+			return err
+		}
+		defer stopControl()
 	}
 	info, err := srv.Info("")
 	if err != nil {
@@ -200,6 +218,11 @@ func runAttach(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	}
 	if ferr := dev.Flush(); ferr != nil {
 		return fmt.Errorf("final flush: %w", ferr)
+	}
+	if !released && !f.noDrain {
+		if err := drainOnDetach(context.Background(), st, log); err != nil {
+			return err
+		}
 	}
 	if cerr := st.Close(); cerr != nil {
 		return fmt.Errorf("closing: %w", cerr)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"time"
 
 	"github.com/nbdcache/nbdcache/cache"
@@ -89,5 +90,33 @@ func (d *daemon) SetMode(ctx context.Context, mode string) error {
 		}
 		return err
 	}
+	return nil
+}
+
+// startControl serves the control socket at addr (unix:PATH) for d; the
+// fault endpoints answer only in fault mode. serve and attach share it.
+func startControl(addr string, d *daemon) (stop func() error, err error) {
+	path, err := control.ParseAddr(addr)
+	if err != nil {
+		return nil, fmt.Errorf("%w: --control: %v", errUsage, err)
+	}
+	h := control.Handler(d)
+	registerFaultEndpoints(h, d.st.rig) // faults.go
+	return control.Serve(path, h)
+}
+
+// drainOnDetach writes back every dirty byte before a clean detach, so
+// that the backing alone is the whole disk afterwards.
+func drainOnDetach(ctx context.Context, st *openedStorage, log *slog.Logger) error {
+	if st.cache == nil || st.cache.DirtyBytes() == 0 {
+		return nil
+	}
+	start := time.Now()
+	var total int64
+	err := st.cache.Drain(ctx, func(done, t int64) { total = t })
+	if err != nil {
+		return fmt.Errorf("draining the cache before detaching: %w (the dirty data stays safe in the cache)", err)
+	}
+	log.Info("drained the cache", "bytes", total, "seconds", time.Since(start).Seconds())
 	return nil
 }

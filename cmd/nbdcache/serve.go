@@ -11,7 +11,6 @@ import (
 	"runtime/pprof"
 	"time"
 
-	"github.com/nbdcache/nbdcache/control"
 	"github.com/nbdcache/nbdcache/nbd"
 )
 
@@ -85,13 +84,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	stopControl := func() error { return nil }
 	if f.control != "" {
-		path, err := control.ParseAddr(f.control)
-		if err != nil {
-			return fmt.Errorf("%w: --control: %v", errUsage, err)
-		}
-		h := control.Handler(&daemon{srv: srv, st: st, started: time.Now()})
-		registerFaultEndpoints(h, st.rig) // faults.go
-		stop, err := control.Serve(path, h)
+		stop, err := startControl(f.control, &daemon{srv: srv, st: st, started: time.Now()})
 		if err != nil {
 			return err
 		}

@@ -51,6 +51,17 @@ step "stop with SIGTERM"
 kill -TERM $apid
 finish $apid a1
 
+step "the backing alone after the clean stop (which drains the cache): check every file"
+saved=$STORAGE
+STORAGE="--backing /dev/vdb"
+attach a3 --connections 1
+mount -t xfs -o ro /dev/nbd0 $MNT
+verify /tmp/sums
+umount $MNT
+nbdcache detach /dev/nbd0
+finish $apid a3
+STORAGE=$saved
+
 step "the ioctl path: attach --ioctl, check every file, detach"
 attach a2 --ioctl --connections 2
 grep -q ioctl /tmp/a2.out || fail "not attached with ioctls"
