@@ -10,6 +10,10 @@
 //	                               streams Progress lines (NDJSON), the last
 //	                               one with done == total, or an error line
 //	POST /v1/mode?mode=M           switch the cache mode (leaving writeback drains first)
+//	GET  /v1/fault                 fault mode's state (registered by the daemon)
+//	POST /v1/fault/power-cut       cut the power: drop what the loss model drops, recover
+//	POST /v1/fault/error           inject (or clear) errors on the export, cache or backing
+//	POST /v1/fault/delay           inject (or clear) latency on the cache or backing
 //
 // Stats field names are an interface that users and tests rely on: add
 // fields, never rename them. Every counter the process keeps is gathered into
