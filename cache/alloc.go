@@ -135,7 +135,12 @@ func (c *Cache) makeSpace() bool {
 	if pending == 0 {
 		return false
 	}
-	return c.checkpoint() == nil
+	// Writers that all ran out of space at once share one checkpoint.
+	return c.checkpointIf(func() bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return len(c.mu.free) <= fgReserve && len(c.mu.pending) > 0
+	}, true) == nil
 }
 
 // GCStep runs one pass of garbage collection (and eviction when evict).

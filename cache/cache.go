@@ -65,14 +65,14 @@ type Cache struct {
 	log       *slog.Logger
 	maxExt    int64
 
-	// gate: index-changing operations hold it shared (enter/leave);
-	// a checkpoint holds it exclusively.
-	gate  sync.RWMutex
-	sem   chan struct{} // bounds the operations inside the gate (journal space)
-	ckMu  sync.Mutex    // one checkpoint at a time
-	gcMu  sync.Mutex    // one GC pass at a time
-	rmwMu sync.Mutex    // serializes unaligned read-modify-writes
-	sbMu  sync.Mutex    // serializes superblock writes
+	// sem bounds the index-changing operations in flight (enter/leave),
+	// so that they cannot overrun the journal ring.
+	sem   chan struct{}
+	ckMu  sync.Mutex // one checkpoint at a time; guards ckBuf
+	ckBuf []byte     // the checkpoint being written, reused
+	gcMu  sync.Mutex // one GC pass at a time
+	rmwMu sync.Mutex // serializes unaligned read-modify-writes
+	sbMu  sync.Mutex // serializes superblock writes
 
 	ram     *ristretto.Cache[uint64, ramEntry]
 	flusher *writeback.Flusher // nil with NoBackground
@@ -264,7 +264,10 @@ func Open(cacheDev, backing storage.Device, opts Options) (*Cache, error) {
 	}
 	c := &Cache{dev: cacheDev, back: backing, sb: *sb, salt: sb.salt(), opts: opts, log: opts.Logger, maxExt: sb.maxExtents()}
 	slots := sb.journalSlots()
-	c.sem = make(chan struct{}, max(1, (slots/2-2)/2))
+	// The operations in flight may add a block each, so a quarter of the
+	// ring (slots/8 operations, with the margin ringFullLocked keeps)
+	// stays for them while a checkpoint started at half full is written.
+	c.sem = make(chan struct{}, max(1, slots/8))
 	c.kick = make(chan struct{}, 1)
 	c.mu.commitCond.L = &c.mu.Mutex
 	c.mu.wbCond.L = &c.mu.Mutex
@@ -307,7 +310,10 @@ func Open(cacheDev, backing storage.Device, opts Options) (*Cache, error) {
 	}
 	// A checkpoint right away: the replayed journal (torn tail and all)
 	// is never read again, and the ring starts afresh with a new seed.
-	if err := c.checkpoint(); err != nil {
+	c.ckMu.Lock()
+	err = c.checkpointLocked(true)
+	c.ckMu.Unlock()
+	if err != nil {
 		c.closeRAM()
 		return nil, err
 	}
@@ -367,7 +373,7 @@ func (c *Cache) Close() error {
 		c.bgCancel()
 		c.bgDone.Wait()
 	}
-	err := c.checkpoint()
+	err := c.Checkpoint()
 	if err == nil {
 		c.mu.Lock()
 		dirty := c.mu.idx.DirtyBytes()

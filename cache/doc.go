@@ -70,9 +70,14 @@
 //     the cache device per group commit serves every FLUSH and FUA waiting
 //     (the design's "one fdatasync per FLUSH").
 //   - Recovery stops at the first journal block that fails its checksum,
-//     its sequence or its chain (prev): the torn tail. The chain, reseeded
-//     by every checkpoint with a random value, keeps blocks of an earlier
-//     life of the ring from ever being replayed.
+//     its sequence or its chain (prev): the torn tail. Sequence numbers
+//     only grow, so a block of an earlier lap of the ring never matches;
+//     the chain, reseeded with a random value by the checkpoint every
+//     Open writes, keeps blocks of an earlier life (beyond a torn tail)
+//     from ever being replayed. Other checkpoints continue the chain (their
+//     seed is the crc of the block before their first one), so the journal
+//     stays replayable from the older checkpoint while a newer one is
+//     being written.
 //   - Bucket reuse: a bucket emptied by GC, eviction or overwrites gets a
 //     new generation and becomes "pending"; it is handed out again only
 //     after a checkpoint that no longer refers to its old contents is
@@ -100,12 +105,25 @@
 //
 // One mutex (mu) guards the index, the bucket table and the journal's
 // in-memory state; it is never held across I/O. Operations that append
-// journal records hold a gate shared (enter/leave), bounded by a semaphore
-// so the ring cannot overflow; a checkpoint holds the gate exclusively:
-// commit (data and journal durable) → snapshot index and generations →
-// write the other slot → sync → restart the ring and free pending buckets.
-// The checkpoint is taken when the ring is half full, after recovery and at
-// Close. Reads take mu only to look up and to revalidate, so reads of
+// journal records (at most one each) hold a slot of a semaphore
+// (enter/leave) of ring/8 slots. A checkpoint (one at a time, ckMu) holds
+// mu only for its snapshot, and covers exactly the journal before its
+// first block JSeq:
+//
+//	under mu: seal the open block → JSeq; encode index and generations;
+//	          note the pending buckets
+//	commit (blocks before JSeq and the snapshot's data durable)
+//	write the slot not holding the durable checkpoint → sync
+//	under mu: the ring starts at JSeq; the noted pending buckets are free
+//
+// Writes, commits and FLUSHes go on meanwhile, into the ring after JSeq.
+// The first operation that finds the ring half full writes the checkpoint;
+// the others carry on, and an operation waits only when the ring is so
+// full that the operations in flight could overwrite a block the durable
+// checkpoint still needs. Writers that run out of space at once, and the
+// background loop, share one checkpoint (checkpointIf re-checks the need
+// under ckMu). A checkpoint is also written after recovery and at Close.
+// Reads take mu only to look up and to revalidate, so reads of
 // different ranges run in parallel; a clean piece whose cache read fails
 // is read from the backing.
 //
@@ -136,8 +154,9 @@
 //
 // # Known limits
 //
-// A checkpoint blocks index-changing operations while it writes the whole
-// index (O(extents)); a GC pass walks the whole index. Data checksums live
+// A checkpoint still writes the whole index (O(extents)), and encodes it
+// under mu (about 0.3 ms per 32k extents: btreeidx has no O(1) clone yet);
+// bucket reuse waits for a checkpoint; a GC pass walks the whole index. Data checksums live
 // only in journal records: data covered by a checkpoint is not verified on
 // read, so bit rot inside a bucket is not detected (metadata corruption
 // is). Unaligned writes are serialized among themselves (read-modify-

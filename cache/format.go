@@ -375,22 +375,37 @@ func decodeCkptHeader(salt uint32, b []byte) (*ckptHeader, error) {
 }
 
 func encodeCkptBody(gens []uint8, ext []ckptExtent) []byte {
-	n := align8(int64(len(gens)))
-	b := make([]byte, n+int64(len(ext))*ckptExtSize)
-	copy(b, gens)
-	le := binary.LittleEndian
-	for i, e := range ext {
-		p := b[n+int64(i)*ckptExtSize:]
-		le.PutUint64(p[0:], uint64(e.Off))
-		le.PutUint32(p[8:], uint32(e.Len/sectorSize))
-		p[12] = e.Gen
-		if e.Dirty {
-			p[13] = 1
-		}
-		le.PutUint64(p[16:], uint64(e.Loc))
-		le.PutUint64(p[24:], e.Ver)
+	b := make([]byte, 0, align8(int64(len(gens)))+int64(len(ext))*ckptExtSize)
+	b = appendCkptGens(b, len(gens), func(i int) uint8 { return gens[i] })
+	for _, e := range ext {
+		b = appendCkptExtent(b, e)
 	}
 	return b
+}
+
+// appendCkptGens appends the generation bytes of n buckets, padded to 8.
+func appendCkptGens(b []byte, n int, gen func(int) uint8) []byte {
+	for i := range n {
+		b = append(b, gen(i))
+	}
+	for i := int64(n); i < align8(int64(n)); i++ {
+		b = append(b, 0)
+	}
+	return b
+}
+
+// appendCkptExtent appends one 32-byte checkpoint extent.
+func appendCkptExtent(b []byte, e ckptExtent) []byte {
+	le := binary.LittleEndian
+	var dirty uint8
+	if e.Dirty {
+		dirty = 1
+	}
+	b = le.AppendUint64(b, uint64(e.Off))
+	b = le.AppendUint32(b, uint32(e.Len/sectorSize))
+	b = append(b, e.Gen, dirty, 0, 0)
+	b = le.AppendUint64(b, uint64(e.Loc))
+	return le.AppendUint64(b, e.Ver)
 }
 
 // decodeCkptBody decodes the body described by h; extents must be valid,

@@ -41,38 +41,67 @@ func (c *Cache) errLocked() error {
 	return c.mu.failed
 }
 
-// enter admits an index-changing operation: it holds the gate shared and a
-// slot of the semaphore that bounds how many records can be appended
-// before the next checkpoint check. It checkpoints first when the journal
-// is too full. Every enter is paired with leave.
+// enter admits an index-changing operation. It holds a slot of the
+// semaphore that bounds how many admitted operations may still append
+// records (each appends at most one record, so at most one journal block).
+// When the ring is CheckpointPercent full, the first operation to notice
+// writes a checkpoint itself while the others carry on; only when the
+// ring is so full that the operations in flight could overflow it does an
+// operation wait for a checkpoint (ringFullLocked). Every enter is paired
+// with leave.
 func (c *Cache) enter() error {
 	c.sem <- struct{}{}
-	slots := c.sb.journalSlots()
+	triedSoft := false
 	for {
-		c.gate.RLock()
 		c.mu.Lock()
 		err := c.errLocked()
-		need := c.usedSlotsLocked()*100 > slots*int64(c.opts.CheckpointPercent)
+		full, want := c.ringFullLocked(), c.ringWantsCheckpointLocked()
 		c.mu.Unlock()
-		if err != nil {
-			c.gate.RUnlock()
+		switch {
+		case err != nil:
 			<-c.sem
 			return err
-		}
-		if !need {
+		case full:
+			if err := c.checkpointIf(c.ringFull, true); err != nil {
+				<-c.sem
+				return err
+			}
+		case want && !triedSoft:
+			triedSoft = true
+			if err := c.checkpointIf(c.ringWantsCheckpoint, false); err != nil {
+				<-c.sem
+				return err
+			}
+		default:
 			return nil
-		}
-		c.gate.RUnlock()
-		if err := c.checkpoint(); err != nil {
-			<-c.sem
-			return err
 		}
 	}
 }
 
-func (c *Cache) leave() {
-	c.gate.RUnlock()
-	<-c.sem
+func (c *Cache) leave() { <-c.sem }
+
+// ringWantsCheckpointLocked: the ring is CheckpointPercent full.
+func (c *Cache) ringWantsCheckpointLocked() bool {
+	return c.usedSlotsLocked()*100 > c.sb.journalSlots()*int64(c.opts.CheckpointPercent)
+}
+
+// ringFullLocked: admitting one more operation could let the operations
+// in flight (at most cap(sem), one record each, each record at most one
+// new block) seal a block over a slot the durable checkpoint still needs.
+func (c *Cache) ringFullLocked() bool {
+	return c.usedSlotsLocked()+int64(cap(c.sem))+1 > c.sb.journalSlots()
+}
+
+func (c *Cache) ringWantsCheckpoint() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.ringWantsCheckpointLocked()
+}
+
+func (c *Cache) ringFull() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.ringFullLocked()
 }
 
 // commit makes every record appended before the call durable, and every
@@ -186,41 +215,82 @@ func (c *Cache) Flush() error {
 }
 
 // Checkpoint writes the index to the checkpoint slot not holding the newest
-// checkpoint, after which the journal starts over.
-func (c *Cache) Checkpoint() error { return c.checkpoint() }
+// checkpoint; once it is durable, the journal before it is never replayed
+// again and the buckets emptied before it become free.
+func (c *Cache) Checkpoint() error { return c.checkpointIf(nil, true) }
 
-func (c *Cache) checkpoint() error {
-	c.ckMu.Lock()
+// checkpointIf writes a checkpoint if need (nil: always), evaluated once
+// this caller is the only checkpointer, still holds: callers that pile up
+// behind a running checkpoint do not write another one for nothing. With
+// wait false it returns at once when a checkpoint is already running.
+func (c *Cache) checkpointIf(need func() bool, wait bool) error {
+	if wait {
+		c.ckMu.Lock()
+	} else if !c.ckMu.TryLock() {
+		return nil
+	}
 	defer c.ckMu.Unlock()
-	c.gate.Lock()
-	defer c.gate.Unlock()
-	// 1. Everything in the index is durable, data included.
-	if err := c.commit(); err != nil {
+	if need != nil && !need() {
+		c.stats.checkpointsSkipped.Add(1)
+		return nil
+	}
+	return c.checkpointLocked(false)
+}
+
+// checkpointLocked writes one checkpoint; ckMu is held. Writes go on
+// meanwhile: only the snapshot holds mu.
+//
+//  1. Under mu: seal the open block; the index, the bucket generations and
+//     the pending list at this instant are exactly the effect of the
+//     journal before the next block, JSeq. The chain goes on (Seed is the
+//     crc of block JSeq-1), so the ring stays replayable from the older
+//     checkpoint until this one is durable; with reseed (only while
+//     nothing else runs: Open) it starts afresh from a random seed.
+//  2. Commit: every block before JSeq, and the data of every extent in the
+//     snapshot, is durable (one sync, often shared).
+//  3. Write the slot not holding the durable checkpoint; sync.
+//  4. Under mu: the ring starts at JSeq; the buckets pending at the
+//     snapshot are free (no extent of the snapshot, and no record from
+//     JSeq on, refers to their old contents).
+//
+// The ring cannot overrun the older checkpoint's blocks meanwhile: enter
+// keeps the operations in flight within the free slots.
+func (c *Cache) checkpointLocked(reseed bool) error {
+	c.mu.Lock()
+	if c.mu.failed != nil {
+		err := c.mu.failed
+		c.mu.Unlock()
 		return err
 	}
-	// 2. Snapshot. No record can be appended while we hold the gate.
-	c.mu.Lock()
-	exts := make([]ckptExtent, 0, c.mu.idx.Len())
+	c.sealLocked()
+	next := int64(c.mu.idx.Len())
+	if next > c.maxExt {
+		c.mu.Unlock()
+		return fmt.Errorf("%w: %d extents, checkpoint holds %d", ErrCorrupt, next, c.maxExt)
+	}
+	h := &ckptHeader{Seq: c.mu.ckptSeq + 1, JSeq: c.mu.jnextSeq, JPos: c.mu.jhead, Seed: c.mu.jprev,
+		NBuckets: uint32(len(c.mu.buckets)), NextVer: c.mu.nextVer, NExt: uint64(next)}
+	if reseed {
+		h.Seed = randSeed()
+		c.mu.jprev = h.Seed
+	}
+	buf := c.ckBuf[:0]
+	buf = append(buf, make([]byte, ckptHdrSize)...)
+	buf = appendCkptGens(buf, len(c.mu.buckets), func(i int) uint8 { return c.mu.buckets[i].gen })
 	c.mu.idx.Ascend(0, func(e btreeExtent) bool {
-		exts = append(exts, ckptExtent{Off: e.Off, Len: e.Len, Loc: e.Loc, Ver: e.Ver, Gen: e.Gen, Dirty: e.Dirty})
+		buf = appendCkptExtent(buf, ckptExtent{Off: e.Off, Len: e.Len, Loc: e.Loc, Ver: e.Ver, Gen: e.Gen, Dirty: e.Dirty})
 		return true
 	})
-	gens := make([]uint8, len(c.mu.buckets))
-	for i := range c.mu.buckets {
-		gens[i] = c.mu.buckets[i].gen
-	}
-	h := &ckptHeader{Seq: c.mu.ckptSeq + 1, JSeq: c.mu.jnextSeq, JPos: c.mu.jhead, Seed: randSeed(),
-		NBuckets: uint32(len(gens)), NextVer: c.mu.nextVer, NExt: uint64(len(exts))}
 	slot := 1 - c.mu.ckptSlot
 	npend := len(c.mu.pending)
 	c.mu.Unlock()
-	if int64(len(exts)) > c.maxExt {
-		return fmt.Errorf("%w: %d extents, checkpoint holds %d", ErrCorrupt, len(exts), c.maxExt)
+	c.ckBuf = buf
+
+	if err := c.commit(); err != nil {
+		return err
 	}
-	// 3. Write and sync the checkpoint.
-	body := encodeCkptBody(gens, exts)
-	h.BodyCRC = crcSalted(c.salt, body)
-	buf := append(encodeCkptHeader(c.salt, h), body...)
+	h.BodyCRC = crcSalted(c.salt, buf[ckptHdrSize:])
+	copy(buf, encodeCkptHeader(c.salt, h))
 	if err := c.dev.WriteAt(buf, c.sb.CkptOff+int64(slot)*c.sb.CkptSize, 0); err != nil {
 		return fmt.Errorf("cache: write checkpoint: %w", err)
 	}
@@ -229,11 +299,10 @@ func (c *Cache) checkpoint() error {
 			return fmt.Errorf("cache: sync checkpoint: %w", err)
 		}
 	}
-	// 4. The journal restarts after the checkpoint; emptied buckets may be
-	// reused, since no durable record refers to their old contents now.
+
 	c.mu.Lock()
 	c.mu.ckptSeq, c.mu.ckptSlot = h.Seq, slot
-	c.mu.jstartSeq, c.mu.jprev = h.JSeq, h.Seed
+	c.mu.jstartSeq = h.JSeq
 	for _, b := range c.mu.pending[:npend] {
 		c.mu.buckets[b].state = bFree
 		c.mu.free = append(c.mu.free, b)

@@ -9,7 +9,7 @@ type counters struct {
 	trims, zeros, promotions, promotedBytes, noSpace                  atomic.Int64
 	cacheReadErrors, cacheWriteErrors, backingWriteBytes              atomic.Int64
 	journalRecords, journalBlocks, commits, commitWaits               atomic.Int64
-	backingFlushes, checkpoints, checkpointBytes                      atomic.Int64
+	backingFlushes, checkpoints, checkpointBytes, checkpointsSkipped  atomic.Int64
 	gcRuns, gcMovedBytes, evictedBytes, bucketsFreed                  atomic.Int64
 	writebackBytes, writebackCollisions                               atomic.Int64
 	replayed, replayDropped                                           atomic.Int64
@@ -54,6 +54,7 @@ type Stats struct {
 	BackingFlushes      int64
 	Checkpoints         int64
 	CheckpointBytes     int64
+	CheckpointsSkipped  int64 // asked for, but made unneeded by a checkpoint that ran meanwhile
 	GCRuns              int64
 	GCMovedBytes        int64
 	EvictedBytes        int64
@@ -79,7 +80,7 @@ func (c *Cache) Stats() Stats {
 		BackingWriteBytes: c.stats.backingWriteBytes.Load(), JournalRecords: c.stats.journalRecords.Load(),
 		JournalBlocks: c.stats.journalBlocks.Load(), Commits: c.stats.commits.Load(), CommitWaits: c.stats.commitWaits.Load(),
 		BackingFlushes: c.stats.backingFlushes.Load(), Checkpoints: c.stats.checkpoints.Load(),
-		CheckpointBytes: c.stats.checkpointBytes.Load(), GCRuns: c.stats.gcRuns.Load(), GCMovedBytes: c.stats.gcMovedBytes.Load(),
+		CheckpointBytes: c.stats.checkpointBytes.Load(), CheckpointsSkipped: c.stats.checkpointsSkipped.Load(), GCRuns: c.stats.gcRuns.Load(), GCMovedBytes: c.stats.gcMovedBytes.Load(),
 		EvictedBytes: c.stats.evictedBytes.Load(), BucketsFreed: c.stats.bucketsFreed.Load(),
 		WritebackBytes: c.stats.writebackBytes.Load(), WritebackCollisions: c.stats.writebackCollisions.Load(),
 		ReplayedRecords: c.stats.replayed.Load(), ReplayDropped: c.stats.replayDropped.Load(),

@@ -343,7 +343,12 @@ func (c *Cache) background(ctx context.Context) {
 				pending = len(c.mu.pending)
 				c.mu.Unlock()
 				if pending > 0 {
-					if err := c.checkpoint(); err != nil && !errors.Is(err, ErrClosed) {
+					err := c.checkpointIf(func() bool {
+						c.mu.Lock()
+						defer c.mu.Unlock()
+						return len(c.mu.pending) > 0
+					}, true)
+					if err != nil && !errors.Is(err, ErrClosed) {
 						c.log.Warn("cache: background checkpoint", "err", err)
 						break
 					}
