@@ -189,16 +189,7 @@ func ctlError(ctx context.Context, fs *flag.FlagSet, args []string, dial dialFun
 			q.Set("probability", strconv.FormatFloat(*prob, 'g', -1, 64))
 		}
 	}
-	c, err := dial()
-	if err != nil {
-		return err
-	}
-	var st faultStatus
-	if err := c.Do(ctx, http.MethodPost, "/v1/fault/error", q, &st); err != nil {
-		return err
-	}
-	printFaultStatus(stdout, st)
-	return nil
+	return postFault(ctx, dial, "/v1/fault/error", q, stdout)
 }
 
 func ctlDelay(ctx context.Context, fs *flag.FlagSet, args []string, dial dialFunc, stdout io.Writer) error {
@@ -219,16 +210,7 @@ func ctlDelay(ctx context.Context, fs *flag.FlagSet, args []string, dial dialFun
 		q.Set("op", *op)
 		q.Set("latency", *latency)
 	}
-	c, err := dial()
-	if err != nil {
-		return err
-	}
-	var st faultStatus
-	if err := c.Do(ctx, http.MethodPost, "/v1/fault/delay", q, &st); err != nil {
-		return err
-	}
-	printFaultStatus(stdout, st)
-	return nil
+	return postFault(ctx, dial, "/v1/fault/delay", q, stdout)
 }
 
 func ctlStatus(ctx context.Context, fs *flag.FlagSet, args []string, dial dialFunc, stdout io.Writer) error {
@@ -294,4 +276,18 @@ func printFaultStatus(w io.Writer, st faultStatus) {
 	}
 	tw.Flush()
 	fmt.Fprintf(w, "power cuts so far: %d\n", st.Cuts)
+}
+
+// postFault sends one fault command and prints the resulting fault state.
+func postFault(ctx context.Context, dial dialFunc, path string, q url.Values, stdout io.Writer) error {
+	c, err := dial()
+	if err != nil {
+		return err
+	}
+	var st faultStatus
+	if err := c.Do(ctx, http.MethodPost, path, q, &st); err != nil {
+		return err
+	}
+	printFaultStatus(stdout, st)
+	return nil
 }
