@@ -1096,26 +1096,21 @@ func registerFaultEndpoints(h http.Handler, r *faultRig) {
 		}
 		control.WriteJSON(w, r.powerCut(model, seed))
 	})
-	control.Register(h, "POST /v1/fault/error", func(w http.ResponseWriter, req *http.Request) {
-		if r == nil {
-			control.WriteError(w, errFaultsOff)
-			return
+	// setter answers a request that changes the injected faults with the
+	// fault state that results.
+	setter := func(set func(*faultRig, url.Values) error) http.HandlerFunc {
+		return func(w http.ResponseWriter, req *http.Request) {
+			if r == nil {
+				control.WriteError(w, errFaultsOff)
+				return
+			}
+			if err := set(r, req.URL.Query()); err != nil {
+				control.WriteError(w, err)
+				return
+			}
+			control.WriteJSON(w, r.status())
 		}
-		if err := r.setError(req.URL.Query()); err != nil {
-			control.WriteError(w, err)
-			return
-		}
-		control.WriteJSON(w, r.status())
-	})
-	control.Register(h, "POST /v1/fault/delay", func(w http.ResponseWriter, req *http.Request) {
-		if r == nil {
-			control.WriteError(w, errFaultsOff)
-			return
-		}
-		if err := r.setDelay(req.URL.Query()); err != nil {
-			control.WriteError(w, err)
-			return
-		}
-		control.WriteJSON(w, r.status())
-	})
+	}
+	control.Register(h, "POST /v1/fault/error", setter((*faultRig).setError))
+	control.Register(h, "POST /v1/fault/delay", setter((*faultRig).setDelay))
 }
