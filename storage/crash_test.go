@@ -136,17 +136,20 @@ func (m *crashModel) checkSectors(got []byte, rep CutReport) error {
 	return nil
 }
 
-// randomOps drives n random sector-aligned operations on d and the model.
-func randomOps(t *testing.T, rng *rand.Rand, d *Crash, m *crashModel, n int, tag uint64) {
+// opModel is what driveOps keeps in step with the device: a model of the
+// writes it received and of which are synced.
+type opModel interface {
+	apply(p []byte, off, length int64, fua bool)
+	flush()
+}
+
+// driveOps runs n random requests on d and m: writes, trims, zeroes
+// (with zeroFlags added) and flushes, FUA now and then, over the ranges
+// pick draws.
+func driveOps(t *testing.T, rng *rand.Rand, d Device, m opModel, n int, tag uint64, pick func() (off, length int64), zeroFlags Flags) {
 	t.Helper()
-	sectors := d.Size() / SectorSize
 	for i := range n {
-		s := rng.Int64N(sectors)
-		cnt := 1 + rng.Int64N(min(sectors-s, 24))
-		if rng.IntN(8) == 0 {
-			cnt = 1 + rng.Int64N(sectors-s) // now and then a long one
-		}
-		off, length := s*SectorSize, cnt*SectorSize
+		off, length := pick()
 		fua := rng.IntN(8) == 0
 		var flags Flags
 		if fua {
@@ -162,7 +165,7 @@ func randomOps(t *testing.T, rng *rand.Rand, d *Crash, m *crashModel, n int, tag
 			err = d.Trim(off, length, flags)
 			m.apply(nil, off, length, fua)
 		case k < 18:
-			err = d.Zero(off, length, flags|NoHole)
+			err = d.Zero(off, length, flags|zeroFlags)
 			m.apply(nil, off, length, fua)
 		default:
 			err = d.Flush()
@@ -172,6 +175,20 @@ func randomOps(t *testing.T, rng *rand.Rand, d *Crash, m *crashModel, n int, tag
 			t.Fatalf("op %d: %v", i, err)
 		}
 	}
+}
+
+// randomOps drives n random sector-aligned operations on d and the model.
+func randomOps(t *testing.T, rng *rand.Rand, d *Crash, m *crashModel, n int, tag uint64) {
+	t.Helper()
+	sectors := d.Size() / SectorSize
+	driveOps(t, rng, d, m, n, tag, func() (int64, int64) {
+		s := rng.Int64N(sectors)
+		cnt := 1 + rng.Int64N(min(sectors-s, 24))
+		if rng.IntN(8) == 0 {
+			cnt = 1 + rng.Int64N(sectors-s) // now and then a long one
+		}
+		return s * SectorSize, cnt * SectorSize
+	}, NoHole)
 }
 
 // TestCrashModels runs chains of random operations and power cuts under

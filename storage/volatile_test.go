@@ -136,41 +136,14 @@ func tornFrom(sec string, h []string) bool {
 func volatileOps(t *testing.T, rng *rand.Rand, d Device, m *volatileModel, n int, tag uint64) {
 	t.Helper()
 	size := d.Size()
-	for i := range n {
-		var off, length int64
+	driveOps(t, rng, d, m, n, tag, func() (off, length int64) {
 		if rng.IntN(3) == 0 {
 			off = rng.Int64N(size)
-			length = 1 + rng.Int64N(min(size-off, 3000))
-		} else {
-			s := rng.Int64N(size / SectorSize)
-			off = s * SectorSize
-			length = min(size-off, (1+rng.Int64N(16))*SectorSize)
+			return off, 1 + rng.Int64N(min(size-off, 3000))
 		}
-		fua := rng.IntN(8) == 0
-		var flags Flags
-		if fua {
-			flags = FUA
-		}
-		var err error
-		switch k := rng.IntN(20); {
-		case k < 14:
-			p := fill(int(length), tag<<20|uint64(i))
-			err = d.WriteAt(p, off, flags)
-			m.apply(p, off, length, fua)
-		case k < 16:
-			err = d.Trim(off, length, flags)
-			m.apply(nil, off, length, fua)
-		case k < 18:
-			err = d.Zero(off, length, flags)
-			m.apply(nil, off, length, fua)
-		default:
-			err = d.Flush()
-			m.flush()
-		}
-		if err != nil {
-			t.Fatalf("op %d: %v", i, err)
-		}
-	}
+		off = rng.Int64N(size/SectorSize) * SectorSize
+		return off, min(size-off, (1+rng.Int64N(16))*SectorSize)
+	}, 0)
 }
 
 // TestVolatileModels runs chains of random requests and power cuts under
