@@ -53,8 +53,7 @@ func runStats(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 		now := time.Now()
 		if *asJSON {
-			b, _ := json.MarshalIndent(s, "", "  ")
-			fmt.Fprintln(stdout, string(b))
+			printJSON(stdout, s)
 		} else {
 			printStats(stdout, s, prev, now.Sub(prevAt), !prevAt.IsZero())
 		}
@@ -176,4 +175,10 @@ func runMode(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	fmt.Fprintf(stdout, "nbdcache: mode is now %s\n", fs.Arg(0))
 	return nil
+}
+
+// printJSON prints v as indented JSON, for the --json flags.
+func printJSON(w io.Writer, v any) {
+	b, _ := json.MarshalIndent(v, "", "  ")
+	fmt.Fprintln(w, string(b))
 }

@@ -4,7 +4,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -103,17 +102,12 @@ func ctlPowerCut(ctx context.Context, fs *flag.FlagSet, args []string, dial dial
 		}
 		q.Set("seed", *seed)
 	}
-	c, err := dial()
-	if err != nil {
-		return err
-	}
 	var res powerCutResult
-	if err := c.Do(ctx, http.MethodPost, "/v1/fault/power-cut", q, &res); err != nil {
+	if err := call(ctx, dial, http.MethodPost, "/v1/fault/power-cut", q, &res); err != nil {
 		return err
 	}
 	if *asJSON {
-		b, _ := json.MarshalIndent(res, "", "  ")
-		fmt.Fprintln(stdout, string(b))
+		printJSON(stdout, res)
 	} else {
 		printPowerCut(stdout, res)
 	}
@@ -218,17 +212,12 @@ func ctlStatus(ctx context.Context, fs *flag.FlagSet, args []string, dial dialFu
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
-	c, err := dial()
-	if err != nil {
-		return err
-	}
 	var st faultStatus
-	if err := c.Do(ctx, http.MethodGet, "/v1/fault", nil, &st); err != nil {
+	if err := call(ctx, dial, http.MethodGet, "/v1/fault", nil, &st); err != nil {
 		return err
 	}
 	if *asJSON {
-		b, _ := json.MarshalIndent(st, "", "  ")
-		fmt.Fprintln(stdout, string(b))
+		printJSON(stdout, st)
 		return nil
 	}
 	printFaultStatus(stdout, st)
@@ -280,14 +269,20 @@ func printFaultStatus(w io.Writer, st faultStatus) {
 
 // postFault sends one fault command and prints the resulting fault state.
 func postFault(ctx context.Context, dial dialFunc, path string, q url.Values, stdout io.Writer) error {
-	c, err := dial()
-	if err != nil {
-		return err
-	}
 	var st faultStatus
-	if err := c.Do(ctx, http.MethodPost, path, q, &st); err != nil {
+	if err := call(ctx, dial, http.MethodPost, path, q, &st); err != nil {
 		return err
 	}
 	printFaultStatus(stdout, st)
 	return nil
+}
+
+// call dials the control socket and sends one request, decoding the
+// answer into out.
+func call(ctx context.Context, dial dialFunc, method, path string, q url.Values, out any) error {
+	c, err := dial()
+	if err != nil {
+		return err
+	}
+	return c.Do(ctx, method, path, q, out)
 }
