@@ -42,25 +42,42 @@ func benchCache(b *testing.B, kind string, o Options) (*Cache, devPair) {
 	return c, d
 }
 
-// BenchmarkRandWrite4K: 4 KiB random writes in writeback mode, from
-// parallel goroutines, over a 64 MiB range (fits the cache).
+// BenchmarkRandWrite4K: 4 KiB random writes in writeback mode over a
+// 64 MiB range (fits the cache), from one goroutine (qd1: every write
+// pays its own journal publish) and from parallel ones (publishes are
+// shared).
 func BenchmarkRandWrite4K(b *testing.B) {
 	for _, kind := range []string{"mem", "file"} {
-		b.Run(kind, func(b *testing.B) {
-			c, _ := benchCache(b, kind, Options{})
-			b.SetBytes(4096)
-			b.ReportAllocs()
-			b.ResetTimer()
-			b.RunParallel(func(pb *testing.PB) {
-				r := rand.New(rand.NewPCG(rand.Uint64(), 1))
-				p := make([]byte, 4096)
-				for pb.Next() {
+		for _, par := range []bool{false, true} {
+			name := kind + "/qd1"
+			if par {
+				name = kind + "/parallel"
+			}
+			b.Run(name, func(b *testing.B) {
+				c, _ := benchCache(b, kind, Options{})
+				b.SetBytes(4096)
+				b.ReportAllocs()
+				write := func(r *rand.Rand, p []byte) {
 					if err := c.WriteAt(p, r.Int64N(64<<20/4096)*4096, 0); err != nil {
 						b.Fatal(err)
 					}
 				}
+				b.ResetTimer()
+				if !par {
+					r, p := rand.New(rand.NewPCG(rand.Uint64(), 1)), make([]byte, 4096)
+					for range b.N {
+						write(r, p)
+					}
+					return
+				}
+				b.RunParallel(func(pb *testing.PB) {
+					r, p := rand.New(rand.NewPCG(rand.Uint64(), 1)), make([]byte, 4096)
+					for pb.Next() {
+						write(r, p)
+					}
+				})
 			})
-		})
+		}
 	}
 }
 

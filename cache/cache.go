@@ -74,6 +74,12 @@ type Cache struct {
 	rmwMu sync.Mutex // serializes unaligned read-modify-writes
 	sbMu  sync.Mutex // serializes superblock writes
 
+	// The journal writer's own buffers, used only by the goroutine that
+	// holds the turn (mu.jwriting): the blocks of the turn, and the copy
+	// of the open block that a publish writes.
+	jbatch []sealedBlock
+	pubBuf []byte
+
 	ram     *ristretto.Cache[uint64, ramEntry]
 	flusher *writeback.Flusher // nil with NoBackground
 
@@ -97,15 +103,19 @@ type Cache struct {
 		failed    error // sticky: a commit failed
 
 		// journal
-		jrecs      []record // the open block
+		jopen      []byte // the open block: jn records encoded, header not yet
+		jn         int
 		jsealed    []sealedBlock
 		jnextSeq   uint64 // seq the next sealed block gets
 		jprev      uint32 // chain value of the last sealed block
 		jhead      int64  // ring slot of the next sealed block
 		jstartSeq  uint64 // first block after the durable checkpoint
 		jdurable   uint64 // every block with seq < jdurable is durable
-		committing bool
-		commitErr  error
+		jappended  uint64 // records appended since Open
+		jvisible   uint64 // records written to the device (not all synced)
+		cleanDep   uint64 // jappended after the last clean insert that followed an unflushed backing write
+		jwriting   bool   // a journal writer holds the turn (writeJournal)
+		jsyncing   bool   // a commit is syncing the cache device
 		commitCond sync.Cond
 
 		bWrites, bFlushed uint64 // backing writes done / covered by a flush
@@ -282,6 +292,8 @@ func Open(cacheDev, backing storage.Device, opts Options) (*Cache, error) {
 	c.mu.jprev = st.jprev
 	c.mu.jstartSeq = st.jseq
 	c.mu.jdurable = st.jseq
+	c.mu.jopen = make([]byte, metaBlock)
+	c.pubBuf = make([]byte, metaBlock)
 	c.mu.ckptSeq = st.ckptSeq
 	c.mu.ckptSlot = st.ckptSlot
 	c.mu.admit.init()

@@ -69,6 +69,14 @@
 //     and journal blocks go out without a sync in between, and one sync of
 //     the cache device per group commit serves every FLUSH and FUA waiting
 //     (the design's "one fdatasync per FLUSH").
+//   - An acknowledged write survives a process kill: before a write, zero
+//     or trim is acknowledged, every record it appended is published,
+//     i.e. written to the cache device without a sync (the open block as
+//     it stands, rewritten longer in the same slot by the next publish or
+//     seal). The operating system keeps it, and the next Open replays it.
+//     A block is never rewritten once a sync covered it: commit seals the
+//     open block before writing it. One journal writer at a time; a
+//     commit's sync does not hold up publishes.
 //   - Recovery stops at the first journal block that fails its checksum,
 //     its sequence or its chain (prev): the torn tail. Sequence numbers
 //     only grow, so a block of an earlier lap of the ring never matches;

@@ -263,17 +263,24 @@ type jblock struct {
 
 func encodeJBlock(salt uint32, seq uint64, prev uint32, recs []record) ([]byte, uint32) {
 	b := make([]byte, metaBlock)
-	le := binary.LittleEndian
-	copy(b[0:4], jMagic)
-	le.PutUint32(b[4:], uint32(len(recs)))
-	le.PutUint64(b[8:], seq)
-	le.PutUint32(b[16:], prev)
 	for i := range recs {
 		recs[i].encode(b[jHdrSize+i*jRecSize:])
 	}
+	return b, finishJBlock(b, salt, seq, prev, len(recs))
+}
+
+// finishJBlock writes the header and checksum of a journal block whose n
+// records are already encoded in b, and returns the checksum.
+func finishJBlock(b []byte, salt uint32, seq uint64, prev uint32, n int) uint32 {
+	le := binary.LittleEndian
+	copy(b[0:4], jMagic)
+	le.PutUint32(b[4:], uint32(n))
+	le.PutUint64(b[8:], seq)
+	le.PutUint32(b[16:], prev)
+	le.PutUint32(b[20:], 0)
 	c := crc32.Update(salt, castagnoli, b[:metaBlock-4])
 	le.PutUint32(b[metaBlock-4:], c)
-	return b, c
+	return c
 }
 
 // decodeJBlock checks magic, checksum and record count, and decodes.

@@ -299,11 +299,7 @@ func (c *Cache) WriteAt(p []byte, off int64, flags storage.Flags) error {
 			return err
 		}
 	}
-	if flags&storage.FUA != 0 {
-		c.stats.fua.Add(1)
-		return c.commit()
-	}
-	return nil
+	return c.ack(flags)
 }
 
 // rmw handles an unaligned write: read the sectors it touches, patch them,
@@ -498,10 +494,7 @@ func (c *Cache) Trim(off, length int64, flags storage.Flags) error {
 			}
 		}
 	}
-	if flags&storage.FUA != 0 {
-		return c.commit()
-	}
-	return nil
+	return c.ack(flags)
 }
 
 // Zero makes [off, off+length) read back as zeroes: dirty ranges get zeroes
@@ -542,10 +535,7 @@ func (c *Cache) Zero(off, length int64, flags storage.Flags) error {
 			}
 		}
 	}
-	if flags&storage.FUA != 0 {
-		return c.commit()
-	}
-	return nil
+	return c.ack(flags)
 }
 
 func (c *Cache) zeroRun(r readPiece, flags storage.Flags) error {

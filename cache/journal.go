@@ -2,13 +2,21 @@ package cache
 
 import (
 	"fmt"
+
+	"github.com/nbdcache/nbdcache/storage"
 )
 
-// appendLocked adds r to the open journal block, sealing it when full.
+// appendLocked adds r to the open block (encoded in place), sealing it
+// when full.
 func (c *Cache) appendLocked(r record) {
-	c.mu.jrecs = append(c.mu.jrecs, r)
+	r.encode(c.mu.jopen[jHdrSize+c.mu.jn*jRecSize:])
+	c.mu.jn++
+	c.mu.jappended++
+	if r.Type == recInsert && !r.Dirty && c.mu.bWrites > c.mu.bFlushed {
+		c.mu.cleanDep = c.mu.jappended
+	}
 	c.stats.journalRecords.Add(1)
-	if len(c.mu.jrecs) >= jRecsPerBlk {
+	if c.mu.jn >= jRecsPerBlk {
 		c.sealLocked()
 	}
 }
@@ -16,15 +24,16 @@ func (c *Cache) appendLocked(r record) {
 // sealLocked turns the open block into a sealed block with the next
 // sequence number, chained to the block before.
 func (c *Cache) sealLocked() {
-	if len(c.mu.jrecs) == 0 {
+	if c.mu.jn == 0 {
 		return
 	}
-	data, sum := encodeJBlock(c.salt, c.mu.jnextSeq, c.mu.jprev, c.mu.jrecs)
+	data := c.mu.jopen
+	sum := finishJBlock(data, c.salt, c.mu.jnextSeq, c.mu.jprev, c.mu.jn)
 	c.mu.jsealed = append(c.mu.jsealed, sealedBlock{seq: c.mu.jnextSeq, pos: c.mu.jhead, data: data})
 	c.mu.jprev = sum
 	c.mu.jnextSeq++
 	c.mu.jhead = (c.mu.jhead + 1) % c.sb.journalSlots()
-	c.mu.jrecs = c.mu.jrecs[:0]
+	c.mu.jopen, c.mu.jn = make([]byte, metaBlock), 0
 	c.stats.journalBlocks.Add(1)
 }
 
@@ -106,59 +115,144 @@ func (c *Cache) ringFull() bool {
 
 // commit makes every record appended before the call durable, and every
 // backing write completed before the call: it seals the open block and
-// group-commits. One committer at a time writes every sealed block, flushes
-// the backing first if a bypass record may be among them, and syncs the
-// cache device once; waiters whose records it covered return with it.
-func (c *Cache) commit() error {
+// group-commits (writeJournal).
+func (c *Cache) commit() error { return c.writeJournal(true) }
+
+// publish makes every record appended before the call visible: written to
+// the cache device, open block included, but not synced. A process that
+// opens the device after this one was killed replays it, so a write
+// published before it is acknowledged survives kill -9 (the page cache
+// outlives the process). Only a power cut loses what no FLUSH or FUA
+// covered, as the design's contract allows. A filesystem mounted on
+// /dev/nbdX across a server restart (attach --reconnect) depends on this:
+// it never learns that the server died, so a write it was told had
+// completed must still be there.
+func (c *Cache) publish() error { return c.writeJournal(false) }
+
+// ack completes an acknowledged request: a FUA makes it durable, any
+// other is published.
+func (c *Cache) ack(flags storage.Flags) error {
+	if flags&storage.FUA != 0 {
+		c.stats.fua.Add(1)
+		return c.commit()
+	}
+	return c.publish()
+}
+
+// writeJournal is commit (sync) or publish (!sync). One journal writer at a
+// time (jwriting) writes every sealed block not yet written, and publish
+// also the open block as it is (it stays open; a later write of it, longer,
+// goes to the same slot; a block is never rewritten after a sync covered
+// it, because commit seals before writing). Waiters whose records it
+// covered return with it. A commit then syncs the cache device once
+// (jsyncing), while publishers may write again: the sync covers every
+// block written before it began.
+//
+// The backing is flushed before the blocks are written when a backing
+// write may be among the records a commit makes durable, or when a
+// clean insert follows an unflushed backing write (cleanDep): a clean
+// extent must not outlive, in a crash, the backing data it claims to
+// equal.
+func (c *Cache) writeJournal(sync bool) error {
 	c.mu.Lock()
-	c.sealLocked()
-	target, bTarget := c.mu.jnextSeq, c.mu.bWrites
+	defer c.mu.Unlock()
+	if sync {
+		c.sealLocked()
+	}
+	target, visTarget, bTarget := c.mu.jnextSeq, c.mu.jappended, c.mu.bWrites
 	for {
 		if c.mu.failed != nil {
-			err := c.mu.failed
-			c.mu.Unlock()
-			return err
+			return c.mu.failed
 		}
-		if c.mu.jdurable >= target && c.mu.bFlushed >= bTarget {
-			c.mu.Unlock()
+		if c.mu.jvisible >= visTarget && (!sync || c.mu.jdurable >= target && c.mu.bFlushed >= bTarget) {
 			return nil
 		}
-		if !c.mu.committing {
+		if !c.mu.jwriting && !(sync && c.mu.jsyncing) {
 			break
 		}
-		c.stats.commitWaits.Add(1)
+		if sync {
+			c.stats.commitWaits.Add(1)
+		}
 		c.mu.commitCond.Wait()
 	}
-	c.mu.committing = true
-	// Seal again: records appended while we waited ride along.
-	c.sealLocked()
-	blocks := c.mu.jsealed
-	c.mu.jsealed = nil
-	durable, bNow := c.mu.jnextSeq, c.mu.bWrites
-	needB := bNow > c.mu.bFlushed
+	c.mu.jwriting = true
+	if sync {
+		c.mu.jsyncing = true
+		// Seal again: records appended while we waited ride along.
+		c.sealLocked()
+	}
+	// The turn's own buffers: sealed blocks are copied out (jsealed keeps
+	// its array for the appenders), the open block into pubBuf, whose
+	// header and checksum are finished outside the lock.
+	blocks := append(c.jbatch[:0], c.mu.jsealed...)
+	clear(c.mu.jsealed)
+	c.mu.jsealed = c.mu.jsealed[:0]
+	openN, openSeq, openPrev := 0, c.mu.jnextSeq, c.mu.jprev
+	if !sync && c.mu.jn > 0 {
+		openN = c.mu.jn
+		copy(c.pubBuf, c.mu.jopen)
+		blocks = append(blocks, sealedBlock{seq: openSeq, pos: c.mu.jhead, data: c.pubBuf})
+	}
+	durable, visible, bNow := c.mu.jnextSeq, c.mu.jappended, c.mu.bWrites
+	needB := bNow > c.mu.bFlushed && (sync || c.mu.cleanDep > c.mu.jvisible)
+	needSync := sync && durable > c.mu.jdurable
 	c.mu.Unlock()
 
-	err := c.writeCommit(blocks, needB)
+	if openN > 0 {
+		finishJBlock(c.pubBuf, c.salt, openSeq, openPrev, openN)
+	}
+	err := c.writeBlocks(blocks, needB, sync)
+	clear(blocks)
+	c.jbatch = blocks[:0]
 
 	c.mu.Lock()
-	c.mu.committing = false
-	if err != nil {
-		c.mu.failed = fmt.Errorf("%w: %w", ErrFailed, err)
-		c.log.Error("cache: journal commit failed; refusing writes", "err", err)
-	} else {
-		c.mu.jdurable = durable
+	c.mu.jwriting = false
+	if err == nil {
+		c.mu.jvisible = visible
 		if needB {
 			c.mu.bFlushed = bNow
 		}
+		if !sync {
+			c.stats.publishes.Add(1)
+		}
 	}
+	if err != nil || !sync {
+		if sync {
+			c.mu.jsyncing = false
+		}
+		return c.journalDoneLocked(err)
+	}
+	// The sync: publishers may write meanwhile.
 	c.mu.commitCond.Broadcast()
-	err = c.mu.failed
 	c.mu.Unlock()
-	return err
+	if needSync && c.opts.testBreak != breakNoSync {
+		err = c.dev.Flush()
+		if err != nil {
+			err = fmt.Errorf("sync cache: %w", err)
+		}
+	}
+	c.mu.Lock()
+	c.mu.jsyncing = false
+	if err == nil {
+		c.mu.jdurable = durable
+		c.stats.commits.Add(1)
+	}
+	return c.journalDoneLocked(err)
 }
 
-// writeCommit does the I/O of one group commit.
-func (c *Cache) writeCommit(blocks []sealedBlock, needB bool) error {
+// journalDoneLocked ends a journal writer's turn: a failure is sticky.
+func (c *Cache) journalDoneLocked(err error) error {
+	if err != nil && c.mu.failed == nil {
+		c.mu.failed = fmt.Errorf("%w: %w", ErrFailed, err)
+		c.log.Error("cache: journal write failed; refusing writes", "err", err)
+	}
+	c.mu.commitCond.Broadcast()
+	return c.mu.failed
+}
+
+// writeBlocks does the I/O of one journal writer's turn before any sync:
+// the backing flush if needB, then the blocks.
+func (c *Cache) writeBlocks(blocks []sealedBlock, needB, sync bool) error {
 	if needB && c.opts.testBreak != breakSkipBFlush {
 		if err := c.back.Flush(); err != nil {
 			return fmt.Errorf("flush backing: %w", err)
@@ -168,7 +262,7 @@ func (c *Cache) writeCommit(blocks []sealedBlock, needB bool) error {
 	if len(blocks) == 0 {
 		return nil
 	}
-	if c.opts.twoSyncs {
+	if sync && c.opts.twoSyncs {
 		if err := c.dev.Flush(); err != nil {
 			return fmt.Errorf("sync data: %w", err)
 		}
@@ -191,12 +285,6 @@ func (c *Cache) writeCommit(blocks []sealedBlock, needB bool) error {
 		}
 		i = j
 	}
-	if c.opts.testBreak != breakNoSync {
-		if err := c.dev.Flush(); err != nil {
-			return fmt.Errorf("sync cache: %w", err)
-		}
-	}
-	c.stats.commits.Add(1)
 	return nil
 }
 

@@ -42,6 +42,9 @@ type oracle struct {
 	durable [][]uint64 // allowed after a crash, from flushed history
 	pending [][]pend   // since the last flush, in order
 	cur     [][]uint64 // allowed now (live reads)
+	// ackDurable: the crash is a process kill (KeepUnsynced), which
+	// loses no acknowledged write, so every acknowledgement is durable.
+	ackDurable bool
 }
 
 func newOracle(sectors int64) *oracle {
@@ -74,6 +77,7 @@ func (o *oracle) begin(off, n int64, p pend) {
 
 // done records that it was acknowledged.
 func (o *oracle) done(off, n int64, p pend, fua bool) {
+	fua = fua || o.ackDurable
 	for s := off / sectorSize; s < (off+n)/sectorSize; s++ {
 		o.cur[s] = apply(o.cur[s], p)
 		if fua {
@@ -211,6 +215,7 @@ func runCut(seed uint64, model storage.LossModel, brk breakMode, extra pcExtra) 
 	bdev.SetHook(hook)
 
 	o := newOracle(cfg.back / sectorSize)
+	o.ackDurable = model == storage.KeepUnsynced
 	opts := cfg.opts
 	if extra == pcBackground {
 		opts.NoBackground = false

@@ -8,7 +8,7 @@ type counters struct {
 	writes, writeBytes, cachedBytes, bypasses, rmw, fua, flushes      atomic.Int64
 	trims, zeros, promotions, promotedBytes, noSpace                  atomic.Int64
 	cacheReadErrors, cacheWriteErrors, backingWriteBytes              atomic.Int64
-	journalRecords, journalBlocks, commits, commitWaits               atomic.Int64
+	journalRecords, journalBlocks, commits, commitWaits, publishes    atomic.Int64
 	backingFlushes, checkpoints, checkpointBytes, checkpointsSkipped  atomic.Int64
 	gcRuns, gcMovedBytes, evictedBytes, bucketsFreed                  atomic.Int64
 	writebackBytes, writebackCollisions                               atomic.Int64
@@ -51,6 +51,7 @@ type Stats struct {
 	JournalSlots        int64
 	Commits             int64 // group commits that wrote the journal
 	CommitWaits         int64 // waits for another committer (group commit sharing)
+	Publishes           int64 // journal writes without a sync that made acknowledged writes survive a kill
 	BackingFlushes      int64
 	Checkpoints         int64
 	CheckpointBytes     int64
@@ -78,7 +79,7 @@ func (c *Cache) Stats() Stats {
 		Promotions: c.stats.promotions.Load(), PromotedBytes: c.stats.promotedBytes.Load(), NoSpace: c.stats.noSpace.Load(),
 		CacheReadErrors: c.stats.cacheReadErrors.Load(), CacheWriteErrors: c.stats.cacheWriteErrors.Load(),
 		BackingWriteBytes: c.stats.backingWriteBytes.Load(), JournalRecords: c.stats.journalRecords.Load(),
-		JournalBlocks: c.stats.journalBlocks.Load(), Commits: c.stats.commits.Load(), CommitWaits: c.stats.commitWaits.Load(),
+		JournalBlocks: c.stats.journalBlocks.Load(), Commits: c.stats.commits.Load(), CommitWaits: c.stats.commitWaits.Load(), Publishes: c.stats.publishes.Load(),
 		BackingFlushes: c.stats.backingFlushes.Load(), Checkpoints: c.stats.checkpoints.Load(),
 		CheckpointBytes: c.stats.checkpointBytes.Load(), CheckpointsSkipped: c.stats.checkpointsSkipped.Load(), GCRuns: c.stats.gcRuns.Load(), GCMovedBytes: c.stats.gcMovedBytes.Load(),
 		EvictedBytes: c.stats.evictedBytes.Load(), BucketsFreed: c.stats.bucketsFreed.Load(),

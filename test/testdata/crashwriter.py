@@ -1,12 +1,16 @@
 #!/usr/bin/python3
 # A seeded writer and verifier for crash tests of the real server.
 #
-#   crashwriter.py write URI SEED BLOCKS LOG   writes until killed; after each
-#                                              FLUSH returns, appends "D <i>" to
-#                                              LOG: writes 0..i are durable
-#   crashwriter.py verify URI SEED BLOCKS LOG INITIAL
+#   crashwriter.py write URI SEED BLOCKS LOG   writes until the server dies;
+#                                              after each FLUSH returns, appends
+#                                              "D <i>" to LOG: writes 0..i are
+#                                              durable; at the end "A <i>":
+#                                              writes 0..i were acknowledged
+#   crashwriter.py verify URI SEED BLOCKS LOG INITIAL [power|kill]
 #                                              checks every block: it holds its
-#                                              last durable write, or a later
+#                                              last durable write (after a
+#                                              kill: its last acknowledged
+#                                              write), or a later
 #                                              write to that block, or (never
 #                                              durably written) its content in
 #                                              the INITIAL image or any write
@@ -41,29 +45,48 @@ h.connect_uri(uri)
 
 if mode == "write":
     with open(log, "a", buffering=1) as f:
-        pending = []
-        for i, block, r in sequence(1 << 40):
-            flags = nbd.CMD_FLAG_FUA if r < 0.02 else 0
-            h.pwrite(block_data(block, i), block * BS, flags)
-            if flags:
-                f.write("F %d\n" % i)  # this one write is durable
-            if r > 0.97:
-                h.flush()
-                f.write("D %d\n" % i)
+        acked = -1
+        try:
+            for i, block, r in sequence(1 << 40):
+                flags = nbd.CMD_FLAG_FUA if r < 0.02 else 0
+                h.pwrite(block_data(block, i), block * BS, flags)
+                acked = i
+                if flags:
+                    f.write("F %d\n" % i)  # this one write is durable
+                if r > 0.97:
+                    h.flush()
+                    f.write("D %d\n" % i)
+        finally:
+            # The server died (or we were stopped): writes 0..acked were
+            # acknowledged, and a process kill must not lose any of them.
+            f.write("A %d\n" % acked)
     sys.exit(0)
 
 # verify
 initial = open(sys.argv[6], "rb")
-durable, fua = -1, set()
+crash = sys.argv[7] if len(sys.argv) > 7 else "power"
+durable, fua, acked = -1, set(), None
 for line in open(log):
     kind, i = line.split()
     if kind == "D":
         durable = max(durable, int(i))
+    elif kind == "A":
+        acked = int(i)
     else:
         fua.add(int(i))
-# Writes after the last log line may have landed too; a flush comes on
-# average every 33 writes, so 2000 more is a safe bound.
-last_issued = max([durable] + list(fua)) + 2000
+# A process kill loses nothing acknowledged (the operating system outlives
+# the process); a power cut loses what no FLUSH or FUA covered.
+if crash == "kill":
+    if acked is None:
+        sys.exit("no A line in the log: the writer did not see the server die")
+    durable = max(durable, acked)
+if acked is not None:
+    # Only the write in flight (acked + 1) may have landed beyond it.
+    last_issued = acked + 1
+else:
+    # Writes after the last log line may have landed too; a flush comes on
+    # average every 33 writes, so 2000 more is a safe bound.
+    last_issued = max([durable] + list(fua)) + 2000
 writes = {}
 for i, block, _ in sequence(last_issued + 1):
     writes.setdefault(block, []).append(i)
@@ -92,5 +115,5 @@ for block in range(nblocks):
             if problems <= 10:
                 print("block %d: holds %s; last durable write %s" % (block, got, d))
     checked += 1
-print("verified %d blocks, durable up to write %d, %d FUA writes, %d problems" % (checked, durable, len(fua), problems))
+print("verified %d blocks after a %s, durable up to write %d, %d FUA writes, %d problems" % (checked, crash, durable, len(fua), problems))
 sys.exit(1 if problems else 0)
