@@ -116,6 +116,20 @@ func (f *faultServer) powerCut(t *testing.T, model string, seed int64) cutReport
 	return rep
 }
 
+// backingGarbage lists, comma-separated, the byte offsets of the sectors
+// the cut turned into garbage on the backing device.
+func (r cutReport) backingGarbage() string {
+	var offs []string
+	for _, d := range r.Devices {
+		if d.Device == "backing" {
+			for _, o := range d.Garbage {
+				offs = append(offs, fmt.Sprint(o))
+			}
+		}
+	}
+	return strings.Join(offs, ",")
+}
+
 // snapshot copies the whole export into a file.
 func snapshot(t *testing.T, uri string) string {
 	t.Helper()
@@ -231,16 +245,19 @@ func TestPowerCutAcknowledged(t *testing.T) {
 					dropped += d.Dropped + d.Partial
 				}
 				if cfg.name == "negative-control" {
-					out, err := exec.Command(py, script, "verify", f.uri, fmt.Sprint(wseed), fmt.Sprint(blocks), log, initial).CombinedOutput()
+					out, err := exec.Command(py, script, "verify", f.uri, fmt.Sprint(wseed), fmt.Sprint(blocks), log, initial, rep.backingGarbage()).CombinedOutput()
 					t.Logf("expected to fail: %v: %s", err, out)
 					if err == nil || !strings.Contains(string(out), "acknowledged write") {
 						t.Fatal("early acknowledgements lost nothing: the oracle cannot fail")
 					}
 					continue
 				}
-				out := run(t, py, script, "verify", f.uri, fmt.Sprint(wseed), fmt.Sprint(blocks), log, initial)
+				out, err := exec.Command(py, script, "verify", f.uri, fmt.Sprint(wseed), fmt.Sprint(blocks), log, initial, rep.backingGarbage()).CombinedOutput()
 				t.Logf("round %d (%s, cut seed %d): %s; %s; %s", round, model, uint64(cseed),
-					strings.TrimSpace(wout.String()), strings.TrimSpace(out), rep)
+					strings.TrimSpace(wout.String()), strings.TrimSpace(string(out)), rep)
+				if err != nil {
+					t.Fatalf("round %d: verify: %v", round, err)
+				}
 			}
 			t.Logf("unsynced writes dropped in all: %d", dropped)
 			f.stop()

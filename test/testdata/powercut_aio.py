@@ -7,10 +7,13 @@
 #       order, 16 requests in flight (with FUA if asked), until done or the
 #       connection drops; then writes LOG: "issued N" and one line per
 #       acknowledged write index
-#   powercut_aio.py verify URI SEED BLOCKS LOG INITIAL
+#   powercut_aio.py verify URI SEED BLOCKS LOG INITIAL [GARBAGE]
 #       every acknowledged write reads back exactly; every sector of a write
-#       issued but not acknowledged holds its new or its old data (INITIAL);
-#       every block never written holds its old data
+#       issued but not acknowledged holds its new or its old data (INITIAL),
+#       or garbage if it is one of the comma-separated byte offsets GARBAGE
+#       (sectors the backing itself tore under a write that passed through
+#       to it: what a raw disk does, which no cache can prevent); every
+#       block never written holds its old data
 #
 # Acknowledged writes must be durable: run against `serve --sync always`, or
 # with fua. Each sector carries (magic, block, write index), so a misplaced
@@ -65,6 +68,7 @@ lines = open(log).read().split("\n")
 issued = int(lines[0].split()[1])
 acked = set(int(x) for x in lines[1:] if x)
 initial = open(sys.argv[6], "rb")
+torn = set(int(x) for x in sys.argv[7].split(",") if x) if len(sys.argv) > 7 else set()
 problems = 0
 
 
@@ -73,6 +77,15 @@ def problem(msg):
     problems += 1
     if problems <= 10:
         print(msg)
+
+
+def what(sector):
+    if sector == bytes(512):
+        return "zeroes"
+    magic, b, i = struct.unpack("<QQQ", sector[:24])
+    if magic == MAGIC:
+        return "write %d (block %d)" % (i, b)
+    return "garbage " + sector[:16].hex()
 
 
 for i in range(nblocks):
@@ -86,8 +99,8 @@ for i in range(nblocks):
             problem("block %d: acknowledged write %d lost" % (b, i))
     elif i < issued:
         for k in range(0, BS, 512):
-            if got[k:k + 512] not in (new[k:k + 512], old[k:k + 512]):
-                problem("block %d sector %d: neither write %d (in flight) nor the old data" % (b, k // 512, i))
+            if got[k:k + 512] not in (new[k:k + 512], old[k:k + 512]) and b * BS + k not in torn:
+                problem("block %d sector %d: neither write %d (in flight) nor the old data: %s" % (b, k // 512, i, what(got[k:k + 512])))
     elif got != old:
         problem("block %d: never written, yet changed" % b)
 print("verified %d blocks: %d writes issued, %d acknowledged, %d problems" % (nblocks, issued, len(acked), problems))
