@@ -26,11 +26,14 @@
 //     nothing observable but Len() changes: same Ver, Gen and Dirty, and
 //     contiguous Loc (pieces of one write, rejoined by MarkClean or
 //     Replace). Insert never merges: every write has its own Ver.
-//  4. The dirty summary is exact. The virtual device is cut into regions
-//     of 2 MiB; an extent belongs to region r when 2r MiB <= End() <
-//     2(r+1) MiB (its key decides). A second B-tree lists every region
-//     holding dirty extents, with their count, and no other region. AscendDirty walks that list, skips clean regions whole and
-//     stops scanning a region after its last dirty extent.
+//  4. The dirty set holds every region with dirty extents. The virtual
+//     device is cut into regions of 2 MiB; an extent belongs to region r
+//     when 2r MiB <= End() < 2(r+1) MiB (its key decides). The set is a
+//     paged bitmap of region numbers (regions.go). A dirty insert adds its
+//     region; a region leaves only when AscendDirty walks it whole and
+//     finds no dirty extent, so the set may also hold regions that became
+//     clean since the last walk, and never misses one. AscendDirty visits
+//     only the regions of the set.
 //  5. Len, Bytes, DirtyBytes and DirtyLen equal what a full walk counts.
 //
 // # Ordering rules
@@ -64,15 +67,17 @@
 //	w2    63..32  location sector, low 32 bits (43 in all: cache < 4 PiB)
 //	w2    31..0   length in sectors (32 bits: < 2 TiB per item)
 //
-// The dirty summary costs 8 bytes (plus node overhead) per region with
-// dirty extents, shared by every dirty extent in it: little when dirty
-// data is dense (sequential writes), at most about 12 bytes per dirty
-// extent when each sits alone in its region. Both trees use degree 64.
+// The dirty set costs one bit per region, in 1 KiB pages that each cover
+// 16 GiB of the virtual device: at most 64 KiB per TiB that ever held
+// dirty data, whatever the number of dirty extents, and keeping it is a
+// lookup in a small map and one OR per dirty insert (the earlier exact
+// per-region counts in a second B-tree cost two tree descents per insert,
+// a third of the time of a dirty insert). The B-tree uses degree 64.
 // Measured by BenchmarkMemory (1e6 extents of 4 KiB, heap bytes per
-// extent): random and never adjacent 35.5 clean, 41 dirty; sequential 50
-// clean or dirty (B-tree nodes split in the middle, so appending in order
-// leaves them half full). TestLong (1e7 random 4 KiB inserts over 1 TiB):
-// 35.4 clean, 36.0 dirty.
+// extent) and TestMemory (2e5 sparse extents): random and never adjacent
+// 35 clean or dirty; sequential 50 clean or dirty (B-tree nodes split in
+// the middle, so appending in order leaves them half full). TestLong
+// (1e7 random 4 KiB inserts over 1 TiB): 35.4 clean or dirty.
 //
 // Calls do not allocate in the steady state: results go to callbacks, and
 // range operations reuse one scratch slice of at most 64 items (they work

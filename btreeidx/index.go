@@ -19,8 +19,8 @@ const (
 // own mutex, held across every call, including the callbacks. Callbacks
 // (fn, dropped) may read the Index but must not modify it.
 type Index struct {
-	tree  *btree.BTreeG[item]   // every extent, keyed by end sector
-	dirty *btree.BTreeG[region] // regions holding dirty extents, with counts
+	tree  *btree.BTreeG[item] // every extent, keyed by end sector
+	dirty regionSet           // regions that may hold dirty extents (all that do)
 
 	sectors      int64 // sectors covered by tree
 	dirtySectors int64 // sectors covered by dirty extents
@@ -36,7 +36,7 @@ func New() *Index { return newIndex(degree, regionShift) }
 func newIndex(d int, regionShift uint) *Index {
 	return &Index{
 		tree:        btree.NewG(d, less),
-		dirty:       btree.NewG(d, regionLess),
+		dirty:       newRegionSet(),
 		regionShift: regionShift,
 		scratch:     make([]item, 0, batch),
 	}
@@ -157,33 +157,37 @@ func (ix *Index) Ascend(from int64, fn func(Extent) bool) {
 
 // AscendDirty calls fn, in ascending order, for every dirty extent with
 // End() > from, until fn returns false. Extents are reported whole. It
-// skips every region (see doc.go) without dirty extents, and within a
-// region it stops after the last dirty one, so its cost follows the dirty
-// extents, not the clean ones around them.
+// visits only the regions (see doc.go) of the dirty set, so its cost
+// follows the dirty extents, not the clean ones elsewhere; a region it
+// walks whole and finds clean leaves the set.
 func (ix *Index) AscendDirty(from int64, fn func(Extent) bool) {
 	first, ok := pivot(from)
 	if !ok {
 		return
 	}
-	ix.dirty.AscendGreaterOrEqual(regionKey(first>>ix.regionShift), func(r region) bool {
-		left := r.count() // dirty extents of the region not yet seen
-		limit := (r.id() + 1) << ix.regionShift
-		cont := true
-		ix.tree.AscendGreaterOrEqual(keyItem(max(first, r.id()<<ix.regionShift)), func(it item) bool {
+	for r := first >> ix.regionShift; ; r++ {
+		if r, ok = ix.dirty.next(r); !ok {
+			return
+		}
+		start, limit := r<<ix.regionShift, (r+1)<<ix.regionShift
+		seen, cont := false, true
+		ix.tree.AscendGreaterOrEqual(keyItem(max(first, start)), func(it item) bool {
 			if it.endS() >= limit {
 				return false
 			}
-			if !it.dirty() {
-				return true
+			if it.dirty() {
+				seen = true
+				cont = fn(it.extent())
 			}
-			left--
-			if cont = fn(it.extent()); !cont {
-				return false
-			}
-			return left > 0
+			return cont
 		})
-		return cont
-	})
+		if !cont {
+			return
+		}
+		if !seen && first <= start {
+			ix.dirty.remove(r)
+		}
+	}
 }
 
 // pivot is the smallest end sector of an extent with End() > from, and
@@ -297,19 +301,12 @@ func (ix *Index) remove(it item) {
 	}
 }
 
-// markDirty counts one dirty extent more (d = 1) or less (d = -1) in the
-// region of the end sector endS, and drops regions that reach zero.
+// markDirty counts one dirty extent more (d = 1) or less (d = -1) ending
+// at end sector endS. A new one puts its region in the dirty set; the set
+// forgets a region only when AscendDirty finds it clean.
 func (ix *Index) markDirty(endS int64, d int) {
 	ix.dirtyN += d
-	id := endS >> ix.regionShift
-	old, found := ix.dirty.ReplaceOrInsert(mkRegion(id, 1))
-	if !found {
-		return // d must be 1: now counted
-	}
-	switch n := old.count() + d; n {
-	case 0:
-		ix.dirty.Delete(old)
-	default:
-		ix.dirty.ReplaceOrInsert(mkRegion(id, n)) // warm: same path again
+	if d > 0 {
+		ix.dirty.add(endS >> ix.regionShift)
 	}
 }

@@ -455,9 +455,7 @@ func TestCheckFails(t *testing.T) {
 		{"empty", func(ix *Index) { ix.tree.ReplaceOrInsert(piece{start: 50, end: 50}.pack()) }, "length 0"},
 		{"bytes counter", func(ix *Index) { ix.sectors++ }, "counter says"},
 		{"dirty counter", func(ix *Index) { ix.dirtySectors-- }, "counter says"},
-		{"dirty region missing", func(ix *Index) { ix.dirty.Delete(regionKey(0)) }, "summary says 0"},
-		{"dirty count wrong", func(ix *Index) { ix.dirty.ReplaceOrInsert(mkRegion(0, 2)) }, "summary says 2"},
-		{"stray dirty region", func(ix *Index) { ix.dirty.ReplaceOrInsert(mkRegion(99, 1)) }, "summary lists 2"},
+		{"dirty region missing", func(ix *Index) { ix.dirty.remove(0) }, "not in the dirty set"},
 		{"dirty extent counter", func(ix *Index) { ix.dirtyN++ }, "counter says 2"},
 		{"spare bit", func(ix *Index) {
 			it := piece{start: 40, end: 41}.pack()
@@ -515,6 +513,70 @@ func TestNoAllocs(t *testing.T) {
 		if n := testing.AllocsPerRun(100, f); n != 0 {
 			t.Errorf("%s: %.1f allocations per call", name, n)
 		}
+	}
+	if err := ix.Check(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestRegionSet: membership and ascending search across words, pages and
+// the highest region numbers.
+func TestRegionSet(t *testing.T) {
+	s := newRegionSet()
+	top := maxEndS >> regionShift
+	members := []int64{0, 63, 64, pageBits - 1, pageBits, 5*pageBits + 7, top}
+	for _, r := range []int64{top, 64, 0, pageBits, 63, 5*pageBits + 7, pageBits - 1} {
+		s.add(r)
+	}
+	for i, r := range members {
+		if !s.has(r) {
+			t.Errorf("has(%d) = false", r)
+		}
+		from := int64(0)
+		if i > 0 {
+			from = members[i-1] + 1
+		}
+		if got, ok := s.next(from); !ok || got != r {
+			t.Errorf("next(%d) = %d, %v; want %d", from, got, ok, r)
+		}
+	}
+	if got, ok := s.next(top + 1); ok {
+		t.Errorf("next beyond the top = %d", got)
+	}
+	s.remove(pageBits)
+	s.remove(pageBits)     // twice: no effect
+	s.remove(3 * pageBits) // on a page never made
+	if s.has(pageBits) {
+		t.Error("removed member still there")
+	}
+	if got, _ := s.next(pageBits); got != 5*pageBits+7 {
+		t.Errorf("next after a removal = %d", got)
+	}
+}
+
+// TestDirtySetForgetsCleanRegions: a region whose extents were all marked
+// clean stays in the dirty set until AscendDirty walks it whole and finds
+// it clean; a walk that starts inside the region does not decide.
+func TestDirtySetForgetsCleanRegions(t *testing.T) {
+	ix := New()
+	region := int64(1) << (regionShift + sectorShift) // bytes
+	ix.Insert(Extent{Off: 0, Len: sec(8), Loc: 0, Ver: 1, Dirty: true}, nil)
+	ix.Insert(Extent{Off: 3 * region, Len: sec(8), Loc: sec(8), Ver: 2, Dirty: true}, nil)
+	ix.MarkClean(0, sec(8), 1)
+	if !ix.dirty.has(0) {
+		t.Fatal("a region left the set before a walk")
+	}
+	var got []int64
+	ix.AscendDirty(sec(4), func(e Extent) bool { got = append(got, e.Off); return true })
+	if !ix.dirty.has(0) {
+		t.Fatal("a walk from inside region 0 dropped it")
+	}
+	ix.AscendDirty(-1, func(e Extent) bool { got = append(got, e.Off); return true })
+	if ix.dirty.has(0) || !ix.dirty.has(3) {
+		t.Fatalf("after a whole walk: region 0 in set %v, region 3 %v", ix.dirty.has(0), ix.dirty.has(3))
+	}
+	if want := []int64{3 * region, 3 * region}; !slices.Equal(got, want) {
+		t.Fatalf("AscendDirty reported %v, want %v", got, want)
 	}
 	if err := ix.Check(); err != nil {
 		t.Fatal(err)

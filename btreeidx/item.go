@@ -117,21 +117,7 @@ func (p piece) extent() Extent {
 	}
 }
 
-// The dirty summary: the virtual device is cut into regions of
-// 1<<regionShift sectors (2 MiB) by END sector, and the dirty tree holds,
-// for each region with dirty extents, how many there are. An extent
-// belongs to the region of its end sector.
-const (
-	regionShift = 12 // 2 MiB: measured 5-10% faster inserts than 1 MiB; a region scan reads at most 4096 extents
-	countBits   = 32 // a region holds at most 4096 extents: end sectors are unique
-)
-
-// region packs a region number (high 32 bits: 43-12 used) and its count of
-// dirty extents (low 32 bits). Only the number takes part in comparisons.
-type region uint64
-
-func mkRegion(id int64, n int) region { return region(uint64(id)<<countBits | uint64(n)) }
-func regionKey(id int64) region       { return mkRegion(id, 0) }
-func regionLess(a, b region) bool     { return a>>countBits < b>>countBits }
-func (r region) id() int64            { return int64(r >> countBits) }
-func (r region) count() int           { return int(r & (1<<countBits - 1)) }
+// The dirty set: the virtual device is cut into regions of
+// 1<<regionShift sectors (2 MiB) by END sector; an extent belongs to the
+// region of its end sector (regions.go).
+const regionShift = 12 // 2 MiB: measured 5-10% faster inserts than 1 MiB; a region scan reads at most 4096 extents
