@@ -46,9 +46,12 @@ type Stats struct {
 	GCMovedBytes   int64   `json:"gc_moved_bytes"`
 	EvictedBytes   int64   `json:"evicted_bytes"`
 	JournalCommits int64   `json:"journal_commits"`
-	Checkpoints    int64   `json:"checkpoints"`
-	CacheErrors    int64   `json:"cache_errors"`
-	Failed         bool    `json:"failed"`
+	// Journal writes without a sync that make acknowledged writes survive
+	// a kill of the process; concurrent writes share them.
+	JournalPublishes int64 `json:"journal_publishes"`
+	Checkpoints      int64 `json:"checkpoints"`
+	CacheErrors      int64 `json:"cache_errors"`
+	Failed           bool  `json:"failed"`
 
 	// Writeback.
 	WritebackBytes  int64  `json:"writeback_bytes"`

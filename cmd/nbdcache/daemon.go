@@ -52,7 +52,7 @@ func (d *daemon) Stats() control.Stats {
 		s.Occupancy = float64(cs.Buckets-cs.FreeBuckets) / float64(cs.Buckets)
 	}
 	s.GCRuns, s.GCMovedBytes, s.EvictedBytes = cs.GCRuns, cs.GCMovedBytes, cs.EvictedBytes
-	s.JournalCommits, s.Checkpoints = cs.Commits, cs.Checkpoints
+	s.JournalCommits, s.JournalPublishes, s.Checkpoints = cs.Commits, cs.Publishes, cs.Checkpoints
 	s.CacheErrors = cs.CacheReadErrors + cs.CacheWriteErrors
 	s.Failed = cs.Failed
 	s.WritebackBytes, s.Collisions = cs.WritebackBytes, cs.WritebackCollisions
