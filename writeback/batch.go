@@ -9,6 +9,8 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"math"
+	"slices"
 	"sync"
 	"time"
 
@@ -59,10 +61,17 @@ func (r *batchResult) progressed() bool { return r.cleaned > 0 || r.collided > 0
 // same amount, which Source accepts like the extent itself). It stops
 // once budget bytes are planned and reports whether dirty extents remain
 // beyond what it planned. An extent that starts before from is clipped to
-// it.
+// it; planRange also clips at end.
 func plan(src Source, from, budget, maxWrite int64) (spans []span, more bool) {
+	return planRange(src, from, math.MaxInt64, budget, maxWrite)
+}
+
+func planRange(src Source, from, end, budget, maxWrite int64) (spans []span, more bool) {
 	var total int64
 	src.DirtyExtents(from, func(e btreeidx.Extent) bool {
+		if e.Off >= end {
+			return false
+		}
 		if !e.Dirty || e.Len <= 0 || e.End() <= from {
 			return true // not for us; the Source should not list it
 		}
@@ -70,6 +79,7 @@ func plan(src Source, from, budget, maxWrite int64) (spans []span, more bool) {
 			k := from - e.Off
 			e.Off, e.Loc, e.Len = from, e.Loc+k, e.Len-k
 		}
+		e.Len = min(e.Len, end-e.Off)
 		if len(spans) > 0 && e.Off < spans[len(spans)-1].end() {
 			// Overlaps what is planned (a Source bug, or a snapshot
 			// torn by a concurrent change): leave it for the next batch
@@ -148,7 +158,7 @@ func (f *Flusher) batch(ctx context.Context) batchResult {
 
 	// Write, in ascending order, paced, in a sliding window: span k+w
 	// (w = MaxInFlight) is not issued before span k has completed.
-	sts := make([][]status, len(spans))
+	sts := make([][]status, 0, len(spans))
 	done := make([]chan struct{}, 0, len(spans))
 	var wg sync.WaitGroup
 	prev := make(chan struct{})
@@ -165,14 +175,25 @@ dispatch:
 				break dispatch
 			}
 		}
-		s := &spans[n]
-		if !f.pace(ctx, s.n, sent, start) {
+		if !f.pace(ctx, spans[n].n, sent, start) {
 			break
 		}
+		// Plan the span again now that it may go: the pace may have
+		// waited long enough for clients to overwrite some of its
+		// extents, and a stale piece would cut its backing write in two,
+		// where the newer version, as dirty, can take its place. Parts
+		// that became clean meanwhile leave gaps: each contiguous part is
+		// a span of its own.
+		again, _ := planRange(f.src, spans[n].off, spans[n].end(), spans[n].n, f.cfg.MaxWrite)
+		if len(again) == 0 {
+			again = []span{{off: spans[n].off}} // nothing left: an empty span keeps the order chain
+		}
+		spans = slices.Replace(spans, n, n+1, again...)
+		s := &spans[n]
 		started, fin := make(chan struct{}), make(chan struct{})
 		done = append(done, fin)
 		st := make([]status, len(s.ext))
-		sts[n] = st
+		sts = append(sts, st)
 		p := prev
 		wg.Go(func() {
 			defer close(fin)

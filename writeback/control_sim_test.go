@@ -10,6 +10,7 @@ import (
 	"testing/synctest"
 	"time"
 
+	"github.com/nbdcache/nbdcache/btreeidx"
 	"github.com/nbdcache/nbdcache/storage"
 )
 
@@ -67,8 +68,11 @@ type sim struct {
 
 // startSim starts a simulation; it is stopped at the end of the test (or
 // by stop), so that a t.Fatal inside the bubble leaves no goroutine behind.
-func startSim(t *testing.T, seed uint64, blocks int, capacity int64, backing storage.Device, cfg Config) *sim {
+func startSim(t *testing.T, seed uint64, blocks int, capacity int64, backing storage.Device, cfg Config, setup ...func(*fakeSource)) *sim {
 	src := newFakeSource(blocks, 4096, capacity)
+	for _, fn := range setup {
+		fn(src)
+	}
 	cfg.Logger = quiet
 	f := New(src, backing, cfg)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -352,5 +356,50 @@ func TestMaxDirtyAge(t *testing.T) {
 			t.Errorf("mode %v after the age pass, want stopped", m)
 		}
 		s.stop(t)
+	})
+}
+
+// TestRateModeMergesUnderOverwrites: in rate mode the pace makes a span
+// wait, and clients overwrite its extents meanwhile (here each block about
+// every 0.2 s). A span is planned again just before it is issued, so the
+// newer versions take the place of the stale ones and the backing still
+// sees long writes; planned once at the start of the batch, the stale
+// pieces cut the spans into runs of a few blocks.
+func TestRateModeMergesUnderOverwrites(t *testing.T) {
+	seed := testSeed(t)
+	synctest.Test(t, func(t *testing.T) {
+		const blocks = 4096 // 16 MiB, all dirty: 25% of the capacity
+		dev := &recDev{inner: transferOnly(blocks*4096, 64<<20)}
+		// As in the cache, reading a piece that a newer write replaced
+		// fails with ErrStale.
+		staleReads := func(src *fakeSource) {
+			src.readErr = func(e btreeidx.Extent) error {
+				src.mu.Lock()
+				defer src.mu.Unlock()
+				for b := e.Off / src.bs; b < (e.End()+src.bs-1)/src.bs; b++ {
+					if src.mu.ver[b] != e.Ver {
+						return ErrStale
+					}
+				}
+				return nil
+			}
+		}
+		s := startSim(t, seed, blocks, 64<<20, dev, Config{PTermInverse: 4, MaxDirtyAge: -1}, staleReads)
+		for b := range blocks {
+			s.src.write(b, 1)
+		}
+		s.fg.active.Store(true)
+		s.fg.perTick.Store(2000) // 20k random block writes a second
+		time.Sleep(20 * time.Second)
+		st := s.f.Stats()
+		s.stop(t)
+		t.Logf("mode %v, rate %d KiB/s: %d backing writes, average %d KiB, %d collisions",
+			st.Mode, st.Rate>>10, st.Writes, st.AvgWrite>>10, st.Collisions)
+		if st.Mode != ModeRate || st.Writes == 0 {
+			t.Fatalf("mode %v with %d writes: the test does not exercise rate mode", st.Mode, st.Writes)
+		}
+		if st.AvgWrite < 256<<10 {
+			t.Errorf("average backing write %d KiB in rate mode under overwrites: spans were cut by stale pieces", st.AvgWrite>>10)
+		}
 	})
 }

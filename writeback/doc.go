@@ -20,8 +20,11 @@
 //     rate*BatchTime when rate-limited; it issues no new write once it has
 //     run for BatchTime.
 //  2. Write: for each span, in ascending order, wait for the rate limiter,
-//     read its pieces from the cache (Source.ReadCached) and write it to
-//     the backing with one WriteAt. At most MaxInFlight spans are under way,
+//     plan the span's range again (clients may have overwritten some of
+//     its extents while it waited: the newer versions, dirty too, take
+//     their place, so the span stays one write; a part that became clean
+//     meanwhile splits it), read its pieces from the cache
+//     (Source.ReadCached) and write it to the backing with one WriteAt. At most MaxInFlight spans are under way,
 //     in a sliding window: span k+MaxInFlight is not started before span k
 //     has completed. Spans are read concurrently, but a span's backing
 //     write is issued only after the previous span's was. So within a pass
