@@ -36,6 +36,27 @@ func (c *Cache) DirtyExtents(from int64, fn func(btreeidx.Extent) bool) {
 	}
 }
 
+// CleanExtents calls fn, ascending, for the clean extents overlapping
+// [off, end), clipped to it, that no writeback holds (writeback.Filler: the
+// flusher writes them along to bridge a gap between dirty extents).
+func (c *Cache) CleanExtents(off, end int64, fn func(btreeidx.Extent) bool) {
+	var es []btreeidx.Extent
+	c.mu.Lock()
+	c.mu.idx.Lookup(off, end-off, func(e btreeidx.Extent) bool {
+		if e.Dirty || c.busyLocked(e.Off, e.Len) {
+			return false
+		}
+		es = append(es, e)
+		return true
+	})
+	c.mu.Unlock()
+	for _, e := range es {
+		if !fn(e) {
+			return
+		}
+	}
+}
+
 // ReadCached reads the cache-device data of e, as handed out by
 // DirtyExtents, into p, and registers e as being written back: until
 // MarkClean(e) or ReleaseCached(e), nothing writes its range to the

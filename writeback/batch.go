@@ -18,10 +18,12 @@ import (
 )
 
 // span is one merged backing write: contiguous pieces of dirty extents,
-// ascending, [off, off+n).
+// ascending, [off, off+n), with clean pieces filling small gaps; dirty
+// counts the bytes of the dirty pieces, which the budget and the rate
+// limit count.
 type span struct {
-	off, n int64
-	ext    []btreeidx.Extent
+	off, n, dirty int64
+	ext           []btreeidx.Extent
 }
 
 func (s *span) end() int64 { return s.off + s.n }
@@ -63,10 +65,13 @@ func (r *batchResult) progressed() bool { return r.cleaned > 0 || r.collided > 0
 // beyond what it planned. An extent that starts before from is clipped to
 // it; planRange also clips at end.
 func plan(src Source, from, budget, maxWrite int64) (spans []span, more bool) {
-	return planRange(src, from, math.MaxInt64, budget, maxWrite)
+	return planRange(src, nil, 0, from, math.MaxInt64, budget, maxWrite)
 }
 
-func planRange(src Source, from, end, budget, maxWrite int64) (spans []span, more bool) {
+// planRange is plan up to end; with fill, a gap of at most maxGap between
+// a span and the next dirty extent that clean extents cover whole joins
+// the span as clean pieces.
+func planRange(src Source, fill Filler, maxGap, from, end, budget, maxWrite int64) (spans []span, more bool) {
 	var total int64
 	src.DirtyExtents(from, func(e btreeidx.Extent) bool {
 		if e.Off >= end {
@@ -87,6 +92,15 @@ func planRange(src Source, from, end, budget, maxWrite int64) (spans []span, mor
 			more = true
 			return false
 		}
+		if fill != nil && len(spans) > 0 {
+			last := &spans[len(spans)-1]
+			if gap := e.Off - last.end(); gap > 0 && gap <= maxGap && last.n+gap < maxWrite {
+				if pieces := cleanCover(fill, last.end(), e.Off); pieces != nil {
+					last.ext = append(last.ext, pieces...)
+					last.n += gap
+				}
+			}
+		}
 		for e.Len > 0 {
 			if total >= budget {
 				more = true
@@ -104,12 +118,32 @@ func planRange(src Source, from, end, budget, maxWrite int64) (spans []span, mor
 			p.Len = min(e.Len, maxWrite-last.n)
 			last.ext = append(last.ext, p)
 			last.n += p.Len
+			last.dirty += p.Len
 			total += p.Len
 			e.Off, e.Loc, e.Len = e.Off+p.Len, e.Loc+p.Len, e.Len-p.Len
 		}
 		return true
 	})
 	return spans, more
+}
+
+// cleanCover returns the clean extents that cover [off, end) whole, or
+// nil if they leave a hole.
+func cleanCover(fill Filler, off, end int64) []btreeidx.Extent {
+	var pieces []btreeidx.Extent
+	at := off
+	fill.CleanExtents(off, end, func(e btreeidx.Extent) bool {
+		if e.Dirty || e.Off != at || e.Len <= 0 || e.End() > end {
+			return false
+		}
+		pieces = append(pieces, e)
+		at = e.End()
+		return true
+	})
+	if at != end {
+		return nil
+	}
+	return pieces
 }
 
 // budgetLocked is how many dirty bytes a batch in mode m may take.
@@ -119,6 +153,11 @@ func (f *Flusher) budgetLocked(m Mode) int64 {
 	}
 	b := int64(f.mu.ctl.rate * f.cfg.BatchTime.Seconds())
 	return min(max(b, 1), f.cfg.BatchBytes)
+}
+
+// plan is planRange with the flusher's Source, Filler and limits.
+func (f *Flusher) plan(from, end, budget int64) ([]span, bool) {
+	return planRange(f.src, f.fill, f.cfg.MaxGap, from, end, budget, f.cfg.MaxWrite)
 }
 
 // batch runs one batch from the cursor. The caller holds the token.
@@ -134,7 +173,7 @@ func (f *Flusher) batch(ctx context.Context) batchResult {
 		return res
 	}
 
-	spans, more := plan(f.src, from, budget, f.cfg.MaxWrite)
+	spans, more := f.plan(from, math.MaxInt64, budget)
 	if len(spans) == 0 {
 		// Nothing after the cursor: the pass is over; start the next.
 		f.mu.Lock()
@@ -147,7 +186,7 @@ func (f *Flusher) batch(ctx context.Context) batchResult {
 			res.empty = true
 			return res
 		}
-		if spans, more = plan(f.src, 0, budget, f.cfg.MaxWrite); len(spans) == 0 {
+		if spans, more = f.plan(0, math.MaxInt64, budget); len(spans) == 0 {
 			res.empty = true
 			return res
 		}
@@ -175,7 +214,7 @@ dispatch:
 				break dispatch
 			}
 		}
-		if !f.pace(ctx, spans[n].n, sent, start) {
+		if !f.pace(ctx, spans[n].dirty, sent, start) {
 			break
 		}
 		// Plan the span again now that it may go: the pace may have
@@ -184,7 +223,7 @@ dispatch:
 		// where the newer version, as dirty, can take its place. Parts
 		// that became clean meanwhile leave gaps: each contiguous part is
 		// a span of its own.
-		again, _ := planRange(f.src, spans[n].off, spans[n].end(), spans[n].n, f.cfg.MaxWrite)
+		again, _ := f.plan(spans[n].off, spans[n].end(), spans[n].end()-spans[n].off)
 		if len(again) == 0 {
 			again = []span{{off: spans[n].off}} // nothing left: an empty span keeps the order chain
 		}
@@ -200,7 +239,7 @@ dispatch:
 			f.writeSpan(s, st, p, started)
 		})
 		prev = started
-		sent += s.n
+		sent += s.dirty
 		n++
 	}
 	wg.Wait()
@@ -215,9 +254,10 @@ dispatch:
 			case written:
 				anyWritten = true
 			case stale:
-				l := spans[i].ext[j].Len
-				res.collided += l
-				f.count(func(s *Stats) { s.Collisions++; s.CollidedBytes += l })
+				if e := spans[i].ext[j]; e.Dirty {
+					res.collided += e.Len
+					f.count(func(s *Stats) { s.Collisions++; s.CollidedBytes += e.Len })
+				}
 			}
 		}
 	}
@@ -245,6 +285,12 @@ dispatch:
 					f.rel.ReleaseCached(spans[i].ext[j])
 				}
 			case written:
+				if e := spans[i].ext[j]; !e.Dirty {
+					// A clean piece that bridged a gap: nothing to mark.
+					f.rel.ReleaseCached(e)
+					f.count(func(s *Stats) { s.FilledBytes += e.Len })
+					continue
+				}
 				cleaned, collided := f.src.MarkClean(spans[i].ext[j])
 				res.pieces++
 				res.cleaned += cleaned
@@ -390,8 +436,14 @@ func (f *Flusher) writeSpan(s *span, st []status, prev <-chan struct{}, started 
 			fate = lost
 			f.fail(err)
 		} else {
+			var dirty int64
+			for _, e := range s.ext[r.a:r.b] {
+				if e.Dirty {
+					dirty += e.Len
+				}
+			}
 			f.mu.Lock()
-			f.mu.pending += end - off
+			f.mu.pending += dirty
 			f.mu.stats.Pending = f.mu.pending
 			f.mu.stats.Writes++
 			f.mu.stats.BytesWritten += end - off

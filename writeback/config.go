@@ -25,6 +25,10 @@ type Config struct {
 	// MaxWrite is the largest merged backing write, a multiple of 512
 	// [1 MiB]. An extent longer than this is written in pieces.
 	MaxWrite int64
+	// MaxGap is the largest run of clean cached data between two dirty
+	// extents that a backing write bridges (Filler), a multiple of 512
+	// [64 KiB]; negative: never.
+	MaxGap int64
 	// BatchBytes bounds the dirty bytes in one batch at full speed
 	// [2*MaxInFlight*MaxWrite]. A batch ends with one backing Flush,
 	// then the MarkClean of everything it wrote.
@@ -80,6 +84,9 @@ func (c Config) withDefaults() (Config, error) {
 	if c.MaxWrite == 0 {
 		c.MaxWrite = 1 << 20
 	}
+	if c.MaxGap == 0 {
+		c.MaxGap = 64 << 10
+	}
 	if c.BatchBytes == 0 {
 		c.BatchBytes = 2 * int64(c.MaxInFlight) * c.MaxWrite
 	}
@@ -125,6 +132,8 @@ func (c Config) withDefaults() (Config, error) {
 		return c, fmt.Errorf("%w: high watermark %d%% outside target..100", ErrConfig, c.HighWatermark)
 	case c.MaxInFlight < 1:
 		return c, fmt.Errorf("%w: MaxInFlight %d < 1", ErrConfig, c.MaxInFlight)
+	case c.MaxGap > 0 && c.MaxGap%512 != 0:
+		return c, fmt.Errorf("writeback: MaxGap %d is not a multiple of 512", c.MaxGap)
 	case c.MaxWrite < 512 || c.MaxWrite%512 != 0:
 		return c, fmt.Errorf("%w: MaxWrite %d is not a positive multiple of 512", ErrConfig, c.MaxWrite)
 	case c.BatchBytes < c.MaxWrite:

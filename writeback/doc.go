@@ -16,7 +16,14 @@
 //     span boundary; a piece is a sub-range of the extent with Loc moved by
 //     the same amount and the same Ver and Gen, and the Source accepts it
 //     wherever it accepts an extent (the index splits extents the same
-//     way). A batch takes at most BatchBytes at full speed, and about
+//     way). If the Source is a Filler, a gap of at most MaxGap between a
+//     span and the next dirty extent that clean cached extents cover whole
+//     joins the span as clean pieces: they hold what the backing holds, so
+//     writing them again changes nothing, and a fragmented dirty range
+//     costs one long write instead of a seek per run. Clean pieces are
+//     read and registered like dirty ones, then released, never marked
+//     clean; the budget and the rate count dirty bytes only. A batch
+//     takes at most BatchBytes at full speed, and about
 //     rate*BatchTime when rate-limited; it issues no new write once it has
 //     run for BatchTime.
 //  2. Write: for each span, in ascending order, wait for the rate limiter,

@@ -182,6 +182,30 @@ func (s *fakeSource) DirtyExtents(from int64, fn func(btreeidx.Extent) bool) {
 	}
 }
 
+// CleanExtents lists blocks written once and clean now, merged by
+// version like DirtyExtents (blocks never written are not cached).
+func (s *fakeSource) CleanExtents(off, end int64, fn func(btreeidx.Extent) bool) {
+	var es []btreeidx.Extent
+	s.mu.Lock()
+	for b := int(off / s.bs); b < len(s.mu.ver) && int64(b)*s.bs < end; {
+		if s.mu.dirty[b] || s.mu.ver[b] == 0 {
+			b++
+			continue
+		}
+		v, start := s.mu.ver[b], b
+		for b < len(s.mu.ver) && int64(b)*s.bs < end && !s.mu.dirty[b] && s.mu.ver[b] == v {
+			b++
+		}
+		es = append(es, btreeidx.Extent{Off: int64(start) * s.bs, Len: int64(b-start) * s.bs, Loc: int64(start)*s.bs + locBias, Ver: v})
+	}
+	s.mu.Unlock()
+	for _, e := range es {
+		if !fn(e) {
+			return
+		}
+	}
+}
+
 func (s *fakeSource) ReadCached(e btreeidx.Extent, p []byte) error {
 	if int64(len(p)) != e.Len || e.Loc != e.Off+locBias || e.Off%512 != 0 || e.Len%512 != 0 || e.Len <= 0 || e.End() > s.size() {
 		s.violation("ReadCached(%v, len %d): not a piece of a listed extent", e, len(p))

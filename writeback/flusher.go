@@ -61,6 +61,20 @@ type Releaser interface {
 	ReleaseCached(e btreeidx.Extent)
 }
 
+// Filler is implemented by a Source that can also list its clean extents.
+// The flusher then bridges a small gap between two dirty extents (at most
+// Config.MaxGap) that clean extents cover whole: it reads them with
+// ReadCached like dirty pieces and writes them in the same backing write,
+// so a fragmented dirty range costs one long write instead of a seek per
+// run. A clean piece holds what the backing holds, so writing it again
+// changes nothing; it is never marked clean, only released (the Source
+// must also implement Releaser).
+type Filler interface {
+	// CleanExtents calls fn, ascending, for the clean extents that
+	// overlap [off, end), clipped to it.
+	CleanExtents(off, end int64, fn func(btreeidx.Extent) bool)
+}
+
 // Stats is a snapshot of the flusher's counters.
 type Stats struct {
 	Mode         Mode    // what the flusher is doing now
@@ -73,6 +87,7 @@ type Stats struct {
 	WrittenRate  int64   // bytes/s written back over the last controller interval
 
 	BytesWritten  int64 // bytes written to the backing
+	FilledBytes   int64 // of them, clean data that bridged gaps between dirty extents
 	Writes        int64 // backing writes
 	AvgWrite      int64 // BytesWritten / Writes
 	Flushes       int64 // backing flushes
@@ -91,6 +106,7 @@ type Stats struct {
 type Flusher struct {
 	src     Source
 	rel     Releaser // src, if it is one
+	fill    Filler   // src, if it is one and a Releaser, and MaxGap >= 0
 	backing storage.Device
 	cfg     Config
 	flush   bool // the backing needs Flush for durability
@@ -133,9 +149,14 @@ func New(src Source, backing storage.Device, cfg Config) *Flusher {
 		panic(err)
 	}
 	rel, _ := src.(Releaser)
+	fill, _ := src.(Filler)
+	if rel == nil || cfg.MaxGap < 0 {
+		fill = nil
+	}
 	f := &Flusher{
 		src:     src,
 		rel:     rel,
+		fill:    fill,
 		backing: backing,
 		cfg:     cfg,
 		flush:   backing.Caps().Flush,

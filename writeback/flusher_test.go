@@ -446,3 +446,63 @@ func TestNoSpin(t *testing.T) {
 		t.Logf("Run: %d listings in 10 s; Drain: %v", calls, err)
 	})
 }
+
+// TestDrainBridgesCleanGaps: every other block dirty, the blocks between
+// them clean in the cache. The drain writes the clean ones along (they
+// hold what the backing holds), so the backing sees long writes, never
+// marks a clean piece, and ends equal to the model. Where the blocks
+// between are not cached at all, nothing is bridged: the flusher has no
+// data for them and must not write any.
+func TestDrainBridgesCleanGaps(t *testing.T) {
+	const blocks = 4096 // 16 MiB
+	for _, tc := range []struct {
+		name        string
+		cachedGaps  bool
+		maxGap      int64
+		wantBridged bool
+	}{
+		{"clean-gaps", true, 0, true},
+		{"clean-gaps-no-bridging", true, -1, false},
+		{"uncached-gaps", false, 0, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			src := newFakeSource(blocks, 4096, 1<<30)
+			dev := &recDev{inner: storage.NewMem(src.size())}
+			guard(src, dev)
+			f := New(src, dev, Config{MaxGap: tc.maxGap, Logger: quiet})
+			if tc.cachedGaps {
+				for b := range blocks {
+					src.write(b, 1)
+				}
+				if err := f.Drain(context.Background(), nil); err != nil {
+					t.Fatal(err)
+				}
+			}
+			base := f.Stats()
+			for b := 0; b < blocks; b += 2 {
+				src.write(b, 1)
+			}
+			if err := f.Drain(context.Background(), nil); err != nil {
+				t.Fatal(err)
+			}
+			src.check(t)
+			checkImage(t, dev, src)
+			if d := src.DirtyBytes(); d != 0 {
+				t.Fatalf("DirtyBytes after Drain = %d", d)
+			}
+			st := f.Stats()
+			writes, bytes, filled := st.Writes-base.Writes, st.BytesWritten-base.BytesWritten, st.FilledBytes-base.FilledBytes
+			t.Logf("%d dirty blocks: %d backing writes, average %d KiB, %d KiB of clean data bridged",
+				blocks/2, writes, bytes/max(writes, 1)>>10, filled>>10)
+			if bridged := filled > 0; bridged != tc.wantBridged {
+				t.Fatalf("bridged %d bytes; want bridging %v", filled, tc.wantBridged)
+			}
+			if tc.wantBridged && bytes/writes < 512<<10 {
+				t.Errorf("average backing write %d KiB with the gaps bridged", bytes/writes>>10)
+			}
+			if !tc.wantBridged && writes != blocks/2 {
+				t.Errorf("%d backing writes, want one per dirty block (%d)", writes, blocks/2)
+			}
+		})
+	}
+}
