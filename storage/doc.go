@@ -6,7 +6,14 @@
 //   - Crash: an in-memory device with a volatile cache that loses power on
 //     demand (PowerCut), for crash tests;
 //   - Faulty: a wrapper that injects errors;
-//   - Slow: a wrapper that gives a device the latency of a hard disk.
+//   - Slow: a wrapper that gives a device the latency of a hard disk;
+//   - Delay: a wrapper that adds a fixed latency per kind of request;
+//   - Volatile: a wrapper over a real device that keeps an undo log of
+//     unsynced writes, so that a power cut can be played on it;
+//   - DurableAcks: every write, trim and zero durable before it returns;
+//   - Gate, Switch and NewDead: a power-on generation that can be shut
+//     for good, a device that can be replaced while requests wait, and a
+//     device on which everything fails (fault mode's plumbing).
 //
 // Invariants:
 //   - A Device has a fixed size; every call is range-checked against it and

@@ -2,16 +2,17 @@ package main
 
 // faults.go: fault mode (`serve --faults`): power cuts, injected errors
 // and latency, driven through the control socket by `nbdcache ctl`; and
-// durable acknowledgements (`--sync always`).
+// durable acknowledgements (`--sync always`). The wrappers themselves
+// (Gate, Switch, DurableAcks) live in package storage.
 //
 // With --faults each real device gets this chain, built once:
 //
-//	cache.Cache ─▶ fence(gen) ─▶ Faulty ─▶ Delay ─▶ [Slow] ─▶ slot ─▶ Volatile ─▶ File
+//	cache.Cache ─▶ Gate ─▶ Faulty ─▶ Delay ─▶ [Slow] ─▶ Switch ─▶ Volatile ─▶ File
 //	               per power-on  persistent: faults and delays outlive a cut  per power-on
 //
 // and the export (what the NBD server sees) gets
 //
-//	nbd.Server ─▶ [durableAcks] ─▶ Faulty ─▶ Delay ─▶ exportSwitch ─▶ cache.Cache (or the backing's fence)
+//	nbd.Server ─▶ [DurableAcks] ─▶ Faulty ─▶ Delay ─▶ Switch ─▶ cache.Cache (or the backing's Gate)
 //
 // A power cut, in this order:
 //  1. the export switch holds new requests (a client that reconnects waits);
@@ -21,11 +22,11 @@ package main
 //     (the power failure: a flush in flight then covers nothing), waits for
 //     their calls in flight, undoes unsynced writes per the model and syncs
 //     the files;
-//  4. the generation's fences close, waiting for the calls still inside the
+//  4. the generation's Gate closes, waiting for the calls still inside the
 //     chains (a request sleeping in a Delay): the old Cache (its writeback,
 //     its journal) can no longer reach any device, now or later;
-//  5. power on: new Volatile wrappers in the slots, a new generation of
-//     fences, cache.Check and cache.Open (recovery, as at a real start);
+//  5. power on: new Volatile wrappers in the chains' Switches, a new Gate,
+//     cache.Check and cache.Open (recovery, as at a real start);
 //  6. the export switch points at the new Cache and lets requests go; the
 //     old Cache is closed in the background (its calls all fail, its log
 //     is muted).
@@ -60,368 +61,16 @@ import (
 var errFaultsOff = fmt.Errorf("%w: fault mode is off: start the server with `nbdcache serve --faults --control unix:PATH`", control.ErrBadRequest)
 
 // ---------------------------------------------------------------------
-// durable acknowledgements
-
-// durableAcks sends every write, trim and zero down with FUA (or follows
-// it with a Flush when the device below has no FUA), so that a request is
-// durable when it is acknowledged: `--sync always`.
-type durableAcks struct {
-	inner storage.Device
-	fua   bool
-}
-
-var (
-	_ storage.Device     = (*durableAcks)(nil)
-	_ storage.Extenter   = (*durableAcks)(nil)
-	_ storage.Prefetcher = (*durableAcks)(nil)
-)
-
-func newDurableAcks(inner storage.Device) *durableAcks {
-	return &durableAcks{inner: inner, fua: inner.Caps().FUA}
-}
-
-func (d *durableAcks) Size() int64 { return d.inner.Size() }
-
-func (d *durableAcks) Caps() storage.Caps {
-	c := d.inner.Caps()
-	c.FUA = true
-	return c
-}
-
-func (d *durableAcks) ReadAt(p []byte, off int64) error { return d.inner.ReadAt(p, off) }
-
-func (d *durableAcks) sync(do func(storage.Flags) error, flags storage.Flags) error {
-	if d.fua {
-		return do(flags | storage.FUA)
-	}
-	if err := do(flags &^ storage.FUA); err != nil {
-		return err
-	}
-	return d.inner.Flush()
-}
-
-func (d *durableAcks) WriteAt(p []byte, off int64, flags storage.Flags) error {
-	return d.sync(func(f storage.Flags) error { return d.inner.WriteAt(p, off, f) }, flags)
-}
-
-func (d *durableAcks) Trim(off, length int64, flags storage.Flags) error {
-	return d.sync(func(f storage.Flags) error { return d.inner.Trim(off, length, f) }, flags)
-}
-
-func (d *durableAcks) Zero(off, length int64, flags storage.Flags) error {
-	return d.sync(func(f storage.Flags) error { return d.inner.Zero(off, length, f) }, flags)
-}
-
-func (d *durableAcks) Flush() error { return d.inner.Flush() }
-
-func (d *durableAcks) Extents(off, length int64, fn func(storage.Extent) bool) error {
-	return extentsOf(d.inner, off, length, fn)
-}
-
-func (d *durableAcks) Prefetch(off, length int64) error { return prefetchOf(d.inner, off, length) }
-
-func (d *durableAcks) Close() error { return d.inner.Close() }
-
-// extentsOf asks dev, or reports the range as all data when dev is not an
-// Extenter.
-func extentsOf(dev storage.Device, off, length int64, fn func(storage.Extent) bool) error {
-	if e, ok := dev.(storage.Extenter); ok {
-		return e.Extents(off, length, fn)
-	}
-	if err := storage.CheckRange(dev.Size(), off, length); err != nil {
-		return err
-	}
-	if length > 0 {
-		fn(storage.Extent{Length: length})
-	}
-	return nil
-}
-
-// prefetchOf asks dev, or does nothing when dev is not a Prefetcher.
-func prefetchOf(dev storage.Device, off, length int64) error {
-	if p, ok := dev.(storage.Prefetcher); ok {
-		return p.Prefetch(off, length)
-	}
-	return storage.CheckRange(dev.Size(), off, length)
-}
-
-// ---------------------------------------------------------------------
-// generations and fences
-
-// powerGen is one power-on of the devices. Every device call of that
-// generation holds mu shared; the cut takes it exclusively (waiting for
-// the calls in flight) and sets off, after which every call fails.
-type powerGen struct {
-	mu  sync.RWMutex
-	off bool
-}
-
-func (g *powerGen) cut() {
-	g.mu.Lock()
-	g.off = true
-	g.mu.Unlock()
-}
-
-// fence is a device seen through one generation.
-type fence struct {
-	gen   *powerGen
-	inner storage.Device
-}
-
-var (
-	_ storage.Device   = (*fence)(nil)
-	_ storage.Extenter = (*fence)(nil)
-)
-
-func (f *fence) enter() error {
-	f.gen.mu.RLock()
-	if f.gen.off {
-		f.gen.mu.RUnlock()
-		return storage.ErrPoweredOff
-	}
-	return nil
-}
-
-func (f *fence) Size() int64        { return f.inner.Size() }
-func (f *fence) Caps() storage.Caps { return f.inner.Caps() }
-
-func (f *fence) ReadAt(p []byte, off int64) error {
-	if err := f.enter(); err != nil {
-		return err
-	}
-	defer f.gen.mu.RUnlock()
-	return f.inner.ReadAt(p, off)
-}
-
-func (f *fence) WriteAt(p []byte, off int64, flags storage.Flags) error {
-	if err := f.enter(); err != nil {
-		return err
-	}
-	defer f.gen.mu.RUnlock()
-	return f.inner.WriteAt(p, off, flags)
-}
-
-func (f *fence) Flush() error {
-	if err := f.enter(); err != nil {
-		return err
-	}
-	defer f.gen.mu.RUnlock()
-	return f.inner.Flush()
-}
-
-func (f *fence) Trim(off, length int64, flags storage.Flags) error {
-	if err := f.enter(); err != nil {
-		return err
-	}
-	defer f.gen.mu.RUnlock()
-	return f.inner.Trim(off, length, flags)
-}
-
-func (f *fence) Zero(off, length int64, flags storage.Flags) error {
-	if err := f.enter(); err != nil {
-		return err
-	}
-	defer f.gen.mu.RUnlock()
-	return f.inner.Zero(off, length, flags)
-}
-
-func (f *fence) Extents(off, length int64, fn func(storage.Extent) bool) error {
-	if err := f.enter(); err != nil {
-		return err
-	}
-	defer f.gen.mu.RUnlock()
-	return extentsOf(f.inner, off, length, fn)
-}
-
-// Close does nothing: the devices below outlive every generation and are
-// closed by the storage that opened them.
-func (f *fence) Close() error { return nil }
-
-// ---------------------------------------------------------------------
-// slot: the bottom of a chain, holding the current Volatile
-
-// slot forwards to the device it holds now.
-type slot struct {
-	cur atomic.Pointer[storage.Volatile]
-}
-
-var (
-	_ storage.Device   = (*slot)(nil)
-	_ storage.Extenter = (*slot)(nil)
-)
-
-func (s *slot) Size() int64                      { return s.cur.Load().Size() }
-func (s *slot) Caps() storage.Caps               { return s.cur.Load().Caps() }
-func (s *slot) ReadAt(p []byte, off int64) error { return s.cur.Load().ReadAt(p, off) }
-func (s *slot) WriteAt(p []byte, off int64, flags storage.Flags) error {
-	return s.cur.Load().WriteAt(p, off, flags)
-}
-func (s *slot) Flush() error { return s.cur.Load().Flush() }
-func (s *slot) Trim(off, length int64, flags storage.Flags) error {
-	return s.cur.Load().Trim(off, length, flags)
-}
-func (s *slot) Zero(off, length int64, flags storage.Flags) error {
-	return s.cur.Load().Zero(off, length, flags)
-}
-func (s *slot) Extents(off, length int64, fn func(storage.Extent) bool) error {
-	return s.cur.Load().Extents(off, length, fn)
-}
-
-// Close does nothing; see fence.Close.
-func (s *slot) Close() error { return nil }
-
-// ---------------------------------------------------------------------
-// the export switch
-
-// exportGen is one device behind the export, with its calls in flight.
-type exportGen struct {
-	dev      storage.Device
-	inflight sync.WaitGroup
-}
-
-// exportSwitch is what the NBD server serves in fault mode: it forwards to
-// the current device, holds new requests while a power cut is under way,
-// and sends them to the new device afterwards.
-type exportSwitch struct {
-	size int64
-	caps storage.Caps
-
-	mu struct {
-		sync.Mutex
-		cur  *exportGen
-		held chan struct{} // non-nil while held; closed on release
-	}
-}
-
-var (
-	_ storage.Device     = (*exportSwitch)(nil)
-	_ storage.Extenter   = (*exportSwitch)(nil)
-	_ storage.Prefetcher = (*exportSwitch)(nil)
-)
-
-func newExportSwitch(dev storage.Device) *exportSwitch {
-	s := &exportSwitch{size: dev.Size(), caps: dev.Caps()}
-	s.mu.cur = &exportGen{dev: dev}
-	return s
-}
-
-// hold makes new requests wait until release.
-func (s *exportSwitch) hold() {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.mu.held == nil {
-		s.mu.held = make(chan struct{})
-	}
-}
-
-// release points the switch at dev (if not nil), lets the held requests
-// go, and returns the previous device's generation when it changed.
-func (s *exportSwitch) release(dev storage.Device) *exportGen {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	var old *exportGen
-	if dev != nil {
-		old = s.mu.cur
-		s.mu.cur = &exportGen{dev: dev}
-	}
-	if s.mu.held != nil {
-		close(s.mu.held)
-		s.mu.held = nil
-	}
-	return old
-}
-
-// acquire returns the current generation with one more call in flight.
-func (s *exportSwitch) acquire() *exportGen {
-	s.mu.Lock()
-	for s.mu.held != nil {
-		ch := s.mu.held
-		s.mu.Unlock()
-		<-ch
-		s.mu.Lock()
-	}
-	g := s.mu.cur
-	g.inflight.Add(1)
-	s.mu.Unlock()
-	return g
-}
-
-func (s *exportSwitch) Size() int64        { return s.size }
-func (s *exportSwitch) Caps() storage.Caps { return s.caps }
-
-func (s *exportSwitch) ReadAt(p []byte, off int64) error {
-	g := s.acquire()
-	defer g.inflight.Done()
-	return g.dev.ReadAt(p, off)
-}
-
-func (s *exportSwitch) WriteAt(p []byte, off int64, flags storage.Flags) error {
-	g := s.acquire()
-	defer g.inflight.Done()
-	return g.dev.WriteAt(p, off, flags)
-}
-
-func (s *exportSwitch) Flush() error {
-	g := s.acquire()
-	defer g.inflight.Done()
-	return g.dev.Flush()
-}
-
-func (s *exportSwitch) Trim(off, length int64, flags storage.Flags) error {
-	g := s.acquire()
-	defer g.inflight.Done()
-	return g.dev.Trim(off, length, flags)
-}
-
-func (s *exportSwitch) Zero(off, length int64, flags storage.Flags) error {
-	g := s.acquire()
-	defer g.inflight.Done()
-	return g.dev.Zero(off, length, flags)
-}
-
-func (s *exportSwitch) Extents(off, length int64, fn func(storage.Extent) bool) error {
-	g := s.acquire()
-	defer g.inflight.Done()
-	return extentsOf(g.dev, off, length, fn)
-}
-
-func (s *exportSwitch) Prefetch(off, length int64) error {
-	g := s.acquire()
-	defer g.inflight.Done()
-	return prefetchOf(g.dev, off, length)
-}
-
-// Close does nothing: the rig closes the cache it holds.
-func (s *exportSwitch) Close() error { return nil }
-
-// deadDevice is served when the power-on failed: every call fails with
-// its error (EIO on the wire), loudly, rather than serving a guess.
-type deadDevice struct {
-	size int64
-	caps storage.Caps
-	err  error
-}
-
-func (d deadDevice) Size() int64                                { return d.size }
-func (d deadDevice) Caps() storage.Caps                         { return d.caps }
-func (d deadDevice) ReadAt([]byte, int64) error                 { return d.err }
-func (d deadDevice) WriteAt([]byte, int64, storage.Flags) error { return d.err }
-func (d deadDevice) Flush() error                               { return d.err }
-func (d deadDevice) Trim(int64, int64, storage.Flags) error     { return d.err }
-func (d deadDevice) Zero(int64, int64, storage.Flags) error     { return d.err }
-func (d deadDevice) Close() error                               { return nil }
-
-// ---------------------------------------------------------------------
 // the rig
 
 // faultChain is one real device with its fault-mode wrappers.
 type faultChain struct {
 	name   string
 	file   storage.Device // the real device: outlives every cut
-	slot   *slot
+	slot   *storage.Switch // holds the current Volatile
 	faulty *storage.Faulty
 	delay  *storage.Delay
-	top    storage.Device // what a generation's fence wraps
+	top    storage.Device // what a generation's Gate wraps
 	vol    *storage.Volatile
 }
 
@@ -434,12 +83,12 @@ type faultRig struct {
 
 	exportFaulty *storage.Faulty
 	exportDelay  *storage.Delay
-	export       *exportSwitch
+	export       *storage.Switch
 	srv          atomic.Pointer[nbd.Server]
 
 	mu struct {
 		sync.Mutex
-		gen    *powerGen
+		gen    *storage.Gate // the current power-on
 		cache  *cache.Cache // the current one; nil without --cache
 		mute   *atomic.Bool // mutes the current cache's log
 		opts   cache.Options
@@ -450,7 +99,7 @@ type faultRig struct {
 
 func newFaultRig(log *slog.Logger) *faultRig {
 	r := &faultRig{log: log, maxUndo: storage.DefaultMaxUndo}
-	r.mu.gen = &powerGen{}
+	r.mu.gen = storage.NewGate()
 	r.mu.faults = make(map[string][]faultSpec)
 	return r
 }
@@ -458,9 +107,9 @@ func newFaultRig(log *slog.Logger) *faultRig {
 // chain builds the persistent wrappers over a real device. model, if not
 // nil, sits between the delays and the volatile cache (the disk model).
 func (r *faultRig) chain(name string, file storage.Device, model func(storage.Device) storage.Device) *faultChain {
-	c := &faultChain{name: name, file: file, slot: &slot{}}
+	c := &faultChain{name: name, file: file}
 	c.vol = storage.NewVolatile(file, storage.VolatileOptions{MaxUndo: r.maxUndo})
-	c.slot.cur.Store(c.vol)
+	c.slot = storage.NewSwitch(c.vol)
 	var d storage.Device = c.slot
 	if model != nil {
 		d = model(d)
@@ -474,13 +123,13 @@ func (r *faultRig) chain(name string, file storage.Device, model func(storage.De
 // wrapBacking returns the backing as the first generation sees it.
 func (r *faultRig) wrapBacking(file storage.Device, model func(storage.Device) storage.Device) storage.Device {
 	r.back = r.chain("backing", file, model)
-	return &fence{gen: r.mu.gen, inner: r.back.top}
+	return r.mu.gen.Wrap(r.back.top)
 }
 
 // wrapCache returns the cache device as the first generation sees it.
 func (r *faultRig) wrapCache(file storage.Device) storage.Device {
 	r.cache = r.chain("cache", file, nil)
-	return &fence{gen: r.mu.gen, inner: r.cache.top}
+	return r.mu.gen.Wrap(r.cache.top)
 }
 
 // setCache records the open cache and the options to reopen it with.
@@ -531,7 +180,7 @@ func (h muteHandler) WithGroup(name string) slog.Handler {
 
 // wrapExport returns what the NBD server serves.
 func (r *faultRig) wrapExport(dev storage.Device) storage.Device {
-	r.export = newExportSwitch(dev)
+	r.export = storage.NewSwitch(dev)
 	r.exportDelay = storage.NewDelay(r.export)
 	r.exportFaulty = storage.NewFaulty(r.exportDelay, rand.Uint64())
 	return r.exportFaulty
@@ -571,7 +220,7 @@ func (o *openedStorage) finishExport(f *storageFlags) {
 		o.dev = o.rig.wrapExport(o.dev)
 	}
 	if f.syncMode == "always" {
-		o.dev = newDurableAcks(o.dev)
+		o.dev = storage.NewDurableAcks(o.dev)
 	}
 }
 
@@ -680,7 +329,7 @@ func (r *faultRig) powerCut(model storage.LossModel, seed uint64) powerCutResult
 	res := powerCutResult{Cut: r.mu.cuts, Model: lossModelName(model), Seed: seed}
 
 	// 1-2: hold the export, drop the clients.
-	r.export.hold()
+	r.export.Hold()
 	if srv := r.srv.Load(); srv != nil {
 		res.Connections = srv.DropConnections()
 	}
@@ -710,19 +359,19 @@ func (r *faultRig) powerCut(model storage.LossModel, seed uint64) powerCutResult
 		res.Error = err.Error()
 	}
 	// 4: nothing of the old generation reaches the devices any more.
-	r.mu.gen.cut()
+	r.mu.gen.Close()
 
 	// 5: power on.
 	for _, c := range chains {
 		c.vol = storage.NewVolatile(c.file, storage.VolatileOptions{MaxUndo: r.maxUndo})
-		c.slot.cur.Store(c.vol)
+		c.slot.Release(c.vol)
 	}
-	r.mu.gen = &powerGen{}
-	bd := &fence{gen: r.mu.gen, inner: r.back.top}
+	r.mu.gen = storage.NewGate()
+	bd := r.mu.gen.Wrap(r.back.top)
 	var next storage.Device = bd
 	old := r.mu.cache
 	if old != nil {
-		cd := &fence{gen: r.mu.gen, inner: r.cache.top}
+		cd := r.mu.gen.Wrap(r.cache.top)
 		rep, cerr := cache.Check(cd, bd)
 		res.Check = &checkResult{
 			OK: cerr == nil, State: rep.State, SuperblockCopies: rep.SuperblockCopies, CheckpointsValid: rep.CheckpointsValid,
@@ -740,7 +389,7 @@ func (r *faultRig) powerCut(model storage.LossModel, seed uint64) powerCutResult
 			oerr = fmt.Errorf("powering on: opening the cache: %w", oerr)
 			res.Error = oerr.Error()
 			r.log.Error("fault mode: the cache did not come back after the power cut; every request fails", "err", oerr)
-			next = deadDevice{size: r.export.size, caps: r.export.caps, err: fmt.Errorf("%w: %w", unix.EIO, oerr)}
+			next = storage.NewDead(r.export.Size(), r.export.Caps(), fmt.Errorf("%w: %w", unix.EIO, oerr))
 			r.mu.cache = nil
 		} else {
 			s := c.Stats()
@@ -752,9 +401,9 @@ func (r *faultRig) powerCut(model storage.LossModel, seed uint64) powerCutResult
 	}
 
 	// 6: serve the new state.
-	prev := r.export.release(next)
+	drained := r.export.Release(next)
 	if old != nil {
-		go r.abandon(old, prev)
+		go r.abandon(old, drained)
 	}
 	res.Millis = float64(time.Since(start).Microseconds()) / 1000
 	r.log.Info("fault mode: power cut", "cut", res.Cut, "model", res.Model, "seed", seed,
@@ -765,10 +414,10 @@ func (r *faultRig) powerCut(model storage.LossModel, seed uint64) powerCutResult
 // abandon closes a cache whose power was cut, once the requests that were
 // in it have returned (they fail: its devices are gone). Its errors mean
 // nothing.
-func (r *faultRig) abandon(c *cache.Cache, g *exportGen) {
+func (r *faultRig) abandon(c *cache.Cache, drained func()) {
 	done := make(chan struct{})
 	go func() {
-		g.inflight.Wait()
+		drained()
 		close(done)
 	}()
 	t := time.NewTimer(time.Minute)
@@ -1006,7 +655,7 @@ func (r *faultRig) setError(q url.Values) error {
 		}
 		spec.Probability = v
 	}
-	size := r.export.size
+	size := r.export.Size()
 	if ts[0] != "export" {
 		size = r.faultyOf(ts[0]).Size()
 	}

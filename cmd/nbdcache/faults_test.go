@@ -19,7 +19,7 @@ type testRig struct {
 	rig               *faultRig
 	backMem, cacheMem *storage.Mem
 	export            storage.Device
-	backDev, cacheDev storage.Device // the first generation's fences
+	backDev, cacheDev storage.Device // as the first generation's Gate shows them
 	firstCache        *cache.Cache
 	opts              cache.Options
 	backingID         [16]byte
@@ -138,7 +138,7 @@ func TestRigOldGenerationFenced(t *testing.T) {
 		t.Error("the abandoned cache still writes")
 	}
 	if err := r.cacheDev.WriteAt(pattern(4096, 0xFF), 0, 0); !errors.Is(err, storage.ErrPoweredOff) {
-		t.Errorf("the old fence: %v", err)
+		t.Errorf("the old gate: %v", err)
 	}
 	if after := readBack(t, r.cacheMem, 0, 8<<20); !bytes.Equal(before, after) {
 		t.Error("the abandoned cache changed the cache device")
@@ -150,7 +150,7 @@ func TestRigOldGenerationFenced(t *testing.T) {
 func TestRigExportHeld(t *testing.T) {
 	r := newTestRig(t, false)
 	sw := r.rig.export
-	sw.hold()
+	sw.Hold()
 	done := make(chan error)
 	go func() { done <- r.export.WriteAt(pattern(4096, 0x11), 0, 0) }()
 	select {
@@ -159,7 +159,7 @@ func TestRigExportHeld(t *testing.T) {
 	case <-time.After(50 * time.Millisecond):
 	}
 	next := storage.NewMem(r.export.Size())
-	sw.release(next)
+	sw.Release(next)
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
@@ -173,7 +173,7 @@ func TestRigExportHeld(t *testing.T) {
 func TestDurableAcks(t *testing.T) {
 	for _, withCache := range []bool{false, true} {
 		r := newTestRig(t, withCache)
-		d := newDurableAcks(r.export)
+		d := storage.NewDurableAcks(r.export)
 		for i := range 16 {
 			if err := d.WriteAt(pattern(4096, byte(i+1)), int64(i)*(64<<10), 0); err != nil {
 				t.Fatal(err)

@@ -1,0 +1,172 @@
+package storage
+
+import (
+	"errors"
+	"testing"
+	"time"
+)
+
+func TestWrappersContract(t *testing.T) {
+	t.Run("DurableAcks", func(t *testing.T) {
+		testContract(t, func(t *testing.T, size int64) Device { return NewDurableAcks(NewMem(size)) })
+	})
+	// Closing a Gate's device or a Switch leaves the device below open (it
+	// outlives them); here Close closes it, as its owner would.
+	t.Run("Gate", func(t *testing.T) {
+		testContract(t, func(t *testing.T, size int64) Device {
+			m := NewMem(size)
+			return closer{NewGate().Wrap(m), m}
+		})
+	})
+	t.Run("Switch", func(t *testing.T) {
+		testContract(t, func(t *testing.T, size int64) Device {
+			m := NewMem(size)
+			return closer{NewSwitch(m), m}
+		})
+	})
+}
+
+// closer is d whose Close closes below.
+type closer struct {
+	Device
+	below Device
+}
+
+func (c closer) Close() error { return c.below.Close() }
+
+func (c closer) Extents(off, length int64, fn func(Extent) bool) error {
+	return c.Device.(Extenter).Extents(off, length, fn)
+}
+
+// TestDurableAcksSyncs: every write, trim and zero reaches the medium
+// before it returns, with FUA when the device has it, else by a Flush.
+func TestDurableAcksSyncs(t *testing.T) {
+	for _, fua := range []bool{true, false} {
+		c := NewCrash(1 << 20)
+		var inner Device = c
+		if !fua {
+			inner = noFUA{c}
+		}
+		d := NewDurableAcks(inner)
+		if !d.Caps().FUA {
+			t.Fatal("DurableAcks does not offer FUA")
+		}
+		if err := d.WriteAt(fill(4096, 1), 0, 0); err != nil {
+			t.Fatal(err)
+		}
+		if err := d.Zero(8192, 4096, 0); err != nil {
+			t.Fatal(err)
+		}
+		if err := d.Trim(16384, 4096, 0); err != nil {
+			t.Fatal(err)
+		}
+		if st := c.Stats(); st.UnsyncedOps != 0 || st.Syncs != 3 {
+			t.Errorf("fua %v: %d operations unsynced, %d syncs; want 0 and 3", fua, st.UnsyncedOps, st.Syncs)
+		}
+	}
+}
+
+// noFUA hides a device's FUA.
+type noFUA struct{ *Crash }
+
+func (n noFUA) Caps() Caps { c := n.Crash.Caps(); c.FUA = false; return c }
+
+// blocker is a Mem whose reads and writes, once armed, wait for release
+// and report that they arrived.
+type blocker struct {
+	*Mem
+	arrived chan struct{}
+	release chan struct{}
+}
+
+func newBlocker(size int64) *blocker {
+	return &blocker{Mem: NewMem(size), arrived: make(chan struct{}, 8), release: make(chan struct{})}
+}
+
+func (b *blocker) wait() {
+	b.arrived <- struct{}{}
+	<-b.release
+}
+
+func (b *blocker) ReadAt(p []byte, off int64) error { b.wait(); return b.Mem.ReadAt(p, off) }
+
+func (b *blocker) WriteAt(p []byte, off int64, f Flags) error {
+	b.wait()
+	return b.Mem.WriteAt(p, off, f)
+}
+
+// TestGateClose: Close waits for the calls in flight, and every later call
+// fails with ErrPoweredOff without reaching the device.
+func TestGateClose(t *testing.T) {
+	g := NewGate()
+	b := newBlocker(1 << 20)
+	d := g.Wrap(b)
+	inflight := make(chan error)
+	go func() { inflight <- d.WriteAt(fill(4096, 2), 0, 0) }()
+	<-b.arrived // the write is inside the gate
+	closed := make(chan struct{})
+	go func() { g.Close(); close(closed) }()
+	select {
+	case <-closed:
+		t.Fatal("Close returned while a call was in flight")
+	case <-time.After(20 * time.Millisecond):
+	}
+	close(b.release)
+	if err := <-inflight; err != nil {
+		t.Fatalf("the write in flight: %v", err)
+	}
+	<-closed
+	for name, call := range map[string]func() error{
+		"read":  func() error { return d.ReadAt(make([]byte, 512), 0) },
+		"write": func() error { return d.WriteAt(make([]byte, 512), 0, 0) },
+		"flush": d.Flush,
+		"trim":  func() error { return d.Trim(0, 512, 0) },
+		"zero":  func() error { return d.Zero(0, 512, 0) },
+	} {
+		if err := call(); !errors.Is(err, ErrPoweredOff) {
+			t.Errorf("%s after Close: %v, want ErrPoweredOff", name, err)
+		}
+	}
+}
+
+// TestSwitchHoldRelease: a held switch makes calls wait; Release sends them
+// to the new device, and drained returns only once the old device's calls
+// in flight are done.
+func TestSwitchHoldRelease(t *testing.T) {
+	oldDev := newBlocker(1 << 20)
+	s := NewSwitch(oldDev)
+	oldRead := make(chan error)
+	go func() { oldRead <- s.ReadAt(make([]byte, 512), 0) }()
+	<-oldDev.arrived // a read is in the old device
+
+	s.Hold()
+	held := make(chan error)
+	go func() { held <- s.WriteAt(fill(4096, 3), 0, 0) }()
+	select {
+	case err := <-held:
+		t.Fatalf("a call went through a held switch: %v", err)
+	case <-time.After(20 * time.Millisecond):
+	}
+	next := NewMem(1 << 20)
+	drained := s.Release(next)
+	if err := <-held; err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 4096)
+	if err := next.ReadAt(got, 0); err != nil || string(got) != string(fill(4096, 3)) {
+		t.Fatalf("the held write did not reach the new device (%v)", err)
+	}
+	done := make(chan struct{})
+	go func() { drained(); close(done) }()
+	select {
+	case <-done:
+		t.Fatal("drained returned while the old device had a call in flight")
+	case <-time.After(20 * time.Millisecond):
+	}
+	close(oldDev.release)
+	if err := <-oldRead; err != nil {
+		t.Fatal(err)
+	}
+	<-done
+	s.Release(nil)() // the device did not change: returns at once
+}
