@@ -66,7 +66,7 @@ var errFaultsOff = fmt.Errorf("%w: fault mode is off: start the server with `nbd
 // faultChain is one real device with its fault-mode wrappers.
 type faultChain struct {
 	name   string
-	file   storage.Device // the real device: outlives every cut
+	file   storage.Device  // the real device: outlives every cut
 	slot   *storage.Switch // holds the current Volatile
 	faulty *storage.Faulty
 	delay  *storage.Delay
@@ -89,8 +89,8 @@ type faultRig struct {
 	mu struct {
 		sync.Mutex
 		gen    *storage.Gate // the current power-on
-		cache  *cache.Cache // the current one; nil without --cache
-		mute   *atomic.Bool // mutes the current cache's log
+		cache  *cache.Cache  // the current one; nil without --cache
+		mute   *atomic.Bool  // mutes the current cache's log
 		opts   cache.Options
 		cuts   int
 		faults map[string][]faultSpec // installed, per target
