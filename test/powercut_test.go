@@ -205,9 +205,10 @@ func TestFioPowerCutNegativeControl(t *testing.T) {
 // TestPowerCutAcknowledged cuts the power while a client has 16 writes in
 // flight, and checks that every acknowledged write survives, every write
 // in flight left its new or its old data per sector, and nothing else
-// changed: with --sync always (plain writes), and with FUA writes on a
-// normal server. The negative control, plain writes on a normal server,
-// must lose acknowledged writes.
+// changed: with --sync always (plain writes), with FUA writes on a normal
+// server, and with plain writes on a normal server under the keep model (a
+// process kill). The negative control, plain writes on a normal server
+// under a real power cut, must lose acknowledged writes.
 func TestPowerCutAcknowledged(t *testing.T) {
 	py := python3(t)
 	rng := powercutRand(t)
@@ -220,6 +221,10 @@ func TestPowerCutAcknowledged(t *testing.T) {
 		models []string
 	}{
 		{"sync-always", []string{"--sync", "always"}, "", []string{"unflushed", "random", "torn", "unflushed"}},
+		// The keep model drops nothing on the devices but abandons the
+		// cache's memory: a kill of the process. Acknowledged writes
+		// survive it without any flush.
+		{"process-kill", nil, "", []string{"keep", "keep"}},
 		{"fua", nil, "fua", []string{"unflushed", "random", "torn", "unflushed"}},
 		{"negative-control", nil, "", []string{"unflushed"}},
 	} {
