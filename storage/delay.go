@@ -124,16 +124,7 @@ func (d *Delay) Zero(off, length int64, flags Flags) error {
 // Extenter is reported as all data.
 func (d *Delay) Extents(off, length int64, fn func(Extent) bool) error {
 	d.wait(OpExtents)
-	if e, ok := d.inner.(Extenter); ok {
-		return e.Extents(off, length, fn)
-	}
-	if err := CheckRange(d.inner.Size(), off, length); err != nil {
-		return err
-	}
-	if length > 0 {
-		fn(Extent{Length: length})
-	}
-	return nil
+	return extentsOf(d.inner, off, length, fn)
 }
 
 // Close closes the wrapped device at once.

@@ -96,6 +96,29 @@ type Prefetcher interface {
 	Prefetch(off, length int64) error
 }
 
+// extentsOf asks dev, or reports the range as all data when dev is not an
+// Extenter.
+func extentsOf(dev Device, off, length int64, fn func(Extent) bool) error {
+	if e, ok := dev.(Extenter); ok {
+		return e.Extents(off, length, fn)
+	}
+	if err := CheckRange(dev.Size(), off, length); err != nil {
+		return err
+	}
+	if length > 0 {
+		fn(Extent{Length: length})
+	}
+	return nil
+}
+
+// prefetchOf asks dev, or does nothing when dev is not a Prefetcher.
+func prefetchOf(dev Device, off, length int64) error {
+	if p, ok := dev.(Prefetcher); ok {
+		return p.Prefetch(off, length)
+	}
+	return CheckRange(dev.Size(), off, length)
+}
+
 // CheckRange validates a request against a device of the given size.
 func CheckRange(size, off, length int64) error {
 	if off < 0 || length < 0 || off > size || length > size-off {

@@ -212,18 +212,7 @@ func (f *Faulty) Zero(off, length int64, flags Flags) error {
 // Extents asks the wrapped device unless a fault hits; a device that is
 // not an Extenter is reported as all data.
 func (f *Faulty) Extents(off, length int64, fn func(Extent) bool) error {
-	ext := func() error {
-		if e, ok := f.inner.(Extenter); ok {
-			return e.Extents(off, length, fn)
-		}
-		if err := CheckRange(f.inner.Size(), off, length); err != nil {
-			return err
-		}
-		if length > 0 {
-			fn(Extent{Length: length})
-		}
-		return nil
-	}
+	ext := func() error { return extentsOf(f.inner, off, length, fn) }
 	if f.set.Load() != nil {
 		if done, err := f.intercept(OpExtents, off, length, ext); done {
 			return err

@@ -163,16 +163,7 @@ func (v *Volatile) Extents(off, length int64, fn func(Extent) bool) error {
 		return err
 	}
 	defer v.gate.RUnlock()
-	if e, ok := v.inner.(Extenter); ok {
-		return e.Extents(off, length, fn)
-	}
-	if err := CheckRange(v.inner.Size(), off, length); err != nil {
-		return err
-	}
-	if length > 0 {
-		fn(Extent{Length: length})
-	}
-	return nil
+	return extentsOf(v.inner, off, length, fn)
 }
 
 // WriteAt writes p at off, logging the old contents unless flags has FUA.

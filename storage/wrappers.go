@@ -7,29 +7,6 @@ package storage
 
 import "sync"
 
-// extentsOf asks dev, or reports the range as all data when dev is not an
-// Extenter.
-func extentsOf(dev Device, off, length int64, fn func(Extent) bool) error {
-	if e, ok := dev.(Extenter); ok {
-		return e.Extents(off, length, fn)
-	}
-	if err := CheckRange(dev.Size(), off, length); err != nil {
-		return err
-	}
-	if length > 0 {
-		fn(Extent{Length: length})
-	}
-	return nil
-}
-
-// prefetchOf asks dev, or does nothing when dev is not a Prefetcher.
-func prefetchOf(dev Device, off, length int64) error {
-	if p, ok := dev.(Prefetcher); ok {
-		return p.Prefetch(off, length)
-	}
-	return CheckRange(dev.Size(), off, length)
-}
-
 // DurableAcks sends every write, trim and zero down with FUA (or follows
 // it with a Flush when the device below has no FUA), so that a request is
 // durable when it returns.
