@@ -63,15 +63,28 @@ var errFaultsOff = fmt.Errorf("%w: fault mode is off: start the server with `nbd
 // ---------------------------------------------------------------------
 // the rig
 
-// faultChain is one real device with its fault-mode wrappers.
-type faultChain struct {
-	name   string
-	file   storage.Device  // the real device: outlives every cut
-	slot   *storage.Switch // holds the current Volatile
+// knobs are the injected errors and latency of one target: a Delay with a
+// Faulty on top. They outlive every power cut.
+type knobs struct {
 	faulty *storage.Faulty
 	delay  *storage.Delay
-	top    storage.Device // what a generation's Gate wraps
-	vol    *storage.Volatile
+}
+
+// newKnobs wraps d and returns the knobs with the device to use above them.
+func newKnobs(d storage.Device) (knobs, storage.Device) {
+	k := knobs{delay: storage.NewDelay(d)}
+	k.faulty = storage.NewFaulty(k.delay, rand.Uint64())
+	return k, k.faulty
+}
+
+// faultChain is one real device with its fault-mode wrappers.
+type faultChain struct {
+	knobs
+	name string
+	file storage.Device  // the real device: outlives every cut
+	slot *storage.Switch // holds the current Volatile
+	top  storage.Device  // what a generation's Gate wraps
+	vol  *storage.Volatile
 }
 
 // faultRig holds fault mode's state for one server.
@@ -81,10 +94,9 @@ type faultRig struct {
 	back    *faultChain
 	cache   *faultChain // nil without --cache
 
-	exportFaulty *storage.Faulty
-	exportDelay  *storage.Delay
-	export       *storage.Switch
-	srv          atomic.Pointer[nbd.Server]
+	exportKnobs knobs
+	export      *storage.Switch
+	srv         atomic.Pointer[nbd.Server]
 
 	mu struct {
 		sync.Mutex
@@ -114,9 +126,7 @@ func (r *faultRig) chain(name string, file storage.Device, model func(storage.De
 	if model != nil {
 		d = model(d)
 	}
-	c.delay = storage.NewDelay(d)
-	c.faulty = storage.NewFaulty(c.delay, rand.Uint64())
-	c.top = c.faulty
+	c.knobs, c.top = newKnobs(d)
 	return c
 }
 
@@ -181,9 +191,9 @@ func (h muteHandler) WithGroup(name string) slog.Handler {
 // wrapExport returns what the NBD server serves.
 func (r *faultRig) wrapExport(dev storage.Device) storage.Device {
 	r.export = storage.NewSwitch(dev)
-	r.exportDelay = storage.NewDelay(r.export)
-	r.exportFaulty = storage.NewFaulty(r.exportDelay, rand.Uint64())
-	return r.exportFaulty
+	k, top := newKnobs(r.export)
+	r.exportKnobs = k
+	return top
 }
 
 // currentCache is the cache serving now (nil without --cache).
@@ -538,24 +548,15 @@ func (r *faultRig) targets(name string, export bool) ([]string, error) {
 	return []string{name}, nil
 }
 
-func (r *faultRig) faultyOf(target string) *storage.Faulty {
+// knobsOf returns the knobs of a target that targets accepted.
+func (r *faultRig) knobsOf(target string) *knobs {
 	switch target {
 	case "export":
-		return r.exportFaulty
+		return &r.exportKnobs
 	case "cache":
-		return r.cache.faulty
+		return &r.cache.knobs
 	}
-	return r.back.faulty
-}
-
-func (r *faultRig) delayOf(target string) *storage.Delay {
-	switch target {
-	case "export":
-		return r.exportDelay
-	case "cache":
-		return r.cache.delay
-	}
-	return r.back.delay
+	return &r.back.knobs
 }
 
 // faultStatus is the answer to GET /v1/fault and to the error and delay
@@ -578,10 +579,10 @@ func (r *faultRig) status() faultStatus {
 		if fs := r.mu.faults[t]; len(fs) > 0 {
 			st.Faults[t] = fs
 		}
-		st.Failed[t] = r.faultyOf(t).Injected()
+		st.Failed[t] = r.knobsOf(t).faulty.Injected()
 		var parts []string
 		for _, o := range opNames()[:6] {
-			if l := r.delayOf(t).Latency(o.kind); l > 0 {
+			if l := r.knobsOf(t).delay.Latency(o.kind); l > 0 {
 				parts = append(parts, o.name+"="+l.String())
 			}
 		}
@@ -619,7 +620,7 @@ func (r *faultRig) setError(q url.Values) error {
 	defer r.mu.Unlock()
 	if q.Get("clear") != "" {
 		for _, t := range ts {
-			r.faultyOf(t).Clear()
+			r.knobsOf(t).faulty.Clear()
 			delete(r.mu.faults, t)
 		}
 		return nil
@@ -657,7 +658,7 @@ func (r *faultRig) setError(q url.Values) error {
 	}
 	size := r.export.Size()
 	if ts[0] != "export" {
-		size = r.faultyOf(ts[0]).Size()
+		size = r.knobsOf(ts[0]).faulty.Size()
 	}
 	if spec.Offset >= size || spec.Length > size-spec.Offset {
 		return fmt.Errorf("%w: range %d+%d is outside the %s (%d bytes)", control.ErrBadRequest, spec.Offset, spec.Length, ts[0], size)
@@ -674,7 +675,7 @@ func (r *faultRig) setError(q url.Values) error {
 	for _, s := range r.mu.faults[t] {
 		all = append(all, s.fault)
 	}
-	r.faultyOf(t).SetFaults(all...)
+	r.knobsOf(t).faulty.SetFaults(all...)
 	return nil
 }
 
@@ -686,7 +687,7 @@ func (r *faultRig) setDelay(q url.Values) error {
 	}
 	if q.Get("clear") != "" {
 		for _, t := range ts {
-			r.delayOf(t).Clear()
+			r.knobsOf(t).delay.Clear()
 		}
 		return nil
 	}
@@ -701,7 +702,7 @@ func (r *faultRig) setDelay(q url.Values) error {
 	if err != nil || lat < 0 || lat > time.Minute {
 		return fmt.Errorf("%w: latency %q: want a duration such as 5ms, at most 1m", control.ErrBadRequest, q.Get("latency"))
 	}
-	r.delayOf(ts[0]).Set(ops, lat)
+	r.knobsOf(ts[0]).delay.Set(ops, lat)
 	return nil
 }
 
