@@ -478,17 +478,21 @@ func TestPowerCutCatchesBrokenOrdering(t *testing.T) {
 // (package writeback's Flusher, fast settings) and GC goroutines running
 // during the workload. Timing makes a run not exactly replayable; the
 // seed still fixes the workload, the configuration and the cut index.
-func TestPowerCutBackground(t *testing.T) {
+func TestPowerCutBackground(t *testing.T) { timedCuts(t, 200, 77, pcBackground) }
+
+// timedCuts runs n cuts (-cuts overrides) with extra beside the workload,
+// cycling through the loss models; salt keeps the seeds of different
+// tests apart.
+func timedCuts(t *testing.T, n int, salt uint64, extra pcExtra) {
 	master := testSeed(t)
-	n := 200
 	if *flagCuts > 0 {
 		n = *flagCuts
 	}
 	models := []storage.LossModel{storage.LoseUnsynced, storage.LoseRandom, storage.LoseTorn, storage.KeepUnsynced}
 	for i := range n {
-		seed := mix(master, 77, uint64(i))
+		seed := mix(master, salt, uint64(i))
 		model := models[i%len(models)]
-		res := runCut(seed, model, breakNone, pcBackground)
+		res := runCut(seed, model, breakNone, extra)
 		if len(res.violations) > 0 {
 			t.Fatalf("cut %d (%s) at op %d, seed %d:\n%s", i, model, res.cutAt, seed, strings.Join(res.violations, "\n"))
 		}
@@ -500,19 +504,4 @@ func TestPowerCutBackground(t *testing.T) {
 // in the middle of checkpoints that writes, flushes and commits overtake
 // (a checkpoint holds the lock only for its snapshot). Timing makes a run
 // not exactly replayable; the seed fixes the workload and the cut index.
-func TestPowerCutConcurrentCheckpoint(t *testing.T) {
-	master := testSeed(t)
-	n := 300
-	if *flagCuts > 0 {
-		n = *flagCuts
-	}
-	models := []storage.LossModel{storage.LoseUnsynced, storage.LoseRandom, storage.LoseTorn, storage.KeepUnsynced}
-	for i := range n {
-		seed := mix(master, 91, uint64(i))
-		model := models[i%len(models)]
-		res := runCut(seed, model, breakNone, pcCheckpointer)
-		if len(res.violations) > 0 {
-			t.Fatalf("cut %d (%s) at op %d, seed %d:\n%s", i, model, res.cutAt, seed, strings.Join(res.violations, "\n"))
-		}
-	}
-}
+func TestPowerCutConcurrentCheckpoint(t *testing.T) { timedCuts(t, 300, 91, pcCheckpointer) }
