@@ -162,12 +162,7 @@ func TestKill9Recovery(t *testing.T) {
 		s := startServe(t, args...)
 		initial := filepath.Join(t.TempDir(), "initial.img")
 		run(t, tool(t, "nbdcopy"), s.uri, initial)
-		w := exec.Command(py, script, "write", s.uri, fmt.Sprint(rseed), fmt.Sprint(blocks), log)
-		var wout bytes.Buffer
-		w.Stdout, w.Stderr = &wout, &wout
-		if err := w.Start(); err != nil {
-			t.Fatal(err)
-		}
+		w, _ := start(t, py, script, "write", s.uri, fmt.Sprint(rseed), fmt.Sprint(blocks), log)
 		time.Sleep(time.Duration(300+rng.Intn(1500)) * time.Millisecond) // the moment of the crash
 		s.kill()
 		w.Wait()

@@ -182,6 +182,18 @@ func run(t testing.TB, name string, args ...string) string {
 	return string(out)
 }
 
+// start starts name in the background with its stdout and stderr in out;
+// the caller Waits for it.
+func start(t testing.TB, name string, args ...string) (cmd *exec.Cmd, out *bytes.Buffer) {
+	t.Helper()
+	cmd, out = exec.Command(name, args...), new(bytes.Buffer)
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	return cmd, out
+}
+
 // randomFile writes size pseudo-random bytes (from seed) to a new file.
 func randomFile(t testing.TB, name string, size int, seed int64) (string, []byte) {
 	t.Helper()

@@ -6,7 +6,6 @@ package test
 // random and torn models), injected errors and delays.
 
 import (
-	"bytes"
 	"context"
 	"flag"
 	"fmt"
@@ -235,12 +234,7 @@ func TestPowerCutAcknowledged(t *testing.T) {
 				wseed, cseed := rng.Int63n(1<<31), rng.Int63()
 				initial := snapshot(t, f.uri)
 				log := filepath.Join(t.TempDir(), "acked")
-				w := exec.Command(py, script, "write", f.uri, fmt.Sprint(wseed), fmt.Sprint(blocks), log, cfg.fua)
-				var wout bytes.Buffer
-				w.Stdout, w.Stderr = &wout, &wout
-				if err := w.Start(); err != nil {
-					t.Fatal(err)
-				}
+				w, wout := start(t, py, script, "write", f.uri, fmt.Sprint(wseed), fmt.Sprint(blocks), log, cfg.fua)
 				time.Sleep(time.Duration(100+rng.Intn(500)) * time.Millisecond) // the moment of the cut
 				rep := f.powerCut(t, model, cseed)
 				if err := w.Wait(); err != nil {
@@ -320,12 +314,7 @@ func TestPowerCutContract(t *testing.T) {
 		wseed, cseed := rng.Int63(), rng.Int63()
 		initial := snapshot(t, f.uri)
 		log := filepath.Join(t.TempDir(), "log")
-		w := exec.Command(py, script, "write", f.uri, fmt.Sprint(wseed), fmt.Sprint(blocks), log)
-		var wout bytes.Buffer
-		w.Stdout, w.Stderr = &wout, &wout
-		if err := w.Start(); err != nil {
-			t.Fatal(err)
-		}
+		w, _ := start(t, py, script, "write", f.uri, fmt.Sprint(wseed), fmt.Sprint(blocks), log)
 		time.Sleep(time.Duration(300+rng.Intn(900)) * time.Millisecond) // the moment of the cut
 		rep := f.powerCut(t, model, cseed)
 		w.Wait() // it dies with the connection
