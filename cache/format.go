@@ -261,14 +261,6 @@ type jblock struct {
 	CRC  uint32 // this block's own checksum (the next block's Prev)
 }
 
-func encodeJBlock(salt uint32, seq uint64, prev uint32, recs []record) ([]byte, uint32) {
-	b := make([]byte, metaBlock)
-	for i := range recs {
-		recs[i].encode(b[jHdrSize+i*jRecSize:])
-	}
-	return b, finishJBlock(b, salt, seq, prev, len(recs))
-}
-
 // finishJBlock writes the header and checksum of a journal block whose n
 // records are already encoded in b, and returns the checksum.
 func finishJBlock(b []byte, salt uint32, seq uint64, prev uint32, n int) uint32 {

@@ -208,3 +208,14 @@ func TestWriteFuzzCorpus(t *testing.T) {
 	write("FuzzImage", 0, uint32(metaBlock+8), []byte{0})
 	write("FuzzImage", 1, uint32(meta-metaBlock), []byte("NBDJ"))
 }
+
+// encodeJBlock encodes a whole journal block at once, as the fuzz targets
+// need; the cache encodes records as they are appended (appendLocked) and
+// finishes the block with finishJBlock.
+func encodeJBlock(salt uint32, seq uint64, prev uint32, recs []record) ([]byte, uint32) {
+	b := make([]byte, metaBlock)
+	for i := range recs {
+		recs[i].encode(b[jHdrSize+i*jRecSize:])
+	}
+	return b, finishJBlock(b, salt, seq, prev, len(recs))
+}
