@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"github.com/nbdcache/nbdcache/storage"
+	"github.com/nbdcache/nbdcache/test/testseed"
 )
 
 // A cache read error on clean data falls back to the backing; on dirty
@@ -56,7 +57,7 @@ func TestFullCacheNoDeadlock(t *testing.T) {
 	d := formatMem(t, 512<<10, 8<<20, FormatOptions{BucketSize: 32 << 10, JournalSize: 16 * metaBlock})
 	c := openT(t, d, Options{NoBackground: true, SequentialCutoff: -1})
 	defer c.Close()
-	r := rng(testSeed(t))
+	r := rng(testseed.Get(t))
 	model := make([]byte, 8<<20)
 	for i := 0; i < 2000; i++ {
 		off := r.Int64N(8<<20/4096) * 4096

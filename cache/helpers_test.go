@@ -5,34 +5,12 @@ import (
 	"flag"
 	"fmt"
 	"math/rand/v2"
-	"os"
-	"strconv"
 	"testing"
-	"time"
 
 	"github.com/nbdcache/nbdcache/storage"
 )
 
-var (
-	flagSeed = flag.Uint64("seed", 0, "replay randomized tests from this seed (0: time-based; env NBDCACHE_SEED too)")
-	flagCuts = flag.Int("cuts", 0, "power-cut points for TestPowerCut (default 1200; e.g. 100000 for a long run)")
-)
-
-// testSeed returns the seed to use and logs it.
-func testSeed(t testing.TB) uint64 {
-	t.Helper()
-	s := *flagSeed
-	if s == 0 {
-		if v, err := strconv.ParseUint(os.Getenv("NBDCACHE_SEED"), 10, 64); err == nil {
-			s = v
-		}
-	}
-	if s == 0 {
-		s = uint64(time.Now().UnixNano())
-	}
-	t.Logf("seed %d (replay: go test ./cache -run '%s' -seed %d)", s, t.Name(), s)
-	return s
-}
+var flagCuts = flag.Int("cuts", 0, "power-cut points for TestPowerCut (default 1200; e.g. 100000 for a long run)")
 
 var testBackingID = [16]byte{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16}
 

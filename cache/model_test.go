@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/nbdcache/nbdcache/storage"
+	"github.com/nbdcache/nbdcache/test/testseed"
 )
 
 // TestModel runs one seeded stream of operations, aligned and not, against
@@ -16,7 +17,7 @@ import (
 // read must return the same bytes. Trimmed sectors may read as zeroes or as
 // their old data, so the model forgets them until they are written again.
 func TestModel(t *testing.T) {
-	seed := testSeed(t)
+	seed := testseed.Get(t)
 	type conf struct {
 		mode   Mode
 		block  int
@@ -141,7 +142,7 @@ func TestModel(t *testing.T) {
 // while readers, flushes, mode switches and the background writeback, GC
 // and checkpoints run. Meant for -race.
 func TestConcurrent(t *testing.T) {
-	seed := testSeed(t)
+	seed := testseed.Get(t)
 	const back = 4 << 20
 	d := formatMem(t, 1<<20+512<<10, back, FormatOptions{BucketSize: 32 << 10, JournalSize: 24 * metaBlock})
 	c := openT(t, d, Options{RAMCache: 512 << 10, SequentialCutoff: 256 << 10, WritebackPercent: 20})

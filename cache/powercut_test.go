@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/nbdcache/nbdcache/storage"
+	"github.com/nbdcache/nbdcache/test/testseed"
 	"github.com/nbdcache/nbdcache/writeback"
 )
 
@@ -403,7 +404,7 @@ func TestPowerCut(t *testing.T) {
 			cuts = 200
 		}
 	}
-	master := testSeed(t)
+	master := testseed.Get(t)
 	models := []storage.LossModel{storage.LoseUnsynced, storage.LoseRandom, storage.LoseTorn, storage.KeepUnsynced}
 	for mi, model := range models {
 		t.Run(model.String(), func(t *testing.T) {
@@ -445,7 +446,7 @@ func mix(a, b, c uint64) uint64 {
 // TestPowerCutCatchesBrokenOrdering: the harness can fail. Each switch
 // breaks one ordering rule; the power-cut test must report violations.
 func TestPowerCutCatchesBrokenOrdering(t *testing.T) {
-	master := testSeed(t)
+	master := testseed.Get(t)
 	for _, tc := range []struct {
 		name  string
 		brk   breakMode
@@ -484,7 +485,7 @@ func TestPowerCutBackground(t *testing.T) { timedCuts(t, 200, 77, pcBackground) 
 // cycling through the loss models; salt keeps the seeds of different
 // tests apart.
 func timedCuts(t *testing.T, n int, salt uint64, extra pcExtra) {
-	master := testSeed(t)
+	master := testseed.Get(t)
 	if *flagCuts > 0 {
 		n = *flagCuts
 	}

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/nbdcache/nbdcache/storage"
+	"github.com/nbdcache/nbdcache/test/testseed"
 	"github.com/nbdcache/nbdcache/writeback"
 )
 
@@ -53,7 +54,7 @@ func TestForegroundDoesNotWaitForWriteback(t *testing.T) {
 		UpdateInterval: time.Millisecond, BatchTime: time.Millisecond,
 	}})
 	defer c.Close()
-	r := rng(testSeed(t))
+	r := rng(testseed.Get(t))
 	model := make([]byte, size)
 	id := uint64(0)
 	write := func(off, n int64, fl storage.Flags) {

@@ -8,6 +8,8 @@ import (
 	"slices"
 	"sync"
 	"testing"
+
+	"github.com/nbdcache/nbdcache/test/testseed"
 )
 
 func TestCrashContract(t *testing.T) {
@@ -200,7 +202,7 @@ func TestCrashModels(t *testing.T) {
 	}
 	for _, model := range []LossModel{LoseUnsynced, LoseRandom, LoseTorn, KeepUnsynced} {
 		t.Run(model.String(), func(t *testing.T) {
-			seed := testSeed(t)
+			seed := testseed.Get(t)
 			rng := newRand(seed)
 			d := NewCrash(256 * SectorSize)
 			m := newCrashModel(make([]byte, d.Size()))
@@ -249,7 +251,7 @@ func TestCrashModels(t *testing.T) {
 
 // TestCrashReplay checks that one seed gives one outcome.
 func TestCrashReplay(t *testing.T) {
-	seed := testSeed(t)
+	seed := testseed.Get(t)
 	run := func() ([]byte, CutReport) {
 		rng := newRand(seed)
 		d := NewCrash(128 * SectorSize)
@@ -267,7 +269,7 @@ func TestCrashReplay(t *testing.T) {
 // TestCrashUnaligned checks that an unaligned write survives or dies per
 // sector piece: each piece is all old or all new.
 func TestCrashUnaligned(t *testing.T) {
-	seed := testSeed(t)
+	seed := testseed.Get(t)
 	rng := newRand(seed)
 	for round := range 200 {
 		d := NewCrash(16 * SectorSize)
@@ -412,7 +414,7 @@ func TestCrashStatsAndHook(t *testing.T) {
 // TestCrashCutFromHook cuts at a random operation index from inside the
 // hook: that operation and every later one fail with ErrPoweredOff.
 func TestCrashCutFromHook(t *testing.T) {
-	seed := testSeed(t)
+	seed := testseed.Get(t)
 	rng := newRand(seed)
 	for round := range 50 {
 		d := NewCrash(64 * SectorSize)
@@ -453,7 +455,7 @@ func TestCrashCutFromHook(t *testing.T) {
 // acknowledged: an operation that failed with ErrPoweredOff left no trace
 // and every one that succeeded is there.
 func TestCrashCutConcurrent(t *testing.T) {
-	seed := testSeed(t)
+	seed := testseed.Get(t)
 	rng := newRand(seed)
 	const workers = 4
 	const region = 32 // sectors per worker
@@ -547,7 +549,7 @@ func TestCrashCutConcurrent(t *testing.T) {
 // write to B may succeed, and with KeepUnsynced each device keeps exactly
 // the writes that were acknowledged.
 func TestPowerCutAll(t *testing.T) {
-	seed := testSeed(t)
+	seed := testseed.Get(t)
 	rng := newRand(seed)
 	for round := range 100 {
 		a, b := NewCrash(64*SectorSize), NewCrash(64*SectorSize)

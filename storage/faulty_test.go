@@ -7,6 +7,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nbdcache/nbdcache/test/testseed"
 )
 
 func TestFaultyContract(t *testing.T) {
@@ -101,7 +103,7 @@ func TestFaultyCounting(t *testing.T) {
 }
 
 func TestFaultyProbability(t *testing.T) {
-	seed := testSeed(t)
+	seed := testseed.Get(t)
 	run := func() []bool {
 		f := NewFaulty(NewMem(1<<16), seed)
 		f.SetFaults(Fault{Ops: OpRead, Prob: 0.25})

@@ -13,6 +13,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nbdcache/nbdcache/test/testseed"
 )
 
 // openTemp opens a new file of size bytes in a test directory.
@@ -219,7 +221,7 @@ func TestFileFUA(t *testing.T) {
 // TestFileDirectUnaligned drives unaligned reads and writes, from
 // misaligned buffers, through O_DIRECT and compares with a model.
 func TestFileDirectUnaligned(t *testing.T) {
-	seed := testSeed(t)
+	seed := testseed.Get(t)
 	rng := newRand(seed)
 	const size = 3 << 20
 	f := openTemp(t, size, true)

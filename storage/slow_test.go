@@ -10,6 +10,8 @@ import (
 	"testing"
 	"testing/synctest"
 	"time"
+
+	"github.com/nbdcache/nbdcache/test/testseed"
 )
 
 func within(t *testing.T, what string, got, lo, hi time.Duration) {
@@ -35,7 +37,7 @@ func TestSlowContract(t *testing.T) {
 }
 
 func TestSlowHDDRandomVersusSequential(t *testing.T) {
-	seed := testSeed(t)
+	seed := testseed.Get(t)
 	synctest.Test(t, func(t *testing.T) {
 		const size = 1 << 40 // a 1 TiB disk: the whole span is a full stroke
 		rng := rand.New(rand.NewPCG(seed, 0))
@@ -153,7 +155,7 @@ func TestSlowSameTrack(t *testing.T) {
 // TestSlowOneHead checks that concurrent requests are served one at a time:
 // the elapsed time is the sum of their modelled times.
 func TestSlowOneHead(t *testing.T) {
-	seed := testSeed(t)
+	seed := testseed.Get(t)
 	synctest.Test(t, func(t *testing.T) {
 		const size = 1 << 36
 		s := NewSlow(NewMem(size), HDDModel())

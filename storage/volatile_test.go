@@ -11,6 +11,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+
+	"github.com/nbdcache/nbdcache/test/testseed"
 )
 
 func TestVolatileContract(t *testing.T) {
@@ -156,7 +158,7 @@ func TestVolatileModels(t *testing.T) {
 	}
 	for _, model := range []LossModel{LoseUnsynced, LoseRandom, LoseTorn, KeepUnsynced} {
 		t.Run(model.String(), func(t *testing.T) {
-			seed := testSeed(t)
+			seed := testseed.Get(t)
 			rng := newRand(seed)
 			mem := NewMem(128 * SectorSize)
 			var total VolatileReport
@@ -208,7 +210,7 @@ func TestVolatileModels(t *testing.T) {
 
 // TestVolatileReplay: one seed gives one outcome.
 func TestVolatileReplay(t *testing.T) {
-	seed := testSeed(t)
+	seed := testseed.Get(t)
 	run := func() ([]byte, VolatileReport) {
 		rng := newRand(seed)
 		mem := NewMem(64 * SectorSize)
@@ -355,7 +357,7 @@ func (g *gatedFlush) Flush() error {
 // the last one its own completed Flush covered, and every call after the
 // cut fails with ErrPoweredOff.
 func TestVolatileConcurrentCut(t *testing.T) {
-	seed := testSeed(t)
+	seed := testseed.Get(t)
 	for round := range 20 {
 		rng := newRand(seed + uint64(round))
 		const writers, bs = 8, 4096
@@ -468,7 +470,7 @@ func TestVolatileCutAll(t *testing.T) {
 // TestVolatileFile: over a real file, the cut leaves the file itself,
 // reopened, holding the durable image.
 func TestVolatileFile(t *testing.T) {
-	seed := testSeed(t)
+	seed := testseed.Get(t)
 	rng := newRand(seed)
 	path := filepath.Join(t.TempDir(), "dev.img")
 	const size = 256 << 10

@@ -12,6 +12,7 @@ import (
 
 	"github.com/nbdcache/nbdcache/btreeidx"
 	"github.com/nbdcache/nbdcache/storage"
+	"github.com/nbdcache/nbdcache/test/testseed"
 )
 
 // Controller tests in virtual time (testing/synctest): a foreground
@@ -114,7 +115,7 @@ func transferOnly(size, rate int64) storage.Device {
 // model: time constants 40 s and 10 s, overdamped); -long also runs the
 // defaults for 4000 s.
 func TestRateConverges(t *testing.T) {
-	seed := testSeed(t)
+	seed := testseed.Get(t)
 	type params struct {
 		name   string
 		p, i   float64
@@ -205,7 +206,7 @@ func stats(xs []float64) (lo, hi, mean float64) {
 // runs at full speed; when a request comes, it drops back to the
 // controller's rate at once; quiet again, it finishes the job.
 func TestIdleFastPath(t *testing.T) {
-	seed := testSeed(t)
+	seed := testseed.Get(t)
 	synctest.Test(t, func(t *testing.T) {
 		const (
 			blocks   = 8192 // 32 MiB
@@ -268,7 +269,7 @@ func TestIdleFastPath(t *testing.T) {
 // TestWatermarks: at or above the high watermark, full speed; between the
 // watermarks, the rate; below the low one, nothing at all is written.
 func TestWatermarks(t *testing.T) {
-	seed := testSeed(t)
+	seed := testseed.Get(t)
 	synctest.Test(t, func(t *testing.T) {
 		const (
 			blocks   = 8192 // 32 MiB
@@ -323,7 +324,7 @@ func TestWatermarks(t *testing.T) {
 // TestMaxDirtyAge: dirty data under the low watermark, a busy foreground:
 // nothing is written until the data is MaxDirtyAge old, then all of it.
 func TestMaxDirtyAge(t *testing.T) {
-	seed := testSeed(t)
+	seed := testseed.Get(t)
 	synctest.Test(t, func(t *testing.T) {
 		const blocks = 8192
 		dev := &recDev{inner: transferOnly(blocks*4096, 4<<20)}
@@ -366,7 +367,7 @@ func TestMaxDirtyAge(t *testing.T) {
 // sees long writes; planned once at the start of the batch, the stale
 // pieces cut the spans into runs of a few blocks.
 func TestRateModeMergesUnderOverwrites(t *testing.T) {
-	seed := testSeed(t)
+	seed := testseed.Get(t)
 	synctest.Test(t, func(t *testing.T) {
 		const blocks = 4096 // 16 MiB, all dirty: 25% of the capacity
 		dev := &recDev{inner: transferOnly(blocks*4096, 64<<20)}

@@ -6,40 +6,14 @@ import (
 	"flag"
 	"fmt"
 	"math/rand/v2"
-	"os"
-	"strconv"
 	"sync"
 	"testing"
-	"time"
 
 	"github.com/nbdcache/nbdcache/btreeidx"
 	"github.com/nbdcache/nbdcache/storage"
 )
 
-var (
-	seedFlag = flag.Uint64("seed", 0, "seed for randomized tests (0: $NBDCACHE_SEED, else a fresh one)")
-	longFlag = flag.Bool("long", false, "run the long tests")
-)
-
-// testSeed returns the seed for a randomized test and logs how to replay it.
-func testSeed(t testing.TB) uint64 {
-	t.Helper()
-	seed := *seedFlag
-	if seed == 0 {
-		if s := os.Getenv("NBDCACHE_SEED"); s != "" {
-			v, err := strconv.ParseUint(s, 10, 64)
-			if err != nil {
-				t.Fatalf("NBDCACHE_SEED=%q: %v", s, err)
-			}
-			seed = v
-		}
-	}
-	if seed == 0 {
-		seed = uint64(time.Now().UnixNano())
-	}
-	t.Logf("seed %d (replay: go test -run '^%s$' -seed=%d)", seed, t.Name(), seed)
-	return seed
-}
+var longFlag = flag.Bool("long", false, "run the long tests")
 
 func newRand(seed uint64) *rand.Rand { return rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)) }
 

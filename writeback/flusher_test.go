@@ -16,6 +16,7 @@ import (
 
 	"github.com/nbdcache/nbdcache/btreeidx"
 	"github.com/nbdcache/nbdcache/storage"
+	"github.com/nbdcache/nbdcache/test/testseed"
 )
 
 var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -64,7 +65,7 @@ func checkAscending(t *testing.T, ws []rec, window int) {
 // that cover a region densely reach the backing as long writes in ascending
 // order, and the backing ends up equal to the model.
 func TestDrainMergesAscending(t *testing.T) {
-	seed := testSeed(t)
+	seed := testseed.Get(t)
 	for _, inFlight := range []int{1, 4} {
 		t.Run(fmt.Sprintf("inflight=%d", inFlight), func(t *testing.T) {
 			const blocks = 8192 // 32 MiB
@@ -333,7 +334,7 @@ func TestBackingErrors(t *testing.T) {
 // takes over at full speed, and leaves nothing dirty once the foreground
 // stops writing.
 func TestDrainWhileRunning(t *testing.T) {
-	seed := testSeed(t)
+	seed := testseed.Get(t)
 	synctest.Test(t, func(t *testing.T) {
 		rng := newRand(seed)
 		src := newFakeSource(4096, 4096, 64<<20)

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/nbdcache/nbdcache/storage"
+	"github.com/nbdcache/nbdcache/test/testseed"
 )
 
 // TestHDDDrainVersusRandom measures, in virtual time on the hdd model, what
@@ -16,7 +17,7 @@ import (
 // merged). The ratio depends on density: the drain still sweeps the region at
 // the media rate and pays a rotation per gap, so sparse blocks gain less.
 func TestHDDDrainVersusRandom(t *testing.T) {
-	seed := testSeed(t)
+	seed := testseed.Get(t)
 	for _, tc := range []struct {
 		region   int64 // bytes
 		n        int   // random writes

@@ -11,6 +11,7 @@ import (
 
 	"github.com/nbdcache/nbdcache/btreeidx"
 	"github.com/nbdcache/nbdcache/storage"
+	"github.com/nbdcache/nbdcache/test/testseed"
 )
 
 // TestRandomized runs the flusher against a random foreground (writes of
@@ -20,7 +21,7 @@ import (
 // with its own data; at the end nothing is dirty and the backing equals the
 // model. -long runs more rounds.
 func TestRandomized(t *testing.T) {
-	seed := testSeed(t)
+	seed := testseed.Get(t)
 	rounds := 8
 	if *longFlag {
 		rounds = 200

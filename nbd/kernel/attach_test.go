@@ -2,39 +2,17 @@ package kernel
 
 import (
 	"encoding/binary"
-	"flag"
 	"io"
 	"log/slog"
 	"math/rand/v2"
 	"net"
-	"os"
-	"strconv"
 	"testing"
 	"time"
 
 	"github.com/mdlayher/genetlink"
 	"github.com/mdlayher/netlink"
+	"github.com/nbdcache/nbdcache/test/testseed"
 )
-
-var seedFlag = flag.Uint64("seed", 0, "seed of the randomized tests (0: time-based; also $NBDCACHE_SEED)")
-
-// testSeed returns the seed to use and prints it, for replay.
-func testSeed(t *testing.T) uint64 {
-	t.Helper()
-	seed := *seedFlag
-	if s := os.Getenv("NBDCACHE_SEED"); seed == 0 && s != "" {
-		v, err := strconv.ParseUint(s, 10, 64)
-		if err != nil {
-			t.Fatalf("NBDCACHE_SEED: %v", err)
-		}
-		seed = v
-	}
-	if seed == 0 {
-		seed = uint64(time.Now().UnixNano())
-	}
-	t.Logf("seed %d (replay with -seed %d)", seed, seed)
-	return seed
-}
 
 // request encodes a simple NBD request header (and payload for WRITE).
 func request(typ uint16, length uint32, payload bool) []byte {
@@ -59,7 +37,7 @@ func request(typ uint16, length uint32, payload bool) []byte {
 // and compares what the sniffer saw with the model: DISC was seen iff a
 // DISC header was fed completely.
 func TestSnifferModel(t *testing.T) {
-	seed := testSeed(t)
+	seed := testseed.Get(t)
 	r := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
 	for iter := range 500 {
 		var stream []byte
