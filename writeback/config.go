@@ -17,7 +17,11 @@ type Config struct {
 	// [TargetPercent/2]. A negative value disables the stop.
 	LowWatermark int
 	// HighWatermark: at or above this percentage dirty, writeback runs at
-	// full speed [max(50, TargetPercent)].
+	// full speed [max(70, TargetPercent)]. 70 is bcache's
+	// CUTOFF_WRITEBACK_SYNC. Below it, the rate controller's integral
+	// term brings dirty data down gently. A write working set of
+	// half the cache is ordinary, and writing it back at full speed
+	// mostly wastes work on blocks that are overwritten again soon.
 	HighWatermark int
 
 	// MaxInFlight bounds the backing writes in flight at once [8].
@@ -76,7 +80,7 @@ func (c Config) withDefaults() (Config, error) {
 		c.LowWatermark = c.TargetPercent / 2
 	}
 	if c.HighWatermark == 0 {
-		c.HighWatermark = max(50, c.TargetPercent)
+		c.HighWatermark = max(70, c.TargetPercent)
 	}
 	if c.MaxInFlight == 0 {
 		c.MaxInFlight = 8

@@ -277,7 +277,7 @@ func TestWatermarks(t *testing.T) {
 		)
 		// Target 10% (1.6 MiB), low 5% (0.8 MiB), high 50% (8 MiB).
 		dev := &recDev{inner: transferOnly(blocks*4096, 4<<20)}
-		s := startSim(t, seed, blocks, capacity, dev, Config{MaxDirtyAge: -1})
+		s := startSim(t, seed, blocks, capacity, dev, Config{MaxDirtyAge: -1, HighWatermark: 50})
 		s.fg.active.Store(true)
 
 		// Below the low watermark: 0.5 MiB dirty, 20 s, no write.

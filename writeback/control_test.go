@@ -12,7 +12,7 @@ import (
 )
 
 func TestDecide(t *testing.T) {
-	cfg, err := Config{}.withDefaults() // target 10, low 5, high 50
+	cfg, err := Config{}.withDefaults() // target 10, low 5, high 70
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -23,9 +23,10 @@ func TestDecide(t *testing.T) {
 	}{
 		{situation{dirty: 0, capacity: c, draining: true, idle: true, aged: true}, ModeStopped},
 		{situation{dirty: 10, capacity: c, draining: true}, ModeDrain},
-		{situation{dirty: 500, capacity: c}, ModeFull},
-		{situation{dirty: 499, capacity: c}, ModeRate},
-		{situation{dirty: 600, capacity: c, idle: true, aged: true}, ModeFull},
+		{situation{dirty: 700, capacity: c}, ModeFull},
+		{situation{dirty: 699, capacity: c}, ModeRate},
+		{situation{dirty: 500, capacity: c}, ModeRate},
+		{situation{dirty: 800, capacity: c, idle: true, aged: true}, ModeFull},
 		{situation{dirty: 10, capacity: c, idle: true}, ModeIdle},
 		{situation{dirty: 10, capacity: c, idle: true, aged: true}, ModeIdle},
 		{situation{dirty: 10, capacity: c, aged: true}, ModeAge},

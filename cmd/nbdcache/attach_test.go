@@ -55,3 +55,27 @@ func TestBackendIdentifier(t *testing.T) {
 		t.Errorf("relative path not made absolute: %q", got)
 	}
 }
+
+// TestWritebackFlagsUsage: out-of-range writeback percentages are usage
+// errors, found before any storage is opened.
+func TestWritebackFlagsUsage(t *testing.T) {
+	for _, tc := range []struct {
+		pct, high int
+		want      string
+	}{
+		{0, 70, "--writeback-percent 0"},
+		{101, 70, "--writeback-percent 101"},
+		{20, 10, "--writeback-high 10"},
+		{10, 101, "--writeback-high 101"},
+	} {
+		f := storageFlags{backing: "/nonexistent/b", cachePath: "/nonexistent/c", mode: "writeback", syncMode: "normal", wbPercent: tc.pct, wbHigh: tc.high}
+		var out bytes.Buffer
+		o, err := f.open(&out, nil)
+		if err == nil {
+			o.Close()
+		}
+		if !errors.Is(err, errUsage) || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("percent %d high %d: %v, want a usage error with %q", tc.pct, tc.high, err, tc.want)
+		}
+	}
+}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/nbdcache/nbdcache/cache"
 	"github.com/nbdcache/nbdcache/storage"
+	"github.com/nbdcache/nbdcache/writeback"
 )
 
 // storageFlags are the flags that choose the storage behind an export.
@@ -25,6 +26,7 @@ type storageFlags struct {
 	ramCache     int64
 	seqCutoff    int64
 	wbPercent    int
+	wbHigh       int
 	backingModel string
 	readOnly     bool
 	direct       bool
@@ -45,6 +47,7 @@ func (f *storageFlags) register(fs *flag.FlagSet) {
 	f.seqCutoff = 4 << 20
 	fs.Var(sizeFlag{&f.seqCutoff}, "sequential-cutoff", "sequential streams longer than `SIZE` bypass the cache (0: never)")
 	fs.IntVar(&f.wbPercent, "writeback-percent", 10, "dirty share of the cache that background writeback aims at, in `PERCENT`")
+	fs.IntVar(&f.wbHigh, "writeback-high", 70, "dirty share of the cache at or above which writeback runs at full speed, in `PERCENT`")
 	fs.StringVar(&f.backingModel, "backing-model", "", "give the backing a slow disk's latency: `MODEL` hdd (see docs)")
 	fs.BoolVar(&f.readOnly, "read-only", false, "refuse writes, trims and zeroes with EPERM")
 	fs.BoolVar(&f.direct, "direct", false, "open the devices with O_DIRECT")
@@ -97,6 +100,12 @@ func (f *storageFlags) open(w io.Writer, log *slog.Logger) (_ *openedStorage, er
 	mode, err := cache.ParseMode(f.mode)
 	if err != nil {
 		return nil, fmt.Errorf("%w: --mode: %v", errUsage, err)
+	}
+	if f.wbPercent < 1 || f.wbPercent > 100 {
+		return nil, fmt.Errorf("%w: --writeback-percent %d: want 1 to 100", errUsage, f.wbPercent)
+	}
+	if f.wbHigh < f.wbPercent || f.wbHigh > 100 {
+		return nil, fmt.Errorf("%w: --writeback-high %d: want --writeback-percent (%d) to 100", errUsage, f.wbHigh, f.wbPercent)
 	}
 	var model *storage.DiskModel
 	if f.backingModel != "" {
@@ -164,7 +173,7 @@ func (f *storageFlags) open(w io.Writer, log *slog.Logger) (_ *openedStorage, er
 	}
 	opts := cache.Options{
 		Mode: mode, BackingID: id, RAMCache: f.ramCache, WritebackPercent: f.wbPercent,
-		SequentialCutoff: f.seqCutoff, Logger: log,
+		SequentialCutoff: f.seqCutoff, Logger: log, Writeback: writeback.Config{HighWatermark: f.wbHigh},
 	}
 	if f.seqCutoff == 0 {
 		opts.SequentialCutoff = -1
