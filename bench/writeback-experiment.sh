@@ -36,6 +36,8 @@ fio_randwrite() { # URI OUTJSON
 		--runtime="$RUNTIME" --time_based --randrepeat=1 --randseed=7 --output-format=json --output="$2" >/dev/null 2>&1
 }
 iops_of() { $PY -c "import json,sys;print(round(json.load(open(sys.argv[1]))['jobs'][0]['write']['iops']))" "$1"; }
+# fio's own CPU per request, in microseconds: what the client alone costs.
+client_us() { $PY -c "import json,sys;j=json.load(open(sys.argv[1]))['jobs'][0];print(f\"{(j['usr_cpu']+j['sys_cpu'])/100*j['job_runtime']*1e3/max(j['write']['total_ios'],1):.1f}\")" "$1"; }
 
 truncate -s 1G "$work/a.img" "$work/b.img" "$work/c.img"
 truncate -s 1G "$work/cache.img"
@@ -71,6 +73,10 @@ nbdkit -f -U "$work/c.sock" --filter=cache nbd socket="$work/c-up.sock" cache=wr
 wait_sock "$work/c.sock"
 fio_randwrite "nbd+unix:///?socket=$work/c.sock" "$work/c.json"
 C=$(iops_of "$work/c.json")
+
+CB=$(client_us "$work/b.json")
+CC=$(client_us "$work/c.json")
+NCPU=$(nproc)
 
 # The time to write the drained blocks randomly to the model: at (a)'s rate.
 BLOCKS=$((DIRTY / 4096))
@@ -109,6 +115,7 @@ writeback experiment, $(date +%F), fio 4k randwrite QD32, ${RUNTIME} s over ${SP
 | (c) nbdkit cache filter, write-back | $C | $($PY -c "print(f'{$C/max($A,1):.1f}x of (a)')") |
 
 drain of (b): $BLOCKS dirty 4 KiB blocks in ${DRAIN} s; writing them randomly to the model at (a)'s rate: ${RANDOM_S} s (ratio $($PY -c "print(f'{$DRAIN/max($RANDOM_S,1e-9):.3f}')"))
+fio's own CPU per request: ${CB} us in (b), ${CC} us in (c). On ${NCPU} CPUs, 2x (c) = $((2 * C)) IOPS would leave a server $($PY -c "print(f'{$NCPU*1e6/max(2*$C,1)-$CB:.2f}')") us of CPU per request
 FLUSH after 2000 random dirty 4 KiB writes (median of 5): ${FLUSH_MS} ms
 plot: $OUT/writeback.png, series: $OUT/series.csv
 EOT

@@ -63,6 +63,17 @@ type File struct {
 	zeros  []byte    // fileZeroSize zeroes, aligned
 	rmw    [fileRMWStripes]sync.Mutex
 
+	// wmu serializes buffered writes without FUA to a regular file
+	// (nil with O_DIRECT and on block devices). The file system
+	// serializes them anyway on the inode lock (ext4, xfs, btrfs and
+	// tmpfs take it exclusively for a buffered write), but there every
+	// waiting thread spins while the holder runs, and a server with
+	// many requests in flight has many threads waiting. Waiting here
+	// parks a goroutine instead. A write with FUA skips it: its sync
+	// runs after the kernel drops the inode lock and must not be
+	// serialized here.
+	wmu *sync.Mutex
+
 	// mu is held shared by every request and exclusively by Close.
 	mu struct {
 		sync.RWMutex
@@ -166,6 +177,9 @@ func (f *File) setup(opts FileOptions) error {
 		}
 		f.caps.BlockSize = int(f.align)
 		f.bounce.New = func() any { b := alignedBuf(fileBounceSize); return &b }
+	}
+	if !f.blockDev && !f.direct {
+		f.wmu = new(sync.Mutex)
 	}
 	f.zeros = alignedBuf(fileZeroSize)
 	return nil
@@ -511,6 +525,10 @@ func (f *File) pwrite(p []byte, off int64, fua bool) error {
 		}
 		f.noDSync.Store(true)
 		return f.fdatasync()
+	}
+	if f.wmu != nil && !fua {
+		f.wmu.Lock()
+		defer f.wmu.Unlock()
 	}
 	for len(p) > 0 {
 		n, err := unix.Pwrite(f.fd, p, off)
