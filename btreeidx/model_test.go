@@ -5,13 +5,11 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"testing"
-	"time"
+
+	"github.com/nbdcache/nbdcache/test/testseed"
 )
 
-var (
-	seedFlag = flag.Int64("seed", 0, "seed of TestModel (0: pick one and print it)")
-	opsFlag  = flag.Int("ops", 3000, "operations per configuration in TestModel")
-)
+var opsFlag = flag.Int("ops", 3000, "operations per configuration in TestModel")
 
 // The model: one slot per 512-byte sector of a small virtual device.
 type slot struct {
@@ -347,16 +345,12 @@ func (c *checker) randomOp(r *rand.Rand, cfg config, nextVer *uint64) op {
 
 // TestModel runs thousands of random operations against the Index and a
 // per-sector model, comparing every read method after each step. Replay a
-// failure with: go test ./btreeidx -run Model -seed=N
+// failure with the seed it logs (package testseed).
 func TestModel(t *testing.T) {
-	seed := *seedFlag
-	if seed == 0 {
-		seed = time.Now().UnixNano()
-	}
-	t.Logf("seed %d (replay: go test ./btreeidx -run Model -seed=%d)", seed, seed)
+	seed := testseed.Get(t)
 	for i, cfg := range configs {
 		t.Run(cfg.name, func(t *testing.T) {
-			r := rand.New(rand.NewPCG(uint64(seed), uint64(i)))
+			r := rand.New(rand.NewPCG(seed, uint64(i)))
 			shift := uint(r.IntN(8))
 			t.Logf("regions of %d sectors", 1<<shift)
 			c := newChecker(t, cfg.sectors, shift)
