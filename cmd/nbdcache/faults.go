@@ -610,27 +610,37 @@ func queryInt(q url.Values, key string) (int64, error) {
 	return n, nil
 }
 
+// knobRequest parses what error and delay requests share: the targets
+// (every one, for clear), and for a setting its single target and the
+// operations it applies to.
+func (r *faultRig) knobRequest(q url.Values) (ts []string, clear bool, ops storage.OpKind, err error) {
+	if ts, err = r.targets(q.Get("target"), true); err != nil {
+		return nil, false, 0, err
+	}
+	if q.Get("clear") != "" {
+		return ts, true, 0, nil
+	}
+	if len(ts) != 1 {
+		return nil, false, 0, fmt.Errorf("%w: --target export, cache or backing is required", control.ErrBadRequest)
+	}
+	ops, err = parseOps(q.Get("op"))
+	return ts, false, ops, err
+}
+
 // setError installs (or, with clear, removes) an injected error.
 func (r *faultRig) setError(q url.Values) error {
-	ts, err := r.targets(q.Get("target"), true)
+	ts, clear, ops, err := r.knobRequest(q)
 	if err != nil {
 		return err
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if q.Get("clear") != "" {
+	if clear {
 		for _, t := range ts {
 			r.knobsOf(t).faulty.Clear()
 			delete(r.mu.faults, t)
 		}
 		return nil
-	}
-	if len(ts) != 1 {
-		return fmt.Errorf("%w: --target export, cache or backing is required", control.ErrBadRequest)
-	}
-	ops, err := parseOps(q.Get("op"))
-	if err != nil {
-		return err
 	}
 	errno, err := parseErrno(q.Get("errno"))
 	if err != nil {
@@ -681,22 +691,15 @@ func (r *faultRig) setError(q url.Values) error {
 
 // setDelay sets (or, with clear, removes) latency.
 func (r *faultRig) setDelay(q url.Values) error {
-	ts, err := r.targets(q.Get("target"), true)
+	ts, clear, ops, err := r.knobRequest(q)
 	if err != nil {
 		return err
 	}
-	if q.Get("clear") != "" {
+	if clear {
 		for _, t := range ts {
 			r.knobsOf(t).delay.Clear()
 		}
 		return nil
-	}
-	if len(ts) != 1 {
-		return fmt.Errorf("%w: --target export, cache or backing is required", control.ErrBadRequest)
-	}
-	ops, err := parseOps(q.Get("op"))
-	if err != nil {
-		return err
 	}
 	lat, err := time.ParseDuration(q.Get("latency"))
 	if err != nil || lat < 0 || lat > time.Minute {
