@@ -13,9 +13,28 @@ type btreeExtent = btreeidx.Extent
 // bypasses or writes back.
 var errNoSpace = errors.New("cache: no space")
 
+// Space management (gcStep):
+//   - foreground allocation leaves 1/reserveDiv of the buckets (at least
+//     one) to GC, and a GC pass moves no more live data than that reserve
+//     (less half a bucket) holds, since writers may take every other free
+//     bucket while it runs. So compaction always has room to move live
+//     data into. With a reserve of one bucket, a cache whose emptiest
+//     buckets were over half live could not compact at all;
+//   - below 1/lowFreeDiv of the buckets free, GC runs and the background
+//     loop works to make room;
+//   - compaction takes the emptiest full buckets first, up to GCPercent
+//     live.
+const (
+	reserveDiv = 32
+	lowFreeDiv = 8
+)
+
 // fgReserve is the number of free buckets foreground allocation leaves to
-// GC, so that compaction can always make progress.
-const fgReserve = 1
+// GC.
+func (c *Cache) fgReserve() int { return int(max(1, c.sb.NBuckets/reserveDiv)) }
+
+// lowFree is the free bucket count below which GC runs.
+func (c *Cache) lowFree() int { return max(c.fgReserve()+2, int(c.sb.NBuckets/lowFreeDiv)) }
 
 // allocLocked hands out up to want bytes (rounded up to the block size) in
 // a's open bucket, opening a new bucket when needed. Foreground allocation
@@ -120,7 +139,7 @@ func (c *Cache) makeSpace() bool {
 	room := func() (pending int, free bool) {
 		c.mu.Lock()
 		defer c.mu.Unlock()
-		return len(c.mu.pending), len(c.mu.free) > fgReserve
+		return len(c.mu.pending), len(c.mu.free) > c.fgReserve()
 	}
 	pending, free := room()
 	if free {
@@ -139,7 +158,7 @@ func (c *Cache) makeSpace() bool {
 	return c.checkpointIf(func() bool {
 		c.mu.Lock()
 		defer c.mu.Unlock()
-		return len(c.mu.free) <= fgReserve && len(c.mu.pending) > 0
+		return len(c.mu.free) <= c.fgReserve() && len(c.mu.pending) > 0
 	}, true) == nil
 }
 
@@ -157,24 +176,30 @@ type gcPiece struct {
 // gcStep picks victim buckets and empties them: live data of sparse
 // buckets is moved (compaction); the oldest buckets are evicted: clean data
 // dropped, dirty data moved.
+//
+// It runs only when free buckets are short (below lowFree) and none is
+// pending. Under random overwrites of a working set above about half the
+// cache, no bucket gets below 25% live: with that threshold (GCPercent's
+// old default) and a reserve of one bucket, the cache filled with garbage
+// and every write went to the backing.
 func (c *Cache) gcStep(evict bool) int {
 	c.gcMu.Lock()
 	defer c.gcMu.Unlock()
 
 	c.mu.Lock()
-	if len(c.mu.pending) > 0 || len(c.mu.free) > fgReserve+1 {
+	nb := int64(len(c.mu.buckets))
+	if len(c.mu.pending) > 0 || len(c.mu.free) >= c.lowFree() {
 		// Another pass (or a checkpoint) made room while we waited.
 		c.mu.Unlock()
 		return 0
 	}
-	nb := int64(len(c.mu.buckets))
 	dirty := make([]int64, nb)
 	c.mu.idx.AscendDirty(0, func(e btreeExtent) bool {
 		c.sb.forBuckets(e.Loc, e.Len, func(b, _, n int64) { dirty[b] += n })
 		return true
 	})
 	bsz := c.sb.BucketSize
-	room := int64(len(c.mu.free)) * bsz
+	room := int64(min(len(c.mu.free), c.fgReserve())) * bsz
 	if c.mu.gc.b >= 0 {
 		room += c.sb.bucketStart(c.mu.gc.b+1) - c.mu.gc.wp
 	}

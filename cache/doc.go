@@ -150,7 +150,9 @@
 //     of the extent they came from, served only for that version, so it can
 //     never be stale. It holds copies of dirty pieces too: it is never the
 //     only copy.
-//   - Space: GC compacts buckets whose live data is below GCPercent (25%);
+//   - Space: when free buckets run short, GC compacts the emptiest buckets
+//     (below GCPercent, 80%, live; foreground allocation leaves it a
+//     reserve of 1/32 of the buckets to move live data into);
 //     eviction drops the clean data of the oldest buckets (moving their
 //     dirty data); a writer that finds no space frees pending buckets by a
 //     checkpoint, runs GC/eviction, and otherwise bypasses to the backing

@@ -3,10 +3,13 @@ package cache
 import (
 	"bytes"
 	"errors"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/nbdcache/nbdcache/storage"
 	"github.com/nbdcache/nbdcache/test/testseed"
+	"github.com/nbdcache/nbdcache/writeback"
 )
 
 // A cache read error on clean data falls back to the backing; on dirty
@@ -96,5 +99,47 @@ func TestExtents(t *testing.T) {
 	}
 	if len(got) != 3 || !got[0].Hole || got[0].Length != 64<<10 || got[1].Hole || got[1].Length != 8192 || !got[2].Hole {
 		t.Fatalf("extents %+v", got)
+	}
+}
+
+// Random overwrites of a dirty working set above half the cache stay in
+// the cache, with 8 writers and the background loop running (writeback
+// held off): GC keeps compacting the emptiest buckets, however full, into
+// the room foreground allocation leaves it. With a 25% threshold and a
+// one-bucket reserve, no bucket qualified, GC's own moves took the last
+// free buckets while writers took the rest, and writes went to the
+// backing.
+func TestOverwritesAboveHalfStayCached(t *testing.T) {
+	d := formatMem(t, 32<<20, 64<<20, FormatOptions{BucketSize: 128 << 10})
+	// GC reads what it moves: slow reads give writers time to take free
+	// buckets while a pass runs, as on a real device.
+	slow := storage.NewDelay(d.cache)
+	slow.Set(storage.OpRead, 50*time.Microsecond)
+	d.cache = slow
+	c := openT(t, d, Options{SequentialCutoff: -1, WritebackPercent: 100,
+		Writeback: writeback.Config{HighWatermark: 100, LowWatermark: -1, MaxDirtyAge: -1, IdleAfter: time.Hour}})
+	defer c.Close()
+	seed := testseed.Get(t)
+	span := c.CapacityBytes() * 65 / 100 / 4096 * 4096
+	const writers = 8
+	var wg sync.WaitGroup
+	for w := range writers {
+		wg.Go(func() {
+			r := rng(seed + uint64(w))
+			for i := range 3 * span / 4096 / writers {
+				off := r.Int64N(span/4096) * 4096
+				if err := c.WriteAt(payload(off, 4096, uint64(i+1)), off, 0); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	st := c.Stats()
+	t.Logf("span %d of %d: bypasses %d, no-space %d, GC runs %d moving %d bytes, checkpoints %d, writeback %d bytes",
+		span, c.CapacityBytes(), st.Bypasses, st.NoSpace, st.GCRuns, st.GCMovedBytes, st.Checkpoints, st.WritebackBytes)
+	if st.Bypasses != 0 {
+		t.Fatalf("%d writes bypassed the cache", st.Bypasses)
 	}
 }

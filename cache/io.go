@@ -217,7 +217,7 @@ func (c *Cache) writeCached(p []byte, off int64, dirty bool, cond func() bool, m
 			c.leave()
 			return done, nil
 		}
-		loc, got, b, ok := c.allocLocked(&c.mu.fg, int64(len(p))-done, fgReserve)
+		loc, got, b, ok := c.allocLocked(&c.mu.fg, int64(len(p))-done, c.fgReserve())
 		c.mu.Unlock()
 		if !ok {
 			c.leave()

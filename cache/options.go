@@ -102,8 +102,9 @@ type Options struct {
 	// CheckpointEvery: checkpoint when the journal ring is this full
 	// (fraction in percent, default 50, max 50).
 	CheckpointPercent int
-	// GCPercent: a full bucket whose live data is below this share of
-	// its size is compacted (default 25).
+	// GCPercent: when free buckets are short, GC compacts full buckets,
+	// the emptiest first, whose live data is below this share of their
+	// size (default 80).
 	GCPercent int
 	// PromoteAll turns the read admission policy off: every miss is
 	// promoted (unless bypassed by the cutoff).
@@ -140,7 +141,7 @@ func (o *Options) fill() error {
 		o.CheckpointPercent = 50
 	}
 	if o.GCPercent <= 0 || o.GCPercent >= 100 {
-		o.GCPercent = 25
+		o.GCPercent = 80
 	}
 	if o.RAMCache < 0 {
 		return fmt.Errorf("%w: RAMCache %d", ErrBadOption, o.RAMCache)

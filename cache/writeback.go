@@ -340,7 +340,7 @@ func (c *Cache) background(ctx context.Context) {
 			free := int64(len(c.mu.free))
 			pending := len(c.mu.pending)
 			c.mu.Unlock()
-			lowFree := free < max(2, c.sb.NBuckets/8)
+			lowFree := free < int64(c.lowFree())
 			target := c.CapacityBytes() * int64(c.opts.WritebackPercent) / 100
 			worked := false
 			if c.flusher != nil {
