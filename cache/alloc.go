@@ -20,8 +20,9 @@ var errNoSpace = errors.New("cache: no space")
 //     bucket while it runs. So compaction always has room to move live
 //     data into. With a reserve of one bucket, a cache whose emptiest
 //     buckets were over half live could not compact at all;
-//   - below 1/lowFreeDiv of the buckets free, GC runs and the background
-//     loop works to make room;
+//   - GC runs as late as it can, when writers are about to reach the
+//     reserve (the later, the less live data its victims hold), and
+//     compacts what brings the free buckets back to 1/lowFreeDiv of them;
 //   - compaction takes the emptiest full buckets first, up to GCPercent
 //     live.
 const (
@@ -33,7 +34,8 @@ const (
 // GC.
 func (c *Cache) fgReserve() int { return int(max(1, c.sb.NBuckets/reserveDiv)) }
 
-// lowFree is the free bucket count below which GC runs.
+// lowFree is the free bucket count a GC pass aims at, and below which the
+// background loop works to make room.
 func (c *Cache) lowFree() int { return max(c.fgReserve()+2, int(c.sb.NBuckets/lowFreeDiv)) }
 
 // allocLocked hands out up to want bytes (rounded up to the block size) in
@@ -177,18 +179,19 @@ type gcPiece struct {
 // buckets is moved (compaction); the oldest buckets are evicted: clean data
 // dropped, dirty data moved.
 //
-// It runs only when free buckets are short (below lowFree) and none is
-// pending. Under random overwrites of a working set above about half the
-// cache, no bucket gets below 25% live: with that threshold (GCPercent's
-// old default) and a reserve of one bucket, the cache filled with garbage
-// and every write went to the backing.
+// It runs only when writers are about to reach the reserve and no bucket
+// is pending, and compacts what brings the free buckets back to lowFree.
+// Under random overwrites of a working set above about half the cache, no
+// bucket gets below 25% live: with that threshold (GCPercent's old
+// default) and a reserve of one bucket, the cache filled with garbage and
+// every write went to the backing.
 func (c *Cache) gcStep(evict bool) int {
 	c.gcMu.Lock()
 	defer c.gcMu.Unlock()
 
 	c.mu.Lock()
 	nb := int64(len(c.mu.buckets))
-	if len(c.mu.pending) > 0 || len(c.mu.free) >= c.lowFree() {
+	if len(c.mu.pending) > 0 || len(c.mu.free) > c.fgReserve()+1 {
 		// Another pass (or a checkpoint) made room while we waited.
 		c.mu.Unlock()
 		return 0
@@ -215,13 +218,20 @@ func (c *Cache) gcStep(evict bool) int {
 	victims := map[int64]bool{}
 	dropClean := map[int64]bool{}
 	budget := room - bsz/2 // keep some room: moved data fragments by block
+	// Enough to bring the free buckets back to lowFree: each victim
+	// gains its garbage.
+	need := int64(c.lowFree()-len(c.mu.free)) * bsz
 	for _, b := range cands {
 		live := c.mu.buckets[b].live
+		if need <= 0 {
+			break
+		}
 		if live*100 >= bsz*int64(c.opts.GCPercent) || live > budget {
 			continue
 		}
 		victims[b] = true
 		budget -= live
+		need -= bsz - live
 	}
 	if evict {
 		// Eviction: oldest first; clean data is dropped, dirty moved.
