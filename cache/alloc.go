@@ -222,10 +222,10 @@ func (c *Cache) gcStep(evict bool) int {
 	// gains its garbage.
 	need := int64(c.lowFree()-len(c.mu.free)) * bsz
 	for _, b := range cands {
-		live := c.mu.buckets[b].live
 		if need <= 0 {
 			break
 		}
+		live := c.mu.buckets[b].live
 		if live*100 >= bsz*int64(c.opts.GCPercent) || live > budget {
 			continue
 		}

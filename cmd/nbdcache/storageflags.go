@@ -47,7 +47,7 @@ func (f *storageFlags) register(fs *flag.FlagSet) {
 	f.seqCutoff = 4 << 20
 	fs.Var(sizeFlag{&f.seqCutoff}, "sequential-cutoff", "sequential streams longer than `SIZE` bypass the cache (0: never)")
 	fs.IntVar(&f.wbPercent, "writeback-percent", 10, "dirty share of the cache that background writeback aims at, in `PERCENT`")
-	fs.IntVar(&f.wbHigh, "writeback-high", 70, "dirty share of the cache at or above which writeback runs at full speed, in `PERCENT`")
+	fs.IntVar(&f.wbHigh, "writeback-high", 0, "dirty share of the cache at or above which writeback runs at full speed, in `PERCENT` (0: 70, or --writeback-percent if higher)")
 	fs.StringVar(&f.backingModel, "backing-model", "", "give the backing a slow disk's latency: `MODEL` hdd (see docs)")
 	fs.BoolVar(&f.readOnly, "read-only", false, "refuse writes, trims and zeroes with EPERM")
 	fs.BoolVar(&f.direct, "direct", false, "open the devices with O_DIRECT")
@@ -104,7 +104,7 @@ func (f *storageFlags) open(w io.Writer, log *slog.Logger) (_ *openedStorage, er
 	if f.wbPercent < 1 || f.wbPercent > 100 {
 		return nil, fmt.Errorf("%w: --writeback-percent %d: want 1 to 100", errUsage, f.wbPercent)
 	}
-	if f.wbHigh < f.wbPercent || f.wbHigh > 100 {
+	if f.wbHigh != 0 && (f.wbHigh < f.wbPercent || f.wbHigh > 100) {
 		return nil, fmt.Errorf("%w: --writeback-high %d: want --writeback-percent (%d) to 100", errUsage, f.wbHigh, f.wbPercent)
 	}
 	var model *storage.DiskModel
