@@ -77,6 +77,9 @@ func (c *Cache) sealBucketLocked(a *allocator) {
 	c.mu.sealCount++
 	c.mu.buckets[b].sealed = c.mu.sealCount
 	c.mu.buckets[b].state = bFull
+	if !c.opts.NoBackground {
+		c.mu.sealed = append(c.mu.sealed, b)
+	}
 	c.settleLocked(b)
 }
 

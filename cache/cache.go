@@ -95,6 +95,7 @@ type Cache struct {
 		buckets   []bucket
 		free      []int64 // free buckets, FIFO
 		pending   []int64 // emptied; free after the next durable checkpoint
+		sealed    []int64 // filled since the background loop last started their writeback
 		fg, gc    allocator
 		sealCount uint64
 		nextVer   uint64

@@ -160,7 +160,10 @@
 //     full cache never deadlocks.
 //   - Background: the writeback package's Flusher (rate controller,
 //     watermarks) drives writeback through the Source methods; a small loop
-//     keeps free buckets available.
+//     keeps free buckets available, and asks the cache device to start
+//     writing each bucket that filled (storage.WritebackStarter), so that
+//     the sync of a checkpoint, which writers out of space wait for, finds
+//     little left to write.
 //
 // # Known limits
 //

@@ -143,3 +143,43 @@ func TestOverwritesAboveHalfStayCached(t *testing.T) {
 		t.Fatalf("%d writes bypassed the cache", st.Bypasses)
 	}
 }
+
+// wbRecorder records the ranges a cache asks its device to start writing
+// back.
+type wbRecorder struct {
+	storage.Device
+	mu     sync.Mutex
+	ranges map[int64]int64
+}
+
+func (r *wbRecorder) StartWriteback(off, length int64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.ranges[off] = length
+}
+
+// Every bucket that fills gets its writeback started, so that the sync of
+// the next checkpoint has little left to write (with fio randwrite the
+// longest write went from 170-270 ms to 40-60 ms).
+func TestFilledBucketsStartWriteback(t *testing.T) {
+	d := formatMem(t, 8<<20, 64<<20, FormatOptions{BucketSize: 128 << 10})
+	rec := &wbRecorder{Device: d.cache, ranges: map[int64]int64{}}
+	d.cache = rec
+	c := openT(t, d, Options{SequentialCutoff: -1})
+	defer c.Close()
+	const n = 4 << 20
+	if err := c.WriteAt(payload(0, n, 1), 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	c.startWriteback() // what the background loop has not done yet
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	if len(rec.ranges) < n/(128<<10) {
+		t.Fatalf("writeback started for %d buckets, want %d", len(rec.ranges), n/(128<<10))
+	}
+	for off, l := range rec.ranges {
+		if l != c.sb.BucketSize || off < c.sb.DataOff || (off-c.sb.DataOff)%c.sb.BucketSize != 0 {
+			t.Errorf("writeback started for %d+%d: not a bucket", off, l)
+		}
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/nbdcache/nbdcache/btreeidx"
+	"github.com/nbdcache/nbdcache/storage"
 )
 
 // DirtyExtents calls fn for dirty extents with End() > from, ascending: a
@@ -316,6 +317,24 @@ func (c *Cache) kickBackground() {
 	}
 }
 
+// startWriteback starts the kernel writing the buckets filled since the
+// last call, so that the sync of the next commit or checkpoint finds
+// little left to write: that sync held up writers waiting for free
+// buckets.
+func (c *Cache) startWriteback() {
+	ws, ok := c.dev.(storage.WritebackStarter)
+	if !ok {
+		return
+	}
+	c.mu.Lock()
+	sealed := c.mu.sealed
+	c.mu.sealed = nil
+	c.mu.Unlock()
+	for _, b := range sealed {
+		ws.StartWriteback(c.sb.bucketStart(b), c.sb.BucketSize)
+	}
+}
+
 // background writes back above the dirty target (and everything when the
 // device is idle), and keeps free buckets available.
 func (c *Cache) background(ctx context.Context) {
@@ -331,6 +350,7 @@ func (c *Cache) background(ctx context.Context) {
 		case <-c.kick:
 		case <-t.C:
 		}
+		c.startWriteback()
 		writes := c.stats.writes.Load()
 		idle := writes == lastWrites
 		lastWrites = writes

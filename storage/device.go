@@ -96,6 +96,13 @@ type Prefetcher interface {
 	Prefetch(off, length int64) error
 }
 
+// WritebackStarter is implemented by devices that can start writing a
+// range to stable storage without waiting for it (sync_file_range). It is
+// a hint that shortens a later Flush, and promises nothing.
+type WritebackStarter interface {
+	StartWriteback(off, length int64)
+}
+
 // extentsOf asks dev, or reports the range as all data when dev is not an
 // Extenter.
 func extentsOf(dev Device, off, length int64, fn func(Extent) bool) error {

@@ -224,6 +224,17 @@ func (f *File) ReadAt(p []byte, off int64) error {
 	return f.pread(p, off)
 }
 
+// StartWriteback asks the kernel to start writing the range's dirty pages
+// (sync_file_range with SYNC_FILE_RANGE_WRITE). Errors are ignored: it
+// is only a hint, and Flush reports what matters.
+func (f *File) StartWriteback(off, length int64) {
+	if f.direct || f.begin(off, length, false) != nil {
+		return
+	}
+	defer f.mu.RUnlock()
+	unix.SyncFileRange(f.fd, off, length, unix.SYNC_FILE_RANGE_WRITE)
+}
+
 // WriteAt writes p at offset off; with FUA, p is durable on return.
 func (f *File) WriteAt(p []byte, off int64, flags Flags) error {
 	if err := f.begin(off, int64(len(p)), true); err != nil {
