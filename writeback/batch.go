@@ -56,21 +56,16 @@ type batchResult struct {
 // or lost a race to a newer write (which will be written in its turn).
 func (r *batchResult) progressed() bool { return r.cleaned > 0 || r.collided > 0 }
 
-// plan merges dirty extents listed from `from` into spans: adjacent pieces
-// join one span up to maxWrite bytes; an extent longer than that, or one
-// that would overflow the span it joins, is cut into pieces at the span
-// boundary (a piece is a sub-range of the extent with Loc moved by the
-// same amount, which Source accepts like the extent itself). It stops
-// once budget bytes are planned and reports whether dirty extents remain
-// beyond what it planned. An extent that starts before from is clipped to
-// it; planRange also clips at end.
-func plan(src Source, from, budget, maxWrite int64) (spans []span, more bool) {
-	return planRange(src, nil, 0, from, math.MaxInt64, budget, maxWrite)
-}
-
-// planRange is plan up to end; with fill, a gap of at most maxGap between
-// a span and the next dirty extent that clean extents cover whole joins
-// the span as clean pieces.
+// planRange merges the dirty extents listed in [from, end) into spans:
+// adjacent pieces join one span up to maxWrite bytes; an extent longer
+// than that, or one that would overflow the span it joins, is cut into
+// pieces at the span boundary (a piece is a sub-range of the extent with
+// Loc moved by the same amount, which Source accepts like the extent
+// itself). It stops once budget bytes are planned and reports whether
+// dirty extents remain beyond what it planned. An extent that starts
+// before from or ends after end is clipped to them. With fill, a gap of
+// at most maxGap between a span and the next dirty extent that clean
+// extents cover whole joins the span as clean pieces.
 func planRange(src Source, fill Filler, maxGap, from, end, budget, maxWrite int64) (spans []span, more bool) {
 	var total int64
 	src.DirtyExtents(from, func(e btreeidx.Extent) bool {

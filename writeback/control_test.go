@@ -253,7 +253,7 @@ func TestPlan(t *testing.T) {
 		{name: "nothing", src: sliceSource{ext(0, 512, 1)}, from: 512, budget: 1, maxWr: 512, want: ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			spans, more := plan(tc.src, tc.from, tc.budget, tc.maxWr)
+			spans, more := planRange(tc.src, nil, 0, tc.from, math.MaxInt64, tc.budget, tc.maxWr)
 			if got := spansString(spans); got != tc.want || more != tc.more {
 				t.Errorf("plan = %q, more %v\nwant   %q, more %v", got, more, tc.want, tc.more)
 			}
