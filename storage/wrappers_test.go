@@ -95,6 +95,17 @@ func (b *blocker) WriteAt(p []byte, off int64, f Flags) error {
 	return b.Mem.WriteAt(p, off, f)
 }
 
+// stillWaiting fails the test with what if ch yields within 20 ms: the
+// call it stands for should still be blocked.
+func stillWaiting[T any](t *testing.T, ch <-chan T, what string) {
+	t.Helper()
+	select {
+	case v := <-ch:
+		t.Fatalf("%s (got %v)", what, v)
+	case <-time.After(20 * time.Millisecond):
+	}
+}
+
 // TestGateClose: Close waits for the calls in flight, and every later call
 // fails with ErrPoweredOff without reaching the device.
 func TestGateClose(t *testing.T) {
@@ -106,11 +117,7 @@ func TestGateClose(t *testing.T) {
 	<-b.arrived // the write is inside the gate
 	closed := make(chan struct{})
 	go func() { g.Close(); close(closed) }()
-	select {
-	case <-closed:
-		t.Fatal("Close returned while a call was in flight")
-	case <-time.After(20 * time.Millisecond):
-	}
+	stillWaiting(t, closed, "Close returned while a call was in flight")
 	close(b.release)
 	if err := <-inflight; err != nil {
 		t.Fatalf("the write in flight: %v", err)
@@ -142,11 +149,7 @@ func TestSwitchHoldRelease(t *testing.T) {
 	s.Hold()
 	held := make(chan error)
 	go func() { held <- s.WriteAt(fill(4096, 3), 0, 0) }()
-	select {
-	case err := <-held:
-		t.Fatalf("a call went through a held switch: %v", err)
-	case <-time.After(20 * time.Millisecond):
-	}
+	stillWaiting(t, held, "a call went through a held switch")
 	next := NewMem(1 << 20)
 	drained := s.Release(next)
 	if err := <-held; err != nil {
@@ -158,11 +161,7 @@ func TestSwitchHoldRelease(t *testing.T) {
 	}
 	done := make(chan struct{})
 	go func() { drained(); close(done) }()
-	select {
-	case <-done:
-		t.Fatal("drained returned while the old device had a call in flight")
-	case <-time.After(20 * time.Millisecond):
-	}
+	stillWaiting(t, done, "drained returned while the old device had a call in flight")
 	close(oldDev.release)
 	if err := <-oldRead; err != nil {
 		t.Fatal(err)
