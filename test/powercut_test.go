@@ -328,13 +328,15 @@ func TestPowerCutContract(t *testing.T) {
 // TestFaultErrors: every errno NBD carries, on every kind of request,
 // reaches the client exactly; requests outside the range and of other
 // kinds pass; failed requests touch nothing; the connection keeps
-// serving (faults_errors.py). Then the device targets through the cache,
-// and the errors the control socket refuses.
+// serving (faults_errors.py). Then the device targets through the cache
+// (faults_devices.py), ctl status, and the errors the control socket
+// refuses.
 func TestFaultErrors(t *testing.T) {
 	py := python3(t)
 	f := startFaults(t, 64*mib, 32*mib)
 	p, _ := control.ParseAddr(f.ctl)
 	t.Log(strings.TrimSpace(run(t, py, filepath.Join("testdata", "faults_errors.py"), f.uri, p)))
+	t.Log(strings.TrimSpace(run(t, py, filepath.Join("testdata", "faults_devices.py"), f.uri, p)))
 
 	ctl := func(args ...string) (string, int) {
 		return nbdcache(t, append([]string{"ctl", "--control", f.ctl}, args...)...)
@@ -347,44 +349,42 @@ func TestFaultErrors(t *testing.T) {
 		}
 		return out
 	}
-	read := func(off int64) string {
-		t.Helper()
-		return strings.TrimSpace(run(t, py, "-c", fmt.Sprintf(`
-import nbd
-h = nbd.NBD(); h.connect_uri(%q)
-try:
-    print(h.pread(4096, %d)[:4].hex())
-except nbd.Error as e:
-    print(e.errno)`, f.uri, off)))
-	}
-	// A read miss meets a backing error: the client sees its errno.
+	// ctl status shows an installed fault, counting its injections.
 	mustCtl("error", "--target", "backing", "--op", "read", "--errno", "ENOMEM", "--offset", "40M", "--length", "1M")
-	if got := read(40 * mib); got != "ENOMEM" {
-		t.Errorf("a read miss on a failing backing: %s, want ENOMEM", got)
-	}
-	if got := read(48 * mib); got != "00000000" {
-		t.Errorf("a read outside the failing range: %s", got)
-	}
-	if out := mustCtl("status"); !strings.Contains(out, "read→ENOMEM at 41943040+1048576 (1 injected)") {
+	if out := mustCtl("status"); !regexp.MustCompile(`read→ENOMEM at 41943040\+1048576 \(\d+ injected\)`).MatchString(out) {
 		t.Errorf("status does not show the fault:\n%s", out)
 	}
 	mustCtl("error", "--clear")
-	// Clean data cached: a failing cache device falls back to the backing.
-	run(t, tool(t, "qemu-io"), "-f", "raw", "-c", "write -P 0x5a 8M 1M", "-c", "read -P 0x5a 8M 1M", f.uri)
-	if out, code := nbdcache(t, "flush", "--drain", "--control", f.ctl); code != 0 {
-		t.Fatalf("flush --drain: %s", out)
+
+	// ctl power-cut says what it dropped: 16 unflushed 4 KiB writes
+	// through the cache, cut while their connection is still open.
+	out := run(t, py, "-c", fmt.Sprintf(`
+import nbd, subprocess
+h = nbd.NBD(); h.connect_uri(%q)
+for i in range(16):
+    h.pwrite(b"\x42" * 4096, (30 << 20) + i * 8192)
+r = subprocess.run([%q, "ctl", "--control", %q, "power-cut", "--model", "unflushed", "--seed", "5"], capture_output=True, text=True)
+print(r.stdout + r.stderr)`, f.uri, binary, f.ctl))
+	for _, re := range []string{
+		`(?m)^power cut \d+: model unflushed, seed 5 \(replay: --model unflushed --seed 5\); 1 connection\(s\) dropped$`,
+		`(?m)^  cache: +(\d+) unsynced write\(s\): (\d+) dropped, 0 kept, 0 partly; [\d.]+ [KMG]?i?B dropped`,
+		`(?m)^  check: +clean `,
+		`(?m)^  powered on in \d+ ms`,
+	} {
+		if !regexp.MustCompile(re).MatchString(out) {
+			t.Errorf("power-cut output does not match %s:\n%s", re, out)
+		}
 	}
-	mustCtl("error", "--target", "cache", "--op", "read", "--errno", "EIO")
-	if got := read(8 * mib); got != "5a5a5a5a" {
-		t.Errorf("clean data with a failing cache device: %s, want the data from the backing", got)
+	if m := regexp.MustCompile(`cache: +(\d+) unsynced write\(s\): (\d+) dropped`).FindStringSubmatch(out); m != nil && (m[1] != m[2] || m[1] == "0") {
+		t.Errorf("the unflushed model must drop every unsynced cache write, and there were some:\n%s", out)
 	}
-	mustCtl("error", "--clear")
 
 	// Refused: an errno NBD cannot carry, a bad target, a bad op.
 	for _, bad := range [][]string{
 		{"error", "--target", "export", "--errno", "EDQUOT"},
 		{"error", "--target", "disk"},
 		{"error", "--target", "export", "--op", "append"},
+		{"error", "--target", "backing", "--op", "flush", "--offset", "1M", "--length", "1M"},
 		{"delay", "--target", "cache", "--latency", "fast"},
 		{"power-cut", "--model", "gentle"},
 	} {

@@ -278,8 +278,10 @@ func checkOldServerGone(index int) error {
 // runDetach disconnects /dev/nbdN; its attach process then exits.
 func runDetach(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("detach", stderr)
+	useIoctl := fs.Bool("ioctl", false, "disconnect with the NBD_DISCONNECT ioctl even when netlink is there")
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "usage: nbdcache detach /dev/nbdN")
+		fmt.Fprintln(stderr, "usage: nbdcache detach [--ioctl] /dev/nbdN")
+		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -295,7 +297,12 @@ func runDetach(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err != nil {
 		return fmt.Errorf("%w: %v", errUsage, err)
 	}
-	nl, err := kernel.DialNetlink()
+	var nl *kernel.Netlink
+	if *useIoctl {
+		err = kernel.ErrNoNetlink
+	} else {
+		nl, err = kernel.DialNetlink()
+	}
 	if errors.Is(err, kernel.ErrNoNetlink) {
 		if _, serr := os.Stat(path); serr != nil {
 			return fmt.Errorf("%s: %w (is nbd loaded?)", path, serr)

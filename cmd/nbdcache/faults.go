@@ -673,6 +673,9 @@ func (r *faultRig) setError(q url.Values) error {
 	if spec.Offset >= size || spec.Length > size-spec.Offset {
 		return fmt.Errorf("%w: range %d+%d is outside the %s (%d bytes)", control.ErrBadRequest, spec.Offset, spec.Length, ts[0], size)
 	}
+	if ops == storage.OpFlush && (spec.Offset > 0 || spec.Length > 0) {
+		return fmt.Errorf("%w: a flush has no range, so a flush fault with --offset or --length would never fire", control.ErrBadRequest)
+	}
 	if spec.Length == 0 && spec.Offset > 0 {
 		spec.Length = size - spec.Offset
 	}

@@ -3,7 +3,10 @@ package main
 import (
 	"bytes"
 	"errors"
+	"flag"
+	"io"
 	"log/slog"
+	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -218,4 +221,49 @@ func TestParseFaultArgs(t *testing.T) {
 	if err := parseSyncMode("sometimes"); err == nil {
 		t.Error("--sync sometimes accepted")
 	}
+}
+
+// TestFaultsOffNoWrappers: without --faults nothing of fault mode sits in
+// the I/O path, which is why it costs nothing when off: the export is
+// the backing file itself, or the cache itself. With --faults it is
+// wrapped.
+func TestFaultsOffNoWrappers(t *testing.T) {
+	dir := t.TempDir()
+	back, cachePath := filepath.Join(dir, "backing.img"), filepath.Join(dir, "cache.img")
+	if err := createSparse(back, 64<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := createSparse(cachePath, 16<<20); err != nil {
+		t.Fatal(err)
+	}
+	open := func(args ...string) *openedStorage {
+		t.Helper()
+		var f storageFlags
+		fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+		f.register(fs)
+		fs.BoolVar(&f.faults, "faults", false, "")
+		if err := fs.Parse(args); err != nil {
+			t.Fatal(err)
+		}
+		o, err := f.open(io.Discard, slog.New(slog.DiscardHandler))
+		if err != nil {
+			t.Fatalf("%v: %v", args, err)
+		}
+		return o
+	}
+	o := open("--backing", back)
+	if _, ok := o.dev.(*storage.File); !ok || o.rig != nil {
+		t.Errorf("backing only, no --faults: the export is a %T", o.dev)
+	}
+	o.Close()
+	o = open("--backing", back, "--cache", cachePath, "--format")
+	if _, ok := o.dev.(*cache.Cache); !ok || o.rig != nil {
+		t.Errorf("with a cache, no --faults: the export is a %T", o.dev)
+	}
+	o.Close()
+	o = open("--backing", back, "--cache", cachePath, "--faults")
+	if _, ok := o.dev.(*cache.Cache); ok || o.rig == nil {
+		t.Errorf("with --faults: the export is a bare %T", o.dev)
+	}
+	o.Close()
 }

@@ -96,20 +96,11 @@ func Attach(ctx context.Context, cfg AttachConfig) (*Attachment, error) {
 	if err := LoadModule(cfg.Module); err != nil {
 		return nil, err
 	}
-	if !cfg.ForceIoctl {
-		nl, err := DialNetlink()
-		switch {
-		case err == nil:
-			a.nl = nl
-		case errors.Is(err, ErrNoNetlink) && !cfg.Reconnect:
-			a.log.Warn("no nbd netlink family; falling back to ioctls (no reconnect possible)", "err", err)
-		default:
-			return nil, err
-		}
+	nl, err := chooseInterface(cfg, DialNetlink, a.log)
+	if err != nil {
+		return nil, err
 	}
-	if a.nl == nil && cfg.Reconnect {
-		return nil, fmt.Errorf("%w: reconnect needs the netlink interface", ErrUnsupported)
-	}
+	a.nl = nl
 
 	kernelEnds, err := a.startConns(cfg.Connections)
 	if err != nil {
@@ -148,6 +139,28 @@ func Attach(ctx context.Context, cfg AttachConfig) (*Attachment, error) {
 		a.log.Warn("could not shape the device fully", "err", err)
 	}
 	return a, nil
+}
+
+// chooseInterface picks how to talk to the driver: the netlink
+// connection dial returns, or nil for ioctls when ForceIoctl is set or the
+// nbd netlink family is missing. A reconnect has no ioctl form.
+func chooseInterface(cfg AttachConfig, dial func() (*Netlink, error), log *slog.Logger) (*Netlink, error) {
+	if !cfg.ForceIoctl {
+		nl, err := dial()
+		if err == nil {
+			return nl, nil
+		}
+		if !errors.Is(err, ErrNoNetlink) {
+			return nil, err
+		}
+		if !cfg.Reconnect {
+			log.Warn("no nbd netlink family; falling back to ioctls (no reconnect possible)", "err", err)
+		}
+	}
+	if cfg.Reconnect {
+		return nil, fmt.Errorf("%w: reconnect needs the netlink interface", ErrUnsupported)
+	}
+	return nil, nil
 }
 
 // Index is the device's number N; Path is /dev/nbdN.

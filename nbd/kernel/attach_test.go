@@ -2,6 +2,7 @@ package kernel
 
 import (
 	"encoding/binary"
+	"errors"
 	"io"
 	"log/slog"
 	"math/rand/v2"
@@ -201,5 +202,45 @@ func TestHealReplacesDeadConnection(t *testing.T) {
 	case <-reconf:
 		t.Fatal("replaced a connection after Release")
 	default:
+	}
+}
+
+// TestChooseInterface: netlink when it is there; ioctls when asked or
+// when the family is missing; a reconnect without netlink is refused;
+// any other netlink failure is passed on, not papered over with ioctls.
+func TestChooseInterface(t *testing.T) {
+	log := slog.New(slog.DiscardHandler)
+	nl := &Netlink{}
+	other := errors.New("netlink socket: permission denied")
+	for _, tc := range []struct {
+		name      string
+		cfg       AttachConfig
+		dialErr   error
+		wantNL    bool
+		wantErr   error
+		wantDials int
+	}{
+		{"netlink", AttachConfig{}, nil, true, nil, 1},
+		{"no family: ioctls", AttachConfig{}, ErrNoNetlink, false, nil, 1},
+		{"forced ioctls", AttachConfig{ForceIoctl: true}, nil, false, nil, 0},
+		{"reconnect over netlink", AttachConfig{Reconnect: true}, nil, true, nil, 1},
+		{"reconnect without family", AttachConfig{Reconnect: true}, ErrNoNetlink, false, ErrUnsupported, 1},
+		{"reconnect with forced ioctls", AttachConfig{Reconnect: true, ForceIoctl: true}, nil, false, ErrUnsupported, 0},
+		{"other netlink error", AttachConfig{}, other, false, other, 1},
+	} {
+		dials := 0
+		got, err := chooseInterface(tc.cfg, func() (*Netlink, error) {
+			dials++
+			if tc.dialErr != nil {
+				return nil, tc.dialErr
+			}
+			return nl, nil
+		}, log)
+		if (got != nil) != tc.wantNL || dials != tc.wantDials {
+			t.Errorf("%s: netlink %v after %d dials, want %v after %d", tc.name, got != nil, dials, tc.wantNL, tc.wantDials)
+		}
+		if (tc.wantErr == nil) != (err == nil) || (tc.wantErr != nil && !errors.Is(err, tc.wantErr)) {
+			t.Errorf("%s: error %v, want %v", tc.name, err, tc.wantErr)
+		}
 	}
 }

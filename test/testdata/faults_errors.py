@@ -9,35 +9,21 @@
 # outside succeeds, and the connection keeps serving. Then --after/--times
 # and --probability. Failed writes, trims and zeroes must touch nothing:
 # the first 8 MiB keep their pattern throughout. Exit 0 when all hold.
-import http.client
-import socket
 import sys
-import urllib.parse
 
 import nbd
+
+import ctlsock
 
 uri, ctl = sys.argv[1], sys.argv[2]
 MIB = 1 << 20
 BS = 4096
 
 
-class UnixHTTP(http.client.HTTPConnection):
-    def __init__(self, path):
-        super().__init__("nbdcache")
-        self.unix_path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(self.unix_path)
-
-
 def control(path, **q):
-    c = UnixHTTP(ctl)
-    c.request("POST", path + "?" + urllib.parse.urlencode(q))
-    r = c.getresponse()
-    body = r.read().decode()
-    if r.status != 200:
-        sys.exit("%s %s: %d %s" % (path, q, r.status, body))
+    status, body = ctlsock.post(ctl, path, **q)
+    if status != 200:
+        sys.exit("%s %s: %d %s" % (path, q, status, body))
 
 
 failures = 0

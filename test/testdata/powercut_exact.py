@@ -13,28 +13,18 @@
 # unflushed), within milliseconds of the last write, reconnects, and
 # compares the whole device with what was durable: C over A over the
 # initial contents. Prints the cut report's JSON first. Exit 0 when exact.
-import http.client
 import json
 import random
-import socket
 import sys
 
 import nbd
+
+import ctlsock
 
 BS = 4096
 uri, ctl, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
 synced = len(sys.argv) > 4 and sys.argv[4] == "synced"
 rng = random.Random(seed)
-
-
-class UnixHTTP(http.client.HTTPConnection):
-    def __init__(self, path):
-        super().__init__("nbdcache")
-        self.unix_path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(self.unix_path)
 
 
 def block(tag, b):
@@ -76,13 +66,10 @@ for b in D:
     h.pwrite(block(0xD4, b), b * BS)
     newest[b] = [block(0xD4, b)]
 # Nothing after the flush and the FUA writes is durable. Cut now.
-c = UnixHTTP(ctl)
-c.request("POST", "/v1/fault/power-cut?model=unflushed&seed=%d" % seed)
-resp = c.getresponse()
-report = resp.read().decode()
+status, report = ctlsock.post(ctl, "/v1/fault/power-cut", model="unflushed", seed=seed)
 print(report.strip())
-if resp.status != 200:
-    sys.exit("power cut failed: %d" % resp.status)
+if status != 200:
+    sys.exit("power cut failed: %d" % status)
 rep = json.loads(report)
 if rep.get("error") or (rep.get("check") and not rep["check"]["ok"]):
     sys.exit("power cut or recovery failed")

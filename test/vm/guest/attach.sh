@@ -10,6 +10,14 @@ queue_report
 [ "$(cat /sys/block/nbd0/queue/max_sectors_kb)" = 1024 ] || fail "max_sectors_kb not applied"
 [ "$(cat /sys/block/nbd0/queue/nr_requests)" = 64 ] || fail "nr_requests not applied"
 grep -q 'nbdcache:/dev/vdb' /sys/block/nbd0/backend || fail "backend identifier not set"
+# The shape: a cache is an SSD; the backing alone is what /dev/vdb says.
+# Block sizes: 512, the smallest request both handle natively.
+case "$STORAGE" in
+*--cache*) want_rot=0 ;;
+*) want_rot=$(cat /sys/block/vdb/queue/rotational) ;;
+esac
+[ "$(cat /sys/block/nbd0/queue/rotational)" = "$want_rot" ] || fail "rotational is not $want_rot"
+[ "$(cat /sys/block/nbd0/queue/logical_block_size)" = 512 ] || fail "logical_block_size is not 512"
 
 step "fio verify=crc32c on /dev/nbd0"
 fio --name=verify --filename=/dev/nbd0 --direct=1 --ioengine=libaio --iodepth=16 \
@@ -68,7 +76,19 @@ grep -q ioctl /tmp/a2.out || fail "not attached with ioctls"
 mount -t xfs -o ro /dev/nbd0 $MNT
 verify /tmp/sums
 umount $MNT
-nbdcache detach /dev/nbd0
+out=$(nbdcache detach --ioctl /dev/nbd0)
+echo "$out"
+case "$out" in *"disconnected /dev/nbd0 (ioctl)"*) ;; *) fail "detach --ioctl did not use the ioctl" ;; esac
 finish $apid a2
 no_io_errors
+
+# Last, as the writer sees I/O errors once the device is gone.
+case "$STORAGE" in
+*--cache*)
+	step "detach while O_DIRECT writes are in flight"
+	stop_under_writes d1 'nbdcache detach /dev/nbd0'
+	step "SIGTERM while O_DIRECT writes are in flight"
+	stop_under_writes d2 'kill -TERM $apid'
+	;;
+esac
 echo "ATTACH-SCENARIO-OK"

@@ -111,3 +111,40 @@ queue_report() {
 	done
 	echo
 }
+
+# stop_under_writes NAME 'STOP': attach NAME, then write 64 KiB blocks
+# of /tmp/rand (16 MiB) with O_DIRECT, block p at position p, round and
+# round, logging each position once its write was acknowledged. After
+# 100 acknowledgements eval STOP (a detach, or a kill of $apid; the server must
+# finish what is in flight, flush and drain), wait for the writer to
+# hit the disconnect and the server to finish; then /dev/vdb itself
+# must hold every acknowledged block. Needs the cache storage.
+stop_under_writes() {
+	local name=$1 stop=$2
+	[ -f /tmp/rand ] || dd if=/dev/urandom of=/tmp/rand bs=1M count=16 2>/dev/null
+	rm -f /tmp/acked
+	attach $name --connections 2
+	(
+		i=0
+		while :; do
+			p=$((i % 256))
+			dd if=/tmp/rand of=/dev/nbd0 bs=64k skip=$p seek=$p count=1 oflag=direct conv=notrunc 2>/dev/null || exit 0
+			echo $p >>/tmp/acked
+			i=$((i + 1))
+		done
+	) &
+	local wpid=$!
+	wait_line /tmp/acked '^99$' 600 || fail "the writer did not start"
+	eval "$stop"
+	wait $wpid
+	finish $apid $name
+	local n=0 bad=0
+	for p in $(sort -un /tmp/acked); do
+		a=$(dd if=/tmp/rand bs=64k skip=$p count=1 2>/dev/null | md5sum)
+		b=$(dd if=/dev/vdb bs=64k skip=$p count=1 iflag=direct 2>/dev/null | md5sum)
+		[ "$a" = "$b" ] || { echo "block $p differs on /dev/vdb"; bad=$((bad + 1)); }
+		n=$((n + 1))
+	done
+	[ $bad = 0 ] || fail "$bad of $n acknowledged blocks are not on the backing"
+	echo "all $n acknowledged blocks ($(wc -l </tmp/acked) writes) are on /dev/vdb"
+}
