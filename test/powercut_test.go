@@ -400,7 +400,7 @@ print(r.stdout + r.stderr)`, f.uri, binary, f.ctl))
 // and gone when cleared.
 func TestFaultDelay(t *testing.T) {
 	py := python3(t)
-	f := startFaults(t, 64*mib, 0)
+	f := startFaults(t, 64*mib, 32*mib)
 	timed := func(op string) time.Duration {
 		t.Helper()
 		out := run(t, py, "-c", fmt.Sprintf(`
@@ -417,9 +417,10 @@ print(int((time.monotonic() - t) * 1e6))`, f.uri, op))
 	}
 	const lat = 300 * time.Millisecond
 	for _, c := range []struct{ target, op, call string }{
-		{"backing", "read", "h.pread(4096, 0)"},
+		{"backing", "read", "h.pread(4096, 40 << 20)"}, // a miss of the write-back cache
 		{"export", "write", "h.pwrite(bytes(4096), 0)"},
-		{"backing", "flush", "h.flush()"},
+		{"cache", "write", "h.pwrite(bytes(4096), 8192)"},
+		{"cache", "flush", "h.flush()"},
 	} {
 		if out, code := nbdcache(t, "ctl", "--control", f.ctl, "delay", "--target", c.target, "--op", c.op, "--latency", lat.String()); code != 0 {
 			t.Fatalf("ctl delay: %s", out)
