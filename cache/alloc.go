@@ -139,7 +139,9 @@ func (c *Cache) deleteLocked(off, n int64) bool {
 
 // makeSpace tries to free buckets for an allocation that failed: reuse
 // emptied buckets (after a checkpoint), else evict clean data and compact
-// sparse buckets. It reports whether anything was freed.
+// sparse buckets. It reports whether room was made, by it or meanwhile by
+// others (other writers may have taken it again already): false means
+// nothing can be freed now.
 func (c *Cache) makeSpace() bool {
 	room := func() (pending int, free bool) {
 		c.mu.Lock()
@@ -151,7 +153,11 @@ func (c *Cache) makeSpace() bool {
 		return true
 	}
 	if pending == 0 {
-		c.gcStep(true)
+		if _, hadRoom := c.gcStep(true); hadRoom {
+			// Another pass or a checkpoint made room while this one
+			// waited for gcMu; writers may have taken it since.
+			return true
+		}
 		if pending, free = room(); free {
 			return true
 		}
@@ -170,7 +176,10 @@ func (c *Cache) makeSpace() bool {
 // GCStep runs one pass of garbage collection (and eviction when evict).
 // It returns the number of buckets emptied; they are reusable after the
 // next checkpoint.
-func (c *Cache) GCStep(evict bool) int { return c.gcStep(evict) }
+func (c *Cache) GCStep(evict bool) int {
+	freed, _ := c.gcStep(evict)
+	return freed
+}
 
 type gcPiece struct {
 	off, n, loc int64
@@ -188,16 +197,19 @@ type gcPiece struct {
 // bucket gets below 25% live: with that threshold (GCPercent's old
 // default) and a reserve of one bucket, the cache filled with garbage and
 // every write went to the backing.
-func (c *Cache) gcStep(evict bool) int {
+//
+// It returns the buckets it emptied, and hadRoom when it did nothing
+// because room was there already: buckets pending or free above the
+// reserve (another pass or a checkpoint made it while this one waited).
+func (c *Cache) gcStep(evict bool) (freed int, hadRoom bool) {
 	c.gcMu.Lock()
 	defer c.gcMu.Unlock()
 
 	c.mu.Lock()
 	nb := int64(len(c.mu.buckets))
 	if len(c.mu.pending) > 0 || len(c.mu.free) > c.fgReserve()+1 {
-		// Another pass (or a checkpoint) made room while we waited.
 		c.mu.Unlock()
-		return 0
+		return 0, true
 	}
 	dirty := make([]int64, nb)
 	c.mu.idx.AscendDirty(0, func(e btreeExtent) bool {
@@ -254,7 +266,7 @@ func (c *Cache) gcStep(evict bool) int {
 	}
 	if len(victims) == 0 {
 		c.mu.Unlock()
-		return 0
+		return 0, false
 	}
 	var work []gcPiece
 	c.mu.idx.Ascend(0, func(e btreeExtent) bool {
@@ -281,7 +293,6 @@ func (c *Cache) gcStep(evict bool) int {
 		}
 	}
 	c.mu.Lock()
-	freed := 0
 	for b := range victims {
 		if c.mu.buckets[b].state == bPending && c.mu.buckets[b].epoch != epochs[b] {
 			freed++
@@ -289,7 +300,7 @@ func (c *Cache) gcStep(evict bool) int {
 	}
 	c.mu.Unlock()
 	c.stats.gcRuns.Add(1)
-	return freed
+	return freed, false
 }
 
 // pieceCurrentLocked reports whether [p.off, p.off+p.n) still holds p.ver

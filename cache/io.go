@@ -222,7 +222,7 @@ func (c *Cache) writeCached(p []byte, off int64, dirty bool, cond func() bool, m
 		if !ok {
 			c.leave()
 			c.kickBackground()
-			if !makeRoom || tries >= 4 || !c.makeSpace() {
+			if !makeRoom || tries >= maxSpaceTries || !c.makeSpace() {
 				c.stats.noSpace.Add(1)
 				return done, errNoSpace
 			}
@@ -263,6 +263,11 @@ func (c *Cache) writeCached(p []byte, off int64, dirty bool, cond func() bool, m
 }
 
 var errSkip = errors.New("cache: skipped")
+
+// maxSpaceTries bounds how often a write retries after makeSpace made
+// room that other writers then took, or when room is there but the index
+// is near the checkpoint's capacity (which only a bypass helps).
+const maxSpaceTries = 16
 
 // pinnedLocked reports whether [off, off+n) holds dirty data or is being
 // written back: such a range must never be written to the backing

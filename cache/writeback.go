@@ -377,8 +377,10 @@ func (c *Cache) background(ctx context.Context) {
 				worked = n > 0
 			}
 			if lowFree {
-				if pending == 0 && c.gcStep(true) > 0 {
-					worked = true
+				if pending == 0 {
+					if freed, _ := c.gcStep(true); freed > 0 {
+						worked = true
+					}
 				}
 				c.mu.Lock()
 				pending = len(c.mu.pending)
