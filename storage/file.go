@@ -63,16 +63,11 @@ type File struct {
 	zeros  []byte    // fileZeroSize zeroes, aligned
 	rmw    [fileRMWStripes]sync.Mutex
 
-	// wmu serializes buffered writes without FUA to a regular file
-	// (nil with O_DIRECT and on block devices). The file system
-	// serializes them anyway on the inode lock (ext4, xfs, btrfs and
-	// tmpfs take it exclusively for a buffered write), but there every
-	// waiting thread spins while the holder runs, and a server with
-	// many requests in flight has many threads waiting. Waiting here
-	// parks a goroutine instead. A write with FUA skips it: its sync
-	// runs after the kernel drops the inode lock and must not be
-	// serialized here.
-	wmu *sync.Mutex
+	// serial decides whether buffered writes without FUA to a regular
+	// file wait on a mutex of their own (serialwrites.go); nil with
+	// O_DIRECT and on block devices. A write with FUA never does: its
+	// sync runs after the kernel drops the inode lock.
+	serial *serialWrites
 
 	// mu is held shared by every request and exclusively by Close.
 	mu struct {
@@ -179,7 +174,7 @@ func (f *File) setup(opts FileOptions) error {
 		f.bounce.New = func() any { b := alignedBuf(fileBounceSize); return &b }
 	}
 	if !f.blockDev && !f.direct {
-		f.wmu = new(sync.Mutex)
+		f.serial = new(serialWrites)
 	}
 	f.zeros = alignedBuf(fileZeroSize)
 	return nil
@@ -537,9 +532,8 @@ func (f *File) pwrite(p []byte, off int64, fua bool) error {
 		f.noDSync.Store(true)
 		return f.fdatasync()
 	}
-	if f.wmu != nil && !fua {
-		f.wmu.Lock()
-		defer f.wmu.Unlock()
+	if f.serial != nil && !fua {
+		defer f.serial.end(f.serial.begin())
 	}
 	for len(p) > 0 {
 		n, err := unix.Pwrite(f.fd, p, off)
