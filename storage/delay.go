@@ -127,5 +127,12 @@ func (d *Delay) Extents(off, length int64, fn func(Extent) bool) error {
 	return extentsOf(d.inner, off, length, fn)
 }
 
+// Prefetch (NBD CACHE) waits as a read does, then warms the wrapped
+// device; a device that is not a Prefetcher does nothing.
+func (d *Delay) Prefetch(off, length int64) error {
+	d.wait(OpRead)
+	return prefetchOf(d.inner, off, length)
+}
+
 // Close closes the wrapped device at once.
 func (d *Delay) Close() error { return d.inner.Close() }

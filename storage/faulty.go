@@ -221,5 +221,18 @@ func (f *Faulty) Extents(off, length int64, fn func(Extent) bool) error {
 	return ext()
 }
 
+// Prefetch (NBD CACHE) warms the wrapped device unless a read fault
+// hits: a prefetch is a read. A device that is not a Prefetcher does
+// nothing.
+func (f *Faulty) Prefetch(off, length int64) error {
+	pre := func() error { return prefetchOf(f.inner, off, length) }
+	if f.set.Load() != nil {
+		if done, err := f.intercept(OpRead, off, length, pre); done {
+			return err
+		}
+	}
+	return pre()
+}
+
 // Close closes the wrapped device. Faults do not apply.
 func (f *Faulty) Close() error { return f.inner.Close() }

@@ -169,3 +169,52 @@ func TestSwitchHoldRelease(t *testing.T) {
 	<-done
 	s.Release(nil)() // the device did not change: returns at once
 }
+
+// prefetchCounter is a Mem that counts the Prefetch calls reaching it.
+type prefetchCounter struct {
+	*Mem
+	n int
+}
+
+func (p *prefetchCounter) Prefetch(off, length int64) error {
+	if err := CheckRange(p.Size(), off, length); err != nil {
+		return err
+	}
+	p.n++
+	return nil
+}
+
+// TestWrappersForwardPrefetch: every wrapper that can sit above a cache
+// in fault mode passes NBD CACHE down (a wrapper without Prefetch would
+// silently drop it), and Faulty fails it as the read it is.
+func TestWrappersForwardPrefetch(t *testing.T) {
+	wrappers := map[string]func(Device) Device{
+		"Faulty":      func(d Device) Device { return NewFaulty(d, 1) },
+		"Delay":       func(d Device) Device { return NewDelay(d) },
+		"DurableAcks": func(d Device) Device { return NewDurableAcks(d) },
+		"Switch":      func(d Device) Device { return NewSwitch(d) },
+	}
+	for name, wrap := range wrappers {
+		pc := &prefetchCounter{Mem: NewMem(1 << 16)}
+		p, ok := wrap(pc).(Prefetcher)
+		if !ok {
+			t.Errorf("%s is not a Prefetcher", name)
+			continue
+		}
+		if err := p.Prefetch(4096, 8192); err != nil || pc.n != 1 {
+			t.Errorf("%s: Prefetch = %v, reached the device %d times; want nil, 1", name, err, pc.n)
+		}
+		if err := p.Prefetch(1<<16, 1); !errors.Is(err, ErrOutOfRange) {
+			t.Errorf("%s: Prefetch past the end = %v, want ErrOutOfRange", name, err)
+		}
+	}
+	pc := &prefetchCounter{Mem: NewMem(1 << 16)}
+	f := NewFaulty(pc, 1)
+	f.SetFaults(Fault{Ops: OpRead, Off: 0, Length: 4096})
+	if err := f.Prefetch(0, 512); !errors.Is(err, ErrInjected) || pc.n != 0 {
+		t.Errorf("Prefetch under a read fault = %v, reached %d times; want ErrInjected, 0", err, pc.n)
+	}
+	if err := f.Prefetch(8192, 512); err != nil || pc.n != 1 {
+		t.Errorf("Prefetch outside the fault's range = %v, reached %d times; want nil, 1", err, pc.n)
+	}
+}

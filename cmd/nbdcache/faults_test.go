@@ -267,3 +267,19 @@ func TestFaultsOffNoWrappers(t *testing.T) {
 	}
 	o.Close()
 }
+
+// TestRigPrefetchReachesCache: NBD CACHE through fault mode's export
+// layers warms the cache, as it does without --faults.
+func TestRigPrefetchReachesCache(t *testing.T) {
+	r := newTestRig(t, true)
+	p, ok := r.export.(storage.Prefetcher)
+	if !ok {
+		t.Fatal("the fault-mode export is not a Prefetcher: NBD CACHE would do nothing")
+	}
+	if err := p.Prefetch(0, 64<<10); err != nil {
+		t.Fatal(err)
+	}
+	if got := r.rig.currentCache().Stats().Promotions; got == 0 {
+		t.Fatal("Prefetch through the export promoted nothing into the cache")
+	}
+}
