@@ -47,10 +47,30 @@ type VolatileReport struct {
 	// those filled with random bytes (the torn model only). Each is a
 	// sector whose surviving content came from an unsynced write.
 	Torn, Garbage []int64
+	// Undone holds the byte ranges whose unsynced contents the cut undid,
+	// sorted and merged.
+	Undone []ByteRange
 	// Overflows and WriteThrough count, since the device was wrapped, the
 	// times the undo log was full and flushed early, and the requests too
 	// long for it that were written through.
 	Overflows, WriteThrough int64
+}
+
+// ByteRange is the bytes [Off, Off+Len) of a device.
+type ByteRange struct{ Off, Len int64 }
+
+// mergeRanges sorts rs and merges the ones that overlap or touch.
+func mergeRanges(rs []ByteRange) []ByteRange {
+	slices.SortFunc(rs, func(a, b ByteRange) int { return cmp.Compare(a.Off, b.Off) })
+	out := rs[:0]
+	for _, r := range rs {
+		if n := len(out); n > 0 && r.Off <= out[n-1].Off+out[n-1].Len {
+			out[n-1].Len = max(out[n-1].Len, r.Off+r.Len-out[n-1].Off)
+			continue
+		}
+		out = append(out, r)
+	}
+	return out
 }
 
 // VolatileStats is a snapshot of a Volatile device's counters.
@@ -409,6 +429,7 @@ func (v *Volatile) cutLocked(model LossModel, rng *rand.Rand) (VolatileReport, e
 			}
 			a, b := max(runStart*SectorSize, e.off), min(end*SectorSize, e.off+e.n)
 			dropped += b - a
+			rep.Undone = append(rep.Undone, ByteRange{a, b - a})
 			if err := v.restore(e, a, b); err != nil && firstErr == nil {
 				firstErr = err
 			}
@@ -452,6 +473,7 @@ func (v *Volatile) cutLocked(model LossModel, rng *rand.Rand) (VolatileReport, e
 			rep.Partial++
 		}
 	}
+	rep.Undone = mergeRanges(rep.Undone)
 	if model == LoseTorn && len(cands) > 0 {
 		k := 1 + rng.IntN(min(4, len(cands)))
 		for _, j := range rng.Perm(len(cands))[:k] {

@@ -91,6 +91,30 @@ func (m *volatileModel) check(got []byte, model LossModel, rep VolatileReport) e
 	if model != LoseTorn && len(rep.Torn)+len(rep.Garbage) > 0 {
 		return fmt.Errorf("%v tore sectors %v %v", model, rep.Torn, rep.Garbage)
 	}
+	// Undone: sorted, disjoint, no more than was dropped; a sector outside
+	// it (and not torn) holds its newest content.
+	undone := make(map[int64]bool)
+	var undoneBytes int64
+	for i, r := range rep.Undone {
+		if r.Len <= 0 || (i > 0 && r.Off <= rep.Undone[i-1].Off+rep.Undone[i-1].Len) {
+			return fmt.Errorf("undone ranges not sorted and merged: %v", rep.Undone)
+		}
+		undoneBytes += r.Len
+		for s := r.Off / SectorSize; s*SectorSize < r.Off+r.Len; s++ {
+			undone[s] = true
+		}
+	}
+	if undoneBytes > rep.BytesDropped || (undoneBytes == 0) != (rep.BytesDropped == 0) {
+		return fmt.Errorf("undone ranges hold %d bytes, %d were dropped", undoneBytes, rep.BytesDropped)
+	}
+	for _, off := range append(slices.Clone(rep.Torn), rep.Garbage...) {
+		undone[off/SectorSize] = true
+	}
+	for s := range m.hist {
+		if h := m.hist[s]; !undone[int64(s)] && string(got[s*SectorSize:(s+1)*SectorSize]) != h[len(h)-1] {
+			return fmt.Errorf("sector %d is outside the undone ranges but not its newest content", s)
+		}
+	}
 	for s := range m.hist {
 		sec := string(got[s*SectorSize : (s+1)*SectorSize])
 		h := m.hist[s]

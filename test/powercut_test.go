@@ -356,6 +356,32 @@ func TestFaultErrors(t *testing.T) {
 	}
 	mustCtl("error", "--clear")
 
+	// Every flag of ctl error reaches the fault: ENOSPC for the third
+	// write into 8M+1M only (--after 2 --times 1), EPERM for about half
+	// the reads of 9M+4K (--probability 0.5), nothing elsewhere.
+	mustCtl("error", "--target", "export", "--op", "write", "--errno", "ENOSPC", "--offset", "8M", "--length", "1M", "--after", "2", "--times", "1")
+	mustCtl("error", "--target", "export", "--op", "read", "--errno", "EPERM", "--offset", "9M", "--length", "4K", "--probability", "0.5")
+	got := strings.TrimSpace(run(t, py, "-c", fmt.Sprintf(`
+import nbd, errno
+h = nbd.NBD(); h.connect_uri(%q)
+def res(f):
+    try:
+        f()
+        return "ok"
+    except nbd.Error as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+w = [res(lambda: h.pwrite(b"\x11" * 4096, (8 << 20) + 4096)) for _ in range(4)]
+w.append(res(lambda: h.pwrite(b"\x11" * 4096, 0)))
+r = [res(lambda: h.pread(4096, 9 << 20)) for _ in range(200)]
+print(" ".join(w), r.count("EPERM"), r.count("ok"), res(lambda: h.pread(4096, (9 << 20) + 4096)))`, f.uri)))
+	fields := strings.Fields(got)
+	if len(fields) != 8 || strings.Join(fields[:5], " ") != "ok ok ENOSPC ok ok" || fields[7] != "ok" {
+		t.Errorf("ctl error --after 2 --times 1 / --probability: writes, EPERM reads, ok reads, read outside = %q; want \"ok ok ENOSPC ok ok <n> <200-n> ok\"", got)
+	} else if n, _ := strconv.Atoi(fields[5]); n < 60 || n > 140 || fields[6] != strconv.Itoa(200-n) {
+		t.Errorf("--probability 0.5 failed %s of 200 reads (ok %s); want 60 to 140, the rest ok", fields[5], fields[6])
+	}
+	mustCtl("error", "--clear")
+
 	// ctl power-cut says what it dropped: 16 unflushed 4 KiB writes
 	// through the cache, cut while their connection is still open.
 	out := run(t, py, "-c", fmt.Sprintf(`
@@ -377,6 +403,21 @@ print(r.stdout + r.stderr)`, f.uri, binary, f.ctl))
 	}
 	if m := regexp.MustCompile(`cache: +(\d+) unsynced write\(s\): (\d+) dropped`).FindStringSubmatch(out); m != nil && (m[1] != m[2] || m[1] == "0") {
 		t.Errorf("the unflushed model must drop every unsynced cache write, and there were some:\n%s", out)
+	}
+	// ... and where: the undone ranges of the cache device hold at least
+	// the 64 KiB of data.
+	if m := regexp.MustCompile(`(?m)^ +undone \(offset\+length\): ([\d+ ]+)$`).FindStringSubmatch(out); m == nil {
+		t.Errorf("power-cut output lists no undone ranges:\n%s", out)
+	} else {
+		var sum int64
+		for _, r := range strings.Fields(m[1]) {
+			var o, l int64
+			fmt.Sscanf(r, "%d+%d", &o, &l)
+			sum += l
+		}
+		if sum < 16*4096 {
+			t.Errorf("undone ranges hold %d bytes, want at least the 65536 written:\n%s", sum, out)
+		}
 	}
 
 	// Refused: an errno NBD cannot carry, a bad target, a bad op.

@@ -130,6 +130,17 @@ func printPowerCut(w io.Writer, r powerCutResult) {
 			fmt.Fprintf(w, " (write cache full %d times, %d requests written through, since the last power-on)", d.Overflows, d.WriteThrough)
 		}
 		fmt.Fprintln(w)
+		if len(d.Undone) > 0 {
+			rs := make([]string, len(d.Undone))
+			for i, u := range d.Undone {
+				rs[i] = fmt.Sprintf("%d+%d", u[0], u[1])
+			}
+			more := ""
+			if d.UndoneMore > 0 {
+				more = fmt.Sprintf(" and %d more", d.UndoneMore)
+			}
+			fmt.Fprintf(w, "           undone (offset+length): %s%s\n", strings.Join(rs, " "), more)
+		}
 	}
 	if c := r.Check; c != nil {
 		verdict := "clean"

@@ -277,6 +277,9 @@ func lossModelName(m storage.LossModel) string {
 }
 
 // deviceLoss is what a cut did to one device (JSON for ctl).
+// maxUndoneShown bounds the undone ranges a power-cut report lists.
+const maxUndoneShown = 32
+
 type deviceLoss struct {
 	Device       string  `json:"device"`
 	Entries      int     `json:"unsynced_writes"`
@@ -287,6 +290,10 @@ type deviceLoss struct {
 	BytesKept    int64   `json:"bytes_kept"`
 	Torn         []int64 `json:"torn_sectors,omitempty"`
 	Garbage      []int64 `json:"garbage_sectors,omitempty"`
+	// Undone: the first maxUndoneShown byte ranges the cut undid, as
+	// [offset, length]; UndoneMore counts the rest.
+	Undone     [][2]int64 `json:"undone,omitempty"`
+	UndoneMore int        `json:"undone_more,omitempty"`
 	Overflows    int64   `json:"early_flushes"`
 	WriteThrough int64   `json:"written_through"`
 }
@@ -364,6 +371,14 @@ func (r *faultRig) powerCut(model storage.LossModel, seed uint64) powerCutResult
 			BytesDropped: rep.BytesDropped, BytesKept: rep.BytesKept, Torn: rep.Torn, Garbage: rep.Garbage,
 			Overflows: rep.Overflows, WriteThrough: rep.WriteThrough,
 		})
+		d := &res.Devices[len(res.Devices)-1]
+		for j, u := range rep.Undone {
+			if j == maxUndoneShown {
+				d.UndoneMore = len(rep.Undone) - j
+				break
+			}
+			d.Undone = append(d.Undone, [2]int64{u.Off, u.Len})
+		}
 	}
 	if err != nil {
 		res.Error = err.Error()
