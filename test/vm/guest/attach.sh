@@ -5,8 +5,22 @@ set -e
 . /lib.sh
 
 step "attach, 2 connections, queue depth 64"
-attach a1 --connections 2 --queue-depth 64
+attach a1 --connections 2 --queue-depth 64 --control unix:/tmp/a1.ctl
 queue_report
+# The kernel took both connections, and the flags the server offers:
+# FLUSH (write_cache), FUA, TRIM (discard) and WRITE_ZEROES.
+nbdcache stats --control unix:/tmp/a1.ctl --json >/tmp/stats.json || fail "stats"
+grep -q '"active_connections": 2,' /tmp/stats.json || { cat /tmp/stats.json; fail "the server does not serve 2 connections"; }
+[ "$(cat /sys/block/nbd0/queue/write_cache)" = "write back" ] || fail "no SEND_FLUSH: write_cache is $(cat /sys/block/nbd0/queue/write_cache)"
+[ "$(cat /sys/block/nbd0/queue/fua)" = 1 ] || fail "no SEND_FUA"
+[ "$(cat /sys/block/nbd0/queue/discard_max_bytes)" -gt 0 ] || fail "no SEND_TRIM: discard_max_bytes is 0"
+# This kernel (6.1) does not pass WRITE_ZEROES on (write_zeroes_max_bytes
+# stays 0), so read the flags the kernel holds from debugfs: HAS_FLAGS,
+# SEND_FLUSH, SEND_FUA, SEND_TRIM, SEND_WRITE_ZEROES, CAN_MULTI_CONN.
+mount -t debugfs none /sys/kernel/debug 2>/dev/null || true
+hex=$(sed -n 's/^Hex: //p' /sys/kernel/debug/nbd/nbd0/flags)
+echo "kernel's flags: $hex"
+[ -n "$hex" ] && [ $((hex & 0x16d)) = $((0x16d)) ] || fail "the kernel's flags $hex lack some of 0x16d"
 [ "$(cat /sys/block/nbd0/queue/max_sectors_kb)" = 1024 ] || fail "max_sectors_kb not applied"
 [ "$(cat /sys/block/nbd0/queue/nr_requests)" = 64 ] || fail "nr_requests not applied"
 grep -q 'nbdcache:/dev/vdb' /sys/block/nbd0/backend || fail "backend identifier not set"
@@ -43,6 +57,7 @@ for fs in ext4 xfs; do
 	step "$fs: detach"
 	nbdcache detach /dev/nbd0
 	finish $apid a1
+	gone
 	step "$fs: re-attach, check every file"
 	attach a1 --connections 2
 	mount -t $fs -o ro /dev/nbd0 $MNT
@@ -58,6 +73,7 @@ done
 step "stop with SIGTERM"
 kill -TERM $apid
 finish $apid a1
+gone
 
 step "the backing alone after the clean stop (which drains the cache): check every file"
 saved=$STORAGE
@@ -80,6 +96,7 @@ out=$(nbdcache detach --ioctl /dev/nbd0)
 echo "$out"
 case "$out" in *"disconnected /dev/nbd0 (ioctl)"*) ;; *) fail "detach --ioctl did not use the ioctl" ;; esac
 finish $apid a2
+gone
 no_io_errors
 
 # Last, as the writer sees I/O errors once the device is gone.

@@ -105,6 +105,12 @@ no_io_errors() {
 	fi
 }
 
+# gone: /dev/nbd0 is disconnected: no server task, size 0.
+gone() {
+	[ ! -e /sys/block/nbd0/pid ] || fail "/dev/nbd0 still has a server task after the detach"
+	[ "$(cat /sys/block/nbd0/size)" = 0 ] || fail "/dev/nbd0 still has size $(cat /sys/block/nbd0/size) after the detach"
+}
+
 queue_report() {
 	for f in size queue/logical_block_size queue/max_sectors_kb queue/rotational queue/nr_requests backend; do
 		printf '%s=%s ' "$f" "$(cat /sys/block/nbd0/$f 2>/dev/null)"
