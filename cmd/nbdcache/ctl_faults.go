@@ -28,10 +28,13 @@ func ctlUsage(w io.Writer) {
 Drives a server started with `+"`nbdcache serve --faults --control unix:PATH`"+`.
 
 commands:
-  power-cut [--model unflushed|random|torn|keep] [--seed N] [--json]
+  power-cut [--model unflushed|random|torn|keep] [--seed N] [--off] [--json]
         cut the power: drop every client connection, lose what a power
         failure loses on the cache and backing devices, power on again
-        (recovery runs as at a real start) and print what was lost
+        (recovery runs as at a real start) and print what was lost;
+        with --off the power stays off (every request fails with EIO)
+  power-on [--json]
+        after power-cut --off: recovery runs, the state after the cut is served
   error --target export|cache|backing [--op read,write,flush,trim,zero,extents]
         [--errno EIO|EPERM|ENOSPC|EINVAL|ENOMEM|EOVERFLOW|ENOTSUP|ESHUTDOWN]
         [--offset N --length N] [--probability P] [--after N] [--times N]
@@ -57,7 +60,7 @@ func runCtl(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	}
 	if fs.NArg() == 0 {
 		ctlUsage(stderr)
-		return fmt.Errorf("%w: want a command: power-cut, error, delay or status", errUsage)
+		return fmt.Errorf("%w: want a command: power-cut, power-on, error, delay or status", errUsage)
 	}
 	name, rest := fs.Arg(0), fs.Args()[1:]
 	sub := newFlagSet("ctl "+name, stderr)
@@ -75,6 +78,8 @@ func runCtl(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	switch name {
 	case "power-cut":
 		return ctlPowerCut(ctx, sub, rest, dial, stdout)
+	case "power-on":
+		return ctlPowerOn(ctx, sub, rest, dial, stdout)
 	case "error":
 		return ctlError(ctx, sub, rest, dial, stdout)
 	case "delay":
@@ -91,6 +96,7 @@ type dialFunc func() (*control.Client, error)
 func ctlPowerCut(ctx context.Context, fs *flag.FlagSet, args []string, dial dialFunc, stdout io.Writer) error {
 	model := fs.String("model", "unflushed", "what the power failure loses: `MODEL` unflushed (every unsynced write), random (a random subset, per 512-byte sector), torn (random plus torn sectors), keep (nothing: a process crash)")
 	seed := fs.String("seed", "", "seed of the random and torn models, `N` (default: a fresh one, printed)")
+	off := fs.Bool("off", false, "leave the power off: every request fails with EIO until `ctl power-on` (take a mounted filesystem down first)")
 	asJSON := fs.Bool("json", false, "print the raw JSON report")
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -102,11 +108,27 @@ func ctlPowerCut(ctx context.Context, fs *flag.FlagSet, args []string, dial dial
 		}
 		q.Set("seed", *seed)
 	}
-	var res powerCutResult
-	if err := call(ctx, dial, http.MethodPost, "/v1/fault/power-cut", q, &res); err != nil {
+	if *off {
+		q.Set("off", "1")
+	}
+	return powerCall(ctx, dial, "/v1/fault/power-cut", q, *asJSON, stdout)
+}
+
+func ctlPowerOn(ctx context.Context, fs *flag.FlagSet, args []string, dial dialFunc, stdout io.Writer) error {
+	asJSON := fs.Bool("json", false, "print the raw JSON report")
+	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
-	if *asJSON {
+	return powerCall(ctx, dial, "/v1/fault/power-on", nil, *asJSON, stdout)
+}
+
+// powerCall posts a power-cut or power-on and prints the report.
+func powerCall(ctx context.Context, dial dialFunc, path string, q url.Values, asJSON bool, stdout io.Writer) error {
+	var res powerCutResult
+	if err := call(ctx, dial, http.MethodPost, path, q, &res); err != nil {
+		return err
+	}
+	if asJSON {
 		printJSON(stdout, res)
 	} else {
 		printPowerCut(stdout, res)
@@ -118,8 +140,12 @@ func ctlPowerCut(ctx context.Context, fs *flag.FlagSet, args []string, dial dial
 }
 
 func printPowerCut(w io.Writer, r powerCutResult) {
-	fmt.Fprintf(w, "power cut %d: model %s, seed %d (replay: --model %s --seed %d); %d connection(s) dropped\n",
-		r.Cut, r.Model, r.Seed, r.Model, r.Seed, r.Connections)
+	if r.Model == "" {
+		fmt.Fprintf(w, "power on after cut %d\n", r.Cut)
+	} else {
+		fmt.Fprintf(w, "power cut %d: model %s, seed %d (replay: --model %s --seed %d); %d connection(s) dropped\n",
+			r.Cut, r.Model, r.Seed, r.Model, r.Seed, r.Connections)
+	}
 	for _, d := range r.Devices {
 		fmt.Fprintf(w, "  %-8s %d unsynced write(s): %d dropped, %d kept, %d partly; %s dropped, %s kept",
 			d.Device+":", d.Entries, d.Dropped, d.Kept, d.Partial, mibs(d.BytesDropped), mibs(d.BytesKept))
@@ -153,7 +179,9 @@ func printPowerCut(w io.Writer, r powerCutResult) {
 			fmt.Fprintf(w, "           warning: %s\n", p)
 		}
 	}
-	if rc := r.Recovery; rc != nil {
+	if r.PoweredOff {
+		fmt.Fprintf(w, "  the power stays off: every request fails with EIO until `nbdcache ctl power-on`\n")
+	} else if rc := r.Recovery; rc != nil {
 		fmt.Fprintf(w, "  powered on in %.0f ms: mode %s, %d extents, %s dirty\n", r.Millis, rc.Mode, rc.Extents, mibs(rc.DirtyBytes))
 	} else if r.Error == "" {
 		fmt.Fprintf(w, "  powered on in %.0f ms\n", r.Millis)
@@ -276,6 +304,9 @@ func printFaultStatus(w io.Writer, st faultStatus) {
 	}
 	tw.Flush()
 	fmt.Fprintf(w, "power cuts so far: %d\n", st.Cuts)
+	if st.Off {
+		fmt.Fprintln(w, "the power is off: every request fails with EIO until `nbdcache ctl power-on`")
+	}
 }
 
 // postFault sends one fault command and prints the resulting fault state.

@@ -108,12 +108,19 @@ func startControl(addr string, d *daemon) (stop func() error, err error) {
 // drainOnDetach writes back every dirty byte before a clean detach, so
 // that the backing alone is the whole disk afterwards.
 func drainOnDetach(ctx context.Context, st *openedStorage, log *slog.Logger) error {
-	if st.cache == nil || st.cache.DirtyBytes() == 0 {
+	c := st.liveCache() // fault mode replaces the cache at every power cut
+	if c == nil {
+		if st.rig != nil && st.rig.status().Off {
+			log.Warn("the power is off (ctl power-cut --off): the dirty data stays in the cache")
+		}
+		return nil
+	}
+	if c.DirtyBytes() == 0 {
 		return nil
 	}
 	start := time.Now()
 	var total int64
-	err := st.cache.Drain(ctx, func(done, t int64) { total = t })
+	err := c.Drain(ctx, func(done, t int64) { total = t })
 	if err != nil {
 		return fmt.Errorf("draining the cache before detaching: %w (the dirty data stays safe in the cache)", err)
 	}

@@ -31,9 +31,16 @@ package main
 //     old Cache is closed in the background (its calls all fail, its log
 //     is muted).
 //
+// `power-cut --off` stops after step 4: the export switch points at a
+// dead device (every request fails with EIO, as a disk without power
+// does) until `power-on` runs steps 5 and 6. That is how a filesystem
+// mounted on /dev/nbdX is taken down with its disk: it sees errors, not
+// a disk that silently went back in time under it.
+//
 // Without --faults none of this exists: no wrapper, no cost.
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -104,7 +111,9 @@ type faultRig struct {
 		cache  *cache.Cache  // the current one; nil without --cache
 		mute   *atomic.Bool  // mutes the current cache's log
 		opts   cache.Options
+		mode   cache.Mode // the cache's mode at the last cut
 		cuts   int
+		off    bool                   // power-cut --off, until powerOn
 		faults map[string][]faultSpec // installed, per target
 	}
 }
@@ -276,10 +285,10 @@ func lossModelName(m storage.LossModel) string {
 	return m.String()
 }
 
-// deviceLoss is what a cut did to one device (JSON for ctl).
 // maxUndoneShown bounds the undone ranges a power-cut report lists.
 const maxUndoneShown = 32
 
+// deviceLoss is what a cut did to one device (JSON for ctl).
 type deviceLoss struct {
 	Device       string  `json:"device"`
 	Entries      int     `json:"unsynced_writes"`
@@ -292,10 +301,10 @@ type deviceLoss struct {
 	Garbage      []int64 `json:"garbage_sectors,omitempty"`
 	// Undone: the first maxUndoneShown byte ranges the cut undid, as
 	// [offset, length]; UndoneMore counts the rest.
-	Undone     [][2]int64 `json:"undone,omitempty"`
-	UndoneMore int        `json:"undone_more,omitempty"`
-	Overflows    int64   `json:"early_flushes"`
-	WriteThrough int64   `json:"written_through"`
+	Undone       [][2]int64 `json:"undone,omitempty"`
+	UndoneMore   int        `json:"undone_more,omitempty"`
+	Overflows    int64      `json:"early_flushes"`
+	WriteThrough int64      `json:"written_through"`
 }
 
 // checkResult is cache.Check's verdict on the devices after the cut.
@@ -333,14 +342,27 @@ type powerCutResult struct {
 	Devices     []deviceLoss    `json:"devices"`
 	Check       *checkResult    `json:"check,omitempty"`
 	Recovery    *recoveryResult `json:"recovery,omitempty"`
-	Error       string          `json:"error,omitempty"` // the cut or the power-on failed
+	Error       string          `json:"error,omitempty"`       // the cut or the power-on failed
+	PoweredOff  bool            `json:"powered_off,omitempty"` // power-cut --off: no Check or Recovery yet
 	Millis      float64         `json:"millis"`
 }
 
-// powerCut cuts the power under model and powers the devices on again.
-func (r *faultRig) powerCut(model storage.LossModel, seed uint64) powerCutResult {
+// errPowerOff and errPowerOn refuse a cut while the power is off and a
+// power-on while it is on.
+var (
+	errPowerOff = fmt.Errorf("%w: the power is off: `nbdcache ctl power-on` first", control.ErrBadRequest)
+	errPowerOn  = fmt.Errorf("%w: the power is on", control.ErrBadRequest)
+)
+
+// powerCut cuts the power under model and, unless stayOff, powers the
+// devices on again. With stayOff every request fails with EIO, as on a
+// disk without power, until powerOn.
+func (r *faultRig) powerCut(model storage.LossModel, seed uint64, stayOff bool) (powerCutResult, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if r.mu.off {
+		return powerCutResult{}, errPowerOff
+	}
 	start := time.Now()
 	r.mu.cuts++
 	res := powerCutResult{Cut: r.mu.cuts, Model: lossModelName(model), Seed: seed}
@@ -355,23 +377,18 @@ func (r *faultRig) powerCut(model storage.LossModel, seed uint64) powerCutResult
 	}
 
 	// 3: the loss itself, on every device at one instant.
-	chains := []*faultChain{r.back}
-	if r.cache != nil {
-		chains = []*faultChain{r.cache, r.back}
-	}
-	vols := make([]*storage.Volatile, len(chains))
-	for i, c := range chains {
-		vols[i] = c.vol
+	vols := make([]*storage.Volatile, 0, 2)
+	for _, c := range r.chains() {
+		vols = append(vols, c.vol)
 	}
 	rng := rand.New(rand.NewPCG(seed, seed^0x2545f4914f6cdd1d))
 	reps, err := storage.CutVolatile(model, rng, vols...)
 	for i, rep := range reps {
-		res.Devices = append(res.Devices, deviceLoss{
-			Device: chains[i].name, Entries: rep.Entries, Dropped: rep.Dropped, Kept: rep.Kept, Partial: rep.Partial,
+		d := deviceLoss{
+			Device: r.chains()[i].name, Entries: rep.Entries, Dropped: rep.Dropped, Kept: rep.Kept, Partial: rep.Partial,
 			BytesDropped: rep.BytesDropped, BytesKept: rep.BytesKept, Torn: rep.Torn, Garbage: rep.Garbage,
 			Overflows: rep.Overflows, WriteThrough: rep.WriteThrough,
-		})
-		d := &res.Devices[len(res.Devices)-1]
+		}
 		for j, u := range rep.Undone {
 			if j == maxUndoneShown {
 				d.UndoneMore = len(rep.Undone) - j
@@ -379,23 +396,75 @@ func (r *faultRig) powerCut(model storage.LossModel, seed uint64) powerCutResult
 			}
 			d.Undone = append(d.Undone, [2]int64{u.Off, u.Len})
 		}
+		res.Devices = append(res.Devices, d)
 	}
 	if err != nil {
 		res.Error = err.Error()
 	}
 	// 4: nothing of the old generation reaches the devices any more.
 	r.mu.gen.Close()
+	old := r.mu.cache
+	if old != nil {
+		r.mu.mode = old.Mode()
+	}
+	r.mu.cache = nil
 
-	// 5: power on.
-	for _, c := range chains {
+	if stayOff {
+		r.mu.off = true
+		res.PoweredOff = true
+		drained := r.export.Release(storage.NewDead(r.export.Size(), r.export.Caps(),
+			fmt.Errorf("%w: fault mode: the power is off (`nbdcache ctl power-on`)", unix.EIO)))
+		if old != nil {
+			go r.abandon(old, drained)
+		}
+	} else {
+		r.powerOnLocked(&res, old)
+	}
+	res.Millis = float64(time.Since(start).Microseconds()) / 1000
+	r.log.Info("fault mode: power cut", "cut", res.Cut, "model", res.Model, "seed", seed,
+		"connections", res.Connections, "off", stayOff, "millis", res.Millis, "error", res.Error)
+	return res, nil
+}
+
+// powerOn ends a power-off that `power-cut --off` began: recovery runs
+// and the export serves the state after the cut.
+func (r *faultRig) powerOn() (powerCutResult, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !r.mu.off {
+		return powerCutResult{}, errPowerOn
+	}
+	start := time.Now()
+	res := powerCutResult{Cut: r.mu.cuts}
+	r.export.Hold()
+	r.mu.off = false
+	r.powerOnLocked(&res, nil)
+	res.Millis = float64(time.Since(start).Microseconds()) / 1000
+	r.log.Info("fault mode: power on", "cut", res.Cut, "millis", res.Millis, "error", res.Error)
+	return res, nil
+}
+
+// chains are the real devices: the cache's (if any), then the backing's.
+func (r *faultRig) chains() []*faultChain {
+	if r.cache != nil {
+		return []*faultChain{r.cache, r.back}
+	}
+	return []*faultChain{r.back}
+}
+
+// powerOnLocked is steps 5 and 6 of a cut: fresh Volatile wrappers and
+// Gate, cache.Check and cache.Open, and the export switched to the new
+// state (held until then). old, if not nil, is the cache that served
+// before, closed in the background once its requests are gone.
+func (r *faultRig) powerOnLocked(res *powerCutResult, old *cache.Cache) {
+	for _, c := range r.chains() {
 		c.vol = storage.NewVolatile(c.file, storage.VolatileOptions{MaxUndo: r.maxUndo})
 		c.slot.Release(c.vol)
 	}
 	r.mu.gen = storage.NewGate()
 	bd := r.mu.gen.Wrap(r.back.top)
 	var next storage.Device = bd
-	old := r.mu.cache
-	if old != nil {
+	if r.cache != nil {
 		cd := r.mu.gen.Wrap(r.cache.top)
 		rep, cerr := cache.Check(cd, bd)
 		res.Check = &checkResult{
@@ -407,15 +476,14 @@ func (r *faultRig) powerCut(model storage.LossModel, seed uint64) powerCutResult
 			res.Check.Error = cerr.Error()
 		}
 		opts := r.mu.opts
-		opts.Mode = old.Mode()
+		opts.Mode = r.mu.mode
 		opts.Logger = r.cacheLoggerLocked()
 		c, oerr := cache.Open(cd, bd, opts)
 		if oerr != nil {
 			oerr = fmt.Errorf("powering on: opening the cache: %w", oerr)
-			res.Error = oerr.Error()
+			res.Error = cmp.Or(res.Error, oerr.Error())
 			r.log.Error("fault mode: the cache did not come back after the power cut; every request fails", "err", oerr)
 			next = storage.NewDead(r.export.Size(), r.export.Caps(), fmt.Errorf("%w: %w", unix.EIO, oerr))
-			r.mu.cache = nil
 		} else {
 			s := c.Stats()
 			res.Recovery = &recoveryResult{Mode: s.Mode.String(), ReplayedRecords: s.ReplayedRecords,
@@ -424,16 +492,10 @@ func (r *faultRig) powerCut(model storage.LossModel, seed uint64) powerCutResult
 			r.mu.cache = c
 		}
 	}
-
-	// 6: serve the new state.
 	drained := r.export.Release(next)
 	if old != nil {
 		go r.abandon(old, drained)
 	}
-	res.Millis = float64(time.Since(start).Microseconds()) / 1000
-	r.log.Info("fault mode: power cut", "cut", res.Cut, "model", res.Model, "seed", seed,
-		"connections", res.Connections, "millis", res.Millis, "error", res.Error)
-	return res
 }
 
 // abandon closes a cache whose power was cut, once the requests that were
@@ -578,6 +640,7 @@ func (r *faultRig) knobsOf(target string) *knobs {
 // endpoints.
 type faultStatus struct {
 	Cuts    int                    `json:"power_cuts"`
+	Off     bool                   `json:"powered_off"`
 	Faults  map[string][]faultSpec `json:"faults"`
 	Failed  map[string]int64       `json:"injected"`         // requests failed so far, per target
 	Delays  map[string]string      `json:"delays,omitempty"` // "read=5ms,write=5ms", per target
@@ -587,7 +650,7 @@ type faultStatus struct {
 func (r *faultRig) status() faultStatus {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	st := faultStatus{Cuts: r.mu.cuts, Faults: map[string][]faultSpec{}, Failed: map[string]int64{},
+	st := faultStatus{Cuts: r.mu.cuts, Off: r.mu.off, Faults: map[string][]faultSpec{}, Failed: map[string]int64{},
 		Delays: map[string]string{}, Pending: map[string]int64{}}
 	ts, _ := r.targets("", true)
 	for _, t := range ts {
@@ -731,7 +794,8 @@ func (r *faultRig) setDelay(q url.Values) error {
 // nil without --faults, and the endpoints then say so.
 //
 //	GET  /v1/fault                          faultStatus
-//	POST /v1/fault/power-cut?model=&seed=   powerCutResult
+//	POST /v1/fault/power-cut?model=&seed=&off=   powerCutResult (off=1: the power stays off)
+//	POST /v1/fault/power-on                      powerCutResult (after off=1)
 //	POST /v1/fault/error?target=&op=&errno=&offset=&length=&probability=&after=&times=  (or clear=1)
 //	POST /v1/fault/delay?target=&op=&latency=                                           (or clear=1)
 func registerFaultEndpoints(h http.Handler, r *faultRig) {
@@ -765,7 +829,24 @@ func registerFaultEndpoints(h http.Handler, r *faultRig) {
 			}
 			seed = v
 		}
-		control.WriteJSON(w, r.powerCut(model, seed))
+		res, err := r.powerCut(model, seed, q.Get("off") != "")
+		if err != nil {
+			control.WriteError(w, err)
+			return
+		}
+		control.WriteJSON(w, res)
+	})
+	control.Register(h, "POST /v1/fault/power-on", func(w http.ResponseWriter, req *http.Request) {
+		if r == nil {
+			control.WriteError(w, errFaultsOff)
+			return
+		}
+		res, err := r.powerOn()
+		if err != nil {
+			control.WriteError(w, err)
+			return
+		}
+		control.WriteJSON(w, res)
 	})
 	// setter answers a request that changes the injected faults with the
 	// fault state that results.

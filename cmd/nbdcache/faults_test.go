@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/nbdcache/nbdcache/cache"
 	"github.com/nbdcache/nbdcache/storage"
 )
@@ -54,6 +56,16 @@ func newTestRig(t *testing.T, withCache bool) *testRig {
 	return r
 }
 
+// mustCut cuts the power and powers on again.
+func mustCut(t *testing.T, r *faultRig, model storage.LossModel, seed uint64) powerCutResult {
+	t.Helper()
+	res, err := r.powerCut(model, seed, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return res
+}
+
 func pattern(n int, b byte) []byte { return bytes.Repeat([]byte{b}, n) }
 
 func readBack(t *testing.T, d storage.Device, off int64, n int) []byte {
@@ -81,7 +93,7 @@ func TestRigPowerCutUnflushed(t *testing.T) {
 		must(r.export.Flush())
 		must(r.export.WriteAt(pattern(64<<10, 0xB2), 1<<20, 0))
 		must(r.export.WriteAt(pattern(4096, 0xC3), 0, 0))
-		res := r.rig.powerCut(storage.LoseUnsynced, 1)
+		res := mustCut(t, r.rig, storage.LoseUnsynced, 1)
 		if res.Error != "" || (res.Check != nil && !res.Check.OK) {
 			t.Fatalf("cache=%v: cut: %+v %+v", withCache, res, res.Check)
 		}
@@ -123,7 +135,7 @@ func TestRigOldGenerationFenced(t *testing.T) {
 		lateErr = r.backDev.WriteAt(pattern(4096, 0xEE), 4<<20, 0) // sleeps in the Delay
 	}()
 	<-started
-	res := r.rig.powerCut(storage.LoseUnsynced, 2)
+	res := mustCut(t, r.rig, storage.LoseUnsynced, 2)
 	if res.Error != "" {
 		t.Fatal(res.Error)
 	}
@@ -185,7 +197,7 @@ func TestDurableAcks(t *testing.T) {
 		if err := d.Zero(1<<20, 8192, 0); err != nil {
 			t.Fatal(err)
 		}
-		res := r.rig.powerCut(storage.LoseUnsynced, 3)
+		res := mustCut(t, r.rig, storage.LoseUnsynced, 3)
 		if res.Error != "" {
 			t.Fatal(res.Error)
 		}
@@ -281,5 +293,66 @@ func TestRigPrefetchReachesCache(t *testing.T) {
 	}
 	if got := r.rig.currentCache().Stats().Promotions; got == 0 {
 		t.Fatal("Prefetch through the export promoted nothing into the cache")
+	}
+}
+
+// TestRigPowerOff: power-cut --off leaves every request failing with EIO
+// (a disk without power), refuses a second cut, and power-on brings back
+// the state after the cut: flushed data kept, unflushed data gone.
+func TestRigPowerOff(t *testing.T) {
+	for _, withCache := range []bool{false, true} {
+		r := newTestRig(t, withCache)
+		must := func(err error) {
+			t.Helper()
+			if err != nil {
+				t.Fatalf("cache=%v: %v", withCache, err)
+			}
+		}
+		must(r.export.WriteAt(pattern(64<<10, 0xA1), 0, 0))
+		must(r.export.Flush())
+		must(r.export.WriteAt(pattern(64<<10, 0xB2), 1<<20, 0))
+		if _, err := r.rig.powerOn(); !errors.Is(err, errPowerOn) {
+			t.Errorf("cache=%v: power-on while on: %v, want errPowerOn", withCache, err)
+		}
+		res, err := r.rig.powerCut(storage.LoseUnsynced, 4, true)
+		must(err)
+		if !res.PoweredOff || res.Check != nil || res.Recovery != nil {
+			t.Errorf("cache=%v: an --off cut reported %+v", withCache, res)
+		}
+		if !r.rig.status().Off {
+			t.Errorf("cache=%v: status does not say the power is off", withCache)
+		}
+		p := make([]byte, 4096)
+		for name, err := range map[string]error{
+			"read":  r.export.ReadAt(p, 0),
+			"write": r.export.WriteAt(p, 8192, 0),
+			"flush": r.export.Flush(),
+		} {
+			if !errors.Is(err, unix.EIO) {
+				t.Errorf("cache=%v: %s while the power is off: %v, want EIO", withCache, name, err)
+			}
+		}
+		if _, err := r.rig.powerCut(storage.LoseUnsynced, 5, false); !errors.Is(err, errPowerOff) {
+			t.Errorf("cache=%v: a cut while off: %v, want errPowerOff", withCache, err)
+		}
+		res, err = r.rig.powerOn()
+		must(err)
+		if res.Error != "" || (withCache && (res.Check == nil || !res.Check.OK || res.Recovery == nil)) {
+			t.Errorf("cache=%v: power-on reported %+v", withCache, res)
+		}
+		if got := readBack(t, r.export, 0, 64<<10); !bytes.Equal(got, pattern(64<<10, 0xA1)) {
+			t.Errorf("cache=%v: flushed data lost", withCache)
+		}
+		if got := readBack(t, r.export, 1<<20, 64<<10); !bytes.Equal(got, make([]byte, 64<<10)) {
+			t.Errorf("cache=%v: unflushed data survived", withCache)
+		}
+		must(r.export.WriteAt(pattern(4096, 0xD4), 2<<20, 0))
+		must(r.export.Flush())
+		if got := readBack(t, r.export, 2<<20, 4096); !bytes.Equal(got, pattern(4096, 0xD4)) {
+			t.Errorf("cache=%v: write after the power-on lost", withCache)
+		}
+		if r.rig.status().Off {
+			t.Errorf("cache=%v: status still says the power is off", withCache)
+		}
 	}
 }

@@ -263,13 +263,14 @@ func (a *Attachment) serve(s net.Conn) error {
 	return nil
 }
 
-// connEnded is called once per closed server-side connection.
-func (a *Attachment) connEnded(disc bool) {
+// connEnded is called once per closed server-side connection; served
+// says whether the kernel sent any request on it.
+func (a *Attachment) connEnded(disc, served bool) {
 	a.mu.Lock()
 	if disc {
 		a.mu.requested = true
 	}
-	heal := !disc && !a.mu.stopping && !a.mu.requested && a.nl != nil && a.allowHealLocked()
+	heal := a.shouldHealLocked(disc, served)
 	if heal {
 		a.mu.open++ // the replacement, counted before this one goes
 	}
@@ -284,8 +285,21 @@ func (a *Attachment) connEnded(disc bool) {
 	}
 }
 
-// allowHealLocked bounds reconnects to 4 per connection a minute, so a
-// kernel that keeps refusing sockets does not make us spin.
+// shouldHealLocked decides whether a connection that ended gets a
+// replacement: not after a disconnect or Release, not without netlink.
+// A connection that served requests (one the server dropped, as a power
+// cut in fault mode does) is always replaced; one that died before its
+// first request counts against allowHealLocked's budget, so that a
+// replacement the kernel keeps dropping at once does not make us spin.
+func (a *Attachment) shouldHealLocked(disc, served bool) bool {
+	if disc || a.mu.stopping || a.mu.requested || a.nl == nil {
+		return false
+	}
+	return served || a.allowHealLocked()
+}
+
+// allowHealLocked bounds reconnects of connections that never served to 4
+// per connection a minute.
 func (a *Attachment) allowHealLocked() bool {
 	now := time.Now()
 	keep := a.mu.heals[:0]
@@ -309,7 +323,7 @@ func (a *Attachment) heal() {
 	k, s, err := socketpair(a.cfg.SocketBuffer)
 	if err != nil {
 		a.log.Error("reconnect: socketpair", "err", err)
-		a.connEnded(true)
+		a.connEnded(true, false)
 		return
 	}
 	defer k.Close()
@@ -392,7 +406,7 @@ func (t *trackedConn) markFinal() { t.final.Store(true) }
 
 func (t *trackedConn) Close() error {
 	err := t.nc.Close()
-	t.once.Do(func() { t.a.connEnded(t.sniff.disc.Load() || t.final.Load()) })
+	t.once.Do(func() { t.a.connEnded(t.sniff.disc.Load() || t.final.Load(), t.sniff.served.Load()) })
 	return err
 }
 
@@ -405,6 +419,7 @@ type sniffer struct {
 	skip   int64 // payload bytes still to pass
 	broken bool  // lost track of the stream: stop looking
 	disc   atomic.Bool
+	served atomic.Bool // a whole request header arrived
 }
 
 const (
@@ -434,6 +449,9 @@ func (s *sniffer) feed(p []byte) {
 		if binary.BigEndian.Uint32(s.hdr[0:4]) != requestMagic {
 			s.broken = true
 			return
+		}
+		if !s.served.Load() {
+			s.served.Store(true)
 		}
 		switch binary.BigEndian.Uint16(s.hdr[6:8]) {
 		case nbdCmdWrite:

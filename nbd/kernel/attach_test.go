@@ -69,6 +69,9 @@ func TestSnifferModel(t *testing.T) {
 			if s.disc.Load() != want {
 				t.Fatalf("iter %d: after %d of %d bytes (DISC ends at %d) disc=%v", iter, fed, len(stream), discAt, s.disc.Load())
 			}
+			if s.served.Load() != (fed >= 28) {
+				t.Fatalf("iter %d: after %d bytes served=%v", iter, fed, s.served.Load())
+			}
 		}
 		if s.broken {
 			t.Fatalf("iter %d: sniffer lost the stream", iter)
@@ -242,5 +245,38 @@ func TestChooseInterface(t *testing.T) {
 		if (tc.wantErr == nil) != (err == nil) || (tc.wantErr != nil && !errors.Is(err, tc.wantErr)) {
 			t.Errorf("%s: error %v, want %v", tc.name, err, tc.wantErr)
 		}
+	}
+}
+
+// TestHealBudget: connections that served requests (dropped by the
+// server, as fault mode's power cuts do) are always replaced; ones that
+// died before their first request only 4 times per connection a minute;
+// none after a disconnect or without netlink.
+func TestHealBudget(t *testing.T) {
+	a := &Attachment{cfg: AttachConfig{Connections: 2}, nl: &Netlink{}, log: slog.New(slog.DiscardHandler)}
+	for i := range 100 {
+		if !a.shouldHealLocked(false, true) {
+			t.Fatalf("served connection %d was not replaced", i)
+		}
+	}
+	n := 0
+	for a.shouldHealLocked(false, false) {
+		n++
+		if n > 100 {
+			break
+		}
+	}
+	if n != 8 {
+		t.Errorf("%d replacements of connections that never served, want 4 per connection (8)", n)
+	}
+	if !a.shouldHealLocked(false, true) {
+		t.Error("a served connection was not replaced once the budget was spent")
+	}
+	if a.shouldHealLocked(true, true) {
+		t.Error("a connection ended by NBD_CMD_DISC was replaced")
+	}
+	a.nl = nil
+	if a.shouldHealLocked(false, true) {
+		t.Error("replaced without netlink")
 	}
 }
