@@ -99,6 +99,16 @@ finish $apid a2
 gone
 no_io_errors
 
+step "the shape flags: --kernel-block-size 4096 --max-request 256K --scheduler none"
+attach a4 --connections 1 --kernel-block-size 4096 --max-request 256K --scheduler none
+queue_report
+[ "$(cat /sys/block/nbd0/queue/logical_block_size)" = 4096 ] || fail "logical_block_size is not 4096"
+[ "$(cat /sys/block/nbd0/queue/max_sectors_kb)" = 256 ] || fail "max_sectors_kb is not 256"
+grep -q '\[none\]' /sys/block/nbd0/queue/scheduler || fail "scheduler is not none: $(cat /sys/block/nbd0/queue/scheduler)"
+nbdcache detach /dev/nbd0
+finish $apid a4
+gone
+
 # Last, as the writer sees I/O errors once the device is gone.
 case "$STORAGE" in
 *--cache*)
