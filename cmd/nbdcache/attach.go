@@ -220,7 +220,11 @@ func runAttach(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		return fmt.Errorf("final flush: %w", ferr)
 	}
 	if !released && !f.noDrain {
-		if err := drainOnDetach(context.Background(), st, log); err != nil {
+		// A second SIGINT or SIGTERM stops a long drain; what is left
+		// stays dirty, and safe, in the cache.
+		dctx, stopDrain := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		defer stopDrain()
+		if err := drainOnDetach(dctx, st, log); err != nil {
 			return err
 		}
 	}

@@ -118,6 +118,7 @@ func drainOnDetach(ctx context.Context, st *openedStorage, log *slog.Logger) err
 	if c.DirtyBytes() == 0 {
 		return nil
 	}
+	log.Warn("writing back the dirty data before detaching (SIGINT or SIGTERM again stops it; the rest stays in the cache)", "bytes", c.DirtyBytes())
 	start := time.Now()
 	var total int64
 	err := c.Drain(ctx, func(done, t int64) { total = t })

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"flag"
 	"io"
@@ -354,5 +355,35 @@ func TestRigPowerOff(t *testing.T) {
 		if r.rig.status().Off {
 			t.Errorf("cache=%v: status still says the power is off", withCache)
 		}
+	}
+}
+
+// TestDrainOnDetach: the detach drain writes back the live cache (in fault
+// mode, the one of the last power-on), and a cancelled drain (a second
+// SIGINT) stops with an error and leaves the dirty data in the cache.
+func TestDrainOnDetach(t *testing.T) {
+	r := newTestRig(t, true)
+	st := &openedStorage{dev: r.export, cache: r.firstCache, rig: r.rig}
+	log := slog.New(slog.DiscardHandler)
+	if err := r.export.WriteAt(pattern(64<<10, 0x5A), 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	mustCut(t, r.rig, storage.KeepUnsynced, 6) // the first cache is gone now
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := drainOnDetach(ctx, st, log); !errors.Is(err, context.Canceled) {
+		t.Fatalf("a cancelled drain: %v, want context.Canceled", err)
+	}
+	if r.rig.currentCache().DirtyBytes() == 0 {
+		t.Fatal("a cancelled drain left nothing dirty")
+	}
+	if err := drainOnDetach(context.Background(), st, log); err != nil {
+		t.Fatal(err)
+	}
+	if d := r.rig.currentCache().DirtyBytes(); d != 0 {
+		t.Fatalf("%d bytes still dirty after the drain", d)
+	}
+	if got := readBack(t, r.backMem, 0, 64<<10); !bytes.Equal(got, pattern(64<<10, 0x5A)) {
+		t.Fatal("the backing does not hold the drained data")
 	}
 }
