@@ -9,13 +9,10 @@ attach c2 --connections 2
 step "mount (journal replay), umount, fsck"
 mount -t ext4 /dev/nbd0 $MNT
 umount $MNT
-e2fsck -f -n /dev/nbd0 || fail "e2fsck found problems after the power cut"
-step "check every file fsync'd before the cut"
 tr -d '\000' </dev/vdc | awk -v d=$MNT/d '$1 == "SYNCED" {print $2 "  " d "/" $3}' >/tmp/synced
 [ -s /tmp/synced ] || fail "no SYNCED list on /dev/vdc"
-mount -t ext4 -o ro /dev/nbd0 $MNT
-verify /tmp/synced
-umount $MNT
+step "fsck, check every file fsync'd before the cut"
+check_ext4 /tmp/synced "after the power cut"
 nbdcache detach /dev/nbd0
 finish $apid c2
 no_io_errors

@@ -60,10 +60,7 @@ for model in unflushed random torn; do
 	step "round $round: mount (journal replay), umount, fsck, every fsync'd file"
 	mount -t ext4 /dev/nbd0 $MNT || fail "mount after power-on"
 	umount $MNT
-	e2fsck -f -n /dev/nbd0 || fail "e2fsck found problems after the $model cut"
-	mount -t ext4 -o ro /dev/nbd0 $MNT
-	verify /tmp/sums
-	umount $MNT
+	check_ext4 /tmp/sums "after the $model cut"
 done
 step "detach"
 nbdcache detach /dev/nbd0

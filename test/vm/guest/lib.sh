@@ -95,6 +95,15 @@ verify() {
 	echo "verified $(wc -l <"$1") files"
 }
 
+# check_ext4 SUMFILE WHEN: ext4 on /dev/nbd0 (unmounted) passes e2fsck -f
+# -n, and every file recorded in SUMFILE reads back intact.
+check_ext4() {
+	e2fsck -f -n /dev/nbd0 || fail "e2fsck found problems $2"
+	mount -t ext4 -o ro /dev/nbd0 $MNT
+	verify "$1"
+	umount $MNT
+}
+
 # no_io_errors: the kernel logged no I/O error on nbd. ("Dead connection,
 # failed to find a fallback" is not one: the request then waits for a
 # reconnect.)

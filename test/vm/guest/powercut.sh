@@ -40,10 +40,7 @@ grep -E 'err=' /tmp/fio.log | head -2
 
 step "umount, fsck, check every fsync'd file"
 umount $MNT
-e2fsck -f -n /dev/nbd0 || fail "e2fsck found problems"
-mount -t ext4 -o ro /dev/nbd0 $MNT
-verify /tmp/synced
-umount $MNT
+check_ext4 /tmp/synced "after the restart"
 no_io_errors
 nbdcache detach /dev/nbd0
 finish $apid p2
