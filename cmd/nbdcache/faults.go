@@ -377,15 +377,16 @@ func (r *faultRig) powerCut(model storage.LossModel, seed uint64, stayOff bool) 
 	}
 
 	// 3: the loss itself, on every device at one instant.
-	vols := make([]*storage.Volatile, 0, 2)
-	for _, c := range r.chains() {
-		vols = append(vols, c.vol)
+	chains := r.chains()
+	vols := make([]*storage.Volatile, len(chains))
+	for i, c := range chains {
+		vols[i] = c.vol
 	}
 	rng := rand.New(rand.NewPCG(seed, seed^0x2545f4914f6cdd1d))
 	reps, err := storage.CutVolatile(model, rng, vols...)
 	for i, rep := range reps {
 		d := deviceLoss{
-			Device: r.chains()[i].name, Entries: rep.Entries, Dropped: rep.Dropped, Kept: rep.Kept, Partial: rep.Partial,
+			Device: chains[i].name, Entries: rep.Entries, Dropped: rep.Dropped, Kept: rep.Kept, Partial: rep.Partial,
 			BytesDropped: rep.BytesDropped, BytesKept: rep.BytesKept, Torn: rep.Torn, Garbage: rep.Garbage,
 			Overflows: rep.Overflows, WriteThrough: rep.WriteThrough,
 		}
