@@ -99,6 +99,9 @@ func TestCacheBinding(t *testing.T) {
 	if code == 0 || !strings.Contains(out, "never been formatted") {
 		t.Fatalf("serving with a backing that has no id: exit %d:\n%s", code, out)
 	}
+	if out, code := nbdcache(t, "check", "--cache", cache, "--backing", other); code != 1 || !strings.Contains(out, "never been formatted") {
+		t.Fatalf("check with a backing that has no id: exit %d, want 1:\n%s", code, out)
+	}
 	// Give the other backing an identity of its own, with a cache of its own.
 	if out, code := nbdcache(t, "format", "--cache", sparseFile(t, "cache2.img", 16*mib), "--backing", other); code != 0 {
 		t.Fatalf("format: %s", out)

@@ -84,8 +84,14 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fmt.Fprintf(stdout, "  superblock copies valid: %d of 2; checkpoint %d (%d of 2 slots valid)\n", rep.SuperblockCopies, rep.Checkpoint, rep.CheckpointsValid)
 	fmt.Fprintf(stdout, "  journal: %d blocks, %d records replayed, %d dropped (data never durable); stopped at: %s\n", rep.JournalBlocks, rep.Replayed, rep.Dropped, rep.JournalStop)
 	fmt.Fprintf(stdout, "  index: %d extents, %d bytes cached, %d dirty; %d of %d buckets used\n", rep.Extents, rep.CachedBytes, rep.DirtyBytes, rep.UsedBuckets, rep.Buckets)
-	if id, err := backingID(*backing, false); err == nil && cerr == nil && id != rep.BackingID {
-		rep.Problems = append(rep.Problems, fmt.Sprintf("the cache belongs to backing %x, but %s is %x", rep.BackingID, *backing, id))
+	if cerr == nil {
+		// serve refuses a backing it cannot identify, and so does check.
+		switch id, err := backingID(*backing, false); {
+		case err != nil:
+			rep.Problems = append(rep.Problems, fmt.Sprintf("cannot tell whether %s is this cache's backing (%x): %v", *backing, rep.BackingID, err))
+		case id != rep.BackingID:
+			rep.Problems = append(rep.Problems, fmt.Sprintf("the cache belongs to backing %x, but %s is %x", rep.BackingID, *backing, id))
+		}
 	}
 	for _, w := range rep.Warnings {
 		fmt.Fprintf(stdout, "  warning: %s\n", w)
