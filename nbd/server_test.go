@@ -392,9 +392,12 @@ func TestOutOfOrderReplies(t *testing.T) {
 
 // TestMultiConnFlush: writes on several connections, then a FLUSH on
 // another; the device must have seen every write before the FLUSH reply.
+// TestMultiConnFlush: a FLUSH on one connection makes durable the writes
+// completed on every other one (NBD_FLAG_CAN_MULTI_CONN): after it, a
+// power cut that drops everything unsynced keeps them all.
 func TestMultiConnFlush(t *testing.T) {
-	mem := storage.NewMem(testSize)
-	_, addr := startServer(t, Export{Device: mem})
+	dev := storage.NewCrash(testSize)
+	_, addr := startServer(t, Export{Device: dev})
 	var wg sync.WaitGroup
 	for i := range 4 {
 		wg.Add(1)
@@ -420,11 +423,14 @@ func TestMultiConnFlush(t *testing.T) {
 	if r := c.readReply(nil); r.errno != 0 {
 		t.Fatal(r)
 	}
+	after, rep := dev.PowerCut(storage.LoseUnsynced, nil)
 	buf := make([]byte, 4096)
 	for i := range 64 {
-		mem.ReadAt(buf, int64(i)*4096)
+		if err := after.ReadAt(buf, int64(i)*4096); err != nil {
+			t.Fatal(err)
+		}
 		if buf[0] != byte(i/16+1) {
-			t.Fatalf("block %d holds %d", i, buf[0])
+			t.Fatalf("block %d holds %d after the flush and a power cut (%+v)", i, buf[0], rep)
 		}
 	}
 }
