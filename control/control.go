@@ -57,7 +57,8 @@ type Stats struct {
 	WritebackBytes  int64  `json:"writeback_bytes"`
 	WritebackRate   int64  `json:"writeback_rate"`    // bytes/s written back recently
 	WritebackTarget int64  `json:"writeback_target"`  // target dirty bytes
-	Collisions      int64  `json:"collisions"`        // writebacks that lost the race with a newer write
+	Collisions      int64  `json:"collisions"`        // extents whose writeback lost the race with a newer write
+	CollidedBytes   int64  `json:"collided_bytes"`    // bytes rewritten while being written back (the clean mark refused)
 	BackingWrites   int64  `json:"backing_writes"`    // writeback writes to the backing
 	BackingWriteAvg int64  `json:"backing_write_avg"` // their average size
 	WritebackState  string `json:"writeback_state"`

@@ -2,6 +2,7 @@ package test
 
 import (
 	"bytes"
+	"encoding/json"
 	"flag"
 	"fmt"
 	"math/rand"
@@ -78,6 +79,7 @@ func TestCacheWithClients(t *testing.T) {
 	if code != 0 || !strings.Contains(st, `"dirty_bytes": 0,`) {
 		t.Fatalf("stats after the drain (exit %d):\n%s", code, st)
 	}
+	checkStatsNames(t, st)
 	b, _ := os.ReadFile(backing)
 	if !bytes.Equal(b, want) {
 		t.Fatal("after flush --drain the backing file alone differs from what clients read")
@@ -175,5 +177,46 @@ func TestKill9Recovery(t *testing.T) {
 		t.Logf("round %d (seed %d): %s", round, rseed, strings.TrimSpace(out))
 		s.stop()
 		mustCheck(t, cache, backing)
+	}
+}
+
+// checkStatsNames: the stats --json names users and scripts rely on are
+// all there, and those this workload must have moved did move (64 MiB
+// through a 24 MiB cache: misses, hits, GC or eviction, writeback,
+// commits and checkpoints).
+func checkStatsNames(t *testing.T, js string) {
+	t.Helper()
+	var st map[string]any
+	if err := json.Unmarshal([]byte(js), &st); err != nil {
+		t.Fatalf("stats --json: %v\n%s", err, js)
+	}
+	for _, name := range []string{"mode", "connections", "active_connections", "requests", "request_errors",
+		"bytes_read", "bytes_written", "client_flushes", "hits", "misses", "partial_hits", "hit_ratio",
+		"ram_hits", "bypasses", "promotions", "dirty_bytes", "cached_bytes", "capacity_bytes", "occupancy",
+		"extents", "gc_runs", "gc_moved_bytes", "evicted_bytes", "journal_commits", "journal_publishes",
+		"checkpoints", "cache_errors", "failed", "writeback_bytes", "writeback_rate", "writeback_target",
+		"collisions", "collided_bytes", "backing_writes", "backing_write_avg", "writeback_state", "uptime_seconds"} {
+		if _, ok := st[name]; !ok {
+			t.Errorf("stats --json has no %q", name)
+		}
+	}
+	num := func(name string) float64 { v, _ := st[name].(float64); return v }
+	if st["mode"] != "writeback" {
+		t.Errorf("mode %v, want writeback", st["mode"])
+	}
+	for _, name := range []string{"requests", "bytes_written", "bytes_read", "writeback_bytes", "backing_writes",
+		"capacity_bytes", "journal_commits", "journal_publishes", "checkpoints", "connections"} {
+		if num(name) <= 0 {
+			t.Errorf("stats %s = %v after 64 MiB through a 24 MiB cache, want > 0", name, st[name])
+		}
+	}
+	if num("hits")+num("partial_hits") <= 0 || num("misses") <= 0 {
+		t.Errorf("hits %v, partial %v, misses %v: want both hits and misses", st["hits"], st["partial_hits"], st["misses"])
+	}
+	if num("gc_runs")+num("evicted_bytes") <= 0 {
+		t.Errorf("neither GC (%v runs) nor eviction (%v bytes) ran in a cache a third of the data", st["gc_runs"], st["evicted_bytes"])
+	}
+	if o := num("occupancy"); o <= 0 || o > 1 {
+		t.Errorf("occupancy %v, want in (0, 1]", o)
 	}
 }

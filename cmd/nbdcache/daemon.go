@@ -55,8 +55,9 @@ func (d *daemon) Stats() control.Stats {
 	s.JournalCommits, s.JournalPublishes, s.Checkpoints = cs.Commits, cs.Publishes, cs.Checkpoints
 	s.CacheErrors = cs.CacheReadErrors + cs.CacheWriteErrors
 	s.Failed = cs.Failed
-	s.WritebackBytes, s.Collisions = cs.WritebackBytes, cs.WritebackCollisions
+	s.WritebackBytes, s.CollidedBytes = cs.WritebackBytes, cs.WritebackCollisions
 	if ws, ok := c.WritebackStats(); ok {
+		s.Collisions, s.CollidedBytes = ws.Collisions, ws.CollidedBytes // the flusher sees stale reads too
 		s.WritebackRate, s.WritebackTarget = ws.WrittenRate, ws.Target
 		s.BackingWrites, s.BackingWriteAvg = ws.Writes, ws.AvgWrite
 		s.WritebackState = ws.Mode.String()
