@@ -17,7 +17,7 @@
 //
 //	off  size  field
 //	0    8     magic "NBDCACHE"
-//	8    4     format version (1)
+//	8    4     format version (2; 1 still opens)
 //	12   4     header length (152)
 //	16   16    cache UUID
 //	32   16    backing ID (must match Options.BackingID)
@@ -42,7 +42,8 @@
 //	4     4     record count (<= 101)
 //	8     8     sequence number
 //	16    4     prev: the crc of the block before, or the checkpoint's seed
-//	20    4     zero
+//	20    4     durable: seq-d+1, where every block below d was durable
+//	            when this one was written (0: not known, as in version 1)
 //	24    40*n  records
 //	4092  4     crc32c of bytes 0..4091
 //
@@ -78,7 +79,11 @@
 //     open block before writing it. One journal writer at a time; a
 //     commit's sync does not hold up publishes.
 //   - Recovery stops at the first journal block that fails its checksum,
-//     its sequence or its chain (prev): the torn tail. Sequence numbers
+//     its sequence or its chain (prev): the torn tail. Unless a valid block
+//     after it (in the next 256 slots, before an earlier lap) says it was
+//     written when that block was already durable: then the block was
+//     damaged after a sync, the flushed writes from it on would be lost,
+//     and Open and Check fail with ErrCorrupt instead. Sequence numbers
 //     only grow, so a block of an earlier lap of the ring never matches;
 //     the chain, reseeded with a random value by the checkpoint every
 //     Open writes, keeps blocks of an earlier life (beyond a torn tail)

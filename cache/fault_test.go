@@ -2,6 +2,7 @@ package cache
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"sync"
 	"testing"
@@ -181,5 +182,96 @@ func TestFilledBucketsStartWriteback(t *testing.T) {
 		if l != c.sb.BucketSize || off < c.sb.DataOff || (off-c.sb.DataOff)%c.sb.BucketSize != 0 {
 			t.Errorf("writeback started for %d+%d: not a bucket", off, l)
 		}
+	}
+}
+
+// TestJournalCorruptionIsNotATornTail: a damaged journal block with valid,
+// later blocks written after it was durable is corruption (Open and Check
+// fail with ErrCorrupt), not the end of the journal; replaying up to it
+// would silently lose the flushed writes after it. A damaged last block,
+// never synced, is a torn tail: the flushed writes before it stay.
+func TestJournalCorruptionIsNotATornTail(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		damage  func(first int64) int64 // which block (counted from the checkpoint's first) to damage
+		corrupt bool
+	}{
+		{"middle", func(int64) int64 { return 2 }, true},
+		{"unsynced tail", func(int64) int64 { return 20 }, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := formatMem(t, 16<<20, 32<<20, FormatOptions{})
+			c := openT(t, d, Options{NoBackground: true})
+			for i := range 20 {
+				if err := c.WriteAt(payload(int64(i)*4096, 4096, uint64(i+1)), int64(i)*4096, 0); err != nil {
+					t.Fatal(err)
+				}
+				if err := c.Flush(); err != nil { // one sealed, synced block each
+					t.Fatal(err)
+				}
+			}
+			// One more, published but never synced: the tail.
+			if err := c.WriteAt(payload(20*4096, 4096, 21), 20*4096, 0); err != nil {
+				t.Fatal(err)
+			}
+			// The process dies here (no Close); the devices keep everything.
+			sb, err := readSuper(d.cache)
+			if err != nil {
+				t.Fatal(err)
+			}
+			st, err := loadState(d.cache, sb, breakNone, c.log)
+			if err != nil || st.blocks != 21 {
+				t.Fatalf("before the damage: %d blocks, %v; want 21", st.blocks, err)
+			}
+			first := (st.jpos - st.blocks + sb.journalSlots()) % sb.journalSlots()
+			slot := (first + tc.damage(first)) % sb.journalSlots()
+			b := make([]byte, 1)
+			off := sb.JournalOff + slot*metaBlock + 100
+			d.cache.ReadAt(b, off)
+			b[0] ^= 0x40
+			d.cache.WriteAt(b, off, 0)
+
+			_, cerr := Check(d.cache, d.back)
+			_, oerr := Open(d.cache, d.back, Options{BackingID: testBackingID, NoBackground: true})
+			if !tc.corrupt {
+				if cerr != nil || oerr != nil {
+					t.Fatalf("a torn tail: Check %v, Open %v; want both to succeed", cerr, oerr)
+				}
+				return
+			}
+			if !errors.Is(cerr, ErrCorrupt) || !errors.Is(oerr, ErrCorrupt) {
+				t.Fatalf("a damaged durable block: Check %v, Open %v; want ErrCorrupt from both", cerr, oerr)
+			}
+			t.Logf("Open: %v", oerr)
+		})
+	}
+}
+
+// TestOpensVersion1: an image of format version 1 (journal blocks that
+// say nothing of durability) still opens, with its data.
+func TestOpensVersion1(t *testing.T) {
+	d := formatMem(t, 16<<20, 32<<20, FormatOptions{})
+	c := openT(t, d, Options{NoBackground: true})
+	if err := c.WriteAt(payload(0, 8192, 7), 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	for _, off := range []int64{0, metaBlock} { // both superblock copies
+		b := make([]byte, metaBlock)
+		d.cache.ReadAt(b, off)
+		binary.LittleEndian.PutUint32(b[8:], 1)
+		binary.LittleEndian.PutUint32(b[sbUsed:], crc(b[:sbUsed]))
+		d.cache.WriteAt(b, off, 0)
+	}
+	c2, err := Open(d.cache, d.back, Options{BackingID: testBackingID, NoBackground: true})
+	if err != nil {
+		t.Fatalf("a version 1 image: %v", err)
+	}
+	defer c2.Close()
+	got := make([]byte, 8192)
+	if err := c2.ReadAt(got, 0); err != nil || !bytes.Equal(got, payload(0, 8192, 7)) {
+		t.Fatalf("a version 1 image lost its data (%v)", err)
 	}
 }

@@ -13,7 +13,7 @@ const (
 	sbMagic      = "NBDCACHE"
 	ckptMagic    = "NBDCCKPT"
 	jMagic       = "NBDJ"
-	formatVer    = 1
+	formatVer    = 2   // 2: journal blocks say how far the journal was durable
 	sbUsed       = 152 // bytes of a superblock copy covered by its checksum (+4)
 	ckptHdrSize  = 64
 	ckptExtSize  = 32
@@ -100,8 +100,10 @@ func decodeSuperblock(b []byte, devSize int64) (*superblock, error) {
 		return nil, ErrNotFormatted
 	}
 	le := binary.LittleEndian
-	if v := le.Uint32(b[8:]); v != formatVer {
-		return nil, fmt.Errorf("%w: version %d, want %d", ErrVersion, v, formatVer)
+	if v := le.Uint32(b[8:]); v != 1 && v != formatVer {
+		// Version 1 images open; they become version 2 when the
+		// superblock is next written.
+		return nil, fmt.Errorf("%w: version %d, want 1 or %d", ErrVersion, v, formatVer)
 	}
 	if le.Uint32(b[12:]) != sbUsed {
 		return nil, fmt.Errorf("%w: superblock header length %d", ErrCorrupt, le.Uint32(b[12:]))
@@ -259,20 +261,35 @@ type jblock struct {
 	Prev uint32 // chain: the CRC of the block before, or the checkpoint's seed
 	Recs []record
 	CRC  uint32 // this block's own checksum (the next block's Prev)
+	// Durable: when the block was written, every block with a lower
+	// sequence was durable (0: not known, as in format version 1).
+	Durable uint64
 }
 
 // finishJBlock writes the header and checksum of a journal block whose n
-// records are already encoded in b, and returns the checksum.
-func finishJBlock(b []byte, salt uint32, seq uint64, prev uint32, n int) uint32 {
+// records are already encoded in b, and returns the checksum. durable is
+// what the writer knew: every block with a sequence below it was durable
+// (at most seq).
+func finishJBlock(b []byte, salt uint32, seq uint64, prev uint32, n int, durable uint64) uint32 {
 	le := binary.LittleEndian
 	copy(b[0:4], jMagic)
 	le.PutUint32(b[4:], uint32(n))
 	le.PutUint64(b[8:], seq)
 	le.PutUint32(b[16:], prev)
-	le.PutUint32(b[20:], 0)
+	le.PutUint32(b[20:], durableField(seq, durable))
 	c := crc32.Update(salt, castagnoli, b[:metaBlock-4])
 	le.PutUint32(b[metaBlock-4:], c)
 	return c
+}
+
+// durableField encodes durable (1 to seq) as seq-durable+1; 0 (what
+// version 1 wrote) means nothing is known, as for a durable of 0 or a
+// distance beyond 32 bits.
+func durableField(seq, durable uint64) uint32 {
+	if durable == 0 || durable > seq || seq-durable >= 1<<32-1 {
+		return 0
+	}
+	return uint32(seq - durable + 1)
 }
 
 // decodeJBlock checks magic, checksum and record count, and decodes.
@@ -294,8 +311,11 @@ func decodeJBlock(salt uint32, b []byte) (*jblock, error) {
 		return nil, fmt.Errorf("%w: journal block with %d records", ErrCorrupt, n)
 	}
 	jb := &jblock{Seq: le.Uint64(b[8:]), Prev: le.Uint32(b[16:]), CRC: c, Recs: make([]record, n)}
-	if le.Uint32(b[20:]) != 0 {
-		return nil, fmt.Errorf("%w: journal block header", ErrCorrupt)
+	if d := uint64(le.Uint32(b[20:])); d > 0 {
+		if d-1 >= jb.Seq {
+			return nil, fmt.Errorf("%w: journal block %d says block %d was durable", ErrCorrupt, jb.Seq, int64(jb.Seq)-int64(d-1))
+		}
+		jb.Durable = jb.Seq - (d - 1)
 	}
 	for i := range jb.Recs {
 		r, err := decodeRecord(b[jHdrSize+int(i)*jRecSize:])

@@ -33,7 +33,7 @@ func sampleJBlock() []byte {
 		{Type: recDelete, Off: 0, Len: 512},
 		{Type: recClean, Off: 4096, Len: 4096, Ver: 3},
 		{Type: recReplace, Gen: 2, Off: 4096, Len: 4096, Loc: 2 << 20, Ver: 3, CRC: 78},
-	})
+	}, 4)
 	return b
 }
 
@@ -55,7 +55,13 @@ func FuzzSuperblock(f *testing.F) {
 		if err != nil {
 			return
 		}
-		if got := sb.encode(); !bytes.Equal(got[:sbUsed+4], b[:sbUsed+4]) {
+		// A version 1 superblock re-encodes as the current version.
+		want := append([]byte(nil), b[:sbUsed+4]...)
+		if binary.LittleEndian.Uint32(want[8:]) != formatVer {
+			binary.LittleEndian.PutUint32(want[8:], formatVer)
+			binary.LittleEndian.PutUint32(want[sbUsed:], crc(want[:sbUsed]))
+		}
+		if got := sb.encode(); !bytes.Equal(got[:sbUsed+4], want) {
 			t.Fatalf("round trip differs")
 		}
 	})
@@ -75,7 +81,7 @@ func FuzzJournalBlock(f *testing.F) {
 				t.Fatalf("invalid record accepted: %+v", r)
 			}
 		}
-		got, sum := encodeJBlock(fuzzSalt, jb.Seq, jb.Prev, jb.Recs)
+		got, sum := encodeJBlock(fuzzSalt, jb.Seq, jb.Prev, jb.Recs, jb.Durable)
 		if sum != jb.CRC || !bytes.Equal(got, b) {
 			t.Fatalf("round trip differs")
 		}
@@ -195,7 +201,7 @@ func TestWriteFuzzCorpus(t *testing.T) {
 	sb := sampleSuper().encode()
 	write("FuzzSuperblock", 0, sb[:sbUsed+4])
 	bad := append([]byte(nil), sb[:sbUsed+4]...)
-	binary.LittleEndian.PutUint32(bad[8:], 2)
+	binary.LittleEndian.PutUint32(bad[8:], formatVer+1)
 	write("FuzzSuperblock", 1, bad)
 	write("FuzzJournalBlock", 0, sampleJBlock())
 	jb := sampleJBlock()
@@ -212,10 +218,10 @@ func TestWriteFuzzCorpus(t *testing.T) {
 // encodeJBlock encodes a whole journal block at once, as the fuzz targets
 // need; the cache encodes records as they are appended (appendLocked) and
 // finishes the block with finishJBlock.
-func encodeJBlock(salt uint32, seq uint64, prev uint32, recs []record) ([]byte, uint32) {
+func encodeJBlock(salt uint32, seq uint64, prev uint32, recs []record, durable uint64) ([]byte, uint32) {
 	b := make([]byte, metaBlock)
 	for i := range recs {
 		recs[i].encode(b[jHdrSize+i*jRecSize:])
 	}
-	return b, finishJBlock(b, salt, seq, prev, len(recs))
+	return b, finishJBlock(b, salt, seq, prev, len(recs), durable)
 }

@@ -199,6 +199,11 @@ func loadState(dev storage.Device, sb *superblock, brk breakMode, log *slog.Logg
 		pos = (pos + 1) % slots
 	}
 	st.jseq, st.jpos, st.jprev = seq, pos, prev
+	if st.stopWhy != "" {
+		if err := durableAfterStop(dev, sb, salt, seq, pos, st.stopWhy); err != nil {
+			return nil, err
+		}
+	}
 
 	// Buckets: generations from the checkpoint, live bytes from the index.
 	st.buckets = make([]bucket, sb.NBuckets)
@@ -236,4 +241,40 @@ func overlapsLoc(idx *btreeidx.Index) (a, b btreeidx.Extent, found bool) {
 		}
 	}
 	return a, b, false
+}
+
+// corruptScan bounds how many ring slots past the end of the replay
+// durableAfterStop reads.
+const corruptScan = 256
+
+// durableAfterStop tells a torn tail from corruption. Replay stopped at
+// block seq (slot pos). That is the end of the journal when the block was
+// never durable: a power cut may drop or tear any block not yet synced,
+// and blocks after it with it. But if a valid block after it says that,
+// when it was written, every block up to seq or beyond was durable, then
+// block seq was durable and has been damaged since, and the flushed
+// writes recorded from it on would be lost without a word: that is
+// corruption (ErrCorrupt). The scan ends at a block of an earlier lap of
+// the ring (a lower sequence) or after corruptScan slots.
+func durableAfterStop(dev storage.Device, sb *superblock, salt uint32, seq uint64, pos int64, why string) error {
+	slots := sb.journalSlots()
+	blk := make([]byte, metaBlock)
+	for k := int64(1); k < min(slots, corruptScan+1); k++ {
+		p := (pos + k) % slots
+		if err := dev.ReadAt(blk, sb.JournalOff+p*metaBlock); err != nil {
+			return fmt.Errorf("cache: read journal slot %d: %w", p, err)
+		}
+		jb, err := decodeJBlock(salt, blk)
+		if err != nil {
+			continue // torn or never written: says nothing
+		}
+		if jb.Seq <= seq {
+			return nil // an earlier lap: nothing newer lies beyond
+		}
+		if jb.Durable > seq {
+			return fmt.Errorf("%w: journal block %d (slot %d) is damaged (%s), but block %d (slot %d) was written when every block before %d was durable: the flushed writes recorded from block %d on cannot be replayed",
+				ErrCorrupt, seq, pos, why, jb.Seq, p, jb.Durable, seq)
+		}
+	}
+	return nil
 }
