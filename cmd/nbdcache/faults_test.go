@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"flag"
+	"fmt"
 	"io"
 	"log/slog"
 	"path/filepath"
@@ -78,31 +79,56 @@ func readBack(t *testing.T, d storage.Device, off int64, n int) []byte {
 	return p
 }
 
+// writeFlushedAndNot writes 64 KiB of 0xA1 at 0 and flushes, then 64 KiB
+// of 0xB2 at 1 MiB without a flush: what checkUnflushedCut expects.
+func (r *testRig) writeFlushedAndNot(t *testing.T) {
+	t.Helper()
+	for _, err := range []error{
+		r.export.WriteAt(pattern(64<<10, 0xA1), 0, 0),
+		r.export.Flush(),
+		r.export.WriteAt(pattern(64<<10, 0xB2), 1<<20, 0),
+	} {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// checkUnflushedCut checks the export after an unflushed-model cut of
+// writeFlushedAndNot's writes (when: "after the cut", say): the flushed
+// data is there, the unflushed gone, and a new write reads back.
+func (r *testRig) checkUnflushedCut(t *testing.T, label, when string) {
+	t.Helper()
+	if got := readBack(t, r.export, 0, 64<<10); !bytes.Equal(got, pattern(64<<10, 0xA1)) {
+		t.Errorf("%s: flushed data lost", label)
+	}
+	if got := readBack(t, r.export, 1<<20, 64<<10); !bytes.Equal(got, make([]byte, 64<<10)) {
+		t.Errorf("%s: unflushed data survived", label)
+	}
+	if err := r.export.WriteAt(pattern(4096, 0xD4), 2<<20, 0); err != nil {
+		t.Fatalf("%s: write %s: %v", label, when, err)
+	}
+	if err := r.export.Flush(); err != nil {
+		t.Fatalf("%s: flush %s: %v", label, when, err)
+	}
+	if got := readBack(t, r.export, 2<<20, 4096); !bytes.Equal(got, pattern(4096, 0xD4)) {
+		t.Errorf("%s: write %s lost", label, when)
+	}
+}
+
 // TestRigPowerCutUnflushed: through the export, flushed data survives the
 // unflushed model and unflushed data is gone, with and without a cache;
 // the export keeps serving the new state.
 func TestRigPowerCutUnflushed(t *testing.T) {
 	for _, withCache := range []bool{false, true} {
 		r := newTestRig(t, withCache)
-		must := func(err error) {
-			t.Helper()
-			if err != nil {
-				t.Fatal(err)
-			}
+		r.writeFlushedAndNot(t)
+		if err := r.export.WriteAt(pattern(4096, 0xC3), 0, 0); err != nil {
+			t.Fatal(err)
 		}
-		must(r.export.WriteAt(pattern(64<<10, 0xA1), 0, 0))
-		must(r.export.Flush())
-		must(r.export.WriteAt(pattern(64<<10, 0xB2), 1<<20, 0))
-		must(r.export.WriteAt(pattern(4096, 0xC3), 0, 0))
 		res := mustCut(t, r.rig, storage.LoseUnsynced, 1)
 		if res.Error != "" || (res.Check != nil && !res.Check.OK) {
 			t.Fatalf("cache=%v: cut: %+v %+v", withCache, res, res.Check)
-		}
-		if got := readBack(t, r.export, 0, 64<<10); !bytes.Equal(got, pattern(64<<10, 0xA1)) {
-			t.Errorf("cache=%v: flushed data lost", withCache)
-		}
-		if got := readBack(t, r.export, 1<<20, 64<<10); !bytes.Equal(got, make([]byte, 64<<10)) {
-			t.Errorf("cache=%v: unflushed data survived", withCache)
 		}
 		if withCache && r.rig.currentCache() == r.firstCache {
 			t.Error("the cache was not reopened")
@@ -111,11 +137,7 @@ func TestRigPowerCutUnflushed(t *testing.T) {
 			t.Error("no recovery report")
 		}
 		// The export serves the new state and takes writes.
-		must(r.export.WriteAt(pattern(4096, 0xD4), 2<<20, 0))
-		must(r.export.Flush())
-		if got := readBack(t, r.export, 2<<20, 4096); !bytes.Equal(got, pattern(4096, 0xD4)) {
-			t.Errorf("cache=%v: write after the cut lost", withCache)
-		}
+		r.checkUnflushedCut(t, fmt.Sprintf("cache=%v", withCache), "after the cut")
 	}
 }
 
@@ -309,9 +331,7 @@ func TestRigPowerOff(t *testing.T) {
 				t.Fatalf("cache=%v: %v", withCache, err)
 			}
 		}
-		must(r.export.WriteAt(pattern(64<<10, 0xA1), 0, 0))
-		must(r.export.Flush())
-		must(r.export.WriteAt(pattern(64<<10, 0xB2), 1<<20, 0))
+		r.writeFlushedAndNot(t)
 		if _, err := r.rig.powerOn(); !errors.Is(err, errPowerOn) {
 			t.Errorf("cache=%v: power-on while on: %v, want errPowerOn", withCache, err)
 		}
@@ -341,17 +361,7 @@ func TestRigPowerOff(t *testing.T) {
 		if res.Error != "" || (withCache && (res.Check == nil || !res.Check.OK || res.Recovery == nil)) {
 			t.Errorf("cache=%v: power-on reported %+v", withCache, res)
 		}
-		if got := readBack(t, r.export, 0, 64<<10); !bytes.Equal(got, pattern(64<<10, 0xA1)) {
-			t.Errorf("cache=%v: flushed data lost", withCache)
-		}
-		if got := readBack(t, r.export, 1<<20, 64<<10); !bytes.Equal(got, make([]byte, 64<<10)) {
-			t.Errorf("cache=%v: unflushed data survived", withCache)
-		}
-		must(r.export.WriteAt(pattern(4096, 0xD4), 2<<20, 0))
-		must(r.export.Flush())
-		if got := readBack(t, r.export, 2<<20, 4096); !bytes.Equal(got, pattern(4096, 0xD4)) {
-			t.Errorf("cache=%v: write after the power-on lost", withCache)
-		}
+		r.checkUnflushedCut(t, fmt.Sprintf("cache=%v", withCache), "after the power-on")
 		if r.rig.status().Off {
 			t.Errorf("cache=%v: status still says the power is off", withCache)
 		}
