@@ -125,16 +125,20 @@ func (c *Cache) insertLocked(e btreeExtent, sum uint32) {
 }
 
 // deleteLocked drops [off, off+n) from the index, journaling it only if
-// something was there. It reports whether anything was.
-func (c *Cache) deleteLocked(off, n int64) bool {
+// something was there. It reports whether a clean extent was there.
+func (c *Cache) deleteLocked(off, n int64) (clean bool) {
 	found := false
-	c.mu.idx.Lookup(off, n, func(btreeExtent) bool { found = true; return false })
+	c.mu.idx.Lookup(off, n, func(e btreeExtent) bool {
+		found = true
+		clean = clean || !e.Dirty
+		return true
+	})
 	if !found {
 		return false
 	}
 	c.mu.idx.Delete(off, n, c.droppedLocked)
 	c.appendLocked(record{Type: recDelete, Off: off, Len: n})
-	return true
+	return clean
 }
 
 // makeSpace tries to free buckets for an allocation that failed: reuse

@@ -68,3 +68,61 @@ func TestBasicWriteReadReopen(t *testing.T) {
 	}
 	var _ storage.Device = c
 }
+
+// TestTrimDropsDirty: a trim deletes the extents over it, dirty ones too
+// (bcache's discard), and reaches the backing, and the deletion outlives a
+// reopen.
+func TestTrimDropsDirty(t *testing.T) {
+	const K = 1 << 10
+	d := formatMem(t, 4<<20, 1<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 64 << 10})
+	if err := d.back.WriteAt(payload(0, 256*K, 1), 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	c := openT(t, d, Options{NoBackground: true})
+	// [192K, 256K) cached and clean, [64K, 192K) dirty.
+	if err := c.WriteAt(payload(192*K, 64*K, 3), 192*K, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := c.WritebackStep(0, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.WriteAt(payload(64*K, 128*K, 2), 64*K, storage.FUA); err != nil {
+		t.Fatal(err)
+	}
+	if got := c.DirtyBytes(); got != 128*K {
+		t.Fatalf("dirty before trim: %d", got)
+	}
+	if err := c.Trim(64*K, 192*K, 0); err != nil {
+		t.Fatal(err)
+	}
+	zeroes := make([]byte, 192*K)
+	check := func(when string) {
+		t.Helper()
+		if got := c.DirtyBytes(); got != 0 {
+			t.Fatalf("%s: %d dirty bytes left in a trimmed range", when, got)
+		}
+		if st := c.Stats(); st.Extents != 0 {
+			t.Fatalf("%s: %d extents left in a trimmed range", when, st.Extents)
+		}
+		got := make([]byte, 192*K)
+		if err := d.back.ReadAt(got, 64*K); err != nil || !bytes.Equal(got, zeroes) {
+			t.Fatalf("%s: the trim did not reach the backing (%v)", when, err)
+		}
+		if err := c.ReadAt(got, 64*K); err != nil || !bytes.Equal(got, zeroes) {
+			t.Fatalf("%s: a trimmed range reads old data (%v)", when, err)
+		}
+		if err := c.ReadAt(got[:64*K], 0); err != nil || !bytes.Equal(got[:64*K], payload(0, 64*K, 1)) {
+			t.Fatalf("%s: data before the trimmed range changed (%v)", when, err)
+		}
+	}
+	check("after trim")
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Check(d.cache, d.back); err != nil {
+		t.Fatal(err)
+	}
+	c = openT(t, d, Options{NoBackground: true})
+	defer c.Close()
+	check("after reopen")
+}

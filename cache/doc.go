@@ -104,7 +104,10 @@
 //   - Dirty data is never bypassed: a range holding dirty extents, or being
 //     written back, is always written into the cache (as dirty), whatever
 //     the mode, so a writeback in flight can never land stale data over a
-//     newer direct write to the backing.
+//     newer direct write to the backing. The one exception is a trim,
+//     which deletes dirty extents too (bcache's discard) but leaves ranges
+//     being written back alone: after it a sector may read as zeroes or
+//     as any data it held before.
 //   - Before anything is written to the backing directly (bypass,
 //     writethrough, writearound, trim, zero), the extents over the range are
 //     deleted and that deletion is committed: a clean extent that outlived a

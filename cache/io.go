@@ -396,8 +396,11 @@ func (c *Cache) write(p []byte, off int64) error {
 }
 
 // passthrough performs op on the backing for [off, off+n), which must not be
-// pinned. Any extent over the range is deleted first, durably: a clean
-// extent that outlived a crash over newer backing data would be stale.
+// pinned (only a trim passes dirty extents). Any extent over the range is
+// deleted first, durably if one was clean: a clean extent that outlived a
+// crash over newer backing data would be stale. A deleted dirty extent is
+// like an overwritten one: its deletion is made durable by the next
+// commit, and until then a crash brings back data the range held.
 // After op, then (if not nil) runs with the backing write counted, so the
 // records it appends are committed only after a backing flush.
 func (c *Cache) passthrough(off, n int64, op func() error, then func() error) error {
@@ -407,7 +410,7 @@ func (c *Cache) passthrough(off, n int64, op func() error, then func() error) er
 	c.mu.Lock()
 	c.mu.bypassSeq++
 	c.mu.bypassInflight++
-	deleted := c.deleteLocked(off, n)
+	clean := c.deleteLocked(off, n)
 	c.mu.Unlock()
 	c.leave()
 	defer func() {
@@ -415,7 +418,7 @@ func (c *Cache) passthrough(off, n int64, op func() error, then func() error) er
 		c.mu.bypassInflight--
 		c.mu.Unlock()
 	}()
-	if deleted {
+	if clean {
 		if err := c.commit(); err != nil {
 			return err
 		}
@@ -442,9 +445,10 @@ func (c *Cache) writeBacking(p []byte, off int64, then func() error) error {
 	}, then)
 }
 
-// pieces splits [off, off+n) into runs that are pinned and runs that are
-// not.
-func (c *Cache) pinnedRuns(off, n int64) (runs []readPiece) {
+// runs splits [off, off+n) at extent and writeback boundaries into runs
+// for which held (pinnedLocked or busyLocked) is true (dirty set) and runs
+// for which it is not.
+func (c *Cache) runs(off, n int64, held func(off, n int64) bool) (runs []readPiece) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	var cur *readPiece
@@ -463,7 +467,7 @@ func (c *Cache) pinnedRuns(off, n int64) (runs []readPiece) {
 		if a >= b || a < off || b > off+n {
 			continue
 		}
-		p := c.pinnedLocked(a, b-a)
+		p := held(a, b-a)
 		if cur != nil && cur.dirty == p && cur.off+cur.n == a {
 			cur.n += b - a
 			continue
@@ -474,9 +478,12 @@ func (c *Cache) pinnedRuns(off, n int64) (runs []readPiece) {
 	return runs
 }
 
-// Trim discards [off, off+length): clean cached data is dropped and the
-// backing trimmed; dirty data is left alone (a trimmed range may read back
-// as its old data). Only whole sectors are trimmed.
+// Trim discards [off, off+length), as bcache does: the extents over it,
+// dirty ones too, are deleted (and the deletion committed), then the
+// backing is trimmed. A trimmed sector may so read back as zeroes or as
+// any data it held before, never as another sector's. A range being
+// written back at that moment is left alone: its writeback lands data the
+// range held. Only whole sectors are trimmed.
 func (c *Cache) Trim(off, length int64, flags storage.Flags) error {
 	if err := storage.CheckRange(c.Size(), off, length); err != nil {
 		return err
@@ -484,7 +491,7 @@ func (c *Cache) Trim(off, length int64, flags storage.Flags) error {
 	a, e := alignUp(off, sectorSize), (off+length)/sectorSize*sectorSize
 	c.stats.trims.Add(1)
 	if a < e {
-		for _, r := range c.pinnedRuns(a, e-a) {
+		for _, r := range c.runs(a, e-a, c.busyLocked) {
 			if r.dirty {
 				continue
 			}
@@ -534,7 +541,7 @@ func (c *Cache) Zero(off, length int64, flags storage.Flags) error {
 				return err
 			}
 		}
-		for _, r := range c.pinnedRuns(a, e-a) {
+		for _, r := range c.runs(a, e-a, c.pinnedLocked) {
 			if err := c.zeroRun(r, flags); err != nil {
 				return err
 			}

@@ -27,7 +27,9 @@ import (
 //   - a sector whose write was made durable (a completed Flush after it,
 //     or FUA) holds that write or a later one;
 //   - any other sector holds the data of some write it really received
-//     (or zeroes after a trim or zero, or its initial zeroes).
+//     (or zeroes after a trim or zero, or its initial zeroes). A trim, as
+//     in bcache, drops dirty data too, so after one the sector may hold
+//     zeroes or any value it ever had.
 //
 // Sectors are self-describing (LBA + write id + pattern), so garbage and
 // misplaced data are caught too.
@@ -35,7 +37,7 @@ import (
 // pend is one value a sector was given since its last flush.
 type pend struct {
 	id   uint64
-	trim bool // a trim: zeroes, or the value before
+	trim bool // a trim: zeroes, or any value the sector ever had
 }
 
 // oracle tracks, per sector, what may be read back.
@@ -43,36 +45,44 @@ type oracle struct {
 	durable [][]uint64 // allowed after a crash, from flushed history
 	pending [][]pend   // since the last flush, in order
 	cur     [][]uint64 // allowed now (live reads)
+	ever    [][]uint64 // every value a sector was given, its initial 0 first
 	// ackDurable: the crash is a process kill (KeepUnsynced), which
 	// loses no acknowledged write, so every acknowledgement is durable.
 	ackDurable bool
 }
 
 func newOracle(sectors int64) *oracle {
-	o := &oracle{durable: make([][]uint64, sectors), pending: make([][]pend, sectors), cur: make([][]uint64, sectors)}
+	o := &oracle{durable: make([][]uint64, sectors), pending: make([][]pend, sectors), cur: make([][]uint64, sectors), ever: make([][]uint64, sectors)}
 	for i := range o.durable {
 		o.durable[i] = []uint64{0}
 		o.cur[i] = []uint64{0}
+		o.ever[i] = []uint64{0}
 	}
 	return o
 }
 
-func apply(set []uint64, p pend) []uint64 {
+// apply is set after p: a write's value, or after a trim the values set
+// allowed and every value the sector ever had (ever holds 0).
+func apply(set []uint64, p pend, ever []uint64) []uint64 {
 	if !p.trim {
 		return []uint64{p.id}
 	}
-	for _, v := range set {
-		if v == 0 {
-			return set
+	out := append([]uint64(nil), set...)
+	for _, v := range ever {
+		if !contains(out, v) {
+			out = append(out, v)
 		}
 	}
-	return append(append([]uint64(nil), set...), 0)
+	return out
 }
 
 // begin records that an operation is issued (it may be half done by a cut).
 func (o *oracle) begin(off, n int64, p pend) {
 	for s := off / sectorSize; s < (off+n)/sectorSize; s++ {
 		o.pending[s] = append(o.pending[s], p)
+		if !p.trim && !contains(o.ever[s], p.id) {
+			o.ever[s] = append(o.ever[s], p.id)
+		}
 	}
 }
 
@@ -80,9 +90,9 @@ func (o *oracle) begin(off, n int64, p pend) {
 func (o *oracle) done(off, n int64, p pend, fua bool) {
 	fua = fua || o.ackDurable
 	for s := off / sectorSize; s < (off+n)/sectorSize; s++ {
-		o.cur[s] = apply(o.cur[s], p)
+		o.cur[s] = apply(o.cur[s], p, o.ever[s])
 		if fua {
-			o.durable[s] = apply(o.durable[s], p)
+			o.durable[s] = apply(o.durable[s], p, o.ever[s])
 			if !p.trim {
 				o.pending[s] = nil
 			}
@@ -93,7 +103,7 @@ func (o *oracle) done(off, n int64, p pend, fua bool) {
 func (o *oracle) flushed() {
 	for s := range o.pending {
 		for _, p := range o.pending[s] {
-			o.durable[s] = apply(o.durable[s], p)
+			o.durable[s] = apply(o.durable[s], p, o.ever[s])
 		}
 		o.pending[s] = nil
 	}
@@ -103,7 +113,7 @@ func (o *oracle) allowedAfterCrash(s int64) []uint64 {
 	a := append([]uint64(nil), o.durable[s]...)
 	for _, p := range o.pending[s] {
 		if p.trim {
-			a = append(a, 0)
+			a = append(a, o.ever[s]...)
 		} else {
 			a = append(a, p.id)
 		}
