@@ -200,7 +200,7 @@ func (c *conn) validate(req request) (errno uint32, msg string) {
 		return 0, ""
 	}
 	if req.typ == cmdTrim && !c.dev.Caps().Trim {
-		return errInval, "TRIM was not offered"
+		return errNotSup, "TRIM was not offered"
 	}
 	size := uint64(c.dev.Size())
 	if req.offset > size || uint64(req.length) > size-req.offset {

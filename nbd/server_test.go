@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"io"
 	"net"
 	"sync"
 	"testing"
@@ -161,6 +162,18 @@ func TestNegotiation(t *testing.T) {
 			t.Fatalf("final %#x", r.typ)
 		}
 	})
+	t.Run("abort", func(t *testing.T) {
+		c := dial(t, addr)
+		c.greet()
+		c.sendOpt(optAbort, nil)
+		if r := c.readOptReply(); r.typ != repAck || r.opt != optAbort {
+			t.Fatalf("ABORT: reply %#x for option %d", r.typ, r.opt)
+		}
+		c.nc.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.r.ReadByte(); !errors.Is(err, io.EOF) {
+			t.Fatalf("the server did not close the connection after ABORT: %v", err)
+		}
+	})
 	t.Run("export-name", func(t *testing.T) {
 		c := dial(t, addr)
 		c.greet()
@@ -273,7 +286,9 @@ func TestCommands(t *testing.T) {
 func TestErrors(t *testing.T) {
 	mem := storage.NewMem(testSize)
 	ro := storage.NewMem(testSize)
-	_, addr := startServer(t, Export{Name: "rw", Device: mem}, Export{Name: "ro", Device: ro, ReadOnly: true})
+	nt := storage.NewMem(testSize)
+	_, addr := startServer(t, Export{Name: "rw", Device: mem}, Export{Name: "ro", Device: ro, ReadOnly: true},
+		Export{Name: "notrim", Device: noTrim{nt}})
 	big := uint32(33 << 20)
 	cases := []struct {
 		name       string
@@ -303,11 +318,15 @@ func TestErrors(t *testing.T) {
 		{"oversize-read-df", "rw", true, cmdRead, cflagDF, 0, big, nil, errOverflow},
 		{"oversize-write", "rw", false, cmdWrite, 0, 0, big, make([]byte, big), errInval},
 		{"structured-error", "rw", true, cmdRead, 0, testSize, 512, nil, errInval},
+		{"trim-not-offered", "notrim", false, cmdTrim, 0, 0, 512, nil, errNotSup},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			c := dial(t, addr)
 			c.connect(tc.export, tc.structured)
+			if tc.export == "notrim" && c.tflags&tflagSendTrim != 0 {
+				t.Fatalf("TRIM offered by a device without it (flags %#x)", c.tflags)
+			}
 			c.request(tc.typ, tc.flags, 99, tc.off, tc.length, tc.payload)
 			r := c.readReply(nil)
 			if r.errno != tc.want || r.cookie != 99 {
@@ -323,7 +342,7 @@ func TestErrors(t *testing.T) {
 			}
 		})
 	}
-	for _, m := range []*storage.Mem{mem, ro} {
+	for _, m := range []*storage.Mem{mem, ro, nt} {
 		var n int64
 		m.Extents(0, testSize, func(e storage.Extent) bool {
 			if !e.Hole {
@@ -335,6 +354,15 @@ func TestErrors(t *testing.T) {
 			t.Errorf("a rejected request touched %d bytes", n)
 		}
 	}
+}
+
+// noTrim is a device that cannot trim.
+type noTrim struct{ *storage.Mem }
+
+func (d noTrim) Caps() storage.Caps {
+	c := d.Mem.Caps()
+	c.Trim = false
+	return c
 }
 
 // gate is a Device wrapper whose reads at one offset wait for a signal.

@@ -100,6 +100,20 @@ expect_err("zero on read-only", errno.EPERM, ro.zero, 512, 0)
 still_usable(ro)
 ro.shutdown()
 
+# Option haggling as libnbd does it: LIST names the export, INFO reports
+# its size, and ABORT ends the negotiation cleanly.
+o = nbd.NBD()
+o.set_opt_mode(True)
+o.connect_uri(uri)
+names = []
+o.opt_list(lambda name, desc: names.append(name))
+assert names, "LIST named no export"
+o.opt_info()
+assert o.get_size() == size, o.get_size()
+o.opt_abort()
+assert o.aio_is_closed(), "ABORT left the connection open"
+print("ok  opt list/info/abort")
+
 # 64 requests in flight, completing out of order: a 32 MiB read is sent
 # first, then 63 small ones that finish before it.
 big = nbd.Buffer(32 * MIB)
