@@ -8,8 +8,9 @@
 #   (c0)         the same as it comes: its default 64 KiB blocks, so each
 #                4 KiB write first reads 64 KiB from the model
 # then the drain of what (b) left dirty, timed against writing the same
-# number of blocks randomly to the model, and FLUSH latency after 2000
-# random dirty writes. Prints a table; writes series.csv and writeback.png
+# number of blocks randomly to the model, FLUSH latency after 2000 random
+# dirty writes, and (d) the latency of a paced read/write load while the
+# flusher writes back and with nothing dirty. Prints a table; writes series.csv and writeback.png
 # (IOPS, dirty bytes and writeback rate over time during (b)) to OUT.
 #
 #   bench/writeback-experiment.sh                # 30 s per run
@@ -66,6 +67,29 @@ sleep 1
 kill $spid 2>/dev/null || true
 DRAIN=$($PY -c "print(f'{$t1-$t0:.2f}')")
 FLUSH_MS=$($PY bench/flushlat.py "nbd+unix:///?socket=$work/b.sock" 2000 $((SPAN_MB << 20)) 5 1 | sort -n | sed -n 3p)
+
+# (d) foreground latency while writeback runs: a paced 4k random read/write
+# load on the cached span, in alternating states. Each round dirties the
+# span again with 3 s of (b)'s load, runs the paced load while the flusher
+# writes back, drains, and runs it again with nothing dirty.
+stat_of() { "$bin" stats --json --control "unix:$work/b.ctl" | $PY -c "import json,sys;print(json.load(sys.stdin)[sys.argv[1]])" "$1"; }
+FG_RUNTIME=$((RUNTIME < 10 ? RUNTIME : 10))
+fio_paced() { # OUTJSON
+	fio --name=fg --ioengine=nbd --uri="nbd+unix:///?socket=$work/b.sock" --rw=randrw --bs=4k --iodepth=4 \
+		--size="${SPAN_MB}M" --rate_iops=500,500 --runtime="$FG_RUNTIME" --time_based --randseed=11 \
+		--output-format=json --output="$1" >/dev/null 2>&1
+}
+echo "(d) paced foreground load while writeback runs and with nothing dirty, 3 rounds..." >&2
+WB_MIB=0
+for r in 1 2 3; do
+	RUNTIME=3 fio_randwrite "nbd+unix:///?socket=$work/b.sock" "$work/d-fill.json"
+	wb0=$(stat_of writeback_bytes)
+	fio_paced "$work/d-wb-$r.json"
+	WB_MIB=$(($(stat_of writeback_bytes) - wb0 + WB_MIB))
+	"$bin" flush --drain --control "unix:$work/b.ctl" >/dev/null
+	fio_paced "$work/d-idle-$r.json"
+done
+WB_MIBS=$($PY -c "print(f'{$WB_MIB/2**20/3/$FG_RUNTIME:.1f}')")
 kill $bpid; wait $bpid 2>/dev/null || true
 
 # nbdkit_cache NAME [FILTER ARGS]: fio through nbdkit's write-back cache
@@ -135,5 +159,18 @@ writeback experiment, $(date +%F), fio 4k randwrite QD32, ${RUNTIME} s over ${SP
 drain of (b): $BLOCKS dirty 4 KiB blocks in ${DRAIN} s; writing them randomly to the model at (a)'s rate: ${RANDOM_S} s (ratio $($PY -c "print(f'{$DRAIN/max($RANDOM_S,1e-9):.3f}')"))
 fio's own CPU per request: ${CB} us in (b), ${CC} us in (c). On ${NCPU} CPUs, 2x (c) = $((2 * C)) IOPS would leave a server $($PY -c "print(f'{$NCPU*1e6/max(2*$C,1)-$CB:.2f}')") us of CPU per request
 FLUSH after 2000 random dirty 4 KiB writes (median of 5): ${FLUSH_MS} ms
+
+(d) foreground 4k randrw, 500+500 IOPS at QD4, ${FG_RUNTIME} s a round on cached data, median of 3 rounds; writeback meanwhile: ${WB_MIBS} MiB/s
+| op | p50 / p99 µs, writeback running | p50 / p99 µs, nothing dirty | ratio |
+|---|---|---|---|
+$($PY - "$work" <<'PYEOF'
+import json, statistics, sys
+def pct(state, op, p):
+    return statistics.median(json.load(open(f"{sys.argv[1]}/d-{state}-{r}.json"))["jobs"][0][op]["clat_ns"]["percentile"][p] / 1e3 for r in (1, 2, 3))
+for op in ("read", "write"):
+    w50, w99, i50, i99 = (pct(s, op, p) for s in ("wb", "idle") for p in ("50.000000", "99.000000"))
+    print(f"| {op} | {w50:.0f} / {w99:.0f} | {i50:.0f} / {i99:.0f} | {w50/i50:.2f}x / {w99/i99:.2f}x |")
+PYEOF
+)
 plot: $OUT/writeback.png, series: $OUT/series.csv
 EOT
