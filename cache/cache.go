@@ -202,7 +202,7 @@ func Format(cacheDev, backing storage.Device, opts FormatOptions) error {
 		return fmt.Errorf("%w: block size %d", ErrBadOption, bs)
 	}
 	if old, err := readSuper(cacheDev); err == nil {
-		st, rerr := loadState(cacheDev, old, breakNone, nil)
+		st, rerr := loadState(cacheDev, old, breakNone, nil, false)
 		switch {
 		case rerr != nil && !opts.Force:
 			return fmt.Errorf("%w: existing cache unreadable (%v); --force to overwrite", ErrDirty, rerr)
@@ -269,7 +269,7 @@ func Open(cacheDev, backing storage.Device, opts Options) (*Cache, error) {
 	if sb.BackingSize != backing.Size() {
 		return nil, fmt.Errorf("%w: superblock backing size %d, device has %d", ErrWrongBacking, sb.BackingSize, backing.Size())
 	}
-	st, err := loadState(cacheDev, sb, opts.testBreak, opts.Logger)
+	st, err := loadState(cacheDev, sb, opts.testBreak, opts.Logger, false)
 	if err != nil {
 		return nil, err
 	}

@@ -71,7 +71,7 @@ func Check(cacheDev, backing storage.Device) (Report, error) {
 			r.Warnings = append(r.Warnings, err.Error())
 		}
 	}
-	st, err := loadState(cacheDev, sb, breakNone, nil)
+	st, err := loadState(cacheDev, sb, breakNone, nil, true)
 	if err != nil {
 		r.Problems = append(r.Problems, err.Error())
 		return r, summarize(r)

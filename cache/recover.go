@@ -90,8 +90,9 @@ func genOK(sb *superblock, gens func(int64) uint8, loc, n int64, gen uint8) bool
 // loadState runs recovery without changing the device: the newest valid
 // checkpoint, then the journal from there until the first block that fails
 // its checksum, sequence or chain. Insert and replace records whose data
-// fails its checksum are dropped (that data never became durable).
-func loadState(dev storage.Device, sb *superblock, brk breakMode, log *slog.Logger) (*state, error) {
+// fails its checksum are dropped (that data never became durable). With
+// full (Check), the data of records in blocks known durable is tested too.
+func loadState(dev storage.Device, sb *superblock, brk breakMode, log *slog.Logger, full bool) (*state, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
@@ -132,10 +133,18 @@ func loadState(dev storage.Device, sb *superblock, brk breakMode, log *slog.Logg
 		st.nextVer = max(st.nextVer, e.Ver+1)
 	}
 
-	// Journal replay.
-	slots := sb.journalSlots()
-	seq, pos, prev := ck.JSeq, ck.JPos, ck.Seed
-	blk := make([]byte, metaBlock)
+	// Journal replay, in two passes over the valid journal. The first
+	// finds the durable frontier: the blocks below it were synced, and so
+	// was the data of their records, written before the records were. The
+	// second applies the records, and reads the data of an insert or
+	// replace record to test its checksum only beyond the frontier, where
+	// the data may never have reached the disk (or, when full, in every
+	// block: there a mismatch is damage, and a problem).
+	var frontier uint64
+	if _, err := walkJournal(dev, sb, salt, ck, func(jb *jblock) { frontier = max(frontier, jb.Durable) }); err != nil {
+		return nil, err
+	}
+	var seq uint64
 	verify := func(r *record) bool {
 		if !sb.inData(r.Loc, r.Len) || sb.bucketOf(r.Loc) != sb.bucketOf(r.Loc+r.Len-1) || r.Off+r.Len > sb.BackingSize {
 			st.problems = append(st.problems, fmt.Sprintf("journal block %d: record [%d+%d)@%d outside the device", seq, r.Off, r.Len, r.Loc))
@@ -144,28 +153,24 @@ func loadState(dev storage.Device, sb *superblock, brk breakMode, log *slog.Logg
 		if gens[sb.bucketOf(r.Loc)] != r.Gen {
 			return false // stale: the bucket was reused after a checkpoint
 		}
-		if brk == breakNoDataCRC {
+		durable := seq < frontier
+		if brk == breakNoDataCRC || durable && !full {
 			return true
 		}
 		data := make([]byte, r.Len)
 		if err := dev.ReadAt(data, r.Loc); err != nil {
 			return false
 		}
-		return crc(data) == r.CRC
+		if crc(data) == r.CRC {
+			return true
+		}
+		if durable {
+			st.problems = append(st.problems, fmt.Sprintf("journal block %d (durable): the data of record [%d+%d)@%d fails its checksum", seq, r.Off, r.Len, r.Loc))
+		}
+		return false
 	}
-	for n := int64(0); n < slots; n++ {
-		if err := dev.ReadAt(blk, sb.JournalOff+pos*metaBlock); err != nil {
-			return nil, fmt.Errorf("cache: read journal slot %d: %w", pos, err)
-		}
-		jb, err := decodeJBlock(salt, blk)
-		if err != nil {
-			st.stopWhy = err.Error()
-			break
-		}
-		if jb.Seq != seq || jb.Prev != prev {
-			st.stopWhy = fmt.Sprintf("slot %d holds seq %d prev %08x, want seq %d prev %08x", pos, jb.Seq, jb.Prev, seq, prev)
-			break
-		}
+	end, err := walkJournal(dev, sb, salt, ck, func(jb *jblock) {
+		seq = jb.Seq
 		for _, r := range jb.Recs {
 			if r.Off+r.Len > sb.BackingSize {
 				st.problems = append(st.problems, fmt.Sprintf("journal block %d: record [%d+%d) beyond the backing", seq, r.Off, r.Len))
@@ -193,14 +198,14 @@ func loadState(dev storage.Device, sb *superblock, brk breakMode, log *slog.Logg
 			st.replayed++
 			st.nextVer = max(st.nextVer, r.Ver+1)
 		}
-		st.blocks++
-		prev = jb.CRC
-		seq++
-		pos = (pos + 1) % slots
+	})
+	if err != nil {
+		return nil, err
 	}
-	st.jseq, st.jpos, st.jprev = seq, pos, prev
+	st.blocks, st.stopWhy = end.blocks, end.stopWhy
+	st.jseq, st.jpos, st.jprev = end.seq, end.pos, end.prev
 	if st.stopWhy != "" {
-		if err := durableAfterStop(dev, sb, salt, seq, pos, st.stopWhy); err != nil {
+		if err := durableAfterStop(dev, sb, salt, end.seq, end.pos, st.stopWhy); err != nil {
 			return nil, err
 		}
 	}
@@ -228,6 +233,43 @@ func loadState(dev storage.Device, sb *superblock, brk breakMode, log *slog.Logg
 		return nil, fmt.Errorf("%w: index after replay: %w", ErrCorrupt, err)
 	}
 	return st, nil
+}
+
+// journalEnd is where a walk of the journal stopped.
+type journalEnd struct {
+	seq     uint64 // the block that failed, the next to write
+	pos     int64  // its slot
+	prev    uint32 // the chain value it must carry
+	blocks  int64  // valid blocks walked
+	stopWhy string
+}
+
+// walkJournal calls fn for each valid journal block after checkpoint ck, in
+// order, until the first that fails its checksum, sequence or chain.
+func walkJournal(dev storage.Device, sb *superblock, salt uint32, ck *checkpoint, fn func(*jblock)) (journalEnd, error) {
+	slots := sb.journalSlots()
+	e := journalEnd{seq: ck.JSeq, pos: ck.JPos, prev: ck.Seed}
+	blk := make([]byte, metaBlock)
+	for n := int64(0); n < slots; n++ {
+		if err := dev.ReadAt(blk, sb.JournalOff+e.pos*metaBlock); err != nil {
+			return e, fmt.Errorf("cache: read journal slot %d: %w", e.pos, err)
+		}
+		jb, err := decodeJBlock(salt, blk)
+		if err != nil {
+			e.stopWhy = err.Error()
+			break
+		}
+		if jb.Seq != e.seq || jb.Prev != e.prev {
+			e.stopWhy = fmt.Sprintf("slot %d holds seq %d prev %08x, want seq %d prev %08x", e.pos, jb.Seq, jb.Prev, e.seq, e.prev)
+			break
+		}
+		fn(jb)
+		e.blocks++
+		e.prev = jb.CRC
+		e.seq++
+		e.pos = (e.pos + 1) % slots
+	}
+	return e, nil
 }
 
 // overlapsLoc reports the first pair of extents that share cache space.
