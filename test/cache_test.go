@@ -220,3 +220,97 @@ func checkStatsNames(t *testing.T, js string) {
 		t.Errorf("occupancy %v, want in (0, 1]", o)
 	}
 }
+
+// TestCachePolicyThroughCLI drives the policy flags through the real
+// binary: --mode writearound at start, `nbdcache mode` while serving
+// (writeback, then writethrough, which drains), --sequential-cutoff and
+// --ram-cache, each judged by the bytes in the backing file and by stats.
+func TestCachePolicyThroughCLI(t *testing.T) {
+	qemuIO := tool(t, "qemu-io")
+	backing, cache := cacheFiles(t, 64*mib, 32*mib)
+	ctl := "unix:" + filepath.Join(t.TempDir(), "ctl.sock")
+	s := startServe(t, "--backing", backing, "--cache", cache, "--format", "--control", ctl,
+		"--mode", "writearound", "--sequential-cutoff", "1M", "--ram-cache", "8M")
+	stats := func() map[string]any {
+		t.Helper()
+		out, code := nbdcache(t, "stats", "--json", "--control", ctl)
+		var st map[string]any
+		if code != 0 || json.Unmarshal([]byte(out), &st) != nil {
+			t.Fatalf("stats (exit %d):\n%s", code, out)
+		}
+		return st
+	}
+	num := func(st map[string]any, name string) int64 { v, _ := st[name].(float64); return int64(v) }
+	inBacking := func(off, n int64, b byte) bool {
+		f, err := os.ReadFile(backing)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return bytes.Equal(f[off:off+n], bytes.Repeat([]byte{b}, int(n)))
+	}
+	setMode := func(m string) {
+		t.Helper()
+		if out, code := nbdcache(t, "mode", "--control", ctl, m); code != 0 || !strings.Contains(out, "mode is now "+m) {
+			t.Fatalf("mode %s (exit %d):\n%s", m, code, out)
+		}
+		if st := stats(); st["mode"] != m {
+			t.Fatalf("stats say mode %v after `mode %s`", st["mode"], m)
+		}
+	}
+
+	// writearound: the write goes to the backing, nothing is dirty.
+	run(t, qemuIO, "-f", "raw", "-c", "write -P 0x11 0 64k", s.uri)
+	if st := stats(); st["mode"] != "writearound" || num(st, "dirty_bytes") != 0 || !inBacking(0, 64<<10, 0x11) {
+		t.Fatalf("writearound: mode %v, %d dirty bytes, backing holds the write: %v", st["mode"], num(st, "dirty_bytes"), inBacking(0, 64<<10, 0x11))
+	}
+
+	// writeback while serving: the write goes into the cache as dirty
+	// data (which the flusher, seeing the export idle, may already be
+	// writing back), not around it.
+	setMode("writeback")
+	st := stats()
+	wb, bypasses := num(st, "writeback_bytes"), num(st, "bypasses")
+	run(t, qemuIO, "-f", "raw", "-c", "write -P 0x22 1M 64k", s.uri)
+	st = stats()
+	if num(st, "bypasses") != bypasses || num(st, "dirty_bytes")+num(st, "writeback_bytes")-wb < 64<<10 {
+		t.Fatalf("writeback: %d dirty bytes, %d written back, %d bypasses: the write did not go into the cache",
+			num(st, "dirty_bytes"), num(st, "writeback_bytes")-wb, num(st, "bypasses")-bypasses)
+	}
+
+	// A sequential stream of 4 MiB in 64 KiB writes: past the 1 MiB
+	// cutoff it bypasses the cache.
+	bypasses = num(stats(), "bypasses")
+	args := []string{"-f", "raw"}
+	for off := 8 * mib; off < 12*mib; off += 64 << 10 {
+		args = append(args, "-c", fmt.Sprintf("write -P 0x33 %d 64k", off))
+	}
+	run(t, qemuIO, append(args, s.uri)...)
+	st = stats()
+	if b := num(st, "bypasses") - bypasses; b < 32 {
+		t.Errorf("a 4 MiB sequential stream with a 1 MiB cutoff: %d writes bypassed, want at least 32 of 64", b)
+	}
+	if d := num(st, "dirty_bytes"); d > 64<<10+2*mib {
+		t.Errorf("%d bytes dirty: the stream past the cutoff was cached", d)
+	}
+	if !inBacking(11*mib, mib, 0x33) {
+		t.Error("the end of the sequential stream is not in the backing file")
+	}
+
+	// The RAM tier: the same 64 KiB read again is served from RAM.
+	run(t, qemuIO, "-f", "raw", "-c", "read -P 0x22 1M 64k", "-c", "read -P 0x22 1M 64k", "-c", "read -P 0x22 1M 64k", s.uri)
+	if h := num(stats(), "ram_hits"); h == 0 {
+		t.Error("--ram-cache 8M: no RAM hits after reading the same 64 KiB three times")
+	}
+
+	// writethrough while serving: switching drains.
+	setMode("writethrough")
+	if st := stats(); num(st, "dirty_bytes") != 0 || !inBacking(mib, 64<<10, 0x22) {
+		t.Fatalf("after `mode writethrough`: %d dirty bytes; backing holds the writeback data: %v", num(st, "dirty_bytes"), inBacking(mib, 64<<10, 0x22))
+	}
+	run(t, qemuIO, "-f", "raw", "-c", "write -P 0x44 2M 64k", s.uri)
+	if !inBacking(2*mib, 64<<10, 0x44) {
+		t.Error("writethrough: the write is not in the backing file")
+	}
+	s.stop()
+	mustCheck(t, cache, backing)
+}
