@@ -479,8 +479,8 @@ func (c *Cache) runs(off, n int64, held func(off, n int64) bool) (runs []readPie
 }
 
 // Trim discards [off, off+length), as bcache does: the extents over it,
-// dirty ones too, are deleted (and the deletion committed), then the
-// backing is trimmed. A trimmed sector may so read back as zeroes or as
+// dirty ones too, are deleted (see passthrough for when that is committed
+// first), then the backing is trimmed. A trimmed sector may so read back as zeroes or as
 // any data it held before, never as another sector's. A range being
 // written back at that moment is left alone: its writeback lands data the
 // range held. Only whole sectors are trimmed.
