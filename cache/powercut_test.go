@@ -464,6 +464,7 @@ func TestPowerCutCatchesBrokenOrdering(t *testing.T) {
 	}{
 		{"no-sync", breakNoSync, storage.LoseUnsynced},
 		{"no-data-crc", breakNoDataCRC, storage.LoseRandom},
+		{"skip-backing-flush", breakSkipBFlush, storage.LoseUnsynced},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
