@@ -126,3 +126,55 @@ func TestTrimDropsDirty(t *testing.T) {
 	defer c.Close()
 	check("after reopen")
 }
+
+// TestZeroDropsDirty: a zero over a bucket or more of dirty data zeroes
+// the backing and drops the extents, instead of filling the cache with
+// zeroes; a shorter one writes zeroes into the cache. Both read as zeroes,
+// before and after a reopen.
+func TestZeroDropsDirty(t *testing.T) {
+	const K = 1 << 10
+	d := formatMem(t, 4<<20, 1<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 64 << 10})
+	if err := d.back.WriteAt(payload(0, 512*K, 1), 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	c := openT(t, d, Options{NoBackground: true})
+	if err := c.WriteAt(payload(0, 512*K, 2), 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	// 256 KiB (4 buckets) at 64K: on the backing; 8 KiB at 384K: in the cache.
+	if err := c.Zero(64*K, 256*K, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Zero(384*K, 8*K, storage.FUA); err != nil {
+		t.Fatal(err)
+	}
+	want := payload(0, 512*K, 2)
+	clear(want[64*K : 320*K])
+	clear(want[384*K : 392*K])
+	check := func(when string) {
+		t.Helper()
+		if got := c.DirtyBytes(); got != 512*K-256*K {
+			t.Fatalf("%s: %d dirty bytes, want %d (the long zero dropped, the short one cached)", when, got, 512*K-256*K)
+		}
+		got := make([]byte, 512*K)
+		if err := c.ReadAt(got, 0); err != nil || !bytes.Equal(got, want) {
+			t.Fatalf("%s: reads differ (%v)", when, err)
+		}
+		if err := d.back.ReadAt(got[:256*K], 64*K); err != nil || !bytes.Equal(got[:256*K], make([]byte, 256*K)) {
+			t.Fatalf("%s: the long zero is not on the backing (%v)", when, err)
+		}
+	}
+	check("after the zeroes")
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Check(d.cache, d.back); err != nil {
+		t.Fatal(err)
+	}
+	c = openT(t, d, Options{NoBackground: true})
+	defer c.Close()
+	check("after reopen")
+}

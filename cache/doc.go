@@ -109,10 +109,13 @@
 //   - Dirty data is never bypassed: a range holding dirty extents, or being
 //     written back, is always written into the cache (as dirty), whatever
 //     the mode, so a writeback in flight can never land stale data over a
-//     newer direct write to the backing. The one exception is a trim,
-//     which deletes dirty extents too (bcache's discard) but leaves ranges
-//     being written back alone: after it a sector may read as zeroes or
-//     as any data it held before.
+//     newer direct write to the backing. Two exceptions: a trim deletes
+//     dirty extents too (bcache's discard) but leaves ranges being written
+//     back alone, and after it a sector may read as zeroes or as any data
+//     it held before; a zero over a bucket or more of dirty data works as
+//     a writeback of zeroes (the range registered as being written back,
+//     the backing zeroed and flushed, then the extents deleted), so it
+//     does not fill the cache with zeroes.
 //   - Before anything is written to the backing directly (bypass,
 //     writethrough, writearound, trim, zero), the extents over the range are
 //     deleted and that deletion is committed: a clean extent that outlived a

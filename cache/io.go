@@ -550,33 +550,92 @@ func (c *Cache) Zero(off, length int64, flags storage.Flags) error {
 	return c.ack(flags)
 }
 
+// zeroRun zeroes one run of a Zero. A clean or uncached run is invalidated
+// and zeroed on the backing. A dirty run of a bucket or more is zeroed on
+// the backing too, and its extents dropped (zeroDirty), so as not to fill
+// the cache with zeroes; a shorter one, or one being written back, gets
+// zeroes written into the cache, as dirty data.
 func (c *Cache) zeroRun(r readPiece, flags storage.Flags) error {
-	if r.dirty {
-		for done := int64(0); done < r.n; {
-			m := min(r.n-done, c.sb.BucketSize)
-			if err := c.write(make([]byte, m), r.off+done); err != nil {
-				return err
-			}
-			done += m
-		}
-		return nil
-	}
 	bflags := flags & (storage.NoHole | storage.FastZero)
-	return c.passthrough(r.off, r.n, func() error {
-		if c.back.Caps().Zero {
-			err := c.back.Zero(r.off, r.n, bflags)
-			if err == nil || !errors.Is(err, storage.ErrNotSupported) || bflags&storage.FastZero != 0 {
-				return err
-			}
+	if !r.dirty {
+		return c.passthrough(r.off, r.n, func() error { return c.zeroBacking(r.off, r.n, bflags) }, nil)
+	}
+	if r.n >= c.sb.BucketSize {
+		if done, err := c.zeroDirty(r.off, r.n, bflags); done || err != nil {
+			return err
 		}
-		z := make([]byte, min(r.n, 1<<20))
-		for done := int64(0); done < r.n; {
-			m := min(r.n-done, int64(len(z)))
-			if err := c.back.WriteAt(z[:m], r.off+done, 0); err != nil {
-				return err
-			}
-			done += m
+	}
+	for done := int64(0); done < r.n; {
+		m := min(r.n-done, c.sb.BucketSize)
+		if err := c.write(make([]byte, m), r.off+done); err != nil {
+			return err
 		}
-		return nil
-	}, nil)
+		done += m
+	}
+	return nil
+}
+
+// zeroDirty zeroes [off, off+n), which dirty extents cover, on the backing
+// and then drops them, in the order writeback keeps: the range is
+// registered as being written back (no writeback of it starts, writes to
+// it go into the cache, direct backing writes wait), the backing is zeroed
+// and flushed, and only then are the extents deleted. The deletion needs
+// no commit of its own: a crash before it is durable brings the dirty data
+// back; after, the backing holds the zeroes. It does nothing and reports
+// false if part of the range is being written back.
+func (c *Cache) zeroDirty(off, n int64, bflags storage.Flags) (bool, error) {
+	w := inflightWB{off: off, end: off + n} // version 0 is no extent's
+	c.mu.Lock()
+	if c.busyLocked(off, n) {
+		c.mu.Unlock()
+		return false, nil
+	}
+	c.mu.wb = append(c.mu.wb, w)
+	c.mu.bypassSeq++ // promotions under way are dropped
+	c.mu.bypassInflight++
+	c.mu.Unlock()
+	err := c.zeroBacking(off, n, bflags)
+	if err == nil {
+		err = c.back.Flush()
+	}
+	entered := err == nil
+	if entered {
+		err = c.enter()
+		entered = err == nil
+	}
+	clean := false
+	c.mu.Lock()
+	if entered {
+		clean = c.deleteLocked(off, n)
+	}
+	c.unregisterLocked(btreeExtent{Off: w.off, Len: w.end - w.off, Ver: w.ver})
+	c.mu.bypassInflight--
+	c.mu.Unlock()
+	if entered {
+		c.leave()
+	}
+	if err == nil && clean {
+		err = c.commit() // no clean extent can be here; if one were, it is stale now
+	}
+	return true, err
+}
+
+// zeroBacking zeroes [off, off+n) on the backing: with its Zero, or by
+// writing zeroes where it has none (or, without FastZero, refuses).
+func (c *Cache) zeroBacking(off, n int64, bflags storage.Flags) error {
+	if c.back.Caps().Zero {
+		err := c.back.Zero(off, n, bflags)
+		if err == nil || !errors.Is(err, storage.ErrNotSupported) || bflags&storage.FastZero != 0 {
+			return err
+		}
+	}
+	z := make([]byte, min(n, 1<<20))
+	for done := int64(0); done < n; {
+		m := min(n-done, int64(len(z)))
+		if err := c.back.WriteAt(z[:m], off+done, 0); err != nil {
+			return err
+		}
+		done += m
+	}
+	return nil
 }

@@ -172,6 +172,17 @@ func TestConcurrent(t *testing.T) {
 					}
 					copy(model[off:], p)
 				case 3:
+					if r.IntN(3) == 0 { // dirty data over more than a bucket: zeroed on the backing
+						n = min(int64(64+r.IntN(128))*sectorSize, region-off)
+						p := make([]byte, n)
+						for j := range p {
+							p[j] = byte(r.Uint32()) | 1
+						}
+						if err := c.WriteAt(p, base+off, 0); err != nil {
+							errs <- err
+							return
+						}
+					}
 					if err := c.Zero(base+off, n, 0); err != nil {
 						errs <- err
 						return

@@ -358,8 +358,8 @@ func workload(c *Cache, r *rand.Rand, cfg pcConfig, o *oracle, res *pcResult, fa
 			if err = c.Trim(off, n, 0); err == nil {
 				o.done(off, n, p, false)
 			}
-		case k < 62: // zero
-			off, n := randRange(64)
+		case k < 62: // zero, sometimes over more than a bucket
+			off, n := randRange([]int64{64, 64, 256}[r.IntN(3)])
 			p := pend{}
 			o.begin(off, n, p)
 			fua := r.IntN(4) == 0
