@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
+	"time"
 
 	"github.com/nbdcache/nbdcache/writeback"
 )
@@ -99,9 +100,14 @@ type Options struct {
 	// happen only when a caller needs them (space, journal) or asks
 	// (WritebackStep, GCStep, Checkpoint, Drain).
 	NoBackground bool
-	// CheckpointEvery: checkpoint when the journal ring is this full
+	// CheckpointPercent: checkpoint when the journal ring is this full
 	// (fraction in percent, default 50, max 50).
 	CheckpointPercent int
+	// CheckpointInterval: the background loop also checkpoints when the
+	// last checkpoint is this old and the journal has grown by at least
+	// checkpointMinBlocks since, so that a slow trickle of writes never
+	// leaves a long journal to replay (default 60 s; negative: never).
+	CheckpointInterval time.Duration
 	// GCPercent: when free buckets are short, GC compacts full buckets,
 	// the emptiest first, whose live data is below this share of their
 	// size (default 80).
@@ -139,6 +145,9 @@ func (o *Options) fill() error {
 	}
 	if o.CheckpointPercent <= 0 || o.CheckpointPercent > 50 {
 		o.CheckpointPercent = 50
+	}
+	if o.CheckpointInterval == 0 {
+		o.CheckpointInterval = time.Minute
 	}
 	if o.GCPercent <= 0 || o.GCPercent >= 100 {
 		o.GCPercent = 80

@@ -337,12 +337,17 @@ func (c *Cache) startWriteback() {
 
 // background writes back above the dirty target (and everything when the
 // device is idle), and keeps free buckets available.
+// checkpointMinBlocks: a periodic checkpoint is skipped while the journal
+// since the last one is this short (about 100 records a block).
+const checkpointMinBlocks = 8
+
 func (c *Cache) background(ctx context.Context) {
 	defer c.bgDone.Done()
 	t := time.NewTicker(200 * time.Millisecond)
 	defer t.Stop()
 	var cur int64
 	var lastWrites int64
+	lastCkpt, ckpts := time.Now(), c.stats.checkpoints.Load()
 	for {
 		select {
 		case <-ctx.Done():
@@ -351,6 +356,20 @@ func (c *Cache) background(ctx context.Context) {
 		case <-t.C:
 		}
 		c.startWriteback()
+		if n := c.stats.checkpoints.Load(); n != ckpts {
+			lastCkpt, ckpts = time.Now(), n
+		}
+		if iv := c.opts.CheckpointInterval; iv > 0 && time.Since(lastCkpt) >= iv {
+			grown := func() bool {
+				c.mu.Lock()
+				defer c.mu.Unlock()
+				return c.usedSlotsLocked() > checkpointMinBlocks
+			}
+			if err := c.checkpointIf(grown, false); err != nil && !errors.Is(err, ErrClosed) {
+				c.log.Warn("cache: periodic checkpoint", "err", err)
+			}
+			lastCkpt = time.Now() // a journal too short to checkpoint waits another interval
+		}
 		writes := c.stats.writes.Load()
 		idle := writes == lastWrites
 		lastWrites = writes

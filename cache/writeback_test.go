@@ -5,6 +5,7 @@ import (
 	"context"
 	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/nbdcache/nbdcache/storage"
@@ -196,5 +197,47 @@ func TestDrainThroughCacheMergesAscending(t *testing.T) {
 	got := make([]byte, len(want))
 	if err := rec.Device.ReadAt(got, 0); err != nil || !bytes.Equal(got, want) {
 		t.Fatalf("after the drain the backing differs from what was written (%v)", err)
+	}
+}
+
+// TestPeriodicCheckpoint: a slow trickle of writes, far from filling half
+// the journal ring, still gets a checkpoint each CheckpointInterval, so
+// start-up never has a long journal to replay; an idle cache gets none.
+func TestPeriodicCheckpoint(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		interval time.Duration
+		min, max int64
+	}{
+		{"every-minute", time.Minute, 2, 3},
+		{"off", -1, 0, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				d := formatMem(t, 8<<20, 8<<20, FormatOptions{BucketSize: 64 << 10})
+				c := openT(t, d, Options{CheckpointInterval: tc.interval})
+				defer c.Close()
+				base := c.Stats().Checkpoints
+				// 3 minutes of one flushed write every 2 s: 90 sealed
+				// blocks, far below half the 1024-slot ring.
+				for i := range 90 {
+					if err := c.WriteAt(payload(int64(i)*4096, 4096, uint64(i+1)), int64(i)*4096, storage.FUA); err != nil {
+						t.Fatal(err)
+					}
+					time.Sleep(2 * time.Second)
+				}
+				synctest.Wait()
+				if got := c.Stats().Checkpoints - base; got < tc.min || got > tc.max {
+					t.Fatalf("%d checkpoints in 3 minutes of trickle, want %d to %d", got, tc.min, tc.max)
+				}
+				// Idle for 10 minutes: nothing to checkpoint.
+				n := c.Stats().Checkpoints
+				time.Sleep(10 * time.Minute)
+				synctest.Wait()
+				if got := c.Stats().Checkpoints - n; got > 1 {
+					t.Fatalf("%d checkpoints while idle", got)
+				}
+			})
+		})
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/nbdcache/nbdcache/cache"
 	"github.com/nbdcache/nbdcache/storage"
@@ -28,6 +29,7 @@ type storageFlags struct {
 	wbPercent    int
 	wbHigh       int
 	backingModel string
+	ckptInterval time.Duration
 	readOnly     bool
 	direct       bool
 	syncMode     string // --sync: normal or always (faults.go)
@@ -48,6 +50,7 @@ func (f *storageFlags) register(fs *flag.FlagSet) {
 	fs.Var(sizeFlag{&f.seqCutoff}, "sequential-cutoff", "sequential streams longer than `SIZE` bypass the cache (0: never)")
 	fs.IntVar(&f.wbPercent, "writeback-percent", 10, "dirty share of the cache that background writeback aims at, in `PERCENT`")
 	fs.IntVar(&f.wbHigh, "writeback-high", 0, "dirty share of the cache at or above which writeback runs at full speed, in `PERCENT` (0: 70, or --writeback-percent if higher)")
+	fs.DurationVar(&f.ckptInterval, "checkpoint-interval", time.Minute, "checkpoint the index at least this often while writes trickle in, so start-up replays a short journal (`DURATION`; negative: only when the journal is half full)")
 	fs.StringVar(&f.backingModel, "backing-model", "", "give the backing a slow disk's latency: `MODEL` hdd (see docs)")
 	fs.BoolVar(&f.readOnly, "read-only", false, "refuse writes, trims and zeroes with EPERM")
 	fs.BoolVar(&f.direct, "direct", false, "open the devices with O_DIRECT")
@@ -173,7 +176,7 @@ func (f *storageFlags) open(w io.Writer, log *slog.Logger) (_ *openedStorage, er
 	}
 	opts := cache.Options{
 		Mode: mode, BackingID: id, RAMCache: f.ramCache, WritebackPercent: f.wbPercent,
-		SequentialCutoff: f.seqCutoff, Logger: log, Writeback: writeback.Config{HighWatermark: f.wbHigh},
+		SequentialCutoff: f.seqCutoff, CheckpointInterval: f.ckptInterval, Logger: log, Writeback: writeback.Config{HighWatermark: f.wbHigh},
 	}
 	if f.seqCutoff == 0 {
 		opts.SequentialCutoff = -1
