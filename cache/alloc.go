@@ -129,9 +129,8 @@ func (c *Cache) insertLocked(e btreeExtent, sum uint32) {
 func (c *Cache) deleteLocked(off, n int64) (clean bool) {
 	found := false
 	c.mu.idx.Lookup(off, n, func(e btreeExtent) bool {
-		found = true
-		clean = clean || !e.Dirty
-		return true
+		found, clean = true, !e.Dirty
+		return !clean // the first clean one answers
 	})
 	if !found {
 		return false

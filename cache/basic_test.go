@@ -37,12 +37,7 @@ func TestBasicWriteReadReopen(t *testing.T) {
 	if st := c.Stats(); st.DirtyBytes != 8192 {
 		t.Fatalf("dirty %d", st.DirtyBytes)
 	}
-	if err := c.Close(); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := Check(d.cache, d.back); err != nil {
-		t.Fatal(err)
-	}
+	closeChecked(t, c, d)
 	if err := Format(d.cache, d.back, FormatOptions{BackingID: testBackingID}); !errors.Is(err, ErrDirty) {
 		t.Fatalf("format over dirty: %v", err)
 	}
@@ -116,12 +111,7 @@ func TestTrimDropsDirty(t *testing.T) {
 		}
 	}
 	check("after trim")
-	if err := c.Close(); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := Check(d.cache, d.back); err != nil {
-		t.Fatal(err)
-	}
+	closeChecked(t, c, d)
 	c = openT(t, d, Options{NoBackground: true})
 	defer c.Close()
 	check("after reopen")
@@ -168,12 +158,7 @@ func TestZeroDropsDirty(t *testing.T) {
 		}
 	}
 	check("after the zeroes")
-	if err := c.Close(); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := Check(d.cache, d.back); err != nil {
-		t.Fatal(err)
-	}
+	closeChecked(t, c, d)
 	c = openT(t, d, Options{NoBackground: true})
 	defer c.Close()
 	check("after reopen")

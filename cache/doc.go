@@ -66,15 +66,15 @@
 //     version.
 //   - A journal record never makes data visible that did not reach the
 //     disk: every insert and replace record carries the crc32c of its data,
-//     and recovery drops a record whose data fails it. Recovery tests only
-//     the records beyond the durable frontier (the newest block's durable
+//     and recovery drops a record whose data fails it. Because of that, data
+//     and journal blocks go out without a sync in between, and one sync of
+//     the cache device per group commit serves every FLUSH and FUA waiting
+//     (the design's "one fdatasync per FLUSH"). Recovery tests only the
+//     records beyond the durable frontier (the newest block's durable
 //     field): below it a sync covered the block, and so the data written
 //     before its records were appended. So start-up reads the data of the
 //     unsynced tail only, not of everything since the checkpoint. Check
-//     tests every record, and names a durable one whose data fails. Because of that, data
-//     and journal blocks go out without a sync in between, and one sync of
-//     the cache device per group commit serves every FLUSH and FUA waiting
-//     (the design's "one fdatasync per FLUSH").
+//     tests every record, and names a durable one whose data fails.
 //   - An acknowledged write survives a process kill: before a write, zero
 //     or trim is acknowledged, every record it appended is published,
 //     i.e. written to the cache device without a sync (the open block as
@@ -188,10 +188,11 @@
 //
 // A checkpoint still writes the whole index (O(extents)), and encodes it
 // under mu (about 0.3 ms per 32k extents: btreeidx has no O(1) clone yet);
-// bucket reuse waits for a checkpoint; a GC pass walks the whole index. Data checksums live
-// only in journal records: Check verifies the data the journal covers, but
-// data covered by a checkpoint is verified neither by Check nor on read,
-// so bit rot there is not detected (metadata corruption is). Unaligned writes are serialized among themselves (read-modify-
+// bucket reuse waits for a checkpoint; a GC pass walks the whole index.
+// Data checksums live only in journal records: Check verifies the data the
+// journal covers, but data covered by a checkpoint is verified neither by
+// Check nor on read, so bit rot there is not detected (metadata corruption
+// is). Unaligned writes are serialized among themselves (read-modify-
 // write). Concurrent overlapping writethrough writes may leave the cache's
 // clean copy and the backing holding different ones of the two writes.
 package cache

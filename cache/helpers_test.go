@@ -88,4 +88,15 @@ func openT(t testing.TB, d devPair, o Options) *Cache {
 	return c
 }
 
+// closeChecked closes c and requires Check to pass on its devices.
+func closeChecked(t testing.TB, c *Cache, d devPair) {
+	t.Helper()
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Check(d.cache, d.back); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func rng(seed uint64) *rand.Rand { return rand.New(rand.NewPCG(seed, seed^0x5eed)) }

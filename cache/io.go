@@ -480,10 +480,10 @@ func (c *Cache) runs(off, n int64, held func(off, n int64) bool) (runs []readPie
 
 // Trim discards [off, off+length), as bcache does: the extents over it,
 // dirty ones too, are deleted (see passthrough for when that is committed
-// first), then the backing is trimmed. A trimmed sector may so read back as zeroes or as
-// any data it held before, never as another sector's. A range being
-// written back at that moment is left alone: its writeback lands data the
-// range held. Only whole sectors are trimmed.
+// first), then the backing is trimmed. A trimmed sector may so read back
+// as zeroes or as any data it held before, never as another sector's. A
+// range being written back at that moment is left alone: its writeback
+// lands data the range held. Only whole sectors are trimmed.
 func (c *Cache) Trim(off, length int64, flags storage.Flags) error {
 	if err := storage.CheckRange(c.Size(), off, length); err != nil {
 		return err
@@ -598,24 +598,22 @@ func (c *Cache) zeroDirty(off, n int64, bflags storage.Flags) (bool, error) {
 	if err == nil {
 		err = c.back.Flush()
 	}
-	entered := err == nil
-	if entered {
+	if err == nil {
 		err = c.enter()
-		entered = err == nil
 	}
 	clean := false
 	c.mu.Lock()
-	if entered {
+	if err == nil {
 		clean = c.deleteLocked(off, n)
 	}
 	c.unregisterLocked(btreeExtent{Off: w.off, Len: w.end - w.off, Ver: w.ver})
 	c.mu.bypassInflight--
 	c.mu.Unlock()
-	if entered {
+	if err == nil {
 		c.leave()
-	}
-	if err == nil && clean {
-		err = c.commit() // no clean extent can be here; if one were, it is stale now
+		if clean {
+			err = c.commit() // no clean extent can be here; if one were, it is stale now
+		}
 	}
 	return true, err
 }

@@ -128,12 +128,7 @@ func TestModel(t *testing.T) {
 				t.Fatal(err)
 			}
 			check(0, got)
-			if err := c.Close(); err != nil {
-				t.Fatal(err)
-			}
-			if _, err := Check(d.cache, d.back); err != nil {
-				t.Fatal(err)
-			}
+			closeChecked(t, c, d)
 		})
 	}
 }
@@ -250,11 +245,6 @@ func TestConcurrent(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("%+v", c.Stats())
-	if err := c.Close(); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := Check(d.cache, d.back); err != nil {
-		t.Fatal(err)
-	}
+	closeChecked(t, c, d)
 	var _ = rand.Int
 }

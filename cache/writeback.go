@@ -335,12 +335,13 @@ func (c *Cache) startWriteback() {
 	}
 }
 
-// background writes back above the dirty target (and everything when the
-// device is idle), and keeps free buckets available.
 // checkpointMinBlocks: a periodic checkpoint is skipped while the journal
 // since the last one is this short (about 100 records a block).
 const checkpointMinBlocks = 8
 
+// background writes back above the dirty target (and everything when the
+// device is idle), keeps free buckets available, and checkpoints every
+// CheckpointInterval while the journal grows.
 func (c *Cache) background(ctx context.Context) {
 	defer c.bgDone.Done()
 	t := time.NewTicker(200 * time.Millisecond)
