@@ -4,6 +4,9 @@
 #   file:     fio writing/reading the cache file directly (io_uring, buffered)
 #   nbdcache: through `nbdcache serve --cache` in write-back mode (fio's nbd engine)
 #   nbdkit:   nbdkit's file plugin on the same kind of file
+#   null:     nbdkit's null plugin, which stores nothing: the most any NBD
+#             server can reach through fio's nbd engine on this machine,
+#             so null/file is the ceiling for nbdcache/file
 # Prints medians and the ratios nbdcache/file and nbdcache/nbdkit.
 #
 #   bench/cache-speed.sh                 # 3 rounds of 10 s
@@ -24,7 +27,8 @@ truncate -s $((SIZE_MB * 2))M "$work/cache.img"
 "$work/nbdcache" serve --cache "$work/cache.img" --backing "$work/backing.img" --format --sequential-cutoff 0 \
 	--listen "unix:$work/c.sock" >"$work/c.log" 2>&1 & pids+=($!)
 nbdkit -f -U "$work/k.sock" file "$work/kit.img" >"$work/k.log" 2>&1 & pids+=($!)
-for _ in $(seq 600); do [ -S "$work/c.sock" ] && [ -S "$work/k.sock" ] && break; sleep 0.05; done
+nbdkit -f -U "$work/n.sock" null "${SIZE_MB}M" >"$work/n.log" 2>&1 & pids+=($!)
+for _ in $(seq 600); do [ -S "$work/c.sock" ] && [ -S "$work/k.sock" ] && [ -S "$work/n.sock" ] && break; sleep 0.05; done
 # Warm every target so that reads are hot (in the cache, in the page cache).
 for u in "nbd+unix:///?socket=$work/c.sock" "nbd+unix:///?socket=$work/k.sock"; do
 	fio --name=warm --ioengine=nbd --uri="$u" --rw=write --bs=1M --iodepth=8 --size="${SIZE_MB}M" --output=/dev/null >/dev/null 2>&1
@@ -34,11 +38,12 @@ fio --name=warm --filename="$work/direct.img" --ioengine=io_uring --rw=write --b
 res="$work/res.tsv"
 for round in $(seq "$ROUNDS"); do
 	for rw in randwrite randread; do
-		for t in file nbdcache nbdkit; do
+		for t in file nbdcache nbdkit null; do
 			case $t in
 			file) tgt=(--filename="$work/direct.img" --ioengine=io_uring) ;;
 			nbdcache) tgt=(--ioengine=nbd --uri="nbd+unix:///?socket=$work/c.sock") ;;
 			nbdkit) tgt=(--ioengine=nbd --uri="nbd+unix:///?socket=$work/k.sock") ;;
+			null) tgt=(--ioengine=nbd --uri="nbd+unix:///?socket=$work/n.sock") ;;
 			esac
 			fio --name=x "${tgt[@]}" --rw=$rw --bs=4k --iodepth=32 --size="${SIZE_MB}M" --runtime="$RUNTIME" \
 				--time_based --output-format=json --output="$work/o.json" >/dev/null 2>&1
@@ -56,8 +61,8 @@ for l in open(sys.argv[1]):
     d[rw, t].append(float(iops))
 m = {k: statistics.median(v) for k, v in d.items()}
 print(f"\n4k QD32, {datetime.date.today()}, medians of {sys.argv[2]} alternating rounds of {sys.argv[3]} s")
-print(f"{'workload':12} {'file':>9} {'nbdcache':>9} {'nbdkit':>9} {'vs file':>8} {'vs nbdkit':>9}")
+print(f"{'workload':12} {'file':>9} {'nbdcache':>9} {'nbdkit':>9} {'null':>9} {'vs file':>8} {'vs nbdkit':>9} {'null/file':>9}")
 for rw in ("randwrite", "randread"):
-    f, c, k = m[rw, "file"], m[rw, "nbdcache"], m[rw, "nbdkit"]
-    print(f"{rw:12} {f:9.0f} {c:9.0f} {k:9.0f} {c/f:7.2f}x {c/k:8.2f}x")
+    f, c, k, n = (m[rw, t] for t in ("file", "nbdcache", "nbdkit", "null"))
+    print(f"{rw:12} {f:9.0f} {c:9.0f} {k:9.0f} {n:9.0f} {c/f:7.2f}x {c/k:8.2f}x {n/f:8.2f}x")
 PYEOF

@@ -80,6 +80,7 @@ type Cache struct {
 	jbatch []sealedBlock
 	pubBuf []byte
 
+	dw      groupWriter // the write path's data writes to dev
 	ram     *ristretto.Cache[uint64, ramEntry]
 	flusher *writeback.Flusher // nil with NoBackground
 
@@ -274,6 +275,7 @@ func Open(cacheDev, backing storage.Device, opts Options) (*Cache, error) {
 		return nil, err
 	}
 	c := &Cache{dev: cacheDev, back: backing, sb: *sb, salt: sb.salt(), opts: opts, log: opts.Logger, maxExt: sb.maxExtents()}
+	c.dw.dev, c.dw.writes = cacheDev, &c.stats.dataWrites
 	slots := sb.journalSlots()
 	// The operations in flight may add a block each, so a quarter of the
 	// ring (slots/8 operations, with the margin ringFullLocked keeps)

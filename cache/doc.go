@@ -150,6 +150,11 @@
 // by the background loop when the last one is CheckpointInterval old (1
 // minute) and the journal has grown by more than a few blocks since, so a
 // trickle of writes never leaves a long journal to replay.
+// The data of concurrent writes reaches the cache device through a
+// group writer (groupWriter): the first writer yields once, then writes
+// every run of adjacent chunks that joined it with one WriteAt and wakes
+// the others; each returns only once its own data is on the device, so
+// the order "data written, then the record appended" holds per write.
 // Reads take mu only to look up and to revalidate, so reads of
 // different ranges run in parallel; a clean piece whose cache read fails
 // is read from the backing.

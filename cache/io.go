@@ -232,7 +232,7 @@ func (c *Cache) writeCached(p []byte, off int64, dirty bool, cond func() bool, m
 		n := min(got, int64(len(p))-done)
 		chunk := p[done : done+n]
 		sum := crc(chunk)
-		err := c.dev.WriteAt(chunk, loc, 0)
+		err := c.dw.write(chunk, loc)
 		c.mu.Lock()
 		if err == nil && cond != nil {
 			if !cond() {

@@ -11,7 +11,7 @@ type counters struct {
 	journalRecords, journalBlocks, commits, commitWaits, publishes    atomic.Int64
 	backingFlushes, checkpoints, checkpointBytes, checkpointsSkipped  atomic.Int64
 	gcRuns, gcMovedBytes, evictedBytes, bucketsFreed                  atomic.Int64
-	writebackBytes, writebackCollisions                               atomic.Int64
+	writebackBytes, writebackCollisions, dataWrites                   atomic.Int64
 	replayed, replayDropped                                           atomic.Int64
 }
 
@@ -37,6 +37,7 @@ type Stats struct {
 	NoSpace             int64 // allocations that found the cache full
 	CacheReadErrors     int64 // cache device read errors (clean data fell back to the backing)
 	CacheWriteErrors    int64
+	DataWrites          int64 // cache device writes of the write path's data (adjacent ones of concurrent writers merge)
 	BackingWriteBytes   int64 // foreground bytes written to the backing
 	DirtyBytes          int64
 	CachedBytes         int64 // bytes in the index
@@ -77,7 +78,7 @@ func (c *Cache) Stats() Stats {
 		CachedWriteBytes: c.stats.cachedBytes.Load(), Bypasses: c.stats.bypasses.Load(), RMW: c.stats.rmw.Load(),
 		FUA: c.stats.fua.Load(), Flushes: c.stats.flushes.Load(), Trims: c.stats.trims.Load(), Zeros: c.stats.zeros.Load(),
 		Promotions: c.stats.promotions.Load(), PromotedBytes: c.stats.promotedBytes.Load(), NoSpace: c.stats.noSpace.Load(),
-		CacheReadErrors: c.stats.cacheReadErrors.Load(), CacheWriteErrors: c.stats.cacheWriteErrors.Load(),
+		CacheReadErrors: c.stats.cacheReadErrors.Load(), CacheWriteErrors: c.stats.cacheWriteErrors.Load(), DataWrites: c.stats.dataWrites.Load(),
 		BackingWriteBytes: c.stats.backingWriteBytes.Load(), JournalRecords: c.stats.journalRecords.Load(),
 		JournalBlocks: c.stats.journalBlocks.Load(), Commits: c.stats.commits.Load(), CommitWaits: c.stats.commitWaits.Load(), Publishes: c.stats.publishes.Load(),
 		BackingFlushes: c.stats.backingFlushes.Load(), Checkpoints: c.stats.checkpoints.Load(),

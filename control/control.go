@@ -49,9 +49,12 @@ type Stats struct {
 	// Journal writes without a sync that make acknowledged writes survive
 	// a kill of the process; concurrent writes share them.
 	JournalPublishes int64 `json:"journal_publishes"`
-	Checkpoints      int64 `json:"checkpoints"`
-	CacheErrors      int64 `json:"cache_errors"`
-	Failed           bool  `json:"failed"`
+	// Cache device writes of written data; concurrent writes of adjacent
+	// locations share one.
+	DataWrites  int64 `json:"data_writes"`
+	Checkpoints int64 `json:"checkpoints"`
+	CacheErrors int64 `json:"cache_errors"`
+	Failed      bool  `json:"failed"`
 
 	// Writeback.
 	WritebackBytes  int64  `json:"writeback_bytes"`

@@ -53,6 +53,7 @@ func (d *daemon) Stats() control.Stats {
 	}
 	s.GCRuns, s.GCMovedBytes, s.EvictedBytes = cs.GCRuns, cs.GCMovedBytes, cs.EvictedBytes
 	s.JournalCommits, s.JournalPublishes, s.Checkpoints = cs.Commits, cs.Publishes, cs.Checkpoints
+	s.DataWrites = cs.DataWrites
 	s.CacheErrors = cs.CacheReadErrors + cs.CacheWriteErrors
 	s.Failed = cs.Failed
 	s.WritebackBytes, s.CollidedBytes = cs.WritebackBytes, cs.WritebackCollisions
