@@ -73,20 +73,24 @@ for round in $(seq "$ROUNDS"); do
 			page_cache "$srv" "$rw"
 			start_server "$srv"
 			c0=$(cpu_ticks "$PID")
-			fio --name="$name" --ioengine=nbd --uri="$URI" --rw="$rw" --bs="$bs" --iodepth="$qd" \
+			# The client's CPU time (user and system) as well: it bounds
+			# what any server can reach through fio's nbd engine.
+			TIMEFORMAT='%U %S'
+			{ time fio --name="$name" --ioengine=nbd --uri="$URI" --rw="$rw" --bs="$bs" --iodepth="$qd" \
 				--numjobs="$nj" --size="${SIZE_MB}M" --runtime="$RUNTIME" --time_based --group_reporting \
-				--output-format=json --output="$work/out.json" >/dev/null 2>&1
+				--output-format=json --output="$work/out.json" >/dev/null 2>&1; } 2>"$work/time.txt"
 			c1=$(cpu_ticks "$PID")
 			kill "$PID"; wait "$PID" 2>/dev/null || true
-			$PY - "$work/out.json" "$srv" "$name" "$round" "$((c1 - c0))" "$TCK" >>"$results" <<'PYEOF'
+			$PY - "$work/out.json" "$srv" "$name" "$round" "$((c1 - c0))" "$TCK" "$(cat "$work/time.txt")" >>"$results" <<'PYEOF'
 import json, sys
-path, srv, name, rnd, ticks, tck = sys.argv[1:]
+path, srv, name, rnd, ticks, tck, client = sys.argv[1:]
 j = json.load(open(path))["jobs"][0]
 ios = j["read"]["total_ios"] + j["write"]["total_ios"]
 iops = j["read"]["iops"] + j["write"]["iops"]
 bw = (j["read"]["bw_bytes"] + j["write"]["bw_bytes"]) / 1e6
 cpu_us = int(ticks) / int(tck) * 1e6 / max(ios, 1)
-print(f"{srv}\t{name}\t{rnd}\t{iops:.0f}\t{bw:.1f}\t{cpu_us:.2f}")
+client_us = sum(map(float, client.split())) * 1e6 / max(ios, 1)
+print(f"{srv}\t{name}\t{rnd}\t{iops:.0f}\t{bw:.1f}\t{cpu_us:.2f}\t{client_us:.2f}")
 PYEOF
 			echo "round $round $srv $name: $(tail -1 "$results" | cut -f4-)" >&2
 		done
@@ -97,14 +101,18 @@ $PY - "$results" "$ROUNDS" "$RUNTIME" <<'PYEOF'
 import sys, statistics, collections, datetime
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
 d = collections.defaultdict(lambda: collections.defaultdict(list))
-for srv, name, rnd, iops, bw, cpu in rows:
-    d[name][srv].append((float(iops), float(bw), float(cpu)))
+for srv, name, rnd, iops, bw, cpu, client in rows:
+    d[name][srv].append((float(iops), float(bw), float(cpu), float(client)))
 print(f"\nnbdcache vs nbdkit file, {datetime.date.today()}, medians of {sys.argv[2]} alternating rounds of {sys.argv[3]} s")
-print(f"{'job':26} {'nbdcache':>12} {'nbdkit':>12} {'ratio':>7} {'cpu/req us':>16} {'cpu ratio':>9}")
+print("client: fio's own CPU per request (with nbdcache); ceiling: the most IOPS a server could")
+print("see if fio had one core per connection to itself and the server cost nothing, over nbdkit's")
+print(f"{'job':26} {'nbdcache':>12} {'nbdkit':>12} {'ratio':>7} {'cpu/req us':>16} {'cpu ratio':>9} {'client us':>9} {'ceiling':>8}")
 for name, s in d.items():
     a = [statistics.median(x) for x in zip(*s["nbdcache"])]
     b = [statistics.median(x) for x in zip(*s["nbdkit"])]
     unit = "MB/s" if name.startswith("1M") else "IOPS"
     i = 1 if unit == "MB/s" else 0
-    print(f"{name:26} {a[i]:>8.0f} {unit:4}{b[i]:>8.0f} {unit:4}{a[i]/b[i]:>6.2f}x {a[2]:>7.1f} / {b[2]:<7.1f}{a[2]/b[2]:>8.2f}x")
+    nconn = 4 if "4conn" in name else 1
+    ceiling = "" if unit == "MB/s" else f"{min(nconn, 2) * 1e6 / a[3] / b[0]:.2f}x"
+    print(f"{name:26} {a[i]:>8.0f} {unit:4}{b[i]:>8.0f} {unit:4}{a[i]/b[i]:>6.2f}x {a[2]:>7.1f} / {b[2]:<7.1f}{a[2]/b[2]:>8.2f}x {a[3]:>9.1f} {ceiling:>8}")
 PYEOF
