@@ -25,6 +25,9 @@ import (
 // (mostly the syscall and ext4's per-write inode work); one of 128 KiB
 // costs about 0.9 us per 4 KiB.
 //
+// A merged write that fails fails every writer in it, as one device
+// request would.
+//
 // No lock is held across I/O: batches are written by their leaders, and
 // two batches may be in flight at once (they never overlap: each chunk is
 // a location its writer allocated).
