@@ -182,6 +182,7 @@ const (
 	pcAlone        pcExtra = iota // nothing: exactly replayable
 	pcBackground                  // the background writeback and GC goroutines
 	pcCheckpointer                // a goroutine writing checkpoints back to back
+	pcParallel                    // some writes issued in bursts of adjacent ranges at once
 )
 
 // runCut runs one seeded workload, cuts the power at a random storage
@@ -258,7 +259,7 @@ func runCut(seed uint64, model storage.LossModel, brk breakMode, extra pcExtra) 
 				}
 			})
 		}
-		workload(c, r, cfg, o, &res, fail)
+		workload(c, r, cfg, o, &res, fail, extra == pcParallel)
 		close(stop)
 		ckDone.Wait()
 		c.Close() // after a cut it fails, but stops the RAM tier
@@ -315,7 +316,7 @@ func runCut(seed uint64, model storage.LossModel, brk breakMode, extra pcExtra) 
 
 // workload runs cfg.ops random operations, stopping at the first error
 // (the power cut).
-func workload(c *Cache, r *rand.Rand, cfg pcConfig, o *oracle, res *pcResult, fail func(string, ...any)) {
+func workload(c *Cache, r *rand.Rand, cfg pcConfig, o *oracle, res *pcResult, fail func(string, ...any), par bool) {
 	sectors := cfg.back / sectorSize
 	var id uint64
 	var seqNext int64 = -1
@@ -330,6 +331,8 @@ func workload(c *Cache, r *rand.Rand, cfg pcConfig, o *oracle, res *pcResult, fa
 		res.opsDone = i
 		var err error
 		switch k := r.IntN(100); {
+		case k < 40 && par && r.IntN(3) == 0:
+			err = parallelWrites(c, r, cfg, o, &id)
 		case k < 40: // write, sometimes sequential, sometimes FUA
 			off, n := randRange(48)
 			if seqNext >= 0 && r.IntN(2) == 0 && seqNext+n <= cfg.back {
@@ -404,6 +407,52 @@ func workload(c *Cache, r *rand.Rand, cfg pcConfig, o *oracle, res *pcResult, fa
 			return
 		}
 	}
+}
+
+// parallelWrites issues 2-8 writes of adjacent ranges at once, some with
+// FUA, as the NBD server's workers do, so that their data writes merge
+// (groupWriter).
+func parallelWrites(c *Cache, r *rand.Rand, cfg pcConfig, o *oracle, id *uint64) error {
+	type write struct {
+		off, n int64
+		p      pend
+		fua    bool
+		err    error
+	}
+	ws := make([]write, 0, 8)
+	pos := r.Int64N(cfg.back/sectorSize) * sectorSize
+	for range 2 + r.IntN(7) {
+		n := (1 + r.Int64N(16)) * sectorSize
+		if pos+n > cfg.back {
+			break
+		}
+		*id++
+		w := write{off: pos, n: n, p: pend{id: *id}, fua: r.IntN(8) == 0}
+		o.begin(w.off, w.n, w.p)
+		ws = append(ws, w)
+		pos += n
+	}
+	var wg sync.WaitGroup
+	for i := range ws {
+		wg.Go(func() {
+			w := &ws[i]
+			var fl storage.Flags
+			if w.fua {
+				fl = storage.FUA
+			}
+			w.err = c.WriteAt(payload(w.off, w.n, w.p.id), w.off, fl)
+		})
+	}
+	wg.Wait()
+	var err error
+	for _, w := range ws {
+		if w.err == nil {
+			o.done(w.off, w.n, w.p, w.fua)
+		} else if err == nil {
+			err = w.err
+		}
+	}
+	return err
 }
 
 func TestPowerCut(t *testing.T) {
@@ -517,3 +566,9 @@ func timedCuts(t *testing.T, n int, salt uint64, extra pcExtra) {
 // (a checkpoint holds the lock only for its snapshot). Timing makes a run
 // not exactly replayable; the seed fixes the workload and the cut index.
 func TestPowerCutConcurrentCheckpoint(t *testing.T) { timedCuts(t, 300, 91, pcCheckpointer) }
+
+// TestPowerCutParallelWrites: the same, with bursts of concurrent writes
+// to adjacent ranges, whose data reaches the cache device in merged
+// writes. Timing makes a run not exactly replayable; the seed fixes the
+// workload and the cut index.
+func TestPowerCutParallelWrites(t *testing.T) { timedCuts(t, 300, 53, pcParallel) }
