@@ -6,7 +6,6 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
-	"unsafe"
 
 	"github.com/nbdcache/nbdcache/storage"
 )
@@ -105,7 +104,7 @@ func (g *groupWriter) flush(reqs []groupReq) {
 		if j == i+1 {
 			err = g.dev.WriteAt(first.p, first.off, 0)
 		} else {
-			err = g.writeRun(reqs, order[i:j], first.off, end)
+			err = g.writeRun(reqs, order[i:j])
 		}
 		for _, k := range order[i:j] {
 			reqs[k].err = err
@@ -116,24 +115,17 @@ func (g *groupWriter) flush(reqs []groupReq) {
 
 // writeRun copies the adjacent requests idx into one buffer and writes it.
 // The buffer is page-aligned, so that an O_DIRECT device takes it as it is.
-func (g *groupWriter) writeRun(reqs []groupReq, idx []int, off, end int64) error {
+func (g *groupWriter) writeRun(reqs []groupReq, idx []int) error {
 	bp, _ := g.buf.Get().(*[]byte)
 	if bp == nil {
-		b := make([]byte, maxGroupRun+runAlign)
-		a := int(uintptr(unsafe.Pointer(&b[0])) & (runAlign - 1))
-		if a != 0 {
-			a = runAlign - a
-		}
-		b = b[a : a+maxGroupRun]
+		b := storage.AlignedBuf(maxGroupRun)
 		bp = &b
 	}
 	buf := (*bp)[:0]
 	for _, k := range idx {
 		buf = append(buf, reqs[k].p...)
 	}
-	err := g.dev.WriteAt(buf[:end-off], off, 0)
+	err := g.dev.WriteAt(buf, reqs[idx[0]].off, 0)
 	g.buf.Put(bp)
 	return err
 }
-
-const runAlign = 4096

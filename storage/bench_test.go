@@ -15,7 +15,7 @@ func benchRandom4K(b *testing.B, d Device, write bool, flags Flags) {
 	b.ReportAllocs()
 	b.ResetTimer()
 	b.RunParallel(func(pb *testing.PB) {
-		p := alignedBuf(4096)
+		p := AlignedBuf(4096)
 		x := uint64(len(p)) * 0x9e3779b97f4a7c15
 		for pb.Next() {
 			x ^= x << 13
@@ -63,7 +63,7 @@ func BenchmarkCrash4K(b *testing.B) {
 	b.Run("WriteAt+Flush/64", func(b *testing.B) {
 		// A Flush every 64 writes keeps the log (a copy of every
 		// unsynced write) small, as a real user would.
-		p := alignedBuf(4096)
+		p := AlignedBuf(4096)
 		b.SetBytes(4096)
 		b.ReportAllocs()
 		for i := 0; b.Loop(); i++ {
@@ -119,7 +119,7 @@ func BenchmarkFileFUAMixed(b *testing.B) {
 				how = "pwrite+fdatasync"
 			}
 			b.Run(fmt.Sprintf("direct=%v/%s", direct, how), func(b *testing.B) {
-				p := alignedBuf(4096)
+				p := AlignedBuf(4096)
 				b.SetBytes(17 * 4096)
 				b.ReportAllocs()
 				for i := 0; b.Loop(); i++ {

@@ -171,12 +171,12 @@ func (f *File) setup(opts FileOptions) error {
 				f.path, f.size, f.align, ErrNotSupported)
 		}
 		f.caps.BlockSize = int(f.align)
-		f.bounce.New = func() any { b := alignedBuf(fileBounceSize); return &b }
+		f.bounce.New = func() any { b := AlignedBuf(fileBounceSize); return &b }
 	}
 	if !f.blockDev && !f.direct {
 		f.serial = new(serialWrites)
 	}
-	f.zeros = alignedBuf(fileZeroSize)
+	f.zeros = AlignedBuf(fileZeroSize)
 	return nil
 }
 
@@ -711,8 +711,10 @@ func ioctlPtr(fd int, req uint, arg unsafe.Pointer) error {
 func alignDown(x, a int64) int64 { return x &^ (a - 1) }
 func alignUp(x, a int64) int64   { return (x + a - 1) &^ (a - 1) }
 
-// alignedBuf returns n bytes aligned to fileMemAlign.
-func alignedBuf(n int) []byte {
+// AlignedBuf returns n bytes whose address is aligned to fileMemAlign
+// (4 KiB), so that a File opened with O_DIRECT writes them as they are,
+// without its bounce buffer.
+func AlignedBuf(n int) []byte {
 	b := make([]byte, n+fileMemAlign)
 	o := int(-uintptr(unsafe.Pointer(&b[0])) & (fileMemAlign - 1))
 	return b[o : o+n : o+n]

@@ -314,7 +314,7 @@ func TestFileDirectRMW(t *testing.T) {
 func TestFileNoAllocs(t *testing.T) {
 	for _, direct := range []bool{false, true} {
 		f := openTemp(t, 1<<20, direct)
-		p := alignedBuf(4096)
+		p := AlignedBuf(4096)
 		for name, fn := range map[string]func(){
 			"ReadAt":      func() { f.ReadAt(p, 8192) },
 			"WriteAt":     func() { f.WriteAt(p, 8192, 0) },
