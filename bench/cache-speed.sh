@@ -4,9 +4,10 @@
 #   file:     fio writing/reading the cache file directly (io_uring, buffered)
 #   nbdcache: through `nbdcache serve --cache` in write-back mode (fio's nbd engine)
 #   nbdkit:   nbdkit's file plugin on the same kind of file
-#   null:     nbdkit's null plugin, which stores nothing: the most any NBD
-#             server can reach through fio's nbd engine on this machine,
-#             so null/file is the ceiling for nbdcache/file
+#   null:     nbdkit's null plugin, which stores nothing: for writes, a
+#             rough bound on what an NBD server reaches through fio's nbd
+#             engine here (nbdkit's own per-request cost stays in it, so a
+#             faster server can beat it, as nbdcache's hot reads do)
 # Prints medians and the ratios nbdcache/file and nbdcache/nbdkit.
 #
 #   bench/cache-speed.sh                 # 3 rounds of 10 s
