@@ -48,8 +48,9 @@ for round in $(seq "$ROUNDS"); do
 			esac
 			# Every run starts with no dirty pages anywhere: the kernel's
 			# writeback of the run before would otherwise slow whichever
-			# target comes next (seen: nbdkit 27k IOPS after nbdcache,
-			# 100k after a sync).
+			# target comes next (seen: nbdkit 27k IOPS on a fresh image
+			# while an earlier run's 262 MB were being written back,
+			# 84-103k once they were not).
 			sync
 			fio --name=x "${tgt[@]}" --rw=$rw --bs=4k --iodepth=32 --size="${SIZE_MB}M" --runtime="$RUNTIME" \
 				--time_based --output-format=json --output="$work/o.json" >/dev/null 2>&1
