@@ -131,6 +131,9 @@ const (
 	breakNoSync               // commit writes the journal but never syncs the cache device
 	breakNoDataCRC            // replay trusts records without checking their data
 	breakSkipBFlush           // commit does not flush the backing before the journal
+	// Concurrency bugs (issue 14), for the concurrent model test:
+	breakNoPinRecheck // a direct backing write trusts the pin check made before it left mu
+	breakNoPromoGuard // a promotion ignores backing writes that started after its read
 )
 
 func (o *Options) fill() error {
