@@ -111,17 +111,43 @@
 //     the mode, so a writeback in flight can never land stale data over a
 //     newer direct write to the backing. Two exceptions: a trim deletes
 //     dirty extents too (bcache's discard) but leaves ranges being written
-//     back alone, and after it a sector may read as zeroes or as any data
-//     it held before; a zero over a bucket or more of dirty data works as
-//     a writeback of zeroes (the range registered as being written back,
-//     the backing zeroed and flushed, then the extents deleted), so it
-//     does not fill the cache with zeroes.
+//     back alone, and a dirty extent it would cut in two stays whole, so
+//     after it a sector may read as zeroes or as any data it held before;
+//     a zero over a bucket or more of dirty data works as a writeback of
+//     zeroes (the range registered as being written back, the backing
+//     zeroed and flushed, then the extents deleted), so it does not fill
+//     the cache with zeroes.
+//   - The backing writes over a range exclude each other: a writeback
+//     (ReadCached to MarkClean or ReleaseCached, gap-fill of clean extents
+//     included, and zeroDirty) and a direct write (passthrough, from its
+//     deletion until its backing write and what follows it, such as
+//     writethrough's clean copy, are done). A direct write decides that its
+//     range is not pinned a second time, under the same hold of mu that
+//     registers it and deletes the extents: the decision made before it
+//     left mu (in enter, which may block or run a checkpoint) is void by
+//     then. It waits for a writeback in flight over its range, and goes
+//     into the cache when dirty data landed meanwhile (errPinned).
 //   - Before anything is written to the backing directly (bypass,
 //     writethrough, writearound, trim, zero), the extents over the range are
 //     deleted and that deletion is committed: a clean extent that outlived a
-//     crash over newer backing data would be stale. A clean record that
-//     follows a backing write is committed only after a backing flush (the
-//     commit flushes the backing first when backing writes happened).
+//     crash over newer backing data would be stale. A clean extent that
+//     reaches past the range is deleted whole, so the deletion never adds
+//     an extent. A clean record that follows a backing write is committed
+//     only after a backing flush (the commit flushes the backing first
+//     when backing writes happened).
+//   - A promotion copies what a read got from the backing. Every backing
+//     write over the read's range that starts after the read looked the
+//     range up (a direct write, a writeback, zeroDirty) voids it
+//     (promoGuard), and the insert re-checks, under mu, that the guard
+//     holds and that the index has nothing over the range. A write that
+//     landed dirty, was written back, marked clean and evicted during the
+//     read leaves the index empty again, but its writeback voided the
+//     guard.
+//   - The index never holds more extents than a checkpoint slot: every
+//     change that can add extents checks for room under the same hold of
+//     mu (roomLocked, see alloc.go); foreground writes stop caching at 3/4
+//     of it and evict clean extents; Open writes back what a replay
+//     rebuilt beyond it (fitIndex).
 //   - Writeback's MarkClean is a compare-and-swap on the version, journaled
 //     after the backing write is durable; a lost race counts as a collision.
 //
@@ -168,8 +194,8 @@
 //   - Read promotion: a miss is copied in the second time its 64 KiB region
 //     misses within a window (a TinyLFU-style doorkeeper with aging), so
 //     one-time scans do not evict the working set; Prefetch (NBD CACHE)
-//     promotes unconditionally. A promotion is dropped if any direct backing
-//     write started meanwhile or the range got cached.
+//     promotes unconditionally. A promotion is dropped if any backing
+//     write over its range started meanwhile or the range got cached.
 //   - RAM tier (ristretto): copies of 4 KiB pages tagged with the version
 //     of the extent they came from, served only for that version, so it can
 //     never be stale. It holds copies of dirty pieces too: it is never the
@@ -198,6 +224,6 @@
 // journal covers, but data covered by a checkpoint is verified neither by
 // Check nor on read, so bit rot there is not detected (metadata corruption
 // is). Unaligned writes are serialized among themselves (read-modify-
-// write). Concurrent overlapping writethrough writes may leave the cache's
-// clean copy and the backing holding different ones of the two writes.
+// write). Direct writes over overlapping ranges are serialized among
+// themselves too.
 package cache

@@ -254,6 +254,7 @@ func (c *Cache) journalDoneLocked(err error) error {
 	if err != nil && c.mu.failed == nil {
 		c.mu.failed = fmt.Errorf("%w: %w", ErrFailed, err)
 		c.log.Error("cache: journal write failed; refusing writes", "err", err)
+		c.mu.wbCond.Broadcast() // direct writes waiting for a range give up
 	}
 	c.mu.commitCond.Broadcast()
 	return c.mu.failed
