@@ -45,6 +45,11 @@
 //	20    4     durable: seq-d+1, where every block below d was durable
 //	            when this one was written (0: not known, as in version 1)
 //	24    40*n  records
+//	4064  8     ckpt: the sequence of the checkpoint that was durable when
+//	            this block was written (0: not known, as in blocks written
+//	            before the field existed; it lies past the last record,
+//	            where those blocks hold zeroes)
+//	4072  20    zero
 //	4092  4     crc32c of bytes 0..4091
 //
 // Record (40 bytes): type (1 insert, 2 delete, 3 clean, 4 replace), gen,
