@@ -299,6 +299,15 @@ func durableField(seq, durable uint64) uint32 {
 	return uint32(seq - durable + 1)
 }
 
+// The two ways a block that was never written whole fails to decode: a
+// slot never written (or overwritten by something else) has no magic; a
+// torn write, damage, or a block of an earlier format (another salt)
+// fails the checksum.
+var (
+	errJBlockMagic    = fmt.Errorf("%w: journal block magic", ErrCorrupt)
+	errJBlockChecksum = fmt.Errorf("%w: journal block checksum", ErrCorrupt)
+)
+
 // decodeJBlock checks magic, checksum and record count, and decodes.
 // Sequence and chain are the caller's business.
 func decodeJBlock(salt uint32, b []byte) (*jblock, error) {
@@ -307,11 +316,11 @@ func decodeJBlock(salt uint32, b []byte) (*jblock, error) {
 	}
 	le := binary.LittleEndian
 	if string(b[0:4]) != jMagic {
-		return nil, fmt.Errorf("%w: journal block magic", ErrCorrupt)
+		return nil, errJBlockMagic
 	}
 	c := crc32.Update(salt, castagnoli, b[:metaBlock-4])
 	if c != le.Uint32(b[metaBlock-4:]) {
-		return nil, fmt.Errorf("%w: journal block checksum", ErrCorrupt)
+		return nil, errJBlockChecksum
 	}
 	n := le.Uint32(b[4:])
 	if n > jRecsPerBlk {
