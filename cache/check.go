@@ -13,7 +13,7 @@ type Report struct {
 	BackingID         [16]byte
 	State             string // "clean" or "dirty"
 	SuperblockCopies  int    // valid copies (of 2)
-	Checkpoint        uint64 // sequence of the checkpoint loaded
+	Checkpoint        uint64 // sequence of the checkpoint loaded (0: recovery failed before)
 	CheckpointsValid  int    // valid slots (of 2)
 	CheckpointsUnused int    // slots never written (slot 1 until the first Open)
 	JournalBlocks     int64  // blocks replayed
