@@ -3,10 +3,14 @@ package cache
 import (
 	"bytes"
 	"errors"
+	"flag"
 	"fmt"
 	"sort"
 	"strings"
 	"testing"
+
+	"github.com/nbdcache/nbdcache/storage"
+	"github.com/nbdcache/nbdcache/test/testseed"
 )
 
 // Metadata damage (issue 14): bytes flipped in synced metadata. The cache
@@ -255,4 +259,283 @@ func TestDamagedOlderCheckpointIsHarmless(t *testing.T) {
 	if !expectIntactOrRefused(t, d, map[int64]uint64{0: 1, 8192: 2}, 8192, region) {
 		t.Fatal("refused to open over a damaged older checkpoint")
 	}
+}
+
+var flagDamages = flag.Int("damages", 0, "iterations of TestMetadataDamage (default 300; 1 with -seed replays one)")
+
+// Damage regions of TestMetadataDamage.
+const (
+	dmgNewestCkpt = iota // the slot of the newest checkpoint
+	dmgOlderCkpt         // the other slot
+	dmgJournal           // a journal block below the durable frontier
+	dmgSuper0            // superblock copy A
+	dmgSuper1            // superblock copy B
+	dmgRegions
+)
+
+var dmgNames = [dmgRegions]string{"newest checkpoint", "older checkpoint", "live journal block", "superblock copy A", "superblock copy B"}
+
+// dmgResult is the outcome of one damage run.
+type dmgResult struct {
+	violations []string
+	region     int
+	closed     bool // the cache was closed before the damage (else killed)
+	refused    bool // Open refused with ErrCorrupt
+	reused     bool // some bucket emptied after a checkpoint holds data again
+	chained    bool // dmgJournal: the block was on the replayed chain
+}
+
+// runDamage runs one seeded damage case: a workload on a tiny cache (so
+// that buckets are emptied and reused), a final Flush, a Close or a kill,
+// then bytes flipped in one metadata region under their checksum. Then
+// either Open succeeds and every sector holds what the oracle allows (a
+// kill on a device that keeps every write loses nothing acknowledged), or
+// Open and Check fail with ErrCorrupt and Check's problems name the
+// region. Whichever, Check names the damage (as a problem or a warning),
+// and after a successful Open and Close, Check is clean again.
+func runDamage(seed uint64) (res dmgResult) {
+	r := rng(seed)
+	fail := func(format string, a ...any) {
+		if len(res.violations) < 8 {
+			res.violations = append(res.violations, fmt.Sprintf(format, a...))
+		}
+	}
+	block := []int64{512, 4096}[r.IntN(2)]
+	bucket := int64(16 << 10 << r.IntN(2))
+	nb := int64(minBuckets + r.IntN(8))
+	jblocks := int64(16 + r.IntN(24))
+	cfg := pcConfig{
+		fo:   FormatOptions{BlockSize: int(block), BucketSize: bucket, JournalSize: jblocks * metaBlock, BackingID: testBackingID},
+		back: int64(256<<10) << r.IntN(3),
+		ops:  80 + r.IntN(200),
+		opts: Options{NoBackground: true, BackingID: testBackingID, SequentialCutoff: -1, PromoteAll: r.IntN(2) == 0,
+			Mode: []Mode{Writeback, Writeback, Writeback, Writethrough}[r.IntN(4)]},
+	}
+	cfg.cache = tinyCacheSize(nb, bucket, block, jblocks)
+	d := devPair{storage.NewMem(cfg.cache), storage.NewMem(cfg.back)}
+	if err := Format(d.cache, d.back, cfg.fo); err != nil {
+		fail("format: %v", err)
+		return res
+	}
+	c, err := Open(d.cache, d.back, cfg.opts)
+	if err != nil {
+		fail("open: %v", err)
+		return res
+	}
+	o := newOracle(cfg.back / sectorSize)
+	o.ackDurable = true // a kill on a device that keeps every write
+	var pr pcResult
+	workload(c, r, cfg, o, &pr, fail, false)
+	if err := c.Flush(); err != nil {
+		fail("flush: %v", err)
+	}
+	if r.IntN(2) == 0 { // one more write, published: its block says the ones before were durable
+		off := r.Int64N(cfg.back/sectorSize) * sectorSize
+		n := min(int64(1+r.IntN(16))*sectorSize, cfg.back-off)
+		p := pend{id: 1 << 40}
+		o.begin(off, n, p)
+		if err := c.WriteAt(payload(off, n, p.id), off, 0); err != nil {
+			fail("last write: %v", err)
+		}
+		o.done(off, n, p, false)
+	}
+	c.mu.Lock()
+	for _, b := range c.mu.buckets {
+		res.reused = res.reused || b.gen > 0 && b.live > 0
+	}
+	c.mu.Unlock()
+	if res.closed = r.IntN(3) == 0; res.closed {
+		if err := c.Close(); err != nil {
+			fail("close: %v", err)
+		}
+	} // else the process dies here: the devices keep everything
+	if len(res.violations) > 0 {
+		return res
+	}
+	if rep, err := Check(d.cache, d.back); err != nil || len(rep.Warnings) > 0 {
+		fail("check before the damage: %v, warnings %q", err, rep.Warnings)
+		return res
+	}
+
+	// The damage.
+	sb, err := readSuper(d.cache)
+	if err != nil {
+		fail("%v", err)
+		return res
+	}
+	salt := sb.salt()
+	slots, err := readCheckpointSlots(d.cache, sb, salt)
+	if err != nil || slots[0].ck == nil || slots[1].ck == nil {
+		fail("checkpoint slots before the damage: %v %v %v", err, slots[0].err, slots[1].err)
+		return res
+	}
+	newest := 0
+	if slots[1].ck.Seq > slots[0].ck.Seq {
+		newest = 1
+	}
+	flip := func(base, size int64) {
+		for range 1 + r.IntN(3) {
+			off := base + r.Int64N(size)
+			b := make([]byte, 1)
+			d.cache.ReadAt(b, off)
+			b[0] ^= byte(1 + r.IntN(255))
+			d.cache.WriteAt(b, off, 0)
+		}
+	}
+	res.region = r.IntN(dmgRegions)
+	var name string
+	switch res.region {
+	case dmgNewestCkpt, dmgOlderCkpt:
+		i := newest
+		if res.region == dmgOlderCkpt {
+			i = 1 - newest
+		}
+		name = fmt.Sprintf("checkpoint slot %d", i)
+		flip(sb.CkptOff+int64(i)*sb.CkptSize, ckptHdrSize+slots[i].ck.bodyLen())
+	case dmgJournal:
+		// A block of the replayed chain below the durable frontier (a
+		// later block says it was durable), else a valid block off the
+		// chain (dead). Not the chain's blocks from the frontier on: the
+		// last synced block, damaged with no block written after it,
+		// reads as a torn tail (doc.go's known limits).
+		type jb struct {
+			seq uint64
+			pos int64
+		}
+		var chain, below []jb
+		var frontier uint64
+		onChain := map[int64]bool{}
+		walkJournal(d.cache, sb, salt, slots[newest].ck, func(b *jblock) {
+			chain = append(chain, jb{b.Seq, (slots[newest].ck.JPos + int64(len(chain))) % sb.journalSlots()})
+			frontier = max(frontier, b.Durable)
+		})
+		for _, b := range chain {
+			onChain[b.pos] = true
+			if b.seq < frontier {
+				below = append(below, b)
+			}
+		}
+		var target jb
+		if len(below) > 0 {
+			target, res.chained = below[r.IntN(len(below))], true
+		} else {
+			var valid []jb
+			for pos := range sb.journalSlots() {
+				b := make([]byte, metaBlock)
+				d.cache.ReadAt(b, sb.JournalOff+pos*metaBlock)
+				if j, err := decodeJBlock(salt, b); err == nil && !onChain[pos] {
+					valid = append(valid, jb{j.Seq, pos})
+				}
+			}
+			if len(valid) == 0 {
+				res.region = dmgSuper0 // no block to damage
+				name = "superblock copy at 0"
+				flip(0, sbUsed+4)
+				break
+			}
+			target = valid[r.IntN(len(valid))]
+		}
+		name = fmt.Sprintf("journal block %d (slot %d)", target.seq, target.pos)
+		flip(sb.JournalOff+target.pos*metaBlock, metaBlock)
+	case dmgSuper0, dmgSuper1:
+		off := int64(res.region-dmgSuper0) * metaBlock
+		name = fmt.Sprintf("superblock copy at %d", off)
+		flip(off, sbUsed+4)
+	}
+
+	// The verdict.
+	rep, cerr := Check(d.cache, d.back)
+	said := strings.Join(append(append([]string(nil), rep.Problems...), rep.Warnings...), "\n")
+	// A journal block off the replayed chain is dead: nothing reads it,
+	// and its damage cannot be told from a torn block of an earlier lap.
+	if dead := res.region == dmgJournal && !res.chained; !dead && !strings.Contains(said, name) {
+		fail("Check (%v) does not name the damaged %s: problems %q, warnings %q", cerr, name, rep.Problems, rep.Warnings)
+	}
+	c2, oerr := Open(d.cache, d.back, cfg.opts)
+	mustOpen := res.region == dmgOlderCkpt || res.region == dmgSuper0 || res.region == dmgSuper1 ||
+		res.region == dmgJournal && !res.chained || res.region == dmgNewestCkpt && res.closed
+	if oerr != nil {
+		res.refused = true
+		switch {
+		case !errors.Is(oerr, ErrCorrupt) || !errors.Is(cerr, ErrCorrupt):
+			fail("Open: %v; Check: %v; want ErrCorrupt from both", oerr, cerr)
+		case !strings.Contains(strings.Join(rep.Problems, "\n"), name):
+			fail("Open refused (%v), but Check's problems do not name the damaged %s: %q", oerr, name, rep.Problems)
+		case mustOpen:
+			fail("Open refused over damage that loses nothing (%s): %v", name, oerr)
+		}
+		return res
+	}
+	if res.region == dmgJournal && res.chained {
+		fail("opened over damaged %s, below the durable frontier", name)
+	}
+	buf := make([]byte, 64<<10)
+	for off := int64(0); off < cfg.back; off += int64(len(buf)) {
+		if err := c2.ReadAt(buf, off); err != nil {
+			fail("read at %d: %v", off, err)
+			break
+		}
+		for i := int64(0); i < int64(len(buf)); i += sectorSize {
+			s := (off + i) / sectorSize
+			id, err := sectorID(buf[i:i+sectorSize], s)
+			if err != nil {
+				fail("opened over damaged %s: %v", name, err)
+			} else if a := o.allowedAfterCrash(s); !contains(a, id) {
+				fail("opened over damaged %s: sector %d holds write %d; allowed %v", name, s, id, a)
+			}
+		}
+	}
+	if err := c2.Close(); err != nil {
+		fail("close after the damage: %v", err)
+	}
+	if rep, err := Check(d.cache, d.back); err != nil || len(rep.Warnings) > 0 {
+		fail("check after reopening over damaged %s: %v, warnings %q", name, err, rep.Warnings)
+	}
+	return res
+}
+
+// TestMetadataDamage is issue 14's "metadata damage, not just torn
+// tails": bytes flipped in each checkpoint slot, in journal blocks below
+// the durable frontier and in each superblock copy, after seeded
+// workloads on a tiny cache (so that buckets are emptied and reused). See
+// runDamage for what must hold.
+func TestMetadataDamage(t *testing.T) {
+	n := *flagDamages
+	if n <= 0 {
+		n = 300
+		if testing.Short() {
+			n = 60
+		}
+	}
+	master := testseed.Get(t)
+	var opened, refused [dmgRegions + 1]int // + dead journal blocks
+	reused := 0
+	for i := range n {
+		seed := master
+		if i > 0 {
+			seed = mix(master, 0xda3a6e, uint64(i))
+		}
+		res := runDamage(seed)
+		if len(res.violations) > 0 {
+			t.Fatalf("iteration %d, %s damaged (closed %v; seed %d; replay: go test ./cache -run '^TestMetadataDamage$' -seed %d -damages 1):\n%s",
+				i, dmgNames[res.region], res.closed, seed, seed, strings.Join(res.violations, "\n"))
+		}
+		k := res.region
+		if k == dmgJournal && !res.chained {
+			k = dmgRegions
+		}
+		if res.refused {
+			refused[k]++
+		} else {
+			opened[k]++
+		}
+		if res.reused {
+			reused++
+		}
+	}
+	names := append(dmgNames[:], "dead journal block")
+	for k, name := range names {
+		t.Logf("%-19s opened intact %4d, refused %4d", name+":", opened[k], refused[k])
+	}
+	t.Logf("%d of %d runs ended with a reused bucket holding data", reused, n)
 }

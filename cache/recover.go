@@ -33,6 +33,9 @@ type state struct {
 	stopWhy  string
 	problems []string // structural problems (Check reports them)
 	warnings []string // states a power cut leaves legitimately (Check lists them)
+	// otherBad says why the slot not loaded is invalid ("" when it is
+	// valid or unused): the likely home of a lost checkpoint.
+	otherBad string
 }
 
 // readCheckpoint reads and decodes slot i. Its errors do not name the
@@ -163,6 +166,7 @@ func pickCheckpoint(dev storage.Device, sb *superblock, salt uint32, st *state, 
 		w := fmt.Sprintf("checkpoint slot %d is invalid (%v); recovered from slot %d (checkpoint %d); no journal block proves a newer checkpoint was durable (a checkpoint write torn by a power cut, or damage to the older one)",
 			o, other.err, st.ckptSlot, ck.Seq)
 		st.warnings = append(st.warnings, w)
+		st.otherBad = fmt.Sprintf("checkpoint slot %d is invalid (%v)", o, other.err)
 		log.Warn("cache: "+w, "slot", o, "err", other.err)
 	}
 	return ck, nil
@@ -253,8 +257,12 @@ func loadState(dev storage.Device, sb *superblock, brk breakMode, log *slog.Logg
 			// durable checkpoint never meets another generation: that
 			// checkpoint is lost, and the record is a flushed write.
 			if genErr == nil {
-				genErr = fmt.Errorf("%w: journal block %d: record [%d+%d)@%d has generation %d of bucket %d, but checkpoint %d (slot %d) gives it generation %d: the bucket was reused after a newer checkpoint than the one loaded, which is lost, and the write would be dropped",
-					ErrCorrupt, seq, r.Off, r.Len, r.Loc, r.Gen, b, ck.Seq, st.ckptSlot, gens[b])
+				lost := "is lost"
+				if st.otherBad != "" {
+					lost = "is lost: " + st.otherBad
+				}
+				genErr = fmt.Errorf("%w: journal block %d: record [%d+%d)@%d has generation %d of bucket %d, but checkpoint %d (slot %d) gives it generation %d: the bucket was reused after a newer checkpoint than the one loaded, which %s; the write would be dropped",
+					ErrCorrupt, seq, r.Off, r.Len, r.Loc, r.Gen, b, ck.Seq, st.ckptSlot, gens[b], lost)
 			}
 			return false
 		}
