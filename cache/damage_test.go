@@ -5,6 +5,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"log/slog"
 	"sort"
 	"strings"
 	"testing"
@@ -256,6 +257,17 @@ func TestDamagedOlderCheckpointIsHarmless(t *testing.T) {
 		t.Fatalf("Check's warnings do not name %q: %q", region, rep.Warnings)
 	}
 	t.Logf("Check warns: %q", rep.Warnings)
+	// Open says so too.
+	var logged bytes.Buffer
+	c, err = Open(d.cache, d.back, Options{BackingID: testBackingID, NoBackground: true,
+		Logger: slog.New(slog.NewTextHandler(&logged, &slog.HandlerOptions{Level: slog.LevelWarn}))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out := logged.String(); !strings.Contains(out, "level=WARN") || !strings.Contains(out, region+" is invalid") {
+		t.Fatalf("Open logged %q; want a warning naming %s", out, region)
+	}
+	closeChecked(t, c, d)
 	if !expectIntactOrRefused(t, d, map[int64]uint64{0: 1, 8192: 2}, 8192, region) {
 		t.Fatal("refused to open over a damaged older checkpoint")
 	}
