@@ -45,6 +45,11 @@
 //	20    4     durable: seq-d+1, where every block below d was durable
 //	            when this one was written (0: not known, as in version 1)
 //	24    40*n  records
+//	4064  8     ckpt: the sequence of the checkpoint that was durable when
+//	            this block was written (0: not known, as in blocks written
+//	            before the field existed; it lies past the last record,
+//	            where those blocks hold zeroes)
+//	4072  20    zero
 //	4092  4     crc32c of bytes 0..4091
 //
 // Record (40 bytes): type (1 insert, 2 delete, 3 clean, 4 replace), gen,
@@ -57,7 +62,9 @@
 // generation byte per bucket (padded to 8) and 32 bytes per extent
 // (offset u64, length in sectors u32, gen, dirty, 0, 0, location u64,
 // version u64), sorted. A slot holds 2*data/BlockSize+64 extents; the
-// write path treats the cache as full at 3/4 of that.
+// write path treats the cache as full at 3/4 of that. Format writes
+// checkpoint 1 to slot 0 and zeroes the first block of slot 1; after that
+// checkpoints alternate between the slots (odd sequences in slot 0).
 //
 // # Invariants
 //
@@ -102,10 +109,31 @@
 //     durable. So no record in the replayable journal (and no extent of the
 //     loaded checkpoint) points at a reused bucket: the data checksum test
 //     at replay is exact, and a flushed write can never be lost to GC.
-//     Generations are also checked at replay (a record of another
-//     generation is stale), and each bucket has an in-memory epoch that
-//     readers revalidate after reading, so a read that raced with reuse is
+//     It follows that replay from the newest durable checkpoint never
+//     meets a record whose generation differs from the checkpoint's for
+//     its bucket (a bucket's generation changes when it becomes pending,
+//     before any checkpoint that frees it is taken): such a record means
+//     that a newer checkpoint was lost, and is ErrCorrupt, never skipped
+//     as stale. Each bucket also has an in-memory epoch that readers
+//     revalidate after reading, so a read that raced with reuse is
 //     retried rather than served.
+//   - Checkpoint slots: recovery loads the newest valid one. The other
+//     slot may be unused (all zeroes, next to checkpoint 1 of Format),
+//     valid and older, or invalid. Invalid is legitimate when a power cut
+//     tore a checkpoint write (never durable: the journal stays
+//     replayable from the older one, as above) or when the older
+//     checkpoint was damaged; it is not when the newer checkpoint was
+//     durable and damaged since: the journal has moved on from the older
+//     one, and buckets it freed hold new data. Every journal block says
+//     which checkpoint was durable when it was written (ckpt), so when
+//     the other slot is invalid recovery reads the whole ring: a valid
+//     block with a ckpt above the loaded checkpoint proves a newer one
+//     was durable, and Open and Check fail with ErrCorrupt, naming the
+//     slot and the block. Without such a block the cache opens, Open
+//     logs a warning and Check lists it; nothing was lost, since any
+//     write after the newer checkpoint was durable would have left a
+//     block saying so. A block on the replayed chain whose ckpt is above
+//     the loaded checkpoint is ErrCorrupt too.
 //   - Dirty data is never bypassed: a range holding dirty extents, or being
 //     written back, is always written into the cache (as dirty), whatever
 //     the mode, so a writeback in flight can never land stale data over a
@@ -223,7 +251,10 @@
 // Data checksums live only in journal records: Check verifies the data the
 // journal covers, but data covered by a checkpoint is verified neither by
 // Check nor on read, so bit rot there is not detected (metadata corruption
-// is). Unaligned writes are serialized among themselves (read-modify-
+// is). The last synced journal block, damaged when no block was written
+// after it, cannot be told from a torn tail: its records are lost without
+// a word (a later block's durable field is what proves a block was
+// synced). Unaligned writes are serialized among themselves (read-modify-
 // write). Direct writes over overlapping ranges are serialized among
 // themselves too.
 package cache
