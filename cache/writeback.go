@@ -8,6 +8,7 @@ import (
 
 	"github.com/nbdcache/nbdcache/btreeidx"
 	"github.com/nbdcache/nbdcache/storage"
+	"github.com/nbdcache/nbdcache/writeback"
 )
 
 // DirtyExtents calls fn for dirty extents with End() > from, ascending: a
@@ -288,8 +289,18 @@ func (c *Cache) flushRange(off, n int64) error {
 // mode). progress, if not nil, is called with bytes done and the total.
 func (c *Cache) Drain(ctx context.Context, progress func(done, total int64)) error {
 	if c.flusher != nil {
-		if err := c.flusher.Drain(ctx, progress); err != nil {
-			return fmt.Errorf("cache: drain: %w", err)
+		for tries := 0; ; tries++ {
+			err := c.flusher.Drain(ctx, progress)
+			if err == nil {
+				break
+			}
+			// The flusher gives up when it lists nothing writable while
+			// data is dirty: here that is dirty data held by a writeback
+			// or a direct write of someone else, for a moment. Wait for
+			// a hold to end and go on; with no hold the failure is real.
+			if !errors.Is(err, writeback.ErrDrain) || tries >= drainRetries || !c.waitHold() {
+				return fmt.Errorf("cache: drain: %w", err)
+			}
 		}
 		if err := c.back.Flush(); err != nil {
 			return fmt.Errorf("cache: drain: flush backing: %w", err)
@@ -327,6 +338,22 @@ func (c *Cache) Drain(ctx context.Context, progress func(done, total int64)) err
 		return fmt.Errorf("cache: drain: flush backing: %w", err)
 	}
 	return c.commit()
+}
+
+// drainRetries bounds how often Drain starts the flusher's drain again
+// after it gave up while backing writes of others held dirty ranges.
+const drainRetries = 100
+
+// waitHold waits until one of the writebacks or direct writes in flight
+// ends, and reports false at once if none is in flight.
+func (c *Cache) waitHold() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.mu.wb) == 0 && len(c.mu.direct) == 0 || c.errLocked() != nil {
+		return false
+	}
+	c.mu.wbCond.Wait()
+	return true
 }
 
 func (c *Cache) kickBackground() {
