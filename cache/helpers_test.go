@@ -88,13 +88,17 @@ func openT(t testing.TB, d devPair, o Options) *Cache {
 	return c
 }
 
-// closeChecked closes c and requires Check to pass on its devices.
+// closeChecked verifies c's invariants live, closes it and requires the
+// deep check (clean extents equal to the backing) to pass on its devices.
 func closeChecked(t testing.TB, c *Cache, d devPair) {
 	t.Helper()
+	if err := c.Verify(); err != nil {
+		t.Fatal(err)
+	}
 	if err := c.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := Check(d.cache, d.back); err != nil {
+	if _, err := CheckDeep(d.cache, d.back); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -3,6 +3,7 @@ package cache
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"testing"
 
@@ -355,5 +356,34 @@ func TestFitIndexAtOpen(t *testing.T) {
 		if id, err := sectorID(p, i*2); err != nil || id != uint64(i+1) {
 			t.Fatalf("sector %d: write %d (%v), want %d", i*2, id, err, i+1)
 		}
+	}
+}
+
+// TestVerifyCatchesStaleClean: Verify (live) and CheckDeep (offline) report
+// a clean extent whose bytes differ from the backing's, and pass otherwise.
+func TestVerifyCatchesStaleClean(t *testing.T) {
+	d := formatMem(t, 1<<20, 1<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 32 * metaBlock})
+	c := openT(t, d, Options{Mode: Writethrough, NoBackground: true, SequentialCutoff: -1})
+	if err := c.WriteAt(payload(4096, 4096, 1), 4096, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Verify(); err != nil {
+		t.Fatalf("healthy cache: %v", err)
+	}
+	// The backing changes under the clean copy, as a lost race would.
+	if err := d.back.WriteAt(payload(4096, 512, 2), 4096, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Verify(); !errors.Is(err, ErrInvariant) {
+		t.Fatalf("Verify = %v, want ErrInvariant", err)
+	}
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Check(d.cache, d.back); err != nil {
+		t.Fatalf("Check does not compare data: %v", err)
+	}
+	if _, err := CheckDeep(d.cache, d.back); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("CheckDeep = %v, want ErrCorrupt", err)
 	}
 }
