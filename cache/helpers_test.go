@@ -10,7 +10,7 @@ import (
 	"github.com/nbdcache/nbdcache/storage"
 )
 
-var flagCuts = flag.Int("cuts", 0, "power-cut points for TestPowerCut (default 1200; e.g. 100000 for a long run)")
+var flagCuts = flag.Int("cuts", 0, "power-cut points for TestPowerCut (default 1200; e.g. 100000 for a long run), the timed power-cut tests and TestPowerCutConcurrent (default 500)")
 
 var testBackingID = [16]byte{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16}
 
