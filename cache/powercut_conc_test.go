@@ -797,10 +797,10 @@ func TestPowerCutConcurrent(t *testing.T) {
 	start := time.Now()
 	var (
 		reached, torn int
-		ops                     int64
-		perModel                = map[storage.LossModel]int{}
-		sum                     Stats
-		filled                  int64
+		ops           int64
+		perModel      = map[storage.LossModel]int{}
+		sum           Stats
+		filled        int64
 	)
 	for i := range n {
 		seed := master
