@@ -387,3 +387,34 @@ func TestVerifyCatchesStaleClean(t *testing.T) {
 		t.Fatalf("CheckDeep = %v, want ErrCorrupt", err)
 	}
 }
+
+var errReplayRead = errors.New("injected read error")
+
+// failDataReads fails every read of the data area.
+type failDataReads struct {
+	storage.Device
+	dataOff int64
+}
+
+func (d *failDataReads) ReadAt(p []byte, off int64) error {
+	if off >= d.dataOff {
+		return errReplayRead
+	}
+	return d.Device.ReadAt(p, off)
+}
+
+// TestReplayReadErrorFailsOpen: a device error while replay reads the data
+// of an unsynced record fails Open; before, the record was dropped as if
+// its data had never reached the disk.
+func TestReplayReadErrorFailsOpen(t *testing.T) {
+	d := formatMem(t, 1<<20, 1<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 32 * metaBlock})
+	c := openT(t, d, Options{Mode: Writeback, NoBackground: true, SequentialCutoff: -1})
+	if err := c.WriteAt(payload(0, 4096, 1), 0, 0); err != nil { // published, not synced
+		t.Fatal(err)
+	}
+	// The process dies here: no Close.
+	_, err := Open(&failDataReads{d.cache, c.sb.DataOff}, d.back, Options{BackingID: testBackingID, NoBackground: true})
+	if !errors.Is(err, errReplayRead) {
+		t.Fatalf("Open = %v, want the read error", err)
+	}
+}

@@ -245,7 +245,8 @@ func loadState(dev storage.Device, sb *superblock, brk breakMode, log *slog.Logg
 		return nil, err
 	}
 	var seq uint64
-	var genErr error // the first record of another generation
+	var genErr error  // the first record of another generation
+	var readErr error // the first record whose data could not be read
 	verify := func(r *record) bool {
 		if !sb.inData(r.Loc, r.Len) || sb.bucketOf(r.Loc) != sb.bucketOf(r.Loc+r.Len-1) || r.Off+r.Len > sb.BackingSize {
 			st.problems = append(st.problems, fmt.Sprintf("journal block %d: record [%d+%d)@%d outside the device", seq, r.Off, r.Len, r.Loc))
@@ -272,6 +273,11 @@ func loadState(dev storage.Device, sb *superblock, brk breakMode, log *slog.Logg
 		}
 		data := make([]byte, r.Len)
 		if err := dev.ReadAt(data, r.Loc); err != nil {
+			// The device failed, not the data: dropping the record
+			// could lose a flushed write without a word.
+			if readErr == nil {
+				readErr = fmt.Errorf("cache: read the data of journal block %d's record [%d+%d)@%d: %w", seq, r.Off, r.Len, r.Loc, err)
+			}
 			return false
 		}
 		if crc(data) == r.CRC {
@@ -317,6 +323,9 @@ func loadState(dev storage.Device, sb *superblock, brk breakMode, log *slog.Logg
 	}
 	if genErr != nil {
 		return nil, genErr
+	}
+	if readErr != nil {
+		return nil, readErr
 	}
 	st.blocks, st.stopWhy = end.blocks, end.stopWhy
 	st.jseq, st.jpos, st.jprev = end.seq, end.pos, end.prev
