@@ -333,6 +333,14 @@ func (c *Cache) dirtyLocked(off, n int64) bool {
 	return dirty
 }
 
+// cleanLocked reports whether a clean extent lies over part of
+// [off, off+n).
+func (c *Cache) cleanLocked(off, n int64) bool {
+	clean := false
+	c.mu.idx.Lookup(off, n, func(e btreeExtent) bool { clean = !e.Dirty; return !clean })
+	return clean
+}
+
 // busyLocked reports whether a writeback over part of [off, off+n) is in
 // flight.
 func (c *Cache) busyLocked(off, n int64) bool {
@@ -782,7 +790,11 @@ func (c *Cache) zeroRun(r readPiece, flags storage.Flags) error {
 func (c *Cache) zeroDirty(off, n int64, bflags storage.Flags) (bool, error) {
 	w := inflightWB{off: off, end: off + n} // version 0 is no extent's
 	c.mu.Lock()
-	if c.heldLocked(off, n) {
+	// The run was dirty when Zero split the request, but a clean extent
+	// may lie in it now (one being gap-filled then counted as held, or
+	// one inserted since): the backing must not be zeroed under it
+	// before its deletion is durable. Such a run is zeroed in the cache.
+	if c.heldLocked(off, n) || c.cleanLocked(off, n) && c.opts.testBreak != breakNoCleanGone {
 		c.mu.Unlock()
 		return false, nil
 	}

@@ -853,7 +853,6 @@ func TestPowerCutConcurrentCatchesBrokenOrdering(t *testing.T) {
 		{"no-sync", breakNoSync, storage.LoseUnsynced},
 		{"no-data-crc", breakNoDataCRC, storage.LoseRandom},
 		{"skip-backing-flush", breakSkipBFlush, storage.LoseUnsynced},
-		{"no-clean-gone", breakNoCleanGone, storage.LoseUnsynced},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			for i := range budget {

@@ -2,6 +2,8 @@ package cache
 
 import (
 	"bytes"
+	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/nbdcache/nbdcache/storage"
@@ -53,6 +55,14 @@ func checkNoStaleClean(t *testing.T, c *Cache, cdev, bdev *storage.Crash, opts O
 	opts.testBreak = breakNone
 	devs, _ := storage.PowerCutAll(storage.LoseUnsynced, nil, cdev, bdev)
 	c.Close()
+	return checkStaleAfter(t, devs, opts)
+}
+
+// checkStaleAfter reopens the cut devices and counts the clean extents
+// that differ from the backing.
+func checkStaleAfter(t *testing.T, devs []*storage.Crash, opts Options) (stale int) {
+	t.Helper()
+	opts.testBreak = breakNone
 	c2, err := Open(devs[0], devs[1], opts)
 	if err != nil {
 		t.Fatal(err)
@@ -158,6 +168,61 @@ func TestDirectWriteAfterUndurableEviction(t *testing.T) {
 			t.Fatalf("%d clean extents differ from the backing after the cut", stale)
 		case brk != breakNone && stale == 0:
 			t.Fatal("with breakNoCleanGone the stale clean extent went unnoticed")
+		}
+	}
+}
+
+// TestZeroDirtyRunTurnedClean: Zero splits its range into runs first; a
+// run that was dirty then may hold clean extents by the time zeroDirty
+// takes it (written back meanwhile, here while an earlier run's backing
+// zero runs). zeroDirty zeroed the backing under them and deleted them
+// only afterwards: a cut in between (a process kill) left clean extents
+// over zeroes. Now such a run is zeroed in the cache.
+func TestZeroDirtyRunTurnedClean(t *testing.T) {
+	for _, brk := range []breakMode{breakNone, breakNoCleanGone} {
+		const bucket = 32 << 10
+		cdev, bdev := storage.NewCrash(1<<20), storage.NewCrash(1<<20)
+		if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: bucket, JournalSize: 32 * metaBlock}); err != nil {
+			t.Fatal(err)
+		}
+		opts := Options{BackingID: testBackingID, NoBackground: true, SequentialCutoff: -1, testBreak: brk}
+		c, err := Open(cdev, bdev, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// [0, bucket) uncached; [bucket, 3*bucket) dirty.
+		if err := c.WriteAt(payload(bucket, 2*bucket, 1), bucket, 0); err != nil {
+			t.Fatal(err)
+		}
+		var stage atomic.Int32
+		var once sync.Once
+		var devs []*storage.Crash
+		bdev.SetHook(func(op storage.Op) {
+			switch {
+			case op.Kind == storage.OpZero && stage.CompareAndSwap(0, 1):
+				// The first run's backing zero: write the dirty run back.
+				if _, _, err := c.WritebackStep(0, 1<<20); err != nil {
+					t.Error(err)
+				}
+				if err := c.Flush(); err != nil { // another client's FLUSH
+					t.Error(err)
+				}
+				stage.Store(2)
+			case op.Kind == storage.OpZero && stage.Load() == 2:
+				stage.Store(3) // zeroDirty zeroes the backing under the run
+			case op.Kind == storage.OpFlush && stage.Load() == 3:
+				once.Do(func() { devs, _ = storage.PowerCutAll(storage.KeepUnsynced, nil, cdev, bdev) })
+			}
+		})
+		c.Zero(0, 3*bucket, 0) // fails at the cut, or succeeds in the cache
+		once.Do(func() { devs, _ = storage.PowerCutAll(storage.KeepUnsynced, nil, cdev, bdev) })
+		c.Close()
+		stale := checkStaleAfter(t, devs, opts)
+		switch {
+		case brk == breakNone && stale > 0:
+			t.Fatalf("%d clean extents differ from the backing after the cut", stale)
+		case brk != breakNone && stale == 0:
+			t.Fatal("with the check broken, the stale clean extent went unnoticed")
 		}
 	}
 }
