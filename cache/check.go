@@ -25,6 +25,10 @@ type Report struct {
 	Buckets          int64
 	UsedBuckets      int64
 	Problems         []string // anything wrong; Check's error summarizes them
+	// WrongBacking: the backing given is not the cache's (its size
+	// differs). Not corruption: Check's error wraps ErrWrongBacking when
+	// there is no Problem.
+	WrongBacking []string
 	// Warnings are states a power cut leaves legitimately: one torn
 	// superblock copy or checkpoint slot next to a valid one.
 	Warnings []string
@@ -62,7 +66,7 @@ func Check(cacheDev, backing storage.Device) (Report, error) {
 		}
 	}
 	if sb.BackingSize != backing.Size() {
-		r.Problems = append(r.Problems, fmt.Sprintf("backing has %d bytes, superblock says %d", backing.Size(), sb.BackingSize))
+		r.WrongBacking = append(r.WrongBacking, fmt.Sprintf("backing has %d bytes, superblock says %d", backing.Size(), sb.BackingSize))
 	}
 	for i := range 2 {
 		if _, err := readCheckpoint(cacheDev, sb, sb.salt(), i); err == nil {
@@ -99,6 +103,9 @@ func Check(cacheDev, backing storage.Device) (Report, error) {
 }
 
 func summarize(r Report) error {
+	if len(r.Problems) == 0 && len(r.WrongBacking) > 0 {
+		return fmt.Errorf("%w: %s", ErrWrongBacking, strings.Join(r.WrongBacking, "; "))
+	}
 	if len(r.Problems) == 0 {
 		return nil
 	}
