@@ -449,3 +449,42 @@ func TestFootguns(t *testing.T) {
 		t.Error("format created the missing file")
 	}
 }
+
+// TestBlockDeviceClaims: a cache on a block device (a loop device; root
+// only) is claimed by the kernel's O_EXCL too, so a second server
+// reaching it through another device node is refused, naming the first
+// one's pid; and a loop device over the backing file is the backing.
+func TestBlockDeviceClaims(t *testing.T) {
+	losetup, err := exec.LookPath("losetup")
+	if err != nil || os.Geteuid() != 0 {
+		t.Skip("needs root and losetup")
+	}
+	backing, img := cacheFiles(t, 32*mib, 16*mib)
+	out, err := exec.Command(losetup, "--find", "--show", img).CombinedOutput()
+	if err != nil {
+		t.Skipf("losetup: %v: %s", err, out)
+	}
+	loop := strings.TrimSpace(string(out))
+	t.Cleanup(func() { exec.Command(losetup, "--detach", loop).Run() })
+	var st syscall.Stat_t
+	if err := syscall.Stat(loop, &st); err != nil {
+		t.Fatal(err)
+	}
+	alias := filepath.Join(t.TempDir(), "alias")
+	if err := syscall.Mknod(alias, syscall.S_IFBLK|0o600, int(st.Rdev)); err != nil {
+		t.Skipf("mknod: %v", err)
+	}
+	other := sparseFile(t, "other.img", 32*mib)
+	files := []string{img, backing, other}
+	refused(t, files, exitRefused, []string{loop + " is a loop device over " + img, "no flag overrides this"},
+		"format", "--force", "--cache", loop, "--backing", img)
+
+	s := startServe(t, "--cache", loop, "--backing", backing, "--format")
+	holder := fmt.Sprintf("in use by process %d (", s.cmd.Process.Pid)
+	refused(t, files, exitInUse, []string{"the cache " + alias + " is " + holder},
+		"serve", "--cache", alias, "--backing", other, "--format", "--listen", "unix:"+filepath.Join(t.TempDir(), "s"))
+	refused(t, files, exitInUse, []string{"the cache " + alias + " is " + holder},
+		"format", "--force", "--cache", alias, "--backing", other)
+	s.stop()
+	mustCheck(t, alias, backing)
+}

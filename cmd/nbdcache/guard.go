@@ -132,9 +132,9 @@ func formatRefusals(cachePath string, cdev storage.Device) ([]string, error) {
 	return why, nil
 }
 
-// refuseFormat is the error of a format refused for the reasons why. fix
-// says how to override; swapped adds a hint when the backing given looks
-// like the cache.
+// refuseFormat is the error of a format refused for the reasons why; fix
+// says how to override. It adds a hint when the backing given (bdev)
+// holds a cache: the paths may be swapped.
 func refuseFormat(cachePath string, why []string, bdev storage.Device, fix string) error {
 	var b strings.Builder
 	fmt.Fprintf(&b, "refusing to format %s as a cache; that would destroy what it holds:", cachePath)
