@@ -52,7 +52,7 @@ func (c *Cache) allocLocked(a *allocator, want int64, reserve int) (loc, got, b 
 		if len(c.mu.free) <= reserve {
 			return 0, 0, 0, false
 		}
-		if reserve > 0 && int64(c.mu.idx.Len()) > c.maxExt*3/4 {
+		if reserve > 0 && c.indexFullLocked() {
 			return 0, 0, 0, false
 		}
 		a.b = c.mu.free[0]
@@ -117,6 +117,78 @@ func (c *Cache) liveLocked(e btreeExtent, sign int64) {
 
 func (c *Cache) droppedLocked(e btreeExtent) { c.liveLocked(e, -1) }
 
+// Index capacity. A checkpoint slot holds maxExt extents, and the index
+// must never outgrow it: a checkpoint that cannot be written stops every
+// index change, Close, and Open (the cache would be bricked). So every
+// operation that can add extents checks, under the same hold of mu as its
+// change, that the index has room for what it may add (roomLocked):
+//   - an insert adds its extent and may cut one extent in two: 2;
+//   - a compare-and-swap (MarkClean, GC's Replace) of part of an extent
+//     cuts it at each edge that falls inside it (edgeCutsLocked);
+//   - eviction of a piece may cut its extent in two: 1.
+//
+// Deletions before direct backing writes and trims never add one
+// (deleteDirectLocked drops clean extents whole, and leaves a dirty extent
+// whole when the range lies inside it); zeroDirty's runs are at least a
+// bucket long, and no extent is longer than a bucket. Foreground writes
+// already stop at 3/4 of maxExt (allocLocked) and bypass; makeSpace then
+// evicts clean extents to bring the index down (shrinkIndex).
+
+// roomLocked reports whether the index can take k more extents.
+func (c *Cache) roomLocked(k int) bool { return int64(c.mu.idx.Len())+int64(k) <= c.maxExt }
+
+// edgeCutsLocked counts the edges of [off, off+n) that fall strictly inside
+// an extent: the extents a change of exactly that range adds by cutting.
+func (c *Cache) edgeCutsLocked(off, n int64) int {
+	cuts := 0
+	c.mu.idx.Ascend(off, func(e btreeExtent) bool {
+		if e.Off >= off+n {
+			return false
+		}
+		if e.Off < off {
+			cuts++
+		}
+		if e.End() > off+n {
+			cuts++
+		}
+		return true
+	})
+	return cuts
+}
+
+// indexFullLocked: foreground writes stop caching here (allocLocked).
+func (c *Cache) indexFullLocked() bool { return int64(c.mu.idx.Len()) > c.maxExt*3/4 }
+
+// shrinkIndex evicts clean extents, oldest data first (by version), until
+// the index is back below 5/8 of its capacity, so that foreground writes
+// cache again; it kicks the flusher, whose cleaned extents it can evict
+// next. It reports whether it evicted anything.
+func (c *Cache) shrinkIndex() bool {
+	c.mu.Lock()
+	if !c.indexFullLocked() {
+		c.mu.Unlock()
+		return true
+	}
+	excess := c.mu.idx.Len() - int(c.maxExt*5/8)
+	var clean []btreeExtent
+	c.mu.idx.Ascend(0, func(e btreeExtent) bool {
+		if !e.Dirty {
+			clean = append(clean, e)
+		}
+		return true
+	})
+	c.mu.Unlock()
+	c.kickBackground()
+	sort.Slice(clean, func(i, j int) bool { return clean[i].Ver < clean[j].Ver })
+	evicted := 0
+	for _, e := range clean[:min(len(clean), excess)] {
+		if c.gcEvict(gcPiece{off: e.Off, n: e.Len, loc: e.Loc, ver: e.Ver}) {
+			evicted++
+		}
+	}
+	return evicted > 0
+}
+
 // insertLocked puts e in the index and the journal.
 func (c *Cache) insertLocked(e btreeExtent, sum uint32) {
 	c.mu.idx.Insert(e, c.droppedLocked)
@@ -150,6 +222,12 @@ func (c *Cache) makeSpace() bool {
 		c.mu.Lock()
 		defer c.mu.Unlock()
 		return len(c.mu.pending), len(c.mu.free) > c.fgReserve()
+	}
+	c.mu.Lock()
+	full := c.indexFullLocked()
+	c.mu.Unlock()
+	if full {
+		return c.shrinkIndex()
 	}
 	pending, free := room()
 	if free {
@@ -321,21 +399,23 @@ func (c *Cache) pieceCurrentLocked(p gcPiece) bool {
 	return ok && seen == p.n
 }
 
-// gcEvict drops a clean piece if it is still current.
-func (c *Cache) gcEvict(p gcPiece) {
+// gcEvict drops a clean piece if it is still current (and the index has
+// room for the cut it may make), and reports whether it did.
+func (c *Cache) gcEvict(p gcPiece) bool {
 	if c.enter() != nil {
-		return
+		return false
 	}
 	defer c.leave()
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	var clean = true
 	c.mu.idx.Lookup(p.off, p.n, func(e btreeExtent) bool { clean = !e.Dirty; return clean })
-	if !clean || !c.pieceCurrentLocked(p) {
-		return
+	if !clean || !c.pieceCurrentLocked(p) || !c.roomLocked(c.edgeCutsLocked(p.off, p.n)/2) {
+		return false
 	}
 	c.deleteLocked(p.off, p.n)
 	c.stats.evictedBytes.Add(p.n)
+	return true
 }
 
 // gcMove copies a piece into the GC allocator's bucket and swaps the index
@@ -369,6 +449,12 @@ func (c *Cache) gcMove(p gcPiece, epoch uint64) bool {
 		err := c.dev.WriteAt(chunk, loc, 0)
 		c.mu.Lock()
 		sub := gcPiece{off: p.off + done, n: n, loc: p.loc + done, ver: p.ver}
+		if err == nil && !c.roomLocked(c.edgeCutsLocked(sub.off, n)) {
+			c.releaseLocked(b)
+			c.mu.Unlock()
+			c.leave()
+			return false // the index is full: moving would cut extents
+		}
 		if err == nil && c.pieceCurrentLocked(sub) {
 			gen := c.mu.buckets[b].gen
 			moved := c.mu.idx.Replace(sub.off, n, p.ver, loc, gen)

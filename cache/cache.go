@@ -42,6 +42,19 @@ type inflightWB struct {
 	ver      uint64
 }
 
+// byteRange is [off, end) on the virtual device.
+type byteRange struct{ off, end int64 }
+
+func (r byteRange) overlaps(off, n int64) bool { return r.off < off+n && off < r.end }
+
+// promoGuard is a read whose misses may be promoted: its data came from
+// the backing, so any backing write over its range that starts after the
+// read looked the range up makes that data possibly stale (void).
+type promoGuard struct {
+	byteRange
+	void bool
+}
+
 // stream is one sequential stream for the cutoff.
 type stream struct {
 	end, bytes int64
@@ -125,11 +138,18 @@ type Cache struct {
 		ckptSeq  uint64
 		ckptSlot int // slot of the durable checkpoint
 
-		bypassInflight int
-		bypassSeq      uint64
-		wb             []inflightWB
-		wbCond         sync.Cond
-		spaceCond      sync.Cond
+		// The backing writes in flight, by range: writebacks (wb, from
+		// ReadCached to MarkClean or ReleaseCached, and zeroDirty) and
+		// direct writes (direct: passthrough, from its deletion to the
+		// end of its backing write and what follows it). The two
+		// exclude each other over a range, and every start voids the
+		// promotions under way over its range (promos). wbCond is
+		// signalled whenever one ends.
+		wb        []inflightWB
+		direct    []byteRange
+		promos    []*promoGuard
+		wbCond    sync.Cond
+		spaceCond sync.Cond
 
 		streams [16]stream
 		tick    uint64
@@ -278,6 +298,9 @@ func Open(cacheDev, backing storage.Device, opts Options) (*Cache, error) {
 		sb.BackingPath = opts.BackingPath // written with the dirty state below
 	}
 	c := &Cache{dev: cacheDev, back: backing, sb: *sb, salt: sb.salt(), opts: opts, log: opts.Logger, maxExt: sb.maxExtents()}
+	if opts.testMaxExt > 0 {
+		c.maxExt = min(c.maxExt, opts.testMaxExt)
+	}
 	c.dw.dev, c.dw.writes = cacheDev, &c.stats.dataWrites
 	slots := sb.journalSlots()
 	// The operations in flight may add a block each, so a quarter of the
@@ -326,6 +349,10 @@ func Open(cacheDev, backing storage.Device, opts Options) (*Cache, error) {
 		}
 		c.ram = ram
 	}
+	if err := c.fitIndex(); err != nil {
+		c.closeRAM()
+		return nil, err
+	}
 	// A checkpoint right away: the replayed journal (torn tail and all)
 	// is never read again, and the ring starts afresh with a new seed.
 	c.ckMu.Lock()
@@ -369,6 +396,53 @@ func Open(cacheDev, backing storage.Device, opts Options) (*Cache, error) {
 	return c, nil
 }
 
+// fitIndex makes a recovered index fit a checkpoint slot. Replay can
+// rebuild more extents than the running cache ever held (records dropped
+// from an unsynced tail leave older, more fragmented extents in place).
+// Then clean extents are dropped, and if that is not enough, the dirty
+// data is written back, the backing flushed, and it is dropped too. The
+// checkpoint Open writes next makes that durable; a crash before it
+// replays the same journal again.
+func (c *Cache) fitIndex() error {
+	idx := c.mu.idx
+	if int64(idx.Len()) <= c.maxExt {
+		return nil
+	}
+	c.log.Warn("cache: the recovered index exceeds a checkpoint; dropping clean extents", "extents", idx.Len(), "capacity", c.maxExt)
+	var clean, dirty []btreeExtent
+	idx.Ascend(0, func(e btreeExtent) bool {
+		if e.Dirty {
+			dirty = append(dirty, e)
+		} else {
+			clean = append(clean, e)
+		}
+		return true
+	})
+	for _, e := range clean {
+		idx.Delete(e.Off, e.Len, c.droppedLocked)
+	}
+	if int64(idx.Len()) <= c.maxExt {
+		return nil
+	}
+	c.log.Warn("cache: the recovered index still exceeds a checkpoint; writing back every dirty extent", "dirty_extents", len(dirty))
+	for _, e := range dirty {
+		p := make([]byte, e.Len)
+		if err := c.dev.ReadAt(p, e.Loc); err != nil {
+			return fmt.Errorf("cache: write back to fit the index: %w", err)
+		}
+		if err := c.back.WriteAt(p, e.Off, 0); err != nil {
+			return fmt.Errorf("cache: write back to fit the index: %w", err)
+		}
+	}
+	if err := c.back.Flush(); err != nil {
+		return fmt.Errorf("cache: write back to fit the index: %w", err)
+	}
+	for _, e := range dirty {
+		idx.Delete(e.Off, e.Len, c.droppedLocked)
+	}
+	return nil
+}
+
 func (c *Cache) closeRAM() {
 	if c.ram != nil {
 		c.ram.Close()
@@ -386,6 +460,7 @@ func (c *Cache) Close() error {
 	}
 	c.mu.closed = true
 	c.mu.spaceCond.Broadcast()
+	c.mu.wbCond.Broadcast()
 	c.mu.Unlock()
 	if c.bgCancel != nil {
 		c.bgCancel()

@@ -49,6 +49,11 @@
 //	20    4     durable: seq-d+1, where every block below d was durable
 //	            when this one was written (0: not known, as in version 1)
 //	24    40*n  records
+//	4064  8     ckpt: the sequence of the checkpoint that was durable when
+//	            this block was written (0: not known, as in blocks written
+//	            before the field existed; it lies past the last record,
+//	            where those blocks hold zeroes)
+//	4072  20    zero
 //	4092  4     crc32c of bytes 0..4091
 //
 // Record (40 bytes): type (1 insert, 2 delete, 3 clean, 4 replace), gen,
@@ -61,7 +66,9 @@
 // generation byte per bucket (padded to 8) and 32 bytes per extent
 // (offset u64, length in sectors u32, gen, dirty, 0, 0, location u64,
 // version u64), sorted. A slot holds 2*data/BlockSize+64 extents; the
-// write path treats the cache as full at 3/4 of that.
+// write path treats the cache as full at 3/4 of that. Format writes
+// checkpoint 1 to slot 0 and zeroes the first block of slot 1; after that
+// checkpoints alternate between the slots (odd sequences in slot 0).
 //
 // # Invariants
 //
@@ -106,26 +113,73 @@
 //     durable. So no record in the replayable journal (and no extent of the
 //     loaded checkpoint) points at a reused bucket: the data checksum test
 //     at replay is exact, and a flushed write can never be lost to GC.
-//     Generations are also checked at replay (a record of another
-//     generation is stale), and each bucket has an in-memory epoch that
-//     readers revalidate after reading, so a read that raced with reuse is
+//     It follows that replay from the newest durable checkpoint never
+//     meets a record whose generation differs from the checkpoint's for
+//     its bucket (a bucket's generation changes when it becomes pending,
+//     before any checkpoint that frees it is taken): such a record means
+//     that a newer checkpoint was lost, and is ErrCorrupt, never skipped
+//     as stale. Each bucket also has an in-memory epoch that readers
+//     revalidate after reading, so a read that raced with reuse is
 //     retried rather than served.
+//   - Checkpoint slots: recovery loads the newest valid one. The other
+//     slot may be unused (all zeroes, next to checkpoint 1 of Format),
+//     valid and older, or invalid. Invalid is legitimate when a power cut
+//     tore a checkpoint write (never durable: the journal stays
+//     replayable from the older one, as above) or when the older
+//     checkpoint was damaged; it is not when the newer checkpoint was
+//     durable and damaged since: the journal has moved on from the older
+//     one, and buckets it freed hold new data. Every journal block says
+//     which checkpoint was durable when it was written (ckpt), so when
+//     the other slot is invalid recovery reads the whole ring: a valid
+//     block with a ckpt above the loaded checkpoint proves a newer one
+//     was durable, and Open and Check fail with ErrCorrupt, naming the
+//     slot and the block. Without such a block the cache opens, Open
+//     logs a warning and Check lists it; nothing was lost, since any
+//     write after the newer checkpoint was durable would have left a
+//     block saying so. A block on the replayed chain whose ckpt is above
+//     the loaded checkpoint is ErrCorrupt too.
 //   - Dirty data is never bypassed: a range holding dirty extents, or being
 //     written back, is always written into the cache (as dirty), whatever
 //     the mode, so a writeback in flight can never land stale data over a
 //     newer direct write to the backing. Two exceptions: a trim deletes
 //     dirty extents too (bcache's discard) but leaves ranges being written
-//     back alone, and after it a sector may read as zeroes or as any data
-//     it held before; a zero over a bucket or more of dirty data works as
-//     a writeback of zeroes (the range registered as being written back,
-//     the backing zeroed and flushed, then the extents deleted), so it
-//     does not fill the cache with zeroes.
+//     back alone, and a dirty extent it would cut in two stays whole, so
+//     after it a sector may read as zeroes or as any data it held before;
+//     a zero over a bucket or more of dirty data works as a writeback of
+//     zeroes (the range registered as being written back, the backing
+//     zeroed and flushed, then the extents deleted), so it does not fill
+//     the cache with zeroes.
+//   - The backing writes over a range exclude each other: a writeback
+//     (ReadCached to MarkClean or ReleaseCached, gap-fill of clean extents
+//     included, and zeroDirty) and a direct write (passthrough, from its
+//     deletion until its backing write and what follows it, such as
+//     writethrough's clean copy, are done). A direct write decides that its
+//     range is not pinned a second time, under the same hold of mu that
+//     registers it and deletes the extents: the decision made before it
+//     left mu (in enter, which may block or run a checkpoint) is void by
+//     then. It waits for a writeback in flight over its range, and goes
+//     into the cache when dirty data landed meanwhile (errPinned).
 //   - Before anything is written to the backing directly (bypass,
 //     writethrough, writearound, trim, zero), the extents over the range are
 //     deleted and that deletion is committed: a clean extent that outlived a
-//     crash over newer backing data would be stale. A clean record that
-//     follows a backing write is committed only after a backing flush (the
-//     commit flushes the backing first when backing writes happened).
+//     crash over newer backing data would be stale. A clean extent that
+//     reaches past the range is deleted whole, so the deletion never adds
+//     an extent. A clean record that follows a backing write is committed
+//     only after a backing flush (the commit flushes the backing first
+//     when backing writes happened).
+//   - A promotion copies what a read got from the backing. Every backing
+//     write over the read's range that starts after the read looked the
+//     range up (a direct write, a writeback, zeroDirty) voids it
+//     (promoGuard), and the insert re-checks, under mu, that the guard
+//     holds and that the index has nothing over the range. A write that
+//     landed dirty, was written back, marked clean and evicted during the
+//     read leaves the index empty again, but its writeback voided the
+//     guard.
+//   - The index never holds more extents than a checkpoint slot: every
+//     change that can add extents checks for room under the same hold of
+//     mu (roomLocked, see alloc.go); foreground writes stop caching at 3/4
+//     of it and evict clean extents; Open writes back what a replay
+//     rebuilt beyond it (fitIndex).
 //   - Writeback's MarkClean is a compare-and-swap on the version, journaled
 //     after the backing write is durable; a lost race counts as a collision.
 //
@@ -172,8 +226,8 @@
 //   - Read promotion: a miss is copied in the second time its 64 KiB region
 //     misses within a window (a TinyLFU-style doorkeeper with aging), so
 //     one-time scans do not evict the working set; Prefetch (NBD CACHE)
-//     promotes unconditionally. A promotion is dropped if any direct backing
-//     write started meanwhile or the range got cached.
+//     promotes unconditionally. A promotion is dropped if any backing
+//     write over its range started meanwhile or the range got cached.
 //   - RAM tier (ristretto): copies of 4 KiB pages tagged with the version
 //     of the extent they came from, served only for that version, so it can
 //     never be stale. It holds copies of dirty pieces too: it is never the
@@ -201,7 +255,10 @@
 // Data checksums live only in journal records: Check verifies the data the
 // journal covers, but data covered by a checkpoint is verified neither by
 // Check nor on read, so bit rot there is not detected (metadata corruption
-// is). Unaligned writes are serialized among themselves (read-modify-
-// write). Concurrent overlapping writethrough writes may leave the cache's
-// clean copy and the backing holding different ones of the two writes.
+// is). The last synced journal block, damaged when no block was written
+// after it, cannot be told from a torn tail: its records are lost without
+// a word (a later block's durable field is what proves a block was
+// synced). Unaligned writes are serialized among themselves (read-modify-
+// write). Direct writes over overlapping ranges are serialized among
+// themselves too.
 package cache

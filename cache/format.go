@@ -20,6 +20,7 @@ const (
 	jHdrSize     = 24
 	jRecSize     = 40
 	jRecsPerBlk  = (metaBlock - jHdrSize - 4) / jRecSize
+	jCkptOff     = jHdrSize + jRecsPerBlk*jRecSize // 4064: the ckpt field, after the last record
 	minBuckets   = 4
 	defaultBlock = 4096
 	defaultBkt   = 1 << 20
@@ -308,19 +309,25 @@ type jblock struct {
 	// Durable: when the block was written, every block with a lower
 	// sequence was durable (0: not known, as in format version 1).
 	Durable uint64
+	// Ckpt: when the block was written, checkpoint Ckpt was durable (0:
+	// not known, as in blocks written before the field existed). A valid
+	// block whose Ckpt is above the loaded checkpoint's sequence proves
+	// that a newer checkpoint than the loaded one was durable.
+	Ckpt uint64
 }
 
 // finishJBlock writes the header and checksum of a journal block whose n
-// records are already encoded in b, and returns the checksum. durable is
-// what the writer knew: every block with a sequence below it was durable
-// (at most seq).
-func finishJBlock(b []byte, salt uint32, seq uint64, prev uint32, n int, durable uint64) uint32 {
+// records are already encoded in b, and returns the checksum. durable and
+// ckpt are what the writer knew: every block with a sequence below durable
+// (at most seq) was durable, and so was checkpoint ckpt.
+func finishJBlock(b []byte, salt uint32, seq uint64, prev uint32, n int, durable, ckpt uint64) uint32 {
 	le := binary.LittleEndian
 	copy(b[0:4], jMagic)
 	le.PutUint32(b[4:], uint32(n))
 	le.PutUint64(b[8:], seq)
 	le.PutUint32(b[16:], prev)
 	le.PutUint32(b[20:], durableField(seq, durable))
+	le.PutUint64(b[jCkptOff:], ckpt)
 	c := crc32.Update(salt, castagnoli, b[:metaBlock-4])
 	le.PutUint32(b[metaBlock-4:], c)
 	return c
@@ -336,6 +343,15 @@ func durableField(seq, durable uint64) uint32 {
 	return uint32(seq - durable + 1)
 }
 
+// The two ways a block that was never written whole fails to decode: a
+// slot never written (or overwritten by something else) has no magic; a
+// torn write, damage, or a block of an earlier format (another salt)
+// fails the checksum.
+var (
+	errJBlockMagic    = fmt.Errorf("%w: journal block magic", ErrCorrupt)
+	errJBlockChecksum = fmt.Errorf("%w: journal block checksum", ErrCorrupt)
+)
+
 // decodeJBlock checks magic, checksum and record count, and decodes.
 // Sequence and chain are the caller's business.
 func decodeJBlock(salt uint32, b []byte) (*jblock, error) {
@@ -344,17 +360,17 @@ func decodeJBlock(salt uint32, b []byte) (*jblock, error) {
 	}
 	le := binary.LittleEndian
 	if string(b[0:4]) != jMagic {
-		return nil, fmt.Errorf("%w: journal block magic", ErrCorrupt)
+		return nil, errJBlockMagic
 	}
 	c := crc32.Update(salt, castagnoli, b[:metaBlock-4])
 	if c != le.Uint32(b[metaBlock-4:]) {
-		return nil, fmt.Errorf("%w: journal block checksum", ErrCorrupt)
+		return nil, errJBlockChecksum
 	}
 	n := le.Uint32(b[4:])
 	if n > jRecsPerBlk {
 		return nil, fmt.Errorf("%w: journal block with %d records", ErrCorrupt, n)
 	}
-	jb := &jblock{Seq: le.Uint64(b[8:]), Prev: le.Uint32(b[16:]), CRC: c, Recs: make([]record, n)}
+	jb := &jblock{Seq: le.Uint64(b[8:]), Prev: le.Uint32(b[16:]), CRC: c, Recs: make([]record, n), Ckpt: le.Uint64(b[jCkptOff:])}
 	if d := uint64(le.Uint32(b[20:])); d > 0 {
 		if d-1 >= jb.Seq {
 			return nil, fmt.Errorf("%w: journal block %d says block %d was durable", ErrCorrupt, jb.Seq, int64(jb.Seq)-int64(d-1))

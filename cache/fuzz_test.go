@@ -33,7 +33,7 @@ func sampleJBlock() []byte {
 		{Type: recDelete, Off: 0, Len: 512},
 		{Type: recClean, Off: 4096, Len: 4096, Ver: 3},
 		{Type: recReplace, Gen: 2, Off: 4096, Len: 4096, Loc: 2 << 20, Ver: 3, CRC: 78},
-	}, 4)
+	}, 4, 2)
 	return b
 }
 
@@ -86,7 +86,7 @@ func FuzzJournalBlock(f *testing.F) {
 				t.Fatalf("invalid record accepted: %+v", r)
 			}
 		}
-		got, sum := encodeJBlock(fuzzSalt, jb.Seq, jb.Prev, jb.Recs, jb.Durable)
+		got, sum := encodeJBlock(fuzzSalt, jb.Seq, jb.Prev, jb.Recs, jb.Durable, jb.Ckpt)
 		if sum != jb.CRC || !bytes.Equal(got, b) {
 			t.Fatalf("round trip differs")
 		}
@@ -223,10 +223,10 @@ func TestWriteFuzzCorpus(t *testing.T) {
 // encodeJBlock encodes a whole journal block at once, as the fuzz targets
 // need; the cache encodes records as they are appended (appendLocked) and
 // finishes the block with finishJBlock.
-func encodeJBlock(salt uint32, seq uint64, prev uint32, recs []record, durable uint64) ([]byte, uint32) {
+func encodeJBlock(salt uint32, seq uint64, prev uint32, recs []record, durable, ckpt uint64) ([]byte, uint32) {
 	b := make([]byte, metaBlock)
 	for i := range recs {
 		recs[i].encode(b[jHdrSize+i*jRecSize:])
 	}
-	return b, finishJBlock(b, salt, seq, prev, len(recs), durable)
+	return b, finishJBlock(b, salt, seq, prev, len(recs), durable, ckpt)
 }

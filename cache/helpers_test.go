@@ -10,7 +10,7 @@ import (
 	"github.com/nbdcache/nbdcache/storage"
 )
 
-var flagCuts = flag.Int("cuts", 0, "power-cut points for TestPowerCut (default 1200; e.g. 100000 for a long run)")
+var flagCuts = flag.Int("cuts", 0, "power-cut points for TestPowerCut (default 1200; e.g. 100000 for a long run), the timed power-cut tests and TestPowerCutConcurrent (default 500)")
 
 var testBackingID = [16]byte{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16}
 
@@ -88,13 +88,17 @@ func openT(t testing.TB, d devPair, o Options) *Cache {
 	return c
 }
 
-// closeChecked closes c and requires Check to pass on its devices.
+// closeChecked verifies c's invariants live, closes it and requires the
+// deep check (clean extents equal to the backing) to pass on its devices.
 func closeChecked(t testing.TB, c *Cache, d devPair) {
 	t.Helper()
+	if err := c.Verify(); err != nil {
+		t.Fatal(err)
+	}
 	if err := c.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := Check(d.cache, d.back); err != nil {
+	if _, err := CheckDeep(d.cache, d.back); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -102,8 +102,22 @@ func (c *Cache) read(p []byte, off int64, prefetch bool) error {
 		ps := c.lookupLocked(off, n)
 		mode := c.mu.mode
 		seq := c.streamLocked(off, n)
-		bseq, bfree := c.mu.bypassSeq, c.mu.bypassInflight == 0
+		// A miss may be promoted unless the backing is being written
+		// over the range right now; a backing write that starts later
+		// voids the guard.
+		var guard *promoGuard
+		if mode != None && !seq && hasGap(ps) && !c.directLocked(off, n) {
+			guard = &promoGuard{byteRange: byteRange{off, off + n}}
+			c.mu.promos = append(c.mu.promos, guard)
+		}
 		c.mu.Unlock()
+		done := func() {
+			if guard != nil {
+				c.mu.Lock()
+				c.unguardLocked(guard)
+				c.mu.Unlock()
+			}
+		}
 
 		var fromDev []readPiece
 		gaps := false
@@ -112,6 +126,7 @@ func (c *Cache) read(p []byte, off int64, prefetch bool) error {
 			if !pc.cached {
 				gaps = true
 				if err := c.back.ReadAt(dst, pc.off); err != nil {
+					done()
 					return fmt.Errorf("cache: read backing: %w", err)
 				}
 				continue
@@ -123,11 +138,13 @@ func (c *Cache) read(p []byte, off int64, prefetch bool) error {
 			if err := c.dev.ReadAt(dst, pc.loc); err != nil {
 				c.stats.cacheReadErrors.Add(1)
 				if pc.dirty {
+					done()
 					c.log.Error("cache: read of dirty data failed; it exists nowhere else", "off", pc.off, "len", pc.n, "err", err)
 					return fmt.Errorf("cache: read dirty data at %d: %w", pc.off, err)
 				}
 				c.log.Warn("cache: cache read failed; reading the backing", "off", pc.off, "err", err)
 				if err := c.back.ReadAt(dst, pc.off); err != nil {
+					done()
 					return fmt.Errorf("cache: read backing: %w", err)
 				}
 				continue
@@ -145,11 +162,12 @@ func (c *Cache) read(p []byte, off int64, prefetch bool) error {
 			}
 		}
 		admit := false
-		if gaps && !stale && mode != None && !seq && bfree {
+		if gaps && !stale && guard != nil && !guard.void {
 			admit = prefetch || c.opts.PromoteAll || c.mu.admit.touch(off, n)
 		}
 		c.mu.Unlock()
 		if stale {
+			done()
 			c.stats.readRetries.Add(1)
 			continue
 		}
@@ -174,28 +192,54 @@ func (c *Cache) read(p []byte, off int64, prefetch bool) error {
 				// Only whole sectors are cached.
 				a, e := alignUp(pc.off, sectorSize), (pc.off+pc.n)/sectorSize*sectorSize
 				if !pc.cached && a < e {
-					c.promote(p[a-off:e-off], a, bseq)
+					c.promote(p[a-off:e-off], a, guard)
 				}
 			}
 		}
+		done()
 		return nil
 	}
 }
 
-// promote copies data just read from the backing into the cache as clean
-// extents, unless a write reached the backing or the index since the read
-// began (bseq), which would make the copy stale.
-func (c *Cache) promote(data []byte, off int64, bseq uint64) {
-	ok := func() bool {
-		if c.mu.bypassSeq != bseq || c.mu.bypassInflight != 0 {
-			return false
+func hasGap(ps []readPiece) bool {
+	for _, pc := range ps {
+		if !pc.cached {
+			return true
 		}
-		return true
 	}
+	return false
+}
+
+// promote copies data just read from the backing into the cache as clean
+// extents, unless a backing write over the read's range started since the
+// read looked it up (guard.void), or the index got an extent there
+// (writeCached's check): either would make the copy stale.
+func (c *Cache) promote(data []byte, off int64, guard *promoGuard) {
+	ok := func() bool { return !guard.void }
 	done, _ := c.writeCached(data, off, false, ok, false)
 	if done > 0 {
 		c.stats.promotions.Add(1)
 		c.stats.promotedBytes.Add(done)
+	}
+}
+
+// unguardLocked ends a read's promotion guard.
+func (c *Cache) unguardLocked(g *promoGuard) {
+	for i, x := range c.mu.promos {
+		if x == g {
+			c.mu.promos = append(c.mu.promos[:i], c.mu.promos[i+1:]...)
+			return
+		}
+	}
+}
+
+// backingWriteLocked notes that a backing write over [off, end) starts:
+// the promotions under way over it are void.
+func (c *Cache) backingWriteLocked(off, end int64) {
+	for _, g := range c.mu.promos {
+		if g.overlaps(off, end-off) {
+			g.void = true
+		}
 	}
 }
 
@@ -241,6 +285,9 @@ func (c *Cache) writeCached(p []byte, off int64, dirty bool, cond func() bool, m
 				c.mu.idx.Lookup(off+done, n, func(btreeExtent) bool { err = errSkip; return false })
 			}
 		}
+		if err == nil && !c.roomLocked(2) {
+			err = errNoSpace // the index is full (see roomLocked)
+		}
 		if err == nil {
 			e := btreeExtent{Off: off + done, Len: n, Loc: loc, Ver: c.mu.nextVer, Gen: c.mu.buckets[b].gen, Dirty: dirty}
 			c.mu.nextVer++
@@ -251,6 +298,10 @@ func (c *Cache) writeCached(p []byte, off int64, dirty bool, cond func() bool, m
 		c.leave()
 		if err == errSkip {
 			return done, nil
+		}
+		if err == errNoSpace {
+			c.stats.noSpace.Add(1)
+			return done, err
 		}
 		if err != nil {
 			c.stats.cacheWriteErrors.Add(1)
@@ -273,11 +324,17 @@ const maxSpaceTries = 16
 // written back: such a range must never be written to the backing
 // directly, or a writeback in flight could land stale data over it.
 func (c *Cache) pinnedLocked(off, n int64) bool {
-	pinned := false
-	c.mu.idx.Lookup(off, n, func(e btreeExtent) bool { pinned = e.Dirty; return !pinned })
-	return pinned || c.busyLocked(off, n)
+	return c.dirtyLocked(off, n) || c.busyLocked(off, n)
 }
 
+func (c *Cache) dirtyLocked(off, n int64) bool {
+	dirty := false
+	c.mu.idx.Lookup(off, n, func(e btreeExtent) bool { dirty = e.Dirty; return !dirty })
+	return dirty
+}
+
+// busyLocked reports whether a writeback over part of [off, off+n) is in
+// flight.
 func (c *Cache) busyLocked(off, n int64) bool {
 	for _, w := range c.mu.wb {
 		if w.off < off+n && off < w.end {
@@ -285,6 +342,23 @@ func (c *Cache) busyLocked(off, n int64) bool {
 		}
 	}
 	return false
+}
+
+// directLocked reports whether a direct backing write over part of
+// [off, off+n) is in flight.
+func (c *Cache) directLocked(off, n int64) bool {
+	for _, r := range c.mu.direct {
+		if r.overlaps(off, n) {
+			return true
+		}
+	}
+	return false
+}
+
+// heldLocked reports whether the backing is being written over part of
+// [off, off+n), by a writeback or directly.
+func (c *Cache) heldLocked(off, n int64) bool {
+	return c.busyLocked(off, n) || c.directLocked(off, n)
 }
 
 // WriteAt writes p at off. 512-byte-aligned requests are native; others go
@@ -324,7 +398,10 @@ func (c *Cache) rmw(p []byte, off int64) error {
 }
 
 // write is the aligned write path: the mode, the cutoff and the space
-// decide between the cache (dirty or clean) and the backing.
+// decide between the cache (dirty or clean) and the backing. The pin
+// decided here is only a first guess: a direct write checks it again
+// under the lock that starts it (passthrough), and comes back here with
+// errPinned when dirty data arrived meanwhile.
 func (c *Cache) write(p []byte, off int64) error {
 	n := int64(len(p))
 	c.mu.Lock()
@@ -346,36 +423,56 @@ func (c *Cache) write(p []byte, off int64) error {
 	if c.flusher != nil {
 		c.flusher.NoteForeground()
 	}
+	for {
+		var err error
+		switch {
+		case pinned || (mode == Writeback && !seq):
+			return c.writeDirty(p, off)
+		case seq || mode != Writethrough:
+			c.stats.bypasses.Add(1)
+			err = c.writeBacking(p, off, nil)
+		default:
+			err = c.writeThrough(p, off)
+		}
+		if !errors.Is(err, errPinned) {
+			return err
+		}
+		pinned = true
+	}
+}
 
-	if pinned || (mode == Writeback && !seq) {
-		for {
-			done, err := c.writeCached(p, off, true, nil, true)
-			if err == nil {
-				return nil
-			}
-			if !errors.Is(err, errNoSpace) {
-				return err
-			}
-			// Full: the rest goes to the backing, after writing back
-			// whatever dirty data it overlaps.
-			p, off = p[done:], off+done
-			if err := c.flushRange(off, int64(len(p))); err != nil {
-				return err
-			}
-			c.mu.Lock()
-			pinned = c.pinnedLocked(off, int64(len(p)))
-			c.mu.Unlock()
-			if !pinned {
-				c.stats.bypasses.Add(1)
-				return c.writeBacking(p, off, nil)
-			}
+// writeDirty writes p into the cache as dirty data. When the cache is
+// full, the rest goes to the backing, after writing back whatever dirty
+// data it overlaps.
+func (c *Cache) writeDirty(p []byte, off int64) error {
+	for {
+		done, err := c.writeCached(p, off, true, nil, true)
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, errNoSpace) {
+			return err
+		}
+		p, off = p[done:], off+done
+		if err := c.flushRange(off, int64(len(p))); err != nil {
+			return err
+		}
+		c.mu.Lock()
+		pinned := c.pinnedLocked(off, int64(len(p)))
+		c.mu.Unlock()
+		if pinned {
+			continue
+		}
+		c.stats.bypasses.Add(1)
+		if err := c.writeBacking(p, off, nil); !errors.Is(err, errPinned) {
+			return err
 		}
 	}
-	if seq || mode != Writethrough {
-		c.stats.bypasses.Add(1)
-		return c.writeBacking(p, off, nil)
-	}
-	// Writethrough: the backing, then a clean copy in the cache.
+}
+
+// writeThrough writes p to the backing, then a clean copy into the cache.
+func (c *Cache) writeThrough(p []byte, off int64) error {
+	n := int64(len(p))
 	return c.writeBacking(p, off, func() error {
 		done, err := c.writeCached(p, off, false, nil, false)
 		if errors.Is(err, errNoSpace) {
@@ -387,7 +484,7 @@ func (c *Cache) write(p []byte, off int64) error {
 				return e
 			}
 			c.mu.Lock()
-			c.deleteLocked(off+done, n-done)
+			c.deleteDirectLocked(off+done, n-done, false)
 			c.mu.Unlock()
 			c.leave()
 		}
@@ -395,27 +492,82 @@ func (c *Cache) write(p []byte, off int64) error {
 	})
 }
 
-// passthrough performs op on the backing for [off, off+n), which must not be
-// pinned (only a trim passes dirty extents). Any extent over the range is
-// deleted first, durably if one was clean: a clean extent that outlived a
-// crash over newer backing data would be stale. A deleted dirty extent is
-// like an overwritten one: its deletion is made durable by the next
-// commit, and until then a crash brings back data the range held.
+// errPinned: a direct write found dirty data in its range when it
+// checked again under the lock; the caller writes into the cache instead.
+var errPinned = errors.New("cache: range holds dirty data")
+
+// directKind is what passthrough does about a range that is held.
+type directKind int
+
+const (
+	// directWrite (a write, a zero): dirty data in the range refuses it
+	// (errPinned); writebacks and direct writes in flight over it are
+	// waited for.
+	directWrite directKind = iota
+	// directTrim: a held range is skipped (a trim may leave a sector's
+	// data); dirty data is dropped, as bcache's discard does.
+	directTrim
+)
+
+// passthrough performs op on the backing for [off, off+n). Under the lock
+// that starts it, it checks the range again (see directKind): a check made
+// before, under an earlier hold of the lock, is void by now (a gap-fill
+// writeback may have started over the range, or dirty data landed). Then
+// it registers the range as written directly (writebacks of it wait,
+// promotions of it are void) and deletes the extents over it
+// (deleteDirectLocked), durably if one was clean: a clean extent that
+// outlived a crash over newer backing data would be stale. A deleted dirty
+// extent is like an overwritten one: its deletion is made durable by the
+// next commit, and until then a crash brings back data the range held.
 // After op, then (if not nil) runs with the backing write counted, so the
-// records it appends are committed only after a backing flush.
-func (c *Cache) passthrough(off, n int64, op func() error, then func() error) error {
-	if err := c.enter(); err != nil {
-		return err
+// records it appends are committed only after a backing flush; the range
+// stays registered until then returns.
+func (c *Cache) passthrough(off, n int64, kind directKind, op func() error, then func() error) error {
+	r := byteRange{off, off + n}
+	for {
+		if err := c.enter(); err != nil {
+			return err
+		}
+		c.mu.Lock()
+		if c.opts.testBreak == breakNoPinRecheck || !c.heldLocked(off, n) && (kind == directTrim || !c.dirtyLocked(off, n)) {
+			break
+		}
+		c.leave()
+		if kind == directTrim {
+			c.mu.Unlock()
+			return nil
+		}
+		if c.dirtyLocked(off, n) {
+			c.mu.Unlock()
+			return errPinned
+		}
+		c.stats.directWaits.Add(1)
+		if c.opts.testOnDirectWait != nil {
+			c.opts.testOnDirectWait()
+		}
+		for c.heldLocked(off, n) && c.errLocked() == nil {
+			c.mu.wbCond.Wait()
+		}
+		err := c.errLocked()
+		c.mu.Unlock()
+		if err != nil {
+			return err
+		}
 	}
-	c.mu.Lock()
-	c.mu.bypassSeq++
-	c.mu.bypassInflight++
-	clean := c.deleteLocked(off, n)
+	c.mu.direct = append(c.mu.direct, r)
+	c.backingWriteLocked(r.off, r.end)
+	clean := c.deleteDirectLocked(off, n, kind == directTrim)
 	c.mu.Unlock()
 	c.leave()
 	defer func() {
 		c.mu.Lock()
-		c.mu.bypassInflight--
+		for i, x := range c.mu.direct {
+			if x == r {
+				c.mu.direct = append(c.mu.direct[:i], c.mu.direct[i+1:]...)
+				break
+			}
+		}
+		c.mu.wbCond.Broadcast()
 		c.mu.Unlock()
 	}()
 	if clean {
@@ -435,8 +587,45 @@ func (c *Cache) passthrough(off, n int64, op func() error, then func() error) er
 	return nil
 }
 
+// deleteDirectLocked drops the extents over [off, off+n) before a direct
+// backing write, without ever adding one to the index (whose size a
+// checkpoint slot bounds): a clean extent that overlaps the range is
+// dropped whole, not cut (it is a copy of the backing); a dirty one, which
+// only a trim meets (or a write through when a concurrent write landed
+// dirty data), loses its part inside the range, unless the range lies
+// strictly inside it: then it stays whole (a trimmed sector may keep its
+// data; a concurrent write may win). It journals one deletion and reports
+// whether a clean extent was dropped.
+func (c *Cache) deleteDirectLocked(off, n int64, trim bool) (clean bool) {
+	lo, hi := off, off+n
+	found, inside := false, false
+	c.mu.idx.Ascend(off, func(e btreeExtent) bool {
+		if e.Off >= off+n {
+			return false
+		}
+		found = true
+		switch {
+		case !e.Dirty:
+			clean = true
+			lo, hi = min(lo, e.Off), max(hi, e.End())
+		case e.Off < off && e.End() > off+n:
+			inside = true
+		}
+		return true
+	})
+	if !found || inside {
+		return false
+	}
+	if c.opts.testBreak == breakNoPinRecheck {
+		lo, hi = off, off+n // the old exact deletion
+	}
+	c.mu.idx.Delete(lo, hi-lo, c.droppedLocked)
+	c.appendLocked(record{Type: recDelete, Off: lo, Len: hi - lo})
+	return clean
+}
+
 func (c *Cache) writeBacking(p []byte, off int64, then func() error) error {
-	return c.passthrough(off, int64(len(p)), func() error {
+	return c.passthrough(off, int64(len(p)), directWrite, func() error {
 		if err := c.back.WriteAt(p, off, 0); err != nil {
 			return fmt.Errorf("cache: write backing: %w", err)
 		}
@@ -491,11 +680,11 @@ func (c *Cache) Trim(off, length int64, flags storage.Flags) error {
 	a, e := alignUp(off, sectorSize), (off+length)/sectorSize*sectorSize
 	c.stats.trims.Add(1)
 	if a < e {
-		for _, r := range c.runs(a, e-a, c.busyLocked) {
+		for _, r := range c.runs(a, e-a, c.heldLocked) {
 			if r.dirty {
 				continue
 			}
-			err := c.passthrough(r.off, r.n, func() error {
+			err := c.passthrough(r.off, r.n, directTrim, func() error {
 				if !c.back.Caps().Trim {
 					return nil
 				}
@@ -558,7 +747,11 @@ func (c *Cache) Zero(off, length int64, flags storage.Flags) error {
 func (c *Cache) zeroRun(r readPiece, flags storage.Flags) error {
 	bflags := flags & (storage.NoHole | storage.FastZero)
 	if !r.dirty {
-		return c.passthrough(r.off, r.n, func() error { return c.zeroBacking(r.off, r.n, bflags) }, nil)
+		err := c.passthrough(r.off, r.n, directWrite, func() error { return c.zeroBacking(r.off, r.n, bflags) }, nil)
+		if !errors.Is(err, errPinned) {
+			return err
+		}
+		// Dirty data landed meanwhile: zero the run as a dirty one.
 	}
 	if r.n >= c.sb.BucketSize {
 		if done, err := c.zeroDirty(r.off, r.n, bflags); done || err != nil {
@@ -586,13 +779,12 @@ func (c *Cache) zeroRun(r readPiece, flags storage.Flags) error {
 func (c *Cache) zeroDirty(off, n int64, bflags storage.Flags) (bool, error) {
 	w := inflightWB{off: off, end: off + n} // version 0 is no extent's
 	c.mu.Lock()
-	if c.busyLocked(off, n) {
+	if c.heldLocked(off, n) {
 		c.mu.Unlock()
 		return false, nil
 	}
 	c.mu.wb = append(c.mu.wb, w)
-	c.mu.bypassSeq++ // promotions under way are dropped
-	c.mu.bypassInflight++
+	c.backingWriteLocked(w.off, w.end)
 	c.mu.Unlock()
 	err := c.zeroBacking(off, n, bflags)
 	if err == nil {
@@ -607,7 +799,6 @@ func (c *Cache) zeroDirty(off, n int64, bflags storage.Flags) (bool, error) {
 		clean = c.deleteLocked(off, n)
 	}
 	c.unregisterLocked(btreeExtent{Off: w.off, Len: w.end - w.off, Ver: w.ver})
-	c.mu.bypassInflight--
 	c.mu.Unlock()
 	if err == nil {
 		c.leave()

@@ -29,7 +29,7 @@ func (c *Cache) sealLocked() {
 		return
 	}
 	data := c.mu.jopen
-	sum := finishJBlock(data, c.salt, c.mu.jnextSeq, c.mu.jprev, c.mu.jn, c.mu.jdurable)
+	sum := finishJBlock(data, c.salt, c.mu.jnextSeq, c.mu.jprev, c.mu.jn, c.mu.jdurable, c.mu.ckptSeq)
 	c.mu.jsealed = append(c.mu.jsealed, sealedBlock{seq: c.mu.jnextSeq, pos: c.mu.jhead, data: data})
 	c.mu.jprev = sum
 	c.mu.jnextSeq++
@@ -196,7 +196,7 @@ func (c *Cache) writeJournal(sync bool) error {
 	blocks := append(c.jbatch[:0], c.mu.jsealed...)
 	clear(c.mu.jsealed)
 	c.mu.jsealed = c.mu.jsealed[:0]
-	openN, openSeq, openPrev, openDurable := 0, c.mu.jnextSeq, c.mu.jprev, c.mu.jdurable
+	openN, openSeq, openPrev, openDurable, openCkpt := 0, c.mu.jnextSeq, c.mu.jprev, c.mu.jdurable, c.mu.ckptSeq
 	if !sync && c.mu.jn > 0 {
 		openN = c.mu.jn
 		copy(c.pubBuf, c.mu.jopen)
@@ -208,7 +208,7 @@ func (c *Cache) writeJournal(sync bool) error {
 	c.mu.Unlock()
 
 	if openN > 0 {
-		finishJBlock(c.pubBuf, c.salt, openSeq, openPrev, openN, openDurable)
+		finishJBlock(c.pubBuf, c.salt, openSeq, openPrev, openN, openDurable, openCkpt)
 	}
 	err := c.writeBlocks(blocks, needB, sync)
 	clear(blocks)
@@ -254,6 +254,7 @@ func (c *Cache) journalDoneLocked(err error) error {
 	if err != nil && c.mu.failed == nil {
 		c.mu.failed = fmt.Errorf("%w: %w", ErrFailed, err)
 		c.log.Error("cache: journal write failed; refusing writes", "err", err)
+		c.mu.wbCond.Broadcast() // direct writes waiting for a range give up
 	}
 	c.mu.commitCond.Broadcast()
 	return c.mu.failed

@@ -124,6 +124,13 @@ type Options struct {
 
 	// test-only switch that breaks the ordering rules on purpose.
 	testBreak breakMode
+	// testMaxExt, if > 0, caps the index below what a checkpoint slot
+	// holds (tests reach the limit with few extents).
+	testMaxExt int64
+	// testOnDirectWait, if set, is called when a direct backing write
+	// finds its range held and is about to wait (tests order races with
+	// it).
+	testOnDirectWait func()
 	// twoSyncs: the alternative ordering, measured by BenchmarkFlush: sync
 	// the data, then write the journal and sync again.
 	twoSyncs bool

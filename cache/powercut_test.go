@@ -20,9 +20,9 @@ import (
 // writes, overwrites, FUA writes, flushes, trims, zeroes, reads, writeback
 // steps, GC passes, checkpoints and mode switches runs against a Cache on
 // two storage.Crash devices (cache and backing). At a random storage
-// operation (counted across both devices) the power fails on both; the
-// surviving images are checked offline (Check), reopened, and every sector
-// is compared with the oracle:
+// operation (counted across both devices) the power fails on both at one
+// instant (storage.PowerCutAll); the surviving images are checked offline
+// (Check), reopened, and every sector is compared with the oracle:
 //
 //   - a sector whose write was made durable (a completed Flush after it,
 //     or FUA) holds that write or a later one;
@@ -211,10 +211,15 @@ func runCut(seed uint64, model storage.LossModel, brk breakMode, extra pcExtra) 
 		newB    *storage.Crash
 		cutDone atomic.Bool
 	)
+	// Both devices lose power at one instant (PowerCutAll): no operation
+	// on the backing completes between the cut of the cache and its own.
+	// The loss draws are made cache first, then backing, as two PowerCut
+	// calls in that order made them, so a seed replays as before.
 	cut := func() {
 		once.Do(func() {
-			newC, res.report[0] = cdev.PowerCut(model, cutRng)
-			newB, res.report[1] = bdev.PowerCut(model, cutRng)
+			devs, reps := storage.PowerCutAll(model, cutRng, cdev, bdev)
+			newC, newB = devs[0], devs[1]
+			res.report = [2]storage.CutReport(reps)
 			cutDone.Store(true)
 		})
 	}

@@ -32,30 +32,142 @@ type state struct {
 	blocks   int64 // journal blocks replayed
 	stopWhy  string
 	problems []string // structural problems (Check reports them)
+	warnings []string // states a power cut leaves legitimately (Check lists them)
+	// otherBad says why the slot not loaded is invalid ("" when it is
+	// valid or unused): the likely home of a lost checkpoint.
+	otherBad string
 }
 
-// readCheckpoint reads and decodes slot i.
+// readCheckpoint reads and decodes slot i. Its errors do not name the
+// slot; the caller does.
 func readCheckpoint(dev storage.Device, sb *superblock, salt uint32, i int) (*checkpoint, error) {
 	off := sb.CkptOff + int64(i)*sb.CkptSize
 	hb := make([]byte, ckptHdrSize)
 	if err := dev.ReadAt(hb, off); err != nil {
-		return nil, fmt.Errorf("checkpoint slot %d: %w", i, err)
+		return nil, err
 	}
 	h, err := decodeCkptHeader(salt, hb)
 	if err != nil {
-		return nil, fmt.Errorf("checkpoint slot %d: %w", i, err)
+		return nil, err
 	}
 	if int64(h.NBuckets) != sb.NBuckets || ckptHdrSize+h.bodyLen() > sb.CkptSize ||
 		h.JPos >= sb.journalSlots() {
-		return nil, fmt.Errorf("checkpoint slot %d: %w: header does not fit the superblock", i, ErrCorrupt)
+		return nil, fmt.Errorf("%w: checkpoint header does not fit the superblock", ErrCorrupt)
 	}
 	body := make([]byte, h.bodyLen())
 	if err := dev.ReadAt(body, off+ckptHdrSize); err != nil {
-		return nil, fmt.Errorf("checkpoint slot %d: %w", i, err)
+		return nil, err
 	}
-	ck, err := decodeCkptBody(salt, h, body)
+	return decodeCkptBody(salt, h, body)
+}
+
+// ckptSlot is what one checkpoint slot holds: a valid checkpoint, nothing
+// yet (unused), or neither (err says why).
+type ckptSlot struct {
+	ck     *checkpoint
+	err    error // not valid: wraps ErrCorrupt
+	unused bool  // never written: see readCheckpointSlots
+}
+
+// readCheckpointSlots reads both checkpoint slots. A slot is unused, rather
+// than invalid, when its first block is all zeroes and the other slot holds
+// checkpoint 1: that is slot 1 of a cache not opened since Format (which
+// writes checkpoint 1 to slot 0 and zeroes slot 1), or whose first Open
+// died before its checkpoint reached the slot. Checkpoints alternate
+// between the slots, so once checkpoint 2 was written no slot is ever
+// zeroes again. The error is a device error; damage is in the slots.
+func readCheckpointSlots(dev storage.Device, sb *superblock, salt uint32) ([2]ckptSlot, error) {
+	var sl [2]ckptSlot
+	for i := range sl {
+		ck, err := readCheckpoint(dev, sb, salt, i)
+		if err != nil && !errors.Is(err, ErrCorrupt) {
+			return sl, fmt.Errorf("cache: read checkpoint slot %d: %w", i, err)
+		}
+		sl[i].ck, sl[i].err = ck, err
+	}
+	for i := range sl {
+		if sl[i].ck != nil || sl[1-i].ck == nil || sl[1-i].ck.Seq != 1 {
+			continue
+		}
+		b := make([]byte, metaBlock)
+		if err := dev.ReadAt(b, sb.CkptOff+int64(i)*sb.CkptSize); err != nil {
+			return sl, fmt.Errorf("cache: read checkpoint slot %d: %w", i, err)
+		}
+		sl[i].unused = allZero(b)
+	}
+	return sl, nil
+}
+
+func allZero(b []byte) bool {
+	for _, v := range b {
+		if v != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// newerCheckpointProof looks in the whole journal ring for a valid block
+// written when a checkpoint newer than seq was durable (its ckpt field).
+// Such a block proves that checkpoint seq is not the newest durable one:
+// the newer one was damaged after it was synced. It returns what it found
+// ("" for nothing).
+func newerCheckpointProof(dev storage.Device, sb *superblock, salt uint32, seq uint64) (string, error) {
+	const chunk = 256 // blocks per read
+	slots := sb.journalSlots()
+	buf := make([]byte, chunk*metaBlock)
+	for first := int64(0); first < slots; first += chunk {
+		n := min(chunk, slots-first)
+		if err := dev.ReadAt(buf[:n*metaBlock], sb.JournalOff+first*metaBlock); err != nil {
+			return "", fmt.Errorf("cache: read journal slots %d-%d: %w", first, first+n-1, err)
+		}
+		for i := range n {
+			jb, err := decodeJBlock(salt, buf[i*metaBlock:(i+1)*metaBlock])
+			if err == nil && jb.Ckpt > seq {
+				return fmt.Sprintf("journal block %d (slot %d) was written when checkpoint %d was durable", jb.Seq, first+i, jb.Ckpt), nil
+			}
+		}
+	}
+	return "", nil
+}
+
+// pickCheckpoint chooses the checkpoint to recover from: the newest valid
+// one. When the other slot is invalid (not unused), that is either a
+// checkpoint write torn by a power cut or damaged older checkpoint, and
+// recovery goes on with a warning, or a newer checkpoint that was durable
+// and has been damaged since: then the journal may have moved on past the
+// loaded one, buckets it freed may hold new data, and recovering from the
+// older one would lose flushed writes. A journal block that says a newer
+// checkpoint was durable tells the two apart: then it is ErrCorrupt.
+func pickCheckpoint(dev storage.Device, sb *superblock, salt uint32, st *state, log *slog.Logger) (*checkpoint, error) {
+	sl, err := readCheckpointSlots(dev, sb, salt)
 	if err != nil {
-		return nil, fmt.Errorf("checkpoint slot %d: %w", i, err)
+		return nil, err
+	}
+	var ck *checkpoint
+	for i, s := range sl {
+		if s.ck != nil && (ck == nil || s.ck.Seq > ck.Seq) {
+			ck, st.ckptSlot = s.ck, i
+		}
+	}
+	if ck == nil {
+		return nil, fmt.Errorf("%w: no valid checkpoint: slot 0: %v; slot 1: %v", ErrCorrupt, sl[0].err, sl[1].err)
+	}
+	o := 1 - st.ckptSlot
+	if other := sl[o]; other.ck == nil && !other.unused {
+		proof, err := newerCheckpointProof(dev, sb, salt, ck.Seq)
+		if err != nil {
+			return nil, err
+		}
+		if proof != "" {
+			return nil, fmt.Errorf("%w: checkpoint slot %d is damaged (%v), and %s: checkpoint %d in slot %d is not the newest durable one, and recovering from it would lose the writes made since",
+				ErrCorrupt, o, other.err, proof, ck.Seq, st.ckptSlot)
+		}
+		w := fmt.Sprintf("checkpoint slot %d is invalid (%v); recovered from slot %d (checkpoint %d); no journal block proves a newer checkpoint was durable (a checkpoint write torn by a power cut, or damage to the older one)",
+			o, other.err, st.ckptSlot, ck.Seq)
+		st.warnings = append(st.warnings, w)
+		st.otherBad = fmt.Sprintf("checkpoint slot %d is invalid (%v)", o, other.err)
+		log.Warn("cache: "+w, "slot", o, "err", other.err)
 	}
 	return ck, nil
 }
@@ -88,35 +200,23 @@ func genOK(sb *superblock, gens func(int64) uint8, loc, n int64, gen uint8) bool
 }
 
 // loadState runs recovery without changing the device: the newest valid
-// checkpoint, then the journal from there until the first block that fails
-// its checksum, sequence or chain. Insert and replace records whose data
-// fails its checksum are dropped (that data never became durable). With
-// full (Check), the data of records in blocks known durable is tested too.
+// checkpoint (pickCheckpoint: ErrCorrupt when a newer one is proven lost),
+// then the journal from there until the first block that fails its
+// checksum, sequence or chain. Insert and replace records whose data
+// fails its checksum are dropped (that data never became durable); a
+// record of another bucket generation than the checkpoint's is ErrCorrupt.
+// With full (Check), the data of records in blocks known durable is tested
+// too.
 func loadState(dev storage.Device, sb *superblock, brk breakMode, log *slog.Logger, full bool) (*state, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
 	salt := sb.salt()
-	var ck *checkpoint
 	st := &state{}
-	for i := range 2 {
-		c, err := readCheckpoint(dev, sb, salt, i)
-		if err != nil && !errors.Is(err, ErrCorrupt) {
-			return nil, err // the device failed, not the metadata
-		}
-		if err != nil {
-			st.problems = append(st.problems, err.Error())
-			continue
-		}
-		if ck == nil || c.Seq > ck.Seq {
-			ck, st.ckptSlot = c, i
-		}
+	ck, err := pickCheckpoint(dev, sb, salt, st, log)
+	if err != nil {
+		return nil, err
 	}
-	if ck == nil {
-		return nil, fmt.Errorf("%w: no valid checkpoint: %v", ErrCorrupt, st.problems)
-	}
-	// The other slot may legitimately be stale or torn.
-	st.problems = nil
 	st.ckptSeq = ck.Seq
 	st.nextVer = max(ck.NextVer, 1)
 	gens := append([]uint8(nil), ck.Gens...)
@@ -145,13 +245,26 @@ func loadState(dev storage.Device, sb *superblock, brk breakMode, log *slog.Logg
 		return nil, err
 	}
 	var seq uint64
+	var genErr error // the first record of another generation
 	verify := func(r *record) bool {
 		if !sb.inData(r.Loc, r.Len) || sb.bucketOf(r.Loc) != sb.bucketOf(r.Loc+r.Len-1) || r.Off+r.Len > sb.BackingSize {
 			st.problems = append(st.problems, fmt.Sprintf("journal block %d: record [%d+%d)@%d outside the device", seq, r.Off, r.Len, r.Loc))
 			return false
 		}
-		if gens[sb.bucketOf(r.Loc)] != r.Gen {
-			return false // stale: the bucket was reused after a checkpoint
+		if b := sb.bucketOf(r.Loc); gens[b] != r.Gen {
+			// Buckets are reused only after a checkpoint that no longer
+			// refers to them is durable, so replay from the newest
+			// durable checkpoint never meets another generation: that
+			// checkpoint is lost, and the record is a flushed write.
+			if genErr == nil {
+				lost := "is lost"
+				if st.otherBad != "" {
+					lost = "is lost: " + st.otherBad
+				}
+				genErr = fmt.Errorf("%w: journal block %d: record [%d+%d)@%d has generation %d of bucket %d, but checkpoint %d (slot %d) gives it generation %d: the bucket was reused after a newer checkpoint than the one loaded, which %s; the write would be dropped",
+					ErrCorrupt, seq, r.Off, r.Len, r.Loc, r.Gen, b, ck.Seq, st.ckptSlot, gens[b], lost)
+			}
+			return false
 		}
 		durable := seq < frontier
 		if brk == breakNoDataCRC || durable && !full {
@@ -202,6 +315,9 @@ func loadState(dev storage.Device, sb *superblock, brk breakMode, log *slog.Logg
 	if err != nil {
 		return nil, err
 	}
+	if genErr != nil {
+		return nil, genErr
+	}
 	st.blocks, st.stopWhy = end.blocks, end.stopWhy
 	st.jseq, st.jpos, st.jprev = end.seq, end.pos, end.prev
 	if st.stopWhy != "" {
@@ -245,7 +361,10 @@ type journalEnd struct {
 }
 
 // walkJournal calls fn for each valid journal block after checkpoint ck, in
-// order, until the first that fails its checksum, sequence or chain.
+// order, until the first that fails its checksum, sequence or chain: the
+// end of the journal, which stopWhy describes. A block on the chain that
+// was written when a newer checkpoint than ck was durable is ErrCorrupt
+// (ck is not the newest durable checkpoint).
 func walkJournal(dev storage.Device, sb *superblock, salt uint32, ck *checkpoint, fn func(*jblock)) (journalEnd, error) {
 	slots := sb.journalSlots()
 	e := journalEnd{seq: ck.JSeq, pos: ck.JPos, prev: ck.Seed}
@@ -256,12 +375,23 @@ func walkJournal(dev storage.Device, sb *superblock, salt uint32, ck *checkpoint
 		}
 		jb, err := decodeJBlock(salt, blk)
 		if err != nil {
-			e.stopWhy = err.Error()
+			e.stopWhy = stopReason(e.pos, e.seq, blk, err)
 			break
 		}
 		if jb.Seq != e.seq || jb.Prev != e.prev {
-			e.stopWhy = fmt.Sprintf("slot %d holds seq %d prev %08x, want seq %d prev %08x", e.pos, jb.Seq, jb.Prev, e.seq, e.prev)
+			switch {
+			case jb.Seq < e.seq:
+				e.stopWhy = fmt.Sprintf("slot %d holds block %d, of an earlier lap of the ring (block %d would be next)", e.pos, jb.Seq, e.seq)
+			case jb.Seq == e.seq:
+				e.stopWhy = fmt.Sprintf("slot %d holds block %d of another chain (prev %08x, want %08x): an earlier life of the journal", e.pos, jb.Seq, jb.Prev, e.prev)
+			default:
+				e.stopWhy = fmt.Sprintf("slot %d holds block %d, want block %d", e.pos, jb.Seq, e.seq)
+			}
 			break
+		}
+		if jb.Ckpt > ck.Seq {
+			return e, fmt.Errorf("%w: journal block %d (slot %d) was written when checkpoint %d was durable, but the newest valid checkpoint is %d: a newer one is lost",
+				ErrCorrupt, jb.Seq, e.pos, jb.Ckpt, ck.Seq)
 		}
 		fn(jb)
 		e.blocks++
@@ -270,6 +400,22 @@ func walkJournal(dev storage.Device, sb *superblock, salt uint32, ck *checkpoint
 		e.pos = (e.pos + 1) % slots
 	}
 	return e, nil
+}
+
+// stopReason says why the journal ends at slot pos (block seq), whose
+// bytes blk failed to decode with err: never written, torn, or damaged.
+// Which of the last two, only the blocks after it can tell
+// (durableAfterStop).
+func stopReason(pos int64, seq uint64, blk []byte, err error) string {
+	switch {
+	case allZero(blk):
+		return fmt.Sprintf("slot %d (block %d) is empty: never written", pos, seq)
+	case errors.Is(err, errJBlockMagic):
+		return fmt.Sprintf("slot %d (block %d) holds no journal block", pos, seq)
+	case errors.Is(err, errJBlockChecksum):
+		return fmt.Sprintf("slot %d (block %d) fails its checksum: a torn write, or a block of an earlier format", pos, seq)
+	}
+	return fmt.Sprintf("slot %d (block %d) is not a valid block: %v", pos, seq, err)
 }
 
 // overlapsLoc reports the first pair of extents that share cache space.

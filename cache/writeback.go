@@ -8,6 +8,7 @@ import (
 
 	"github.com/nbdcache/nbdcache/btreeidx"
 	"github.com/nbdcache/nbdcache/storage"
+	"github.com/nbdcache/nbdcache/writeback"
 )
 
 // DirtyExtents calls fn for dirty extents with End() > from, ascending: a
@@ -19,7 +20,7 @@ func (c *Cache) DirtyExtents(from int64, fn func(btreeidx.Extent) bool) {
 		var es []btreeidx.Extent
 		c.mu.Lock()
 		c.mu.idx.AscendDirty(from, func(e btreeidx.Extent) bool {
-			if !c.busyLocked(e.Off, e.Len) {
+			if !c.heldLocked(e.Off, e.Len) {
 				es = append(es, e)
 			}
 			from = e.End()
@@ -44,7 +45,7 @@ func (c *Cache) CleanExtents(off, end int64, fn func(btreeidx.Extent) bool) {
 	var es []btreeidx.Extent
 	c.mu.Lock()
 	c.mu.idx.Lookup(off, end-off, func(e btreeidx.Extent) bool {
-		if e.Dirty || c.busyLocked(e.Off, e.Len) {
+		if e.Dirty || c.heldLocked(e.Off, e.Len) {
 			return false
 		}
 		es = append(es, e)
@@ -61,14 +62,17 @@ func (c *Cache) CleanExtents(off, end int64, fn func(btreeidx.Extent) bool) {
 // ReadCached reads the cache-device data of e, as handed out by
 // DirtyExtents, into p, and registers e as being written back: until
 // MarkClean(e) or ReleaseCached(e), nothing writes its range to the
-// backing directly and no overlapping ReadCached succeeds (ErrBusy). If e
-// is no longer current (rewritten, moved, trimmed) it returns ErrStale.
+// backing directly and no overlapping ReadCached succeeds (ErrBusy); nor
+// does one while a direct write over the range is in flight. Promotions
+// under way over the range are void from now on: the backing changes
+// under them. If e is no longer current (rewritten, moved, trimmed) it
+// returns ErrStale.
 func (c *Cache) ReadCached(e btreeidx.Extent, p []byte) error {
 	if int64(len(p)) != e.Len {
 		return fmt.Errorf("%w: buffer of %d bytes for %d", ErrBadOption, len(p), e.Len)
 	}
 	c.mu.Lock()
-	if c.busyLocked(e.Off, e.Len) {
+	if c.heldLocked(e.Off, e.Len) {
 		c.mu.Unlock()
 		return ErrBusy
 	}
@@ -80,6 +84,9 @@ func (c *Cache) ReadCached(e btreeidx.Extent, p []byte) error {
 	var eps []be
 	c.sb.forBuckets(e.Loc, e.Len, func(b, _, _ int64) { eps = append(eps, be{b, int64(c.mu.buckets[b].epoch)}) })
 	c.mu.wb = append(c.mu.wb, inflightWB{off: e.Off, end: e.End(), ver: e.Ver})
+	if c.opts.testBreak != breakNoPromoGuard {
+		c.backingWriteLocked(e.Off, e.End())
+	}
 	c.mu.Unlock()
 	err := c.dev.ReadAt(p, e.Loc)
 	c.mu.Lock()
@@ -125,6 +132,13 @@ func (c *Cache) MarkClean(e btreeidx.Extent) (cleaned, collided int64) {
 		return 0, e.Len
 	}
 	defer c.leave()
+	if !c.roomLocked(c.edgeCutsLocked(e.Off, e.Len)) {
+		// The index is full and cleaning part of an extent would cut
+		// it: the piece stays dirty, a collision to retry (whole
+		// extents are cleaned without a cut, then evicted).
+		c.stats.writebackCollisions.Add(e.Len)
+		return 0, e.Len
+	}
 	before := c.mu.idx.DirtyBytes()
 	cleaned, collided = c.mu.idx.MarkClean(e.Off, e.Len, e.Ver)
 	if before != c.mu.idx.DirtyBytes() {
@@ -198,23 +212,32 @@ func (c *Cache) WritebackStep(from, maxBytes int64) (next, written int64, err er
 	return next, written, nil
 }
 
-// flushRange writes back the dirty data overlapping [off, off+n) now,
-// waiting for writebacks of it already in flight.
+// flushRange writes back the dirty extents overlapping [off, off+n) now,
+// whole (cleaning part of one would cut it, and a full index refuses
+// that), waiting for writebacks of them already in flight.
 func (c *Cache) flushRange(off, n int64) error {
 	for {
 		var es []btreeidx.Extent
 		c.mu.Lock()
-		c.mu.idx.Lookup(off, n, func(e btreeidx.Extent) bool {
+		c.mu.idx.Ascend(off, func(e btreeidx.Extent) bool {
+			if e.Off >= off+n {
+				return false
+			}
 			if e.Dirty {
 				es = append(es, e)
 			}
 			return true
 		})
-		if len(es) == 0 && !c.busyLocked(off, n) {
+		lo, hi := off, off+n
+		if len(es) > 0 {
+			lo, hi = min(lo, es[0].Off), max(hi, es[len(es)-1].End())
+		}
+		held := c.heldLocked(lo, hi-lo)
+		if len(es) == 0 && !held {
 			c.mu.Unlock()
 			return nil
 		}
-		if len(es) == 0 || c.busyLocked(off, n) {
+		if held {
 			if err := c.errLocked(); err != nil {
 				c.mu.Unlock()
 				return err
@@ -266,8 +289,18 @@ func (c *Cache) flushRange(off, n int64) error {
 // mode). progress, if not nil, is called with bytes done and the total.
 func (c *Cache) Drain(ctx context.Context, progress func(done, total int64)) error {
 	if c.flusher != nil {
-		if err := c.flusher.Drain(ctx, progress); err != nil {
-			return fmt.Errorf("cache: drain: %w", err)
+		for tries := 0; ; tries++ {
+			err := c.flusher.Drain(ctx, progress)
+			if err == nil {
+				break
+			}
+			// The flusher gives up when it lists nothing writable while
+			// data is dirty: here that is dirty data held by a writeback
+			// or a direct write of someone else, for a moment. Wait for
+			// a hold to end and go on; with no hold the failure is real.
+			if !errors.Is(err, writeback.ErrDrain) || tries >= drainRetries || !c.waitHold() {
+				return fmt.Errorf("cache: drain: %w", err)
+			}
 		}
 		if err := c.back.Flush(); err != nil {
 			return fmt.Errorf("cache: drain: flush backing: %w", err)
@@ -294,7 +327,7 @@ func (c *Cache) Drain(ctx context.Context, progress func(done, total int64)) err
 		if n == 0 && cur == 0 {
 			// Everything left is in flight elsewhere: wait for it.
 			c.mu.Lock()
-			if len(c.mu.wb) > 0 {
+			if len(c.mu.wb) > 0 || len(c.mu.direct) > 0 {
 				c.mu.wbCond.Wait()
 			}
 			c.mu.Unlock()
@@ -305,6 +338,22 @@ func (c *Cache) Drain(ctx context.Context, progress func(done, total int64)) err
 		return fmt.Errorf("cache: drain: flush backing: %w", err)
 	}
 	return c.commit()
+}
+
+// drainRetries bounds how often Drain starts the flusher's drain again
+// after it gave up while backing writes of others held dirty ranges.
+const drainRetries = 100
+
+// waitHold waits until one of the writebacks or direct writes in flight
+// ends, and reports false at once if none is in flight.
+func (c *Cache) waitHold() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.mu.wb) == 0 && len(c.mu.direct) == 0 || c.errLocked() != nil {
+		return false
+	}
+	c.mu.wbCond.Wait()
+	return true
 }
 
 func (c *Cache) kickBackground() {
@@ -357,6 +406,12 @@ func (c *Cache) background(ctx context.Context) {
 		case <-t.C:
 		}
 		c.startWriteback()
+		c.mu.Lock()
+		full := c.indexFullLocked()
+		c.mu.Unlock()
+		if full {
+			c.shrinkIndex()
+		}
 		if n := c.stats.checkpoints.Load(); n != ckpts {
 			lastCkpt, ckpts = time.Now(), n
 		}

@@ -88,6 +88,49 @@ func TestCacheWithClients(t *testing.T) {
 	mustCheck(t, cache, backing)
 }
 
+// TestCheckIsHonest: check calls a freshly formatted cache clean, with no
+// line that says "corrupt" about its empty journal or its unused
+// checkpoint slot; a damaged superblock copy is a warning (the other copy
+// is whole), and a damaged checkpoint with nothing to fall back on makes
+// check exit 1.
+func TestCheckIsHonest(t *testing.T) {
+	backing, cache := cacheFiles(t, 32*mib, 16*mib)
+	if out, code := nbdcache(t, "format", "--cache", cache, "--backing", backing); code != 0 {
+		t.Fatalf("format: %s", out)
+	}
+	out, code := nbdcache(t, "check", "--cache", cache, "--backing", backing)
+	if code != 0 || !strings.HasSuffix(out, "ok\n") || !strings.Contains(out, "1 unused") ||
+		strings.Contains(strings.ToLower(out), "corrupt") || strings.Contains(out, "warning") || strings.Contains(out, "PROBLEM") {
+		t.Fatalf("check of a fresh cache (exit %d):\n%s", code, out)
+	}
+	flip := func(off int64) {
+		f, err := os.OpenFile(cache, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		b := make([]byte, 1)
+		if _, err := f.ReadAt(b, off); err != nil {
+			t.Fatal(err)
+		}
+		b[0] ^= 0x10
+		if _, err := f.WriteAt(b, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	flip(40) // superblock copy A's backing id
+	out, code = nbdcache(t, "check", "--cache", cache, "--backing", backing)
+	if code != 0 || !strings.Contains(out, "warning: superblock copy at 0 is invalid") {
+		t.Fatalf("check with one superblock copy damaged (exit %d), want 0 and a warning:\n%s", code, out)
+	}
+	flip(40)
+	flip(8192 + 9) // checkpoint slot 0, the only one
+	out, code = nbdcache(t, "check", "--cache", cache, "--backing", backing)
+	if code != 1 || !strings.Contains(out, "PROBLEM: cache: metadata corrupt: no valid checkpoint") {
+		t.Fatalf("check with the only checkpoint damaged (exit %d), want 1:\n%s", code, out)
+	}
+}
+
 // TestCacheBinding: a cache refuses another backing, even of the same
 // size (exit 3); format refuses to drop dirty data without --force.
 func TestCacheBinding(t *testing.T) {

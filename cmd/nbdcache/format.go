@@ -126,9 +126,17 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return fmt.Errorf("%w: %s holds no cache superblock at all: %v", errCheckFailed, *cachePath, cerr)
 	}
 	fmt.Fprintf(stdout, "cache %x for backing %x: %s\n", rep.CacheID, rep.BackingID, rep.State)
-	fmt.Fprintf(stdout, "  superblock copies valid: %d of 2; checkpoint %d (%d of 2 slots valid)\n", rep.SuperblockCopies, rep.Checkpoint, rep.CheckpointsValid)
-	fmt.Fprintf(stdout, "  journal: %d blocks, %d records replayed, %d dropped (data never durable); stopped at: %s\n", rep.JournalBlocks, rep.Replayed, rep.Dropped, rep.JournalStop)
-	fmt.Fprintf(stdout, "  index: %d extents, %d bytes cached, %d dirty; %d of %d buckets used\n", rep.Extents, rep.CachedBytes, rep.DirtyBytes, rep.UsedBuckets, rep.Buckets)
+	unused := ""
+	if rep.CheckpointsUnused > 0 {
+		unused = fmt.Sprintf(", %d unused", rep.CheckpointsUnused)
+	}
+	if rep.Checkpoint == 0 { // recovery failed before loading one: the problem says why
+		fmt.Fprintf(stdout, "  superblock copies valid: %d of 2; %d of 2 checkpoint slots valid%s\n", rep.SuperblockCopies, rep.CheckpointsValid, unused)
+	} else {
+		fmt.Fprintf(stdout, "  superblock copies valid: %d of 2; checkpoint %d (%d of 2 slots valid%s)\n", rep.SuperblockCopies, rep.Checkpoint, rep.CheckpointsValid, unused)
+		fmt.Fprintf(stdout, "  journal: %d blocks, %d records replayed, %d dropped (data never durable); ends at: %s\n", rep.JournalBlocks, rep.Replayed, rep.Dropped, rep.JournalStop)
+		fmt.Fprintf(stdout, "  index: %d extents, %d bytes cached, %d dirty; %d of %d buckets used\n", rep.Extents, rep.CachedBytes, rep.DirtyBytes, rep.UsedBuckets, rep.Buckets)
+	}
 	// serve refuses a backing that is not the cache's, and so does check;
 	// that is not corruption, and exits 3, not 1.
 	var wrong error

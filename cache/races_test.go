@@ -1,0 +1,389 @@
+package cache
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"testing"
+
+	"github.com/nbdcache/nbdcache/btreeidx"
+	"github.com/nbdcache/nbdcache/storage"
+	"github.com/nbdcache/nbdcache/test/testseed"
+)
+
+// Deterministic reproductions of the races of issue 14: each test steers
+// one interleaving through device hooks, and fails on the code before the
+// fix.
+
+// hookDev runs a hook around one kind of call of the device it wraps.
+type hookDev struct {
+	storage.Device
+	beforeFlush func()
+	afterRead   func(off int64)
+}
+
+func (d *hookDev) Flush() error {
+	if d.beforeFlush != nil {
+		d.beforeFlush()
+	}
+	return d.Device.Flush()
+}
+
+func (d *hookDev) ReadAt(p []byte, off int64) error {
+	err := d.Device.ReadAt(p, off)
+	if d.afterRead != nil {
+		d.afterRead(off)
+	}
+	return err
+}
+
+// cleanExtentAt returns the extent the index holds at off.
+func cleanExtentAt(t *testing.T, c *Cache, off int64) btreeidx.Extent {
+	t.Helper()
+	var found []btreeidx.Extent
+	c.mu.Lock()
+	c.mu.idx.Lookup(off, 1, func(e btreeidx.Extent) bool { found = append(found, e); return true })
+	c.mu.Unlock()
+	if len(found) != 1 {
+		t.Fatalf("no extent at %d", off)
+	}
+	var e btreeidx.Extent
+	c.mu.Lock()
+	c.mu.idx.Ascend(off, func(x btreeidx.Extent) bool { e = x; return false })
+	c.mu.Unlock()
+	return e
+}
+
+// TestDirectWriteWaitsForGapFill is bug 1: a direct backing write decided
+// "not pinned", then left the lock (here: enter runs a soft checkpoint,
+// whose cache flush the hook uses); meanwhile the flusher started a
+// gap-fill writeback of the clean extent over the range and read its old
+// data. The write must wait for that writeback; before the fix it deleted
+// the extent, wrote the backing and returned, and the writeback then
+// landed the old data over it for good.
+func TestDirectWriteWaitsForGapFill(t *testing.T) {
+	for _, mode := range []Mode{Writearound, Writethrough} {
+		t.Run(mode.String(), func(t *testing.T) {
+			if v := gapFillRace(t, mode, breakNone); v != "" {
+				t.Fatal(v)
+			}
+			if gapFillRace(t, mode, breakNoPinRecheck) == "" {
+				t.Fatal("with the pin re-check broken, the race went unnoticed")
+			}
+		})
+	}
+}
+
+// gapFillRace runs bug 1's interleaving and returns what went wrong.
+func gapFillRace(t *testing.T, mode Mode, brk breakMode) string {
+	d := formatMem(t, 1<<20, 1<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 32 * metaBlock})
+	cdev := &hookDev{Device: d.cache}
+	waiting := make(chan struct{}, 1)
+	o := Options{Mode: mode, NoBackground: true, PromoteAll: true, SequentialCutoff: -1,
+		CheckpointPercent: 1, // every enter runs a soft checkpoint: the window opens
+		testOnDirectWait:  func() { waiting <- struct{}{} }, testBreak: brk}
+	c := openT(t, devPair{cdev, d.back}, o)
+	defer c.Close()
+	const off, n = 8 << 10, 4 << 10
+	// The old data, promoted: a clean extent.
+	old := payload(off, n, 1)
+	if err := d.back.WriteAt(old, off, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.ReadAt(make([]byte, n), off); err != nil {
+		t.Fatal(err)
+	}
+	e := cleanExtentAt(t, c, off)
+	if e.Dirty {
+		t.Fatal("promoted extent is dirty")
+	}
+
+	gapFill := make([]byte, n)
+	registered := make(chan error, 1)
+	cdev.beforeFlush = func() {
+		cdev.beforeFlush = nil
+		registered <- c.ReadCached(e, gapFill) // the flusher bridges a gap
+	}
+	newData := payload(off, n, 2)
+	writeDone := make(chan error, 1)
+	go func() { writeDone <- c.WriteAt(newData, off, 0) }()
+	if err := <-registered; err != nil {
+		t.Fatalf("gap-fill ReadCached: %v", err)
+	}
+	select {
+	case err := <-writeDone:
+		// Only broken code gets here: the write did not wait.
+		writeDone <- err
+	case <-waiting:
+	}
+	// The flusher's backing write of what it read, then release.
+	if err := d.back.WriteAt(gapFill, off, 0); err != nil {
+		t.Fatal(err)
+	}
+	c.ReleaseCached(e)
+	if err := <-writeDone; err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, n)
+	for i := range 2 {
+		if err := c.ReadAt(got, off); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, newData) {
+			id, _ := sectorID(got[:sectorSize], off/sectorSize)
+			return fmt.Sprintf("read %d after the acknowledged write returns write %d: the gap-fill writeback overwrote it", i, id)
+		}
+	}
+	back := make([]byte, n)
+	if err := d.back.ReadAt(back, off); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(back, newData) {
+		return "the backing holds the old data under the acknowledged write"
+	}
+	return ""
+}
+
+// TestPromotionAfterWritebackIsDropped is bug 2: a read misses and reads
+// old data from the backing; during that read a write lands dirty, is
+// written back, marked clean and evicted. The promotion then finds the
+// index empty; before the fix it inserted the old data as clean, and
+// every later read returned it.
+func TestPromotionAfterWritebackIsDropped(t *testing.T) {
+	if v := promotionRace(t, breakNone); v != "" {
+		t.Fatal(v)
+	}
+	if promotionRace(t, breakNoPromoGuard) == "" {
+		t.Fatal("with the promotion guard broken, the race went unnoticed")
+	}
+}
+
+// promotionRace runs bug 2's interleaving and returns what went wrong.
+func promotionRace(t *testing.T, brk breakMode) string {
+	d := formatMem(t, 1<<20, 1<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 32 * metaBlock})
+	back := &hookDev{Device: d.back}
+	c := openT(t, devPair{d.cache, back}, Options{Mode: Writeback, NoBackground: true, PromoteAll: true, SequentialCutoff: -1, testBreak: brk})
+	defer c.Close()
+	const off, n = 16 << 10, 4 << 10
+	if err := d.back.WriteAt(payload(off, n, 1), off, 0); err != nil {
+		t.Fatal(err)
+	}
+	newData := payload(off, n, 2)
+	var hookErr error
+	back.afterRead = func(int64) {
+		back.afterRead = nil
+		// While the read's data is on its way: write, write back, evict.
+		if hookErr = c.WriteAt(newData, off, 0); hookErr != nil {
+			return
+		}
+		if _, _, hookErr = c.WritebackStep(0, 1<<20); hookErr != nil {
+			return
+		}
+		e := cleanExtentAt(t, c, off)
+		if e.Dirty || !c.gcEvict(gcPiece{off: e.Off, n: e.Len, loc: e.Loc, ver: e.Ver}) {
+			hookErr = fmt.Errorf("could not write back and evict %v", e)
+		}
+	}
+	if err := c.ReadAt(make([]byte, n), off); err != nil {
+		t.Fatal(err)
+	}
+	if hookErr != nil {
+		t.Fatal(hookErr)
+	}
+	got := make([]byte, n)
+	if err := c.ReadAt(got, off); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, newData) {
+		id, _ := sectorID(got[:sectorSize], off/sectorSize)
+		return fmt.Sprintf("read after the write was written back returns write %d: a stale promotion", id)
+	}
+	return ""
+}
+
+// TestIndexNeverOutgrowsCheckpoint is bug 3: the index must never hold more
+// extents than a checkpoint slot, whatever splits them. Dirty 4 KiB
+// blocks everywhere, then 512-byte trims, zeroes, writes into the middle of
+// them and direct writes over clean ones (writearound), with GC,
+// eviction and writeback passes in between. Before the fix the trims alone
+// split the index past maxExt: checkpoints, Close and Open failed with
+// "metadata corrupt".
+//
+// The second run caps the index at a tenth of that (testMaxExt), so that
+// the random phase works at the limit: GC moves, eviction, MarkClean and
+// inserts refused for room.
+func TestIndexNeverOutgrowsCheckpoint(t *testing.T) {
+	seed := testseed.Get(t)
+	t.Run("slot", func(t *testing.T) { indexCapacity(t, seed, 0) })
+	t.Run("capped", func(t *testing.T) { indexCapacity(t, seed, 48) })
+}
+
+func indexCapacity(t *testing.T, seed uint64, maxExt int64) {
+	r := rng(seed)
+	const back = 4 << 20
+	// 10 buckets of 64 KiB: 160 blocks of 4 KiB, 1280 sectors; a slot of
+	// about 2*160+64 extents.
+	d := formatMem(t, 8*64<<10+256<<10, back, FormatOptions{BlockSize: 4096, BucketSize: 64 << 10, JournalSize: 16 * metaBlock})
+	c := openT(t, d, Options{Mode: Writeback, NoBackground: true, SequentialCutoff: -1, testMaxExt: maxExt})
+	model := make([]uint64, back/sectorSize) // write id per sector; 0 zero
+	anyOld := make([]bool, back/sectorSize)  // trimmed: old data or zeroes
+	var id uint64
+	span := int64(c.CapacityBytes()) // the ops stay where the cache is full
+	write := func(off, n int64) {
+		id++
+		if err := c.WriteAt(payload(off, n, id), off, 0); err != nil {
+			t.Fatalf("write [%d+%d): %v", off, n, err)
+		}
+		for s := off / sectorSize; s < (off+n)/sectorSize; s++ {
+			model[s], anyOld[s] = id, false
+		}
+	}
+	for off := int64(0); off < span; off += 4096 {
+		write(off, 4096)
+	}
+	// The worst case for trims: every other sector of every dirty block
+	// (four pieces of each, were they split).
+	for off := int64(0); off < span; off += 2 * sectorSize {
+		if err := c.Trim(off+sectorSize, sectorSize, 0); err != nil {
+			t.Fatalf("trim: %v", err)
+		}
+		anyOld[off/sectorSize+1] = true
+	}
+	if err := c.Checkpoint(); err != nil {
+		t.Fatalf("checkpoint after the trims: %v (extents %d, capacity %d)", err, c.Stats().Extents, c.maxExt)
+	}
+	maxSeen := 0
+	for i := range 4000 {
+		s := r.Int64N(span / sectorSize)
+		off := s * sectorSize
+		switch k := r.IntN(10); {
+		case k < 4:
+			if err := c.Trim(off, sectorSize, 0); err != nil {
+				t.Fatalf("op %d trim: %v", i, err)
+			}
+			anyOld[s] = true
+		case k < 5:
+			if err := c.Zero(off, sectorSize, 0); err != nil {
+				t.Fatalf("op %d zero: %v", i, err)
+			}
+			model[s], anyOld[s] = 0, false
+		case k < 7:
+			write(off, sectorSize)
+		case k < 8 && r.IntN(10) == 0:
+			if err := c.SetMode(context.Background(), []Mode{Writeback, Writeback, Writearound, Writethrough}[r.IntN(4)]); err != nil {
+				t.Fatal(err)
+			}
+		default:
+			switch r.IntN(3) {
+			case 0:
+				c.GCStep(true)
+			case 1:
+				if _, _, err := c.WritebackStep(r.Int64N(span), 64<<10); err != nil {
+					t.Fatal(err)
+				}
+			default:
+				if err := c.Checkpoint(); err != nil {
+					t.Fatalf("op %d: checkpoint: %v (extents %d, capacity %d)", i, err, c.Stats().Extents, c.maxExt)
+				}
+			}
+		}
+		c.mu.Lock()
+		n := c.mu.idx.Len()
+		c.mu.Unlock()
+		maxSeen = max(maxSeen, n)
+		if int64(n) > c.maxExt {
+			t.Fatalf("op %d: %d extents, a checkpoint holds %d", i, n, c.maxExt)
+		}
+	}
+	t.Logf("at most %d extents of %d (stats %+v)", maxSeen, c.maxExt, c.Stats())
+	if err := c.Close(); err != nil {
+		t.Fatalf("close: %v", err)
+	}
+	if _, err := Check(d.cache, d.back); err != nil {
+		t.Fatalf("check: %v", err)
+	}
+	c = openT(t, d, Options{Mode: Writeback, NoBackground: true, testMaxExt: maxExt})
+	defer c.Close()
+	buf := make([]byte, span)
+	if err := c.ReadAt(buf, 0); err != nil {
+		t.Fatal(err)
+	}
+	for s := int64(0); s < span/sectorSize; s++ {
+		got, err := sectorID(buf[s*sectorSize:(s+1)*sectorSize], s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got != model[s] && !anyOld[s] {
+			t.Fatalf("sector %d holds write %d, want %d", s, got, model[s])
+		}
+	}
+}
+
+// TestFitIndexAtOpen: a recovered index over a checkpoint's capacity
+// (possible when replay drops records of an unsynced tail) is brought
+// under it at Open by dropping clean extents and writing back dirty ones,
+// with no data lost.
+func TestFitIndexAtOpen(t *testing.T) {
+	d := formatMem(t, 1<<20, 1<<20, FormatOptions{BlockSize: 512, BucketSize: 64 << 10, JournalSize: 32 * metaBlock})
+	c := openT(t, d, Options{Mode: Writeback, NoBackground: true, SequentialCutoff: -1})
+	for i := range int64(40) {
+		if err := c.WriteAt(payload(i*1024, 512, uint64(i+1)), i*1024, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// Reopened with room for 10 extents: 40 dirty ones are written back.
+	c = openT(t, d, Options{Mode: Writeback, NoBackground: true, testMaxExt: 10})
+	if got := c.Stats().Extents; got > 10 {
+		t.Fatalf("%d extents after fitting into 10", got)
+	}
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Check(d.cache, d.back); err != nil {
+		t.Fatal(err)
+	}
+	c = openT(t, d, Options{Mode: Writeback, NoBackground: true})
+	defer c.Close()
+	p := make([]byte, 512)
+	for i := range int64(40) {
+		if err := c.ReadAt(p, i*1024); err != nil {
+			t.Fatal(err)
+		}
+		if id, err := sectorID(p, i*2); err != nil || id != uint64(i+1) {
+			t.Fatalf("sector %d: write %d (%v), want %d", i*2, id, err, i+1)
+		}
+	}
+}
+
+// TestVerifyCatchesStaleClean: Verify (live) and CheckDeep (offline) report
+// a clean extent whose bytes differ from the backing's, and pass otherwise.
+func TestVerifyCatchesStaleClean(t *testing.T) {
+	d := formatMem(t, 1<<20, 1<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 32 * metaBlock})
+	c := openT(t, d, Options{Mode: Writethrough, NoBackground: true, SequentialCutoff: -1})
+	if err := c.WriteAt(payload(4096, 4096, 1), 4096, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Verify(); err != nil {
+		t.Fatalf("healthy cache: %v", err)
+	}
+	// The backing changes under the clean copy, as a lost race would.
+	if err := d.back.WriteAt(payload(4096, 512, 2), 4096, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Verify(); !errors.Is(err, ErrInvariant) {
+		t.Fatalf("Verify = %v, want ErrInvariant", err)
+	}
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Check(d.cache, d.back); err != nil {
+		t.Fatalf("Check does not compare data: %v", err)
+	}
+	if _, err := CheckDeep(d.cache, d.back); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("CheckDeep = %v, want ErrCorrupt", err)
+	}
+}
