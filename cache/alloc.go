@@ -115,7 +115,12 @@ func (c *Cache) liveLocked(e btreeExtent, sign int64) {
 	})
 }
 
-func (c *Cache) droppedLocked(e btreeExtent) { c.liveLocked(e, -1) }
+func (c *Cache) droppedLocked(e btreeExtent) {
+	if !e.Dirty {
+		c.mu.dropClean = true // the record being journaled removes a clean extent
+	}
+	c.liveLocked(e, -1)
+}
 
 // Index capacity. A checkpoint slot holds maxExt extents, and the index
 // must never outgrow it: a checkpoint that cannot be written stops every

@@ -129,6 +129,9 @@ type Cache struct {
 		jappended  uint64 // records appended since Open
 		jvisible   uint64 // records written to the device (not all synced)
 		cleanDep   uint64 // jappended after the last clean insert that followed an unflushed backing write
+		cleanGone  uint64 // jappended after the last record that removed a clean extent
+		dropClean  bool   // the index change being journaled removed a clean extent
+		jsynced    uint64 // every record appended before this count is durable
 		jwriting   bool   // a journal writer holds the turn (writeJournal)
 		jsyncing   bool   // a commit is syncing the cache device
 		commitCond sync.Cond

@@ -258,7 +258,11 @@
 // is). The last synced journal block, damaged when no block was written
 // after it, cannot be told from a torn tail: its records are lost without
 // a word (a later block's durable field is what proves a block was
-// synced). Unaligned writes are serialized among themselves (read-modify-
+// synced). The flusher's gap-fill rewrites clean data on the backing
+// with the bytes it already holds: a disk that tears a sector of that
+// write in a power cut damages data the cache holds clean (reads serve
+// the clean copy until it is evicted). Unaligned writes are serialized
+// among themselves (read-modify-
 // write). Direct writes over overlapping ranges are serialized among
 // themselves too.
 package cache

@@ -570,10 +570,13 @@ func (c *Cache) passthrough(off, n int64, kind directKind, op func() error, then
 		c.mu.wbCond.Broadcast()
 		c.mu.Unlock()
 	}()
-	if clean {
-		if err := c.commit(); err != nil {
+	if clean && c.opts.testBreak == breakNoCleanGone {
+		if err := c.commit(); err != nil { // the old rule: only a clean extent this write deleted
 			return err
 		}
+	}
+	if err := c.settleCleanGone(); err != nil {
+		return err
 	}
 	if err := op(); err != nil {
 		return err
@@ -786,7 +789,10 @@ func (c *Cache) zeroDirty(off, n int64, bflags storage.Flags) (bool, error) {
 	c.mu.wb = append(c.mu.wb, w)
 	c.backingWriteLocked(w.off, w.end)
 	c.mu.Unlock()
-	err := c.zeroBacking(off, n, bflags)
+	err := c.settleCleanGone()
+	if err == nil {
+		err = c.zeroBacking(off, n, bflags)
+	}
 	if err == nil {
 		err = c.back.Flush()
 	}

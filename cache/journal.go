@@ -16,6 +16,9 @@ func (c *Cache) appendLocked(r record) {
 	if r.Type == recInsert && !r.Dirty && c.mu.bWrites > c.mu.bFlushed {
 		c.mu.cleanDep = c.mu.jappended
 	}
+	if c.mu.dropClean {
+		c.mu.cleanGone, c.mu.dropClean = c.mu.jappended, false
+	}
 	c.stats.journalRecords.Add(1)
 	if c.mu.jn >= jRecsPerBlk {
 		c.sealLocked()
@@ -138,6 +141,21 @@ func (c *Cache) publish() error {
 	return c.writeJournal(false)
 }
 
+// settleCleanGone makes durable, before a backing write, every record
+// that removed a clean extent (deleted it, or wrote over it): until then a
+// crash can bring the clean extent back, over backing bytes that no longer
+// equal it. That holds for any range, so the check is one comparison; the
+// commit it may need is shared with whatever commit runs.
+func (c *Cache) settleCleanGone() error {
+	c.mu.Lock()
+	need := c.mu.cleanGone > c.mu.jsynced && c.opts.testBreak != breakNoCleanGone
+	c.mu.Unlock()
+	if !need {
+		return nil
+	}
+	return c.commit()
+}
+
 // ack completes an acknowledged request: a FUA makes it durable, any
 // other is published.
 func (c *Cache) ack(flags storage.Flags) error {
@@ -244,6 +262,7 @@ func (c *Cache) writeJournal(sync bool) error {
 	c.mu.jsyncing = false
 	if err == nil {
 		c.mu.jdurable = durable
+		c.mu.jsynced = max(c.mu.jsynced, visible)
 		c.stats.commits.Add(1)
 	}
 	return c.journalDoneLocked(err)

@@ -147,6 +147,7 @@ const (
 	// Concurrency bugs (issue 14), for the concurrent model test:
 	breakNoPinRecheck // a direct backing write trusts the pin check made before it left mu
 	breakNoPromoGuard // a promotion ignores backing writes that started after its read
+	breakNoCleanGone  // a backing write does not wait for the removal of clean extents to be durable
 )
 
 func (o *Options) fill() error {

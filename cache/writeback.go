@@ -95,10 +95,15 @@ func (c *Cache) ReadCached(e btreeidx.Extent, p []byte) error {
 			err = ErrStale
 		}
 	}
-	if err != nil {
-		c.unregisterLocked(e)
-	}
 	c.mu.Unlock()
+	if err == nil {
+		// The caller writes the backing next: what superseded a clean
+		// extent over the range must be durable first.
+		err = c.settleCleanGone()
+	}
+	if err != nil {
+		c.ReleaseCached(e)
+	}
 	return err
 }
 
