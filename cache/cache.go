@@ -243,7 +243,7 @@ func Format(cacheDev, backing storage.Device, opts FormatOptions) error {
 	if err != nil {
 		return err
 	}
-	sb.BackingID = opts.BackingID
+	sb.BackingID, sb.BackingPath = opts.BackingID, opts.BackingPath
 	if _, err := rand.Read(sb.CacheID[:]); err != nil {
 		return fmt.Errorf("cache: uuid: %w", err)
 	}
@@ -296,6 +296,9 @@ func Open(cacheDev, backing storage.Device, opts Options) (*Cache, error) {
 	st, err := loadState(cacheDev, sb, opts.testBreak, opts.Logger, false)
 	if err != nil {
 		return nil, err
+	}
+	if opts.BackingPath != "" {
+		sb.BackingPath = opts.BackingPath // written with the dirty state below
 	}
 	c := &Cache{dev: cacheDev, back: backing, sb: *sb, salt: sb.salt(), opts: opts, log: opts.Logger, maxExt: sb.maxExtents()}
 	if opts.testMaxExt > 0 {

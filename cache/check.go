@@ -26,6 +26,10 @@ type Report struct {
 	Buckets           int64
 	UsedBuckets       int64
 	Problems          []string // anything wrong; Check's error summarizes them
+	// WrongBacking: the backing given is not the cache's (its size
+	// differs). Not corruption: Check's error wraps ErrWrongBacking when
+	// there is no Problem.
+	WrongBacking []string
 	// Warnings are states a power cut leaves legitimately, and damage
 	// that loses nothing: one invalid superblock copy or checkpoint slot
 	// next to a valid one (an invalid checkpoint slot is a problem when a
@@ -73,7 +77,7 @@ func Check(cacheDev, backing storage.Device) (Report, error) {
 		}
 	}
 	if sb.BackingSize != backing.Size() {
-		r.Problems = append(r.Problems, fmt.Sprintf("backing has %d bytes, superblock says %d", backing.Size(), sb.BackingSize))
+		r.WrongBacking = append(r.WrongBacking, fmt.Sprintf("backing has %d bytes, superblock says %d", backing.Size(), sb.BackingSize))
 	}
 	slots, err := readCheckpointSlots(cacheDev, sb, sb.salt())
 	if err != nil {
@@ -121,6 +125,9 @@ func Check(cacheDev, backing storage.Device) (Report, error) {
 }
 
 func summarize(r Report) error {
+	if len(r.Problems) == 0 && len(r.WrongBacking) > 0 {
+		return fmt.Errorf("%w: %s", ErrWrongBacking, strings.Join(r.WrongBacking, "; "))
+	}
 	if len(r.Problems) == 0 {
 		return nil
 	}

@@ -28,6 +28,10 @@
 //	80   8     checkpoint offset     128  4  state: 0 clean (no dirty data), 1 dirty
 //	88   8     checkpoint slot size  136  8  sequence (newest valid copy wins)
 //	152  4     crc32c
+//	512  2     length of the backing path hint (0: none)
+//	514  n     the backing's path when the cache was last formatted, served
+//	           or rebound (for messages only; never used to find it)
+//	2044 4     crc32c of bytes 512..2043 (a hint that fails it reads as none)
 //
 // Decoding checks magic, then version, then checksum, then the geometry
 // (regions in order, aligned, inside the device), like bbolt's

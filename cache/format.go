@@ -52,7 +52,22 @@ type superblock struct {
 	NBuckets    int64
 	State       uint32
 	Seq         uint64
+	// BackingPath is where the backing was when the cache was last
+	// formatted, served or rebound: a hint for messages, kept outside the
+	// checksummed header (see encodePathHint), never used to find it.
+	BackingPath string
 }
+
+// The backing path hint: bytes [pathHintOff, pathHintEnd) of a
+// superblock copy hold a length (u16), the path, zeroes, and a crc32c of
+// the area in its last 4 bytes. Older images have zeroes there, which
+// read as no path. A hint that fails its crc reads as no path too: it is
+// only ever shown to a user, so it is not worth refusing a cache over.
+const (
+	pathHintOff = 512
+	pathHintEnd = 2048
+	maxPathHint = pathHintEnd - pathHintOff - 2 - 4
+)
 
 // salt seeds the checksums of journal blocks and checkpoints with the cache
 // UUID, so that metadata left by an earlier format never validates.
@@ -88,7 +103,33 @@ func (sb *superblock) encode() []byte {
 	le.PutUint32(b[128:], sb.State)
 	le.PutUint64(b[136:], sb.Seq)
 	le.PutUint32(b[sbUsed:], crc(b[:sbUsed]))
+	encodePathHint(b[pathHintOff:pathHintEnd], sb.BackingPath)
 	return b
+}
+
+// encodePathHint writes the path hint into its area h. A path too long
+// for it keeps its end, after "...".
+func encodePathHint(h []byte, path string) {
+	if path == "" {
+		return
+	}
+	if len(path) > maxPathHint {
+		path = "..." + path[len(path)-(maxPathHint-3):]
+	}
+	le := binary.LittleEndian
+	le.PutUint16(h, uint16(len(path)))
+	copy(h[2:], path)
+	le.PutUint32(h[len(h)-4:], crc(h[:len(h)-4]))
+}
+
+// decodePathHint reads the path hint from its area h; "" for none.
+func decodePathHint(h []byte) string {
+	le := binary.LittleEndian
+	n := int(le.Uint16(h))
+	if n == 0 || n > maxPathHint || crc(h[:len(h)-4]) != le.Uint32(h[len(h)-4:]) {
+		return ""
+	}
+	return string(h[2 : 2+n])
 }
 
 // decodeSuperblock validates magic, then version, then checksum, then the
@@ -123,6 +164,9 @@ func decodeSuperblock(b []byte, devSize int64) (*superblock, error) {
 	sb.CkptSize, sb.JournalOff, sb.JournalSize, sb.DataOff, sb.NBuckets = v[5], v[6], v[7], v[8], v[9]
 	sb.State = le.Uint32(b[128:])
 	sb.Seq = le.Uint64(b[136:])
+	if len(b) >= pathHintEnd {
+		sb.BackingPath = decodePathHint(b[pathHintOff:pathHintEnd])
+	}
 	if err := sb.validate(devSize); err != nil {
 		return nil, err
 	}

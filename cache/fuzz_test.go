@@ -50,6 +50,9 @@ func sampleCkpt() []byte {
 // re-encodes to the same bytes.
 func FuzzSuperblock(f *testing.F) {
 	f.Add(sampleSuper().encode())
+	withPath := sampleSuper()
+	withPath.BackingPath = "/srv/disks/backing.img"
+	f.Add(withPath.encode())
 	f.Fuzz(func(t *testing.T, b []byte) {
 		sb, err := decodeSuperblock(b, -1)
 		if err != nil {
@@ -63,6 +66,8 @@ func FuzzSuperblock(f *testing.F) {
 		}
 		if got := sb.encode(); !bytes.Equal(got[:sbUsed+4], want) {
 			t.Fatalf("round trip differs")
+		} else if p := decodePathHint(got[pathHintOff:pathHintEnd]); p != sb.BackingPath {
+			t.Fatalf("backing path hint %q re-reads as %q", sb.BackingPath, p)
 		}
 	})
 }

@@ -71,7 +71,10 @@ type FormatOptions struct {
 	BlockSize  int   // allocation unit in buckets; default 4096
 	BucketSize int64 // default 1 MiB
 	BackingID  [16]byte
-	Force      bool // overwrite a cache that still holds dirty data
+	// BackingPath is recorded in the superblock as where the backing was
+	// seen (a hint for messages; see Identity).
+	BackingPath string
+	Force       bool // overwrite a cache that still holds dirty data
 	// JournalSize is the journal ring's size; 0 picks 1/32 of the data
 	// area, between 4 MiB and 256 MiB (at most a quarter of the device).
 	JournalSize int64
@@ -82,6 +85,9 @@ type FormatOptions struct {
 type Options struct {
 	Mode      Mode
 	BackingID [16]byte // must match the superblock, else ErrWrongBacking
+	// BackingPath, if set, is recorded in the superblock as where the
+	// backing was last seen (a hint for messages; see Identity).
+	BackingPath string
 	// SequentialCutoff: a stream of sequential requests longer than this
 	// bypasses the cache. 0 means 4 MiB, < 0 turns it off.
 	SequentialCutoff int64

@@ -64,5 +64,10 @@
 // serialized per block). FUA uses pwritev2(RWF_DSYNC) where the kernel takes
 // it, else pwrite + fdatasync.
 //
+// A File can claim its device (FileOptions.Claim, claim.go): a flock on
+// its open file description, and O_EXCL on a block device, taken before
+// anything is read or written and held until Close. A refused claim
+// fails with *InUseError, which names the holders as lsof would.
+//
 // Storage sits at the bottom: it imports nothing of this module.
 package storage

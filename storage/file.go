@@ -29,6 +29,10 @@ type FileOptions struct {
 	// is smaller (or missing) is created or extended to it; a block device
 	// that is smaller is an error. 0 takes the existing size.
 	Size int64
+	// Claim is the claim taken on the device before anything else is
+	// done to it (claim.go); the File holds it until Close. A refused
+	// claim fails with an *InUseError, which names the holder.
+	Claim Claim
 }
 
 // Tunables of File.
@@ -95,10 +99,22 @@ func OpenFile(path string, opts FileOptions) (*File, error) {
 	if opts.Size > 0 && !opts.ReadOnly {
 		flags |= unix.O_CREAT
 	}
+	if excl := claimFlags(path, opts.Claim); excl != 0 {
+		// A block device: it exists, and O_EXCL without O_CREAT is the
+		// kernel's exclusive claim (with O_CREAT it would mean EEXIST).
+		flags = flags&^unix.O_CREAT | excl
+	}
 	var fd int
 	err := retryEINTR(func() (err error) { fd, err = unix.Open(path, flags, 0o644); return err })
+	if err == unix.EBUSY && flags&unix.O_EXCL != 0 {
+		return nil, takeClaim(path, -1, opts.Claim)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("storage: open %s: %w", path, err)
+	}
+	if err := takeClaim(path, fd, opts.Claim); err != nil {
+		unix.Close(fd)
+		return nil, err
 	}
 	f := &File{path: path, fd: fd, direct: opts.Direct, align: fileMinAlign, memAlign: fileMinAlign}
 	if err := f.setup(opts); err != nil {

@@ -132,7 +132,7 @@ func TestCheckIsHonest(t *testing.T) {
 }
 
 // TestCacheBinding: a cache refuses another backing, even of the same
-// size; format refuses to drop dirty data without --force.
+// size (exit 3); format refuses to drop dirty data without --force.
 func TestCacheBinding(t *testing.T) {
 	backing, cache := cacheFiles(t, 32*mib, 16*mib)
 	other := sparseFile(t, "other.img", 32*mib)
@@ -141,22 +141,22 @@ func TestCacheBinding(t *testing.T) {
 	}
 	sock := "unix:" + filepath.Join(t.TempDir(), "s")
 	out, code := nbdcache(t, "serve", "--cache", cache, "--backing", other, "--listen", sock)
-	if code == 0 || !strings.Contains(out, "never been formatted") {
+	if code != exitWrongBacking || !strings.Contains(out, "has no id") {
 		t.Fatalf("serving with a backing that has no id: exit %d:\n%s", code, out)
 	}
-	if out, code := nbdcache(t, "check", "--cache", cache, "--backing", other); code != 1 || !strings.Contains(out, "never been formatted") {
-		t.Fatalf("check with a backing that has no id: exit %d, want 1:\n%s", code, out)
+	if out, code := nbdcache(t, "check", "--cache", cache, "--backing", other); code != exitWrongBacking || !strings.Contains(out, "has no id") {
+		t.Fatalf("check with a backing that has no id: exit %d, want %d:\n%s", code, exitWrongBacking, out)
 	}
 	// Give the other backing an identity of its own, with a cache of its own.
 	if out, code := nbdcache(t, "format", "--cache", sparseFile(t, "cache2.img", 16*mib), "--backing", other); code != 0 {
 		t.Fatalf("format: %s", out)
 	}
 	out, code = nbdcache(t, "serve", "--cache", cache, "--backing", other, "--listen", sock)
-	if code == 0 || !strings.Contains(out, "another backing") {
+	if code != exitWrongBacking || !strings.Contains(out, "wrong backing") {
 		t.Fatalf("serving with another backing: exit %d:\n%s", code, out)
 	}
-	if out, code := nbdcache(t, "check", "--cache", cache, "--backing", other); code == 0 {
-		t.Fatalf("check accepted another backing:\n%s", out)
+	if out, code := nbdcache(t, "check", "--cache", cache, "--backing", other); code != exitWrongBacking {
+		t.Fatalf("check with another backing: exit %d, want %d:\n%s", code, exitWrongBacking, out)
 	}
 
 	// Leave dirty data: write, flush, kill -9.

@@ -48,7 +48,9 @@ func TestNbdinfo(t *testing.T) {
 		t.Errorf("contexts %s", ctx)
 	}
 
-	ro := startServe(t, "--backing", backing, "--read-only")
+	// A read-only export of its own file: a backing another server
+	// writes is claimed, and refused to every other server.
+	ro := startServe(t, "--backing", sparseFile(t, "ro.img", 64*mib), "--read-only")
 	out = run(t, nbdinfo, "--json", ro.uri)
 	if !strings.Contains(out, `"is_read_only": true`) {
 		t.Errorf("--read-only not advertised:\n%s", out)
@@ -72,7 +74,7 @@ func TestNbdsh(t *testing.T) {
 	py := python3(t)
 	backing := sparseFile(t, "backing.img", 64*mib)
 	s := startServe(t, "--backing", backing)
-	ro := startServe(t, "--backing", backing, "--read-only")
+	ro := startServe(t, "--backing", sparseFile(t, "ro.img", 64*mib), "--read-only") // its own file: s claims backing
 	script := filepath.Join("testdata", "nbdsh_commands.py")
 	out := run(t, py, script, s.uri, ro.uri)
 	t.Log(out)

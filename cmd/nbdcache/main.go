@@ -11,6 +11,9 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+
+	"github.com/nbdcache/nbdcache/cache"
+	"github.com/nbdcache/nbdcache/storage"
 )
 
 // command is one subcommand.
@@ -24,7 +27,8 @@ func commands() []command {
 	return []command{
 		{"serve", "serve a device over NBD (with no storage flags: a demo in a temporary folder)", runServe},
 		{"format", "write a cache superblock binding a cache device to its backing", runFormat},
-		{"check", "verify a cache offline; exits 1 on any corruption, saying what and where", runCheck},
+		{"check", "verify a cache offline; exits 1 on any corruption, 3 if it belongs to another backing", runCheck},
+		{"rebind", "bind a cache to a backing you vouch for (a copy that lost its id, a disk renamed)", runRebind},
 		{"stats", "show a running server's counters (--control)", runStats},
 		{"flush", "flush --drain: write back every dirty byte of a running server and sync the backing", runFlush},
 		{"mode", "switch a running server's cache mode", runMode},
@@ -37,6 +41,35 @@ func commands() []command {
 
 // errUsage marks an error caused by bad command-line input (exit status 2).
 var errUsage = errors.New("usage")
+
+// Exit statuses, a stable interface (README).
+const (
+	exitOK           = 0
+	exitError        = 1 // any other failure; check: the cache is corrupt
+	exitUsage        = 2 // bad command-line input
+	exitWrongBacking = 3 // the cache belongs to another backing
+	exitInUse        = 4 // another process holds the cache or the backing
+	exitRefused      = 5 // it would destroy data it was not told to destroy
+)
+
+// exitStatus maps a command's error to its exit status.
+func exitStatus(err error) int {
+	switch {
+	case err == nil, errors.Is(err, flag.ErrHelp):
+		return exitOK
+	case errors.Is(err, errUsage):
+		return exitUsage
+	case errors.Is(err, errCheckFailed):
+		return exitError
+	case errors.Is(err, cache.ErrWrongBacking):
+		return exitWrongBacking
+	case errors.Is(err, storage.ErrInUse):
+		return exitInUse
+	case errors.Is(err, errRefused):
+		return exitRefused
+	}
+	return exitError
+}
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -55,18 +88,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	for _, c := range commands() {
 		if c.name == args[0] {
 			err := c.run(ctx, args[1:], stdout, stderr)
-			switch {
-			case err == nil:
-				return 0
-			case errors.Is(err, flag.ErrHelp):
-				return 0
-			case errors.Is(err, errUsage):
+			code := exitStatus(err)
+			if code != exitOK {
 				fmt.Fprintf(stderr, "nbdcache %s: %v\n", c.name, err)
-				return 2
-			default:
-				fmt.Fprintf(stderr, "nbdcache %s: %v\n", c.name, err)
-				return 1
 			}
+			return code
 		}
 	}
 	fmt.Fprintf(stderr, "nbdcache: unknown command %q\n\n", args[0])

@@ -110,6 +110,12 @@ func (f *storageFlags) open(w io.Writer, log *slog.Logger) (_ *openedStorage, er
 	if f.wbHigh != 0 && (f.wbHigh < f.wbPercent || f.wbHigh > 100) {
 		return nil, fmt.Errorf("%w: --writeback-high %d: want --writeback-percent (%d) to 100", errUsage, f.wbHigh, f.wbPercent)
 	}
+	if f.ramCache > 0 {
+		if limit, total := ramCacheLimit(); f.ramCache > limit {
+			return nil, fmt.Errorf("%w: --ram-cache %s is more than half of this machine's memory (%s); at most %s",
+				errUsage, humanSize(f.ramCache), humanSize(total), humanSize(limit))
+		}
+	}
 	var model *storage.DiskModel
 	if f.backingModel != "" {
 		m, err := storage.ParseDiskModel(f.backingModel)
@@ -138,8 +144,19 @@ func (f *storageFlags) open(w io.Writer, log *slog.Logger) (_ *openedStorage, er
 	} else if backing == "" {
 		return nil, fmt.Errorf("%w: --cache needs --backing", errUsage)
 	}
+	if cachePath != "" {
+		if err := refuseOverlap(cachePath, backing); err != nil {
+			return nil, err
+		}
+	}
 
-	bdev, err := storage.OpenFile(backing, storage.FileOptions{ReadOnly: f.readOnly && cachePath == "", Direct: f.direct})
+	// Both devices are claimed for as long as they are open; a read-only
+	// export of a backing alone shares it with other read-only ones.
+	bopts := storage.FileOptions{Direct: f.direct, Claim: storage.ClaimExclusive}
+	if f.readOnly && cachePath == "" {
+		bopts.ReadOnly, bopts.Claim = true, storage.ClaimShared
+	}
+	bdev, err := openDevice("backing", backing, bopts, inUseHint)
 	if err != nil {
 		return nil, err
 	}
@@ -161,7 +178,7 @@ func (f *storageFlags) open(w io.Writer, log *slog.Logger) (_ *openedStorage, er
 		return o, nil
 	}
 
-	cdev, err := storage.OpenFile(cachePath, storage.FileOptions{Direct: f.direct})
+	cdev, err := openDevice("cache", cachePath, storage.FileOptions{Direct: f.direct, Claim: storage.ClaimExclusive}, inUseHint)
 	if err != nil {
 		return nil, err
 	}
@@ -170,12 +187,8 @@ func (f *storageFlags) open(w io.Writer, log *slog.Logger) (_ *openedStorage, er
 	if o.rig != nil {
 		cd = o.rig.wrapCache(cdev)
 	}
-	id, err := backingID(backing, format)
-	if err != nil {
-		return nil, err
-	}
 	opts := cache.Options{
-		Mode: mode, BackingID: id, RAMCache: f.ramCache, WritebackPercent: f.wbPercent,
+		Mode: mode, BackingPath: absPath(backing), RAMCache: f.ramCache, WritebackPercent: f.wbPercent,
 		SequentialCutoff: f.seqCutoff, CheckpointInterval: f.ckptInterval, Logger: log, Writeback: writeback.Config{HighWatermark: f.wbHigh},
 	}
 	if f.seqCutoff == 0 {
@@ -184,17 +197,23 @@ func (f *storageFlags) open(w io.Writer, log *slog.Logger) (_ *openedStorage, er
 	if o.rig != nil {
 		opts.Logger = o.rig.cacheLogger() // muted when a power cut abandons the cache
 	}
-	c, err := cache.Open(cd, back, opts)
-	if errors.Is(err, cache.ErrNotFormatted) && format {
-		fmt.Fprintf(w, "nbdcache: formatting %s as a cache for %s\n", cachePath, backing)
-		if err := cache.Format(cd, back, cache.FormatOptions{BlockSize: int(f.blockSize), BucketSize: f.bucketSize, BackingID: id, Logger: log}); err != nil {
+	ident, err := cache.Identify(cd)
+	switch {
+	case errors.Is(err, cache.ErrNotFormatted) && !format:
+		return nil, fmt.Errorf("%s: %w; format it with `nbdcache format --cache %s --backing %s`, or pass --format", cachePath, err, cachePath, backing)
+	case errors.Is(err, cache.ErrNotFormatted):
+		if opts.BackingID, err = f.formatCache(w, cachePath, cd, backing, back, log); err != nil {
 			return nil, err
 		}
-		c, err = cache.Open(cd, back, opts)
+	case err != nil:
+		return nil, fmt.Errorf("opening the cache %s: %w", cachePath, err)
+	default:
+		if err := checkBacking(cachePath, ident, backing, back.Size()); err != nil {
+			return nil, err
+		}
+		opts.BackingID = ident.BackingID
 	}
-	if errors.Is(err, cache.ErrNotFormatted) {
-		return nil, fmt.Errorf("%s: %w; format it with `nbdcache format --cache %s --backing %s`, or pass --format", cachePath, err, cachePath, backing)
-	}
+	c, err := cache.Open(cd, back, opts)
 	if err != nil {
 		return nil, fmt.Errorf("opening the cache %s: %w", cachePath, err)
 	}
@@ -207,6 +226,36 @@ func (f *storageFlags) open(w io.Writer, log *slog.Logger) (_ *openedStorage, er
 	o.cache, o.dev = c, c
 	o.finishExport(f)
 	return o, nil
+}
+
+// formatCache is --format: it formats a cache device that holds no
+// cache, unless it holds anything else (formatRefusals), and returns the
+// backing id the cache is bound to.
+func (f *storageFlags) formatCache(w io.Writer, cachePath string, cd storage.Device, backing string, back storage.Device, log *slog.Logger) ([16]byte, error) {
+	why, err := formatRefusals(cachePath, cd)
+	if err != nil {
+		return [16]byte{}, err
+	}
+	if len(why) > 0 {
+		return [16]byte{}, refuseFormat(cachePath, why, back, fmt.Sprintf(
+			"--format formats only a device that holds none of these. To destroy what it holds, run `nbdcache format --force --cache %s --backing %s` first.", cachePath, backing))
+	}
+	id, commit, err := newBackingID(backing)
+	if err != nil {
+		return id, err
+	}
+	fmt.Fprintf(w, "nbdcache: formatting %s as a cache for %s\n", cachePath, backing)
+	err = cache.Format(cd, back, cache.FormatOptions{BlockSize: int(f.blockSize), BucketSize: f.bucketSize, BackingID: id, BackingPath: absPath(backing), Logger: log})
+	if errors.Is(err, cache.ErrTooSmall) {
+		return id, tooSmall(err, cachePath, cd.Size(), int(f.blockSize), f.bucketSize)
+	}
+	if err != nil {
+		return id, err
+	}
+	if err := commit(); err != nil {
+		return id, fmt.Errorf("%s is formatted, but the backing's id could not be recorded: %w; once that is fixed, `nbdcache rebind --cache %s --backing %s` binds them", cachePath, err, cachePath, backing)
+	}
+	return id, nil
 }
 
 // createSparse creates a sparse file of the given size, refusing to
