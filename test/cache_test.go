@@ -38,10 +38,39 @@ func nbdcache(t *testing.T, args ...string) (string, int) {
 	return string(out), 0
 }
 
+// mustCheck requires the deep check (clean extents equal the backing) to
+// pass.
 func mustCheck(t *testing.T, cache, backing string) {
 	t.Helper()
-	if out, code := nbdcache(t, "check", "--cache", cache, "--backing", backing); code != 0 {
+	if out, code := nbdcache(t, "check", "--deep", "--cache", cache, "--backing", backing); code != 0 {
 		t.Fatalf("check failed (exit %d):\n%s", code, out)
+	}
+}
+
+// TestCheckDeep: data written to the backing behind the cache's back (the
+// cache holds a clean copy of the range) passes the metadata check but
+// not check --deep, which names the clean extent and exits 1.
+func TestCheckDeep(t *testing.T) {
+	qemuIO := tool(t, "qemu-io")
+	backing, cache := cacheFiles(t, 32*mib, 16*mib)
+	s := startServe(t, "--backing", backing, "--cache", cache, "--format", "--mode", "writethrough")
+	run(t, qemuIO, "-f", "raw", "-c", "write -P 0x55 1M 64k", s.uri)
+	s.stop()
+	mustCheck(t, cache, backing)
+	f, err := os.OpenFile(backing, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(bytes.Repeat([]byte{0xaa}, 512), 1*mib+4096); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if out, code := nbdcache(t, "check", "--cache", cache, "--backing", backing); code != 0 {
+		t.Fatalf("check without --deep (exit %d), want 0: it reads no data:\n%s", code, out)
+	}
+	out, code := nbdcache(t, "check", "--deep", "--cache", cache, "--backing", backing)
+	if code != 1 || !strings.Contains(out, "differs from the backing") {
+		t.Fatalf("check --deep (exit %d), want 1 naming the clean extent:\n%s", code, out)
 	}
 }
 

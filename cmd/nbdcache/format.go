@@ -90,6 +90,7 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	cachePath := fs.String("cache", "", "cache file or block device `PATH` (required)")
 	backing := fs.String("backing", "", "backing file or block device `PATH` (required)")
 	live := fs.Bool("live", false, "check even while a server holds the devices: a snapshot, which a write in flight can make look corrupt")
+	deep := fs.Bool("deep", false, "also compare every clean extent with the backing (reads all cached data)")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -121,7 +122,11 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	for _, u := range inUse {
 		fmt.Fprintf(stdout, "SNAPSHOT: %s; this is the cache as it was while being written, and a problem below may be a write in flight, not corruption\n", u)
 	}
-	rep, cerr := cache.Check(cdev, bdev)
+	check := cache.Check
+	if *deep {
+		check = cache.CheckDeep
+	}
+	rep, cerr := check(cdev, bdev)
 	if errors.Is(cerr, cache.ErrNotFormatted) && rep.SuperblockCopies == 0 {
 		return fmt.Errorf("%w: %s holds no cache superblock at all: %v", errCheckFailed, *cachePath, cerr)
 	}
