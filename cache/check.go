@@ -25,6 +25,7 @@ type Report struct {
 	DirtyBytes        int64
 	Buckets           int64
 	UsedBuckets       int64
+	StaleClean        int64    // CheckDeep: clean extents that differ from the backing (each a problem too)
 	Problems          []string // anything wrong; Check's error summarizes them
 	// WrongBacking: the backing given is not the cache's (its size
 	// differs). Not corruption: Check's error wraps ErrWrongBacking when

@@ -155,6 +155,7 @@ func CheckDeep(cacheDev, backing storage.Device) (Report, error) {
 	if ioErr != nil {
 		return r, fmt.Errorf("cache: deep check: %w", ioErr)
 	}
+	r.StaleClean = int64(len(bad))
 	for i, e := range bad {
 		if i == maxFindings {
 			r.Problems = append(r.Problems, fmt.Sprintf("... and %d more clean extents differ from the backing", len(bad)-i))
