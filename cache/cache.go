@@ -148,11 +148,12 @@ type Cache struct {
 		// exclude each other over a range, and every start voids the
 		// promotions under way over its range (promos). wbCond is
 		// signalled whenever one ends.
-		wb        []inflightWB
-		direct    []byteRange
-		promos    []*promoGuard
-		wbCond    sync.Cond
-		spaceCond sync.Cond
+		wb         []inflightWB
+		direct     []byteRange
+		promos     []*promoGuard
+		wbCond     sync.Cond
+		holdsEnded uint64 // writebacks and direct writes ended so far
+		spaceCond  sync.Cond
 
 		streams [16]stream
 		tick    uint64

@@ -572,6 +572,7 @@ func (c *Cache) passthrough(off, n int64, kind directKind, op func() error, then
 		for i, x := range c.mu.direct {
 			if x == r {
 				c.mu.direct = append(c.mu.direct[:i], c.mu.direct[i+1:]...)
+				c.mu.holdsEnded++
 				break
 			}
 		}

@@ -119,6 +119,7 @@ func (c *Cache) unregisterLocked(e btreeidx.Extent) {
 	for i, w := range c.mu.wb {
 		if w.off == e.Off && w.end == e.End() && w.ver == e.Ver {
 			c.mu.wb = append(c.mu.wb[:i], c.mu.wb[i+1:]...)
+			c.mu.holdsEnded++
 			c.mu.wbCond.Broadcast()
 			return
 		}
@@ -295,15 +296,18 @@ func (c *Cache) flushRange(off, n int64) error {
 func (c *Cache) Drain(ctx context.Context, progress func(done, total int64)) error {
 	if c.flusher != nil {
 		for tries := 0; ; tries++ {
+			c.mu.Lock()
+			ended := c.mu.holdsEnded
+			c.mu.Unlock()
 			err := c.flusher.Drain(ctx, progress)
 			if err == nil {
 				break
 			}
 			// The flusher gives up when it lists nothing writable while
 			// data is dirty: here that is dirty data held by a writeback
-			// or a direct write of someone else, for a moment. Wait for
-			// a hold to end and go on; with no hold the failure is real.
-			if !errors.Is(err, writeback.ErrDrain) || tries >= drainRetries || !c.waitHold() {
+			// or a direct write of someone else, for a moment. Go on
+			// once a hold ended; with no hold the failure is real.
+			if !errors.Is(err, writeback.ErrStalled) || tries >= drainRetries || !c.waitHold(ended) {
 				return fmt.Errorf("cache: drain: %w", err)
 			}
 		}
@@ -349,11 +353,16 @@ func (c *Cache) Drain(ctx context.Context, progress func(done, total int64)) err
 // after it gave up while backing writes of others held dirty ranges.
 const drainRetries = 100
 
-// waitHold waits until one of the writebacks or direct writes in flight
-// ends, and reports false at once if none is in flight.
-func (c *Cache) waitHold() bool {
+// waitHold reports whether a drain that began when ended holds had ended
+// may have found nothing writable because of holds: one ended since
+// (true at once), or one is in flight (true once it ends). With neither,
+// it reports false: the dirty data was not held.
+func (c *Cache) waitHold(ended uint64) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.mu.holdsEnded != ended {
+		return true
+	}
 	if len(c.mu.wb) == 0 && len(c.mu.direct) == 0 || c.errLocked() != nil {
 		return false
 	}

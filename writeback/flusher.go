@@ -32,6 +32,11 @@ var (
 	// several passes in a row made no progress (writes failed, or the
 	// Source reports dirty bytes that it does not list).
 	ErrDrain = errors.New("writeback: drain incomplete")
+	// ErrStalled is wrapped by Drain's ErrDrain when the passes without
+	// progress saw no error: the Source reported dirty bytes that it did
+	// not list, or listed only busy ranges. A Source that holds ranges for
+	// a moment may drain again.
+	ErrStalled = errors.New("writeback: dirty data not writable")
 )
 
 // Source is what the flusher needs from the cache.
@@ -413,7 +418,7 @@ func (f *Flusher) Drain(ctx context.Context, progress func(done, total int64)) e
 				if res.lastErr != nil {
 					return fmt.Errorf("%w: %d passes in a row without progress: %w", ErrDrain, fruitless, res.lastErr)
 				}
-				return fmt.Errorf("%w: %d passes in a row without progress, %d bytes dirty", ErrDrain, fruitless, f.src.DirtyBytes())
+				return fmt.Errorf("%w: %w: %d passes in a row without progress, %d bytes dirty", ErrDrain, ErrStalled, fruitless, f.src.DirtyBytes())
 			}
 			passProgress = false
 		}

@@ -441,8 +441,8 @@ func TestNoSpin(t *testing.T) {
 		}
 		l.calls.Store(0)
 		err := f.Drain(context.Background(), nil)
-		if !errors.Is(err, ErrDrain) {
-			t.Errorf("Drain = %v, want ErrDrain", err)
+		if !errors.Is(err, ErrDrain) || !errors.Is(err, ErrStalled) {
+			t.Errorf("Drain = %v, want ErrDrain and ErrStalled", err)
 		}
 		t.Logf("Run: %d listings in 10 s; Drain: %v", calls, err)
 	})
