@@ -471,7 +471,10 @@ print(int((time.monotonic() - t) * 1e6))`, f.uri, op))
 		{"backing", "read", "h.pread(4096, 40 << 20)"}, // a miss of the write-back cache
 		{"export", "write", "h.pwrite(bytes(4096), 0)"},
 		{"cache", "write", "h.pwrite(bytes(4096), 8192)"},
-		{"cache", "flush", "h.flush()"},
+		// A write first, so the flush needs a sync of its own: one the
+		// background started before it (writeback commits) may cover a
+		// bare flush, and end sooner than the added latency.
+		{"cache", "flush", "h.pwrite(bytes(4096), 12288); h.flush()"},
 	} {
 		if out, code := nbdcache(t, "ctl", "--control", f.ctl, "delay", "--target", c.target, "--op", c.op, "--latency", lat.String()); code != 0 {
 			t.Fatalf("ctl delay: %s", out)
