@@ -3,7 +3,7 @@ GO ?= go
 FUZZTIME ?= 10s
 export PATH := /usr/bin:/bin:/usr/sbin:/sbin:$(PATH)
 
-.PHONY: all build deps test unit integration fuzz bench vet clean
+.PHONY: all build deps test race unit integration fuzz bench vet clean
 
 all: build
 
@@ -19,9 +19,15 @@ vet:
 	$(GO) vet ./...
 
 # Everything CI runs. A missing tool fails the run instead of skipping.
-test: deps vet
+test: deps vet race
 	NBDCACHE_REQUIRE_TOOLS=1 $(GO) test -count=1 -timeout 25m ./...
 	FUZZTIME=$(FUZZTIME) ./test/fuzz.sh
+
+# The cache's concurrency tests under the race detector (-short: fewer
+# cuts and operations than the plain run).
+RACE_TESTS = TestPowerCutConcurrent$$|TestConcurrent$$|TestDirectWriteWaitsForGapFill|TestPromotionAfterWritebackIsDropped
+race:
+	$(GO) test -race -count=1 -short -timeout 10m -run '$(RACE_TESTS)' ./cache
 
 unit:
 	$(GO) test -short ./...
