@@ -131,6 +131,10 @@ type Options struct {
 	// finds its range held and is about to wait (tests order races with
 	// it).
 	testOnDirectWait func()
+	// testTrace, if set, is called with the index, journal and backing
+	// events of the cache (see trace.go), under mu where they happen
+	// under it: tests print the history of a sector that went wrong.
+	testTrace func(off, n int64, msg string)
 	// twoSyncs: the alternative ordering, measured by BenchmarkFlush: sync
 	// the data, then write the journal and sync again.
 	twoSyncs bool

@@ -84,6 +84,9 @@ func (c *Cache) ReadCached(e btreeidx.Extent, p []byte) error {
 	var eps []be
 	c.sb.forBuckets(e.Loc, e.Len, func(b, _, _ int64) { eps = append(eps, be{b, int64(c.mu.buckets[b].epoch)}) })
 	c.mu.wb = append(c.mu.wb, inflightWB{off: e.Off, end: e.End(), ver: e.Ver})
+	if c.tracing() {
+		c.tracef(e.Off, e.Len, "writeback start %v", e)
+	}
 	if c.opts.testBreak != breakNoPromoGuard {
 		c.backingWriteLocked(e.Off, e.End())
 	}
@@ -111,6 +114,9 @@ func (c *Cache) ReadCached(e btreeidx.Extent, p []byte) error {
 // backing write failed).
 func (c *Cache) ReleaseCached(e btreeidx.Extent) {
 	c.mu.Lock()
+	if c.tracing() {
+		c.tracef(e.Off, e.Len, "writeback released %v", e)
+	}
 	c.unregisterLocked(e)
 	c.mu.Unlock()
 }
@@ -147,6 +153,9 @@ func (c *Cache) MarkClean(e btreeidx.Extent) (cleaned, collided int64) {
 	}
 	before := c.mu.idx.DirtyBytes()
 	cleaned, collided = c.mu.idx.MarkClean(e.Off, e.Len, e.Ver)
+	if c.tracing() {
+		c.tracef(e.Off, e.Len, "MarkClean %v: cleaned %d collided %d", e, cleaned, collided)
+	}
 	if before != c.mu.idx.DirtyBytes() {
 		c.appendLocked(record{Type: recClean, Off: e.Off, Len: e.Len, Ver: e.Ver})
 	}
