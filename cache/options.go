@@ -152,6 +152,9 @@ const (
 	breakNoPinRecheck // a direct backing write trusts the pin check made before it left mu
 	breakNoPromoGuard // a promotion ignores backing writes that started after its read
 	breakNoCleanGone  // a backing write does not wait for the removal of clean extents to be durable
+	// a clean record of a writeback that collided does not count as
+	// removing a clean extent (settleCleanGone ignores it)
+	breakNoCollisionSettle
 )
 
 func (o *Options) fill() error {

@@ -157,6 +157,18 @@ func (c *Cache) MarkClean(e btreeidx.Extent) (cleaned, collided int64) {
 		c.tracef(e.Off, e.Len, "MarkClean %v: cleaned %d collided %d", e, cleaned, collided)
 	}
 	if before != c.mu.idx.DirtyBytes() {
+		// The record names e's whole range, but where it collided
+		// another version lies now, put there by an insert that may
+		// not be durable yet. Were that insert dropped at replay (its
+		// data not on the disk), the piece of e it displaced would
+		// come back and this record would clean it, though the
+		// writeback of the insert may have written other bytes to the
+		// backing by then. So the record counts as removing a clean
+		// extent: settleCleanGone makes it durable, and the inserts
+		// and data before it, before the next backing write.
+		if collided > 0 && c.opts.testBreak != breakNoCollisionSettle {
+			c.mu.dropClean = true
+		}
 		c.appendLocked(record{Type: recClean, Off: e.Off, Len: e.Len, Ver: e.Ver})
 	}
 	c.stats.writebackBytes.Add(before - c.mu.idx.DirtyBytes())
