@@ -100,6 +100,17 @@ func (c *Cache) read(p []byte, off int64, prefetch bool) error {
 			return ErrClosed
 		}
 		ps := c.lookupLocked(off, n)
+		if c.tracing() {
+			var b []byte
+			for _, pc := range ps {
+				if pc.cached {
+					b = fmt.Appendf(b, " [%d+%d)@%d v%d dirty=%v", pc.off, pc.n, pc.loc, pc.ver, pc.dirty)
+				} else {
+					b = fmt.Appendf(b, " [%d+%d) gap", pc.off, pc.n)
+				}
+			}
+			c.tracef(off, n, "read lookup [%d+%d):%s", off, n, b)
+		}
 		mode := c.mu.mode
 		seq := c.streamLocked(off, n)
 		// A miss may be promoted unless the backing is being written

@@ -524,6 +524,10 @@ func runConcCut(seed uint64, model storage.LossModel, brk breakMode) concResult 
 				if al := h.live(a, rd.inv, rd.ret); !slices.Contains(al, id) {
 					fail("live read by client %d [%d+%d) (inv %d ret %d): sector %d cell %d holds write %d, allowed %v; ops on the cell: %s",
 						rd.client, rd.off, rd.n, rd.inv, rd.ret, a/sectorSize, a%sectorSize/cellSize, id, al, h.describe(h.cellOps(a)))
+					if tr != nil {
+						tr.dump(fmt.Sprintf("seed %d: live read by client %d [%d+%d): sector %d cell %d holds write %d, allowed %v; ops on the cell: %s",
+							seed, rd.client, rd.off, rd.n, a/sectorSize, a%sectorSize/cellSize, id, al, h.describe(h.cellOps(a))), a/sectorSize*sectorSize, sectorSize)
+					}
 					break
 				}
 			}
