@@ -418,6 +418,9 @@ func (c *Cache) gcEvict(p gcPiece) bool {
 	if !clean || !c.pieceCurrentLocked(p) || !c.roomLocked(c.edgeCutsLocked(p.off, p.n)/2) {
 		return false
 	}
+	if c.tracing() {
+		c.tracef(p.off, p.n, "evict [%d+%d) v%d", p.off, p.n, p.ver)
+	}
 	c.deleteLocked(p.off, p.n)
 	c.stats.evictedBytes.Add(p.n)
 	return true

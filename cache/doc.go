@@ -182,6 +182,13 @@
 //     rebuilt beyond it (fitIndex).
 //   - Writeback's MarkClean is a compare-and-swap on the version, journaled
 //     after the backing write is durable; a lost race counts as a collision.
+//     Its record names the whole range written back, so at replay it
+//     cleans more than it did when an insert that collided with it is
+//     dropped (its data never reached the disk): the piece that insert
+//     displaced comes back, clean, over backing bytes the insert's own
+//     writeback may have changed. A record that collided therefore counts
+//     as removing a clean extent (settleCleanGone): the next backing write
+//     makes it durable first, and the inserts and data before it.
 //
 // # Ordering and locking
 //

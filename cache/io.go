@@ -100,6 +100,17 @@ func (c *Cache) read(p []byte, off int64, prefetch bool) error {
 			return ErrClosed
 		}
 		ps := c.lookupLocked(off, n)
+		if c.tracing() {
+			var b []byte
+			for _, pc := range ps {
+				if pc.cached {
+					b = fmt.Appendf(b, " [%d+%d)@%d v%d dirty=%v", pc.off, pc.n, pc.loc, pc.ver, pc.dirty)
+				} else {
+					b = fmt.Appendf(b, " [%d+%d) gap", pc.off, pc.n)
+				}
+			}
+			c.tracef(off, n, "read lookup [%d+%d):%s", off, n, b)
+		}
 		mode := c.mu.mode
 		seq := c.streamLocked(off, n)
 		// A miss may be promoted unless the backing is being written
@@ -291,6 +302,16 @@ func (c *Cache) writeCached(p []byte, off int64, dirty bool, cond func() bool, m
 		if err == nil {
 			e := btreeExtent{Off: off + done, Len: n, Loc: loc, Ver: c.mu.nextVer, Gen: c.mu.buckets[b].gen, Dirty: dirty}
 			c.mu.nextVer++
+			if c.tracing() {
+				src := "write"
+				switch {
+				case !dirty && cond != nil:
+					src = "promotion"
+				case !dirty:
+					src = "writethrough copy"
+				}
+				c.tracef(e.Off, e.Len, "insert %v (%s)", e, src)
+			}
 			c.insertLocked(e, sum)
 		}
 		c.releaseLocked(b)
@@ -564,6 +585,9 @@ func (c *Cache) passthrough(off, n int64, kind directKind, op func() error, then
 	}
 	c.mu.direct = append(c.mu.direct, r)
 	c.backingWriteLocked(r.off, r.end)
+	if c.tracing() {
+		c.tracef(off, n, "direct start [%d+%d) kind %d", off, n, kind)
+	}
 	clean := c.deleteDirectLocked(off, n, kind == directTrim)
 	c.mu.Unlock()
 	c.leave()
@@ -592,6 +616,9 @@ func (c *Cache) passthrough(off, n int64, kind directKind, op func() error, then
 	}
 	c.mu.Lock()
 	c.mu.bWrites++
+	if c.tracing() {
+		c.tracef(off, n, "direct backing op done [%d+%d)", off, n)
+	}
 	c.mu.Unlock()
 	if then != nil {
 		return then()
@@ -801,6 +828,9 @@ func (c *Cache) zeroDirty(off, n int64, bflags storage.Flags) (bool, error) {
 	}
 	c.mu.wb = append(c.mu.wb, w)
 	c.backingWriteLocked(w.off, w.end)
+	if c.tracing() {
+		c.tracef(off, n, "zeroDirty start [%d+%d)", off, n)
+	}
 	c.mu.Unlock()
 	err := c.settleCleanGone()
 	if err == nil {

@@ -19,6 +19,9 @@ func (c *Cache) appendLocked(r record) {
 	if c.mu.dropClean {
 		c.mu.cleanGone, c.mu.dropClean = c.mu.jappended, false
 	}
+	if c.tracing() {
+		c.tracef(r.Off, r.Len, "rec#%d %s [%d+%d)@%d v%d dirty=%v gen=%d blk=%d cleanGone=%d", c.mu.jappended, recName(r.Type), r.Off, r.Len, r.Loc, r.Ver, r.Dirty, r.Gen, c.mu.jnextSeq, c.mu.cleanGone)
+	}
 	c.stats.journalRecords.Add(1)
 	if c.mu.jn >= jRecsPerBlk {
 		c.sealLocked()
@@ -241,6 +244,9 @@ func (c *Cache) writeJournal(sync bool) error {
 		}
 		if !sync {
 			c.stats.publishes.Add(1)
+			if c.tracing() {
+				c.tracef(-1, 0, "publish: records <=%d visible (open block %d with %d)", visible, openSeq, openN)
+			}
 		}
 	}
 	if err != nil || !sync {
@@ -264,6 +270,9 @@ func (c *Cache) writeJournal(sync bool) error {
 		c.mu.jdurable = durable
 		c.mu.jsynced = max(c.mu.jsynced, visible)
 		c.stats.commits.Add(1)
+		if c.tracing() {
+			c.tracef(-1, 0, "commit: records <=%d durable, blocks <%d, backing flushed %v", visible, durable, needB)
+		}
 	}
 	return c.journalDoneLocked(err)
 }
@@ -418,6 +427,9 @@ func (c *Cache) checkpointLocked(reseed bool) error {
 	}
 
 	c.mu.Lock()
+	if c.tracing() {
+		c.tracef(-1, 0, "checkpoint %d durable (JSeq %d)", h.Seq, h.JSeq)
+	}
 	c.mu.ckptSeq, c.mu.ckptSlot = h.Seq, slot
 	c.mu.jstartSeq = h.JSeq
 	for _, b := range c.mu.pending[:npend] {

@@ -131,6 +131,10 @@ type Options struct {
 	// finds its range held and is about to wait (tests order races with
 	// it).
 	testOnDirectWait func()
+	// testTrace, if set, is called with the index, journal and backing
+	// events of the cache (see trace.go), under mu where they happen
+	// under it: tests print the history of a sector that went wrong.
+	testTrace func(off, n int64, msg string)
 	// twoSyncs: the alternative ordering, measured by BenchmarkFlush: sync
 	// the data, then write the journal and sync again.
 	twoSyncs bool
@@ -148,6 +152,9 @@ const (
 	breakNoPinRecheck // a direct backing write trusts the pin check made before it left mu
 	breakNoPromoGuard // a promotion ignores backing writes that started after its read
 	breakNoCleanGone  // a backing write does not wait for the removal of clean extents to be durable
+	// a clean record of a writeback that collided does not count as
+	// removing a clean extent (settleCleanGone ignores it)
+	breakNoCollisionSettle
 )
 
 func (o *Options) fill() error {

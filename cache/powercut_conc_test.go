@@ -456,18 +456,30 @@ func runConcCut(seed uint64, model storage.LossModel, brk breakMode) concResult 
 			cutDone.Store(true)
 		})
 	}
+	var tr *concTrace
+	if *flagTrace != "" {
+		tr = &concTrace{}
+	}
 	hook := func(storage.Op) {
 		if count.Add(1)-1 == res.cutAt {
 			cut()
 		}
 	}
-	cdev.SetHook(hook)
-	bdev.SetHook(hook)
+	if tr != nil {
+		cdev.SetHook(func(op storage.Op) { tr.devOp("cachedev", op); hook(op) })
+		bdev.SetHook(func(op storage.Op) { tr.devOp("backing", op); hook(op) })
+	} else {
+		cdev.SetHook(hook)
+		bdev.SetHook(hook)
+	}
 
 	h := &concHist{ackDurable: model == storage.KeepUnsynced, logs: make([]concLog, cfg.clients)}
 	opts := cfg.opts
 	opts.BackingID = testBackingID
 	opts.testBreak = brk
+	if tr != nil {
+		opts.testTrace = tr.add
+	}
 	c, err := Open(cdev, bdev, opts)
 	if err == nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
@@ -512,6 +524,10 @@ func runConcCut(seed uint64, model storage.LossModel, brk breakMode) concResult 
 				if al := h.live(a, rd.inv, rd.ret); !slices.Contains(al, id) {
 					fail("live read by client %d [%d+%d) (inv %d ret %d): sector %d cell %d holds write %d, allowed %v; ops on the cell: %s",
 						rd.client, rd.off, rd.n, rd.inv, rd.ret, a/sectorSize, a%sectorSize/cellSize, id, al, h.describe(h.cellOps(a)))
+					if tr != nil {
+						tr.dump(fmt.Sprintf("seed %d: live read by client %d [%d+%d): sector %d cell %d holds write %d, allowed %v; ops on the cell: %s",
+							seed, rd.client, rd.off, rd.n, a/sectorSize, a%sectorSize/cellSize, id, al, h.describe(h.cellOps(a))), a/sectorSize*sectorSize, sectorSize)
+					}
 					break
 				}
 			}
@@ -526,13 +542,26 @@ func runConcCut(seed uint64, model storage.LossModel, brk breakMode) concResult 
 	opts2 := opts
 	opts2.NoBackground = true
 	opts2.RAMCache = 0
+	opts2.testTrace = nil
+	if tr != nil {
+		tr.add(-1, 0, "=== power cut; recovery:")
+		testReplayTrace = tr.add
+	}
 	c2, err := Open(newC, newB, opts2)
+	testReplayTrace = nil
 	if err != nil {
 		fail("reopen: %v", err)
 		return res
 	}
 	defer c2.Close()
-	res.torn = checkCleanExtents(c2, h, res.report[1], fail)
+	res.torn = checkCleanExtents(c2, h, res.report[1], func(format string, a ...any) {
+		fail(format, a...)
+		if tr != nil && len(a) > 0 {
+			if e, ok := a[0].(btreeExtent); ok {
+				tr.dump(fmt.Sprintf("seed %d: "+format, append([]any{seed}, a...)...), e.Off, e.Len)
+			}
+		}
+	})
 	buf := make([]byte, 64<<10)
 	for off := int64(0); off < cfg.back; off += int64(len(buf)) {
 		if err := c2.ReadAt(buf, off); err != nil {

@@ -219,6 +219,12 @@ func loadState(dev storage.Device, sb *superblock, brk breakMode, log *slog.Logg
 	}
 	st.ckptSeq = ck.Seq
 	st.nextVer = max(ck.NextVer, 1)
+	if testReplayTrace != nil {
+		testReplayTrace(-1, 0, fmt.Sprintf("recovery from checkpoint %d (slot %d, JSeq %d)", ck.Seq, st.ckptSlot, ck.JSeq))
+		for _, e := range ck.Ext {
+			testReplayTrace(e.Off, e.Len, fmt.Sprintf("  checkpoint extent [%d+%d)@%d v%d dirty=%v", e.Off, e.Len, e.Loc, e.Ver, e.Dirty))
+		}
+	}
 	gens := append([]uint8(nil), ck.Gens...)
 	genOf := func(b int64) uint8 { return gens[b] }
 	st.idx = btreeidx.New()
@@ -291,6 +297,9 @@ func loadState(dev storage.Device, sb *superblock, brk breakMode, log *slog.Logg
 	end, err := walkJournal(dev, sb, salt, ck, func(jb *jblock) {
 		seq = jb.Seq
 		for _, r := range jb.Recs {
+			if testReplayTrace != nil {
+				testReplayTrace(r.Off, r.Len, fmt.Sprintf("replay block %d (frontier %d): %s [%d+%d)@%d v%d dirty=%v", seq, frontier, recName(r.Type), r.Off, r.Len, r.Loc, r.Ver, r.Dirty))
+			}
 			if r.Off+r.Len > sb.BackingSize {
 				st.problems = append(st.problems, fmt.Sprintf("journal block %d: record [%d+%d) beyond the backing", seq, r.Off, r.Len))
 				st.dropped++
@@ -300,6 +309,9 @@ func loadState(dev storage.Device, sb *superblock, brk breakMode, log *slog.Logg
 			case recInsert:
 				if !verify(&r) {
 					st.dropped++
+					if testReplayTrace != nil {
+						testReplayTrace(r.Off, r.Len, "  dropped")
+					}
 					continue
 				}
 				st.idx.Insert(btreeidx.Extent{Off: r.Off, Len: r.Len, Loc: r.Loc, Ver: r.Ver, Gen: r.Gen, Dirty: r.Dirty}, nil)
@@ -310,6 +322,9 @@ func loadState(dev storage.Device, sb *superblock, brk breakMode, log *slog.Logg
 			case recReplace:
 				if !verify(&r) {
 					st.dropped++
+					if testReplayTrace != nil {
+						testReplayTrace(r.Off, r.Len, "  dropped")
+					}
 					continue
 				}
 				st.idx.Replace(r.Off, r.Len, r.Ver, r.Loc, r.Gen)

@@ -84,6 +84,9 @@ func (c *Cache) ReadCached(e btreeidx.Extent, p []byte) error {
 	var eps []be
 	c.sb.forBuckets(e.Loc, e.Len, func(b, _, _ int64) { eps = append(eps, be{b, int64(c.mu.buckets[b].epoch)}) })
 	c.mu.wb = append(c.mu.wb, inflightWB{off: e.Off, end: e.End(), ver: e.Ver})
+	if c.tracing() {
+		c.tracef(e.Off, e.Len, "writeback start %v", e)
+	}
 	if c.opts.testBreak != breakNoPromoGuard {
 		c.backingWriteLocked(e.Off, e.End())
 	}
@@ -111,6 +114,9 @@ func (c *Cache) ReadCached(e btreeidx.Extent, p []byte) error {
 // backing write failed).
 func (c *Cache) ReleaseCached(e btreeidx.Extent) {
 	c.mu.Lock()
+	if c.tracing() {
+		c.tracef(e.Off, e.Len, "writeback released %v", e)
+	}
 	c.unregisterLocked(e)
 	c.mu.Unlock()
 }
@@ -147,7 +153,22 @@ func (c *Cache) MarkClean(e btreeidx.Extent) (cleaned, collided int64) {
 	}
 	before := c.mu.idx.DirtyBytes()
 	cleaned, collided = c.mu.idx.MarkClean(e.Off, e.Len, e.Ver)
+	if c.tracing() {
+		c.tracef(e.Off, e.Len, "MarkClean %v: cleaned %d collided %d", e, cleaned, collided)
+	}
 	if before != c.mu.idx.DirtyBytes() {
+		// The record names e's whole range, but where it collided
+		// another version lies now, put there by an insert that may
+		// not be durable yet. Were that insert dropped at replay (its
+		// data not on the disk), the piece of e it displaced would
+		// come back and this record would clean it, though the
+		// writeback of the insert may have written other bytes to the
+		// backing by then. So the record counts as removing a clean
+		// extent: settleCleanGone makes it durable, and the inserts
+		// and data before it, before the next backing write.
+		if collided > 0 && c.opts.testBreak != breakNoCollisionSettle {
+			c.mu.dropClean = true
+		}
 		c.appendLocked(record{Type: recClean, Off: e.Off, Len: e.Len, Ver: e.Ver})
 	}
 	c.stats.writebackBytes.Add(before - c.mu.idx.DirtyBytes())

@@ -1,0 +1,27 @@
+package cache
+
+import "fmt"
+
+// Test-only tracing (Options.testTrace): one line per event that changes
+// the index or the journal's durability, with the byte range it concerns
+// (off -1 for global events). Call sites check tracing() first, so the
+// formatting costs nothing when it is off.
+
+func (c *Cache) tracing() bool { return c.opts.testTrace != nil }
+
+func (c *Cache) tracef(off, n int64, format string, a ...any) {
+	c.opts.testTrace(off, n, fmt.Sprintf(format, a...))
+}
+
+var recNames = [...]string{"?", "insert", "delete", "clean", "replace"}
+
+func recName(t uint8) string {
+	if int(t) < len(recNames) {
+		return recNames[t]
+	}
+	return "?"
+}
+
+// testReplayTrace, if set, is called by loadState for every record it
+// meets (tests only; not safe for parallel tests).
+var testReplayTrace func(off, n int64, msg string)
