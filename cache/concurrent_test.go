@@ -64,15 +64,13 @@ import (
 // unaligned write is done by read-modify-write: its whole sectors are a
 // write of its id, and the sectors it covers in part a write of a garbage
 // wildcard (old bytes and new mixed). The oracle checks each read on its
-// own: it does not require two reads to agree on one linearization (the
-// cache documents that concurrent overlapping writethrough writes may
-// leave the cache and the backing holding different ones of the two,
-// which such a check would flag).
+// own: it does not require two reads to agree on one linearization; the
+// clean-equals-backing check below covers the way two reads could
+// disagree (a clean copy and the backing holding different writes).
 //
 // When the clients are done: every sector is read through the cache; the
 // cache is closed and Check passes; every clean extent still indexed must
-// equal the backing (or both hold allowed values: the writethrough limit
-// above); the cache is reopened and every sector read again, drained, and
+// equal the backing; the cache is reopened and every sector read again, drained, and
 // the backing alone must hold allowed values.
 //
 // A round is seeded: the configuration and each goroutine's stream of
@@ -1058,13 +1056,7 @@ func (rd *concRound) finalChecks(opts Options) {
 		return
 	}
 	end := rd.o.stamp()
-	allowed := func(s int64, v sval) bool {
-		rd.o.mu.Lock()
-		defer rd.o.mu.Unlock()
-		return rd.o.allowedLocked(s, v, end, end)
-	}
-	// Clean extents hold what the backing holds (unless both hold values
-	// of concurrent writes: the writethrough limit).
+	// Clean extents hold what the backing holds.
 	var clean []btreeExtent
 	c.mu.Lock()
 	c.mu.idx.Ascend(0, func(e btreeExtent) bool {
@@ -1074,7 +1066,6 @@ func (rd *concRound) finalChecks(opts Options) {
 		return true
 	})
 	c.mu.Unlock()
-	differ := 0
 	for _, e := range clean {
 		cb, bb := make([]byte, e.Len), make([]byte, e.Len)
 		if rd.cmem.ReadAt(cb, e.Loc) != nil || rd.bmem.ReadAt(bb, e.Off) != nil {
@@ -1087,19 +1078,12 @@ func (rd *concRound) finalChecks(opts Options) {
 			if cv == bv || (cv.kind == vGarbage && bv.kind == vGarbage) {
 				continue
 			}
-			if allowed(s, cv) && allowed(s, bv) {
-				differ++
-				continue
-			}
 			rd.o.mu.Lock()
 			h := rd.o.historyLocked(s, end, end)
 			rd.o.mu.Unlock()
 			rd.fail("final: sector %d: clean extent [%d+%d] ver %d holds %s, the backing %s\nhistory:\n%s", s, e.Off, e.Len, e.Ver, cv, bv, h)
 			return
 		}
-	}
-	if differ > 0 {
-		rd.note("%d clean sectors differ from the backing, both holding allowed values (concurrent writethrough writes)", differ)
 	}
 	// Reopen: everything acknowledged is there.
 	opts.NoBackground = true

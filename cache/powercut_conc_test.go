@@ -351,8 +351,8 @@ func (h *concHist) describe(ops []*cOp) string {
 	return b.String()
 }
 
-// concConfig is one randomized configuration of the concurrent test.
-type concConfig struct {
+// cutConfig is one randomized configuration of the concurrent test.
+type cutConfig struct {
 	fo      FormatOptions
 	opts    Options
 	cache   int64
@@ -363,10 +363,10 @@ type concConfig struct {
 	hot     int64 // half the ranges fall in [0, hot)
 }
 
-func randomConcConfig(r *rand.Rand) concConfig {
+func randomCutConfig(r *rand.Rand) cutConfig {
 	bucket := int64(16 << 10 << r.IntN(2))
 	nb := int64(8 + r.IntN(8))
-	cfg := concConfig{
+	cfg := cutConfig{
 		fo:      FormatOptions{BlockSize: []int{512, 4096}[r.IntN(2)], BucketSize: bucket, JournalSize: int64(16+r.IntN(32)) * metaBlock},
 		back:    int64(512<<10) << r.IntN(2),
 		clients: 4 + r.IntN(5),
@@ -394,11 +394,11 @@ func randomConcConfig(r *rand.Rand) concConfig {
 	return cfg
 }
 
-// concResult is the outcome of one concurrent cut.
-type concResult struct {
+// cutResult is the outcome of one concurrent cut.
+type cutResult struct {
 	violations []string
 	model      storage.LossModel
-	cfg        concConfig
+	cfg        cutConfig
 	cutAt      int64
 	reachedCut bool
 	storageOps int64
@@ -417,10 +417,10 @@ func concModel(seed uint64) storage.LossModel { return concModels[seed>>7%uint64
 // runConcCut runs one concurrent workload, cuts the power of both
 // devices at one instant at a random storage operation, recovers and
 // checks.
-func runConcCut(seed uint64, model storage.LossModel, brk breakMode) concResult {
+func runConcCut(seed uint64, model storage.LossModel, brk breakMode) cutResult {
 	r := rng(seed)
-	cfg := randomConcConfig(r)
-	res := concResult{model: model, cfg: cfg}
+	cfg := randomCutConfig(r)
+	res := cutResult{model: model, cfg: cfg}
 	var failMu sync.Mutex
 	fail := func(format string, a ...any) {
 		failMu.Lock()
@@ -674,7 +674,7 @@ func checkCleanExtents(c2 *Cache, h *concHist, rep storage.CutReport, fail func(
 
 // concClient is one client: ops requests from its own stream, stopping
 // at the first error (the power cut).
-func concClient(ctx context.Context, c *Cache, r *rand.Rand, k int, cfg concConfig, h *concHist, l *concLog, nextID *atomic.Uint64, fail func(string, ...any)) {
+func concClient(ctx context.Context, c *Cache, r *rand.Rand, k int, cfg cutConfig, h *concHist, l *concLog, nextID *atomic.Uint64, fail func(string, ...any)) {
 	shared := cfg.uStart // clients other than 0 write below it
 	var seqNext int64 = -1
 	// rangeIn picks a sector-aligned range of up to maxSectors in
