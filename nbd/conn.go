@@ -96,8 +96,8 @@ func (c *conn) abort() {
 	c.nc.Close()
 }
 
+// serve runs the connection to its end; the caller closes it (abort).
 func (c *conn) serve() {
-	defer c.abort()
 	var r *bufio.Reader
 	if c.ss == nil {
 		r = bufio.NewReaderSize(c.nc, negotiateBufSize)

@@ -81,6 +81,7 @@ func FuzzSession(f *testing.F) {
 		done := make(chan struct{})
 		go func() {
 			c.serve()
+			c.abort()
 			close(done)
 		}()
 		select {

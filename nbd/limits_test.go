@@ -178,16 +178,20 @@ func TestBudgetClampsMaxPayload(t *testing.T) {
 // it is dropped once a reply write has waited WriteTimeout.
 func TestWriteTimeout(t *testing.T) {
 	const timeout = 500 * time.Millisecond
-	s, addr := startServerConfig(t, Config{BufferBudget: 8 << 20, WriteTimeout: timeout,
-		Exports: []Export{{Device: storage.NewMem(64 << 20)}}})
+	dev := &notifier{Device: storage.NewMem(64 << 20), entered: make(chan struct{}, 64)}
+	// A 64 MiB budget: a 16 MiB share, and 16 MiB replies, which no
+	// socket buffer holds (4 MiB at most here).
+	s, addr := startServerConfig(t, Config{BufferBudget: 64 << 20, WriteTimeout: timeout,
+		Exports: []Export{{Device: dev}}})
 	h := hostile(t, addr)
 	h.connect("", false)
-	for i := range 32 { // 64 MiB of replies, far beyond any socket buffer
-		h.request(cmdRead, 0, uint64(i), uint64(i)*(2<<20), 2<<20, nil)
+	for i := range 4 {
+		h.request(cmdRead, 0, uint64(i), uint64(i)*(16<<20), 16<<20, nil)
 	}
+	<-dev.entered // its reply cannot be written whole
 	served(t, addr, 2*time.Second)
-	if st := s.Stats(); st.BufferPeak > 2<<20+64<<10 {
-		t.Fatalf("buffer peak %d: more than one connection's share (2 MiB) plus the good client's 64 KiB", st.BufferPeak)
+	if st := s.Stats(); st.BufferPeak > 16<<20+64<<10 {
+		t.Fatalf("buffer peak %d: more than one connection's share (16 MiB) plus the good client's 64 KiB", st.BufferPeak)
 	}
 	// Shutdown waits for the hostile connection's requests; only the
 	// write timeout ends them.
@@ -199,6 +203,17 @@ func TestWriteTimeout(t *testing.T) {
 	if d > timeout+3*time.Second {
 		t.Fatalf("the stalled client was dropped only after %v", d)
 	}
+}
+
+// notifier reports every read on entered.
+type notifier struct {
+	storage.Device
+	entered chan struct{}
+}
+
+func (n *notifier) ReadAt(p []byte, off int64) error {
+	n.entered <- struct{}{}
+	return n.Device.ReadAt(p, off)
 }
 
 // TestReadTimeout: a client that announces a large WRITE and stalls in
@@ -231,25 +246,26 @@ func TestReadTimeout(t *testing.T) {
 // their buffers, not later.
 func TestBudgetExhausted(t *testing.T) {
 	const timeout = time.Second
-	s, addr := startServerConfig(t, Config{BufferBudget: 4 << 20, WriteTimeout: timeout,
+	s, addr := startServerConfig(t, Config{BufferBudget: 64 << 20, WriteTimeout: timeout,
 		Exports: []Export{{Device: storage.NewMem(64 << 20)}}})
 	ch := watch(s.bufs)
-	for range 4 { // each holds its 1 MiB share: the whole budget
+	for range 4 { // each holds its 16 MiB share in a reply it never reads: the whole budget
 		h := hostile(t, addr)
 		h.connect("", false)
-		for i := range 16 {
-			h.request(cmdRead, 0, uint64(i), uint64(i)<<20, 1<<20, nil)
+		for i := range 4 {
+			h.request(cmdRead, 0, uint64(i), uint64(i)*(16<<20), 16<<20, nil)
 		}
 	}
 	waitArena(t, s.bufs, ch, "the stalled clients to take the whole budget",
-		func(st arenaStats) bool { return st.used == 4<<20 })
+		func(st arenaStats) bool { return st.used == 64<<20 })
+	start := time.Now()
 	served(t, addr, timeout+3*time.Second)
-	st := s.Stats()
-	if st.BufferPeak > 4<<20 {
-		t.Fatalf("buffer peak %d over the 4 MiB budget", st.BufferPeak)
+	if d := time.Since(start); d < timeout/2 {
+		t.Fatalf("served after %v although the budget was full", d)
 	}
-	if st.BufferWaits == 0 {
-		t.Fatal("nothing waited for the budget: the test did not exhaust it")
+	st := s.Stats()
+	if st.BufferPeak > 64<<20 || st.BufferWaits == 0 {
+		t.Fatalf("buffer peak %d (budget 64 MiB), waits %d", st.BufferPeak, st.BufferWaits)
 	}
 	shutdown(t, s)
 	if st := s.Stats(); st.TimedOut != 4 || st.BufferBytes != 0 {

@@ -362,9 +362,12 @@ func (s *Server) serveConn(c *conn) {
 	go func() {
 		defer s.connWG.Done()
 		c.serve()
+		// The slot is free before the client can see the close, so
+		// that a client that saw it can connect again at once.
 		s.mu.Lock()
 		delete(s.mu.conns, c)
 		s.mu.Unlock()
+		c.abort()
 	}()
 }
 
