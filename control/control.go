@@ -28,6 +28,16 @@ type Stats struct {
 	BytesRead     int64 `json:"bytes_read"`
 	BytesWritten  int64 `json:"bytes_written"`
 	ClientFlushes int64 `json:"client_flushes"`
+	// Connections closed before the greeting (--max-connections,
+	// --allow), and connections dropped because the client stalled
+	// (--write-timeout, --read-timeout).
+	RefusedConns  int64 `json:"refused_connections"`
+	TimedOutConns int64 `json:"timed_out_connections"`
+	// Request buffers (--buffer-budget): in use now, the high mark, and
+	// how many requests had to wait for room.
+	BufferBytes int64 `json:"buffer_bytes"`
+	BufferPeak  int64 `json:"buffer_peak"`
+	BufferWaits int64 `json:"buffer_waits"`
 
 	// Cache.
 	Hits           int64   `json:"hits"`

@@ -2,15 +2,20 @@ package nbd
 
 import (
 	"bufio"
+	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/sync/semaphore"
 
 	"github.com/nbdcache/nbdcache/storage"
 )
@@ -23,16 +28,35 @@ import (
 // idle waits on jobs for the next, and a new one starts only when none
 // is idle. A fresh goroutine per request would grow its stack from 2 KiB
 // on every request down the cache's write path (a tenth of the server's
-// CPU in runtime.newstack, measured with fio randwrite through the cache). Replies are written under wmu into a buffered writer, which is
+// CPU in runtime.newstack, measured with fio randwrite through the
+// cache). Replies are written under wmu into a buffered writer, which is
 // flushed by whichever handler finishes last (inflight drops to zero), or
 // else by the flusher goroutine, so that a burst of replies costs one
 // write() and no reply waits behind a slow request.
+//
+// What a connection may hold, and for how long:
+//   - at most Config.MaxInFlight requests between header and reply
+//     (slots): at the limit the read loop stops reading;
+//   - buffers from the server's arena, at most connShare bytes of them
+//     (share), each for one request: a WRITE's payload from before it is
+//     read until the device call returns, a READ's data from before the
+//     device call until its reply is written;
+//   - a reply write lasts at most Config.WriteTimeout, a WRITE payload
+//     arrives within Config.ReadTimeout of its header; when either runs
+//     out the connection is aborted: the socket is closed, ctx ends, and
+//     every buffer comes back as its request unwinds.
 type conn struct {
-	s   *Server
-	nc  net.Conn
-	ss  *session
-	dev storage.Device
-	ro  bool
+	s       *Server
+	nc      net.Conn
+	trusted bool // handed over with ServeNegotiated (the kernel): no deadlines, never refused
+	ss      *session
+	dev     storage.Device
+	ro      bool
+
+	ctx    context.Context // ends when the connection is aborted
+	cancel context.CancelFunc
+	slots  chan struct{}       // one token per request in flight
+	share  *semaphore.Weighted // this connection's part of the buffer budget
 
 	stopping atomic.Bool
 	inflight atomic.Int64
@@ -46,19 +70,40 @@ type conn struct {
 	hdr  []byte
 }
 
+// Errors that end a connection whose client stalls.
+var (
+	errWriteTimeout = errors.New("nbd: the client read no replies within the write timeout")
+	errReadTimeout  = errors.New("nbd: the client's payload did not arrive within the read timeout")
+)
+
+func newConn(s *Server, nc net.Conn, ss *session) *conn {
+	c := &conn{s: s, nc: nc, ss: ss, trusted: ss != nil}
+	c.ctx, c.cancel = context.WithCancel(context.Background())
+	return c
+}
+
 // stopReading makes serve stop after the request it is reading, if any.
 func (c *conn) stopReading() {
 	c.stopping.Store(true)
 	c.nc.SetReadDeadline(time.Now())
 }
 
+// abort tears the connection down at once: the socket is closed, so that
+// reads and writes fail, and ctx ends, so that requests waiting for
+// buffers give up. Requests in flight still finish their device calls.
+func (c *conn) abort() {
+	c.cancel()
+	c.nc.Close()
+}
+
+// serve runs the connection to its end; the caller closes it (abort).
 func (c *conn) serve() {
-	defer c.nc.Close()
-	r, w := newBufio(c.nc)
-	c.w = w
+	var r *bufio.Reader
 	if c.ss == nil {
+		r = bufio.NewReaderSize(c.nc, negotiateBufSize)
+		c.w = bufio.NewWriterSize(c.nc, negotiateBufSize)
 		c.nc.SetDeadline(time.Now().Add(c.s.handshakeTimeout))
-		ss, err := c.s.negotiate(r, w)
+		ss, err := c.s.negotiate(r, c.w)
 		if err != nil {
 			if !errors.Is(err, io.EOF) && !errors.Is(err, errAbort) {
 				c.s.log.Info("negotiation failed", "remote", remote(c.nc), "err", err)
@@ -67,10 +112,23 @@ func (c *conn) serve() {
 		}
 		c.nc.SetDeadline(time.Time{})
 		c.ss = ss
+		// Requests the client sent right behind NBD_OPT_GO may sit in
+		// the small buffer: the transmission reader starts with them.
+		var in io.Reader = c.nc
+		if n := r.Buffered(); n > 0 {
+			early, _ := r.Peek(n)
+			in = io.MultiReader(bytes.NewReader(bytes.Clone(early)), c.nc)
+		}
+		r = bufio.NewReaderSize(in, ioBufSize)
+	} else {
+		r = bufio.NewReaderSize(c.nc, ioBufSize)
 	}
 	if c.stopping.Load() {
 		return
 	}
+	c.w = bufio.NewWriterSize(deadlineWriter{c}, ioBufSize)
+	c.slots = make(chan struct{}, c.s.maxInFlight)
+	c.share = semaphore.NewWeighted(c.s.connShare)
 	c.dev, c.ro = c.ss.export.Device, c.ss.export.ReadOnly
 	c.kick = make(chan struct{}, 1)
 	flusherDone := make(chan struct{})
@@ -78,18 +136,40 @@ func (c *conn) serve() {
 
 	c.jobs = make(chan job)
 	err := c.readLoop(r)
+	if errors.Is(err, errReadTimeout) {
+		c.s.stats.timedOut.Add(1)
+		c.s.log.Warn("connection dropped: a WRITE payload stalled", "remote", remote(c.nc), "timeout", c.s.readTimeout)
+		c.abort()
+	}
 	c.handlers.Wait()
 	close(c.jobs)
 	close(c.kick)
 	<-flusherDone
 	c.wmu.Lock()
 	if c.werr == nil {
-		c.werr = c.w.Flush()
+		c.setWerr(c.w.Flush())
 	}
 	c.wmu.Unlock()
-	if err != nil && !errors.Is(err, io.EOF) && !c.stopping.Load() {
+	if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, errReadTimeout) && !c.stopping.Load() && c.ctx.Err() == nil {
 		c.s.log.Info("connection closed", "remote", remote(c.nc), "err", err)
 	}
+}
+
+// deadlineWriter is where replies go: every write must finish within the
+// write timeout.
+type deadlineWriter struct{ c *conn }
+
+func (d deadlineWriter) Write(p []byte) (int, error) {
+	c := d.c
+	if c.trusted || c.s.writeTimeout < 0 {
+		return c.nc.Write(p)
+	}
+	c.nc.SetWriteDeadline(time.Now().Add(c.s.writeTimeout))
+	n, err := c.nc.Write(p)
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		err = fmt.Errorf("%w (%v)", errWriteTimeout, c.s.writeTimeout)
+	}
+	return n, err
 }
 
 func remote(nc net.Conn) string {
@@ -115,20 +195,26 @@ func (c *conn) readLoop(r *bufio.Reader) error {
 		if req.typ == cmdDisc {
 			return nil
 		}
+		// A token for every request until its reply: at the limit,
+		// stop reading until a reply has gone out.
+		select {
+		case c.slots <- struct{}{}:
+		case <-c.ctx.Done():
+			return c.ctx.Err()
+		}
 		errno, msg := c.validate(req)
-		var payload []byte
-		if req.typ == cmdWrite {
-			if errno != 0 {
-				// Keep the stream in sync: consume the payload.
-				if _, err := io.CopyN(io.Discard, r, int64(req.length)); err != nil {
+		var payload buffer
+		if req.typ == cmdWrite && req.length > 0 {
+			if errno == 0 {
+				if payload, err = c.getBuf(int(req.length)); err != nil {
 					return err
 				}
-			} else {
-				payload = c.s.bufs.get(int(req.length))
-				if _, err := io.ReadFull(r, payload); err != nil {
-					c.s.bufs.put(payload)
-					return err
-				}
+			}
+			// A refused write's payload is read and dropped, to keep
+			// the stream in step.
+			if err := c.readPayload(r, int64(req.length), payload.data); err != nil {
+				c.putBuf(payload)
+				return err
 			}
 		}
 		c.inflight.Add(1)
@@ -147,10 +233,68 @@ func (c *conn) readLoop(r *bufio.Reader) error {
 	}
 }
 
+// readPayload reads a WRITE's n-byte payload into dst (or drops it, if dst
+// is nil), within the read timeout.
+func (c *conn) readPayload(r *bufio.Reader, n int64, dst []byte) error {
+	timed := !c.trusted && c.s.readTimeout > 0
+	if timed {
+		c.nc.SetReadDeadline(time.Now().Add(c.s.readTimeout))
+		if c.stopping.Load() {
+			c.nc.SetReadDeadline(time.Now())
+		}
+	}
+	var err error
+	if dst != nil {
+		_, err = io.ReadFull(r, dst)
+	} else {
+		_, err = io.CopyN(io.Discard, r, n)
+	}
+	if !timed {
+		return err
+	}
+	if err != nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) && !c.stopping.Load() {
+			return fmt.Errorf("%w (%d bytes in %v)", errReadTimeout, n, c.s.readTimeout)
+		}
+		return err
+	}
+	c.nc.SetReadDeadline(time.Time{})
+	if c.stopping.Load() {
+		// stopReading's deadline may just have been cleared.
+		c.nc.SetReadDeadline(time.Now())
+	}
+	return nil
+}
+
+// getBuf takes a buffer of n > 0 bytes from the server's budget, within
+// this connection's share, waiting in line for both. It fails only when
+// the connection is aborted.
+func (c *conn) getBuf(n int) (buffer, error) {
+	cost := int64(blockSize(n))
+	if err := c.share.Acquire(c.ctx, cost); err != nil {
+		return buffer{}, err
+	}
+	b, err := c.s.bufs.get(c.ctx, n)
+	if err != nil {
+		c.share.Release(cost)
+		return buffer{}, err
+	}
+	return b, nil
+}
+
+// putBuf gives back a buffer from getBuf (a zero buffer is ignored).
+func (c *conn) putBuf(b buffer) {
+	if b.data == nil {
+		return
+	}
+	c.s.bufs.put(b)
+	c.share.Release(int64(pageSize) << b.order)
+}
+
 // job is one valid request for a worker.
 type job struct {
 	req     request
-	payload []byte
+	payload buffer
 }
 
 // worker handles j, then every job it receives until jobs is closed.
@@ -216,7 +360,7 @@ func (c *conn) validate(req request) (errno uint32, msg string) {
 }
 
 // handle runs one validated request and sends its reply.
-func (c *conn) handle(req request, payload []byte) {
+func (c *conn) handle(req request, payload buffer) {
 	defer c.handlers.Done()
 	st := &c.s.stats
 	off, n := int64(req.offset), int64(req.length)
@@ -228,21 +372,28 @@ func (c *conn) handle(req request, payload []byte) {
 	switch req.typ {
 	case cmdRead:
 		st.reads.Add(1)
-		holes := c.holes(req)
-		buf := c.s.bufs.get(int(n))
-		if err = c.dev.ReadAt(buf, off); err == nil {
-			st.bytesRead.Add(n)
-			c.replyRead(req, buf, holes)
-			c.s.bufs.put(buf)
+		if n == 0 {
+			c.replyRead(req, nil, nil)
 			return
 		}
-		c.s.bufs.put(buf)
+		holes := c.holes(req)
+		var buf buffer
+		if buf, err = c.getBuf(int(n)); err != nil {
+			break
+		}
+		if err = c.dev.ReadAt(buf.data, off); err == nil {
+			st.bytesRead.Add(n)
+			c.replyRead(req, buf.data, holes)
+			c.putBuf(buf)
+			return
+		}
+		c.putBuf(buf)
 	case cmdWrite:
 		st.writes.Add(1)
 		if n > 0 {
-			err = c.dev.WriteAt(payload, off, fl)
+			err = c.dev.WriteAt(payload.data, off, fl)
 		}
-		c.s.bufs.put(payload)
+		c.putBuf(payload)
 		if err == nil {
 			st.bytesWritten.Add(n)
 		}
@@ -271,10 +422,17 @@ func (c *conn) handle(req request, payload []byte) {
 		}
 	case cmdBlockStatus:
 		st.blockStatuses.Add(1)
+		var buf buffer
+		if buf, err = c.getBuf(maxBlockStatusReply); err != nil {
+			break
+		}
 		var desc []byte
-		desc, err = c.blockStatus(req)
+		desc, err = c.blockStatus(req, buf.data[:0])
 		if err == nil {
 			c.replyBlockStatus(req, desc)
+		}
+		c.putBuf(buf)
+		if err == nil {
 			return
 		}
 	}
@@ -293,10 +451,7 @@ func (c *conn) zero(off, n int64, fl storage.Flags) error {
 	if !errors.Is(err, storage.ErrNotSupported) || fl&storage.FastZero != 0 {
 		return err
 	}
-	const chunk = 1 << 20
-	z := c.s.bufs.get(int(min(n, chunk)))
-	defer c.s.bufs.put(z)
-	clear(z)
+	z := c.s.zeroes() // shared and never written: WriteAt does not modify p
 	for n > 0 {
 		k := min(n, int64(len(z)))
 		if err := c.dev.WriteAt(z[:k], off, fl&storage.FUA); err != nil {
@@ -307,14 +462,21 @@ func (c *conn) zero(off, n int64, fl storage.Flags) error {
 	return nil
 }
 
-// maxDescriptors bounds one BLOCK_STATUS reply.
-const maxDescriptors = 1 << 16
+// maxDescriptors bounds one BLOCK_STATUS reply, so that its payload
+// (maxBlockStatusReply bytes at most) comes from the buffer budget in one
+// 32 KiB block. A client that wants more asks again from where the reply
+// ended, as the spec expects.
+const (
+	maxDescriptors      = (32<<10 - 4) / 8
+	maxBlockStatusReply = 4 + 8*maxDescriptors
+)
 
-// blockStatus builds the base:allocation descriptors for req.
-func (c *conn) blockStatus(req request) ([]byte, error) {
+// blockStatus appends the base:allocation descriptors for req to desc,
+// which has room for maxBlockStatusReply bytes.
+func (c *conn) blockStatus(req request, desc []byte) ([]byte, error) {
 	off, n := int64(req.offset), int64(req.length)
 	one := req.flags&cflagReqOne != 0
-	desc := binary.BigEndian.AppendUint32(nil, metaContextID)
+	desc = binary.BigEndian.AppendUint32(desc, metaContextID)
 	ex, ok := c.dev.(storage.Extenter)
 	if !ok {
 		desc = binary.BigEndian.AppendUint32(desc, uint32(n))
@@ -483,16 +645,33 @@ func (c *conn) replyError(req request, errno uint32, msg string) {
 // write appends b to the reply stream; wmu is held.
 func (c *conn) write(b []byte) {
 	if c.werr == nil {
-		_, c.werr = c.w.Write(b)
+		_, err := c.w.Write(b)
+		c.setWerr(err)
 	}
+}
+
+// setWerr records the first write error; wmu is held. Once replies cannot
+// be written the connection is aborted, so that it stops reading requests
+// and gives its buffers back.
+func (c *conn) setWerr(err error) {
+	if err == nil || c.werr != nil {
+		return
+	}
+	c.werr = err
+	if errors.Is(err, errWriteTimeout) {
+		c.s.stats.timedOut.Add(1)
+		c.s.log.Warn("connection dropped: the client stopped reading replies", "remote", remote(c.nc), "timeout", c.s.writeTimeout)
+	}
+	c.abort()
 }
 
 // done finishes a reply: wmu is held on entry and released. The last
 // request in flight flushes; otherwise the flusher is woken.
 func (c *conn) done() {
+	<-c.slots
 	if c.inflight.Add(-1) == 0 {
 		if c.werr == nil && c.w.Buffered() > 0 {
-			c.werr = c.w.Flush()
+			c.setWerr(c.w.Flush())
 		}
 		c.wmu.Unlock()
 		return
@@ -513,7 +692,7 @@ func (c *conn) flusher(done chan<- struct{}) {
 		runtime.Gosched()
 		c.wmu.Lock()
 		if c.werr == nil && c.w.Buffered() > 0 {
-			c.werr = c.w.Flush()
+			c.setWerr(c.w.Flush())
 		}
 		c.wmu.Unlock()
 	}

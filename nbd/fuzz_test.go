@@ -77,10 +77,11 @@ func FuzzSession(f *testing.F) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		c := &conn{s: s, nc: &scriptConn{r: bytes.NewReader(script)}}
+		c := newConn(s, &scriptConn{r: bytes.NewReader(script)}, nil)
 		done := make(chan struct{})
 		go func() {
 			c.serve()
+			c.abort()
 			close(done)
 		}()
 		select {

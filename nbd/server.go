@@ -1,12 +1,14 @@
 package nbd
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/bits"
 	"net"
+	"net/netip"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -31,8 +33,42 @@ type Config struct {
 	// (default 10 s, qemu's limit since CVE-2024-7409).
 	HandshakeTimeout time.Duration
 	// MaxPayload is the largest READ or WRITE payload accepted and the
-	// advertised maximum block size (default 32 MiB).
+	// advertised maximum block size (default 32 MiB). It is lowered to
+	// the largest power of two within a connection's share of the
+	// buffer budget (BufferBudget/4), so that any valid request can get
+	// its buffer.
 	MaxPayload uint32
+	// BufferBudget bounds the memory of request buffers (READ data, WRITE
+	// payloads, BLOCK_STATUS replies) across all connections together
+	// (default 256 MiB, at least 1 MiB). A request that does not fit
+	// waits, first come first served; one connection may hold at most a
+	// quarter of it.
+	BufferBudget int64
+	// MaxConnections bounds the connections open at once, negotiating or
+	// not (default 64; negative: no limit). A connection over the limit
+	// is closed at once, before the greeting. Connections handed over
+	// with ServeNegotiated (the kernel's) count but are never refused.
+	MaxConnections int
+	// MaxInFlight bounds the requests of one connection between reading
+	// their header and sending their reply (default 64). At the limit the
+	// server stops reading that connection until a reply has gone out.
+	MaxInFlight int
+	// WriteTimeout bounds each write of replies to a client (default
+	// 30 s; negative: none). A client that reads nothing for that long
+	// is disconnected and its buffers freed. Connections handed over
+	// with ServeNegotiated have no write timeout: their peer is the
+	// kernel.
+	WriteTimeout time.Duration
+	// ReadTimeout bounds the arrival of a WRITE's payload once its header
+	// has been read (default 30 s; negative: none). A client that
+	// announces a payload and stalls is disconnected. Waiting for the
+	// next request header has no time limit.
+	ReadTimeout time.Duration
+	// Allow, if not empty, lists the networks TCP clients may connect
+	// from; any other client is closed at once, before the greeting.
+	// Unix-socket clients are not checked (the socket's mode guards
+	// them).
+	Allow []netip.Prefix
 	// Logger receives connection-level events (default: discard).
 	Logger *slog.Logger
 }
@@ -48,7 +84,14 @@ type Server struct {
 	minBlock         uint32
 	preferredBlock   uint32
 	maxPayload       uint32
-	bufs             bufPool
+	maxConns         int
+	maxInFlight      int
+	writeTimeout     time.Duration
+	readTimeout      time.Duration
+	allow            []netip.Prefix
+	bufs             *arena
+	connShare        int64 // the most buffer bytes one connection may hold
+	zeroes           func() []byte
 	stats            counters
 
 	mu struct {
@@ -84,6 +127,38 @@ func NewServer(cfg Config) (*Server, error) {
 	if s.maxPayload < 4096 || s.maxPayload > 1<<30 {
 		return nil, fmt.Errorf("nbd: maximum payload %d out of range [4096, 1 GiB]", s.maxPayload)
 	}
+	budget := cfg.BufferBudget
+	if budget == 0 {
+		budget = DefaultBufferBudget
+	}
+	a, err := newArena(budget)
+	if err != nil {
+		return nil, err
+	}
+	s.bufs = a
+	s.connShare = int64(a.size / 4)
+	// Any valid request must be able to get its buffer: its block (the
+	// next power of two) must fit in a connection's share.
+	if limit := uint64(1) << (bits.Len64(uint64(s.connShare)) - 1); uint64(s.maxPayload) > limit {
+		s.maxPayload = uint32(limit)
+	}
+	s.maxConns = cfg.MaxConnections
+	if s.maxConns == 0 {
+		s.maxConns = DefaultMaxConnections
+	}
+	s.maxInFlight = cfg.MaxInFlight
+	if s.maxInFlight <= 0 {
+		s.maxInFlight = DefaultMaxInFlight
+	}
+	s.writeTimeout, s.readTimeout = cfg.WriteTimeout, cfg.ReadTimeout
+	if s.writeTimeout == 0 {
+		s.writeTimeout = DefaultIOTimeout
+	}
+	if s.readTimeout == 0 {
+		s.readTimeout = DefaultIOTimeout
+	}
+	s.allow = cfg.Allow
+	s.zeroes = sync.OnceValue(func() []byte { return make([]byte, zeroChunk) })
 	seen := map[string]bool{}
 	for i := range cfg.Exports {
 		ex := cfg.Exports[i]
@@ -104,7 +179,43 @@ func NewServer(cfg Config) (*Server, error) {
 	}
 	s.mu.listeners = map[net.Listener]struct{}{}
 	s.mu.conns = map[*conn]struct{}{}
+	// A server dropped without Shutdown still gives its mapping back.
+	runtime.AddCleanup(s, (*arena).release, s.bufs)
 	return s, nil
+}
+
+// Defaults of Config.
+const (
+	DefaultBufferBudget   = 256 << 20
+	DefaultMaxConnections = 64
+	DefaultMaxInFlight    = 64
+	DefaultIOTimeout      = 30 * time.Second
+)
+
+// MaxPayload is the largest READ or WRITE payload the server accepts: the
+// maximum block size it advertises.
+func (s *Server) MaxPayload() uint32 { return s.maxPayload }
+
+// allowed reports whether a client at addr may connect (Config.Allow).
+func (s *Server) allowed(addr net.Addr) bool {
+	if len(s.allow) == 0 {
+		return true
+	}
+	ta, ok := addr.(*net.TCPAddr)
+	if !ok {
+		return true // a unix socket: its file mode decides
+	}
+	ip, ok := netip.AddrFromSlice(ta.IP)
+	if !ok {
+		return false
+	}
+	ip = ip.Unmap()
+	for _, p := range s.allow {
+		if p.Contains(ip) {
+			return true
+		}
+	}
+	return false
 }
 
 // lookup finds an export by name; the empty name is the default export.
@@ -185,9 +296,16 @@ func (s *Server) Serve(l net.Listener) error {
 
 // ServeConn serves one already-connected client in a new goroutine,
 // starting with the handshake. The connection is closed when the client
-// disconnects or the server shuts down.
+// disconnects or the server shuts down. A client outside Config.Allow, or
+// over Config.MaxConnections, is closed at once without a byte sent.
 func (s *Server) ServeConn(nc net.Conn) {
-	s.serveConn(&conn{s: s, nc: nc})
+	if !s.allowed(nc.RemoteAddr()) {
+		s.stats.refused.Add(1)
+		s.log.Info("connection refused: not in --allow", "remote", remote(nc))
+		nc.Close()
+		return
+	}
+	s.serveConn(newConn(s, nc, nil))
 }
 
 // ServeNegotiated serves a connection whose handshake happened elsewhere,
@@ -199,7 +317,7 @@ func (s *Server) ServeNegotiated(nc net.Conn, export string) error {
 	if ex == nil {
 		return fmt.Errorf("%w: %q", errUnknownExport, export)
 	}
-	s.serveConn(&conn{s: s, nc: nc, ss: &session{export: ex}})
+	s.serveConn(newConn(s, nc, &session{export: ex}))
 	return nil
 }
 
@@ -230,6 +348,13 @@ func (s *Server) serveConn(c *conn) {
 		nc.Close()
 		return
 	}
+	if s.maxConns > 0 && len(s.mu.conns) >= s.maxConns && !c.trusted {
+		s.mu.Unlock()
+		s.stats.refused.Add(1)
+		s.log.Warn("connection refused: too many connections", "remote", remote(nc), "max", s.maxConns)
+		nc.Close()
+		return
+	}
 	s.mu.conns[c] = struct{}{}
 	s.connWG.Add(1)
 	s.mu.Unlock()
@@ -237,9 +362,12 @@ func (s *Server) serveConn(c *conn) {
 	go func() {
 		defer s.connWG.Done()
 		c.serve()
+		// The slot is free before the client can see the close, so
+		// that a client that saw it can connect again at once.
 		s.mu.Lock()
 		delete(s.mu.conns, c)
 		s.mu.Unlock()
+		c.abort()
 	}()
 }
 
@@ -249,6 +377,10 @@ func (s *Server) serveConn(c *conn) {
 // at once and ctx's error is returned. Devices are not flushed: that is
 // the owner's job, after Shutdown returns.
 func (s *Server) Shutdown(ctx context.Context) error {
+	defer func() {
+		// Every connection is gone: no buffer is in use.
+		s.bufs.release()
+	}()
 	s.mu.Lock()
 	s.mu.closing = true
 	for l := range s.mu.listeners {
@@ -269,7 +401,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	case <-ctx.Done():
 		s.mu.Lock()
 		for c := range s.mu.conns {
-			c.nc.Close()
+			c.abort()
 		}
 		s.mu.Unlock()
 		<-done
@@ -285,7 +417,7 @@ func (s *Server) DropConnections() int {
 	defer s.mu.Unlock()
 	for c := range s.mu.conns {
 		c.stopping.Store(true)
-		c.nc.Close()
+		c.abort()
 	}
 	return len(s.mu.conns)
 }
@@ -304,6 +436,15 @@ type Stats struct {
 	Trims         int64
 	Zeroes        int64
 	BlockStatuses int64
+	// Refused counts connections closed before the greeting: over
+	// MaxConnections or outside Allow.
+	Refused int64
+	// TimedOut counts connections dropped by WriteTimeout (a client that
+	// stopped reading replies) or ReadTimeout (a stalled payload).
+	TimedOut int64
+	// BufferBytes is the buffer budget in use now, BufferPeak its high
+	// mark, and BufferWaits the requests that had to wait for it.
+	BufferBytes, BufferPeak, BufferWaits int64
 }
 
 type counters struct {
@@ -311,6 +452,7 @@ type counters struct {
 	bytesRead, bytesWritten               atomic.Int64
 	reads, writes, flushes, trims, zeroes atomic.Int64
 	blockStatuses                         atomic.Int64
+	refused, timedOut                     atomic.Int64
 }
 
 // Stats returns the server's counters.
@@ -319,18 +461,27 @@ func (s *Server) Stats() Stats {
 	active := int64(len(s.mu.conns))
 	s.mu.Unlock()
 	c := &s.stats
+	as := s.bufs.stats()
 	return Stats{
 		Connections: c.connections.Load(), Active: active,
 		Requests: c.requests.Load(), Errors: c.errors.Load(),
 		BytesRead: c.bytesRead.Load(), BytesWritten: c.bytesWritten.Load(),
 		Reads: c.reads.Load(), Writes: c.writes.Load(), Flushes: c.flushes.Load(),
 		Trims: c.trims.Load(), Zeroes: c.zeroes.Load(), BlockStatuses: c.blockStatuses.Load(),
+		Refused: c.refused.Load(), TimedOut: c.timedOut.Load(),
+		BufferBytes: int64(as.used), BufferPeak: int64(as.peak), BufferWaits: as.waits,
 	}
 }
 
-// newBufio sizes the connection buffers: large enough that a burst of
-// small requests is parsed out of one read, and a burst of replies leaves
-// in one write.
-func newBufio(nc net.Conn) (*bufio.Reader, *bufio.Writer) {
-	return bufio.NewReaderSize(nc, 256<<10), bufio.NewWriterSize(nc, 256<<10)
-}
+// Connection buffer sizes. In transmission they are large enough that a
+// burst of small requests is parsed out of one read, and a burst of
+// replies leaves in one write; a negotiating connection, which anyone may
+// open, costs only the small ones.
+const (
+	ioBufSize        = 256 << 10
+	negotiateBufSize = 4 << 10
+)
+
+// zeroChunk is the size of the shared zero buffer that WRITE_ZEROES writes
+// when a device cannot zero natively.
+const zeroChunk = 1 << 20

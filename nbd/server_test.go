@@ -20,10 +20,17 @@ const testSize = 4 << 20
 // address. The server is shut down when the test ends.
 func startServer(t testing.TB, exports ...Export) (*Server, string) {
 	t.Helper()
-	if len(exports) == 0 {
-		exports = []Export{{Name: "", Device: storage.NewMem(testSize)}}
+	return startServerConfig(t, Config{Exports: exports, HandshakeTimeout: 2 * time.Second})
+}
+
+// startServerConfig is startServer with a whole configuration; without
+// exports it serves one 4 MiB memory device.
+func startServerConfig(t testing.TB, cfg Config) (*Server, string) {
+	t.Helper()
+	if len(cfg.Exports) == 0 {
+		cfg.Exports = []Export{{Name: "", Device: storage.NewMem(testSize)}}
 	}
-	s, err := NewServer(Config{Exports: exports, HandshakeTimeout: 2 * time.Second})
+	s, err := NewServer(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -83,7 +83,8 @@ func printStats(w io.Writer, s, prev control.Stats, dt time.Duration, rates bool
 	}
 	fmt.Fprintf(tw, "writeback\t%s total (%s)\trate\t%s/s, target dirty %s\n", mibs(s.WritebackBytes), s.WritebackState, mibs(wbRate), mibs(s.WritebackTarget))
 	fmt.Fprintf(tw, "collisions\t%d\tbacking writes\t%d (avg %s)\n", s.Collisions, s.BackingWrites, mibs(s.BackingWriteAvg))
-	fmt.Fprintf(tw, "requests\t%d (errors %d)\tconnections\t%d open, %d total\n", s.Requests, s.RequestErrors, s.ActiveConns, s.Connections)
+	fmt.Fprintf(tw, "requests\t%d (errors %d)\tconnections\t%d open, %d total, %d refused, %d timed out\n", s.Requests, s.RequestErrors, s.ActiveConns, s.Connections, s.RefusedConns, s.TimedOutConns)
+	fmt.Fprintf(tw, "buffers\t%s (peak %s)\twaits\t%d\n", mibs(s.BufferBytes), mibs(s.BufferPeak), s.BufferWaits)
 	if rates && dt > 0 {
 		fmt.Fprintf(tw, "client I/O\tread %s/s\twrite\t%s/s\n",
 			mibs(int64(float64(s.BytesRead-prev.BytesRead)/dt.Seconds())), mibs(int64(float64(s.BytesWritten-prev.BytesWritten)/dt.Seconds())))

@@ -33,6 +33,11 @@ func (d *daemon) Stats() control.Stats {
 		BytesRead:     n.BytesRead,
 		BytesWritten:  n.BytesWritten,
 		ClientFlushes: n.Flushes,
+		RefusedConns:  n.Refused,
+		TimedOutConns: n.TimedOut,
+		BufferBytes:   n.BufferBytes,
+		BufferPeak:    n.BufferPeak,
+		BufferWaits:   n.BufferWaits,
 		UptimeSeconds: time.Since(d.started).Seconds(),
 	}
 	c := d.st.liveCache()

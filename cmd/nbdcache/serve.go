@@ -18,6 +18,7 @@ const defaultListen = "127.0.0.1:10809"
 
 type serveFlags struct {
 	storage storageFlags
+	limits  limitFlags
 	listens []listenAddr
 	export  string
 	verbose bool
@@ -29,6 +30,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	var f serveFlags
 	fs := newFlagSet("serve", stderr)
 	f.storage.register(fs)
+	f.limits.register(fs)
 	fs.Func("listen", "listen on `ADDR`: unix:PATH or HOST:PORT; repeatable (default "+defaultListen+")", func(s string) error {
 		a, err := parseListen(s)
 		if err != nil {
@@ -43,6 +45,10 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.StringVar(&f.cpuProf, "cpuprofile", "", "write a Go CPU profile of the whole run to `FILE`")
 	fs.BoolVar(&f.storage.faults, "faults", false, "fault mode: power cuts, injected errors and latency through `nbdcache ctl` (needs --control)")
 	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	var cfg nbd.Config
+	if err := f.limits.apply(&cfg); err != nil {
 		return err
 	}
 	if f.storage.faults && f.control == "" {
@@ -72,10 +78,9 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	defer st.Close()
 	dev := st.dev
 
-	srv, err := nbd.NewServer(nbd.Config{
-		Exports: []nbd.Export{{Name: f.export, Device: dev, ReadOnly: f.storage.readOnly}},
-		Logger:  log,
-	})
+	cfg.Exports = []nbd.Export{{Name: f.export, Device: dev, ReadOnly: f.storage.readOnly}}
+	cfg.Logger = log
+	srv, err := nbd.NewServer(cfg)
 	if err != nil {
 		return err
 	}

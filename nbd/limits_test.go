@@ -1,0 +1,274 @@
+package nbd
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/nbdcache/nbdcache/storage"
+)
+
+// hostile dials a client with a tiny receive buffer, so that replies it
+// does not read fill the socket quickly.
+func hostile(t *testing.T, addr string) *rawClient {
+	t.Helper()
+	nc, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nc.(*net.TCPConn).SetReadBuffer(4096)
+	t.Cleanup(func() { nc.Close() })
+	return newRawClient(t, nc)
+}
+
+// refused reports whether the server closed c without a greeting.
+func refused(t *testing.T, c *rawClient) bool {
+	t.Helper()
+	c.nc.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, err := c.r.ReadByte()
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		t.Fatal("the server neither greeted nor closed the connection")
+	}
+	return err != nil
+}
+
+// shutdown stops s within 10 s and returns how long it took.
+func shutdown(t *testing.T, s *Server) time.Duration {
+	t.Helper()
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := s.Shutdown(ctx); err != nil {
+		t.Fatalf("shutdown: %v", err)
+	}
+	return time.Since(start)
+}
+
+// served checks that a well-behaved client gets a 64 KiB write and read
+// back within limit.
+func served(t *testing.T, addr string, limit time.Duration) {
+	t.Helper()
+	start := time.Now()
+	c := dial(t, addr)
+	c.connect("", true)
+	data := bytes.Repeat([]byte{0x5a}, 64<<10)
+	c.request(cmdWrite, 0, 1, 1<<20, uint32(len(data)), data)
+	if r := c.readReply(nil); r.errno != 0 {
+		t.Fatalf("write: %+v", r)
+	}
+	c.request(cmdRead, 0, 2, 1<<20, uint32(len(data)), nil)
+	if r := c.readReply(nil); r.errno != 0 || !bytes.Equal(r.data, data) {
+		t.Fatalf("read: errno %d, equal %v", r.errno, bytes.Equal(r.data, data))
+	}
+	if d := time.Since(start); d > limit {
+		t.Fatalf("a well-behaved client waited %v (limit %v)", d, limit)
+	}
+}
+
+func TestMaxConnections(t *testing.T) {
+	s, addr := startServerConfig(t, Config{MaxConnections: 2})
+	a, b := dial(t, addr), dial(t, addr)
+	a.connect("", false)
+	b.greet() // negotiating connections count too
+	if c := dial(t, addr); !refused(t, c) {
+		t.Fatal("a third connection was greeted")
+	}
+	if st := s.Stats(); st.Refused != 1 || st.Active != 2 {
+		t.Fatalf("refused %d, active %d", st.Refused, st.Active)
+	}
+	a.request(cmdFlush, 0, 1, 0, 0, nil) // the others are unaffected
+	if r := a.readReply(nil); r.errno != 0 {
+		t.Fatal(r)
+	}
+}
+
+func TestAllowList(t *testing.T) {
+	_, addr := startServerConfig(t, Config{Allow: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}})
+	if c := dial(t, addr); !refused(t, c) {
+		t.Fatal("a client outside --allow was greeted")
+	}
+	_, addr = startServerConfig(t, Config{Allow: []netip.Prefix{
+		netip.MustParsePrefix("192.0.2.0/24"), netip.MustParsePrefix("127.0.0.0/8")}})
+	dial(t, addr).connect("", false)
+}
+
+// TestMaxInFlight: the server reads no more requests than the limit until
+// one is answered.
+func TestMaxInFlight(t *testing.T) {
+	dev := &blocker{Device: storage.NewMem(testSize), entered: make(chan struct{}, 16), release: make(chan struct{})}
+	s, addr := startServerConfig(t, Config{Exports: []Export{{Device: dev}}, MaxInFlight: 4})
+	c := dial(t, addr)
+	c.connect("", false)
+	for i := range 10 {
+		c.request(cmdRead, 0, uint64(i), uint64(i)*4096, 4096, nil)
+	}
+	for range 4 {
+		<-dev.entered
+	}
+	select {
+	case <-dev.entered:
+		t.Fatal("a fifth request reached the device")
+	case <-time.After(200 * time.Millisecond):
+	}
+	if st := s.Stats(); st.Requests != 5 {
+		// Four in the device, and the fifth header read, waiting for
+		// a slot.
+		t.Fatalf("%d request headers read, want 5", st.Requests)
+	}
+	close(dev.release)
+	lens := map[uint64]int{}
+	for i := range 10 {
+		lens[uint64(i)] = 4096
+	}
+	for range 10 {
+		if r := c.readReply(lens); r.errno != 0 {
+			t.Fatal(r)
+		}
+	}
+}
+
+// blocker holds every read until release is closed, reporting each on
+// entered.
+type blocker struct {
+	storage.Device
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (b *blocker) ReadAt(p []byte, off int64) error {
+	b.entered <- struct{}{}
+	<-b.release
+	return b.Device.ReadAt(p, off)
+}
+
+// TestBudgetClampsMaxPayload: the advertised maximum block size fits a
+// connection's share of the budget, and a larger request is refused.
+func TestBudgetClampsMaxPayload(t *testing.T) {
+	s, addr := startServerConfig(t, Config{BufferBudget: 4 << 20})
+	if s.MaxPayload() != 1<<20 {
+		t.Fatalf("max payload %d with a 4 MiB budget, want 1 MiB", s.MaxPayload())
+	}
+	c := dial(t, addr)
+	c.connect("", true)
+	if bs := c.infos[infoBlockSize]; binary.BigEndian.Uint32(bs[8:]) != 1<<20 {
+		t.Fatalf("advertised maximum block size %d", binary.BigEndian.Uint32(bs[8:]))
+	}
+	c.request(cmdRead, 0, 1, 0, 1<<20+1, nil)
+	if r := c.readReply(nil); r.errno != errInval {
+		t.Fatalf("oversized read: errno %d", r.errno)
+	}
+	c.request(cmdRead, cflagDF, 2, 0, 1<<20+1, nil)
+	if r := c.readReply(nil); r.errno != errOverflow {
+		t.Fatalf("oversized DF read: errno %d", r.errno)
+	}
+	c.request(cmdRead, 0, 3, 0, 1<<20, nil)
+	if r := c.readReply(nil); r.errno != 0 || len(r.data) != 1<<20 {
+		t.Fatalf("maximum read: errno %d, %d bytes", r.errno, len(r.data))
+	}
+}
+
+// TestWriteTimeout: a client that sends READs and never reads the replies
+// holds at most its share of the budget, others are served meanwhile, and
+// it is dropped once a reply write has waited WriteTimeout.
+func TestWriteTimeout(t *testing.T) {
+	const timeout = 500 * time.Millisecond
+	dev := &notifier{Device: storage.NewMem(64 << 20), entered: make(chan struct{}, 64)}
+	// A 64 MiB budget: a 16 MiB share, and 16 MiB replies, which no
+	// socket buffer holds (4 MiB at most here).
+	s, addr := startServerConfig(t, Config{BufferBudget: 64 << 20, WriteTimeout: timeout,
+		Exports: []Export{{Device: dev}}})
+	h := hostile(t, addr)
+	h.connect("", false)
+	for i := range 4 {
+		h.request(cmdRead, 0, uint64(i), uint64(i)*(16<<20), 16<<20, nil)
+	}
+	<-dev.entered // its reply cannot be written whole
+	served(t, addr, 2*time.Second)
+	if st := s.Stats(); st.BufferPeak > 16<<20+64<<10 {
+		t.Fatalf("buffer peak %d: more than one connection's share (16 MiB) plus the good client's 64 KiB", st.BufferPeak)
+	}
+	// Shutdown waits for the hostile connection's requests; only the
+	// write timeout ends them.
+	d := shutdown(t, s)
+	st := s.Stats()
+	if st.TimedOut != 1 || st.BufferBytes != 0 {
+		t.Fatalf("timed out %d, buffers in use %d; want 1 and 0", st.TimedOut, st.BufferBytes)
+	}
+	if d > timeout+3*time.Second {
+		t.Fatalf("the stalled client was dropped only after %v", d)
+	}
+}
+
+// notifier reports every read on entered.
+type notifier struct {
+	storage.Device
+	entered chan struct{}
+}
+
+func (n *notifier) ReadAt(p []byte, off int64) error {
+	n.entered <- struct{}{}
+	return n.Device.ReadAt(p, off)
+}
+
+// TestReadTimeout: a client that announces a large WRITE and stalls in
+// its payload is dropped after ReadTimeout, and its buffer comes back.
+func TestReadTimeout(t *testing.T) {
+	const timeout = 500 * time.Millisecond
+	s, addr := startServerConfig(t, Config{BufferBudget: 8 << 20, ReadTimeout: timeout})
+	h := dial(t, addr)
+	h.connect("", false)
+	start := time.Now()
+	b := appendRequest(nil, request{typ: cmdWrite, cookie: 1, length: 2 << 20})
+	h.send(append(b, make([]byte, 1000)...))
+	served(t, addr, 2*time.Second)
+	h.nc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := h.r.ReadByte(); err == nil {
+		t.Fatal("the stalled writer got a reply")
+	} else if ne := net.Error(nil); errors.As(err, &ne) && ne.Timeout() {
+		t.Fatal("the stalled writer was not dropped")
+	}
+	if d := time.Since(start); d < timeout || d > timeout+3*time.Second {
+		t.Fatalf("dropped after %v, want about %v", d, timeout)
+	}
+	if st := s.Stats(); st.TimedOut != 1 || st.BufferBytes != 0 || st.BufferPeak < 2<<20 {
+		t.Fatalf("timed out %d, buffers in use %d, peak %d", st.TimedOut, st.BufferBytes, st.BufferPeak)
+	}
+}
+
+// TestBudgetExhausted: when stalled clients hold the whole budget, a new
+// request waits in line and is served as soon as the write timeout frees
+// their buffers, not later.
+func TestBudgetExhausted(t *testing.T) {
+	const timeout = time.Second
+	s, addr := startServerConfig(t, Config{BufferBudget: 64 << 20, WriteTimeout: timeout,
+		Exports: []Export{{Device: storage.NewMem(64 << 20)}}})
+	ch := watch(s.bufs)
+	for range 4 { // each holds its 16 MiB share in a reply it never reads: the whole budget
+		h := hostile(t, addr)
+		h.connect("", false)
+		for i := range 4 {
+			h.request(cmdRead, 0, uint64(i), uint64(i)*(16<<20), 16<<20, nil)
+		}
+	}
+	waitArena(t, s.bufs, ch, "the stalled clients to take the whole budget",
+		func(st arenaStats) bool { return st.used == 64<<20 })
+	start := time.Now()
+	served(t, addr, timeout+3*time.Second)
+	if d := time.Since(start); d < timeout/2 {
+		t.Fatalf("served after %v although the budget was full", d)
+	}
+	st := s.Stats()
+	if st.BufferPeak > 64<<20 || st.BufferWaits == 0 {
+		t.Fatalf("buffer peak %d (budget 64 MiB), waits %d", st.BufferPeak, st.BufferWaits)
+	}
+	shutdown(t, s)
+	if st := s.Stats(); st.TimedOut != 4 || st.BufferBytes != 0 {
+		t.Fatalf("timed out %d, buffers in use %d; want 4 and 0", st.TimedOut, st.BufferBytes)
+	}
+}
