@@ -96,6 +96,17 @@ func (c *conn) abort() {
 	c.nc.Close()
 }
 
+// drop aborts a connection whose client stalled. The close resets the
+// TCP connection rather than leaving the kernel to deliver the replies
+// still queued to a client that reads nothing (an orphaned socket would
+// hold them for minutes).
+func (c *conn) drop() {
+	if tc, ok := c.nc.(*net.TCPConn); ok {
+		tc.SetLinger(0)
+	}
+	c.abort()
+}
+
 // serve runs the connection to its end; the caller closes it (abort).
 func (c *conn) serve() {
 	var r *bufio.Reader
@@ -139,7 +150,7 @@ func (c *conn) serve() {
 	if errors.Is(err, errReadTimeout) {
 		c.s.stats.timedOut.Add(1)
 		c.s.log.Warn("connection dropped: a WRITE payload stalled", "remote", remote(c.nc), "timeout", c.s.readTimeout)
-		c.abort()
+		c.drop()
 	}
 	c.handlers.Wait()
 	close(c.jobs)
@@ -414,11 +425,17 @@ func (c *conn) handle(req request, payload buffer) {
 			fl |= storage.FastZero
 		}
 		if n > 0 {
-			err = c.zero(off, n, fl)
+			if err = c.enterScratch(); err == nil {
+				err = c.zero(off, n, fl)
+				c.leaveScratch()
+			}
 		}
 	case cmdCache:
 		if p, ok := c.dev.(storage.Prefetcher); ok && n > 0 {
-			err = p.Prefetch(off, n)
+			if err = c.enterScratch(); err == nil {
+				err = p.Prefetch(off, n)
+				c.leaveScratch()
+			}
 		}
 	case cmdBlockStatus:
 		st.blockStatuses.Add(1)
@@ -443,6 +460,23 @@ func (c *conn) handle(req request, payload buffer) {
 	}
 	c.replyOK(req)
 }
+
+// enterScratch waits for one of the server's scratch slots, which bound
+// the device calls that may allocate working memory of their own that the
+// buffer budget cannot see: CACHE (the cache reads each bucket it warms
+// into a fresh buffer) and WRITE_ZEROES (zeroes written a bucket at a
+// time where a device cannot zero natively). It fails only when the
+// connection is aborted.
+func (c *conn) enterScratch() error {
+	select {
+	case c.s.scratch <- struct{}{}:
+		return nil
+	case <-c.ctx.Done():
+		return c.ctx.Err()
+	}
+}
+
+func (c *conn) leaveScratch() { <-c.s.scratch }
 
 // zero runs WRITE_ZEROES, writing zeroes when the device cannot zero
 // natively (unless the client asked for a fast zero only).
@@ -661,6 +695,8 @@ func (c *conn) setWerr(err error) {
 	if errors.Is(err, errWriteTimeout) {
 		c.s.stats.timedOut.Add(1)
 		c.s.log.Warn("connection dropped: the client stopped reading replies", "remote", remote(c.nc), "timeout", c.s.writeTimeout)
+		c.drop()
+		return
 	}
 	c.abort()
 }

@@ -45,7 +45,7 @@ type Config struct {
 	// quarter of it.
 	BufferBudget int64
 	// MaxConnections bounds the connections open at once, negotiating or
-	// not (default 64; negative: no limit). A connection over the limit
+	// not (default 32; negative: no limit). A connection over the limit
 	// is closed at once, before the greeting. Connections handed over
 	// with ServeNegotiated (the kernel's) count but are never refused.
 	MaxConnections int
@@ -90,7 +90,8 @@ type Server struct {
 	readTimeout      time.Duration
 	allow            []netip.Prefix
 	bufs             *arena
-	connShare        int64 // the most buffer bytes one connection may hold
+	connShare        int64         // the most buffer bytes one connection may hold
+	scratch          chan struct{} // scratch slots (conn.enterScratch)
 	zeroes           func() []byte
 	stats            counters
 
@@ -159,6 +160,7 @@ func NewServer(cfg Config) (*Server, error) {
 	}
 	s.allow = cfg.Allow
 	s.zeroes = sync.OnceValue(func() []byte { return make([]byte, zeroChunk) })
+	s.scratch = make(chan struct{}, maxScratchCalls)
 	seen := map[string]bool{}
 	for i := range cfg.Exports {
 		ex := cfg.Exports[i]
@@ -187,7 +189,7 @@ func NewServer(cfg Config) (*Server, error) {
 // Defaults of Config.
 const (
 	DefaultBufferBudget   = 256 << 20
-	DefaultMaxConnections = 64
+	DefaultMaxConnections = 32
 	DefaultMaxInFlight    = 64
 	DefaultIOTimeout      = 30 * time.Second
 )
@@ -481,6 +483,10 @@ const (
 	ioBufSize        = 256 << 10
 	negotiateBufSize = 4 << 10
 )
+
+// maxScratchCalls bounds the CACHE and WRITE_ZEROES device calls in
+// progress across the server (conn.enterScratch).
+const maxScratchCalls = 4
 
 // zeroChunk is the size of the shared zero buffer that WRITE_ZEROES writes
 // when a device cannot zero natively.
