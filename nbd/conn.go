@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -47,8 +48,10 @@ import (
 //     every buffer comes back as its request unwinds.
 type conn struct {
 	s       *Server
-	nc      net.Conn
-	trusted bool // handed over with ServeNegotiated (the kernel): no deadlines, never refused
+	nc      net.Conn      // the socket: deadlines, close; never replaced
+	rw      io.ReadWriter // the data stream: nc, or tc once TLS is up
+	tc      *tls.Conn     // nil until NBD_OPT_STARTTLS succeeded
+	trusted bool          // handed over with ServeNegotiated (the kernel): no deadlines, never refused, no TLS
 	ss      *session
 	dev     storage.Device
 	ro      bool
@@ -77,7 +80,7 @@ var (
 )
 
 func newConn(s *Server, nc net.Conn, ss *session) *conn {
-	c := &conn{s: s, nc: nc, ss: ss, trusted: ss != nil}
+	c := &conn{s: s, nc: nc, rw: nc, ss: ss, trusted: ss != nil}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	return c
 }
@@ -114,7 +117,7 @@ func (c *conn) serve() {
 		r = bufio.NewReaderSize(c.nc, negotiateBufSize)
 		c.w = bufio.NewWriterSize(c.nc, negotiateBufSize)
 		c.nc.SetDeadline(time.Now().Add(c.s.handshakeTimeout))
-		ss, err := c.s.negotiate(r, c.w)
+		ss, nr, err := c.negotiate(r)
 		if err != nil {
 			if !errors.Is(err, io.EOF) && !errors.Is(err, errAbort) {
 				c.s.log.Info("negotiation failed", "remote", remote(c.nc), "err", err)
@@ -125,10 +128,10 @@ func (c *conn) serve() {
 		c.ss = ss
 		// Requests the client sent right behind NBD_OPT_GO may sit in
 		// the small buffer: the transmission reader starts with them.
-		var in io.Reader = c.nc
-		if n := r.Buffered(); n > 0 {
-			early, _ := r.Peek(n)
-			in = io.MultiReader(bytes.NewReader(bytes.Clone(early)), c.nc)
+		in := io.Reader(c.rw)
+		if n := nr.Buffered(); n > 0 {
+			early, _ := nr.Peek(n)
+			in = io.MultiReader(bytes.NewReader(bytes.Clone(early)), c.rw)
 		}
 		r = bufio.NewReaderSize(in, ioBufSize)
 	} else {
@@ -160,6 +163,10 @@ func (c *conn) serve() {
 	if c.werr == nil {
 		c.setWerr(c.w.Flush())
 	}
+	if c.werr == nil && err == nil && c.tc != nil {
+		// NBD_CMD_DISC: end the TLS session properly (close_notify).
+		c.tc.CloseWrite()
+	}
 	c.wmu.Unlock()
 	if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, errReadTimeout) && !c.stopping.Load() && c.ctx.Err() == nil {
 		c.s.log.Info("connection closed", "remote", remote(c.nc), "err", err)
@@ -173,10 +180,10 @@ type deadlineWriter struct{ c *conn }
 func (d deadlineWriter) Write(p []byte) (int, error) {
 	c := d.c
 	if c.trusted || c.s.writeTimeout < 0 {
-		return c.nc.Write(p)
+		return c.rw.Write(p)
 	}
 	c.nc.SetWriteDeadline(time.Now().Add(c.s.writeTimeout))
-	n, err := c.nc.Write(p)
+	n, err := c.rw.Write(p)
 	if errors.Is(err, os.ErrDeadlineExceeded) {
 		err = fmt.Errorf("%w (%v)", errWriteTimeout, c.s.writeTimeout)
 	}

@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -69,6 +70,15 @@ type Config struct {
 	// Unix-socket clients are not checked (the socket's mode guards
 	// them).
 	Allow []netip.Prefix
+	// TLS, if set, offers NBD_OPT_STARTTLS with this configuration (its
+	// certificates, and ClientAuth/ClientCAs to verify clients). Its
+	// MinVersion is raised to TLS 1.2, the spec's minimum. Connections
+	// handed over with ServeNegotiated never use TLS.
+	TLS *tls.Config
+	// TLSRequired refuses everything but NBD_OPT_STARTTLS and
+	// NBD_OPT_ABORT until TLS is up (the spec's FORCEDTLS mode), so that
+	// nothing about the exports is told in plaintext. It needs TLS.
+	TLSRequired bool
 	// Logger receives connection-level events (default: discard).
 	Logger *slog.Logger
 }
@@ -89,6 +99,8 @@ type Server struct {
 	writeTimeout     time.Duration
 	readTimeout      time.Duration
 	allow            []netip.Prefix
+	tls              *tls.Config
+	tlsRequired      bool
 	bufs             *arena
 	connShare        int64         // the most buffer bytes one connection may hold
 	scratch          chan struct{} // scratch slots (conn.enterScratch)
@@ -159,6 +171,14 @@ func NewServer(cfg Config) (*Server, error) {
 		s.readTimeout = DefaultIOTimeout
 	}
 	s.allow = cfg.Allow
+	if cfg.TLSRequired && cfg.TLS == nil {
+		return nil, errors.New("nbd: TLS required but not configured")
+	}
+	if cfg.TLS != nil {
+		s.tls = cfg.TLS.Clone()
+		s.tls.MinVersion = max(s.tls.MinVersion, tls.VersionTLS12)
+		s.tlsRequired = cfg.TLSRequired
+	}
 	s.zeroes = sync.OnceValue(func() []byte { return make([]byte, zeroChunk) })
 	s.scratch = make(chan struct{}, maxScratchCalls)
 	seen := map[string]bool{}

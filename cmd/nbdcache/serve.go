@@ -25,6 +25,7 @@ type serveFlags struct {
 	cpuProf string
 	control controlFlags
 	sockets socketFlags
+	tls     tlsFlags
 }
 
 func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -44,6 +45,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.BoolVar(&f.verbose, "v", false, "log connection events")
 	f.control.register(fs, "stats, flush --drain, mode")
 	f.sockets.register(fs)
+	f.tls.register(fs)
 	fs.StringVar(&f.cpuProf, "cpuprofile", "", "write a Go CPU profile of the whole run to `FILE`")
 	fs.BoolVar(&f.storage.faults, "faults", false, "fault mode: power cuts, injected errors and latency through `nbdcache ctl` (needs --control)")
 	if err := parseFlags(fs, args); err != nil {
@@ -51,6 +53,9 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	var cfg nbd.Config
 	if err := f.limits.apply(&cfg); err != nil {
+		return err
+	}
+	if err := f.tls.apply(&cfg); err != nil {
 		return err
 	}
 	if _, err := f.control.access(); err != nil {
@@ -130,7 +135,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		fmt.Fprintf(stdout, "nbdcache: fault mode: `nbdcache ctl --control %s power-cut|error|delay|status`\n", f.control.addr)
 	}
 	if st.demo {
-		printConnectHelp(stdout, f.listens[0], ls[0], f.export)
+		printConnectHelp(stdout, f.listens[0], ls[0], f.export, cfg.TLS != nil)
 	}
 
 	select {
@@ -166,16 +171,22 @@ func listenString(a listenAddr, l net.Listener) string {
 	return l.Addr().String()
 }
 
-// nbdURI is the NBD URI (as understood by libnbd and qemu) for a listener.
-func nbdURI(a listenAddr, l net.Listener, export string) string {
-	if a.network == "unix" {
-		return fmt.Sprintf("nbd+unix:///%s?socket=%s", export, a.addr)
+// nbdURI is the NBD URI (as understood by libnbd and qemu) for a
+// listener; with TLS, libnbd's nbds:// form, which needs the client's
+// certificate folder added (&tls-certificates=DIR).
+func nbdURI(a listenAddr, l net.Listener, export string, tls bool) string {
+	s := ""
+	if tls {
+		s = "s"
 	}
-	return fmt.Sprintf("nbd://%s/%s", l.Addr().String(), export)
+	if a.network == "unix" {
+		return fmt.Sprintf("nbd%s+unix:///%s?socket=%s", s, export, a.addr)
+	}
+	return fmt.Sprintf("nbd%s://%s/%s", s, l.Addr().String(), export)
 }
 
-func printConnectHelp(w io.Writer, a listenAddr, l net.Listener, export string) {
-	uri := nbdURI(a, l, export)
+func printConnectHelp(w io.Writer, a listenAddr, l net.Listener, export string, tls bool) {
+	uri := nbdURI(a, l, export, tls)
 	fmt.Fprintf(w, `
 Connect with:
   nbdinfo '%[1]s'
