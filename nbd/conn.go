@@ -37,7 +37,7 @@ import (
 //
 // What a connection may hold, and for how long:
 //   - at most Config.MaxInFlight requests between header and reply
-//     (slots): at the limit the read loop stops reading;
+//     (inflight, slotFree): at the limit the read loop stops reading;
 //   - buffers from the server's arena, at most connShare bytes of them
 //     (share), each for one request: a WRITE's payload from before it is
 //     read until the device call returns, a READ's data from before the
@@ -56,10 +56,14 @@ type conn struct {
 	dev     storage.Device
 	ro      bool
 
-	ctx    context.Context // ends when the connection is aborted
-	cancel context.CancelFunc
-	slots  chan struct{}       // one token per request in flight
-	share  *semaphore.Weighted // this connection's part of the buffer budget
+	ctx      context.Context // ends when the connection is aborted
+	cancel   context.CancelFunc
+	slotFree chan struct{}       // signalled when inflight drops below MaxInFlight
+	share    *semaphore.Weighted // this connection's part of the buffer budget
+
+	// payloadDeadline is the read deadline readPayload armed, or zero;
+	// only the read loop touches it.
+	payloadDeadline time.Time
 
 	stopping atomic.Bool
 	inflight atomic.Int64
@@ -67,10 +71,11 @@ type conn struct {
 	jobs     chan job // to an idle worker; closed when reading ends
 	kick     chan struct{}
 
-	wmu  sync.Mutex
-	w    *bufio.Writer
-	werr error // sticky: the first write error, after which replies are dropped
-	hdr  []byte
+	wmu           sync.Mutex
+	w             *bufio.Writer
+	writeDeadline time.Time // the write deadline deadlineWriter set
+	werr          error     // sticky: the first write error, after which replies are dropped
+	hdr           []byte
 }
 
 // Errors that end a connection whose client stalls.
@@ -141,7 +146,7 @@ func (c *conn) serve() {
 		return
 	}
 	c.w = bufio.NewWriterSize(deadlineWriter{c}, ioBufSize)
-	c.slots = make(chan struct{}, c.s.maxInFlight)
+	c.slotFree = make(chan struct{}, 1)
 	c.share = semaphore.NewWeighted(c.s.connShare)
 	c.dev, c.ro = c.ss.export.Device, c.ss.export.ReadOnly
 	c.kick = make(chan struct{}, 1)
@@ -174,7 +179,11 @@ func (c *conn) serve() {
 }
 
 // deadlineWriter is where replies go: every write must finish within the
-// write timeout.
+// write timeout. As with payloads (readPayload), the deadline is moved
+// only when less than 7/8 of the timeout is left, so a write has between
+// 7/8 of the timeout and all of it, and a burst of writes costs one timer
+// update, not one each. Writes happen under wmu, which guards
+// writeDeadline.
 type deadlineWriter struct{ c *conn }
 
 func (d deadlineWriter) Write(p []byte) (int, error) {
@@ -182,7 +191,10 @@ func (d deadlineWriter) Write(p []byte) (int, error) {
 	if c.trusted || c.s.writeTimeout < 0 {
 		return c.rw.Write(p)
 	}
-	c.nc.SetWriteDeadline(time.Now().Add(c.s.writeTimeout))
+	if now := time.Now(); c.writeDeadline.Before(now.Add(c.s.writeTimeout - c.s.writeTimeout/8)) {
+		c.writeDeadline = now.Add(c.s.writeTimeout)
+		c.nc.SetWriteDeadline(c.writeDeadline)
+	}
 	n, err := c.rw.Write(p)
 	if errors.Is(err, os.ErrDeadlineExceeded) {
 		err = fmt.Errorf("%w (%v)", errWriteTimeout, c.s.writeTimeout)
@@ -202,7 +214,7 @@ func remote(nc net.Conn) string {
 func (c *conn) readLoop(r *bufio.Reader) error {
 	var hb [requestHeaderSize]byte
 	for {
-		if _, err := io.ReadFull(r, hb[:]); err != nil {
+		if err := c.readHeader(r, hb[:]); err != nil {
 			return err
 		}
 		req, err := parseRequest(hb[:])
@@ -213,12 +225,15 @@ func (c *conn) readLoop(r *bufio.Reader) error {
 		if req.typ == cmdDisc {
 			return nil
 		}
-		// A token for every request until its reply: at the limit,
-		// stop reading until a reply has gone out.
-		select {
-		case c.slots <- struct{}{}:
-		case <-c.ctx.Done():
-			return c.ctx.Err()
+		// At the limit, stop reading until a reply has gone out. Only
+		// this loop raises inflight, so the limit holds once it is
+		// below it; a stale signal costs one more look.
+		for c.inflight.Load() >= int64(c.s.maxInFlight) {
+			select {
+			case <-c.slotFree:
+			case <-c.ctx.Done():
+				return c.ctx.Err()
+			}
 		}
 		errno, msg := c.validate(req)
 		var payload buffer
@@ -253,12 +268,23 @@ func (c *conn) readLoop(r *bufio.Reader) error {
 
 // readPayload reads a WRITE's n-byte payload into dst (or drops it, if dst
 // is nil), within the read timeout.
+//
+// The deadline is armed lazily: once armed it stays, and is moved only
+// when less than 7/8 of the timeout is left, so that a stream of WRITEs
+// costs one timer update per eighth of the timeout rather than two per
+// WRITE. readHeader disarms it when it catches the read loop waiting for
+// the next request. So a payload has between 7/8 of the timeout and all
+// of it; a payload already in the buffer needs none.
 func (c *conn) readPayload(r *bufio.Reader, n int64, dst []byte) error {
-	timed := !c.trusted && c.s.readTimeout > 0
+	timed := !c.trusted && c.s.readTimeout > 0 && int64(r.Buffered()) < n
 	if timed {
-		c.nc.SetReadDeadline(time.Now().Add(c.s.readTimeout))
-		if c.stopping.Load() {
-			c.nc.SetReadDeadline(time.Now())
+		now := time.Now()
+		if c.payloadDeadline.Before(now.Add(c.s.readTimeout - c.s.readTimeout/8)) {
+			c.payloadDeadline = now.Add(c.s.readTimeout)
+			c.nc.SetReadDeadline(c.payloadDeadline)
+			if c.stopping.Load() {
+				c.nc.SetReadDeadline(now) // keep stopReading's word
+			}
 		}
 	}
 	var err error
@@ -267,21 +293,29 @@ func (c *conn) readPayload(r *bufio.Reader, n int64, dst []byte) error {
 	} else {
 		_, err = io.CopyN(io.Discard, r, n)
 	}
-	if !timed {
-		return err
+	if err != nil && timed && errors.Is(err, os.ErrDeadlineExceeded) && !c.stopping.Load() {
+		return fmt.Errorf("%w (%d bytes in %v)", errReadTimeout, n, c.s.readTimeout)
 	}
-	if err != nil {
-		if errors.Is(err, os.ErrDeadlineExceeded) && !c.stopping.Load() {
-			return fmt.Errorf("%w (%d bytes in %v)", errReadTimeout, n, c.s.readTimeout)
+	return err
+}
+
+// readHeader reads a request header into hb. Waiting for a request has no
+// time limit: a payload deadline still armed (readPayload) that runs out
+// here is disarmed, and the read goes on where it stopped.
+func (c *conn) readHeader(r *bufio.Reader, hb []byte) error {
+	got := 0
+	for {
+		n, err := io.ReadFull(r, hb[got:])
+		got += n
+		if err == nil || c.payloadDeadline.IsZero() || !errors.Is(err, os.ErrDeadlineExceeded) || c.stopping.Load() {
+			return err
 		}
-		return err
+		c.payloadDeadline = time.Time{}
+		c.nc.SetReadDeadline(time.Time{})
+		if c.stopping.Load() {
+			c.nc.SetReadDeadline(time.Now()) // stopReading's may just have been cleared
+		}
 	}
-	c.nc.SetReadDeadline(time.Time{})
-	if c.stopping.Load() {
-		// stopReading's deadline may just have been cleared.
-		c.nc.SetReadDeadline(time.Now())
-	}
-	return nil
 }
 
 // getBuf takes a buffer of n > 0 bytes from the server's budget, within
@@ -711,8 +745,14 @@ func (c *conn) setWerr(err error) {
 // done finishes a reply: wmu is held on entry and released. The last
 // request in flight flushes; otherwise the flusher is woken.
 func (c *conn) done() {
-	<-c.slots
-	if c.inflight.Add(-1) == 0 {
+	n := c.inflight.Add(-1)
+	if n == int64(c.s.maxInFlight)-1 {
+		select { // wake the read loop if it waits at the limit
+		case c.slotFree <- struct{}{}:
+		default:
+		}
+	}
+	if n == 0 {
 		if c.werr == nil && c.w.Buffered() > 0 {
 			c.setWerr(c.w.Flush())
 		}

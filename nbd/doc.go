@@ -49,7 +49,7 @@
 //     is taken before its payload is read: a client that announces a
 //     large WRITE and stalls holds it for at most Config.ReadTimeout.
 //   - A connection has at most Config.MaxInFlight requests between header
-//     and reply (conn.slots); at the limit its read loop stops reading.
+//     and reply (conn.inflight); at the limit its read loop stops reading.
 //   - A reply write that does not finish within Config.WriteTimeout
 //     aborts the connection (a TCP reset): a client that stops reading
 //     replies gets its buffers taken back in bounded time. Nothing else
