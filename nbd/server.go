@@ -55,13 +55,15 @@ type Config struct {
 	// server stops reading that connection until a reply has gone out.
 	MaxInFlight int
 	// WriteTimeout bounds each write of replies to a client (default
-	// 30 s; negative: none). A client that reads nothing for that long
+	// 30 s; negative: none; a write gets between 7/8 of it and all of
+	// it, see deadlineWriter). A client that reads nothing for that long
 	// is disconnected and its buffers freed. Connections handed over
 	// with ServeNegotiated have no write timeout: their peer is the
 	// kernel.
 	WriteTimeout time.Duration
 	// ReadTimeout bounds the arrival of a WRITE's payload once its header
-	// has been read (default 30 s; negative: none). A client that
+	// has been read (default 30 s; negative: none; between 7/8 of it and
+	// all of it, see conn.readPayload). A client that
 	// announces a payload and stalls is disconnected. Waiting for the
 	// next request header has no time limit.
 	ReadTimeout time.Duration
