@@ -57,6 +57,10 @@ func TestTLS(t *testing.T) {
 		t.Errorf("qemu-img info over TLS:\n%s", out)
 	}
 	run(t, qemuIO, append([]string{"-c", "write -P 0x5c 1M 2M", "-c", "read -P 0x5c 1M 2M", "-c", "read -P 0 0 1M"}, qemuTLS(addr, cliDir)...)...)
+	// qemu over the unix socket, which has no host name to check the
+	// certificate against: it is given one.
+	run(t, qemuIO, "-c", "read -P 0x5c 1M 2M", "--object", "tls-creds-x509,id=tls0,endpoint=client,dir="+cliDir,
+		"--image-opts", "driver=nbd,server.type=unix,server.path="+s.sock+",export=disk,tls-creds=tls0,tls-hostname=localhost")
 
 	// Plaintext clients are refused, and learn neither the export's
 	// name nor its size.
