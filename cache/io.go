@@ -81,9 +81,13 @@ func (c *Cache) Prefetch(off, length int64) error {
 	if err := storage.CheckRange(c.Size(), off, length); err != nil {
 		return err
 	}
+	// One buffer for the whole range: a bucket per call, not per bucket
+	// warmed, since a client may ask for gigabytes (the NBD server lets
+	// only a few CACHE calls run at once).
+	buf := make([]byte, min(length, c.sb.BucketSize))
 	for length > 0 {
 		n := min(length, c.sb.BucketSize)
-		if err := c.read(make([]byte, n), off, true); err != nil {
+		if err := c.read(buf[:n], off, true); err != nil {
 			return err
 		}
 		off, length = off+n, length-n
@@ -410,11 +414,40 @@ func (c *Cache) WriteAt(p []byte, off int64, flags storage.Flags) error {
 	return c.ack(flags)
 }
 
-// rmw handles an unaligned write: read the sectors it touches, patch them,
-// write them whole. Unaligned writes are serialized among themselves.
+// rmw handles an unaligned write. The sectors it covers only in part are
+// read, patched and written whole (rmwSectors); the whole sectors between
+// them are written straight from p, as an aligned write would be. Copying
+// the whole payload instead would cost its size in memory for every
+// unaligned write (up to the NBD maximum block size, which a client can
+// repeat at will). Unaligned writes are serialized among themselves,
+// middle included, so that two sharing a sector never lose each other's
+// bytes: one's whole sector written between the other's read and write
+// of that sector would be undone.
 func (c *Cache) rmw(p []byte, off int64) error {
 	c.rmwMu.Lock()
 	defer c.rmwMu.Unlock()
+	end := off + int64(len(p))
+	a, e := alignUp(off, sectorSize), end/sectorSize*sectorSize
+	if a >= e {
+		return c.rmwSectors(p, off) // within two sectors
+	}
+	if a > off {
+		if err := c.rmwSectors(p[:a-off], off); err != nil {
+			return err
+		}
+	}
+	if err := c.write(p[a-off:e-off], a); err != nil {
+		return err
+	}
+	if e < end {
+		return c.rmwSectors(p[e-off:], e)
+	}
+	return nil
+}
+
+// rmwSectors writes p (within at most two sectors) by reading the sectors
+// it touches, patching them and writing them whole. rmwMu is held.
+func (c *Cache) rmwSectors(p []byte, off int64) error {
 	a := off / sectorSize * sectorSize
 	e := alignUp(off+int64(len(p)), sectorSize)
 	buf := make([]byte, e-a)

@@ -5,7 +5,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/nbdcache/nbdcache/btreeidx"
 	"github.com/nbdcache/nbdcache/storage"
@@ -416,5 +418,79 @@ func TestReplayReadErrorFailsOpen(t *testing.T) {
 	_, err := Open(&failDataReads{d.cache, c.sb.DataOff}, d.back, Options{BackingID: testBackingID, NoBackground: true})
 	if !errors.Is(err, errReplayRead) {
 		t.Fatalf("Open = %v, want the read error", err)
+	}
+}
+
+// pauseRead is a cache device whose next ReadAt, once armed, stops until a
+// WriteAt reaches the device or a short time has passed: long enough for
+// a write that is not held back to land in the middle of the read.
+type pauseRead struct {
+	storage.Device
+	armed  atomic.Bool
+	paused chan struct{} // receives when the armed read stops
+	wrote  chan struct{} // receives (without blocking) on every WriteAt
+}
+
+func (d *pauseRead) ReadAt(p []byte, off int64) error {
+	if d.armed.CompareAndSwap(true, false) {
+		d.paused <- struct{}{}
+		select {
+		case <-d.wrote:
+		case <-time.After(200 * time.Millisecond): // the write is held back, rightly
+		}
+	}
+	return d.Device.ReadAt(p, off)
+}
+
+func (d *pauseRead) WriteAt(p []byte, off int64, flags storage.Flags) error {
+	select {
+	case d.wrote <- struct{}{}:
+	default:
+	}
+	return d.Device.WriteAt(p, off, flags)
+}
+
+// TestOverlappingUnalignedWrites: an unaligned write B reads the sectors it
+// patches; an unaligned write A that covers those sectors whole starts
+// meanwhile. B must not write back the bytes it read over A's: whichever
+// order they take, the bytes only A covers hold A's data.
+func TestOverlappingUnalignedWrites(t *testing.T) {
+	d := formatMem(t, 4<<20, 8<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 64 << 10})
+	dev := &pauseRead{Device: d.cache, paused: make(chan struct{}, 1), wrote: make(chan struct{}, 1)}
+	c := openT(t, devPair{dev, d.back}, Options{NoBackground: true})
+	defer c.Close()
+	if err := c.WriteAt(payload(0, 8192, 1), 0, 0); err != nil { // old data, dirty in the cache
+		t.Fatal(err)
+	}
+	bOff, bData := int64(3000), bytes.Repeat([]byte{'B'}, 100) // within sectors 5 and 6
+	aOff, aData := int64(1024), bytes.Repeat([]byte{'A'}, 4000-1024)
+	select {
+	case <-dev.wrote: // that write's signal
+	default:
+	}
+	dev.armed.Store(true)
+	bDone := make(chan error, 1)
+	go func() { bDone <- c.WriteAt(bData, bOff, 0) }()
+	select {
+	case <-dev.paused: // B has read sectors 5 and 6 and is about to patch them
+	case err := <-bDone:
+		t.Fatalf("B's write returned (%v) without reading the cache device: the test steers nothing", err)
+	}
+	if err := c.WriteAt(aData, aOff, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-bDone; err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(aData))
+	if err := c.ReadAt(got, aOff); err != nil {
+		t.Fatal(err)
+	}
+	for i, b := range got {
+		off := aOff + int64(i)
+		inB := off >= bOff && off < bOff+int64(len(bData))
+		if b != 'A' && !(inB && b == 'B') {
+			t.Fatalf("byte %d holds %q: A's write was undone by B's read-modify-write", off, b)
+		}
 	}
 }

@@ -13,6 +13,8 @@ import (
 	"os"
 	"strings"
 	"time"
+
+	"github.com/nbdcache/nbdcache/unixsock"
 )
 
 // Stats is what `nbdcache stats` shows. Byte counts are bytes; rates are
@@ -181,22 +183,73 @@ func WriteJSON(w http.ResponseWriter, v any) { writeJSON(w, http.StatusOK, v) }
 // ErrBadRequest marks a request the Target refuses as malformed.
 var ErrBadRequest = errors.New("control: bad request")
 
+// Access says who may use a control socket. The server's own user and
+// root always may.
+type Access struct {
+	// GID, if not negative, is a group whose members may use the socket
+	// too: the socket is created 0660 with that group. Otherwise it is
+	// created 0600.
+	GID int
+}
+
+// OwnerOnly lets only the server's user (and root) in.
+var OwnerOnly = Access{GID: -1}
+
+// Allowed is the control socket's policy: may a peer with cred use a
+// server running as euid?
+func (a Access) Allowed(cred unixsock.Cred, euid int) bool {
+	return cred.UID == euid || cred.UID == 0 || (a.GID >= 0 && cred.InGroup(a.GID))
+}
+
+// ErrForbidden is the answer (403) to a peer the socket's Access refuses.
+var ErrForbidden = errors.New("control: permission denied")
+
+type peerKey struct{}
+
+// peer is what ConnContext learned about a connection.
+type peer struct {
+	cred unixsock.Cred
+	err  error
+}
+
 // Serve serves h on the unix socket at path in the background and returns
 // the function that stops it (waiting up to 5 s for requests in progress)
-// and removes the socket file. A stale socket file is replaced.
-func Serve(path string, h http.Handler) (stop func() error, err error) {
-	if fi, err := os.Lstat(path); err == nil && fi.Mode()&os.ModeSocket != 0 {
-		if c, err := net.Dial("unix", path); err == nil {
-			c.Close()
-			return nil, fmt.Errorf("control socket %s: another server is listening there", path)
-		}
-		os.Remove(path)
+// and removes the socket file. A stale socket file is replaced. The socket
+// is created with the permissions a calls for (unixsock.Listen: never
+// looser, not even for an instant), and every connection's peer, as the
+// kernel recorded it (SO_PEERCRED), must pass a.Allowed before any
+// request is handled: the mode keeps others out, the check holds even if
+// the mode is loosened.
+func Serve(path string, h http.Handler, a Access) (stop func() error, err error) {
+	perm := unixsock.Owner
+	if a.GID >= 0 {
+		perm = unixsock.Perm{Mode: 0o660, GID: a.GID}
 	}
-	l, err := net.Listen("unix", path)
+	l, err := unixsock.Listen(path, perm)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("control socket %s: %w", path, err)
 	}
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	euid := os.Geteuid()
+	guarded := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		p, _ := r.Context().Value(peerKey{}).(peer)
+		if p.err != nil || !a.Allowed(p.cred, euid) {
+			msg := fmt.Sprintf("%v: uid %d may not use this control socket (the server runs as uid %d; see --control-group)", ErrForbidden, p.cred.UID, euid)
+			if p.err != nil {
+				msg = fmt.Sprintf("%v: %v", ErrForbidden, p.err)
+			}
+			writeJSON(w, http.StatusForbidden, map[string]string{"error": msg})
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
+	srv := &http.Server{
+		Handler:           guarded,
+		ReadHeaderTimeout: 10 * time.Second,
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			cred, err := unixsock.PeerCred(c)
+			return context.WithValue(ctx, peerKey{}, peer{cred, err})
+		},
+	}
 	go srv.Serve(l)
 	return func() error {
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -253,6 +306,9 @@ func (c *Client) send(ctx context.Context, method, path string, q url.Values) (*
 		return nil, err
 	}
 	resp, err := c.hc.Do(req)
+	if errors.Is(err, os.ErrPermission) {
+		return nil, fmt.Errorf("control socket: %w (it is for the server's user and root, and the --control-group if the server has one)", err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("control socket: %w (is `nbdcache serve --control` running?)", err)
 	}

@@ -1,8 +1,11 @@
 package control
 
 import (
+	"os"
+
 	"context"
 	"errors"
+	"github.com/nbdcache/nbdcache/unixsock"
 	"path/filepath"
 	"testing"
 )
@@ -36,12 +39,12 @@ func (f *fakeTarget) SetMode(ctx context.Context, mode string) error {
 func serve(t *testing.T, ft *fakeTarget) *Client {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "ctl.sock")
-	stop, err := Serve(path, Handler(ft))
+	stop, err := Serve(path, Handler(ft), OwnerOnly)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { stop() })
-	if _, err := Serve(path, Handler(ft)); err == nil {
+	if _, err := Serve(path, Handler(ft), OwnerOnly); err == nil {
 		t.Fatal("a second server took over a live socket")
 	}
 	return Dial(path)
@@ -87,5 +90,50 @@ func TestParseAddr(t *testing.T) {
 		if _, err := ParseAddr(bad); !errors.Is(err, ErrBadRequest) {
 			t.Errorf("%q accepted", bad)
 		}
+	}
+}
+
+// TestAccess is the control socket's policy: the server's user, root, and
+// the members of the --control-group, if any.
+func TestAccess(t *testing.T) {
+	const euid = 1000
+	for _, tc := range []struct {
+		a    Access
+		cred unixsock.Cred
+		want bool
+	}{
+		{OwnerOnly, unixsock.Cred{UID: euid, GID: 5}, true},
+		{OwnerOnly, unixsock.Cred{UID: 0, GID: 0}, true},
+		{OwnerOnly, unixsock.Cred{UID: 1001, GID: 5}, false},
+		{OwnerOnly, unixsock.Cred{UID: 1001, GID: 0, Groups: []int{0}}, false}, // root's group is not root
+		{Access{GID: 50}, unixsock.Cred{UID: 1001, GID: 50}, true},
+		{Access{GID: 50}, unixsock.Cred{UID: 1001, GID: 5, Groups: []int{7, 50}}, true},
+		{Access{GID: 50}, unixsock.Cred{UID: 1001, GID: 5, Groups: []int{7}}, false},
+	} {
+		if got := tc.a.Allowed(tc.cred, euid); got != tc.want {
+			t.Errorf("%+v, peer %+v: allowed %v, want %v", tc.a, tc.cred, got, tc.want)
+		}
+	}
+}
+
+// TestSocketMode: 0600 by default, 0660 with the control group.
+func TestSocketMode(t *testing.T) {
+	for _, tc := range []struct {
+		a    Access
+		mode os.FileMode
+	}{{OwnerOnly, 0o600}, {Access{GID: os.Getgid()}, 0o660}} {
+		path := filepath.Join(t.TempDir(), "ctl.sock")
+		stop, err := Serve(path, Handler(&fakeTarget{}), tc.a)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fi, err := os.Lstat(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fi.Mode().Perm() != tc.mode {
+			t.Errorf("%+v: mode %v, want %v", tc.a, fi.Mode().Perm(), tc.mode)
+		}
+		stop()
 	}
 }

@@ -20,5 +20,13 @@
 // Stats in one place (the Target's Stats method), which is also what a
 // metrics endpoint exports.
 //
+// Who may use it: the socket is created 0600 (0660 with a group, Access),
+// never looser even for an instant (unixsock.Listen), and every
+// connection's peer, as the kernel recorded it (SO_PEERCRED,
+// SO_PEERGROUPS), must be the server's user, root or a member of that
+// group; anyone else gets 403 before any endpoint runs, even if the
+// socket's mode was loosened. The API is as powerful as write access to
+// the disk (power cuts, injected errors, mode switches).
+//
 // The package knows nothing of caching or NBD: the daemon hands it a Target.
 package control

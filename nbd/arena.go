@@ -58,15 +58,29 @@ type arena struct {
 		next      []int32
 		prev      []int32
 		freeOrder []int8
-		used      int // bytes in blocks handed out
-		peak      int
-		waits     int64 // gets that had to queue
-		queue     []*arenaWaiter
+		// stash holds freed blocks of the small orders, unmerged, for
+		// the next get of the same size: a stream of 4 KiB requests would
+		// otherwise split a top block and merge it back on every one.
+		// Stashed blocks are free; any get that finds no free block
+		// merges the whole stash first, so the stash never makes anyone
+		// wait.
+		stash [stashOrders][]int32
+		used  int // bytes in blocks handed out
+		peak  int
+		waits int64 // gets that had to queue
+		queue []*arenaWaiter
 	}
 }
 
 // pageSize is the smallest block.
 const pageSize = 4096
+
+// The stash keeps up to stashLen blocks of each order below stashOrders
+// (4 KiB to 512 KiB).
+const (
+	stashOrders = 8
+	stashLen    = 64
+)
 
 // errArenaClosed is returned by get after the server released its
 // buffers (Shutdown finished).
@@ -169,8 +183,38 @@ func (a *arena) removeLocked(p int32) {
 	a.mu.freeOrder[p] = -1
 }
 
-// allocLocked takes a free block of the order, splitting a larger one if
-// need be; ok is false when none is free.
+// takeLocked takes a free block of the order: a stashed one, else one from
+// the free lists, else, after merging the stash, one from the free lists
+// again. ok is false when none is free.
+func (a *arena) takeLocked(order int) (p int32, ok bool) {
+	if order < stashOrders {
+		if st := a.mu.stash[order]; len(st) > 0 {
+			p = st[len(st)-1]
+			a.mu.stash[order] = st[:len(st)-1]
+			a.mu.used += pageSize << order
+			a.mu.peak = max(a.mu.peak, a.mu.used)
+			return p, true
+		}
+	}
+	if p, ok = a.allocLocked(order); ok {
+		return p, true
+	}
+	drained := false
+	for o := range a.mu.stash {
+		for _, q := range a.mu.stash[o] {
+			a.mergeLocked(q, o)
+			drained = true
+		}
+		a.mu.stash[o] = a.mu.stash[o][:0]
+	}
+	if !drained {
+		return 0, false
+	}
+	return a.allocLocked(order)
+}
+
+// allocLocked takes a free block of the order from the free lists,
+// splitting a larger one if need be; ok is false when none is free.
 func (a *arena) allocLocked(order int) (p int32, ok bool) {
 	k := order
 	for k <= a.maxOrder && a.mu.heads[k] < 0 {
@@ -190,9 +234,20 @@ func (a *arena) allocLocked(order int) (p int32, ok bool) {
 	return p, true
 }
 
-// freeLocked returns a block and merges it with its free buddies.
+// freeLocked returns a block: to the stash if it is small and the stash
+// has room, else to the free lists.
 func (a *arena) freeLocked(p int32, order int) {
 	a.mu.used -= pageSize << order
+	if order < stashOrders && len(a.mu.stash[order]) < stashLen {
+		a.mu.stash[order] = append(a.mu.stash[order], p)
+		return
+	}
+	a.mergeLocked(p, order)
+}
+
+// mergeLocked puts a free block on the free lists, merged with its free
+// buddies.
+func (a *arena) mergeLocked(p int32, order int) {
 	for order < a.maxOrder {
 		b := p ^ 1<<order
 		if int(b) >= len(a.mu.freeOrder) || int(a.mu.freeOrder[b]) != order {
@@ -221,7 +276,7 @@ func (a *arena) get(ctx context.Context, n int) (buffer, error) {
 		return buffer{}, err
 	}
 	if len(a.mu.queue) == 0 {
-		if p, ok := a.allocLocked(order); ok {
+		if p, ok := a.takeLocked(order); ok {
 			b := a.bufferLocked(p, order, n)
 			a.mu.Unlock()
 			a.changed()
@@ -294,7 +349,7 @@ func (a *arena) changed() {
 func (a *arena) serveLocked() {
 	for len(a.mu.queue) > 0 {
 		w := a.mu.queue[0]
-		p, ok := a.allocLocked(w.order)
+		p, ok := a.takeLocked(w.order)
 		if !ok {
 			return
 		}

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -36,7 +37,7 @@ import (
 //
 // What a connection may hold, and for how long:
 //   - at most Config.MaxInFlight requests between header and reply
-//     (slots): at the limit the read loop stops reading;
+//     (inflight, slotFree): at the limit the read loop stops reading;
 //   - buffers from the server's arena, at most connShare bytes of them
 //     (share), each for one request: a WRITE's payload from before it is
 //     read until the device call returns, a READ's data from before the
@@ -47,16 +48,22 @@ import (
 //     every buffer comes back as its request unwinds.
 type conn struct {
 	s       *Server
-	nc      net.Conn
-	trusted bool // handed over with ServeNegotiated (the kernel): no deadlines, never refused
+	nc      net.Conn      // the socket: deadlines, close; never replaced
+	rw      io.ReadWriter // the data stream: nc, or tc once TLS is up
+	tc      *tls.Conn     // nil until NBD_OPT_STARTTLS succeeded
+	trusted bool          // handed over with ServeNegotiated (the kernel): no deadlines, never refused, no TLS
 	ss      *session
 	dev     storage.Device
 	ro      bool
 
-	ctx    context.Context // ends when the connection is aborted
-	cancel context.CancelFunc
-	slots  chan struct{}       // one token per request in flight
-	share  *semaphore.Weighted // this connection's part of the buffer budget
+	ctx      context.Context // ends when the connection is aborted
+	cancel   context.CancelFunc
+	slotFree chan struct{}       // signalled when inflight drops below MaxInFlight
+	share    *semaphore.Weighted // this connection's part of the buffer budget
+
+	// payloadDeadline is the read deadline readPayload armed, or zero;
+	// only the read loop touches it.
+	payloadDeadline time.Time
 
 	stopping atomic.Bool
 	inflight atomic.Int64
@@ -64,10 +71,11 @@ type conn struct {
 	jobs     chan job // to an idle worker; closed when reading ends
 	kick     chan struct{}
 
-	wmu  sync.Mutex
-	w    *bufio.Writer
-	werr error // sticky: the first write error, after which replies are dropped
-	hdr  []byte
+	wmu           sync.Mutex
+	w             *bufio.Writer
+	writeDeadline time.Time // the write deadline deadlineWriter set
+	werr          error     // sticky: the first write error, after which replies are dropped
+	hdr           []byte
 }
 
 // Errors that end a connection whose client stalls.
@@ -77,7 +85,7 @@ var (
 )
 
 func newConn(s *Server, nc net.Conn, ss *session) *conn {
-	c := &conn{s: s, nc: nc, ss: ss, trusted: ss != nil}
+	c := &conn{s: s, nc: nc, rw: nc, ss: ss, trusted: ss != nil}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	return c
 }
@@ -96,6 +104,17 @@ func (c *conn) abort() {
 	c.nc.Close()
 }
 
+// drop aborts a connection whose client stalled. The close resets the
+// TCP connection rather than leaving the kernel to deliver the replies
+// still queued to a client that reads nothing (an orphaned socket would
+// hold them for minutes).
+func (c *conn) drop() {
+	if tc, ok := c.nc.(*net.TCPConn); ok {
+		tc.SetLinger(0)
+	}
+	c.abort()
+}
+
 // serve runs the connection to its end; the caller closes it (abort).
 func (c *conn) serve() {
 	var r *bufio.Reader
@@ -103,7 +122,7 @@ func (c *conn) serve() {
 		r = bufio.NewReaderSize(c.nc, negotiateBufSize)
 		c.w = bufio.NewWriterSize(c.nc, negotiateBufSize)
 		c.nc.SetDeadline(time.Now().Add(c.s.handshakeTimeout))
-		ss, err := c.s.negotiate(r, c.w)
+		ss, nr, err := c.negotiate(r)
 		if err != nil {
 			if !errors.Is(err, io.EOF) && !errors.Is(err, errAbort) {
 				c.s.log.Info("negotiation failed", "remote", remote(c.nc), "err", err)
@@ -114,10 +133,10 @@ func (c *conn) serve() {
 		c.ss = ss
 		// Requests the client sent right behind NBD_OPT_GO may sit in
 		// the small buffer: the transmission reader starts with them.
-		var in io.Reader = c.nc
-		if n := r.Buffered(); n > 0 {
-			early, _ := r.Peek(n)
-			in = io.MultiReader(bytes.NewReader(bytes.Clone(early)), c.nc)
+		in := io.Reader(c.rw)
+		if n := nr.Buffered(); n > 0 {
+			early, _ := nr.Peek(n)
+			in = io.MultiReader(bytes.NewReader(bytes.Clone(early)), c.rw)
 		}
 		r = bufio.NewReaderSize(in, ioBufSize)
 	} else {
@@ -127,7 +146,7 @@ func (c *conn) serve() {
 		return
 	}
 	c.w = bufio.NewWriterSize(deadlineWriter{c}, ioBufSize)
-	c.slots = make(chan struct{}, c.s.maxInFlight)
+	c.slotFree = make(chan struct{}, 1)
 	c.share = semaphore.NewWeighted(c.s.connShare)
 	c.dev, c.ro = c.ss.export.Device, c.ss.export.ReadOnly
 	c.kick = make(chan struct{}, 1)
@@ -139,7 +158,7 @@ func (c *conn) serve() {
 	if errors.Is(err, errReadTimeout) {
 		c.s.stats.timedOut.Add(1)
 		c.s.log.Warn("connection dropped: a WRITE payload stalled", "remote", remote(c.nc), "timeout", c.s.readTimeout)
-		c.abort()
+		c.drop()
 	}
 	c.handlers.Wait()
 	close(c.jobs)
@@ -149,6 +168,10 @@ func (c *conn) serve() {
 	if c.werr == nil {
 		c.setWerr(c.w.Flush())
 	}
+	if c.werr == nil && err == nil && c.tc != nil {
+		// NBD_CMD_DISC: end the TLS session properly (close_notify).
+		c.tc.CloseWrite()
+	}
 	c.wmu.Unlock()
 	if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, errReadTimeout) && !c.stopping.Load() && c.ctx.Err() == nil {
 		c.s.log.Info("connection closed", "remote", remote(c.nc), "err", err)
@@ -156,16 +179,23 @@ func (c *conn) serve() {
 }
 
 // deadlineWriter is where replies go: every write must finish within the
-// write timeout.
+// write timeout. As with payloads (readPayload), the deadline is moved
+// only when less than 7/8 of the timeout is left, so a write has between
+// 7/8 of the timeout and all of it, and a burst of writes costs one timer
+// update, not one each. Writes happen under wmu, which guards
+// writeDeadline.
 type deadlineWriter struct{ c *conn }
 
 func (d deadlineWriter) Write(p []byte) (int, error) {
 	c := d.c
 	if c.trusted || c.s.writeTimeout < 0 {
-		return c.nc.Write(p)
+		return c.rw.Write(p)
 	}
-	c.nc.SetWriteDeadline(time.Now().Add(c.s.writeTimeout))
-	n, err := c.nc.Write(p)
+	if now := time.Now(); c.writeDeadline.Before(now.Add(c.s.writeTimeout - c.s.writeTimeout/8)) {
+		c.writeDeadline = now.Add(c.s.writeTimeout)
+		c.nc.SetWriteDeadline(c.writeDeadline)
+	}
+	n, err := c.rw.Write(p)
 	if errors.Is(err, os.ErrDeadlineExceeded) {
 		err = fmt.Errorf("%w (%v)", errWriteTimeout, c.s.writeTimeout)
 	}
@@ -184,7 +214,7 @@ func remote(nc net.Conn) string {
 func (c *conn) readLoop(r *bufio.Reader) error {
 	var hb [requestHeaderSize]byte
 	for {
-		if _, err := io.ReadFull(r, hb[:]); err != nil {
+		if err := c.readHeader(r, hb[:]); err != nil {
 			return err
 		}
 		req, err := parseRequest(hb[:])
@@ -195,12 +225,15 @@ func (c *conn) readLoop(r *bufio.Reader) error {
 		if req.typ == cmdDisc {
 			return nil
 		}
-		// A token for every request until its reply: at the limit,
-		// stop reading until a reply has gone out.
-		select {
-		case c.slots <- struct{}{}:
-		case <-c.ctx.Done():
-			return c.ctx.Err()
+		// At the limit, stop reading until a reply has gone out. Only
+		// this loop raises inflight, so the limit holds once it is
+		// below it; a stale signal costs one more look.
+		for c.inflight.Load() >= int64(c.s.maxInFlight) {
+			select {
+			case <-c.slotFree:
+			case <-c.ctx.Done():
+				return c.ctx.Err()
+			}
 		}
 		errno, msg := c.validate(req)
 		var payload buffer
@@ -235,12 +268,23 @@ func (c *conn) readLoop(r *bufio.Reader) error {
 
 // readPayload reads a WRITE's n-byte payload into dst (or drops it, if dst
 // is nil), within the read timeout.
+//
+// The deadline is armed lazily: once armed it stays, and is moved only
+// when less than 7/8 of the timeout is left, so that a stream of WRITEs
+// costs one timer update per eighth of the timeout rather than two per
+// WRITE. readHeader disarms it when it catches the read loop waiting for
+// the next request. So a payload has between 7/8 of the timeout and all
+// of it; a payload already in the buffer needs none.
 func (c *conn) readPayload(r *bufio.Reader, n int64, dst []byte) error {
-	timed := !c.trusted && c.s.readTimeout > 0
+	timed := !c.trusted && c.s.readTimeout > 0 && int64(r.Buffered()) < n
 	if timed {
-		c.nc.SetReadDeadline(time.Now().Add(c.s.readTimeout))
-		if c.stopping.Load() {
-			c.nc.SetReadDeadline(time.Now())
+		now := time.Now()
+		if c.payloadDeadline.Before(now.Add(c.s.readTimeout - c.s.readTimeout/8)) {
+			c.payloadDeadline = now.Add(c.s.readTimeout)
+			c.nc.SetReadDeadline(c.payloadDeadline)
+			if c.stopping.Load() {
+				c.nc.SetReadDeadline(now) // keep stopReading's word
+			}
 		}
 	}
 	var err error
@@ -249,21 +293,29 @@ func (c *conn) readPayload(r *bufio.Reader, n int64, dst []byte) error {
 	} else {
 		_, err = io.CopyN(io.Discard, r, n)
 	}
-	if !timed {
-		return err
+	if err != nil && timed && errors.Is(err, os.ErrDeadlineExceeded) && !c.stopping.Load() {
+		return fmt.Errorf("%w (%d bytes in %v)", errReadTimeout, n, c.s.readTimeout)
 	}
-	if err != nil {
-		if errors.Is(err, os.ErrDeadlineExceeded) && !c.stopping.Load() {
-			return fmt.Errorf("%w (%d bytes in %v)", errReadTimeout, n, c.s.readTimeout)
+	return err
+}
+
+// readHeader reads a request header into hb. Waiting for a request has no
+// time limit: a payload deadline still armed (readPayload) that runs out
+// here is disarmed, and the read goes on where it stopped.
+func (c *conn) readHeader(r *bufio.Reader, hb []byte) error {
+	got := 0
+	for {
+		n, err := io.ReadFull(r, hb[got:])
+		got += n
+		if err == nil || c.payloadDeadline.IsZero() || !errors.Is(err, os.ErrDeadlineExceeded) || c.stopping.Load() {
+			return err
 		}
-		return err
+		c.payloadDeadline = time.Time{}
+		c.nc.SetReadDeadline(time.Time{})
+		if c.stopping.Load() {
+			c.nc.SetReadDeadline(time.Now()) // stopReading's may just have been cleared
+		}
 	}
-	c.nc.SetReadDeadline(time.Time{})
-	if c.stopping.Load() {
-		// stopReading's deadline may just have been cleared.
-		c.nc.SetReadDeadline(time.Now())
-	}
-	return nil
 }
 
 // getBuf takes a buffer of n > 0 bytes from the server's budget, within
@@ -414,11 +466,17 @@ func (c *conn) handle(req request, payload buffer) {
 			fl |= storage.FastZero
 		}
 		if n > 0 {
-			err = c.zero(off, n, fl)
+			if err = c.enterScratch(); err == nil {
+				err = c.zero(off, n, fl)
+				c.leaveScratch()
+			}
 		}
 	case cmdCache:
 		if p, ok := c.dev.(storage.Prefetcher); ok && n > 0 {
-			err = p.Prefetch(off, n)
+			if err = c.enterScratch(); err == nil {
+				err = p.Prefetch(off, n)
+				c.leaveScratch()
+			}
 		}
 	case cmdBlockStatus:
 		st.blockStatuses.Add(1)
@@ -443,6 +501,23 @@ func (c *conn) handle(req request, payload buffer) {
 	}
 	c.replyOK(req)
 }
+
+// enterScratch waits for one of the server's scratch slots, which bound
+// the device calls that may allocate working memory of their own that the
+// buffer budget cannot see: CACHE (the cache reads each bucket it warms
+// into a fresh buffer) and WRITE_ZEROES (zeroes written a bucket at a
+// time where a device cannot zero natively). It fails only when the
+// connection is aborted.
+func (c *conn) enterScratch() error {
+	select {
+	case c.s.scratch <- struct{}{}:
+		return nil
+	case <-c.ctx.Done():
+		return c.ctx.Err()
+	}
+}
+
+func (c *conn) leaveScratch() { <-c.s.scratch }
 
 // zero runs WRITE_ZEROES, writing zeroes when the device cannot zero
 // natively (unless the client asked for a fast zero only).
@@ -661,6 +736,8 @@ func (c *conn) setWerr(err error) {
 	if errors.Is(err, errWriteTimeout) {
 		c.s.stats.timedOut.Add(1)
 		c.s.log.Warn("connection dropped: the client stopped reading replies", "remote", remote(c.nc), "timeout", c.s.writeTimeout)
+		c.drop()
+		return
 	}
 	c.abort()
 }
@@ -668,8 +745,14 @@ func (c *conn) setWerr(err error) {
 // done finishes a reply: wmu is held on entry and released. The last
 // request in flight flushes; otherwise the flusher is woken.
 func (c *conn) done() {
-	<-c.slots
-	if c.inflight.Add(-1) == 0 {
+	n := c.inflight.Add(-1)
+	if n == int64(c.s.maxInFlight)-1 {
+		select { // wake the read loop if it waits at the limit
+		case c.slotFree <- struct{}{}:
+		default:
+		}
+	}
+	if n == 0 {
 		if c.werr == nil && c.w.Buffered() > 0 {
 			c.setWerr(c.w.Flush())
 		}

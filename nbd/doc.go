@@ -32,4 +32,55 @@
 //     then closes; flushing the devices is the owner's job. DropConnections
 //     closes every connection at once without replies, as a power-cycled
 //     disk would.
+//
+// # Resource limits
+//
+// What any mix of clients can make the server hold is bounded, each bound
+// by one owner:
+//
+//   - Request buffers (READ data, WRITE payloads, BLOCK_STATUS replies)
+//     come from the arena (arena.go): one anonymous mapping of
+//     Config.BufferBudget bytes outside the Go heap, handed out by a buddy
+//     allocator first come, first served. A connection holds at most a
+//     quarter of it (conn.share, acquired before the arena), and the
+//     advertised maximum block size fits that quarter, so every valid
+//     request can get its buffer; a longer one is refused (EINVAL, or
+//     EOVERFLOW with DF) before anything is allocated. A WRITE's buffer
+//     is taken before its payload is read: a client that announces a
+//     large WRITE and stalls holds it for at most Config.ReadTimeout.
+//   - A connection has at most Config.MaxInFlight requests between header
+//     and reply (conn.inflight); at the limit its read loop stops reading.
+//   - A reply write that does not finish within Config.WriteTimeout
+//     aborts the connection (a TCP reset): a client that stops reading
+//     replies gets its buffers taken back in bounded time. Nothing else
+//     waits on a client: an idle connection may wait for its next request
+//     header forever, at the cost of its socket buffers.
+//   - At most Config.MaxConnections connections are open, negotiating or
+//     not; more are closed before the greeting, and a closing connection's
+//     slot is free before its client sees the close. A negotiating
+//     connection has 4 KiB socket buffers, a transmitting one 256 KiB.
+//   - CACHE and WRITE_ZEROES device calls, which may allocate working
+//     memory of their own, run at most maxScratchCalls at a time across
+//     the server.
+//   - Config.Allow is checked on accept, before the greeting.
+//
+// So the process's resident memory stays within its idle size, plus the
+// budget, plus a per-connection constant (socket buffers, worker
+// goroutines, the collector's slack): test/limits_test.go measures it on
+// the built binary under hostile mixes and holds it to 2 MiB per allowed
+// connection. Connections handed over with ServeNegotiated (the kernel)
+// share the budget but have no deadlines and are never refused.
+//
+// # TLS
+//
+// With Config.TLS, NBD_OPT_STARTTLS upgrades the connection (handshake.go):
+// the ACK, then the TLS handshake within the negotiation deadline, then a
+// fresh reader and writer over TLS and a fresh session. Nothing read or
+// negotiated in plaintext crosses over: buffered plaintext is dropped
+// with the old reader, structured replies and meta contexts are
+// forgotten. With Config.TLSRequired (FORCEDTLS) every option but
+// STARTTLS and ABORT is refused with NBD_REP_ERR_TLS_REQD before TLS, and
+// NBD_OPT_EXPORT_NAME ends the connection, so no export name, size or
+// flag is sent in plaintext. A transmission ended by NBD_CMD_DISC ends
+// its TLS session with close_notify.
 package nbd

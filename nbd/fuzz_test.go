@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nbdcache/nbdcache/internal/testcert"
 	"github.com/nbdcache/nbdcache/storage"
 )
 
@@ -130,6 +131,55 @@ func FuzzRequest(f *testing.F) {
 		}
 		if ro && (r.typ == cmdWrite || r.typ == cmdTrim || r.typ == cmdWriteZeroes) {
 			t.Fatal("write accepted on a read-only export")
+		}
+	})
+}
+
+// recordConn is scriptConn that keeps what the server wrote.
+type recordConn struct {
+	scriptConn
+	out bytes.Buffer
+}
+
+func (c *recordConn) Write(p []byte) (int, error) { return c.out.Write(p) }
+
+// FuzzTLSRequired feeds arbitrary client bytes to a server that requires
+// TLS. A script cannot complete a TLS handshake, so everything the server
+// writes is plaintext: it must never hold the export's name or
+// description, nor its size.
+func FuzzTLSRequired(f *testing.F) {
+	f.Add(seedSession(true, req(cmdRead, 0, 0, 512, nil)))
+	starttls := binary.BigEndian.AppendUint32(nil, clientFixedNewstyle|clientNoZeroes)
+	starttls = binary.BigEndian.AppendUint64(starttls, magicIHaveOpt)
+	starttls = binary.BigEndian.AppendUint32(starttls, optStartTLS)
+	starttls = binary.BigEndian.AppendUint32(starttls, 0)
+	f.Add(append(starttls, 0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5))
+	f.Add(append(binary.BigEndian.AppendUint32(nil, clientFixedNewstyle), seedSession(false)[4:]...))
+	cfg := testcert.New(f).ServerConfig(f, false)
+	const name, desc, size = "secret-export-name", "secret description", 0x5ec7e700
+	f.Fuzz(func(t *testing.T, script []byte) {
+		s, err := NewServer(Config{Exports: []Export{{Name: name, Description: desc, Device: storage.NewMem(size)}},
+			TLS: cfg, TLSRequired: true, HandshakeTimeout: time.Second})
+		if err != nil {
+			t.Fatal(err)
+		}
+		rc := &recordConn{scriptConn: scriptConn{r: bytes.NewReader(script)}}
+		c := newConn(s, rc, nil)
+		done := make(chan struct{})
+		go func() {
+			c.serve()
+			close(done)
+		}()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Fatal("connection did not finish on a finite script")
+		}
+		out := rc.out.Bytes()
+		for _, leak := range [][]byte{[]byte(name), []byte(desc), binary.BigEndian.AppendUint64(nil, size)} {
+			if bytes.Contains(out, leak) {
+				t.Fatalf("the server sent %q in plaintext:\n% x", leak, out)
+			}
 		}
 	})
 }

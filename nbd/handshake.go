@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"bufio"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -22,6 +23,8 @@ var (
 	errAbort         = errors.New("nbd: client aborted the negotiation")
 	errBadHandshake  = errors.New("nbd: bad handshake")
 	errUnknownExport = errors.New("nbd: unknown export")
+	errTLSRequired   = errors.New("nbd: TLS is required")
+	errTLSHandshake  = errors.New("nbd: TLS handshake failed")
 )
 
 // session is the state that negotiation hands to the transmission phase.
@@ -32,55 +35,101 @@ type session struct {
 	noZeroes   bool
 }
 
-// negotiate runs the fixed newstyle handshake on rw. It returns the
-// negotiated session, or an error after which the connection must close.
-func (s *Server) negotiate(r *bufio.Reader, w *bufio.Writer) (*session, error) {
+// negotiate runs the fixed newstyle handshake, reading from r and
+// writing to c.w. It returns the negotiated session and the reader that
+// transmission continues from (a new one if TLS started), or an error
+// after which the connection must close.
+//
+// TLS (Config.TLS): NBD_OPT_STARTTLS is answered with an ACK, then the
+// TLS handshake runs on the raw socket, and from then on c.rw, c.w and
+// the returned reader go through TLS. Two rules keep plaintext out of the
+// TLS session:
+//   - bytes the client sent behind NBD_OPT_STARTTLS that already sit in
+//     the plaintext reader's buffer are discarded with that reader, never
+//     read as if they came through TLS (the class of postfix's
+//     CVE-2011-0411): after the handshake, options are read only from a
+//     new reader over the TLS connection;
+//   - everything negotiated before TLS (structured replies, the meta
+//     context) is forgotten (the spec's MUST; nbdkit's CVE-2021-3716).
+//
+// With Config.TLSRequired, until TLS is up every option but STARTTLS and
+// ABORT gets NBD_REP_ERR_TLS_REQD, and NBD_OPT_EXPORT_NAME, which cannot
+// be refused, ends the connection: no export name, size or flag is sent
+// in plaintext.
+func (c *conn) negotiate(r *bufio.Reader) (*session, *bufio.Reader, error) {
+	s, w := c.s, c.w
 	var hdr [18]byte
 	binary.BigEndian.PutUint64(hdr[0:], magicNBD)
 	binary.BigEndian.PutUint64(hdr[8:], magicIHaveOpt)
 	binary.BigEndian.PutUint16(hdr[16:], flagFixedNewstyle|flagNoZeroes)
 	if _, err := w.Write(hdr[:]); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if err := w.Flush(); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	var cf [4]byte
 	if _, err := io.ReadFull(r, cf[:]); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	cflags := binary.BigEndian.Uint32(cf[:])
 	if cflags&^(clientFixedNewstyle|clientNoZeroes) != 0 {
-		return nil, fmt.Errorf("%w: unknown client flags %#x", errBadHandshake, cflags)
+		return nil, nil, fmt.Errorf("%w: unknown client flags %#x", errBadHandshake, cflags)
 	}
 	if cflags&clientFixedNewstyle == 0 {
-		return nil, fmt.Errorf("%w: client does not speak fixed newstyle", errBadHandshake)
+		return nil, nil, fmt.Errorf("%w: client does not speak fixed newstyle", errBadHandshake)
 	}
 	ss := &session{noZeroes: cflags&clientNoZeroes != 0}
 	var metaExport string // the export SET_META_CONTEXT was negotiated for
 	for {
 		var oh [16]byte
 		if _, err := io.ReadFull(r, oh[:]); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		if m := binary.BigEndian.Uint64(oh[0:]); m != magicIHaveOpt {
-			return nil, fmt.Errorf("%w: bad option magic %#x", errBadHandshake, m)
+			return nil, nil, fmt.Errorf("%w: bad option magic %#x", errBadHandshake, m)
 		}
 		opt := binary.BigEndian.Uint32(oh[8:])
 		length := binary.BigEndian.Uint32(oh[12:])
 		if length > maxOptionLength {
 			// Too big to be honest: drop the connection rather than
 			// read an attacker-chosen amount.
-			return nil, fmt.Errorf("%w: option %d of %d bytes", errBadHandshake, opt, length)
+			return nil, nil, fmt.Errorf("%w: option %d of %d bytes", errBadHandshake, opt, length)
 		}
 		data := make([]byte, length)
 		if _, err := io.ReadFull(r, data); err != nil {
-			return nil, err
+			return nil, nil, err
+		}
+		if s.tlsRequired && c.tc == nil && opt != optStartTLS && opt != optAbort {
+			if opt == optExportName {
+				return nil, nil, fmt.Errorf("%w: NBD_OPT_EXPORT_NAME before STARTTLS", errTLSRequired)
+			}
+			if err := writeOptReply(w, opt, repErrTLSReqd, []byte("TLS is required: send NBD_OPT_STARTTLS first")); err != nil {
+				return nil, nil, err
+			}
+			if err := w.Flush(); err != nil {
+				return nil, nil, err
+			}
+			continue
+		}
+		if opt == optStartTLS {
+			started, err := c.startTLS(r, len(data))
+			if err != nil {
+				return nil, nil, err
+			}
+			if started {
+				// Nothing from the plaintext phase survives.
+				r = bufio.NewReaderSize(c.rw, negotiateBufSize)
+				w = c.w
+				ss = &session{noZeroes: ss.noZeroes}
+				metaExport = ""
+			}
+			continue
 		}
 		if opt == optExportName {
 			ex := s.lookup(string(data))
 			if ex == nil {
-				return nil, fmt.Errorf("%w: %q", errUnknownExport, data)
+				return nil, nil, fmt.Errorf("%w: %q", errUnknownExport, data)
 			}
 			ss.export = ex
 			var b []byte
@@ -90,27 +139,76 @@ func (s *Server) negotiate(r *bufio.Reader, w *bufio.Writer) (*session, error) {
 				b = append(b, make([]byte, 124)...)
 			}
 			if _, err := w.Write(b); err != nil {
-				return nil, err
+				return nil, nil, err
 			}
 			if ss.meta && metaExport != ex.Name {
 				ss.meta = false
 			}
-			return ss, w.Flush()
+			return ss, r, w.Flush()
 		}
 		done, err := s.option(w, ss, opt, data, &metaExport)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		if err := w.Flush(); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		if done {
 			if ss.meta && metaExport != ss.export.Name {
 				ss.meta = false
 			}
-			return ss, nil
+			return ss, r, nil
 		}
 	}
+}
+
+// startTLS answers NBD_OPT_STARTTLS (with n bytes of option data) and, if
+// it accepted, runs the TLS handshake and switches c.rw and c.w to TLS.
+// started is false when it refused with an error reply and the plaintext
+// session goes on.
+func (c *conn) startTLS(r *bufio.Reader, n int) (started bool, err error) {
+	refuse := func(typ uint32, msg string) (bool, error) {
+		if err := writeOptReply(c.w, optStartTLS, typ, []byte(msg)); err != nil {
+			return false, err
+		}
+		return false, c.w.Flush()
+	}
+	switch {
+	case c.s.tls == nil || c.trusted:
+		return refuse(repErrUnsup, "TLS is not configured on this server")
+	case c.tc != nil:
+		return refuse(repErrInvalid, "TLS is already active")
+	case n != 0:
+		return refuse(repErrInvalid, "NBD_OPT_STARTTLS takes no data")
+	}
+	if err := writeOptReply(c.w, optStartTLS, repAck, nil); err != nil {
+		return false, err
+	}
+	if err := c.w.Flush(); err != nil {
+		return false, err
+	}
+	if k := r.Buffered(); k > 0 {
+		// Sent in plaintext behind STARTTLS, before our ACK: it must
+		// not be taken for data from inside the TLS session.
+		r.Discard(k)
+		c.s.log.Info("discarded plaintext sent behind NBD_OPT_STARTTLS", "remote", remote(c.nc), "bytes", k)
+	}
+	tc := tls.Server(c.nc, c.s.tls)
+	if err := tc.Handshake(); err != nil { // within the negotiation deadline
+		return false, fmt.Errorf("%w: %v", errTLSHandshake, err)
+	}
+	c.tc, c.rw = tc, tc
+	c.w = bufio.NewWriterSize(tc, negotiateBufSize)
+	return true, nil
+}
+
+// writeOptReply writes one option reply to w.
+func writeOptReply(w *bufio.Writer, opt, typ uint32, payload []byte) error {
+	if _, err := w.Write(appendOptReply(nil, opt, typ, uint32(len(payload)))); err != nil {
+		return err
+	}
+	_, err := w.Write(payload)
+	return err
 }
 
 // option answers one option other than EXPORT_NAME. done reports that
@@ -238,8 +336,6 @@ func (s *Server) option(w *bufio.Writer, ss *session, opt uint32, data []byte, m
 		}
 		return false, reply(repAck, nil)
 
-	case optStartTLS:
-		return false, replyErr(repErrUnsup, "TLS is not configured on this server")
 	}
 	return false, replyErr(repErrUnsup, fmt.Sprintf("option %d is not supported", opt))
 }

@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -45,7 +46,7 @@ type Config struct {
 	// quarter of it.
 	BufferBudget int64
 	// MaxConnections bounds the connections open at once, negotiating or
-	// not (default 64; negative: no limit). A connection over the limit
+	// not (default 32; negative: no limit). A connection over the limit
 	// is closed at once, before the greeting. Connections handed over
 	// with ServeNegotiated (the kernel's) count but are never refused.
 	MaxConnections int
@@ -54,13 +55,15 @@ type Config struct {
 	// server stops reading that connection until a reply has gone out.
 	MaxInFlight int
 	// WriteTimeout bounds each write of replies to a client (default
-	// 30 s; negative: none). A client that reads nothing for that long
+	// 30 s; negative: none; a write gets between 7/8 of it and all of
+	// it, see deadlineWriter). A client that reads nothing for that long
 	// is disconnected and its buffers freed. Connections handed over
 	// with ServeNegotiated have no write timeout: their peer is the
 	// kernel.
 	WriteTimeout time.Duration
 	// ReadTimeout bounds the arrival of a WRITE's payload once its header
-	// has been read (default 30 s; negative: none). A client that
+	// has been read (default 30 s; negative: none; between 7/8 of it and
+	// all of it, see conn.readPayload). A client that
 	// announces a payload and stalls is disconnected. Waiting for the
 	// next request header has no time limit.
 	ReadTimeout time.Duration
@@ -69,6 +72,15 @@ type Config struct {
 	// Unix-socket clients are not checked (the socket's mode guards
 	// them).
 	Allow []netip.Prefix
+	// TLS, if set, offers NBD_OPT_STARTTLS with this configuration (its
+	// certificates, and ClientAuth/ClientCAs to verify clients). Its
+	// MinVersion is raised to TLS 1.2, the spec's minimum. Connections
+	// handed over with ServeNegotiated never use TLS.
+	TLS *tls.Config
+	// TLSRequired refuses everything but NBD_OPT_STARTTLS and
+	// NBD_OPT_ABORT until TLS is up (the spec's FORCEDTLS mode), so that
+	// nothing about the exports is told in plaintext. It needs TLS.
+	TLSRequired bool
 	// Logger receives connection-level events (default: discard).
 	Logger *slog.Logger
 }
@@ -89,8 +101,11 @@ type Server struct {
 	writeTimeout     time.Duration
 	readTimeout      time.Duration
 	allow            []netip.Prefix
+	tls              *tls.Config
+	tlsRequired      bool
 	bufs             *arena
-	connShare        int64 // the most buffer bytes one connection may hold
+	connShare        int64         // the most buffer bytes one connection may hold
+	scratch          chan struct{} // scratch slots (conn.enterScratch)
 	zeroes           func() []byte
 	stats            counters
 
@@ -158,7 +173,16 @@ func NewServer(cfg Config) (*Server, error) {
 		s.readTimeout = DefaultIOTimeout
 	}
 	s.allow = cfg.Allow
+	if cfg.TLSRequired && cfg.TLS == nil {
+		return nil, errors.New("nbd: TLS required but not configured")
+	}
+	if cfg.TLS != nil {
+		s.tls = cfg.TLS.Clone()
+		s.tls.MinVersion = max(s.tls.MinVersion, tls.VersionTLS12)
+		s.tlsRequired = cfg.TLSRequired
+	}
 	s.zeroes = sync.OnceValue(func() []byte { return make([]byte, zeroChunk) })
+	s.scratch = make(chan struct{}, maxScratchCalls)
 	seen := map[string]bool{}
 	for i := range cfg.Exports {
 		ex := cfg.Exports[i]
@@ -187,7 +211,7 @@ func NewServer(cfg Config) (*Server, error) {
 // Defaults of Config.
 const (
 	DefaultBufferBudget   = 256 << 20
-	DefaultMaxConnections = 64
+	DefaultMaxConnections = 32
 	DefaultMaxInFlight    = 64
 	DefaultIOTimeout      = 30 * time.Second
 )
@@ -481,6 +505,10 @@ const (
 	ioBufSize        = 256 << 10
 	negotiateBufSize = 4 << 10
 )
+
+// maxScratchCalls bounds the CACHE and WRITE_ZEROES device calls in
+// progress across the server (conn.enterScratch).
+const maxScratchCalls = 4
 
 // zeroChunk is the size of the shared zero buffer that WRITE_ZEROES writes
 // when a device cannot zero natively.

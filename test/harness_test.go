@@ -79,6 +79,9 @@ type server struct {
 	stdout *bytes.Buffer
 	stderr *bytes.Buffer
 	exited chan error
+	// listening holds the "serving export ... on ADDR" lines, one per
+	// listener, in --listen order.
+	listening []string
 }
 
 // sparseFile creates a sparse file of size bytes in the test's folder.
@@ -101,10 +104,18 @@ func sparseFile(t testing.TB, name string, size int64) string {
 // end of the test, and must then exit 0.
 func startServe(t testing.TB, args ...string) *server {
 	t.Helper()
+	return startServeBinary(t, binary, args...)
+}
+
+// startServeBinary is startServe with another build of nbdcache. It waits
+// for the line about its own unix socket, which comes last, so that
+// s.listening holds every "serving export" line.
+func startServeBinary(t testing.TB, bin string, args ...string) *server {
+	t.Helper()
 	sock := filepath.Join(t.TempDir(), "nbd.sock")
 	s := &server{t: t, sock: sock, uri: "nbd+unix:///?socket=" + sock,
 		stdout: new(bytes.Buffer), stderr: new(bytes.Buffer), exited: make(chan error, 1)}
-	s.cmd = exec.Command(binary, append(append([]string{"serve"}, args...), "--listen", "unix:"+sock)...)
+	s.cmd = exec.Command(bin, append(append([]string{"serve"}, args...), "--listen", "unix:"+sock)...)
 	s.cmd.Stderr = s.stderr
 	out, err := s.cmd.StdoutPipe()
 	if err != nil {
@@ -113,29 +124,34 @@ func startServe(t testing.TB, args ...string) *server {
 	if err := s.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	ready := make(chan bool, 1)
+	ready := make(chan []string, 1)
 	go func() {
 		sc := bufio.NewScanner(out)
 		signalled := false
+		var listening []string
 		for sc.Scan() {
 			line := sc.Text()
 			s.stdout.WriteString(line + "\n")
 			if !signalled && strings.Contains(line, "serving export") {
-				ready <- true
-				signalled = true
+				listening = append(listening, line)
+				if strings.HasSuffix(line, " on unix:"+sock) {
+					ready <- listening
+					signalled = true
+				}
 			}
 		}
 		if !signalled {
-			ready <- false
+			ready <- nil
 		}
 		io.Copy(io.Discard, out)
 		s.exited <- s.cmd.Wait()
 	}()
 	select {
-	case ok := <-ready:
-		if !ok {
+	case l := <-ready:
+		if l == nil {
 			t.Fatalf("nbdcache serve exited before serving:\n%s%s", s.stdout, s.stderr)
 		}
+		s.listening = l
 	case <-time.After(60 * time.Second):
 		s.cmd.Process.Kill()
 		t.Fatalf("nbdcache serve did not start:\n%s%s", s.stdout, s.stderr)

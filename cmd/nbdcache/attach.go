@@ -33,13 +33,13 @@ type attachFlags struct {
 	backendID       string
 	ioctl           bool
 	verbose         bool
-	control         string
+	control         controlFlags
 	noDrain         bool
 }
 
 func (f *attachFlags) register(fs *flag.FlagSet) {
 	f.storage.register(fs)
-	fs.StringVar(&f.control, "control", "", "serve the control socket (stats, flush --drain, mode, ctl) on `unix:PATH`")
+	f.control.register(fs, "stats, flush --drain, mode, ctl")
 	fs.BoolVar(&f.storage.faults, "faults", false, "fault mode: power cuts, injected errors and latency through `nbdcache ctl` (needs --control)")
 	fs.BoolVar(&f.noDrain, "no-drain", false, "on detach, leave dirty data in the cache instead of writing it back first")
 	fs.StringVar(&f.device, "device", "", "attach to `/dev/nbdN` (default: a free one, picked by the kernel)")
@@ -71,7 +71,10 @@ func runAttach(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
-	if f.storage.faults && f.control == "" {
+	if _, err := f.control.access(); err != nil {
+		return err
+	}
+	if f.storage.faults && f.control.addr == "" {
 		return fmt.Errorf("%w: --faults needs --control unix:PATH, through which `nbdcache ctl` drives it", errUsage)
 	}
 	index := kernel.AnyIndex
@@ -119,7 +122,7 @@ func runAttach(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if st.rig != nil {
 		st.rig.srv.Store(srv) // power cuts drop the connections
 	}
-	if f.control != "" {
+	if f.control.addr != "" {
 		stopControl, err := startControl(f.control, &daemon{srv: srv, st: st, started: time.Now()})
 		if err != nil {
 			return err

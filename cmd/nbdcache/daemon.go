@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"log/slog"
 	"time"
@@ -10,6 +11,7 @@ import (
 	"github.com/nbdcache/nbdcache/cache"
 	"github.com/nbdcache/nbdcache/control"
 	"github.com/nbdcache/nbdcache/nbd"
+	"github.com/nbdcache/nbdcache/unixsock"
 )
 
 // daemon is what the control socket sees of a running server: the one
@@ -100,16 +102,47 @@ func (d *daemon) SetMode(ctx context.Context, mode string) error {
 	return nil
 }
 
-// startControl serves the control socket at addr (unix:PATH) for d; the
-// fault endpoints answer only in fault mode. serve and attach share it.
-func startControl(addr string, d *daemon) (stop func() error, err error) {
-	path, err := control.ParseAddr(addr)
+// controlFlags choose the control socket and who may use it. serve and
+// attach share them.
+type controlFlags struct {
+	addr  string
+	group string
+}
+
+func (f *controlFlags) register(fs *flag.FlagSet, what string) {
+	fs.StringVar(&f.addr, "control", "", "serve the control socket ("+what+") on `unix:PATH`; it is created 0600, and only the server's user and root may use it")
+	fs.StringVar(&f.group, "control-group", "", "let members of `GROUP` (a name or gid) use the control socket too: it is created 0660 with that group")
+}
+
+// access checks the flags and returns who may use the socket.
+func (f *controlFlags) access() (control.Access, error) {
+	if f.group == "" {
+		return control.OwnerOnly, nil
+	}
+	if f.addr == "" {
+		return control.Access{}, fmt.Errorf("%w: --control-group needs --control", errUsage)
+	}
+	gid, err := unixsock.LookupGroup(f.group)
+	if err != nil {
+		return control.Access{}, fmt.Errorf("%w: --control-group: %v", errUsage, err)
+	}
+	return control.Access{GID: gid}, nil
+}
+
+// startControl serves the control socket for d; the fault endpoints
+// answer only in fault mode. serve and attach share it.
+func startControl(f controlFlags, d *daemon) (stop func() error, err error) {
+	path, err := control.ParseAddr(f.addr)
 	if err != nil {
 		return nil, fmt.Errorf("%w: --control: %v", errUsage, err)
 	}
+	a, err := f.access()
+	if err != nil {
+		return nil, err
+	}
 	h := control.Handler(d)
 	registerFaultEndpoints(h, d.st.rig) // faults.go
-	return control.Serve(path, h)
+	return control.Serve(path, h, a)
 }
 
 // drainOnDetach writes back every dirty byte before a clean detach, so

@@ -1,11 +1,14 @@
 package main
 
 import (
-	"errors"
+	"flag"
 	"fmt"
 	"net"
 	"os"
+	"strconv"
 	"strings"
+
+	"github.com/nbdcache/nbdcache/unixsock"
 )
 
 // listenAddr is a parsed --listen value: unix:PATH or HOST:PORT.
@@ -39,19 +42,43 @@ func parseListen(s string) (listenAddr, error) {
 	return listenAddr{"tcp", s}, nil
 }
 
-// listen opens the socket. A stale unix socket left by a dead server is
-// removed; a live one is refused.
-func listen(a listenAddr) (net.Listener, error) {
+// listen opens the socket. A unix socket is created with perm (never
+// looser, not even for an instant); a stale one left by a dead server is
+// replaced, a live one refused.
+func listen(a listenAddr, perm unixsock.Perm) (net.Listener, error) {
 	if a.network == "unix" {
-		if fi, err := os.Lstat(a.addr); err == nil && fi.Mode()&os.ModeSocket != 0 {
-			if c, err := net.Dial("unix", a.addr); err == nil {
-				c.Close()
-				return nil, fmt.Errorf("%s: another server is listening there", a.addr)
-			}
-			if err := os.Remove(a.addr); err != nil && !errors.Is(err, os.ErrNotExist) {
-				return nil, err
-			}
-		}
+		return unixsock.Listen(a.addr, perm)
 	}
 	return net.Listen(a.network, a.addr)
+}
+
+// socketFlags set who may connect to the NBD unix sockets (--listen
+// unix:PATH).
+type socketFlags struct {
+	mode  string
+	group string
+}
+
+func (f *socketFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&f.mode, "socket-mode", "", "permissions of the --listen unix sockets, in octal `MODE` (default 0600, or 0660 with --socket-group)")
+	fs.StringVar(&f.group, "socket-group", "", "give the --listen unix sockets the group `GROUP` (a name or gid)")
+}
+
+func (f *socketFlags) perm() (unixsock.Perm, error) {
+	p := unixsock.Owner
+	if f.group != "" {
+		gid, err := unixsock.LookupGroup(f.group)
+		if err != nil {
+			return p, fmt.Errorf("%w: --socket-group: %v", errUsage, err)
+		}
+		p = unixsock.Perm{Mode: 0o660, GID: gid}
+	}
+	if f.mode != "" {
+		m, err := strconv.ParseUint(f.mode, 8, 32)
+		if err != nil || m > 0o777 || m&0o600 != 0o600 {
+			return p, fmt.Errorf("%w: --socket-mode %q: want octal permissions that let the owner read and write, such as 0600 or 0660", errUsage, f.mode)
+		}
+		p.Mode = os.FileMode(m)
+	}
+	return p, nil
 }

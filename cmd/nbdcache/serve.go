@@ -23,7 +23,9 @@ type serveFlags struct {
 	export  string
 	verbose bool
 	cpuProf string
-	control string
+	control controlFlags
+	sockets socketFlags
+	tls     tlsFlags
 }
 
 func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -41,7 +43,9 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	})
 	fs.StringVar(&f.export, "export", "", "export `NAME` (the empty name always reaches it too)")
 	fs.BoolVar(&f.verbose, "v", false, "log connection events")
-	fs.StringVar(&f.control, "control", "", "serve the control socket (stats, flush --drain, mode) on `unix:PATH`")
+	f.control.register(fs, "stats, flush --drain, mode")
+	f.sockets.register(fs)
+	f.tls.register(fs)
 	fs.StringVar(&f.cpuProf, "cpuprofile", "", "write a Go CPU profile of the whole run to `FILE`")
 	fs.BoolVar(&f.storage.faults, "faults", false, "fault mode: power cuts, injected errors and latency through `nbdcache ctl` (needs --control)")
 	if err := parseFlags(fs, args); err != nil {
@@ -51,7 +55,17 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err := f.limits.apply(&cfg); err != nil {
 		return err
 	}
-	if f.storage.faults && f.control == "" {
+	if err := f.tls.apply(&cfg); err != nil {
+		return err
+	}
+	if _, err := f.control.access(); err != nil {
+		return err
+	}
+	perm, err := f.sockets.perm()
+	if err != nil {
+		return err
+	}
+	if f.storage.faults && f.control.addr == "" {
 		return fmt.Errorf("%w: --faults needs --control unix:PATH, through which `nbdcache ctl` drives it", errUsage)
 	}
 	if len(f.listens) == 0 {
@@ -88,7 +102,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		st.rig.srv.Store(srv) // power cuts drop the connections
 	}
 	stopControl := func() error { return nil }
-	if f.control != "" {
+	if f.control.addr != "" {
 		stop, err := startControl(f.control, &daemon{srv: srv, st: st, started: time.Now()})
 		if err != nil {
 			return err
@@ -98,7 +112,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	var ls []net.Listener
 	for _, a := range f.listens {
-		l, err := listen(a)
+		l, err := listen(a, perm)
 		if err != nil {
 			for _, l := range ls {
 				l.Close()
@@ -118,10 +132,10 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		fmt.Fprintf(stdout, "nbdcache: serving export %q (%d bytes) on %s\n", f.export, dev.Size(), listenString(f.listens[i], l))
 	}
 	if st.rig != nil {
-		fmt.Fprintf(stdout, "nbdcache: fault mode: `nbdcache ctl --control %s power-cut|error|delay|status`\n", f.control)
+		fmt.Fprintf(stdout, "nbdcache: fault mode: `nbdcache ctl --control %s power-cut|error|delay|status`\n", f.control.addr)
 	}
 	if st.demo {
-		printConnectHelp(stdout, f.listens[0], ls[0], f.export)
+		printConnectHelp(stdout, f.listens[0], ls[0], f.export, cfg.TLS != nil)
 	}
 
 	select {
@@ -157,16 +171,22 @@ func listenString(a listenAddr, l net.Listener) string {
 	return l.Addr().String()
 }
 
-// nbdURI is the NBD URI (as understood by libnbd and qemu) for a listener.
-func nbdURI(a listenAddr, l net.Listener, export string) string {
-	if a.network == "unix" {
-		return fmt.Sprintf("nbd+unix:///%s?socket=%s", export, a.addr)
+// nbdURI is the NBD URI (as understood by libnbd and qemu) for a
+// listener; with TLS, libnbd's nbds:// form, which needs the client's
+// certificate folder added (&tls-certificates=DIR).
+func nbdURI(a listenAddr, l net.Listener, export string, tls bool) string {
+	s := ""
+	if tls {
+		s = "s"
 	}
-	return fmt.Sprintf("nbd://%s/%s", l.Addr().String(), export)
+	if a.network == "unix" {
+		return fmt.Sprintf("nbd%s+unix:///%s?socket=%s", s, export, a.addr)
+	}
+	return fmt.Sprintf("nbd%s://%s/%s", s, l.Addr().String(), export)
 }
 
-func printConnectHelp(w io.Writer, a listenAddr, l net.Listener, export string) {
-	uri := nbdURI(a, l, export)
+func printConnectHelp(w io.Writer, a listenAddr, l net.Listener, export string, tls bool) {
+	uri := nbdURI(a, l, export, tls)
 	fmt.Fprintf(w, `
 Connect with:
   nbdinfo '%[1]s'

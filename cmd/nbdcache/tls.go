@@ -1,0 +1,147 @@
+package main
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/nbdcache/nbdcache/nbd"
+)
+
+// tlsFlags configure NBD_OPT_STARTTLS with x509 certificates, in the
+// directory layout of nbdkit's --tls-certificates and qemu's
+// tls-creds-x509: ca-cert.pem, server-cert.pem, server-key.pem, and
+// optionally ca-crl.pem.
+type tlsFlags struct {
+	mode       string
+	dir        string
+	verifyPeer bool
+}
+
+func (f *tlsFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&f.mode, "tls", "off", "`MODE` off, on (clients may upgrade with STARTTLS) or require (nothing but STARTTLS before TLS: no export name or size in plaintext)")
+	fs.StringVar(&f.dir, "tls-certificates", "", "x509 files for --tls in `DIR`: server-cert.pem, server-key.pem, and ca-cert.pem (and ca-crl.pem) for --tls-verify-peer")
+	fs.BoolVar(&f.verifyPeer, "tls-verify-peer", false, "require a client certificate signed by DIR/ca-cert.pem (and not revoked by DIR/ca-crl.pem, if present)")
+}
+
+// errNoCertificate is returned for a --tls-certificates folder that lacks
+// the server's certificate or key.
+var errNoCertificate = errors.New("no server certificate")
+
+// apply checks the flags and sets cfg.TLS and cfg.TLSRequired.
+func (f *tlsFlags) apply(cfg *nbd.Config) error {
+	switch f.mode {
+	case "off":
+		if f.dir != "" || f.verifyPeer {
+			return fmt.Errorf("%w: --tls-certificates and --tls-verify-peer need --tls on or require", errUsage)
+		}
+		return nil
+	case "on", "require":
+	default:
+		return fmt.Errorf("%w: --tls %q: want off, on or require", errUsage, f.mode)
+	}
+	if f.dir == "" {
+		return fmt.Errorf("%w: --tls %s needs --tls-certificates DIR", errUsage, f.mode)
+	}
+	c, err := loadTLSDir(f.dir, f.verifyPeer)
+	if err != nil {
+		return err
+	}
+	cfg.TLS, cfg.TLSRequired = c, f.mode == "require"
+	return nil
+}
+
+// loadTLSDir reads the server's certificate and key from dir, and with
+// verifyPeer the CA (and the CRL, if any) that client certificates are
+// checked against.
+func loadTLSDir(dir string, verifyPeer bool) (*tls.Config, error) {
+	cert, err := tls.LoadX509KeyPair(filepath.Join(dir, "server-cert.pem"), filepath.Join(dir, "server-key.pem"))
+	if err != nil {
+		return nil, fmt.Errorf("--tls-certificates %s: %w: %v", dir, errNoCertificate, err)
+	}
+	cfg := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	if !verifyPeer {
+		return cfg, nil
+	}
+	caPEM, err := os.ReadFile(filepath.Join(dir, "ca-cert.pem"))
+	if err != nil {
+		return nil, fmt.Errorf("--tls-verify-peer: %w", err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(caPEM) {
+		return nil, fmt.Errorf("--tls-verify-peer: %s/ca-cert.pem holds no PEM certificate", dir)
+	}
+	cfg.ClientAuth, cfg.ClientCAs = tls.RequireAndVerifyClientCert, pool
+	crl, err := loadCRL(filepath.Join(dir, "ca-crl.pem"), caPEM)
+	if err != nil {
+		return nil, err
+	}
+	if crl != nil {
+		revoked := map[string]bool{}
+		for _, e := range crl.RevokedCertificateEntries {
+			revoked[e.SerialNumber.String()] = true
+		}
+		// Called after the chain was verified against ClientCAs.
+		cfg.VerifyConnection = func(cs tls.ConnectionState) error {
+			if len(cs.PeerCertificates) > 0 && revoked[cs.PeerCertificates[0].SerialNumber.String()] {
+				return errRevoked
+			}
+			return nil
+		}
+	}
+	return cfg, nil
+}
+
+// errRevoked refuses a client whose certificate ca-crl.pem lists.
+var errRevoked = errors.New("the client certificate is revoked (ca-crl.pem)")
+
+// loadCRL reads a PEM CRL at path, if there is one, and checks that one of
+// the CAs in caPEM signed it.
+func loadCRL(path string, caPEM []byte) (*x509.RevocationList, error) {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	der := b
+	if blk, _ := pemDecode(b, "X509 CRL"); blk != nil {
+		der = blk
+	}
+	crl, err := x509.ParseRevocationList(der)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	for rest := caPEM; ; {
+		var blk []byte
+		blk, rest = pemDecode(rest, "CERTIFICATE")
+		if blk == nil {
+			return nil, fmt.Errorf("%s: not signed by the CA in ca-cert.pem", path)
+		}
+		ca, err := x509.ParseCertificate(blk)
+		if err == nil && crl.CheckSignatureFrom(ca) == nil {
+			return crl, nil
+		}
+	}
+}
+
+// pemDecode returns the bytes of the first PEM block of type typ in b and
+// what follows it; nil if there is none.
+func pemDecode(b []byte, typ string) (der, rest []byte) {
+	for {
+		var blk *pem.Block
+		blk, b = pem.Decode(b)
+		if blk == nil {
+			return nil, nil
+		}
+		if blk.Type == typ {
+			return blk.Bytes, b
+		}
+	}
+}
