@@ -101,17 +101,45 @@ func (c *Cache) settleLocked(b int64) {
 	bk.state = bPending
 	bk.gen++
 	bk.epoch++
+	bk.refs = bk.refs[:0]
 	c.mu.pending = append(c.mu.pending, b)
 	c.stats.bucketsFreed.Add(1)
 }
 
-// liveLocked adds sign*len of e to the live bytes of the buckets under it.
+// account adds (sign 1) or removes (sign -1) the n bytes of virtual
+// offset off that lie in the bucket to its live bytes, and to its dirty
+// bytes if dirty; an added range joins refs. (An extent may cross from
+// one bucket into the next: the index merges the pieces of one write that
+// lie contiguous on the device.)
+func (bk *bucket) account(off, n int64, dirty bool, sign int64) {
+	bk.live += sign * n
+	if dirty {
+		bk.dirty += sign * n
+	}
+	if sign > 0 {
+		bk.refs = append(bk.refs, byteRange{off, off + n})
+	}
+}
+
+// liveLocked adds (sign 1) or removes (sign -1) extent e in the counts of
+// the buckets under it; a bucket left with nothing settles.
 func (c *Cache) liveLocked(e btreeExtent, sign int64) {
-	c.sb.forBuckets(e.Loc, e.Len, func(b, _, n int64) {
-		c.mu.buckets[b].live += sign * n
+	c.sb.forBuckets(e.Loc, e.Len, func(b, loc, n int64) {
+		c.mu.buckets[b].account(e.Off+loc-e.Loc, n, e.Dirty, sign)
 		if sign < 0 {
 			c.settleLocked(b)
 		}
+	})
+}
+
+// cleanedLocked takes out of the buckets' dirty bytes what MarkClean of e
+// is about to clean: the dirty parts of e's range that hold its version.
+func (c *Cache) cleanedLocked(e btreeExtent) {
+	c.mu.idx.Lookup(e.Off, e.Len, func(x btreeExtent) bool {
+		if x.Dirty && x.Ver == e.Ver {
+			c.sb.forBuckets(x.Loc, x.Len, func(b, _, n int64) { c.mu.buckets[b].dirty -= n })
+		}
+		return true
 	})
 }
 
@@ -273,16 +301,30 @@ type gcPiece struct {
 	dirty       bool
 }
 
-// gcStep picks victim buckets and empties them: live data of sparse
-// buckets is moved (compaction); the oldest buckets are evicted: clean data
-// dropped, dirty data moved.
+// gcStep picks victim buckets and empties them: dirty data is moved into
+// the GC allocator's bucket, clean data is dropped (never moved: the
+// backing holds it, and a read brings it back if it is wanted).
 //
 // It runs only when writers are about to reach the reserve and no bucket
-// is pending, and compacts what brings the free buckets back to lowFree.
-// Under random overwrites of a working set above about half the cache, no
-// bucket gets below 25% live: with that threshold (GCPercent's old
-// default) and a reserve of one bucket, the cache filled with garbage and
-// every write went to the backing.
+// is pending, and empties what brings the free buckets back to lowFree.
+//
+// Victims are chosen by cost and benefit, as in LFS's cleaner: emptying a
+// bucket frees it whole (its garbage, and its clean data, dropped) at the
+// cost of moving its dirty bytes d, read and written again; old buckets
+// are worth more, since their data is colder and less likely to be
+// overwritten soon (which would empty it for free) or read again (which
+// dropping clean data loses). So the score is
+//
+//	(size - d) * age / (size + d)
+//
+// with age the number of buckets filled since this one. A bucket whose
+// dirty share is GCPercent or more is never a victim: moving it gains
+// little, and the flusher, which the background loop kicks while free
+// buckets are short, makes it cheaper by cleaning it. Without evict, only
+// buckets that hold no clean data are victims: nothing cached is lost.
+//
+// The victims' extents are found through each bucket's refs, not by
+// scanning the index: a pass costs in proportion to what it empties.
 //
 // It returns the buckets it emptied, and hadRoom when it did nothing
 // because room was there already: buckets pending or free above the
@@ -297,81 +339,56 @@ func (c *Cache) gcStep(evict bool) (freed int, hadRoom bool) {
 		c.mu.Unlock()
 		return 0, true
 	}
-	dirty := make([]int64, nb)
-	c.mu.idx.AscendDirty(0, func(e btreeExtent) bool {
-		c.sb.forBuckets(e.Loc, e.Len, func(b, _, n int64) { dirty[b] += n })
-		return true
-	})
 	bsz := c.sb.BucketSize
 	room := int64(min(len(c.mu.free), c.fgReserve())) * bsz
 	if c.mu.gc.b >= 0 {
 		room += c.sb.bucketStart(c.mu.gc.b+1) - c.mu.gc.wp
 	}
-	var cands []int64
+	type cand struct {
+		b     int64
+		score float64
+	}
+	var cands []cand
 	for b := range nb {
 		bk := &c.mu.buckets[b]
-		if bk.state == bFull && bk.inflight == 0 && bk.live > 0 {
-			cands = append(cands, b)
-		}
-	}
-	// Compaction first: the emptiest buckets.
-	sort.Slice(cands, func(i, j int) bool { return c.mu.buckets[cands[i]].live < c.mu.buckets[cands[j]].live })
-	victims := map[int64]bool{}
-	dropClean := map[int64]bool{}
-	budget := room - bsz/2 // keep some room: moved data fragments by block
-	// Enough to bring the free buckets back to lowFree: each victim
-	// gains its garbage.
-	need := int64(c.lowFree()-len(c.mu.free)) * bsz
-	for _, b := range cands {
-		if need <= 0 {
-			break
-		}
-		live := c.mu.buckets[b].live
-		if live*100 >= bsz*int64(c.opts.GCPercent) || live > budget {
+		if bk.state != bFull || bk.inflight != 0 || bk.live == 0 || bk.dirty*100 >= bsz*int64(c.opts.GCPercent) {
 			continue
 		}
-		victims[b] = true
-		budget -= live
-		need -= bsz - live
-	}
-	if evict {
-		// Eviction: oldest first; clean data is dropped, dirty moved.
-		sort.Slice(cands, func(i, j int) bool { return c.mu.buckets[cands[i]].sealed < c.mu.buckets[cands[j]].sealed })
-		n := 0
-		for _, b := range cands {
-			if victims[b] || dirty[b] > bsz/2 || dirty[b] > budget {
-				continue
-			}
-			victims[b], dropClean[b] = true, true
-			budget -= dirty[b]
-			n++
-			if n >= max(2, int(nb/16)) {
-				break
-			}
+		if !evict && bk.live > bk.dirty {
+			continue
 		}
+		age := float64(c.mu.sealCount - bk.sealed + 1)
+		cands = append(cands, cand{b, float64(bsz-bk.dirty) * age / float64(bsz+bk.dirty)})
+	}
+	sort.Slice(cands, func(i, j int) bool { return cands[i].score > cands[j].score })
+	victims := map[int64]uint64{} // bucket: its epoch
+	budget := room - bsz/2        // keep some room: moved data fragments by block
+	// Enough to bring the free buckets back to lowFree.
+	need := c.lowFree() - len(c.mu.free)
+	for _, cd := range cands {
+		if len(victims) >= need {
+			break
+		}
+		bk := &c.mu.buckets[cd.b]
+		if bk.dirty > budget {
+			continue
+		}
+		victims[cd.b] = bk.epoch
+		budget -= bk.dirty
 	}
 	if len(victims) == 0 {
 		c.mu.Unlock()
 		return 0, false
 	}
 	var work []gcPiece
-	c.mu.idx.Ascend(0, func(e btreeExtent) bool {
-		c.sb.forBuckets(e.Loc, e.Len, func(b, loc, n int64) {
-			if victims[b] {
-				work = append(work, gcPiece{off: e.Off + (loc - e.Loc), n: n, loc: loc, ver: e.Ver, dirty: e.Dirty || !dropClean[b]})
-			}
-		})
-		return true
-	})
-	epochs := map[int64]uint64{}
 	for b := range victims {
-		epochs[b] = c.mu.buckets[b].epoch
+		work = c.bucketPiecesLocked(b, work)
 	}
 	c.mu.Unlock()
 
 	for _, p := range work {
 		if p.dirty {
-			if !c.gcMove(p, epochs[c.sb.bucketOf(p.loc)]) {
+			if !c.gcMove(p, victims[c.sb.bucketOf(p.loc)]) {
 				break // out of room; what is done stays done
 			}
 		} else {
@@ -379,14 +396,45 @@ func (c *Cache) gcStep(evict bool) (freed int, hadRoom bool) {
 		}
 	}
 	c.mu.Lock()
-	for b := range victims {
-		if c.mu.buckets[b].state == bPending && c.mu.buckets[b].epoch != epochs[b] {
+	for b, epoch := range victims {
+		if c.mu.buckets[b].state == bPending && c.mu.buckets[b].epoch != epoch {
 			freed++
 		}
 	}
 	c.mu.Unlock()
 	c.stats.gcRuns.Add(1)
 	return freed, false
+}
+
+// bucketPiecesLocked appends to work the extents of the index that lie in
+// bucket b, found through its refs, each once, and compacts the refs to
+// those that still lead into b.
+func (c *Cache) bucketPiecesLocked(b int64, work []gcPiece) []gcPiece {
+	bk := &c.mu.buckets[b]
+	seen := map[int64]bool{} // extents' offsets
+	refs := bk.refs[:0]
+	for _, r := range bk.refs {
+		kept := false
+		c.mu.idx.Ascend(r.off, func(e btreeExtent) bool { // whole extents
+			if e.Off >= r.end {
+				return false
+			}
+			c.sb.forBuckets(e.Loc, e.Len, func(eb, loc, n int64) {
+				off := e.Off + loc - e.Loc
+				if eb != b || seen[off] {
+					return
+				}
+				kept, seen[off] = true, true
+				work = append(work, gcPiece{off: off, n: n, loc: loc, ver: e.Ver, dirty: e.Dirty})
+			})
+			return true
+		})
+		if kept {
+			refs = append(refs, r)
+		}
+	}
+	bk.refs = refs
+	return work
 }
 
 // pieceCurrentLocked reports whether [p.off, p.off+p.n) still holds p.ver
@@ -446,6 +494,15 @@ func (c *Cache) gcMove(p gcPiece, epoch uint64) bool {
 			c.leave()
 			return true // emptied meanwhile: what we read may be garbage
 		}
+		rest := gcPiece{off: p.off + done, n: p.n - done, loc: p.loc + done, ver: p.ver}
+		if c.cleanLocked(rest.off, rest.n) {
+			// Written back since the plan: clean data is dropped,
+			// never moved.
+			c.mu.Unlock()
+			c.leave()
+			c.gcEvict(rest)
+			return true
+		}
 		loc, got, b, ok := c.allocLocked(&c.mu.gc, p.n-done, 0)
 		c.mu.Unlock()
 		if !ok {
@@ -463,12 +520,17 @@ func (c *Cache) gcMove(p gcPiece, epoch uint64) bool {
 			c.leave()
 			return false // the index is full: moving would cut extents
 		}
-		if err == nil && c.pieceCurrentLocked(sub) {
+		// Still the same data, and still all dirty (a piece written
+		// back meanwhile is left for the next pass to drop).
+		if err == nil && c.pieceCurrentLocked(sub) && !c.cleanLocked(sub.off, n) {
+			if c.opts.testOnMove != nil {
+				c.opts.testOnMove(sub.off, n)
+			}
 			gen := c.mu.buckets[b].gen
 			moved := c.mu.idx.Replace(sub.off, n, p.ver, loc, gen)
 			if moved == n {
-				c.liveLocked(btreeExtent{Loc: sub.loc, Len: n}, -1)
-				c.liveLocked(btreeExtent{Loc: loc, Len: n}, 1)
+				c.liveLocked(btreeExtent{Off: sub.off, Len: n, Loc: sub.loc, Dirty: true}, -1)
+				c.liveLocked(btreeExtent{Off: sub.off, Len: n, Loc: loc, Dirty: true}, 1)
 				c.appendLocked(record{Type: recReplace, Off: sub.off, Len: n, Loc: loc, Ver: p.ver, Gen: gen, CRC: crc(chunk)})
 				c.stats.gcMovedBytes.Add(n)
 			} else if moved != 0 {

@@ -1,6 +1,7 @@
 package cache
 
 import (
+	"fmt"
 	"math/rand/v2"
 	"path/filepath"
 	"testing"
@@ -142,6 +143,54 @@ func BenchmarkFlush(b *testing.B) {
 					b.Fatal(err)
 				}
 			}
+		})
+	}
+}
+
+// BenchmarkPressure: 4 KiB random writes from 16 goroutines over a working
+// set of ratio × the cache's capacity (a 32 MiB cache on memory devices,
+// background work on), after a warm-up that fills the cache. It reports
+// GC write amplification (bytes GC moved per byte written), the bypass
+// share and the evicted share: the figures issue 18's goals bound.
+func BenchmarkPressure(b *testing.B) {
+	for _, ratio := range []float64{0.25, 0.5, 1, 2, 4, 8} {
+		b.Run(fmt.Sprintf("ratio=%g", ratio), func(b *testing.B) {
+			const cacheSize = 32 << 20
+			span := int64(ratio*cacheSize) / 4096 * 4096
+			d := benchDevs(b, "mem", cacheSize, max(span, 1<<20))
+			if err := Format(d.cache, d.back, FormatOptions{BackingID: testBackingID, BucketSize: 256 << 10}); err != nil {
+				b.Fatal(err)
+			}
+			c, err := Open(d.cache, d.back, Options{BackingID: testBackingID})
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.Cleanup(func() { c.Close() })
+			write := func(r *rand.Rand, p []byte) {
+				if err := c.WriteAt(p, r.Int64N(span/4096)*4096, 0); err != nil {
+					b.Fatal(err)
+				}
+			}
+			r, p := rand.New(rand.NewPCG(1, 1)), make([]byte, 4096)
+			for range 2 * cacheSize / 4096 { // warm up: fill the cache
+				write(r, p)
+			}
+			before := c.Stats()
+			b.SetBytes(4096)
+			b.SetParallelism(8)
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				r, p := rand.New(rand.NewPCG(rand.Uint64(), 1)), make([]byte, 4096)
+				for pb.Next() {
+					write(r, p)
+				}
+			})
+			b.StopTimer()
+			s := c.Stats()
+			written := float64(s.WriteBytes - before.WriteBytes)
+			b.ReportMetric(float64(s.GCMovedBytes-before.GCMovedBytes)/written, "gc-wa")
+			b.ReportMetric(float64(s.Bypasses-before.Bypasses)/float64(s.Writes-before.Writes), "bypass-share")
+			b.ReportMetric(float64(s.EvictedBytes-before.EvictedBytes)/written, "evicted/written")
 		})
 	}
 }

@@ -27,7 +27,12 @@ type bucket struct {
 	inflight int32  // allocations whose extent is not inserted yet
 	epoch    uint64 // bumped whenever the bucket is emptied: readers revalidate
 	live     int64  // bytes of index extents in the bucket
-	sealed   uint64 // order in which the bucket filled (FIFO eviction)
+	dirty    int64  // of which dirty: what GC must move to empty it
+	sealed   uint64 // order in which the bucket filled (GC's age)
+	// refs names the virtual ranges whose data was put in the bucket
+	// since it was last emptied (some overwritten since): GC finds the
+	// bucket's extents through them instead of scanning the index.
+	refs []byteRange
 }
 
 // allocator appends into one open bucket.
@@ -148,7 +153,7 @@ type Cache struct {
 		// exclude each other over a range, and every start voids the
 		// promotions under way over its range (promos). wbCond is
 		// signalled whenever one ends.
-		wb         []inflightWB
+		wb         wbSet
 		direct     []byteRange
 		promos     []*promoGuard
 		wbCond     sync.Cond
@@ -314,6 +319,7 @@ func Open(cacheDev, backing storage.Device, opts Options) (*Cache, error) {
 	c.kick = make(chan struct{}, 1)
 	c.mu.commitCond.L = &c.mu.Mutex
 	c.mu.wbCond.L = &c.mu.Mutex
+	c.mu.wb = newWBSet()
 	c.mu.spaceCond.L = &c.mu.Mutex
 	c.mu.idx = st.idx
 	c.mu.buckets = st.buckets

@@ -369,12 +369,7 @@ func (c *Cache) cleanLocked(off, n int64) bool {
 // busyLocked reports whether a writeback over part of [off, off+n) is in
 // flight.
 func (c *Cache) busyLocked(off, n int64) bool {
-	for _, w := range c.mu.wb {
-		if w.off < off+n && off < w.end {
-			return true
-		}
-	}
-	return false
+	return c.mu.wb.overlaps(off, n)
 }
 
 // directLocked reports whether a direct backing write over part of
@@ -719,9 +714,9 @@ func (c *Cache) runs(off, n int64, held func(off, n int64) bool) (runs []readPie
 		cuts = append(cuts, e.Off, e.End())
 		return true
 	})
-	for _, w := range c.mu.wb {
+	c.mu.wb.each(off, n, func(w inflightWB) {
 		cuts = append(cuts, max(w.off, off), min(w.end, off+n))
-	}
+	})
 	slices.Sort(cuts)
 	for i := 0; i+1 < len(cuts); i++ {
 		a, b := cuts[i], cuts[i+1]
@@ -859,7 +854,7 @@ func (c *Cache) zeroDirty(off, n int64, bflags storage.Flags) (bool, error) {
 		c.mu.Unlock()
 		return false, nil
 	}
-	c.mu.wb = append(c.mu.wb, w)
+	c.mu.wb.add(w)
 	c.backingWriteLocked(w.off, w.end)
 	if c.tracing() {
 		c.tracef(off, n, "zeroDirty start [%d+%d)", off, n)

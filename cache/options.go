@@ -131,6 +131,9 @@ type Options struct {
 	// finds its range held and is about to wait (tests order races with
 	// it).
 	testOnDirectWait func()
+	// testOnMove, if set, is called with mu held just before GC moves
+	// [off, off+n) to another bucket.
+	testOnMove func(off, n int64)
 	// testTrace, if set, is called with the index, journal and backing
 	// events of the cache (see trace.go), under mu where they happen
 	// under it: tests print the history of a sector that went wrong.

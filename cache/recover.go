@@ -361,7 +361,7 @@ func loadState(dev storage.Device, sb *superblock, brk breakMode, log *slog.Logg
 			bad = append(bad, e)
 			return true
 		}
-		sb.forBuckets(e.Loc, e.Len, func(b, _, n int64) { st.buckets[b].live += n })
+		sb.forBuckets(e.Loc, e.Len, func(b, loc, n int64) { st.buckets[b].account(e.Off+loc-e.Loc, n, e.Dirty, 1) })
 		return true
 	})
 	for _, e := range bad {

@@ -97,7 +97,7 @@ func (c *Cache) Stats() Stats {
 	s.FreeBuckets = int64(len(c.mu.free))
 	s.PendingBuckets = int64(len(c.mu.pending))
 	s.JournalUsedBlocks = int64(c.mu.jnextSeq - c.mu.jstartSeq)
-	s.WritebackInFlight = int64(len(c.mu.wb))
+	s.WritebackInFlight = int64(c.mu.wb.len())
 	s.Failed = c.mu.failed != nil
 	c.mu.Unlock()
 	return s

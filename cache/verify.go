@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 
 	"github.com/nbdcache/nbdcache/btreeidx"
@@ -21,7 +22,10 @@ import (
 //     writeback marks clean only after its backing write is durable.
 //   - Every extent has its bucket's generation, and its bucket is full or
 //     open (never free or pending: those hold nothing live).
-//   - A bucket's live bytes are the bytes of the extents in it.
+//   - One of a bucket's refs overlaps each extent's part in it (GC finds a
+//     bucket's extents through them).
+//   - A bucket's live and dirty bytes are the bytes of the extents in it,
+//     and of its dirty ones.
 
 // ErrInvariant is wrapped by Verify's error.
 var ErrInvariant = errors.New("cache: invariant violated")
@@ -49,11 +53,18 @@ func (c *Cache) Verify() error {
 	if err := c.mu.idx.Check(); err != nil {
 		add("index: %v", err)
 	}
-	live := make([]int64, len(c.mu.buckets))
+	live, dirty := make([]int64, len(c.mu.buckets)), make([]int64, len(c.mu.buckets))
 	c.mu.idx.Ascend(0, func(e btreeidx.Extent) bool {
 		ok := true
-		c.sb.forBuckets(e.Loc, e.Len, func(b, _, n int64) {
+		c.sb.forBuckets(e.Loc, e.Len, func(b, loc, n int64) {
+			off := e.Off + loc - e.Loc
+			if !slices.ContainsFunc(c.mu.buckets[b].refs, func(r byteRange) bool { return r.overlaps(off, n) }) {
+				add("extent %v: its part in bucket %d is not among the bucket's refs (GC cannot find it)", e, b)
+			}
 			live[b] += n
+			if e.Dirty {
+				dirty[b] += n
+			}
 			bk := &c.mu.buckets[b]
 			if bk.gen != e.Gen {
 				add("extent %v has generation %d, its bucket %d has %d", e, e.Gen, b, bk.gen)
@@ -72,8 +83,8 @@ func (c *Cache) Verify() error {
 		return true
 	})
 	for b := range c.mu.buckets {
-		if live[b] != c.mu.buckets[b].live {
-			add("bucket %d counts %d live bytes, its extents hold %d", b, c.mu.buckets[b].live, live[b])
+		if live[b] != c.mu.buckets[b].live || dirty[b] != c.mu.buckets[b].dirty {
+			add("bucket %d counts %d live and %d dirty bytes, its extents hold %d and %d", b, c.mu.buckets[b].live, c.mu.buckets[b].dirty, live[b], dirty[b])
 		}
 	}
 	c.mu.Unlock()

@@ -83,7 +83,7 @@ func (c *Cache) ReadCached(e btreeidx.Extent, p []byte) error {
 	type be struct{ b, epoch int64 }
 	var eps []be
 	c.sb.forBuckets(e.Loc, e.Len, func(b, _, _ int64) { eps = append(eps, be{b, int64(c.mu.buckets[b].epoch)}) })
-	c.mu.wb = append(c.mu.wb, inflightWB{off: e.Off, end: e.End(), ver: e.Ver})
+	c.mu.wb.add(inflightWB{off: e.Off, end: e.End(), ver: e.Ver})
 	if c.tracing() {
 		c.tracef(e.Off, e.Len, "writeback start %v", e)
 	}
@@ -122,13 +122,9 @@ func (c *Cache) ReleaseCached(e btreeidx.Extent) {
 }
 
 func (c *Cache) unregisterLocked(e btreeidx.Extent) {
-	for i, w := range c.mu.wb {
-		if w.off == e.Off && w.end == e.End() && w.ver == e.Ver {
-			c.mu.wb = append(c.mu.wb[:i], c.mu.wb[i+1:]...)
-			c.mu.holdsEnded++
-			c.mu.wbCond.Broadcast()
-			return
-		}
+	if c.mu.wb.remove(inflightWB{off: e.Off, end: e.End(), ver: e.Ver}) {
+		c.mu.holdsEnded++
+		c.mu.wbCond.Broadcast()
 	}
 }
 
@@ -152,6 +148,7 @@ func (c *Cache) MarkClean(e btreeidx.Extent) (cleaned, collided int64) {
 		return 0, e.Len
 	}
 	before := c.mu.idx.DirtyBytes()
+	c.cleanedLocked(e)
 	cleaned, collided = c.mu.idx.MarkClean(e.Off, e.Len, e.Ver)
 	if c.tracing() {
 		c.tracef(e.Off, e.Len, "MarkClean %v: cleaned %d collided %d", e, cleaned, collided)
@@ -357,7 +354,7 @@ func (c *Cache) Drain(ctx context.Context, progress func(done, total int64)) err
 		if n == 0 && cur == 0 {
 			// Everything left is in flight elsewhere: wait for it.
 			c.mu.Lock()
-			if len(c.mu.wb) > 0 || len(c.mu.direct) > 0 {
+			if c.mu.wb.len() > 0 || len(c.mu.direct) > 0 {
 				c.mu.wbCond.Wait()
 			}
 			c.mu.Unlock()
@@ -384,7 +381,7 @@ func (c *Cache) waitHold(ended uint64) bool {
 	if c.mu.holdsEnded != ended {
 		return true
 	}
-	if len(c.mu.wb) == 0 && len(c.mu.direct) == 0 || c.errLocked() != nil {
+	if c.mu.wb.len() == 0 && len(c.mu.direct) == 0 || c.errLocked() != nil {
 		return false
 	}
 	c.mu.wbCond.Wait()
