@@ -57,6 +57,12 @@ func (c *Cache) allocLocked(a *allocator, want int64, reserve int) (loc, got, b 
 		}
 		a.b = c.mu.free[0]
 		c.mu.free = c.mu.free[1:]
+		if len(c.mu.free) < c.lowFree() {
+			select { // the background loop makes room ahead of writers
+			case c.kick <- struct{}{}:
+			default:
+			}
+		}
 		c.mu.buckets[a.b].state = bOpen
 		a.wp = c.sb.bucketStart(a.b)
 	}
@@ -326,16 +332,43 @@ type gcPiece struct {
 // The victims' extents are found through each bucket's refs, not by
 // scanning the index: a pass costs in proportion to what it empties.
 //
+// The background loop runs gcClean instead when it has a flusher (and
+// GCMove is off): earlier, as soon as free buckets fall below lowFree, and
+// instead of moving dirty data it writes it back and drops it (the
+// backing must receive it anyway; moving it would cost the cache device a
+// copy, issue 18's write amplification). Foreground writers that still
+// find the cache full run gcStep, which moves: they cannot wait for the
+// backing (TestForegroundDoesNotWaitForWriteback).
+//
 // It returns the buckets it emptied, and hadRoom when it did nothing
 // because room was there already: buckets pending or free above the
 // reserve (another pass or a checkpoint made it while this one waited).
 func (c *Cache) gcStep(evict bool) (freed int, hadRoom bool) {
+	return c.gc(evict, false)
+}
+
+// gcClean is the background's GC pass: see gcStep.
+func (c *Cache) gcClean() (freed int) {
+	freed, _ = c.gc(true, true)
+	return freed
+}
+
+func (c *Cache) gc(evict, clean bool) (freed int, hadRoom bool) {
 	c.gcMu.Lock()
-	defer c.gcMu.Unlock()
+	locked := true
+	defer func() {
+		if locked {
+			c.gcMu.Unlock()
+		}
+	}()
 
 	c.mu.Lock()
 	nb := int64(len(c.mu.buckets))
-	if len(c.mu.pending) > 0 || len(c.mu.free) > c.fgReserve()+1 {
+	enough := c.fgReserve() + 1
+	if clean {
+		enough = c.lowFree() - 1
+	}
+	if len(c.mu.pending) > 0 || len(c.mu.free) > enough {
 		c.mu.Unlock()
 		return 0, true
 	}
@@ -351,7 +384,7 @@ func (c *Cache) gcStep(evict bool) (freed int, hadRoom bool) {
 	var cands []cand
 	for b := range nb {
 		bk := &c.mu.buckets[b]
-		if bk.state != bFull || bk.inflight != 0 || bk.live == 0 || bk.dirty*100 >= bsz*int64(c.opts.GCPercent) {
+		if bk.state != bFull || bk.inflight != 0 || bk.live == 0 || !clean && bk.dirty*100 >= bsz*int64(c.opts.GCPercent) {
 			continue
 		}
 		if !evict && bk.live > bk.dirty {
@@ -370,7 +403,7 @@ func (c *Cache) gcStep(evict bool) (freed int, hadRoom bool) {
 			break
 		}
 		bk := &c.mu.buckets[cd.b]
-		if bk.dirty > budget {
+		if !clean && bk.dirty > budget {
 			continue
 		}
 		victims[cd.b] = bk.epoch
@@ -386,8 +419,15 @@ func (c *Cache) gcStep(evict bool) (freed int, hadRoom bool) {
 	}
 	c.mu.Unlock()
 
+	if clean {
+		// The backing may be slow: a foreground pass must not wait
+		// behind this one. Every step below checks again under mu.
+		c.gcMu.Unlock()
+		locked = false
+		c.gcWriteback(work)
+	}
 	for _, p := range work {
-		if p.dirty {
+		if p.dirty && !clean {
 			if !c.gcMove(p, victims[c.sb.bucketOf(p.loc)]) {
 				break // out of room; what is done stays done
 			}
@@ -435,6 +475,54 @@ func (c *Cache) bucketPiecesLocked(b int64, work []gcPiece) []gcPiece {
 	}
 	bk.refs = refs
 	return work
+}
+
+// gcWriteback writes the dirty pieces of work back to the backing, in
+// address order, flushes it once and marks them clean (so gcEvict can drop
+// them). A piece that a writeback already holds, or that changed since
+// the plan, is skipped: it stays, and its bucket is not freed this pass.
+func (c *Cache) gcWriteback(work []gcPiece) {
+	var es []btreeExtent
+	var bufs [][]byte
+	for _, p := range work {
+		if !p.dirty {
+			continue
+		}
+		e := btreeExtent{Off: p.off, Len: p.n, Loc: p.loc, Ver: p.ver, Dirty: true}
+		buf := make([]byte, p.n)
+		if c.ReadCached(e, buf) != nil {
+			continue // busy, stale or unreadable: left for the flusher
+		}
+		es, bufs = append(es, e), append(bufs, buf)
+	}
+	if len(es) == 0 {
+		return
+	}
+	order := make([]int, len(es))
+	for i := range order {
+		order[i] = i
+	}
+	sort.Slice(order, func(i, j int) bool { return es[order[i]].Off < es[order[j]].Off })
+	var err error
+	for _, i := range order {
+		if err = c.back.WriteAt(bufs[i], es[i].Off, 0); err != nil {
+			break
+		}
+	}
+	if err == nil {
+		err = c.back.Flush()
+	}
+	for _, e := range es {
+		if err != nil {
+			c.ReleaseCached(e)
+			continue
+		}
+		cleaned, _ := c.MarkClean(e)
+		c.stats.gcCleanedBytes.Add(cleaned)
+	}
+	if err != nil {
+		c.log.Warn("cache: gc writeback failed", "err", err)
+	}
 }
 
 // pieceCurrentLocked reports whether [p.off, p.off+p.n) still holds p.ver

@@ -118,6 +118,11 @@ type Options struct {
 	// the emptiest first, whose live data is below this share of their
 	// size (default 80).
 	GCPercent int
+	// GCMove makes GC move the dirty data of the buckets it empties into
+	// other buckets, as without a flusher. By default (with background
+	// work on) it writes that data back and drops it: the backing must
+	// receive it anyway, and moving it costs the cache device a copy.
+	GCMove bool
 	// PromoteAll turns the read admission policy off: every miss is
 	// promoted (unless bypassed by the cutoff).
 	PromoteAll bool

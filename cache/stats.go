@@ -10,7 +10,7 @@ type counters struct {
 	cacheReadErrors, cacheWriteErrors, backingWriteBytes              atomic.Int64
 	journalRecords, journalBlocks, commits, commitWaits, publishes    atomic.Int64
 	backingFlushes, checkpoints, checkpointBytes, checkpointsSkipped  atomic.Int64
-	gcRuns, gcMovedBytes, evictedBytes, bucketsFreed                  atomic.Int64
+	gcRuns, gcMovedBytes, gcCleanedBytes, evictedBytes, bucketsFreed  atomic.Int64
 	writebackBytes, writebackCollisions, dataWrites                   atomic.Int64
 	replayed, replayDropped, directWaits                              atomic.Int64
 }
@@ -59,7 +59,8 @@ type Stats struct {
 	CheckpointBytes     int64
 	CheckpointsSkipped  int64 // asked for, but made unneeded by a checkpoint that ran meanwhile
 	GCRuns              int64
-	GCMovedBytes        int64
+	GCMovedBytes        int64 // dirty bytes GC moved to other buckets (never clean ones)
+	GCCleanedBytes      int64 // dirty bytes GC wrote back to the backing to drop them instead
 	EvictedBytes        int64
 	BucketsFreed        int64
 	WritebackBytes      int64 // bytes marked clean after writeback
@@ -83,7 +84,7 @@ func (c *Cache) Stats() Stats {
 		BackingWriteBytes: c.stats.backingWriteBytes.Load(), JournalRecords: c.stats.journalRecords.Load(),
 		JournalBlocks: c.stats.journalBlocks.Load(), Commits: c.stats.commits.Load(), CommitWaits: c.stats.commitWaits.Load(), Publishes: c.stats.publishes.Load(),
 		BackingFlushes: c.stats.backingFlushes.Load(), Checkpoints: c.stats.checkpoints.Load(),
-		CheckpointBytes: c.stats.checkpointBytes.Load(), CheckpointsSkipped: c.stats.checkpointsSkipped.Load(), GCRuns: c.stats.gcRuns.Load(), GCMovedBytes: c.stats.gcMovedBytes.Load(),
+		CheckpointBytes: c.stats.checkpointBytes.Load(), CheckpointsSkipped: c.stats.checkpointsSkipped.Load(), GCRuns: c.stats.gcRuns.Load(), GCMovedBytes: c.stats.gcMovedBytes.Load(), GCCleanedBytes: c.stats.gcCleanedBytes.Load(),
 		EvictedBytes: c.stats.evictedBytes.Load(), BucketsFreed: c.stats.bucketsFreed.Load(),
 		WritebackBytes: c.stats.writebackBytes.Load(), WritebackCollisions: c.stats.writebackCollisions.Load(),
 		ReplayedRecords: c.stats.replayed.Load(), ReplayDropped: c.stats.replayDropped.Load(), DirectWaits: c.stats.directWaits.Load(),

@@ -35,6 +35,28 @@ func (s wbSet) remove(w inflightWB) bool {
 	return ok
 }
 
+// gap returns the range around off that no writeback in flight touches,
+// [lo, hi) with lo <= off < hi, or ok false when one holds off. Walking
+// ascending ranges, a caller looks again only once it passes hi.
+func (s wbSet) gap(off int64) (lo, hi int64, ok bool) {
+	lo, hi, ok = 0, 1<<63-1, true
+	s.t.DescendLessOrEqual(inflightWB{off: off, end: 1<<63 - 1, ver: 1<<64 - 1}, func(w inflightWB) bool {
+		if w.end > off {
+			ok = false
+		}
+		lo = w.end
+		return false
+	})
+	if !ok {
+		return 0, 0, false
+	}
+	s.t.AscendGreaterOrEqual(inflightWB{off: off + 1}, func(w inflightWB) bool {
+		hi = w.off
+		return false
+	})
+	return lo, hi, true
+}
+
 // first returns the writeback that overlaps [off, off+n) and starts
 // first, if any.
 func (s wbSet) first(off, n int64) (inflightWB, bool) {

@@ -49,6 +49,14 @@ func TestWBSet(t *testing.T) {
 			if got := s.overlaps(off, n); got != (len(want) > 0) {
 				t.Fatalf("round %d: overlaps(%d, %d) = %v, want %v (set %v)", round, off, n, got, !got, list)
 			}
+			if lo, hi, free := s.gap(off); off < 0 {
+				// offsets are never negative
+			} else if free != !s.overlaps(off, 1) {
+				t.Fatalf("round %d: gap(%d) free %v, overlaps %v", round, off, free, s.overlaps(off, 1))
+			} else if free && (lo > off || hi <= off || s.overlaps(lo, hi-lo) ||
+				lo > 0 && !s.overlaps(lo-1, 1) || hi < 1<<63-1 && !s.overlaps(hi, 1)) {
+				t.Fatalf("round %d: gap(%d) = [%d, %d): not the free range around it (set %v)", round, off, lo, hi, list)
+			}
 			var got []inflightWB
 			s.each(off, n, func(w inflightWB) { got = append(got, w) })
 			if len(got) != len(want) {

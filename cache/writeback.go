@@ -19,8 +19,15 @@ func (c *Cache) DirtyExtents(from int64, fn func(btreeidx.Extent) bool) {
 	for {
 		var es []btreeidx.Extent
 		c.mu.Lock()
+		var lo, hi int64 // a range no writeback in flight touches
 		c.mu.idx.AscendDirty(from, func(e btreeidx.Extent) bool {
-			if !c.heldLocked(e.Off, e.Len) {
+			if e.Off < lo || e.End() > hi {
+				var free bool
+				if lo, hi, free = c.mu.wb.gap(e.Off); !free {
+					lo, hi = 0, 0
+				}
+			}
+			if e.Off >= lo && e.End() <= hi && !c.directLocked(e.Off, e.Len) {
 				es = append(es, e)
 			}
 			from = e.End()
@@ -485,7 +492,13 @@ func (c *Cache) background(ctx context.Context) {
 			}
 			if lowFree {
 				if pending == 0 {
-					if freed, _ := c.gcStep(true); freed > 0 {
+					var freed int
+					if c.flusher != nil && !c.opts.GCMove {
+						freed = c.gcClean()
+					} else {
+						freed, _ = c.gcStep(true)
+					}
+					if freed > 0 {
 						worked = true
 					}
 				}
