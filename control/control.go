@@ -42,20 +42,24 @@ type Stats struct {
 	BufferWaits int64 `json:"buffer_waits"`
 
 	// Cache.
-	Hits           int64   `json:"hits"`
-	Misses         int64   `json:"misses"`
-	PartialHits    int64   `json:"partial_hits"`
-	HitRatio       float64 `json:"hit_ratio"`
-	RAMHits        int64   `json:"ram_hits"`
-	Bypasses       int64   `json:"bypasses"`
-	Promotions     int64   `json:"promotions"`
-	DirtyBytes     int64   `json:"dirty_bytes"`
-	CachedBytes    int64   `json:"cached_bytes"`
-	CapacityBytes  int64   `json:"capacity_bytes"`
-	Occupancy      float64 `json:"occupancy"`
-	Extents        int64   `json:"extents"`
-	GCRuns         int64   `json:"gc_runs"`
-	GCMovedBytes   int64   `json:"gc_moved_bytes"`
+	Hits          int64   `json:"hits"`
+	Misses        int64   `json:"misses"`
+	PartialHits   int64   `json:"partial_hits"`
+	HitRatio      float64 `json:"hit_ratio"`
+	RAMHits       int64   `json:"ram_hits"`
+	Bypasses      int64   `json:"bypasses"`
+	Promotions    int64   `json:"promotions"`
+	DirtyBytes    int64   `json:"dirty_bytes"`
+	CachedBytes   int64   `json:"cached_bytes"`
+	CapacityBytes int64   `json:"capacity_bytes"`
+	Occupancy     float64 `json:"occupancy"`
+	Extents       int64   `json:"extents"`
+	GCRuns        int64   `json:"gc_runs"`
+	GCMovedBytes  int64   `json:"gc_moved_bytes"`
+	// Dirty bytes GC wrote back to drop them instead of moving them.
+	GCCleanedBytes int64 `json:"gc_cleaned_bytes"`
+	// GC's write amplification: bytes GC moved per byte clients wrote.
+	GCWriteAmp     float64 `json:"gc_write_amplification"`
 	EvictedBytes   int64   `json:"evicted_bytes"`
 	JournalCommits int64   `json:"journal_commits"`
 	// Journal writes without a sync that make acknowledged writes survive

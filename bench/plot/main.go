@@ -1,11 +1,17 @@
-// Command plot draws the writeback experiment's time series as a PNG:
-// client write IOPS, dirty data and writeback rate over time, one panel
-// each, sharing the time axis.
+// Command plot draws the benchmarks' PNGs.
+//
+// The writeback experiment's time series: client write IOPS, dirty data
+// and writeback rate over time, one panel each, sharing the time axis.
 //
 //	go run ./bench/plot -in series.csv -out writeback.png
 //
 // The CSV has a header line and the columns t_seconds, iops, dirty_mib,
 // writeback_mib_s.
+//
+// With -sweep, bench/pressure.sh's sweep: IOPS against the ratio of
+// working set to cache (log scale), a panel per backing, a line each with
+// and without the cache. The CSV has a header line and the columns
+// backing, ratio, alone_iops, cached_iops (more are ignored).
 package main
 
 import (
@@ -27,8 +33,13 @@ func main() {
 	in := flag.String("in", "", "CSV file (t_seconds, iops, dirty_mib, writeback_mib_s)")
 	out := flag.String("out", "writeback.png", "PNG to write")
 	title := flag.String("title", "nbdcache write-back over an HDD model: fio 4k randwrite QD32", "title")
+	sweep := flag.Bool("sweep", false, "draw bench/pressure.sh's sweep instead")
 	flag.Parse()
-	if err := run(*in, *out, *title); err != nil {
+	render := run
+	if *sweep {
+		render = runSweep
+	}
+	if err := render(*in, *out, *title); err != nil {
 		fmt.Fprintln(os.Stderr, "plot:", err)
 		os.Exit(1)
 	}
@@ -88,6 +99,88 @@ func run(in, out, title string) error {
 	img := vgimg.New(vg.Points(720), vg.Points(640))
 	dc := draw.New(img)
 	tiles := draw.Tiles{Rows: 3, Cols: 1, PadTop: vg.Points(6), PadBottom: vg.Points(6), PadLeft: vg.Points(6), PadRight: vg.Points(12), PadY: vg.Points(8)}
+	canvases := plot.Align(plots, tiles, dc)
+	for i := range plots {
+		plots[i][0].Draw(canvases[i][0])
+	}
+	w, err := os.Create(out)
+	if err != nil {
+		return err
+	}
+	if _, err := (vgimg.PngCanvas{Canvas: img}).WriteTo(w); err != nil {
+		w.Close()
+		return err
+	}
+	return w.Close()
+}
+
+func runSweep(in, out, title string) error {
+	f, err := os.Open(in)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	rows, err := csv.NewReader(f).ReadAll()
+	if err != nil {
+		return err
+	}
+	if len(rows) < 2 || len(rows[0]) < 4 {
+		return fmt.Errorf("%s: want a header and rows of backing, ratio, alone_iops, cached_iops", in)
+	}
+	type lines struct{ alone, cached plotter.XYs }
+	var order []string
+	byBacking := map[string]*lines{}
+	for _, r := range rows[1:] {
+		var v [3]float64
+		for i := range v {
+			if v[i], err = strconv.ParseFloat(r[i+1], 64); err != nil {
+				return fmt.Errorf("%s: %q: %v", in, r[i+1], err)
+			}
+		}
+		l := byBacking[r[0]]
+		if l == nil {
+			l = &lines{}
+			byBacking[r[0]] = l
+			order = append(order, r[0])
+		}
+		l.alone = append(l.alone, plotter.XY{X: v[0], Y: v[1]})
+		l.cached = append(l.cached, plotter.XY{X: v[0], Y: v[2]})
+	}
+	plots := make([][]*plot.Plot, len(order))
+	for i, b := range order {
+		p := plot.New()
+		p.Title.Text = title + " (" + b + " backing)"
+		p.X.Label.Text = "working set / cache"
+		p.Y.Label.Text = "IOPS"
+		p.X.Scale = plot.LogScale{}
+		p.X.Tick.Marker = plot.LogTicks{Prec: -1}
+		p.Add(plotter.NewGrid())
+		for j, s := range []struct {
+			name string
+			xy   plotter.XYs
+			c    color.Color
+		}{
+			{"backing alone", byBacking[b].alone, color.RGBA{0x7f, 0x7f, 0x7f, 0xff}},
+			{"with the cache", byBacking[b].cached, color.RGBA{0x1f, 0x77, 0xb4, 0xff}},
+		} {
+			l, pts, err := plotter.NewLinePoints(s.xy)
+			if err != nil {
+				return err
+			}
+			l.Color, pts.Color = s.c, s.c
+			l.Width = vg.Points(1.5)
+			if j == 0 {
+				l.Dashes = []vg.Length{vg.Points(4), vg.Points(3)}
+			}
+			p.Add(l, pts)
+			p.Legend.Add(s.name, l, pts)
+		}
+		p.Legend.Top = true
+		plots[i] = []*plot.Plot{p}
+	}
+	img := vgimg.New(vg.Points(720), vg.Points(300*float64(len(order))))
+	dc := draw.New(img)
+	tiles := draw.Tiles{Rows: len(order), Cols: 1, PadTop: vg.Points(6), PadBottom: vg.Points(6), PadLeft: vg.Points(6), PadRight: vg.Points(12), PadY: vg.Points(12)}
 	canvases := plot.Align(plots, tiles, dc)
 	for i := range plots {
 		plots[i][0].Draw(canvases[i][0])

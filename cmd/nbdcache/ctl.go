@@ -89,7 +89,8 @@ func printStats(w io.Writer, s, prev control.Stats, dt time.Duration, rates bool
 		fmt.Fprintf(tw, "client I/O\tread %s/s\twrite\t%s/s\n",
 			mibs(int64(float64(s.BytesRead-prev.BytesRead)/dt.Seconds())), mibs(int64(float64(s.BytesWritten-prev.BytesWritten)/dt.Seconds())))
 	}
-	fmt.Fprintf(tw, "gc runs\t%d (moved %s)\tevicted\t%s\n", s.GCRuns, mibs(s.GCMovedBytes), mibs(s.EvictedBytes))
+	fmt.Fprintf(tw, "gc runs\t%d (moved %s, write amplification %.2f; cleaned %s)\tevicted\t%s\n",
+		s.GCRuns, mibs(s.GCMovedBytes), s.GCWriteAmp, mibs(s.GCCleanedBytes), mibs(s.EvictedBytes))
 	if s.Failed {
 		fmt.Fprintf(tw, "FAILED\tthe cache device failed; dirty data is at risk\t\t\n")
 	}

@@ -58,7 +58,10 @@ func (d *daemon) Stats() control.Stats {
 	if cs.Buckets > 0 {
 		s.Occupancy = float64(cs.Buckets-cs.FreeBuckets) / float64(cs.Buckets)
 	}
-	s.GCRuns, s.GCMovedBytes, s.EvictedBytes = cs.GCRuns, cs.GCMovedBytes, cs.EvictedBytes
+	s.GCRuns, s.GCMovedBytes, s.GCCleanedBytes, s.EvictedBytes = cs.GCRuns, cs.GCMovedBytes, cs.GCCleanedBytes, cs.EvictedBytes
+	if cs.WriteBytes > 0 {
+		s.GCWriteAmp = float64(cs.GCMovedBytes) / float64(cs.WriteBytes)
+	}
 	s.JournalCommits, s.JournalPublishes, s.Checkpoints = cs.Commits, cs.Publishes, cs.Checkpoints
 	s.DataWrites = cs.DataWrites
 	s.CacheErrors = cs.CacheReadErrors + cs.CacheWriteErrors
