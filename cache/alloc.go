@@ -109,6 +109,7 @@ func (c *Cache) settleLocked(b int64) {
 	bk.epoch++
 	bk.refs = bk.refs[:0]
 	c.mu.pending = append(c.mu.pending, b)
+	c.mu.spaceCond.Broadcast()
 	c.stats.bucketsFreed.Add(1)
 }
 
@@ -174,7 +175,9 @@ func (c *Cache) droppedLocked(e btreeExtent) {
 // evicts clean extents to bring the index down (shrinkIndex).
 
 // roomLocked reports whether the index can take k more extents.
-func (c *Cache) roomLocked(k int) bool { return int64(c.mu.idx.Len())+int64(k) <= c.maxExt }
+func (c *Cache) roomLocked(k int) bool {
+	return int64(c.mu.idx.Len())+c.mu.reservedExt+int64(k) <= c.maxExt
+}
 
 // edgeCutsLocked counts the edges of [off, off+n) that fall strictly inside
 // an extent: the extents a change of exactly that range adds by cutting.

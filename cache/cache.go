@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 
 	"github.com/dgraph-io/ristretto/v2"
 	"github.com/nbdcache/nbdcache/btreeidx"
@@ -98,7 +99,12 @@ type Cache struct {
 	jbatch []sealedBlock
 	pubBuf []byte
 
-	dw      groupWriter // the write path's data writes to dev
+	dw groupWriter // the write path's data writes to dev
+	// bypassNanos: the average time a bypassed write took on the
+	// backing, per 4 KiB (see slowBacking).
+	bypassNanos   atomic.Int64
+	roomWaitAfter atomic.Int64 // unix nanoseconds: no waiting for room before
+
 	ram     *ristretto.Cache[uint64, ramEntry]
 	flusher *writeback.Flusher // nil with NoBackground
 
@@ -126,19 +132,19 @@ type Cache struct {
 		jopen      []byte // the open block: jn records encoded, header not yet
 		jn         int
 		jsealed    []sealedBlock
-		jnextSeq   uint64 // seq the next sealed block gets
-		jprev      uint32 // chain value of the last sealed block
-		jhead      int64  // ring slot of the next sealed block
-		jstartSeq  uint64 // first block after the durable checkpoint
-		jdurable   uint64 // every block with seq < jdurable is durable
-		jappended  uint64 // records appended since Open
-		jvisible   uint64 // records written to the device (not all synced)
-		cleanDep   uint64 // jappended after the last clean insert that followed an unflushed backing write
-		cleanGone  uint64 // jappended after the last record that removed a clean extent
-		dropClean  bool   // the index change being journaled removed a clean extent
-		jsynced    uint64 // every record appended before this count is durable
-		jwriting   bool   // a journal writer holds the turn (writeJournal)
-		jsyncing   bool   // a commit is syncing the cache device
+		jnextSeq   uint64  // seq the next sealed block gets
+		jprev      uint32  // chain value of the last sealed block
+		jhead      int64   // ring slot of the next sealed block
+		jstartSeq  uint64  // first block after the durable checkpoint
+		jdurable   uint64  // every block with seq < jdurable is durable
+		jappended  uint64  // records appended since Open
+		jvisible   uint64  // records written to the device (not all synced)
+		cleanDep   uint64  // jappended after the last clean insert that followed an unflushed backing write
+		cleanGone  goneSet // where records that removed a clean extent lie (by jappended)
+		dropClean  bool    // the index change being journaled removed a clean extent
+		jsynced    uint64  // every record appended before this count is durable
+		jwriting   bool    // a journal writer holds the turn (writeJournal)
+		jsyncing   bool    // a commit is syncing the cache device
 		commitCond sync.Cond
 
 		bWrites, bFlushed uint64 // backing writes done / covered by a flush
@@ -157,8 +163,11 @@ type Cache struct {
 		direct     []byteRange
 		promos     []*promoGuard
 		wbCond     sync.Cond
-		holdsEnded uint64 // writebacks and direct writes ended so far
-		spaceCond  sync.Cond
+		holdsEnded uint64    // writebacks and direct writes ended so far
+		spaceCond  sync.Cond // signalled when buckets become pending or free
+		// reservedExt: index extents that directOver writes in flight may
+		// add when they drop what they superseded (roomLocked counts them).
+		reservedExt int64
 
 		streams [16]stream
 		tick    uint64
@@ -431,6 +440,9 @@ func (c *Cache) fitIndex() error {
 	for _, e := range clean {
 		idx.Delete(e.Off, e.Len, c.droppedLocked)
 	}
+	// No record carries these deletions: the checkpoint Open writes next
+	// makes them durable, before any backing write.
+	c.mu.dropClean = false
 	if int64(idx.Len()) <= c.maxExt {
 		return nil
 	}

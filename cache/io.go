@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"time"
 
 	"github.com/nbdcache/nbdcache/storage"
 )
@@ -487,7 +488,7 @@ func (c *Cache) write(p []byte, off int64) error {
 			return c.writeDirty(p, off)
 		case seq || mode != Writethrough:
 			c.stats.bypasses.Add(1)
-			err = c.writeBacking(p, off, nil)
+			err = c.writeBacking(p, off, directWrite, nil)
 		default:
 			err = c.writeThrough(p, off)
 		}
@@ -499,8 +500,11 @@ func (c *Cache) write(p []byte, off int64) error {
 }
 
 // writeDirty writes p into the cache as dirty data. When the cache is
-// full, the rest goes to the backing, after writing back whatever dirty
-// data it overlaps.
+// full, the rest goes to the backing, dropping whatever dirty data it
+// overlaps (directOver): the write supersedes it, as it would in the
+// cache, and a crash that loses the deletion brings back older data, never
+// stale clean data. Only when the index has no room for the cut that may
+// need is that dirty data written back first.
 func (c *Cache) writeDirty(p []byte, off int64) error {
 	for {
 		done, err := c.writeCached(p, off, true, nil, true)
@@ -511,6 +515,17 @@ func (c *Cache) writeDirty(p []byte, off int64) error {
 			return err
 		}
 		p, off = p[done:], off+done
+		if c.slowBacking() && c.waitRoom() {
+			continue
+		}
+		start := time.Now()
+		if err := c.writeBacking(p, off, directOver, nil); !errors.Is(err, errPinned) {
+			if err == nil {
+				c.stats.bypasses.Add(1)
+				c.noteBypass(time.Since(start), int64(len(p)))
+			}
+			return err
+		}
 		if err := c.flushRange(off, int64(len(p))); err != nil {
 			return err
 		}
@@ -521,16 +536,71 @@ func (c *Cache) writeDirty(p []byte, off int64) error {
 			continue
 		}
 		c.stats.bypasses.Add(1)
-		if err := c.writeBacking(p, off, nil); !errors.Is(err, errPinned) {
+		if err := c.writeBacking(p, off, directWrite, nil); !errors.Is(err, errPinned) {
 			return err
 		}
 	}
 }
 
+// A write that finds the cache full goes to the backing (bypass), unless
+// the backing is slow: bypassing a slow disk's random writes is slower
+// than waiting for the flusher, whose sorted writeback passes over the
+// disk in address order, to make room (on the hdd model, random 4 KiB
+// writes bypassed during writeback ran at a fraction of the disk alone:
+// they moved the head away from the flusher's next write each time). So
+// the bypassed writes' latency is measured, per 4 KiB, as an average, and
+// above slowBackingNanos writers wait (waitRoom) instead, at most
+// maxRoomWait at a time. A wait that times out shows that the flusher
+// frees no bucket soon (its pass over a sparse working set is long):
+// writers then bypass for roomBackoff before they wait again.
+const (
+	slowBackingNanos = 1_000_000
+	maxRoomWait      = 2 * time.Second
+	roomBackoff      = 10 * time.Second
+)
+
+// noteBypass adds a bypassed write of n bytes that took d to the average.
+func (c *Cache) noteBypass(d time.Duration, n int64) {
+	per4k := int64(d) * 4096 / max(n, 4096)
+	old := c.bypassNanos.Load()
+	c.bypassNanos.Store(old + (per4k-old)/8)
+}
+
+// slowBacking reports whether bypassed writes are slow enough that
+// waiting for room beats them (and no wait timed out lately).
+func (c *Cache) slowBacking() bool {
+	return c.bypassNanos.Load() > slowBackingNanos && time.Now().UnixNano() >= c.roomWaitAfter.Load()
+}
+
+// waitRoom waits until buckets are free beyond the reserve or pending (a
+// checkpoint frees those), at most maxRoomWait; it reports whether there
+// is room to try again.
+func (c *Cache) waitRoom() bool {
+	c.kickBackground()
+	c.stats.roomWaits.Add(1)
+	timedOut := false
+	t := time.AfterFunc(maxRoomWait, func() {
+		c.mu.Lock()
+		timedOut = true
+		c.mu.spaceCond.Broadcast()
+		c.mu.Unlock()
+	})
+	defer t.Stop()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for len(c.mu.free) <= c.fgReserve() && len(c.mu.pending) == 0 && !timedOut && c.errLocked() == nil {
+		c.mu.spaceCond.Wait()
+	}
+	if timedOut {
+		c.roomWaitAfter.Store(time.Now().Add(roomBackoff).UnixNano())
+	}
+	return !timedOut && c.errLocked() == nil
+}
+
 // writeThrough writes p to the backing, then a clean copy into the cache.
 func (c *Cache) writeThrough(p []byte, off int64) error {
 	n := int64(len(p))
-	return c.writeBacking(p, off, func() error {
+	return c.writeBacking(p, off, directWrite, func() error {
 		done, err := c.writeCached(p, off, false, nil, false)
 		if errors.Is(err, errNoSpace) {
 			err = nil
@@ -541,7 +611,7 @@ func (c *Cache) writeThrough(p []byte, off int64) error {
 				return e
 			}
 			c.mu.Lock()
-			c.deleteDirectLocked(off+done, n-done, false)
+			c.deleteDirectLocked(off+done, n-done)
 			c.mu.Unlock()
 			c.leave()
 		}
@@ -564,6 +634,15 @@ const (
 	// directTrim: a held range is skipped (a trim may leave a sector's
 	// data); dirty data is dropped, as bcache's discard does.
 	directTrim
+	// directOver (a write that found the cache full): held ranges are
+	// waited for, and the dirty data in the range is dropped, as an
+	// overwrite in the cache would drop it, but only once the backing
+	// write is done (so a commit that makes the deletion durable flushes
+	// the backing first: a deletion durable before the data that
+	// supersedes it would lose a flushed write), and only where it still
+	// holds the version found at the start; errPinned only when the
+	// index has no room for the cut that may need.
+	directOver
 )
 
 // passthrough performs op on the backing for [off, off+n). Under the lock
@@ -586,7 +665,12 @@ func (c *Cache) passthrough(off, n int64, kind directKind, op func() error, then
 			return err
 		}
 		c.mu.Lock()
-		if c.opts.testBreak == breakNoPinRecheck || !c.heldLocked(off, n) && (kind == directTrim || !c.dirtyLocked(off, n)) {
+		if c.opts.testBreak == breakNoPinRecheck || !c.heldLocked(off, n) && (kind != directWrite || !c.dirtyLocked(off, n)) {
+			if kind == directOver && !c.roomLocked(1) {
+				c.mu.Unlock()
+				c.leave()
+				return errPinned
+			}
 			break
 		}
 		c.leave()
@@ -594,7 +678,7 @@ func (c *Cache) passthrough(off, n int64, kind directKind, op func() error, then
 			c.mu.Unlock()
 			return nil
 		}
-		if c.dirtyLocked(off, n) {
+		if kind == directWrite && c.dirtyLocked(off, n) {
 			c.mu.Unlock()
 			return errPinned
 		}
@@ -616,7 +700,19 @@ func (c *Cache) passthrough(off, n int64, kind directKind, op func() error, then
 	if c.tracing() {
 		c.tracef(off, n, "direct start [%d+%d) kind %d", off, n, kind)
 	}
-	clean := c.deleteDirectLocked(off, n, kind == directTrim)
+	var clean bool
+	var superseded []btreeExtent
+	if kind == directOver {
+		clean, superseded = c.deleteCleanLocked(off, n)
+		c.mu.reservedExt++ // for the cut dropSuperseded may make
+		defer func() {
+			c.mu.Lock()
+			c.mu.reservedExt--
+			c.mu.Unlock()
+		}()
+	} else {
+		clean = c.deleteDirectLocked(off, n)
+	}
 	c.mu.Unlock()
 	c.leave()
 	defer func() {
@@ -636,7 +732,7 @@ func (c *Cache) passthrough(off, n int64, kind directKind, op func() error, then
 			return err
 		}
 	}
-	if err := c.settleCleanGone(); err != nil {
+	if err := c.settleCleanGone(off, n); err != nil {
 		return err
 	}
 	if err := op(); err != nil {
@@ -648,8 +744,69 @@ func (c *Cache) passthrough(off, n int64, kind directKind, op func() error, then
 		c.tracef(off, n, "direct backing op done [%d+%d)", off, n)
 	}
 	c.mu.Unlock()
+	if len(superseded) > 0 {
+		if err := c.dropSuperseded(superseded); err != nil {
+			return err
+		}
+	}
 	if then != nil {
 		return then()
+	}
+	return nil
+}
+
+// deleteCleanLocked drops the clean extents that overlap [off, off+n),
+// whole, before a directOver write, journaling each, and returns whether
+// there was one, and the dirty pieces in the range (clipped to it).
+func (c *Cache) deleteCleanLocked(off, n int64) (clean bool, dirty []btreeExtent) {
+	var cleans []btreeExtent
+	c.mu.idx.Ascend(off, func(e btreeExtent) bool { // whole extents
+		if e.Off >= off+n {
+			return false
+		}
+		if !e.Dirty {
+			cleans = append(cleans, e) // whole: cutting it could add one
+			return true
+		}
+		if d := off - e.Off; d > 0 {
+			e.Off, e.Loc, e.Len = off, e.Loc+d, e.Len-d
+		}
+		e.Len = min(e.End(), off+n) - e.Off
+		dirty = append(dirty, e)
+		return true
+	})
+	for _, e := range cleans {
+		c.mu.idx.Delete(e.Off, e.Len, c.droppedLocked)
+		c.appendLocked(record{Type: recDelete, Off: e.Off, Len: e.Len})
+	}
+	return len(cleans) > 0, dirty
+}
+
+// dropSuperseded deletes what still holds the versions of the dirty
+// pieces a directOver write superseded, once its backing write is done
+// (and counted: the records are committed after a backing flush).
+func (c *Cache) dropSuperseded(pieces []btreeExtent) error {
+	if err := c.enter(); err != nil {
+		return err
+	}
+	defer c.leave()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, p := range pieces { // reservedExt kept room for the cut
+		var same []btreeExtent
+		c.mu.idx.Lookup(p.Off, p.Len, func(e btreeExtent) bool {
+			if e.Ver == p.Ver { // wherever GC moved it since
+				same = append(same, e)
+			}
+			return true
+		})
+		for _, e := range same {
+			if c.tracing() {
+				c.tracef(e.Off, e.Len, "directOver drops superseded %v", e)
+			}
+			c.mu.idx.Delete(e.Off, e.Len, c.droppedLocked)
+			c.appendLocked(record{Type: recDelete, Off: e.Off, Len: e.Len})
+		}
 	}
 	return nil
 }
@@ -663,7 +820,7 @@ func (c *Cache) passthrough(off, n int64, kind directKind, op func() error, then
 // strictly inside it: then it stays whole (a trimmed sector may keep its
 // data; a concurrent write may win). It journals one deletion and reports
 // whether a clean extent was dropped.
-func (c *Cache) deleteDirectLocked(off, n int64, trim bool) (clean bool) {
+func (c *Cache) deleteDirectLocked(off, n int64) (clean bool) {
 	lo, hi := off, off+n
 	found, inside := false, false
 	c.mu.idx.Ascend(off, func(e btreeExtent) bool {
@@ -691,8 +848,8 @@ func (c *Cache) deleteDirectLocked(off, n int64, trim bool) (clean bool) {
 	return clean
 }
 
-func (c *Cache) writeBacking(p []byte, off int64, then func() error) error {
-	return c.passthrough(off, int64(len(p)), directWrite, func() error {
+func (c *Cache) writeBacking(p []byte, off int64, kind directKind, then func() error) error {
+	return c.passthrough(off, int64(len(p)), kind, func() error {
 		if err := c.back.WriteAt(p, off, 0); err != nil {
 			return fmt.Errorf("cache: write backing: %w", err)
 		}
@@ -860,7 +1017,7 @@ func (c *Cache) zeroDirty(off, n int64, bflags storage.Flags) (bool, error) {
 		c.tracef(off, n, "zeroDirty start [%d+%d)", off, n)
 	}
 	c.mu.Unlock()
-	err := c.settleCleanGone()
+	err := c.settleCleanGone(off, n)
 	if err == nil {
 		err = c.zeroBacking(off, n, bflags)
 	}

@@ -17,10 +17,11 @@ func (c *Cache) appendLocked(r record) {
 		c.mu.cleanDep = c.mu.jappended
 	}
 	if c.mu.dropClean {
-		c.mu.cleanGone, c.mu.dropClean = c.mu.jappended, false
+		c.mu.cleanGone.add(r.Off, r.Len, c.mu.jappended)
+		c.mu.dropClean = false
 	}
 	if c.tracing() {
-		c.tracef(r.Off, r.Len, "rec#%d %s [%d+%d)@%d v%d dirty=%v gen=%d blk=%d cleanGone=%d", c.mu.jappended, recName(r.Type), r.Off, r.Len, r.Loc, r.Ver, r.Dirty, r.Gen, c.mu.jnextSeq, c.mu.cleanGone)
+		c.tracef(r.Off, r.Len, "rec#%d %s [%d+%d)@%d v%d dirty=%v gen=%d blk=%d cleanGone=%d", c.mu.jappended, recName(r.Type), r.Off, r.Len, r.Loc, r.Ver, r.Dirty, r.Gen, c.mu.jnextSeq, c.mu.cleanGone.newest)
 	}
 	c.stats.journalRecords.Add(1)
 	if c.mu.jn >= jRecsPerBlk {
@@ -144,14 +145,14 @@ func (c *Cache) publish() error {
 	return c.writeJournal(false)
 }
 
-// settleCleanGone makes durable, before a backing write, every record
-// that removed a clean extent (deleted it, or wrote over it): until then a
-// crash can bring the clean extent back, over backing bytes that no longer
-// equal it. That holds for any range, so the check is one comparison; the
-// commit it may need is shared with whatever commit runs.
-func (c *Cache) settleCleanGone() error {
+// settleCleanGone makes durable, before a backing write over [off, off+n),
+// every record that removed a clean extent (deleted it, or wrote over it)
+// there: until then a crash can bring the clean extent back, over backing
+// bytes that no longer equal it (goneSet). The commit it may need is
+// shared with whatever commit runs.
+func (c *Cache) settleCleanGone(off, n int64) error {
 	c.mu.Lock()
-	need := c.mu.cleanGone > c.mu.jsynced && c.opts.testBreak != breakNoCleanGone
+	need := c.mu.cleanGone.pending(off, n, c.mu.jsynced) && c.opts.testBreak != breakNoCleanGone
 	c.mu.Unlock()
 	if !need {
 		return nil

@@ -12,7 +12,7 @@ type counters struct {
 	backingFlushes, checkpoints, checkpointBytes, checkpointsSkipped  atomic.Int64
 	gcRuns, gcMovedBytes, gcCleanedBytes, evictedBytes, bucketsFreed  atomic.Int64
 	writebackBytes, writebackCollisions, dataWrites                   atomic.Int64
-	replayed, replayDropped, directWaits                              atomic.Int64
+	replayed, replayDropped, directWaits, roomWaits                   atomic.Int64
 }
 
 // Stats is a snapshot of the cache's figures. Byte counts are bytes;
@@ -30,6 +30,7 @@ type Stats struct {
 	CachedWriteBytes    int64 // bytes written into the cache (writes, zeroes and promotions)
 	Bypasses            int64 // requests sent to the backing by mode, cutoff or a full cache
 	DirectWaits         int64 // direct backing writes that waited for a writeback (or another direct write) of their range
+	RoomWaits           int64 // writes that found the cache full over a slow backing and waited for room
 	RMW                 int64 // unaligned writes done by read-modify-write
 	FUA, Flushes        int64
 	Trims, Zeros        int64
@@ -87,7 +88,7 @@ func (c *Cache) Stats() Stats {
 		CheckpointBytes: c.stats.checkpointBytes.Load(), CheckpointsSkipped: c.stats.checkpointsSkipped.Load(), GCRuns: c.stats.gcRuns.Load(), GCMovedBytes: c.stats.gcMovedBytes.Load(), GCCleanedBytes: c.stats.gcCleanedBytes.Load(),
 		EvictedBytes: c.stats.evictedBytes.Load(), BucketsFreed: c.stats.bucketsFreed.Load(),
 		WritebackBytes: c.stats.writebackBytes.Load(), WritebackCollisions: c.stats.writebackCollisions.Load(),
-		ReplayedRecords: c.stats.replayed.Load(), ReplayDropped: c.stats.replayDropped.Load(), DirectWaits: c.stats.directWaits.Load(),
+		ReplayedRecords: c.stats.replayed.Load(), ReplayDropped: c.stats.replayDropped.Load(), DirectWaits: c.stats.directWaits.Load(), RoomWaits: c.stats.roomWaits.Load(),
 		CapacityBytes: c.CapacityBytes(), Buckets: c.sb.NBuckets, JournalSlots: c.sb.journalSlots(),
 	}
 	c.mu.Lock()

@@ -109,7 +109,7 @@ func (c *Cache) ReadCached(e btreeidx.Extent, p []byte) error {
 	if err == nil {
 		// The caller writes the backing next: what superseded a clean
 		// extent over the range must be durable first.
-		err = c.settleCleanGone()
+		err = c.settleCleanGone(e.Off, e.Len)
 	}
 	if err != nil {
 		c.ReleaseCached(e)
