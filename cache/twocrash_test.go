@@ -279,3 +279,82 @@ func TestDurableFrontierBoundary(t *testing.T) {
 		closeChecked(t, c, devPair{l.cdev, l.bdev})
 	})
 }
+
+// flushHookDev is a Device wrapper that calls a hook once, before the
+// next Flush reaches the wrapped device.
+type flushHookDev struct {
+	inner storage.Device
+	hook  func() // called once, then cleared
+}
+
+func (d *flushHookDev) Size() int64                      { return d.inner.Size() }
+func (d *flushHookDev) Caps() storage.Caps               { return d.inner.Caps() }
+func (d *flushHookDev) Close() error                     { return d.inner.Close() }
+func (d *flushHookDev) ReadAt(p []byte, off int64) error { return d.inner.ReadAt(p, off) }
+func (d *flushHookDev) Flush() error {
+	if h := d.hook; h != nil {
+		d.hook = nil
+		h()
+	}
+	return d.inner.Flush()
+}
+func (d *flushHookDev) WriteAt(p []byte, off int64, f storage.Flags) error {
+	return d.inner.WriteAt(p, off, f)
+}
+func (d *flushHookDev) Trim(off, n int64, f storage.Flags) error { return d.inner.Trim(off, n, f) }
+func (d *flushHookDev) Zero(off, n int64, f storage.Flags) error { return d.inner.Zero(off, n, f) }
+
+// TestFrontierNotClaimedBeforeSync: a commit has written block k and is
+// syncing the cache device; meanwhile a write publishes block k+1, and the
+// power fails before the sync completed (the commit fails: the FLUSH that
+// asked for it is never acknowledged). Block k was never durable, so
+// block k+1 must not say it was: with k torn, recovery ends at k (a torn
+// tail) and opens with every write flushed before. It fails if the
+// journal counts a commit's blocks durable before its sync returned.
+func TestFrontierNotClaimedBeforeSync(t *testing.T) {
+	cdev := storage.NewCrash(tinyCacheSize(tcNB, tcBucket, tcBlock, tcJBlks))
+	bdev := storage.NewCrash(tcBack)
+	fo := FormatOptions{BackingID: testBackingID, BlockSize: tcBlock, BucketSize: tcBucket, JournalSize: tcJBlks * metaBlock}
+	if err := Format(cdev, bdev, fo); err != nil {
+		t.Fatal(err)
+	}
+	hd := &flushHookDev{inner: cdev}
+	c, err := Open(hd, bdev, tcOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustWrite(t, c, 0, 4096, tcIDA)
+	mustFlush(t, c)
+	mustWrite(t, c, 4096, 4096, tcIDA+1) // in block k, which the next commit seals
+	c.mu.Lock()
+	k, kpos := c.mu.jnextSeq, c.mu.jhead
+	c.mu.Unlock()
+	var devs []*storage.Crash
+	hd.hook = func() {
+		// The commit of block k is syncing: block k is written, not durable.
+		mustWrite(t, c, tcBBase, tcBlock, tcIDB) // published in block k+1
+		devs, _ = storage.PowerCutAll(storage.KeepUnsynced, nil, cdev, bdev)
+	}
+	if err := c.Flush(); !errors.Is(err, storage.ErrPoweredOff) {
+		t.Fatalf("a FLUSH whose sync lost power: %v; want ErrPoweredOff", err)
+	}
+	c.Close()
+	l := firstLife{cdev: devs[0], bdev: devs[1], b0: k, b0pos: kpos}
+	if l.sb, err = readSuper(l.cdev); err != nil {
+		t.Fatal(err)
+	}
+	l.damageJSlot(t, 0) // block k torn
+	if _, err := Check(l.cdev, l.bdev); err != nil {
+		t.Fatalf("block %d, torn during its commit's sync: Check %v", k, err)
+	}
+	c2, err := Open(l.cdev, l.bdev, tcOptions())
+	if err != nil {
+		t.Fatalf("block %d, torn during its commit's sync: Open %v", k, err)
+	}
+	for s, id := range readSectors(t, c2, 0, 4096) {
+		if id != tcIDA {
+			t.Fatalf("sector %d holds write %d; the flushed write %d is lost", s, id, tcIDA)
+		}
+	}
+	closeChecked(t, c2, devPair{l.cdev, l.bdev})
+}
