@@ -1044,6 +1044,9 @@ func (rd *concRound) finalChecks(opts Options) {
 		}
 		rd.check(p, off, rinv, "the final read")
 	}
+	if err := c.Verify(); err != nil {
+		rd.fail("verify before close: %v", err)
+	}
 	if err := c.Close(); err != nil {
 		rd.fail("close: %v", err)
 		return
@@ -1095,6 +1098,9 @@ func (rd *concRound) finalChecks(opts Options) {
 	}
 	rd.c = c2
 	rd.cur.Store(c2)
+	if err := c2.Verify(); err != nil {
+		rd.fail("verify after reopening: %v", err)
+	}
 	whole := func(who string, dev storage.Device) bool {
 		if err := dev.ReadAt(buf, 0); err != nil {
 			rd.fail("%s: %v", who, err)
@@ -1116,8 +1122,8 @@ func (rd *concRound) finalChecks(opts Options) {
 		rd.fail("close after reopening: %v", err)
 		return
 	}
-	if rep, err := Check(rd.cmem, rd.bmem); err != nil {
-		rd.fail("check after reopening: %v (%+v)", err, rep)
+	if rep, err := CheckDeep(rd.cmem, rd.bmem); err != nil {
+		rd.fail("deep check after reopening: %v (%+v)", err, rep)
 	}
 }
 

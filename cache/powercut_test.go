@@ -286,6 +286,16 @@ func runCut(seed uint64, model storage.LossModel, brk breakMode, extra pcExtra) 
 		return res
 	}
 	defer c2.Close()
+	// The recovered cache's invariants, clean extents equal to the
+	// backing included; unless the cut put a garbage sector on the
+	// backing, which may lie under a clean extent (a gap-fill torn: the
+	// known limit in doc.go).
+	deep := !res.report[1].Garbage
+	if deep {
+		if err := c2.Verify(); err != nil {
+			fail("verify after recovery: %v", err)
+		}
+	}
 	buf := make([]byte, 64<<10)
 	for off := int64(0); off < cfg.back; off += int64(len(buf)) {
 		if err := c2.ReadAt(buf, off); err != nil {
@@ -313,7 +323,11 @@ func runCut(seed uint64, model storage.LossModel, brk breakMode, extra pcExtra) 
 	if err := c2.Close(); err != nil {
 		fail("close after recovery: %v", err)
 	}
-	if rep, err := Check(newC, newB); err != nil {
+	check := Check
+	if deep {
+		check = CheckDeep
+	}
+	if rep, err := check(newC, newB); err != nil {
 		fail("check after reopen: %v (%+v)", err, rep)
 	}
 	return res

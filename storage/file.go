@@ -73,6 +73,11 @@ type File struct {
 	// sync runs after the kernel drops the inode lock.
 	serial *serialWrites
 
+	// testOnSync, if set (by tests, before any request), is called just
+	// before each syscall File makes for durability or writeback, so
+	// that a test can prove that Flush and FUA reach the disk.
+	testOnSync func(syncKind)
+
 	// mu is held shared by every request and exclusively by Close.
 	mu struct {
 		sync.RWMutex
@@ -84,6 +89,34 @@ var (
 	_ Device   = (*File)(nil)
 	_ Extenter = (*File)(nil)
 )
+
+// syncKind names a syscall that File.testOnSync reports.
+type syncKind uint8
+
+const (
+	syncFdatasync      syncKind = iota + 1 // fdatasync
+	syncDSyncWrite                         // one pwritev2(RWF_DSYNC) call
+	syncStartWriteback                     // sync_file_range(SYNC_FILE_RANGE_WRITE): a hint, not durability
+)
+
+func (k syncKind) String() string {
+	switch k {
+	case syncFdatasync:
+		return "fdatasync"
+	case syncDSyncWrite:
+		return "pwritev2(RWF_DSYNC)"
+	case syncStartWriteback:
+		return "sync_file_range"
+	}
+	return "unknown"
+}
+
+// noteSync calls the test hook, if any.
+func (f *File) noteSync(k syncKind) {
+	if f.testOnSync != nil {
+		f.testOnSync(k)
+	}
+}
 
 // OpenFile opens a regular file or a block device as a Device.
 func OpenFile(path string, opts FileOptions) (*File, error) {
@@ -243,6 +276,7 @@ func (f *File) StartWriteback(off, length int64) {
 		return
 	}
 	defer f.mu.RUnlock()
+	f.noteSync(syncStartWriteback)
 	unix.SyncFileRange(f.fd, off, length, unix.SYNC_FILE_RANGE_WRITE)
 }
 
@@ -578,6 +612,7 @@ func (f *File) pwriteDSync(p []byte, off int64) error {
 		var iov unix.Iovec
 		iov.Base = &p[0]
 		iov.SetLen(len(p))
+		f.noteSync(syncDSyncWrite)
 		// pwritev2(fd, iov, iovcnt, pos_l, pos_h, flags); pos_h is 0 on
 		// 64-bit systems.
 		r, _, e := unix.Syscall6(unix.SYS_PWRITEV2, uintptr(f.fd), uintptr(unsafe.Pointer(&iov)), 1,
@@ -676,7 +711,7 @@ func (f *File) stripe(off int64) int { return int(uint64(off/f.align) % fileRMWS
 
 // fdatasync makes the written data durable.
 func (f *File) fdatasync() error {
-	if err := retryEINTR(func() error { return unix.Fdatasync(f.fd) }); err != nil {
+	if err := retryEINTR(func() error { f.noteSync(syncFdatasync); return unix.Fdatasync(f.fd) }); err != nil {
 		return fmt.Errorf("storage: fdatasync %s: %w", f.path, err)
 	}
 	return nil

@@ -1,0 +1,176 @@
+package storage
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"testing"
+)
+
+// syncLog records the syscalls a File reports through testOnSync.
+type syncLog struct {
+	mu    sync.Mutex
+	kinds []syncKind
+}
+
+// watch installs the log as f's hook; f must have no request in flight.
+func (l *syncLog) watch(f *File) {
+	f.testOnSync = func(k syncKind) {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		l.kinds = append(l.kinds, k)
+	}
+}
+
+// take returns what was logged since the last take, and forgets it.
+func (l *syncLog) take() []syncKind {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	k := l.kinds
+	l.kinds = nil
+	return k
+}
+
+// durable reports whether ks ends with a syscall that makes data durable:
+// an fdatasync, or a pwritev2(RWF_DSYNC) (durable on return).
+func durable(ks []syncKind) bool {
+	return len(ks) > 0 && (ks[len(ks)-1] == syncFdatasync || ks[len(ks)-1] == syncDSyncWrite)
+}
+
+// TestFileFlushSyncs proves that File.Flush issues an fdatasync every
+// time, including the first Flush after open with nothing written through
+// this File (the page cache may hold an earlier process's writes), and
+// that writes, trims and zeroes without FUA issue none (so the test would
+// see one that Flush skipped). A closed File's Flush fails with ErrClosed
+// and issues nothing.
+func TestFileFlushSyncs(t *testing.T) {
+	for _, direct := range []bool{false, true} {
+		t.Run(fmt.Sprintf("direct=%v", direct), func(t *testing.T) {
+			f := openTemp(t, 1<<20, direct)
+			var log syncLog
+			log.watch(f)
+			if err := f.Flush(); err != nil {
+				t.Fatalf("Flush with nothing written: %v", err)
+			}
+			if got := log.take(); !slices.Equal(got, []syncKind{syncFdatasync}) {
+				t.Fatalf("Flush with nothing written issued %v, want [fdatasync]", got)
+			}
+			if err := f.WriteAt(fill(12288, 1), 4096, 0); err != nil {
+				t.Fatal(err)
+			}
+			if err := f.WriteAt(fill(1000, 2), 100, 0); err != nil { // unaligned: the bounce path with O_DIRECT
+				t.Fatal(err)
+			}
+			if err := f.Trim(65536, 8192, 0); err != nil {
+				t.Fatal(err)
+			}
+			if err := f.Zero(131072, 8192, 0); err != nil {
+				t.Fatal(err)
+			}
+			if got := log.take(); len(got) != 0 {
+				t.Fatalf("writes, trim and zero without FUA issued %v", got)
+			}
+			for i := range 2 {
+				if err := f.Flush(); err != nil {
+					t.Fatal(err)
+				}
+				if got := log.take(); !slices.Equal(got, []syncKind{syncFdatasync}) {
+					t.Fatalf("Flush %d issued %v, want [fdatasync]", i, got)
+				}
+			}
+			if err := f.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if err := f.Flush(); !errors.Is(err, ErrClosed) {
+				t.Fatalf("Flush after Close: %v, want ErrClosed", err)
+			}
+			if got := log.take(); len(got) != 0 {
+				t.Fatalf("Flush after Close issued %v", got)
+			}
+		})
+	}
+}
+
+// TestFileFUASyncs proves that every request with FUA ends with a syscall
+// that makes it durable before it returns: a write through
+// pwritev2(RWF_DSYNC) (or, where the kernel refuses it, pwrite and then
+// fdatasync, and only that), a trim or a zero by an fdatasync, on every
+// zeroing path, aligned or not, with and without O_DIRECT.
+func TestFileFUASyncs(t *testing.T) {
+	for _, direct := range []bool{false, true} {
+		for _, fallback := range []bool{false, true} {
+			t.Run(fmt.Sprintf("direct=%v/fallback=%v", direct, fallback), func(t *testing.T) {
+				f := openTemp(t, 4<<20, direct)
+				f.noDSync.Store(fallback)
+				var log syncLog
+				log.watch(f)
+				writes := []struct{ off, n int64 }{{0, 4096}, {8192, 1 << 20}, {100, 1000}, {(2 << 20) - 512, 3 << 19}}
+				for _, w := range writes {
+					if err := f.WriteAt(fill(int(w.n), 7), w.off, FUA); err != nil {
+						t.Fatal(err)
+					}
+					got := log.take()
+					if !durable(got) {
+						t.Fatalf("FUA write of %d at %d issued %v: nothing durable last", w.n, w.off, got)
+					}
+					if (fallback || f.noDSync.Load()) && !slices.Contains(got, syncFdatasync) {
+						t.Fatalf("FUA write of %d at %d by pwrite issued %v, no fdatasync", w.n, w.off, got)
+					}
+					if !fallback && !f.noDSync.Load() && slices.Contains(got, syncFdatasync) {
+						t.Errorf("FUA write of %d at %d issued %v: an fdatasync beside RWF_DSYNC", w.n, w.off, got)
+					}
+				}
+				if err := f.Trim(65536, 8192, FUA); err != nil {
+					t.Fatal(err)
+				}
+				if got := log.take(); !slices.Equal(got, []syncKind{syncFdatasync}) {
+					t.Fatalf("FUA trim issued %v, want [fdatasync]", got)
+				}
+				zeroPaths := []struct {
+					name                          string
+					noPunch, noZeroRange, noAlloc bool
+					flags                         Flags
+				}{
+					{"punch", false, false, false, 0},
+					{"zero range", false, false, false, NoHole},
+					{"punch+allocate", false, true, false, NoHole},
+					{"write", true, true, true, 0},
+				}
+				for _, z := range zeroPaths {
+					f.noPunch.Store(z.noPunch)
+					f.noZeroRange.Store(z.noZeroRange)
+					f.noAllocate.Store(z.noAlloc)
+					if err := f.Zero(131072+100, 300<<10, z.flags|FUA); err != nil {
+						t.Fatalf("zero (%s): %v", z.name, err)
+					}
+					if got := log.take(); !slices.Equal(got, []syncKind{syncFdatasync}) {
+						t.Fatalf("FUA zero (%s) issued %v, want [fdatasync]", z.name, got)
+					}
+				}
+			})
+		}
+	}
+}
+
+// TestFileStartWritebackIsAHint proves StartWriteback issues only
+// sync_file_range (never mistaken for durability), and nothing with
+// O_DIRECT, where there is no page cache to start.
+func TestFileStartWritebackIsAHint(t *testing.T) {
+	for _, direct := range []bool{false, true} {
+		f := openTemp(t, 1<<20, direct)
+		var log syncLog
+		log.watch(f)
+		if err := f.WriteAt(fill(65536, 3), 0, 0); err != nil {
+			t.Fatal(err)
+		}
+		f.StartWriteback(0, 65536)
+		want := []syncKind{syncStartWriteback}
+		if direct {
+			want = nil
+		}
+		if got := log.take(); !slices.Equal(got, want) {
+			t.Errorf("direct=%v: StartWriteback issued %v, want %v", direct, got, want)
+		}
+	}
+}
