@@ -57,6 +57,8 @@ var kinds = []string{
 	"concurrency", // promotion guard, direct-write registration, cleanGone settling
 	"writeback",   // writeback planning, ordering and clean marking
 	"btree",       // the extent index's boundaries and compare-and-swap
+	"space",       // allocation, GC and eviction
+	"fault",       // the handling of a failed device call
 	"control",     // harmless on purpose: must survive
 }
 
