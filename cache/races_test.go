@@ -202,6 +202,50 @@ func promotionRace(t *testing.T, brk breakMode) string {
 	return ""
 }
 
+// TestDirectWriteDropsCleanExtentWhole: a direct backing write over the
+// middle of a clean extent deletes the whole extent, so the deletion never
+// adds one to the index (which roomLocked does not check for deletions).
+// Cutting the extent at the range would leave two. (Mutant
+// direct-delete-exact, which TestIndexNeverOutgrowsCheckpoint catches only
+// at some seeds.)
+func TestDirectWriteDropsCleanExtentWhole(t *testing.T) {
+	d := formatMem(t, 4<<20, 4<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 32 * metaBlock})
+	c := openT(t, d, Options{Mode: Writearound, NoBackground: true, SequentialCutoff: -1, PromoteAll: true})
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(c.WriteAt(payload(0, 16<<10, 1), 0, 0)) // to the backing
+	must(c.ReadAt(make([]byte, 16<<10), 0))      // promoted: one clean extent
+	c.mu.Lock()
+	before := c.mu.idx.Len()
+	c.mu.Unlock()
+	if before != 1 {
+		t.Fatalf("%d extents after the promotion, want 1", before)
+	}
+	must(c.WriteAt(payload(4<<10, 4<<10, 2), 4<<10, 0)) // write-around, inside the extent
+	c.mu.Lock()
+	after := c.mu.idx.Len()
+	c.mu.Unlock()
+	if after != 0 {
+		t.Errorf("%d extents after a direct write inside the clean one, want 0 (dropped whole)", after)
+	}
+	p := make([]byte, 16<<10)
+	must(c.ReadAt(p, 0))
+	for i := range int64(len(p)) / sectorSize {
+		want := uint64(1)
+		if i >= 8 && i < 16 {
+			want = 2
+		}
+		if id, err := sectorID(p[i*sectorSize:(i+1)*sectorSize], i); err != nil || id != want {
+			t.Fatalf("sector %d: write %d (%v), want %d", i, id, err, want)
+		}
+	}
+	closeChecked(t, c, d)
+}
+
 // TestIndexNeverOutgrowsCheckpoint is bug 3: the index must never hold more
 // extents than a checkpoint slot, whatever splits them. Dirty 4 KiB
 // blocks everywhere, then 512-byte trims, zeroes, writes into the middle of
