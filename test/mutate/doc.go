@@ -2,7 +2,12 @@
 // plants one bug at a time in the cache, writeback, btreeidx, storage and
 // nbd packages and reports whether the tests notice.
 //
-//	go run ./test/mutate [-seeds 1,2,3] [-only id,id] [-list] [-min-score 90]
+//	go run ./test/mutate [-seeds 1,2,3] [-only id,id] [-list] [-check] [-min-score 90] [-md report.md]
+//
+// (make mutate runs it nice'd, with MUTATE_FLAGS.) -list prints the
+// mutants, -check only checks that each applies, -md also writes the
+// results as a Markdown table, -keep keeps the mutated files and the test
+// logs.
 //
 // The mutants are data, in mutants.txt (see below). The tree is never
 // modified: a mutant's file is written, mutated, to a work directory, and
