@@ -3,7 +3,7 @@ GO ?= go
 FUZZTIME ?= 10s
 export PATH := /usr/bin:/bin:/usr/sbin:/sbin:$(PATH)
 
-.PHONY: all build deps test race unit integration fuzz bench vet clean
+.PHONY: all build deps test race unit integration fuzz bench vet mutate clean
 
 all: build
 
@@ -34,6 +34,14 @@ unit:
 
 fuzz:
 	FUZZTIME=$(FUZZTIME) ./test/fuzz.sh
+
+# Mutation testing of the durable core (test/mutate, issue 23): every
+# mutant of test/mutate/mutants.txt, once per seed; about two hours on two
+# cores, so not part of `make test` (which runs TestMutationSmoke, a few
+# mutants). MUTATE_FLAGS: e.g. -only id1,id2, -min-score 85, -md out.md.
+MUTATE_SEEDS ?= 1,2,3
+mutate:
+	nice -n 10 $(GO) run ./test/mutate -seeds $(MUTATE_SEEDS) $(MUTATE_FLAGS)
 
 bench: build
 	./bench/fio-vs-peers.sh

@@ -148,6 +148,60 @@ func TestDirectWriteAfterUndurableEviction(t *testing.T) {
 	}
 }
 
+// TestDirectWriteSettlesBeforeBackingWrite: as above, but the power
+// fails just after the write-around's backing write, before the cache
+// device sees anything more, and both devices keep every write they got.
+// The eviction's deletion must be durable before the backing write
+// starts, not merely committed by the time the write returns. (Mutant
+// direct-write-before-settle: the two steps swapped.)
+func TestDirectWriteSettlesBeforeBackingWrite(t *testing.T) {
+	for _, brk := range []breakMode{breakNone, breakNoCleanGone} {
+		cdev, bdev := storage.NewCrash(1<<20), storage.NewCrash(1<<20)
+		if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: 32 << 10, JournalSize: 32 * metaBlock}); err != nil {
+			t.Fatal(err)
+		}
+		opts := Options{BackingID: testBackingID, Mode: Writearound, NoBackground: true, SequentialCutoff: -1, PromoteAll: true, testBreak: brk}
+		c, err := Open(cdev, bdev, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		must := func(err error) {
+			t.Helper()
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+		must(c.WriteAt(payload(0, 4096, 1), 0, 0)) // to the backing
+		must(c.ReadAt(make([]byte, 4096), 0))      // promoted: A, clean
+		must(c.Flush())
+		e := cleanExtentAt(t, c, 0)
+		if !c.gcEvict(gcPiece{off: e.Off, n: e.Len, loc: e.Loc, ver: e.Ver}) {
+			t.Fatal("evict failed")
+		}
+		var wrote atomic.Bool
+		var once sync.Once
+		var devs []*storage.Crash
+		cut := func() { once.Do(func() { devs, _ = storage.PowerCutAll(storage.KeepUnsynced, nil, cdev, bdev) }) }
+		bdev.SetHook(func(op storage.Op) {
+			if op.Kind == storage.OpWrite {
+				wrote.Store(true)
+			}
+		})
+		cdev.SetHook(func(op storage.Op) {
+			if wrote.Load() && op.Kind != storage.OpRead {
+				cut() // the first cache device write or sync after the backing write
+			}
+		})
+		c.WriteAt(payload(0, 4096, 2), 0, 0) // write-around; fails at the cut
+		cut()
+		c.Close()
+		if !wrote.Load() {
+			t.Fatal("the write-around write never reached the backing")
+		}
+		expectStale(t, brk, checkStaleAfter(t, devs, opts))
+	}
+}
+
 // TestZeroDirtyRunTurnedClean: Zero splits its range into runs first; a
 // run that was dirty then may hold clean extents by the time zeroDirty
 // takes it (written back meanwhile, here while an earlier run's backing

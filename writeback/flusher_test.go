@@ -113,6 +113,44 @@ func TestDrainMergesAscending(t *testing.T) {
 	}
 }
 
+// TestSpanWritesWaitForTheSpanBefore: spans of a batch read concurrently
+// (MaxInFlight 2 here), but a span issues its backing write only after the
+// span before it has issued its last. The first span's cache read is held;
+// once every goroutine of the batch is blocked, no backing write may have
+// arrived. (Mutant writespan-no-order, which TestDrainMergesAscending
+// catches only when the goroutines happen to race.)
+func TestSpanWritesWaitForTheSpanBefore(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		src := newFakeSource(64, 4096, 1<<20)
+		src.write(0, 4) // span A: blocks 0-3
+		src.write(8, 4) // span B: blocks 8-11, after a hole no clean extent covers
+		dev := &recDev{inner: storage.NewMem(src.size())}
+		guard(src, dev)
+		hold := make(chan struct{})
+		src.afterRead = func(e btreeidx.Extent) {
+			if e.Off == 0 {
+				<-hold
+			}
+		}
+		f := New(src, dev, Config{MaxInFlight: 2, Logger: quiet})
+		done := make(chan batchResult)
+		go func() { done <- oneBatch(f) }()
+		synctest.Wait()
+		if ws := dev.writes(); len(ws) > 0 {
+			t.Errorf("backing writes %v issued while the first span was still reading", ws)
+		}
+		close(hold)
+		if res := <-done; res.cleaned != 8*4096 {
+			t.Errorf("batch cleaned %d bytes, want %d", res.cleaned, 8*4096)
+		}
+		src.check(t)
+		checkImage(t, dev, src)
+		if ws := dev.writes(); len(ws) != 2 || ws[0].off != 0 || ws[1].off != 8*4096 {
+			t.Errorf("backing writes %v, want [0, 16 KiB) then [32 KiB, 48 KiB)", ws)
+		}
+	})
+}
+
 // oneBatch runs a single full-speed batch, as a Drain would.
 func oneBatch(f *Flusher) batchResult {
 	f.draining.Add(1)

@@ -1,0 +1,37 @@
+package cache
+
+import "testing"
+
+// TestRingFullLeavesRoomForInFlight: enter admits an operation only while
+// the operations that may be in flight (cap(sem), each sealing at most one
+// block) cannot seal a block over a slot the durable checkpoint still
+// needs: whenever the ring is not full at u used slots, u + cap(sem) must
+// still fit the ring. (Mutant ring-full-ignores-inflight: the randomized
+// tests rarely have every slot of the semaphore sealing a block at once
+// while a checkpoint is slow.)
+func TestRingFullLeavesRoomForInFlight(t *testing.T) {
+	d := formatMem(t, 4<<20, 4<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 64 * metaBlock})
+	c := openT(t, d, Options{NoBackground: true})
+	defer c.Close()
+	slots, inFlight := c.sb.journalSlots(), int64(cap(c.sem))
+	c.mu.Lock()
+	next, start := c.mu.jnextSeq, c.mu.jstartSeq
+	for u := int64(1); u <= slots; u++ {
+		c.mu.jnextSeq = 1 << 20
+		c.mu.jstartSeq = c.mu.jnextSeq - uint64(u-1) // u used slots, the open block's included
+		if got := c.usedSlotsLocked(); got != u {
+			t.Fatalf("usedSlotsLocked = %d, want %d", got, u)
+		}
+		full := c.ringFullLocked()
+		switch {
+		case u == 1 && full:
+			t.Errorf("an empty ring (1 slot used) counts as full")
+		case u == slots && !full:
+			t.Errorf("a ring with every slot used does not count as full")
+		case !full && u+inFlight > slots:
+			t.Errorf("%d of %d slots used, %d operations may be in flight: admitted, though they could overrun the ring by %d blocks", u, slots, inFlight, u+inFlight-slots)
+		}
+	}
+	c.mu.jnextSeq, c.mu.jstartSeq = next, start
+	c.mu.Unlock()
+}
