@@ -1,7 +1,9 @@
 package cache
 
 import (
+	"cmp"
 	"errors"
+	"slices"
 	"sort"
 
 	"github.com/nbdcache/nbdcache/btreeidx"
@@ -485,12 +487,16 @@ func (c *Cache) bucketPiecesLocked(b int64, work []gcPiece) []gcPiece {
 // them). A piece that a writeback already holds, or that changed since
 // the plan, is skipped: it stays, and its bucket is not freed this pass.
 func (c *Cache) gcWriteback(work []gcPiece) {
+	var dirty []gcPiece
+	for _, p := range work {
+		if p.dirty {
+			dirty = append(dirty, p)
+		}
+	}
+	slices.SortFunc(dirty, func(a, b gcPiece) int { return cmp.Compare(a.off, b.off) })
 	var es []btreeExtent
 	var bufs [][]byte
-	for _, p := range work {
-		if !p.dirty {
-			continue
-		}
+	for _, p := range dirty {
 		e := btreeExtent{Off: p.off, Len: p.n, Loc: p.loc, Ver: p.ver, Dirty: true}
 		buf := make([]byte, p.n)
 		if c.ReadCached(e, buf) != nil {
@@ -498,31 +504,8 @@ func (c *Cache) gcWriteback(work []gcPiece) {
 		}
 		es, bufs = append(es, e), append(bufs, buf)
 	}
-	if len(es) == 0 {
-		return
-	}
-	order := make([]int, len(es))
-	for i := range order {
-		order[i] = i
-	}
-	sort.Slice(order, func(i, j int) bool { return es[order[i]].Off < es[order[j]].Off })
-	var err error
-	for _, i := range order {
-		if err = c.back.WriteAt(bufs[i], es[i].Off, 0); err != nil {
-			break
-		}
-	}
-	if err == nil {
-		err = c.back.Flush()
-	}
-	for _, e := range es {
-		if err != nil {
-			c.ReleaseCached(e)
-			continue
-		}
-		cleaned, _ := c.MarkClean(e)
-		c.stats.gcCleanedBytes.Add(cleaned)
-	}
+	cleaned, err := c.writeBackRead(es, bufs)
+	c.stats.gcCleanedBytes.Add(cleaned)
 	if err != nil {
 		c.log.Warn("cache: gc writeback failed", "err", err)
 	}

@@ -227,20 +227,36 @@ func (c *Cache) WritebackStep(from, maxBytes int64) (next, written int64, err er
 	if len(es) == 0 {
 		return 0, 0, nil // wrap around
 	}
-	for i, e := range es {
-		if err := c.back.WriteAt(bufs[i], e.Off, 0); err != nil {
-			release()
-			return next, 0, fmt.Errorf("cache: writeback: %w", err)
-		}
-	}
-	if err := c.back.Flush(); err != nil {
-		release()
-		return next, 0, fmt.Errorf("cache: writeback flush: %w", err)
-	}
-	for _, e := range es {
-		c.MarkClean(e)
+	if _, err := c.writeBackRead(es, bufs); err != nil {
+		return next, 0, fmt.Errorf("cache: writeback: %w", err)
 	}
 	return next, written, nil
+}
+
+// writeBackRead writes pieces that ReadCached registered and read (es,
+// with their data in bufs) to the backing, in the order given, flushes it
+// once and marks them clean, returning the bytes cleaned. On an error it
+// releases them all, and they stay dirty.
+func (c *Cache) writeBackRead(es []btreeidx.Extent, bufs [][]byte) (cleaned int64, err error) {
+	for i, e := range es {
+		if err = c.back.WriteAt(bufs[i], e.Off, 0); err != nil {
+			break
+		}
+	}
+	if err == nil && len(es) > 0 {
+		if err = c.back.Flush(); err != nil {
+			err = fmt.Errorf("flush: %w", err)
+		}
+	}
+	for _, e := range es {
+		if err != nil {
+			c.ReleaseCached(e)
+			continue
+		}
+		n, _ := c.MarkClean(e)
+		cleaned += n
+	}
+	return cleaned, err
 }
 
 // flushRange writes back the dirty extents overlapping [off, off+n) now,
@@ -293,24 +309,8 @@ func (c *Cache) flushRange(off, n int64) error {
 			}
 			done, bufs = append(done, e), append(bufs, p)
 		}
-		var werr error
-		for i, e := range done {
-			if werr = c.back.WriteAt(bufs[i], e.Off, 0); werr != nil {
-				break
-			}
-		}
-		if werr == nil && len(done) > 0 {
-			werr = c.back.Flush()
-		}
-		for _, e := range done {
-			if werr != nil {
-				c.ReleaseCached(e)
-			} else {
-				c.MarkClean(e)
-			}
-		}
-		if werr != nil {
-			return fmt.Errorf("cache: write back before bypass: %w", werr)
+		if _, err := c.writeBackRead(done, bufs); err != nil {
+			return fmt.Errorf("cache: write back before bypass: %w", err)
 		}
 	}
 }
