@@ -113,6 +113,36 @@ func TestZeroDirtyOverUndurableInsert(t *testing.T) {
 	staleCleanCase(t, 64<<10, func(c *Cache) error { return c.Zero(0, 64<<10, 0) })
 }
 
+// evictedCleanAtZero opens a write-around cache on crash devices in which
+// a clean extent A over [0, 4096), durable, has just been evicted: the
+// deletion is published, not synced.
+func evictedCleanAtZero(t *testing.T, brk breakMode) (*Cache, *storage.Crash, *storage.Crash, Options) {
+	t.Helper()
+	cdev, bdev := storage.NewCrash(1<<20), storage.NewCrash(1<<20)
+	if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: 32 << 10, JournalSize: 32 * metaBlock}); err != nil {
+		t.Fatal(err)
+	}
+	opts := Options{BackingID: testBackingID, Mode: Writearound, NoBackground: true, SequentialCutoff: -1, PromoteAll: true, testBreak: brk}
+	c, err := Open(cdev, bdev, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(c.WriteAt(payload(0, 4096, 1), 0, 0)) // to the backing
+	must(c.ReadAt(make([]byte, 4096), 0))      // promoted: A, clean
+	must(c.Flush())
+	e := cleanExtentAt(t, c, 0)
+	if !c.gcEvict(gcPiece{off: e.Off, n: e.Len, loc: e.Loc, ver: e.Ver}) {
+		t.Fatal("evict failed")
+	}
+	return c, cdev, bdev, opts
+}
+
 // TestDirectWriteAfterUndurableEviction: a clean extent A, durable, is
 // evicted (the deletion published, not synced); a write-around write then
 // finds nothing cached over its range, so it deleted nothing and, by the
@@ -120,30 +150,13 @@ func TestZeroDirtyOverUndurableInsert(t *testing.T) {
 // A back over it.
 func TestDirectWriteAfterUndurableEviction(t *testing.T) {
 	for _, brk := range []breakMode{breakNone, breakNoCleanGone} {
-		cdev, bdev := storage.NewCrash(1<<20), storage.NewCrash(1<<20)
-		if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: 32 << 10, JournalSize: 32 * metaBlock}); err != nil {
+		c, cdev, bdev, opts := evictedCleanAtZero(t, brk)
+		if err := c.WriteAt(payload(0, 4096, 2), 0, 0); err != nil { // write-around
 			t.Fatal(err)
 		}
-		opts := Options{BackingID: testBackingID, Mode: Writearound, NoBackground: true, SequentialCutoff: -1, PromoteAll: true, testBreak: brk}
-		c, err := Open(cdev, bdev, opts)
-		if err != nil {
+		if err := bdev.Flush(); err != nil { // the disk writes its cache out on its own
 			t.Fatal(err)
 		}
-		must := func(err error) {
-			t.Helper()
-			if err != nil {
-				t.Fatal(err)
-			}
-		}
-		must(c.WriteAt(payload(0, 4096, 1), 0, 0)) // to the backing
-		must(c.ReadAt(make([]byte, 4096), 0))      // promoted: A, clean
-		must(c.Flush())
-		e := cleanExtentAt(t, c, 0)
-		if !c.gcEvict(gcPiece{off: e.Off, n: e.Len, loc: e.Loc, ver: e.Ver}) {
-			t.Fatal("evict failed")
-		}
-		must(c.WriteAt(payload(0, 4096, 2), 0, 0)) // write-around
-		must(bdev.Flush())                         // the disk writes its cache out on its own
 		expectStale(t, brk, checkNoStaleClean(t, c, cdev, bdev, opts))
 	}
 }
@@ -156,28 +169,7 @@ func TestDirectWriteAfterUndurableEviction(t *testing.T) {
 // direct-write-before-settle: the two steps swapped.)
 func TestDirectWriteSettlesBeforeBackingWrite(t *testing.T) {
 	for _, brk := range []breakMode{breakNone, breakNoCleanGone} {
-		cdev, bdev := storage.NewCrash(1<<20), storage.NewCrash(1<<20)
-		if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: 32 << 10, JournalSize: 32 * metaBlock}); err != nil {
-			t.Fatal(err)
-		}
-		opts := Options{BackingID: testBackingID, Mode: Writearound, NoBackground: true, SequentialCutoff: -1, PromoteAll: true, testBreak: brk}
-		c, err := Open(cdev, bdev, opts)
-		if err != nil {
-			t.Fatal(err)
-		}
-		must := func(err error) {
-			t.Helper()
-			if err != nil {
-				t.Fatal(err)
-			}
-		}
-		must(c.WriteAt(payload(0, 4096, 1), 0, 0)) // to the backing
-		must(c.ReadAt(make([]byte, 4096), 0))      // promoted: A, clean
-		must(c.Flush())
-		e := cleanExtentAt(t, c, 0)
-		if !c.gcEvict(gcPiece{off: e.Off, n: e.Len, loc: e.Loc, ver: e.Ver}) {
-			t.Fatal("evict failed")
-		}
+		c, cdev, bdev, opts := evictedCleanAtZero(t, brk)
 		var wrote atomic.Bool
 		var once sync.Once
 		var devs []*storage.Crash
