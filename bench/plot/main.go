@@ -96,10 +96,15 @@ func run(in, out, title string) error {
 		p.Add(l)
 		plots[i] = []*plot.Plot{p}
 	}
-	img := vgimg.New(vg.Points(720), vg.Points(640))
-	dc := draw.New(img)
-	tiles := draw.Tiles{Rows: 3, Cols: 1, PadTop: vg.Points(6), PadBottom: vg.Points(6), PadLeft: vg.Points(6), PadRight: vg.Points(12), PadY: vg.Points(8)}
-	canvases := plot.Align(plots, tiles, dc)
+	return writePNG(out, plots, vg.Points(640), vg.Points(8))
+}
+
+// writePNG draws plots one above the other, 720 points wide and height
+// tall in all, padY apart, and writes them to out as a PNG.
+func writePNG(out string, plots [][]*plot.Plot, height, padY vg.Length) error {
+	img := vgimg.New(vg.Points(720), height)
+	tiles := draw.Tiles{Rows: len(plots), Cols: 1, PadTop: vg.Points(6), PadBottom: vg.Points(6), PadLeft: vg.Points(6), PadRight: vg.Points(12), PadY: padY}
+	canvases := plot.Align(plots, tiles, draw.New(img))
 	for i := range plots {
 		plots[i][0].Draw(canvases[i][0])
 	}
@@ -178,20 +183,5 @@ func runSweep(in, out, title string) error {
 		p.Legend.Top = true
 		plots[i] = []*plot.Plot{p}
 	}
-	img := vgimg.New(vg.Points(720), vg.Points(300*float64(len(order))))
-	dc := draw.New(img)
-	tiles := draw.Tiles{Rows: len(order), Cols: 1, PadTop: vg.Points(6), PadBottom: vg.Points(6), PadLeft: vg.Points(6), PadRight: vg.Points(12), PadY: vg.Points(12)}
-	canvases := plot.Align(plots, tiles, dc)
-	for i := range plots {
-		plots[i][0].Draw(canvases[i][0])
-	}
-	w, err := os.Create(out)
-	if err != nil {
-		return err
-	}
-	if _, err := (vgimg.PngCanvas{Canvas: img}).WriteTo(w); err != nil {
-		w.Close()
-		return err
-	}
-	return w.Close()
+	return writePNG(out, plots, vg.Points(300*float64(len(order))), vg.Points(12))
 }
