@@ -69,30 +69,45 @@ func runCell(run SeedRun) string {
 	return "-"
 }
 
+// header is a table's header: first, a column per seed, then the verdict
+// columns.
+func header(seeds []uint64, first ...string) []string {
+	hdr := first
+	for _, s := range seeds {
+		hdr = append(hdr, fmt.Sprintf("seed %d", s))
+	}
+	return append(hdr, "verdict", "time", "killed by / why")
+}
+
+// seedCells appends r's outcome at each seed to row.
+func (r *Result) seedCells(row []string, seeds []uint64) []string {
+	for i := range seeds {
+		cell := ""
+		if i < len(r.Runs) {
+			cell = runCell(r.Runs[i])
+		}
+		row = append(row, cell)
+	}
+	return row
+}
+
+// note is what the last column says: the test that killed r, or why it
+// is invalid.
+func (r *Result) note() string {
+	if r.Verdict == Invalid {
+		return r.Why
+	}
+	return r.KilledBy()
+}
+
 // WriteTable writes the results as an aligned text table, then the score
 // per seed and the score line.
 func WriteTable(w io.Writer, rs []*Result, seeds []uint64) {
 	tw := tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
-	hdr := []string{"id", "kind"}
-	for _, s := range seeds {
-		hdr = append(hdr, fmt.Sprintf("seed %d", s))
-	}
-	hdr = append(hdr, "verdict", "time", "killed by / why")
-	fmt.Fprintln(tw, strings.Join(hdr, "\t"))
+	fmt.Fprintln(tw, strings.Join(header(seeds, "id", "kind"), "\t"))
 	for _, r := range rs {
-		row := []string{r.M.ID, r.M.Kind}
-		for i := range seeds {
-			cell := ""
-			if i < len(r.Runs) {
-				cell = runCell(r.Runs[i])
-			}
-			row = append(row, cell)
-		}
-		note := r.KilledBy()
-		if r.Verdict == Invalid {
-			note = r.Why
-		}
-		row = append(row, r.Verdict.String(), fmt.Sprintf("%.1fs", r.Elapsed.Seconds()), note)
+		row := r.seedCells([]string{r.M.ID, r.M.Kind}, seeds)
+		row = append(row, r.Verdict.String(), fmt.Sprintf("%.1fs", r.Elapsed.Seconds()), r.note())
 		fmt.Fprintln(tw, strings.Join(row, "\t"))
 	}
 	tw.Flush()
@@ -109,26 +124,12 @@ func writeScore(w io.Writer, s Score) {
 
 // WriteMarkdown writes the results as a Markdown table, for REPORT.md.
 func WriteMarkdown(w io.Writer, rs []*Result, seeds []uint64) {
-	hdr := []string{"id", "kind", "file"}
-	for _, s := range seeds {
-		hdr = append(hdr, fmt.Sprintf("seed %d", s))
-	}
-	hdr = append(hdr, "verdict", "time", "killed by / why")
+	hdr := header(seeds, "id", "kind", "file")
 	fmt.Fprintf(w, "| %s |\n", strings.Join(hdr, " | "))
 	fmt.Fprintf(w, "|%s\n", strings.Repeat(" --- |", len(hdr)))
 	for _, r := range rs {
-		row := []string{"`" + r.M.ID + "`", r.M.Kind, r.M.File}
-		for i := range seeds {
-			cell := ""
-			if i < len(r.Runs) {
-				cell = runCell(r.Runs[i])
-			}
-			row = append(row, cell)
-		}
-		note := r.KilledBy()
-		if r.Verdict == Invalid {
-			note = r.Why
-		}
+		row := r.seedCells([]string{"`" + r.M.ID + "`", r.M.Kind, r.M.File}, seeds)
+		note := r.note()
 		if note != "" {
 			note = "`" + strings.ReplaceAll(note, "|", `\|`) + "`"
 		}
