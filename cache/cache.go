@@ -139,7 +139,7 @@ type Cache struct {
 		jdurable   uint64  // every block with seq < jdurable is durable
 		jappended  uint64  // records appended since Open
 		jvisible   uint64  // records written to the device (not all synced)
-		cleanDep   uint64  // jappended after the last clean insert that followed an unflushed backing write
+		cleanDep   uint64  // jappended after the last record that depends on an unflushed backing write (a clean insert; directOver's drop of the dirty data it superseded)
 		cleanGone  goneSet // where records that removed a clean extent lie (by jappended)
 		dropClean  bool    // the index change being journaled removed a clean extent
 		jsynced    uint64  // every record appended before this count is durable

@@ -806,6 +806,11 @@ func (c *Cache) dropSuperseded(pieces []btreeExtent) error {
 			}
 			c.mu.idx.Delete(e.Off, e.Len, c.droppedLocked)
 			c.appendLocked(record{Type: recDelete, Off: e.Off, Len: e.Len})
+			if c.mu.bWrites > c.mu.bFlushed {
+				// Even a publish, unsynced, may reach the disk
+				// before a power cut: not before the data.
+				c.mu.cleanDep = c.mu.jappended
+			}
 		}
 	}
 	return nil

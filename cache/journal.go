@@ -181,9 +181,10 @@ func (c *Cache) ack(flags storage.Flags) error {
 //
 // The backing is flushed before the blocks are written when a backing
 // write may be among the records a commit makes durable, or when a
-// clean insert follows an unflushed backing write (cleanDep): a clean
-// extent must not outlive, in a crash, the backing data it claims to
-// equal.
+// record that depends on an unflushed backing write is to be written
+// (cleanDep): a clean extent must not outlive, in a crash, the backing
+// data it claims to equal, nor the drop of dirty data the backing data
+// that superseded it.
 func (c *Cache) writeJournal(sync bool) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
