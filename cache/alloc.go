@@ -360,22 +360,53 @@ func (c *Cache) gcClean() (freed int) {
 
 func (c *Cache) gc(evict, clean bool) (freed int, hadRoom bool) {
 	c.gcMu.Lock()
-	locked := true
-	defer func() {
-		if locked {
-			c.gcMu.Unlock()
-		}
-	}()
-
 	c.mu.Lock()
+	victims, work, hadRoom := c.gcPlanLocked(evict, clean)
+	c.mu.Unlock()
+	if len(victims) == 0 {
+		c.gcMu.Unlock()
+		return 0, hadRoom
+	}
+	if clean {
+		// The backing may be slow: a foreground pass must not wait
+		// behind this one. Every step below checks again under mu.
+		c.gcMu.Unlock()
+		c.gcWriteback(work)
+		for _, p := range work {
+			c.gcEvict(p)
+		}
+	} else {
+		for _, p := range work {
+			if !p.dirty {
+				c.gcEvict(p)
+			} else if !c.gcMove(p, victims[c.sb.bucketOf(p.loc)]) {
+				break // out of room; what is done stays done
+			}
+		}
+		c.gcMu.Unlock()
+	}
+	c.mu.Lock()
+	for b, epoch := range victims {
+		if c.mu.buckets[b].state == bPending && c.mu.buckets[b].epoch != epoch {
+			freed++
+		}
+	}
+	c.mu.Unlock()
+	c.stats.gcRuns.Add(1)
+	return freed, false
+}
+
+// gcPlanLocked picks a pass's victims (bucket: its epoch now) and the
+// pieces of the index in them, or none, with hadRoom when room was there
+// already (see gcStep).
+func (c *Cache) gcPlanLocked(evict, clean bool) (victims map[int64]uint64, work []gcPiece, hadRoom bool) {
 	nb := int64(len(c.mu.buckets))
 	enough := c.fgReserve() + 1
 	if clean {
 		enough = c.lowFree() - 1
 	}
 	if len(c.mu.pending) > 0 || len(c.mu.free) > enough {
-		c.mu.Unlock()
-		return 0, true
+		return nil, nil, true
 	}
 	bsz := c.sb.BucketSize
 	room := int64(min(len(c.mu.free), c.fgReserve())) * bsz
@@ -399,8 +430,8 @@ func (c *Cache) gc(evict, clean bool) (freed int, hadRoom bool) {
 		cands = append(cands, cand{b, float64(bsz-bk.dirty) * age / float64(bsz+bk.dirty)})
 	}
 	sort.Slice(cands, func(i, j int) bool { return cands[i].score > cands[j].score })
-	victims := map[int64]uint64{} // bucket: its epoch
-	budget := room - bsz/2        // keep some room: moved data fragments by block
+	victims = map[int64]uint64{}
+	budget := room - bsz/2 // keep some room: moved data fragments by block
 	// Enough to bring the free buckets back to lowFree.
 	need := c.lowFree() - len(c.mu.free)
 	for _, cd := range cands {
@@ -414,41 +445,10 @@ func (c *Cache) gc(evict, clean bool) (freed int, hadRoom bool) {
 		victims[cd.b] = bk.epoch
 		budget -= bk.dirty
 	}
-	if len(victims) == 0 {
-		c.mu.Unlock()
-		return 0, false
-	}
-	var work []gcPiece
 	for b := range victims {
 		work = c.bucketPiecesLocked(b, work)
 	}
-	c.mu.Unlock()
-
-	if clean {
-		// The backing may be slow: a foreground pass must not wait
-		// behind this one. Every step below checks again under mu.
-		c.gcMu.Unlock()
-		locked = false
-		c.gcWriteback(work)
-	}
-	for _, p := range work {
-		if p.dirty && !clean {
-			if !c.gcMove(p, victims[c.sb.bucketOf(p.loc)]) {
-				break // out of room; what is done stays done
-			}
-		} else {
-			c.gcEvict(p)
-		}
-	}
-	c.mu.Lock()
-	for b, epoch := range victims {
-		if c.mu.buckets[b].state == bPending && c.mu.buckets[b].epoch != epoch {
-			freed++
-		}
-	}
-	c.mu.Unlock()
-	c.stats.gcRuns.Add(1)
-	return freed, false
+	return victims, work, false
 }
 
 // bucketPiecesLocked appends to work the extents of the index that lie in
