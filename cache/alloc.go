@@ -527,7 +527,12 @@ func (c *Cache) pieceCurrentLocked(p gcPiece) bool {
 }
 
 // gcEvict drops a clean piece if it is still current (and the index has
-// room for the cut it may make), and reports whether it did.
+// room for the cut it may make), and reports whether it did. A piece a
+// writeback holds is left alone: the flusher is rewriting it on the
+// backing to bridge a gap, and until the backing is flushed (the flusher
+// releases it after that) a disk that tears the write can damage the
+// backing's copy; the cache's copy is then the only good one, and a
+// deletion durable before the flush would lose it.
 func (c *Cache) gcEvict(p gcPiece) bool {
 	if c.enter() != nil {
 		return false
@@ -537,7 +542,7 @@ func (c *Cache) gcEvict(p gcPiece) bool {
 	defer c.mu.Unlock()
 	var clean = true
 	c.mu.idx.Lookup(p.off, p.n, func(e btreeExtent) bool { clean = !e.Dirty; return clean })
-	if !clean || !c.pieceCurrentLocked(p) || !c.roomLocked(c.edgeCutsLocked(p.off, p.n)/2) {
+	if !clean || c.busyLocked(p.off, p.n) || !c.pieceCurrentLocked(p) || !c.roomLocked(c.edgeCutsLocked(p.off, p.n)/2) {
 		return false
 	}
 	if c.tracing() {

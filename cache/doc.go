@@ -267,8 +267,11 @@
 // a word (a later block's durable field is what proves a block was
 // synced). The flusher's gap-fill rewrites clean data on the backing
 // with the bytes it already holds: a disk that tears a sector of that
-// write in a power cut damages data the cache holds clean (reads serve
-// the clean copy until it is evicted). Unaligned writes are serialized
+// write in a power cut damages data the cache holds clean. Eviction
+// spares a clean extent until the backing flush that follows its gap
+// fill, so the clean copy survives such a cut, and reads serve it; but
+// recovery does not know the backing's copy was damaged, and evicting
+// the clean copy later exposes the damage. Unaligned writes are serialized
 // among themselves (read-modify-
 // write). Direct writes over overlapping ranges are serialized among
 // themselves too.
