@@ -355,3 +355,50 @@ func TestReplayTrustsDurableData(t *testing.T) {
 		}
 	}
 }
+
+// TestCheckpointFailureIsSticky: a checkpoint whose slot write fails
+// leaves the buckets pending for ever, so it fails the cache as a journal
+// write does. Before, only that checkpoint failed: a writer that found no
+// room retried the checkpoint, and one that waited for room (a slow
+// backing) saw buckets pending and tried again at once, spinning for
+// ever (TestPowerCutConcurrent, seed 11453706425608121377: the clients
+// never finished after the cut).
+func TestCheckpointFailureIsSticky(t *testing.T) {
+	mem := storage.NewMem(1 << 20)
+	faulty := storage.NewFaulty(mem, 1)
+	d := devPair{faulty, storage.NewMem(4 << 20)}
+	if err := Format(d.cache, d.back, FormatOptions{BackingID: testBackingID, BucketSize: 32 << 10, JournalSize: 16 * metaBlock}); err != nil {
+		t.Fatal(err)
+	}
+	c := openT(t, d, Options{NoBackground: true, SequentialCutoff: -1})
+	defer c.Close()
+	if err := c.WriteAt(payload(0, 4096, 1), 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	sb, _ := readSuper(mem)
+	faulty.SetFaults(storage.Fault{Ops: storage.OpWrite, Off: sb.CkptOff, Length: 2 * sb.CkptSize})
+	if err := c.Checkpoint(); !errors.Is(err, storage.ErrInjected) || !errors.Is(err, ErrFailed) {
+		t.Fatalf("checkpoint: %v, want the injected error, failing the cache", err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		c.bypassNanos.Store(10 * slowBackingNanos) // writers wait for room
+		var err error
+		for i := int64(0); err == nil && i < 64; i++ {
+			err = c.WriteAt(payload(i*16<<10, 16<<10, 2), i*16<<10, 0)
+		}
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if !errors.Is(err, ErrFailed) {
+			t.Fatalf("write after a failed checkpoint: %v, want ErrFailed", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("writes after a failed checkpoint did not return")
+	}
+	got := make([]byte, 4096)
+	if err := c.ReadAt(got, 0); err != nil || !bytes.Equal(got, payload(0, 4096, 1)) {
+		t.Fatal("dirty data unreadable after the failure", err)
+	}
+}

@@ -281,12 +281,35 @@ func (c *Cache) writeJournal(sync bool) error {
 
 // journalDoneLocked ends a journal writer's turn: a failure is sticky.
 func (c *Cache) journalDoneLocked(err error) error {
-	if err != nil && c.mu.failed == nil {
-		c.mu.failed = fmt.Errorf("%w: %w", ErrFailed, err)
-		c.log.Error("cache: journal write failed; refusing writes", "err", err)
-		c.mu.wbCond.Broadcast() // direct writes waiting for a range give up
+	if err != nil {
+		c.failLocked("journal", err)
 	}
 	c.mu.commitCond.Broadcast()
+	return c.mu.failed
+}
+
+// failLocked makes a failed write of the cache's metadata (what, to the
+// journal or a checkpoint) sticky: writes are refused from now on, and
+// whoever waits for a range or for room gives up. The first failure is the
+// one reported.
+func (c *Cache) failLocked(what string, err error) {
+	if c.mu.failed != nil {
+		return
+	}
+	c.mu.failed = fmt.Errorf("%w: %w", ErrFailed, err)
+	c.log.Error("cache: "+what+" write failed; refusing writes", "err", err)
+	c.mu.wbCond.Broadcast()
+	c.mu.spaceCond.Broadcast()
+}
+
+// checkpointFailed makes a failed checkpoint write or sync sticky, as a
+// journal one is: the slot may be torn, the ring cannot move past the
+// older checkpoint, and the buckets pending can never be freed, so writers
+// that wait for room or retry a checkpoint would wait or spin for ever.
+func (c *Cache) checkpointFailed(err error) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.failLocked("checkpoint", err)
 	return c.mu.failed
 }
 
@@ -420,11 +443,11 @@ func (c *Cache) checkpointLocked(reseed bool) error {
 	h.BodyCRC = crcSalted(c.salt, buf[ckptHdrSize:])
 	copy(buf, encodeCkptHeader(c.salt, h))
 	if err := c.dev.WriteAt(buf, c.sb.CkptOff+int64(slot)*c.sb.CkptSize, 0); err != nil {
-		return fmt.Errorf("cache: write checkpoint: %w", err)
+		return c.checkpointFailed(fmt.Errorf("write checkpoint: %w", err))
 	}
 	if c.opts.testBreak != breakNoSync {
 		if err := c.dev.Flush(); err != nil {
-			return fmt.Errorf("cache: sync checkpoint: %w", err)
+			return c.checkpointFailed(fmt.Errorf("sync checkpoint: %w", err))
 		}
 	}
 
