@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nbdcache/nbdcache/storage"
 	"github.com/nbdcache/nbdcache/writeback"
 )
 
@@ -18,10 +19,12 @@ var (
 	ErrDirty        = errors.New("cache: cache holds dirty data")
 	ErrWrongBacking = errors.New("cache: cache belongs to another backing device")
 	ErrTooSmall     = errors.New("cache: cache device too small")
-	ErrClosed       = errors.New("cache: closed")
-	ErrFailed       = errors.New("cache: cache device failed; writes refused")
-	ErrBadMode      = errors.New("cache: unknown mode")
-	ErrBadOption    = errors.New("cache: invalid option")
+	// ErrClosed is returned after Close. It wraps storage.ErrClosed, as
+	// the Device contract asks.
+	ErrClosed    = fmt.Errorf("cache: closed: %w", storage.ErrClosed)
+	ErrFailed    = errors.New("cache: cache device failed; writes refused")
+	ErrBadMode   = errors.New("cache: unknown mode")
+	ErrBadOption = errors.New("cache: invalid option")
 	// ErrStale is returned by ReadCached when the extent handed out is no
 	// longer (wholly) current; writeback skips it. It wraps
 	// writeback.ErrStale.

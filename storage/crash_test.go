@@ -12,14 +12,6 @@ import (
 	"github.com/nbdcache/nbdcache/test/testseed"
 )
 
-func TestCrashContract(t *testing.T) {
-	testContract(t, func(t *testing.T, size int64) Device {
-		c := NewCrash(size)
-		t.Cleanup(func() { c.Close() })
-		return c
-	})
-}
-
 // crashModel predicts, per sector, what a power cut may leave. The test
 // drives sector-aligned operations only, so a sector's content after a cut
 // is exactly one candidate.

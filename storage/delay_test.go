@@ -6,14 +6,6 @@ import (
 	"time"
 )
 
-func TestDelayContract(t *testing.T) {
-	testContract(t, func(t *testing.T, size int64) Device {
-		d := NewDelay(NewMem(size))
-		t.Cleanup(func() { d.Close() })
-		return d
-	})
-}
-
 // TestDelayLatency measures, in virtual time, what each kind of request
 // costs as latencies are set, changed and cleared.
 func TestDelayLatency(t *testing.T) {

@@ -11,14 +11,6 @@ import (
 	"github.com/nbdcache/nbdcache/test/testseed"
 )
 
-func TestFaultyContract(t *testing.T) {
-	testContract(t, func(t *testing.T, size int64) Device {
-		f := NewFaulty(NewMem(size), 1)
-		t.Cleanup(func() { f.Close() })
-		return f
-	})
-}
-
 // faultyCalls runs one request of every kind at off+length and returns
 // each one's error.
 func faultyCalls(f *Faulty, off, length int64) map[OpKind]error {

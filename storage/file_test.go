@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -26,14 +25,6 @@ func openTemp(t testing.TB, size int64, direct bool) *File {
 	}
 	t.Cleanup(func() { f.Close() })
 	return f
-}
-
-func TestFileContract(t *testing.T) {
-	for _, direct := range []bool{false, true} {
-		t.Run(fmt.Sprintf("direct=%v", direct), func(t *testing.T) {
-			testContract(t, func(t *testing.T, size int64) Device { return openTemp(t, size, direct) })
-		})
-	}
 }
 
 func TestFileOpen(t *testing.T) {
@@ -398,62 +389,6 @@ func TestFileErrors(t *testing.T) {
 	if err := g.ReadAt(make([]byte, 4096), 8192); !errors.Is(err, unix.EIO) {
 		t.Errorf("read past a shrunk file: %v, want EIO", err)
 	}
-}
-
-// TestFileBlockDevice runs the contract on a loop device, when the test
-// can make one (root and losetup).
-func TestFileBlockDevice(t *testing.T) {
-	losetup, err := exec.LookPath("losetup")
-	if err != nil || os.Geteuid() != 0 {
-		t.Skip("block device test skipped: needs root and losetup to make a loop device")
-	}
-	mkLoop := func(t *testing.T, size int64) string {
-		img := filepath.Join(t.TempDir(), "loop.img")
-		if err := os.WriteFile(img, nil, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.Truncate(img, size); err != nil {
-			t.Fatal(err)
-		}
-		out, err := exec.Command(losetup, "--find", "--show", img).CombinedOutput()
-		if err != nil {
-			t.Skipf("block device test skipped: losetup: %v: %s", err, out)
-		}
-		dev := strings.TrimSpace(string(out))
-		t.Cleanup(func() { exec.Command(losetup, "--detach", dev).Run() })
-		return dev
-	}
-	for _, direct := range []bool{false, true} {
-		t.Run(fmt.Sprintf("direct=%v", direct), func(t *testing.T) {
-			testContract(t, func(t *testing.T, size int64) Device {
-				dev := mkLoop(t, size)
-				f, err := OpenFile(dev, FileOptions{Direct: direct})
-				if err != nil {
-					t.Fatal(err)
-				}
-				t.Cleanup(func() { f.Close() })
-				if !f.blockDev || f.Caps().BlockSize < 512 {
-					t.Fatalf("%s: not seen as a block device: %+v", dev, f.Caps())
-				}
-				return f
-			}, contractOpts{trimKeeps: true})
-		})
-	}
-	t.Run("caps", func(t *testing.T) {
-		dev := mkLoop(t, 1<<20)
-		if _, err := OpenFile(dev, FileOptions{Size: 2 << 20}); !errors.Is(err, ErrNoSpace) {
-			t.Errorf("Size larger than the device: %v, want ErrNoSpace", err)
-		}
-		f, err := OpenFile(dev, FileOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer f.Close()
-		t.Logf("%s: size %d, caps %+v", dev, f.Size(), f.Caps())
-		if f.Size() != 1<<20 {
-			t.Errorf("size %d", f.Size())
-		}
-	})
 }
 
 // TestFileZeroPaths forces each way File can zero a range of a regular

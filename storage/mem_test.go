@@ -7,14 +7,6 @@ import (
 	"testing"
 )
 
-func TestMemContract(t *testing.T) {
-	testContract(t, func(t *testing.T, size int64) Device {
-		m := NewMem(size)
-		t.Cleanup(func() { m.Close() })
-		return m
-	})
-}
-
 // collectExtents returns the extents of [off, off+length) as "H<len>" and
 // "D<len>" tokens.
 func collectExtents(t *testing.T, e Extenter, off, length int64) string {

@@ -28,14 +28,6 @@ func zeroModel() DiskModel {
 	return DiskModel{Name: "zero", TransferRate: 1 << 62}
 }
 
-func TestSlowContract(t *testing.T) {
-	testContract(t, func(t *testing.T, size int64) Device {
-		d := NewSlow(NewMem(size), zeroModel())
-		t.Cleanup(func() { d.Close() })
-		return d
-	})
-}
-
 func TestSlowHDDRandomVersusSequential(t *testing.T) {
 	seed := testseed.Get(t)
 	synctest.Test(t, func(t *testing.T) {

@@ -15,14 +15,6 @@ import (
 	"github.com/nbdcache/nbdcache/test/testseed"
 )
 
-func TestVolatileContract(t *testing.T) {
-	testContract(t, func(t *testing.T, size int64) Device {
-		v := NewVolatile(NewMem(size), VolatileOptions{})
-		t.Cleanup(func() { v.Close() })
-		return v
-	})
-}
-
 // volatileModel predicts what a cut may leave, per 512-byte sector. The
 // test drives unaligned requests too, so a sector's versions are whole
 // sector images: hist[s][0] is its durable content, then one image per

@@ -6,38 +6,6 @@ import (
 	"time"
 )
 
-func TestWrappersContract(t *testing.T) {
-	t.Run("DurableAcks", func(t *testing.T) {
-		testContract(t, func(t *testing.T, size int64) Device { return NewDurableAcks(NewMem(size)) })
-	})
-	// Closing a Gate's device or a Switch leaves the device below open (it
-	// outlives them); here Close closes it, as its owner would.
-	t.Run("Gate", func(t *testing.T) {
-		testContract(t, func(t *testing.T, size int64) Device {
-			m := NewMem(size)
-			return closer{NewGate().Wrap(m), m}
-		})
-	})
-	t.Run("Switch", func(t *testing.T) {
-		testContract(t, func(t *testing.T, size int64) Device {
-			m := NewMem(size)
-			return closer{NewSwitch(m), m}
-		})
-	})
-}
-
-// closer is d whose Close closes below.
-type closer struct {
-	Device
-	below Device
-}
-
-func (c closer) Close() error { return c.below.Close() }
-
-func (c closer) Extents(off, length int64, fn func(Extent) bool) error {
-	return c.Device.(Extenter).Extents(off, length, fn)
-}
-
 // TestDurableAcksSyncs: every write, trim and zero reaches the medium
 // before it returns, with FUA when the device has it, else by a Flush.
 func TestDurableAcksSyncs(t *testing.T) {
