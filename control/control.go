@@ -81,6 +81,10 @@ type Stats struct {
 	BackingWrites   int64  `json:"backing_writes"`    // writeback writes to the backing
 	BackingWriteAvg int64  `json:"backing_write_avg"` // their average size
 	WritebackState  string `json:"writeback_state"`
+	// Failed cache reads, backing writes and backing flushes of the
+	// writeback, and the last one's message (a failing backing).
+	WritebackErrors    int64  `json:"writeback_errors"`
+	WritebackLastError string `json:"writeback_last_error,omitempty"`
 
 	UptimeSeconds float64 `json:"uptime_seconds"`
 }

@@ -254,6 +254,9 @@ func (c *conn) readLoop(r *bufio.Reader) error {
 		if errno != 0 {
 			c.s.stats.errors.Add(1)
 			c.replyError(req, errno, msg)
+			if obs := c.s.observer; obs != nil {
+				obs.Request(cmdName(req.typ), 0, errnoName(errno))
+			}
 			continue
 		}
 		c.handlers.Add(1)
@@ -352,6 +355,12 @@ type job struct {
 // worker handles j, then every job it receives until jobs is closed.
 func (c *conn) worker(j job) {
 	for ok := true; ok; j, ok = <-c.jobs {
+		if obs := c.s.observer; obs != nil {
+			start := time.Now()
+			errno := c.handle(j.req, j.payload)
+			obs.Request(cmdName(j.req.typ), time.Since(start), errnoName(errno))
+			continue
+		}
 		c.handle(j.req, j.payload)
 	}
 }
@@ -412,7 +421,9 @@ func (c *conn) validate(req request) (errno uint32, msg string) {
 }
 
 // handle runs one validated request and sends its reply.
-func (c *conn) handle(req request, payload buffer) {
+// handle runs one request and sends its reply; it returns the reply's
+// errno (0 for success).
+func (c *conn) handle(req request, payload buffer) uint32 {
 	defer c.handlers.Done()
 	st := &c.s.stats
 	off, n := int64(req.offset), int64(req.length)
@@ -426,7 +437,7 @@ func (c *conn) handle(req request, payload buffer) {
 		st.reads.Add(1)
 		if n == 0 {
 			c.replyRead(req, nil, nil)
-			return
+			return 0
 		}
 		holes := c.holes(req)
 		var buf buffer
@@ -437,7 +448,7 @@ func (c *conn) handle(req request, payload buffer) {
 			st.bytesRead.Add(n)
 			c.replyRead(req, buf.data, holes)
 			c.putBuf(buf)
-			return
+			return 0
 		}
 		c.putBuf(buf)
 	case cmdWrite:
@@ -491,15 +502,17 @@ func (c *conn) handle(req request, payload buffer) {
 		}
 		c.putBuf(buf)
 		if err == nil {
-			return
+			return 0
 		}
 	}
 	if err != nil {
 		st.errors.Add(1)
-		c.replyError(req, errnoFor(err, req.typ == cmdWrite || req.typ == cmdWriteZeroes), err.Error())
-		return
+		errno := errnoFor(err, req.typ == cmdWrite || req.typ == cmdWriteZeroes)
+		c.replyError(req, errno, err.Error())
+		return errno
 	}
 	c.replyOK(req)
+	return 0
 }
 
 // enterScratch waits for one of the server's scratch slots, which bound

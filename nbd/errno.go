@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"errors"
+	"fmt"
 
 	"golang.org/x/sys/unix"
 
@@ -35,4 +36,29 @@ func errnoFor(err error, write bool) uint32 {
 		return errShutdown
 	}
 	return errIO
+}
+
+// errnoName names an NBD error value for metrics: "" for 0.
+func errnoName(errno uint32) string {
+	switch errno {
+	case 0:
+		return ""
+	case errPerm:
+		return "EPERM"
+	case errIO:
+		return "EIO"
+	case errNoMem:
+		return "ENOMEM"
+	case errInval:
+		return "EINVAL"
+	case errNoSpc:
+		return "ENOSPC"
+	case errOverflow:
+		return "EOVERFLOW"
+	case errNotSup:
+		return "ENOTSUP"
+	case errShutdown:
+		return "ESHUTDOWN"
+	}
+	return fmt.Sprintf("E%d", errno)
 }

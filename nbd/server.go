@@ -83,6 +83,18 @@ type Config struct {
 	TLSRequired bool
 	// Logger receives connection-level events (default: discard).
 	Logger *slog.Logger
+	// Observer, if set, sees every request answered (metrics).
+	Observer Observer
+}
+
+// Observer sees each request the server answers: its command ("READ",
+// "WRITE", ...), the time from its dispatch to its reply, and the error
+// of the reply ("" for success, else its name, such as "EIO"). Requests
+// refused before dispatch (bad flags, out of range) are seen with a zero
+// duration. It is called on the request's goroutine, concurrently, and
+// must be cheap.
+type Observer interface {
+	Request(command string, took time.Duration, errno string)
 }
 
 // ErrServerClosed is returned by Serve after Shutdown.
@@ -108,6 +120,7 @@ type Server struct {
 	scratch          chan struct{} // scratch slots (conn.enterScratch)
 	zeroes           func() []byte
 	stats            counters
+	observer         Observer
 
 	mu struct {
 		sync.Mutex
@@ -125,6 +138,7 @@ func NewServer(cfg Config) (*Server, error) {
 	}
 	s := &Server{
 		log:              cfg.Logger,
+		observer:         cfg.Observer,
 		handshakeTimeout: cfg.HandshakeTimeout,
 		minBlock:         1,
 		preferredBlock:   4096,

@@ -31,7 +31,8 @@ var allowedImports = map[string][]string{
 	"probe":               {"storage"},
 	"control":             {"unixsock"},
 	"storage/storagetest": {"internal/testbytes", "storage", "test/testseed"},
-	"cmd/nbdcache":        {"cache", "control", "nbd", "nbd/kernel", "probe", "storage", "unixsock", "writeback"},
+	"cmd/nbdcache":        {"cache", "control", "metrics", "nbd", "nbd/kernel", "probe", "storage", "unixsock", "writeback"},
+	"metrics":             {"cache", "nbd", "writeback"},
 	"test":                {},
 	"test/vm":             {},
 }

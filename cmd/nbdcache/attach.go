@@ -12,6 +12,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -112,18 +113,22 @@ func runAttach(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	}
 	defer st.Close()
 	dev := st.dev
+	var srvRef atomic.Pointer[nbd.Server]
+	m := serverMetrics(st, &srvRef)
 	srv, err := nbd.NewServer(nbd.Config{
-		Exports: []nbd.Export{{Name: "", Device: dev, ReadOnly: f.storage.readOnly}},
-		Logger:  log,
+		Exports:  []nbd.Export{{Name: "", Device: dev, ReadOnly: f.storage.readOnly}},
+		Logger:   log,
+		Observer: m.Observer(),
 	})
 	if err != nil {
 		return err
 	}
+	srvRef.Store(srv)
 	if st.rig != nil {
 		st.rig.srv.Store(srv) // power cuts drop the connections
 	}
 	if f.control.addr != "" {
-		stopControl, err := startControl(f.control, &daemon{srv: srv, st: st, started: time.Now()})
+		stopControl, err := startControl(f.control, &daemon{srv: srv, st: st, started: time.Now(), metrics: m})
 		if err != nil {
 			return err
 		}

@@ -83,6 +83,9 @@ func printStats(w io.Writer, s, prev control.Stats, dt time.Duration, rates bool
 	}
 	fmt.Fprintf(tw, "writeback\t%s total (%s)\trate\t%s/s, target dirty %s\n", mibs(s.WritebackBytes), s.WritebackState, mibs(wbRate), mibs(s.WritebackTarget))
 	fmt.Fprintf(tw, "collisions\t%d\tbacking writes\t%d (avg %s)\n", s.Collisions, s.BackingWrites, mibs(s.BackingWriteAvg))
+	if s.WritebackErrors > 0 {
+		fmt.Fprintf(tw, "writeback errors\t%d\tlast\t%s\n", s.WritebackErrors, s.WritebackLastError)
+	}
 	fmt.Fprintf(tw, "requests\t%d (errors %d)\tconnections\t%d open, %d total, %d refused, %d timed out\n", s.Requests, s.RequestErrors, s.ActiveConns, s.Connections, s.RefusedConns, s.TimedOutConns)
 	fmt.Fprintf(tw, "buffers\t%s (peak %s)\twaits\t%d\n", mibs(s.BufferBytes), mibs(s.BufferPeak), s.BufferWaits)
 	if rates && dt > 0 {

@@ -10,6 +10,7 @@ import (
 
 	"github.com/nbdcache/nbdcache/cache"
 	"github.com/nbdcache/nbdcache/control"
+	"github.com/nbdcache/nbdcache/metrics"
 	"github.com/nbdcache/nbdcache/nbd"
 	"github.com/nbdcache/nbdcache/unixsock"
 )
@@ -20,6 +21,7 @@ type daemon struct {
 	srv     *nbd.Server
 	st      *openedStorage
 	started time.Time
+	metrics *metrics.Metrics // nil: the control socket serves no /metrics
 }
 
 var _ control.Target = (*daemon)(nil)
@@ -72,6 +74,10 @@ func (d *daemon) Stats() control.Stats {
 		s.WritebackRate, s.WritebackTarget = ws.WrittenRate, ws.Target
 		s.BackingWrites, s.BackingWriteAvg = ws.Writes, ws.AvgWrite
 		s.WritebackState = ws.Mode.String()
+		s.WritebackErrors = ws.Errors
+		if ws.LastError != nil {
+			s.WritebackLastError = ws.LastError.Error()
+		}
 	}
 	return s
 }
@@ -144,6 +150,9 @@ func startControl(f controlFlags, d *daemon) (stop func() error, err error) {
 		return nil, err
 	}
 	h := control.Handler(d)
+	if d.metrics != nil {
+		control.Register(h, "GET /metrics", d.metrics.Handler().ServeHTTP)
+	}
 	registerFaultEndpoints(h, d.st.rig) // faults.go
 	return control.Serve(path, h, a)
 }

@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"runtime/pprof"
+	"sync/atomic"
 	"time"
 
 	"github.com/nbdcache/nbdcache/nbd"
@@ -26,6 +27,7 @@ type serveFlags struct {
 	control controlFlags
 	sockets socketFlags
 	tls     tlsFlags
+	metrics string
 }
 
 func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -46,6 +48,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	f.control.register(fs, "stats, flush --drain, mode")
 	f.sockets.register(fs)
 	f.tls.register(fs)
+	fs.StringVar(&f.metrics, "metrics", "", "serve Prometheus metrics at /metrics on `ADDR`: HOST:PORT or unix:PATH (the control socket serves them too)")
 	fs.StringVar(&f.cpuProf, "cpuprofile", "", "write a Go CPU profile of the whole run to `FILE`")
 	fs.BoolVar(&f.storage.faults, "faults", false, "fault mode: power cuts, injected errors and latency through `nbdcache ctl` (needs --control)")
 	if err := parseFlags(fs, args); err != nil {
@@ -94,16 +97,28 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 
 	cfg.Exports = []nbd.Export{{Name: f.export, Device: dev, ReadOnly: f.storage.readOnly}}
 	cfg.Logger = log
+	var srvRef atomic.Pointer[nbd.Server]
+	m := serverMetrics(st, &srvRef)
+	cfg.Observer = m.Observer()
 	srv, err := nbd.NewServer(cfg)
 	if err != nil {
 		return err
+	}
+	srvRef.Store(srv)
+	if f.metrics != "" {
+		bound, stop, err := serveMetrics(f.metrics, m, perm, log)
+		if err != nil {
+			return err
+		}
+		defer stop()
+		fmt.Fprintf(stdout, "nbdcache: metrics on http://%s/metrics\n", bound)
 	}
 	if st.rig != nil {
 		st.rig.srv.Store(srv) // power cuts drop the connections
 	}
 	stopControl := func() error { return nil }
 	if f.control.addr != "" {
-		stop, err := startControl(f.control, &daemon{srv: srv, st: st, started: time.Now()})
+		stop, err := startControl(f.control, &daemon{srv: srv, st: st, started: time.Now(), metrics: m})
 		if err != nil {
 			return err
 		}
