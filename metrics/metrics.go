@@ -59,7 +59,10 @@ func New(src Sources) *Metrics {
 		Namespace: namespace, Subsystem: "nbd", Name: "request_errors_total",
 		Help: "Requests answered with an error, by command and NBD errno.",
 	}, []string{"command", "errno"})
-	m.observer = observer{m}
+	m.observer = observer{m: m, byCmd: map[string]prometheus.Observer{}}
+	for _, c := range []string{"READ", "WRITE", "FLUSH", "TRIM", "CACHE", "WRITE_ZEROES", "BLOCK_STATUS"} {
+		m.observer.byCmd[c] = m.latency.WithLabelValues(c)
+	}
 	m.reg.MustRegister(m.latency, m.errors, statsCollector{src},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
@@ -73,10 +76,20 @@ func (m *Metrics) Handler() http.Handler {
 	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError})
 }
 
-type observer struct{ m *Metrics }
+// observer feeds the per-request metrics. byCmd holds the histogram of
+// each known command, looked up once (read-only after New): the label
+// hashing of WithLabelValues was most of an observation's cost.
+type observer struct {
+	m     *Metrics
+	byCmd map[string]prometheus.Observer
+}
 
 func (o observer) Request(command string, took time.Duration, errno string) {
-	o.m.latency.WithLabelValues(command).Observe(took.Seconds())
+	h, ok := o.byCmd[command]
+	if !ok {
+		h = o.m.latency.WithLabelValues(command)
+	}
+	h.Observe(took.Seconds())
 	if errno != "" {
 		o.m.errors.WithLabelValues(command, errno).Inc()
 	}
