@@ -125,7 +125,7 @@ func runAttach(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	}
 	srvRef.Store(srv)
 	if st.rig != nil {
-		st.rig.srv.Store(srv) // power cuts drop the connections
+		st.rig.SetServer(srv) // power cuts drop the connections
 	}
 	if f.control.addr != "" {
 		stopControl, err := startControl(f.control, &daemon{srv: srv, st: st, started: time.Now(), metrics: m})

@@ -16,6 +16,7 @@ import (
 	"text/tabwriter"
 
 	"github.com/nbdcache/nbdcache/control"
+	"github.com/nbdcache/nbdcache/faults"
 )
 
 // errCutFailed makes `ctl power-cut` exit 1 when the power-on or the
@@ -124,7 +125,7 @@ func ctlPowerOn(ctx context.Context, fs *flag.FlagSet, args []string, dial dialF
 
 // powerCall posts a power-cut or power-on and prints the report.
 func powerCall(ctx context.Context, dial dialFunc, path string, q url.Values, asJSON bool, stdout io.Writer) error {
-	var res powerCutResult
+	var res faults.PowerCutResult
 	if err := call(ctx, dial, http.MethodPost, path, q, &res); err != nil {
 		return err
 	}
@@ -139,7 +140,7 @@ func powerCall(ctx context.Context, dial dialFunc, path string, q url.Values, as
 	return nil
 }
 
-func printPowerCut(w io.Writer, r powerCutResult) {
+func printPowerCut(w io.Writer, r faults.PowerCutResult) {
 	if r.Model == "" {
 		fmt.Fprintf(w, "power on after cut %d\n", r.Cut)
 	} else {
@@ -251,7 +252,7 @@ func ctlStatus(ctx context.Context, fs *flag.FlagSet, args []string, dial dialFu
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
-	var st faultStatus
+	var st faults.Status
 	if err := call(ctx, dial, http.MethodGet, "/v1/fault", nil, &st); err != nil {
 		return err
 	}
@@ -263,7 +264,7 @@ func ctlStatus(ctx context.Context, fs *flag.FlagSet, args []string, dial dialFu
 	return nil
 }
 
-func printFaultStatus(w io.Writer, st faultStatus) {
+func printFaultStatus(w io.Writer, st faults.Status) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	targets := make([]string, 0, len(st.Failed))
 	for t := range st.Failed {
@@ -311,7 +312,7 @@ func printFaultStatus(w io.Writer, st faultStatus) {
 
 // postFault sends one fault command and prints the resulting fault state.
 func postFault(ctx context.Context, dial dialFunc, path string, q url.Values, stdout io.Writer) error {
-	var st faultStatus
+	var st faults.Status
 	if err := call(ctx, dial, http.MethodPost, path, q, &st); err != nil {
 		return err
 	}

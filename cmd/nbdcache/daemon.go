@@ -10,6 +10,7 @@ import (
 
 	"github.com/nbdcache/nbdcache/cache"
 	"github.com/nbdcache/nbdcache/control"
+	"github.com/nbdcache/nbdcache/faults"
 	"github.com/nbdcache/nbdcache/metrics"
 	"github.com/nbdcache/nbdcache/nbd"
 	"github.com/nbdcache/nbdcache/unixsock"
@@ -153,7 +154,7 @@ func startControl(f controlFlags, d *daemon) (stop func() error, err error) {
 	if d.metrics != nil {
 		control.Register(h, "GET /metrics", d.metrics.Handler().ServeHTTP)
 	}
-	registerFaultEndpoints(h, d.st.rig) // faults.go
+	faults.Register(h, d.st.rig)
 	return control.Serve(path, h, a)
 }
 
@@ -162,7 +163,7 @@ func startControl(f controlFlags, d *daemon) (stop func() error, err error) {
 func drainOnDetach(ctx context.Context, st *openedStorage, log *slog.Logger) error {
 	c := st.liveCache() // fault mode replaces the cache at every power cut
 	if c == nil {
-		if st.rig != nil && st.rig.status().Off {
+		if st.rig != nil && st.rig.Status().Off {
 			log.Warn("the power is off (ctl power-cut --off): the dirty data stays in the cache")
 		}
 		return nil

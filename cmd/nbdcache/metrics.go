@@ -68,4 +68,3 @@ func serveMetrics(addr string, m *metrics.Metrics, perm unixsock.Perm, log *slog
 		}
 	}, nil
 }
-

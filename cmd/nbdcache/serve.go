@@ -114,7 +114,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		fmt.Fprintf(stdout, "nbdcache: metrics on http://%s/metrics\n", bound)
 	}
 	if st.rig != nil {
-		st.rig.srv.Store(srv) // power cuts drop the connections
+		st.rig.SetServer(srv) // power cuts drop the connections
 	}
 	stopControl := func() error { return nil }
 	if f.control.addr != "" {

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/nbdcache/nbdcache/cache"
+	"github.com/nbdcache/nbdcache/faults"
 	"github.com/nbdcache/nbdcache/storage"
 	"github.com/nbdcache/nbdcache/writeback"
 )
@@ -62,7 +63,7 @@ type openedStorage struct {
 	dev   storage.Device
 	cache *cache.Cache // nil without --cache
 	demo  bool         // the embedded default: files in a temporary folder
-	rig   *faultRig    // --faults: power cuts, errors, delays (faults.go)
+	rig   *faults.Rig  // --faults: power cuts, errors, delays
 	close []func() error
 }
 
@@ -98,7 +99,7 @@ func (f *storageFlags) open(w io.Writer, log *slog.Logger) (_ *openedStorage, er
 		return nil, err
 	}
 	if f.faults {
-		o.rig = newFaultRig(log)
+		o.rig = faults.New(log)
 	}
 	mode, err := cache.ParseMode(f.mode)
 	if err != nil {
@@ -170,7 +171,7 @@ func (f *storageFlags) open(w io.Writer, log *slog.Logger) (_ *openedStorage, er
 		if model != nil {
 			slow = func(d storage.Device) storage.Device { return storage.NewSlow(d, *model) }
 		}
-		back = o.rig.wrapBacking(bdev, slow)
+		back = o.rig.WrapBacking(bdev, slow)
 	}
 	o.dev = back
 	if cachePath == "" {
@@ -185,7 +186,7 @@ func (f *storageFlags) open(w io.Writer, log *slog.Logger) (_ *openedStorage, er
 	o.close = append(o.close, cdev.Close)
 	var cd storage.Device = cdev
 	if o.rig != nil {
-		cd = o.rig.wrapCache(cdev)
+		cd = o.rig.WrapCache(cdev)
 	}
 	opts := cache.Options{
 		Mode: mode, BackingPath: absPath(backing), RAMCache: f.ramCache, WritebackPercent: f.wbPercent,
@@ -195,7 +196,7 @@ func (f *storageFlags) open(w io.Writer, log *slog.Logger) (_ *openedStorage, er
 		opts.SequentialCutoff = -1
 	}
 	if o.rig != nil {
-		opts.Logger = o.rig.cacheLogger() // muted when a power cut abandons the cache
+		opts.Logger = o.rig.CacheLogger() // muted when a power cut abandons the cache
 	}
 	ident, err := cache.Identify(cd)
 	switch {
@@ -218,8 +219,8 @@ func (f *storageFlags) open(w io.Writer, log *slog.Logger) (_ *openedStorage, er
 		return nil, fmt.Errorf("opening the cache %s: %w", cachePath, err)
 	}
 	if o.rig != nil {
-		o.rig.setCache(c, opts)
-		o.close = append(o.close, o.rig.closeCache)
+		o.rig.SetCache(c, opts)
+		o.close = append(o.close, o.rig.CloseCache)
 	} else {
 		o.close = append(o.close, c.Close)
 	}
@@ -270,4 +271,32 @@ func createSparse(path string, size int64) error {
 		return err
 	}
 	return fh.Close()
+}
+
+// liveCache is the cache serving now: fault mode swaps it at every cut.
+func (o *openedStorage) liveCache() *cache.Cache {
+	if o.rig != nil {
+		return o.rig.CurrentCache()
+	}
+	return o.cache
+}
+
+// finishExport wraps the device to serve as the flags ask: the fault
+// mode's export layers, then durable acknowledgements.
+func (o *openedStorage) finishExport(f *storageFlags) {
+	if o.rig != nil {
+		o.dev = o.rig.WrapExport(o.dev)
+	}
+	if f.syncMode == "always" {
+		o.dev = storage.NewDurableAcks(o.dev)
+	}
+}
+
+// parseSyncMode checks --sync.
+func parseSyncMode(s string) error {
+	switch s {
+	case "normal", "always":
+		return nil
+	}
+	return fmt.Errorf("%w: --sync %q: want normal or always", errUsage, s)
 }

@@ -1,43 +1,4 @@
-package main
-
-// faults.go: fault mode (`serve --faults`): power cuts, injected errors
-// and latency, driven through the control socket by `nbdcache ctl`; and
-// durable acknowledgements (`--sync always`). The wrappers themselves
-// (Gate, Switch, DurableAcks) live in package storage.
-//
-// With --faults each real device gets this chain, built once:
-//
-//	cache.Cache ─▶ Gate ─▶ Faulty ─▶ Delay ─▶ [Slow] ─▶ Switch ─▶ Volatile ─▶ File
-//	               per power-on  persistent: faults and delays outlive a cut  per power-on
-//
-// and the export (what the NBD server sees) gets
-//
-//	nbd.Server ─▶ [DurableAcks] ─▶ Faulty ─▶ Delay ─▶ Switch ─▶ cache.Cache (or the backing's Gate)
-//
-// A power cut, in this order:
-//  1. the export switch holds new requests (a client that reconnects waits);
-//  2. every client connection is dropped: no request in flight is answered
-//     from here on, so everything acknowledged was complete before the cut;
-//  3. storage.CutVolatile marks both Volatile wrappers dead at one instant
-//     (the power failure: a flush in flight then covers nothing), waits for
-//     their calls in flight, undoes unsynced writes per the model and syncs
-//     the files;
-//  4. the generation's Gate closes, waiting for the calls still inside the
-//     chains (a request sleeping in a Delay): the old Cache (its writeback,
-//     its journal) can no longer reach any device, now or later;
-//  5. power on: new Volatile wrappers in the chains' Switches, a new Gate,
-//     cache.Check and cache.Open (recovery, as at a real start);
-//  6. the export switch points at the new Cache and lets requests go; the
-//     old Cache is closed in the background (its calls all fail, its log
-//     is muted).
-//
-// `power-cut --off` stops after step 4: the export switch points at a
-// dead device (every request fails with EIO, as a disk without power
-// does) until `power-on` runs steps 5 and 6. That is how a filesystem
-// mounted on /dev/nbdX is taken down with its disk: it sees errors, not
-// a disk that silently went back in time under it.
-//
-// Without --faults none of this exists: no wrapper, no cost.
+package faults
 
 import (
 	"cmp"
@@ -63,9 +24,9 @@ import (
 	"github.com/nbdcache/nbdcache/storage"
 )
 
-// errFaultsOff answers the fault endpoints of a server started without
+// ErrOff answers the fault endpoints of a server started without
 // --faults.
-var errFaultsOff = fmt.Errorf("%w: fault mode is off: start the server with `nbdcache serve --faults --control unix:PATH`", control.ErrBadRequest)
+var ErrOff = fmt.Errorf("%w: fault mode is off: start the server with `nbdcache serve --faults --control unix:PATH`", control.ErrBadRequest)
 
 // ---------------------------------------------------------------------
 // the rig
@@ -94,8 +55,8 @@ type faultChain struct {
 	vol  *storage.Volatile
 }
 
-// faultRig holds fault mode's state for one server.
-type faultRig struct {
+// Rig holds fault mode's state for one server.
+type Rig struct {
 	log     *slog.Logger
 	maxUndo int64
 	back    *faultChain
@@ -113,21 +74,21 @@ type faultRig struct {
 		opts   cache.Options
 		mode   cache.Mode // the cache's mode at the last cut
 		cuts   int
-		off    bool                   // power-cut --off, until powerOn
-		faults map[string][]faultSpec // installed, per target
+		off    bool              // power-cut --off, until powerOn
+		faults map[string][]Spec // installed, per target
 	}
 }
 
-func newFaultRig(log *slog.Logger) *faultRig {
-	r := &faultRig{log: log, maxUndo: storage.DefaultMaxUndo}
+func New(log *slog.Logger) *Rig {
+	r := &Rig{log: log, maxUndo: storage.DefaultMaxUndo}
 	r.mu.gen = storage.NewGate()
-	r.mu.faults = make(map[string][]faultSpec)
+	r.mu.faults = make(map[string][]Spec)
 	return r
 }
 
 // chain builds the persistent wrappers over a real device. model, if not
 // nil, sits between the delays and the volatile cache (the disk model).
-func (r *faultRig) chain(name string, file storage.Device, model func(storage.Device) storage.Device) *faultChain {
+func (r *Rig) chain(name string, file storage.Device, model func(storage.Device) storage.Device) *faultChain {
 	c := &faultChain{name: name, file: file}
 	c.vol = storage.NewVolatile(file, storage.VolatileOptions{MaxUndo: r.maxUndo})
 	c.slot = storage.NewSwitch(c.vol)
@@ -139,27 +100,27 @@ func (r *faultRig) chain(name string, file storage.Device, model func(storage.De
 	return c
 }
 
-// wrapBacking returns the backing as the first generation sees it.
-func (r *faultRig) wrapBacking(file storage.Device, model func(storage.Device) storage.Device) storage.Device {
+// WrapBacking returns the backing as the first generation sees it.
+func (r *Rig) WrapBacking(file storage.Device, model func(storage.Device) storage.Device) storage.Device {
 	r.back = r.chain("backing", file, model)
 	return r.mu.gen.Wrap(r.back.top)
 }
 
-// wrapCache returns the cache device as the first generation sees it.
-func (r *faultRig) wrapCache(file storage.Device) storage.Device {
+// WrapCache returns the cache device as the first generation sees it.
+func (r *Rig) WrapCache(file storage.Device) storage.Device {
 	r.cache = r.chain("cache", file, nil)
 	return r.mu.gen.Wrap(r.cache.top)
 }
 
-// setCache records the open cache and the options to reopen it with.
-func (r *faultRig) setCache(c *cache.Cache, opts cache.Options) {
+// SetCache records the open cache and the options to reopen it with.
+func (r *Rig) SetCache(c *cache.Cache, opts cache.Options) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.mu.cache, r.mu.opts = c, opts
 }
 
-// cacheLogger returns the logger for the first cache.
-func (r *faultRig) cacheLogger() *slog.Logger {
+// CacheLogger returns the logger for the first cache.
+func (r *Rig) CacheLogger() *slog.Logger {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.cacheLoggerLocked()
@@ -167,7 +128,7 @@ func (r *faultRig) cacheLogger() *slog.Logger {
 
 // cacheLoggerLocked returns a logger for a new cache that the next cut
 // mutes.
-func (r *faultRig) cacheLoggerLocked() *slog.Logger {
+func (r *Rig) cacheLoggerLocked() *slog.Logger {
 	r.mu.mute = new(atomic.Bool)
 	return slog.New(muteHandler{inner: r.log.Handler(), muted: r.mu.mute})
 }
@@ -197,23 +158,26 @@ func (h muteHandler) WithGroup(name string) slog.Handler {
 	return muteHandler{inner: h.inner.WithGroup(name), muted: h.muted}
 }
 
-// wrapExport returns what the NBD server serves.
-func (r *faultRig) wrapExport(dev storage.Device) storage.Device {
+// WrapExport returns what the NBD server serves.
+func (r *Rig) WrapExport(dev storage.Device) storage.Device {
 	r.export = storage.NewSwitch(dev)
 	k, top := newKnobs(r.export)
 	r.exportKnobs = k
 	return top
 }
 
-// currentCache is the cache serving now (nil without --cache).
-func (r *faultRig) currentCache() *cache.Cache {
+// SetServer names the NBD server whose connections a power cut drops.
+func (r *Rig) SetServer(srv *nbd.Server) { r.srv.Store(srv) }
+
+// CurrentCache is the cache serving now (nil without --cache).
+func (r *Rig) CurrentCache() *cache.Cache {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.mu.cache
 }
 
-// closeCache closes the current cache (at shutdown).
-func (r *faultRig) closeCache() error {
+// CloseCache closes the current cache (at shutdown).
+func (r *Rig) CloseCache() error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.mu.cache == nil {
@@ -224,42 +188,14 @@ func (r *faultRig) closeCache() error {
 	return err
 }
 
-// liveCache is the cache serving now: fault mode swaps it at every cut.
-func (o *openedStorage) liveCache() *cache.Cache {
-	if o.rig != nil {
-		return o.rig.currentCache()
-	}
-	return o.cache
+// NamedModel is a loss model as `power-cut --model` names it.
+type NamedModel struct {
+	Name  string
+	Model storage.LossModel
 }
 
-// finishExport wraps the device to serve as the flags ask: the fault
-// mode's export layers, then durable acknowledgements.
-func (o *openedStorage) finishExport(f *storageFlags) {
-	if o.rig != nil {
-		o.dev = o.rig.wrapExport(o.dev)
-	}
-	if f.syncMode == "always" {
-		o.dev = storage.NewDurableAcks(o.dev)
-	}
-}
-
-// parseSyncMode checks --sync.
-func parseSyncMode(s string) error {
-	switch s {
-	case "normal", "always":
-		return nil
-	}
-	return fmt.Errorf("%w: --sync %q: want normal or always", errUsage, s)
-}
-
-// namedModel is a loss model as `power-cut --model` names it.
-type namedModel struct {
-	name  string
-	model storage.LossModel
-}
-
-func lossModelNames() []namedModel {
-	return []namedModel{
+func LossModelNames() []NamedModel {
+	return []NamedModel{
 		{"unflushed", storage.LoseUnsynced},
 		{"random", storage.LoseRandom},
 		{"torn", storage.LoseTorn},
@@ -267,19 +203,19 @@ func lossModelNames() []namedModel {
 	}
 }
 
-func parseLossModel(s string) (storage.LossModel, error) {
-	for _, m := range lossModelNames() {
-		if s == m.name {
-			return m.model, nil
+func ParseLossModel(s string) (storage.LossModel, error) {
+	for _, m := range LossModelNames() {
+		if s == m.Name {
+			return m.Model, nil
 		}
 	}
 	return 0, fmt.Errorf("%w: model %q: want unflushed, random, torn or keep", control.ErrBadRequest, s)
 }
 
-func lossModelName(m storage.LossModel) string {
-	for _, n := range lossModelNames() {
-		if n.model == m {
-			return n.name
+func LossModelName(m storage.LossModel) string {
+	for _, n := range LossModelNames() {
+		if n.Model == m {
+			return n.Name
 		}
 	}
 	return m.String()
@@ -288,8 +224,8 @@ func lossModelName(m storage.LossModel) string {
 // maxUndoneShown bounds the undone ranges a power-cut report lists.
 const maxUndoneShown = 32
 
-// deviceLoss is what a cut did to one device (JSON for ctl).
-type deviceLoss struct {
+// DeviceLoss is what a cut did to one device (JSON for ctl).
+type DeviceLoss struct {
 	Device       string  `json:"device"`
 	Entries      int     `json:"unsynced_writes"`
 	Dropped      int     `json:"dropped"`
@@ -307,8 +243,8 @@ type deviceLoss struct {
 	WriteThrough int64      `json:"written_through"`
 }
 
-// checkResult is cache.Check's verdict on the devices after the cut.
-type checkResult struct {
+// CheckResult is cache.Check's verdict on the devices after the cut.
+type CheckResult struct {
 	OK               bool     `json:"ok"`
 	Error            string   `json:"error,omitempty"`
 	State            string   `json:"state"`
@@ -324,8 +260,8 @@ type checkResult struct {
 	Warnings         []string `json:"warnings,omitempty"`
 }
 
-// recoveryResult is what the reopened cache reports.
-type recoveryResult struct {
+// RecoveryResult is what the reopened cache reports.
+type RecoveryResult struct {
 	Mode            string `json:"mode"`
 	ReplayedRecords int64  `json:"replayed_records"`
 	ReplayDropped   int64  `json:"dropped_records"`
@@ -333,39 +269,39 @@ type recoveryResult struct {
 	DirtyBytes      int64  `json:"dirty_bytes"`
 }
 
-// powerCutResult is the answer to POST /v1/fault/power-cut.
-type powerCutResult struct {
+// PowerCutResult is the answer to POST /v1/fault/power-cut.
+type PowerCutResult struct {
 	Cut         int             `json:"cut"` // 1 for the server's first cut
 	Model       string          `json:"model"`
 	Seed        uint64          `json:"seed"`
 	Connections int             `json:"connections_dropped"`
-	Devices     []deviceLoss    `json:"devices"`
-	Check       *checkResult    `json:"check,omitempty"`
-	Recovery    *recoveryResult `json:"recovery,omitempty"`
+	Devices     []DeviceLoss    `json:"devices"`
+	Check       *CheckResult    `json:"check,omitempty"`
+	Recovery    *RecoveryResult `json:"recovery,omitempty"`
 	Error       string          `json:"error,omitempty"`       // the cut or the power-on failed
 	PoweredOff  bool            `json:"powered_off,omitempty"` // power-cut --off: no Check or Recovery yet
 	Millis      float64         `json:"millis"`
 }
 
-// errPowerOff and errPowerOn refuse a cut while the power is off and a
+// ErrPowerOff and ErrPowerOn refuse a cut while the power is off and a
 // power-on while it is on.
 var (
-	errPowerOff = fmt.Errorf("%w: the power is off: `nbdcache ctl power-on` first", control.ErrBadRequest)
-	errPowerOn  = fmt.Errorf("%w: the power is on", control.ErrBadRequest)
+	ErrPowerOff = fmt.Errorf("%w: the power is off: `nbdcache ctl power-on` first", control.ErrBadRequest)
+	ErrPowerOn  = fmt.Errorf("%w: the power is on", control.ErrBadRequest)
 )
 
 // powerCut cuts the power under model and, unless stayOff, powers the
 // devices on again. With stayOff every request fails with EIO, as on a
 // disk without power, until powerOn.
-func (r *faultRig) powerCut(model storage.LossModel, seed uint64, stayOff bool) (powerCutResult, error) {
+func (r *Rig) PowerCut(model storage.LossModel, seed uint64, stayOff bool) (PowerCutResult, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.mu.off {
-		return powerCutResult{}, errPowerOff
+		return PowerCutResult{}, ErrPowerOff
 	}
 	start := time.Now()
 	r.mu.cuts++
-	res := powerCutResult{Cut: r.mu.cuts, Model: lossModelName(model), Seed: seed}
+	res := PowerCutResult{Cut: r.mu.cuts, Model: LossModelName(model), Seed: seed}
 
 	// 1-2: hold the export, drop the clients.
 	r.export.Hold()
@@ -385,7 +321,7 @@ func (r *faultRig) powerCut(model storage.LossModel, seed uint64, stayOff bool) 
 	rng := rand.New(rand.NewPCG(seed, seed^0x2545f4914f6cdd1d))
 	reps, err := storage.CutVolatile(model, rng, vols...)
 	for i, rep := range reps {
-		d := deviceLoss{
+		d := DeviceLoss{
 			Device: chains[i].name, Entries: rep.Entries, Dropped: rep.Dropped, Kept: rep.Kept, Partial: rep.Partial,
 			BytesDropped: rep.BytesDropped, BytesKept: rep.BytesKept, Torn: rep.Torn, Garbage: rep.Garbage,
 			Overflows: rep.Overflows, WriteThrough: rep.WriteThrough,
@@ -429,14 +365,14 @@ func (r *faultRig) powerCut(model storage.LossModel, seed uint64, stayOff bool) 
 
 // powerOn ends a power-off that `power-cut --off` began: recovery runs
 // and the export serves the state after the cut.
-func (r *faultRig) powerOn() (powerCutResult, error) {
+func (r *Rig) PowerOn() (PowerCutResult, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if !r.mu.off {
-		return powerCutResult{}, errPowerOn
+		return PowerCutResult{}, ErrPowerOn
 	}
 	start := time.Now()
-	res := powerCutResult{Cut: r.mu.cuts}
+	res := PowerCutResult{Cut: r.mu.cuts}
 	r.export.Hold()
 	r.mu.off = false
 	r.powerOnLocked(&res, nil)
@@ -446,7 +382,7 @@ func (r *faultRig) powerOn() (powerCutResult, error) {
 }
 
 // chains are the real devices: the cache's (if any), then the backing's.
-func (r *faultRig) chains() []*faultChain {
+func (r *Rig) chains() []*faultChain {
 	if r.cache != nil {
 		return []*faultChain{r.cache, r.back}
 	}
@@ -457,7 +393,7 @@ func (r *faultRig) chains() []*faultChain {
 // Gate, cache.Check and cache.Open, and the export switched to the new
 // state (held until then). old, if not nil, is the cache that served
 // before, closed in the background once its requests are gone.
-func (r *faultRig) powerOnLocked(res *powerCutResult, old *cache.Cache) {
+func (r *Rig) powerOnLocked(res *PowerCutResult, old *cache.Cache) {
 	for _, c := range r.chains() {
 		c.vol = storage.NewVolatile(c.file, storage.VolatileOptions{MaxUndo: r.maxUndo})
 		c.slot.Release(c.vol)
@@ -468,7 +404,7 @@ func (r *faultRig) powerOnLocked(res *powerCutResult, old *cache.Cache) {
 	if r.cache != nil {
 		cd := r.mu.gen.Wrap(r.cache.top)
 		rep, cerr := cache.Check(cd, bd)
-		res.Check = &checkResult{
+		res.Check = &CheckResult{
 			OK: cerr == nil, State: rep.State, SuperblockCopies: rep.SuperblockCopies, CheckpointsValid: rep.CheckpointsValid,
 			JournalBlocks: rep.JournalBlocks, JournalStop: rep.JournalStop, Replayed: rep.Replayed, Dropped: rep.Dropped,
 			Extents: rep.Extents, DirtyBytes: rep.DirtyBytes, Problems: rep.Problems, Warnings: rep.Warnings,
@@ -487,7 +423,7 @@ func (r *faultRig) powerOnLocked(res *powerCutResult, old *cache.Cache) {
 			next = storage.NewDead(r.export.Size(), r.export.Caps(), fmt.Errorf("%w: %w", unix.EIO, oerr))
 		} else {
 			s := c.Stats()
-			res.Recovery = &recoveryResult{Mode: s.Mode.String(), ReplayedRecords: s.ReplayedRecords,
+			res.Recovery = &RecoveryResult{Mode: s.Mode.String(), ReplayedRecords: s.ReplayedRecords,
 				ReplayDropped: s.ReplayDropped, Extents: s.Extents, DirtyBytes: s.DirtyBytes}
 			next = c
 			r.mu.cache = c
@@ -502,7 +438,7 @@ func (r *faultRig) powerOnLocked(res *powerCutResult, old *cache.Cache) {
 // abandon closes a cache whose power was cut, once the requests that were
 // in it have returned (they fail: its devices are gone). Its errors mean
 // nothing.
-func (r *faultRig) abandon(c *cache.Cache, drained func()) {
+func (r *Rig) abandon(c *cache.Cache, drained func()) {
 	done := make(chan struct{})
 	go func() {
 		drained()
@@ -521,8 +457,8 @@ func (r *faultRig) abandon(c *cache.Cache, drained func()) {
 // ---------------------------------------------------------------------
 // errors and delays
 
-// faultSpec is one installed fault, as ctl shows it.
-type faultSpec struct {
+// Spec is one installed fault, as ctl shows it.
+type Spec struct {
 	Ops         string  `json:"ops"`
 	Errno       string  `json:"errno"`
 	Offset      int64   `json:"offset"`
@@ -533,21 +469,21 @@ type faultSpec struct {
 	fault       storage.Fault
 }
 
-// wireErrnos are the errors an NBD reply can carry; injecting any other
+// WireErrnos are the errors an NBD reply can carry; injecting any other
 // would reach the client as one of these, not as asked.
-type namedErrno struct {
-	name  string
-	errno unix.Errno
+type NamedErrno struct {
+	Name  string
+	Errno unix.Errno
 }
 
-func wireErrnos() []namedErrno {
-	return []namedErrno{
+func WireErrnos() []NamedErrno {
+	return []NamedErrno{
 		{"EIO", unix.EIO}, {"EPERM", unix.EPERM}, {"ENOSPC", unix.ENOSPC}, {"EINVAL", unix.EINVAL},
 		{"ENOMEM", unix.ENOMEM}, {"EOVERFLOW", unix.EOVERFLOW}, {"ENOTSUP", unix.ENOTSUP}, {"ESHUTDOWN", unix.ESHUTDOWN},
 	}
 }
 
-func parseErrno(s string) (unix.Errno, error) {
+func ParseErrno(s string) (unix.Errno, error) {
 	if s == "" {
 		return unix.EIO, nil
 	}
@@ -556,48 +492,48 @@ func parseErrno(s string) (unix.Errno, error) {
 		u = "ENOTSUP"
 	}
 	var names []string
-	for _, e := range wireErrnos() {
-		if u == e.name {
-			return e.errno, nil
+	for _, e := range WireErrnos() {
+		if u == e.Name {
+			return e.Errno, nil
 		}
-		names = append(names, e.name)
+		names = append(names, e.Name)
 	}
 	return 0, fmt.Errorf("%w: errno %q: NBD carries only %s", control.ErrBadRequest, s, strings.Join(names, ", "))
 }
 
-func errnoName(e error) string {
-	for _, w := range wireErrnos() {
-		if errors.Is(e, w.errno) {
-			return w.name
+func ErrnoName(e error) string {
+	for _, w := range WireErrnos() {
+		if errors.Is(e, w.Errno) {
+			return w.Name
 		}
 	}
 	return fmt.Sprint(e)
 }
 
-type namedOp struct {
-	name string
-	kind storage.OpKind
+type NamedOp struct {
+	Name string
+	Kind storage.OpKind
 }
 
-// opNames are the kinds `--op` takes; "all" comes last.
-func opNames() []namedOp {
-	return []namedOp{
+// OpNames are the kinds `--op` takes; "all" comes last.
+func OpNames() []NamedOp {
+	return []NamedOp{
 		{"read", storage.OpRead}, {"write", storage.OpWrite}, {"flush", storage.OpFlush},
 		{"trim", storage.OpTrim}, {"zero", storage.OpZero}, {"extents", storage.OpExtents}, {"all", storage.OpAll},
 	}
 }
 
-// parseOps reads "read,write" (empty: every kind).
-func parseOps(s string) (storage.OpKind, error) {
+// ParseOps reads "read,write" (empty: every kind).
+func ParseOps(s string) (storage.OpKind, error) {
 	if s == "" {
 		return storage.OpAll, nil
 	}
 	var k storage.OpKind
 	for _, part := range strings.Split(s, ",") {
 		found := false
-		for _, o := range opNames() {
-			if strings.TrimSpace(part) == o.name {
-				k |= o.kind
+		for _, o := range OpNames() {
+			if strings.TrimSpace(part) == o.Name {
+				k |= o.Kind
 				found = true
 			}
 		}
@@ -609,7 +545,7 @@ func parseOps(s string) (storage.OpKind, error) {
 }
 
 // targets returns the targets a request names ("" or "all": every one).
-func (r *faultRig) targets(name string, export bool) ([]string, error) {
+func (r *Rig) targets(name string, export bool) ([]string, error) {
 	all := []string{"backing"}
 	if r.cache != nil {
 		all = []string{"cache", "backing"}
@@ -627,7 +563,7 @@ func (r *faultRig) targets(name string, export bool) ([]string, error) {
 }
 
 // knobsOf returns the knobs of a target that targets accepted.
-func (r *faultRig) knobsOf(target string) *knobs {
+func (r *Rig) knobsOf(target string) *knobs {
 	switch target {
 	case "export":
 		return &r.exportKnobs
@@ -637,21 +573,21 @@ func (r *faultRig) knobsOf(target string) *knobs {
 	return &r.back.knobs
 }
 
-// faultStatus is the answer to GET /v1/fault and to the error and delay
+// Status is the answer to GET /v1/fault and to the error and delay
 // endpoints.
-type faultStatus struct {
-	Cuts    int                    `json:"power_cuts"`
-	Off     bool                   `json:"powered_off"`
-	Faults  map[string][]faultSpec `json:"faults"`
-	Failed  map[string]int64       `json:"injected"`         // requests failed so far, per target
-	Delays  map[string]string      `json:"delays,omitempty"` // "read=5ms,write=5ms", per target
-	Pending map[string]int64       `json:"unsynced_bytes"`   // what a cut may drop now, per device
+type Status struct {
+	Cuts    int               `json:"power_cuts"`
+	Off     bool              `json:"powered_off"`
+	Faults  map[string][]Spec `json:"faults"`
+	Failed  map[string]int64  `json:"injected"`         // requests failed so far, per target
+	Delays  map[string]string `json:"delays,omitempty"` // "read=5ms,write=5ms", per target
+	Pending map[string]int64  `json:"unsynced_bytes"`   // what a cut may drop now, per device
 }
 
-func (r *faultRig) status() faultStatus {
+func (r *Rig) Status() Status {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	st := faultStatus{Cuts: r.mu.cuts, Off: r.mu.off, Faults: map[string][]faultSpec{}, Failed: map[string]int64{},
+	st := Status{Cuts: r.mu.cuts, Off: r.mu.off, Faults: map[string][]Spec{}, Failed: map[string]int64{},
 		Delays: map[string]string{}, Pending: map[string]int64{}}
 	ts, _ := r.targets("", true)
 	for _, t := range ts {
@@ -660,9 +596,9 @@ func (r *faultRig) status() faultStatus {
 		}
 		st.Failed[t] = r.knobsOf(t).faulty.Injected()
 		var parts []string
-		for _, o := range opNames()[:6] {
-			if l := r.knobsOf(t).delay.Latency(o.kind); l > 0 {
-				parts = append(parts, o.name+"="+l.String())
+		for _, o := range OpNames()[:6] {
+			if l := r.knobsOf(t).delay.Latency(o.Kind); l > 0 {
+				parts = append(parts, o.Name+"="+l.String())
 			}
 		}
 		if len(parts) > 0 {
@@ -692,7 +628,7 @@ func queryInt(q url.Values, key string) (int64, error) {
 // knobRequest parses what error and delay requests share: the targets
 // (every one, for clear), and for a setting its single target and the
 // operations it applies to.
-func (r *faultRig) knobRequest(q url.Values) (ts []string, clear bool, ops storage.OpKind, err error) {
+func (r *Rig) knobRequest(q url.Values) (ts []string, clear bool, ops storage.OpKind, err error) {
 	if ts, err = r.targets(q.Get("target"), true); err != nil {
 		return nil, false, 0, err
 	}
@@ -702,12 +638,12 @@ func (r *faultRig) knobRequest(q url.Values) (ts []string, clear bool, ops stora
 	if len(ts) != 1 {
 		return nil, false, 0, fmt.Errorf("%w: --target export, cache or backing is required", control.ErrBadRequest)
 	}
-	ops, err = parseOps(q.Get("op"))
+	ops, err = ParseOps(q.Get("op"))
 	return ts, false, ops, err
 }
 
 // setError installs (or, with clear, removes) an injected error.
-func (r *faultRig) setError(q url.Values) error {
+func (r *Rig) SetError(q url.Values) error {
 	ts, clear, ops, err := r.knobRequest(q)
 	if err != nil {
 		return err
@@ -721,11 +657,11 @@ func (r *faultRig) setError(q url.Values) error {
 		}
 		return nil
 	}
-	errno, err := parseErrno(q.Get("errno"))
+	errno, err := ParseErrno(q.Get("errno"))
 	if err != nil {
 		return err
 	}
-	var spec faultSpec
+	var spec Spec
 	if spec.Offset, err = queryInt(q, "offset"); err != nil {
 		return err
 	}
@@ -758,7 +694,7 @@ func (r *faultRig) setError(q url.Values) error {
 	if spec.Length == 0 && spec.Offset > 0 {
 		spec.Length = size - spec.Offset
 	}
-	spec.Ops, spec.Errno = ops.String(), errnoName(errno)
+	spec.Ops, spec.Errno = ops.String(), ErrnoName(errno)
 	spec.fault = storage.Fault{Ops: ops, Off: spec.Offset, Length: spec.Length, Prob: spec.Probability,
 		After: spec.After, Times: spec.Times, Err: errno}
 	t := ts[0]
@@ -772,7 +708,7 @@ func (r *faultRig) setError(q url.Values) error {
 }
 
 // setDelay sets (or, with clear, removes) latency.
-func (r *faultRig) setDelay(q url.Values) error {
+func (r *Rig) SetDelay(q url.Values) error {
 	ts, clear, ops, err := r.knobRequest(q)
 	if err != nil {
 		return err
@@ -791,32 +727,32 @@ func (r *faultRig) setDelay(q url.Values) error {
 	return nil
 }
 
-// registerFaultEndpoints adds the fault API to the control handler; r is
+// Register adds the fault API to the control handler; r is
 // nil without --faults, and the endpoints then say so.
 //
-//	GET  /v1/fault                          faultStatus
-//	POST /v1/fault/power-cut?model=&seed=&off=   powerCutResult (off=1: the power stays off)
-//	POST /v1/fault/power-on                      powerCutResult (after off=1)
+//	GET  /v1/fault                          Status
+//	POST /v1/fault/power-cut?model=&seed=&off=   PowerCutResult (off=1: the power stays off)
+//	POST /v1/fault/power-on                      PowerCutResult (after off=1)
 //	POST /v1/fault/error?target=&op=&errno=&offset=&length=&probability=&after=&times=  (or clear=1)
 //	POST /v1/fault/delay?target=&op=&latency=                                           (or clear=1)
-func registerFaultEndpoints(h http.Handler, r *faultRig) {
+func Register(h http.Handler, r *Rig) {
 	control.Register(h, "GET /v1/fault", func(w http.ResponseWriter, req *http.Request) {
 		if r == nil {
-			control.WriteError(w, errFaultsOff)
+			control.WriteError(w, ErrOff)
 			return
 		}
-		control.WriteJSON(w, r.status())
+		control.WriteJSON(w, r.Status())
 	})
 	control.Register(h, "POST /v1/fault/power-cut", func(w http.ResponseWriter, req *http.Request) {
 		if r == nil {
-			control.WriteError(w, errFaultsOff)
+			control.WriteError(w, ErrOff)
 			return
 		}
 		q := req.URL.Query()
 		model := storage.LoseUnsynced
 		if m := q.Get("model"); m != "" {
 			var err error
-			if model, err = parseLossModel(m); err != nil {
+			if model, err = ParseLossModel(m); err != nil {
 				control.WriteError(w, err)
 				return
 			}
@@ -830,7 +766,7 @@ func registerFaultEndpoints(h http.Handler, r *faultRig) {
 			}
 			seed = v
 		}
-		res, err := r.powerCut(model, seed, q.Get("off") != "")
+		res, err := r.PowerCut(model, seed, q.Get("off") != "")
 		if err != nil {
 			control.WriteError(w, err)
 			return
@@ -839,10 +775,10 @@ func registerFaultEndpoints(h http.Handler, r *faultRig) {
 	})
 	control.Register(h, "POST /v1/fault/power-on", func(w http.ResponseWriter, req *http.Request) {
 		if r == nil {
-			control.WriteError(w, errFaultsOff)
+			control.WriteError(w, ErrOff)
 			return
 		}
-		res, err := r.powerOn()
+		res, err := r.PowerOn()
 		if err != nil {
 			control.WriteError(w, err)
 			return
@@ -851,19 +787,19 @@ func registerFaultEndpoints(h http.Handler, r *faultRig) {
 	})
 	// setter answers a request that changes the injected faults with the
 	// fault state that results.
-	setter := func(set func(*faultRig, url.Values) error) http.HandlerFunc {
+	setter := func(set func(*Rig, url.Values) error) http.HandlerFunc {
 		return func(w http.ResponseWriter, req *http.Request) {
 			if r == nil {
-				control.WriteError(w, errFaultsOff)
+				control.WriteError(w, ErrOff)
 				return
 			}
 			if err := set(r, req.URL.Query()); err != nil {
 				control.WriteError(w, err)
 				return
 			}
-			control.WriteJSON(w, r.status())
+			control.WriteJSON(w, r.Status())
 		}
 	}
-	control.Register(h, "POST /v1/fault/error", setter((*faultRig).setError))
-	control.Register(h, "POST /v1/fault/delay", setter((*faultRig).setDelay))
+	control.Register(h, "POST /v1/fault/error", setter((*Rig).SetError))
+	control.Register(h, "POST /v1/fault/delay", setter((*Rig).SetDelay))
 }
