@@ -11,6 +11,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nbdcache/nbdcache/nbd"
 )
 
 // A cache belongs to one backing. The backing's identity is a 16-byte id:
@@ -30,6 +32,9 @@ var errNoBackingID = errors.New("no stable identity for this backing")
 // fails with errNoBackingID.
 func backingID(path string) ([16]byte, error) {
 	var id [16]byte
+	if nbd.IsURI(path) {
+		return remoteBackingID(path)
+	}
 	fi, err := os.Stat(path)
 	if err != nil {
 		return id, err
@@ -71,6 +76,10 @@ func fileBackingID(path string) (id [16]byte, found bool, err error) {
 // accepts a backing it was not bound to. A block device's id is what the
 // kernel reports for it, and commit does nothing.
 func newBackingID(path string) (id [16]byte, commit func() error, err error) {
+	if nbd.IsURI(path) {
+		id, err := remoteBackingID(path)
+		return id, func() error { return nil }, err
+	}
 	fi, err := os.Stat(path)
 	if err != nil {
 		return id, nil, err

@@ -27,6 +27,9 @@ func runFormat(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if *cachePath == "" || *backing == "" {
 		return fmt.Errorf("%w: --cache and --backing are required", errUsage)
 	}
+	if err := refuseRemoteOffline("format", *backing); err != nil {
+		return err
+	}
 	if err := refuseOverlap(*cachePath, *backing); err != nil {
 		return err
 	}
@@ -96,6 +99,9 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	if *cachePath == "" || *backing == "" {
 		return fmt.Errorf("%w: --cache and --backing are required", errUsage)
+	}
+	if err := refuseRemoteOffline("check", *backing); err != nil {
+		return err
 	}
 	if err := refuseOverlap(*cachePath, *backing); err != nil {
 		return err

@@ -21,6 +21,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nbdcache/nbdcache/cache"
+	"github.com/nbdcache/nbdcache/nbd"
 	"github.com/nbdcache/nbdcache/probe"
 	"github.com/nbdcache/nbdcache/storage"
 )
@@ -240,6 +241,9 @@ func humanSize(n int64) string {
 
 // absPath is path made absolute, for the backing path hint.
 func absPath(path string) string {
+	if nbd.IsURI(path) {
+		return path
+	}
 	if a, err := filepath.Abs(path); err == nil {
 		return a
 	}

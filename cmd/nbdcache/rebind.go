@@ -27,6 +27,9 @@ func runRebind(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if *cachePath == "" || *backing == "" {
 		return fmt.Errorf("%w: --cache and --backing are required", errUsage)
 	}
+	if err := refuseRemoteOffline("rebind", *backing); err != nil {
+		return err
+	}
 	if err := refuseOverlap(*cachePath, *backing); err != nil {
 		return err
 	}

@@ -12,6 +12,7 @@ import (
 
 	"github.com/nbdcache/nbdcache/cache"
 	"github.com/nbdcache/nbdcache/faults"
+	"github.com/nbdcache/nbdcache/nbd"
 	"github.com/nbdcache/nbdcache/storage"
 	"github.com/nbdcache/nbdcache/writeback"
 )
@@ -35,10 +36,14 @@ type storageFlags struct {
 	direct       bool
 	syncMode     string // --sync: normal or always (faults.go)
 	faults       bool   // serve --faults (faults.go)
+	backingTLS   string // --backing-tls-certificates: for an nbds:// backing
+	backingConns int
 }
 
 func (f *storageFlags) register(fs *flag.FlagSet) {
-	fs.StringVar(&f.backing, "backing", "", "backing file or block device `PATH` (none at all: a demo in a temporary folder)")
+	fs.StringVar(&f.backing, "backing", "", "backing file, block device or NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, nbds://...) `PATH` (none at all: a demo in a temporary folder)")
+	fs.StringVar(&f.backingTLS, "backing-tls-certificates", "", "for an nbds:// backing: `DIR` with ca-cert.pem, and client-cert.pem and client-key.pem to present one (libnbd's layout)")
+	fs.IntVar(&f.backingConns, "backing-connections", 4, "`N` connections to an NBD backing that allows multi-conn")
 	fs.StringVar(&f.cachePath, "cache", "", "cache file or block device `PATH` (none: serve the backing directly)")
 	fs.StringVar(&f.mode, "mode", "writeback", "cache `MODE`: writeback, writethrough, writearound or none")
 	fs.BoolVar(&f.format, "format", false, "format the cache device if it holds no cache yet")
@@ -145,7 +150,8 @@ func (f *storageFlags) open(w io.Writer, log *slog.Logger) (_ *openedStorage, er
 	} else if backing == "" {
 		return nil, fmt.Errorf("%w: --cache needs --backing", errUsage)
 	}
-	if cachePath != "" {
+	remote := nbd.IsURI(backing)
+	if cachePath != "" && !remote {
 		if err := refuseOverlap(cachePath, backing); err != nil {
 			return nil, err
 		}
@@ -153,13 +159,23 @@ func (f *storageFlags) open(w io.Writer, log *slog.Logger) (_ *openedStorage, er
 
 	// Both devices are claimed for as long as they are open; a read-only
 	// export of a backing alone shares it with other read-only ones.
-	bopts := storage.FileOptions{Direct: f.direct, Claim: storage.ClaimExclusive}
-	if f.readOnly && cachePath == "" {
-		bopts.ReadOnly, bopts.Claim = true, storage.ClaimShared
-	}
-	bdev, err := openDevice("backing", backing, bopts, inUseHint)
-	if err != nil {
-		return nil, err
+	var bdev storage.Device
+	if remote {
+		r, err := f.dialBacking(backing, log)
+		if err != nil {
+			return nil, err
+		}
+		bdev = r
+	} else {
+		bopts := storage.FileOptions{Direct: f.direct, Claim: storage.ClaimExclusive}
+		if f.readOnly && cachePath == "" {
+			bopts.ReadOnly, bopts.Claim = true, storage.ClaimShared
+		}
+		file, err := openDevice("backing", backing, bopts, inUseHint)
+		if err != nil {
+			return nil, err
+		}
+		bdev = file
 	}
 	o.close = append(o.close, bdev.Close)
 	var back storage.Device = bdev
