@@ -2,6 +2,7 @@ package cache
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"sync"
@@ -400,5 +401,65 @@ func TestCheckpointFailureIsSticky(t *testing.T) {
 	got := make([]byte, 4096)
 	if err := c.ReadAt(got, 0); err != nil || !bytes.Equal(got, payload(0, 4096, 1)) {
 		t.Fatal("dirty data unreadable after the failure", err)
+	}
+}
+
+// TestBackingFlushFailureIsNotSticky: a commit that must flush the
+// backing first (a write went straight to it) fails when that flush fails
+// (a remote backing away, a disk error), and so does the FLUSH that asked
+// for it; but the cache device is fine, so the cache goes on. The journal
+// blocks that commit took are written by the next one: a FLUSH that then
+// succeeds makes the dirty write before it survive a power cut.
+func TestBackingFlushFailureIsNotSticky(t *testing.T) {
+	cdev, bcrash := storage.NewCrash(1<<20), storage.NewCrash(2<<20)
+	bdev := storage.NewFaulty(bcrash, 1)
+	if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: 32 << 10, JournalSize: 16 * metaBlock}); err != nil {
+		t.Fatal(err)
+	}
+	opts := Options{BackingID: testBackingID, Mode: Writearound, NoBackground: true, SequentialCutoff: -1}
+	c, err := Open(cdev, bdev, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(c.WriteAt(payload(0, 4096, 1), 0, 0)) // to the backing: a FLUSH must flush it
+	must(c.SetMode(context.Background(), Writeback))
+	must(c.WriteAt(payload(64<<10, 4096, 2), 64<<10, 0)) // dirty, in the cache
+	// Written back: its clean record is appended, not published (a
+	// write's own record is published at once, so only such a record
+	// shows whether the failed commit's blocks are written later).
+	if _, n, err := c.WritebackStep(0, 1<<20); err != nil || n != 4096 {
+		t.Fatalf("writeback: %d bytes, %v", n, err)
+	}
+	bdev.SetFaults(storage.Fault{Ops: storage.OpFlush})
+	if err := c.Flush(); !errors.Is(err, storage.ErrInjected) || errors.Is(err, ErrFailed) {
+		t.Fatalf("FLUSH with the backing's flush failing: %v; want the injected error, the cache not failed", err)
+	}
+	must(c.WriteAt(payload(128<<10, 4096, 3), 128<<10, 0)) // the cache goes on
+	bdev.Clear()
+	must(c.Flush())
+	devs, _ := storage.PowerCutAll(storage.LoseUnsynced, nil, cdev, bcrash)
+	c2, err := Open(devs[0], devs[1], Options{BackingID: testBackingID, NoBackground: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	c2.mu.Lock()
+	var dirtyAt64K bool
+	c2.mu.idx.Lookup(64<<10, 4096, func(e btreeExtent) bool { dirtyAt64K = e.Dirty; return false })
+	c2.mu.Unlock()
+	if dirtyAt64K {
+		t.Error("the clean record of the writeback before the failed FLUSH was lost: the commit's blocks were dropped")
+	}
+	for i, off := range []int64{0, 64 << 10, 128 << 10} {
+		got := make([]byte, 4096)
+		if err := c2.ReadAt(got, off); err != nil || !bytes.Equal(got, payload(off, 4096, uint64(i+1))) {
+			t.Errorf("write %d at %d lost after a successful FLUSH and a power cut (%v)", i+1, off, err)
+		}
 	}
 }

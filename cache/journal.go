@@ -1,8 +1,10 @@
 package cache
 
 import (
+	"errors"
 	"fmt"
 	"runtime"
+	"slices"
 
 	"github.com/nbdcache/nbdcache/storage"
 )
@@ -234,11 +236,28 @@ func (c *Cache) writeJournal(sync bool) error {
 		finishJBlock(c.pubBuf, c.salt, openSeq, openPrev, openN, openDurable, openCkpt)
 	}
 	err := c.writeBlocks(blocks, needB, sync)
+	var unwritten []sealedBlock
+	if errors.Is(err, errBackingFlush) {
+		// Nothing was written: the sealed blocks go back (the open one
+		// is still open), ahead of any sealed meanwhile.
+		unwritten = slices.Clone(blocks[:len(blocks)-min(openN, 1)])
+	}
 	clear(blocks)
 	c.jbatch = blocks[:0]
 
 	c.mu.Lock()
 	c.mu.jwriting = false
+	if unwritten != nil {
+		// The backing failed its flush (a remote away, a disk error):
+		// this commit fails, and its caller with it, but the cache
+		// device is fine, so the failure is not sticky.
+		c.mu.jsealed = append(unwritten, c.mu.jsealed...)
+		if sync {
+			c.mu.jsyncing = false
+		}
+		c.mu.commitCond.Broadcast()
+		return err
+	}
 	if err == nil {
 		c.mu.jvisible = visible
 		if needB {
@@ -313,12 +332,16 @@ func (c *Cache) checkpointFailed(err error) error {
 	return c.mu.failed
 }
 
+// errBackingFlush marks a commit that failed because the backing failed
+// its flush, before any journal block was written.
+var errBackingFlush = errors.New("cache: flush backing")
+
 // writeBlocks does the I/O of one journal writer's turn before any sync:
 // the backing flush if needB, then the blocks.
 func (c *Cache) writeBlocks(blocks []sealedBlock, needB, sync bool) error {
 	if needB && c.opts.testBreak != breakSkipBFlush {
 		if err := c.back.Flush(); err != nil {
-			return fmt.Errorf("flush backing: %w", err)
+			return fmt.Errorf("%w: %w", errBackingFlush, err)
 		}
 		c.stats.backingFlushes.Add(1)
 	}

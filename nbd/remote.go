@@ -62,6 +62,11 @@ type RemoteConfig struct {
 	// RedialBackoff is the least time between two dials of a failed
 	// connection (default 1 s).
 	RedialBackoff time.Duration
+	// Timeout is how long a request waits for a lost connection to come
+	// back before it fails (default 0: it fails at once). Requests in
+	// flight when the connection dropped fail at once either way: their
+	// outcome is unknown.
+	Timeout time.Duration
 	Logger        *slog.Logger
 }
 
@@ -431,9 +436,30 @@ func firstErr(a, b error) error {
 	return b
 }
 
+// connected waits up to the configured Timeout for the connection to be
+// up, redialling as the backoff allows.
+func (c *remoteConn) connected() error {
+	err := c.ensure()
+	if err == nil || c.r.cfg.Timeout <= 0 {
+		return err
+	}
+	deadline := time.Now().Add(c.r.cfg.Timeout)
+	for err != nil && time.Now().Before(deadline) {
+		c.r.mu.Lock()
+		closed := c.r.closed
+		c.r.mu.Unlock()
+		if closed {
+			return storage.ErrClosed
+		}
+		time.Sleep(min(c.r.cfg.RedialBackoff, time.Until(deadline)))
+		err = c.ensure()
+	}
+	return err
+}
+
 // do sends a request and waits for its reply.
 func (c *remoteConn) do(typ, flags uint16, off int64, n uint32, payload, dst []byte, exts *[]storage.Extent) error {
-	if err := c.ensure(); err != nil {
+	if err := c.connected(); err != nil {
 		return err
 	}
 	call := &remoteCall{typ: typ, off: uint64(off), dst: dst, exts: exts, done: make(chan struct{})}
@@ -460,7 +486,7 @@ func (c *remoteConn) do(typ, flags uint16, off int64, n uint32, payload, dst []b
 	}
 	c.wmu.Unlock()
 	if err != nil {
-		c.fail(nc, fmt.Errorf("nbd: remote %s: send: %w", c.r.uri, err))
+		c.fail(nc, fmt.Errorf("%w: nbd: remote %s: send: %w", unix.EIO, c.r.uri, err))
 	}
 	<-call.done
 	return call.err
@@ -517,7 +543,7 @@ func (c *remoteConn) readLoop(nc net.Conn, br *bufio.Reader) {
 	for {
 		err := c.readReply(br, hdr[:])
 		if err != nil {
-			c.fail(nc, fmt.Errorf("nbd: remote %s: %w", c.r.uri, err))
+			c.fail(nc, fmt.Errorf("%w: nbd: remote %s: %w", unix.EIO, c.r.uri, err))
 			return
 		}
 	}
@@ -533,6 +559,10 @@ func remoteErr(errno uint32, msg string) error {
 		e = fmt.Errorf("%w: %w", storage.ErrNoSpace, unix.ENOSPC)
 	case errPerm:
 		e = fmt.Errorf("%w: %w", storage.ErrReadOnly, unix.EPERM)
+	case errShutdown:
+		// The remote is going away: to our clients an I/O error of the
+		// backing, not a shutdown of this server.
+		e = fmt.Errorf("%w (the remote is shutting down)", unix.EIO)
 	}
 	if msg != "" {
 		return fmt.Errorf("%w: %w (%s)", ErrRemote, e, msg)

@@ -235,7 +235,6 @@ func TestRemoteNbdkit(t *testing.T) {
 	if err := r.WriteAt(make([]byte, 512), 16<<20, 0); !errors.Is(err, storage.ErrOutOfRange) {
 		t.Errorf("write past the end: %v", err)
 	}
-	_ = unix.EIO
 }
 
 // sized shows the first size bytes of a device (the contract suite wants
@@ -275,4 +274,57 @@ func (s *sized) Extents(off, n int64, fn func(storage.Extent) bool) error {
 		return err
 	}
 	return s.Remote.Extents(off, n, fn)
+}
+
+// TestRemoteTimeout: with Timeout, a request made while the server is
+// away waits for it; if it comes back in time the request succeeds, else
+// it fails with EIO once the timeout has passed.
+func TestRemoteTimeout(t *testing.T) {
+	mem := storage.NewMem(1 << 20)
+	sock := filepath.Join(t.TempDir(), "nbd.sock")
+	start := func() *Server {
+		srv, err := NewServer(Config{Exports: []Export{{Device: mem}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		os.Remove(sock)
+		l, err := net.Listen("unix", sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		go srv.Serve(l)
+		return srv
+	}
+	stop := func(s *Server) {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		s.Shutdown(ctx)
+	}
+	srv := start()
+	r := dialRemote(t, "nbd+unix:///?socket="+sock, RemoteConfig{RedialBackoff: 20 * time.Millisecond, Timeout: 3 * time.Second})
+	stop(srv)
+	r.ReadAt(make([]byte, 512), 0) // in flight when it died, or the first to see it
+	back := make(chan *Server, 1)
+	go func() {
+		time.Sleep(300 * time.Millisecond) // the outage
+		back <- start()
+	}()
+	began := time.Now()
+	if err := r.ReadAt(make([]byte, 512), 0); err != nil {
+		t.Fatalf("a read during a 300 ms outage, with a 3 s timeout: %v", err)
+	}
+	if waited := time.Since(began); waited < 100*time.Millisecond {
+		t.Errorf("the read did not wait for the server (%v)", waited)
+	}
+	srv = <-back
+	stop(srv)
+	r.ReadAt(make([]byte, 512), 0)
+	began = time.Now()
+	err := r.ReadAt(make([]byte, 512), 0)
+	if !errors.Is(err, unix.EIO) {
+		t.Errorf("a read after the timeout: %v, want EIO", err)
+	}
+	if waited := time.Since(began); waited < 2*time.Second {
+		t.Errorf("failed after %v, before the 3 s timeout", waited)
+	}
 }

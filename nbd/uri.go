@@ -77,7 +77,7 @@ func (u URI) String() string {
 	}
 	exp := (&url.URL{Path: u.Export}).EscapedPath()
 	if u.Network == "unix" {
-		return s + "+unix:///" + exp + "?socket=" + url.QueryEscape(u.Addr)
+		return s + "+unix:///" + exp + "?socket=" + strings.ReplaceAll(url.QueryEscape(u.Addr), "%2F", "/")
 	}
 	return s + "://" + u.Addr + "/" + exp
 }

@@ -38,7 +38,7 @@ func (f *storageFlags) dialBacking(uri string, log *slog.Logger) (*nbd.Remote, e
 	if err != nil {
 		return nil, fmt.Errorf("%w: --backing: %v", errUsage, err)
 	}
-	cfg := nbd.RemoteConfig{Logger: log, Connections: f.backingConns}
+	cfg := nbd.RemoteConfig{Logger: log, Connections: f.backingConns, Timeout: f.backingWait}
 	switch {
 	case u.TLS && f.backingTLS == "":
 		return nil, fmt.Errorf("%w: --backing %s is nbds: it needs --backing-tls-certificates DIR (ca-cert.pem)", errUsage, uri)

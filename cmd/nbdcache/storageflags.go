@@ -38,12 +38,14 @@ type storageFlags struct {
 	faults       bool   // serve --faults (faults.go)
 	backingTLS   string // --backing-tls-certificates: for an nbds:// backing
 	backingConns int
+	backingWait  time.Duration
 }
 
 func (f *storageFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.backing, "backing", "", "backing file, block device or NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, nbds://...) `PATH` (none at all: a demo in a temporary folder)")
 	fs.StringVar(&f.backingTLS, "backing-tls-certificates", "", "for an nbds:// backing: `DIR` with ca-cert.pem, and client-cert.pem and client-key.pem to present one (libnbd's layout)")
 	fs.IntVar(&f.backingConns, "backing-connections", 4, "`N` connections to an NBD backing that allows multi-conn")
+	fs.DurationVar(&f.backingWait, "backing-timeout", 10*time.Second, "how long a request to an NBD backing that went away waits for it to come back before failing with EIO (`DURATION`)")
 	fs.StringVar(&f.cachePath, "cache", "", "cache file or block device `PATH` (none: serve the backing directly)")
 	fs.StringVar(&f.mode, "mode", "writeback", "cache `MODE`: writeback, writethrough, writearound or none")
 	fs.BoolVar(&f.format, "format", false, "format the cache device if it holds no cache yet")
