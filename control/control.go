@@ -86,6 +86,13 @@ type Stats struct {
 	WritebackErrors    int64  `json:"writeback_errors"`
 	WritebackLastError string `json:"writeback_last_error,omitempty"`
 
+	// An NBD backing (--backing nbd://): "up" or "down" (empty for a
+	// local one), how long the current outage has lasted, and the
+	// connections lost since the start.
+	BackingState       string  `json:"backing_state,omitempty"`
+	BackingDownSeconds float64 `json:"backing_down_seconds,omitempty"`
+	BackingOutages     int64   `json:"backing_outages,omitempty"`
+
 	UptimeSeconds float64 `json:"uptime_seconds"`
 }
 

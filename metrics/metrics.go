@@ -25,6 +25,8 @@ type Sources struct {
 	Server    func() nbd.Stats
 	Cache     func() (cache.Stats, bool)
 	Writeback func() (writeback.Stats, bool)
+	// Backing reports false when the backing is not an NBD export.
+	Backing func() (nbd.RemoteStats, bool)
 }
 
 // gauges lists, per source, the fields that are levels (they go down as
@@ -34,6 +36,7 @@ var gauges = map[string]map[string]bool{
 	"cache": {"DirtyBytes": true, "CachedBytes": true, "Extents": true, "CapacityBytes": true,
 		"FreeBuckets": true, "PendingBuckets": true, "Buckets": true, "JournalUsedBlocks": true,
 		"JournalSlots": true, "WritebackInFlight": true, "ReplayedRecords": true, "ReplayDropped": true},
+	"backing":   {"DownSeconds": true},
 	"writeback": {"Rate": true, "Target": true, "Dirty": true, "Pending": true, "WrittenRate": true, "AvgWrite": true},
 }
 
@@ -119,6 +122,11 @@ func (s statsCollector) Collect(ch chan<- prometheus.Metric) {
 	if s.src.Writeback != nil {
 		if st, ok := s.src.Writeback(); ok {
 			emit(ch, "writeback", st)
+		}
+	}
+	if s.src.Backing != nil {
+		if st, ok := s.src.Backing(); ok {
+			emit(ch, "backing", st)
 		}
 	}
 }

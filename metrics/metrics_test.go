@@ -71,12 +71,13 @@ func value(m *dto.Metric) float64 {
 // value the source gave (so a new stat is exported, and none is mixed up
 // with another).
 func TestEveryStatIsAMetric(t *testing.T) {
-	ns, cs, ws := numbered[nbd.Stats](), numbered[cache.Stats](), numbered[writeback.Stats]()
+	ns, cs, ws, bs := numbered[nbd.Stats](), numbered[cache.Stats](), numbered[writeback.Stats](), numbered[nbd.RemoteStats]()
 	cs.Mode = cache.Writearound
 	m := New(Sources{
 		Server:    func() nbd.Stats { return ns },
 		Cache:     func() (cache.Stats, bool) { return cs, true },
 		Writeback: func() (writeback.Stats, bool) { return ws, true },
+		Backing:   func() (nbd.RemoteStats, bool) { return bs, true },
 	})
 	fams := scrape(t, m)
 	check := func(source string, v any) {
@@ -116,13 +117,14 @@ func TestEveryStatIsAMetric(t *testing.T) {
 				t.Errorf("%s = %v, want %v", name, got, want)
 			}
 		}
-		if n < 5 {
+		if n < 4 {
 			t.Errorf("%s: only %d fields seen", source, n)
 		}
 	}
 	check("nbd", ns)
 	check("cache", cs)
 	check("writeback", ws)
+	check("backing", bs)
 	if got := fams["nbdcache_cache_dirty_bytes"]; got == nil || got.GetType() != dto.MetricType_GAUGE {
 		t.Errorf("dirty bytes is not a gauge: %v", got)
 	}

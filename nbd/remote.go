@@ -124,6 +124,36 @@ func DialRemote(ctx context.Context, uri string, cfg RemoteConfig) (*Remote, err
 	return r, nil
 }
 
+// RemoteStats is the state of a Remote's connections.
+type RemoteStats struct {
+	Connected   bool    // every connection is up
+	DownSeconds float64 // how long the current outage has lasted (0: none)
+	Outages     int64   // connections lost since the start
+	Reconnects  int64   // connections dialled again
+}
+
+// Stats reports the connections' state.
+func (r *Remote) Stats() RemoteStats {
+	st := RemoteStats{Connected: true}
+	var since time.Time
+	for _, c := range r.conns {
+		c.mu.Lock()
+		if c.err != nil || c.nc == nil {
+			st.Connected = false
+			if since.IsZero() || c.downSince.Before(since) {
+				since = c.downSince
+			}
+		}
+		st.Outages += c.outages
+		st.Reconnects += c.reconnects
+		c.mu.Unlock()
+	}
+	if !st.Connected && !since.IsZero() {
+		st.DownSeconds = time.Since(since).Seconds()
+	}
+	return st
+}
+
 // URI is the remote's canonical URI.
 func (r *Remote) URI() URI { return r.uri }
 
@@ -359,6 +389,10 @@ type remoteConn struct {
 	structured bool
 	err        error
 	lastDial   time.Time
+	// downSince is when the connection was lost (while err is set);
+	// outages and reconnects count losses and redials that worked.
+	downSince           time.Time
+	outages, reconnects int64
 }
 
 // remoteCall is one request waiting for its reply.
@@ -397,6 +431,9 @@ func (c *remoteConn) dial(ctx context.Context) (exportInfo, error) {
 		return exportInfo{}, fmt.Errorf("nbd: %s: the export changed: %d bytes, flags %#x (was %d, %#x)", r.uri, info.size, info.tflags, r.size, r.tflags)
 	}
 	c.mu.Lock()
+	if c.err != nil {
+		c.reconnects++
+	}
 	c.nc, c.w, c.err = conn, bufio.NewWriterSize(conn, 64<<10), nil
 	c.calls, c.structured = map[uint64]*remoteCall{}, structured
 	if r.conns == nil {
@@ -501,6 +538,10 @@ func (c *remoteConn) fail(nc net.Conn, err error) {
 		return
 	}
 	c.err = err
+	c.downSince = time.Now()
+	if !errors.Is(err, storage.ErrClosed) {
+		c.outages++
+	}
 	calls := c.calls
 	c.calls = map[uint64]*remoteCall{}
 	c.mu.Unlock()

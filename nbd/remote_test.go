@@ -190,6 +190,9 @@ func TestRemoteReconnects(t *testing.T) {
 			t.Fatal("reads still succeed with the server gone")
 		}
 	}
+	if st := r.Stats(); st.Connected || st.Outages != 1 {
+		t.Errorf("stats while the server is gone: %+v", st)
+	}
 	srv = start()
 	defer stop(srv)
 	got := make([]byte, 4096)
@@ -202,6 +205,9 @@ func TestRemoteReconnects(t *testing.T) {
 	}
 	if err != nil || !bytes.Equal(got, bytes.Repeat([]byte{7}, 4096)) {
 		t.Fatalf("after the server came back: %v", err)
+	}
+	if st := r.Stats(); !st.Connected || st.Outages != 1 || st.Reconnects != 1 || st.DownSeconds != 0 {
+		t.Errorf("stats after one outage: %+v", st)
 	}
 }
 

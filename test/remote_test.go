@@ -2,6 +2,7 @@ package test
 
 import (
 	"bytes"
+	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,6 +16,14 @@ import (
 func startNbdkit(t *testing.T, args ...string) string {
 	t.Helper()
 	sock := filepath.Join(t.TempDir(), "kit.sock")
+	startNbdkitOn(t, sock, args...)
+	return sock
+}
+
+// startNbdkitOn runs nbdkit with args on the unix socket sock and returns
+// a function that kills it.
+func startNbdkitOn(t *testing.T, sock string, args ...string) (kill func()) {
+	t.Helper()
 	pidFile := filepath.Join(t.TempDir(), "kit.pid")
 	cmd := exec.Command(tool(t, "nbdkit"), append([]string{"--foreground", "--exit-with-parent", "-P", pidFile, "-U", sock}, args...)...)
 	var stderr bytes.Buffer
@@ -22,11 +31,12 @@ func startNbdkit(t *testing.T, args ...string) string {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	kill = func() { cmd.Process.Kill(); cmd.Wait() }
+	t.Cleanup(kill)
 	// nbdkit writes its pid file once it listens.
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
 		if _, err := os.Stat(pidFile); err == nil {
-			return sock
+			return kill
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("nbdkit did not start: %s", stderr.String())
@@ -77,5 +87,60 @@ func TestRemoteBacking(t *testing.T) {
 	}
 	if out, code := nbdcache(t, "check", "--cache", cache, "--backing", remote); code != 2 || !strings.Contains(out, "serve") {
 		t.Errorf("check with an NBD backing: exit %d\n%s", code, out)
+	}
+}
+
+// TestRemoteBackingOutage: the remote (nbdkit's file plugin) is killed
+// while the cache serves: writes and FLUSH are still acknowledged, cached
+// data still reads, stats say the backing is down. Once it is back on
+// the same socket, the drain writes everything to it.
+func TestRemoteBackingOutage(t *testing.T) {
+	qemuIO := tool(t, "qemu-io")
+	img := sparseFile(t, "remote.img", 32*mib)
+	sock := filepath.Join(t.TempDir(), "kit.sock")
+	kill := startNbdkitOn(t, sock, "file", img)
+	remote := "nbd+unix:///?socket=" + sock
+	cache := sparseFile(t, "cache.img", 16*mib)
+	ctl := "unix:" + filepath.Join(t.TempDir(), "ctl.sock")
+	s := startServe(t, "--backing", remote, "--cache", cache, "--format", "--control", ctl, "--backing-timeout", "1s")
+	defer s.stop()
+	run(t, qemuIO, "-f", "raw", "-c", "write -P 0x11 0 1M", "-c", "flush", s.uri)
+	kill()
+	run(t, qemuIO, "-f", "raw", "-c", "write -P 0x22 4M 2M", "-c", "flush", "-c", "read -P 0x11 0 1M", "-c", "read -P 0x22 4M 2M", s.uri)
+	// An uncached read waits --backing-timeout for the remote, then
+	// fails with EIO.
+	began := time.Now()
+	rd, err := exec.Command(qemuIO, "-f", "raw", "-c", "read 20M 4k", s.uri).CombinedOutput()
+	if err == nil || !strings.Contains(string(rd), "Input/output error") {
+		t.Errorf("an uncached read during the outage: %v\n%s", err, rd)
+	}
+	if waited := time.Since(began); waited < 900*time.Millisecond {
+		t.Errorf("it failed after %v, before --backing-timeout 1s", waited)
+	}
+	backing := func() (state string, outages int64) {
+		out, code := nbdcache(t, "stats", "--json", "--control", ctl)
+		var st struct {
+			State   string `json:"backing_state"`
+			Outages int64  `json:"backing_outages"`
+		}
+		if err := json.Unmarshal([]byte(out), &st); code != 0 || err != nil {
+			t.Fatalf("stats: %d %v\n%s", code, err, out)
+		}
+		return st.State, st.Outages
+	}
+	if state, _ := backing(); state != "down" {
+		t.Errorf("stats during the outage: backing %q", state)
+	}
+	os.Remove(sock) // nbdkit was killed: its socket is left behind
+	startNbdkitOn(t, sock, "file", img)
+	if out, code := nbdcache(t, "flush", "--drain", "--control", ctl); code != 0 {
+		t.Fatalf("drain after the remote came back: %d\n%s", code, out)
+	}
+	got, _ := os.ReadFile(img)
+	if !bytes.Equal(got[:mib], bytes.Repeat([]byte{0x11}, mib)) || !bytes.Equal(got[4*mib:6*mib], bytes.Repeat([]byte{0x22}, 2*mib)) {
+		t.Fatal("the remote's file does not hold what was written during the outage")
+	}
+	if state, outages := backing(); state != "up" || outages == 0 {
+		t.Errorf("stats after the outage: backing %q, %d connections lost", state, outages)
 	}
 }

@@ -83,6 +83,9 @@ func printStats(w io.Writer, s, prev control.Stats, dt time.Duration, rates bool
 	}
 	fmt.Fprintf(tw, "writeback\t%s total (%s)\trate\t%s/s, target dirty %s\n", mibs(s.WritebackBytes), s.WritebackState, mibs(wbRate), mibs(s.WritebackTarget))
 	fmt.Fprintf(tw, "collisions\t%d\tbacking writes\t%d (avg %s)\n", s.Collisions, s.BackingWrites, mibs(s.BackingWriteAvg))
+	if s.BackingState != "" {
+		fmt.Fprintf(tw, "backing\t%s\toutages\t%d (down for %.0fs)\n", s.BackingState, s.BackingOutages, s.BackingDownSeconds)
+	}
 	if s.WritebackErrors > 0 {
 		fmt.Fprintf(tw, "writeback errors\t%d\tlast\t%s\n", s.WritebackErrors, s.WritebackLastError)
 	}

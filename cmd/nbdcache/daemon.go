@@ -45,6 +45,13 @@ func (d *daemon) Stats() control.Stats {
 		BufferWaits:   n.BufferWaits,
 		UptimeSeconds: time.Since(d.started).Seconds(),
 	}
+	if r := d.st.remote; r != nil {
+		rs := r.Stats()
+		s.BackingState, s.BackingDownSeconds, s.BackingOutages = "up", rs.DownSeconds, rs.Outages
+		if !rs.Connected {
+			s.BackingState = "down"
+		}
+	}
 	c := d.st.liveCache()
 	if c == nil {
 		s.Mode = "direct"

@@ -38,6 +38,12 @@ func serverMetrics(st *openedStorage, srv *atomic.Pointer[nbd.Server]) *metrics.
 			}
 			return writeback.Stats{}, false
 		},
+		Backing: func() (nbd.RemoteStats, bool) {
+			if st.remote != nil {
+				return st.remote.Stats(), true
+			}
+			return nbd.RemoteStats{}, false
+		},
 	})
 }
 

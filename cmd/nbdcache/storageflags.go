@@ -71,7 +71,9 @@ type openedStorage struct {
 	cache *cache.Cache // nil without --cache
 	demo  bool         // the embedded default: files in a temporary folder
 	rig   *faults.Rig  // --faults: power cuts, errors, delays
-	close []func() error
+	// remote is the backing when it is an NBD export (--backing nbd://).
+	remote *nbd.Remote
+	close  []func() error
 }
 
 // Close closes everything open, the cache first; it returns the first
@@ -167,7 +169,7 @@ func (f *storageFlags) open(w io.Writer, log *slog.Logger) (_ *openedStorage, er
 		if err != nil {
 			return nil, err
 		}
-		bdev = r
+		bdev, o.remote = r, r
 	} else {
 		bopts := storage.FileOptions{Direct: f.direct, Claim: storage.ClaimExclusive}
 		if f.readOnly && cachePath == "" {
