@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"testing"
 
+	"github.com/nbdcache/nbdcache/storage"
 	"github.com/nbdcache/nbdcache/test/testseed"
 )
 
@@ -71,5 +72,71 @@ func TestGCNeverMovesClean(t *testing.T) {
 			}
 			closeChecked(t, c, d)
 		})
+	}
+}
+
+// TestDirectOverDropsMovedVersion: a write that finds the cache full goes
+// to the backing and then drops the dirty data it superseded, found by
+// version: GC may have moved that data to another bucket meanwhile (here,
+// while the backing write is in flight). Dropping only what is still at
+// the old location would leave the moved copy, older than the write, in
+// the index: reads would return it. (Mutant directover-drops-by-location,
+// which TestPowerCutConcurrent caught at some seeds only.)
+func TestDirectOverDropsMovedVersion(t *testing.T) {
+	cdev, bdev := storage.NewMem(512<<10), storage.NewCrash(8<<20) // Crash: for its hook
+	if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: 32 << 10, JournalSize: 16 * metaBlock}); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Open(cdev, bdev, Options{BackingID: testBackingID, NoBackground: true, SequentialCutoff: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	// Fill the cache with dirty data, no overwrites: every bucket full of
+	// live dirty data, so GC finds no victim and a write must bypass.
+	var off int64
+	for c.Stats().NoSpace == 0 {
+		if err := c.WriteAt(payload(off, 4096, 1), off, 0); err != nil {
+			t.Fatal(err)
+		}
+		off += 4096
+	}
+	var d btreeExtent
+	c.mu.Lock()
+	c.mu.idx.Lookup(0, 4096, func(e btreeExtent) bool { d = e; return false })
+	c.mu.Unlock()
+	if !d.Dirty {
+		t.Fatalf("no dirty extent at 0: %+v", d)
+	}
+	moved := false
+	bdev.SetHook(func(op storage.Op) {
+		if op.Kind != storage.OpWrite || op.Off != 0 || moved {
+			return
+		}
+		moved = true // the bypass's backing write: GC moves D now
+		c.mu.Lock()
+		epoch := c.mu.buckets[c.sb.bucketOf(d.Loc)].epoch
+		c.mu.Unlock()
+		if !c.gcMove(gcPiece{off: d.Off, n: d.Len, loc: d.Loc, ver: d.Ver, dirty: true}, epoch) {
+			t.Error("GC could not move the extent")
+		}
+	})
+	before := c.Stats().Bypasses
+	if err := c.WriteAt(payload(0, 4096, 2), 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	bdev.SetHook(nil)
+	if !moved || c.Stats().Bypasses == before {
+		t.Fatalf("the write did not bypass the full cache (moved %v, bypasses %d)", moved, c.Stats().Bypasses-before)
+	}
+	if c.Stats().GCMovedBytes == 0 {
+		t.Fatal("GC moved nothing")
+	}
+	got := make([]byte, 4096)
+	if err := c.ReadAt(got, 0); err != nil || !bytes.Equal(got, payload(0, 4096, 2)) {
+		t.Fatalf("after a bypassed write over dirty data that GC moved meanwhile, a read returns older data (%v)", err)
+	}
+	if err := c.Verify(); err != nil {
+		t.Fatal(err)
 	}
 }
