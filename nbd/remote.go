@@ -67,7 +67,7 @@ type RemoteConfig struct {
 	// flight when the connection dropped fail at once either way: their
 	// outcome is unknown.
 	Timeout time.Duration
-	Logger        *slog.Logger
+	Logger  *slog.Logger
 }
 
 var _ storage.Device = (*Remote)(nil)

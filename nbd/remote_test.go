@@ -21,10 +21,10 @@ import (
 
 func TestParseURI(t *testing.T) {
 	for in, want := range map[string]URI{
-		"nbd://example.com/disk":                {Network: "tcp", Addr: "example.com:10809", Export: "disk"},
-		"nbd://[::1]:1234/":                     {Network: "tcp", Addr: "[::1]:1234"},
-		"nbds://h:99/a%20b":                     {Network: "tcp", Addr: "h:99", Export: "a b", TLS: true},
-		"nbd+unix:///e?socket=/run/x.sock":      {Network: "unix", Addr: "/run/x.sock", Export: "e"},
+		"nbd://example.com/disk":                 {Network: "tcp", Addr: "example.com:10809", Export: "disk"},
+		"nbd://[::1]:1234/":                      {Network: "tcp", Addr: "[::1]:1234"},
+		"nbds://h:99/a%20b":                      {Network: "tcp", Addr: "h:99", Export: "a b", TLS: true},
+		"nbd+unix:///e?socket=/run/x.sock":       {Network: "unix", Addr: "/run/x.sock", Export: "e"},
 		"nbds+unix:///?socket=/tmp/s%20p/n.sock": {Network: "unix", Addr: "/tmp/s p/n.sock", TLS: true},
 	} {
 		got, err := ParseURI(in)
