@@ -400,6 +400,7 @@ type remoteCall struct {
 	typ  uint16
 	off  uint64
 	dst  []byte            // READ data
+	got  uint64            // READ bytes the structured chunks covered
 	exts *[]storage.Extent // BLOCK_STATUS
 	done chan struct{}
 	err  error
@@ -653,6 +654,11 @@ func (c *remoteConn) readReply(br *bufio.Reader, hdr []byte) error {
 		if err != nil && call.err == nil {
 			call.err = err
 		}
+		if last && call.err == nil && call.typ == cmdRead && call.got != uint64(len(call.dst)) {
+			// A successful READ's chunks must cover the range; what they
+			// missed would be whatever the buffer held before.
+			call.err = remoteErr(errIO, fmt.Sprintf("READ reply covered %d of %d bytes", call.got, len(call.dst)))
+		}
 		if last {
 			close(call.done)
 		}
@@ -665,6 +671,11 @@ func (c *remoteConn) readReply(br *bufio.Reader, hdr []byte) error {
 		return fmt.Errorf("bad reply magic %#x", magic)
 	}
 }
+
+// maxRemoteChunk bounds the non-data chunks a remote may send (block
+// status descriptors, error messages): a remote must not make us
+// allocate what it announces.
+const maxRemoteChunk = 1 << 20
 
 // protoError is a reply the client cannot follow: the stream is lost.
 type protoError struct{ msg string }
@@ -694,6 +705,7 @@ func (c *remoteConn) chunk(br *bufio.Reader, call *remoteCall, typ uint16, lengt
 		if _, err := io.ReadFull(br, call.dst[off-call.off:off-call.off+n]); err != nil {
 			return protoError{err.Error()}
 		}
+		call.got += n
 		return nil
 	case replyTypeOffsetHole:
 		var b [12]byte
@@ -708,9 +720,10 @@ func (c *remoteConn) chunk(br *bufio.Reader, call *remoteCall, typ uint16, lengt
 			return protoError{"OFFSET_HOLE outside the request"}
 		}
 		clear(call.dst[off-call.off : off-call.off+n])
+		call.got += n
 		return nil
 	case replyTypeBlockStatus:
-		if length < 4 || (length-4)%8 != 0 {
+		if length < 4 || (length-4)%8 != 0 || length > maxRemoteChunk {
 			return protoError{"bad BLOCK_STATUS chunk"}
 		}
 		b := make([]byte, length)
@@ -726,8 +739,8 @@ func (c *remoteConn) chunk(br *bufio.Reader, call *remoteCall, typ uint16, lengt
 		}
 		return nil
 	case replyTypeError, replyTypeError + 1: // ERROR, ERROR_OFFSET
-		if length < 6 {
-			return protoError{"short ERROR chunk"}
+		if length < 6 || length > maxRemoteChunk {
+			return protoError{"bad ERROR chunk"}
 		}
 		b := make([]byte, length)
 		if _, err := io.ReadFull(br, b); err != nil {
