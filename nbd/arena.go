@@ -91,21 +91,22 @@ type arenaWaiter struct {
 	ready chan int32 // receives the block's first page
 }
 
-// buffer is one block handed out by the arena; data is its first n bytes.
+// buffer is one block handed out by an arena; data is its first n bytes.
+// lane marks a block of the server's lane arena (conn.getBuf).
 type buffer struct {
 	data  []byte
 	page  int32
 	order int8
+	lane  bool
 }
 
-func newArena(budget int64) (*arena, error) {
-	if budget < 1<<20 || budget > 1<<40 {
-		return nil, fmt.Errorf("nbd: buffer budget %d out of range [1 MiB, 1 TiB]", budget)
-	}
-	a := &arena{size: int(budget) &^ (pageSize - 1)}
+// newArena makes an arena of size bytes (at least one page; rounded down
+// to whole pages). The mapping is made at the first get.
+func newArena(size int64) *arena {
+	a := &arena{size: int(max(size, pageSize)) &^ (pageSize - 1)}
 	pages := a.size / pageSize
 	a.maxOrder = bits.Len(uint(pages)) - 1
-	return a, nil
+	return a
 }
 
 // largest is the size of the largest block, the largest buffer there is.
@@ -312,6 +313,28 @@ func (a *arena) get(ctx context.Context, n int) (buffer, error) {
 	a.mu.Unlock()
 	a.changed()
 	return buffer{}, ctx.Err()
+}
+
+// tryGet returns a buffer of n bytes (0 < n <= largest()) if one can be
+// had at once without passing a waiter: nobody is queued and a block is
+// free.
+func (a *arena) tryGet(n int) (buffer, bool) {
+	order := orderOf(n)
+	a.mu.Lock()
+	if order > a.maxOrder || len(a.mu.queue) > 0 || a.mapLocked() != nil {
+		a.mu.Unlock()
+		return buffer{}, false
+	}
+	p, ok := a.takeLocked(order)
+	var b buffer
+	if ok {
+		b = a.bufferLocked(p, order, n)
+	}
+	a.mu.Unlock()
+	if ok {
+		a.changed()
+	}
+	return b, ok
 }
 
 func (a *arena) buffer(p int32, order, n int) buffer {

@@ -23,10 +23,7 @@ func TestArenaModel(t *testing.T) {
 		}
 		t.Logf("budget %d, seed %d", budget, seed)
 		rng := rand.New(rand.NewPCG(seed, 1))
-		a, err := newArena(budget)
-		if err != nil {
-			t.Fatal(err)
-		}
+		a := newArena(budget)
 		ctx := context.Background()
 		type live struct {
 			b   buffer
@@ -111,10 +108,7 @@ func probes(n int) []int {
 // small ones that arrive after it, and a waiter that gives up lets the
 // ones behind it through.
 func TestArenaFIFO(t *testing.T) {
-	a, err := newArena(1 << 20)
-	if err != nil {
-		t.Fatal(err)
-	}
+	a := newArena(1 << 20)
 	ch := watch(a)
 	ctx := context.Background()
 	half, err := a.get(ctx, 512<<10) // one of the two 512 KiB halves

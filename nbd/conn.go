@@ -60,6 +60,8 @@ type conn struct {
 	cancel   context.CancelFunc
 	slotFree chan struct{}       // signalled when inflight drops below MaxInFlight
 	share    *semaphore.Weighted // this connection's part of the buffer budget
+	lane     chan struct{}       // full while a request holds this connection's lane (getBuf)
+	scratch  chan struct{}       // full while a request holds a scratch slot (scratchCalls)
 
 	// payloadDeadline is the read deadline readPayload armed, or zero;
 	// only the read loop touches it.
@@ -148,6 +150,8 @@ func (c *conn) serve() {
 	c.w = bufio.NewWriterSize(deadlineWriter{c}, ioBufSize)
 	c.slotFree = make(chan struct{}, 1)
 	c.share = semaphore.NewWeighted(c.s.connShare)
+	c.lane = make(chan struct{}, 1)
+	c.scratch = make(chan struct{}, 1)
 	c.dev, c.ro = c.ss.export.Device, c.ss.export.ReadOnly
 	c.kick = make(chan struct{}, 1)
 	flusherDone := make(chan struct{})
@@ -324,8 +328,38 @@ func (c *conn) readHeader(r *bufio.Reader, hb []byte) error {
 // getBuf takes a buffer of n > 0 bytes from the server's budget, within
 // this connection's share, waiting in line for both. It fails only when
 // the connection is aborted.
+//
+// A request of at most laneSize bytes that cannot be served at once
+// takes this connection's lane instead: one block of the lane arena,
+// which has a block for every allowed connection, so it is there
+// whenever this connection's previous lane request is done. Without it a
+// small request would queue behind every request ahead in the arena: K
+// connections that each pipeline a maximum-size READ and never read the
+// replies hold the budget for a write timeout each, a few at a time, and
+// a 4 KiB READ behind them would wait about K/4 write timeouts
+// (TestLaneBeatsStalledReaders).
 func (c *conn) getBuf(n int) (buffer, error) {
 	cost := int64(blockSize(n))
+	if n <= c.s.laneSize {
+		if c.share.TryAcquire(cost) {
+			if b, ok := c.s.bufs.tryGet(n); ok {
+				return b, nil
+			}
+			c.share.Release(cost)
+		}
+		select {
+		case c.lane <- struct{}{}:
+		case <-c.ctx.Done():
+			return buffer{}, c.ctx.Err()
+		}
+		if b, ok := c.s.lanes.tryGet(n); ok {
+			b.lane = true
+			return b, nil
+		}
+		// More connections than lanes (the kernel's are never
+		// refused): wait in line like any request.
+		<-c.lane
+	}
 	if err := c.share.Acquire(c.ctx, cost); err != nil {
 		return buffer{}, err
 	}
@@ -340,6 +374,11 @@ func (c *conn) getBuf(n int) (buffer, error) {
 // putBuf gives back a buffer from getBuf (a zero buffer is ignored).
 func (c *conn) putBuf(b buffer) {
 	if b.data == nil {
+		return
+	}
+	if b.lane {
+		c.s.lanes.put(b)
+		<-c.lane
 		return
 	}
 	c.s.bufs.put(b)
@@ -476,18 +515,10 @@ func (c *conn) handle(req request, payload buffer) uint32 {
 		if req.flags&cflagFastZero != 0 {
 			fl |= storage.FastZero
 		}
-		if n > 0 {
-			if err = c.enterScratch(); err == nil {
-				err = c.zero(off, n, fl)
-				c.leaveScratch()
-			}
-		}
+		err = c.scratchCalls(off, n, func(off, n int64) error { return c.zero(off, n, fl) })
 	case cmdCache:
-		if p, ok := c.dev.(storage.Prefetcher); ok && n > 0 {
-			if err = c.enterScratch(); err == nil {
-				err = p.Prefetch(off, n)
-				c.leaveScratch()
-			}
+		if p, ok := c.dev.(storage.Prefetcher); ok {
+			err = c.scratchCalls(off, n, p.Prefetch)
 		}
 	case cmdBlockStatus:
 		st.blockStatuses.Add(1)
@@ -515,22 +546,42 @@ func (c *conn) handle(req request, payload buffer) uint32 {
 	return 0
 }
 
-// enterScratch waits for one of the server's scratch slots, which bound
-// the device calls that may allocate working memory of their own that the
-// buffer budget cannot see: CACHE (the cache reads each bucket it warms
-// into a fresh buffer) and WRITE_ZEROES (zeroes written a bucket at a
-// time where a device cannot zero natively). It fails only when the
+// scratchCalls runs call over [off, off+n) in pieces of at most
+// scratchChunk bytes, each in one of the server's scratch slots. The slots
+// bound the device calls that may allocate working memory of their own,
+// which the buffer budget cannot see: CACHE (the cache reads each bucket
+// it warms into a fresh buffer) and WRITE_ZEROES (zeroes written a bucket
+// at a time where a device cannot zero natively). A connection holds at
+// most one slot at a time (c.scratch), and gives it up between pieces to
+// whoever waits (a channel serves its waiters in order): so a connection
+// that pipelines CACHE requests over the whole disk delays another's
+// 4 KiB WRITE_ZEROES by about one piece per connection ahead of it, not
+// by all its requests (TestScratchIsShared). It fails when the
 // connection is aborted.
-func (c *conn) enterScratch() error {
-	select {
-	case c.s.scratch <- struct{}{}:
-		return nil
-	case <-c.ctx.Done():
-		return c.ctx.Err()
+func (c *conn) scratchCalls(off, n int64, call func(off, n int64) error) error {
+	for n > 0 {
+		k := min(n, scratchChunk)
+		select {
+		case c.scratch <- struct{}{}:
+		case <-c.ctx.Done():
+			return c.ctx.Err()
+		}
+		var err error
+		select {
+		case c.s.scratch <- struct{}{}:
+			err = call(off, k)
+			<-c.s.scratch
+		case <-c.ctx.Done():
+			err = c.ctx.Err()
+		}
+		<-c.scratch
+		if err != nil {
+			return err
+		}
+		off, n = off+k, n-k
 	}
+	return nil
 }
-
-func (c *conn) leaveScratch() { <-c.s.scratch }
 
 // zero runs WRITE_ZEROES, writing zeroes when the device cannot zero
 // natively (unless the client asked for a fast zero only).

@@ -48,6 +48,12 @@
 //     EOVERFLOW with DF) before anything is allocated. A WRITE's buffer
 //     is taken before its payload is read: a client that announces a
 //     large WRITE and stalls holds it for at most Config.ReadTimeout.
+//   - An eighth of the budget at most is cut into lanes: one block of up
+//     to maxLane bytes for each allowed connection (conn.getBuf). A
+//     request that fits a lane and cannot be served from the shared
+//     arena at once takes its connection's lane instead of queueing, so
+//     however many clients hold the shared budget, a connection's small
+//     requests go on, one at a time.
 //   - A connection has at most Config.MaxInFlight requests between header
 //     and reply (conn.inflight); at the limit its read loop stops reading.
 //   - A reply write that does not finish within Config.WriteTimeout
@@ -61,7 +67,8 @@
 //     connection has 4 KiB socket buffers, a transmitting one 256 KiB.
 //   - CACHE and WRITE_ZEROES device calls, which may allocate working
 //     memory of their own, run at most maxScratchCalls at a time across
-//     the server.
+//     the server, in pieces of at most scratchChunk bytes, one piece at a
+//     time per connection (conn.scratchCalls).
 //   - Config.Allow is checked on accept, before the greeting.
 //
 // So the process's resident memory stays within its idle size, plus the

@@ -241,15 +241,19 @@ func TestReadTimeout(t *testing.T) {
 	}
 }
 
-// TestBudgetExhausted: when stalled clients hold the whole budget, a new
-// request waits in line and is served as soon as the write timeout frees
-// their buffers, not later.
+// TestBudgetExhausted: when stalled clients hold the whole shared budget,
+// a small request is served at once through its connection's lane, and a
+// large one waits in line and is served as soon as the write timeout
+// frees their buffers, not later.
 func TestBudgetExhausted(t *testing.T) {
 	const timeout = time.Second
 	s, addr := startServerConfig(t, Config{BufferBudget: 64 << 20, WriteTimeout: timeout,
 		Exports: []Export{{Device: storage.NewMem(64 << 20)}}})
+	if s.laneSize < 64<<10 {
+		t.Fatalf("lane of %d bytes with a 64 MiB budget", s.laneSize)
+	}
 	ch := watch(s.bufs)
-	for range 4 { // each holds its 16 MiB share in a reply it never reads: the whole budget
+	for range 4 { // each holds its 16 MiB share in replies it never reads: the whole arena
 		h := hostile(t, addr)
 		h.connect("", false)
 		for i := range 4 {
@@ -257,11 +261,17 @@ func TestBudgetExhausted(t *testing.T) {
 		}
 	}
 	waitArena(t, s.bufs, ch, "the stalled clients to take the whole budget",
-		func(st arenaStats) bool { return st.used == 64<<20 })
+		func(st arenaStats) bool { return st.used+16<<20 > s.bufs.size && st.queued > 0 })
 	start := time.Now()
-	served(t, addr, timeout+3*time.Second)
-	if d := time.Since(start); d < timeout/2 {
-		t.Fatalf("served after %v although the budget was full", d)
+	served(t, addr, timeout/2)
+	c := dial(t, addr)
+	c.connect("", true)
+	c.request(cmdRead, 0, 1, 0, 4<<20, nil)
+	if r := c.readReply(map[uint64]int{1: 4 << 20}); r.errno != 0 {
+		t.Fatalf("large read: errno %d", r.errno)
+	}
+	if d := time.Since(start); d < timeout/2 || d > timeout+3*time.Second {
+		t.Fatalf("a 4 MiB read was served after %v although the budget was full (write timeout %v)", d, timeout)
 	}
 	st := s.Stats()
 	if st.BufferPeak > 64<<20 || st.BufferWaits == 0 {
@@ -270,5 +280,105 @@ func TestBudgetExhausted(t *testing.T) {
 	shutdown(t, s)
 	if st := s.Stats(); st.TimedOut != 4 || st.BufferBytes != 0 {
 		t.Fatalf("timed out %d, buffers in use %d; want 4 and 0", st.TimedOut, st.BufferBytes)
+	}
+}
+
+// TestLaneBeatsStalledReaders: K connections that each pipeline one
+// maximum-size READ and never read the reply hold the shared budget a few
+// at a time, for a write timeout each, and the rest queue: first come,
+// first served, a 4 KiB READ behind them would wait about K/4 write
+// timeouts. Through its connection's lane it is served at once; and a
+// second small request of the same connection, pipelined, waits only for
+// the first.
+func TestLaneBeatsStalledReaders(t *testing.T) {
+	const (
+		timeout = time.Second
+		k       = 12
+	)
+	s, addr := startServerConfig(t, Config{BufferBudget: 64 << 20, WriteTimeout: timeout,
+		MaxConnections: k + 2, Exports: []Export{{Device: storage.NewMem(64 << 20)}}})
+	size := s.MaxPayload()
+	ch := watch(s.bufs)
+	for i := range k {
+		h := hostile(t, addr)
+		h.connect("", false)
+		h.request(cmdRead, 0, 1, uint64(i%4)*uint64(size), size, nil)
+	}
+	waitArena(t, s.bufs, ch, "the stalled readers to fill the budget and queue",
+		func(st arenaStats) bool { return st.queued >= k-s.bufs.size/int(size) })
+	start := time.Now()
+	c := dial(t, addr)
+	c.connect("", false)
+	c.nc.SetDeadline(time.Now().Add(60 * time.Second))
+	c.request(cmdRead, 0, 2, 0, 4096, nil)
+	c.request(cmdRead, 0, 3, 4096, 4096, nil)
+	for range 2 {
+		if r := c.readReply(map[uint64]int{2: 4096, 3: 4096}); r.errno != 0 {
+			t.Fatalf("read: errno %d", r.errno)
+		}
+	}
+	waited := time.Since(start)
+	t.Logf("%d stalled readers: two 4 KiB READs waited %v (write timeout %v)", k, waited.Round(time.Millisecond), timeout)
+	if waited > timeout/2 {
+		t.Fatalf("two 4 KiB READs waited %v behind %d stalled connections (write timeout %v)", waited, k, timeout)
+	}
+}
+
+// slowPrefetch is a memory device whose CACHE (Prefetch) takes as long as
+// reading the range at 1 GB/s, as the cache's Prefetch does (it reads
+// every bucket of the range), or until stop is closed; started receives
+// a value as each call starts.
+type slowPrefetch struct {
+	*storage.Mem
+	started chan struct{}
+	stop    chan struct{}
+}
+
+func (d slowPrefetch) Prefetch(off, n int64) error {
+	select {
+	case d.started <- struct{}{}:
+	default:
+	}
+	select {
+	case <-time.After(time.Duration(n) * time.Second / 1e9):
+	case <-d.stop:
+	}
+	return nil
+}
+
+// TestScratchIsShared: connections that pipeline MaxInFlight CACHE
+// requests over a 2 GiB disk (2 s each at 1 GB/s) hold at most one scratch
+// slot each, a piece at a time: with more of them than slots, another
+// connection's 4 KiB WRITE_ZEROES waits for a piece or two, not for their
+// whole requests.
+func TestScratchIsShared(t *testing.T) {
+	const (
+		export = 2 << 30
+		k      = maxScratchCalls + 2
+	)
+	dev := slowPrefetch{storage.NewMem(export), make(chan struct{}, 1), make(chan struct{})}
+	_, addr := startServerConfig(t, Config{Exports: []Export{{Device: dev}}})
+	t.Cleanup(func() { close(dev.stop) }) // before the server's shutdown
+	for range k {
+		h := dial(t, addr)
+		h.connect("", false)
+		for i := range DefaultMaxInFlight {
+			h.request(cmdCache, 0, uint64(i), 0, export, nil)
+		}
+		<-dev.started
+	}
+	c := dial(t, addr)
+	c.connect("", false)
+	start := time.Now()
+	c.request(cmdWriteZeroes, 0, 1, 0, 4096, nil)
+	if r := c.readReply(nil); r.errno != 0 {
+		t.Fatalf("write zeroes: errno %d", r.errno)
+	}
+	waited := time.Since(start)
+	piece := time.Duration(scratchChunk) * time.Second / 1e9
+	t.Logf("a 4 KiB WRITE_ZEROES waited %v behind %d connections' CACHE requests (a piece takes %v)",
+		waited.Round(time.Millisecond), k, piece)
+	if waited > 500*time.Millisecond {
+		t.Fatalf("a 4 KiB WRITE_ZEROES waited %v behind %d connections' CACHE requests", waited, k)
 	}
 }

@@ -43,7 +43,9 @@ type Config struct {
 	// payloads, BLOCK_STATUS replies) across all connections together
 	// (default 256 MiB, at least 1 MiB). A request that does not fit
 	// waits, first come first served; one connection may hold at most a
-	// quarter of it.
+	// quarter of it. Up to an eighth of it is kept as one small lane per
+	// allowed connection (at most 1 MiB each), which serves that
+	// connection's small requests when the rest is taken.
 	BufferBudget int64
 	// MaxConnections bounds the connections open at once, negotiating or
 	// not (default 32; negative: no limit). A connection over the limit
@@ -116,8 +118,10 @@ type Server struct {
 	tls              *tls.Config
 	tlsRequired      bool
 	bufs             *arena
-	connShare        int64         // the most buffer bytes one connection may hold
-	scratch          chan struct{} // scratch slots (conn.enterScratch)
+	connShare        int64  // the most buffer bytes one connection may hold
+	lanes            *arena // one block of laneSize per allowed connection, or nil
+	laneSize         int
+	scratch          chan struct{} // scratch slots (conn.scratchCalls)
 	zeroes           func() []byte
 	stats            counters
 	observer         Observer
@@ -160,20 +164,30 @@ func NewServer(cfg Config) (*Server, error) {
 	if budget == 0 {
 		budget = DefaultBufferBudget
 	}
-	a, err := newArena(budget)
-	if err != nil {
-		return nil, err
-	}
-	s.bufs = a
-	s.connShare = int64(a.size / 4)
-	// Any valid request must be able to get its buffer: its block (the
-	// next power of two) must fit in a connection's share.
-	if limit := uint64(1) << (bits.Len64(uint64(s.connShare)) - 1); uint64(s.maxPayload) > limit {
-		s.maxPayload = uint32(limit)
+	if budget < 1<<20 || budget > 1<<40 {
+		return nil, fmt.Errorf("nbd: buffer budget %d out of range [1 MiB, 1 TiB]", budget)
 	}
 	s.maxConns = cfg.MaxConnections
 	if s.maxConns == 0 {
 		s.maxConns = DefaultMaxConnections
+	}
+	// Each allowed connection's lane (conn.getBuf) comes out of the
+	// budget: an eighth of it at most, a lane of at most maxLane.
+	if s.maxConns > 0 {
+		if per := min(budget/8/int64(s.maxConns), maxLane); per >= pageSize {
+			s.laneSize = 1 << (bits.Len64(uint64(per)) - 1)
+			s.lanes = newArena(int64(s.maxConns) * int64(s.laneSize))
+		}
+	}
+	s.connShare = budget / 4
+	if s.lanes != nil {
+		budget -= int64(s.lanes.size)
+	}
+	s.bufs = newArena(budget)
+	// Any valid request must be able to get its buffer: its block (the
+	// next power of two) must fit in a connection's share.
+	if limit := uint64(1) << (bits.Len64(uint64(s.connShare)) - 1); uint64(s.maxPayload) > limit {
+		s.maxPayload = uint32(limit)
 	}
 	s.maxInFlight = cfg.MaxInFlight
 	if s.maxInFlight <= 0 {
@@ -219,6 +233,9 @@ func NewServer(cfg Config) (*Server, error) {
 	s.mu.conns = map[*conn]struct{}{}
 	// A server dropped without Shutdown still gives its mapping back.
 	runtime.AddCleanup(s, (*arena).release, s.bufs)
+	if s.lanes != nil {
+		runtime.AddCleanup(s, (*arena).release, s.lanes)
+	}
 	return s, nil
 }
 
@@ -418,6 +435,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	defer func() {
 		// Every connection is gone: no buffer is in use.
 		s.bufs.release()
+		if s.lanes != nil {
+			s.lanes.release()
+		}
 	}()
 	s.mu.Lock()
 	s.mu.closing = true
@@ -500,6 +520,11 @@ func (s *Server) Stats() Stats {
 	s.mu.Unlock()
 	c := &s.stats
 	as := s.bufs.stats()
+	if s.lanes != nil {
+		ls := s.lanes.stats()
+		as.used += ls.used
+		as.peak += ls.peak
+	}
 	return Stats{
 		Connections: c.connections.Load(), Active: active,
 		Requests: c.requests.Load(), Errors: c.errors.Load(),
@@ -520,9 +545,17 @@ const (
 	negotiateBufSize = 4 << 10
 )
 
+// maxLane is the largest lane: a request up to this size is served
+// promptly whatever other connections hold (conn.getBuf).
+const maxLane = 1 << 20
+
 // maxScratchCalls bounds the CACHE and WRITE_ZEROES device calls in
-// progress across the server (conn.enterScratch).
-const maxScratchCalls = 4
+// progress across the server, in pieces of at most scratchChunk bytes
+// (conn.scratchCalls).
+const (
+	maxScratchCalls = 4
+	scratchChunk    = 32 << 20
+)
 
 // zeroChunk is the size of the shared zero buffer that WRITE_ZEROES writes
 // when a device cannot zero natively.
