@@ -94,8 +94,15 @@ func TestTLSClientCertificates(t *testing.T) {
 	certs := testcert.New(t)
 	srvDir := certs.ServerDir(t)
 	backing := sparseFile(t, "backing.img", 16*mib)
+	// --tls on would serve a client that skips STARTTLS without a
+	// certificate: refused.
+	if out, err := exec.Command(binary, "serve", "--backing", backing,
+		"--tls", "on", "--tls-certificates", srvDir, "--tls-verify-peer").CombinedOutput(); err == nil ||
+		!strings.Contains(string(out), "--tls-verify-peer needs --tls require") {
+		t.Errorf("--tls on --tls-verify-peer: %v\n%s", err, out)
+	}
 	s := startServe(t, "--backing", backing, "--export", "disk", "--listen", "127.0.0.1:0",
-		"--tls", "on", "--tls-certificates", srvDir, "--tls-verify-peer")
+		"--tls", "require", "--tls-certificates", srvDir, "--tls-verify-peer")
 	addr := tcpAddr(s)
 	uri := func(dir string) string { return fmt.Sprintf("nbds://%s/disk?tls-certificates=%s", addr, dir) }
 	good := certs.ClientDir(t, &certs.Client)
@@ -116,8 +123,9 @@ func TestTLSClientCertificates(t *testing.T) {
 			t.Errorf("client with %s certificate was served:\n%s", name, out)
 		}
 	}
-	// --tls on: plaintext is still allowed.
-	run(t, nbdinfo, "nbd://"+addr+"/disk")
+	if out, ok := try(nbdinfo, "nbd://"+addr+"/disk"); ok {
+		t.Errorf("a plaintext client was served under --tls require --tls-verify-peer:\n%s", out)
+	}
 	s.stop()
 
 	// Revoked by ca-crl.pem.

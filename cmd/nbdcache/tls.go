@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
@@ -9,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/nbdcache/nbdcache/nbd"
 )
@@ -41,7 +43,14 @@ func (f *tlsFlags) apply(cfg *nbd.Config) error {
 			return fmt.Errorf("%w: --tls-certificates and --tls-verify-peer need --tls on or require", errUsage)
 		}
 		return nil
-	case "on", "require":
+	case "on":
+		if f.verifyPeer {
+			// A client that skips STARTTLS would be served in
+			// plaintext, without a certificate: the check would
+			// keep nobody out.
+			return fmt.Errorf("%w: --tls-verify-peer needs --tls require (with --tls on a client that does not ask for TLS is served without a certificate)", errUsage)
+		}
+	case "require":
 	default:
 		return fmt.Errorf("%w: --tls %q: want off, on or require", errUsage, f.mode)
 	}
@@ -82,13 +91,26 @@ func loadTLSDir(dir string, verifyPeer bool) (*tls.Config, error) {
 		return nil, err
 	}
 	if crl != nil {
+		if !crl.NextUpdate.IsZero() && time.Now().After(crl.NextUpdate) {
+			return nil, fmt.Errorf("--tls-verify-peer: %s/ca-crl.pem is out of date (next update was due %s): issue a new one",
+				dir, crl.NextUpdate.UTC().Format(time.RFC3339))
+		}
 		revoked := map[string]bool{}
 		for _, e := range crl.RevokedCertificateEntries {
 			revoked[e.SerialNumber.String()] = true
 		}
-		// Called after the chain was verified against ClientCAs.
+		// Called after the chain was verified against ClientCAs. A
+		// serial number is unique per issuer: only certificates of the
+		// CRL's issuer are compared.
 		cfg.VerifyConnection = func(cs tls.ConnectionState) error {
-			if len(cs.PeerCertificates) > 0 && revoked[cs.PeerCertificates[0].SerialNumber.String()] {
+			if len(cs.PeerCertificates) == 0 {
+				return nil
+			}
+			if !crl.NextUpdate.IsZero() && time.Now().After(crl.NextUpdate) {
+				return errCRLOutOfDate // as gnutls does: revocation data superseded
+			}
+			c := cs.PeerCertificates[0]
+			if bytes.Equal(c.RawIssuer, crl.RawIssuer) && revoked[c.SerialNumber.String()] {
 				return errRevoked
 			}
 			return nil
@@ -97,8 +119,13 @@ func loadTLSDir(dir string, verifyPeer bool) (*tls.Config, error) {
 	return cfg, nil
 }
 
-// errRevoked refuses a client whose certificate ca-crl.pem lists.
-var errRevoked = errors.New("the client certificate is revoked (ca-crl.pem)")
+// errRevoked refuses a client whose certificate ca-crl.pem lists, and
+// errCRLOutOfDate every client once ca-crl.pem is past its next update
+// (the server must be restarted with a new one).
+var (
+	errRevoked      = errors.New("the client certificate is revoked (ca-crl.pem)")
+	errCRLOutOfDate = errors.New("ca-crl.pem is past its next update: no client certificate can be checked")
+)
 
 // loadCRL reads a PEM CRL at path, if there is one, and checks that one of
 // the CAs in caPEM signed it.

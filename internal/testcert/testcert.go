@@ -189,7 +189,13 @@ func (s *Set) pool(t testing.TB) *x509.CertPool {
 // revokes the given certificates (ca-crl.pem).
 func (s *Set) CRL(t testing.TB, revoked ...Pair) []byte {
 	t.Helper()
-	tpl := &x509.RevocationList{Number: big.NewInt(1), ThisUpdate: time.Now().Add(-time.Hour), NextUpdate: time.Now().Add(24 * time.Hour)}
+	return s.CRLUntil(t, time.Now().Add(24*time.Hour), revoked...)
+}
+
+// CRLUntil is CRL with its next update due at next.
+func (s *Set) CRLUntil(t testing.TB, next time.Time, revoked ...Pair) []byte {
+	t.Helper()
+	tpl := &x509.RevocationList{Number: big.NewInt(1), ThisUpdate: next.Add(-25 * time.Hour), NextUpdate: next}
 	for _, p := range revoked {
 		blk, _ := pem.Decode(p.Cert)
 		c, err := x509.ParseCertificate(blk.Bytes)
