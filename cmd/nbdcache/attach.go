@@ -16,6 +16,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/nbdcache/nbdcache/internal/ratelog"
 	"github.com/nbdcache/nbdcache/nbd"
 	"github.com/nbdcache/nbdcache/nbd/kernel"
 )
@@ -99,7 +100,7 @@ func runAttach(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if f.verbose {
 		level = slog.LevelInfo
 	}
-	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	log := slog.New(ratelog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}), logBurst, time.Second))
 
 	if f.reconnect {
 		if err := checkOldServerGone(index); err != nil {

@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/nbdcache/nbdcache/internal/ratelog"
 	"github.com/nbdcache/nbdcache/nbd"
 )
 
@@ -86,7 +87,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if f.verbose {
 		level = slog.LevelInfo
 	}
-	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	log := slog.New(ratelog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}), logBurst, time.Second))
 
 	st, err := f.storage.open(stdout, log)
 	if err != nil {
@@ -226,3 +227,7 @@ func startCPUProfile(path string) (func(), error) {
 		fh.Close()
 	}, nil
 }
+
+// logBurst is how many warnings of one kind a second reach stderr; the
+// rest are counted and reported with the next one (internal/ratelog).
+const logBurst = 5
