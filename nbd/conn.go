@@ -64,8 +64,12 @@ type conn struct {
 	scratch  chan struct{}       // full while a request holds a scratch slot (scratchCalls)
 
 	// payloadDeadline is the read deadline readPayload armed, or zero;
-	// only the read loop touches it.
+	// idleArmed says the read deadline is readHeader's idle one, armed
+	// when reqs requests had been read (idleReqs). Only the read loop
+	// touches them.
 	payloadDeadline time.Time
+	idleArmed       bool
+	reqs, idleReqs  uint64
 
 	stopping atomic.Bool
 	inflight atomic.Int64
@@ -159,10 +163,14 @@ func (c *conn) serve() {
 
 	c.jobs = make(chan job)
 	err := c.readLoop(r)
-	if errors.Is(err, errReadTimeout) {
+	switch {
+	case errors.Is(err, errReadTimeout):
 		c.s.stats.timedOut.Add(1)
 		c.s.log.Warn("connection dropped: a WRITE payload stalled", "remote", remote(c.nc), "timeout", c.s.readTimeout)
 		c.drop()
+	case errors.Is(err, errIdle):
+		c.s.stats.idle.Add(1)
+		c.s.log.Warn("connection closed: idle", "remote", remote(c.nc), "timeout", c.s.idleTimeout)
 	}
 	c.handlers.Wait()
 	close(c.jobs)
@@ -288,6 +296,7 @@ func (c *conn) readPayload(r *bufio.Reader, n int64, dst []byte) error {
 		now := time.Now()
 		if c.payloadDeadline.Before(now.Add(c.s.readTimeout - c.s.readTimeout/8)) {
 			c.payloadDeadline = now.Add(c.s.readTimeout)
+			c.idleArmed = false
 			c.nc.SetReadDeadline(c.payloadDeadline)
 			if c.stopping.Load() {
 				c.nc.SetReadDeadline(now) // keep stopReading's word
@@ -307,23 +316,62 @@ func (c *conn) readPayload(r *bufio.Reader, n int64, dst []byte) error {
 }
 
 // readHeader reads a request header into hb. Waiting for a request has no
-// time limit: a payload deadline still armed (readPayload) that runs out
-// here is disarmed, and the read goes on where it stopped.
+// time limit but the idle timeout: a payload deadline still armed
+// (readPayload) that runs out here is disarmed, and the read goes on
+// where it stopped.
+//
+// With Config.IdleTimeout, a read that must wait arms the idle deadline,
+// unless it is armed already: a stream of requests costs one timer update
+// per timeout, not one per request. When it runs out, the connection is
+// idle if no request was read since it was armed and none is in flight;
+// otherwise it is armed again. So an idle client is dropped after between
+// one and two idle timeouts.
 func (c *conn) readHeader(r *bufio.Reader, hb []byte) error {
+	idle := c.s.idleTimeout
+	if c.trusted {
+		idle = 0
+	}
 	got := 0
 	for {
+		if idle > 0 && !c.idleArmed && r.Buffered() < len(hb)-got {
+			c.armIdle(idle)
+		}
 		n, err := io.ReadFull(r, hb[got:])
 		got += n
-		if err == nil || c.payloadDeadline.IsZero() || !errors.Is(err, os.ErrDeadlineExceeded) || c.stopping.Load() {
+		if err == nil || !errors.Is(err, os.ErrDeadlineExceeded) || c.stopping.Load() {
+			if err == nil {
+				c.reqs++
+			}
 			return err
 		}
+		if c.idleArmed && c.reqs == c.idleReqs && c.inflight.Load() == 0 {
+			return errIdle
+		}
+		c.idleArmed = false
 		c.payloadDeadline = time.Time{}
+		if idle > 0 {
+			c.armIdle(idle)
+			continue
+		}
 		c.nc.SetReadDeadline(time.Time{})
 		if c.stopping.Load() {
 			c.nc.SetReadDeadline(time.Now()) // stopReading's may just have been cleared
 		}
 	}
 }
+
+// armIdle sets the read deadline to the idle timeout from now.
+func (c *conn) armIdle(idle time.Duration) {
+	now := time.Now()
+	c.idleArmed, c.idleReqs, c.payloadDeadline = true, c.reqs, time.Time{}
+	c.nc.SetReadDeadline(now.Add(idle))
+	if c.stopping.Load() {
+		c.nc.SetReadDeadline(now) // keep stopReading's word
+	}
+}
+
+// errIdle ends a connection that sent nothing for the idle timeout.
+var errIdle = errors.New("nbd: connection idle")
 
 // getBuf takes a buffer of n > 0 bytes from the server's budget, within
 // this connection's share, waiting in line for both. It fails only when

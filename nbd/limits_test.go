@@ -7,6 +7,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"os"
 	"testing"
 	"time"
 
@@ -380,5 +381,64 @@ func TestScratchIsShared(t *testing.T) {
 		waited.Round(time.Millisecond), k, piece)
 	if waited > 500*time.Millisecond {
 		t.Fatalf("a 4 KiB WRITE_ZEROES waited %v behind %d connections' CACHE requests", waited, k)
+	}
+}
+
+// TestIdleTimeout: a connection that sends nothing for the idle timeout,
+// with nothing in flight, is closed (after between one and two of it);
+// one that sends a request now and then, or waits for a slow reply, is
+// not; a partial header counts as idle.
+func TestIdleTimeout(t *testing.T) {
+	const idle = 300 * time.Millisecond
+	dev := &blocker{Device: storage.NewMem(testSize), entered: make(chan struct{}, 1), release: make(chan struct{})}
+	s, addr := startServerConfig(t, Config{Exports: []Export{{Device: dev}}, IdleTimeout: idle})
+	closedAfter := func(c *rawClient) time.Duration {
+		start := time.Now()
+		c.nc.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.r.ReadByte(); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Fatalf("an idle connection was not closed: %v", err)
+		}
+		return time.Since(start)
+	}
+
+	quiet := dial(t, addr)
+	quiet.connect("", false)
+	partial := dial(t, addr)
+	partial.connect("", false)
+	partial.nc.Write([]byte{0x25, 0x60, 0x95, 0x13, 0, 0}) // the start of a request header
+	busy := dial(t, addr)
+	busy.connect("", false)
+	slow := dial(t, addr)
+	slow.connect("", false)
+	slow.request(cmdRead, 0, 1, 0, 4096, nil) // held by the device past the timeout
+	<-dev.entered
+	start := time.Now()
+	for i := range 10 { // a request every half timeout, for 5 timeouts
+		busy.request(cmdFlush, 0, uint64(i), 0, 0, nil)
+		if r := busy.readReply(nil); r.errno != 0 {
+			t.Fatalf("flush: %+v", r)
+		}
+		time.Sleep(idle / 2)
+	}
+	if d := time.Since(start); d < 4*idle {
+		t.Fatalf("the busy client ran only %v", d)
+	}
+	closedAfter(quiet) // long since
+	closedAfter(partial)
+	close(dev.release)
+	if r := slow.readReply(map[uint64]int{1: 4096}); r.errno != 0 {
+		t.Fatalf("the slow read failed: %+v", r)
+	}
+	busy.request(cmdFlush, 0, 99, 0, 0, nil)
+	if r := busy.readReply(nil); r.errno != 0 {
+		t.Fatalf("flush after the busy period: %+v", r)
+	}
+	start = time.Now()
+	d := closedAfter(slow)
+	if d < idle*7/8 || d > 2*idle+time.Second {
+		t.Errorf("closed %v after its last reply; want between one and two idle timeouts of %v", d, idle)
+	}
+	if st := s.Stats(); st.Idle < 3 {
+		t.Errorf("%d connections closed as idle, want 3 or more", st.Idle)
 	}
 }

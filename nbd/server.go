@@ -69,6 +69,12 @@ type Config struct {
 	// announces a payload and stalls is disconnected. Waiting for the
 	// next request header has no time limit.
 	ReadTimeout time.Duration
+	// IdleTimeout closes a connection that has no request in flight and
+	// sends none for that long (between one and two of it, see
+	// conn.readHeader; default 0: never). It frees the connection's slot
+	// under MaxConnections. Connections handed over with
+	// ServeNegotiated have none.
+	IdleTimeout time.Duration
 	// Allow, if not empty, lists the networks TCP clients may connect
 	// from; any other client is closed at once, before the greeting.
 	// Unix-socket clients are not checked (the socket's mode guards
@@ -114,6 +120,7 @@ type Server struct {
 	maxInFlight      int
 	writeTimeout     time.Duration
 	readTimeout      time.Duration
+	idleTimeout      time.Duration
 	allow            []netip.Prefix
 	tls              *tls.Config
 	tlsRequired      bool
@@ -200,6 +207,7 @@ func NewServer(cfg Config) (*Server, error) {
 	if s.readTimeout == 0 {
 		s.readTimeout = DefaultIOTimeout
 	}
+	s.idleTimeout = max(cfg.IdleTimeout, 0)
 	s.allow = cfg.Allow
 	if cfg.TLSRequired && cfg.TLS == nil {
 		return nil, errors.New("nbd: TLS required but not configured")
@@ -500,6 +508,8 @@ type Stats struct {
 	// TimedOut counts connections dropped by WriteTimeout (a client that
 	// stopped reading replies) or ReadTimeout (a stalled payload).
 	TimedOut int64
+	// Idle counts connections closed by IdleTimeout.
+	Idle int64
 	// BufferBytes is the buffer budget in use now, BufferPeak its high
 	// mark, and BufferWaits the requests that had to wait for it.
 	BufferBytes, BufferPeak, BufferWaits int64
@@ -510,7 +520,7 @@ type counters struct {
 	bytesRead, bytesWritten               atomic.Int64
 	reads, writes, flushes, trims, zeroes atomic.Int64
 	blockStatuses                         atomic.Int64
-	refused, timedOut                     atomic.Int64
+	refused, timedOut, idle               atomic.Int64
 }
 
 // Stats returns the server's counters.
@@ -531,7 +541,7 @@ func (s *Server) Stats() Stats {
 		BytesRead: c.bytesRead.Load(), BytesWritten: c.bytesWritten.Load(),
 		Reads: c.reads.Load(), Writes: c.writes.Load(), Flushes: c.flushes.Load(),
 		Trims: c.trims.Load(), Zeroes: c.zeroes.Load(), BlockStatuses: c.blockStatuses.Load(),
-		Refused: c.refused.Load(), TimedOut: c.timedOut.Load(),
+		Refused: c.refused.Load(), TimedOut: c.timedOut.Load(), Idle: c.idle.Load(),
 		BufferBytes: int64(as.used), BufferPeak: int64(as.peak), BufferWaits: as.waits,
 	}
 }

@@ -18,6 +18,7 @@ type limitFlags struct {
 	maxInFlight    int
 	writeTimeout   time.Duration
 	readTimeout    time.Duration
+	idleTimeout    time.Duration
 	allow          []netip.Prefix
 }
 
@@ -28,6 +29,7 @@ func (f *limitFlags) register(fs *flag.FlagSet) {
 	fs.IntVar(&f.maxInFlight, "max-inflight", nbd.DefaultMaxInFlight, "requests in flight per connection, `N`; at the limit the server stops reading that connection")
 	fs.DurationVar(&f.writeTimeout, "write-timeout", nbd.DefaultIOTimeout, "drop a client whose replies wait this long to be read, `DURATION` (0: never)")
 	fs.DurationVar(&f.readTimeout, "read-timeout", nbd.DefaultIOTimeout, "drop a client whose WRITE payload has not arrived this long after its header, `DURATION` (0: never)")
+	fs.DurationVar(&f.idleTimeout, "idle-timeout", 0, "close a client that has sent nothing and waits for nothing this long, `DURATION` (0: never); frees its --max-connections slot")
 	fs.Func("allow", "accept TCP clients only from `CIDR` (an address or a network); repeatable (default: any client that can reach the listener)", func(s string) error {
 		p, err := parseAllow(s)
 		if err != nil {
@@ -67,8 +69,8 @@ func (f *limitFlags) apply(cfg *nbd.Config) error {
 	if f.maxConnections < 0 || f.maxInFlight < 1 {
 		return fmt.Errorf("%w: --max-connections must be 0 or more, --max-inflight 1 or more", errUsage)
 	}
-	if f.writeTimeout < 0 || f.readTimeout < 0 {
-		return fmt.Errorf("%w: --write-timeout and --read-timeout must not be negative", errUsage)
+	if f.writeTimeout < 0 || f.readTimeout < 0 || f.idleTimeout < 0 {
+		return fmt.Errorf("%w: --write-timeout, --read-timeout and --idle-timeout must not be negative", errUsage)
 	}
 	cfg.BufferBudget = f.bufferBudget
 	cfg.MaxConnections = f.maxConnections
@@ -83,6 +85,7 @@ func (f *limitFlags) apply(cfg *nbd.Config) error {
 	if f.readTimeout == 0 {
 		cfg.ReadTimeout = -1
 	}
+	cfg.IdleTimeout = f.idleTimeout
 	cfg.Allow = f.allow
 	return nil
 }
