@@ -119,10 +119,11 @@ func (c *Cache) read(p []byte, off int64, prefetch bool) error {
 		mode := c.mu.mode
 		seq := c.streamLocked(off, n)
 		// A miss may be promoted unless the backing is being written
-		// over the range right now; a backing write that starts later
-		// voids the guard.
+		// over the range right now, directly or by a writeback (a
+		// zeroDirty's range may hold a gap: TestZeroDirtyVoidsPromotion);
+		// a backing write that starts later voids the guard.
 		var guard *promoGuard
-		if mode != None && !seq && hasGap(ps) && !c.directLocked(off, n) {
+		if mode != None && !seq && hasGap(ps) && !c.heldLocked(off, n) {
 			guard = &promoGuard{byteRange: byteRange{off, off + n}}
 			c.mu.promos = append(c.mu.promos, guard)
 		}
