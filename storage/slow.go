@@ -219,7 +219,8 @@ type Slow struct {
 	head chan struct{}
 	mu   struct {
 		sync.Mutex
-		pos   int64 // where the previous request ended
+		pos   int64     // where the previous request ended
+		end   time.Time // when it ended, in the model's time
 		stats SlowStats
 	}
 }
@@ -300,16 +301,22 @@ func (s *Slow) Trim(off, length int64, flags Flags) error {
 
 // Flush flushes the inner device and costs the model's FlushTime.
 func (s *Slow) Flush() error {
+	arrival := time.Now()
 	s.head <- struct{}{}
 	defer func() { <-s.head }()
-	start := time.Now()
 	err := s.inner.Flush()
 	if !errors.Is(err, ErrNotSupported) {
 		s.mu.Lock()
+		start := arrival
+		if s.mu.end.After(start) {
+			start = s.mu.end
+		}
+		s.mu.end = start.Add(s.model.FlushTime)
 		s.mu.stats.Requests++
 		s.mu.stats.Flush += s.model.FlushTime
+		end := s.mu.end
 		s.mu.Unlock()
-		waitUntil(start.Add(s.model.FlushTime))
+		waitUntil(end)
 	}
 	return err
 }
@@ -319,17 +326,28 @@ func (s *Slow) Close() error { return s.inner.Close() }
 
 // serve holds the head for one request at off of length n: it does the inner
 // I/O, then waits out whatever is left of the modelled time.
+//
+// A request that arrived while the head was busy starts the moment the
+// request before it ended, in the model's time, not when its goroutine
+// got the head: a disk serves its queue back to back, and the timer's
+// late wake-up must not turn a short skip forward into a missed
+// revolution. One that arrives to an idle head starts on arrival.
 func (s *Slow) serve(off, n int64, io func() error) error {
+	arrival := time.Now()
 	s.head <- struct{}{}
 	defer func() { <-s.head }()
-	start := time.Now()
 	err := io()
 	if errors.Is(err, ErrNotSupported) || errors.Is(err, ErrOutOfRange) {
 		return err // nothing was touched, nothing moved
 	}
 	s.mu.Lock()
+	start := arrival
+	if s.mu.end.After(start) {
+		start = s.mu.end
+	}
 	seek, rot, xfer := s.costLocked(off, n, start)
 	s.mu.pos = off + n
+	s.mu.end = start.Add(seek + rot + xfer)
 	st := &s.mu.stats
 	st.Requests++
 	if seek > 0 || rot > 0 {
@@ -339,8 +357,9 @@ func (s *Slow) serve(off, n int64, io func() error) error {
 	st.Seek += seek
 	st.Rotation += rot
 	st.Transfer += xfer
+	end := s.mu.end
 	s.mu.Unlock()
-	waitUntil(start.Add(seek + rot + xfer))
+	waitUntil(end)
 	return err
 }
 
