@@ -104,6 +104,7 @@ type Cache struct {
 	// backing, per 4 KiB (see slowBacking).
 	bypassNanos   atomic.Int64
 	roomWaitAfter atomic.Int64 // unix nanoseconds: no waiting for room before
+	gcCleaning    atomic.Int64 // GC passes writing their victims back now (gcWriteback)
 
 	ram     *ristretto.Cache[uint64, ramEntry]
 	flusher *writeback.Flusher // nil with NoBackground

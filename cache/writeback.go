@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/nbdcache/nbdcache/btreeidx"
@@ -238,11 +239,7 @@ func (c *Cache) WritebackStep(from, maxBytes int64) (next, written int64, err er
 // once and marks them clean, returning the bytes cleaned. On an error it
 // releases them all, and they stay dirty.
 func (c *Cache) writeBackRead(es []btreeidx.Extent, bufs [][]byte) (cleaned int64, err error) {
-	for i, e := range es {
-		if err = c.back.WriteAt(bufs[i], e.Off, 0); err != nil {
-			break
-		}
-	}
+	err = c.writeOrdered(es, bufs)
 	if err == nil && len(es) > 0 {
 		if err = c.back.Flush(); err != nil {
 			err = fmt.Errorf("flush: %w", err)
@@ -258,6 +255,56 @@ func (c *Cache) writeBackRead(es []btreeidx.Extent, bufs [][]byte) (cleaned int6
 	}
 	return cleaned, err
 }
+
+// writeOrdered writes bufs[i] at es[i].Off on the backing, up to
+// orderedWindow writes in flight, each issued after the one before it
+// started: a disk then finds the next write of an ascending sweep queued
+// when it finishes one, instead of waiting for the caller to issue it
+// (on the hdd model, 0.8 ms a write instead of 6 over a sparse 4 KiB
+// sweep). It returns the first error.
+func (c *Cache) writeOrdered(es []btreeidx.Extent, bufs [][]byte) error {
+	if len(es) == 1 {
+		return c.back.WriteAt(bufs[0], es[0].Off, 0)
+	}
+	var (
+		wg       sync.WaitGroup
+		errMu    sync.Mutex
+		firstErr error
+	)
+	slots := make(chan struct{}, orderedWindow)
+	prev := make(chan struct{})
+	close(prev)
+	for i, e := range es {
+		slots <- struct{}{}
+		errMu.Lock()
+		failed := firstErr != nil
+		errMu.Unlock()
+		if failed {
+			<-slots
+			break
+		}
+		started := make(chan struct{})
+		p := prev
+		wg.Go(func() {
+			defer func() { <-slots }()
+			<-p
+			close(started)
+			if err := c.back.WriteAt(bufs[i], e.Off, 0); err != nil {
+				errMu.Lock()
+				if firstErr == nil {
+					firstErr = err
+				}
+				errMu.Unlock()
+			}
+		})
+		prev = started
+	}
+	wg.Wait()
+	return firstErr
+}
+
+// orderedWindow is how many writes writeOrdered keeps in flight.
+const orderedWindow = 8
 
 // flushRange writes back the dirty extents overlapping [off, off+n) now,
 // whole (cleaning part of one would cut it, and a full index refuses

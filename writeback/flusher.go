@@ -282,6 +282,21 @@ func (f *Flusher) acquire(ctx context.Context) error {
 
 func (f *Flusher) release() { <-f.token }
 
+// Exclusive runs fn between two batches: no batch of Run or Drain is under
+// way while it runs. The Source uses it for a writeback of its own that
+// must not share the backing's head with the flusher's pass: on a disk,
+// two sorted streams interleaved make every write of both a seek. It waits
+// for the batch under way (at most about Config.BatchTime), and fails
+// only if ctx ends first.
+func (f *Flusher) Exclusive(ctx context.Context, fn func()) error {
+	if err := f.acquire(ctx); err != nil {
+		return err
+	}
+	defer f.release()
+	fn()
+	return nil
+}
+
 // wait blocks for d, or until ctx is done or Kick is called. It reports
 // false when ctx is done.
 func (f *Flusher) wait(ctx context.Context, d time.Duration) bool {

@@ -545,3 +545,54 @@ func TestDrainBridgesCleanGaps(t *testing.T) {
 		})
 	}
 }
+
+// TestExclusive: while Exclusive's function runs, no batch of Run writes to
+// the backing; Run goes on afterwards. The flusher runs at full speed over
+// plenty of dirty data, so a batch is always due.
+func TestExclusive(t *testing.T) {
+	src := newFakeSource(4096, 4096, 1<<20) // far above the high watermark
+	for b := 0; b < 4096; b += 2 {
+		src.write(b, 1)
+	}
+	var inFn atomic.Bool
+	var overlapped atomic.Int64
+	dev := &recDev{inner: storage.NewMem(src.size())}
+	dev.failWrite = func(off, n int64) error {
+		if inFn.Load() {
+			overlapped.Add(1)
+		}
+		time.Sleep(50 * time.Microsecond) // a slow backing: batches take a while
+		return nil
+	}
+	f := New(src, dev, Config{Logger: quiet})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error)
+	go func() { done <- f.Run(ctx) }()
+	for f.Stats().Writes == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	for range 5 {
+		if err := f.Exclusive(ctx, func() {
+			inFn.Store(true)
+			before := f.Stats().Writes
+			time.Sleep(20 * time.Millisecond)
+			if after := f.Stats().Writes; after != before {
+				t.Errorf("the flusher wrote %d times during Exclusive", after-before)
+			}
+			inFn.Store(false)
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if n := overlapped.Load(); n > 0 {
+		t.Errorf("%d backing writes of the flusher overlapped Exclusive", n)
+	}
+	if f.Stats().Writes < 10 {
+		t.Errorf("the flusher made only %d writes: Run did not go on between Exclusive calls", f.Stats().Writes)
+	}
+	src.check(t)
+}
