@@ -100,9 +100,9 @@ type Cache struct {
 	pubBuf []byte
 
 	dw groupWriter // the write path's data writes to dev
-	// bypassNanos: the average time a bypassed write took on the
-	// backing, per 4 KiB (see slowBacking).
-	bypassNanos   atomic.Int64
+	// backingNanos: the average time a backing write took, per 4 KiB:
+	// bypassed writes and the cache's own writebacks (see slowBacking).
+	backingNanos  atomic.Int64
 	roomWaitAfter atomic.Int64 // unix nanoseconds: no waiting for room before
 	gcCleaning    atomic.Int64 // GC passes writing their victims back now (gcWriteback)
 

@@ -523,7 +523,7 @@ func (c *Cache) writeDirty(p []byte, off int64) error {
 		if err := c.writeBacking(p, off, directOver, nil); !errors.Is(err, errPinned) {
 			if err == nil {
 				c.stats.bypasses.Add(1)
-				c.noteBypass(time.Since(start), int64(len(p)))
+				c.noteBacking(time.Since(start), int64(len(p)))
 			}
 			return err
 		}
@@ -549,7 +549,7 @@ func (c *Cache) writeDirty(p []byte, off int64) error {
 // disk in address order, to make room (on the hdd model, random 4 KiB
 // writes bypassed during writeback ran at a fraction of the disk alone:
 // they moved the head away from the flusher's next write each time). So
-// the bypassed writes' latency is measured, per 4 KiB, as an average, and
+// the backing writes' latency is measured, per 4 KiB, as an average, and
 // above slowBackingNanos writers wait (waitRoom) instead, at most
 // maxRoomWait at a time, or while a GC pass writes its victims back (it
 // frees them when it ends; at most maxCleanWait). A wait that times out
@@ -565,17 +565,23 @@ const (
 	roomBackoff      = 10 * time.Second
 )
 
-// noteBypass adds a bypassed write of n bytes that took d to the average.
-func (c *Cache) noteBypass(d time.Duration, n int64) {
+// noteBacking adds a backing write of n bytes that took d to the average
+// (a lost update between two writers only weakens one sample).
+func (c *Cache) noteBacking(d time.Duration, n int64) {
 	per4k := int64(d) * 4096 / max(n, 4096)
-	old := c.bypassNanos.Load()
-	c.bypassNanos.Store(old + (per4k-old)/8)
+	old := c.backingNanos.Load()
+	c.backingNanos.Store(old + (per4k-old)/8)
 }
+
+// diskLike reports whether backing writes are slow enough to be a disk's:
+// then where its head goes matters more than anything else. The sysfs
+// rotational flag does not tell: virtio disks claim to rotate.
+func (c *Cache) diskLike() bool { return c.backingNanos.Load() > slowBackingNanos }
 
 // slowBacking reports whether bypassed writes are slow enough that
 // waiting for room beats them (and no wait timed out lately).
 func (c *Cache) slowBacking() bool {
-	return c.bypassNanos.Load() > slowBackingNanos && time.Now().UnixNano() >= c.roomWaitAfter.Load()
+	return c.diskLike() && time.Now().UnixNano() >= c.roomWaitAfter.Load()
 }
 
 // waitRoom waits until buckets are free beyond the reserve or pending (a
