@@ -6,7 +6,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"os"
 	"os/signal"
@@ -16,7 +15,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/nbdcache/nbdcache/internal/ratelog"
 	"github.com/nbdcache/nbdcache/nbd"
 	"github.com/nbdcache/nbdcache/nbd/kernel"
 )
@@ -34,7 +32,7 @@ type attachFlags struct {
 	scheduler       string
 	backendID       string
 	ioctl           bool
-	verbose         bool
+	log             logFlags
 	control         controlFlags
 	noDrain         bool
 }
@@ -56,7 +54,7 @@ func (f *attachFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.scheduler, "scheduler", "", "I/O `SCHEDULER` of /dev/nbdN (none, mq-deadline; default: the kernel's)")
 	fs.StringVar(&f.backendID, "backend-id", "", "backend identifier shown in /sys/block/nbdN/backend; a --reconnect must give the same (default: derived from --backing)")
 	fs.BoolVar(&f.ioctl, "ioctl", false, "use the legacy ioctl interface even when netlink is there (no --reconnect)")
-	fs.BoolVar(&f.verbose, "v", false, "log connection events")
+	f.log.register(fs)
 }
 
 // runAttach serves the storage to the kernel's nbd driver as /dev/nbdN.
@@ -71,6 +69,10 @@ func runAttach(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	fs := newFlagSet("attach", stderr)
 	f.register(fs)
 	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	log, err := f.log.logger(stderr)
+	if err != nil {
 		return err
 	}
 	if _, err := f.control.access(); err != nil {
@@ -96,11 +98,6 @@ func runAttach(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if f.connections < 1 || f.connections > 64 {
 		return fmt.Errorf("%w: --connections %d: want 1 to 64", errUsage, f.connections)
 	}
-	level := slog.LevelWarn
-	if f.verbose {
-		level = slog.LevelInfo
-	}
-	log := slog.New(ratelog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}), logBurst, time.Second))
 
 	if f.reconnect {
 		if err := checkOldServerGone(index); err != nil {

@@ -5,14 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"os"
 	"runtime/pprof"
 	"sync/atomic"
 	"time"
 
-	"github.com/nbdcache/nbdcache/internal/ratelog"
 	"github.com/nbdcache/nbdcache/nbd"
 )
 
@@ -23,7 +21,7 @@ type serveFlags struct {
 	limits  limitFlags
 	listens []listenAddr
 	export  string
-	verbose bool
+	log     logFlags
 	cpuProf string
 	control controlFlags
 	sockets socketFlags
@@ -45,7 +43,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return nil
 	})
 	fs.StringVar(&f.export, "export", "", "export `NAME` (the empty name always reaches it too)")
-	fs.BoolVar(&f.verbose, "v", false, "log connection events")
+	f.log.register(fs)
 	f.control.register(fs, "stats, flush --drain, mode")
 	f.sockets.register(fs)
 	f.tls.register(fs)
@@ -53,6 +51,10 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.StringVar(&f.cpuProf, "cpuprofile", "", "write a Go CPU profile of the whole run to `FILE`")
 	fs.BoolVar(&f.storage.faults, "faults", false, "fault mode: power cuts, injected errors and latency through `nbdcache ctl` (needs --control)")
 	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	log, err := f.log.logger(stderr)
+	if err != nil {
 		return err
 	}
 	var cfg nbd.Config
@@ -83,11 +85,6 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 		defer stopProf()
 	}
-	level := slog.LevelWarn
-	if f.verbose {
-		level = slog.LevelInfo
-	}
-	log := slog.New(ratelog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}), logBurst, time.Second))
 
 	st, err := f.storage.open(stdout, log)
 	if err != nil {
@@ -227,7 +224,3 @@ func startCPUProfile(path string) (func(), error) {
 		fh.Close()
 	}, nil
 }
-
-// logBurst is how many warnings of one kind a second reach stderr; the
-// rest are counted and reported with the next one (internal/ratelog).
-const logBurst = 5
