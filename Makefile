@@ -8,7 +8,7 @@ export PATH := /usr/bin:/bin:/usr/sbin:/sbin:$(PATH)
 all: build
 
 build:
-	$(GO) build -o nbdcache ./cmd/nbdcache
+	$(GO) build -buildvcs=auto -o nbdcache ./cmd/nbdcache
 
 # Installs the Debian packages the tests use, if any is missing.
 deps:

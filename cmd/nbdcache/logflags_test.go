@@ -2,8 +2,10 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
+	"runtime/debug"
 	"strings"
 	"testing"
 )
@@ -41,5 +43,25 @@ func TestLogFlags(t *testing.T) {
 		if _, err := f.logger(&buf); !errors.Is(err, errUsage) {
 			t.Errorf("%+v: %v, want a usage error", f, err)
 		}
+	}
+}
+
+// TestVersionString: the module version and the stamped revision, cut to
+// 12 digits, with "modified" for a dirty tree; -ldflags overrides the
+// version.
+func TestVersionString(t *testing.T) {
+	bi := &debug.BuildInfo{GoVersion: "go1.26", Main: debug.Module{Version: "v1.2.3"},
+		Settings: []debug.BuildSetting{{Key: "vcs.revision", Value: "0123456789abcdef0123"}, {Key: "vcs.modified", Value: "true"}}}
+	if got, want := versionString(bi, true), "nbdcache v1.2.3 (0123456789ab, modified, go1.26)"; got != want {
+		t.Errorf("got %q, want %q", got, want)
+	}
+	version = "v9"
+	defer func() { version = "" }()
+	if got := versionString(nil, false); got != "nbdcache v9" {
+		t.Errorf("with -X main.version and no build info: %q", got)
+	}
+	var out bytes.Buffer
+	if code := run(context.Background(), []string{"--version"}, &out, &out); code != 0 || !strings.HasPrefix(out.String(), "nbdcache v9") {
+		t.Errorf("--version: exit %d, %q", code, out.String())
 	}
 }

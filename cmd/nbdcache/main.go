@@ -10,6 +10,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"syscall"
 
 	"github.com/nbdcache/nbdcache/cache"
@@ -78,6 +79,9 @@ func main() {
 }
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	if len(args) > 0 && (args[0] == "--version" || args[0] == "-version" || args[0] == "-V") {
+		args = []string{"version"}
+	}
 	if len(args) == 0 || args[0] == "help" || args[0] == "-h" || args[0] == "--help" {
 		usage(stderr)
 		if len(args) == 0 {
@@ -108,12 +112,46 @@ func usage(w io.Writer) {
 	fmt.Fprintln(w, "\nRun `nbdcache <command> -h` for a command's flags.")
 }
 
-// version is set at build time with -ldflags "-X main.version=...".
-var version = "dev"
+// version, if set at build time with -ldflags "-X main.version=...",
+// overrides the module version from the build information.
+var version = ""
 
 func runVersion(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fmt.Fprintln(stdout, "nbdcache", version)
+	fmt.Fprintln(stdout, versionString(debug.ReadBuildInfo()))
 	return nil
+}
+
+// versionString is "nbdcache VERSION (REVISION[, modified], GO)": the
+// module version (v1.2.3 when installed with go install ...@v1.2.3,
+// "(devel)" in a checkout) and the VCS revision that `go build` stamps.
+func versionString(bi *debug.BuildInfo, ok bool) string {
+	v := version
+	if !ok {
+		if v == "" {
+			v = "unknown"
+		}
+		return "nbdcache " + v
+	}
+	if v == "" {
+		v = bi.Main.Version
+	}
+	var rev, modified string
+	for _, s := range bi.Settings {
+		switch s.Key {
+		case "vcs.revision":
+			rev = s.Value
+		case "vcs.modified":
+			if s.Value == "true" {
+				modified = ", modified"
+			}
+		}
+	}
+	if rev == "" {
+		rev = "no revision"
+	} else if len(rev) > 12 {
+		rev = rev[:12]
+	}
+	return fmt.Sprintf("nbdcache %s (%s%s, %s)", v, rev, modified, bi.GoVersion)
 }
 
 // newFlagSet returns a flag set that reports errors instead of exiting.
