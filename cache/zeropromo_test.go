@@ -95,3 +95,58 @@ func TestZeroDirtyVoidsPromotion(t *testing.T) {
 		t.Fatalf("after the zero returned, byte %d reads %#x (promoted during the zero: %v)", i, got[i], promoted)
 	}
 }
+
+// TestPromotionVoidedDuringItsWrite: a backing write that starts while a
+// promotion writes its data to the cache device (after the read's own
+// check of the guard) voids it, and the promotion must then insert
+// nothing: here a WRITE_ZEROES over the range starts and returns while
+// the promotion's cache write is held. The index is empty when the
+// promotion re-checks it (a zero over uncached data inserts nothing), so
+// only the guard tells it that its data is stale. (Mutant
+// promote-ignores-guard, which the randomized tests caught only at some
+// seeds.)
+func TestPromotionVoidedDuringItsWrite(t *testing.T) {
+	const off, n = 64 << 10, 4096
+	cdev, bdev := storage.NewCrash(1<<20), storage.NewCrash(1<<20)
+	if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: 32 << 10, JournalSize: 32 * metaBlock}); err != nil {
+		t.Fatal(err)
+	}
+	if err := bdev.WriteAt(payload(off, n, 1), off, 0); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Open(cdev, bdev, Options{BackingID: testBackingID, NoBackground: true, SequentialCutoff: -1, PromoteAll: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	zeroed := make(chan error, 1)
+	var once sync.Once
+	ran := false
+	cdev.SetHook(func(op storage.Op) {
+		if op.Kind != storage.OpWrite {
+			return
+		}
+		once.Do(func() { // the promotion's data write: zero the range now
+			ran = true
+			go func() { zeroed <- c.Zero(off, n, 0) }()
+			if err := <-zeroed; err != nil {
+				t.Error(err)
+			}
+		})
+	})
+	if err := c.ReadAt(make([]byte, n), off); err != nil {
+		t.Fatal(err)
+	}
+	cdev.SetHook(nil)
+	if !ran {
+		t.Fatal("the read wrote nothing to the cache device: no promotion to race with")
+	}
+	got := make([]byte, n)
+	if err := c.ReadAt(got, off); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, make([]byte, n)) {
+		id, _ := sectorID(got[:sectorSize], off/sectorSize)
+		t.Fatalf("after the zero returned, the range reads write %d: the promotion inserted what it read before the zero", id)
+	}
+}
