@@ -137,6 +137,8 @@ func (c *conn) serve() {
 		}
 		c.nc.SetDeadline(time.Time{})
 		c.ss = ss
+		c.s.log.Info("connection opened", "remote", remote(c.nc), "export", ss.export.Name,
+			"tls", c.tc != nil, "structured_replies", ss.structured, "block_status", ss.meta)
 		// Requests the client sent right behind NBD_OPT_GO may sit in
 		// the small buffer: the transmission reader starts with them.
 		in := io.Reader(c.rw)
@@ -185,8 +187,11 @@ func (c *conn) serve() {
 		c.tc.CloseWrite()
 	}
 	c.wmu.Unlock()
-	if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, errReadTimeout) && !c.stopping.Load() && c.ctx.Err() == nil {
+	switch {
+	case err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, errReadTimeout) && !errors.Is(err, errIdle) && !c.stopping.Load() && c.ctx.Err() == nil:
 		c.s.log.Info("connection closed", "remote", remote(c.nc), "err", err)
+	case !errors.Is(err, errReadTimeout) && !errors.Is(err, errIdle):
+		c.s.log.Info("connection closed", "remote", remote(c.nc))
 	}
 }
 

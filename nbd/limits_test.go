@@ -5,9 +5,13 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"io"
+	"log/slog"
 	"net"
 	"net/netip"
 	"os"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -441,4 +445,36 @@ func TestIdleTimeout(t *testing.T) {
 	if st := s.Stats(); st.Idle < 3 {
 		t.Errorf("%d connections closed as idle, want 3 or more", st.Idle)
 	}
+}
+
+// TestConnectionLog: at info level a connection's opening (with its
+// export and negotiated features) and its closing are logged.
+func TestConnectionLog(t *testing.T) {
+	var mu sync.Mutex
+	var buf bytes.Buffer
+	log := slog.New(slog.NewTextHandler(lockedWriter{&mu, &buf}, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	s, addr := startServerConfig(t, Config{Logger: log, Exports: []Export{{Name: "disk", Device: storage.NewMem(1 << 20)}}})
+	c := dial(t, addr)
+	c.connect("disk", true)
+	c.request(cmdDisc, 0, 1, 0, 0, nil)
+	shutdown(t, s)
+	mu.Lock()
+	out := buf.String()
+	mu.Unlock()
+	for _, want := range []string{`msg="connection opened"`, "export=disk", "structured_replies=true", `msg="connection closed"`} {
+		if !strings.Contains(out, want) {
+			t.Errorf("log lacks %s:\n%s", want, out)
+		}
+	}
+}
+
+type lockedWriter struct {
+	mu *sync.Mutex
+	w  io.Writer
+}
+
+func (l lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
 }
