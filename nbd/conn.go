@@ -307,6 +307,14 @@ func (c *conn) readPayload(r *bufio.Reader, n int64, dst []byte) error {
 				c.nc.SetReadDeadline(now) // keep stopReading's word
 			}
 		}
+	} else if c.idleArmed && int64(r.Buffered()) < n {
+		// No payload deadline: the idle one must not run out inside a
+		// payload that is arriving (the client is not idle).
+		c.idleArmed = false
+		c.nc.SetReadDeadline(time.Time{})
+		if c.stopping.Load() {
+			c.nc.SetReadDeadline(time.Now()) // keep stopReading's word
+		}
 	}
 	var err error
 	if dst != nil {

@@ -478,3 +478,70 @@ func (l lockedWriter) Write(p []byte) (int, error) {
 	defer l.mu.Unlock()
 	return l.w.Write(p)
 }
+
+// TestIdleSparesTricklingWriteWithoutReadTimeout: with --read-timeout 0
+// (ReadTimeout < 0: a payload may take as long as it needs) and an idle
+// timeout, readPayload does not arm a deadline of its own, so the idle
+// deadline readHeader armed was still in force while the payload was
+// read: a WRITE whose payload took longer than the rest of it killed an
+// active connection with a raw "i/o timeout". readPayload now disarms it.
+// (Found by review.)
+func TestIdleSparesTricklingWriteWithoutReadTimeout(t *testing.T) {
+	const idle = 300 * time.Millisecond
+	s, addr := startServerConfig(t, Config{IdleTimeout: idle, ReadTimeout: -1})
+	c := dial(t, addr)
+	c.connect("", false)
+	data := bytes.Repeat([]byte{0xa5}, 64<<10)
+	hdr := appendRequest(nil, request{typ: cmdWrite, cookie: 1, length: uint32(len(data))})
+	c.send(hdr)
+	// The payload trickles in over about 3 idle timeouts: the client is
+	// sending all the time.
+	for i := 0; i < len(data); i += 4096 {
+		time.Sleep(idle * 3 / 16)
+		if _, err := c.nc.Write(data[i : i+4096]); err != nil {
+			t.Fatalf("the server closed a connection in the middle of a WRITE payload (%d of %d bytes sent, idle timeout %v, no read timeout): %v",
+				i, len(data), idle, err)
+		}
+	}
+	c.nc.SetReadDeadline(time.Now().Add(5 * time.Second))
+	h := make([]byte, 16)
+	if _, err := c.r.Read(h); err != nil {
+		st := s.Stats()
+		t.Fatalf("no reply to a WRITE whose payload kept arriving (idle %v, no read timeout): %v; stats idle=%d timedOut=%d",
+			idle, err, st.Idle, st.TimedOut)
+	}
+}
+
+// TestIdleSparesStreamingWriterWithoutReadTimeout: the same with a
+// client that streams WRITEs back to back, each payload taking a quarter
+// of the idle timeout (a slow link): the idle deadline armed when the
+// read loop last waited for a header runs out inside some payload, and
+// the connection died within about one idle timeout although it never
+// paused.
+func TestIdleSparesStreamingWriterWithoutReadTimeout(t *testing.T) {
+	const idle = 300 * time.Millisecond
+	_, addr := startServerConfig(t, Config{IdleTimeout: idle, ReadTimeout: -1})
+	c := dial(t, addr)
+	c.connect("", false)
+	go func() { // read replies as they come
+		for {
+			if _, err := c.r.ReadByte(); err != nil {
+				return
+			}
+		}
+	}()
+	data := make([]byte, 16<<10)
+	start := time.Now()
+	for i := 0; time.Since(start) < 4*idle; i++ {
+		hdr := appendRequest(nil, request{typ: cmdWrite, cookie: uint64(i), offset: uint64(i%64) * 16 << 10, length: uint32(len(data))})
+		if _, err := c.nc.Write(hdr); err != nil {
+			t.Fatalf("connection closed after %v of continuous WRITEs (idle timeout %v, no read timeout): %v", time.Since(start).Round(time.Millisecond), idle, err)
+		}
+		for j := 0; j < len(data); j += 4096 {
+			time.Sleep(idle / 16)
+			if _, err := c.nc.Write(data[j : j+4096]); err != nil {
+				t.Fatalf("connection closed after %v of continuous WRITEs (idle timeout %v, no read timeout): %v", time.Since(start).Round(time.Millisecond), idle, err)
+			}
+		}
+	}
+}
