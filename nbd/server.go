@@ -45,7 +45,10 @@ type Config struct {
 	// waits, first come first served; one connection may hold at most a
 	// quarter of it. Up to an eighth of it is kept as one small lane per
 	// allowed connection (at most 1 MiB each), which serves that
-	// connection's small requests when the rest is taken.
+	// connection's small requests when the rest is taken. Without a
+	// connection limit there are no lanes, and with thousands of allowed
+	// connections they shrink below 4 KiB and vanish: small requests then
+	// queue like any other.
 	BufferBudget int64
 	// MaxConnections bounds the connections open at once, negotiating or
 	// not (default 32; negative: no limit). A connection over the limit

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
@@ -86,32 +85,49 @@ func loadTLSDir(dir string, verifyPeer bool) (*tls.Config, error) {
 		return nil, fmt.Errorf("--tls-verify-peer: %s/ca-cert.pem holds no PEM certificate", dir)
 	}
 	cfg.ClientAuth, cfg.ClientCAs = tls.RequireAndVerifyClientCert, pool
-	crl, err := loadCRL(filepath.Join(dir, "ca-crl.pem"), caPEM)
+	crls, err := loadCRLs(filepath.Join(dir, "ca-crl.pem"), caPEM)
 	if err != nil {
 		return nil, err
 	}
-	if crl != nil {
-		if !crl.NextUpdate.IsZero() && time.Now().After(crl.NextUpdate) {
-			return nil, fmt.Errorf("--tls-verify-peer: %s/ca-crl.pem is out of date (next update was due %s): issue a new one",
-				dir, crl.NextUpdate.UTC().Format(time.RFC3339))
+	if len(crls) > 0 {
+		type key struct{ issuer, serial string }
+		revoked := map[key]bool{}
+		var nextUpdate time.Time // the earliest
+		for _, crl := range crls {
+			if !crl.NextUpdate.IsZero() {
+				if time.Now().After(crl.NextUpdate) {
+					return nil, fmt.Errorf("--tls-verify-peer: %s/ca-crl.pem holds a CRL out of date (next update was due %s): issue a new one",
+						dir, crl.NextUpdate.UTC().Format(time.RFC3339))
+				}
+				if nextUpdate.IsZero() || crl.NextUpdate.Before(nextUpdate) {
+					nextUpdate = crl.NextUpdate
+				}
+			}
+			for _, e := range crl.RevokedCertificateEntries {
+				revoked[key{string(crl.RawIssuer), e.SerialNumber.String()}] = true
+			}
 		}
-		revoked := map[string]bool{}
-		for _, e := range crl.RevokedCertificateEntries {
-			revoked[e.SerialNumber.String()] = true
-		}
-		// Called after the chain was verified against ClientCAs. A
-		// serial number is unique per issuer: only certificates of the
-		// CRL's issuer are compared.
+		// Called after the chain was verified against ClientCAs. Every
+		// certificate of the verified chain but its anchor (the client's,
+		// and any intermediate it sent) is looked up by issuer and
+		// serial: a serial number is unique per issuer.
 		cfg.VerifyConnection = func(cs tls.ConnectionState) error {
 			if len(cs.PeerCertificates) == 0 {
 				return nil
 			}
-			if !crl.NextUpdate.IsZero() && time.Now().After(crl.NextUpdate) {
+			if !nextUpdate.IsZero() && time.Now().After(nextUpdate) {
 				return errCRLOutOfDate // as gnutls does: revocation data superseded
 			}
-			c := cs.PeerCertificates[0]
-			if bytes.Equal(c.RawIssuer, crl.RawIssuer) && revoked[c.SerialNumber.String()] {
-				return errRevoked
+			chains := cs.VerifiedChains
+			if len(chains) == 0 {
+				chains = [][]*x509.Certificate{cs.PeerCertificates[:1]}
+			}
+			for _, chain := range chains {
+				for _, c := range chain[:max(len(chain)-1, 1)] {
+					if revoked[key{string(c.RawIssuer), c.SerialNumber.String()}] {
+						return errRevoked
+					}
+				}
 			}
 			return nil
 		}
@@ -127,9 +143,9 @@ var (
 	errCRLOutOfDate = errors.New("ca-crl.pem is past its next update: no client certificate can be checked")
 )
 
-// loadCRL reads a PEM CRL at path, if there is one, and checks that one of
-// the CAs in caPEM signed it.
-func loadCRL(path string, caPEM []byte) (*x509.RevocationList, error) {
+// loadCRLs reads every CRL in the PEM file at path, if there is one (a
+// DER file holds one), and checks that one of the CAs in caPEM signed each.
+func loadCRLs(path string, caPEM []byte) ([]*x509.RevocationList, error) {
 	b, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
@@ -137,25 +153,46 @@ func loadCRL(path string, caPEM []byte) (*x509.RevocationList, error) {
 	if err != nil {
 		return nil, err
 	}
-	der := b
-	if blk, _ := pemDecode(b, "X509 CRL"); blk != nil {
-		der = blk
+	var ders [][]byte
+	for rest := b; ; {
+		var der []byte
+		if der, rest = pemDecode(rest, "X509 CRL"); der == nil {
+			break
+		}
+		ders = append(ders, der)
 	}
-	crl, err := x509.ParseRevocationList(der)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
+	if len(ders) == 0 {
+		ders = [][]byte{b} // DER
 	}
+	var cas []*x509.Certificate
 	for rest := caPEM; ; {
 		var blk []byte
-		blk, rest = pemDecode(rest, "CERTIFICATE")
-		if blk == nil {
-			return nil, fmt.Errorf("%s: not signed by the CA in ca-cert.pem", path)
+		if blk, rest = pemDecode(rest, "CERTIFICATE"); blk == nil {
+			break
 		}
-		ca, err := x509.ParseCertificate(blk)
-		if err == nil && crl.CheckSignatureFrom(ca) == nil {
-			return crl, nil
+		if ca, err := x509.ParseCertificate(blk); err == nil {
+			cas = append(cas, ca)
 		}
 	}
+	var crls []*x509.RevocationList
+	for i, der := range ders {
+		crl, err := x509.ParseRevocationList(der)
+		if err != nil {
+			return nil, fmt.Errorf("%s: CRL %d: %w", path, i+1, err)
+		}
+		signed := false
+		for _, ca := range cas {
+			if crl.CheckSignatureFrom(ca) == nil {
+				signed = true
+				break
+			}
+		}
+		if !signed {
+			return nil, fmt.Errorf("%s: CRL %d is not signed by a CA in ca-cert.pem", path, i+1)
+		}
+		crls = append(crls, crl)
+	}
+	return crls, nil
 }
 
 // pemDecode returns the bytes of the first PEM block of type typ in b and

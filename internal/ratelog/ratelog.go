@@ -1,8 +1,10 @@
 // Package ratelog limits how often a log line repeats: a slog.Handler
 // that passes at most Burst records of one message per Every, at warning
-// level and above, and drops the rest. The first record of the next
-// window carries the count dropped (attribute "suppressed"), so nothing
-// is lost silently. A client that opens connections in a loop, or a
+// level and above, and drops the rest. The count dropped is reported
+// (attribute "suppressed") by the first record of that message in a later
+// window, or, if the message does not come again, by a record of its own
+// logged with the next warning of any kind after its window: so nothing
+// is lost silently, though the last count waits for the next warning. A client that opens connections in a loop, or a
 // backing that fails every request, so costs a few lines a second, not
 // one per event.
 //
@@ -71,9 +73,25 @@ func (h *Handler) Handle(ctx context.Context, r slog.Record) error {
 	} else {
 		w.dropped++
 	}
+	// Other messages whose window ended with lines dropped: report them
+	// now, since they may never come again.
+	var late []slog.Record
+	if pass {
+		for msg, o := range h.st.m {
+			if o != w && o.dropped > 0 && now.Sub(o.start) >= h.every {
+				lr := slog.NewRecord(now, slog.LevelWarn, msg, 0)
+				lr.AddAttrs(slog.Int("suppressed", o.dropped))
+				late = append(late, lr)
+				*o = window{start: now}
+			}
+		}
+	}
 	h.st.mu.Unlock()
 	if !pass {
 		return nil
+	}
+	for _, lr := range late {
+		h.next.Handle(ctx, lr)
 	}
 	if suppressed > 0 {
 		r = r.Clone()

@@ -51,3 +51,21 @@ func TestRepeatsAreLimited(t *testing.T) {
 		t.Errorf("another message or the attributes were lost:\n%s", buf.String())
 	}
 }
+
+// TestTrailingDropsAreReported: a burst of one warning that then stops
+// (a client that hammered the server and went away) has its count
+// reported with the next warning of any kind after its window. (Review
+// finding: the count waited for the same message, which may never come.)
+func TestTrailingDropsAreReported(t *testing.T) {
+	var buf bytes.Buffer
+	h := New(slog.NewTextHandler(&buf, nil), 5, time.Second)
+	t0 := time.Date(2026, 12, 5, 0, 0, 0, 0, time.UTC)
+	for i := range 1000 {
+		h.Handle(context.Background(), slog.NewRecord(t0.Add(time.Duration(i)*time.Microsecond), slog.LevelWarn, "connection refused: too many connections", 0))
+	}
+	h.Handle(context.Background(), slog.NewRecord(t0.Add(time.Minute), slog.LevelWarn, "accept failed", 0))
+	out := buf.String()
+	if !strings.Contains(out, `msg="connection refused: too many connections" suppressed=995`) || !strings.Contains(out, "accept failed") {
+		t.Fatalf("995 dropped refusals were not reported with the next warning:\n%s", out)
+	}
+}
