@@ -307,11 +307,7 @@ func (s *Slow) Flush() error {
 	err := s.inner.Flush()
 	if !errors.Is(err, ErrNotSupported) {
 		s.mu.Lock()
-		start := arrival
-		if s.mu.end.After(start) {
-			start = s.mu.end
-		}
-		s.mu.end = start.Add(s.model.FlushTime)
+		s.mu.end = s.startLocked(arrival).Add(s.model.FlushTime)
 		s.mu.stats.Requests++
 		s.mu.stats.Flush += s.model.FlushTime
 		end := s.mu.end
@@ -341,10 +337,7 @@ func (s *Slow) serve(off, n int64, io func() error) error {
 		return err // nothing was touched, nothing moved
 	}
 	s.mu.Lock()
-	start := arrival
-	if s.mu.end.After(start) {
-		start = s.mu.end
-	}
+	start := s.startLocked(arrival)
 	seek, rot, xfer := s.costLocked(off, n, start)
 	s.mu.pos = off + n
 	s.mu.end = start.Add(seek + rot + xfer)
@@ -361,6 +354,15 @@ func (s *Slow) serve(off, n int64, io func() error) error {
 	s.mu.Unlock()
 	waitUntil(end)
 	return err
+}
+
+// startLocked is when a request that arrived at arrival gets the head, in
+// the model's time: on arrival, or when the request before it ends.
+func (s *Slow) startLocked(arrival time.Time) time.Time {
+	if s.mu.end.After(arrival) {
+		return s.mu.end
+	}
+	return arrival
 }
 
 // costLocked splits the time of a request that starts at time now into seek,
