@@ -473,14 +473,16 @@ func (c *Cache) gcPlanLocked(evict, clean bool) (victims map[int64]uint64, work 
 }
 
 // bucketPiecesLocked appends to work the extents of the index that lie in
-// bucket b, found through its refs, each once, and compacts the refs to
-// those that still lead into b.
+// bucket b, found through its refs, each once, and replaces the refs by
+// the ranges of those pieces. (Keeping a ref because it led to a piece is
+// not enough: an extent that crosses into the next bucket can be reached
+// through a ref over its part there, and once the extent is cut, that ref
+// no longer leads to the part in b.)
 func (c *Cache) bucketPiecesLocked(b int64, work []gcPiece) []gcPiece {
 	bk := &c.mu.buckets[b]
 	seen := map[int64]bool{} // extents' offsets
-	refs := bk.refs[:0]
+	var refs []byteRange
 	for _, r := range bk.refs {
-		kept := false
 		c.mu.idx.Ascend(r.off, func(e btreeExtent) bool { // whole extents
 			if e.Off >= r.end {
 				return false
@@ -490,14 +492,12 @@ func (c *Cache) bucketPiecesLocked(b int64, work []gcPiece) []gcPiece {
 				if eb != b || seen[off] {
 					return
 				}
-				kept, seen[off] = true, true
+				seen[off] = true
+				refs = append(refs, byteRange{off, off + n})
 				work = append(work, gcPiece{off: off, n: n, loc: loc, ver: e.Ver, dirty: e.Dirty})
 			})
 			return true
 		})
-		if kept {
-			refs = append(refs, r)
-		}
 	}
 	bk.refs = refs
 	return work

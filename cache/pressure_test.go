@@ -67,8 +67,10 @@ func TestGCNeverMovesClean(t *testing.T) {
 			if bad > 0 {
 				t.Errorf("GC moved %d bytes of clean data", bad)
 			}
-			if nm == 0 || st.PromotedBytes == 0 || st.EvictedBytes == 0 {
-				t.Errorf("the test did not exercise GC: %d moves, %d bytes promoted, %d evicted", nm, st.PromotedBytes, st.EvictedBytes)
+			// Without GCMove, GC cleans rather than moves, and with one
+			// CPU the flusher may keep up so that nothing is moved.
+			if (move && nm == 0) || (nm == 0 && st.GCCleanedBytes == 0) || st.PromotedBytes == 0 || st.EvictedBytes == 0 {
+				t.Errorf("the test did not exercise GC: %d moves, %d bytes cleaned, %d promoted, %d evicted", nm, st.GCCleanedBytes, st.PromotedBytes, st.EvictedBytes)
 			}
 			closeChecked(t, c, d)
 		})
@@ -136,6 +138,49 @@ func TestDirectOverDropsMovedVersion(t *testing.T) {
 	if err := c.ReadAt(got, 0); err != nil || !bytes.Equal(got, payload(0, 4096, 2)) {
 		t.Fatalf("after a bypassed write over dirty data that GC moved meanwhile, a read returns older data (%v)", err)
 	}
+	if err := c.Verify(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestBucketPiecesKeepsPieceRefs: the shape behind a CI failure of
+// TestGCNeverMovesClean. Bucket b holds write A. A later extent X covers
+// A's range, but lies across b's tail and the next bucket's head (GC's
+// moves make such extents: the pieces of one write, moved into adjacent
+// buckets of one generation, merge), so X's part in b lies away from A's
+// range. GC's scan of b reaches X through A's old ref first. Keeping that
+// ref, and dropping X's own ref as already seen, leaves no ref over X's
+// part in b: once X is split, GC can no longer find that part, and the
+// bucket never frees.
+func TestBucketPiecesKeepsPieceRefs(t *testing.T) {
+	d := formatMem(t, 1<<20, 4<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 64 << 10})
+	c := openT(t, d, Options{NoBackground: true, SequentialCutoff: -1})
+	const kb = 1 << 10
+	for off := int64(0); off < 44*kb; off += 4 * kb { // A at 100 KiB, then filler
+		at := 1<<20 + off
+		if off == 0 {
+			at = 100 * kb
+		}
+		if err := c.WriteAt(payload(at, 4*kb, 1), at, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	// X: [80, 120) KiB, 20 KiB at b's tail and 20 KiB at the next
+	// bucket's head, one version, one generation.
+	loc, got, b, ok := c.allocLocked(&c.mu.fg, 20*kb, 0)
+	loc2, got2, b2, ok2 := c.allocLocked(&c.mu.fg, 20*kb, 0)
+	if !ok || !ok2 || got != 20*kb || got2 != 20*kb || loc2 != loc+got || b2 != b+1 || c.mu.buckets[b].gen != c.mu.buckets[b2].gen {
+		t.Fatalf("setup: X's space is not 20 KiB at the tail of A's bucket and 20 at the head of the next (%d+%d in %d, %d+%d in %d)", loc, got, b, loc2, got2, b2)
+	}
+	c.insertLocked(btreeExtent{Off: 80 * kb, Len: 40 * kb, Loc: loc, Ver: c.mu.nextVer, Gen: c.mu.buckets[b].gen, Dirty: true}, 0)
+	c.mu.nextVer++
+	c.releaseLocked(b)
+	c.releaseLocked(b2)
+	c.bucketPiecesLocked(b, nil)
+	c.mu.Unlock()
+	defer c.mu.Lock()
 	if err := c.Verify(); err != nil {
 		t.Fatal(err)
 	}

@@ -151,6 +151,7 @@ func (c *conn) serve() {
 		r = bufio.NewReaderSize(c.nc, ioBufSize)
 	}
 	if c.stopping.Load() {
+		c.s.log.Info("connection closed", "remote", remote(c.nc)) // every "opened" gets its "closed"
 		return
 	}
 	c.w = bufio.NewWriterSize(deadlineWriter{c}, ioBufSize)
