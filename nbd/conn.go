@@ -14,9 +14,11 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/sync/semaphore"
+	"golang.org/x/sys/unix"
 
 	"github.com/nbdcache/nbdcache/storage"
 )
@@ -70,6 +72,7 @@ type conn struct {
 	payloadDeadline time.Time
 	idleArmed       bool
 	reqs, idleReqs  uint64
+	idleOutq        int // the send queue's bytes when the idle deadline last ran out, or 0
 
 	stopping atomic.Bool
 	inflight atomic.Int64
@@ -337,9 +340,11 @@ func (c *conn) readPayload(r *bufio.Reader, n int64, dst []byte) error {
 // With Config.IdleTimeout, a read that must wait arms the idle deadline,
 // unless it is armed already: a stream of requests costs one timer update
 // per timeout, not one per request. When it runs out, the connection is
-// idle if no request was read since it was armed and none is in flight;
-// otherwise it is armed again. So an idle client is dropped after between
-// one and two idle timeouts.
+// idle if no request was read since it was armed, none is in flight (a
+// reply being written counts until it is flushed: done) and the socket's
+// send queue is empty or made no progress since the last time; otherwise
+// it is armed again. So an idle client is dropped after between one and
+// two idle timeouts, once it has its replies.
 func (c *conn) readHeader(r *bufio.Reader, hb []byte) error {
 	idle := c.s.idleTimeout
 	if c.trusted {
@@ -359,7 +364,16 @@ func (c *conn) readHeader(r *bufio.Reader, hb []byte) error {
 			return err
 		}
 		if c.idleArmed && c.reqs == c.idleReqs && c.inflight.Load() == 0 {
-			return errIdle
+			// Replies may still be on their way: a slow reader
+			// drains the socket's send queue. Idle once it is empty,
+			// or stuck for a whole timeout.
+			q := unsentBytes(c.nc)
+			if q <= 0 || q == c.idleOutq {
+				return errIdle
+			}
+			c.idleOutq = q
+		} else {
+			c.idleOutq = 0
 		}
 		c.idleArmed = false
 		c.payloadDeadline = time.Time{}
@@ -869,8 +883,15 @@ func (c *conn) setWerr(err error) {
 }
 
 // done finishes a reply: wmu is held on entry and released. The last
-// request in flight flushes; otherwise the flusher is woken.
+// request in flight flushes, before it stops counting (readHeader's idle
+// check must not see a connection with no request in flight while a reply
+// is still being written); otherwise the flusher is woken. Only the read
+// loop raises inflight and only done, under wmu, lowers it, so a request
+// that sees itself last is last or followed by a new one.
 func (c *conn) done() {
+	if c.inflight.Load() == 1 && c.werr == nil && c.w.Buffered() > 0 {
+		c.setWerr(c.w.Flush())
+	}
 	n := c.inflight.Add(-1)
 	if n == int64(c.s.maxInFlight)-1 {
 		select { // wake the read loop if it waits at the limit
@@ -878,18 +899,35 @@ func (c *conn) done() {
 		default:
 		}
 	}
+	c.wmu.Unlock()
 	if n == 0 {
-		if c.werr == nil && c.w.Buffered() > 0 {
-			c.setWerr(c.w.Flush())
-		}
-		c.wmu.Unlock()
 		return
 	}
-	c.wmu.Unlock()
 	select {
 	case c.kick <- struct{}{}:
 	default:
 	}
+}
+
+// unsentBytes is the number of bytes in the socket's send queue (for TCP,
+// sent but not acknowledged, or not sent yet; for a Unix socket, not yet
+// read by the peer), or -1 if it cannot be known.
+func unsentBytes(nc net.Conn) int {
+	sc, ok := nc.(syscall.Conn)
+	if !ok {
+		return -1
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return -1
+	}
+	n := -1
+	rc.Control(func(fd uintptr) {
+		if q, err := unix.IoctlGetInt(int(fd), unix.SIOCOUTQ); err == nil {
+			n = q
+		}
+	})
+	return n
 }
 
 // flusher pushes buffered replies out while other requests are still in

@@ -447,6 +447,50 @@ func TestIdleTimeout(t *testing.T) {
 	}
 }
 
+// TestIdleSparesSlowReader: a client that sent its last request long ago
+// but is still reading the replies, slowly, is not idle. The replies sat
+// in the kernel's send buffer (or in a Flush blocked on it) with no
+// request in flight, and the idle timeout closed the connection under the
+// reader. (Found by review.) Idle now also needs the socket's send queue
+// empty, or unchanged for a whole idle timeout.
+func TestIdleSparesSlowReader(t *testing.T) {
+	const (
+		idle = 300 * time.Millisecond
+		n    = 60
+		size = 128 << 10
+	)
+	s, addr := startServerConfig(t, Config{IdleTimeout: idle, WriteTimeout: 20 * time.Second,
+		Exports: []Export{{Device: storage.NewMem(16 << 20)}}})
+	c := dial(t, addr)
+	c.connect("", false)
+	for i := range n {
+		c.request(cmdRead, 0, uint64(i), uint64(i%64)*size, size, nil)
+	}
+	time.Sleep(2 * idle) // the client reads nothing yet: the socket fills
+	buf := make([]byte, 64<<10)
+	total := n * (16 + size)
+	for got := 0; got < total; {
+		time.Sleep(20 * time.Millisecond) // the slow reader: about 3 MB/s
+		c.nc.SetReadDeadline(time.Now().Add(10 * time.Second))
+		m, err := c.r.Read(buf[:min(len(buf), total-got)])
+		if err != nil {
+			t.Fatalf("reading replies: %v after %d of %d bytes (%d connections closed as idle)", err, got, total, s.Stats().Idle)
+		}
+		got += m
+	}
+	if st := s.Stats(); st.Idle != 0 {
+		t.Fatalf("closed as idle while the client was reading its replies")
+	}
+	// Then it is idle, and is closed as such.
+	c.nc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.r.ReadByte(); err == nil {
+		t.Fatal("the server sent bytes no request asked for")
+	}
+	if st := s.Stats(); st.Idle != 1 {
+		t.Fatalf("%d connections closed as idle, want 1", st.Idle)
+	}
+}
+
 // TestConnectionLog: at info level a connection's opening (with its
 // export and negotiated features) and its closing are logged.
 func TestConnectionLog(t *testing.T) {

@@ -513,8 +513,11 @@ type Stats struct {
 	TimedOut int64
 	// Idle counts connections closed by IdleTimeout.
 	Idle int64
-	// BufferBytes is the buffer budget in use now, BufferPeak its high
-	// mark, and BufferWaits the requests that had to wait for it.
+	// BufferBytes is the buffer budget in use now (the main arena and
+	// the lanes), and BufferWaits the requests that had to wait for it.
+	// BufferPeak is the main arena's high mark plus the lanes': an upper
+	// bound on BufferBytes' high mark, which it reaches only if both
+	// peaked at once.
 	BufferBytes, BufferPeak, BufferWaits int64
 }
 

@@ -104,13 +104,16 @@ func loadTLSDir(dir string, verifyPeer bool) (*tls.Config, error) {
 				}
 			}
 			for _, e := range crl.RevokedCertificateEntries {
-				revoked[key{string(crl.RawIssuer), e.SerialNumber.String()}] = true
+				revoked[key{string(crl.signer.RawSubject), e.SerialNumber.String()}] = true
 			}
 		}
 		// Called after the chain was verified against ClientCAs. Every
 		// certificate of the verified chain but its anchor (the client's,
 		// and any intermediate it sent) is looked up by issuer and
-		// serial: a serial number is unique per issuer.
+		// serial: a serial number is unique per issuer. The issuer is
+		// the certificate above it in the chain, named as the CRL's
+		// signer is, by its subject's bytes: never by the name as the
+		// CRL or the certificate encodes it, which may differ.
 		cfg.VerifyConnection = func(cs tls.ConnectionState) error {
 			if len(cs.PeerCertificates) == 0 {
 				return nil
@@ -118,13 +121,10 @@ func loadTLSDir(dir string, verifyPeer bool) (*tls.Config, error) {
 			if !nextUpdate.IsZero() && time.Now().After(nextUpdate) {
 				return errCRLOutOfDate // as gnutls does: revocation data superseded
 			}
-			chains := cs.VerifiedChains
-			if len(chains) == 0 {
-				chains = [][]*x509.Certificate{cs.PeerCertificates[:1]}
-			}
-			for _, chain := range chains {
-				for _, c := range chain[:max(len(chain)-1, 1)] {
-					if revoked[key{string(c.RawIssuer), c.SerialNumber.String()}] {
+			for _, chain := range cs.VerifiedChains {
+				for i, c := range chain[:max(len(chain)-1, 1)] {
+					issuer := chain[min(i+1, len(chain)-1)]
+					if revoked[key{string(issuer.RawSubject), c.SerialNumber.String()}] {
 						return errRevoked
 					}
 				}
@@ -145,7 +145,7 @@ var (
 
 // loadCRLs reads every CRL in the PEM file at path, if there is one (a
 // DER file holds one), and checks that one of the CAs in caPEM signed each.
-func loadCRLs(path string, caPEM []byte) ([]*x509.RevocationList, error) {
+func loadCRLs(path string, caPEM []byte) ([]signedCRL, error) {
 	b, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
@@ -174,25 +174,31 @@ func loadCRLs(path string, caPEM []byte) ([]*x509.RevocationList, error) {
 			cas = append(cas, ca)
 		}
 	}
-	var crls []*x509.RevocationList
+	var crls []signedCRL
 	for i, der := range ders {
 		crl, err := x509.ParseRevocationList(der)
 		if err != nil {
 			return nil, fmt.Errorf("%s: CRL %d: %w", path, i+1, err)
 		}
-		signed := false
+		var signer *x509.Certificate
 		for _, ca := range cas {
 			if crl.CheckSignatureFrom(ca) == nil {
-				signed = true
+				signer = ca
 				break
 			}
 		}
-		if !signed {
+		if signer == nil {
 			return nil, fmt.Errorf("%s: CRL %d is not signed by a CA in ca-cert.pem", path, i+1)
 		}
-		crls = append(crls, crl)
+		crls = append(crls, signedCRL{crl, signer})
 	}
 	return crls, nil
+}
+
+// signedCRL is a CRL and the CA certificate whose signature it bears.
+type signedCRL struct {
+	*x509.RevocationList
+	signer *x509.Certificate
 }
 
 // pemDecode returns the bytes of the first PEM block of type typ in b and

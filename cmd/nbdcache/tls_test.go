@@ -52,19 +52,21 @@ func TestCRL(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	verify := func(c *x509.Certificate) error {
-		return cfg.VerifyConnection(tls.ConnectionState{PeerCertificates: []*x509.Certificate{c}})
+	ca := leaf(testcert.Pair{Cert: certs.CA})
+	verify := func(c, issuer *x509.Certificate) error { // as after the chain [c, issuer] was verified
+		return cfg.VerifyConnection(tls.ConnectionState{PeerCertificates: []*x509.Certificate{c},
+			VerifiedChains: [][]*x509.Certificate{{c, issuer}}})
 	}
-	if err := verify(leaf(certs.Client)); !errors.Is(err, errRevoked) {
+	if err := verify(leaf(certs.Client), ca); !errors.Is(err, errRevoked) {
 		t.Errorf("revoked client certificate: %v", err)
 	}
-	if err := verify(leaf(certs.Server)); err != nil {
+	if err := verify(leaf(certs.Server), ca); err != nil {
 		t.Errorf("a certificate the CRL does not list: %v", err)
 	}
 	// The same serial number from another issuer is another certificate.
 	other := leaf(certs.Rogue)
 	other.SerialNumber = leaf(certs.Client).SerialNumber
-	if err := verify(other); err != nil {
+	if err := verify(other, &x509.Certificate{RawSubject: other.RawIssuer}); err != nil {
 		t.Errorf("another issuer's certificate with a revoked serial number: %v", err)
 	}
 
