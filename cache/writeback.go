@@ -474,15 +474,14 @@ func (c *Cache) startWriteback() {
 // since the last one is this short (about 100 records a block).
 const checkpointMinBlocks = 8
 
-// background writes back above the dirty target (and everything when the
+// background kicks the flusher above the dirty target or when free
+// buckets run short (the flusher itself writes everything back when the
 // device is idle), keeps free buckets available, and checkpoints every
-// CheckpointInterval while the journal grows.
+// CheckpointInterval while the journal grows. It runs only with a flusher.
 func (c *Cache) background(ctx context.Context) {
 	defer c.bgDone.Done()
 	t := time.NewTicker(200 * time.Millisecond)
 	defer t.Stop()
-	var cur int64
-	var lastWrites int64
 	lastCkpt, ckpts := time.Now(), c.stats.checkpoints.Load()
 	for {
 		select {
@@ -512,9 +511,6 @@ func (c *Cache) background(ctx context.Context) {
 			}
 			lastCkpt = time.Now() // a journal too short to checkpoint waits another interval
 		}
-		writes := c.stats.writes.Load()
-		idle := writes == lastWrites
-		lastWrites = writes
 		for ctx.Err() == nil {
 			c.mu.Lock()
 			dirty := c.mu.idx.DirtyBytes()
@@ -524,23 +520,13 @@ func (c *Cache) background(ctx context.Context) {
 			lowFree := free < int64(c.lowFree())
 			target := c.CapacityBytes() * int64(c.opts.WritebackPercent) / 100
 			worked := false
-			if c.flusher != nil {
-				if lowFree || dirty > target {
-					c.flusher.Kick()
-				}
-			} else if dirty > 0 && (dirty > target || idle || lowFree) {
-				next, n, err := c.WritebackStep(cur, 4<<20)
-				if err != nil {
-					c.log.Warn("cache: background writeback", "err", err)
-					break
-				}
-				cur = next
-				worked = n > 0
+			if lowFree || dirty > target {
+				c.flusher.Kick()
 			}
 			if lowFree {
 				if pending == 0 {
 					var freed int
-					if c.flusher != nil && !c.opts.GCMove {
+					if !c.opts.GCMove {
 						freed = c.gcClean()
 					} else {
 						freed, _ = c.gcStep(true)

@@ -69,8 +69,13 @@ type Stats struct {
 	// locations share one.
 	DataWrites  int64 `json:"data_writes"`
 	Checkpoints int64 `json:"checkpoints"`
-	CacheErrors int64 `json:"cache_errors"`
-	Failed      bool  `json:"failed"`
+	// Recent average write time per 4 KiB: to the backing (above 1 ms
+	// it counts as a disk: a full cache then waits for room rather than
+	// bypass), and to the cache device.
+	BackingWriteNanos int64 `json:"backing_write_ns_per_4k"`
+	CacheWriteNanos   int64 `json:"cache_write_ns_per_4k"`
+	CacheErrors       int64 `json:"cache_errors"`
+	Failed            bool  `json:"failed"`
 
 	// Writeback.
 	WritebackBytes  int64  `json:"writeback_bytes"`
