@@ -61,12 +61,6 @@ type promoGuard struct {
 	void bool
 }
 
-// stream is one sequential stream for the cutoff.
-type stream struct {
-	end, bytes int64
-	used       uint64
-}
-
 // sealedBlock is a journal block waiting to be written.
 type sealedBlock struct {
 	seq  uint64
@@ -172,9 +166,7 @@ type Cache struct {
 		// add when they drop what they superseded (roomLocked counts them).
 		reservedExt int64
 
-		streams [16]stream
-		tick    uint64
-		admit   admission
+		admit admitter // admission's state (admission.go)
 	}
 }
 
@@ -347,7 +339,7 @@ func Open(cacheDev, backing storage.Device, opts Options) (*Cache, error) {
 	c.pubBuf = make([]byte, metaBlock)
 	c.mu.ckptSeq = st.ckptSeq
 	c.mu.ckptSlot = st.ckptSlot
-	c.mu.admit.init()
+	c.mu.admit = newAdmitter(c.opts)
 	c.stats.replayed.Store(st.replayed)
 	c.stats.replayDropped.Store(st.dropped)
 	for b := range c.mu.buckets {

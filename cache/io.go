@@ -43,28 +43,6 @@ func (c *Cache) lookupLocked(off, n int64) []readPiece {
 	return ps
 }
 
-// streamLocked feeds the sequential-cutoff detector and reports whether the
-// request belongs to a stream longer than the cutoff.
-func (c *Cache) streamLocked(off, n int64) bool {
-	if c.opts.SequentialCutoff < 0 {
-		return false
-	}
-	c.mu.tick++
-	victim := 0
-	for i := range c.mu.streams {
-		s := &c.mu.streams[i]
-		if s.used != 0 && s.end == off {
-			s.end, s.bytes, s.used = off+n, s.bytes+n, c.mu.tick
-			return s.bytes > c.opts.SequentialCutoff
-		}
-		if s.used < c.mu.streams[victim].used {
-			victim = i
-		}
-	}
-	c.mu.streams[victim] = stream{end: off + n, bytes: n, used: c.mu.tick}
-	return n > c.opts.SequentialCutoff
-}
-
 // ReadAt reads from the cache where it holds the data (RAM tier first),
 // from the backing elsewhere; misses may be promoted.
 func (c *Cache) ReadAt(p []byte, off int64) error {
@@ -118,13 +96,13 @@ func (c *Cache) read(p []byte, off int64, prefetch bool) error {
 			c.tracef(off, n, "read lookup [%d+%d):%s", off, n, b)
 		}
 		mode := c.mu.mode
-		seq := c.streamLocked(off, n)
+		seq := c.mu.admit.sequential(off, n)
 		// A miss may be promoted unless the backing is being written
 		// over the range right now, directly or by a writeback (a
 		// zeroDirty's range may hold a gap: TestZeroDirtyVoidsPromotion);
 		// a backing write that starts later voids the guard.
 		var guard *promoGuard
-		if mode != None && !seq && hasGap(ps) && !c.heldLocked(off, n) {
+		if mayPromote(mode, seq, hasGap(ps)) && !c.heldLocked(off, n) {
 			guard = &promoGuard{byteRange: byteRange{off, off + n}}
 			c.mu.promos = append(c.mu.promos, guard)
 		}
@@ -181,7 +159,7 @@ func (c *Cache) read(p []byte, off int64, prefetch bool) error {
 		}
 		admit := false
 		if gaps && !stale && guard != nil && !guard.void {
-			admit = prefetch || c.opts.PromoteAll || c.mu.admit.touch(off, n)
+			admit = c.mu.admit.promote(off, n, prefetch)
 		}
 		c.mu.Unlock()
 		if stale {
@@ -474,11 +452,11 @@ func (c *Cache) write(p []byte, off int64) error {
 		return err
 	}
 	mode := c.mu.mode
-	seq := c.streamLocked(off, n)
+	seq := c.mu.admit.sequential(off, n)
 	// A write-back write goes to the cache whether the range is pinned or
 	// not: skip the index lookup then (it is a tenth of the write path).
 	pinned := false
-	if mode != Writeback || seq {
+	if routeNeedsPin(mode, seq) {
 		pinned = c.pinnedLocked(off, n)
 	}
 	c.mu.Unlock()
@@ -489,13 +467,13 @@ func (c *Cache) write(p []byte, off int64) error {
 	}
 	for {
 		var err error
-		switch {
-		case pinned || (mode == Writeback && !seq):
+		switch writeRoute(mode, seq, pinned) {
+		case routeDirty:
 			return c.writeDirty(p, off)
-		case seq || mode != Writethrough:
+		case routeBacking:
 			c.stats.bypasses.Add(1)
 			err = c.writeBacking(p, off, directWrite, nil)
-		default:
+		case routeThrough:
 			err = c.writeThrough(p, off)
 		}
 		if !errors.Is(err, errPinned) {
