@@ -35,6 +35,7 @@ type attachFlags struct {
 	log             logFlags
 	control         controlFlags
 	noDrain         bool
+	service         serviceFlags
 }
 
 func (f *attachFlags) register(fs *flag.FlagSet) {
@@ -55,6 +56,7 @@ func (f *attachFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.backendID, "backend-id", "", "backend identifier shown in /sys/block/nbdN/backend; a --reconnect must give the same (default: derived from --backing)")
 	fs.BoolVar(&f.ioctl, "ioctl", false, "use the legacy ioctl interface even when netlink is there (no --reconnect)")
 	f.log.register(fs)
+	f.service.register(fs)
 }
 
 // runAttach serves the storage to the kernel's nbd driver as /dev/nbdN.
@@ -69,6 +71,9 @@ func runAttach(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	fs := newFlagSet("attach", stderr)
 	f.register(fs)
 	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if err := f.service.check(); err != nil {
 		return err
 	}
 	log, err := f.log.logger(stderr)
@@ -191,6 +196,8 @@ func runAttach(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	}
 	fmt.Fprintf(stdout, "nbdcache: %s %s (%d bytes, %d connections, %s)\n", verb, a.Path(), size, f.connections, a.Mode())
 
+	stopping := f.service.ready(log)
+	defer stopping()
 	released := false
 	select {
 	case <-ctx.Done():

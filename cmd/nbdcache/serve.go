@@ -27,6 +27,7 @@ type serveFlags struct {
 	sockets socketFlags
 	tls     tlsFlags
 	metrics string
+	service serviceFlags
 }
 
 func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -50,7 +51,11 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.StringVar(&f.metrics, "metrics", "", "serve Prometheus metrics at /metrics on `ADDR`: HOST:PORT or unix:PATH (the control socket serves them too)")
 	fs.StringVar(&f.cpuProf, "cpuprofile", "", "write a Go CPU profile of the whole run to `FILE`")
 	fs.BoolVar(&f.storage.faults, "faults", false, "fault mode: power cuts, injected errors and latency through `nbdcache ctl` (needs --control)")
+	f.service.register(fs)
 	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if err := f.service.check(); err != nil {
 		return err
 	}
 	log, err := f.log.logger(stderr)
@@ -144,6 +149,9 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	for i, l := range ls {
 		fmt.Fprintf(stdout, "nbdcache: serving export %q (%d bytes) on %s\n", f.export, dev.Size(), listenString(f.listens[i], l))
 	}
+	for i, l := range ls {
+		fmt.Fprintf(stdout, "nbdcache: uri %s\n", nbdURI(f.listens[i], l, f.export, cfg.TLS != nil))
+	}
 	if st.rig != nil {
 		fmt.Fprintf(stdout, "nbdcache: fault mode: `nbdcache ctl --control %s power-cut|error|delay|status`\n", f.control.addr)
 	}
@@ -151,11 +159,13 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		printConnectHelp(stdout, f.listens[0], ls[0], f.export, cfg.TLS != nil)
 	}
 
+	stopping := f.service.ready(log)
 	select {
 	case <-ctx.Done():
 	case err = <-serveErr:
 		log.Error("listener failed", "err", err)
 	}
+	stopping()
 	stopControl()
 	stopControl = func() error { return nil }
 	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

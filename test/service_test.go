@@ -1,0 +1,81 @@
+package test
+
+import (
+	"bytes"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestServiceReadiness: serve as a systemd Type=notify service would run
+// it. With a fake NOTIFY_SOCKET (bound as systemd binds it) and
+// --pid-file: READY=1 arrives once the export listens, the pid file then
+// names the server, a second instance given the same pid file is refused
+// (exit 2), the server's URI is printed, and on SIGTERM STOPPING=1
+// arrives and the pid file is gone.
+func TestServiceReadiness(t *testing.T) {
+	dir := t.TempDir()
+	notify, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: filepath.Join(dir, "notify"), Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer notify.Close()
+	t.Setenv("NOTIFY_SOCKET", filepath.Join(dir, "notify"))
+	recv := func(want string) {
+		t.Helper()
+		buf := make([]byte, 512)
+		notify.SetReadDeadline(time.Now().Add(30 * time.Second))
+		n, err := notify.Read(buf)
+		if err != nil || string(buf[:n]) != want {
+			t.Fatalf("systemd got %q (%v), want %q", buf[:n], err, want)
+		}
+	}
+	pidFile := filepath.Join(dir, "nbdcache.pid")
+	s := startServe(t, "--backing", sparseFile(t, "backing.img", 16<<20), "--pid-file", pidFile)
+	recv("READY=1")
+	if b, err := os.ReadFile(pidFile); err != nil || string(b) != strconv.Itoa(s.cmd.Process.Pid)+"\n" {
+		t.Fatalf("pid file holds %q (%v), want the server's pid %d", b, err, s.cmd.Process.Pid)
+	}
+	out, code := nbdcache(t, "serve", "--backing", sparseFile(t, "other.img", 16<<20), "--pid-file", pidFile,
+		"--listen", "unix:"+filepath.Join(dir, "other.sock"))
+	if code != 2 || !strings.Contains(out, "is running") {
+		t.Fatalf("a second instance with the same pid file: exit %d:\n%s", code, out)
+	}
+	s.stop()
+	recv("STOPPING=1")
+	if _, err := os.Stat(pidFile); !os.IsNotExist(err) {
+		t.Fatalf("pid file left after a clean stop (%v)", err)
+	}
+	if !strings.Contains(s.stdout.String(), "nbdcache: uri "+s.uri+"\n") {
+		t.Fatalf("serve did not print its URI %s:\n%s", s.uri, s.stdout)
+	}
+}
+
+// TestSystemdUnit: contrib/systemd/nbdcache@.service, with ExecStart
+// pointing at the binary under test, passes `systemd-analyze verify`
+// without a word (it warns about bad settings but exits 0, so any output
+// fails the test).
+func TestSystemdUnit(t *testing.T) {
+	analyze := tool(t, "systemd-analyze")
+	unit, err := os.ReadFile(filepath.Join("..", "contrib", "systemd", "nbdcache@.service"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(unit), "ExecStart=/usr/local/bin/nbdcache ") {
+		t.Fatal("the unit's ExecStart no longer runs /usr/local/bin/nbdcache: update this test")
+	}
+	path := filepath.Join(t.TempDir(), "nbdcache@vm1.service")
+	unit = []byte(strings.Replace(string(unit), "/usr/local/bin/nbdcache", binary, 1))
+	if err := os.WriteFile(path, unit, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(analyze, "verify", path).CombinedOutput()
+	if err != nil || len(bytes.TrimSpace(out)) > 0 {
+		t.Fatalf("systemd-analyze verify: %v\n%s", err, out)
+	}
+}
