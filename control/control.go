@@ -2,6 +2,7 @@ package control
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -106,7 +107,14 @@ type Progress struct {
 	Done  int64  `json:"done"`
 	Total int64  `json:"total"`
 	Error string `json:"error,omitempty"`
+	// Stopped: the drain ended because the server is stopping (Error
+	// says so too); what was not written back stays dirty in the cache.
+	Stopped bool `json:"stopped,omitempty"`
 }
+
+// ErrStopped: the server stopped, or went away, before the drain was
+// complete. The data not written back stays dirty, and safe, in the cache.
+var ErrStopped = errors.New("the server stopped during the drain")
 
 // Target is what the daemon exposes to the control socket.
 type Target interface {
@@ -153,7 +161,11 @@ func Handler(t Target) http.Handler {
 			}
 		})
 		if err != nil {
-			send(Progress{Error: err.Error()})
+			p := Progress{Done: final.Done, Total: final.Total, Error: err.Error()}
+			if r.Context().Err() != nil { // the server is stopping (Serve's stop), or the client left
+				p.Stopped, p.Error = true, ErrStopped.Error()
+			}
+			send(p)
 			return
 		}
 		final.Done = final.Total // the drain is complete
@@ -262,9 +274,14 @@ func Serve(path string, h http.Handler, a Access) (stop func() error, err error)
 		}
 		h.ServeHTTP(w, r)
 	})
+	// Requests' contexts end when stop is called: a drain in progress
+	// then reports that the server stopped, rather than the client
+	// seeing its connection cut.
+	base, stopping := context.WithCancel(context.Background())
 	srv := &http.Server{
 		Handler:           guarded,
 		ReadHeaderTimeout: 10 * time.Second,
+		BaseContext:       func(net.Listener) context.Context { return base },
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
 			cred, err := unixsock.PeerCred(c)
 			return context.WithValue(ctx, peerKey{}, peer{cred, err})
@@ -272,6 +289,7 @@ func Serve(path string, h http.Handler, a Access) (stop func() error, err error)
 	}
 	go srv.Serve(l)
 	return func() error {
+		stopping()
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		err := srv.Shutdown(sctx)
@@ -380,6 +398,12 @@ func (c *Client) Drain(ctx context.Context, progress func(Progress)) error {
 		if err := json.Unmarshal(sc.Bytes(), &p); err != nil {
 			return fmt.Errorf("control socket: bad progress line %q", sc.Text())
 		}
+		if p.Stopped {
+			if progress != nil {
+				progress(p)
+			}
+			return ErrStopped
+		}
 		if p.Error != "" {
 			return &RemoteError{Status: http.StatusInternalServerError, Msg: p.Error}
 		}
@@ -388,11 +412,9 @@ func (c *Client) Drain(ctx context.Context, progress func(Progress)) error {
 			progress(p)
 		}
 	}
-	if err := sc.Err(); err != nil {
-		return err
-	}
-	if !complete {
-		return errors.New("control socket: the drain ended before it was complete")
+	if err := sc.Err(); err != nil || !complete {
+		// The connection was cut, or closed early: the server went away.
+		return fmt.Errorf("%w (%v)", ErrStopped, cmp.Or(err, io.ErrUnexpectedEOF))
 	}
 	return nil
 }

@@ -1,10 +1,12 @@
 package test
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/json"
 	"flag"
 	"fmt"
+	"io"
 	"math/rand"
 	"os"
 	"os/exec"
@@ -385,4 +387,41 @@ func TestCachePolicyThroughCLI(t *testing.T) {
 	}
 	s.stop()
 	mustCheck(t, cache, backing)
+}
+
+// TestDrainInterruptedByStop: a server stopped (SIGTERM) during
+// `flush --drain` tells the client so: the drain command fails with
+// "the server stopped during the drain" and says how much was written
+// back, instead of an "unexpected EOF"; the server still exits cleanly.
+// The backing's writes are delayed (fault mode) so that the drain is
+// still running when the server stops.
+func TestDrainInterruptedByStop(t *testing.T) {
+	f := startFaults(t, 64*mib, 16*mib)
+	for i := range 8 {
+		run(t, tool(t, "qemu-io"), "-f", "raw", "-c", fmt.Sprintf("write -P 0x%x %d 256k", 0x40+i, i*mib), f.uri)
+	}
+	if out, code := nbdcache(t, "ctl", "--control", f.ctl, "delay", "--target", "backing", "--op", "write", "--latency", "3s"); code != 0 {
+		t.Fatalf("ctl delay: %d\n%s", code, out)
+	}
+	drain := exec.Command(binary, "flush", "--drain", "--control", f.ctl)
+	var stderr bytes.Buffer
+	drain.Stderr = &stderr
+	out, err := drain.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := drain.Start(); err != nil {
+		t.Fatal(err)
+	}
+	sc := bufio.NewScanner(out)
+	if !sc.Scan() || !strings.HasPrefix(sc.Text(), "drain: ") {
+		t.Fatalf("no progress from flush --drain: %q %s", sc.Text(), stderr.String())
+	}
+	f.stop()
+	io.Copy(io.Discard, out)
+	err = drain.Wait()
+	if err == nil || !strings.Contains(stderr.String(), "the server stopped during the drain") ||
+		!strings.Contains(stderr.String(), "stays dirty, and safe, in the cache") {
+		t.Fatalf("flush --drain when the server stopped: %v\n%s", err, stderr.String())
+	}
 }

@@ -130,26 +130,37 @@ func runFlush(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err != nil {
 		return err
 	}
+	// On a terminal, a bar. Its text is ours: IEC units as everywhere
+	// else, and the rate over the wall time since the drain began (the
+	// bar's own rate, over its first updates, showed 129 GB/s for a
+	// 1.2 MiB drain).
 	var bar *progressbar.ProgressBar
 	if f, ok := stderr.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
-		bar = progressbar.NewOptions64(-1, progressbar.OptionSetWriter(stderr), progressbar.OptionShowBytes(true),
+		bar = progressbar.NewOptions64(-1, progressbar.OptionSetWriter(stderr),
 			progressbar.OptionSetDescription("draining"), progressbar.OptionSetPredictTime(true),
-			progressbar.OptionShowElapsedTimeOnFinish(), progressbar.OptionThrottle(100*time.Millisecond))
+			progressbar.OptionThrottle(100*time.Millisecond))
 	}
 	start := time.Now()
 	var last control.Progress
 	err = c.Drain(ctx, func(p control.Progress) {
 		last = p
 		if bar != nil {
-			bar.ChangeMax64(p.Total)
+			rate := int64(float64(p.Done) / max(time.Since(start).Seconds(), 1e-3))
+			bar.Describe(fmt.Sprintf("draining %s of %s, %s/s", mibs(p.Done), mibs(p.Total), mibs(rate)))
+			bar.ChangeMax64(max(p.Total, 1))
 			bar.Set64(p.Done)
 			return
 		}
 		fmt.Fprintf(stdout, "drain: %d of %d bytes\n", p.Done, p.Total)
 	})
 	if bar != nil {
-		bar.Finish()
+		bar.Exit()
 		fmt.Fprintln(stderr)
+	}
+	elapsed := time.Since(start).Seconds()
+	if errors.Is(err, control.ErrStopped) {
+		return fmt.Errorf("drain interrupted after %.1fs: %w; %s of %s were written back, the rest stays dirty, and safe, in the cache",
+			elapsed, err, mibs(last.Done), mibs(last.Total))
 	}
 	if err != nil {
 		var re *control.RemoteError
@@ -158,7 +169,8 @@ func runFlush(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 		return err
 	}
-	fmt.Fprintf(stdout, "nbdcache: drained %s in %.1fs; the backing is consistent and synced\n", mibs(last.Total), time.Since(start).Seconds())
+	fmt.Fprintf(stdout, "nbdcache: drained %s in %.1fs (%s/s); the backing is consistent and synced\n",
+		mibs(last.Total), elapsed, mibs(int64(float64(last.Total)/max(elapsed, 1e-3))))
 	return nil
 }
 
