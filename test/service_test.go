@@ -1,7 +1,9 @@
 package test
 
 import (
+	"bufio"
 	"bytes"
+	"encoding/json"
 	"net"
 	"os"
 	"os/exec"
@@ -77,5 +79,35 @@ func TestSystemdUnit(t *testing.T) {
 	out, err := exec.Command(analyze, "verify", path).CombinedOutput()
 	if err != nil || len(bytes.TrimSpace(out)) > 0 {
 		t.Fatalf("systemd-analyze verify: %v\n%s", err, out)
+	}
+}
+
+// TestStatsWatchJSONLines: `stats --json --watch` prints one JSON object a
+// line (JSON Lines), each a whole snapshot, until it is stopped.
+func TestStatsWatchJSONLines(t *testing.T) {
+	ctl := "unix:" + filepath.Join(t.TempDir(), "ctl.sock")
+	s := startServe(t, "--backing", sparseFile(t, "backing.img", 16<<20), "--control", ctl)
+	defer s.stop()
+	cmd := exec.Command(binary, "stats", "--json", "--watch", "50ms", "--control", ctl)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Process.Kill()
+	sc := bufio.NewScanner(out)
+	for i := range 3 {
+		if !sc.Scan() {
+			t.Fatalf("line %d: %v", i, sc.Err())
+		}
+		var st struct {
+			Mode   *string  `json:"mode"`
+			Uptime *float64 `json:"uptime_seconds"`
+		}
+		if err := json.Unmarshal(sc.Bytes(), &st); err != nil || st.Mode == nil || st.Uptime == nil {
+			t.Fatalf("line %d is not a whole snapshot on one line (%v): %q", i, err, sc.Text())
+		}
 	}
 }

@@ -35,7 +35,7 @@ func controlFlag(fs *flag.FlagSet) func() (*control.Client, error) {
 func runStats(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("stats", stderr)
 	dial := controlFlag(fs)
-	asJSON := fs.Bool("json", false, "print the raw JSON snapshot")
+	asJSON := fs.Bool("json", false, "print the raw JSON snapshot (with --watch: JSON Lines, one object a line)")
 	watch := fs.Duration("watch", 0, "print again every `INTERVAL` (e.g. 1s) until interrupted, with rates")
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -52,9 +52,12 @@ func runStats(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			return err
 		}
 		now := time.Now()
-		if *asJSON {
+		switch {
+		case *asJSON && *watch > 0:
+			json.NewEncoder(stdout).Encode(s) // JSON Lines
+		case *asJSON:
 			printJSON(stdout, s)
-		} else {
+		default:
 			printStats(stdout, s, prev, now.Sub(prevAt), !prevAt.IsZero())
 		}
 		if *watch <= 0 {
