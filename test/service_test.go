@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"errors"
 	"net"
 	"os"
 	"os/exec"
@@ -109,5 +110,32 @@ func TestStatsWatchJSONLines(t *testing.T) {
 		if err := json.Unmarshal(sc.Bytes(), &st); err != nil || st.Mode == nil || st.Uptime == nil {
 			t.Fatalf("line %d is not a whole snapshot on one line (%v): %q", i, err, sc.Text())
 		}
+	}
+}
+
+// TestServeRun: nbdkit's --run convention. serve runs the command once
+// it listens, with $uri set, stops cleanly when it exits, and exits with
+// its status: nbdinfo and a qemu-io write go through $uri; a second serve
+// over the same cache reads the pattern back in its command, which then
+// exits 3, and so does serve.
+func TestServeRun(t *testing.T) {
+	tool(t, "qemu-io")
+	tool(t, "nbdinfo")
+	backing, cache := cacheFiles(t, 16<<20, 8<<20)
+	sock := filepath.Join(t.TempDir(), "s.sock")
+	cmd := exec.Command(binary, "serve", "--backing", backing, "--cache", cache, "--format", "--listen", "unix:"+sock,
+		"--run", `nbdinfo --size "$uri" && qemu-io -f raw -c "write -P 0x5a 1M 64k" "$uri"`)
+	cmd.Env = append(os.Environ(), "PATH=/usr/bin:/bin:"+os.Getenv("PATH"))
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "16777216\n") || !strings.Contains(string(out), "stopped cleanly") {
+		t.Fatalf("serve --run: %v\n%s", err, out)
+	}
+	cmd = exec.Command(binary, "serve", "--backing", backing, "--cache", cache, "--listen", "unix:"+sock,
+		"--run", `qemu-io -f raw -c "read -P 0x5a 1M 64k" "$uri" | grep -q "read 65536/65536" && exit 3`)
+	cmd.Env = append(os.Environ(), "PATH=/usr/bin:/bin:"+os.Getenv("PATH"))
+	out, err = cmd.CombinedOutput()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 3 {
+		t.Fatalf("serve --run 'read the pattern && exit 3': want exit status 3 (the pattern read back, the command's status passed on), got %v\n%s", err, out)
 	}
 }

@@ -69,6 +69,9 @@ func exitStatus(err error) int {
 	case errors.Is(err, errRefused):
 		return exitRefused
 	}
+	if re := (*errRunExit)(nil); errors.As(err, &re) {
+		return re.code // serve --run: the command's own status
+	}
 	return exitError
 }
 

@@ -7,8 +7,10 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/exec"
 	"runtime/pprof"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/nbdcache/nbdcache/nbd"
@@ -28,6 +30,7 @@ type serveFlags struct {
 	tls     tlsFlags
 	metrics string
 	service serviceFlags
+	run     string
 }
 
 func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -52,6 +55,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.StringVar(&f.cpuProf, "cpuprofile", "", "write a Go CPU profile of the whole run to `FILE`")
 	fs.BoolVar(&f.storage.faults, "faults", false, "fault mode: power cuts, injected errors and latency through `nbdcache ctl` (needs --control)")
 	f.service.register(fs)
+	fs.StringVar(&f.run, "run", "", "run `CMD` with sh once serving, with $uri, $unixsocket or $port, and $exportname set; stop when it exits, with its exit status (nbdkit's --run)")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -160,10 +164,31 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 
 	stopping := f.service.ready(log)
-	select {
-	case <-ctx.Done():
-	case err = <-serveErr:
-		log.Error("listener failed", "err", err)
+	var child *exec.Cmd
+	var childDone chan error
+	if f.run != "" {
+		child = exec.Command("/bin/sh", "-c", f.run)
+		child.Env = append(os.Environ(), runEnv(f.listens[0], ls[0], f.export, cfg.TLS != nil)...)
+		child.Stdin, child.Stdout, child.Stderr = os.Stdin, stdout, stderr
+		if err = child.Start(); err != nil {
+			err = fmt.Errorf("--run: %w", err)
+		} else {
+			childDone = make(chan error, 1)
+			go func() { childDone <- child.Wait() }()
+		}
+	}
+	if err == nil {
+		select {
+		case <-ctx.Done():
+		case err = <-serveErr:
+			log.Error("listener failed", "err", err)
+		case cerr := <-childDone:
+			childDone, err = nil, runExitError(cerr)
+		}
+	}
+	if childDone != nil { // stopped by a signal: so is the command
+		child.Process.Signal(syscall.SIGTERM)
+		<-childDone
 	}
 	stopping()
 	stopControl()
@@ -233,4 +258,37 @@ func startCPUProfile(path string) (func(), error) {
 		pprof.StopCPUProfile()
 		fh.Close()
 	}, nil
+}
+
+// runEnv is what --run's command finds in its environment, as nbdkit
+// sets it: the URI of the first listener and its parts.
+func runEnv(a listenAddr, l net.Listener, export string, tls bool) []string {
+	env := []string{"uri=" + nbdURI(a, l, export, tls), "exportname=" + export}
+	if a.network == "unix" {
+		return append(env, "unixsocket="+a.addr)
+	}
+	if _, port, err := net.SplitHostPort(l.Addr().String()); err == nil {
+		env = append(env, "port="+port)
+	}
+	return env
+}
+
+// errRunExit: --run's command failed; serve exits with its status.
+type errRunExit struct{ code int }
+
+func (e *errRunExit) Error() string {
+	return fmt.Sprintf("the --run command exited with status %d", e.code)
+}
+
+// runExitError turns the command's end into serve's result: nil when it
+// succeeded, else its exit status (1 if a signal ended it).
+func runExitError(err error) error {
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		return &errRunExit{max(ee.ExitCode(), 1)}
+	}
+	if err != nil {
+		return fmt.Errorf("--run: %w", err)
+	}
+	return nil
 }
