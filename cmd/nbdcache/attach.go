@@ -298,18 +298,16 @@ func runDetach(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	useIoctl := fs.Bool("ioctl", false, "disconnect with the NBD_DISCONNECT ioctl even when netlink is there")
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "usage: nbdcache detach [--ioctl] /dev/nbdN")
-		fs.PrintDefaults()
+		printFlags(stderr, fs)
 	}
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return fmt.Errorf("%w: %v", errUsage, err)
+	pos, err := parseArgs(fs, args, true)
+	if err != nil {
+		return err
 	}
-	if fs.NArg() != 1 {
+	if len(pos) != 1 {
 		return fmt.Errorf("%w: want one device, /dev/nbdN", errUsage)
 	}
-	path := fs.Arg(0)
+	path := pos[0]
 	index, err := kernel.ParseDevice(path)
 	if err != nil {
 		return fmt.Errorf("%w: %v", errUsage, err)

@@ -180,23 +180,21 @@ func runFlush(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 func runMode(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("mode", stderr)
 	dial := controlFlag(fs)
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return fmt.Errorf("%w: %v", errUsage, err)
+	pos, err := parseArgs(fs, args, true)
+	if err != nil {
+		return err
 	}
-	if fs.NArg() != 1 {
+	if len(pos) != 1 {
 		return fmt.Errorf("%w: want one mode: writeback, writethrough, writearound or none", errUsage)
 	}
 	c, err := dial()
 	if err != nil {
 		return err
 	}
-	if err := c.SetMode(ctx, fs.Arg(0)); err != nil {
+	if err := c.SetMode(ctx, pos[0]); err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "nbdcache: mode is now %s\n", fs.Arg(0))
+	fmt.Fprintf(stdout, "nbdcache: mode is now %s\n", pos[0])
 	return nil
 }
 

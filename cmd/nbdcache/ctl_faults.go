@@ -53,17 +53,15 @@ func runCtl(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	fs := newFlagSet("ctl", stderr)
 	fs.Usage = func() { ctlUsage(stderr) }
 	addr := fs.String("control", "", "the server's control socket, `unix:PATH`")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return fmt.Errorf("%w: %v", errUsage, err)
+	pos, err := parseArgs(fs, args, false)
+	if err != nil {
+		return err
 	}
-	if fs.NArg() == 0 {
+	if len(pos) == 0 {
 		ctlUsage(stderr)
 		return fmt.Errorf("%w: want a command: power-cut, power-on, error, delay or status", errUsage)
 	}
-	name, rest := fs.Arg(0), fs.Args()[1:]
+	name, rest := pos[0], pos[1:]
 	sub := newFlagSet("ctl "+name, stderr)
 	sub.StringVar(addr, "control", *addr, "the server's control socket, `unix:PATH`")
 	dial := func() (*control.Client, error) {

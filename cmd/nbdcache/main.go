@@ -102,8 +102,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			return code
 		}
 	}
-	fmt.Fprintf(stderr, "nbdcache: unknown command %q\n\n", args[0])
-	usage(stderr)
+	var names []string
+	for _, c := range commands() {
+		names = append(names, c.name)
+	}
+	fmt.Fprintf(stderr, "nbdcache: unknown command %q%s (nbdcache help lists them)\n", args[0],
+		didYouMean(args[0], names, func(s string) string { return s }))
 	return 2
 }
 
@@ -155,25 +159,4 @@ func versionString(bi *debug.BuildInfo, ok bool) string {
 		rev = rev[:12]
 	}
 	return fmt.Sprintf("nbdcache %s (%s%s, %s)", v, rev, modified, bi.GoVersion)
-}
-
-// newFlagSet returns a flag set that reports errors instead of exiting.
-func newFlagSet(name string, stderr io.Writer) *flag.FlagSet {
-	fs := flag.NewFlagSet("nbdcache "+name, flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	return fs
-}
-
-// parseFlags parses args and rejects stray positional arguments.
-func parseFlags(fs *flag.FlagSet, args []string) error {
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return fmt.Errorf("%w: %v", errUsage, err)
-	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("%w: unexpected argument %q", errUsage, fs.Arg(0))
-	}
-	return nil
 }

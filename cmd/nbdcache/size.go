@@ -18,7 +18,7 @@ import (
 // a whole number of bytes: "1.5G" is 1610612736, "1.3B" is refused.
 func parseSize(s string) (int64, error) {
 	bad := func(why string) (int64, error) {
-		return 0, fmt.Errorf("%w: bad size %q: %s (want a number with an optional unit: K, M, G, T or KiB, MiB, ... binary; kB, MB, GB, TB decimal)", errUsage, s, why)
+		return 0, fmt.Errorf("bad size %q: %s (want a number with an optional unit: K, M, G, T or KiB, MiB, ... binary; kB, MB, GB, TB decimal)", s, why)
 	}
 	t := strings.TrimSpace(s)
 	i := strings.IndexFunc(t, func(r rune) bool { return (r < '0' || r > '9') && r != '.' })
