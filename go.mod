@@ -3,6 +3,7 @@ module github.com/nbdcache/nbdcache
 go 1.26.0
 
 require (
+	github.com/BurntSushi/toml v1.6.0
 	github.com/dgraph-io/ristretto/v2 v2.4.2
 	github.com/google/btree v1.1.3
 	github.com/mdlayher/genetlink v1.4.0

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
@@ -137,5 +138,24 @@ func TestServeRun(t *testing.T) {
 	var ee *exec.ExitError
 	if !errors.As(err, &ee) || ee.ExitCode() != 3 {
 		t.Fatalf("serve --run 'read the pattern && exit 3': want exit status 3 (the pattern read back, the command's status passed on), got %v\n%s", err, out)
+	}
+}
+
+// TestServeConfigFile: serve takes its flags from a TOML file (keys are
+// flag names), run here through --run so that the whole service is one
+// command line: the export name, backing and listener come from the
+// file.
+func TestServeConfigFile(t *testing.T) {
+	tool(t, "nbdinfo")
+	dir := t.TempDir()
+	config := filepath.Join(dir, "vm1.toml")
+	body := fmt.Sprintf("backing = %q\nexport = \"vm1\"\nlisten = [\"unix:%s\"]\n", sparseFile(t, "backing.img", 8<<20), filepath.Join(dir, "s.sock"))
+	if err := os.WriteFile(config, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(binary, "serve", "--config", config, "--run", `test "$exportname" = vm1 && nbdinfo --size "$uri"`)
+	cmd.Env = append(os.Environ(), "PATH=/usr/bin:/bin:"+os.Getenv("PATH"))
+	if out, err := cmd.CombinedOutput(); err != nil || !strings.Contains(string(out), "8388608\n") {
+		t.Fatalf("serve --config: %v\n%s", err, out)
 	}
 }

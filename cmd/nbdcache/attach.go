@@ -57,6 +57,7 @@ func (f *attachFlags) register(fs *flag.FlagSet) {
 	fs.BoolVar(&f.ioctl, "ioctl", false, "use the legacy ioctl interface even when netlink is there (no --reconnect)")
 	f.log.register(fs)
 	f.service.register(fs)
+	configFlag(fs)
 }
 
 // runAttach serves the storage to the kernel's nbd driver as /dev/nbdN.

@@ -10,7 +10,10 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
+
+	"github.com/BurntSushi/toml"
 )
 
 // newFlagSet returns a flag set that reports errors instead of exiting.
@@ -65,6 +68,11 @@ func parseArgs(fs *flag.FlagSet, args []string, interspersed bool) ([]string, er
 		}
 		rest := fs.Args()
 		if consumed := len(args) - len(rest); !interspersed || len(rest) == 0 || (consumed > 0 && args[consumed-1] == "--") {
+			if c := fs.Lookup("config"); c != nil && c.Value.String() != "" {
+				if err := applyConfig(fs, c.Value.String()); err != nil {
+					return nil, err
+				}
+			}
 			return append(pos, rest...), nil
 		}
 		pos, args = append(pos, rest[0]), rest[1:]
@@ -162,4 +170,57 @@ func printFlags(w io.Writer, fs *flag.FlagSet) {
 		}
 		fmt.Fprintln(w, line)
 	})
+}
+
+// configFlag registers --config on fs (serve and attach, the commands a
+// service runs).
+func configFlag(fs *flag.FlagSet) {
+	fs.String("config", "", "read flags from the TOML `FILE`: keys are flag names (backing = \"disk.img\"), arrays repeat a flag; the command line wins")
+}
+
+// applyConfig sets, from the TOML file at path, every flag of fs that the
+// command line did not set. Keys are flag names without dashes; a value is
+// a string, number or boolean, or an array of them for a repeatable flag
+// (listen = ["unix:/run/a.sock", "127.0.0.1:10809"]). A key that names no
+// flag is an error, with the nearest flag name.
+func applyConfig(fs *flag.FlagSet, path string) error {
+	var m map[string]any
+	if _, err := toml.DecodeFile(path, &m); err != nil {
+		return fmt.Errorf("%w: --config: %v", errUsage, err)
+	}
+	onCommandLine := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { onCommandLine[f.Name] = true })
+	var names []string
+	fs.VisitAll(func(f *flag.Flag) { names = append(names, f.Name) })
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	for _, k := range keys {
+		if k == "config" || fs.Lookup(k) == nil {
+			return fmt.Errorf("%w: --config %s: %q is no flag of nbdcache %s%s", errUsage, path, k,
+				strings.TrimPrefix(fs.Name(), "nbdcache "), didYouMean(k, names, func(s string) string { return s }))
+		}
+		if onCommandLine[k] {
+			continue
+		}
+		vals, ok := m[k].([]any)
+		if !ok {
+			vals = []any{m[k]}
+		}
+		for _, v := range vals {
+			switch v.(type) {
+			case string, int64, bool:
+			case float64:
+				v = fmt.Sprint(v) // 1.5: as written for a number with a fraction
+			default:
+				return fmt.Errorf("%w: --config %s: %s: a %T is no flag value (a string, number or boolean)", errUsage, path, k, v)
+			}
+			if err := fs.Set(k, fmt.Sprint(v)); err != nil {
+				return fmt.Errorf("%w: --config %s: %s: %v", errUsage, path, k, err)
+			}
+		}
+	}
+	return nil
 }

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"flag"
 	"io"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -52,5 +54,50 @@ func TestUnknownCommandSuggests(t *testing.T) {
 	var out strings.Builder
 	if code := run(t.Context(), []string{"sevre"}, io.Discard, &out); code != exitUsage || !strings.Contains(out.String(), "did you mean serve?") || strings.Contains(out.String(), "commands:") {
 		t.Errorf("nbdcache sevre: exit %d:\n%s", code, out.String())
+	}
+}
+
+// TestConfigFile: --config sets the flags the command line did not, by
+// their names; arrays repeat a flag; a key that is no flag is an error
+// that names the nearest flag.
+func TestConfigFile(t *testing.T) {
+	newFS := func() (*flag.FlagSet, *string, *int64, *[]string) {
+		fs := newFlagSet("test", io.Discard)
+		configFlag(fs)
+		backing := fs.String("backing", "", "")
+		var size int64
+		fs.Var(sizeFlag{&size}, "bucket-size", "")
+		var listens []string
+		fs.Func("listen", "", func(s string) error { listens = append(listens, s); return nil })
+		return fs, backing, &size, &listens
+	}
+	path := filepath.Join(t.TempDir(), "c.toml")
+	write := func(s string) {
+		if err := os.WriteFile(path, []byte(s), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("backing = \"from-config.img\"\nbucket-size = \"2M\"\nlisten = [\"unix:/a\", \"127.0.0.1:0\"]\n")
+	fs, backing, size, listens := newFS()
+	if err := parseFlags(fs, []string{"--config", path, "--backing", "cli.img"}); err != nil {
+		t.Fatal(err)
+	}
+	if *backing != "cli.img" || *size != 2<<20 || !slices.Equal(*listens, []string{"unix:/a", "127.0.0.1:0"}) {
+		t.Errorf("backing %q (want the command line's), bucket size %d, listens %q", *backing, *size, *listens)
+	}
+	write("bakcing = \"x\"\n")
+	fs, _, _, _ = newFS()
+	if err := parseFlags(fs, []string{"--config", path}); !errors.Is(err, errUsage) || !strings.Contains(err.Error(), "did you mean backing?") {
+		t.Errorf("a mistyped key: %v", err)
+	}
+	write("bucket-size = 1.3\n")
+	fs, _, _, _ = newFS()
+	if err := parseFlags(fs, []string{"--config", path}); !errors.Is(err, errUsage) {
+		t.Errorf("a bad value: %v", err)
+	}
+	write("backing = [\n")
+	fs, _, _, _ = newFS()
+	if err := parseFlags(fs, []string{"--config", path}); !errors.Is(err, errUsage) {
+		t.Errorf("a file that is no TOML: %v", err)
 	}
 }

@@ -55,6 +55,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.StringVar(&f.cpuProf, "cpuprofile", "", "write a Go CPU profile of the whole run to `FILE`")
 	fs.BoolVar(&f.storage.faults, "faults", false, "fault mode: power cuts, injected errors and latency through `nbdcache ctl` (needs --control)")
 	f.service.register(fs)
+	configFlag(fs)
 	fs.StringVar(&f.run, "run", "", "run `CMD` with sh once serving, with $uri, $unixsocket or $port, and $exportname set; stop when it exits, with its exit status (nbdkit's --run)")
 	if err := parseFlags(fs, args); err != nil {
 		return err
