@@ -159,3 +159,17 @@ func TestServeConfigFile(t *testing.T) {
 		t.Fatalf("serve --config: %v\n%s", err, out)
 	}
 }
+
+// TestServeListenURI: --listen takes the URI a client is given; its
+// export name becomes the export's.
+func TestServeListenURI(t *testing.T) {
+	tool(t, "nbdinfo")
+	sock := filepath.Join(t.TempDir(), "s.sock")
+	cmd := exec.Command(binary, "serve", "--backing", sparseFile(t, "backing.img", 4<<20),
+		"--listen", "nbd+unix:///vm2?socket="+sock, "--run", `test "$exportname" = vm2 && nbdinfo --size "$uri"`)
+	cmd.Env = append(os.Environ(), "PATH=/usr/bin:/bin:"+os.Getenv("PATH"))
+	if out, err := cmd.CombinedOutput(); err != nil || !strings.Contains(string(out), "4194304\n") ||
+		!strings.Contains(string(out), "nbdcache: uri nbd+unix:///vm2?socket="+sock+"\n") {
+		t.Fatalf("serve --listen nbd+unix:///vm2?socket=...: %v\n%s", err, out)
+	}
+}

@@ -101,3 +101,25 @@ func TestConfigFile(t *testing.T) {
 		t.Errorf("a file that is no TOML: %v", err)
 	}
 }
+
+// TestListenURIs: --listen takes the URIs clients are given, as well as
+// unix:PATH and HOST:PORT.
+func TestListenURIs(t *testing.T) {
+	for in, want := range map[string]listenAddr{
+		"unix:/run/a.sock":                {network: "unix", addr: "/run/a.sock"},
+		"127.0.0.1:10810":                 {network: "tcp", addr: "127.0.0.1:10810"},
+		"nbd://127.0.0.1":                 {network: "tcp", addr: "127.0.0.1:10809"},
+		"nbd://[::1]:10810/vm1":           {network: "tcp", addr: "[::1]:10810", export: "vm1"},
+		"nbd+unix:///?socket=/run/a.sock": {network: "unix", addr: "/run/a.sock"},
+		"nbds+unix:///vm1?socket=/r/a":    {network: "unix", addr: "/r/a", export: "vm1", tls: true},
+	} {
+		if got, err := parseListen(in); err != nil || got != want {
+			t.Errorf("parseListen(%q) = %+v, %v; want %+v", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"nbd://", "nbd://:10809", "nbd+unix:///x", "nbd+unix://host/?socket=/a", "nbdx://h", ":10809", "unix:"} {
+		if got, err := parseListen(in); !errors.Is(err, errUsage) {
+			t.Errorf("parseListen(%q) = %+v, %v; want a usage error", in, got, err)
+		}
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"flag"
 	"fmt"
 	"net"
+	"net/url"
 	"os"
 	"strconv"
 	"strings"
@@ -11,9 +12,12 @@ import (
 	"github.com/nbdcache/nbdcache/unixsock"
 )
 
-// listenAddr is a parsed --listen value: unix:PATH or HOST:PORT.
+// listenAddr is a parsed --listen value: unix:PATH or HOST:PORT, or an
+// NBD URI naming one of them (export and tls from the URI).
 type listenAddr struct {
 	network, addr string
+	export        string // from a URI's path, or ""
+	tls           bool   // an nbds:// or nbds+unix:// URI
 }
 
 func (a listenAddr) String() string {
@@ -24,11 +28,14 @@ func (a listenAddr) String() string {
 }
 
 func parseListen(s string) (listenAddr, error) {
+	if strings.HasPrefix(s, "nbd") && strings.Contains(s, "://") {
+		return parseListenURI(s)
+	}
 	if p, ok := strings.CutPrefix(s, "unix:"); ok {
 		if p == "" {
 			return listenAddr{}, fmt.Errorf("%w: empty unix socket path in %q", errUsage, s)
 		}
-		return listenAddr{"unix", p}, nil
+		return listenAddr{network: "unix", addr: p}, nil
 	}
 	host, port, err := net.SplitHostPort(s)
 	if err != nil {
@@ -39,7 +46,43 @@ func parseListen(s string) (listenAddr, error) {
 		// for explicitly, as 0.0.0.0:PORT or [::]:PORT.
 		return listenAddr{}, fmt.Errorf("%w: --listen %q has no host; use 127.0.0.1:%s, or 0.0.0.0:%s to listen on all interfaces", errUsage, s, port, port)
 	}
-	return listenAddr{"tcp", s}, nil
+	return listenAddr{network: "tcp", addr: s}, nil
+}
+
+// parseListenURI reads --listen in the NBD URI form that clients are
+// given (libnbd's and qemu's): nbd://HOST[:PORT][/EXPORT] (port 10809 by
+// default), nbd+unix:///[EXPORT]?socket=PATH, and the nbds forms (TLS).
+func parseListenURI(s string) (listenAddr, error) {
+	bad := func(why string) (listenAddr, error) {
+		return listenAddr{}, fmt.Errorf("%w: --listen %q: %s (want nbd://HOST[:PORT][/EXPORT] or nbd+unix:///[EXPORT]?socket=PATH)", errUsage, s, why)
+	}
+	u, err := url.Parse(s)
+	if err != nil {
+		return bad(err.Error())
+	}
+	a := listenAddr{export: strings.TrimPrefix(u.Path, "/"), tls: strings.HasPrefix(u.Scheme, "nbds")}
+	switch u.Scheme {
+	case "nbd", "nbds":
+		if u.Hostname() == "" {
+			return bad("no host")
+		}
+		port := u.Port()
+		if port == "" {
+			port = "10809"
+		}
+		a.network, a.addr = "tcp", net.JoinHostPort(u.Hostname(), port)
+	case "nbd+unix", "nbds+unix":
+		if u.Host != "" {
+			return bad("a unix URI has no host")
+		}
+		if a.addr = u.Query().Get("socket"); a.addr == "" {
+			return bad("no ?socket=PATH")
+		}
+		a.network = "unix"
+	default:
+		return bad("unknown scheme " + u.Scheme)
+	}
+	return a, nil
 }
 
 // listen opens the socket. A unix socket is created with perm (never

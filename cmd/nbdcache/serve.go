@@ -88,6 +88,17 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		a, _ := parseListen(defaultListen)
 		f.listens = []listenAddr{a}
 	}
+	for _, a := range f.listens {
+		if a.export != "" && a.export != f.export {
+			if f.export != "" || a.export != f.listens[0].export {
+				return fmt.Errorf("%w: --listen names export %q, but the export is %q (one export per server)", errUsage, a.export, f.export)
+			}
+			f.export = a.export
+		}
+		if a.tls && cfg.TLS == nil {
+			return fmt.Errorf("%w: --listen %s is a TLS URI: give --tls on or --tls require (and --tls-certificates)", errUsage, a)
+		}
+	}
 	if f.cpuProf != "" {
 		stopProf, err := startCPUProfile(f.cpuProf)
 		if err != nil {
