@@ -144,3 +144,35 @@ func TestRemoteBackingOutage(t *testing.T) {
 		t.Errorf("stats after the outage: backing %q, %d connections lost", state, outages)
 	}
 }
+
+// TestRemoteOfflineCommands: format, check and rebind take an NBD URI
+// backing as they take a file: format binds a cache to the URI, serve
+// then opens it without --format, check passes it (deep too) and refuses
+// another export as another backing (exit 3), and rebind moves the cache
+// to that export, after which check passes with it.
+func TestRemoteOfflineCommands(t *testing.T) {
+	qemuIO := tool(t, "qemu-io")
+	remote := "nbd+unix:///?socket=" + startNbdkit(t, "memory", "64M")
+	other := "nbd+unix:///?socket=" + startNbdkit(t, "memory", "64M")
+	cache := sparseFile(t, "cache.img", 16*mib)
+	if out, code := nbdcache(t, "format", "--cache", cache, "--backing", remote); code != 0 || !strings.Contains(out, "formatted") {
+		t.Fatalf("format with a remote backing: exit %d\n%s", code, out)
+	}
+	s := startServe(t, "--backing", remote, "--cache", cache)
+	run(t, qemuIO, "-f", "raw", "-c", "write -P 0x6b 1M 256k", "-c", "flush", s.uri)
+	s.stop()
+	for _, args := range [][]string{{}, {"--deep"}} {
+		if out, code := nbdcache(t, append([]string{"check", "--cache", cache, "--backing", remote}, args...)...); code != 0 {
+			t.Fatalf("check %v with its remote backing: exit %d\n%s", args, code, out)
+		}
+	}
+	if out, code := nbdcache(t, "check", "--cache", cache, "--backing", other); code != 3 {
+		t.Fatalf("check with another export: exit %d, want 3 (another backing)\n%s", code, out)
+	}
+	if out, code := nbdcache(t, "rebind", "--cache", cache, "--backing", other); code != 0 || !strings.Contains(out, "rebound") {
+		t.Fatalf("rebind to another export: exit %d\n%s", code, out)
+	}
+	if out, code := nbdcache(t, "check", "--cache", cache, "--backing", other); code != 0 {
+		t.Fatalf("check after the rebind: exit %d\n%s", code, out)
+	}
+}

@@ -9,13 +9,16 @@ import (
 	"os"
 
 	"github.com/nbdcache/nbdcache/cache"
+	"github.com/nbdcache/nbdcache/nbd"
 	"github.com/nbdcache/nbdcache/storage"
 )
 
 func runFormat(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("format", stderr)
 	cachePath := fs.String("cache", "", "cache file or block device `PATH` to format (required)")
-	backing := fs.String("backing", "", "backing file or block device `PATH` the cache belongs to (required)")
+	backing := fs.String("backing", "", "backing file, block device or NBD URI `PATH` the cache belongs to (required)")
+	var ob offlineBacking
+	ob.register(fs)
 	blockSize := int64(4096)
 	fs.Var(sizeFlag{&blockSize}, "block-size", "cache block `SIZE`")
 	bucketSize := int64(1 << 20)
@@ -27,14 +30,11 @@ func runFormat(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if *cachePath == "" || *backing == "" {
 		return fmt.Errorf("%w: --cache and --backing are required", errUsage)
 	}
-	if err := refuseRemoteOffline("format", *backing); err != nil {
-		return err
-	}
 	if err := refuseOverlap(*cachePath, *backing); err != nil {
 		return err
 	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	bdev, err := openDevice("backing", *backing, storage.FileOptions{ReadOnly: true, Claim: storage.ClaimExclusive}, inUseHint)
+	bdev, err := ob.open(*backing, storage.ClaimExclusive, inUseHint, log)
 	if err != nil {
 		return err
 	}
@@ -91,7 +91,9 @@ const checkHint = "check reads a cache at rest: stop that process first, or pass
 func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("check", stderr)
 	cachePath := fs.String("cache", "", "cache file or block device `PATH` (required)")
-	backing := fs.String("backing", "", "backing file or block device `PATH` (required)")
+	backing := fs.String("backing", "", "backing file, block device or NBD URI `PATH` (required)")
+	var ob offlineBacking
+	ob.register(fs)
 	live := fs.Bool("live", false, "check even while a server holds the devices: a snapshot, which a write in flight can make look corrupt")
 	deep := fs.Bool("deep", false, "also compare every clean extent with the backing (reads all cached data)")
 	if err := parseFlags(fs, args); err != nil {
@@ -100,14 +102,14 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if *cachePath == "" || *backing == "" {
 		return fmt.Errorf("%w: --cache and --backing are required", errUsage)
 	}
-	if err := refuseRemoteOffline("check", *backing); err != nil {
-		return err
-	}
 	if err := refuseOverlap(*cachePath, *backing); err != nil {
 		return err
 	}
 	var inUse []string // with --live: who holds the devices
-	open := func(role, path string) (*storage.File, error) {
+	open := func(role, path string) (storage.Device, error) {
+		if role == "backing" && nbd.IsURI(path) {
+			return ob.open(path, storage.ClaimExclusive, checkHint, slog.New(slog.NewTextHandler(stdout, &slog.HandlerOptions{Level: slog.LevelWarn})))
+		}
 		f, err := openDevice(role, path, storage.FileOptions{ReadOnly: true, Claim: storage.ClaimExclusive}, checkHint)
 		if errors.Is(err, storage.ErrInUse) && *live {
 			inUse = append(inUse, fmt.Sprintf("the %s %s is in use by %s", role, path, holders(err)))

@@ -5,9 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 
 	"github.com/nbdcache/nbdcache/cache"
+	"github.com/nbdcache/nbdcache/nbd"
 	"github.com/nbdcache/nbdcache/storage"
 )
 
@@ -19,7 +21,9 @@ import (
 func runRebind(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("rebind", stderr)
 	cachePath := fs.String("cache", "", "cache file or block device `PATH` (required)")
-	backing := fs.String("backing", "", "the backing file or block device `PATH` to bind it to (required)")
+	backing := fs.String("backing", "", "the backing file, block device or NBD URI `PATH` to bind it to (required)")
+	var ob offlineBacking
+	ob.register(fs)
 	force := fs.Bool("force", false, "rebind even a backing file that carries the id of another cache, which then refuses it")
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -27,13 +31,10 @@ func runRebind(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if *cachePath == "" || *backing == "" {
 		return fmt.Errorf("%w: --cache and --backing are required", errUsage)
 	}
-	if err := refuseRemoteOffline("rebind", *backing); err != nil {
-		return err
-	}
 	if err := refuseOverlap(*cachePath, *backing); err != nil {
 		return err
 	}
-	bdev, err := openDevice("backing", *backing, storage.FileOptions{ReadOnly: true, Claim: storage.ClaimExclusive}, inUseHint)
+	bdev, err := ob.open(*backing, storage.ClaimExclusive, inUseHint, slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
 	if err != nil {
 		return err
 	}
@@ -66,7 +67,7 @@ func runRebind(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		}
 		fmt.Fprintf(stdout, "nbdcache: the cache %s already belongs to %s (id %x); recorded its path\n", *cachePath, *backing, old)
 		return nil
-	case oldErr == nil && !isBlockDevice(*backing) && !*force:
+	case oldErr == nil && !isBlockDevice(*backing) && !nbd.IsURI(*backing) && !*force: // a URI's id is its own: nothing records another
 		return explain(errRefused, "refusing: %s carries backing id %x, not this cache's (%x): it is, or was, the backing of another cache (or of this one, before a rebind).\n"+
 			"Rebinding gives it a new id, and any cache bound to the old one then refuses it (its dirty data, if any, stays in it). Pass --force to do so",
 			*backing, old, ident.BackingID)

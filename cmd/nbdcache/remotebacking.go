@@ -5,12 +5,15 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"flag"
 	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/nbdcache/nbdcache/nbd"
+	"github.com/nbdcache/nbdcache/storage"
 )
 
 // A remote backing (--backing nbd://...) is an NBD export, reached with
@@ -83,12 +86,23 @@ func clientTLSDir(dir string) (*tls.Config, error) {
 	return cfg, nil
 }
 
-// refuseRemoteOffline refuses an NBD URI backing in the offline commands
-// (format, check, rebind), which open files: `serve --format` formats a
-// cache for a remote backing, and binds it.
-func refuseRemoteOffline(cmd, backing string) error {
-	if nbd.IsURI(backing) {
-		return fmt.Errorf("%w: %s does not take an NBD backing yet; `nbdcache serve --cache PATH --backing %s --format` formats a cache for it", errUsage, cmd, backing)
+// offlineBacking is the backing of an offline command (format, check,
+// rebind): a file or block device, opened read-only and claimed (the
+// commands only read it), or an NBD export, dialled with
+// --backing-tls-certificates when it is an nbds:// one. Its role in
+// messages is "backing".
+type offlineBacking struct {
+	tlsDir string
+}
+
+func (o *offlineBacking) register(fs *flag.FlagSet) {
+	fs.StringVar(&o.tlsDir, "backing-tls-certificates", "", "for an nbds:// backing: `DIR` with ca-cert.pem (and client-cert.pem, client-key.pem), libnbd's layout")
+}
+
+func (o *offlineBacking) open(path string, claim storage.Claim, hint string, log *slog.Logger) (storage.Device, error) {
+	if !nbd.IsURI(path) {
+		return openDevice("backing", path, storage.FileOptions{ReadOnly: true, Claim: claim}, hint)
 	}
-	return nil
+	f := storageFlags{backingTLS: o.tlsDir, backingConns: 1, backingWait: 10 * time.Second}
+	return f.dialBacking(path, log)
 }
