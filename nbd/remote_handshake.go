@@ -3,6 +3,7 @@ package nbd
 import (
 	"bufio"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -49,8 +50,15 @@ func handshakeClient(nc net.Conn, u URI, tlsCfg *tls.Config) (info exportInfo, c
 			return info, nil, false, false, errors.New("the server sent bytes after its STARTTLS reply")
 		}
 		cfg := tlsCfg.Clone()
-		if cfg.ServerName == "" && u.Network == "tcp" {
-			cfg.ServerName, _, _ = net.SplitHostPort(u.Addr)
+		if cfg.ServerName == "" {
+			switch {
+			case u.TLSHostname != "":
+				cfg.ServerName = u.TLSHostname
+			case u.Network == "tcp":
+				cfg.ServerName, _, _ = net.SplitHostPort(u.Addr)
+			default:
+				verifyChainOnly(cfg)
+			}
 		}
 		tc := tls.Client(nc, cfg)
 		if err := tc.Handshake(); err != nil {
@@ -199,4 +207,25 @@ func optErr(typ uint32, data []byte) string {
 		s += ": " + string(data)
 	}
 	return s
+}
+
+// verifyChainOnly makes cfg verify the server's certificate chain against
+// its RootCAs (the system's if nil) without a host name: what libnbd does
+// over a unix socket, where the URI names no host. crypto/tls checks a
+// name unless told to skip its whole verification, so the chain is
+// verified here instead.
+func verifyChainOnly(cfg *tls.Config) {
+	roots := cfg.RootCAs
+	cfg.InsecureSkipVerify = true
+	cfg.VerifyConnection = func(cs tls.ConnectionState) error {
+		if len(cs.PeerCertificates) == 0 {
+			return errors.New("TLS: the server sent no certificate")
+		}
+		inter := x509.NewCertPool()
+		for _, c := range cs.PeerCertificates[1:] {
+			inter.AddCert(c)
+		}
+		_, err := cs.PeerCertificates[0].Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter})
+		return err
+	}
 }

@@ -19,6 +19,11 @@ type URI struct {
 	Addr    string // HOST:PORT or the socket's path
 	Export  string
 	TLS     bool
+	// TLSHostname (?tls-hostname=NAME, as in libnbd) is the name the
+	// server's certificate must carry. By default: the host of a TCP
+	// URI; over a unix socket, none (the chain alone is verified, as
+	// libnbd does). It names no other export: String leaves it out.
+	TLSHostname string
 }
 
 // DefaultPort is NBD's IANA port.
@@ -65,6 +70,7 @@ func ParseURI(s string) (URI, error) {
 		return URI{}, fmt.Errorf("nbd: URI %q: scheme %q is not nbd, nbds, nbd+unix or nbds+unix", s, u.Scheme)
 	}
 	r.TLS = strings.HasPrefix(u.Scheme, "nbds")
+	r.TLSHostname = u.Query().Get("tls-hostname")
 	r.Export = strings.TrimPrefix(u.Path, "/")
 	return r, nil
 }

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/nbdcache/nbdcache/internal/testcert"
 )
 
 // startNbdkit runs nbdkit with args on a fresh unix socket and returns the
@@ -174,5 +176,41 @@ func TestRemoteOfflineCommands(t *testing.T) {
 	}
 	if out, code := nbdcache(t, "check", "--cache", cache, "--backing", other); code != 0 {
 		t.Fatalf("check after the rebind: exit %d\n%s", code, out)
+	}
+}
+
+// TestRemoteTLSNbdkit: the remote's own TLS. nbdkit serves with
+// --tls=require; nbdcache reaches it as nbds+unix:// with the client's
+// certificate folder (the chain verified, no host name over a unix
+// socket, as libnbd does). Data written through the cache and drained is
+// on the remote, read back over TLS by nbdcopy; a plain nbd+unix://
+// backing is refused by nbdkit, and serve fails to start.
+func TestRemoteTLSNbdkit(t *testing.T) {
+	qemuIO := tool(t, "qemu-io")
+	nbdcopy := tool(t, "nbdcopy")
+	certs := testcert.New(t)
+	kit := startNbdkit(t, "--tls=require", "--tls-certificates="+certs.ServerDir(t), "memory", "16M")
+	clientDir := certs.ClientDir(t, nil)
+	remote := "nbds+unix:///?socket=" + kit
+	if out, code := nbdcache(t, "serve", "--cache", sparseFile(t, "c0.img", 8*mib), "--format", "--backing", "nbd+unix:///?socket="+kit,
+		"--listen", "unix:"+filepath.Join(t.TempDir(), "x.sock")); code == 0 {
+		t.Fatalf("serve with a plaintext backing against nbdkit --tls=require started:\n%s", out)
+	}
+	ctl := "unix:" + filepath.Join(t.TempDir(), "ctl.sock")
+	s := startServe(t, "--cache", sparseFile(t, "cache.img", 8*mib), "--format", "--backing", remote,
+		"--backing-tls-certificates", clientDir, "--control", ctl)
+	run(t, qemuIO, "-f", "raw", "-c", "write -P 0x3c 2M 512k", "-c", "flush", s.uri)
+	if out, code := nbdcache(t, "flush", "--drain", "--control", ctl); code != 0 {
+		t.Fatalf("flush --drain: exit %d\n%s", code, out)
+	}
+	s.stop()
+	img := filepath.Join(t.TempDir(), "remote.img")
+	run(t, nbdcopy, remote+"&tls-certificates="+clientDir, img)
+	b, err := os.ReadFile(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(b[2*mib:2*mib+512<<10], bytes.Repeat([]byte{0x3c}, 512<<10)) || !bytes.Equal(b[:2*mib], make([]byte, 2*mib)) {
+		t.Fatal("the remote, read back over TLS, does not hold what was written through the cache")
 	}
 }
