@@ -100,7 +100,10 @@ type Cache struct {
 	// cacheNanos: the same for the write path's cache device writes.
 	cacheNanos    atomic.Int64
 	roomWaitAfter atomic.Int64 // unix nanoseconds: no waiting for room before
-	gcCleaning    atomic.Int64 // GC passes writing their victims back now (gcWriteback)
+	// backingAwayUntil: unix nanoseconds until which the backing is taken
+	// to be unreachable (noteUnavailable).
+	backingAwayUntil atomic.Int64
+	gcCleaning       atomic.Int64 // GC passes writing their victims back now (gcWriteback)
 
 	ram     *ristretto.Cache[uint64, ramEntry]
 	flusher *writeback.Flusher // nil with NoBackground

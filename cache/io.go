@@ -452,7 +452,9 @@ func (c *Cache) write(p []byte, off int64) error {
 		return err
 	}
 	mode := c.mu.mode
-	seq := c.mu.admit.sequential(off, n)
+	// While the backing is away, a write-back stream past the cutoff is
+	// cached like any write, rather than sent to wait for the backing.
+	seq := c.mu.admit.sequential(off, n) && !(mode == Writeback && c.backingAway())
 	// A write-back write goes to the cache whether the range is pinned or
 	// not: skip the index lookup then (it is a tenth of the write path).
 	pinned := false
@@ -473,6 +475,9 @@ func (c *Cache) write(p []byte, off int64) error {
 		case routeBacking:
 			c.stats.bypasses.Add(1)
 			err = c.writeBacking(p, off, directWrite, nil)
+			if c.noteUnavailable(err) && mode == Writeback {
+				return c.writeDirty(p, off) // the stream's bypass found the backing away
+			}
 		case routeThrough:
 			err = c.writeThrough(p, off)
 		}
@@ -507,6 +512,12 @@ func (c *Cache) writeDirty(p []byte, off int64) error {
 			if err == nil {
 				c.stats.bypasses.Add(1)
 				c.noteBacking(time.Since(start), int64(len(p)))
+			}
+			if c.noteUnavailable(err) {
+				// A full cache while the backing is away (it waited for
+				// it, up to its timeout): the client learns that space
+				// ran out, not that its data is damaged.
+				return fmt.Errorf("cache: full of dirty data while the backing is unreachable: %w: %w", storage.ErrNoSpace, err)
 			}
 			return err
 		}
@@ -558,6 +569,24 @@ func noteNanos(avg *atomic.Int64, d time.Duration, n int64) {
 	old := avg.Load()
 	avg.Store(old + (per4k-old)/8)
 }
+
+// noteUnavailable reports whether err says the backing could not be
+// reached (storage.ErrUnavailable: a remote that stayed away for its
+// timeout), and if so remembers it for backingAwayFor: write-back streams
+// are then cached instead of bypassed (backingAway).
+func (c *Cache) noteUnavailable(err error) bool {
+	if !errors.Is(err, storage.ErrUnavailable) {
+		return false
+	}
+	c.backingAwayUntil.Store(time.Now().Add(backingAwayFor).UnixNano())
+	return true
+}
+
+// backingAway reports whether the backing was found unreachable lately.
+func (c *Cache) backingAway() bool { return time.Now().UnixNano() < c.backingAwayUntil.Load() }
+
+// backingAwayFor is how long an unreachable backing is taken to stay away.
+const backingAwayFor = 5 * time.Second
 
 // diskLike reports whether backing writes are slow enough to be a disk's:
 // then where its head goes matters more than anything else. The sysfs

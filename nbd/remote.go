@@ -475,11 +475,12 @@ func firstErr(a, b error) error {
 }
 
 // connected waits up to the configured Timeout for the connection to be
-// up, redialling as the backoff allows.
+// up, redialling as the backoff allows. A remote still unreachable then
+// is storage.ErrUnavailable.
 func (c *remoteConn) connected() error {
 	err := c.ensure()
-	if err == nil || c.r.cfg.Timeout <= 0 {
-		return err
+	if err == nil {
+		return nil
 	}
 	deadline := time.Now().Add(c.r.cfg.Timeout)
 	for err != nil && time.Now().Before(deadline) {
@@ -492,7 +493,10 @@ func (c *remoteConn) connected() error {
 		time.Sleep(min(c.r.cfg.RedialBackoff, time.Until(deadline)))
 		err = c.ensure()
 	}
-	return err
+	if err == nil || errors.Is(err, storage.ErrClosed) {
+		return err
+	}
+	return fmt.Errorf("%w: %w", storage.ErrUnavailable, err)
 }
 
 // do sends a request and waits for its reply.

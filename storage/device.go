@@ -25,6 +25,9 @@ var (
 	ErrNotSupported = errors.New("storage: operation not supported")
 	ErrClosed       = errors.New("storage: device closed")
 	ErrNoSpace      = errors.New("storage: no space left")
+	// ErrUnavailable: the device could not be reached (a remote that went
+	// away and did not come back in time); it may be reachable later.
+	ErrUnavailable = errors.New("storage: device unreachable")
 )
 
 // Caps describes what a device can do. A layer above must not call a method

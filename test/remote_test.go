@@ -3,6 +3,7 @@ package test
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -87,8 +88,8 @@ func TestRemoteBacking(t *testing.T) {
 	if code != 3 || !strings.Contains(out, "wrong backing") {
 		t.Errorf("a cache served over another export: exit %d\n%s", code, out)
 	}
-	if out, code := nbdcache(t, "check", "--cache", cache, "--backing", remote); code != 2 || !strings.Contains(out, "serve") {
-		t.Errorf("check with an NBD backing: exit %d\n%s", code, out)
+	if out, code := nbdcache(t, "check", "--cache", cache, "--backing", remote); code != 0 {
+		t.Errorf("check with its NBD backing: exit %d\n%s", code, out)
 	}
 }
 
@@ -144,6 +145,54 @@ func TestRemoteBackingOutage(t *testing.T) {
 	}
 	if state, outages := backing(); state != "up" || outages == 0 {
 		t.Errorf("stats after the outage: backing %q, %d connections lost", state, outages)
+	}
+}
+
+// TestRemoteOutageFullCache: the cache fills with dirty data while the
+// remote is away. A write that finds it full waits for the remote up to
+// --backing-timeout, then fails with ENOSPC ("No space left on device"),
+// not EIO: nothing is damaged, and everything acknowledged before still
+// reads back. Once the remote is back, the drain writes it all there.
+func TestRemoteOutageFullCache(t *testing.T) {
+	qemuIO := tool(t, "qemu-io")
+	img := sparseFile(t, "remote.img", 64*mib)
+	sock := filepath.Join(t.TempDir(), "kit.sock")
+	kill := startNbdkitOn(t, sock, "file", img)
+	remote := "nbd+unix:///?socket=" + sock
+	ctl := "unix:" + filepath.Join(t.TempDir(), "ctl.sock")
+	s := startServe(t, "--backing", remote, "--cache", sparseFile(t, "cache.img", 16*mib), "--format",
+		"--control", ctl, "--backing-timeout", "1s")
+	defer s.stop()
+	kill()
+	// 4 MiB writes until one fails: the cache holds less than 16 MiB.
+	written := 0
+	for ; written < 16; written++ {
+		out, err := exec.Command(qemuIO, "-f", "raw", "-c", fmt.Sprintf("write -P 0x%x %dM 4M", 0x20+written, 4*written), s.uri).CombinedOutput()
+		if err == nil && !strings.Contains(string(out), "error") {
+			continue
+		}
+		if !strings.Contains(string(out), "No space left on device") {
+			t.Fatalf("write %d, the cache full and the remote away: %v\n%s", written, err, out)
+		}
+		break
+	}
+	if written == 0 || written == 16 {
+		t.Fatalf("%d writes of 4 MiB were taken before one failed; want some, then ENOSPC", written)
+	}
+	t.Logf("%d writes of 4 MiB taken during the outage, then ENOSPC", written)
+	for i := range written {
+		run(t, qemuIO, "-f", "raw", "-c", fmt.Sprintf("read -P 0x%x %dM 4M", 0x20+i, 4*i), s.uri)
+	}
+	os.Remove(sock)
+	startNbdkitOn(t, sock, "file", img)
+	if out, code := nbdcache(t, "flush", "--drain", "--control", ctl); code != 0 {
+		t.Fatalf("drain after the remote came back: %d\n%s", code, out)
+	}
+	got, _ := os.ReadFile(img)
+	for i := range written {
+		if !bytes.Equal(got[4*i*mib:4*(i+1)*mib], bytes.Repeat([]byte{byte(0x20 + i)}, 4*mib)) {
+			t.Fatalf("the remote lacks write %d after the drain", i)
+		}
 	}
 }
 
