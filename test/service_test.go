@@ -124,17 +124,13 @@ func TestServeRun(t *testing.T) {
 	tool(t, "nbdinfo")
 	backing, cache := cacheFiles(t, 16<<20, 8<<20)
 	sock := filepath.Join(t.TempDir(), "s.sock")
-	cmd := exec.Command(binary, "serve", "--backing", backing, "--cache", cache, "--format", "--listen", "unix:"+sock,
+	out, err := serveCombined("serve", "--backing", backing, "--cache", cache, "--format", "--listen", "unix:"+sock,
 		"--run", `nbdinfo --size "$uri" && qemu-io -f raw -c "write -P 0x5a 1M 64k" "$uri"`)
-	cmd.Env = append(os.Environ(), "PATH=/usr/bin:/bin:"+os.Getenv("PATH"))
-	out, err := cmd.CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "16777216\n") || !strings.Contains(string(out), "stopped cleanly") {
 		t.Fatalf("serve --run: %v\n%s", err, out)
 	}
-	cmd = exec.Command(binary, "serve", "--backing", backing, "--cache", cache, "--listen", "unix:"+sock,
+	out, err = serveCombined("serve", "--backing", backing, "--cache", cache, "--listen", "unix:"+sock,
 		"--run", `qemu-io -f raw -c "read -P 0x5a 1M 64k" "$uri" | grep -q "read 65536/65536" && exit 3`)
-	cmd.Env = append(os.Environ(), "PATH=/usr/bin:/bin:"+os.Getenv("PATH"))
-	out, err = cmd.CombinedOutput()
 	var ee *exec.ExitError
 	if !errors.As(err, &ee) || ee.ExitCode() != 3 {
 		t.Fatalf("serve --run 'read the pattern && exit 3': want exit status 3 (the pattern read back, the command's status passed on), got %v\n%s", err, out)
@@ -153,9 +149,8 @@ func TestServeConfigFile(t *testing.T) {
 	if err := os.WriteFile(config, []byte(body), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(binary, "serve", "--config", config, "--run", `test "$exportname" = vm1 && nbdinfo --size "$uri"`)
-	cmd.Env = append(os.Environ(), "PATH=/usr/bin:/bin:"+os.Getenv("PATH"))
-	if out, err := cmd.CombinedOutput(); err != nil || !strings.Contains(string(out), "8388608\n") {
+	out, err := serveCombined("serve", "--config", config, "--run", `test "$exportname" = vm1 && nbdinfo --size "$uri"`)
+	if err != nil || !strings.Contains(string(out), "8388608\n") {
 		t.Fatalf("serve --config: %v\n%s", err, out)
 	}
 }
@@ -165,11 +160,18 @@ func TestServeConfigFile(t *testing.T) {
 func TestServeListenURI(t *testing.T) {
 	tool(t, "nbdinfo")
 	sock := filepath.Join(t.TempDir(), "s.sock")
-	cmd := exec.Command(binary, "serve", "--backing", sparseFile(t, "backing.img", 4<<20),
+	out, err := serveCombined("serve", "--backing", sparseFile(t, "backing.img", 4<<20),
 		"--listen", "nbd+unix:///vm2?socket="+sock, "--run", `test "$exportname" = vm2 && nbdinfo --size "$uri"`)
-	cmd.Env = append(os.Environ(), "PATH=/usr/bin:/bin:"+os.Getenv("PATH"))
-	if out, err := cmd.CombinedOutput(); err != nil || !strings.Contains(string(out), "4194304\n") ||
+	if err != nil || !strings.Contains(string(out), "4194304\n") ||
 		!strings.Contains(string(out), "nbdcache: uri nbd+unix:///vm2?socket="+sock+"\n") {
 		t.Fatalf("serve --listen nbd+unix:///vm2?socket=...: %v\n%s", err, out)
 	}
+}
+
+// serveCombined runs nbdcache with args to its end, with /usr/bin first on
+// PATH (for the tools a --run command calls), and returns its output.
+func serveCombined(args ...string) ([]byte, error) {
+	cmd := exec.Command(binary, args...)
+	cmd.Env = append(os.Environ(), "PATH=/usr/bin:/bin:"+os.Getenv("PATH"))
+	return cmd.CombinedOutput()
 }

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"os"
 
 	"github.com/nbdcache/nbdcache/cache"
@@ -33,7 +32,7 @@ func runFormat(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err := refuseOverlap(*cachePath, *backing); err != nil {
 		return err
 	}
-	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	log := warnLogger(stderr)
 	bdev, err := ob.open(*backing, storage.ClaimExclusive, inUseHint, log)
 	if err != nil {
 		return err
@@ -108,7 +107,7 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	var inUse []string // with --live: who holds the devices
 	open := func(role, path string) (storage.Device, error) {
 		if role == "backing" && nbd.IsURI(path) {
-			return ob.open(path, storage.ClaimExclusive, checkHint, slog.New(slog.NewTextHandler(stdout, &slog.HandlerOptions{Level: slog.LevelWarn})))
+			return ob.open(path, storage.ClaimExclusive, checkHint, warnLogger(stderr))
 		}
 		f, err := openDevice(role, path, storage.FileOptions{ReadOnly: true, Claim: storage.ClaimExclusive}, checkHint)
 		if errors.Is(err, storage.ErrInUse) && *live {

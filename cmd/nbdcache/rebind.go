@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"os"
 
 	"github.com/nbdcache/nbdcache/cache"
@@ -34,7 +33,7 @@ func runRebind(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err := refuseOverlap(*cachePath, *backing); err != nil {
 		return err
 	}
-	bdev, err := ob.open(*backing, storage.ClaimExclusive, inUseHint, slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
+	bdev, err := ob.open(*backing, storage.ClaimExclusive, inUseHint, warnLogger(stderr))
 	if err != nil {
 		return err
 	}

@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -97,6 +98,11 @@ type offlineBacking struct {
 
 func (o *offlineBacking) register(fs *flag.FlagSet) {
 	fs.StringVar(&o.tlsDir, "backing-tls-certificates", "", "for an nbds:// backing: `DIR` with ca-cert.pem (and client-cert.pem, client-key.pem), libnbd's layout")
+}
+
+// warnLogger logs warnings and errors to w: the offline commands' logger.
+func warnLogger(w io.Writer) *slog.Logger {
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelWarn}))
 }
 
 func (o *offlineBacking) open(path string, claim storage.Claim, hint string, log *slog.Logger) (storage.Device, error) {
