@@ -601,7 +601,7 @@ func (c *Cache) slowBacking() bool {
 
 // waitRoom waits until buckets are free beyond the reserve or pending (a
 // checkpoint frees those), at most maxRoomWait; it reports whether there
-// is room to try again.
+// is room to try again: buckets, and an index that is not full.
 func (c *Cache) waitRoom() bool {
 	c.kickBackground()
 	c.stats.roomWaits.Add(1)
@@ -629,7 +629,10 @@ func (c *Cache) waitRoom() bool {
 	if timedOut {
 		c.roomWaitAfter.Store(time.Now().Add(roomBackoff).UnixNano())
 	}
-	return !timedOut && c.errLocked() == nil
+	// Free buckets are no room while the index is full: retrying would
+	// spin (nothing writes back dirty extents below the dirty target to
+	// make index room), so the write goes to the backing instead.
+	return !timedOut && c.errLocked() == nil && !c.indexFullLocked()
 }
 
 // writeThrough writes p to the backing, then a clean copy into the cache.
