@@ -412,6 +412,9 @@ func (c *Client) Drain(ctx context.Context, progress func(Progress)) error {
 			progress(p)
 		}
 	}
+	if ctx.Err() != nil {
+		return ctx.Err() // the caller gave up (Ctrl-C): the server may well be draining on
+	}
 	if err := sc.Err(); err != nil || !complete {
 		// The connection was cut, or closed early: the server went away.
 		return fmt.Errorf("%w (%v)", ErrStopped, cmp.Or(err, io.ErrUnexpectedEOF))

@@ -137,3 +137,29 @@ func TestSocketMode(t *testing.T) {
 		stop()
 	}
 }
+
+type blockTarget struct{ fakeTarget }
+
+// Drain reports some progress, then runs until its request ends.
+func (b *blockTarget) Drain(ctx context.Context, progress func(done, total int64)) error {
+	progress(1, 10)
+	<-ctx.Done()
+	return ctx.Err()
+}
+
+// TestDrainClientCancelIsNotServerStopped: a drain the client gives up on
+// (Ctrl-C) ends with the client's own context error, not ErrStopped ("the
+// server stopped"), which would be false. (Found by review.)
+func TestDrainClientCancelIsNotServerStopped(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "ctl.sock")
+	stop, err := Serve(path, Handler(&blockTarget{}), OwnerOnly)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	ctx, cancel := context.WithCancel(context.Background())
+	err = Dial(path).Drain(ctx, func(Progress) { cancel() })
+	if !errors.Is(err, context.Canceled) || errors.Is(err, ErrStopped) {
+		t.Fatalf("the client's own cancel: %v", err)
+	}
+}

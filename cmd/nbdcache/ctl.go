@@ -161,6 +161,9 @@ func runFlush(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		fmt.Fprintln(stderr)
 	}
 	elapsed := time.Since(start).Seconds()
+	if errors.Is(err, context.Canceled) {
+		return fmt.Errorf("drain interrupted after %.1fs: %s of %s were written back; the rest stays dirty, and safe, in the cache", elapsed, mibs(last.Done), mibs(last.Total))
+	}
 	if errors.Is(err, control.ErrStopped) {
 		return fmt.Errorf("drain interrupted after %.1fs: %w; %s of %s were written back, the rest stays dirty, and safe, in the cache",
 			elapsed, err, mibs(last.Done), mibs(last.Total))

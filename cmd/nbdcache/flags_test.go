@@ -123,3 +123,18 @@ func TestListenURIs(t *testing.T) {
 		}
 	}
 }
+
+// TestStalePIDFile: a pid file naming a live process of another program
+// (a pid reused since a crash) does not stop a start; one naming a live
+// nbdcache does.
+func TestStalePIDFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "x.pid")
+	// pid 1 is alive and is not this test binary.
+	if err := os.WriteFile(path, []byte("1\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	f := serviceFlags{pidFile: path}
+	if err := f.check(); err != nil {
+		t.Fatalf("a pid file naming another program's process: %v", err)
+	}
+}

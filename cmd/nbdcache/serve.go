@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"os/exec"
@@ -182,6 +183,9 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		child = exec.Command("/bin/sh", "-c", f.run)
 		child.Env = append(os.Environ(), runEnv(f.listens[0], ls[0], f.export, cfg.TLS != nil)...)
 		child.Stdin, child.Stdout, child.Stderr = os.Stdin, stdout, stderr
+		// Its own process group, so that stopping it stops what it
+		// started too; and it dies with serve.
+		child.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
 		if err = child.Start(); err != nil {
 			err = fmt.Errorf("--run: %w", err)
 		} else {
@@ -198,9 +202,8 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			childDone, err = nil, runExitError(cerr)
 		}
 	}
-	if childDone != nil { // stopped by a signal: so is the command
-		child.Process.Signal(syscall.SIGTERM)
-		<-childDone
+	if child != nil && child.Process != nil {
+		stopGroup(child.Process.Pid, childDone, log)
 	}
 	stopping()
 	stopControl()
@@ -304,3 +307,26 @@ func runExitError(err error) error {
 	}
 	return nil
 }
+
+// stopGroup ends what is left of --run's process group: SIGTERM, and
+// SIGKILL after runGrace. done, if not nil, reports the command's own end
+// (serve was stopped while it ran); processes it left behind in its group
+// are stopped too.
+func stopGroup(pgid int, done <-chan error, log *slog.Logger) {
+	syscall.Kill(-pgid, syscall.SIGTERM)
+	if done == nil {
+		return
+	}
+	t := time.NewTimer(runGrace)
+	defer t.Stop()
+	select {
+	case <-done:
+	case <-t.C:
+		log.Warn("the --run command did not stop on SIGTERM; killing it", "grace", runGrace)
+		syscall.Kill(-pgid, syscall.SIGKILL)
+		<-done
+	}
+}
+
+// runGrace is how long --run's command has to stop after SIGTERM.
+const runGrace = 10 * time.Second

@@ -33,7 +33,7 @@ func (f *serviceFlags) check() error {
 		return nil
 	}
 	if b, err := os.ReadFile(f.pidFile); err == nil {
-		if pid, err := strconv.Atoi(string(trimNL(b))); err == nil && pid > 0 && pid != os.Getpid() && processAlive(pid) {
+		if pid, err := strconv.Atoi(string(trimNL(b))); err == nil && pid > 0 && pid != os.Getpid() && processAlive(pid) && sameProgram(pid) {
 			return fmt.Errorf("%w: --pid-file %s names process %d, which is running (another instance?)", errUsage, f.pidFile, pid)
 		}
 	} else if !errors.Is(err, fs.ErrNotExist) {
@@ -112,4 +112,17 @@ func processAlive(pid int) bool {
 	}
 	err = p.Signal(syscall.Signal(0))
 	return err == nil || errors.Is(err, os.ErrPermission)
+}
+
+// sameProgram reports whether process pid runs this program (by its
+// command name in /proc): a pid file left by a crash may name a pid the
+// system has since given to something else, which must not keep a
+// service from starting again.
+func sameProgram(pid int) bool {
+	self, err := os.ReadFile("/proc/self/comm")
+	if err != nil {
+		return true // cannot tell: assume it is
+	}
+	other, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/comm")
+	return err != nil || string(other) == string(self)
 }
