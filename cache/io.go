@@ -582,8 +582,15 @@ func (c *Cache) noteUnavailable(err error) bool {
 	return true
 }
 
-// backingAway reports whether the backing was found unreachable lately.
-func (c *Cache) backingAway() bool { return time.Now().UnixNano() < c.backingAwayUntil.Load() }
+// backingAway reports whether the backing is out of reach: by its own
+// account (storage.Reachability, a remote), else if it was found
+// unreachable within backingAwayFor.
+func (c *Cache) backingAway() bool {
+	if r, ok := c.back.(storage.Reachability); ok && !r.Reachable() {
+		return true
+	}
+	return time.Now().UnixNano() < c.backingAwayUntil.Load()
+}
 
 // backingAwayFor is how long an unreachable backing is taken to stay away.
 const backingAwayFor = 5 * time.Second

@@ -2,6 +2,8 @@ package cache
 
 import (
 	"bytes"
+	"fmt"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -200,7 +202,7 @@ func TestFullIndexOverDiskDoesNotSpin(t *testing.T) {
 	d := formatMem(t, 4<<20, 16<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 64 << 10})
 	c := openT(t, d, Options{NoBackground: true, SequentialCutoff: -1, testMaxExt: 40})
 	c.backingNanos.Store(5 * slowBackingNanos) // a disk's latency (diskLike)
-	for i := range int64(60) { // far apart: one extent each, 3/4 of 40 reached at 30
+	for i := range int64(60) {                 // far apart: one extent each, 3/4 of 40 reached at 30
 		done := make(chan error, 1)
 		go func() { done <- c.WriteAt(payload(i<<16, 4096, uint64(i+1)), i<<16, 0) }()
 		select {
@@ -221,5 +223,44 @@ func TestFullIndexOverDiskDoesNotSpin(t *testing.T) {
 	}
 	if err := c.Verify(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// awayDev is a backing out of reach: every write waits stall, then fails
+// with storage.ErrUnavailable, and it says so (storage.Reachability).
+type awayDev struct {
+	storage.Device
+	stall  time.Duration
+	stalls atomic.Int64
+}
+
+func (d *awayDev) WriteAt(p []byte, off int64, fl storage.Flags) error {
+	d.stalls.Add(1)
+	time.Sleep(d.stall)
+	return fmt.Errorf("remote: %w", storage.ErrUnavailable)
+}
+
+func (d *awayDev) Reachable() bool { return false }
+
+// TestStreamCachedWhileBackingAway: during an outage of a backing that
+// reports its reachability, a write-back stream past the cutoff is cached
+// at once: it never waits for the backing. (Found by review: with only
+// the 5 s mark that an ErrUnavailable leaves, the stream waited out the
+// backing's timeout again every time the mark ran out.)
+func TestStreamCachedWhileBackingAway(t *testing.T) {
+	d := formatMem(t, 8<<20, 64<<20, FormatOptions{})
+	ad := &awayDev{Device: d.back, stall: 300 * time.Millisecond}
+	c, err := Open(d.cache, ad, Options{BackingID: testBackingID, NoBackground: true, SequentialCutoff: 16 << 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for off := int64(0); off < 2<<20; off += 4096 { // a stream 128 times the cutoff
+		if err := c.WriteAt(payload(off, 4096, 1), off, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := ad.stalls.Load(); n > 0 {
+		t.Fatalf("the stream waited for the unreachable backing %d times", n)
 	}
 }

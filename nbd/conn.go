@@ -177,6 +177,9 @@ func (c *conn) serve() {
 	case errors.Is(err, errIdle):
 		c.s.stats.idle.Add(1)
 		c.s.log.Warn("connection closed: idle", "remote", remote(c.nc), "timeout", c.s.idleTimeout)
+		if c.inflight.Load() > 0 {
+			c.drop() // replies it does not read: a Flush may be blocked on them
+		}
 	}
 	c.handlers.Wait()
 	close(c.jobs)
@@ -363,15 +366,17 @@ func (c *conn) readHeader(r *bufio.Reader, hb []byte) error {
 			}
 			return err
 		}
-		if c.idleArmed && c.reqs == c.idleReqs && c.inflight.Load() == 0 {
+		if c.idleArmed && c.reqs == c.idleReqs {
 			// Replies may still be on their way: a slow reader
-			// drains the socket's send queue. Idle once it is empty,
-			// or stuck for a whole timeout.
+			// drains the socket's send queue. Idle once nothing is in
+			// flight and the queue is empty, or once the queue is
+			// stuck for a whole timeout (the client reads nothing,
+			// in flight or not: serve then drops it).
 			q := unsentBytes(c.nc)
-			if q <= 0 || q == c.idleOutq {
+			if (q <= 0 && c.inflight.Load() == 0) || (q > 0 && q == c.idleOutq) {
 				return errIdle
 			}
-			c.idleOutq = q
+			c.idleOutq = max(q, 0)
 		} else {
 			c.idleOutq = 0
 		}

@@ -589,3 +589,30 @@ func TestIdleSparesStreamingWriterWithoutReadTimeout(t *testing.T) {
 		}
 	}
 }
+
+// TestIdleDropsStuckReaderWithoutWriteTimeout: with --write-timeout 0 (no
+// write deadline) and an idle timeout, a client that sends READs and
+// reads no reply is closed as idle once the send queue has not moved for
+// a whole timeout, though replies are still in flight. Before, the last
+// reply's Flush blocked for ever with a request counted in flight, so the
+// idle check never fired and the connection kept its slot. (Found by
+// review.)
+func TestIdleDropsStuckReaderWithoutWriteTimeout(t *testing.T) {
+	const idle = 200 * time.Millisecond
+	s, addr := startServerConfig(t, Config{IdleTimeout: idle, WriteTimeout: -1,
+		Exports: []Export{{Device: storage.NewMem(16 << 20)}}})
+	c := dial(t, addr)
+	defer c.nc.Close()
+	c.connect("", false)
+	for i := range 60 {
+		c.request(cmdRead, 0, uint64(i), uint64(i%64)*(128<<10), 128<<10, nil)
+	}
+	deadline := time.Now().Add(30 * idle)
+	for time.Now().Before(deadline) && s.Stats().Idle == 0 {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if s.Stats().Idle == 0 {
+		t.Fatal("a client that reads no reply was not closed as idle")
+	}
+	shutdown(t, s) // and nothing is left blocked
+}

@@ -132,6 +132,11 @@ type RemoteStats struct {
 	Reconnects  int64   // connections dialled again
 }
 
+// Reachable reports whether every connection to the remote is up
+// (storage.Reachability): false from a lost connection until a redial
+// succeeds.
+func (r *Remote) Reachable() bool { return r.Stats().Connected }
+
 // Stats reports the connections' state.
 func (r *Remote) Stats() RemoteStats {
 	st := RemoteStats{Connected: true}

@@ -30,6 +30,13 @@ var (
 	ErrUnavailable = errors.New("storage: device unreachable")
 )
 
+// Reachability is implemented by devices that can be out of reach for a
+// while (a remote): Reachable reports whether the device is reachable
+// now, as far as it knows, without waiting.
+type Reachability interface {
+	Reachable() bool
+}
+
 // Caps describes what a device can do. A layer above must not call a method
 // whose capability is false (Trim without Trim, FUA without FUA).
 type Caps struct {
