@@ -96,9 +96,7 @@ type Cache struct {
 	dw groupWriter // the write path's data writes to dev
 	// backingNanos: the average time a backing write took, per 4 KiB:
 	// bypassed writes and the cache's own writebacks (see slowBacking).
-	backingNanos atomic.Int64
-	// cacheNanos: the same for the write path's cache device writes.
-	cacheNanos    atomic.Int64
+	backingNanos  atomic.Int64
 	roomWaitAfter atomic.Int64 // unix nanoseconds: no waiting for room before
 	// backingAwayUntil: unix nanoseconds until which the backing is taken
 	// to be unreachable (noteUnavailable).

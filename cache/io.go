@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"slices"
-	"sync/atomic"
 	"time"
 
 	"github.com/nbdcache/nbdcache/storage"
@@ -272,11 +271,7 @@ func (c *Cache) writeCached(p []byte, off int64, dirty bool, cond func() bool, m
 		n := min(got, int64(len(p))-done)
 		chunk := p[done : done+n]
 		sum := crc(chunk)
-		start := time.Now()
 		err := c.dw.write(chunk, loc)
-		if dirty && err == nil {
-			noteNanos(&c.cacheNanos, time.Since(start), n)
-		}
 		c.mu.Lock()
 		if err == nil && cond != nil {
 			if !cond() {
@@ -559,15 +554,12 @@ const (
 	roomBackoff      = 10 * time.Second
 )
 
-// noteBacking adds a backing write of n bytes that took d to the average.
-func (c *Cache) noteBacking(d time.Duration, n int64) { noteNanos(&c.backingNanos, d, n) }
-
-// noteNanos adds a write of n bytes that took d to the average per 4 KiB
-// in avg (a lost update between two writers only weakens one sample).
-func noteNanos(avg *atomic.Int64, d time.Duration, n int64) {
+// noteBacking adds a backing write of n bytes that took d to the average
+// (a lost update between two writers only weakens one sample).
+func (c *Cache) noteBacking(d time.Duration, n int64) {
 	per4k := int64(d) * 4096 / max(n, 4096)
-	old := avg.Load()
-	avg.Store(old + (per4k-old)/8)
+	old := c.backingNanos.Load()
+	c.backingNanos.Store(old + (per4k-old)/8)
 }
 
 // noteUnavailable reports whether err says the backing could not be

@@ -20,60 +20,57 @@ type counters struct {
 type Stats struct {
 	Mode Mode
 
-	Reads, ReadBytes   int64
-	Hits               int64 // reads served wholly from the cache (device or RAM)
-	Misses             int64 // reads served wholly from the backing
-	PartialHits        int64 // reads served from both
-	RAMHits            int64 // pieces served from the RAM tier
-	ReadRetries        int64 // reads redone because their bucket was emptied under them
-	Writes, WriteBytes int64
-	CachedWriteBytes   int64 // bytes written into the cache (writes, zeroes and promotions)
-	Bypasses           int64 // requests sent to the backing by mode, cutoff or a full cache
-	DirectWaits        int64 // direct backing writes that waited for a writeback (or another direct write) of their range
-	RoomWaits          int64 // writes that found the cache full over a slow backing and waited for room
-	RMW                int64 // unaligned writes done by read-modify-write
-	FUA, Flushes       int64
-	Trims, Zeros       int64
-	Promotions         int64 // read misses copied into the cache
-	PromotedBytes      int64
-	NoSpace            int64 // allocations that found the cache full
-	CacheReadErrors    int64 // cache device read errors (clean data fell back to the backing)
-	CacheWriteErrors   int64
-	DataWrites         int64 // cache device writes of the write path's data (adjacent ones of concurrent writers merge)
-	BackingWriteBytes  int64 // foreground bytes written to the backing
-	// The recent average time of a write, per 4 KiB, to the backing
-	// (bypasses and cleaning) and to the cache device (the write path):
-	// whether the backing counts as a disk (diskLike) depends on the first.
-	BackingWriteNanos, CacheWriteNanos int64
-	DirtyBytes                         int64
-	CachedBytes                        int64 // bytes in the index
-	Extents                            int64
-	CapacityBytes                      int64
-	FreeBuckets                        int64
-	PendingBuckets                     int64 // emptied, reusable after the next checkpoint
-	Buckets                            int64
-	JournalRecords                     int64
-	JournalBlocks                      int64
-	JournalUsedBlocks                  int64 // blocks since the last checkpoint
-	JournalSlots                       int64
-	Commits                            int64 // group commits that wrote the journal
-	CommitWaits                        int64 // waits for another committer (group commit sharing)
-	Publishes                          int64 // journal writes without a sync that made acknowledged writes survive a kill
-	BackingFlushes                     int64
-	Checkpoints                        int64
-	CheckpointBytes                    int64
-	CheckpointsSkipped                 int64 // asked for, but made unneeded by a checkpoint that ran meanwhile
-	GCRuns                             int64
-	GCMovedBytes                       int64 // dirty bytes GC moved to other buckets (never clean ones)
-	GCCleanedBytes                     int64 // dirty bytes GC wrote back to the backing to drop them instead
-	EvictedBytes                       int64
-	BucketsFreed                       int64
-	WritebackBytes                     int64 // bytes marked clean after writeback
-	WritebackCollisions                int64 // bytes rewritten while being written back (CAS lost)
-	WritebackInFlight                  int64
-	ReplayedRecords                    int64 // journal records applied by the last recovery
-	ReplayDropped                      int64 // records dropped by it (data never became durable)
-	Failed                             bool  // a journal commit failed; writes are refused
+	Reads, ReadBytes    int64
+	Hits                int64 // reads served wholly from the cache (device or RAM)
+	Misses              int64 // reads served wholly from the backing
+	PartialHits         int64 // reads served from both
+	RAMHits             int64 // pieces served from the RAM tier
+	ReadRetries         int64 // reads redone because their bucket was emptied under them
+	Writes, WriteBytes  int64
+	CachedWriteBytes    int64 // bytes written into the cache (writes, zeroes and promotions)
+	Bypasses            int64 // requests sent to the backing by mode, cutoff or a full cache
+	DirectWaits         int64 // direct backing writes that waited for a writeback (or another direct write) of their range
+	RoomWaits           int64 // writes that found the cache full over a slow backing and waited for room
+	RMW                 int64 // unaligned writes done by read-modify-write
+	FUA, Flushes        int64
+	Trims, Zeros        int64
+	Promotions          int64 // read misses copied into the cache
+	PromotedBytes       int64
+	NoSpace             int64 // allocations that found the cache full
+	CacheReadErrors     int64 // cache device read errors (clean data fell back to the backing)
+	CacheWriteErrors    int64
+	DataWrites          int64 // cache device writes of the write path's data (adjacent ones of concurrent writers merge)
+	BackingWriteBytes   int64 // foreground bytes written to the backing
+	BackingWriteNanos   int64 // recent average backing write (bypasses, cleaning) per 4 KiB; above 1 ms the backing counts as a disk
+	DirtyBytes          int64
+	CachedBytes         int64 // bytes in the index
+	Extents             int64
+	CapacityBytes       int64
+	FreeBuckets         int64
+	PendingBuckets      int64 // emptied, reusable after the next checkpoint
+	Buckets             int64
+	JournalRecords      int64
+	JournalBlocks       int64
+	JournalUsedBlocks   int64 // blocks since the last checkpoint
+	JournalSlots        int64
+	Commits             int64 // group commits that wrote the journal
+	CommitWaits         int64 // waits for another committer (group commit sharing)
+	Publishes           int64 // journal writes without a sync that made acknowledged writes survive a kill
+	BackingFlushes      int64
+	Checkpoints         int64
+	CheckpointBytes     int64
+	CheckpointsSkipped  int64 // asked for, but made unneeded by a checkpoint that ran meanwhile
+	GCRuns              int64
+	GCMovedBytes        int64 // dirty bytes GC moved to other buckets (never clean ones)
+	GCCleanedBytes      int64 // dirty bytes GC wrote back to the backing to drop them instead
+	EvictedBytes        int64
+	BucketsFreed        int64
+	WritebackBytes      int64 // bytes marked clean after writeback
+	WritebackCollisions int64 // bytes rewritten while being written back (CAS lost)
+	WritebackInFlight   int64
+	ReplayedRecords     int64 // journal records applied by the last recovery
+	ReplayDropped       int64 // records dropped by it (data never became durable)
+	Failed              bool  // a journal commit failed; writes are refused
 }
 
 // Stats returns a snapshot.
@@ -94,7 +91,7 @@ func (c *Cache) Stats() Stats {
 		WritebackBytes: c.stats.writebackBytes.Load(), WritebackCollisions: c.stats.writebackCollisions.Load(),
 		ReplayedRecords: c.stats.replayed.Load(), ReplayDropped: c.stats.replayDropped.Load(), DirectWaits: c.stats.directWaits.Load(), RoomWaits: c.stats.roomWaits.Load(),
 		CapacityBytes: c.CapacityBytes(), Buckets: c.sb.NBuckets, JournalSlots: c.sb.journalSlots(),
-		BackingWriteNanos: c.backingNanos.Load(), CacheWriteNanos: c.cacheNanos.Load(),
+		BackingWriteNanos: c.backingNanos.Load(),
 	}
 	c.mu.Lock()
 	s.Mode = c.mu.mode

@@ -70,11 +70,9 @@ type Stats struct {
 	// locations share one.
 	DataWrites  int64 `json:"data_writes"`
 	Checkpoints int64 `json:"checkpoints"`
-	// Recent average write time per 4 KiB: to the backing (above 1 ms
-	// it counts as a disk: a full cache then waits for room rather than
-	// bypass), and to the cache device.
+	// Recent average backing write time per 4 KiB: above 1 ms the backing
+	// counts as a disk, and a full cache waits for room rather than bypass.
 	BackingWriteNanos int64 `json:"backing_write_ns_per_4k"`
-	CacheWriteNanos   int64 `json:"cache_write_ns_per_4k"`
 	CacheErrors       int64 `json:"cache_errors"`
 	Failed            bool  `json:"failed"`
 
@@ -413,7 +411,7 @@ func (c *Client) Drain(ctx context.Context, progress func(Progress)) error {
 		}
 	}
 	if ctx.Err() != nil {
-		return ctx.Err() // the caller gave up (Ctrl-C): the server may well be draining on
+		return ctx.Err() // the caller gave up (Ctrl-C); its request, and the drain, end with it
 	}
 	if err := sc.Err(); err != nil || !complete {
 		// The connection was cut, or closed early: the server went away.

@@ -74,7 +74,7 @@ func (d *daemon) Stats() control.Stats {
 	}
 	s.JournalCommits, s.JournalPublishes, s.Checkpoints = cs.Commits, cs.Publishes, cs.Checkpoints
 	s.DataWrites = cs.DataWrites
-	s.BackingWriteNanos, s.CacheWriteNanos = cs.BackingWriteNanos, cs.CacheWriteNanos
+	s.BackingWriteNanos = cs.BackingWriteNanos
 	s.CacheErrors = cs.CacheReadErrors + cs.CacheWriteErrors
 	s.Failed = cs.Failed
 	s.WritebackBytes, s.CollidedBytes = cs.WritebackBytes, cs.WritebackCollisions
