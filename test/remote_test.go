@@ -93,22 +93,41 @@ func TestRemoteBacking(t *testing.T) {
 	}
 }
 
+// fileRemote is nbdkit's file plugin serving img on a unix socket, for
+// outage tests: kill stops it, restart serves the same file on the same
+// socket again.
+type fileRemote struct {
+	t         *testing.T
+	img, sock string
+	uri       string
+	kill      func()
+}
+
+func startFileRemote(t *testing.T, size int64) *fileRemote {
+	r := &fileRemote{t: t, img: sparseFile(t, "remote.img", size), sock: filepath.Join(t.TempDir(), "kit.sock")}
+	r.uri = "nbd+unix:///?socket=" + r.sock
+	r.kill = startNbdkitOn(t, r.sock, "file", r.img)
+	return r
+}
+
+func (r *fileRemote) restart() {
+	os.Remove(r.sock) // nbdkit was killed: its socket is left behind
+	r.kill = startNbdkitOn(r.t, r.sock, "file", r.img)
+}
+
 // TestRemoteBackingOutage: the remote (nbdkit's file plugin) is killed
 // while the cache serves: writes and FLUSH are still acknowledged, cached
 // data still reads, stats say the backing is down. Once it is back on
 // the same socket, the drain writes everything to it.
 func TestRemoteBackingOutage(t *testing.T) {
 	qemuIO := tool(t, "qemu-io")
-	img := sparseFile(t, "remote.img", 32*mib)
-	sock := filepath.Join(t.TempDir(), "kit.sock")
-	kill := startNbdkitOn(t, sock, "file", img)
-	remote := "nbd+unix:///?socket=" + sock
+	remote := startFileRemote(t, 32*mib)
 	cache := sparseFile(t, "cache.img", 16*mib)
 	ctl := "unix:" + filepath.Join(t.TempDir(), "ctl.sock")
-	s := startServe(t, "--backing", remote, "--cache", cache, "--format", "--control", ctl, "--backing-timeout", "1s")
+	s := startServe(t, "--backing", remote.uri, "--cache", cache, "--format", "--control", ctl, "--backing-timeout", "1s")
 	defer s.stop()
 	run(t, qemuIO, "-f", "raw", "-c", "write -P 0x11 0 1M", "-c", "flush", s.uri)
-	kill()
+	remote.kill()
 	run(t, qemuIO, "-f", "raw", "-c", "write -P 0x22 4M 2M", "-c", "flush", "-c", "read -P 0x11 0 1M", "-c", "read -P 0x22 4M 2M", s.uri)
 	// An uncached read waits --backing-timeout for the remote, then
 	// fails with EIO.
@@ -134,12 +153,11 @@ func TestRemoteBackingOutage(t *testing.T) {
 	if state, _ := backing(); state != "down" {
 		t.Errorf("stats during the outage: backing %q", state)
 	}
-	os.Remove(sock) // nbdkit was killed: its socket is left behind
-	startNbdkitOn(t, sock, "file", img)
+	remote.restart()
 	if out, code := nbdcache(t, "flush", "--drain", "--control", ctl); code != 0 {
 		t.Fatalf("drain after the remote came back: %d\n%s", code, out)
 	}
-	got, _ := os.ReadFile(img)
+	got, _ := os.ReadFile(remote.img)
 	if !bytes.Equal(got[:mib], bytes.Repeat([]byte{0x11}, mib)) || !bytes.Equal(got[4*mib:6*mib], bytes.Repeat([]byte{0x22}, 2*mib)) {
 		t.Fatal("the remote's file does not hold what was written during the outage")
 	}
@@ -155,15 +173,12 @@ func TestRemoteBackingOutage(t *testing.T) {
 // reads back. Once the remote is back, the drain writes it all there.
 func TestRemoteOutageFullCache(t *testing.T) {
 	qemuIO := tool(t, "qemu-io")
-	img := sparseFile(t, "remote.img", 64*mib)
-	sock := filepath.Join(t.TempDir(), "kit.sock")
-	kill := startNbdkitOn(t, sock, "file", img)
-	remote := "nbd+unix:///?socket=" + sock
+	remote := startFileRemote(t, 64*mib)
 	ctl := "unix:" + filepath.Join(t.TempDir(), "ctl.sock")
-	s := startServe(t, "--backing", remote, "--cache", sparseFile(t, "cache.img", 16*mib), "--format",
+	s := startServe(t, "--backing", remote.uri, "--cache", sparseFile(t, "cache.img", 16*mib), "--format",
 		"--control", ctl, "--backing-timeout", "1s")
 	defer s.stop()
-	kill()
+	remote.kill()
 	// 4 MiB writes until one fails: the cache holds less than 16 MiB.
 	written := 0
 	for ; written < 16; written++ {
@@ -183,12 +198,11 @@ func TestRemoteOutageFullCache(t *testing.T) {
 	for i := range written {
 		run(t, qemuIO, "-f", "raw", "-c", fmt.Sprintf("read -P 0x%x %dM 4M", 0x20+i, 4*i), s.uri)
 	}
-	os.Remove(sock)
-	startNbdkitOn(t, sock, "file", img)
+	remote.restart()
 	if out, code := nbdcache(t, "flush", "--drain", "--control", ctl); code != 0 {
 		t.Fatalf("drain after the remote came back: %d\n%s", code, out)
 	}
-	got, _ := os.ReadFile(img)
+	got, _ := os.ReadFile(remote.img)
 	for i := range written {
 		if !bytes.Equal(got[4*i*mib:4*(i+1)*mib], bytes.Repeat([]byte{byte(0x20 + i)}, 4*mib)) {
 			t.Fatalf("the remote lacks write %d after the drain", i)

@@ -4,11 +4,11 @@ import (
 	"flag"
 	"fmt"
 	"net"
-	"net/url"
 	"os"
 	"strconv"
 	"strings"
 
+	"github.com/nbdcache/nbdcache/nbd"
 	"github.com/nbdcache/nbdcache/unixsock"
 )
 
@@ -50,39 +50,18 @@ func parseListen(s string) (listenAddr, error) {
 }
 
 // parseListenURI reads --listen in the NBD URI form that clients are
-// given (libnbd's and qemu's): nbd://HOST[:PORT][/EXPORT] (port 10809 by
-// default), nbd+unix:///[EXPORT]?socket=PATH, and the nbds forms (TLS).
+// given (nbd.ParseURI: nbd://HOST[:PORT][/EXPORT], nbd+unix:///[EXPORT]?
+// socket=PATH, and the nbds forms). As with HOST:PORT, a URI with no host
+// is refused: all interfaces must be asked for.
 func parseListenURI(s string) (listenAddr, error) {
-	bad := func(why string) (listenAddr, error) {
-		return listenAddr{}, fmt.Errorf("%w: --listen %q: %s (want nbd://HOST[:PORT][/EXPORT] or nbd+unix:///[EXPORT]?socket=PATH)", errUsage, s, why)
-	}
-	u, err := url.Parse(s)
+	u, err := nbd.ParseURI(s)
 	if err != nil {
-		return bad(err.Error())
+		return listenAddr{}, fmt.Errorf("%w: --listen: %v", errUsage, err)
 	}
-	a := listenAddr{export: strings.TrimPrefix(u.Path, "/"), tls: strings.HasPrefix(u.Scheme, "nbds")}
-	switch u.Scheme {
-	case "nbd", "nbds":
-		if u.Hostname() == "" {
-			return bad("no host")
-		}
-		port := u.Port()
-		if port == "" {
-			port = "10809"
-		}
-		a.network, a.addr = "tcp", net.JoinHostPort(u.Hostname(), port)
-	case "nbd+unix", "nbds+unix":
-		if u.Host != "" {
-			return bad("a unix URI has no host")
-		}
-		if a.addr = u.Query().Get("socket"); a.addr == "" {
-			return bad("no ?socket=PATH")
-		}
-		a.network = "unix"
-	default:
-		return bad("unknown scheme " + u.Scheme)
+	if host, _, _ := net.SplitHostPort(u.Addr); u.Network == "tcp" && host == "" {
+		return listenAddr{}, fmt.Errorf("%w: --listen %q has no host; name one, or 0.0.0.0 to listen on all interfaces", errUsage, s)
 	}
-	return a, nil
+	return listenAddr{network: u.Network, addr: u.Addr, export: u.Export, tls: u.TLS}, nil
 }
 
 // listen opens the socket. A unix socket is created with perm (never

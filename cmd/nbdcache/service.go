@@ -4,6 +4,7 @@ package main
 // (Type=notify; contrib/systemd/nbdcache@.service).
 
 import (
+	"bytes"
 	"errors"
 	"flag"
 	"fmt"
@@ -33,7 +34,7 @@ func (f *serviceFlags) check() error {
 		return nil
 	}
 	if b, err := os.ReadFile(f.pidFile); err == nil {
-		if pid, err := strconv.Atoi(string(trimNL(b))); err == nil && pid > 0 && pid != os.Getpid() && processAlive(pid) && sameProgram(pid) {
+		if pid, err := strconv.Atoi(string(bytes.TrimSpace(b))); err == nil && pid > 0 && pid != os.Getpid() && processAlive(pid) && sameProgram(pid) {
 			return fmt.Errorf("%w: --pid-file %s names process %d, which is running (another instance?)", errUsage, f.pidFile, pid)
 		}
 	} else if !errors.Is(err, fs.ErrNotExist) {
@@ -94,13 +95,6 @@ func writePIDFile(path string) error {
 		return fmt.Errorf("--pid-file: %w", err)
 	}
 	return nil
-}
-
-func trimNL(b []byte) []byte {
-	for len(b) > 0 && (b[len(b)-1] == '\n' || b[len(b)-1] == '\r' || b[len(b)-1] == ' ') {
-		b = b[:len(b)-1]
-	}
-	return b
 }
 
 // processAlive reports whether a process with this id exists (signal 0;
