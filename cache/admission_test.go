@@ -51,3 +51,32 @@ func TestSequentialDetector(t *testing.T) {
 		t.Fatal("a negative cutoff does not turn detection off")
 	}
 }
+
+// TestThrashing: the detector starts only when free buckets are short and
+// GC has cleaned a turnover's worth since it last ended, holds until the
+// free buckets reach high, and then needs a new turnover to start again.
+func TestThrashing(t *testing.T) {
+	const low, high, turnover = 4, 16, 100
+	var a admitter
+	steps := []struct {
+		free    int
+		cleaned int64
+		want    bool
+		why     string
+	}{
+		{2, 0, false, "short of buckets, but GC cleaned nothing: the working set fits"},
+		{20, 99, false, "plenty of buckets"},
+		{3, 99, false, "short, but less than a turnover cleaned"},
+		{3, 100, true, "short, and a turnover cleaned"},
+		{10, 100, true, "between low and high: it holds"},
+		{15, 150, true, "just below high: it holds"},
+		{16, 160, false, "high reached"},
+		{3, 200, false, "short again, but only 40 cleaned since it ended"},
+		{3, 260, true, "a turnover since it ended"},
+	}
+	for i, s := range steps {
+		if got := a.thrashing(s.free, low, high, s.cleaned, turnover); got != s.want {
+			t.Fatalf("step %d (free %d, cleaned %d): thrashing %v, want %v: %s", i, s.free, s.cleaned, got, s.want, s.why)
+		}
+	}
+}

@@ -452,7 +452,7 @@ func (c *Cache) fitIndex() error {
 			return fmt.Errorf("cache: write back to fit the index: %w", err)
 		}
 	}
-	if err := c.back.Flush(); err != nil {
+	if err := c.flushBacking(); err != nil {
 		return fmt.Errorf("cache: write back to fit the index: %w", err)
 	}
 	for _, e := range dirty {

@@ -338,6 +338,23 @@ func (c *Cache) dirtyLocked(off, n int64) bool {
 	return dirty
 }
 
+// thrashingLocked reports whether the cache thrashes (admitter.thrashing)
+// over a backing that is no disk (diskLike: a disk's random writes are
+// better cached, and swept back in order) and is in reach.
+func (c *Cache) thrashingLocked() bool {
+	free := len(c.mu.free) + len(c.mu.pending)
+	thrash := c.mu.admit.thrashing(free, c.lowFree(), int(c.sb.NBuckets/2), c.stats.gcCleanedBytes.Load(), c.CapacityBytes()/2)
+	return thrash && !c.diskLike() && !c.backingAway()
+}
+
+// cachedLocked reports whether part of [off, off+n) is cached, clean or
+// dirty, or being written back.
+func (c *Cache) cachedLocked(off, n int64) bool {
+	cached := false
+	c.mu.idx.Lookup(off, n, func(btreeExtent) bool { cached = true; return false })
+	return cached || c.busyLocked(off, n)
+}
+
 // cleanLocked reports whether a clean extent lies over part of
 // [off, off+n).
 func (c *Cache) cleanLocked(off, n int64) bool {
@@ -449,11 +466,18 @@ func (c *Cache) write(p []byte, off int64) error {
 	mode := c.mu.mode
 	// While the backing is away, a write-back stream past the cutoff is
 	// cached like any write, rather than sent to wait for the backing.
-	seq := c.mu.admit.sequential(off, n) && !(mode == Writeback && c.backingAway())
+	around := c.mu.admit.sequential(off, n) && !(mode == Writeback && c.backingAway())
+	// A miss goes around a thrashing cache; a write over cached data stays
+	// in it (it supersedes that data, with no journal record of its own).
+	thrash := false
+	if mode == Writeback && !around && c.thrashingLocked() {
+		around = !c.cachedLocked(off, n)
+		thrash = around
+	}
 	// A write-back write goes to the cache whether the range is pinned or
 	// not: skip the index lookup then (it is a tenth of the write path).
 	pinned := false
-	if routeNeedsPin(mode, seq) {
+	if routeNeedsPin(mode, around) {
 		pinned = c.pinnedLocked(off, n)
 	}
 	c.mu.Unlock()
@@ -464,11 +488,14 @@ func (c *Cache) write(p []byte, off int64) error {
 	}
 	for {
 		var err error
-		switch writeRoute(mode, seq, pinned) {
+		switch writeRoute(mode, around, pinned) {
 		case routeDirty:
 			return c.writeDirty(p, off)
 		case routeBacking:
 			c.stats.bypasses.Add(1)
+			if thrash {
+				c.stats.thrashBypasses.Add(1)
+			}
 			err = c.writeBacking(p, off, directWrite, nil)
 			if c.noteUnavailable(err) && mode == Writeback {
 				return c.writeDirty(p, off) // the stream's bypass found the backing away
@@ -1064,7 +1091,7 @@ func (c *Cache) zeroDirty(off, n int64, bflags storage.Flags) (bool, error) {
 		err = c.zeroBacking(off, n, bflags)
 	}
 	if err == nil {
-		err = c.back.Flush()
+		err = c.flushBacking()
 	}
 	if err == nil {
 		err = c.enter()

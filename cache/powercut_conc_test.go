@@ -863,6 +863,7 @@ func TestPowerCutConcurrent(t *testing.T) {
 		sum.EvictedBytes += res.stats.EvictedBytes
 		sum.Checkpoints += res.stats.Checkpoints
 		sum.Bypasses += res.stats.Bypasses
+		sum.ThrashBypasses += res.stats.ThrashBypasses
 		sum.RMW += res.stats.RMW
 		sum.WritebackBytes += res.stats.WritebackBytes
 		sum.BucketsFreed += res.stats.BucketsFreed
@@ -872,8 +873,11 @@ func TestPowerCutConcurrent(t *testing.T) {
 		"clean extents differing from the backing only at a sector the cut tore: %d",
 		n, time.Since(start).Round(time.Millisecond), reached, perModel, ops, torn)
 	t.Logf("work done before the cuts: %d promotions, %d GC runs, %d bytes evicted, %d buckets freed, %d checkpoints, "+
-		"%d bypasses, %d read-modify-writes, %d bytes written back, %d of them gap fill",
-		sum.Promotions, sum.GCRuns, sum.EvictedBytes, sum.BucketsFreed, sum.Checkpoints, sum.Bypasses, sum.RMW, sum.WritebackBytes, filled)
+		"%d bypasses (%d of them around a thrashing cache), %d read-modify-writes, %d bytes written back, %d of them gap fill",
+		sum.Promotions, sum.GCRuns, sum.EvictedBytes, sum.BucketsFreed, sum.Checkpoints, sum.Bypasses, sum.ThrashBypasses, sum.RMW, sum.WritebackBytes, filled)
+	if n >= 300 && sum.ThrashBypasses == 0 {
+		t.Errorf("no write went around a thrashing cache in %d cuts: the cuts no longer cover that path", n)
+	}
 }
 
 // TestPowerCutConcurrentCatchesBrokenOrdering: the concurrent harness can

@@ -264,3 +264,107 @@ func TestStreamCachedWhileBackingAway(t *testing.T) {
 		t.Fatalf("the stream waited for the unreachable backing %d times", n)
 	}
 }
+
+// TestThrashBypass: a cache of 16 buckets under a working set eight times
+// its size over a fast backing, with the background running. Once GC has
+// cleaned half the cache only to make room, the cache thrashes: a write
+// that misses it goes to the backing, a write over data it holds (clean or
+// dirty) stays in it. Reads check every byte throughout, and the deep
+// check ends it. Over a disk-like backing it never thrashes.
+func TestThrashBypass(t *testing.T) {
+	const size = 8 << 20
+	d := formatMem(t, 1<<20+256<<10, size, FormatOptions{BucketSize: 64 << 10, JournalSize: 64 << 10})
+	c := openT(t, d, Options{SequentialCutoff: -1})
+	r := rng(testseed.Get(t))
+	model := make([]byte, size)
+	id := uint64(0)
+	write := func(off, n int64) {
+		id++
+		p := payload(off, n, id)
+		if err := c.WriteAt(p, off, 0); err != nil {
+			t.Fatal(err)
+		}
+		copy(model[off:], p)
+	}
+	check := func(off, n int64) {
+		got := make([]byte, n)
+		if err := c.ReadAt(got, off); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, model[off:off+n]) {
+			t.Fatalf("read [%d+%d) differs from what was written", off, n)
+		}
+	}
+	thrashing := func() bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.thrashingLocked()
+	}
+	// Fill until it thrashes (GC cleans what the flusher has not).
+	deadline := time.Now().Add(30 * time.Second)
+	for i := 0; !thrashing(); i++ {
+		if time.Now().After(deadline) {
+			st := c.Stats()
+			t.Fatalf("no thrashing after %d writes: free %d, GC cleaned %d of %d", i, st.FreeBuckets, st.GCCleanedBytes, st.CapacityBytes)
+		}
+		off := r.Int64N(size/4096-4) * 4096
+		write(off, 4096*(1+r.Int64N(4)))
+		if i%7 == 0 {
+			check(r.Int64N(size/4096-4)*4096, 16384)
+		}
+	}
+	var misses, hits, hitsCached int
+	for range 4000 {
+		off := r.Int64N(size/4096-4) * 4096
+		n := 4096 * (1 + r.Int64N(4))
+		c.mu.Lock()
+		hit := c.cachedLocked(off, n)
+		thrash := c.thrashingLocked()
+		c.mu.Unlock()
+		before := c.Stats()
+		write(off, n)
+		after := c.Stats()
+		// The background may change the state between the look and the
+		// write: count only writes whose state held across it.
+		c.mu.Lock()
+		held := c.thrashingLocked() == thrash && thrash
+		c.mu.Unlock()
+		if !held {
+			continue
+		}
+		bypassed := after.Bypasses > before.Bypasses
+		if hit {
+			hits++
+			if after.CachedWriteBytes > before.CachedWriteBytes {
+				hitsCached++
+			}
+			continue
+		}
+		misses++
+		if !bypassed {
+			t.Fatalf("a write of [%d+%d) that missed the thrashing cache was not bypassed", off, n)
+		}
+		if r.IntN(3) == 0 {
+			check(off, n)
+		}
+	}
+	if misses == 0 || hits == 0 {
+		t.Fatalf("thrashing writes: %d misses, %d hits; want both", misses, hits)
+	}
+	if hitsCached < hits*9/10 { // a hit may go to the backing when the cache is full
+		t.Fatalf("only %d of %d writes over cached data stayed in the cache", hitsCached, hits)
+	}
+	if got := c.Stats().ThrashBypasses; got < int64(misses) {
+		t.Errorf("Stats.ThrashBypasses %d, want at least the %d misses bypassed", got, misses)
+	}
+	t.Logf("while thrashing: %d misses bypassed, %d of %d hits cached", misses, hitsCached, hits)
+	for off := int64(0); off < size; off += 1 << 20 {
+		check(off, 1<<20)
+	}
+	c.backingNanos.Store(2 * slowBackingNanos)
+	if thrashing() {
+		t.Error("a cache over a disk-like backing thrashes")
+	}
+	c.backingNanos.Store(0)
+	closeChecked(t, c, d)
+}

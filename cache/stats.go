@@ -6,6 +6,7 @@ import "sync/atomic"
 type counters struct {
 	reads, readBytes, hits, misses, partialHits, ramHits, readRetries atomic.Int64
 	writes, writeBytes, cachedBytes, bypasses, rmw, fua, flushes      atomic.Int64
+	thrashBypasses                                                    atomic.Int64
 	trims, zeros, promotions, promotedBytes, noSpace                  atomic.Int64
 	cacheReadErrors, cacheWriteErrors, backingWriteBytes              atomic.Int64
 	journalRecords, journalBlocks, commits, commitWaits, publishes    atomic.Int64
@@ -29,6 +30,7 @@ type Stats struct {
 	Writes, WriteBytes  int64
 	CachedWriteBytes    int64 // bytes written into the cache (writes, zeroes and promotions)
 	Bypasses            int64 // requests sent to the backing by mode, cutoff or a full cache
+	ThrashBypasses      int64 // writes that missed a thrashing cache and went around it (admitter.thrashing)
 	DirectWaits         int64 // direct backing writes that waited for a writeback (or another direct write) of their range
 	RoomWaits           int64 // writes that found the cache full over a slow backing and waited for room
 	RMW                 int64 // unaligned writes done by read-modify-write
@@ -56,7 +58,7 @@ type Stats struct {
 	Commits             int64 // group commits that wrote the journal
 	CommitWaits         int64 // waits for another committer (group commit sharing)
 	Publishes           int64 // journal writes without a sync that made acknowledged writes survive a kill
-	BackingFlushes      int64
+	BackingFlushes      int64 // backing flushes by the cache: commits, GC's cleaning, Drain (the flusher counts its own)
 	Checkpoints         int64
 	CheckpointBytes     int64
 	CheckpointsSkipped  int64 // asked for, but made unneeded by a checkpoint that ran meanwhile
@@ -79,7 +81,7 @@ func (c *Cache) Stats() Stats {
 		Reads: c.stats.reads.Load(), ReadBytes: c.stats.readBytes.Load(), Hits: c.stats.hits.Load(),
 		Misses: c.stats.misses.Load(), PartialHits: c.stats.partialHits.Load(), RAMHits: c.stats.ramHits.Load(),
 		ReadRetries: c.stats.readRetries.Load(), Writes: c.stats.writes.Load(), WriteBytes: c.stats.writeBytes.Load(),
-		CachedWriteBytes: c.stats.cachedBytes.Load(), Bypasses: c.stats.bypasses.Load(), RMW: c.stats.rmw.Load(),
+		CachedWriteBytes: c.stats.cachedBytes.Load(), Bypasses: c.stats.bypasses.Load(), ThrashBypasses: c.stats.thrashBypasses.Load(), RMW: c.stats.rmw.Load(),
 		FUA: c.stats.fua.Load(), Flushes: c.stats.flushes.Load(), Trims: c.stats.trims.Load(), Zeros: c.stats.zeros.Load(),
 		Promotions: c.stats.promotions.Load(), PromotedBytes: c.stats.promotedBytes.Load(), NoSpace: c.stats.noSpace.Load(),
 		CacheReadErrors: c.stats.cacheReadErrors.Load(), CacheWriteErrors: c.stats.cacheWriteErrors.Load(), DataWrites: c.stats.dataWrites.Load(),

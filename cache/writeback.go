@@ -241,7 +241,7 @@ func (c *Cache) WritebackStep(from, maxBytes int64) (next, written int64, err er
 func (c *Cache) writeBackRead(es []btreeidx.Extent, bufs [][]byte) (cleaned int64, err error) {
 	err = c.writeOrdered(es, bufs)
 	if err == nil && len(es) > 0 {
-		if err = c.back.Flush(); err != nil {
+		if err = c.flushBacking(); err != nil {
 			err = fmt.Errorf("flush: %w", err)
 		}
 	}
@@ -254,6 +254,15 @@ func (c *Cache) writeBackRead(es []btreeidx.Extent, bufs [][]byte) (cleaned int6
 		cleaned += n
 	}
 	return cleaned, err
+}
+
+// flushBacking flushes the backing and counts it (Stats.BackingFlushes).
+func (c *Cache) flushBacking() error {
+	err := c.back.Flush()
+	if err == nil {
+		c.stats.backingFlushes.Add(1)
+	}
+	return err
 }
 
 // writeOrdered writes bufs[i] at es[i].Off on the backing, up to
@@ -383,7 +392,7 @@ func (c *Cache) Drain(ctx context.Context, progress func(done, total int64)) err
 				return fmt.Errorf("cache: drain: %w", err)
 			}
 		}
-		if err := c.back.Flush(); err != nil {
+		if err := c.flushBacking(); err != nil {
 			return fmt.Errorf("cache: drain: flush backing: %w", err)
 		}
 		return c.commit()
@@ -415,7 +424,7 @@ func (c *Cache) Drain(ctx context.Context, progress func(done, total int64)) err
 		}
 		cur = next
 	}
-	if err := c.back.Flush(); err != nil {
+	if err := c.flushBacking(); err != nil {
 		return fmt.Errorf("cache: drain: flush backing: %w", err)
 	}
 	return c.commit()

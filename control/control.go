@@ -43,20 +43,23 @@ type Stats struct {
 	BufferWaits int64 `json:"buffer_waits"`
 
 	// Cache.
-	Hits          int64   `json:"hits"`
-	Misses        int64   `json:"misses"`
-	PartialHits   int64   `json:"partial_hits"`
-	HitRatio      float64 `json:"hit_ratio"`
-	RAMHits       int64   `json:"ram_hits"`
-	Bypasses      int64   `json:"bypasses"`
-	Promotions    int64   `json:"promotions"`
-	DirtyBytes    int64   `json:"dirty_bytes"`
-	CachedBytes   int64   `json:"cached_bytes"`
-	CapacityBytes int64   `json:"capacity_bytes"`
-	Occupancy     float64 `json:"occupancy"`
-	Extents       int64   `json:"extents"`
-	GCRuns        int64   `json:"gc_runs"`
-	GCMovedBytes  int64   `json:"gc_moved_bytes"`
+	Hits        int64   `json:"hits"`
+	Misses      int64   `json:"misses"`
+	PartialHits int64   `json:"partial_hits"`
+	HitRatio    float64 `json:"hit_ratio"`
+	RAMHits     int64   `json:"ram_hits"`
+	Bypasses    int64   `json:"bypasses"`
+	// Of them, writes that missed a thrashing cache (full of data it must
+	// write back to make room) over a fast backing.
+	ThrashBypasses int64   `json:"thrash_bypasses"`
+	Promotions     int64   `json:"promotions"`
+	DirtyBytes     int64   `json:"dirty_bytes"`
+	CachedBytes    int64   `json:"cached_bytes"`
+	CapacityBytes  int64   `json:"capacity_bytes"`
+	Occupancy      float64 `json:"occupancy"`
+	Extents        int64   `json:"extents"`
+	GCRuns         int64   `json:"gc_runs"`
+	GCMovedBytes   int64   `json:"gc_moved_bytes"`
 	// Dirty bytes GC wrote back to drop them instead of moving them.
 	GCCleanedBytes int64 `json:"gc_cleaned_bytes"`
 	// GC's write amplification: bytes GC moved per byte clients wrote.
@@ -77,12 +80,16 @@ type Stats struct {
 	Failed            bool  `json:"failed"`
 
 	// Writeback.
-	WritebackBytes  int64  `json:"writeback_bytes"`
-	WritebackRate   int64  `json:"writeback_rate"`    // bytes/s written back recently
-	WritebackTarget int64  `json:"writeback_target"`  // target dirty bytes
-	Collisions      int64  `json:"collisions"`        // extents whose writeback lost the race with a newer write
-	CollidedBytes   int64  `json:"collided_bytes"`    // bytes rewritten while being written back (the clean mark refused)
-	BackingWrites   int64  `json:"backing_writes"`    // writeback writes to the backing
+	WritebackBytes  int64 `json:"writeback_bytes"`
+	WritebackRate   int64 `json:"writeback_rate"`   // bytes/s written back recently
+	WritebackTarget int64 `json:"writeback_target"` // target dirty bytes
+	Collisions      int64 `json:"collisions"`       // extents whose writeback lost the race with a newer write
+	CollidedBytes   int64 `json:"collided_bytes"`   // bytes rewritten while being written back (the clean mark refused)
+	BackingWrites   int64 `json:"backing_writes"`   // writeback writes to the backing
+	// Backing flushes: the flusher's, GC's cleaning passes', and those
+	// journal commits needed. Over a fast backing each costs the writes
+	// that go to it (bench/flushfloor.sh).
+	BackingFlushes  int64  `json:"backing_flushes"`
 	BackingWriteAvg int64  `json:"backing_write_avg"` // their average size
 	WritebackState  string `json:"writeback_state"`
 	// Failed cache reads, backing writes and backing flushes of the

@@ -266,10 +266,10 @@ func checkStatsNames(t *testing.T, js string) {
 	}
 	for _, name := range []string{"mode", "connections", "active_connections", "requests", "request_errors",
 		"bytes_read", "bytes_written", "client_flushes", "hits", "misses", "partial_hits", "hit_ratio",
-		"ram_hits", "bypasses", "promotions", "dirty_bytes", "cached_bytes", "capacity_bytes", "occupancy",
+		"ram_hits", "bypasses", "thrash_bypasses", "promotions", "dirty_bytes", "cached_bytes", "capacity_bytes", "occupancy",
 		"extents", "gc_runs", "gc_moved_bytes", "evicted_bytes", "journal_commits", "journal_publishes",
 		"checkpoints", "cache_errors", "failed", "writeback_bytes", "writeback_rate", "writeback_target",
-		"collisions", "collided_bytes", "backing_writes", "backing_write_avg", "writeback_state", "uptime_seconds"} {
+		"collisions", "collided_bytes", "backing_writes", "backing_write_avg", "backing_flushes", "writeback_state", "uptime_seconds"} {
 		if _, ok := st[name]; !ok {
 			t.Errorf("stats --json has no %q", name)
 		}
@@ -278,7 +278,7 @@ func checkStatsNames(t *testing.T, js string) {
 	if st["mode"] != "writeback" {
 		t.Errorf("mode %v, want writeback", st["mode"])
 	}
-	for _, name := range []string{"requests", "bytes_written", "bytes_read", "writeback_bytes", "backing_writes",
+	for _, name := range []string{"requests", "bytes_written", "bytes_read", "writeback_bytes", "backing_writes", "backing_flushes",
 		"capacity_bytes", "journal_commits", "journal_publishes", "checkpoints", "connections"} {
 		if num(name) <= 0 {
 			t.Errorf("stats %s = %v after 64 MiB through a 24 MiB cache, want > 0", name, st[name])

@@ -79,13 +79,13 @@ func printStats(w io.Writer, s, prev control.Stats, dt time.Duration, rates bool
 	fmt.Fprintf(tw, "mode\t%s\tuptime\t%.0fs\n", s.Mode, s.UptimeSeconds)
 	fmt.Fprintf(tw, "dirty\t%s\tcached\t%s of %s (occupancy %.1f%%)\n", mibs(s.DirtyBytes), mibs(s.CachedBytes), mibs(s.CapacityBytes), 100*s.Occupancy)
 	fmt.Fprintf(tw, "hit ratio\t%.3f\thits/misses/partial\t%d/%d/%d (RAM %d)\n", s.HitRatio, s.Hits, s.Misses, s.PartialHits, s.RAMHits)
-	fmt.Fprintf(tw, "bypasses\t%d\tpromotions\t%d\n", s.Bypasses, s.Promotions)
+	fmt.Fprintf(tw, "bypasses\t%d (%d thrashing)\tpromotions\t%d\n", s.Bypasses, s.ThrashBypasses, s.Promotions)
 	wbRate := s.WritebackRate
 	if rates && dt > 0 {
 		wbRate = int64(float64(s.WritebackBytes-prev.WritebackBytes) / dt.Seconds())
 	}
 	fmt.Fprintf(tw, "writeback\t%s total (%s)\trate\t%s/s, target dirty %s\n", mibs(s.WritebackBytes), s.WritebackState, mibs(wbRate), mibs(s.WritebackTarget))
-	fmt.Fprintf(tw, "collisions\t%d\tbacking writes\t%d (avg %s)\n", s.Collisions, s.BackingWrites, mibs(s.BackingWriteAvg))
+	fmt.Fprintf(tw, "collisions\t%d\tbacking writes\t%d (avg %s), %d flushes\n", s.Collisions, s.BackingWrites, mibs(s.BackingWriteAvg), s.BackingFlushes)
 	if s.BackingState != "" {
 		fmt.Fprintf(tw, "backing\t%s\toutages\t%d (down for %.0fs)\n", s.BackingState, s.BackingOutages, s.BackingDownSeconds)
 	}

@@ -63,7 +63,7 @@ func (d *daemon) Stats() control.Stats {
 	if reads := cs.Hits + cs.Misses + cs.PartialHits; reads > 0 {
 		s.HitRatio = (float64(cs.Hits) + float64(cs.PartialHits)/2) / float64(reads)
 	}
-	s.Bypasses, s.Promotions = cs.Bypasses, cs.Promotions
+	s.Bypasses, s.ThrashBypasses, s.Promotions = cs.Bypasses, cs.ThrashBypasses, cs.Promotions
 	s.DirtyBytes, s.CachedBytes, s.CapacityBytes, s.Extents = cs.DirtyBytes, cs.CachedBytes, cs.CapacityBytes, cs.Extents
 	if cs.Buckets > 0 {
 		s.Occupancy = float64(cs.Buckets-cs.FreeBuckets) / float64(cs.Buckets)
@@ -74,6 +74,7 @@ func (d *daemon) Stats() control.Stats {
 	}
 	s.JournalCommits, s.JournalPublishes, s.Checkpoints = cs.Commits, cs.Publishes, cs.Checkpoints
 	s.DataWrites = cs.DataWrites
+	s.BackingFlushes = cs.BackingFlushes
 	s.BackingWriteNanos = cs.BackingWriteNanos
 	s.CacheErrors = cs.CacheReadErrors + cs.CacheWriteErrors
 	s.Failed = cs.Failed
@@ -82,6 +83,7 @@ func (d *daemon) Stats() control.Stats {
 		s.Collisions, s.CollidedBytes = ws.Collisions, ws.CollidedBytes // the flusher sees stale reads too
 		s.WritebackRate, s.WritebackTarget = ws.WrittenRate, ws.Target
 		s.BackingWrites, s.BackingWriteAvg = ws.Writes, ws.AvgWrite
+		s.BackingFlushes += ws.Flushes
 		s.WritebackState = ws.Mode.String()
 		s.WritebackErrors = ws.Errors
 		if ws.LastError != nil {
