@@ -493,10 +493,14 @@ func (c *Cache) write(p []byte, off int64) error {
 			return c.writeDirty(p, off)
 		case routeBacking:
 			c.stats.bypasses.Add(1)
-			if thrash {
-				c.stats.thrashBypasses.Add(1)
-			}
+			start := time.Now()
 			err = c.writeBacking(p, off, directWrite, nil)
+			if thrash && err == nil {
+				// What diskLike measures: a random write's cost on the
+				// backing. A disk's ends the thrashing at once.
+				c.stats.thrashBypasses.Add(1)
+				c.noteBacking(time.Since(start), n)
+			}
 			if c.noteUnavailable(err) && mode == Writeback {
 				return c.writeDirty(p, off) // the stream's bypass found the backing away
 			}
