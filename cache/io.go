@@ -586,9 +586,14 @@ const (
 )
 
 // noteBacking adds a backing write of n bytes that took d to the average
-// (a lost update between two writers only weakens one sample).
+// (a lost update between two writers only weakens one sample). A sample
+// counts for at most 4 ms a 4 KiB: a file in the page cache stalls for
+// hundreds of milliseconds now and then (an fdatasync beside it, the
+// kernel's dirty throttling), and one stall must not make it a disk for
+// the next few dozen writes; a disk's writes are all slow, and three of
+// them still do.
 func (c *Cache) noteBacking(d time.Duration, n int64) {
-	per4k := int64(d) * 4096 / max(n, 4096)
+	per4k := min(int64(d)*4096/max(n, 4096), 4*slowBackingNanos)
 	old := c.backingNanos.Load()
 	c.backingNanos.Store(old + (per4k-old)/8)
 }
