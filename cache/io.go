@@ -101,7 +101,11 @@ func (c *Cache) read(p []byte, off int64, prefetch bool) error {
 		// zeroDirty's range may hold a gap: TestZeroDirtyVoidsPromotion);
 		// a backing write that starts later voids the guard.
 		var guard *promoGuard
-		if mayPromote(mode, seq, hasGap(ps)) && !c.heldLocked(off, n) {
+		// A thrashing cache takes no read misses either (but an NBD
+		// CACHE asks for them): each would push out data written back
+		// at a cost.
+		thrash := mode == Writeback && c.thrashingLocked()
+		if mayPromote(mode, seq, hasGap(ps)) && !c.heldLocked(off, n) && (prefetch || !thrash) {
 			guard = &promoGuard{byteRange: byteRange{off, off + n}}
 			c.mu.promos = append(c.mu.promos, guard)
 		}

@@ -355,6 +355,77 @@ func TestThrashBypass(t *testing.T) {
 	if hitsCached < hits*9/10 { // a hit may go to the backing when the cache is full
 		t.Fatalf("only %d of %d writes over cached data stayed in the cache", hitsCached, hits)
 	}
+	// Over clean data only, too (a write over dirty data could not go
+	// around the cache anyway: it is pinned). Few hits are clean while
+	// it thrashes, so some are made, and written over.
+	for cleanHits, tries := 0, 0; cleanHits < 5; tries++ {
+		if tries == 200 {
+			t.Fatalf("found %d clean extents to write over in %d tries", cleanHits, tries)
+		}
+		if _, _, err := c.WritebackStep(r.Int64N(size), 64<<10); err != nil {
+			t.Fatal(err)
+		}
+		var e btreeExtent
+		c.mu.Lock()
+		c.mu.idx.Ascend(r.Int64N(size), func(x btreeExtent) bool {
+			if x.Dirty || c.busyLocked(x.Off, x.Len) {
+				return true
+			}
+			e = x
+			return false
+		})
+		c.mu.Unlock()
+		if e.Len == 0 {
+			continue
+		}
+		n := min(e.Len, 16384)
+		before := c.Stats().CachedWriteBytes
+		write(e.Off, n)
+		if !thrashing() {
+			t.Fatal("the cache stopped thrashing")
+		}
+		if c.Stats().CachedWriteBytes == before {
+			t.Fatalf("a write over clean cached data [%d+%d) went around the thrashing cache", e.Off, n)
+		}
+		cleanHits++
+	}
+	// Read misses are not promoted into it either, however often they
+	// come; an NBD CACHE (Prefetch) still is.
+	promoted := func(off int64, prefetch bool) bool {
+		before := c.Stats().Promotions
+		for range 3 {
+			if prefetch {
+				if err := c.Prefetch(off, 4096); err != nil {
+					t.Fatal(err)
+				}
+			} else {
+				check(off, 4096)
+			}
+		}
+		return c.Stats().Promotions > before
+	}
+	for _, prefetch := range []bool{false, true} {
+		for try := 0; ; try++ {
+			off := r.Int64N(size/4096-1) * 4096
+			c.mu.Lock()
+			hit := c.cachedLocked(off, 4096)
+			c.mu.Unlock()
+			if hit {
+				continue
+			}
+			got := promoted(off, prefetch)
+			if !thrashing() {
+				if try == 20 {
+					t.Fatal("the cache stopped thrashing")
+				}
+				continue
+			}
+			if got != prefetch {
+				t.Fatalf("a thrashing cache, prefetch %v: promoted %v", prefetch, got)
+			}
+			break
+		}
+	}
 	if got := c.Stats().ThrashBypasses; got < int64(misses) {
 		t.Errorf("Stats.ThrashBypasses %d, want at least the %d misses bypassed", got, misses)
 	}
