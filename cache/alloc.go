@@ -623,8 +623,8 @@ func (c *Cache) gcMove(p gcPiece, epoch uint64) bool {
 		// Still the same data, and still all dirty (a piece written
 		// back meanwhile is left for the next pass to drop).
 		if err == nil && c.pieceCurrentLocked(sub) && !c.cleanLocked(sub.off, n) {
-			if c.opts.testOnMove != nil {
-				c.opts.testOnMove(sub.off, n)
+			if c.test.onMove != nil {
+				c.test.onMove(sub.off, n)
 			}
 			gen := c.mu.buckets[b].gen
 			moved := c.mu.idx.Replace(sub.off, n, p.ver, loc, gen)

@@ -29,13 +29,17 @@ func benchDevs(b *testing.B, kind string, cacheSize, backSize int64) devPair {
 	}
 }
 
-func benchCache(b *testing.B, kind string, o Options) (*Cache, devPair) {
+func benchCache(b *testing.B, kind string, o Options, h ...testHooks) (*Cache, devPair) {
 	d := benchDevs(b, kind, 256<<20, 1<<30)
 	if err := Format(d.cache, d.back, FormatOptions{BackingID: testBackingID}); err != nil {
 		b.Fatal(err)
 	}
 	o.BackingID = testBackingID
-	c, err := Open(d.cache, d.back, o)
+	var hooks testHooks
+	if len(h) > 0 {
+		hooks = h[0]
+	}
+	c, err := open(d.cache, d.back, o, hooks)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -131,7 +135,7 @@ func BenchmarkFlush(b *testing.B) {
 			name = "two-syncs"
 		}
 		b.Run(name, func(b *testing.B) {
-			c, _ := benchCache(b, "file", Options{twoSyncs: two})
+			c, _ := benchCache(b, "file", Options{}, testHooks{twoSyncs: two})
 			p := make([]byte, 4096)
 			r := rand.New(rand.NewPCG(1, 2))
 			b.ResetTimer()

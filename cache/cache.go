@@ -75,6 +75,7 @@ type Cache struct {
 	sb        superblock // geometry is immutable; State and Seq under mu
 	salt      uint32
 	opts      Options
+	test      testHooks // zero but in tests (hooks.go)
 	log       *slog.Logger
 	maxExt    int64
 
@@ -291,6 +292,11 @@ func Format(cacheDev, backing storage.Device, opts FormatOptions) error {
 // Open recovers the cache on cacheDev (superblock → checkpoint → journal
 // replay) and returns it ready to serve.
 func Open(cacheDev, backing storage.Device, opts Options) (*Cache, error) {
+	return open(cacheDev, backing, opts, testHooks{})
+}
+
+// open is Open with test seams (hooks.go).
+func open(cacheDev, backing storage.Device, opts Options, h testHooks) (*Cache, error) {
 	if err := opts.fill(); err != nil {
 		return nil, err
 	}
@@ -304,16 +310,16 @@ func Open(cacheDev, backing storage.Device, opts Options) (*Cache, error) {
 	if sb.BackingSize != backing.Size() {
 		return nil, fmt.Errorf("%w: superblock backing size %d, device has %d", ErrWrongBacking, sb.BackingSize, backing.Size())
 	}
-	st, err := loadState(cacheDev, sb, opts.testBreak, opts.Logger, false)
+	st, err := loadState(cacheDev, sb, h.brk, opts.Logger, false)
 	if err != nil {
 		return nil, err
 	}
 	if opts.BackingPath != "" {
 		sb.BackingPath = opts.BackingPath // written with the dirty state below
 	}
-	c := &Cache{dev: cacheDev, back: backing, sb: *sb, salt: sb.salt(), opts: opts, log: opts.Logger, maxExt: sb.maxExtents()}
-	if opts.testMaxExt > 0 {
-		c.maxExt = min(c.maxExt, opts.testMaxExt)
+	c := &Cache{dev: cacheDev, back: backing, sb: *sb, salt: sb.salt(), opts: opts, test: h, log: opts.Logger, maxExt: sb.maxExtents()}
+	if h.maxExt > 0 {
+		c.maxExt = min(c.maxExt, h.maxExt)
 	}
 	c.dw.dev, c.dw.writes = cacheDev, &c.stats.dataWrites
 	slots := sb.journalSlots()

@@ -81,7 +81,7 @@ import (
 // command that replays the round, the sector, what the read returned and
 // the sector's history with its stamps. TestConcurrentModelCatchesBugs
 // shows the oracle can fail: it re-introduces two concurrency bugs
-// (testBreak) and requires a violation within its budget.
+// (testHooks.brk) and requires a violation within its budget.
 //
 // Long runs: -conc-soak 30m runs rounds until the time is up (-conc-ops,
 // -conc-profile shape them). CI runs both tests under the race detector:
@@ -988,8 +988,7 @@ func runConcRoundBody(seed uint64, ops int, prof concProfile, brk breakMode, rdp
 	}
 	opts := cf.opts
 	opts.BackingID = testBackingID
-	opts.testBreak = brk
-	c, err := Open(cdev, bdev, opts)
+	c, err := open(cdev, bdev, opts, testHooks{brk: brk})
 	if err != nil {
 		res.violations = []string{fmt.Sprintf("open: %v", err)}
 		return res
@@ -1017,7 +1016,7 @@ func runConcRoundBody(seed uint64, ops int, prof concProfile, brk breakMode, rdp
 	res.wb, _ = c.WritebackStats()
 	if len(rd.violations) == 0 {
 		t0 := time.Now()
-		rd.finalChecks(opts)
+		rd.finalChecks(opts, testHooks{brk: brk})
 		res.final = time.Since(t0)
 	} else {
 		c.Close()
@@ -1030,7 +1029,7 @@ func runConcRoundBody(seed uint64, ops int, prof concProfile, brk breakMode, rdp
 // through the running cache, Close and Check, clean extents against the
 // backing, then a reopen, a read of everything, a drain and the backing
 // alone.
-func (rd *concRound) finalChecks(opts Options) {
+func (rd *concRound) finalChecks(opts Options, h testHooks) {
 	c := rd.c
 	// In 64 KiB reads: a read restarts whole when a bucket it read from
 	// was emptied meanwhile, and GC may run all the time in a tiny cache.
@@ -1091,7 +1090,7 @@ func (rd *concRound) finalChecks(opts Options) {
 	// Reopen: everything acknowledged is there.
 	opts.NoBackground = true
 	opts.RAMCache = 0
-	c2, err := Open(rd.cmem, rd.bmem, opts)
+	c2, err := open(rd.cmem, rd.bmem, opts, h)
 	if err != nil {
 		rd.fail("reopen: %v", err)
 		return

@@ -80,8 +80,14 @@ func formatMem(t testing.TB, cacheSize, backSize int64, fo FormatOptions) devPai
 
 func openT(t testing.TB, d devPair, o Options) *Cache {
 	t.Helper()
+	return openHooked(t, d, o, testHooks{})
+}
+
+// openHooked is openT with test seams (hooks.go).
+func openHooked(t testing.TB, d devPair, o Options, h testHooks) *Cache {
+	t.Helper()
 	o.BackingID = testBackingID
-	c, err := Open(d.cache, d.back, o)
+	c, err := open(d.cache, d.back, o, h)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -742,7 +742,7 @@ func (c *Cache) passthrough(off, n int64, kind directKind, op func() error, then
 			return err
 		}
 		c.mu.Lock()
-		if c.opts.testBreak == breakNoPinRecheck || !c.heldLocked(off, n) && (kind != directWrite || !c.dirtyLocked(off, n)) {
+		if c.test.brk == breakNoPinRecheck || !c.heldLocked(off, n) && (kind != directWrite || !c.dirtyLocked(off, n)) {
 			if kind == directOver && !c.roomLocked(1) {
 				c.mu.Unlock()
 				c.leave()
@@ -760,8 +760,8 @@ func (c *Cache) passthrough(off, n int64, kind directKind, op func() error, then
 			return errPinned
 		}
 		c.stats.directWaits.Add(1)
-		if c.opts.testOnDirectWait != nil {
-			c.opts.testOnDirectWait()
+		if c.test.onDirectWait != nil {
+			c.test.onDirectWait()
 		}
 		for c.heldLocked(off, n) && c.errLocked() == nil {
 			c.mu.wbCond.Wait()
@@ -804,7 +804,7 @@ func (c *Cache) passthrough(off, n int64, kind directKind, op func() error, then
 		c.mu.wbCond.Broadcast()
 		c.mu.Unlock()
 	}()
-	if clean && c.opts.testBreak == breakNoCleanGone {
+	if clean && c.test.brk == breakNoCleanGone {
 		if err := c.commit(); err != nil { // the old rule: only a clean extent this write deleted
 			return err
 		}
@@ -922,7 +922,7 @@ func (c *Cache) deleteDirectLocked(off, n int64) (clean bool) {
 	if !found || inside {
 		return false
 	}
-	if c.opts.testBreak == breakNoPinRecheck {
+	if c.test.brk == breakNoPinRecheck {
 		lo, hi = off, off+n // the old exact deletion
 	}
 	c.mu.idx.Delete(lo, hi-lo, c.droppedLocked)
@@ -1089,7 +1089,7 @@ func (c *Cache) zeroDirty(off, n int64, bflags storage.Flags) (bool, error) {
 	// may lie in it now (one being gap-filled then counted as held, or
 	// one inserted since): the backing must not be zeroed under it
 	// before its deletion is durable. Such a run is zeroed in the cache.
-	if c.heldLocked(off, n) || c.cleanLocked(off, n) && c.opts.testBreak != breakNoCleanGone {
+	if c.heldLocked(off, n) || c.cleanLocked(off, n) && c.test.brk != breakNoCleanGone {
 		c.mu.Unlock()
 		return false, nil
 	}

@@ -154,7 +154,7 @@ func (c *Cache) publish() error {
 // shared with whatever commit runs.
 func (c *Cache) settleCleanGone(off, n int64) error {
 	c.mu.Lock()
-	need := c.mu.cleanGone.pending(off, n, c.mu.jsynced) && c.opts.testBreak != breakNoCleanGone
+	need := c.mu.cleanGone.pending(off, n, c.mu.jsynced) && c.test.brk != breakNoCleanGone
 	c.mu.Unlock()
 	if !need {
 		return nil
@@ -279,7 +279,7 @@ func (c *Cache) writeJournal(sync bool) error {
 	// The sync: publishers may write meanwhile.
 	c.mu.commitCond.Broadcast()
 	c.mu.Unlock()
-	if needSync && c.opts.testBreak != breakNoSync {
+	if needSync && c.test.brk != breakNoSync {
 		err = c.dev.Flush()
 		if err != nil {
 			err = fmt.Errorf("sync cache: %w", err)
@@ -339,7 +339,7 @@ var errBackingFlush = errors.New("cache: flush backing")
 // writeBlocks does the I/O of one journal writer's turn before any sync:
 // the backing flush if needB, then the blocks.
 func (c *Cache) writeBlocks(blocks []sealedBlock, needB, sync bool) error {
-	if needB && c.opts.testBreak != breakSkipBFlush {
+	if needB && c.test.brk != breakSkipBFlush {
 		if err := c.flushBacking(); err != nil {
 			return fmt.Errorf("%w: %w", errBackingFlush, err)
 		}
@@ -347,7 +347,7 @@ func (c *Cache) writeBlocks(blocks []sealedBlock, needB, sync bool) error {
 	if len(blocks) == 0 {
 		return nil
 	}
-	if sync && c.opts.twoSyncs {
+	if sync && c.test.twoSyncs {
 		if err := c.dev.Flush(); err != nil {
 			return fmt.Errorf("sync data: %w", err)
 		}
@@ -467,7 +467,7 @@ func (c *Cache) checkpointLocked(reseed bool) error {
 	if err := c.dev.WriteAt(buf, c.sb.CkptOff+int64(slot)*c.sb.CkptSize, 0); err != nil {
 		return c.checkpointFailed(fmt.Errorf("write checkpoint: %w", err))
 	}
-	if c.opts.testBreak != breakNoSync {
+	if c.test.brk != breakNoSync {
 		if err := c.dev.Flush(); err != nil {
 			return c.checkpointFailed(fmt.Errorf("sync checkpoint: %w", err))
 		}

@@ -129,44 +129,7 @@ type Options struct {
 	// PromoteAll turns the read admission policy off: every miss is
 	// promoted (unless bypassed by the cutoff).
 	PromoteAll bool
-
-	// test-only switch that breaks the ordering rules on purpose.
-	testBreak breakMode
-	// testMaxExt, if > 0, caps the index below what a checkpoint slot
-	// holds (tests reach the limit with few extents).
-	testMaxExt int64
-	// testOnDirectWait, if set, is called when a direct backing write
-	// finds its range held and is about to wait (tests order races with
-	// it).
-	testOnDirectWait func()
-	// testOnMove, if set, is called with mu held just before GC moves
-	// [off, off+n) to another bucket.
-	testOnMove func(off, n int64)
-	// testTrace, if set, is called with the index, journal and backing
-	// events of the cache (see trace.go), under mu where they happen
-	// under it: tests print the history of a sector that went wrong.
-	testTrace func(off, n int64, msg string)
-	// twoSyncs: the alternative ordering, measured by BenchmarkFlush: sync
-	// the data, then write the journal and sync again.
-	twoSyncs bool
 }
-
-// breakMode selects an ordering bug for the harness self-test.
-type breakMode int
-
-const (
-	breakNone       breakMode = iota
-	breakNoSync               // commit writes the journal but never syncs the cache device
-	breakNoDataCRC            // replay trusts records without checking their data
-	breakSkipBFlush           // commit does not flush the backing before the journal
-	// Concurrency bugs (issue 14), for the concurrent model test:
-	breakNoPinRecheck // a direct backing write trusts the pin check made before it left mu
-	breakNoPromoGuard // a promotion ignores backing writes that started after its read
-	breakNoCleanGone  // a backing write does not wait for the removal of clean extents to be durable
-	// a clean record of a writeback that collided does not count as
-	// removing a clean extent (settleCleanGone ignores it)
-	breakNoCollisionSettle
-)
 
 func (o *Options) fill() error {
 	if o.Mode < Writeback || o.Mode > None {

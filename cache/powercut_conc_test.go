@@ -476,11 +476,11 @@ func runConcCut(seed uint64, model storage.LossModel, brk breakMode) cutResult {
 	h := &concHist{ackDurable: model == storage.KeepUnsynced, logs: make([]concLog, cfg.clients)}
 	opts := cfg.opts
 	opts.BackingID = testBackingID
-	opts.testBreak = brk
+	hooks := testHooks{brk: brk}
 	if tr != nil {
-		opts.testTrace = tr.add
+		hooks.trace = tr.add
 	}
-	c, err := Open(cdev, bdev, opts)
+	c, err := open(cdev, bdev, opts, hooks)
 	if err == nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 		var wg sync.WaitGroup
@@ -542,12 +542,11 @@ func runConcCut(seed uint64, model storage.LossModel, brk breakMode) cutResult {
 	opts2 := opts
 	opts2.NoBackground = true
 	opts2.RAMCache = 0
-	opts2.testTrace = nil
 	if tr != nil {
 		tr.add(-1, 0, "=== power cut; recovery:")
 		testReplayTrace = tr.add
 	}
-	c2, err := Open(newC, newB, opts2)
+	c2, err := open(newC, newB, opts2, testHooks{brk: brk}) // no trace
 	testReplayTrace = nil
 	if err != nil {
 		fail("reopen: %v", err)

@@ -240,8 +240,7 @@ func runCut(seed uint64, model storage.LossModel, brk breakMode, extra pcExtra) 
 			UpdateInterval: 5 * time.Millisecond, BatchTime: 5 * time.Millisecond, RetryMin: time.Millisecond, RetryMax: 5 * time.Millisecond}
 	}
 	opts.BackingID = testBackingID
-	opts.testBreak = brk
-	c, err := Open(cdev, bdev, opts)
+	c, err := open(cdev, bdev, opts, testHooks{brk: brk})
 	if err == nil {
 		var ckDone sync.WaitGroup
 		stop := make(chan struct{})
@@ -279,8 +278,7 @@ func runCut(seed uint64, model storage.LossModel, brk breakMode, extra pcExtra) 
 	if rep, err := Check(newC, newB); err != nil {
 		fail("check after cut: %v (%+v)", err, rep)
 	}
-	opts.testBreak = brk
-	c2, err := Open(newC, newB, opts)
+	c2, err := open(newC, newB, opts, testHooks{brk: brk})
 	if err != nil {
 		fail("reopen: %v", err)
 		return res

@@ -34,7 +34,7 @@ func TestGCNeverMovesClean(t *testing.T) {
 					return true
 				})
 			}
-			c = openT(t, d, Options{GCMove: move, PromoteAll: true, testOnMove: onMove})
+			c = openHooked(t, d, Options{GCMove: move, PromoteAll: true}, testHooks{onMove: onMove})
 			r := rng(testseed.Get(t))
 			model := make([]byte, size)
 			id := uint64(0)
@@ -200,7 +200,7 @@ func TestBucketPiecesKeepsPieceRefs(t *testing.T) {
 // full now goes to the backing (which writes back what it must first).
 func TestFullIndexOverDiskDoesNotSpin(t *testing.T) {
 	d := formatMem(t, 4<<20, 16<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 64 << 10})
-	c := openT(t, d, Options{NoBackground: true, SequentialCutoff: -1, testMaxExt: 40})
+	c := openHooked(t, d, Options{NoBackground: true, SequentialCutoff: -1}, testHooks{maxExt: 40})
 	c.backingNanos.Store(5 * slowBackingNanos) // a disk's latency (diskLike)
 	for i := range int64(60) {                 // far apart: one extent each, 3/4 of 40 reached at 30
 		done := make(chan error, 1)

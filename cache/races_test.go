@@ -84,9 +84,8 @@ func gapFillRace(t *testing.T, mode Mode, brk breakMode) string {
 	cdev := &hookDev{Device: d.cache}
 	waiting := make(chan struct{}, 1)
 	o := Options{Mode: mode, NoBackground: true, PromoteAll: true, SequentialCutoff: -1,
-		CheckpointPercent: 1, // every enter runs a soft checkpoint: the window opens
-		testOnDirectWait:  func() { waiting <- struct{}{} }, testBreak: brk}
-	c := openT(t, devPair{cdev, d.back}, o)
+		CheckpointPercent: 1} // every enter runs a soft checkpoint: the window opens
+	c := openHooked(t, devPair{cdev, d.back}, o, testHooks{onDirectWait: func() { waiting <- struct{}{} }, brk: brk})
 	defer c.Close()
 	const off, n = 8 << 10, 4 << 10
 	// The old data, promoted: a clean extent.
@@ -166,7 +165,7 @@ func TestPromotionAfterWritebackIsDropped(t *testing.T) {
 func promotionRace(t *testing.T, brk breakMode) string {
 	d := formatMem(t, 1<<20, 1<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 32 * metaBlock})
 	back := &hookDev{Device: d.back}
-	c := openT(t, devPair{d.cache, back}, Options{Mode: Writeback, NoBackground: true, PromoteAll: true, SequentialCutoff: -1, testBreak: brk})
+	c := openHooked(t, devPair{d.cache, back}, Options{Mode: Writeback, NoBackground: true, PromoteAll: true, SequentialCutoff: -1}, testHooks{brk: brk})
 	defer c.Close()
 	const off, n = 16 << 10, 4 << 10
 	if err := d.back.WriteAt(payload(off, n, 1), off, 0); err != nil {
@@ -350,7 +349,7 @@ func TestWritebackReadRacingWithReuse(t *testing.T) {
 // split the index past maxExt: checkpoints, Close and Open failed with
 // "metadata corrupt".
 //
-// The second run caps the index at a tenth of that (testMaxExt), so that
+// The second run caps the index at a tenth of that (testHooks.maxExt), so that
 // the random phase works at the limit: GC moves, eviction, MarkClean and
 // inserts refused for room.
 func TestIndexNeverOutgrowsCheckpoint(t *testing.T) {
@@ -365,7 +364,7 @@ func indexCapacity(t *testing.T, seed uint64, maxExt int64) {
 	// 10 buckets of 64 KiB: 160 blocks of 4 KiB, 1280 sectors; a slot of
 	// about 2*160+64 extents.
 	d := formatMem(t, 8*64<<10+256<<10, back, FormatOptions{BlockSize: 4096, BucketSize: 64 << 10, JournalSize: 16 * metaBlock})
-	c := openT(t, d, Options{Mode: Writeback, NoBackground: true, SequentialCutoff: -1, testMaxExt: maxExt})
+	c := openHooked(t, d, Options{Mode: Writeback, NoBackground: true, SequentialCutoff: -1}, testHooks{maxExt: maxExt})
 	model := make([]uint64, back/sectorSize) // write id per sector; 0 zero
 	anyOld := make([]bool, back/sectorSize)  // trimmed: old data or zeroes
 	var id uint64
@@ -443,7 +442,7 @@ func indexCapacity(t *testing.T, seed uint64, maxExt int64) {
 	if _, err := Check(d.cache, d.back); err != nil {
 		t.Fatalf("check: %v", err)
 	}
-	c = openT(t, d, Options{Mode: Writeback, NoBackground: true, testMaxExt: maxExt})
+	c = openHooked(t, d, Options{Mode: Writeback, NoBackground: true}, testHooks{maxExt: maxExt})
 	defer c.Close()
 	buf := make([]byte, span)
 	if err := c.ReadAt(buf, 0); err != nil {
@@ -476,7 +475,7 @@ func TestFitIndexAtOpen(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Reopened with room for 10 extents: 40 dirty ones are written back.
-	c = openT(t, d, Options{Mode: Writeback, NoBackground: true, testMaxExt: 10})
+	c = openHooked(t, d, Options{Mode: Writeback, NoBackground: true}, testHooks{maxExt: 10})
 	if got := c.Stats().Extents; got > 10 {
 		t.Fatalf("%d extents after fitting into 10", got)
 	}

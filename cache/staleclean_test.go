@@ -27,8 +27,8 @@ func staleCleanSetup(t *testing.T, n int64, brk breakMode) (c *Cache, cdev, bdev
 	if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: 32 << 10, JournalSize: 32 * metaBlock}); err != nil {
 		t.Fatal(err)
 	}
-	opts = Options{BackingID: testBackingID, NoBackground: true, SequentialCutoff: -1, testBreak: brk}
-	c, err := Open(cdev, bdev, opts)
+	opts = Options{BackingID: testBackingID, NoBackground: true, SequentialCutoff: -1}
+	c, err := open(cdev, bdev, opts, testHooks{brk: brk})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -51,7 +51,6 @@ func staleCleanSetup(t *testing.T, n int64, brk breakMode) (c *Cache, cdev, bdev
 // every clean extent with the backing; it returns how many differ.
 func checkNoStaleClean(t *testing.T, c *Cache, cdev, bdev *storage.Crash, opts Options) (stale int) {
 	t.Helper()
-	opts.testBreak = breakNone
 	devs, _ := storage.PowerCutAll(storage.LoseUnsynced, nil, cdev, bdev)
 	c.Close()
 	return checkStaleAfter(t, devs, opts)
@@ -122,8 +121,8 @@ func evictedCleanAtZero(t *testing.T, brk breakMode) (*Cache, *storage.Crash, *s
 	if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: 32 << 10, JournalSize: 32 * metaBlock}); err != nil {
 		t.Fatal(err)
 	}
-	opts := Options{BackingID: testBackingID, Mode: Writearound, NoBackground: true, SequentialCutoff: -1, PromoteAll: true, testBreak: brk}
-	c, err := Open(cdev, bdev, opts)
+	opts := Options{BackingID: testBackingID, Mode: Writearound, NoBackground: true, SequentialCutoff: -1, PromoteAll: true}
+	c, err := open(cdev, bdev, opts, testHooks{brk: brk})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -207,8 +206,8 @@ func TestZeroDirtyRunTurnedClean(t *testing.T) {
 		if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: bucket, JournalSize: 32 * metaBlock}); err != nil {
 			t.Fatal(err)
 		}
-		opts := Options{BackingID: testBackingID, NoBackground: true, SequentialCutoff: -1, testBreak: brk}
-		c, err := Open(cdev, bdev, opts)
+		opts := Options{BackingID: testBackingID, NoBackground: true, SequentialCutoff: -1}
+		c, err := open(cdev, bdev, opts, testHooks{brk: brk})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -2,15 +2,15 @@ package cache
 
 import "fmt"
 
-// Test-only tracing (Options.testTrace): one line per event that changes
+// Test-only tracing (testHooks.trace): one line per event that changes
 // the index or the journal's durability, with the byte range it concerns
 // (off -1 for global events). Call sites check tracing() first, so the
 // formatting costs nothing when it is off.
 
-func (c *Cache) tracing() bool { return c.opts.testTrace != nil }
+func (c *Cache) tracing() bool { return c.test.trace != nil }
 
 func (c *Cache) tracef(off, n int64, format string, a ...any) {
-	c.opts.testTrace(off, n, fmt.Sprintf(format, a...))
+	c.test.trace(off, n, fmt.Sprintf(format, a...))
 }
 
 var recNames = [...]string{"?", "insert", "delete", "clean", "replace"}

@@ -14,7 +14,7 @@ import (
 
 var flagTrace = flag.String("trace", "", "TestPowerCutConcurrent: trace the cache's index, journal and device events, and write the history of a clean extent that differs from the backing to this file")
 
-// concTrace collects the events of one concurrent cut (Options.testTrace,
+// concTrace collects the events of one concurrent cut (testHooks.trace,
 // the devices' hooks, the replay at reopen).
 type concTrace struct {
 	mu  sync.Mutex

@@ -95,7 +95,7 @@ func (c *Cache) ReadCached(e btreeidx.Extent, p []byte) error {
 	if c.tracing() {
 		c.tracef(e.Off, e.Len, "writeback start %v", e)
 	}
-	if c.opts.testBreak != breakNoPromoGuard {
+	if c.test.brk != breakNoPromoGuard {
 		c.backingWriteLocked(e.Off, e.End())
 	}
 	c.mu.Unlock()
@@ -171,7 +171,7 @@ func (c *Cache) MarkClean(e btreeidx.Extent) (cleaned, collided int64) {
 		// backing by then. So the record counts as removing a clean
 		// extent: settleCleanGone makes it durable, and the inserts
 		// and data before it, before the next backing write.
-		if collided > 0 && c.opts.testBreak != breakNoCollisionSettle {
+		if collided > 0 && c.test.brk != breakNoCollisionSettle {
 			c.mu.dropClean = true
 		}
 		c.appendLocked(record{Type: recClean, Off: e.Off, Len: e.Len, Ver: e.Ver})

@@ -51,8 +51,8 @@
 //	pkgs:    ./cache                       space-separated
 //	args:    -cuts 400                     optional extra test flags
 //	timeout: 4m                            optional, per run (default -timeout)
-//	orig:    if needSync && c.opts.testBreak != breakNoSync {
-//	repl:    if false && needSync && c.opts.testBreak != breakNoSync {
+//	orig:    if needSync && c.test.brk != breakNoSync {
+//	repl:    if false && needSync && c.test.brk != breakNoSync {
 //
 // orig and repl are the exact text, as written after "orig: " (one
 // space). A snippet of several lines, or one whose leading tabs matter, is
