@@ -10,7 +10,7 @@ package cache
 //     end and length;
 //   - the promotion doorkeeper: saturating miss counts per region, halved
 //     every window;
-//   - whether the cache thrashes (thrashing).
+//   - whether the cache thrashes (thrashDetector).
 // None is durable: after a restart every stream and count starts over.
 
 // route is where a write goes.
@@ -51,13 +51,12 @@ func mayPromote(mode Mode, seq, gap bool) bool { return mode != None && !seq && 
 
 // admitter owns admission's state; c.mu guards it.
 type admitter struct {
-	cutoff      int64 // Options.SequentialCutoff: < 0 turns detection off
-	promoteAll  bool  // Options.PromoteAll: every miss is promoted
-	streams     [16]stream
-	tick        uint64 // advances with every request seen: streams' age
-	door        doorkeeper
-	thrash      bool  // see thrashing
-	cleanedMark int64 // GC's cleaned bytes when thrashing last ended
+	cutoff     int64 // Options.SequentialCutoff: < 0 turns detection off
+	promoteAll bool  // Options.PromoteAll: every miss is promoted
+	streams    [16]stream
+	tick       uint64 // advances with every request seen: streams' age
+	door       doorkeeper
+	thrash     thrashDetector
 }
 
 // stream is one sequential stream for the cutoff.
@@ -93,35 +92,62 @@ func (a *admitter) sequential(off, n int64) bool {
 	return n > a.cutoff
 }
 
-// thrashing feeds the thrash detector with the buckets free or pending
-// and the dirty bytes GC has written back so far only to drop them
-// (cleaned), and reports whether the cache thrashes. It starts when free
-// buckets are short (below low) and GC has had to clean at least turnover
-// bytes since it last ended: the working set does not fit, and every
-// write cached must be written back again before the next one finds
-// room. It ends when the free buckets reach high.
+// thrashDetector decides whether the cache thrashes: its working set does
+// not fit, so every write it takes must be written back (and the backing
+// flushed) before the next finds room. A write-back cache over a backing
+// as fast as it gains nothing from such a write (bcache's congestion
+// bypass has the same aim): while it thrashes, a write that misses it
+// goes around it, a write over what it holds stays in it, and read misses
+// are not promoted.
 //
-// A write-back cache over a backing as fast as it gains nothing from such
-// a write (bcache's congestion bypass has the same aim): while it
-// thrashes, a write that misses it goes around it, and the writes that hit
-// it (overwrites of what it holds) stay in it. The gap between low and
-// high keeps it from flapping. (4k random writes over a fast file, a 64
-// MiB cache, 2 to 8 times as big a working set: 0.30x the backing alone
-// without it; with high at twice low, 0.47x, since every write was
-// cached again as soon as cleaning freed a little; with high at half the
-// cache, 0.55x.) Requiring GC's cleaning keeps a working set that fits
-// (only its garbage fills the cache, and GC compacts it) or a cache full
-// of clean data (GC drops it) from bypassing.
-func (a *admitter) thrashing(free, low, high int, cleaned, turnover int64) bool {
-	switch {
-	case free >= high:
-		if a.thrash {
-			a.thrash, a.cleanedMark = false, cleaned
-		}
-	case free < low && cleaned-a.cleanedMark >= turnover:
-		a.thrash = true
+// The evidence is the write hit ratio while free buckets are short,
+// counted over windows of about as many writes as the cache holds
+// blocks: a working set that fits is mostly overwrites of what is cached
+// (GC's evictions make some misses), one that does not is mostly misses.
+// A window with under thrashHits hits in it starts thrashing, if GC has
+// also written back a turnover's worth only to make room since the last
+// time (a cache full of clean data frees room without the backing). It
+// lasts thrashWindows windows, or until a window's hit ratio is high
+// again; then a window of writes all cached must find it again. So the
+// cache keeps taking in a new hot set within a window or so, and never
+// bypasses for good. (4k random writes over a fast file, a 64 MiB cache,
+// 2 to 8 times as big a working set: 0.30x the backing alone without it,
+// about 0.45x with it.)
+type thrashDetector struct {
+	on           bool
+	left         int // windows left while on
+	writes, hits int // in the current window
+	cleanedMark  int64
+}
+
+const (
+	thrashHits    = 0.75 // hit ratio below which a window counts as thrashing
+	thrashWindows = 16
+)
+
+// note counts a write-back write made while free buckets are short or
+// the cache thrashes (hit: part of its range is cached), with GC's
+// cleaned bytes so far, and reports whether the cache thrashes.
+func (t *thrashDetector) note(hit bool, cleaned, turnover int64, window int) bool {
+	t.writes++
+	if hit {
+		t.hits++
 	}
-	return a.thrash
+	if t.writes < window {
+		return t.on
+	}
+	missing := float64(t.hits) < thrashHits*float64(t.writes)
+	t.writes, t.hits = 0, 0
+	switch {
+	case t.on:
+		t.left--
+		if !missing || t.left <= 0 {
+			t.on, t.cleanedMark = false, cleaned
+		}
+	case missing && cleaned-t.cleanedMark >= turnover:
+		t.on, t.left = true, thrashWindows
+	}
+	return t.on
 }
 
 // promote records a read miss of [off, off+n) that mayPromote allowed and

@@ -52,31 +52,44 @@ func TestSequentialDetector(t *testing.T) {
 	}
 }
 
-// TestThrashing: the detector starts only when free buckets are short and
-// GC has cleaned a turnover's worth since it last ended, holds until the
-// free buckets reach high, and then needs a new turnover to start again.
-func TestThrashing(t *testing.T) {
-	const low, high, turnover = 4, 16, 100
-	var a admitter
-	steps := []struct {
-		free    int
-		cleaned int64
-		want    bool
-		why     string
-	}{
-		{2, 0, false, "short of buckets, but GC cleaned nothing: the working set fits"},
-		{20, 99, false, "plenty of buckets"},
-		{3, 99, false, "short, but less than a turnover cleaned"},
-		{3, 100, true, "short, and a turnover cleaned"},
-		{10, 100, true, "between low and high: it holds"},
-		{15, 150, true, "just below high: it holds"},
-		{16, 160, false, "high reached"},
-		{3, 200, false, "short again, but only 40 cleaned since it ended"},
-		{3, 260, true, "a turnover since it ended"},
-	}
-	for i, s := range steps {
-		if got := a.thrashing(s.free, low, high, s.cleaned, turnover); got != s.want {
-			t.Fatalf("step %d (free %d, cleaned %d): thrashing %v, want %v: %s", i, s.free, s.cleaned, got, s.want, s.why)
+// TestThrashDetector: a window of writes mostly missing starts thrashing
+// only after GC's turnover; it holds while windows keep missing, ends
+// after thrashWindows of them or at once when a window hits again, and a
+// new start needs a new turnover.
+func TestThrashDetector(t *testing.T) {
+	const window, turnover = 10, 100
+	var d thrashDetector
+	feed := func(hits int, cleaned int64) bool { // one window
+		var on bool
+		for i := range window {
+			on = d.note(i < hits, cleaned, turnover, window)
 		}
+		return on
+	}
+	if feed(0, 99) {
+		t.Fatal("thrashing with less than a turnover cleaned")
+	}
+	if feed(9, 1000) {
+		t.Fatal("thrashing on a window of 90% hits")
+	}
+	if !feed(2, 1000) {
+		t.Fatal("not thrashing on a window of 20% hits after a turnover")
+	}
+	for w := 1; w < thrashWindows; w++ {
+		if !feed(2, 1000) {
+			t.Fatalf("thrashing ended after %d missing windows, before thrashWindows", w)
+		}
+	}
+	if feed(2, 1000) {
+		t.Fatalf("still thrashing after thrashWindows windows")
+	}
+	if feed(0, 1050) {
+		t.Fatal("thrashing again with only 50 cleaned since it ended")
+	}
+	if !feed(0, 1100) {
+		t.Fatal("not thrashing after a new turnover")
+	}
+	if feed(8, 1100) {
+		t.Fatal("still thrashing after a window of 80% hits")
 	}
 }

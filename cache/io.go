@@ -342,13 +342,26 @@ func (c *Cache) dirtyLocked(off, n int64) bool {
 	return dirty
 }
 
-// thrashingLocked reports whether the cache thrashes (admitter.thrashing)
-// over a backing that is no disk (diskLike: a disk's random writes are
-// better cached, and swept back in order) and is in reach.
+// thrashingLocked reports whether a thrashing cache steps aside: it
+// thrashes (thrashDetector), and its backing is no disk (diskLike: a
+// disk's random writes are better cached, and swept back in order) and
+// is in reach.
 func (c *Cache) thrashingLocked() bool {
-	free := len(c.mu.free) + len(c.mu.pending)
-	thrash := c.mu.admit.thrashing(free, c.lowFree(), int(c.sb.NBuckets/2), c.stats.gcCleanedBytes.Load(), c.CapacityBytes()/2)
-	return thrash && !c.diskLike() && !c.backingAway()
+	return c.mu.admit.thrash.on && !c.diskLike() && !c.backingAway()
+}
+
+// noteThrashLocked feeds the thrash detector with a write-back write of
+// [off, off+n) while free buckets are short or the cache thrashes, and
+// reports whether the write misses a cache that steps aside. Otherwise it
+// costs no index lookup.
+func (c *Cache) noteThrashLocked(off, n int64) (around bool) {
+	if !c.mu.admit.thrash.on && len(c.mu.free)+len(c.mu.pending) >= c.lowFree() {
+		return false
+	}
+	hit := c.cachedLocked(off, n)
+	window := int(max(64, c.CapacityBytes()/4096))
+	c.mu.admit.thrash.note(hit, c.stats.gcCleanedBytes.Load(), c.CapacityBytes()/2, window)
+	return !hit && c.thrashingLocked()
 }
 
 // cachedLocked reports whether part of [off, off+n) is cached, clean or
@@ -474,9 +487,9 @@ func (c *Cache) write(p []byte, off int64) error {
 	// A miss goes around a thrashing cache; a write over cached data stays
 	// in it (it supersedes that data, with no journal record of its own).
 	thrash := false
-	if mode == Writeback && !around && c.thrashingLocked() {
-		around = !c.cachedLocked(off, n)
-		thrash = around
+	if mode == Writeback && !around {
+		thrash = c.noteThrashLocked(off, n)
+		around = thrash
 	}
 	// A write-back write goes to the cache whether the range is pinned or
 	// not: skip the index lookup then (it is a tenth of the write path).
@@ -497,13 +510,13 @@ func (c *Cache) write(p []byte, off int64) error {
 			return c.writeDirty(p, off)
 		case routeBacking:
 			c.stats.bypasses.Add(1)
-			start := time.Now()
-			err = c.writeBacking(p, off, directWrite, nil)
+			var took time.Duration
+			took, err = c.writeBacking(p, off, directWrite, nil)
 			if thrash && err == nil {
 				// What diskLike measures: a random write's cost on the
 				// backing. A disk's ends the thrashing at once.
 				c.stats.thrashBypasses.Add(1)
-				c.noteBacking(time.Since(start), n)
+				c.noteBacking(took, n)
 			}
 			if c.noteUnavailable(err) && mode == Writeback {
 				return c.writeDirty(p, off) // the stream's bypass found the backing away
@@ -537,11 +550,10 @@ func (c *Cache) writeDirty(p []byte, off int64) error {
 		if c.slowBacking() && c.waitRoom() {
 			continue
 		}
-		start := time.Now()
-		if err := c.writeBacking(p, off, directOver, nil); !errors.Is(err, errPinned) {
+		if took, err := c.writeBacking(p, off, directOver, nil); !errors.Is(err, errPinned) {
 			if err == nil {
 				c.stats.bypasses.Add(1)
-				c.noteBacking(time.Since(start), int64(len(p)))
+				c.noteBacking(took, int64(len(p)))
 			}
 			if c.noteUnavailable(err) {
 				// A full cache while the backing is away (it waited for
@@ -561,7 +573,7 @@ func (c *Cache) writeDirty(p []byte, off int64) error {
 			continue
 		}
 		c.stats.bypasses.Add(1)
-		if err := c.writeBacking(p, off, directWrite, nil); !errors.Is(err, errPinned) {
+		if _, err := c.writeBacking(p, off, directWrite, nil); !errors.Is(err, errPinned) {
 			return err
 		}
 	}
@@ -677,7 +689,7 @@ func (c *Cache) waitRoom() bool {
 // writeThrough writes p to the backing, then a clean copy into the cache.
 func (c *Cache) writeThrough(p []byte, off int64) error {
 	n := int64(len(p))
-	return c.writeBacking(p, off, directWrite, func() error {
+	_, err := c.writeBacking(p, off, directWrite, func() error {
 		done, err := c.writeCached(p, off, false, nil, false)
 		if errors.Is(err, errNoSpace) {
 			err = nil
@@ -694,6 +706,7 @@ func (c *Cache) writeThrough(p []byte, off int64) error {
 		}
 		return err
 	})
+	return err
 }
 
 // errPinned: a direct write found dirty data in its range when it
@@ -930,14 +943,21 @@ func (c *Cache) deleteDirectLocked(off, n int64) (clean bool) {
 	return clean
 }
 
-func (c *Cache) writeBacking(p []byte, off int64, kind directKind, then func() error) error {
-	return c.passthrough(off, int64(len(p)), kind, func() error {
-		if err := c.back.WriteAt(p, off, 0); err != nil {
+// writeBacking writes p to the backing at off through passthrough, and
+// returns how long the backing write itself took (what noteBacking
+// measures: not the bookkeeping around it, which may commit or wait).
+func (c *Cache) writeBacking(p []byte, off int64, kind directKind, then func() error) (took time.Duration, err error) {
+	err = c.passthrough(off, int64(len(p)), kind, func() error {
+		start := time.Now()
+		err := c.back.WriteAt(p, off, 0)
+		took = time.Since(start)
+		if err != nil {
 			return fmt.Errorf("cache: write backing: %w", err)
 		}
 		c.stats.backingWriteBytes.Add(int64(len(p)))
 		return nil
 	}, then)
+	return took, err
 }
 
 // runs splits [off, off+n) at extent and writeback boundaries into runs

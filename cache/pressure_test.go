@@ -267,7 +267,8 @@ func TestStreamCachedWhileBackingAway(t *testing.T) {
 
 // TestThrashBypass: a cache of 16 buckets under a working set eight times
 // its size over a fast backing, with the background running. Once GC has
-// cleaned half the cache only to make room, the cache thrashes: a write
+// cleaned half the cache only to make room and most writes miss, the
+// cache thrashes: a write
 // that misses it goes to the backing, a write over data it holds (clean or
 // dirty) stays in it. Reads check every byte throughout, and the deep
 // check ends it. Over a disk-like backing it never thrashes.
@@ -301,19 +302,25 @@ func TestThrashBypass(t *testing.T) {
 		defer c.mu.Unlock()
 		return c.thrashingLocked()
 	}
-	// Fill until it thrashes (GC cleans what the flusher has not).
-	deadline := time.Now().Add(30 * time.Second)
-	for i := 0; !thrashing(); i++ {
-		if time.Now().After(deadline) {
-			st := c.Stats()
-			t.Fatalf("no thrashing after %d writes: free %d, GC cleaned %d of %d", i, st.FreeBuckets, st.GCCleanedBytes, st.CapacityBytes)
-		}
-		off := r.Int64N(size/4096-4) * 4096
-		write(off, 4096*(1+r.Int64N(4)))
-		if i%7 == 0 {
-			check(r.Int64N(size/4096-4)*4096, 16384)
+	// Write until it thrashes (GC cleans what the flusher has not, and
+	// most writes miss); again whenever a window of writes all cached
+	// (thrashDetector) interrupts it.
+	untilThrashing := func() {
+		t.Helper()
+		deadline := time.Now().Add(30 * time.Second)
+		for i := 0; !thrashing(); i++ {
+			if time.Now().After(deadline) {
+				st := c.Stats()
+				t.Fatalf("no thrashing after %d writes: free %d, GC cleaned %d of %d", i, st.FreeBuckets, st.GCCleanedBytes, st.CapacityBytes)
+			}
+			off := r.Int64N(size/4096-4) * 4096
+			write(off, 4096*(1+r.Int64N(4)))
+			if i%7 == 0 {
+				check(r.Int64N(size/4096-4)*4096, 16384)
+			}
 		}
 	}
+	untilThrashing()
 	var misses, hits, hitsCached int
 	for range 4000 {
 		off := r.Int64N(size/4096-4) * 4096
@@ -381,8 +388,9 @@ func TestThrashBypass(t *testing.T) {
 		n := min(e.Len, 16384)
 		before := c.Stats().CachedWriteBytes
 		write(e.Off, n)
-		if !thrashing() {
-			t.Fatal("the cache stopped thrashing")
+		if !thrashing() { // the write may have ended a window
+			untilThrashing()
+			continue
 		}
 		if c.Stats().CachedWriteBytes == before {
 			t.Fatalf("a write over clean cached data [%d+%d) went around the thrashing cache", e.Off, n)
@@ -413,11 +421,14 @@ func TestThrashBypass(t *testing.T) {
 			if hit {
 				continue
 			}
+			if try == 50 {
+				t.Fatal("the thrashing kept ending")
+			}
+			if !thrashing() {
+				untilThrashing()
+			}
 			got := promoted(off, prefetch)
 			if !thrashing() {
-				if try == 20 {
-					t.Fatal("the cache stopped thrashing")
-				}
 				continue
 			}
 			if got != prefetch {
@@ -436,6 +447,7 @@ func TestThrashBypass(t *testing.T) {
 	// The backing turns into a disk: the first writes bypassed find it
 	// out, and it stops thrashing (a disk's random writes are better
 	// cached and swept back in order).
+	untilThrashing()
 	slow.Set(storage.OpWrite, 4*time.Millisecond)
 	for i := 0; thrashing(); i++ {
 		if i == 4 {
@@ -454,5 +466,106 @@ func TestThrashBypass(t *testing.T) {
 		write(off, 4096)
 	}
 	slow.Set(storage.OpWrite, 0)
+	closeChecked(t, c, d)
+}
+
+// TestThrashSparesAFittingSet: random writes over a working set of 40%
+// of the cache, 300 passes, with the background running (GC cleans and
+// drops what it evicts, so its cleaned bytes pass any turnover): the
+// writes mostly hit, so the cache never thrashes, and at the end most of
+// the set is cached. (The first detector, which looked at free buckets
+// and cleaned bytes alone, bypassed about half of these writes for good.)
+func TestThrashSparesAFittingSet(t *testing.T) {
+	d := formatMem(t, 1<<20+256<<10, 8<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 64 << 10})
+	c := openT(t, d, Options{SequentialCutoff: -1})
+	r := rng(testseed.Get(t))
+	set := c.CapacityBytes() * 40 / 100 / 4096
+	for i := range 300 * set {
+		off := r.Int64N(set) * 4096
+		if err := c.WriteAt(payload(off, 4096, uint64(i+1)), off, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st := c.Stats()
+	cached := 0
+	c.mu.Lock()
+	for b := range set {
+		if c.cachedLocked(b*4096, 4096) {
+			cached++
+		}
+	}
+	c.mu.Unlock()
+	t.Logf("%d writes over %d blocks: GC cleaned %d bytes (capacity %d), %d thrash bypasses, %d of the blocks cached",
+		300*set, set, st.GCCleanedBytes, st.CapacityBytes, st.ThrashBypasses, cached)
+	if st.ThrashBypasses != 0 {
+		t.Errorf("%d writes of a working set that fits went around the cache", st.ThrashBypasses)
+	}
+	if int64(cached) < set*3/4 {
+		t.Errorf("only %d of the set's %d blocks are cached", cached, set)
+	}
+	closeChecked(t, c, d)
+}
+
+// TestThrashLetsAHotSetIn: after the cache thrashes under a working set
+// eight times its size, the load moves to a hot set of an eighth of the
+// cache: it must be cached (and stay so) within a bounded number of
+// writes, however long the thrashing lasted, so that the cache never
+// bypasses for good.
+func TestThrashLetsAHotSetIn(t *testing.T) {
+	const size = 8 << 20
+	d := formatMem(t, 1<<20+256<<10, size, FormatOptions{BucketSize: 64 << 10, JournalSize: 64 << 10})
+	c := openT(t, d, Options{SequentialCutoff: -1})
+	r := rng(testseed.Get(t))
+	id := uint64(0)
+	write := func(off int64) {
+		id++
+		if err := c.WriteAt(payload(off, 4096, id), off, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		c.mu.Lock()
+		on := c.mu.admit.thrash.on
+		c.mu.Unlock()
+		if on {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the cache never thrashed")
+		}
+		write(r.Int64N(size/4096) * 4096)
+	}
+	hot := c.CapacityBytes() / 8 / 4096
+	base := int64(size/2) / 4096 // away from nothing in particular: any blocks
+	// thrashWindows+2 windows of the detector at most.
+	limit := int(max(64, c.CapacityBytes()/4096)) * (thrashWindows + 2)
+	cachedAll := func() bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		for b := range hot {
+			if !c.cachedLocked((base+b)*4096, 4096) {
+				return false
+			}
+		}
+		return true
+	}
+	for i := 0; ; i++ {
+		if i == limit {
+			t.Fatalf("the hot set of %d blocks is not all cached after %d writes", hot, limit)
+		}
+		write((base + r.Int64N(hot)) * 4096)
+		if i%64 == 0 && cachedAll() {
+			t.Logf("hot set of %d blocks cached after %d writes", hot, i+1)
+			break
+		}
+	}
+	before := c.Stats().ThrashBypasses
+	for range 4 * hot {
+		write((base + r.Int64N(hot)) * 4096)
+	}
+	if got := c.Stats().ThrashBypasses - before; got != 0 {
+		t.Errorf("%d writes of the cached hot set went around the cache", got)
+	}
 	closeChecked(t, c, d)
 }

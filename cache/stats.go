@@ -30,7 +30,7 @@ type Stats struct {
 	Writes, WriteBytes  int64
 	CachedWriteBytes    int64 // bytes written into the cache (writes, zeroes and promotions)
 	Bypasses            int64 // requests sent to the backing by mode, cutoff or a full cache
-	ThrashBypasses      int64 // writes that missed a thrashing cache and went around it (admitter.thrashing)
+	ThrashBypasses      int64 // writes that missed a thrashing cache and went around it (thrashDetector)
 	DirectWaits         int64 // direct backing writes that waited for a writeback (or another direct write) of their range
 	RoomWaits           int64 // writes that found the cache full over a slow backing and waited for room
 	RMW                 int64 // unaligned writes done by read-modify-write
