@@ -1,6 +1,6 @@
 package cache
 
-// hooks.go: the seams tests open the cache with (openHooked). Production
+// hooks.go: the seams tests open the cache with (open; the tests' openHooked). Production
 // code consults them where a test must break an ordering rule or watch an
 // event; Open leaves them all zero, and nothing outside the package can
 // set them.
