@@ -493,8 +493,10 @@ func (c *Cache) write(p []byte, off int64) error {
 	}
 	// A write-back write goes to the cache whether the range is pinned or
 	// not: skip the index lookup then (it is a tenth of the write path).
+	// Nor is one needed for a write around a thrashing cache: its range
+	// was just found holding nothing, under this same lock.
 	pinned := false
-	if routeNeedsPin(mode, around) {
+	if routeNeedsPin(mode, around) && !thrash {
 		pinned = c.pinnedLocked(off, n)
 	}
 	c.mu.Unlock()

@@ -29,7 +29,7 @@ type Stats struct {
 	ReadRetries         int64 // reads redone because their bucket was emptied under them
 	Writes, WriteBytes  int64
 	CachedWriteBytes    int64 // bytes written into the cache (writes, zeroes and promotions)
-	Bypasses            int64 // requests sent to the backing by mode, cutoff or a full cache
+	Bypasses            int64 // requests sent to the backing by mode, cutoff, a thrashing cache or a full one
 	ThrashBypasses      int64 // writes that missed a thrashing cache and went around it (thrashDetector)
 	DirectWaits         int64 // direct backing writes that waited for a writeback (or another direct write) of their range
 	RoomWaits           int64 // writes that found the cache full over a slow backing and waited for room
