@@ -1,10 +1,8 @@
 package cache
 
 import (
-	"cmp"
 	"context"
 	"errors"
-	"slices"
 	"sort"
 
 	"github.com/nbdcache/nbdcache/btreeidx"
@@ -380,7 +378,7 @@ func (c *Cache) gc(evict, clean bool) (freed int, hadRoom bool) {
 		// behind this one. Every step below checks again under mu.
 		c.gcMu.Unlock()
 		c.gcCleaning.Add(1)
-		if c.flusher != nil && c.diskLike() {
+		if c.bgCancel != nil && c.diskLike() {
 			c.flusher.Exclusive(context.Background(), func() { c.gcWriteback(work) })
 		} else {
 			c.gcWriteback(work)
@@ -514,18 +512,12 @@ func (c *Cache) gcWriteback(work []gcPiece) {
 			dirty = append(dirty, p)
 		}
 	}
-	slices.SortFunc(dirty, func(a, b gcPiece) int { return cmp.Compare(a.off, b.off) })
-	var es []btreeExtent
-	var bufs [][]byte
-	for _, p := range dirty {
-		e := btreeExtent{Off: p.off, Len: p.n, Loc: p.loc, Ver: p.ver, Dirty: true}
-		buf := make([]byte, p.n)
-		if c.ReadCached(e, buf) != nil {
-			continue // busy, stale or unreadable: left for the flusher
-		}
-		es, bufs = append(es, e), append(bufs, buf)
+	es := make([]btreeExtent, len(dirty))
+	for i, p := range dirty {
+		es[i] = btreeExtent{Off: p.off, Len: p.n, Loc: p.loc, Ver: p.ver, Dirty: true}
 	}
-	cleaned, err := c.writeBackRead(es, bufs)
+	// A piece that is busy or stale is skipped: left for the flusher.
+	cleaned, err := c.flusher.WriteBack(es, c.noteBacking)
 	c.stats.gcCleanedBytes.Add(cleaned)
 	if err != nil {
 		c.log.Warn("cache: gc writeback failed", "err", err)

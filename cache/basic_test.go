@@ -78,7 +78,7 @@ func TestTrimDropsDirty(t *testing.T) {
 	if err := c.WriteAt(payload(192*K, 64*K, 3), 192*K, 0); err != nil {
 		t.Fatal(err)
 	}
-	if _, _, err := c.WritebackStep(0, 1<<20); err != nil {
+	if _, _, err := writebackStep(c, 0, 1<<20); err != nil {
 		t.Fatal(err)
 	}
 	if err := c.WriteAt(payload(64*K, 128*K, 2), 64*K, storage.FUA); err != nil {

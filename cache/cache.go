@@ -105,7 +105,9 @@ type Cache struct {
 	gcCleaning       atomic.Int64 // GC passes writing their victims back now (gcWriteback)
 
 	ram     *ristretto.Cache[uint64, ramEntry]
-	flusher *writeback.Flusher // nil with NoBackground
+	// flusher is the writeback engine: every write of dirty data back to
+	// the backing goes through it (its Run only with background work).
+	flusher *writeback.Flusher
 
 	stats counters
 
@@ -392,19 +394,19 @@ func open(cacheDev, backing storage.Device, opts Options, h testHooks) (*Cache, 
 	}
 	c.log.Info("cache: opened", "extents", st.idx.Len(), "dirty_bytes", st.idx.DirtyBytes(),
 		"replayed_records", st.replayed, "dropped_records", st.dropped, "mode", opts.Mode.String())
+	wcfg := opts.Writeback
+	if wcfg.TargetPercent == 0 {
+		wcfg.TargetPercent = opts.WritebackPercent
+	}
+	if wcfg.Logger == nil {
+		wcfg.Logger = c.log
+	}
+	if err := wcfg.Validate(); err != nil {
+		c.closeRAM()
+		return nil, fmt.Errorf("%w: %w", ErrBadOption, err)
+	}
+	c.flusher = writeback.New(c, backing, wcfg)
 	if !opts.NoBackground {
-		wcfg := opts.Writeback
-		if wcfg.TargetPercent == 0 {
-			wcfg.TargetPercent = opts.WritebackPercent
-		}
-		if wcfg.Logger == nil {
-			wcfg.Logger = c.log
-		}
-		if err := wcfg.Validate(); err != nil {
-			c.closeRAM()
-			return nil, fmt.Errorf("%w: %w", ErrBadOption, err)
-		}
-		c.flusher = writeback.New(c, backing, wcfg)
 		ctx, cancel := context.WithCancel(context.Background())
 		c.bgCancel = cancel
 		c.bgDone.Add(2)

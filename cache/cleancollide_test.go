@@ -127,7 +127,7 @@ func markCleanCollision(t *testing.T, brk breakMode) (stale int) {
 		t.Fatalf("MarkClean(A): cleaned %d, collided %d", cleaned, collided)
 	}
 	// B's writeback (its backing write flushed), then any publish.
-	_, _, err = c.WritebackStep(0, 1<<20)
+	_, _, err = writebackStep(c, 0, 1<<20)
 	must(err)
 	must(c.publish())
 	devs, _ := storage.PowerCutAll(storage.KeepUnsynced, nil, cdev, bdev)

@@ -1013,7 +1013,7 @@ func runConcRoundBody(seed uint64, ops int, prof concProfile, brk breakMode, rdp
 	admin.Wait()
 	res.ops, res.reads, res.requests = rd.ops.Load(), rd.reads.Load(), rd.requests.Load()
 	res.stats = c.Stats()
-	res.wb, _ = c.WritebackStats()
+	res.wb = c.WritebackStats()
 	if len(rd.violations) == 0 {
 		t0 := time.Now()
 		rd.finalChecks(opts, testHooks{brk: brk})

@@ -433,7 +433,7 @@ func TestBackingFlushFailureIsNotSticky(t *testing.T) {
 	// Written back: its clean record is appended, not published (a
 	// write's own record is published at once, so only such a record
 	// shows whether the failed commit's blocks are written later).
-	if _, n, err := c.WritebackStep(0, 1<<20); err != nil || n != 4096 {
+	if _, n, err := writebackStep(c, 0, 1<<20); err != nil || n != 4096 {
 		t.Fatalf("writeback: %d bytes, %v", n, err)
 	}
 	bdev.SetFaults(storage.Fault{Ops: storage.OpFlush})

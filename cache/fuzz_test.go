@@ -136,7 +136,7 @@ func fuzzImage(tb testing.TB) (cache, back []byte, meta int64) {
 		}
 		if i == 12 {
 			c.Checkpoint()
-			c.WritebackStep(0, 16<<10)
+			writebackStep(c, 0, 16<<10)
 		}
 	}
 	c.Flush()

@@ -110,3 +110,29 @@ func closeChecked(t testing.TB, c *Cache, d devPair) {
 }
 
 func rng(seed uint64) *rand.Rand { return rand.New(rand.NewPCG(seed, seed^0x5eed)) }
+
+// writebackStep writes back up to about maxBytes of dirty data from the
+// cursor on, in address order, through the writeback engine (the
+// flusher's WriteBack, as GC's cleaning does), and returns the cursor
+// after what it took (0 once nothing is left after from) and the bytes it
+// took. Tests drive writeback with it when no background runs.
+func writebackStep(c *Cache, from, maxBytes int64) (next, taken int64, err error) {
+	var es []btreeExtent
+	next = from
+	c.DirtyExtents(from, func(e btreeExtent) bool {
+		if taken >= maxBytes {
+			return false
+		}
+		es = append(es, e)
+		taken += e.Len
+		next = e.End()
+		return true
+	})
+	if len(es) == 0 {
+		return 0, 0, nil // wrap around
+	}
+	if _, err := c.flusher.WriteBack(es, nil); err != nil {
+		return next, 0, fmt.Errorf("cache: writeback: %w", err)
+	}
+	return next, taken, nil
+}

@@ -105,7 +105,7 @@ func TestModel(t *testing.T) {
 					}
 				case k < 18:
 					if !cf.bg {
-						c.WritebackStep(r.Int64N(back), 256<<10)
+						writebackStep(c, r.Int64N(back), 256<<10)
 						c.GCStep(r.IntN(2) == 0)
 					}
 				default:

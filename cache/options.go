@@ -107,7 +107,7 @@ type Options struct {
 	Writeback writeback.Config
 	// NoBackground runs no goroutines: writeback, GC and checkpoints then
 	// happen only when a caller needs them (space, journal) or asks
-	// (WritebackStep, GCStep, Checkpoint, Drain).
+	// (GCStep, Checkpoint, Drain; tests step writeback themselves).
 	NoBackground bool
 	// CheckpointPercent: checkpoint when the journal ring is this full
 	// (fraction in percent, default 50, max 50).

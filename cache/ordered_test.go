@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/nbdcache/nbdcache/storage"
+	"github.com/nbdcache/nbdcache/writeback"
 )
 
 // windowDev records the backing writes in flight at once and the order in
@@ -37,11 +38,12 @@ func (d *windowDev) WriteAt(p []byte, off int64, fl storage.Flags) error {
 	return d.Device.WriteAt(p, off, fl)
 }
 
-// TestWritebackPipelines: the cache's own writebacks (WritebackStep, GC's
-// cleaning, the write-back before a bypass: writeBackRead) keep up to
-// orderedWindow backing writes in flight, issued in ascending order, so
-// that a disk finds the next write of a sorted sweep queued; every byte
-// lands. A failed write fails the step and leaves everything dirty.
+// TestWritebackPipelines: the cache's own writebacks (GC's cleaning, the
+// write-back before a bypass, a writeback step: the flusher's WriteBack)
+// keep up to MaxInFlight backing writes in flight, issued in ascending
+// order, so that a disk finds the next write of a sorted sweep queued;
+// every byte lands. A failed write fails the step and leaves its block
+// dirty, and only it: the others were written and flushed.
 func TestWritebackPipelines(t *testing.T) {
 	for _, fail := range []bool{false, true} {
 		cdev, mem := storage.NewMem(8<<20), storage.NewMem(64<<20)
@@ -49,7 +51,9 @@ func TestWritebackPipelines(t *testing.T) {
 			t.Fatal(err)
 		}
 		back := &windowDev{Device: mem}
-		c, err := Open(cdev, back, Options{BackingID: testBackingID, NoBackground: true, SequentialCutoff: -1})
+		const window = 4
+		c, err := Open(cdev, back, Options{BackingID: testBackingID, NoBackground: true, SequentialCutoff: -1,
+			Writeback: writeback.Config{MaxInFlight: window}})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -62,8 +66,7 @@ func TestWritebackPipelines(t *testing.T) {
 		if fail {
 			back.failAt = 100 << 18
 		}
-		dirty := c.DirtyBytes()
-		_, _, err = c.WritebackStep(0, 64<<20)
+		_, _, err = writebackStep(c, 0, 64<<20)
 		back.mu.Lock()
 		maxInFlight, offs := back.max, back.offs
 		back.mu.Unlock()
@@ -74,26 +77,27 @@ func TestWritebackPipelines(t *testing.T) {
 			}
 		}
 		t.Logf("fail=%v: %d writes, up to %d in flight, %d arrived before an earlier one; err %v", fail, len(offs), maxInFlight, swaps, err)
-		if maxInFlight < 2 || maxInFlight > orderedWindow {
-			t.Errorf("up to %d writes in flight, want 2..%d", maxInFlight, orderedWindow)
+		if maxInFlight < 2 || maxInFlight > window {
+			t.Errorf("up to %d writes in flight, want 2..%d", maxInFlight, window)
 		}
 		if swaps > len(offs)/10 {
 			t.Errorf("%d of %d writes arrived before an earlier one", swaps, len(offs))
 		}
 		if fail {
-			if !errors.Is(err, errInjected) || c.DirtyBytes() != dirty {
-				t.Errorf("a failed write: err %v, dirty %d of %d before", err, c.DirtyBytes(), dirty)
+			if !errors.Is(err, errInjected) || c.DirtyBytes() != 4096 {
+				t.Errorf("a failed write: err %v, %d bytes still dirty, want its 4096", err, c.DirtyBytes())
 			}
-		} else {
-			if err != nil || c.DirtyBytes() != 0 || len(offs) != n {
-				t.Fatalf("err %v, %d bytes still dirty, %d writes", err, c.DirtyBytes(), len(offs))
-			}
-			for i := range int64(n) {
-				got := make([]byte, 4096)
-				mem.ReadAt(got, i<<18)
-				if !bytes.Equal(got, payload(i<<18, 4096, uint64(i+1))) {
-					t.Fatalf("block %d did not land on the backing", i)
-				}
+		} else if err != nil || c.DirtyBytes() != 0 {
+			t.Fatalf("err %v, %d bytes still dirty", err, c.DirtyBytes())
+		}
+		if len(offs) != n {
+			t.Errorf("%d backing writes, want %d", len(offs), n)
+		}
+		for i := range int64(n) {
+			got := make([]byte, 4096)
+			mem.ReadAt(got, i<<18)
+			if landed := bytes.Equal(got, payload(i<<18, 4096, uint64(i+1))); landed != (!fail || i != 100) {
+				t.Fatalf("block %d: landed %v", i, landed)
 			}
 		}
 		c.Close()

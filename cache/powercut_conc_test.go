@@ -503,7 +503,7 @@ func runConcCut(seed uint64, model storage.LossModel, brk breakMode) cutResult {
 		}
 		cancel()
 		res.stats = c.Stats()
-		res.wb, _ = c.WritebackStats()
+		res.wb = c.WritebackStats()
 		// Clients done: cut now if the count did not get there, with the
 		// background still running.
 		res.reachedCut = cutDone.Load()

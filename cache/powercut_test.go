@@ -405,7 +405,7 @@ func workload(c *Cache, r *rand.Rand, cfg pcConfig, o *oracle, res *pcResult, fa
 				}
 			}
 		case k < 88:
-			wbCursor, _, err = c.WritebackStep(wbCursor, int64(1+r.IntN(64))<<10)
+			wbCursor, _, err = writebackStep(c, wbCursor, int64(1+r.IntN(64))<<10)
 		case k < 93:
 			c.GCStep(r.IntN(2) == 0)
 		case k < 96:

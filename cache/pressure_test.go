@@ -369,7 +369,7 @@ func TestThrashBypass(t *testing.T) {
 		if tries == 200 {
 			t.Fatalf("found %d clean extents to write over in %d tries", cleanHits, tries)
 		}
-		if _, _, err := c.WritebackStep(r.Int64N(size), 64<<10); err != nil {
+		if _, _, err := writebackStep(c, r.Int64N(size), 64<<10); err != nil {
 			t.Fatal(err)
 		}
 		var e btreeExtent

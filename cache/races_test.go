@@ -179,7 +179,7 @@ func promotionRace(t *testing.T, brk breakMode) string {
 		if hookErr = c.WriteAt(newData, off, 0); hookErr != nil {
 			return
 		}
-		if _, _, hookErr = c.WritebackStep(0, 1<<20); hookErr != nil {
+		if _, _, hookErr = writebackStep(c, 0, 1<<20); hookErr != nil {
 			return
 		}
 		e := cleanExtentAt(t, c, off)
@@ -319,7 +319,7 @@ func TestWritebackReadRacingWithReuse(t *testing.T) {
 		}
 	})
 	armed.Store(true)
-	if _, _, err := c.WritebackStep(0, 1<<20); err != nil {
+	if _, _, err := writebackStep(c, 0, 1<<20); err != nil {
 		t.Fatal(err)
 	}
 	if armed.Load() {
@@ -418,7 +418,7 @@ func indexCapacity(t *testing.T, seed uint64, maxExt int64) {
 			case 0:
 				c.GCStep(true)
 			case 1:
-				if _, _, err := c.WritebackStep(r.Int64N(span), 64<<10); err != nil {
+				if _, _, err := writebackStep(c, r.Int64N(span), 64<<10); err != nil {
 					t.Fatal(err)
 				}
 			default:

@@ -40,7 +40,7 @@ func staleCleanSetup(t *testing.T, n int64, brk breakMode) (c *Cache, cdev, bdev
 	}
 	must(c.WriteAt(payload(0, n, 1), 0, 0))
 	must(c.Flush())
-	_, _, err = c.WritebackStep(0, 1<<20)
+	_, _, err = writebackStep(c, 0, 1<<20)
 	must(err)
 	must(c.Flush())                         // A (write 1) clean, durably
 	must(c.WriteAt(payload(0, n, 2), 0, 0)) // B (write 2) dirty, published only
@@ -100,7 +100,7 @@ func staleCleanCase(t *testing.T, n int64, op func(*Cache) error) {
 // flushes it before B's insert is durable.
 func TestWritebackOfUndurableInsert(t *testing.T) {
 	staleCleanCase(t, 4096, func(c *Cache) error {
-		_, _, err := c.WritebackStep(0, 1<<20)
+		_, _, err := writebackStep(c, 0, 1<<20)
 		return err
 	})
 }
@@ -222,7 +222,7 @@ func TestZeroDirtyRunTurnedClean(t *testing.T) {
 			switch {
 			case op.Kind == storage.OpZero && stage.CompareAndSwap(0, 1):
 				// The first run's backing zero: write the dirty run back.
-				if _, _, err := c.WritebackStep(0, 1<<20); err != nil {
+				if _, _, err := writebackStep(c, 0, 1<<20); err != nil {
 					t.Error(err)
 				}
 				if err := c.Flush(); err != nil { // another client's FLUSH

@@ -58,7 +58,7 @@ type Stats struct {
 	Commits             int64 // group commits that wrote the journal
 	CommitWaits         int64 // waits for another committer (group commit sharing)
 	Publishes           int64 // journal writes without a sync that made acknowledged writes survive a kill
-	BackingFlushes      int64 // backing flushes by the cache: commits, GC's cleaning, Drain (the flusher counts its own)
+	BackingFlushes      int64 // backing flushes by the cache itself: commits, Drain's last, zeroing dirty data (the writeback engine counts its own: WritebackStats)
 	Checkpoints         int64
 	CheckpointBytes     int64
 	CheckpointsSkipped  int64 // asked for, but made unneeded by a checkpoint that ran meanwhile

@@ -2,12 +2,8 @@ package cache
 
 import "github.com/nbdcache/nbdcache/writeback"
 
-// WritebackStats reports the background flusher's figures (rate, target,
-// merged backing writes); ok is false when no flusher runs
-// (Options.NoBackground).
-func (c *Cache) WritebackStats() (s writeback.Stats, ok bool) {
-	if c.flusher == nil {
-		return writeback.Stats{}, false
-	}
-	return c.flusher.Stats(), true
-}
+// WritebackStats reports the writeback engine's figures (rate, target,
+// merged backing writes, flushes): the background flusher's batches and
+// the cache's own writebacks (GC's cleaning, the write-back before a
+// bypass, Drain), which all go through it.
+func (c *Cache) WritebackStats() writeback.Stats { return c.flusher.Stats() }

@@ -6,6 +6,7 @@ package writeback
 // clean.
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"log/slog"
@@ -45,11 +46,12 @@ type batchResult struct {
 	pieces            int   // pieces written back and marked clean
 	cleaned, collided int64 // MarkClean's sums
 	errs              int
-	lastErr           error
-	wrapped           bool // the batch completed a pass
-	empty             bool // nothing dirty was listed, even from 0
-	extents           int  // pieces collected
-	busy              int  // pieces skipped as busy
+	lastErr           error // the flusher's last error, when errs > 0
+	firstErr          error // the first failure of this batch's own pieces
+	wrapped           bool  // the batch completed a pass
+	empty             bool  // nothing dirty was listed, even from 0
+	extents           int   // pieces collected
+	busy              int   // pieces skipped as busy
 }
 
 // progressed reports whether the batch got anywhere: something was cleaned
@@ -189,19 +191,101 @@ func (f *Flusher) batch(ctx context.Context) batchResult {
 	for i := range spans {
 		res.extents += len(spans[i].ext)
 	}
+	spans, outs := f.issue(ctx, spans, true, nil)
+	complete := len(outs) == len(spans) && !more
+	spans = spans[:len(outs)]
+	f.settle(spans, outs, &res)
 
-	// Write, in ascending order, paced, in a sliding window: span k+w
-	// (w = MaxInFlight) is not issued before span k has completed.
-	sts := make([][]status, 0, len(spans))
+	f.mu.Lock()
+	f.mu.stats.Batches++
+	if res.errs > 0 {
+		f.mu.passErrs = true
+	}
+	if n := len(spans); n > 0 {
+		f.mu.cursor = spans[n-1].end()
+		if complete {
+			f.completePassLocked(time.Now())
+			res.wrapped = true
+		}
+	}
+	f.mu.Unlock()
+	if res.errs > 0 {
+		f.cfg.Logger.Warn("writeback: batch failed in part; its extents stay dirty",
+			slog.Int("failed_pieces", res.errs),
+			slog.Int64("from", spans[0].off),
+			slog.Int64("to", spans[len(spans)-1].end()),
+			slog.Any("error", res.lastErr))
+	}
+	return res
+}
+
+// WriteBack writes es back now, at full speed, by the rule a batch keeps:
+// their backing writes, in ascending order, then one backing Flush, then
+// MarkClean for each piece written. es are extents or pieces of extents
+// (the Source accepts both), in any order, not overlapping; adjacent ones
+// share a write of up to MaxWrite bytes, and one longer than that is
+// written whole, never cut (cleaning part of an extent would cut it in
+// the index). A piece the Source reports stale or busy is skipped. It
+// takes no turn from Run or Drain: the Source's ReadCached keeps two
+// writebacks off one range. observe, if not nil, is told the time and
+// length of each backing write. It returns the bytes marked clean and
+// the first failure; what failed stays dirty.
+func (f *Flusher) WriteBack(es []btreeidx.Extent, observe func(took time.Duration, n int64)) (cleaned int64, err error) {
+	if len(es) == 0 {
+		return 0, nil
+	}
+	spans, outs := f.issue(context.Background(), spansOf(es, f.cfg.MaxWrite), false, observe)
+	var res batchResult
+	f.settle(spans, outs, &res)
+	return res.cleaned, res.firstErr
+}
+
+// spansOf sorts es and merges adjacent ones into spans of at most maxWrite
+// bytes; a longer one is a span of its own.
+func spansOf(es []btreeidx.Extent, maxWrite int64) []span {
+	es = slices.Clone(es)
+	slices.SortFunc(es, func(a, b btreeidx.Extent) int { return cmp.Compare(a.Off, b.Off) })
+	var spans []span
+	for _, e := range es {
+		var dirty int64
+		if e.Dirty {
+			dirty = e.Len
+		}
+		if k := len(spans) - 1; k >= 0 && spans[k].end() == e.Off && spans[k].n+e.Len <= maxWrite {
+			spans[k].ext = append(spans[k].ext, e)
+			spans[k].n += e.Len
+			spans[k].dirty += dirty
+			continue
+		}
+		spans = append(spans, span{off: e.Off, n: e.Len, dirty: dirty, ext: []btreeidx.Extent{e}})
+	}
+	return spans
+}
+
+// spanOut is what became of one span's pieces.
+type spanOut struct {
+	st    []status // each piece's fate
+	added int64    // dirty bytes written to the backing (counted in mu.pending)
+	err   error    // the span's first failure
+}
+
+// issue writes spans to the backing, in ascending order, in a sliding
+// window: span k+w (w = MaxInFlight) is not issued before span k has
+// completed. A batch's spans are paced: each waits for the limiter, and
+// is planned again just before it goes; the batch stops where pace says
+// so. observe, if not nil, is told each write's time and length. It
+// returns the spans (as planned again) and the outcomes of those issued,
+// a prefix of them.
+func (f *Flusher) issue(ctx context.Context, spans []span, paced bool, observe func(time.Duration, int64)) ([]span, []*spanOut) {
+	outs := make([]*spanOut, 0, len(spans))
 	done := make([]chan struct{}, 0, len(spans))
 	var wg sync.WaitGroup
 	prev := make(chan struct{})
 	close(prev)
 	var sent int64
-	n := 0
 	start := time.Now()
 dispatch:
-	for n < len(spans) {
+	for n := 0; n < len(spans); n++ {
 		if w := f.cfg.MaxInFlight; n >= w {
 			select {
 			case <-done[n-w]:
@@ -209,42 +293,53 @@ dispatch:
 				break dispatch
 			}
 		}
-		if !f.pace(ctx, spans[n].dirty, sent, start) {
-			break
+		if paced {
+			if !f.pace(ctx, spans[n].dirty, sent, start) {
+				break
+			}
+			// Plan the span again now that it may go: the pace may have
+			// waited long enough for clients to overwrite some of its
+			// extents, and a stale piece would cut its backing write in
+			// two, where the newer version, as dirty, can take its place.
+			// Parts that became clean meanwhile leave gaps: each
+			// contiguous part is a span of its own.
+			again, _ := f.plan(spans[n].off, spans[n].end(), spans[n].end()-spans[n].off)
+			if len(again) == 0 {
+				again = []span{{off: spans[n].off}} // nothing left: an empty span keeps the order chain
+			}
+			spans = slices.Replace(spans, n, n+1, again...)
 		}
-		// Plan the span again now that it may go: the pace may have
-		// waited long enough for clients to overwrite some of its
-		// extents, and a stale piece would cut its backing write in two,
-		// where the newer version, as dirty, can take its place. Parts
-		// that became clean meanwhile leave gaps: each contiguous part is
-		// a span of its own.
-		again, _ := f.plan(spans[n].off, spans[n].end(), spans[n].end()-spans[n].off)
-		if len(again) == 0 {
-			again = []span{{off: spans[n].off}} // nothing left: an empty span keeps the order chain
-		}
-		spans = slices.Replace(spans, n, n+1, again...)
-		s := &spans[n]
+		s := &spans[n] // a later Replace moves only spans after n, or copies
 		started, fin := make(chan struct{}), make(chan struct{})
 		done = append(done, fin)
-		st := make([]status, len(s.ext))
-		sts = append(sts, st)
+		out := &spanOut{st: make([]status, len(s.ext))}
+		outs = append(outs, out)
 		p := prev
 		wg.Go(func() {
 			defer close(fin)
-			f.writeSpan(s, st, p, started)
+			f.writeSpan(s, out, p, started, observe)
 		})
 		prev = started
 		sent += s.dirty
-		n++
 	}
 	wg.Wait()
-	complete := n == len(spans) && !more
-	spans, sts = spans[:n], sts[:n]
+	return spans, outs
+}
 
-	// Make the backing durable, then mark clean.
+// settle makes what issue wrote durable, then marks it clean: one backing
+// Flush for all of it (if the backing needs one), then MarkClean for each
+// dirty piece written, ReleaseCached for each clean piece written and for
+// each piece whose write or the flush failed. It adds to res and takes
+// the pieces out of mu.pending.
+func (f *Flusher) settle(spans []span, outs []*spanOut, res *batchResult) {
 	anyWritten := false
-	for i := range spans {
-		for j, st := range sts[i] {
+	var added int64
+	for i, out := range outs {
+		added += out.added
+		if out.err != nil && res.firstErr == nil {
+			res.firstErr = out.err
+		}
+		for j, st := range out.st {
 			switch st {
 			case written:
 				anyWritten = true
@@ -258,17 +353,20 @@ dispatch:
 	}
 	if anyWritten && f.flush {
 		if err := f.backingFlush(); err != nil {
-			for i := range sts {
-				for j := range sts[i] {
-					if sts[i][j] == written {
-						sts[i][j] = lost
+			if res.firstErr == nil {
+				res.firstErr = err
+			}
+			for _, out := range outs {
+				for j := range out.st {
+					if out.st[j] == written {
+						out.st[j] = lost
 					}
 				}
 			}
 		}
 	}
-	for i := range spans {
-		for j, st := range sts[i] {
+	for i, out := range outs {
+		for j, st := range out.st {
 			switch st {
 			case failed:
 				res.errs++
@@ -300,31 +398,13 @@ dispatch:
 			}
 		}
 	}
-
 	f.mu.Lock()
-	f.mu.pending = 0
-	f.mu.stats.Pending = 0
-	f.mu.stats.Batches++
+	f.mu.pending -= added
+	f.mu.stats.Pending = f.mu.pending
 	if res.errs > 0 {
-		f.mu.passErrs = true
 		res.lastErr = f.mu.stats.LastError
 	}
-	if n > 0 {
-		f.mu.cursor = spans[n-1].end()
-		if complete {
-			f.completePassLocked(time.Now())
-			res.wrapped = true
-		}
-	}
 	f.mu.Unlock()
-	if res.errs > 0 {
-		f.cfg.Logger.Warn("writeback: batch failed in part; its extents stay dirty",
-			slog.Int("failed_pieces", res.errs),
-			slog.Int64("from", spans[0].off),
-			slog.Int64("to", spans[n-1].end()),
-			slog.Any("error", res.lastErr))
-	}
-	return res
 }
 
 // completePassLocked ends a pass: the cursor wraps to 0.
@@ -377,13 +457,23 @@ func (f *Flusher) pace(ctx context.Context, n, sent int64, start time.Time) bool
 }
 
 // writeSpan reads the pieces of s from the cache and writes them to the
-// backing, recording each piece's fate in st. It issues its first backing
+// backing, recording each piece's fate in out. It issues its first backing
 // write only after the span before it has issued its last (prev closed),
 // and closes started just before its own last write: backing writes leave
-// in ascending order.
-func (f *Flusher) writeSpan(s *span, st []status, prev <-chan struct{}, started chan<- struct{}) {
+// in ascending order. observe, if not nil, is told each write's time.
+func (f *Flusher) writeSpan(s *span, out *spanOut, prev <-chan struct{}, started chan<- struct{}, observe func(time.Duration, int64)) {
+	st := out.st
+	fail := func(err error) {
+		if out.err == nil {
+			out.err = err
+		}
+		f.fail(err)
+	}
 	buf := f.getBuf()
 	defer f.putBuf(buf)
+	if s.n > int64(len(buf)) {
+		buf = make([]byte, s.n) // one extent longer than MaxWrite (WriteBack)
+	}
 	for j, e := range s.ext {
 		err := f.src.ReadCached(e, buf[e.Off-s.off:e.End()-s.off])
 		switch {
@@ -396,7 +486,7 @@ func (f *Flusher) writeSpan(s *span, st []status, prev <-chan struct{}, started 
 			f.count(func(s *Stats) { s.Busy++ })
 		default:
 			st[j] = failed
-			f.fail(err)
+			fail(err)
 		}
 	}
 	// Runs of readable pieces, each one backing write.
@@ -425,11 +515,15 @@ func (f *Flusher) writeSpan(s *span, st []status, prev <-chan struct{}, started 
 		}
 		off := s.ext[r.a].Off
 		end := s.ext[r.b-1].End()
+		t0 := time.Now()
 		err := f.backing.WriteAt(buf[off-s.off:end-s.off], off, 0)
+		if observe != nil {
+			observe(time.Since(t0), end-off)
+		}
 		fate := written
 		if err != nil {
 			fate = lost
-			f.fail(err)
+			fail(err)
 		} else {
 			var dirty int64
 			for _, e := range s.ext[r.a:r.b] {
@@ -437,6 +531,7 @@ func (f *Flusher) writeSpan(s *span, st []status, prev <-chan struct{}, started 
 					dirty += e.Len
 				}
 			}
+			out.added += dirty
 			f.mu.Lock()
 			f.mu.pending += dirty
 			f.mu.stats.Pending = f.mu.pending

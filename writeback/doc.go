@@ -65,6 +65,17 @@
 // Source reports dirty bytes but lists nothing writable, Run waits for a
 // Kick or the next controller step instead of spinning.
 //
+// # WriteBack: the same engine, on demand
+//
+// The Source's own writebacks (the cache's GC cleaning a victim bucket, a
+// bypassed write whose range holds dirty data) call WriteBack with the
+// extents they need clean now. It is steps 2 to 4 of a batch without the
+// plan, the pace or the cursor: the extents are sorted and adjacent ones
+// merged up to MaxWrite (one longer than that is written whole, as
+// cleaning part of an extent would cut it), written in the same sliding
+// window, flushed once and marked clean, by the same code and ordering
+// rule. There is one implementation of the rule in the module.
+//
 // # Modes
 //
 // Before each batch and each span, one pure predicate (decide) picks the
@@ -122,7 +133,9 @@
 // # Concurrency
 //
 // Run and Drain share one token: a batch runs while holding it, so there
-// is one cursor and never two batches at once. Drain sets a flag that makes
+// is one cursor and never two batches at once. WriteBack takes no token:
+// the Source's ReadCached refuses a piece another writeback holds
+// (ErrBusy), and each call counts only its own writes in Stats.Pending. Drain sets a flag that makes
 // every batch full speed and Kicks Run out of any wait; Run yields the
 // token after its current batch. Waits are timers and channels (no
 // polling), so testing/synctest runs the flusher in virtual time.

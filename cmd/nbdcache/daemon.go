@@ -79,16 +79,15 @@ func (d *daemon) Stats() control.Stats {
 	s.CacheErrors = cs.CacheReadErrors + cs.CacheWriteErrors
 	s.Failed = cs.Failed
 	s.WritebackBytes, s.CollidedBytes = cs.WritebackBytes, cs.WritebackCollisions
-	if ws, ok := c.WritebackStats(); ok {
-		s.Collisions, s.CollidedBytes = ws.Collisions, ws.CollidedBytes // the flusher sees stale reads too
-		s.WritebackRate, s.WritebackTarget = ws.WrittenRate, ws.Target
-		s.BackingWrites, s.BackingWriteAvg = ws.Writes, ws.AvgWrite
-		s.BackingFlushes += ws.Flushes
-		s.WritebackState = ws.Mode.String()
-		s.WritebackErrors = ws.Errors
-		if ws.LastError != nil {
-			s.WritebackLastError = ws.LastError.Error()
-		}
+	ws := c.WritebackStats()
+	s.Collisions, s.CollidedBytes = ws.Collisions, ws.CollidedBytes // the flusher sees stale reads too
+	s.WritebackRate, s.WritebackTarget = ws.WrittenRate, ws.Target
+	s.BackingWrites, s.BackingWriteAvg = ws.Writes, ws.AvgWrite
+	s.BackingFlushes += ws.Flushes
+	s.WritebackState = ws.Mode.String()
+	s.WritebackErrors = ws.Errors
+	if ws.LastError != nil {
+		s.WritebackLastError = ws.LastError.Error()
 	}
 	return s
 }

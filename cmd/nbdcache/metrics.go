@@ -34,7 +34,7 @@ func serverMetrics(st *openedStorage, srv *atomic.Pointer[nbd.Server]) *metrics.
 		},
 		Writeback: func() (writeback.Stats, bool) {
 			if c := st.liveCache(); c != nil {
-				return c.WritebackStats()
+				return c.WritebackStats(), true
 			}
 			return writeback.Stats{}, false
 		},
