@@ -104,7 +104,7 @@ type Cache struct {
 	backingAwayUntil atomic.Int64
 	gcCleaning       atomic.Int64 // GC passes writing their victims back now (gcWriteback)
 
-	ram     *ristretto.Cache[uint64, ramEntry]
+	ram *ristretto.Cache[uint64, ramEntry]
 	// flusher is the writeback engine: every write of dirty data back to
 	// the backing goes through it (its Run only with background work).
 	flusher *writeback.Flusher
