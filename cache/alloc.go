@@ -153,7 +153,7 @@ func (c *Cache) cleanedLocked(e btreeExtent) {
 
 func (c *Cache) droppedLocked(e btreeExtent) {
 	if !e.Dirty {
-		c.mu.dropClean = true // the record being journaled removes a clean extent
+		c.mu.j.dropClean = true // the record being journaled removes a clean extent
 	}
 	c.liveLocked(e, -1)
 }

@@ -88,12 +88,6 @@ type Cache struct {
 	rmwMu sync.Mutex // serializes unaligned read-modify-writes
 	sbMu  sync.Mutex // serializes superblock writes
 
-	// The journal writer's own buffers, used only by the goroutine that
-	// holds the turn (mu.jwriting): the blocks of the turn, and the copy
-	// of the open block that a publish writes.
-	jbatch []sealedBlock
-	pubBuf []byte
-
 	dw groupWriter // the write path's data writes to dev
 	// backingNanos: the average time a backing write took, per 4 KiB:
 	// bypassed writes and the cache's own writebacks (see slowBacking).
@@ -129,26 +123,7 @@ type Cache struct {
 		closed    bool
 		failed    error // sticky: a commit failed
 
-		// journal
-		jopen      []byte // the open block: jn records encoded, header not yet
-		jn         int
-		jsealed    []sealedBlock
-		jnextSeq   uint64  // seq the next sealed block gets
-		jprev      uint32  // chain value of the last sealed block
-		jhead      int64   // ring slot of the next sealed block
-		jstartSeq  uint64  // first block after the durable checkpoint
-		jdurable   uint64  // every block with seq < jdurable is durable
-		jappended  uint64  // records appended since Open
-		jvisible   uint64  // records written to the device (not all synced)
-		cleanDep   uint64  // jappended after the last record that depends on an unflushed backing write (a clean insert; directOver's drop of the dirty data it superseded)
-		cleanGone  goneSet // where records that removed a clean extent lie (by jappended)
-		dropClean  bool    // the index change being journaled removed a clean extent
-		jsynced    uint64  // every record appended before this count is durable
-		jwriting   bool    // a journal writer holds the turn (writeJournal)
-		jsyncing   bool    // a commit is syncing the cache device
-		commitCond sync.Cond
-
-		bWrites, bFlushed uint64 // backing writes done / covered by a flush
+		j journal // the journal (journal.go)
 
 		ckptSeq  uint64
 		ckptSlot int // slot of the durable checkpoint
@@ -330,7 +305,6 @@ func open(cacheDev, backing storage.Device, opts Options, h testHooks) (*Cache, 
 	// stays for them while a checkpoint started at half full is written.
 	c.sem = make(chan struct{}, max(1, slots/8))
 	c.kick = make(chan struct{}, 1)
-	c.mu.commitCond.L = &c.mu.Mutex
 	c.mu.wbCond.L = &c.mu.Mutex
 	c.mu.wb = newWBSet()
 	c.mu.spaceCond.L = &c.mu.Mutex
@@ -339,13 +313,7 @@ func open(cacheDev, backing storage.Device, opts Options, h testHooks) (*Cache, 
 	c.mu.nextVer = st.nextVer
 	c.mu.mode = opts.Mode
 	c.mu.fg.b, c.mu.gc.b = -1, -1
-	c.mu.jnextSeq = st.jseq
-	c.mu.jhead = st.jpos
-	c.mu.jprev = st.jprev
-	c.mu.jstartSeq = st.jseq
-	c.mu.jdurable = st.jseq
-	c.mu.jopen = make([]byte, metaBlock)
-	c.pubBuf = make([]byte, metaBlock)
+	c.mu.j.init(&c.mu.Mutex, st.jseq, st.jpos, st.jprev)
 	c.mu.ckptSeq = st.ckptSeq
 	c.mu.ckptSlot = st.ckptSlot
 	c.mu.admit = newAdmitter(c.opts)
@@ -446,7 +414,7 @@ func (c *Cache) fitIndex() error {
 	}
 	// No record carries these deletions: the checkpoint Open writes next
 	// makes them durable, before any backing write.
-	c.mu.dropClean = false
+	c.mu.j.dropClean = false
 	if int64(idx.Len()) <= c.maxExt {
 		return nil
 	}

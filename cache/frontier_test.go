@@ -21,7 +21,7 @@ func unsyncedBlocks(t *testing.T) (c *Cache, d devPair, seq uint64, slot int64, 
 	d = formatMem(t, 4<<20, 4<<20, FormatOptions{BlockSize: sectorSize, BucketSize: 64 << 10, JournalSize: 64 * metaBlock})
 	c = openT(t, d, Options{NoBackground: true, SequentialCutoff: -1})
 	c.mu.Lock()
-	seq, slot = c.mu.jnextSeq, c.mu.jhead
+	seq, slot = c.mu.j.nextSeq, c.mu.j.head
 	c.mu.Unlock()
 	n = 2*jRecsPerBlk + 20
 	for i := range n {
@@ -31,7 +31,7 @@ func unsyncedBlocks(t *testing.T) (c *Cache, d devPair, seq uint64, slot int64, 
 		}
 	}
 	c.mu.Lock()
-	sealed, open, durable := c.mu.jnextSeq-seq, c.mu.jn, c.mu.jdurable
+	sealed, open, durable := c.mu.j.nextSeq-seq, c.mu.j.n, c.mu.j.durable
 	c.mu.Unlock()
 	if sealed != 2 || open == 0 || durable != seq {
 		t.Fatalf("%d blocks sealed, %d records open, durable below %d; want 2, some, %d", sealed, open, durable, seq)

@@ -831,7 +831,7 @@ func (c *Cache) passthrough(off, n int64, kind directKind, op func() error, then
 		return err
 	}
 	c.mu.Lock()
-	c.mu.bWrites++
+	c.mu.j.bWrites++
 	if c.tracing() {
 		c.tracef(off, n, "direct backing op done [%d+%d)", off, n)
 	}
@@ -898,10 +898,10 @@ func (c *Cache) dropSuperseded(pieces []btreeExtent) error {
 			}
 			c.mu.idx.Delete(e.Off, e.Len, c.droppedLocked)
 			c.appendLocked(record{Type: recDelete, Off: e.Off, Len: e.Len})
-			if c.mu.bWrites > c.mu.bFlushed {
+			if c.mu.j.backingUnflushed() {
 				// Even a publish, unsynced, may reach the disk
 				// before a power cut: not before the data.
-				c.mu.cleanDep = c.mu.jappended
+				c.mu.j.cleanDep = c.mu.j.appended
 			}
 		}
 	}

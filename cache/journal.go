@@ -1,57 +1,140 @@
 package cache
 
+// journal.go: the journal's state (journal) and its writer: records are
+// appended to an open block under Cache.mu, blocks are sealed into a ring
+// of slots, and one writer at a time (the turn) publishes or commits them.
+
 import (
 	"errors"
 	"fmt"
 	"runtime"
 	"slices"
+	"sync"
 
 	"github.com/nbdcache/nbdcache/storage"
 )
 
-// appendLocked adds r to the open block (encoded in place), sealing it
-// when full.
+// journal is the journal's state, Cache.mu.j. Cache.mu guards every field
+// but turn, which belongs to the goroutine holding the writer's turn
+// (writing), outside the lock.
+//
+// Invariants, under Cache.mu:
+//   - open holds n records (n < jRecsPerBlk); its header is written when
+//     it is sealed or published. Sealed blocks wait in sealed, in
+//     sequence order, until a writer's turn writes them; nextSeq is the
+//     sequence the open block will get and head its ring slot; prev is the
+//     chain value (crc) of the last sealed block.
+//   - startSeq <= durable <= nextSeq: the ring holds the blocks from
+//     startSeq (the first the durable checkpoint does not cover) on, and
+//     every block before durable is synced. synced <= visible <= appended
+//     count records: written to the device and synced, written, appended.
+//   - bFlushed <= bWrites: direct backing writes done, and of them those a
+//     backing flush has covered. cleanDep is the last record appended that
+//     depends on a backing write not flushed when it was appended;
+//     cleanGone, where records that removed a clean extent lie (goneSet).
+//     dropClean marks the index change being journaled as one such.
+//   - At most one writer's turn (writing) at a time, and at most one sync
+//     of the cache device (syncing); cond is signalled when either ends.
+type journal struct {
+	open      []byte // the open block: n records encoded, header not yet
+	n         int
+	sealed    []sealedBlock
+	nextSeq   uint64 // seq the next sealed block gets
+	prev      uint32 // chain value of the last sealed block
+	head      int64  // ring slot of the next sealed block
+	startSeq  uint64 // first block after the durable checkpoint
+	durable   uint64 // every block with seq < durable is durable
+	appended  uint64 // records appended since Open
+	visible   uint64 // records written to the device (not all synced)
+	synced    uint64 // every record appended before this count is durable
+	cleanDep  uint64 // appended after the last record that depends on an unflushed backing write (a clean insert; directOver's drop of the dirty data it superseded)
+	cleanGone goneSet
+	dropClean bool // the index change being journaled removed a clean extent
+	writing   bool // a journal writer holds the turn (writeJournal)
+	syncing   bool // a commit is syncing the cache device
+	cond      sync.Cond
+
+	bWrites, bFlushed uint64 // backing writes done / covered by a flush
+
+	// turn is the writer's own buffers, used only by the goroutine that
+	// holds the turn: the blocks of the turn, and the copy of the open
+	// block that a publish writes.
+	turn struct {
+		batch []sealedBlock
+		pub   []byte
+	}
+}
+
+// init makes j the journal of a ring that goes on after block seq-1 (at
+// slot pos, with chain value prev), guarded by mu.
+func (j *journal) init(mu *sync.Mutex, seq uint64, pos int64, prev uint32) {
+	j.nextSeq, j.head, j.prev, j.startSeq, j.durable = seq, pos, prev, seq, seq
+	j.open, j.turn.pub = make([]byte, metaBlock), make([]byte, metaBlock)
+	j.cond.L = mu
+}
+
+// add encodes r into the open block and reports whether the block is full.
+func (j *journal) add(r record) (full bool) {
+	r.encode(j.open[jHdrSize+j.n*jRecSize:])
+	j.n++
+	j.appended++
+	if r.Type == recInsert && !r.Dirty && j.backingUnflushed() {
+		j.cleanDep = j.appended
+	}
+	if j.dropClean {
+		j.cleanGone.add(r.Off, r.Len, j.appended)
+		j.dropClean = false
+	}
+	return j.n >= jRecsPerBlk
+}
+
+// backingUnflushed reports whether a direct backing write is done that no
+// backing flush has covered yet.
+func (j *journal) backingUnflushed() bool { return j.bWrites > j.bFlushed }
+
+// seal turns the open block into a sealed block with the next sequence
+// number, chained to the block before; the ring has slots slots, and
+// ckptSeq is the durable checkpoint the header names. It reports false
+// when the open block is empty.
+func (j *journal) seal(salt uint32, slots int64, ckptSeq uint64) bool {
+	if j.n == 0 {
+		return false
+	}
+	data := j.open
+	sum := finishJBlock(data, salt, j.nextSeq, j.prev, j.n, j.durable, ckptSeq)
+	j.sealed = append(j.sealed, sealedBlock{seq: j.nextSeq, pos: j.head, data: data})
+	j.prev = sum
+	j.nextSeq++
+	j.head = (j.head + 1) % slots
+	j.open, j.n = make([]byte, metaBlock), 0
+	return true
+}
+
+// usedSlots is the number of ring slots holding blocks the newest durable
+// checkpoint does not cover, sealed or not.
+func (j *journal) usedSlots() int64 { return int64(j.nextSeq-j.startSeq) + 1 }
+
+// appendLocked adds r to the open block, sealing it when full.
 func (c *Cache) appendLocked(r record) {
-	r.encode(c.mu.jopen[jHdrSize+c.mu.jn*jRecSize:])
-	c.mu.jn++
-	c.mu.jappended++
-	if r.Type == recInsert && !r.Dirty && c.mu.bWrites > c.mu.bFlushed {
-		c.mu.cleanDep = c.mu.jappended
-	}
-	if c.mu.dropClean {
-		c.mu.cleanGone.add(r.Off, r.Len, c.mu.jappended)
-		c.mu.dropClean = false
-	}
+	full := c.mu.j.add(r)
 	if c.tracing() {
-		c.tracef(r.Off, r.Len, "rec#%d %s [%d+%d)@%d v%d dirty=%v gen=%d blk=%d cleanGone=%d", c.mu.jappended, recName(r.Type), r.Off, r.Len, r.Loc, r.Ver, r.Dirty, r.Gen, c.mu.jnextSeq, c.mu.cleanGone.newest)
+		c.tracef(r.Off, r.Len, "rec#%d %s [%d+%d)@%d v%d dirty=%v gen=%d blk=%d cleanGone=%d", c.mu.j.appended, recName(r.Type), r.Off, r.Len, r.Loc, r.Ver, r.Dirty, r.Gen, c.mu.j.nextSeq, c.mu.j.cleanGone.newest)
 	}
 	c.stats.journalRecords.Add(1)
-	if c.mu.jn >= jRecsPerBlk {
+	if full {
 		c.sealLocked()
 	}
 }
 
-// sealLocked turns the open block into a sealed block with the next
-// sequence number, chained to the block before.
+// sealLocked seals the open block (journal.seal), if it holds records.
 func (c *Cache) sealLocked() {
-	if c.mu.jn == 0 {
-		return
+	if c.mu.j.seal(c.salt, c.sb.journalSlots(), c.mu.ckptSeq) {
+		c.stats.journalBlocks.Add(1)
 	}
-	data := c.mu.jopen
-	sum := finishJBlock(data, c.salt, c.mu.jnextSeq, c.mu.jprev, c.mu.jn, c.mu.jdurable, c.mu.ckptSeq)
-	c.mu.jsealed = append(c.mu.jsealed, sealedBlock{seq: c.mu.jnextSeq, pos: c.mu.jhead, data: data})
-	c.mu.jprev = sum
-	c.mu.jnextSeq++
-	c.mu.jhead = (c.mu.jhead + 1) % c.sb.journalSlots()
-	c.mu.jopen, c.mu.jn = make([]byte, metaBlock), 0
-	c.stats.journalBlocks.Add(1)
 }
 
-// usedSlotsLocked is the number of ring slots holding blocks the newest
-// durable checkpoint does not cover, sealed or not.
-func (c *Cache) usedSlotsLocked() int64 {
-	return int64(c.mu.jnextSeq-c.mu.jstartSeq) + 1
-}
+// usedSlotsLocked is journal.usedSlots.
+func (c *Cache) usedSlotsLocked() int64 { return c.mu.j.usedSlots() }
 
 func (c *Cache) errLocked() error {
 	if c.mu.closed {
@@ -154,7 +237,7 @@ func (c *Cache) publish() error {
 // shared with whatever commit runs.
 func (c *Cache) settleCleanGone(off, n int64) error {
 	c.mu.Lock()
-	need := c.mu.cleanGone.pending(off, n, c.mu.jsynced) && c.test.brk != breakNoCleanGone
+	need := c.mu.j.cleanGone.pending(off, n, c.mu.j.synced) && c.test.brk != breakNoCleanGone
 	c.mu.Unlock()
 	if !need {
 		return nil
@@ -193,47 +276,47 @@ func (c *Cache) writeJournal(sync bool) error {
 	if sync {
 		c.sealLocked()
 	}
-	target, visTarget, bTarget := c.mu.jnextSeq, c.mu.jappended, c.mu.bWrites
+	target, visTarget, bTarget := c.mu.j.nextSeq, c.mu.j.appended, c.mu.j.bWrites
 	for {
 		if c.mu.failed != nil {
 			return c.mu.failed
 		}
-		if c.mu.jvisible >= visTarget && (!sync || c.mu.jdurable >= target && c.mu.bFlushed >= bTarget) {
+		if c.mu.j.visible >= visTarget && (!sync || c.mu.j.durable >= target && c.mu.j.bFlushed >= bTarget) {
 			return nil
 		}
-		if !c.mu.jwriting && !(sync && c.mu.jsyncing) {
+		if !c.mu.j.writing && !(sync && c.mu.j.syncing) {
 			break
 		}
 		if sync {
 			c.stats.commitWaits.Add(1)
 		}
-		c.mu.commitCond.Wait()
+		c.mu.j.cond.Wait()
 	}
-	c.mu.jwriting = true
+	c.mu.j.writing = true
 	if sync {
-		c.mu.jsyncing = true
+		c.mu.j.syncing = true
 		// Seal again: records appended while we waited ride along.
 		c.sealLocked()
 	}
 	// The turn's own buffers: sealed blocks are copied out (jsealed keeps
 	// its array for the appenders), the open block into pubBuf, whose
 	// header and checksum are finished outside the lock.
-	blocks := append(c.jbatch[:0], c.mu.jsealed...)
-	clear(c.mu.jsealed)
-	c.mu.jsealed = c.mu.jsealed[:0]
-	openN, openSeq, openPrev, openDurable, openCkpt := 0, c.mu.jnextSeq, c.mu.jprev, c.mu.jdurable, c.mu.ckptSeq
-	if !sync && c.mu.jn > 0 {
-		openN = c.mu.jn
-		copy(c.pubBuf, c.mu.jopen)
-		blocks = append(blocks, sealedBlock{seq: openSeq, pos: c.mu.jhead, data: c.pubBuf})
+	blocks := append(c.mu.j.turn.batch[:0], c.mu.j.sealed...)
+	clear(c.mu.j.sealed)
+	c.mu.j.sealed = c.mu.j.sealed[:0]
+	openN, openSeq, openPrev, openDurable, openCkpt := 0, c.mu.j.nextSeq, c.mu.j.prev, c.mu.j.durable, c.mu.ckptSeq
+	if !sync && c.mu.j.n > 0 {
+		openN = c.mu.j.n
+		copy(c.mu.j.turn.pub, c.mu.j.open)
+		blocks = append(blocks, sealedBlock{seq: openSeq, pos: c.mu.j.head, data: c.mu.j.turn.pub})
 	}
-	durable, visible, bNow := c.mu.jnextSeq, c.mu.jappended, c.mu.bWrites
-	needB := bNow > c.mu.bFlushed && (sync || c.mu.cleanDep > c.mu.jvisible)
-	needSync := sync && durable > c.mu.jdurable
+	durable, visible, bNow := c.mu.j.nextSeq, c.mu.j.appended, c.mu.j.bWrites
+	needB := bNow > c.mu.j.bFlushed && (sync || c.mu.j.cleanDep > c.mu.j.visible)
+	needSync := sync && durable > c.mu.j.durable
 	c.mu.Unlock()
 
 	if openN > 0 {
-		finishJBlock(c.pubBuf, c.salt, openSeq, openPrev, openN, openDurable, openCkpt)
+		finishJBlock(c.mu.j.turn.pub, c.salt, openSeq, openPrev, openN, openDurable, openCkpt)
 	}
 	err := c.writeBlocks(blocks, needB, sync)
 	var unwritten []sealedBlock
@@ -243,25 +326,25 @@ func (c *Cache) writeJournal(sync bool) error {
 		unwritten = slices.Clone(blocks[:len(blocks)-min(openN, 1)])
 	}
 	clear(blocks)
-	c.jbatch = blocks[:0]
+	c.mu.j.turn.batch = blocks[:0]
 
 	c.mu.Lock()
-	c.mu.jwriting = false
+	c.mu.j.writing = false
 	if unwritten != nil {
 		// The backing failed its flush (a remote away, a disk error):
 		// this commit fails, and its caller with it, but the cache
 		// device is fine, so the failure is not sticky.
-		c.mu.jsealed = append(unwritten, c.mu.jsealed...)
+		c.mu.j.sealed = append(unwritten, c.mu.j.sealed...)
 		if sync {
-			c.mu.jsyncing = false
+			c.mu.j.syncing = false
 		}
-		c.mu.commitCond.Broadcast()
+		c.mu.j.cond.Broadcast()
 		return err
 	}
 	if err == nil {
-		c.mu.jvisible = visible
+		c.mu.j.visible = visible
 		if needB {
-			c.mu.bFlushed = bNow
+			c.mu.j.bFlushed = bNow
 		}
 		if !sync {
 			c.stats.publishes.Add(1)
@@ -272,12 +355,12 @@ func (c *Cache) writeJournal(sync bool) error {
 	}
 	if err != nil || !sync {
 		if sync {
-			c.mu.jsyncing = false
+			c.mu.j.syncing = false
 		}
 		return c.journalDoneLocked(err)
 	}
 	// The sync: publishers may write meanwhile.
-	c.mu.commitCond.Broadcast()
+	c.mu.j.cond.Broadcast()
 	c.mu.Unlock()
 	if needSync && c.test.brk != breakNoSync {
 		err = c.dev.Flush()
@@ -286,10 +369,10 @@ func (c *Cache) writeJournal(sync bool) error {
 		}
 	}
 	c.mu.Lock()
-	c.mu.jsyncing = false
+	c.mu.j.syncing = false
 	if err == nil {
-		c.mu.jdurable = durable
-		c.mu.jsynced = max(c.mu.jsynced, visible)
+		c.mu.j.durable = durable
+		c.mu.j.synced = max(c.mu.j.synced, visible)
 		c.stats.commits.Add(1)
 		if c.tracing() {
 			c.tracef(-1, 0, "commit: records <=%d durable, blocks <%d, backing flushed %v", visible, durable, needB)
@@ -303,7 +386,7 @@ func (c *Cache) journalDoneLocked(err error) error {
 	if err != nil {
 		c.failLocked("journal", err)
 	}
-	c.mu.commitCond.Broadcast()
+	c.mu.j.cond.Broadcast()
 	return c.mu.failed
 }
 
@@ -441,11 +524,11 @@ func (c *Cache) checkpointLocked(reseed bool) error {
 		c.mu.Unlock()
 		return fmt.Errorf("%w: %d extents, checkpoint holds %d", ErrCorrupt, next, c.maxExt)
 	}
-	h := &ckptHeader{Seq: c.mu.ckptSeq + 1, JSeq: c.mu.jnextSeq, JPos: c.mu.jhead, Seed: c.mu.jprev,
+	h := &ckptHeader{Seq: c.mu.ckptSeq + 1, JSeq: c.mu.j.nextSeq, JPos: c.mu.j.head, Seed: c.mu.j.prev,
 		NBuckets: uint32(len(c.mu.buckets)), NextVer: c.mu.nextVer, NExt: uint64(next)}
 	if reseed {
 		h.Seed = randSeed()
-		c.mu.jprev = h.Seed
+		c.mu.j.prev = h.Seed
 	}
 	buf := c.ckBuf[:0]
 	buf = append(buf, make([]byte, ckptHdrSize)...)
@@ -478,7 +561,7 @@ func (c *Cache) checkpointLocked(reseed bool) error {
 		c.tracef(-1, 0, "checkpoint %d durable (JSeq %d)", h.Seq, h.JSeq)
 	}
 	c.mu.ckptSeq, c.mu.ckptSlot = h.Seq, slot
-	c.mu.jstartSeq = h.JSeq
+	c.mu.j.startSeq = h.JSeq
 	for _, b := range c.mu.pending[:npend] {
 		c.mu.buckets[b].state = bFree
 		c.mu.free = append(c.mu.free, b)

@@ -15,10 +15,10 @@ func TestRingFullLeavesRoomForInFlight(t *testing.T) {
 	defer c.Close()
 	slots, inFlight := c.sb.journalSlots(), int64(cap(c.sem))
 	c.mu.Lock()
-	next, start := c.mu.jnextSeq, c.mu.jstartSeq
+	next, start := c.mu.j.nextSeq, c.mu.j.startSeq
 	for u := int64(1); u <= slots; u++ {
-		c.mu.jnextSeq = 1 << 20
-		c.mu.jstartSeq = c.mu.jnextSeq - uint64(u-1) // u used slots, the open block's included
+		c.mu.j.nextSeq = 1 << 20
+		c.mu.j.startSeq = c.mu.j.nextSeq - uint64(u-1) // u used slots, the open block's included
 		if got := c.usedSlotsLocked(); got != u {
 			t.Fatalf("usedSlotsLocked = %d, want %d", got, u)
 		}
@@ -32,6 +32,6 @@ func TestRingFullLeavesRoomForInFlight(t *testing.T) {
 			t.Errorf("%d of %d slots used, %d operations may be in flight: admitted, though they could overrun the ring by %d blocks", u, slots, inFlight, u+inFlight-slots)
 		}
 	}
-	c.mu.jnextSeq, c.mu.jstartSeq = next, start
+	c.mu.j.nextSeq, c.mu.j.startSeq = next, start
 	c.mu.Unlock()
 }

@@ -102,7 +102,7 @@ func (c *Cache) Stats() Stats {
 	s.Extents = int64(c.mu.idx.Len())
 	s.FreeBuckets = int64(len(c.mu.free))
 	s.PendingBuckets = int64(len(c.mu.pending))
-	s.JournalUsedBlocks = int64(c.mu.jnextSeq - c.mu.jstartSeq)
+	s.JournalUsedBlocks = int64(c.mu.j.nextSeq - c.mu.j.startSeq)
 	s.WritebackInFlight = int64(c.mu.wb.len())
 	s.Failed = c.mu.failed != nil
 	c.mu.Unlock()

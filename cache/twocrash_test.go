@@ -66,8 +66,8 @@ func lifeOne(t *testing.T) firstLife {
 	}
 	var l firstLife
 	c.mu.Lock()
-	l.b0, l.b0pos = c.mu.jnextSeq, c.mu.jhead
-	durable, n := c.mu.jdurable, c.mu.jn
+	l.b0, l.b0pos = c.mu.j.nextSeq, c.mu.j.head
+	durable, n := c.mu.j.durable, c.mu.j.n
 	c.mu.Unlock()
 	if durable != l.b0 || n != 0 {
 		t.Fatalf("after the flushes: blocks below %d durable, %d records open; want %d and 0", durable, n, l.b0)
@@ -76,7 +76,7 @@ func lifeOne(t *testing.T) firstLife {
 		mustWrite(t, c, tcBBase+j*tcBlock, tcBlock, uint64(tcIDB+j))
 	}
 	c.mu.Lock()
-	sealed, jdurable, open := c.mu.jnextSeq-l.b0, c.mu.jdurable, c.mu.jn
+	sealed, jdurable, open := c.mu.j.nextSeq-l.b0, c.mu.j.durable, c.mu.j.n
 	c.mu.idx.Lookup(tcBBase, tcBlock, func(e btreeExtent) bool { l.bLoc = e.Loc + (tcBBase - e.Off); return false })
 	c.mu.Unlock()
 	if sealed != 8 || open != 0 || jdurable != l.b0 {
@@ -173,7 +173,7 @@ func TestTwoCrashesShorterJournal(t *testing.T) {
 	}
 	mustFlush(t, c)
 	c.mu.Lock()
-	next := c.mu.jnextSeq
+	next := c.mu.j.nextSeq
 	c.mu.Unlock()
 	if next != l.b0+1 {
 		t.Fatalf("the second life's flushed block is %d; want %d (the first life's torn one)", next-1, l.b0)
@@ -327,7 +327,7 @@ func TestFrontierNotClaimedBeforeSync(t *testing.T) {
 	mustFlush(t, c)
 	mustWrite(t, c, 4096, 4096, tcIDA+1) // in block k, which the next commit seals
 	c.mu.Lock()
-	k, kpos := c.mu.jnextSeq, c.mu.jhead
+	k, kpos := c.mu.j.nextSeq, c.mu.j.head
 	c.mu.Unlock()
 	var devs []*storage.Crash
 	hd.hook = func() {

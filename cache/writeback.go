@@ -171,7 +171,7 @@ func (c *Cache) MarkClean(e btreeidx.Extent) (cleaned, collided int64) {
 		// extent: settleCleanGone makes it durable, and the inserts
 		// and data before it, before the next backing write.
 		if collided > 0 && c.test.brk != breakNoCollisionSettle {
-			c.mu.dropClean = true
+			c.mu.j.dropClean = true
 		}
 		c.appendLocked(record{Type: recClean, Off: e.Off, Len: e.Len, Ver: e.Ver})
 	}
