@@ -60,7 +60,7 @@ func (c *Cache) allocLocked(a *allocator, want int64, reserve int) (loc, got, b 
 		c.mu.free = c.mu.free[1:]
 		if len(c.mu.free) < c.lowFree() {
 			select { // the background loop makes room ahead of writers
-			case c.kick <- struct{}{}:
+			case c.bg.kick <- struct{}{}:
 			default:
 			}
 		}
@@ -175,9 +175,18 @@ func (c *Cache) droppedLocked(e btreeExtent) {
 // already stop at 3/4 of maxExt (allocLocked) and bypass; makeSpace then
 // evicts clean extents to bring the index down (shrinkIndex).
 
+// maxExtents is the index's capacity: the extents a checkpoint slot holds
+// (or fewer, in tests: testHooks.maxExt).
+func (c *Cache) maxExtents() int64 {
+	if m := c.test.maxExt; m > 0 {
+		return min(m, c.sb.maxExtents())
+	}
+	return c.sb.maxExtents()
+}
+
 // roomLocked reports whether the index can take k more extents.
 func (c *Cache) roomLocked(k int) bool {
-	return int64(c.mu.idx.Len())+c.mu.reservedExt+int64(k) <= c.maxExt
+	return int64(c.mu.idx.Len())+c.mu.reservedExt+int64(k) <= c.maxExtents()
 }
 
 // edgeCutsLocked counts the edges of [off, off+n) that fall strictly inside
@@ -200,7 +209,7 @@ func (c *Cache) edgeCutsLocked(off, n int64) int {
 }
 
 // indexFullLocked: foreground writes stop caching here (allocLocked).
-func (c *Cache) indexFullLocked() bool { return int64(c.mu.idx.Len()) > c.maxExt*3/4 }
+func (c *Cache) indexFullLocked() bool { return int64(c.mu.idx.Len()) > c.maxExtents()*3/4 }
 
 // shrinkIndex evicts clean extents, oldest data first (by version), until
 // the index is back below 5/8 of its capacity, so that foreground writes
@@ -212,7 +221,7 @@ func (c *Cache) shrinkIndex() bool {
 		c.mu.Unlock()
 		return true
 	}
-	excess := c.mu.idx.Len() - int(c.maxExt*5/8)
+	excess := c.mu.idx.Len() - int(c.maxExtents()*5/8)
 	var clean []btreeExtent
 	c.mu.idx.Ascend(0, func(e btreeExtent) bool {
 		if !e.Dirty {
@@ -279,7 +288,7 @@ func (c *Cache) makeSpace() bool {
 	if pending == 0 {
 		if _, hadRoom := c.gcStep(true); hadRoom {
 			// Another pass or a checkpoint made room while this one
-			// waited for gcMu; writers may have taken it since.
+			// waited for gcPass; writers may have taken it since.
 			return true
 		}
 		if pending, free = room(); free {
@@ -365,25 +374,25 @@ func (c *Cache) gcClean() (freed int) {
 }
 
 func (c *Cache) gc(evict, clean bool) (freed int, hadRoom bool) {
-	c.gcMu.Lock()
+	c.gcPass.Lock()
 	c.mu.Lock()
 	victims, work, hadRoom := c.gcPlanLocked(evict, clean)
 	c.mu.Unlock()
 	if len(victims) == 0 {
-		c.gcMu.Unlock()
+		c.gcPass.Unlock()
 		return 0, hadRoom
 	}
 	if clean {
 		// The backing may be slow: a foreground pass must not wait
 		// behind this one. Every step below checks again under mu.
-		c.gcMu.Unlock()
-		c.gcCleaning.Add(1)
-		if c.bgCancel != nil && c.diskLike() {
+		c.gcPass.Unlock()
+		c.gcPass.cleaning.Add(1)
+		if c.bg.cancel != nil && c.diskLike() {
 			c.flusher.Exclusive(context.Background(), func() { c.gcWriteback(work) })
 		} else {
 			c.gcWriteback(work)
 		}
-		c.gcCleaning.Add(-1)
+		c.gcPass.cleaning.Add(-1)
 		for _, p := range work {
 			c.gcEvict(p)
 		}
@@ -395,7 +404,7 @@ func (c *Cache) gc(evict, clean bool) (freed int, hadRoom bool) {
 				break // out of room; what is done stays done
 			}
 		}
-		c.gcMu.Unlock()
+		c.gcPass.Unlock()
 	}
 	c.mu.Lock()
 	for b, epoch := range victims {

@@ -73,30 +73,26 @@ type sealedBlock struct {
 type Cache struct {
 	dev, back storage.Device
 	sb        superblock // geometry is immutable; State and Seq under mu
-	salt      uint32
 	opts      Options
 	test      testHooks // zero but in tests (hooks.go)
 	log       *slog.Logger
-	maxExt    int64
 
 	// sem bounds the index-changing operations in flight (enter/leave),
 	// so that they cannot overrun the journal ring.
-	sem   chan struct{}
-	ckMu  sync.Mutex // one checkpoint at a time; guards ckBuf
-	ckBuf []byte     // the checkpoint being written, reused
-	gcMu  sync.Mutex // one GC pass at a time
+	sem  chan struct{}
+	ckpt struct {
+		sync.Mutex        // one checkpoint at a time; guards buf
+		buf        []byte // the checkpoint being written, reused
+	}
+	gcPass struct {
+		sync.Mutex              // one GC pass at a time
+		cleaning   atomic.Int64 // GC passes writing their victims back now (gcWriteback)
+	}
 	rmwMu sync.Mutex // serializes unaligned read-modify-writes
 	sbMu  sync.Mutex // serializes superblock writes
 
-	dw groupWriter // the write path's data writes to dev
-	// backingNanos: the average time a backing write took, per 4 KiB:
-	// bypassed writes and the cache's own writebacks (see slowBacking).
-	backingNanos  atomic.Int64
-	roomWaitAfter atomic.Int64 // unix nanoseconds: no waiting for room before
-	// backingAwayUntil: unix nanoseconds until which the backing is taken
-	// to be unreachable (noteUnavailable).
-	backingAwayUntil atomic.Int64
-	gcCleaning       atomic.Int64 // GC passes writing their victims back now (gcWriteback)
+	dw     groupWriter   // the write path's data writes to dev
+	health backingHealth // what the cache measured of its backing (backing.go)
 
 	ram *ristretto.Cache[uint64, ramEntry]
 	// flusher is the writeback engine: every write of dirty data back to
@@ -105,9 +101,11 @@ type Cache struct {
 
 	stats counters
 
-	bgCancel context.CancelFunc
-	bgDone   sync.WaitGroup
-	kick     chan struct{}
+	bg struct { // the background loop and the flusher's Run
+		cancel context.CancelFunc // nil with NoBackground
+		done   sync.WaitGroup
+		kick   chan struct{}
+	}
 
 	mu struct {
 		sync.Mutex
@@ -294,17 +292,14 @@ func open(cacheDev, backing storage.Device, opts Options, h testHooks) (*Cache, 
 	if opts.BackingPath != "" {
 		sb.BackingPath = opts.BackingPath // written with the dirty state below
 	}
-	c := &Cache{dev: cacheDev, back: backing, sb: *sb, salt: sb.salt(), opts: opts, test: h, log: opts.Logger, maxExt: sb.maxExtents()}
-	if h.maxExt > 0 {
-		c.maxExt = min(c.maxExt, h.maxExt)
-	}
+	c := &Cache{dev: cacheDev, back: backing, sb: *sb, opts: opts, test: h, log: opts.Logger}
 	c.dw.dev, c.dw.writes = cacheDev, &c.stats.dataWrites
 	slots := sb.journalSlots()
 	// The operations in flight may add a block each, so a quarter of the
 	// ring (slots/8 operations, with the margin ringFullLocked keeps)
 	// stays for them while a checkpoint started at half full is written.
 	c.sem = make(chan struct{}, max(1, slots/8))
-	c.kick = make(chan struct{}, 1)
+	c.bg.kick = make(chan struct{}, 1)
 	c.mu.wbCond.L = &c.mu.Mutex
 	c.mu.wb = newWBSet()
 	c.mu.spaceCond.L = &c.mu.Mutex
@@ -346,9 +341,9 @@ func open(cacheDev, backing storage.Device, opts Options, h testHooks) (*Cache, 
 	}
 	// A checkpoint right away: the replayed journal (torn tail and all)
 	// is never read again, and the ring starts afresh with a new seed.
-	c.ckMu.Lock()
+	c.ckpt.Lock()
 	err = c.checkpointLocked(true)
-	c.ckMu.Unlock()
+	c.ckpt.Unlock()
 	if err != nil {
 		c.closeRAM()
 		return nil, err
@@ -376,11 +371,11 @@ func open(cacheDev, backing storage.Device, opts Options, h testHooks) (*Cache, 
 	c.flusher = writeback.New(c, backing, wcfg)
 	if !opts.NoBackground {
 		ctx, cancel := context.WithCancel(context.Background())
-		c.bgCancel = cancel
-		c.bgDone.Add(2)
+		c.bg.cancel = cancel
+		c.bg.done.Add(2)
 		go c.background(ctx)
 		go func() {
-			defer c.bgDone.Done()
+			defer c.bg.done.Done()
 			c.flusher.Run(ctx)
 		}()
 	}
@@ -396,10 +391,10 @@ func open(cacheDev, backing storage.Device, opts Options, h testHooks) (*Cache, 
 // replays the same journal again.
 func (c *Cache) fitIndex() error {
 	idx := c.mu.idx
-	if int64(idx.Len()) <= c.maxExt {
+	if int64(idx.Len()) <= c.maxExtents() {
 		return nil
 	}
-	c.log.Warn("cache: the recovered index exceeds a checkpoint; dropping clean extents", "extents", idx.Len(), "capacity", c.maxExt)
+	c.log.Warn("cache: the recovered index exceeds a checkpoint; dropping clean extents", "extents", idx.Len(), "capacity", c.maxExtents())
 	var clean, dirty []btreeExtent
 	idx.Ascend(0, func(e btreeExtent) bool {
 		if e.Dirty {
@@ -415,7 +410,7 @@ func (c *Cache) fitIndex() error {
 	// No record carries these deletions: the checkpoint Open writes next
 	// makes them durable, before any backing write.
 	c.mu.j.dropClean = false
-	if int64(idx.Len()) <= c.maxExt {
+	if int64(idx.Len()) <= c.maxExtents() {
 		return nil
 	}
 	c.log.Warn("cache: the recovered index still exceeds a checkpoint; writing back every dirty extent", "dirty_extents", len(dirty))
@@ -456,9 +451,9 @@ func (c *Cache) Close() error {
 	c.mu.spaceCond.Broadcast()
 	c.mu.wbCond.Broadcast()
 	c.mu.Unlock()
-	if c.bgCancel != nil {
-		c.bgCancel()
-		c.bgDone.Wait()
+	if c.bg.cancel != nil {
+		c.bg.cancel()
+		c.bg.done.Wait()
 	}
 	err := c.Checkpoint()
 	if err == nil {

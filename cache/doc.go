@@ -211,7 +211,7 @@
 // full that the operations in flight could overwrite a block the durable
 // checkpoint still needs. Writers that run out of space at once, and the
 // background loop, share one checkpoint (checkpointIf re-checks the need
-// under ckMu). A checkpoint is also written after recovery, at Close, and
+// under ckpt). A checkpoint is also written after recovery, at Close, and
 // by the background loop when the last one is CheckpointInterval old (1
 // minute) and the journal has grown by more than a few blocks since, so a
 // trickle of writes never leaves a long journal to replay.

@@ -383,7 +383,7 @@ func TestCheckpointFailureIsSticky(t *testing.T) {
 	}
 	done := make(chan error, 1)
 	go func() {
-		c.backingNanos.Store(10 * slowBackingNanos) // writers wait for room
+		c.health.nanos.Store(10 * slowBackingNanos) // writers wait for room
 		var err error
 		for i := int64(0); err == nil && i < 64; i++ {
 			err = c.WriteAt(payload(i*16<<10, 16<<10, 2), i*16<<10, 0)

@@ -581,77 +581,6 @@ func (c *Cache) writeDirty(p []byte, off int64) error {
 	}
 }
 
-// A write that finds the cache full goes to the backing (bypass), unless
-// the backing is slow: bypassing a slow disk's random writes is slower
-// than waiting for the flusher, whose sorted writeback passes over the
-// disk in address order, to make room (on the hdd model, random 4 KiB
-// writes bypassed during writeback ran at a fraction of the disk alone:
-// they moved the head away from the flusher's next write each time). So
-// the backing writes' latency is measured, per 4 KiB, as an average, and
-// above slowBackingNanos writers wait (waitRoom) instead, at most
-// maxRoomWait at a time, or while a GC pass writes its victims back (it
-// frees them when it ends; at most maxCleanWait). A wait that times out
-// shows that nothing frees a bucket soon: writers then bypass for
-// roomBackoff before they wait again. (Bypassing while GC's sweep runs
-// would cost more than the wait: on the hdd model, with a 64 MiB cache
-// over a 256 MiB working set, every write bypassed and the cache ran at
-// 0.25x the disk alone, its sweep broken up by the bypassed writes.)
-const (
-	slowBackingNanos = 1_000_000
-	maxRoomWait      = 2 * time.Second
-	maxCleanWait     = 30 * time.Second
-	roomBackoff      = 10 * time.Second
-)
-
-// noteBacking adds a backing write of n bytes that took d to the average
-// (a lost update between two writers only weakens one sample). A sample
-// counts for at most 4 ms a 4 KiB: a file in the page cache stalls for
-// hundreds of milliseconds now and then (an fdatasync beside it, the
-// kernel's dirty throttling), and one stall must not make it a disk for
-// the next few dozen writes; a disk's writes are all slow, and three of
-// them still do.
-func (c *Cache) noteBacking(d time.Duration, n int64) {
-	per4k := min(int64(d)*4096/max(n, 4096), 4*slowBackingNanos)
-	old := c.backingNanos.Load()
-	c.backingNanos.Store(old + (per4k-old)/8)
-}
-
-// noteUnavailable reports whether err says the backing could not be
-// reached (storage.ErrUnavailable: a remote that stayed away for its
-// timeout), and if so remembers it for backingAwayFor: write-back streams
-// are then cached instead of bypassed (backingAway).
-func (c *Cache) noteUnavailable(err error) bool {
-	if !errors.Is(err, storage.ErrUnavailable) {
-		return false
-	}
-	c.backingAwayUntil.Store(time.Now().Add(backingAwayFor).UnixNano())
-	return true
-}
-
-// backingAway reports whether the backing is out of reach: by its own
-// account (storage.Reachability, a remote), else if it was found
-// unreachable within backingAwayFor.
-func (c *Cache) backingAway() bool {
-	if r, ok := c.back.(storage.Reachability); ok && !r.Reachable() {
-		return true
-	}
-	return time.Now().UnixNano() < c.backingAwayUntil.Load()
-}
-
-// backingAwayFor is how long an unreachable backing is taken to stay away.
-const backingAwayFor = 5 * time.Second
-
-// diskLike reports whether backing writes are slow enough to be a disk's:
-// then where its head goes matters more than anything else. The sysfs
-// rotational flag does not tell: virtio disks claim to rotate.
-func (c *Cache) diskLike() bool { return c.backingNanos.Load() > slowBackingNanos }
-
-// slowBacking reports whether bypassed writes are slow enough that
-// waiting for room beats them (and no wait timed out lately).
-func (c *Cache) slowBacking() bool {
-	return c.diskLike() && time.Now().UnixNano() >= c.roomWaitAfter.Load()
-}
-
 // waitRoom waits until buckets are free beyond the reserve or pending (a
 // checkpoint frees those), at most maxRoomWait; it reports whether there
 // is room to try again: buckets, and an index that is not full.
@@ -666,7 +595,7 @@ func (c *Cache) waitRoom() bool {
 		defer c.mu.Unlock()
 		// A GC pass writing its victims back frees them when it ends:
 		// wait for it, up to maxCleanWait.
-		if c.gcCleaning.Load() > 0 && time.Since(start) < maxCleanWait {
+		if c.gcPass.cleaning.Load() > 0 && time.Since(start) < maxCleanWait {
 			t.Reset(maxRoomWait / 4)
 			return
 		}
@@ -680,7 +609,7 @@ func (c *Cache) waitRoom() bool {
 		c.mu.spaceCond.Wait()
 	}
 	if timedOut {
-		c.roomWaitAfter.Store(time.Now().Add(roomBackoff).UnixNano())
+		c.health.roomWaitAfter.Store(time.Now().Add(roomBackoff).UnixNano())
 	}
 	// Free buckets are no room while the index is full: retrying would
 	// spin (nothing writes back dirty extents below the dirty target to

@@ -128,7 +128,7 @@ func (c *Cache) appendLocked(r record) {
 
 // sealLocked seals the open block (journal.seal), if it holds records.
 func (c *Cache) sealLocked() {
-	if c.mu.j.seal(c.salt, c.sb.journalSlots(), c.mu.ckptSeq) {
+	if c.mu.j.seal(c.sb.salt(), c.sb.journalSlots(), c.mu.ckptSeq) {
 		c.stats.journalBlocks.Add(1)
 	}
 }
@@ -316,7 +316,7 @@ func (c *Cache) writeJournal(sync bool) error {
 	c.mu.Unlock()
 
 	if openN > 0 {
-		finishJBlock(c.mu.j.turn.pub, c.salt, openSeq, openPrev, openN, openDurable, openCkpt)
+		finishJBlock(c.mu.j.turn.pub, c.sb.salt(), openSeq, openPrev, openN, openDurable, openCkpt)
 	}
 	err := c.writeBlocks(blocks, needB, sync)
 	var unwritten []sealedBlock
@@ -481,11 +481,11 @@ func (c *Cache) Checkpoint() error { return c.checkpointIf(nil, true) }
 // wait false it returns at once when a checkpoint is already running.
 func (c *Cache) checkpointIf(need func() bool, wait bool) error {
 	if wait {
-		c.ckMu.Lock()
-	} else if !c.ckMu.TryLock() {
+		c.ckpt.Lock()
+	} else if !c.ckpt.TryLock() {
 		return nil
 	}
-	defer c.ckMu.Unlock()
+	defer c.ckpt.Unlock()
 	if need != nil && !need() {
 		c.stats.checkpointsSkipped.Add(1)
 		return nil
@@ -493,7 +493,7 @@ func (c *Cache) checkpointIf(need func() bool, wait bool) error {
 	return c.checkpointLocked(false)
 }
 
-// checkpointLocked writes one checkpoint; ckMu is held. Writes go on
+// checkpointLocked writes one checkpoint; ckpt is held. Writes go on
 // meanwhile: only the snapshot holds mu.
 //
 //  1. Under mu: seal the open block; the index, the bucket generations and
@@ -520,9 +520,9 @@ func (c *Cache) checkpointLocked(reseed bool) error {
 	}
 	c.sealLocked()
 	next := int64(c.mu.idx.Len())
-	if next > c.maxExt {
+	if next > c.maxExtents() {
 		c.mu.Unlock()
-		return fmt.Errorf("%w: %d extents, checkpoint holds %d", ErrCorrupt, next, c.maxExt)
+		return fmt.Errorf("%w: %d extents, checkpoint holds %d", ErrCorrupt, next, c.maxExtents())
 	}
 	h := &ckptHeader{Seq: c.mu.ckptSeq + 1, JSeq: c.mu.j.nextSeq, JPos: c.mu.j.head, Seed: c.mu.j.prev,
 		NBuckets: uint32(len(c.mu.buckets)), NextVer: c.mu.nextVer, NExt: uint64(next)}
@@ -530,7 +530,7 @@ func (c *Cache) checkpointLocked(reseed bool) error {
 		h.Seed = randSeed()
 		c.mu.j.prev = h.Seed
 	}
-	buf := c.ckBuf[:0]
+	buf := c.ckpt.buf[:0]
 	buf = append(buf, make([]byte, ckptHdrSize)...)
 	buf = appendCkptGens(buf, len(c.mu.buckets), func(i int) uint8 { return c.mu.buckets[i].gen })
 	c.mu.idx.Ascend(0, func(e btreeExtent) bool {
@@ -540,13 +540,13 @@ func (c *Cache) checkpointLocked(reseed bool) error {
 	slot := 1 - c.mu.ckptSlot
 	npend := len(c.mu.pending)
 	c.mu.Unlock()
-	c.ckBuf = buf
+	c.ckpt.buf = buf
 
 	if err := c.commit(); err != nil {
 		return err
 	}
-	h.BodyCRC = crcSalted(c.salt, buf[ckptHdrSize:])
-	copy(buf, encodeCkptHeader(c.salt, h))
+	h.BodyCRC = crcSalted(c.sb.salt(), buf[ckptHdrSize:])
+	copy(buf, encodeCkptHeader(c.sb.salt(), h))
 	if err := c.dev.WriteAt(buf, c.sb.CkptOff+int64(slot)*c.sb.CkptSize, 0); err != nil {
 		return c.checkpointFailed(fmt.Errorf("write checkpoint: %w", err))
 	}

@@ -201,7 +201,7 @@ func TestBucketPiecesKeepsPieceRefs(t *testing.T) {
 func TestFullIndexOverDiskDoesNotSpin(t *testing.T) {
 	d := formatMem(t, 4<<20, 16<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 64 << 10})
 	c := openHooked(t, d, Options{NoBackground: true, SequentialCutoff: -1}, testHooks{maxExt: 40})
-	c.backingNanos.Store(5 * slowBackingNanos) // a disk's latency (diskLike)
+	c.health.nanos.Store(5 * slowBackingNanos) // a disk's latency (diskLike)
 	for i := range int64(60) {                 // far apart: one extent each, 3/4 of 40 reached at 30
 		done := make(chan error, 1)
 		go func() { done <- c.WriteAt(payload(i<<16, 4096, uint64(i+1)), i<<16, 0) }()
@@ -212,7 +212,7 @@ func TestFullIndexOverDiskDoesNotSpin(t *testing.T) {
 			}
 		case <-time.After(10 * time.Second):
 			t.Fatalf("write %d has not returned after 10 s (%d extents, index capacity %d, %d free buckets)",
-				i, c.Stats().Extents, c.maxExt, c.Stats().FreeBuckets)
+				i, c.Stats().Extents, c.maxExtents(), c.Stats().FreeBuckets)
 		}
 	}
 	for i := range int64(60) {

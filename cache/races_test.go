@@ -390,7 +390,7 @@ func indexCapacity(t *testing.T, seed uint64, maxExt int64) {
 		anyOld[off/sectorSize+1] = true
 	}
 	if err := c.Checkpoint(); err != nil {
-		t.Fatalf("checkpoint after the trims: %v (extents %d, capacity %d)", err, c.Stats().Extents, c.maxExt)
+		t.Fatalf("checkpoint after the trims: %v (extents %d, capacity %d)", err, c.Stats().Extents, c.maxExtents())
 	}
 	maxSeen := 0
 	for i := range 4000 {
@@ -423,7 +423,7 @@ func indexCapacity(t *testing.T, seed uint64, maxExt int64) {
 				}
 			default:
 				if err := c.Checkpoint(); err != nil {
-					t.Fatalf("op %d: checkpoint: %v (extents %d, capacity %d)", i, err, c.Stats().Extents, c.maxExt)
+					t.Fatalf("op %d: checkpoint: %v (extents %d, capacity %d)", i, err, c.Stats().Extents, c.maxExtents())
 				}
 			}
 		}
@@ -431,11 +431,11 @@ func indexCapacity(t *testing.T, seed uint64, maxExt int64) {
 		n := c.mu.idx.Len()
 		c.mu.Unlock()
 		maxSeen = max(maxSeen, n)
-		if int64(n) > c.maxExt {
-			t.Fatalf("op %d: %d extents, a checkpoint holds %d", i, n, c.maxExt)
+		if int64(n) > c.maxExtents() {
+			t.Fatalf("op %d: %d extents, a checkpoint holds %d", i, n, c.maxExtents())
 		}
 	}
-	t.Logf("at most %d extents of %d (stats %+v)", maxSeen, c.maxExt, c.Stats())
+	t.Logf("at most %d extents of %d (stats %+v)", maxSeen, c.maxExtents(), c.Stats())
 	if err := c.Close(); err != nil {
 		t.Fatalf("close: %v", err)
 	}

@@ -93,7 +93,7 @@ func (c *Cache) Stats() Stats {
 		WritebackBytes: c.stats.writebackBytes.Load(), WritebackCollisions: c.stats.writebackCollisions.Load(),
 		ReplayedRecords: c.stats.replayed.Load(), ReplayDropped: c.stats.replayDropped.Load(), DirectWaits: c.stats.directWaits.Load(), RoomWaits: c.stats.roomWaits.Load(),
 		CapacityBytes: c.CapacityBytes(), Buckets: c.sb.NBuckets, JournalSlots: c.sb.journalSlots(),
-		BackingWriteNanos: c.backingNanos.Load(),
+		BackingWriteNanos: c.health.nanos.Load(),
 	}
 	c.mu.Lock()
 	s.Mode = c.mu.mode

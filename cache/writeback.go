@@ -293,7 +293,7 @@ func (c *Cache) waitHold(ended uint64) bool {
 func (c *Cache) kickBackground() {
 	c.flusher.Kick()
 	select {
-	case c.kick <- struct{}{}:
+	case c.bg.kick <- struct{}{}:
 	default:
 	}
 }
@@ -325,7 +325,7 @@ const checkpointMinBlocks = 8
 // device is idle), keeps free buckets available, and checkpoints every
 // CheckpointInterval while the journal grows. It runs only with a flusher.
 func (c *Cache) background(ctx context.Context) {
-	defer c.bgDone.Done()
+	defer c.bg.done.Done()
 	t := time.NewTicker(200 * time.Millisecond)
 	defer t.Stop()
 	lastCkpt, ckpts := time.Now(), c.stats.checkpoints.Load()
@@ -333,7 +333,7 @@ func (c *Cache) background(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			return
-		case <-c.kick:
+		case <-c.bg.kick:
 		case <-t.C:
 		}
 		c.startWriteback()
