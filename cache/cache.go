@@ -14,34 +14,6 @@ import (
 	"github.com/nbdcache/nbdcache/writeback"
 )
 
-// Bucket states.
-const (
-	bFree    uint8 = iota // empty, reusable
-	bOpen                 // being filled by an allocator
-	bFull                 // sealed; holds extents
-	bPending              // emptied; reusable once a checkpoint is durable
-)
-
-type bucket struct {
-	gen      uint8  // on-disk generation, in extents and checkpoints
-	state    uint8  // bFree...
-	inflight int32  // allocations whose extent is not inserted yet
-	epoch    uint64 // bumped whenever the bucket is emptied: readers revalidate
-	live     int64  // bytes of index extents in the bucket
-	dirty    int64  // of which dirty: what GC must move to empty it
-	sealed   uint64 // order in which the bucket filled (GC's age)
-	// refs names the virtual ranges whose data was put in the bucket
-	// since it was last emptied (some overwritten since): GC finds the
-	// bucket's extents through them instead of scanning the index.
-	refs []byteRange
-}
-
-// allocator appends into one open bucket.
-type allocator struct {
-	b  int64 // open bucket, -1 for none
-	wp int64 // next free byte in it, device offset
-}
-
 // inflightWB is a writeback in progress (ReadCached → MarkClean).
 type inflightWB struct {
 	off, end int64
@@ -109,17 +81,12 @@ type Cache struct {
 
 	mu struct {
 		sync.Mutex
-		idx       *btreeidx.Index
-		buckets   []bucket
-		free      []int64 // free buckets, FIFO
-		pending   []int64 // emptied; free after the next durable checkpoint
-		sealed    []int64 // filled since the background loop last started their writeback
-		fg, gc    allocator
-		sealCount uint64
-		nextVer   uint64
-		mode      Mode
-		closed    bool
-		failed    error // sticky: a commit failed
+		idx     *btreeidx.Index
+		space   space // the buckets (space.go)
+		nextVer uint64
+		mode    Mode
+		closed  bool
+		failed  error // sticky: a commit failed
 
 		j journal // the journal (journal.go)
 
@@ -137,8 +104,7 @@ type Cache struct {
 		direct     []byteRange
 		promos     []*promoGuard
 		wbCond     sync.Cond
-		holdsEnded uint64    // writebacks and direct writes ended so far
-		spaceCond  sync.Cond // signalled when buckets become pending or free
+		holdsEnded uint64 // writebacks and direct writes ended so far
 		// reservedExt: index extents that directOver writes in flight may
 		// add when they drop what they superseded (roomLocked counts them).
 		reservedExt int64
@@ -302,28 +268,16 @@ func open(cacheDev, backing storage.Device, opts Options, h testHooks) (*Cache, 
 	c.bg.kick = make(chan struct{}, 1)
 	c.mu.wbCond.L = &c.mu.Mutex
 	c.mu.wb = newWBSet()
-	c.mu.spaceCond.L = &c.mu.Mutex
 	c.mu.idx = st.idx
-	c.mu.buckets = st.buckets
 	c.mu.nextVer = st.nextVer
 	c.mu.mode = opts.Mode
-	c.mu.fg.b, c.mu.gc.b = -1, -1
 	c.mu.j.init(&c.mu.Mutex, st.jseq, st.jpos, st.jprev)
 	c.mu.ckptSeq = st.ckptSeq
 	c.mu.ckptSlot = st.ckptSlot
 	c.mu.admit = newAdmitter(c.opts)
 	c.stats.replayed.Store(st.replayed)
 	c.stats.replayDropped.Store(st.dropped)
-	for b := range c.mu.buckets {
-		if c.mu.buckets[b].live == 0 {
-			c.mu.buckets[b].state = bFree
-			c.mu.free = append(c.mu.free, int64(b))
-		} else {
-			c.mu.buckets[b].state = bFull
-			c.mu.sealCount++
-			c.mu.buckets[b].sealed = c.mu.sealCount
-		}
-	}
+	c.mu.space.init(&c.sb, st.buckets, &c.mu.Mutex, &c.stats.bucketsFreed, !opts.NoBackground)
 	if opts.RAMCache > 0 {
 		ram, err := ristretto.NewCache(&ristretto.Config[uint64, ramEntry]{
 			NumCounters: max(opts.RAMCache/ramPage*10, 1000),
@@ -448,7 +402,7 @@ func (c *Cache) Close() error {
 		return ErrClosed
 	}
 	c.mu.closed = true
-	c.mu.spaceCond.Broadcast()
+	c.mu.space.cond.Broadcast()
 	c.mu.wbCond.Broadcast()
 	c.mu.Unlock()
 	if c.bg.cancel != nil {

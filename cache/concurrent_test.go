@@ -947,8 +947,8 @@ func runConcRound(seed uint64, ops int, prof concProfile, brk breakMode) concRes
 			c := rd.cur.Load()
 			s := fmt.Sprintf("%+v", c.Stats())
 			c.mu.Lock()
-			s += fmt.Sprintf("\nbuckets (state/live bytes/inflight): fg %+v gc %+v; ", c.mu.fg, c.mu.gc)
-			for b, bk := range c.mu.buckets {
+			s += fmt.Sprintf("\nbuckets (state/live bytes/inflight): fg %+v gc %+v; ", c.mu.space.fg, c.mu.space.gc)
+			for b, bk := range c.mu.space.buckets {
 				s += fmt.Sprintf("%d:%d/%d/%d ", b, bk.state, bk.live, bk.inflight)
 			}
 			c.mu.Unlock()

@@ -352,7 +352,7 @@ func runDamage(seed uint64) (res dmgResult) {
 		o.done(off, n, p, false)
 	}
 	c.mu.Lock()
-	for _, b := range c.mu.buckets {
+	for _, b := range c.mu.space.buckets {
 		res.reused = res.reused || b.gen > 0 && b.live > 0
 	}
 	c.mu.Unlock()

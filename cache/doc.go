@@ -193,7 +193,22 @@
 // # Ordering and locking
 //
 // One mutex (mu) guards the index, the bucket table and the journal's
-// in-memory state; it is never held across I/O. Operations that append
+// in-memory state; it is never held across I/O. What it guards is grouped
+// by owner, each type in its own file with its invariants: mu.j, the
+// journal (journal.go); mu.space, the buckets, their lists and the
+// allocators (space.go); mu.admit, the admission policy's state
+// (admission.go). The index, the range holds (mu.wb, mu.direct,
+// mu.promos) and the checkpoint's place stay on Cache: they are the glue
+// that orders the owners' changes. Outside mu: health, the backing's
+// measured latency and reachability (backing.go, atomics), and the
+// flusher (package writeback), through which every writeback goes.
+//
+// Lock order, outermost first (a lock is never taken while one after it
+// is held):
+//
+//	rmwMu → gcPass → the flusher's turn (Exclusive) → ckpt → sbMu → mu
+//
+// and below mu only leaves: the flusher's own mutex, the group writer's. Operations that append
 // journal records (at most one each) hold a slot of a semaphore
 // (enter/leave) of ring/8 slots. A checkpoint (one at a time, ckMu) holds
 // mu only for its snapshot, and covers exactly the journal before its

@@ -401,7 +401,7 @@ func (c *Cache) failLocked(what string, err error) {
 	c.mu.failed = fmt.Errorf("%w: %w", ErrFailed, err)
 	c.log.Error("cache: "+what+" write failed; refusing writes", "err", err)
 	c.mu.wbCond.Broadcast()
-	c.mu.spaceCond.Broadcast()
+	c.mu.space.cond.Broadcast()
 }
 
 // checkpointFailed makes a failed checkpoint write or sync sticky, as a
@@ -525,20 +525,20 @@ func (c *Cache) checkpointLocked(reseed bool) error {
 		return fmt.Errorf("%w: %d extents, checkpoint holds %d", ErrCorrupt, next, c.maxExtents())
 	}
 	h := &ckptHeader{Seq: c.mu.ckptSeq + 1, JSeq: c.mu.j.nextSeq, JPos: c.mu.j.head, Seed: c.mu.j.prev,
-		NBuckets: uint32(len(c.mu.buckets)), NextVer: c.mu.nextVer, NExt: uint64(next)}
+		NBuckets: uint32(len(c.mu.space.buckets)), NextVer: c.mu.nextVer, NExt: uint64(next)}
 	if reseed {
 		h.Seed = randSeed()
 		c.mu.j.prev = h.Seed
 	}
 	buf := c.ckpt.buf[:0]
 	buf = append(buf, make([]byte, ckptHdrSize)...)
-	buf = appendCkptGens(buf, len(c.mu.buckets), func(i int) uint8 { return c.mu.buckets[i].gen })
+	buf = appendCkptGens(buf, len(c.mu.space.buckets), func(i int) uint8 { return c.mu.space.buckets[i].gen })
 	c.mu.idx.Ascend(0, func(e btreeExtent) bool {
 		buf = appendCkptExtent(buf, ckptExtent{Off: e.Off, Len: e.Len, Loc: e.Loc, Ver: e.Ver, Gen: e.Gen, Dirty: e.Dirty})
 		return true
 	})
 	slot := 1 - c.mu.ckptSlot
-	npend := len(c.mu.pending)
+	npend := len(c.mu.space.pending)
 	c.mu.Unlock()
 	c.ckpt.buf = buf
 
@@ -562,12 +562,7 @@ func (c *Cache) checkpointLocked(reseed bool) error {
 	}
 	c.mu.ckptSeq, c.mu.ckptSlot = h.Seq, slot
 	c.mu.j.startSeq = h.JSeq
-	for _, b := range c.mu.pending[:npend] {
-		c.mu.buckets[b].state = bFree
-		c.mu.free = append(c.mu.free, b)
-	}
-	c.mu.pending = append(c.mu.pending[:0], c.mu.pending[npend:]...)
-	c.mu.spaceCond.Broadcast()
+	c.mu.space.freePending(npend)
 	c.mu.Unlock()
 	c.stats.checkpoints.Add(1)
 	c.stats.checkpointBytes.Add(int64(len(buf)))

@@ -120,7 +120,7 @@ func TestDirectOverDropsMovedVersion(t *testing.T) {
 		}
 		moved = true // the bypass's backing write: GC moves D now
 		c.mu.Lock()
-		epoch := c.mu.buckets[c.sb.bucketOf(d.Loc)].epoch
+		epoch := c.mu.space.buckets[c.sb.bucketOf(d.Loc)].epoch
 		c.mu.Unlock()
 		if !c.gcMove(gcPiece{off: d.Off, n: d.Len, loc: d.Loc, ver: d.Ver, dirty: true}, epoch) {
 			t.Error("GC could not move the extent")
@@ -172,15 +172,15 @@ func TestBucketPiecesKeepsPieceRefs(t *testing.T) {
 	defer c.mu.Unlock()
 	// X: [80, 120) KiB, 20 KiB at b's tail and 20 KiB at the next
 	// bucket's head, one version, one generation.
-	loc, got, b, ok := c.allocLocked(&c.mu.fg, 20*kb, 0)
-	loc2, got2, b2, ok2 := c.allocLocked(&c.mu.fg, 20*kb, 0)
-	if !ok || !ok2 || got != 20*kb || got2 != 20*kb || loc2 != loc+got || b2 != b+1 || c.mu.buckets[b].gen != c.mu.buckets[b2].gen {
+	loc, got, b, ok := c.allocLocked(&c.mu.space.fg, 20*kb, 0)
+	loc2, got2, b2, ok2 := c.allocLocked(&c.mu.space.fg, 20*kb, 0)
+	if !ok || !ok2 || got != 20*kb || got2 != 20*kb || loc2 != loc+got || b2 != b+1 || c.mu.space.buckets[b].gen != c.mu.space.buckets[b2].gen {
 		t.Fatalf("setup: X's space is not 20 KiB at the tail of A's bucket and 20 at the head of the next (%d+%d in %d, %d+%d in %d)", loc, got, b, loc2, got2, b2)
 	}
-	c.insertLocked(btreeExtent{Off: 80 * kb, Len: 40 * kb, Loc: loc, Ver: c.mu.nextVer, Gen: c.mu.buckets[b].gen, Dirty: true}, 0)
+	c.insertLocked(btreeExtent{Off: 80 * kb, Len: 40 * kb, Loc: loc, Ver: c.mu.nextVer, Gen: c.mu.space.buckets[b].gen, Dirty: true}, 0)
 	c.mu.nextVer++
-	c.releaseLocked(b)
-	c.releaseLocked(b2)
+	c.mu.space.release(b)
+	c.mu.space.release(b2)
 	c.bucketPiecesLocked(b, nil)
 	c.mu.Unlock()
 	defer c.mu.Lock()

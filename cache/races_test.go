@@ -276,7 +276,7 @@ func TestWritebackReadRacingWithReuse(t *testing.T) {
 	c.mu.Lock()
 	c.mu.idx.Ascend(0, func(e btreeExtent) bool { x = e; return false })
 	b0 := c.sb.bucketOf(x.Loc)
-	live, open := c.mu.buckets[b0].live, c.mu.fg.b
+	live, open := c.mu.space.buckets[b0].live, c.mu.space.fg.b
 	c.mu.Unlock()
 	if x.Off != 0 || x.Len != bs || !x.Dirty || live != bs || open >= 0 {
 		t.Fatalf("setup: X %v, bucket %d live %d, open bucket %d", x, b0, live, open)
@@ -290,7 +290,7 @@ func TestWritebackReadRacingWithReuse(t *testing.T) {
 		// ReadCached is about to read X. Move it, free its bucket and
 		// write write 99 (sector 80's data) into the bucket.
 		c.mu.Lock()
-		epoch := c.mu.buckets[b0].epoch
+		epoch := c.mu.space.buckets[b0].epoch
 		c.mu.Unlock()
 		if !c.gcMove(gcPiece{off: x.Off, n: x.Len, loc: x.Loc, ver: x.Ver, dirty: true}, epoch) {
 			t.Error("gc move failed")
@@ -299,9 +299,9 @@ func TestWritebackReadRacingWithReuse(t *testing.T) {
 			t.Error(err)
 		}
 		c.mu.Lock()
-		i := slices.Index(c.mu.free, b0)
+		i := slices.Index(c.mu.space.free, b0)
 		if i >= 0 {
-			c.mu.free = slices.Insert(slices.Delete(c.mu.free, i, i+1), 0, b0) // next to be handed out
+			c.mu.space.free = slices.Insert(slices.Delete(c.mu.space.free, i, i+1), 0, b0) // next to be handed out
 		}
 		c.mu.Unlock()
 		if i < 0 {

@@ -67,7 +67,7 @@ func reuseSetup(t *testing.T, wrap func(storage.Device) storage.Device) (c *Cach
 	b = bucketOfSector(c, ruX)
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if bk := c.mu.buckets[b]; bk.state != bFull || bk.live != ruBucket {
+	if bk := c.mu.space.buckets[b]; bk.state != bFull || bk.live != ruBucket {
 		t.Fatalf("E's bucket %d: state %d, %d live bytes; want full and whole", b, bk.state, bk.live)
 	}
 	return c, d, b
@@ -80,13 +80,13 @@ func reuseSetup(t *testing.T, wrap func(storage.Device) storage.Device) (c *Cach
 func reuseBucket(t *testing.T, c *Cache, b int64) (oldGen, newGen uint8) {
 	t.Helper()
 	c.mu.Lock()
-	oldGen = c.mu.buckets[b].gen
+	oldGen = c.mu.space.buckets[b].gen
 	c.mu.Unlock()
 	if err := c.Trim(ruX, ruBucket, 0); err != nil {
 		t.Fatal(err)
 	}
 	c.mu.Lock()
-	st, newGen := c.mu.buckets[b].state, c.mu.buckets[b].gen
+	st, newGen := c.mu.space.buckets[b].state, c.mu.space.buckets[b].gen
 	c.mu.Unlock()
 	if st != bPending {
 		t.Fatalf("bucket %d is %d after its only extent was trimmed; want pending", b, st)
@@ -96,7 +96,7 @@ func reuseBucket(t *testing.T, c *Cache, b int64) (oldGen, newGen uint8) {
 	}
 	for i := int64(0); ; i++ {
 		c.mu.Lock()
-		nfree := len(c.mu.free)
+		nfree := len(c.mu.space.free)
 		c.mu.Unlock()
 		if nfree <= 1 {
 			break
@@ -104,7 +104,7 @@ func reuseBucket(t *testing.T, c *Cache, b int64) (oldGen, newGen uint8) {
 		mustWrite(t, c, ruFill+i*(16<<10), 16<<10, uint64(100+i))
 	}
 	c.mu.Lock()
-	free := append([]int64(nil), c.mu.free...)
+	free := append([]int64(nil), c.mu.space.free...)
 	c.mu.Unlock()
 	if len(free) != 1 || free[0] != b {
 		t.Fatalf("free buckets %v; want only %d", free, b)
@@ -242,7 +242,7 @@ func TestBucketEmptiedDuringCheckpointStaysPending(t *testing.T) {
 	}
 	cdev.SetHook(nil)
 	c.mu.Lock()
-	state, live := c.mu.buckets[b].state, c.mu.buckets[b].live
+	state, live := c.mu.space.buckets[b].state, c.mu.space.buckets[b].live
 	c.mu.Unlock()
 	if !trimmed || live != 0 {
 		t.Fatalf("the trim during the checkpoint did not empty bucket %d (trimmed %v, live %d)", b, trimmed, live)
@@ -254,7 +254,7 @@ func TestBucketEmptiedDuringCheckpointStaysPending(t *testing.T) {
 		t.Fatal(err)
 	}
 	c.mu.Lock()
-	state = c.mu.buckets[b].state
+	state = c.mu.space.buckets[b].state
 	c.mu.Unlock()
 	if state != bFree {
 		t.Fatalf("bucket %d is %v after the next checkpoint, not free", b, state)

@@ -100,8 +100,8 @@ func (c *Cache) Stats() Stats {
 	s.DirtyBytes = c.mu.idx.DirtyBytes()
 	s.CachedBytes = c.mu.idx.Bytes()
 	s.Extents = int64(c.mu.idx.Len())
-	s.FreeBuckets = int64(len(c.mu.free))
-	s.PendingBuckets = int64(len(c.mu.pending))
+	s.FreeBuckets = int64(len(c.mu.space.free))
+	s.PendingBuckets = int64(len(c.mu.space.pending))
 	s.JournalUsedBlocks = int64(c.mu.j.nextSeq - c.mu.j.startSeq)
 	s.WritebackInFlight = int64(c.mu.wb.len())
 	s.Failed = c.mu.failed != nil

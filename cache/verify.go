@@ -53,19 +53,19 @@ func (c *Cache) Verify() error {
 	if err := c.mu.idx.Check(); err != nil {
 		add("index: %v", err)
 	}
-	live, dirty := make([]int64, len(c.mu.buckets)), make([]int64, len(c.mu.buckets))
+	live, dirty := make([]int64, len(c.mu.space.buckets)), make([]int64, len(c.mu.space.buckets))
 	c.mu.idx.Ascend(0, func(e btreeidx.Extent) bool {
 		ok := true
 		c.sb.forBuckets(e.Loc, e.Len, func(b, loc, n int64) {
 			off := e.Off + loc - e.Loc
-			if !slices.ContainsFunc(c.mu.buckets[b].refs, func(r byteRange) bool { return r.overlaps(off, n) }) {
+			if !slices.ContainsFunc(c.mu.space.buckets[b].refs, func(r byteRange) bool { return r.overlaps(off, n) }) {
 				add("extent %v: its part in bucket %d is not among the bucket's refs (GC cannot find it)", e, b)
 			}
 			live[b] += n
 			if e.Dirty {
 				dirty[b] += n
 			}
-			bk := &c.mu.buckets[b]
+			bk := &c.mu.space.buckets[b]
 			if bk.gen != e.Gen {
 				add("extent %v has generation %d, its bucket %d has %d", e, e.Gen, b, bk.gen)
 				ok = false
@@ -77,14 +77,14 @@ func (c *Cache) Verify() error {
 		})
 		if ok && !e.Dirty && !c.heldLocked(e.Off, e.Len) {
 			var ep []uint64
-			c.sb.forBuckets(e.Loc, e.Len, func(b, _, _ int64) { ep = append(ep, c.mu.buckets[b].epoch) })
+			c.sb.forBuckets(e.Loc, e.Len, func(b, _, _ int64) { ep = append(ep, c.mu.space.buckets[b].epoch) })
 			clean = append(clean, cleanPiece{e, ep})
 		}
 		return true
 	})
-	for b := range c.mu.buckets {
-		if live[b] != c.mu.buckets[b].live || dirty[b] != c.mu.buckets[b].dirty {
-			add("bucket %d counts %d live and %d dirty bytes, its extents hold %d and %d", b, c.mu.buckets[b].live, c.mu.buckets[b].dirty, live[b], dirty[b])
+	for b := range c.mu.space.buckets {
+		if live[b] != c.mu.space.buckets[b].live || dirty[b] != c.mu.space.buckets[b].dirty {
+			add("bucket %d counts %d live and %d dirty bytes, its extents hold %d and %d", b, c.mu.space.buckets[b].live, c.mu.space.buckets[b].dirty, live[b], dirty[b])
 		}
 	}
 	c.mu.Unlock()
@@ -105,7 +105,7 @@ func (c *Cache) Verify() error {
 		same := c.pieceCurrentLocked(gcPiece{off: e.Off, n: e.Len, loc: e.Loc, ver: e.Ver}) && !c.heldLocked(e.Off, e.Len)
 		i := 0
 		c.sb.forBuckets(e.Loc, e.Len, func(b, _, _ int64) {
-			same = same && c.mu.buckets[b].epoch == p.epoch[i]
+			same = same && c.mu.space.buckets[b].epoch == p.epoch[i]
 			i++
 		})
 		c.mu.Unlock()

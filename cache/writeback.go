@@ -89,7 +89,7 @@ func (c *Cache) ReadCached(e btreeidx.Extent, p []byte) error {
 	}
 	type be struct{ b, epoch int64 }
 	var eps []be
-	c.sb.forBuckets(e.Loc, e.Len, func(b, _, _ int64) { eps = append(eps, be{b, int64(c.mu.buckets[b].epoch)}) })
+	c.sb.forBuckets(e.Loc, e.Len, func(b, _, _ int64) { eps = append(eps, be{b, int64(c.mu.space.buckets[b].epoch)}) })
 	c.mu.wb.add(inflightWB{off: e.Off, end: e.End(), ver: e.Ver})
 	if c.tracing() {
 		c.tracef(e.Off, e.Len, "writeback start %v", e)
@@ -101,7 +101,7 @@ func (c *Cache) ReadCached(e btreeidx.Extent, p []byte) error {
 	err := c.dev.ReadAt(p, e.Loc)
 	c.mu.Lock()
 	for _, x := range eps {
-		if int64(c.mu.buckets[x.b].epoch) != x.epoch {
+		if int64(c.mu.space.buckets[x.b].epoch) != x.epoch {
 			err = ErrStale
 		}
 	}
@@ -308,8 +308,7 @@ func (c *Cache) startWriteback() {
 		return
 	}
 	c.mu.Lock()
-	sealed := c.mu.sealed
-	c.mu.sealed = nil
+	sealed := c.mu.space.takeSealed()
 	c.mu.Unlock()
 	for _, b := range sealed {
 		ws.StartWriteback(c.sb.bucketStart(b), c.sb.BucketSize)
@@ -360,8 +359,8 @@ func (c *Cache) background(ctx context.Context) {
 		for ctx.Err() == nil {
 			c.mu.Lock()
 			dirty := c.mu.idx.DirtyBytes()
-			free := int64(len(c.mu.free))
-			pending := len(c.mu.pending)
+			free := int64(len(c.mu.space.free))
+			pending := len(c.mu.space.pending)
 			c.mu.Unlock()
 			lowFree := free < int64(c.lowFree())
 			target := c.CapacityBytes() * int64(c.opts.WritebackPercent) / 100
@@ -382,13 +381,13 @@ func (c *Cache) background(ctx context.Context) {
 					}
 				}
 				c.mu.Lock()
-				pending = len(c.mu.pending)
+				pending = len(c.mu.space.pending)
 				c.mu.Unlock()
 				if pending > 0 {
 					err := c.checkpointIf(func() bool {
 						c.mu.Lock()
 						defer c.mu.Unlock()
-						return len(c.mu.pending) > 0
+						return len(c.mu.space.pending) > 0
 					}, true)
 					if err != nil && !errors.Is(err, ErrClosed) {
 						c.log.Warn("cache: background checkpoint", "err", err)

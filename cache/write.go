@@ -1,0 +1,410 @@
+package cache
+
+// write.go: the write path: the decision between cache and backing by
+// mode, cutoff, thrash and space, and the writes into the cache.
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nbdcache/nbdcache/storage"
+)
+
+// writeCached appends p to the cache and inserts it as extents (dirty or
+// clean), chunk by chunk. cond, if not nil, is checked under the lock
+// before each insert; promotion passes one that also refuses ranges the
+// index covers. It returns the bytes done; errNoSpace when the cache is
+// full (if makeRoom, after trying to free space).
+func (c *Cache) writeCached(p []byte, off int64, dirty bool, cond func() bool, makeRoom bool) (int64, error) {
+	var done int64
+	tries := 0
+	for done < int64(len(p)) {
+		if err := c.enter(); err != nil {
+			return done, err
+		}
+		c.mu.Lock()
+		if cond != nil && !cond() {
+			c.mu.Unlock()
+			c.leave()
+			return done, nil
+		}
+		loc, got, b, ok := c.allocLocked(&c.mu.space.fg, int64(len(p))-done, c.fgReserve())
+		c.mu.Unlock()
+		if !ok {
+			c.leave()
+			c.kickBackground()
+			if !makeRoom || tries >= maxSpaceTries || !c.makeSpace() {
+				c.stats.noSpace.Add(1)
+				return done, errNoSpace
+			}
+			tries++
+			continue
+		}
+		n := min(got, int64(len(p))-done)
+		chunk := p[done : done+n]
+		sum := crc(chunk)
+		err := c.dw.write(chunk, loc)
+		c.mu.Lock()
+		if err == nil && cond != nil {
+			if !cond() {
+				err = errSkip
+			} else {
+				c.mu.idx.Lookup(off+done, n, func(btreeExtent) bool { err = errSkip; return false })
+			}
+		}
+		if err == nil && !c.roomLocked(2) {
+			err = errNoSpace // the index is full (see roomLocked)
+		}
+		if err == nil {
+			e := btreeExtent{Off: off + done, Len: n, Loc: loc, Ver: c.mu.nextVer, Gen: c.mu.space.buckets[b].gen, Dirty: dirty}
+			c.mu.nextVer++
+			if c.tracing() {
+				src := "write"
+				switch {
+				case !dirty && cond != nil:
+					src = "promotion"
+				case !dirty:
+					src = "writethrough copy"
+				}
+				c.tracef(e.Off, e.Len, "insert %v (%s)", e, src)
+			}
+			c.insertLocked(e, sum)
+		}
+		c.mu.space.release(b)
+		c.mu.Unlock()
+		c.leave()
+		if err == errSkip {
+			return done, nil
+		}
+		if err == errNoSpace {
+			c.stats.noSpace.Add(1)
+			return done, err
+		}
+		if err != nil {
+			c.stats.cacheWriteErrors.Add(1)
+			return done, fmt.Errorf("cache: write cache device: %w", err)
+		}
+		c.stats.cachedBytes.Add(n)
+		done += n
+	}
+	return done, nil
+}
+
+var errSkip = errors.New("cache: skipped")
+
+// maxSpaceTries bounds how often a write retries after makeSpace made
+// room that other writers then took, or when room is there but the index
+// is near the checkpoint's capacity (which only a bypass helps).
+const maxSpaceTries = 16
+
+// pinnedLocked reports whether [off, off+n) holds dirty data or is being
+// written back: such a range must never be written to the backing
+// directly, or a writeback in flight could land stale data over it.
+func (c *Cache) pinnedLocked(off, n int64) bool {
+	return c.dirtyLocked(off, n) || c.busyLocked(off, n)
+}
+
+func (c *Cache) dirtyLocked(off, n int64) bool {
+	dirty := false
+	c.mu.idx.Lookup(off, n, func(e btreeExtent) bool { dirty = e.Dirty; return !dirty })
+	return dirty
+}
+
+// thrashingLocked reports whether a thrashing cache steps aside: it
+// thrashes (thrashDetector), and its backing is no disk (diskLike: a
+// disk's random writes are better cached, and swept back in order) and
+// is in reach.
+func (c *Cache) thrashingLocked() bool {
+	return c.mu.admit.thrash.on && !c.diskLike() && !c.backingAway()
+}
+
+// noteThrashLocked feeds the thrash detector with a write-back write of
+// [off, off+n) while free buckets are short or the cache thrashes, and
+// reports whether the write misses a cache that steps aside. Otherwise it
+// costs no index lookup.
+func (c *Cache) noteThrashLocked(off, n int64) (around bool) {
+	if !c.mu.admit.thrash.on && len(c.mu.space.free)+len(c.mu.space.pending) >= c.lowFree() {
+		return false
+	}
+	hit := c.cachedLocked(off, n)
+	window := int(max(64, c.CapacityBytes()/4096))
+	c.mu.admit.thrash.note(hit, c.stats.gcCleanedBytes.Load(), c.CapacityBytes()/2, window)
+	return !hit && c.thrashingLocked()
+}
+
+// cachedLocked reports whether part of [off, off+n) is cached, clean or
+// dirty, or being written back.
+func (c *Cache) cachedLocked(off, n int64) bool {
+	cached := false
+	c.mu.idx.Lookup(off, n, func(btreeExtent) bool { cached = true; return false })
+	return cached || c.busyLocked(off, n)
+}
+
+// cleanLocked reports whether a clean extent lies over part of
+// [off, off+n).
+func (c *Cache) cleanLocked(off, n int64) bool {
+	clean := false
+	c.mu.idx.Lookup(off, n, func(e btreeExtent) bool { clean = !e.Dirty; return !clean })
+	return clean
+}
+
+// busyLocked reports whether a writeback over part of [off, off+n) is in
+// flight.
+func (c *Cache) busyLocked(off, n int64) bool {
+	return c.mu.wb.overlaps(off, n)
+}
+
+// directLocked reports whether a direct backing write over part of
+// [off, off+n) is in flight.
+func (c *Cache) directLocked(off, n int64) bool {
+	for _, r := range c.mu.direct {
+		if r.overlaps(off, n) {
+			return true
+		}
+	}
+	return false
+}
+
+// heldLocked reports whether the backing is being written over part of
+// [off, off+n), by a writeback or directly.
+func (c *Cache) heldLocked(off, n int64) bool {
+	return c.busyLocked(off, n) || c.directLocked(off, n)
+}
+
+// WriteAt writes p at off. 512-byte-aligned requests are native; others go
+// through read-modify-write of the sectors they touch.
+func (c *Cache) WriteAt(p []byte, off int64, flags storage.Flags) error {
+	if err := storage.CheckRange(c.Size(), off, int64(len(p))); err != nil {
+		return err
+	}
+	if len(p) > 0 {
+		var err error
+		if off%sectorSize != 0 || len(p)%sectorSize != 0 {
+			err = c.rmw(p, off)
+		} else {
+			err = c.write(p, off)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return c.ack(flags)
+}
+
+// rmw handles an unaligned write. The sectors it covers only in part are
+// read, patched and written whole (rmwSectors); the whole sectors between
+// them are written straight from p, as an aligned write would be. Copying
+// the whole payload instead would cost its size in memory for every
+// unaligned write (up to the NBD maximum block size, which a client can
+// repeat at will). Unaligned writes are serialized among themselves,
+// middle included, so that two sharing a sector never lose each other's
+// bytes: one's whole sector written between the other's read and write
+// of that sector would be undone.
+func (c *Cache) rmw(p []byte, off int64) error {
+	c.rmwMu.Lock()
+	defer c.rmwMu.Unlock()
+	end := off + int64(len(p))
+	a, e := alignUp(off, sectorSize), end/sectorSize*sectorSize
+	if a >= e {
+		return c.rmwSectors(p, off) // within two sectors
+	}
+	if a > off {
+		if err := c.rmwSectors(p[:a-off], off); err != nil {
+			return err
+		}
+	}
+	if err := c.write(p[a-off:e-off], a); err != nil {
+		return err
+	}
+	if e < end {
+		return c.rmwSectors(p[e-off:], e)
+	}
+	return nil
+}
+
+// rmwSectors writes p (within at most two sectors) by reading the sectors
+// it touches, patching them and writing them whole. rmwMu is held.
+func (c *Cache) rmwSectors(p []byte, off int64) error {
+	a := off / sectorSize * sectorSize
+	e := alignUp(off+int64(len(p)), sectorSize)
+	buf := make([]byte, e-a)
+	if err := c.read(buf, a, false); err != nil {
+		return err
+	}
+	copy(buf[off-a:], p)
+	c.stats.rmw.Add(1)
+	return c.write(buf, a)
+}
+
+// write is the aligned write path: the mode, the cutoff and the space
+// decide between the cache (dirty or clean) and the backing. The pin
+// decided here is only a first guess: a direct write checks it again
+// under the lock that starts it (passthrough), and comes back here with
+// errPinned when dirty data arrived meanwhile.
+func (c *Cache) write(p []byte, off int64) error {
+	n := int64(len(p))
+	c.mu.Lock()
+	if err := c.errLocked(); err != nil {
+		c.mu.Unlock()
+		return err
+	}
+	mode := c.mu.mode
+	// While the backing is away, a write-back stream past the cutoff is
+	// cached like any write, rather than sent to wait for the backing.
+	around := c.mu.admit.sequential(off, n) && !(mode == Writeback && c.backingAway())
+	// A miss goes around a thrashing cache; a write over cached data stays
+	// in it (it supersedes that data, with no journal record of its own).
+	thrash := false
+	if mode == Writeback && !around {
+		thrash = c.noteThrashLocked(off, n)
+		around = thrash
+	}
+	// A write-back write goes to the cache whether the range is pinned or
+	// not: skip the index lookup then (it is a tenth of the write path).
+	// Nor is one needed for a write around a thrashing cache: its range
+	// was just found holding nothing, under this same lock.
+	pinned := false
+	if routeNeedsPin(mode, around) && !thrash {
+		pinned = c.pinnedLocked(off, n)
+	}
+	c.mu.Unlock()
+	c.stats.writes.Add(1)
+	c.stats.writeBytes.Add(n)
+	if c.flusher != nil {
+		c.flusher.NoteForeground()
+	}
+	for {
+		var err error
+		switch writeRoute(mode, around, pinned) {
+		case routeDirty:
+			return c.writeDirty(p, off)
+		case routeBacking:
+			c.stats.bypasses.Add(1)
+			var took time.Duration
+			took, err = c.writeBacking(p, off, directWrite, nil)
+			if thrash && err == nil {
+				// What diskLike measures: a random write's cost on the
+				// backing. A disk's ends the thrashing at once.
+				c.stats.thrashBypasses.Add(1)
+				c.noteBacking(took, n)
+			}
+			if c.noteUnavailable(err) && mode == Writeback {
+				return c.writeDirty(p, off) // the stream's bypass found the backing away
+			}
+		case routeThrough:
+			err = c.writeThrough(p, off)
+		}
+		if !errors.Is(err, errPinned) {
+			return err
+		}
+		pinned = true
+	}
+}
+
+// writeDirty writes p into the cache as dirty data. When the cache is
+// full, the rest goes to the backing, dropping whatever dirty data it
+// overlaps (directOver): the write supersedes it, as it would in the
+// cache, and a crash that loses the deletion brings back older data, never
+// stale clean data. Only when the index has no room for the cut that may
+// need is that dirty data written back first.
+func (c *Cache) writeDirty(p []byte, off int64) error {
+	for {
+		done, err := c.writeCached(p, off, true, nil, true)
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, errNoSpace) {
+			return err
+		}
+		p, off = p[done:], off+done
+		if c.slowBacking() && c.waitRoom() {
+			continue
+		}
+		if took, err := c.writeBacking(p, off, directOver, nil); !errors.Is(err, errPinned) {
+			if err == nil {
+				c.stats.bypasses.Add(1)
+				c.noteBacking(took, int64(len(p)))
+			}
+			if c.noteUnavailable(err) {
+				// A full cache while the backing is away (it waited for
+				// it, up to its timeout): the client learns that space
+				// ran out, not that its data is damaged.
+				return fmt.Errorf("cache: full of dirty data while the backing is unreachable: %w: %w", storage.ErrNoSpace, err)
+			}
+			return err
+		}
+		if err := c.flushRange(off, int64(len(p))); err != nil {
+			return err
+		}
+		c.mu.Lock()
+		pinned := c.pinnedLocked(off, int64(len(p)))
+		c.mu.Unlock()
+		if pinned {
+			continue
+		}
+		c.stats.bypasses.Add(1)
+		if _, err := c.writeBacking(p, off, directWrite, nil); !errors.Is(err, errPinned) {
+			return err
+		}
+	}
+}
+
+// waitRoom waits until buckets are free beyond the reserve or pending (a
+// checkpoint frees those), at most maxRoomWait; it reports whether there
+// is room to try again: buckets, and an index that is not full.
+func (c *Cache) waitRoom() bool {
+	c.kickBackground()
+	c.stats.roomWaits.Add(1)
+	timedOut := false
+	start := time.Now()
+	var t *time.Timer
+	t = time.AfterFunc(maxRoomWait, func() {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		// A GC pass writing its victims back frees them when it ends:
+		// wait for it, up to maxCleanWait.
+		if c.gcPass.cleaning.Load() > 0 && time.Since(start) < maxCleanWait {
+			t.Reset(maxRoomWait / 4)
+			return
+		}
+		timedOut = true
+		c.mu.space.cond.Broadcast()
+	})
+	defer t.Stop()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for len(c.mu.space.free) <= c.fgReserve() && len(c.mu.space.pending) == 0 && !timedOut && c.errLocked() == nil {
+		c.mu.space.cond.Wait()
+	}
+	if timedOut {
+		c.health.roomWaitAfter.Store(time.Now().Add(roomBackoff).UnixNano())
+	}
+	// Free buckets are no room while the index is full: retrying would
+	// spin (nothing writes back dirty extents below the dirty target to
+	// make index room), so the write goes to the backing instead.
+	return !timedOut && c.errLocked() == nil && !c.indexFullLocked()
+}
+
+// writeThrough writes p to the backing, then a clean copy into the cache.
+func (c *Cache) writeThrough(p []byte, off int64) error {
+	n := int64(len(p))
+	_, err := c.writeBacking(p, off, directWrite, func() error {
+		done, err := c.writeCached(p, off, false, nil, false)
+		if errors.Is(err, errNoSpace) {
+			err = nil
+		}
+		if err != nil || done < n {
+			// Nothing stale may stay for the part not cached.
+			if e := c.enter(); e != nil {
+				return e
+			}
+			c.mu.Lock()
+			c.deleteDirectLocked(off+done, n-done)
+			c.mu.Unlock()
+			c.leave()
+		}
+		return err
+	})
+	return err
+}
