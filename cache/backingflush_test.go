@@ -23,7 +23,7 @@ func crashCache(t *testing.T, cacheSize, backSize int64, opts Options) (*Cache, 
 		t.Fatal(err)
 	}
 	opts.BackingID = testBackingID
-	c, err := Open(cdev, bdev, opts)
+	c, err := openStill(cdev, bdev, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -37,7 +37,7 @@ func crashCache(t *testing.T, cacheSize, backSize int64, opts Options) (*Cache, 
 // device's writes and loses the backing's leave a clean extent over
 // backing bytes it does not equal. (Mutant clean-insert-no-backing-dep.)
 func TestWritethroughCopyWaitsForBackingFlush(t *testing.T) {
-	c, cdev, bdev := crashCache(t, 1<<20, 1<<20, Options{Mode: Writethrough, NoBackground: true, SequentialCutoff: -1})
+	c, cdev, bdev := crashCache(t, 1<<20, 1<<20, Options{Mode: Writethrough, SequentialCutoff: -1})
 	if err := c.WriteAt(payload(0, 8192, 1), 0, 0); err != nil {
 		t.Fatal(err)
 	}
@@ -78,7 +78,7 @@ func TestBypassOverDirtyKeepsFlushedData(t *testing.T) {
 
 func bypassOverDirty(t *testing.T, mode string) {
 	after := mode != "cut-at-write"
-	c, cdev, bdev := crashCache(t, 1<<20, 8<<20, Options{NoBackground: true, SequentialCutoff: -1})
+	c, cdev, bdev := crashCache(t, 1<<20, 8<<20, Options{SequentialCutoff: -1})
 	must := func(err error) {
 		t.Helper()
 		if err != nil {
@@ -131,7 +131,7 @@ func bypassOverDirty(t *testing.T, mode string) {
 		t.Fatalf("%d backing writes: the write did not go to the backing", n)
 	}
 
-	c2, err := Open(devs[0], devs[1], Options{BackingID: testBackingID, NoBackground: true})
+	c2, err := openStill(devs[0], devs[1], Options{BackingID: testBackingID})
 	if err != nil {
 		t.Fatal(err)
 	}

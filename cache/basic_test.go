@@ -11,7 +11,7 @@ import (
 
 func TestBasicWriteReadReopen(t *testing.T) {
 	d := formatMem(t, 4<<20, 8<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 64 << 10})
-	c := openT(t, d, Options{NoBackground: true})
+	c := openStillT(t, d, Options{})
 	p := payload(4096, 8192, 7)
 	if err := c.WriteAt(p, 4096, 0); err != nil {
 		t.Fatal(err)
@@ -44,7 +44,7 @@ func TestBasicWriteReadReopen(t *testing.T) {
 	if _, err := Open(d.cache, d.back, Options{}); !errors.Is(err, ErrWrongBacking) {
 		t.Fatalf("wrong backing: %v", err)
 	}
-	c = openT(t, d, Options{NoBackground: true})
+	c = openStillT(t, d, Options{})
 	if err := c.ReadAt(got, 4096); err != nil || !bytes.Equal(got, p) {
 		t.Fatal("after reopen differs", err)
 	}
@@ -73,7 +73,7 @@ func TestTrimDropsDirty(t *testing.T) {
 	if err := d.back.WriteAt(payload(0, 256*K, 1), 0, 0); err != nil {
 		t.Fatal(err)
 	}
-	c := openT(t, d, Options{NoBackground: true})
+	c := openStillT(t, d, Options{})
 	// [192K, 256K) cached and clean, [64K, 192K) dirty.
 	if err := c.WriteAt(payload(192*K, 64*K, 3), 192*K, 0); err != nil {
 		t.Fatal(err)
@@ -112,7 +112,7 @@ func TestTrimDropsDirty(t *testing.T) {
 	}
 	check("after trim")
 	closeChecked(t, c, d)
-	c = openT(t, d, Options{NoBackground: true})
+	c = openStillT(t, d, Options{})
 	defer c.Close()
 	check("after reopen")
 }
@@ -127,7 +127,7 @@ func TestZeroDropsDirty(t *testing.T) {
 	if err := d.back.WriteAt(payload(0, 512*K, 1), 0, 0); err != nil {
 		t.Fatal(err)
 	}
-	c := openT(t, d, Options{NoBackground: true})
+	c := openStillT(t, d, Options{})
 	if err := c.WriteAt(payload(0, 512*K, 2), 0, 0); err != nil {
 		t.Fatal(err)
 	}
@@ -159,7 +159,7 @@ func TestZeroDropsDirty(t *testing.T) {
 	}
 	check("after the zeroes")
 	closeChecked(t, c, d)
-	c = openT(t, d, Options{NoBackground: true})
+	c = openStillT(t, d, Options{})
 	defer c.Close()
 	check("after reopen")
 }

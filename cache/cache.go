@@ -74,7 +74,7 @@ type Cache struct {
 	stats counters
 
 	bg struct { // the background loop and the flusher's Run
-		cancel context.CancelFunc // nil with NoBackground
+		cancel context.CancelFunc // nil without background work (testHooks.noBackground)
 		done   sync.WaitGroup
 		kick   chan struct{}
 	}
@@ -277,7 +277,7 @@ func open(cacheDev, backing storage.Device, opts Options, h testHooks) (*Cache, 
 	c.mu.admit = newAdmitter(c.opts)
 	c.stats.replayed.Store(st.replayed)
 	c.stats.replayDropped.Store(st.dropped)
-	c.mu.space.init(&c.sb, st.buckets, &c.mu.Mutex, &c.stats.bucketsFreed, !opts.NoBackground)
+	c.mu.space.init(&c.sb, st.buckets, &c.mu.Mutex, &c.stats.bucketsFreed, !h.noBackground)
 	if opts.RAMCache > 0 {
 		ram, err := ristretto.NewCache(&ristretto.Config[uint64, ramEntry]{
 			NumCounters: max(opts.RAMCache/ramPage*10, 1000),
@@ -323,7 +323,7 @@ func open(cacheDev, backing storage.Device, opts Options, h testHooks) (*Cache, 
 		return nil, fmt.Errorf("%w: %w", ErrBadOption, err)
 	}
 	c.flusher = writeback.New(c, backing, wcfg)
-	if !opts.NoBackground {
+	if !h.noBackground {
 		ctx, cancel := context.WithCancel(context.Background())
 		c.bg.cancel = cancel
 		c.bg.done.Add(2)

@@ -94,8 +94,8 @@ func markCleanCollision(t *testing.T, brk breakMode) (stale int) {
 	cdev, bdev := storage.NewCrash(1<<20), storage.NewCrash(1<<20)
 	must(Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: 32 << 10, JournalSize: 32 * metaBlock}))
 	dd := &deferDev{Device: cdev}
-	opts := Options{BackingID: testBackingID, NoBackground: true, SequentialCutoff: -1}
-	c, err := open(dd, bdev, opts, testHooks{brk: brk})
+	opts := Options{BackingID: testBackingID, SequentialCutoff: -1}
+	c, err := open(dd, bdev, opts, testHooks{brk: brk, noBackground: true})
 	must(err)
 	defer c.Close()
 	const n = 4096

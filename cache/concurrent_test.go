@@ -1088,8 +1088,8 @@ func (rd *concRound) finalChecks(opts Options, h testHooks) {
 		}
 	}
 	// Reopen: everything acknowledged is there.
-	opts.NoBackground = true
 	opts.RAMCache = 0
+	h.noBackground = true
 	c2, err := open(rd.cmem, rd.bmem, opts, h)
 	if err != nil {
 		rd.fail("reopen: %v", err)

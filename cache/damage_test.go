@@ -81,7 +81,7 @@ func bucketOfSector(c *Cache, off int64) int64 {
 func expectIntactOrRefused(t *testing.T, d devPair, want map[int64]uint64, n int64, region string) (opened bool) {
 	t.Helper()
 	rep, cerr := Check(d.cache, d.back)
-	c, oerr := Open(d.cache, d.back, Options{BackingID: testBackingID, NoBackground: true})
+	c, oerr := openStill(d.cache, d.back, Options{BackingID: testBackingID})
 	if oerr != nil {
 		if !errors.Is(oerr, ErrCorrupt) || !errors.Is(cerr, ErrCorrupt) {
 			t.Fatalf("Open: %v; Check: %v; want ErrCorrupt from both", oerr, cerr)
@@ -115,7 +115,7 @@ func expectIntactOrRefused(t *testing.T, d devPair, want map[int64]uint64, n int
 func reuseAfterCheckpoint(t *testing.T) (d devPair, want map[int64]uint64, n int64, newest int) {
 	const bkt = 16 << 10
 	d = formatMem(t, tinyCacheSize(4, bkt, 4096, 16), 1<<20, FormatOptions{BlockSize: 4096, BucketSize: bkt, JournalSize: 16 * metaBlock})
-	c := openT(t, d, Options{NoBackground: true}) // checkpoint 2, slot 1
+	c := openStillT(t, d, Options{}) // checkpoint 2, slot 1
 	want = map[int64]uint64{}
 	// Two buckets filled, then emptied by trims: pending.
 	mustWrite(t, c, 0, bkt, 1)
@@ -217,12 +217,12 @@ func forgetCkptFields(t *testing.T, d devPair) {
 // from it would stop there, silently dropping every write of this life.
 func TestDamagedCheckpointOfThisLife(t *testing.T) {
 	d := formatMem(t, 4<<20, 1<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 64 << 10})
-	c := openT(t, d, Options{NoBackground: true})
+	c := openStillT(t, d, Options{})
 	mustWrite(t, c, 0, 8192, 1)
 	if err := c.Close(); err != nil { // the previous life ends with a checkpoint
 		t.Fatal(err)
 	}
-	c = openT(t, d, Options{NoBackground: true}) // this life's checkpoint
+	c = openStillT(t, d, Options{}) // this life's checkpoint
 	newest := c.mu.ckptSlot
 	mustWrite(t, c, 8192, 8192, 2)
 	mustFlush(t, c)
@@ -238,7 +238,7 @@ func TestDamagedCheckpointOfThisLife(t *testing.T) {
 // cache opens with its data, and Check warns about the slot.
 func TestDamagedOlderCheckpointIsHarmless(t *testing.T) {
 	d := formatMem(t, 4<<20, 1<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 64 << 10})
-	c := openT(t, d, Options{NoBackground: true})
+	c := openStillT(t, d, Options{})
 	mustWrite(t, c, 0, 8192, 1)
 	if err := c.Checkpoint(); err != nil {
 		t.Fatal(err)
@@ -259,7 +259,7 @@ func TestDamagedOlderCheckpointIsHarmless(t *testing.T) {
 	t.Logf("Check warns: %q", rep.Warnings)
 	// Open says so too.
 	var logged bytes.Buffer
-	c, err = Open(d.cache, d.back, Options{BackingID: testBackingID, NoBackground: true,
+	c, err = openStill(d.cache, d.back, Options{BackingID: testBackingID,
 		Logger: slog.New(slog.NewTextHandler(&logged, &slog.HandlerOptions{Level: slog.LevelWarn}))})
 	if err != nil {
 		t.Fatal(err)
@@ -320,7 +320,7 @@ func runDamage(seed uint64) (res dmgResult) {
 		fo:   FormatOptions{BlockSize: int(block), BucketSize: bucket, JournalSize: jblocks * metaBlock, BackingID: testBackingID},
 		back: int64(256<<10) << r.IntN(3),
 		ops:  80 + r.IntN(200),
-		opts: Options{NoBackground: true, BackingID: testBackingID, SequentialCutoff: -1, PromoteAll: r.IntN(2) == 0,
+		opts: Options{BackingID: testBackingID, SequentialCutoff: -1, PromoteAll: r.IntN(2) == 0,
 			Mode: []Mode{Writeback, Writeback, Writeback, Writethrough}[r.IntN(4)]},
 	}
 	cfg.cache = tinyCacheSize(nb, bucket, block, jblocks)
@@ -329,7 +329,7 @@ func runDamage(seed uint64) (res dmgResult) {
 		fail("format: %v", err)
 		return res
 	}
-	c, err := Open(d.cache, d.back, cfg.opts)
+	c, err := openStill(d.cache, d.back, cfg.opts)
 	if err != nil {
 		fail("open: %v", err)
 		return res
@@ -463,7 +463,7 @@ func runDamage(seed uint64) (res dmgResult) {
 	if dead := res.region == dmgJournal && !res.chained; !dead && !strings.Contains(said, name) {
 		fail("Check (%v) does not name the damaged %s: problems %q, warnings %q", cerr, name, rep.Problems, rep.Warnings)
 	}
-	c2, oerr := Open(d.cache, d.back, cfg.opts)
+	c2, oerr := openStill(d.cache, d.back, cfg.opts)
 	mustOpen := res.region == dmgOlderCkpt || res.region == dmgSuper0 || res.region == dmgSuper1 ||
 		res.region == dmgJournal && !res.chained || res.region == dmgNewestCkpt && res.closed
 	if oerr != nil {

@@ -24,7 +24,7 @@ func TestCacheReadErrorFallsBack(t *testing.T) {
 	if err := Format(d.cache, d.back, FormatOptions{BackingID: testBackingID, BucketSize: 64 << 10, JournalSize: 16 * metaBlock}); err != nil {
 		t.Fatal(err)
 	}
-	c := openT(t, d, Options{NoBackground: true, PromoteAll: true})
+	c := openStillT(t, d, Options{PromoteAll: true})
 	defer c.Close()
 	clean := payload(0, 8192, 1)
 	if err := back.WriteAt(clean, 0, 0); err != nil {
@@ -60,7 +60,7 @@ func TestCacheReadErrorFallsBack(t *testing.T) {
 // writing back.
 func TestFullCacheNoDeadlock(t *testing.T) {
 	d := formatMem(t, 512<<10, 8<<20, FormatOptions{BucketSize: 32 << 10, JournalSize: 16 * metaBlock})
-	c := openT(t, d, Options{NoBackground: true, SequentialCutoff: -1})
+	c := openStillT(t, d, Options{SequentialCutoff: -1})
 	defer c.Close()
 	r := rng(testseed.Get(t))
 	model := make([]byte, 8<<20)
@@ -85,7 +85,7 @@ func TestFullCacheNoDeadlock(t *testing.T) {
 
 func TestExtents(t *testing.T) {
 	d := formatMem(t, 1<<20, 4<<20, FormatOptions{BucketSize: 32 << 10, JournalSize: 16 * metaBlock})
-	c := openT(t, d, Options{NoBackground: true})
+	c := openStillT(t, d, Options{})
 	defer c.Close()
 	if err := c.WriteAt(make([]byte, 8192), 64<<10, 0); err != nil {
 		t.Fatal(err)
@@ -202,7 +202,7 @@ func TestJournalCorruptionIsNotATornTail(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			d := formatMem(t, 16<<20, 32<<20, FormatOptions{})
-			c := openT(t, d, Options{NoBackground: true})
+			c := openStillT(t, d, Options{})
 			for i := range 20 {
 				if err := c.WriteAt(payload(int64(i)*4096, 4096, uint64(i+1)), int64(i)*4096, 0); err != nil {
 					t.Fatal(err)
@@ -233,7 +233,7 @@ func TestJournalCorruptionIsNotATornTail(t *testing.T) {
 			d.cache.WriteAt(b, off, 0)
 
 			_, cerr := Check(d.cache, d.back)
-			_, oerr := Open(d.cache, d.back, Options{BackingID: testBackingID, NoBackground: true})
+			_, oerr := openStill(d.cache, d.back, Options{BackingID: testBackingID})
 			if !tc.corrupt {
 				if cerr != nil || oerr != nil {
 					t.Fatalf("a torn tail: Check %v, Open %v; want both to succeed", cerr, oerr)
@@ -252,7 +252,7 @@ func TestJournalCorruptionIsNotATornTail(t *testing.T) {
 // say nothing of durability) still opens, with its data.
 func TestOpensVersion1(t *testing.T) {
 	d := formatMem(t, 16<<20, 32<<20, FormatOptions{})
-	c := openT(t, d, Options{NoBackground: true})
+	c := openStillT(t, d, Options{})
 	if err := c.WriteAt(payload(0, 8192, 7), 0, 0); err != nil {
 		t.Fatal(err)
 	}
@@ -266,7 +266,7 @@ func TestOpensVersion1(t *testing.T) {
 		binary.LittleEndian.PutUint32(b[sbUsed:], crc(b[:sbUsed]))
 		d.cache.WriteAt(b, off, 0)
 	}
-	c2, err := Open(d.cache, d.back, Options{BackingID: testBackingID, NoBackground: true})
+	c2, err := openStill(d.cache, d.back, Options{BackingID: testBackingID})
 	if err != nil {
 		t.Fatalf("a version 1 image: %v", err)
 	}
@@ -298,7 +298,7 @@ func (d *readCounter) ReadAt(p []byte, off int64) error {
 func TestReplayTrustsDurableData(t *testing.T) {
 	const n = 200
 	d := formatMem(t, 16<<20, 32<<20, FormatOptions{})
-	c := openT(t, d, Options{NoBackground: true})
+	c := openStillT(t, d, Options{})
 	for i := range n {
 		if err := c.WriteAt(payload(int64(i)*4096, 4096, uint64(i+1)), int64(i)*4096, 0); err != nil {
 			t.Fatal(err)
@@ -340,7 +340,7 @@ func TestReplayTrustsDurableData(t *testing.T) {
 	}
 
 	rc := &readCounter{Device: d.cache, from: sb.DataOff}
-	c2, err := Open(rc, d.back, Options{BackingID: testBackingID, NoBackground: true})
+	c2, err := openStill(rc, d.back, Options{BackingID: testBackingID})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -371,7 +371,7 @@ func TestCheckpointFailureIsSticky(t *testing.T) {
 	if err := Format(d.cache, d.back, FormatOptions{BackingID: testBackingID, BucketSize: 32 << 10, JournalSize: 16 * metaBlock}); err != nil {
 		t.Fatal(err)
 	}
-	c := openT(t, d, Options{NoBackground: true, SequentialCutoff: -1})
+	c := openStillT(t, d, Options{SequentialCutoff: -1})
 	defer c.Close()
 	if err := c.WriteAt(payload(0, 4096, 1), 0, 0); err != nil {
 		t.Fatal(err)
@@ -416,8 +416,8 @@ func TestBackingFlushFailureIsNotSticky(t *testing.T) {
 	if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: 32 << 10, JournalSize: 16 * metaBlock}); err != nil {
 		t.Fatal(err)
 	}
-	opts := Options{BackingID: testBackingID, Mode: Writearound, NoBackground: true, SequentialCutoff: -1}
-	c, err := Open(cdev, bdev, opts)
+	opts := Options{BackingID: testBackingID, Mode: Writearound, SequentialCutoff: -1}
+	c, err := openStill(cdev, bdev, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -444,7 +444,7 @@ func TestBackingFlushFailureIsNotSticky(t *testing.T) {
 	bdev.Clear()
 	must(c.Flush())
 	devs, _ := storage.PowerCutAll(storage.LoseUnsynced, nil, cdev, bcrash)
-	c2, err := Open(devs[0], devs[1], Options{BackingID: testBackingID, NoBackground: true})
+	c2, err := openStill(devs[0], devs[1], Options{BackingID: testBackingID})
 	if err != nil {
 		t.Fatal(err)
 	}

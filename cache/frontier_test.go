@@ -19,7 +19,7 @@ import (
 func unsyncedBlocks(t *testing.T) (c *Cache, d devPair, seq uint64, slot int64, n int) {
 	t.Helper()
 	d = formatMem(t, 4<<20, 4<<20, FormatOptions{BlockSize: sectorSize, BucketSize: 64 << 10, JournalSize: 64 * metaBlock})
-	c = openT(t, d, Options{NoBackground: true, SequentialCutoff: -1})
+	c = openStillT(t, d, Options{SequentialCutoff: -1})
 	c.mu.Lock()
 	seq, slot = c.mu.j.nextSeq, c.mu.j.head
 	c.mu.Unlock()
@@ -60,7 +60,7 @@ func TestFrontierNotOverstated(t *testing.T) {
 	if err := d.cache.WriteAt(payload(77*sectorSize, sectorSize, 5), loc, 0); err != nil {
 		t.Fatal(err)
 	}
-	c2 := openT(t, d, Options{NoBackground: true})
+	c2 := openStillT(t, d, Options{})
 	defer c2.Close()
 	p := make([]byte, int64(n)*sectorSize)
 	if err := c2.ReadAt(p, 0); err != nil {
@@ -87,7 +87,7 @@ func TestTornTailBeforeUndurableBlocks(t *testing.T) {
 	if err := d.cache.WriteAt(make([]byte, metaBlock), c.sb.JournalOff+slot*metaBlock, 0); err != nil {
 		t.Fatal(err)
 	}
-	c2, err := Open(d.cache, d.back, Options{BackingID: testBackingID, NoBackground: true})
+	c2, err := openStill(d.cache, d.back, Options{BackingID: testBackingID})
 	if errors.Is(err, ErrCorrupt) {
 		t.Fatalf("a torn tail followed by undurable blocks taken for corruption: %v", err)
 	}

@@ -25,8 +25,8 @@ func TestFUAIsDurable(t *testing.T) {
 				if err := Format(cdev, bdev, fo); err != nil {
 					t.Fatal(err)
 				}
-				opts := Options{BackingID: testBackingID, NoBackground: true, Mode: mode, SequentialCutoff: -1}
-				c, err := Open(cdev, bdev, opts)
+				opts := Options{BackingID: testBackingID, Mode: mode, SequentialCutoff: -1}
+				c, err := openStill(cdev, bdev, opts)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -61,7 +61,7 @@ func TestFUAIsDurable(t *testing.T) {
 				}
 				devs, _ := storage.PowerCutAll(storage.LoseUnsynced, nil, cdev, bdev)
 				c.Close() // fails after the cut
-				c2, err := Open(devs[0], devs[1], opts)
+				c2, err := openStill(devs[0], devs[1], opts)
 				if err != nil {
 					t.Fatal(err)
 				}

@@ -128,7 +128,7 @@ func FuzzCheckpoint(f *testing.F) {
 // metadata size (everything before the data area).
 func fuzzImage(tb testing.TB) (cache, back []byte, meta int64) {
 	d := formatMem(tb, 512<<10+128<<10, 256<<10, FormatOptions{BlockSize: 4096, BucketSize: 32 << 10, JournalSize: 16 * metaBlock})
-	c := openT(tb, d, Options{NoBackground: true, PromoteAll: true})
+	c := openStillT(tb, d, Options{PromoteAll: true})
 	for i := int64(0); i < 24; i++ {
 		off := (i * 7919 * sectorSize) % (256<<10 - 8192)
 		if err := c.WriteAt(payload(off, 4096, uint64(i+1)), off, 0); err != nil {
@@ -164,7 +164,7 @@ func FuzzImage(f *testing.F) {
 		cdev.WriteAt(m, 0, 0)
 		bdev.WriteAt(back, 0, 0)
 		Check(cdev, bdev)
-		c, err := Open(cdev, bdev, Options{BackingID: testBackingID, NoBackground: true})
+		c, err := openStill(cdev, bdev, Options{BackingID: testBackingID})
 		if err != nil {
 			return
 		}

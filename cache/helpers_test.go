@@ -83,6 +83,19 @@ func openT(t testing.TB, d devPair, o Options) *Cache {
 	return openHooked(t, d, o, testHooks{})
 }
 
+// openStillT is openT with no background work (testHooks.noBackground).
+func openStillT(t testing.TB, d devPair, o Options) *Cache {
+	t.Helper()
+	return openHooked(t, d, o, testHooks{noBackground: true})
+}
+
+// openStill is Open with no background work (testHooks.noBackground):
+// writeback, GC and checkpoints happen only when the test or the cache's
+// need for space or journal room asks.
+func openStill(cacheDev, backing storage.Device, o Options) (*Cache, error) {
+	return open(cacheDev, backing, o, testHooks{noBackground: true})
+}
+
 // openHooked is openT with test seams (hooks.go).
 func openHooked(t testing.TB, d devPair, o Options, h testHooks) *Cache {
 	t.Helper()

@@ -22,6 +22,10 @@ type testHooks struct {
 	// of the cache (see trace.go), under mu where they happen under it:
 	// tests print the history of a sector that went wrong.
 	trace func(off, n int64, msg string)
+	// noBackground runs no goroutines: writeback, GC and checkpoints then
+	// happen only when a caller needs them (space, journal room) or asks
+	// (the tests' writebackStep, GCStep, Checkpoint, Drain).
+	noBackground bool
 	// twoSyncs: the alternative ordering, measured by BenchmarkFlush: sync
 	// the data, then write the journal and sync again.
 	twoSyncs bool

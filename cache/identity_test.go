@@ -18,7 +18,7 @@ func TestIdentify(t *testing.T) {
 		id.CacheSize != 8<<20 || !id.Clean || id.CacheID == ([16]byte{}) {
 		t.Fatalf("after Format: %+v, %v", id, err)
 	}
-	c := openT(t, d, Options{NoBackground: true})
+	c := openStillT(t, d, Options{})
 	if id, err := Identify(d.cache); err != nil || id.Clean {
 		t.Fatalf("in use: %+v, %v; want not clean", id, err)
 	}
@@ -39,7 +39,7 @@ func TestIdentify(t *testing.T) {
 // dirty data intact; a backing of another size is refused untouched.
 func TestRebind(t *testing.T) {
 	d := formatMem(t, 8<<20, 16<<20, FormatOptions{BucketSize: 256 << 10, BackingPath: "/a/b.img"})
-	c := openT(t, d, Options{NoBackground: true})
+	c := openStillT(t, d, Options{})
 	p := payload(1<<20, 64<<10, 7)
 	if err := c.WriteAt(p, 1<<20, storage.FUA); err != nil {
 		t.Fatal(err)
@@ -58,10 +58,10 @@ func TestRebind(t *testing.T) {
 	if id, _ := Identify(d.cache); id.BackingID != newID || id.BackingPath != "/c/copy.img" {
 		t.Fatalf("after Rebind: %+v", id)
 	}
-	if _, err := Open(d.cache, d.back, Options{NoBackground: true, BackingID: testBackingID}); !errors.Is(err, ErrWrongBacking) {
+	if _, err := openStill(d.cache, d.back, Options{BackingID: testBackingID}); !errors.Is(err, ErrWrongBacking) {
 		t.Fatalf("the old id after Rebind: %v, want ErrWrongBacking", err)
 	}
-	c, err := Open(d.cache, d.back, Options{NoBackground: true, BackingID: newID})
+	c, err := openStill(d.cache, d.back, Options{BackingID: newID})
 	if err != nil {
 		t.Fatal(err)
 	}

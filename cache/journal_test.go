@@ -11,7 +11,7 @@ import "testing"
 // while a checkpoint is slow.)
 func TestRingFullLeavesRoomForInFlight(t *testing.T) {
 	d := formatMem(t, 4<<20, 4<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 64 * metaBlock})
-	c := openT(t, d, Options{NoBackground: true})
+	c := openStillT(t, d, Options{})
 	defer c.Close()
 	slots, inFlight := c.sb.journalSlots(), int64(cap(c.sem))
 	c.mu.Lock()

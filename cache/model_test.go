@@ -37,7 +37,7 @@ func TestModel(t *testing.T) {
 			r := rng(mix(seed, uint64(i), 7))
 			const back = 2 << 20
 			d := formatMem(t, 1<<20+256<<10, back, FormatOptions{BlockSize: cf.block, BucketSize: 32 << 10, JournalSize: 32 * metaBlock})
-			c := openT(t, d, Options{Mode: cf.mode, RAMCache: cf.ram, SequentialCutoff: cf.cutoff, NoBackground: !cf.bg})
+			c := openHooked(t, d, Options{Mode: cf.mode, RAMCache: cf.ram, SequentialCutoff: cf.cutoff}, testHooks{noBackground: !cf.bg})
 			defer c.Close()
 			model := make([]byte, back)
 			unknown := make([]bool, back/sectorSize)

@@ -100,15 +100,11 @@ type Options struct {
 	WritebackPercent int
 	Logger           *slog.Logger
 
-	// Tuning knobs, mostly for tests.
+	// Tuning knobs.
 
 	// Writeback configures the background flusher (package writeback);
 	// TargetPercent defaults to WritebackPercent.
 	Writeback writeback.Config
-	// NoBackground runs no goroutines: writeback, GC and checkpoints then
-	// happen only when a caller needs them (space, journal) or asks
-	// (GCStep, Checkpoint, Drain; tests step writeback themselves).
-	NoBackground bool
 	// CheckpointPercent: checkpoint when the journal ring is this full
 	// (fraction in percent, default 50, max 50).
 	CheckpointPercent int

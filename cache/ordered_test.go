@@ -52,7 +52,7 @@ func TestWritebackPipelines(t *testing.T) {
 		}
 		back := &windowDev{Device: mem}
 		const window = 4
-		c, err := Open(cdev, back, Options{BackingID: testBackingID, NoBackground: true, SequentialCutoff: -1,
+		c, err := openStill(cdev, back, Options{BackingID: testBackingID, SequentialCutoff: -1,
 			Writeback: writeback.Config{MaxInFlight: window}})
 		if err != nil {
 			t.Fatal(err)

@@ -46,7 +46,7 @@ func TestPathHintRecorded(t *testing.T) {
 	if p := path(); p != "/a/backing.img" {
 		t.Fatalf("after Format: %q", p)
 	}
-	c := openT(t, d, Options{NoBackground: true, BackingPath: "/b/moved.img"})
+	c := openStillT(t, d, Options{BackingPath: "/b/moved.img"})
 	if p := path(); p != "/b/moved.img" {
 		t.Fatalf("after Open with a new path: %q", p)
 	}
@@ -54,7 +54,7 @@ func TestPathHintRecorded(t *testing.T) {
 	if p := path(); p != "/b/moved.img" {
 		t.Fatalf("after Close: %q", p)
 	}
-	c = openT(t, d, Options{NoBackground: true})
+	c = openStillT(t, d, Options{})
 	closeChecked(t, c, d)
 	if p := path(); p != "/b/moved.img" {
 		t.Fatalf("after Open without a path: %q", p)

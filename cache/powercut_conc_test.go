@@ -540,13 +540,12 @@ func runConcCut(seed uint64, model storage.LossModel, brk breakMode) cutResult {
 		fail("check after cut: %v (%+v)", err, rep)
 	}
 	opts2 := opts
-	opts2.NoBackground = true
 	opts2.RAMCache = 0
 	if tr != nil {
 		tr.add(-1, 0, "=== power cut; recovery:")
 		testReplayTrace = tr.add
 	}
-	c2, err := open(newC, newB, opts2, testHooks{brk: brk}) // no trace
+	c2, err := open(newC, newB, opts2, testHooks{brk: brk, noBackground: true}) // no trace
 	testReplayTrace = nil
 	if err != nil {
 		fail("reopen: %v", err)

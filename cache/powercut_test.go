@@ -150,9 +150,8 @@ func randomConfig(r *rand.Rand) pcConfig {
 	// Room for the metadata (checkpoints are sized by the data area).
 	cfg.cache = nb*bucket + 2*metaBlock + cfg.fo.JournalSize + 2*alignUp(ckptHdrSize+align8(nb)+(2*nb*bucket/int64(cfg.fo.BlockSize)+64)*ckptExtSize, metaBlock)
 	cfg.opts = Options{
-		NoBackground: true,
-		Mode:         []Mode{Writeback, Writeback, Writeback, Writethrough, Writearound, None}[r.IntN(6)],
-		PromoteAll:   r.IntN(2) == 0,
+		Mode:       []Mode{Writeback, Writeback, Writeback, Writethrough, Writearound, None}[r.IntN(6)],
+		PromoteAll: r.IntN(2) == 0,
 	}
 	if r.IntN(3) == 0 {
 		cfg.opts.SequentialCutoff = 32 << 10
@@ -234,13 +233,13 @@ func runCut(seed uint64, model storage.LossModel, brk breakMode, extra pcExtra) 
 	o := newOracle(cfg.back / sectorSize)
 	o.ackDurable = model == storage.KeepUnsynced
 	opts := cfg.opts
+	h := testHooks{brk: brk, noBackground: extra != pcBackground}
 	if extra == pcBackground {
-		opts.NoBackground = false
 		opts.Writeback = writeback.Config{TargetPercent: 1, LowWatermark: -1, IdleAfter: time.Millisecond,
 			UpdateInterval: 5 * time.Millisecond, BatchTime: 5 * time.Millisecond, RetryMin: time.Millisecond, RetryMax: 5 * time.Millisecond}
 	}
 	opts.BackingID = testBackingID
-	c, err := open(cdev, bdev, opts, testHooks{brk: brk})
+	c, err := open(cdev, bdev, opts, h)
 	if err == nil {
 		var ckDone sync.WaitGroup
 		stop := make(chan struct{})
@@ -278,7 +277,7 @@ func runCut(seed uint64, model storage.LossModel, brk breakMode, extra pcExtra) 
 	if rep, err := Check(newC, newB); err != nil {
 		fail("check after cut: %v (%+v)", err, rep)
 	}
-	c2, err := open(newC, newB, opts, testHooks{brk: brk})
+	c2, err := open(newC, newB, opts, h)
 	if err != nil {
 		fail("reopen: %v", err)
 		return res

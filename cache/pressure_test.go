@@ -92,7 +92,7 @@ func TestDirectOverDropsMovedVersion(t *testing.T) {
 	if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: 32 << 10, JournalSize: 16 * metaBlock}); err != nil {
 		t.Fatal(err)
 	}
-	c, err := Open(cdev, bdev, Options{BackingID: testBackingID, NoBackground: true, SequentialCutoff: -1})
+	c, err := openStill(cdev, bdev, Options{BackingID: testBackingID, SequentialCutoff: -1})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -157,7 +157,7 @@ func TestDirectOverDropsMovedVersion(t *testing.T) {
 // bucket never frees.
 func TestBucketPiecesKeepsPieceRefs(t *testing.T) {
 	d := formatMem(t, 1<<20, 4<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 64 << 10})
-	c := openT(t, d, Options{NoBackground: true, SequentialCutoff: -1})
+	c := openStillT(t, d, Options{SequentialCutoff: -1})
 	const kb = 1 << 10
 	for off := int64(0); off < 44*kb; off += 4 * kb { // A at 100 KiB, then filler
 		at := 1<<20 + off
@@ -200,7 +200,7 @@ func TestBucketPiecesKeepsPieceRefs(t *testing.T) {
 // full now goes to the backing (which writes back what it must first).
 func TestFullIndexOverDiskDoesNotSpin(t *testing.T) {
 	d := formatMem(t, 4<<20, 16<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 64 << 10})
-	c := openHooked(t, d, Options{NoBackground: true, SequentialCutoff: -1}, testHooks{maxExt: 40})
+	c := openHooked(t, d, Options{SequentialCutoff: -1}, testHooks{noBackground: true, maxExt: 40})
 	c.health.nanos.Store(5 * slowBackingNanos) // a disk's latency (diskLike)
 	for i := range int64(60) {                 // far apart: one extent each, 3/4 of 40 reached at 30
 		done := make(chan error, 1)
@@ -250,7 +250,7 @@ func (d *awayDev) Reachable() bool { return false }
 func TestStreamCachedWhileBackingAway(t *testing.T) {
 	d := formatMem(t, 8<<20, 64<<20, FormatOptions{})
 	ad := &awayDev{Device: d.back, stall: 300 * time.Millisecond}
-	c, err := Open(d.cache, ad, Options{BackingID: testBackingID, NoBackground: true, SequentialCutoff: 16 << 10})
+	c, err := openStill(d.cache, ad, Options{BackingID: testBackingID, SequentialCutoff: 16 << 10})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -83,9 +83,9 @@ func gapFillRace(t *testing.T, mode Mode, brk breakMode) string {
 	d := formatMem(t, 1<<20, 1<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 32 * metaBlock})
 	cdev := &hookDev{Device: d.cache}
 	waiting := make(chan struct{}, 1)
-	o := Options{Mode: mode, NoBackground: true, PromoteAll: true, SequentialCutoff: -1,
+	o := Options{Mode: mode, PromoteAll: true, SequentialCutoff: -1,
 		CheckpointPercent: 1} // every enter runs a soft checkpoint: the window opens
-	c := openHooked(t, devPair{cdev, d.back}, o, testHooks{onDirectWait: func() { waiting <- struct{}{} }, brk: brk})
+	c := openHooked(t, devPair{cdev, d.back}, o, testHooks{onDirectWait: func() { waiting <- struct{}{} }, brk: brk, noBackground: true})
 	defer c.Close()
 	const off, n = 8 << 10, 4 << 10
 	// The old data, promoted: a clean extent.
@@ -165,7 +165,7 @@ func TestPromotionAfterWritebackIsDropped(t *testing.T) {
 func promotionRace(t *testing.T, brk breakMode) string {
 	d := formatMem(t, 1<<20, 1<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 32 * metaBlock})
 	back := &hookDev{Device: d.back}
-	c := openHooked(t, devPair{d.cache, back}, Options{Mode: Writeback, NoBackground: true, PromoteAll: true, SequentialCutoff: -1}, testHooks{brk: brk})
+	c := openHooked(t, devPair{d.cache, back}, Options{Mode: Writeback, PromoteAll: true, SequentialCutoff: -1}, testHooks{noBackground: true, brk: brk})
 	defer c.Close()
 	const off, n = 16 << 10, 4 << 10
 	if err := d.back.WriteAt(payload(off, n, 1), off, 0); err != nil {
@@ -212,7 +212,7 @@ func promotionRace(t *testing.T, brk breakMode) string {
 // at some seeds.)
 func TestDirectWriteDropsCleanExtentWhole(t *testing.T) {
 	d := formatMem(t, 4<<20, 4<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 32 * metaBlock})
-	c := openT(t, d, Options{Mode: Writearound, NoBackground: true, SequentialCutoff: -1, PromoteAll: true})
+	c := openStillT(t, d, Options{Mode: Writearound, SequentialCutoff: -1, PromoteAll: true})
 	must := func(err error) {
 		t.Helper()
 		if err != nil {
@@ -257,7 +257,7 @@ func TestDirectWriteDropsCleanExtentWhole(t *testing.T) {
 // clean over it. (Mutant readcached-epoch-recheck-wrong.)
 func TestWritebackReadRacingWithReuse(t *testing.T) {
 	const bs, bucket = 4096, 32 << 10
-	c, cdev, bdev := crashCache(t, 1<<20, 1<<20, Options{NoBackground: true, SequentialCutoff: -1})
+	c, cdev, bdev := crashCache(t, 1<<20, 1<<20, Options{SequentialCutoff: -1})
 	must := func(err error) {
 		t.Helper()
 		if err != nil {
@@ -364,7 +364,7 @@ func indexCapacity(t *testing.T, seed uint64, maxExt int64) {
 	// 10 buckets of 64 KiB: 160 blocks of 4 KiB, 1280 sectors; a slot of
 	// about 2*160+64 extents.
 	d := formatMem(t, 8*64<<10+256<<10, back, FormatOptions{BlockSize: 4096, BucketSize: 64 << 10, JournalSize: 16 * metaBlock})
-	c := openHooked(t, d, Options{Mode: Writeback, NoBackground: true, SequentialCutoff: -1}, testHooks{maxExt: maxExt})
+	c := openHooked(t, d, Options{Mode: Writeback, SequentialCutoff: -1}, testHooks{noBackground: true, maxExt: maxExt})
 	model := make([]uint64, back/sectorSize) // write id per sector; 0 zero
 	anyOld := make([]bool, back/sectorSize)  // trimmed: old data or zeroes
 	var id uint64
@@ -442,7 +442,7 @@ func indexCapacity(t *testing.T, seed uint64, maxExt int64) {
 	if _, err := Check(d.cache, d.back); err != nil {
 		t.Fatalf("check: %v", err)
 	}
-	c = openHooked(t, d, Options{Mode: Writeback, NoBackground: true}, testHooks{maxExt: maxExt})
+	c = openHooked(t, d, Options{Mode: Writeback}, testHooks{noBackground: true, maxExt: maxExt})
 	defer c.Close()
 	buf := make([]byte, span)
 	if err := c.ReadAt(buf, 0); err != nil {
@@ -465,7 +465,7 @@ func indexCapacity(t *testing.T, seed uint64, maxExt int64) {
 // with no data lost.
 func TestFitIndexAtOpen(t *testing.T) {
 	d := formatMem(t, 1<<20, 1<<20, FormatOptions{BlockSize: 512, BucketSize: 64 << 10, JournalSize: 32 * metaBlock})
-	c := openT(t, d, Options{Mode: Writeback, NoBackground: true, SequentialCutoff: -1})
+	c := openStillT(t, d, Options{Mode: Writeback, SequentialCutoff: -1})
 	for i := range int64(40) {
 		if err := c.WriteAt(payload(i*1024, 512, uint64(i+1)), i*1024, 0); err != nil {
 			t.Fatal(err)
@@ -475,7 +475,7 @@ func TestFitIndexAtOpen(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Reopened with room for 10 extents: 40 dirty ones are written back.
-	c = openHooked(t, d, Options{Mode: Writeback, NoBackground: true}, testHooks{maxExt: 10})
+	c = openHooked(t, d, Options{Mode: Writeback}, testHooks{noBackground: true, maxExt: 10})
 	if got := c.Stats().Extents; got > 10 {
 		t.Fatalf("%d extents after fitting into 10", got)
 	}
@@ -485,7 +485,7 @@ func TestFitIndexAtOpen(t *testing.T) {
 	if _, err := Check(d.cache, d.back); err != nil {
 		t.Fatal(err)
 	}
-	c = openT(t, d, Options{Mode: Writeback, NoBackground: true})
+	c = openStillT(t, d, Options{Mode: Writeback})
 	defer c.Close()
 	p := make([]byte, 512)
 	for i := range int64(40) {
@@ -502,7 +502,7 @@ func TestFitIndexAtOpen(t *testing.T) {
 // a clean extent whose bytes differ from the backing's, and pass otherwise.
 func TestVerifyCatchesStaleClean(t *testing.T) {
 	d := formatMem(t, 1<<20, 1<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 32 * metaBlock})
-	c := openT(t, d, Options{Mode: Writethrough, NoBackground: true, SequentialCutoff: -1})
+	c := openStillT(t, d, Options{Mode: Writethrough, SequentialCutoff: -1})
 	if err := c.WriteAt(payload(4096, 4096, 1), 4096, 0); err != nil {
 		t.Fatal(err)
 	}
@@ -547,12 +547,12 @@ func (d *failDataReads) ReadAt(p []byte, off int64) error {
 // its data had never reached the disk.
 func TestReplayReadErrorFailsOpen(t *testing.T) {
 	d := formatMem(t, 1<<20, 1<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 32 * metaBlock})
-	c := openT(t, d, Options{Mode: Writeback, NoBackground: true, SequentialCutoff: -1})
+	c := openStillT(t, d, Options{Mode: Writeback, SequentialCutoff: -1})
 	if err := c.WriteAt(payload(0, 4096, 1), 0, 0); err != nil { // published, not synced
 		t.Fatal(err)
 	}
 	// The process dies here: no Close.
-	_, err := Open(&failDataReads{d.cache, c.sb.DataOff}, d.back, Options{BackingID: testBackingID, NoBackground: true})
+	_, err := openStill(&failDataReads{d.cache, c.sb.DataOff}, d.back, Options{BackingID: testBackingID})
 	if !errors.Is(err, errReplayRead) {
 		t.Fatalf("Open = %v, want the read error", err)
 	}
@@ -594,7 +594,7 @@ func (d *pauseRead) WriteAt(p []byte, off int64, flags storage.Flags) error {
 func TestOverlappingUnalignedWrites(t *testing.T) {
 	d := formatMem(t, 4<<20, 8<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 64 << 10})
 	dev := &pauseRead{Device: d.cache, paused: make(chan struct{}, 1), wrote: make(chan struct{}, 1)}
-	c := openT(t, devPair{dev, d.back}, Options{NoBackground: true})
+	c := openStillT(t, devPair{dev, d.back}, Options{})
 	defer c.Close()
 	if err := c.WriteAt(payload(0, 8192, 1), 0, 0); err != nil { // old data, dirty in the cache
 		t.Fatal(err)

@@ -60,7 +60,7 @@ func reuseSetup(t *testing.T, wrap func(storage.Device) storage.Device) (c *Cach
 	if wrap != nil {
 		cd = wrap(cd)
 	}
-	c = openT(t, devPair{cd, d.back}, Options{NoBackground: true, Mode: Writeback, SequentialCutoff: -1})
+	c = openStillT(t, devPair{cd, d.back}, Options{Mode: Writeback, SequentialCutoff: -1})
 	mustWrite(t, c, ruX, ruBucket, 1)
 	mustWrite(t, c, ruS, ruBucket, 2)
 	mustWrite(t, c, ruS+ruBucket/4, ruBucket*3/4, 3)
@@ -188,7 +188,7 @@ func TestGenerationBumpOnReuse(t *testing.T) {
 	forgetCkptFields(t, d)
 	damageSlot(t, d, newest)
 	_, cerr := Check(d.cache, d.back)
-	c2, oerr := Open(d.cache, d.back, Options{BackingID: testBackingID, NoBackground: true})
+	c2, oerr := openStill(d.cache, d.back, Options{BackingID: testBackingID})
 	if oerr == nil {
 		c2.Close()
 	}
@@ -211,7 +211,7 @@ func TestBucketEmptiedDuringCheckpointStaysPending(t *testing.T) {
 	if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: 32 << 10, JournalSize: 16 * metaBlock}); err != nil {
 		t.Fatal(err)
 	}
-	c, err := Open(cdev, bdev, Options{BackingID: testBackingID, NoBackground: true, SequentialCutoff: -1})
+	c, err := openStill(cdev, bdev, Options{BackingID: testBackingID, SequentialCutoff: -1})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -27,8 +27,8 @@ func staleCleanSetup(t *testing.T, n int64, brk breakMode) (c *Cache, cdev, bdev
 	if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: 32 << 10, JournalSize: 32 * metaBlock}); err != nil {
 		t.Fatal(err)
 	}
-	opts = Options{BackingID: testBackingID, NoBackground: true, SequentialCutoff: -1}
-	c, err := open(cdev, bdev, opts, testHooks{brk: brk})
+	opts = Options{BackingID: testBackingID, SequentialCutoff: -1}
+	c, err := open(cdev, bdev, opts, testHooks{brk: brk, noBackground: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -121,8 +121,8 @@ func evictedCleanAtZero(t *testing.T, brk breakMode) (*Cache, *storage.Crash, *s
 	if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: 32 << 10, JournalSize: 32 * metaBlock}); err != nil {
 		t.Fatal(err)
 	}
-	opts := Options{BackingID: testBackingID, Mode: Writearound, NoBackground: true, SequentialCutoff: -1, PromoteAll: true}
-	c, err := open(cdev, bdev, opts, testHooks{brk: brk})
+	opts := Options{BackingID: testBackingID, Mode: Writearound, SequentialCutoff: -1, PromoteAll: true}
+	c, err := open(cdev, bdev, opts, testHooks{brk: brk, noBackground: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -206,8 +206,8 @@ func TestZeroDirtyRunTurnedClean(t *testing.T) {
 		if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: bucket, JournalSize: 32 * metaBlock}); err != nil {
 			t.Fatal(err)
 		}
-		opts := Options{BackingID: testBackingID, NoBackground: true, SequentialCutoff: -1}
-		c, err := open(cdev, bdev, opts, testHooks{brk: brk})
+		opts := Options{BackingID: testBackingID, SequentialCutoff: -1}
+		c, err := open(cdev, bdev, opts, testHooks{brk: brk, noBackground: true})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -256,7 +256,7 @@ func TestEvictSparesGapFillInFlight(t *testing.T) {
 	if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: 32 << 10, JournalSize: 32 * metaBlock}); err != nil {
 		t.Fatal(err)
 	}
-	c, err := Open(cdev, bdev, Options{BackingID: testBackingID, Mode: Writearound, NoBackground: true, SequentialCutoff: -1, PromoteAll: true})
+	c, err := openStill(cdev, bdev, Options{BackingID: testBackingID, Mode: Writearound, SequentialCutoff: -1, PromoteAll: true})
 	if err != nil {
 		t.Fatal(err)
 	}

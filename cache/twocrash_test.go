@@ -41,7 +41,7 @@ type firstLife struct {
 }
 
 func tcOptions() Options {
-	return Options{BackingID: testBackingID, NoBackground: true, Mode: Writeback, SequentialCutoff: -1}
+	return Options{BackingID: testBackingID, Mode: Writeback, SequentialCutoff: -1}
 }
 
 // lifeOne formats a cache on two Crash devices, writes A (each flushed)
@@ -56,7 +56,7 @@ func lifeOne(t *testing.T) firstLife {
 	if err := Format(cdev, bdev, fo); err != nil {
 		t.Fatal(err)
 	}
-	c, err := Open(cdev, bdev, tcOptions())
+	c, err := openStill(cdev, bdev, tcOptions())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -83,7 +83,7 @@ func lifeOne(t *testing.T) firstLife {
 		t.Fatalf("B sealed %d blocks and left %d records open (want 8 and 0), blocks below %d durable (want %d): a sync happened", sealed, open, jdurable, l.b0)
 	}
 	devs, _ := storage.PowerCutAll(storage.KeepUnsynced, nil, cdev, bdev)
-	c.Close() // fails after the cut; stops nothing else (NoBackground)
+	c.Close() // fails after the cut; stops nothing else (no background)
 	l.cdev, l.bdev = devs[0], devs[1]
 	if l.sb, err = readSuper(l.cdev); err != nil {
 		t.Fatal(err)
@@ -150,7 +150,7 @@ func TestTwoCrashesShorterJournal(t *testing.T) {
 	if _, err := Check(l.cdev, l.bdev); err != nil {
 		t.Fatalf("first recovery, Check: %v (a torn tail after unsynced blocks)", err)
 	}
-	c, err := Open(l.cdev, l.bdev, tcOptions())
+	c, err := openStill(l.cdev, l.bdev, tcOptions())
 	if err != nil {
 		t.Fatalf("first recovery: %v (a torn tail after unsynced blocks)", err)
 	}
@@ -202,7 +202,7 @@ func TestTwoCrashesShorterJournal(t *testing.T) {
 	if rep, err := Check(cdev, bdev); err != nil {
 		t.Fatalf("second recovery, Check: %v (%+v)", err, rep)
 	}
-	c2, err := Open(cdev, bdev, tcOptions())
+	c2, err := openStill(cdev, bdev, tcOptions())
 	if err != nil {
 		t.Fatalf("second recovery: %v", err)
 	}
@@ -241,7 +241,7 @@ func TestDurableFrontierBoundary(t *testing.T) {
 		l := lifeOne(t)
 		l.damageJSlot(t, -1)
 		_, cerr := Check(l.cdev, l.bdev)
-		_, oerr := Open(l.cdev, l.bdev, tcOptions())
+		_, oerr := openStill(l.cdev, l.bdev, tcOptions())
 		if !errors.Is(cerr, ErrCorrupt) || !errors.Is(oerr, ErrCorrupt) {
 			t.Fatalf("damaged block %d, below the frontier: Check %v, Open %v; want ErrCorrupt from both", l.b0-1, cerr, oerr)
 		}
@@ -252,7 +252,7 @@ func TestDurableFrontierBoundary(t *testing.T) {
 		if _, err := Check(l.cdev, l.bdev); err != nil {
 			t.Fatalf("torn block %d, at the frontier: Check %v", l.b0, err)
 		}
-		c, err := Open(l.cdev, l.bdev, tcOptions())
+		c, err := openStill(l.cdev, l.bdev, tcOptions())
 		if err != nil {
 			t.Fatalf("torn block %d, at the frontier: Open %v", l.b0, err)
 		}
@@ -262,7 +262,7 @@ func TestDurableFrontierBoundary(t *testing.T) {
 	t.Run("data-of-first-unsynced-block", func(t *testing.T) {
 		l := lifeOne(t)
 		flipAt(t, devPair{l.cdev, l.bdev}, l.bLoc+100, 0x01)
-		c, err := Open(l.cdev, l.bdev, tcOptions())
+		c, err := openStill(l.cdev, l.bdev, tcOptions())
 		if err != nil {
 			t.Fatalf("Open: %v", err)
 		}
@@ -319,7 +319,7 @@ func TestFrontierNotClaimedBeforeSync(t *testing.T) {
 		t.Fatal(err)
 	}
 	hd := &flushHookDev{inner: cdev}
-	c, err := Open(hd, bdev, tcOptions())
+	c, err := openStill(hd, bdev, tcOptions())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -347,7 +347,7 @@ func TestFrontierNotClaimedBeforeSync(t *testing.T) {
 	if _, err := Check(l.cdev, l.bdev); err != nil {
 		t.Fatalf("block %d, torn during its commit's sync: Check %v", k, err)
 	}
-	c2, err := Open(l.cdev, l.bdev, tcOptions())
+	c2, err := openStill(l.cdev, l.bdev, tcOptions())
 	if err != nil {
 		t.Fatalf("block %d, torn during its commit's sync: Open %v", k, err)
 	}

@@ -33,7 +33,7 @@ func TestZeroDirtyVoidsPromotion(t *testing.T) {
 	if err := bdev.WriteAt(old, gap, 0); err != nil {
 		t.Fatal(err)
 	}
-	c, err := Open(cdev, bdev, Options{BackingID: testBackingID, NoBackground: true, SequentialCutoff: -1, PromoteAll: true})
+	c, err := openStill(cdev, bdev, Options{BackingID: testBackingID, SequentialCutoff: -1, PromoteAll: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -114,7 +114,7 @@ func TestPromotionVoidedDuringItsWrite(t *testing.T) {
 	if err := bdev.WriteAt(payload(off, n, 1), off, 0); err != nil {
 		t.Fatal(err)
 	}
-	c, err := Open(cdev, bdev, Options{BackingID: testBackingID, NoBackground: true, SequentialCutoff: -1, PromoteAll: true})
+	c, err := openStill(cdev, bdev, Options{BackingID: testBackingID, SequentialCutoff: -1, PromoteAll: true})
 	if err != nil {
 		t.Fatal(err)
 	}
