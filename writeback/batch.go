@@ -469,11 +469,8 @@ func (f *Flusher) writeSpan(s *span, out *spanOut, prev <-chan struct{}, started
 		}
 		f.fail(err)
 	}
-	buf := f.getBuf()
+	buf := f.getBuf(s.n)
 	defer f.putBuf(buf)
-	if s.n > int64(len(buf)) {
-		buf = make([]byte, s.n) // one extent longer than MaxWrite (WriteBack)
-	}
 	for j, e := range s.ext {
 		err := f.src.ReadCached(e, buf[e.Off-s.off:e.End()-s.off])
 		switch {
@@ -566,7 +563,13 @@ func (f *Flusher) count(fn func(*Stats)) {
 	f.mu.Unlock()
 }
 
-func (f *Flusher) getBuf() []byte {
+// getBuf returns a buffer of at least n bytes: a MaxWrite buffer, pooled
+// (up to MaxInFlight of them), or for an extent longer than MaxWrite
+// (WriteBack) one of its own.
+func (f *Flusher) getBuf(n int64) []byte {
+	if n > f.cfg.MaxWrite {
+		return make([]byte, n)
+	}
 	select {
 	case b := <-f.bufs:
 		return b
@@ -575,7 +578,11 @@ func (f *Flusher) getBuf() []byte {
 	}
 }
 
+// putBuf returns a MaxWrite buffer to the pool.
 func (f *Flusher) putBuf(b []byte) {
+	if int64(len(b)) != f.cfg.MaxWrite {
+		return
+	}
 	select {
 	case f.bufs <- b:
 	default:
