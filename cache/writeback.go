@@ -73,12 +73,18 @@ func (c *Cache) CleanExtents(off, end int64, fn func(btreeidx.Extent) bool) {
 // does one while a direct write over the range is in flight. Promotions
 // under way over the range are void from now on: the backing changes
 // under them. If e is no longer current (rewritten, moved, trimmed) it
-// returns ErrStale.
+// returns ErrStale. A closed or failed cache starts no writeback: it
+// returns the cache's error (ErrClosed, ErrFailed), which the flusher
+// counts as a failure and backs off from.
 func (c *Cache) ReadCached(e btreeidx.Extent, p []byte) error {
 	if int64(len(p)) != e.Len {
 		return fmt.Errorf("%w: buffer of %d bytes for %d", ErrBadOption, len(p), e.Len)
 	}
 	c.mu.Lock()
+	if err := c.errLocked(); err != nil {
+		c.mu.Unlock()
+		return err
+	}
 	if c.heldLocked(e.Off, e.Len) {
 		c.mu.Unlock()
 		return ErrBusy
@@ -137,14 +143,17 @@ func (c *Cache) unregisterLocked(e btreeidx.Extent) {
 
 // MarkClean is called once the backing write of e is durable. It does the
 // compare-and-swap on e.Ver and journals it; a part rewritten meanwhile
-// stays dirty and counts as collided.
+// stays dirty and counts as collided. A closed or failed cache marks
+// nothing and reports nothing collided: e stays dirty, and the writeback
+// made no progress (a collision would count as progress, and a drain
+// would go on writing the same extents back for ever).
 func (c *Cache) MarkClean(e btreeidx.Extent) (cleaned, collided int64) {
 	err := c.enter()
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.unregisterLocked(e)
 	if err != nil {
-		return 0, e.Len
+		return 0, 0
 	}
 	defer c.leave()
 	if !c.roomLocked(c.edgeCutsLocked(e.Off, e.Len)) {

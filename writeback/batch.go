@@ -380,7 +380,9 @@ func (f *Flusher) settle(spans []span, outs []*spanOut, res *batchResult) {
 			case written:
 				if e := spans[i].ext[j]; !e.Dirty {
 					// A clean piece that bridged a gap: nothing to mark.
-					f.rel.ReleaseCached(e)
+					if f.rel != nil {
+						f.rel.ReleaseCached(e)
+					}
 					f.count(func(s *Stats) { s.FilledBytes += e.Len })
 					continue
 				}
