@@ -566,7 +566,8 @@ func (f *Flusher) count(fn func(*Stats)) {
 }
 
 // getBuf returns a buffer of at least n bytes: a MaxWrite buffer, pooled
-// (up to MaxInFlight of them), or for an extent longer than MaxWrite
+// (up to 2*MaxInFlight of them: a batch's spans and those of a WriteBack
+// beside it, GC's, find one free), or for an extent longer than MaxWrite
 // (WriteBack) one of its own.
 func (f *Flusher) getBuf(n int64) []byte {
 	if n > f.cfg.MaxWrite {

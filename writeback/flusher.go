@@ -118,7 +118,7 @@ type Flusher struct {
 
 	wake     chan struct{} // Kick: re-evaluate now (one slot, never blocks)
 	token    chan struct{} // held by whoever runs batches (Run or Drain)
-	bufs     chan []byte   // free MaxWrite buffers
+	bufs     chan []byte   // free MaxWrite buffers: enough for a batch and a WriteBack beside it
 	running  atomic.Bool
 	draining atomic.Int32
 	lastFG   atomic.Int64 // UnixNano of the last NoteForeground
@@ -167,7 +167,7 @@ func New(src Source, backing storage.Device, cfg Config) *Flusher {
 		flush:   backing.Caps().Flush,
 		wake:    make(chan struct{}, 1),
 		token:   make(chan struct{}, 1),
-		bufs:    make(chan []byte, cfg.MaxInFlight),
+		bufs:    make(chan []byte, 2*cfg.MaxInFlight),
 	}
 	now := time.Now()
 	f.lastFG.Store(now.UnixNano())
