@@ -1,9 +1,17 @@
 package cache
 
 // checkpoint.go: writing the index to a checkpoint slot, which lets the
-// journal ring move on and the emptied buckets become free.
+// journal ring move on and the emptied buckets become free; and, at
+// Open, choosing the checkpoint to recover from (recover.go replays the
+// journal after it).
 
-import "fmt"
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+
+	"github.com/nbdcache/nbdcache/storage"
+)
 
 // Checkpoint writes the index to the checkpoint slot not holding the newest
 // checkpoint; once it is durable, the journal before it is never replayed
@@ -113,4 +121,188 @@ func (c *Cache) checkpointFailed(err error) error {
 	defer c.mu.Unlock()
 	c.failLocked("checkpoint", err)
 	return c.mu.failed
+}
+
+// fitIndex makes a recovered index fit a checkpoint slot. Replay can
+// rebuild more extents than the running cache ever held (records dropped
+// from an unsynced tail leave older, more fragmented extents in place).
+// Then clean extents are dropped, and if that is not enough, the dirty
+// data is written back, the backing flushed, and it is dropped too. The
+// checkpoint Open writes next makes that durable; a crash before it
+// replays the same journal again.
+func (c *Cache) fitIndex() error {
+	idx := c.mu.idx
+	if int64(idx.Len()) <= c.maxExtents() {
+		return nil
+	}
+	c.log.Warn("cache: the recovered index exceeds a checkpoint; dropping clean extents", "extents", idx.Len(), "capacity", c.maxExtents())
+	var clean, dirty []btreeExtent
+	idx.Ascend(0, func(e btreeExtent) bool {
+		if e.Dirty {
+			dirty = append(dirty, e)
+		} else {
+			clean = append(clean, e)
+		}
+		return true
+	})
+	for _, e := range clean {
+		idx.Delete(e.Off, e.Len, c.droppedLocked)
+	}
+	// No record carries these deletions: the checkpoint Open writes next
+	// makes them durable, before any backing write.
+	c.mu.j.dropClean = false
+	if int64(idx.Len()) <= c.maxExtents() {
+		return nil
+	}
+	c.log.Warn("cache: the recovered index still exceeds a checkpoint; writing back every dirty extent", "dirty_extents", len(dirty))
+	for _, e := range dirty {
+		p := make([]byte, e.Len)
+		if err := c.dev.ReadAt(p, e.Loc); err != nil {
+			return fmt.Errorf("cache: write back to fit the index: %w", err)
+		}
+		if err := c.back.WriteAt(p, e.Off, 0); err != nil {
+			return fmt.Errorf("cache: write back to fit the index: %w", err)
+		}
+	}
+	if err := c.flushBacking(); err != nil {
+		return fmt.Errorf("cache: write back to fit the index: %w", err)
+	}
+	for _, e := range dirty {
+		idx.Delete(e.Off, e.Len, c.droppedLocked)
+	}
+	return nil
+}
+
+// readCheckpoint reads and decodes slot i. Its errors do not name the
+// slot; the caller does.
+func readCheckpoint(dev storage.Device, sb *superblock, salt uint32, i int) (*checkpoint, error) {
+	off := sb.CkptOff + int64(i)*sb.CkptSize
+	hb := make([]byte, ckptHdrSize)
+	if err := dev.ReadAt(hb, off); err != nil {
+		return nil, err
+	}
+	h, err := decodeCkptHeader(salt, hb)
+	if err != nil {
+		return nil, err
+	}
+	if int64(h.NBuckets) != sb.NBuckets || ckptHdrSize+h.bodyLen() > sb.CkptSize ||
+		h.JPos >= sb.journalSlots() {
+		return nil, fmt.Errorf("%w: checkpoint header does not fit the superblock", ErrCorrupt)
+	}
+	body := make([]byte, h.bodyLen())
+	if err := dev.ReadAt(body, off+ckptHdrSize); err != nil {
+		return nil, err
+	}
+	return decodeCkptBody(salt, h, body)
+}
+
+// ckptSlot is what one checkpoint slot holds: a valid checkpoint, nothing
+// yet (unused), or neither (err says why).
+type ckptSlot struct {
+	ck     *checkpoint
+	err    error // not valid: wraps ErrCorrupt
+	unused bool  // never written: see readCheckpointSlots
+}
+
+// readCheckpointSlots reads both checkpoint slots. A slot is unused, rather
+// than invalid, when its first block is all zeroes and the other slot holds
+// checkpoint 1: that is slot 1 of a cache not opened since Format (which
+// writes checkpoint 1 to slot 0 and zeroes slot 1), or whose first Open
+// died before its checkpoint reached the slot. Checkpoints alternate
+// between the slots, so once checkpoint 2 was written no slot is ever
+// zeroes again. The error is a device error; damage is in the slots.
+func readCheckpointSlots(dev storage.Device, sb *superblock, salt uint32) ([2]ckptSlot, error) {
+	var sl [2]ckptSlot
+	for i := range sl {
+		ck, err := readCheckpoint(dev, sb, salt, i)
+		if err != nil && !errors.Is(err, ErrCorrupt) {
+			return sl, fmt.Errorf("cache: read checkpoint slot %d: %w", i, err)
+		}
+		sl[i].ck, sl[i].err = ck, err
+	}
+	for i := range sl {
+		if sl[i].ck != nil || sl[1-i].ck == nil || sl[1-i].ck.Seq != 1 {
+			continue
+		}
+		b := make([]byte, metaBlock)
+		if err := dev.ReadAt(b, sb.CkptOff+int64(i)*sb.CkptSize); err != nil {
+			return sl, fmt.Errorf("cache: read checkpoint slot %d: %w", i, err)
+		}
+		sl[i].unused = allZero(b)
+	}
+	return sl, nil
+}
+
+func allZero(b []byte) bool {
+	for _, v := range b {
+		if v != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// newerCheckpointProof looks in the whole journal ring for a valid block
+// written when a checkpoint newer than seq was durable (its ckpt field).
+// Such a block proves that checkpoint seq is not the newest durable one:
+// the newer one was damaged after it was synced. It returns what it found
+// ("" for nothing).
+func newerCheckpointProof(dev storage.Device, sb *superblock, salt uint32, seq uint64) (string, error) {
+	const chunk = 256 // blocks per read
+	slots := sb.journalSlots()
+	buf := make([]byte, chunk*metaBlock)
+	for first := int64(0); first < slots; first += chunk {
+		n := min(chunk, slots-first)
+		if err := dev.ReadAt(buf[:n*metaBlock], sb.JournalOff+first*metaBlock); err != nil {
+			return "", fmt.Errorf("cache: read journal slots %d-%d: %w", first, first+n-1, err)
+		}
+		for i := range n {
+			jb, err := decodeJBlock(salt, buf[i*metaBlock:(i+1)*metaBlock])
+			if err == nil && jb.Ckpt > seq {
+				return fmt.Sprintf("journal block %d (slot %d) was written when checkpoint %d was durable", jb.Seq, first+i, jb.Ckpt), nil
+			}
+		}
+	}
+	return "", nil
+}
+
+// pickCheckpoint chooses the checkpoint to recover from: the newest valid
+// one. When the other slot is invalid (not unused), that is either a
+// checkpoint write torn by a power cut or damaged older checkpoint, and
+// recovery goes on with a warning, or a newer checkpoint that was durable
+// and has been damaged since: then the journal may have moved on past the
+// loaded one, buckets it freed may hold new data, and recovering from the
+// older one would lose flushed writes. A journal block that says a newer
+// checkpoint was durable tells the two apart: then it is ErrCorrupt.
+func pickCheckpoint(dev storage.Device, sb *superblock, salt uint32, st *state, log *slog.Logger) (*checkpoint, error) {
+	sl, err := readCheckpointSlots(dev, sb, salt)
+	if err != nil {
+		return nil, err
+	}
+	var ck *checkpoint
+	for i, s := range sl {
+		if s.ck != nil && (ck == nil || s.ck.Seq > ck.Seq) {
+			ck, st.ckptSlot = s.ck, i
+		}
+	}
+	if ck == nil {
+		return nil, fmt.Errorf("%w: no valid checkpoint: slot 0: %v; slot 1: %v", ErrCorrupt, sl[0].err, sl[1].err)
+	}
+	o := 1 - st.ckptSlot
+	if other := sl[o]; other.ck == nil && !other.unused {
+		proof, err := newerCheckpointProof(dev, sb, salt, ck.Seq)
+		if err != nil {
+			return nil, err
+		}
+		if proof != "" {
+			return nil, fmt.Errorf("%w: checkpoint slot %d is damaged (%v), and %s: checkpoint %d in slot %d is not the newest durable one, and recovering from it would lose the writes made since",
+				ErrCorrupt, o, other.err, proof, ck.Seq, st.ckptSlot)
+		}
+		w := fmt.Sprintf("checkpoint slot %d is invalid (%v); recovered from slot %d (checkpoint %d); no journal block proves a newer checkpoint was durable (a checkpoint write torn by a power cut, or damage to the older one)",
+			o, other.err, st.ckptSlot, ck.Seq)
+		st.warnings = append(st.warnings, w)
+		st.otherBad = fmt.Sprintf("checkpoint slot %d is invalid (%v)", o, other.err)
+		log.Warn("cache: "+w, "slot", o, "err", other.err)
+	}
+	return ck, nil
 }

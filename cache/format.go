@@ -1,12 +1,16 @@
 package cache
 
-// format.go: the superblock and the layout of the cache device (Format;
-// encoding.go has the journal's and the checkpoints' encodings).
+// format.go: the superblock, its I/O and the layout of the cache device
+// (Format); encoding.go has the journal's and the checkpoints' encodings.
 
 import (
+	"crypto/rand"
 	"encoding/binary"
 	"fmt"
 	"hash/crc32"
+	"log/slog"
+
+	"github.com/nbdcache/nbdcache/storage"
 )
 
 // On-disk constants. doc.go draws the layout.
@@ -245,4 +249,130 @@ func layout(cacheSize, backingSize int64, blockSize int, bucketSize, journalSize
 		return nil, fmt.Errorf("%w: %d-byte cache device too small for %d-byte buckets: %w", ErrTooSmall, cacheSize, sb.BucketSize, err)
 	}
 	return sb, nil
+}
+
+// readSuper loads the newest valid superblock copy.
+func readSuper(dev storage.Device) (*superblock, error) {
+	var best *superblock
+	var firstErr error
+	for _, off := range []int64{0, metaBlock} {
+		b := make([]byte, metaBlock)
+		if dev.Size() < 2*metaBlock {
+			return nil, ErrNotFormatted
+		}
+		if err := dev.ReadAt(b, off); err != nil {
+			return nil, fmt.Errorf("cache: read superblock at %d: %w", off, err)
+		}
+		sb, err := decodeSuperblock(b, dev.Size())
+		if err != nil {
+			if firstErr == nil || (firstErr == ErrNotFormatted && err != ErrNotFormatted) {
+				firstErr = fmt.Errorf("superblock copy at %d: %w", off, err)
+			}
+			continue
+		}
+		if best == nil || sb.Seq > best.Seq {
+			best = sb
+		}
+	}
+	if best == nil {
+		return nil, firstErr
+	}
+	return best, nil
+}
+
+// writeSuper writes both copies, syncing after each, so that one valid copy
+// exists at every moment.
+func writeSuper(dev storage.Device, sb *superblock) error {
+	b := sb.encode()
+	for _, off := range []int64{0, metaBlock} {
+		if err := dev.WriteAt(b, off, 0); err != nil {
+			return fmt.Errorf("cache: write superblock at %d: %w", off, err)
+		}
+		if err := dev.Flush(); err != nil {
+			return fmt.Errorf("cache: sync superblock: %w", err)
+		}
+	}
+	return nil
+}
+
+// Format writes a fresh cache on cacheDev for backing. It refuses, with
+// ErrDirty, to overwrite a valid cache that holds dirty data unless
+// opts.Force; then it logs what is lost.
+func Format(cacheDev, backing storage.Device, opts FormatOptions) error {
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if backing.Size() <= 0 || backing.Size()%sectorSize != 0 {
+		return fmt.Errorf("%w: backing size %d is not a positive multiple of %d", ErrBadOption, backing.Size(), sectorSize)
+	}
+	if bs := opts.BlockSize; bs != 0 && (bs < sectorSize || bs&(bs-1) != 0) {
+		return fmt.Errorf("%w: block size %d", ErrBadOption, bs)
+	}
+	if old, err := readSuper(cacheDev); err == nil {
+		st, rerr := loadState(cacheDev, old, breakNone, nil, false)
+		switch {
+		case rerr != nil && !opts.Force:
+			return fmt.Errorf("%w: existing cache unreadable (%v); --force to overwrite", ErrDirty, rerr)
+		case rerr != nil:
+			log.Warn("cache: overwriting an unreadable cache; any dirty data in it is lost", "err", rerr)
+		case st.idx.DirtyBytes() > 0 && !opts.Force:
+			return fmt.Errorf("%w: %d dirty bytes in %d extents not yet written back; --force to discard them",
+				ErrDirty, st.idx.DirtyBytes(), st.idx.DirtyLen())
+		case st.idx.DirtyBytes() > 0:
+			log.Warn("cache: formatting over dirty data; it is lost", "dirty_bytes", st.idx.DirtyBytes(), "dirty_extents", st.idx.DirtyLen())
+		}
+	}
+	sb, err := layout(cacheDev.Size(), backing.Size(), opts.BlockSize, opts.BucketSize, opts.JournalSize)
+	if err != nil {
+		return err
+	}
+	sb.BackingID, sb.BackingPath = opts.BackingID, opts.BackingPath
+	if _, err := rand.Read(sb.CacheID[:]); err != nil {
+		return fmt.Errorf("cache: uuid: %w", err)
+	}
+	sb.CacheID[6] = sb.CacheID[6]&0x0f | 0x40
+	sb.CacheID[8] = sb.CacheID[8]&0x3f | 0x80
+	sb.State = stateClean
+	sb.Seq = 1
+	// Kill the old superblocks first, so a crash in the middle leaves no
+	// valid cache pointing at a half-written layout.
+	zero := make([]byte, 2*metaBlock)
+	if err := cacheDev.WriteAt(zero, 0, 0); err != nil {
+		return fmt.Errorf("cache: format: %w", err)
+	}
+	if err := cacheDev.Flush(); err != nil {
+		return fmt.Errorf("cache: format: %w", err)
+	}
+	salt := sb.salt()
+	ck := &ckptHeader{Seq: 1, JSeq: 1, JPos: 0, Seed: randSeed(), NBuckets: uint32(sb.NBuckets), NextVer: 1}
+	body := encodeCkptBody(make([]uint8, sb.NBuckets), nil)
+	ck.BodyCRC = crcSalted(salt, body)
+	buf := append(encodeCkptHeader(salt, ck), body...)
+	if err := cacheDev.WriteAt(buf, sb.CkptOff, 0); err != nil {
+		return fmt.Errorf("cache: format: write checkpoint: %w", err)
+	}
+	if err := cacheDev.WriteAt(make([]byte, metaBlock), sb.CkptOff+sb.CkptSize, 0); err != nil {
+		return fmt.Errorf("cache: format: clear checkpoint: %w", err)
+	}
+	if err := cacheDev.Flush(); err != nil {
+		return fmt.Errorf("cache: format: %w", err)
+	}
+	return writeSuper(cacheDev, sb)
+}
+
+// inData reports whether [loc, loc+n) lies in the data area.
+func (sb *superblock) inData(loc, n int64) bool {
+	return loc >= sb.DataOff && n > 0 && loc+n <= sb.DataOff+sb.NBuckets*sb.BucketSize && loc+n > loc
+}
+
+// forBuckets calls fn for each piece of [loc, loc+n) within one bucket.
+func (sb *superblock) forBuckets(loc, n int64, fn func(b, loc, n int64)) {
+	for n > 0 {
+		b := sb.bucketOf(loc)
+		end := min(loc+n, sb.bucketStart(b+1))
+		fn(b, loc, end-loc)
+		n -= end - loc
+		loc = end
+	}
 }
