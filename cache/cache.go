@@ -48,9 +48,13 @@ type Cache struct {
 	test      testHooks // zero but in tests (hooks.go)
 	log       *slog.Logger
 
-	// sem bounds the index-changing operations in flight (enter/leave),
-	// so that they cannot overrun the journal ring.
-	sem  chan struct{}
+	// ops bounds the index-changing operations in flight (enter/leave),
+	// so that they cannot overrun the journal ring: a slot of sem each;
+	// batches take theirs one batch at a time (batch, enterN).
+	ops struct {
+		sem   chan struct{}
+		batch sync.Mutex
+	}
 	ckpt struct {
 		sync.Mutex        // one checkpoint at a time; guards buf
 		buf        []byte // the checkpoint being written, reused
@@ -105,7 +109,8 @@ type Cache struct {
 		wbCond     sync.Cond
 		holdsEnded uint64 // writebacks and direct writes ended so far
 		// reservedExt: index extents that directOver writes in flight may
-		// add when they drop what they superseded (roomLocked counts them).
+		// add when they drop what they superseded, and that batch runs
+		// will add when they insert (roomLocked counts them).
 		reservedExt int64
 
 		admit admitter // admission's state (admission.go)
@@ -153,7 +158,7 @@ func open(cacheDev, backing storage.Device, opts Options, h testHooks) (*Cache, 
 	// The operations in flight may add a block each, so a quarter of the
 	// ring (slots/8 operations, with the margin ringFullLocked keeps)
 	// stays for them while a checkpoint started at half full is written.
-	c.sem = make(chan struct{}, max(1, slots/8))
+	c.ops.sem = make(chan struct{}, max(1, slots/8))
 	c.bg.kick = make(chan struct{}, 1)
 	c.mu.wbCond.L = &c.mu.Mutex
 	c.mu.wb = newWBSet()

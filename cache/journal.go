@@ -151,8 +151,22 @@ func (c *Cache) errLocked() error {
 // ring is so full that the operations in flight could overflow it does an
 // operation wait for a checkpoint (ringFullLocked). Every enter is paired
 // with leave.
-func (c *Cache) enter() error {
-	c.sem <- struct{}{}
+func (c *Cache) enter() error { return c.enterN(1) }
+
+// enterN is enter for k operations at once (a batch appends up to k
+// records), paired with leaveN(k). Batches take their slots one batch at
+// a time (ops.batch): two that each held part of what they need could
+// wait for each other for ever. k is at most maxBatchSlots.
+func (c *Cache) enterN(k int) error {
+	if k == 1 {
+		c.ops.sem <- struct{}{}
+	} else {
+		c.ops.batch.Lock()
+		for range k {
+			c.ops.sem <- struct{}{}
+		}
+		c.ops.batch.Unlock()
+	}
 	triedSoft := false
 	for {
 		c.mu.Lock()
@@ -161,17 +175,17 @@ func (c *Cache) enter() error {
 		c.mu.Unlock()
 		switch {
 		case err != nil:
-			<-c.sem
+			c.leaveN(k)
 			return err
 		case full:
 			if err := c.checkpointIf(c.ringFull, true); err != nil {
-				<-c.sem
+				c.leaveN(k)
 				return err
 			}
 		case want && !triedSoft:
 			triedSoft = true
 			if err := c.checkpointIf(c.ringWantsCheckpoint, false); err != nil {
-				<-c.sem
+				c.leaveN(k)
 				return err
 			}
 		default:
@@ -180,7 +194,17 @@ func (c *Cache) enter() error {
 	}
 }
 
-func (c *Cache) leave() { <-c.sem }
+func (c *Cache) leave() { c.leaveN(1) }
+
+func (c *Cache) leaveN(k int) {
+	for range k {
+		<-c.ops.sem
+	}
+}
+
+// maxBatchSlots is the most slots one batch may hold: half of them, so
+// that single operations always find some.
+func (c *Cache) maxBatchSlots() int { return max(1, cap(c.ops.sem)/2) }
 
 // ringWantsCheckpointLocked: the ring is CheckpointPercent full.
 func (c *Cache) ringWantsCheckpointLocked() bool {
@@ -191,7 +215,7 @@ func (c *Cache) ringWantsCheckpointLocked() bool {
 // in flight (at most cap(sem), one record each, each record at most one
 // new block) seal a block over a slot the durable checkpoint still needs.
 func (c *Cache) ringFullLocked() bool {
-	return c.usedSlotsLocked()+int64(cap(c.sem))+1 > c.sb.journalSlots()
+	return c.usedSlotsLocked()+int64(cap(c.ops.sem))+1 > c.sb.journalSlots()
 }
 
 func (c *Cache) ringWantsCheckpoint() bool {

@@ -94,10 +94,23 @@ func (o *oracle) done(off, n int64, p pend, fua bool) {
 		if fua {
 			o.durable[s] = apply(o.durable[s], p, o.ever[s])
 			if !p.trim {
-				o.pending[s] = nil
+				// What was issued before p is superseded; what was
+				// issued after it (a batch begins all its writes
+				// first) is still pending.
+				o.pending[s] = pendingAfter(o.pending[s], p)
 			}
 		}
 	}
+}
+
+// pendingAfter is what ps holds after p (p not trim), or nil.
+func pendingAfter(ps []pend, p pend) []pend {
+	for i, q := range ps {
+		if !q.trim && q.id == p.id {
+			return ps[i+1:]
+		}
+	}
+	return nil
 }
 
 func (o *oracle) flushed() {
@@ -349,6 +362,8 @@ func workload(c *Cache, r *rand.Rand, cfg pcConfig, o *oracle, res *pcResult, fa
 		switch k := r.IntN(100); {
 		case k < 40 && par && r.IntN(3) == 0:
 			err = parallelWrites(c, r, cfg, o, &id)
+		case k < 40 && r.IntN(4) == 0:
+			err = batchWrites(c, r, cfg, o, &id)
 		case k < 40: // write, sometimes sequential, sometimes FUA
 			off, n := randRange(48)
 			if seqNext >= 0 && r.IntN(2) == 0 && seqNext+n <= cfg.back {
@@ -466,6 +481,46 @@ func parallelWrites(c *Cache, r *rand.Rand, cfg pcConfig, o *oracle, id *uint64)
 			o.done(w.off, w.n, w.p, w.fua)
 		} else if err == nil {
 			err = w.err
+		}
+	}
+	return err
+}
+
+// batchWrites writes 2 to 8 writes with one WriteBatch, as a server does
+// with the writes of one socket read: some overlap (the later wins), some
+// are FUA, some longer than a bucket (they go the single way, in order).
+func batchWrites(c *Cache, r *rand.Rand, cfg pcConfig, o *oracle, id *uint64) error {
+	type write struct {
+		off, n int64
+		p      pend
+		fua    bool
+	}
+	var ws []write
+	var bws []BatchWrite
+	base := r.Int64N(cfg.back/sectorSize) * sectorSize
+	for range 2 + r.IntN(7) {
+		off := min(base+r.Int64N(32)*sectorSize, cfg.back-sectorSize)
+		n := min((1+r.Int64N(24))*sectorSize, cfg.back-off)
+		if r.IntN(8) == 0 { // sometimes longer than a bucket: the single way
+			n = min((1+r.Int64N(96))*sectorSize, cfg.back-off)
+		}
+		*id++
+		w := write{off: off, n: n, p: pend{id: *id}, fua: r.IntN(8) == 0}
+		o.begin(w.off, w.n, w.p)
+		ws = append(ws, w)
+		var fl storage.Flags
+		if w.fua {
+			fl = storage.FUA
+		}
+		bws = append(bws, BatchWrite{P: payload(w.off, w.n, w.p.id), Off: w.off, Flags: fl})
+	}
+	c.WriteBatch(bws)
+	var err error
+	for i, w := range ws {
+		if bws[i].Err == nil {
+			o.done(w.off, w.n, w.p, w.fua)
+		} else if err == nil {
+			err = bws[i].Err
 		}
 	}
 	return err

@@ -6,6 +6,7 @@ import "sync/atomic"
 type counters struct {
 	reads, readBytes, hits, misses, partialHits, ramHits, readRetries atomic.Int64
 	writes, writeBytes, cachedBytes, bypasses, rmw, fua, flushes      atomic.Int64
+	batched                                                           atomic.Int64 // writes that went in a WriteBatch run
 	thrashBypasses                                                    atomic.Int64
 	trims, zeros, promotions, promotedBytes, noSpace                  atomic.Int64
 	cacheReadErrors, cacheWriteErrors, backingWriteBytes              atomic.Int64
@@ -34,6 +35,7 @@ type Stats struct {
 	DirectWaits         int64 // direct backing writes that waited for a writeback (or another direct write) of their range
 	RoomWaits           int64 // writes that found the cache full over a slow backing and waited for room
 	RMW                 int64 // unaligned writes done by read-modify-write
+	BatchedWrites       int64 // writes that went in one go with others (WriteBatch)
 	FUA, Flushes        int64
 	Trims, Zeros        int64
 	Promotions          int64 // read misses copied into the cache
@@ -81,7 +83,7 @@ func (c *Cache) Stats() Stats {
 		Reads: c.stats.reads.Load(), ReadBytes: c.stats.readBytes.Load(), Hits: c.stats.hits.Load(),
 		Misses: c.stats.misses.Load(), PartialHits: c.stats.partialHits.Load(), RAMHits: c.stats.ramHits.Load(),
 		ReadRetries: c.stats.readRetries.Load(), Writes: c.stats.writes.Load(), WriteBytes: c.stats.writeBytes.Load(),
-		CachedWriteBytes: c.stats.cachedBytes.Load(), Bypasses: c.stats.bypasses.Load(), ThrashBypasses: c.stats.thrashBypasses.Load(), RMW: c.stats.rmw.Load(),
+		CachedWriteBytes: c.stats.cachedBytes.Load(), Bypasses: c.stats.bypasses.Load(), ThrashBypasses: c.stats.thrashBypasses.Load(), RMW: c.stats.rmw.Load(), BatchedWrites: c.stats.batched.Load(),
 		FUA: c.stats.fua.Load(), Flushes: c.stats.flushes.Load(), Trims: c.stats.trims.Load(), Zeros: c.stats.zeros.Load(),
 		Promotions: c.stats.promotions.Load(), PromotedBytes: c.stats.promotedBytes.Load(), NoSpace: c.stats.noSpace.Load(),
 		CacheReadErrors: c.stats.cacheReadErrors.Load(), CacheWriteErrors: c.stats.cacheWriteErrors.Load(), DataWrites: c.stats.dataWrites.Load(),

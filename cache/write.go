@@ -238,58 +238,75 @@ func (c *Cache) rmwSectors(p []byte, off int64) error {
 }
 
 // write is the aligned write path: the mode, the cutoff and the space
-// decide between the cache (dirty or clean) and the backing. The pin
-// decided here is only a first guess: a direct write checks it again
-// under the lock that starts it (passthrough), and comes back here with
-// errPinned when dirty data arrived meanwhile.
+// decide between the cache (dirty or clean) and the backing
+// (decideLocked), then writeAs carries it out.
 func (c *Cache) write(p []byte, off int64) error {
-	n := int64(len(p))
 	c.mu.Lock()
 	if err := c.errLocked(); err != nil {
 		c.mu.Unlock()
 		return err
 	}
-	mode := c.mu.mode
+	d := c.decideLocked(off, int64(len(p)))
+	c.mu.Unlock()
+	return c.writeAs(p, off, d)
+}
+
+// writeDecision is where an aligned write goes, decided under mu
+// (decideLocked): its route, and what the route needs to know.
+type writeDecision struct {
+	mode           Mode
+	around, thrash bool // bypasses the cache: a stream past the cutoff, or a miss of a thrashing cache
+	pinned         bool // the range holds dirty data or is being written back (only for routes that need it)
+}
+
+func (d writeDecision) route() route { return writeRoute(d.mode, d.around, d.pinned) }
+
+// decideLocked decides the route of a write of [off, off+n), feeding the
+// admission policy's detectors (once per write, in the order writes
+// arrive). The pin decided here is only a first guess: a direct write
+// checks it again under the lock that starts it (passthrough), and comes
+// back with errPinned when dirty data arrived meanwhile.
+func (c *Cache) decideLocked(off, n int64) writeDecision {
+	d := writeDecision{mode: c.mu.mode}
 	// While the backing is away, a write-back stream past the cutoff is
 	// cached like any write, rather than sent to wait for the backing.
-	around := c.mu.admit.sequential(off, n) && !(mode == Writeback && c.backingAway())
+	d.around = c.mu.admit.sequential(off, n) && !(d.mode == Writeback && c.backingAway())
 	// A miss goes around a thrashing cache; a write over cached data stays
 	// in it (it supersedes that data, with no journal record of its own).
-	thrash := false
-	if mode == Writeback && !around {
-		thrash = c.noteThrashLocked(off, n)
-		around = thrash
+	if d.mode == Writeback && !d.around {
+		d.thrash = c.noteThrashLocked(off, n)
+		d.around = d.thrash
 	}
 	// A write-back write goes to the cache whether the range is pinned or
 	// not: skip the index lookup then (it is a tenth of the write path).
 	// Nor is one needed for a write around a thrashing cache: its range
 	// was just found holding nothing, under this same lock.
-	pinned := false
-	if routeNeedsPin(mode, around) && !thrash {
-		pinned = c.pinnedLocked(off, n)
+	if routeNeedsPin(d.mode, d.around) && !d.thrash {
+		d.pinned = c.pinnedLocked(off, n)
 	}
-	c.mu.Unlock()
-	c.stats.writes.Add(1)
-	c.stats.writeBytes.Add(n)
-	if c.flusher != nil {
-		c.flusher.NoteForeground()
-	}
+	return d
+}
+
+// writeAs carries out the write of p at off that d decided.
+func (c *Cache) writeAs(p []byte, off int64, d writeDecision) error {
+	n := int64(len(p))
+	c.noteWrite(n)
 	for {
 		var err error
-		switch writeRoute(mode, around, pinned) {
+		switch d.route() {
 		case routeDirty:
 			return c.writeDirty(p, off)
 		case routeBacking:
 			c.stats.bypasses.Add(1)
 			var took time.Duration
 			took, err = c.writeBacking(p, off, directWrite, nil)
-			if thrash && err == nil {
+			if d.thrash && err == nil {
 				// What diskLike measures: a random write's cost on the
 				// backing. A disk's ends the thrashing at once.
 				c.stats.thrashBypasses.Add(1)
 				c.noteBacking(took, n)
 			}
-			if c.noteUnavailable(err) && mode == Writeback {
+			if c.noteUnavailable(err) && d.mode == Writeback {
 				return c.writeDirty(p, off) // the stream's bypass found the backing away
 			}
 		case routeThrough:
@@ -298,8 +315,16 @@ func (c *Cache) write(p []byte, off int64) error {
 		if !errors.Is(err, errPinned) {
 			return err
 		}
-		pinned = true
+		d.pinned = true
 	}
+}
+
+// noteWrite counts a client write of n bytes, and tells the flusher the
+// foreground is busy.
+func (c *Cache) noteWrite(n int64) {
+	c.stats.writes.Add(1)
+	c.stats.writeBytes.Add(n)
+	c.flusher.NoteForeground()
 }
 
 // writeDirty writes p into the cache as dirty data. When the cache is

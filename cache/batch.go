@@ -1,0 +1,235 @@
+package cache
+
+// batch.go: many writes in one go (WriteBatch), as a server hands them
+// over after one socket read: one allocation, one data write per
+// contiguous run, one hold of the lock for their inserts and records, one
+// publish.
+
+import (
+	"fmt"
+
+	"github.com/nbdcache/nbdcache/storage"
+)
+
+// BatchWrite is one write of a batch: P at Off, with Flags (FUA). WriteBatch
+// sets Err.
+type BatchWrite struct {
+	P     []byte
+	Off   int64
+	Flags storage.Flags
+	Err   error
+}
+
+// WriteBatch writes ws as WriteAt would write them one after another, in
+// order, and sets each one's Err; each is acknowledged (published, or
+// committed for FUA) before WriteBatch returns. What the write-back cache
+// takes, it takes in one go: aligned writes of at most a bucket that the
+// policy routes into the cache (decideLocked) get their space, then their
+// data with one device write per contiguous run, then their inserts and
+// journal records under one hold of the lock, and one publish for all of
+// them (one commit if one asks for FUA). The first write that cannot go
+// that way (another route, unaligned, too long, no space, no index room)
+// ends the run: it and every write after it go the single way, in order.
+// The durability rules are the single path's: data on the device before
+// the record that names it; a write is acknowledged only once published.
+func (c *Cache) WriteBatch(ws []BatchWrite) {
+	for i := 0; i < len(ws); {
+		n, stop := c.writeRun(ws[i:])
+		switch {
+		case stop != nil:
+			// The write that ended the run was decided (the detectors
+			// fed) but not written: it goes the single way as decided.
+			w := &ws[i+n]
+			if w.Err = c.writeAs(w.P, w.Off, *stop); w.Err == nil {
+				w.Err = c.ack(w.Flags)
+			}
+			n++
+		case n == 0:
+			w := &ws[i]
+			w.Err = c.WriteAt(w.P, w.Off, w.Flags)
+			n = 1
+		}
+		i += n
+	}
+}
+
+// batchChunk is one allocation of a batch write: [off, off+n) of the
+// virtual device, at loc in bucket b, holding ws[w].P[from:from+n].
+type batchChunk struct {
+	w             int
+	off, n, loc   int64
+	from          int64
+	b             int64
+	sum           uint32
+	inserted, bad bool
+}
+
+// writeRun takes a run from the start of ws that can go in one go (see
+// WriteBatch), writes and acknowledges it, and returns how many writes it
+// took (0 if the first cannot go that way: not batchable). If a write
+// the policy sends elsewhere, or one there is no space for, ended the run,
+// stop is its decision: the caller writes ws[n] with it, holding nothing
+// (a run's journal slots are left before: two runs that each held half
+// of them and waited for one more would wait for ever).
+func (c *Cache) writeRun(ws []BatchWrite) (n int, stop *writeDecision) {
+	if !c.batchable(&ws[0]) {
+		return 0, nil
+	}
+	// Every write of the run appends at most two records (a write no
+	// longer than a bucket lies in at most two).
+	k := min(len(ws), max(1, c.maxBatchSlots()/2))
+	if err := c.enterN(2 * k); err != nil {
+		for i := range k {
+			ws[i].Err = err
+		}
+		return k, nil
+	}
+	var chunks []batchChunk
+	c.mu.Lock()
+	for ; n < k; n++ {
+		w := &ws[n]
+		if !c.batchable(w) {
+			break
+		}
+		// Decide as the single path would; a write the policy sends
+		// elsewhere ends the run. Its decision fed the detectors, so it
+		// is not decided again: the caller writes it with this one.
+		d := c.decideLocked(w.Off, int64(len(w.P)))
+		if d.route() != routeDirty {
+			stop = &d
+			break
+		}
+		mark := len(chunks)
+		for done := int64(0); done < int64(len(w.P)); {
+			// The index room its insert needs (roomLocked) is
+			// reserved now, so that the inserts, under a later hold of
+			// mu, cannot find the index full.
+			loc, got, b, ok := c.allocLocked(&c.mu.space.fg, int64(len(w.P))-done, c.fgReserve())
+			if ok && !c.roomLocked(2) {
+				c.mu.space.release(b)
+				ok = false
+			}
+			if !ok {
+				// No space: this write goes the single way, into the
+				// cache as decided (writeDirty makes room or bypasses).
+				for _, ch := range chunks[mark:] {
+					c.mu.space.release(ch.b)
+					c.mu.reservedExt -= 2
+				}
+				chunks = chunks[:mark]
+				stop = &d
+				break
+			}
+			c.mu.reservedExt += 2
+			m := min(got, int64(len(w.P))-done)
+			chunks = append(chunks, batchChunk{w: n, off: w.Off + done, n: m, loc: loc, from: done, b: b})
+			done += m
+		}
+		if stop != nil {
+			break
+		}
+	}
+	c.mu.Unlock()
+	if n > 0 {
+		c.writeChunks(ws, chunks)
+		c.insertChunks(ws[:n], chunks)
+	}
+	c.leaveN(2 * k)
+	if n > 0 {
+		c.ackRun(ws[:n])
+	}
+	return n, stop
+}
+
+// batchable reports whether w may join a run: in range, aligned, and no
+// longer than a bucket (so in at most two).
+func (c *Cache) batchable(w *BatchWrite) bool {
+	n := int64(len(w.P))
+	return n > 0 && n <= c.sb.BucketSize && w.Off%sectorSize == 0 && n%sectorSize == 0 &&
+		storage.CheckRange(c.Size(), w.Off, n) == nil
+}
+
+// writeChunks writes the chunks' data to the cache device, one write per
+// run of adjacent locations, and marks the writes whose data failed.
+func (c *Cache) writeChunks(ws []BatchWrite, chunks []batchChunk) {
+	for i := 0; i < len(chunks); {
+		j := i + 1
+		for j < len(chunks) && chunks[j].loc == chunks[j-1].loc+chunks[j-1].n {
+			j++
+		}
+		var buf []byte
+		if j-i == 1 {
+			ch := &chunks[i]
+			buf = ws[ch.w].P[ch.from : ch.from+ch.n]
+		} else {
+			for _, ch := range chunks[i:j] {
+				buf = append(buf, ws[ch.w].P[ch.from:ch.from+ch.n]...)
+			}
+		}
+		c.stats.dataWrites.Add(1)
+		if err := c.dev.WriteAt(buf, chunks[i].loc, 0); err != nil {
+			c.stats.cacheWriteErrors.Add(1)
+			for x := i; x < j; x++ {
+				chunks[x].bad = true
+				if ws[chunks[x].w].Err == nil {
+					ws[chunks[x].w].Err = fmt.Errorf("cache: write cache device: %w", err)
+				}
+			}
+		}
+		for x := i; x < j; x++ {
+			ch := &chunks[x]
+			ch.sum = crc(ws[ch.w].P[ch.from : ch.from+ch.n])
+		}
+		i = j
+	}
+}
+
+// insertChunks inserts, under one hold of mu, the chunks whose data is on
+// the device, in order (a later write over the same range wins, as it
+// would one after another), in the index room writeRun reserved for them,
+// and releases every allocation.
+func (c *Cache) insertChunks(ws []BatchWrite, chunks []batchChunk) {
+	c.mu.Lock()
+	for i := range chunks {
+		ch := &chunks[i]
+		c.mu.reservedExt -= 2
+		if ch.bad {
+			continue
+		}
+		e := btreeExtent{Off: ch.off, Len: ch.n, Loc: ch.loc, Ver: c.mu.nextVer, Gen: c.mu.space.buckets[ch.b].gen, Dirty: true}
+		c.mu.nextVer++
+		if c.tracing() {
+			c.tracef(e.Off, e.Len, "insert %v (batch write)", e)
+		}
+		c.insertLocked(e, ch.sum)
+		ch.inserted = true
+	}
+	for _, ch := range chunks {
+		c.mu.space.release(ch.b)
+	}
+	c.mu.Unlock()
+	for _, ch := range chunks {
+		if ch.inserted {
+			c.stats.cachedBytes.Add(ch.n)
+		}
+	}
+	for i := range ws {
+		c.noteWrite(int64(len(ws[i].P)))
+		c.stats.batched.Add(1)
+	}
+}
+
+// ackRun acknowledges the writes of a run: one publish, or one commit if
+// one asked for FUA, for all of them.
+func (c *Cache) ackRun(ws []BatchWrite) {
+	fua := storage.Flags(0)
+	for i := range ws {
+		fua |= ws[i].Flags & storage.FUA
+	}
+	err := c.ack(fua)
+	for i := range ws {
+		if ws[i].Err == nil {
+			ws[i].Err = err
+		}
+	}
+}
