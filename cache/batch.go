@@ -150,35 +150,39 @@ func (c *Cache) batchable(w *BatchWrite) bool {
 }
 
 // writeChunks writes the chunks' data to the cache device, one write per
-// run of adjacent locations, and marks the writes whose data failed.
+// run of adjacent locations (up to maxGroupRun bytes, joined in the group
+// writer's aligned buffer), and marks the writes whose data failed.
 func (c *Cache) writeChunks(ws []BatchWrite, chunks []batchChunk) {
+	data := func(ch *batchChunk) []byte { return ws[ch.w].P[ch.from : ch.from+ch.n] }
 	for i := 0; i < len(chunks); {
-		j := i + 1
-		for j < len(chunks) && chunks[j].loc == chunks[j-1].loc+chunks[j-1].n {
+		j, size := i+1, chunks[i].n
+		for j < len(chunks) && chunks[j].loc == chunks[j-1].loc+chunks[j-1].n && size+chunks[j].n <= maxGroupRun {
+			size += chunks[j].n
 			j++
 		}
-		var buf []byte
-		if j-i == 1 {
-			ch := &chunks[i]
-			buf = ws[ch.w].P[ch.from : ch.from+ch.n]
+		var err error
+		if j == i+1 {
+			err = c.dev.WriteAt(data(&chunks[i]), chunks[i].loc, 0)
 		} else {
-			for _, ch := range chunks[i:j] {
-				buf = append(buf, ws[ch.w].P[ch.from:ch.from+ch.n]...)
+			ps := make([][]byte, 0, j-i)
+			for x := i; x < j; x++ {
+				ps = append(ps, data(&chunks[x]))
 			}
+			err = c.dw.writeJoined(ps, chunks[i].loc)
 		}
 		c.stats.dataWrites.Add(1)
-		if err := c.dev.WriteAt(buf, chunks[i].loc, 0); err != nil {
+		if err != nil {
 			c.stats.cacheWriteErrors.Add(1)
-			for x := i; x < j; x++ {
-				chunks[x].bad = true
-				if ws[chunks[x].w].Err == nil {
-					ws[chunks[x].w].Err = fmt.Errorf("cache: write cache device: %w", err)
-				}
-			}
 		}
 		for x := i; x < j; x++ {
 			ch := &chunks[x]
-			ch.sum = crc(ws[ch.w].P[ch.from : ch.from+ch.n])
+			if err != nil {
+				ch.bad = true
+				if ws[ch.w].Err == nil {
+					ws[ch.w].Err = fmt.Errorf("cache: write cache device: %w", err)
+				}
+			}
+			ch.sum = crc(data(ch))
 		}
 		i = j
 	}

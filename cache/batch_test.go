@@ -93,7 +93,7 @@ func TestWriteBatch(t *testing.T) {
 // the cost per write falls as the batch grows (one allocation, one data
 // write per run, one lock hold, one publish per batch).
 func BenchmarkWriteBatch(b *testing.B) {
-	for _, kind := range []string{"mem", "file"} {
+	for _, kind := range []string{"mem", "file", "direct"} {
 		for _, size := range []int{1, 4, 16, 64} {
 			b.Run(fmt.Sprintf("%s/batch=%d", kind, size), func(b *testing.B) {
 				c, _ := benchCache(b, kind, Options{})
