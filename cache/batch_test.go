@@ -2,6 +2,7 @@ package cache
 
 import (
 	"fmt"
+	"sync"
 	"testing"
 
 	"github.com/nbdcache/nbdcache/storage"
@@ -122,5 +123,92 @@ func BenchmarkWriteBatch(b *testing.B) {
 				b.ReportMetric(float64(st.Publishes)/float64(st.Writes), "publishes/write")
 			})
 		}
+	}
+}
+
+// TestWriteBatchConcurrent: batches from several goroutines at once (as
+// from several connections), beside single writes, with the background
+// on and a small journal ring, so that runs wait for each other's slots
+// (enterN) and for checkpoints. Each goroutine owns a region and a model
+// of it; every byte is checked at the end and after a reopen.
+func TestWriteBatchConcurrent(t *testing.T) {
+	seed := testseed.Get(t)
+	for _, maxExt := range []int64{0, 64} {
+		t.Run(fmt.Sprintf("maxExt=%d", maxExt), func(t *testing.T) {
+			const region, workers = 1 << 20, 5
+			d := formatMem(t, 1<<20+256<<10, workers*region, FormatOptions{BucketSize: 64 << 10, JournalSize: 32 * metaBlock})
+			o := Options{SequentialCutoff: -1}
+			c := openHooked(t, d, o, testHooks{maxExt: maxExt})
+			models := make([][]byte, workers)
+			errs := make(chan error, workers)
+			var wg sync.WaitGroup
+			for g := range workers {
+				models[g] = make([]byte, region)
+				wg.Go(func() {
+					r := rng(seed + uint64(g)*7919 + uint64(maxExt))
+					base := int64(g) * region
+					var id uint64
+					for range 150 {
+						var ws []BatchWrite
+						for range 1 + r.IntN(10) {
+							off := r.Int64N(region/sectorSize-160) * sectorSize
+							n := (1 + r.Int64N(24)) * sectorSize
+							switch r.IntN(10) {
+							case 0:
+								off++
+							case 1:
+								n = 144 * sectorSize
+							}
+							id++
+							p := make([]byte, n)
+							for i := range p {
+								p[i] = byte(id) ^ byte(g<<5) ^ byte(i>>9)
+							}
+							ws = append(ws, BatchWrite{P: p, Off: base + off})
+						}
+						if g == 0 { // the single way, beside the batches
+							for i := range ws {
+								ws[i].Err = c.WriteAt(ws[i].P, ws[i].Off, 0)
+							}
+						} else {
+							c.WriteBatch(ws)
+						}
+						for _, w := range ws {
+							if w.Err != nil {
+								errs <- fmt.Errorf("worker %d: write of %d at %d: %w", g, len(w.P), w.Off, w.Err)
+								return
+							}
+							copy(models[g][w.Off-base:], w.P)
+						}
+					}
+				})
+			}
+			wg.Wait()
+			close(errs)
+			for err := range errs {
+				t.Fatalf("seed %d: %v", seed, err)
+			}
+			check := func(c *Cache, when string) {
+				got := make([]byte, region)
+				for g := range workers {
+					if err := c.ReadAt(got, int64(g)*region); err != nil {
+						t.Fatal(err)
+					}
+					if i := firstDiff(got, models[g]); i >= 0 {
+						t.Fatalf("seed %d: worker %d's byte %d differs %s", seed, g, i, when)
+					}
+				}
+			}
+			check(c, "at the end")
+			st := c.Stats()
+			t.Logf("%d writes, %d batched, %d checkpoints, %d bypasses", st.Writes, st.BatchedWrites, st.Checkpoints, st.Bypasses)
+			if st.BatchedWrites == 0 {
+				t.Error("no write went in a run")
+			}
+			closeChecked(t, c, d)
+			c = openHooked(t, d, o, testHooks{maxExt: maxExt})
+			defer c.Close()
+			check(c, "after a reopen")
+		})
 	}
 }
