@@ -25,7 +25,7 @@ test: deps vet race
 
 # The cache's concurrency tests under the race detector (-short: fewer
 # cuts and operations than the plain run).
-RACE_TESTS = TestConcurrentModel$$|TestPowerCutConcurrent$$|TestConcurrent$$|TestDirectWriteWaitsForGapFill|TestPromotionAfterWritebackIsDropped|TestWriteBatchConcurrent$$$$
+RACE_TESTS = TestConcurrentModel$$|TestPowerCutConcurrent$$|TestConcurrent$$|TestDirectWriteWaitsForGapFill|TestPromotionAfterWritebackIsDropped|TestWriteBatchConcurrent$$
 race:
 	$(GO) test -race -count=1 -short -timeout 10m -run '$(RACE_TESTS)' ./cache
 
