@@ -72,12 +72,13 @@ type batchChunk struct {
 // (a run's journal slots are left before: two runs that each held half
 // of them and waited for one more would wait for ever).
 func (c *Cache) writeRun(ws []BatchWrite) (n int, stop *writeDecision) {
-	if !c.batchable(&ws[0]) {
+	// Every write of the run appends at most two records (a write no
+	// longer than a bucket lies in at most two), and a run holds at most
+	// maxBatchSlots slots: with a ring too small for that, no runs.
+	k := min(len(ws), c.maxBatchSlots()/2)
+	if k == 0 || !c.batchable(&ws[0]) {
 		return 0, nil
 	}
-	// Every write of the run appends at most two records (a write no
-	// longer than a bucket lies in at most two).
-	k := min(len(ws), max(1, c.maxBatchSlots()/2))
 	if err := c.enterN(2 * k); err != nil {
 		for i := range k {
 			ws[i].Err = err

@@ -1,9 +1,11 @@
 package cache
 
 import (
+	"bytes"
 	"fmt"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/nbdcache/nbdcache/storage"
 	"github.com/nbdcache/nbdcache/test/testseed"
@@ -210,5 +212,31 @@ func TestWriteBatchConcurrent(t *testing.T) {
 			defer c.Close()
 			check(c, "after a reopen")
 		})
+	}
+}
+
+// TestWriteBatchTinyRing: a journal ring too small for a run (4 blocks:
+// one slot for operations in flight) takes every write the single way,
+// instead of waiting for slots it can never get.
+func TestWriteBatchTinyRing(t *testing.T) {
+	d := formatMem(t, 1<<20, 4<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 4 * metaBlock})
+	c := openStillT(t, d, Options{SequentialCutoff: -1})
+	defer c.Close()
+	ws := []BatchWrite{{P: payload(0, 4096, 1), Off: 0}, {P: payload(8192, 4096, 2), Off: 8192}}
+	done := make(chan struct{})
+	go func() { c.WriteBatch(ws); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("WriteBatch hangs with a 4-block ring")
+	}
+	for i, w := range ws {
+		got := make([]byte, len(w.P))
+		if w.Err != nil || c.ReadAt(got, w.Off) != nil || !bytes.Equal(got, w.P) {
+			t.Fatalf("write %d: %v", i, w.Err)
+		}
+	}
+	if st := c.Stats(); st.BatchedWrites != 0 {
+		t.Errorf("%d writes batched with one slot", st.BatchedWrites)
 	}
 }

@@ -156,7 +156,7 @@ func (c *Cache) enter() error { return c.enterN(1) }
 // enterN is enter for k operations at once (a batch appends up to k
 // records), paired with leaveN(k). Batches take their slots one batch at
 // a time (ops.batch): two that each held part of what they need could
-// wait for each other for ever. k is at most maxBatchSlots.
+// wait for each other for ever. k is at most maxBatchSlots, or 1.
 func (c *Cache) enterN(k int) error {
 	if k == 1 {
 		c.ops.sem <- struct{}{}
@@ -203,8 +203,9 @@ func (c *Cache) leaveN(k int) {
 }
 
 // maxBatchSlots is the most slots one batch may hold: half of them, so
-// that single operations always find some.
-func (c *Cache) maxBatchSlots() int { return max(1, cap(c.ops.sem)/2) }
+// that single operations always find some (0 with a ring of fewer than
+// 16 blocks: no batches).
+func (c *Cache) maxBatchSlots() int { return cap(c.ops.sem) / 2 }
 
 // ringWantsCheckpointLocked: the ring is CheckpointPercent full.
 func (c *Cache) ringWantsCheckpointLocked() bool {

@@ -160,6 +160,11 @@ func randomConfig(r *rand.Rand) pcConfig {
 		back: 1 << 20,
 		ops:  100 + r.IntN(250),
 	}
+	if r.IntN(3) == 0 {
+		// A ring of 96 to 159 blocks: batch runs (batchWrites) of 3 to
+		// 4 writes; the smaller rings allow runs of one, or none.
+		cfg.fo.JournalSize = int64(96+r.IntN(64)) * metaBlock
+	}
 	// Room for the metadata (checkpoints are sized by the data area).
 	cfg.cache = nb*bucket + 2*metaBlock + cfg.fo.JournalSize + 2*alignUp(ckptHdrSize+align8(nb)+(2*nb*bucket/int64(cfg.fo.BlockSize)+64)*ckptExtSize, metaBlock)
 	cfg.opts = Options{
