@@ -17,15 +17,22 @@ import (
 // cache with no space or an index with no room (testHooks.maxExt) end a
 // run, and the rest follow in order. The background runs (flusher, GC,
 // checkpoints). A model of the disk checks every byte after each batch,
-// and again after a reopen.
+// and again after a reopen. Other modes and a sequential cutoff send
+// writes to the backing (runs stop there). After every batch no index
+// room stays reserved.
 func TestWriteBatch(t *testing.T) {
 	seed := testseed.Get(t)
-	for _, maxExt := range []int64{0, 48, 8} {
-		t.Run(fmt.Sprintf("maxExt=%d", maxExt), func(t *testing.T) {
-			r := rng(seed + uint64(maxExt))
+	for _, cf := range []struct {
+		mode   Mode
+		cutoff int64
+		maxExt int64
+	}{{Writeback, -1, 0}, {Writeback, -1, 48}, {Writeback, -1, 8}, {Writeback, 32 << 10, 0}, {Writethrough, 32 << 10, 0}, {None, -1, 0}} {
+		maxExt := cf.maxExt
+		t.Run(fmt.Sprintf("%v-cutoff%d-maxExt%d", cf.mode, cf.cutoff, maxExt), func(t *testing.T) {
+			r := rng(seed + uint64(maxExt) + uint64(cf.mode)<<8 + uint64(cf.cutoff))
 			const back = 4 << 20
 			d := formatMem(t, 1<<20+256<<10, back, FormatOptions{BucketSize: 64 << 10, JournalSize: 64 * metaBlock})
-			o := Options{SequentialCutoff: -1, CheckpointInterval: -1}
+			o := Options{Mode: cf.mode, SequentialCutoff: cf.cutoff, CheckpointInterval: -1}
 			c := openHooked(t, d, o, testHooks{maxExt: maxExt})
 			model := make([]byte, back)
 			var id uint64
@@ -60,6 +67,12 @@ func TestWriteBatch(t *testing.T) {
 					}
 					copy(model[w.Off:], w.P)
 				}
+				c.mu.Lock()
+				reserved := c.mu.reservedExt
+				c.mu.Unlock()
+				if reserved != 0 {
+					t.Fatalf("seed %d: %d index extents still reserved after a batch", seed, reserved)
+				}
 				got := make([]byte, 128<<10)
 				if err := c.ReadAt(got, base); err != nil {
 					t.Fatal(err)
@@ -70,8 +83,11 @@ func TestWriteBatch(t *testing.T) {
 			}
 			st := c.Stats()
 			t.Logf("%d writes: %d batched, %d cached bytes, %d bypasses, %d no-space, %d extents of %d", st.Writes, st.BatchedWrites, st.CachedWriteBytes, st.Bypasses, st.NoSpace, st.Extents, c.maxExtents())
-			if st.BatchedWrites == 0 || st.BatchedWrites == st.Writes {
+			if cf.mode == Writeback && (st.BatchedWrites == 0 || st.BatchedWrites == st.Writes) {
 				t.Errorf("%d of %d writes batched: the test does not take both ways", st.BatchedWrites, st.Writes)
+			}
+			if cf.mode != Writeback && st.BatchedWrites != 0 {
+				t.Errorf("%d writes batched in %v mode: only write-back writes go in runs", st.BatchedWrites, cf.mode)
 			}
 			check := func(c *Cache, when string) {
 				got := make([]byte, back)
