@@ -54,14 +54,16 @@ func (c *Cache) WriteBatch(ws []BatchWrite) {
 }
 
 // batchChunk is one allocation of a batch write: [off, off+n) of the
-// virtual device, at loc in bucket b, holding ws[w].P[from:from+n].
+// virtual device, at loc in bucket b, holding p = ws[w].P[from:from+n]
+// (its crc sum), and whether writing it failed (bad).
 type batchChunk struct {
-	w             int
-	off, n, loc   int64
-	from          int64
-	b             int64
-	sum           uint32
-	inserted, bad bool
+	w           int
+	off, n, loc int64
+	from        int64
+	b           int64
+	p           []byte
+	sum         uint32
+	bad         bool
 }
 
 // writeRun takes a run from the start of ws that can go in one go (see
@@ -150,42 +152,28 @@ func (c *Cache) batchable(w *BatchWrite) bool {
 		storage.CheckRange(c.Size(), w.Off, n) == nil
 }
 
-// writeChunks writes the chunks' data to the cache device, one write per
-// run of adjacent locations (up to maxGroupRun bytes, joined in the group
-// writer's aligned buffer), and marks the writes whose data failed.
+// writeChunks writes the chunks' data to the cache device as the group
+// writer writes a batch of its own (groupWriter.flush: runs of adjacent
+// locations joined into one write each), and marks the writes whose data
+// failed.
 func (c *Cache) writeChunks(ws []BatchWrite, chunks []batchChunk) {
-	data := func(ch *batchChunk) []byte { return ws[ch.w].P[ch.from : ch.from+ch.n] }
-	for i := 0; i < len(chunks); {
-		j, size := i+1, chunks[i].n
-		for j < len(chunks) && chunks[j].loc == chunks[j-1].loc+chunks[j-1].n && size+chunks[j].n <= maxGroupRun {
-			size += chunks[j].n
-			j++
+	reqs := make([]groupReq, len(chunks))
+	for i := range chunks {
+		ch := &chunks[i]
+		ch.p = ws[ch.w].P[ch.from : ch.from+ch.n]
+		ch.sum = crc(ch.p)
+		reqs[i] = groupReq{p: ch.p, off: ch.loc}
+	}
+	c.dw.flush(reqs)
+	for i, r := range reqs {
+		if r.err == nil {
+			continue
 		}
-		var err error
-		if j == i+1 {
-			err = c.dev.WriteAt(data(&chunks[i]), chunks[i].loc, 0)
-		} else {
-			ps := make([][]byte, 0, j-i)
-			for x := i; x < j; x++ {
-				ps = append(ps, data(&chunks[x]))
-			}
-			err = c.dw.writeJoined(ps, chunks[i].loc)
+		chunks[i].bad = true
+		c.stats.cacheWriteErrors.Add(1)
+		if w := &ws[chunks[i].w]; w.Err == nil {
+			w.Err = fmt.Errorf("cache: write cache device: %w", r.err)
 		}
-		c.stats.dataWrites.Add(1)
-		if err != nil {
-			c.stats.cacheWriteErrors.Add(1)
-		}
-		for x := i; x < j; x++ {
-			ch := &chunks[x]
-			if err != nil {
-				ch.bad = true
-				if ws[ch.w].Err == nil {
-					ws[ch.w].Err = fmt.Errorf("cache: write cache device: %w", err)
-				}
-			}
-			ch.sum = crc(data(ch))
-		}
-		i = j
 	}
 }
 
@@ -195,29 +183,15 @@ func (c *Cache) writeChunks(ws []BatchWrite, chunks []batchChunk) {
 // and releases every allocation.
 func (c *Cache) insertChunks(ws []BatchWrite, chunks []batchChunk) {
 	c.mu.Lock()
-	for i := range chunks {
-		ch := &chunks[i]
-		c.mu.reservedExt -= 2
-		if ch.bad {
-			continue
-		}
-		e := btreeExtent{Off: ch.off, Len: ch.n, Loc: ch.loc, Ver: c.mu.nextVer, Gen: c.mu.space.buckets[ch.b].gen, Dirty: true}
-		c.mu.nextVer++
-		if c.tracing() {
-			c.tracef(e.Off, e.Len, "insert %v (batch write)", e)
-		}
-		c.insertLocked(e, ch.sum)
-		ch.inserted = true
-	}
 	for _, ch := range chunks {
+		c.mu.reservedExt -= 2
+		if !ch.bad {
+			c.insertNewLocked(ch.off, ch.n, ch.loc, ch.b, true, ch.sum, "batch write")
+			c.stats.cachedBytes.Add(ch.n)
+		}
 		c.mu.space.release(ch.b)
 	}
 	c.mu.Unlock()
-	for _, ch := range chunks {
-		if ch.inserted {
-			c.stats.cachedBytes.Add(ch.n)
-		}
-	}
 	for i := range ws {
 		c.noteWrite(int64(len(ws[i].P)))
 		c.stats.batched.Add(1)

@@ -113,30 +113,19 @@ func (g *groupWriter) flush(reqs []groupReq) {
 	}
 }
 
-// writeRun writes the adjacent requests idx with one write (writeJoined).
+// writeRun copies the adjacent requests idx into one buffer and writes it.
+// The buffer is page-aligned, so that an O_DIRECT device takes it as it is.
 func (g *groupWriter) writeRun(reqs []groupReq, idx []int) error {
-	ps := make([][]byte, len(idx))
-	for i, k := range idx {
-		ps[i] = reqs[k].p
-	}
-	return g.writeJoined(ps, reqs[idx[0]].off)
-}
-
-// writeJoined writes ps, which lie adjacent on the device from off and
-// add up to at most maxGroupRun bytes, with one write: it copies them
-// into a pooled buffer, page-aligned so that an O_DIRECT device takes it
-// as it is.
-func (g *groupWriter) writeJoined(ps [][]byte, off int64) error {
 	bp, _ := g.buf.Get().(*[]byte)
 	if bp == nil {
 		b := storage.AlignedBuf(maxGroupRun)
 		bp = &b
 	}
 	buf := (*bp)[:0]
-	for _, p := range ps {
-		buf = append(buf, p...)
+	for _, k := range idx {
+		buf = append(buf, reqs[k].p...)
 	}
-	err := g.dev.WriteAt(buf, off, 0)
+	err := g.dev.WriteAt(buf, reqs[idx[0]].off, 0)
 	g.buf.Put(bp)
 	return err
 }

@@ -57,19 +57,14 @@ func (c *Cache) writeCached(p []byte, off int64, dirty bool, cond func() bool, m
 			err = errNoSpace // the index is full (see roomLocked)
 		}
 		if err == nil {
-			e := btreeExtent{Off: off + done, Len: n, Loc: loc, Ver: c.mu.nextVer, Gen: c.mu.space.buckets[b].gen, Dirty: dirty}
-			c.mu.nextVer++
-			if c.tracing() {
-				src := "write"
-				switch {
-				case !dirty && cond != nil:
-					src = "promotion"
-				case !dirty:
-					src = "writethrough copy"
-				}
-				c.tracef(e.Off, e.Len, "insert %v (%s)", e, src)
+			src := "write"
+			switch {
+			case !dirty && cond != nil:
+				src = "promotion"
+			case !dirty:
+				src = "writethrough copy"
 			}
-			c.insertLocked(e, sum)
+			c.insertNewLocked(off+done, n, loc, b, dirty, sum, src)
 		}
 		c.mu.space.release(b)
 		c.mu.Unlock()
@@ -89,6 +84,17 @@ func (c *Cache) writeCached(p []byte, off int64, dirty bool, cond func() bool, m
 		done += n
 	}
 	return done, nil
+}
+
+// insertNewLocked inserts data just written at loc, in bucket b, as the
+// newest version of [off, off+n) (src names the writer in the trace).
+func (c *Cache) insertNewLocked(off, n, loc, b int64, dirty bool, sum uint32, src string) {
+	e := btreeExtent{Off: off, Len: n, Loc: loc, Ver: c.mu.nextVer, Gen: c.mu.space.buckets[b].gen, Dirty: dirty}
+	c.mu.nextVer++
+	if c.tracing() {
+		c.tracef(e.Off, e.Len, "insert %v (%s)", e, src)
+	}
+	c.insertLocked(e, sum)
 }
 
 var errSkip = errors.New("cache: skipped")
