@@ -11,14 +11,8 @@ import (
 	"github.com/nbdcache/nbdcache/storage"
 )
 
-// BatchWrite is one write of a batch: P at Off, with Flags (FUA). WriteBatch
-// sets Err.
-type BatchWrite struct {
-	P     []byte
-	Off   int64
-	Flags storage.Flags
-	Err   error
-}
+// BatchWrite is one write of a batch: the storage package's.
+type BatchWrite = storage.BatchWrite
 
 // WriteBatch writes ws as WriteAt would write them one after another, in
 // order, and sets each one's Err; each is acknowledged (published, or

@@ -35,7 +35,9 @@ import (
 // cache). Replies are written under wmu into a buffered writer, which is
 // flushed by whichever handler finishes last (inflight drops to zero), or
 // else by the flusher goroutine, so that a burst of replies costs one
-// write() and no reply waits behind a slow request.
+// write() and no reply waits behind a slow request. WRITEs to a
+// storage.BatchWriter are the exception: they run on the read loop itself,
+// a socket read's worth at a time (readLoop, runBatch).
 //
 // What a connection may hold, and for how long:
 //   - at most Config.MaxInFlight requests between header and reply
@@ -79,6 +81,13 @@ type conn struct {
 	handlers sync.WaitGroup
 	jobs     chan job // to an idle worker; closed when reading ends
 	kick     chan struct{}
+
+	// batcher is dev as a storage.BatchWriter, or nil. batch holds the
+	// valid WRITEs the read loop has read but not run yet, bws their
+	// device calls (runBatch); only the read loop touches them.
+	batcher storage.BatchWriter
+	batch   []job
+	bws     []storage.BatchWrite
 
 	wmu           sync.Mutex
 	w             *bufio.Writer
@@ -163,6 +172,7 @@ func (c *conn) serve() {
 	c.lane = make(chan struct{}, 1)
 	c.scratch = make(chan struct{}, 1)
 	c.dev, c.ro = c.ss.export.Device, c.ss.export.ReadOnly
+	c.batcher, _ = c.dev.(storage.BatchWriter)
 	c.kick = make(chan struct{}, 1)
 	flusherDone := make(chan struct{})
 	go c.flusher(flusherDone)
@@ -235,9 +245,23 @@ func remote(nc net.Conn) string {
 
 // readLoop reads and dispatches requests until DISC, EOF or an error
 // that desynchronises the stream.
+//
+// On a device that takes writes in batches (storage.BatchWriter), valid
+// WRITEs are not handed to workers: they gather in c.batch while the next
+// request is already whole in the read buffer, that is, from one socket
+// read, and then run to completion on this goroutine, in one device call
+// with one reply write (runBatch). The batch runs before this loop would
+// wait for anything (a read from the socket, a buffer, a free slot) and
+// before any other request is dispatched, so a FLUSH read after the
+// writes covers them, and nothing the batch holds is what the loop waits
+// for.
 func (c *conn) readLoop(r *bufio.Reader) error {
+	defer c.runBatch()
 	var hb [requestHeaderSize]byte
 	for {
+		if len(c.batch) > 0 && !nextBuffered(r) {
+			c.runBatch()
+		}
 		if err := c.readHeader(r, hb[:]); err != nil {
 			return err
 		}
@@ -246,6 +270,10 @@ func (c *conn) readLoop(r *bufio.Reader) error {
 			return err
 		}
 		c.s.stats.requests.Add(1)
+		batchable := c.batcher != nil && req.typ == cmdWrite && req.length > 0
+		if !batchable {
+			c.runBatch()
+		}
 		if req.typ == cmdDisc {
 			return nil
 		}
@@ -253,6 +281,10 @@ func (c *conn) readLoop(r *bufio.Reader) error {
 		// this loop raises inflight, so the limit holds once it is
 		// below it; a stale signal costs one more look.
 		for c.inflight.Load() >= int64(c.s.maxInFlight) {
+			if len(c.batch) > 0 {
+				c.runBatch()
+				continue
+			}
 			select {
 			case <-c.slotFree:
 			case <-c.ctx.Done():
@@ -263,8 +295,18 @@ func (c *conn) readLoop(r *bufio.Reader) error {
 		var payload buffer
 		if req.typ == cmdWrite && req.length > 0 {
 			if errno == 0 {
-				if payload, err = c.getBuf(int(req.length)); err != nil {
-					return err
+				ok := false
+				if len(c.batch) > 0 {
+					// The batch's buffers must not be what getBuf
+					// waits for.
+					if payload, ok = c.tryGetBuf(int(req.length)); !ok {
+						c.runBatch()
+					}
+				}
+				if !ok {
+					if payload, err = c.getBuf(int(req.length)); err != nil {
+						return err
+					}
 				}
 			}
 			// A refused write's payload is read and dropped, to keep
@@ -283,6 +325,13 @@ func (c *conn) readLoop(r *bufio.Reader) error {
 			}
 			continue
 		}
+		if batchable {
+			c.batch = append(c.batch, job{req, payload})
+			if len(c.batch) >= maxBatch {
+				c.runBatch()
+			}
+			continue
+		}
 		c.handlers.Add(1)
 		j := job{req, payload}
 		select {
@@ -291,6 +340,74 @@ func (c *conn) readLoop(r *bufio.Reader) error {
 			go c.worker(j)
 		}
 	}
+}
+
+// maxBatch bounds the WRITEs of one batch (readLoop).
+const maxBatch = 64
+
+// nextBuffered reports whether the next request, with its payload if it is
+// a WRITE, is whole in r's buffer, so that reading it does not wait.
+func nextBuffered(r *bufio.Reader) bool {
+	n := r.Buffered()
+	if n < requestHeaderSize {
+		return false
+	}
+	hb, _ := r.Peek(requestHeaderSize)
+	req, err := parseRequest(hb)
+	if err != nil || req.typ != cmdWrite {
+		return true // reading it does not wait (a bad magic ends the connection)
+	}
+	return int64(n-requestHeaderSize) >= int64(req.length)
+}
+
+// runBatch runs the WRITEs gathered in c.batch in one device call on this
+// goroutine, then writes their replies under one hold of wmu and flushes
+// them in one write.
+func (c *conn) runBatch() {
+	if len(c.batch) == 0 {
+		return
+	}
+	c.bws = c.bws[:0]
+	for _, j := range c.batch {
+		var fl storage.Flags
+		if j.req.flags&cflagFUA != 0 {
+			fl |= storage.FUA
+		}
+		c.bws = append(c.bws, storage.BatchWrite{P: j.payload.data, Off: int64(j.req.offset), Flags: fl})
+	}
+	obs := c.s.observer
+	var start time.Time
+	if obs != nil {
+		start = time.Now()
+	}
+	c.batcher.WriteBatch(c.bws)
+	st := &c.s.stats
+	for i, j := range c.batch {
+		c.putBuf(j.payload)
+		c.bws[i].P = nil
+		st.writes.Add(1)
+		errno := uint32(0)
+		if err := c.bws[i].Err; err != nil {
+			st.errors.Add(1)
+			errno = errnoFor(err, true)
+		} else {
+			st.bytesWritten.Add(int64(j.req.length))
+		}
+		if obs != nil {
+			obs.Request(cmdName(cmdWrite), time.Since(start), errnoName(errno))
+		}
+	}
+	c.wmu.Lock()
+	for i, j := range c.batch {
+		if err := c.bws[i].Err; err != nil {
+			c.appendError(j.req, errnoFor(err, true), err.Error())
+		} else {
+			c.appendOK(j.req)
+		}
+	}
+	c.doneN(len(c.batch))
+	clear(c.batch)
+	c.batch = c.batch[:0]
 }
 
 // readPayload reads a WRITE's n-byte payload into dst (or drops it, if dst
@@ -450,6 +567,20 @@ func (c *conn) getBuf(n int) (buffer, error) {
 		return buffer{}, err
 	}
 	return b, nil
+}
+
+// tryGetBuf is getBuf that does not wait: within the share, from the
+// shared arena, never a lane.
+func (c *conn) tryGetBuf(n int) (buffer, bool) {
+	cost := int64(blockSize(n))
+	if !c.share.TryAcquire(cost) {
+		return buffer{}, false
+	}
+	b, ok := c.s.bufs.tryGet(n)
+	if !ok {
+		c.share.Release(cost)
+	}
+	return b, ok
 }
 
 // putBuf gives back a buffer from getBuf (a zero buffer is ignored).
@@ -745,9 +876,14 @@ func (c *conn) blockStatus(req request, desc []byte) ([]byte, error) {
 
 func (c *conn) replyOK(req request) {
 	c.wmu.Lock()
+	c.appendOK(req)
+	c.done()
+}
+
+// appendOK writes req's reply of success; wmu is held.
+func (c *conn) appendOK(req request) {
 	c.hdr = appendSimpleReply(c.hdr[:0], 0, req.cookie)
 	c.write(c.hdr)
-	c.done()
 }
 
 func (c *conn) replyRead(req request, data []byte, holes []span) {
@@ -847,6 +983,12 @@ func (c *conn) replyBlockStatus(req request, desc []byte) {
 
 func (c *conn) replyError(req request, errno uint32, msg string) {
 	c.wmu.Lock()
+	c.appendError(req, errno, msg)
+	c.done()
+}
+
+// appendError writes req's error reply; wmu is held.
+func (c *conn) appendError(req request, errno uint32, msg string) {
 	if c.ss.structured {
 		if len(msg) > maxStringLength {
 			msg = msg[:maxStringLength]
@@ -859,7 +1001,6 @@ func (c *conn) replyError(req request, errno uint32, msg string) {
 		c.hdr = appendSimpleReply(c.hdr[:0], errno, req.cookie)
 	}
 	c.write(c.hdr)
-	c.done()
 }
 
 // write appends b to the reply stream; wmu is held.
@@ -912,6 +1053,17 @@ func (c *conn) done() {
 	case c.kick <- struct{}{}:
 	default:
 	}
+}
+
+// doneN finishes the k replies of a batch (runBatch), which the read loop
+// wrote: wmu is held on entry and released. They go out now, in one write
+// with whatever else is buffered, since the read loop is about to wait.
+func (c *conn) doneN(k int) {
+	if c.werr == nil && c.w.Buffered() > 0 {
+		c.setWerr(c.w.Flush())
+	}
+	c.inflight.Add(-int64(k)) // the read loop, the only waiter on slotFree, is the caller
+	c.wmu.Unlock()
 }
 
 // unsentBytes is the number of bytes in the socket's send queue (for TCP,

@@ -25,6 +25,12 @@
 //     Buffered replies reach the socket when the last request in flight
 //     finishes, or from the flusher goroutine, which yields once first so
 //     that replies completing together share one write.
+//   - On a device that takes writes in batches (storage.BatchWriter), the
+//     WRITEs of one socket read run to completion on the connection's
+//     read loop instead: one device call for all of them, their replies
+//     in one write (conn.runBatch). The batch runs before the loop waits
+//     for anything (the socket, a buffer, a free slot) and before any
+//     other request is dispatched, so a FLUSH read behind it covers it.
 //   - A reply is written only after the device call returned, so a FLUSH
 //     (a device Flush) covers every write acknowledged before it on any
 //     connection to the same device: NBD_FLAG_CAN_MULTI_CONN is honest.

@@ -106,6 +106,24 @@ type Prefetcher interface {
 	Prefetch(off, length int64) error
 }
 
+// BatchWrite is one write of a batch (BatchWriter): P at Off, with Flags
+// (FUA). WriteBatch sets Err.
+type BatchWrite struct {
+	P     []byte
+	Off   int64
+	Flags Flags
+	Err   error
+}
+
+// BatchWriter is implemented by devices that take many writes in one call
+// more cheaply than one by one (the NBD server hands over the writes of one
+// socket read). WriteBatch does what WriteAt would do for each, one after
+// another in order, and sets each one's Err; each write is acknowledged, as
+// WriteAt's return acknowledges it, when WriteBatch returns.
+type BatchWriter interface {
+	WriteBatch(ws []BatchWrite)
+}
+
 // WritebackStarter is implemented by devices that can start writing a
 // range to stable storage without waiting for it (sync_file_range). It is
 // a hint that shortens a later Flush, and promises nothing.
