@@ -4,6 +4,7 @@ package cache
 // for misses, and the promotion of misses into the cache.
 
 import (
+	"errors"
 	"fmt"
 
 	"github.com/nbdcache/nbdcache/storage"
@@ -51,8 +52,22 @@ func (c *Cache) ReadAt(p []byte, off int64) error {
 	if len(p) == 0 {
 		return nil
 	}
-	return c.read(p, off, false)
+	return c.read(p, off, false, false)
 }
+
+// ReadNoWait is ReadAt for a read that the cache holds whole and can serve
+// from memory: the RAM tier, or the cache device's page cache
+// (storage.ReadNoWait). Otherwise it returns false having fed no detector
+// and promoted nothing, and the caller reads with ReadAt.
+func (c *Cache) ReadNoWait(p []byte, off int64) bool {
+	if storage.CheckRange(c.Size(), off, int64(len(p))) != nil {
+		return false
+	}
+	return len(p) == 0 || c.read(p, off, false, true) == nil
+}
+
+// errWouldWait ends a read with nowait that would have waited.
+var errWouldWait = errors.New("cache: the read would wait")
 
 // Prefetch warms [off, off+length) into the cache (NBD CACHE), past the
 // admission policy.
@@ -66,7 +81,7 @@ func (c *Cache) Prefetch(off, length int64) error {
 	buf := make([]byte, min(length, c.sb.BucketSize))
 	for length > 0 {
 		n := min(length, c.sb.BucketSize)
-		if err := c.read(buf[:n], off, true); err != nil {
+		if err := c.read(buf[:n], off, true, false); err != nil {
 			return err
 		}
 		off, length = off+n, length-n
@@ -74,7 +89,11 @@ func (c *Cache) Prefetch(off, length int64) error {
 	return nil
 }
 
-func (c *Cache) read(p []byte, off int64, prefetch bool) error {
+// read reads p at off (ReadAt; Prefetch with prefetch). With nowait it
+// reads only what it holds, from memory, or fails with errWouldWait
+// before anything it does is seen (the stream detector is fed only once
+// the read is done).
+func (c *Cache) read(p []byte, off int64, prefetch, nowait bool) error {
 	n := int64(len(p))
 	for {
 		c.mu.Lock()
@@ -83,6 +102,10 @@ func (c *Cache) read(p []byte, off int64, prefetch bool) error {
 			return ErrClosed
 		}
 		ps := c.lookupLocked(off, n)
+		if nowait && hasGap(ps) {
+			c.mu.Unlock()
+			return errWouldWait
+		}
 		if c.tracing() {
 			var b []byte
 			for _, pc := range ps {
@@ -95,7 +118,7 @@ func (c *Cache) read(p []byte, off int64, prefetch bool) error {
 			c.tracef(off, n, "read lookup [%d+%d):%s", off, n, b)
 		}
 		mode := c.mu.mode
-		seq := c.mu.admit.sequential(off, n)
+		seq := !nowait && c.mu.admit.sequential(off, n)
 		// A miss may be promoted unless the backing is being written
 		// over the range right now, directly or by a writeback (a
 		// zeroDirty's range may hold a gap: TestZeroDirtyVoidsPromotion);
@@ -134,6 +157,13 @@ func (c *Cache) read(p []byte, off int64, prefetch bool) error {
 				c.stats.ramHits.Add(1)
 				continue
 			}
+			if nowait {
+				if !storage.ReadNoWait(c.dev, dst, pc.loc) {
+					return errWouldWait // no guard: nothing to undo
+				}
+				fromDev = append(fromDev, pc)
+				continue
+			}
 			if err := c.dev.ReadAt(dst, pc.loc); err != nil {
 				c.stats.cacheReadErrors.Add(1)
 				if pc.dirty {
@@ -163,6 +193,9 @@ func (c *Cache) read(p []byte, off int64, prefetch bool) error {
 		admit := false
 		if gaps && !stale && guard != nil && !guard.void {
 			admit = c.mu.admit.promote(off, n, prefetch)
+		}
+		if nowait && !stale {
+			c.mu.admit.sequential(off, n)
 		}
 		c.mu.Unlock()
 		if stale {

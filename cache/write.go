@@ -235,7 +235,7 @@ func (c *Cache) rmwSectors(p []byte, off int64) error {
 	a := off / sectorSize * sectorSize
 	e := alignUp(off+int64(len(p)), sectorSize)
 	buf := make([]byte, e-a)
-	if err := c.read(buf, a, false); err != nil {
+	if err := c.read(buf, a, false, false); err != nil {
 		return err
 	}
 	copy(buf[off-a:], p)

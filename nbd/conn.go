@@ -82,12 +82,17 @@ type conn struct {
 	jobs     chan job // to an idle worker; closed when reading ends
 	kick     chan struct{}
 
-	// batcher is dev as a storage.BatchWriter, or nil. batch holds the
-	// valid WRITEs the read loop has read but not run yet, bws their
-	// device calls (runBatch); only the read loop touches them.
-	batcher storage.BatchWriter
-	batch   []job
-	bws     []storage.BatchWrite
+	// batcher is dev as a storage.BatchWriter, or nil; nowait as a
+	// storage.NoWaitReader, or nil. batch holds the valid WRITEs the read
+	// loop has read but not run yet, bws their device calls (runBatch);
+	// unflushed counts the replies the read loop wrote and has not
+	// flushed yet (they still count in inflight). Only the read loop
+	// touches them.
+	batcher   storage.BatchWriter
+	nowait    storage.NoWaitReader
+	batch     []job
+	bws       []storage.BatchWrite
+	unflushed int
 
 	wmu           sync.Mutex
 	w             *bufio.Writer
@@ -172,7 +177,14 @@ func (c *conn) serve() {
 	c.lane = make(chan struct{}, 1)
 	c.scratch = make(chan struct{}, 1)
 	c.dev, c.ro = c.ss.export.Device, c.ss.export.ReadOnly
-	c.batcher, _ = c.dev.(storage.BatchWriter)
+	if c.trusted || c.s.writeTimeout > 0 {
+		// The read loop writes replies only where a reply write is
+		// bounded in time (the kernel always reads them): otherwise a
+		// client that reads none would stop it for good, idle check
+		// and all (TestIdleDropsStuckReaderWithoutWriteTimeout).
+		c.batcher, _ = c.dev.(storage.BatchWriter)
+		c.nowait, _ = c.dev.(storage.NoWaitReader)
+	}
 	c.kick = make(chan struct{}, 1)
 	flusherDone := make(chan struct{})
 	go c.flusher(flusherDone)
@@ -246,21 +258,25 @@ func remote(nc net.Conn) string {
 // readLoop reads and dispatches requests until DISC, EOF or an error
 // that desynchronises the stream.
 //
-// On a device that takes writes in batches (storage.BatchWriter), valid
-// WRITEs are not handed to workers: they gather in c.batch while the next
-// request is already whole in the read buffer, that is, from one socket
-// read, and then run to completion on this goroutine, in one device call
-// with one reply write (runBatch). The batch runs before this loop would
-// wait for anything (a read from the socket, a buffer, a free slot) and
-// before any other request is dispatched, so a FLUSH read after the
-// writes covers them, and nothing the batch holds is what the loop waits
-// for.
+// Requests that need not wait run to completion on this goroutine, with
+// no handoff, a socket read's worth at a time:
+//   - on a device that takes writes in batches (storage.BatchWriter),
+//     valid WRITEs gather in c.batch while the next request is already
+//     whole in the read buffer, then run in one device call (runBatch);
+//   - a READ the device can serve from memory (storage.NoWaitReader) is
+//     answered at once (readInline).
+//
+// Their replies go out together in one write (settle) before this loop
+// would wait for anything (a read from the socket, a buffer, a free slot),
+// and a batch runs before any other request is dispatched, so a FLUSH
+// read after the writes covers them, and nothing the batch holds is what
+// the loop waits for.
 func (c *conn) readLoop(r *bufio.Reader) error {
-	defer c.runBatch()
+	defer c.settle()
 	var hb [requestHeaderSize]byte
 	for {
-		if len(c.batch) > 0 && !nextBuffered(r) {
-			c.runBatch()
+		if (len(c.batch) > 0 || c.unflushed > 0) && !nextBuffered(r) {
+			c.settle()
 		}
 		if err := c.readHeader(r, hb[:]); err != nil {
 			return err
@@ -281,8 +297,8 @@ func (c *conn) readLoop(r *bufio.Reader) error {
 		// this loop raises inflight, so the limit holds once it is
 		// below it; a stale signal costs one more look.
 		for c.inflight.Load() >= int64(c.s.maxInFlight) {
-			if len(c.batch) > 0 {
-				c.runBatch()
+			if len(c.batch) > 0 || c.unflushed > 0 {
+				c.settle()
 				continue
 			}
 			select {
@@ -300,7 +316,7 @@ func (c *conn) readLoop(r *bufio.Reader) error {
 					// The batch's buffers must not be what getBuf
 					// waits for.
 					if payload, ok = c.tryGetBuf(int(req.length)); !ok {
-						c.runBatch()
+						c.settle()
 					}
 				}
 				if !ok {
@@ -327,8 +343,14 @@ func (c *conn) readLoop(r *bufio.Reader) error {
 		}
 		if batchable {
 			c.batch = append(c.batch, job{req, payload})
-			if len(c.batch) >= maxBatch {
-				c.runBatch()
+			if len(c.batch)+c.unflushed >= maxBatch {
+				c.settle()
+			}
+			continue
+		}
+		if req.typ == cmdRead && req.length > 0 && c.nowait != nil && c.readInline(req) {
+			if c.unflushed >= maxBatch {
+				c.settle()
 			}
 			continue
 		}
@@ -342,7 +364,8 @@ func (c *conn) readLoop(r *bufio.Reader) error {
 	}
 }
 
-// maxBatch bounds the WRITEs of one batch (readLoop).
+// maxBatch bounds the requests the read loop runs before it sends their
+// replies (readLoop).
 const maxBatch = 64
 
 // nextBuffered reports whether the next request, with its payload if it is
@@ -361,8 +384,8 @@ func nextBuffered(r *bufio.Reader) bool {
 }
 
 // runBatch runs the WRITEs gathered in c.batch in one device call on this
-// goroutine, then writes their replies under one hold of wmu and flushes
-// them in one write.
+// goroutine, then writes their replies under one hold of wmu; settle
+// flushes them.
 func (c *conn) runBatch() {
 	if len(c.batch) == 0 {
 		return
@@ -405,9 +428,52 @@ func (c *conn) runBatch() {
 			c.appendOK(j.req)
 		}
 	}
-	c.doneN(len(c.batch))
+	c.wmu.Unlock()
+	c.unflushed += len(c.batch)
 	clear(c.batch)
 	c.batch = c.batch[:0]
+}
+
+// settle runs the batch and flushes the replies the read loop wrote.
+func (c *conn) settle() {
+	c.runBatch()
+	if c.unflushed > 0 {
+		c.wmu.Lock()
+		c.doneN(c.unflushed)
+		c.unflushed = 0
+	}
+}
+
+// readInline answers req, a valid READ, on the read loop if the device can
+// serve it from memory and a buffer is free at once (its reply waits in
+// the buffer for settle); otherwise it reports false, having done nothing
+// seen outside, and req goes to a worker.
+func (c *conn) readInline(req request) bool {
+	buf, ok := c.tryGetBuf(int(req.length))
+	if !ok {
+		return false
+	}
+	obs := c.s.observer
+	var start time.Time
+	if obs != nil {
+		start = time.Now()
+	}
+	holes := c.holes(req)
+	if !c.nowait.ReadNoWait(buf.data, int64(req.offset)) {
+		c.putBuf(buf)
+		return false
+	}
+	c.s.stats.reads.Add(1)
+	c.s.stats.bytesRead.Add(int64(req.length))
+	c.wmu.Lock()
+	c.appendRead(req, buf.data, holes)
+	c.wmu.Unlock()
+	c.putBuf(buf)
+	c.unflushed++
+	if obs != nil {
+		obs.Request(cmdName(cmdRead), time.Since(start), "")
+	}
+	return true
 }
 
 // readPayload reads a WRITE's n-byte payload into dst (or drops it, if dst
@@ -888,6 +954,12 @@ func (c *conn) appendOK(req request) {
 
 func (c *conn) replyRead(req request, data []byte, holes []span) {
 	c.wmu.Lock()
+	c.appendRead(req, data, holes)
+	c.done()
+}
+
+// appendRead writes req's reply with its data; wmu is held.
+func (c *conn) appendRead(req request, data []byte, holes []span) {
 	switch {
 	case !c.ss.structured:
 		c.hdr = appendSimpleReply(c.hdr[:0], 0, req.cookie)
@@ -920,7 +992,6 @@ func (c *conn) replyRead(req request, data []byte, holes []span) {
 		}
 		chunk(int64(len(data)), true)
 	}
-	c.done()
 }
 
 func (c *conn) dataChunk(req request, data []byte, from, to int64, last bool) {
@@ -1055,9 +1126,9 @@ func (c *conn) done() {
 	}
 }
 
-// doneN finishes the k replies of a batch (runBatch), which the read loop
-// wrote: wmu is held on entry and released. They go out now, in one write
-// with whatever else is buffered, since the read loop is about to wait.
+// doneN finishes the k replies the read loop wrote (settle): wmu is held
+// on entry and released. They go out now, in one write with whatever else
+// is buffered, since the read loop is about to wait.
 func (c *conn) doneN(k int) {
 	if c.werr == nil && c.w.Buffered() > 0 {
 		c.setWerr(c.w.Flush())

@@ -124,6 +124,23 @@ type BatchWriter interface {
 	WriteBatch(ws []BatchWrite)
 }
 
+// NoWaitReader is implemented by devices that can tell a read served from
+// memory (a page cache, a RAM tier) from one that must wait for a disk or
+// a network. ReadNoWait fills p as ReadAt would and returns true, or
+// returns false, with p's contents unspecified, when the read would wait
+// or fails: the caller then reads with ReadAt, from where it may wait (the
+// NBD server answers such reads on its read loop, and hands the others to
+// workers).
+type NoWaitReader interface {
+	ReadNoWait(p []byte, off int64) bool
+}
+
+// ReadNoWait is dev's ReadNoWait, or false if dev cannot tell.
+func ReadNoWait(dev Device, p []byte, off int64) bool {
+	r, ok := dev.(NoWaitReader)
+	return ok && r.ReadNoWait(p, off)
+}
+
 // WritebackStarter is implemented by devices that can start writing a
 // range to stable storage without waiting for it (sync_file_range). It is
 // a hint that shortens a later Flush, and promises nothing.

@@ -268,6 +268,29 @@ func (f *File) ReadAt(p []byte, off int64) error {
 	return f.pread(p, off)
 }
 
+// ReadNoWait reads p from the page cache alone (preadv2 with RWF_NOWAIT):
+// false when part of it is not there, when the file is opened with
+// O_DIRECT (every read waits for the disk), or on any error (ReadAt will
+// report it).
+func (f *File) ReadNoWait(p []byte, off int64) bool {
+	if f.direct || f.begin(off, int64(len(p)), false) != nil {
+		return false
+	}
+	defer f.mu.RUnlock()
+	for len(p) > 0 {
+		n, err := unix.Preadv2(f.fd, [][]byte{p}, off, unix.RWF_NOWAIT)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err != nil || n == 0:
+			return false // EAGAIN: not all in the page cache
+		}
+		p = p[n:]
+		off += int64(n)
+	}
+	return true
+}
+
 // StartWriteback asks the kernel to start writing the range's dirty pages
 // (sync_file_range with SYNC_FILE_RANGE_WRITE). Errors are ignored: it
 // is only a hint, and Flush reports what matters.

@@ -447,3 +447,40 @@ func TestFileZeroPaths(t *testing.T) {
 		}
 	}
 }
+
+// TestFileReadNoWait: a buffered file's ReadNoWait serves what the page
+// cache holds, with the bytes ReadAt would give, and refuses (false) a
+// range whose pages were dropped, until a ReadAt brings them back; a file
+// opened with O_DIRECT always refuses, as does a range outside the device.
+func TestFileReadNoWait(t *testing.T) {
+	const size = 1 << 20
+	f := openTemp(t, size, false)
+	want := fill(size, 7)
+	if err := f.WriteAt(want, 0, FUA); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 64<<10)
+	if !f.ReadNoWait(got, 128<<10) || !bytes.Equal(got, want[128<<10:192<<10]) {
+		t.Fatal("a range just written was not read from the page cache, or not its bytes")
+	}
+	// Written back (FUA) and clean: DONTNEED drops the pages.
+	if err := unix.Fadvise(f.fd, 0, size, unix.FADV_DONTNEED); err != nil {
+		t.Fatal(err)
+	}
+	if f.ReadNoWait(got, 128<<10) {
+		t.Fatal("a range out of the page cache was read without waiting")
+	}
+	if err := f.ReadAt(got, 128<<10); err != nil {
+		t.Fatal(err)
+	}
+	if !f.ReadNoWait(got, 128<<10) || !bytes.Equal(got, want[128<<10:192<<10]) {
+		t.Fatal("a range read back into the page cache was not served from it")
+	}
+	if f.ReadNoWait(got, size-4096) {
+		t.Fatal("a range past the end was served")
+	}
+	d := openTemp(t, size, true)
+	if d.ReadNoWait(got[:4096], 0) {
+		t.Fatal("an O_DIRECT file served a read without waiting")
+	}
+}

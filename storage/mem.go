@@ -70,6 +70,11 @@ func (m *Mem) ReadAt(p []byte, off int64) error {
 	return nil
 }
 
+// ReadNoWait is ReadAt: memory never waits.
+func (m *Mem) ReadNoWait(p []byte, off int64) bool {
+	return m.ReadAt(p, off) == nil
+}
+
 // WriteAt writes p at offset off. Every write is durable on return, so FUA
 // needs nothing more.
 func (m *Mem) WriteAt(p []byte, off int64, flags Flags) error {

@@ -1,0 +1,83 @@
+package cache
+
+import (
+	"bytes"
+	"path/filepath"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nbdcache/nbdcache/storage"
+)
+
+// TestReadNoWait: ReadNoWait serves a range the cache holds whole, from the
+// cache device's page cache or the RAM tier, with the bytes ReadAt gives,
+// and counts it as a hit; it refuses (false) a range with a gap, or one
+// whose pages are out of the page cache, and a refusal leaves no trace:
+// no read, miss or promotion counted. The cache device is a buffered file
+// (the page cache is what it tests), background work runs.
+func TestReadNoWait(t *testing.T) {
+	for _, ram := range []int64{0, 1 << 20} {
+		dir := t.TempDir()
+		cachePath := filepath.Join(dir, "cache")
+		cf, err := storage.OpenFile(cachePath, storage.FileOptions{Size: 8 << 20})
+		if err != nil {
+			t.Fatal(err)
+		}
+		back := storage.NewMem(4 << 20)
+		if err := Format(cf, back, FormatOptions{BucketSize: 256 << 10, BackingID: testBackingID}); err != nil {
+			t.Fatal(err)
+		}
+		old := payload(64<<10, 64<<10, 1)
+		if err := back.WriteAt(old, 64<<10, 0); err != nil {
+			t.Fatal(err)
+		}
+		c := openT(t, devPair{cf, back}, Options{RAMCache: ram, SequentialCutoff: -1})
+		w := payload(0, 64<<10, 2)
+		if err := c.WriteAt(w, 0, storage.FUA); err != nil {
+			t.Fatal(err)
+		}
+		p := make([]byte, 64<<10)
+		before := c.Stats()
+		if !c.ReadNoWait(p, 0) || !bytes.Equal(p, w) {
+			t.Fatalf("ram %d: a cached range was not served without waiting, or not its bytes", ram)
+		}
+		if s := c.Stats(); s.Hits != before.Hits+1 || s.Reads != before.Reads+1 {
+			t.Errorf("ram %d: a no-wait hit counted %d hits, %d reads; want one each", ram, s.Hits-before.Hits, s.Reads-before.Reads)
+		}
+		for _, r := range [][2]int64{{64 << 10, 64 << 10}, {32 << 10, 64 << 10}, {4 << 20, 4096}} {
+			before := c.Stats()
+			if c.ReadNoWait(p[:r[1]], r[0]) {
+				t.Errorf("ram %d: [%d+%d), not all cached (or outside), was served without waiting", ram, r[0], r[1])
+			}
+			if s := c.Stats(); s.Reads != before.Reads || s.Misses != before.Misses || s.PartialHits != before.PartialHits || s.Promotions != before.Promotions {
+				t.Errorf("ram %d: a refused no-wait read was counted: %+v then %+v", ram, before, s)
+			}
+		}
+		// Out of the page cache: refused, unless the RAM tier has it.
+		if err := c.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		fd, err := unix.Open(cachePath, unix.O_RDONLY, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Fdatasync(fd); err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Fadvise(fd, 0, 8<<20, unix.FADV_DONTNEED); err != nil {
+			t.Fatal(err)
+		}
+		unix.Close(fd)
+		if got := c.ReadNoWait(p, 0); got != (ram > 0) {
+			t.Errorf("ram %d: with the cache file's pages dropped, ReadNoWait = %v", ram, got)
+		}
+		if err := c.ReadAt(p, 0); err != nil || !bytes.Equal(p, w) {
+			t.Fatalf("ram %d: ReadAt: %v", ram, err)
+		}
+		if !c.ReadNoWait(p, 0) || !bytes.Equal(p, w) {
+			t.Errorf("ram %d: a range read back was not served without waiting", ram)
+		}
+		closeChecked(t, c, devPair{cf, back})
+	}
+}
