@@ -10,7 +10,7 @@ anew for every round, alternating within the round:
 
 Rows, run in this order on each server (fio's nbd engine, 4 KiB unless said):
   randwrite QD32 on 1 and on 4 connections, QD1 randwrite,
-  1M sequential write (the whole span, once), then on that data:
+  1M sequential write (over the whole span, round and round), then on that data:
   randread QD32 on 1 and 4 connections, QD1 randread, 1M sequential read.
 
 For each row and server: IOPS (median over rounds), p50/p99 latency for
@@ -20,6 +20,7 @@ against nbdkit. Quote ratios, not absolute numbers: the machine is shared.
 
   bench/request-path.sh                      # 3 rounds of 5 s rows
   ROUNDS=5 RUNTIME=10 bench/request-path.sh
+  SERVERS="cache cache:/tmp/old/nbdcache nbdkit" bench/request-path.sh   # A/B
 """
 import json
 import os
@@ -38,15 +39,15 @@ SERVERS = os.environ.get("SERVERS", "cache nocache nbdkit qemu-nbd").split()
 BIN = sys.argv[1]
 
 ROWS = [
-    # name, rw, bs, qd, jobs, time-based
-    ("randwrite QD32", "randwrite", "4k", 32, 1, True),
-    ("randwrite QD32 x4 conns", "randwrite", "4k", 32, 4, True),
-    ("randwrite QD1", "randwrite", "4k", 1, 1, True),
-    ("write 1M QD8", "write", "1M", 8, 1, False),
-    ("randread QD32", "randread", "4k", 32, 1, True),
-    ("randread QD32 x4 conns", "randread", "4k", 32, 4, True),
-    ("randread QD1", "randread", "4k", 1, 1, True),
-    ("read 1M QD8", "read", "1M", 8, 1, True),
+    # name, rw, bs, qd, jobs
+    ("randwrite QD32", "randwrite", "4k", 32, 1),
+    ("randwrite QD32 x4 conns", "randwrite", "4k", 32, 4),
+    ("randwrite QD1", "randwrite", "4k", 1, 1),
+    ("write 1M QD8", "write", "1M", 8, 1),
+    ("randread QD32", "randread", "4k", 32, 1),
+    ("randread QD32 x4 conns", "randread", "4k", 32, 4),
+    ("randread QD1", "randread", "4k", 1, 1),
+    ("read 1M QD8", "read", "1M", 8, 1),
 ]
 
 HAVE_PERF = shutil.which("perf") is not None and subprocess.run(
@@ -54,6 +55,9 @@ HAVE_PERF = shutil.which("perf") is not None and subprocess.run(
 
 
 def start(kind, work):
+    # "cache:BINARY" or "nocache:BINARY" runs another build (A/B runs).
+    kind, _, binary = kind.partition(":")
+    binary = binary or BIN
     sock = os.path.join(work, "s.sock")
     back = os.path.join(work, "back.img")
     with open(back, "w") as f:
@@ -62,17 +66,17 @@ def start(kind, work):
         cache = os.path.join(work, "cache.img")
         with open(cache, "w") as f:
             f.truncate(2 * SPAN_MB << 20)
-        cmd = [BIN, "serve", "--cache", cache, "--backing", back, "--format",
+        cmd = [binary, "serve", "--cache", cache, "--backing", back, "--format",
                "--sequential-cutoff", "0", "--listen", "unix:" + sock]
     elif kind == "nocache":
-        cmd = [BIN, "serve", "--backing", back, "--listen", "unix:" + sock]
+        cmd = [binary, "serve", "--backing", back, "--listen", "unix:" + sock]
     elif kind == "nbdkit":
         cmd = ["nbdkit", "-f", "-U", sock, "file", back]
     elif kind == "qemu-nbd":
         cmd = ["qemu-nbd", "-f", "raw", "-t", "-e", "8", "-k", sock, back]
     else:
         raise SystemExit("unknown server " + kind)
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, kind + ".log"), "w"))
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "server.log"), "w"))
     for _ in range(400):
         if os.path.exists(sock):
             return p, "nbd+unix:///?socket=" + sock
@@ -87,13 +91,12 @@ def ticks(pid):
 
 
 def run_row(row, uri, pid, work):
-    name, rw, bs, qd, jobs, timed = row
+    name, rw, bs, qd, jobs = row
     out = os.path.join(work, "o.json")
     args = ["fio", "--name=x", "--ioengine=nbd", "--uri=" + uri, "--rw=" + rw, "--bs=" + bs,
             "--iodepth=%d" % qd, "--numjobs=%d" % jobs, "--group_reporting",
-            "--size=%dM" % SPAN_MB, "--output-format=json", "--output=" + out]
-    if timed:
-        args += ["--runtime=%d" % RUNTIME, "--time_based"]
+            "--size=%dM" % SPAN_MB, "--runtime=%d" % RUNTIME, "--time_based",
+            "--output-format=json", "--output=" + out]
     perf = None
     if HAVE_PERF:
         perf = subprocess.Popen(["perf", "stat", "-x,", "-e", "context-switches,raw_syscalls:sys_enter",

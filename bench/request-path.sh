@@ -7,6 +7,7 @@
 #   bench/request-path.sh                      # 3 rounds of 5 s rows (about 8 min)
 #   ROUNDS=5 RUNTIME=10 bench/request-path.sh
 #   SERVERS="cache nbdkit" bench/request-path.sh
+#   SERVERS="cache cache:/tmp/old/nbdcache nbdkit" bench/request-path.sh   # A/B against another build
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for t in fio nbdkit qemu-nbd /usr/bin/python3; do command -v "$t" >/dev/null || { echo "missing $t (run make deps)"; exit 1; }; done

@@ -1,0 +1,86 @@
+#!/bin/bash
+# Issue 22: nbdcache attach side by side with the kernel's own write-back
+# caches, Linux bcache and dm-writecache, in the test VM (test/vm: a Debian
+# kernel under TCG), on the same two fresh sparse disks (cache /dev/vda
+# 256 MiB, backing /dev/vdb 1 GiB, qemu cache=unsafe) with the same guest
+# workload (test/vm/guest/kcache.sh): a burst of random 4 KiB O_DIRECT
+# writes at QD16, the first FLUSH after it, then a full drain. One VM boot
+# per cache per round, alternating, medians over the rounds, ratios to
+# bcache. TCG exaggerates the cost of user space: the CPU ratios are upper
+# bounds of the gap.
+#
+#   bench/kernel-caches.sh                        # 3 rounds, sparse burst (8000 writes over 128 MiB)
+#   ROUNDS=8 bench/kernel-caches.sh
+#   SPAN_MB=8 bench/kernel-caches.sh              # the dense variant: the same writes over 8 MiB
+#   SYSTEMS="bcache nbdcache" bench/kernel-caches.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-3}
+SPAN_MB=${SPAN_MB:-128}
+IOS=${IOS:-8000}
+SYSTEMS=${SYSTEMS:-"bcache writecache nbdcache"}
+for t in qemu-system-x86_64 busybox fio make-bcache dmsetup /usr/bin/python3; do
+	command -v "$t" >/dev/null || { echo "missing $t (run make deps)"; exit 1; }
+done
+work=$(mktemp -d /tmp/nbdcache-kcache.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+CGO_ENABLED=0 go build -trimpath -o "$work/nbdcache" ./cmd/nbdcache
+CGO_ENABLED=0 go build -trimpath -o "$work/fsynctime" ./test/vm/fsynctime
+printf 'exec sh /scenarios/kcache.sh\n' >"$work/test.sh"
+./test/vm/build-initramfs.sh -o "$work/initrd.gz" -s "$work/test.sh" \
+	-f test/vm/guest/lib.sh:/lib.sh -f test/vm/guest/kcache.sh:/scenarios/kcache.sh \
+	-b "$work/nbdcache" -b "$work/fsynctime" -b fio -b make-bcache -b dmsetup \
+	-m bcache -m dm-writecache >"$work/build.log" 2>&1 || { cat "$work/build.log"; exit 1; }
+: >"$work/results"
+for round in $(seq "$ROUNDS"); do
+	seed=$((RANDOM * 32768 + RANDOM))
+	for sys in $SYSTEMS; do
+		rm -f "$work/vda.img" "$work/vdb.img"
+		truncate -s 256M "$work/vda.img"
+		truncate -s 1G "$work/vdb.img"
+		rc=0
+		./test/vm/run-vm.sh -q -m 2048 -t 600 -i "$work/initrd.gz" -l "$work/console.log" \
+			-A "KCACHE=$sys SEED=$seed KCACHE_SPAN=$SPAN_MB KCACHE_IOS=$IOS NBDCACHE_STORAGE=--cache,/dev/vda,--backing,/dev/vdb,--format" \
+			-d "$work/vda.img" -d "$work/vdb.img" 2>/dev/null || rc=$?
+		line=$(grep -a '^KCACHE sys=' "$work/console.log" | tail -n 1 || true)
+		if [ "$rc" != 0 ] || [ -z "$line" ]; then
+			echo "round $round $sys: guest exit status $rc; console tail:" >&2
+			tail -n 40 "$work/console.log" >&2
+			exit 1
+		fi
+		echo "round $round (seed $seed) $line" >&2
+		echo "$line" >>"$work/results"
+	done
+done
+/usr/bin/python3 - "$work/results" "$ROUNDS" "$SPAN_MB" "$IOS" <<'PY'
+import statistics, sys, time
+rows = {}
+for line in open(sys.argv[1]):
+    kv = dict(f.split("=", 1) for f in line.split()[1:])
+    rows.setdefault(kv.pop("sys"), []).append({k: float(v) for k, v in kv.items()})
+systems = list(rows)
+def med(s, k):
+    return statistics.median(r[k] for r in rows[s])
+print("\n%s rounds, %s random 4 KiB writes over %s MiB at QD16, VM under TCG, %s" % (sys.argv[2], sys.argv[4], sys.argv[3], time.strftime("%Y-%m-%d")))
+print("| | " + " | ".join(systems) + (" | nbdcache / bcache |" if "bcache" in rows and "nbdcache" in rows else " |"))
+print("|---" * (len(systems) + 2) + "|")
+for key, name, scale, fmt in [
+    ("back_wreq", "backing write requests", 1, "%.0f"),
+    ("back_wkib", "backing KiB written", 1, "%.0f"),
+    ("cache_wreq", "cache-disk write requests", 1, "%.0f"),
+    ("burst_ms", "burst time (ms)", 1, "%.0f"),
+    ("burst_cpu_cs", "burst guest CPU-seconds", 0.01, "%.2f"),
+    ("flush_us", "first FLUSH after the burst (ms)", 0.001, "%.1f"),
+    ("drain_ms", "drain time (s)", 0.001, "%.2f"),
+    ("drain_cpu_cs", "drain guest CPU-seconds", 0.01, "%.2f"),
+    ("dirty_left", "dirty left after the drain", 1, "%.0f"),
+]:
+    cells = [fmt % (med(s, key) * scale) for s in systems]
+    ratio = ""
+    if "bcache" in rows and "nbdcache" in rows:
+        b = med("bcache", key)
+        ratio = " | %.2fx" % (med("nbdcache", key) / b) if b else " | -"
+    print("| %s | %s%s |" % (name, " | ".join(cells), ratio))
+avg = {s: med(s, "back_wkib") / med(s, "back_wreq") if med(s, "back_wreq") else 0 for s in systems}
+print("| average backing write (KiB) | " + " | ".join("%.1f" % avg[s] for s in systems) + (" | %.2fx |" % (avg["nbdcache"] / avg["bcache"]) if "bcache" in avg and "nbdcache" in avg and avg["bcache"] else " |"))
+PY

@@ -1,0 +1,112 @@
+# kcache: one write-back cache on the same two disks, the same burst, first
+# FLUSH and full drain (issue 22; bench/kernel-caches.sh drives it):
+#   KCACHE=bcache      Linux bcache (make-bcache -b 128k, writeback mode)
+#   KCACHE=writecache  dm-writecache (4 KiB blocks, SSD mode)
+#   KCACHE=nbdcache    nbdcache attach --cache /dev/vda --backing /dev/vdb
+# /dev/vda is the cache, /dev/vdb the backing. The burst is fio with
+# libaio and O_DIRECT: KCACHE_IOS random 4 KiB writes (default 8000) over
+# the first KCACHE_SPAN MiB (default 128) at QD16, seeded by SEED, the
+# same for every cache. Prints one line:
+#   KCACHE sys=NAME burst_cpu_cs=.. burst_ms=.. flush_us=.. drain_ms=..
+#          drain_cpu_cs=.. back_wreq=.. back_wkib=.. cache_wreq=.. dirty_left=..
+# with CPU in centiseconds of guest CPU (all CPUs), and write counters of
+# /sys/block/*/stat from just before the burst to the end of the drain.
+set -e
+. /lib.sh
+SYS=${KCACHE:?KCACHE=bcache|writecache|nbdcache}
+SPAN=${KCACHE_SPAN:-128}
+IOS=${KCACHE_IOS:-8000}
+CACHE=/dev/vda
+BACK=/dev/vdb
+
+busy() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
+ms() { awk '{printf "%d\n", $1 * 1000}' /proc/uptime; }
+stat_field() { awk -v f="$2" '{print $f}' /sys/block/"$1"/stat; }
+
+case $SYS in
+bcache)
+	step "make-bcache, register"
+	modprobe bcache
+	make-bcache -b 128k -C $CACHE -B $BACK --writeback >/tmp/mk.out 2>&1 || fail "make-bcache: $(cat /tmp/mk.out)"
+	echo $CACHE >/sys/fs/bcache/register 2>/dev/null || true
+	echo $BACK >/sys/fs/bcache/register 2>/dev/null || true
+	n=0
+	while [ ! -b /dev/bcache0 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+	[ -b /dev/bcache0 ] || fail "no /dev/bcache0"
+	DEV=/dev/bcache0
+	B=/sys/block/bcache0/bcache
+	n=0
+	while ! grep -q '^clean\|^dirty' $B/state 2>/dev/null && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+	grep -q '^clean\|^dirty' $B/state || fail "bcache0 not attached to its cache set: $(cat $B/state)"
+	echo writeback >$B/cache_mode
+	echo 0 >$B/sequential_cutoff
+	echo 0 >$B/writeback_delay
+	for f in /sys/fs/bcache/*/congested_read_threshold_us /sys/fs/bcache/*/congested_write_threshold_us; do
+		echo 0 >"$f"
+	done
+	;;
+writecache)
+	step "dmsetup writecache"
+	modprobe dm-writecache
+	sz=$(blockdev --getsz $BACK)
+	dmsetup --noudevsync create wc --table "0 $sz writecache s $BACK $CACHE 4096 0" || fail "dmsetup create"
+	n=0
+	while [ ! -b /dev/dm-0 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+	DEV=/dev/dm-0
+	;;
+nbdcache)
+	step "nbdcache attach"
+	attach kc --sequential-cutoff 0 --control unix:/tmp/ctl.sock
+	DEV=/dev/nbd0
+	;;
+*) fail "unknown KCACHE $SYS" ;;
+esac
+
+# dirty: what the cache still holds that the backing lacks (0 when drained).
+dirty() {
+	case $SYS in
+	bcache) sed 's/\.[0-9]*//; s/[kMG]$//' /sys/block/bcache0/bcache/dirty_data ;;
+	writecache)
+		# 0 LEN writecache ERR TOTAL FREE WRITEBACK ...: blocks in use
+		dmsetup status wc | awk '{print $5 - $6 + $7}'
+		;;
+	nbdcache) nbdcache stats --json --control unix:/tmp/ctl.sock | sed -n 's/.*"dirty_bytes": *\([0-9]*\).*/\1/p' | head -n 1 ;;
+	esac
+}
+
+b_wreq=$(stat_field vdb 5)
+b_wsect=$(stat_field vdb 7)
+c_wreq=$(stat_field vda 5)
+cpu0=$(busy)
+t0=$(ms)
+step "burst: $IOS random 4k writes over $SPAN MiB, QD16"
+fio --name=burst --filename=$DEV --direct=1 --ioengine=libaio --rw=randwrite --bs=4k --iodepth=16 \
+	--size=${SPAN}m --io_size=$((IOS * 4))k --norandommap --randrepeat=0 --randseed="${SEED:-1}" \
+	--output=/tmp/fio.out || fail "fio"
+t1=$(ms)
+cpu1=$(busy)
+step "first FLUSH"
+flush_us=$(fsynctime $DEV) || fail "fsync $DEV"
+step "drain"
+cpu2=$(busy)
+t2=$(ms)
+case $SYS in
+bcache)
+	echo 0 >/sys/block/bcache0/bcache/writeback_percent
+	n=0
+	while [ "$(dirty)" != 0 ] && [ $n -lt 3000 ]; do sleep 0.01; n=$((n + 1)); done
+	;;
+writecache)
+	dmsetup message wc 0 cleaner
+	n=0
+	while [ "$(dirty)" != 0 ] && [ $n -lt 3000 ]; do sleep 0.01; n=$((n + 1)); done
+	;;
+nbdcache)
+	nbdcache flush --drain --control unix:/tmp/ctl.sock >/tmp/drain.out 2>&1 || fail "drain: $(cat /tmp/drain.out)"
+	;;
+esac
+t3=$(ms)
+cpu3=$(busy)
+left=$(dirty)
+echo "KCACHE sys=$SYS burst_cpu_cs=$((cpu1 - cpu0)) burst_ms=$((t1 - t0)) flush_us=$flush_us drain_ms=$((t3 - t2)) drain_cpu_cs=$((cpu3 - cpu2)) back_wreq=$(($(stat_field vdb 5) - b_wreq)) back_wkib=$((($(stat_field vdb 7) - b_wsect) / 2)) cache_wreq=$(($(stat_field vda 5) - c_wreq)) dirty_left=$left"
+echo "KCACHE-SCENARIO-OK"
