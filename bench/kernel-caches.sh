@@ -13,12 +13,17 @@
 #   ROUNDS=8 bench/kernel-caches.sh
 #   SPAN_MB=8 bench/kernel-caches.sh              # the dense variant: the same writes over 8 MiB
 #   SYSTEMS="bcache nbdcache" bench/kernel-caches.sh
+#   NBDCACHE_FLAGS="--direct" bench/kernel-caches.sh   # more flags for nbdcache attach
+#   KEEP=/tmp/kc KCACHE_DEBUG=1 bench/kernel-caches.sh  # keep the consoles; nbdcache stats around the FLUSH
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 SPAN_MB=${SPAN_MB:-128}
 IOS=${IOS:-8000}
 SYSTEMS=${SYSTEMS:-"bcache writecache nbdcache"}
+NBDCACHE_FLAGS=${NBDCACHE_FLAGS:-}
+storage="--cache /dev/vda --backing /dev/vdb --format $NBDCACHE_FLAGS"
+storage=$(echo $storage | tr ' ' ,) # kernel command line words hold no spaces
 for t in qemu-system-x86_64 busybox fio make-bcache dmsetup /usr/bin/python3; do
 	command -v "$t" >/dev/null || { echo "missing $t (run make deps)"; exit 1; }
 done
@@ -40,8 +45,9 @@ for round in $(seq "$ROUNDS"); do
 		truncate -s 1G "$work/vdb.img"
 		rc=0
 		./test/vm/run-vm.sh -q -m 2048 -t 600 -i "$work/initrd.gz" -l "$work/console.log" \
-			-A "KCACHE=$sys SEED=$seed KCACHE_SPAN=$SPAN_MB KCACHE_IOS=$IOS NBDCACHE_STORAGE=--cache,/dev/vda,--backing,/dev/vdb,--format" \
+			-A "KCACHE=$sys ${KCACHE_DEBUG:+KCACHE_DEBUG=1} SEED=$seed KCACHE_SPAN=$SPAN_MB KCACHE_IOS=$IOS NBDCACHE_STORAGE=$storage" \
 			-d "$work/vda.img" -d "$work/vdb.img" 2>/dev/null || rc=$?
+		[ -n "${KEEP:-}" ] && mkdir -p "$KEEP" && cp "$work/console.log" "$KEEP/$sys-$round.log"
 		line=$(grep -a '^KCACHE sys=' "$work/console.log" | tail -n 1 || true)
 		if [ "$rc" != 0 ] || [ -z "$line" ]; then
 			echo "round $round $sys: guest exit status $rc; console tail:" >&2
@@ -71,6 +77,7 @@ for key, name, scale, fmt in [
     ("burst_ms", "burst time (ms)", 1, "%.0f"),
     ("burst_cpu_cs", "burst guest CPU-seconds", 0.01, "%.2f"),
     ("flush_us", "first FLUSH after the burst (ms)", 0.001, "%.1f"),
+    ("flush2_us", "a second FLUSH at once (ms)", 0.001, "%.1f"),
     ("drain_ms", "drain time (s)", 0.001, "%.2f"),
     ("drain_cpu_cs", "drain guest CPU-seconds", 0.01, "%.2f"),
     ("dirty_left", "dirty left after the drain", 1, "%.0f"),

@@ -59,6 +59,9 @@ func (c *Cache) allocLocked(a *allocator, want int64, reserve int) (loc, got, b 
 			default:
 			}
 		}
+		if len(sp.sealed) > 0 {
+			c.kickStartWriteback()
+		}
 	}
 	loc, got, b = sp.take(a, alignUp(want, c.sb.BlockSize))
 	return loc, got, b, true

@@ -80,6 +80,10 @@ type Cache struct {
 		cancel context.CancelFunc // nil without background work (testHooks.noBackground)
 		done   sync.WaitGroup
 		kick   chan struct{}
+		// startWB asks for startWriteback alone: a bucket was sealed, or
+		// unstarted bytes were written since the last ask.
+		startWB   chan struct{}
+		unstarted atomic.Int64
 	}
 
 	mu struct {
@@ -160,6 +164,7 @@ func open(cacheDev, backing storage.Device, opts Options, h testHooks) (*Cache, 
 	// stays for them while a checkpoint started at half full is written.
 	c.ops.sem = make(chan struct{}, max(1, slots/8))
 	c.bg.kick = make(chan struct{}, 1)
+	c.bg.startWB = make(chan struct{}, 1)
 	c.mu.wbCond.L = &c.mu.Mutex
 	c.mu.wb = newWBSet()
 	c.mu.idx = st.idx

@@ -81,3 +81,55 @@ func TestReadNoWait(t *testing.T) {
 		closeChecked(t, c, devPair{cf, back})
 	}
 }
+
+// wbCalls is a cache device that sends its StartWriteback calls on calls.
+type wbCalls struct {
+	storage.Device
+	calls chan [2]int64
+}
+
+func (d *wbCalls) StartWriteback(off, n int64) {
+	select {
+	case d.calls <- [2]int64{off, n}:
+	default:
+	}
+}
+
+// TestEarlyWriteback: once earlyWriteback bytes are written into the
+// cache, and not before, the background loop is asked to start the kernel
+// writing out what the open bucket holds so far, long before the bucket
+// fills (so that a FLUSH finds little in the page cache to write); and
+// startWriteback covers the open bucket. No background loop runs: the
+// test sees the ask itself.
+func TestEarlyWriteback(t *testing.T) {
+	d := formatMem(t, 8<<20, 4<<20, FormatOptions{BucketSize: 1 << 20})
+	rec := &wbCalls{Device: d.cache, calls: make(chan [2]int64, 64)}
+	c := openStillT(t, devPair{rec, d.back}, Options{SequentialCutoff: -1})
+	defer closeChecked(t, c, d)
+	var written int64
+	for written+4096 < earlyWriteback {
+		if err := c.WriteAt(payload(written, 4096, 1), written, 0); err != nil {
+			t.Fatal(err)
+		}
+		written += 4096
+	}
+	if len(c.bg.startWB) != 0 {
+		t.Fatalf("writeback asked for after %d bytes, under earlyWriteback", written)
+	}
+	if err := c.WriteAt(payload(written, 4096, 1), written, 0); err != nil {
+		t.Fatal(err)
+	}
+	written += 4096
+	if len(c.bg.startWB) != 1 {
+		t.Fatalf("no writeback asked for after %d bytes", written)
+	}
+	c.startWriteback()
+	select {
+	case r := <-rec.calls:
+		if r[1] < written || r[1] >= 1<<20 {
+			t.Fatalf("writeback started over [%d+%d), want the open bucket's %d bytes so far", r[0], r[1], written)
+		}
+	default:
+		t.Fatal("startWriteback left the open bucket out")
+	}
+}

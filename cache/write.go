@@ -331,6 +331,10 @@ func (c *Cache) noteWrite(n int64) {
 	c.stats.writes.Add(1)
 	c.stats.writeBytes.Add(n)
 	c.flusher.NoteForeground()
+	if c.bg.unstarted.Add(n) >= earlyWriteback {
+		c.bg.unstarted.Store(0)
+		c.kickStartWriteback()
+	}
 }
 
 // writeDirty writes p into the cache as dirty data. When the cache is

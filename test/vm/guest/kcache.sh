@@ -7,7 +7,7 @@
 # libaio and O_DIRECT: KCACHE_IOS random 4 KiB writes (default 8000) over
 # the first KCACHE_SPAN MiB (default 128) at QD16, seeded by SEED, the
 # same for every cache. Prints one line:
-#   KCACHE sys=NAME burst_cpu_cs=.. burst_ms=.. flush_us=.. drain_ms=..
+#   KCACHE sys=NAME burst_cpu_cs=.. burst_ms=.. flush_us=.. flush2_us=.. drain_ms=..
 #          drain_cpu_cs=.. back_wreq=.. back_wkib=.. cache_wreq=.. dirty_left=..
 # with CPU in centiseconds of guest CPU (all CPUs), and write counters of
 # /sys/block/*/stat from just before the burst to the end of the drain.
@@ -86,7 +86,17 @@ fio --name=burst --filename=$DEV --direct=1 --ioengine=libaio --rw=randwrite --b
 t1=$(ms)
 cpu1=$(busy)
 step "first FLUSH"
+debug() {
+	[ -n "${KCACHE_DEBUG:-}" ] || return 0
+	echo "DEBUG $1: vda $(cat /sys/block/vda/stat) vdb $(cat /sys/block/vdb/stat) $(grep -E '^(Dirty|Writeback):' /proc/meminfo | tr -s ' \n' ' ')"
+	[ "$SYS" = nbdcache ] && nbdcache stats --json --control unix:/tmp/ctl.sock
+	return 0
+}
+debug "before the FLUSH"
 flush_us=$(fsynctime $DEV) || fail "fsync $DEV"
+debug "after the FLUSH"
+# A second FLUSH right away: what one costs with nothing new to write.
+flush2_us=$(fsynctime $DEV) || fail "fsync $DEV"
 step "drain"
 cpu2=$(busy)
 t2=$(ms)
@@ -108,5 +118,5 @@ esac
 t3=$(ms)
 cpu3=$(busy)
 left=$(dirty)
-echo "KCACHE sys=$SYS burst_cpu_cs=$((cpu1 - cpu0)) burst_ms=$((t1 - t0)) flush_us=$flush_us drain_ms=$((t3 - t2)) drain_cpu_cs=$((cpu3 - cpu2)) back_wreq=$(($(stat_field vdb 5) - b_wreq)) back_wkib=$((($(stat_field vdb 7) - b_wsect) / 2)) cache_wreq=$(($(stat_field vda 5) - c_wreq)) dirty_left=$left"
+echo "KCACHE sys=$SYS burst_cpu_cs=$((cpu1 - cpu0)) burst_ms=$((t1 - t0)) flush_us=$flush_us flush2_us=$flush2_us drain_ms=$((t3 - t2)) drain_cpu_cs=$((cpu3 - cpu2)) back_wreq=$(($(stat_field vdb 5) - b_wreq)) back_wkib=$((($(stat_field vdb 7) - b_wsect) / 2)) cache_wreq=$(($(stat_field vda 5) - c_wreq)) dirty_left=$left"
 echo "KCACHE-SCENARIO-OK"
