@@ -38,6 +38,7 @@ var allowedImports = map[string][]string{
 	"metrics":             {"cache", "nbd", "writeback"},
 	"test":                {},
 	"test/vm":             {},
+	"test/vm/fsynctime":   {},
 }
 
 const module = "github.com/nbdcache/nbdcache"
