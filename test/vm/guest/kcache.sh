@@ -16,51 +16,13 @@ set -e
 SYS=${KCACHE:?KCACHE=bcache|writecache|nbdcache}
 SPAN=${KCACHE_SPAN:-128}
 IOS=${KCACHE_IOS:-8000}
-CACHE=/dev/vda
-BACK=/dev/vdb
 
 busy() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
 ms() { awk '{printf "%d\n", $1 * 1000}' /proc/uptime; }
 stat_field() { awk -v f="$2" '{print $f}' /sys/block/"$1"/stat; }
 
-case $SYS in
-bcache)
-	step "make-bcache, register"
-	modprobe bcache
-	make-bcache -b 128k -C $CACHE -B $BACK --writeback >/tmp/mk.out 2>&1 || fail "make-bcache: $(cat /tmp/mk.out)"
-	echo $CACHE >/sys/fs/bcache/register 2>/dev/null || true
-	echo $BACK >/sys/fs/bcache/register 2>/dev/null || true
-	n=0
-	while [ ! -b /dev/bcache0 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
-	[ -b /dev/bcache0 ] || fail "no /dev/bcache0"
-	DEV=/dev/bcache0
-	B=/sys/block/bcache0/bcache
-	n=0
-	while ! grep -q '^clean\|^dirty' $B/state 2>/dev/null && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
-	grep -q '^clean\|^dirty' $B/state || fail "bcache0 not attached to its cache set: $(cat $B/state)"
-	echo writeback >$B/cache_mode
-	echo 0 >$B/sequential_cutoff
-	echo 0 >$B/writeback_delay
-	for f in /sys/fs/bcache/*/congested_read_threshold_us /sys/fs/bcache/*/congested_write_threshold_us; do
-		echo 0 >"$f"
-	done
-	;;
-writecache)
-	step "dmsetup writecache"
-	modprobe dm-writecache
-	sz=$(blockdev --getsz $BACK)
-	dmsetup --noudevsync create wc --table "0 $sz writecache s $BACK $CACHE 4096 0" || fail "dmsetup create"
-	n=0
-	while [ ! -b /dev/dm-0 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
-	DEV=/dev/dm-0
-	;;
-nbdcache)
-	step "nbdcache attach"
-	attach kc --sequential-cutoff 0 --control unix:/tmp/ctl.sock
-	DEV=/dev/nbd0
-	;;
-*) fail "unknown KCACHE $SYS" ;;
-esac
+step "set up $SYS"
+kcache_setup "$SYS" 1
 
 # dirty: what the cache still holds that the backing lacks (0 when drained).
 dirty() {

@@ -95,13 +95,58 @@ verify() {
 	echo "verified $(wc -l <"$1") files"
 }
 
-# check_ext4 SUMFILE WHEN: ext4 on /dev/nbd0 (unmounted) passes e2fsck -f
-# -n, and every file recorded in SUMFILE reads back intact.
+# check_ext4 SUMFILE WHEN [DEV]: ext4 on DEV (default /dev/nbd0,
+# unmounted) passes e2fsck -f -n, and every file recorded in SUMFILE reads
+# back intact.
 check_ext4() {
-	e2fsck -f -n /dev/nbd0 || fail "e2fsck found problems $2"
-	mount -t ext4 -o ro /dev/nbd0 $MNT
+	e2fsck -f -n "${3:-/dev/nbd0}" || fail "e2fsck found problems $2"
+	mount -t ext4 -o ro "${3:-/dev/nbd0}" $MNT
 	verify "$1"
 	umount $MNT
+}
+
+# kcache_setup SYS NEW: brings up the write-back cache SYS (bcache,
+# writecache or nbdcache) with /dev/vda as the cache and /dev/vdb as the
+# backing, made anew (NEW=1, on blank disks) or as the disks were left
+# (NEW=0: after a power cut); sets DEV to its device (issue 22's
+# scenarios kcache, kcut1 and kcut2).
+kcache_setup() {
+	case $1 in
+	bcache)
+		modprobe bcache
+		if [ "$2" = 1 ]; then
+			make-bcache -b 128k -C /dev/vda -B /dev/vdb --writeback >/tmp/mk.out 2>&1 || fail "make-bcache: $(cat /tmp/mk.out)"
+		fi
+		echo /dev/vda >/sys/fs/bcache/register 2>/dev/null || true
+		echo /dev/vdb >/sys/fs/bcache/register 2>/dev/null || true
+		local n=0
+		while [ ! -b /dev/bcache0 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+		[ -b /dev/bcache0 ] || fail "no /dev/bcache0"
+		local b=/sys/block/bcache0/bcache
+		n=0
+		while ! grep -q '^clean\|^dirty' $b/state 2>/dev/null && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+		grep -q '^clean\|^dirty' $b/state || fail "bcache0 not attached to its cache set: $(cat $b/state)"
+		echo writeback >$b/cache_mode
+		echo 0 >$b/sequential_cutoff
+		echo 0 >$b/writeback_delay
+		for f in /sys/fs/bcache/*/congested_read_threshold_us /sys/fs/bcache/*/congested_write_threshold_us; do
+			echo 0 >"$f"
+		done
+		DEV=/dev/bcache0
+		;;
+	writecache)
+		modprobe dm-writecache
+		dmsetup --noudevsync create wc --table "0 $(blockdev --getsz /dev/vdb) writecache s /dev/vdb /dev/vda 4096 0" || fail "dmsetup create"
+		local n=0
+		while [ ! -b /dev/dm-0 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+		DEV=/dev/dm-0
+		;;
+	nbdcache)
+		attach kc --sequential-cutoff 0 --control unix:/tmp/ctl.sock
+		DEV=/dev/nbd0
+		;;
+	*) fail "unknown cache $1" ;;
+	esac
 }
 
 # no_io_errors: the kernel logged no I/O error on nbd. ("Dead connection,
