@@ -133,3 +133,33 @@ func TestEarlyWriteback(t *testing.T) {
 		t.Fatal("startWriteback left the open bucket out")
 	}
 }
+
+// plainDev hides the cache device's ReadNoWait (every read from it waits).
+type plainDev struct{ storage.Device }
+
+// TestReadNoWaitRefusalCountsNoRAMHits: a ReadNoWait that serves a piece
+// from the RAM tier, then refuses at the next (its cache device cannot
+// tell), counts no RAM hit: the worker's ReadAt will.
+func TestReadNoWaitRefusalCountsNoRAMHits(t *testing.T) {
+	d := formatMem(t, 8<<20, 4<<20, FormatOptions{BucketSize: 256 << 10})
+	c := openStillT(t, devPair{plainDev{d.cache}, d.back}, Options{RAMCache: 1 << 20, SequentialCutoff: -1})
+	defer closeChecked(t, c, d)
+	// Two extents (two versions): [0,4K) and [4K,8K).
+	for _, off := range []int64{0, 4096} {
+		if err := c.WriteAt(payload(off, 4096, 1), off, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p := make([]byte, 8192)
+	if err := c.ReadAt(p[:4096], 0); err != nil { // [0,4K) into the RAM tier
+		t.Fatal(err)
+	}
+	c.ram.Wait()
+	before := c.Stats()
+	if c.ReadNoWait(p, 0) {
+		t.Fatal("served [4K,8K) without the RAM tier or a NoWaitReader")
+	}
+	if s := c.Stats(); s.RAMHits != before.RAMHits {
+		t.Errorf("a refused ReadNoWait counted %d RAM hits", s.RAMHits-before.RAMHits)
+	}
+}

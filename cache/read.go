@@ -143,6 +143,7 @@ func (c *Cache) read(p []byte, off int64, prefetch, nowait bool) error {
 
 		var fromDev []readPiece
 		gaps := false
+		ramHits := int64(0) // counted once the read is done: a no-wait read may yet refuse
 		for _, pc := range ps {
 			dst := p[pc.off-off : pc.off-off+pc.n]
 			if !pc.cached {
@@ -154,7 +155,7 @@ func (c *Cache) read(p []byte, off int64, prefetch, nowait bool) error {
 				continue
 			}
 			if c.ramGet(pc, dst) {
-				c.stats.ramHits.Add(1)
+				ramHits++
 				continue
 			}
 			if nowait {
@@ -206,6 +207,7 @@ func (c *Cache) read(p []byte, off int64, prefetch, nowait bool) error {
 		for _, pc := range fromDev {
 			c.ramPut(pc, p[pc.off-off:pc.off-off+pc.n])
 		}
+		c.stats.ramHits.Add(ramHits)
 		c.stats.reads.Add(1)
 		c.stats.readBytes.Add(n)
 		switch {

@@ -313,9 +313,10 @@ func (c *conn) readLoop(r *bufio.Reader) error {
 		if req.typ == cmdWrite && req.length > 0 {
 			if errno == 0 {
 				ok := false
-				if len(c.batch) > 0 {
+				if len(c.batch) > 0 || c.unflushed > 0 {
 					// The batch's buffers must not be what getBuf
-					// waits for.
+					// waits for, nor the replies already written
+					// wait for it.
 					if payload, ok = c.tryGetBuf(int(req.length)); !ok {
 						c.settle()
 					}
@@ -368,6 +369,10 @@ func (c *conn) readLoop(r *bufio.Reader) error {
 // maxBatch bounds the requests the read loop runs before it sends their
 // replies (readLoop).
 const maxBatch = 64
+
+// maxReplyOverhead bounds a READ reply's bytes besides its data: the
+// chunk headers of a structured reply with maxHoleChunks holes.
+const maxReplyOverhead = (2*maxHoleChunks + 1) * 32
 
 // maxInline is the longest READ or WRITE the read loop runs itself. A
 // longer one costs mostly its copies, which workers spread over the CPUs
@@ -452,10 +457,19 @@ func (c *conn) settle() {
 }
 
 // readInline answers req, a valid READ, on the read loop if the device can
-// serve it from memory and a buffer is free at once (its reply waits in
-// the buffer for settle); otherwise it reports false, having done nothing
-// seen outside, and req goes to a worker.
+// serve it from memory, a buffer is free at once and the reply fits in
+// what the reply buffer has free (so that writing it does not wait for
+// the client: it waits in the buffer for settle); otherwise it reports
+// false, having done nothing seen outside, and req goes to a worker. The
+// holes are looked up only once the data is in hand: on a cache whose
+// range is not all cached, that lookup may ask the backing.
 func (c *conn) readInline(req request) bool {
+	c.wmu.Lock()
+	room := c.w.Available()
+	c.wmu.Unlock()
+	if int(req.length)+maxReplyOverhead > room {
+		return false
+	}
 	buf, ok := c.tryGetBuf(int(req.length))
 	if !ok {
 		return false
@@ -465,11 +479,11 @@ func (c *conn) readInline(req request) bool {
 	if obs != nil {
 		start = time.Now()
 	}
-	holes := c.holes(req)
 	if !c.nowait.ReadNoWait(buf.data, int64(req.offset)) {
 		c.putBuf(buf)
 		return false
 	}
+	holes := c.holes(req)
 	c.s.stats.reads.Add(1)
 	c.s.stats.bytesRead.Add(int64(req.length))
 	c.wmu.Lock()

@@ -31,6 +31,14 @@
 //     in one write (conn.runBatch). The batch runs before the loop waits
 //     for anything (the socket, a buffer, a free slot) and before any
 //     other request is dispatched, so a FLUSH read behind it covers it.
+//     READs a storage.NoWaitReader serves from memory, whose replies fit
+//     the reply buffer, are answered there too (conn.readInline). The
+//     loop then writes replies itself (conn.settle), so a client that
+//     does not read replies while it sends stalls its connection once
+//     the socket buffers are full, where before it could send up to
+//     MaxInFlight requests first; such a client is dropped at the write
+//     timeout as before. Without a write timeout the loop writes no
+//     reply of a request it ran (only error replies to invalid ones).
 //   - A reply is written only after the device call returned, so a FLUSH
 //     (a device Flush) covers every write acknowledged before it on any
 //     connection to the same device: NBD_FLAG_CAN_MULTI_CONN is honest.
