@@ -97,7 +97,7 @@ for sys in $SYSTEMS; do
 			tail -n 30 "$work/cut2.log" >&2
 		fi
 	done
-	cuts="$cuts $sys=$ok/$CUTS"
+	[ "$CUTS" = 0 ] || cuts="$cuts $sys=$ok/$CUTS"
 done
 /usr/bin/python3 - "$work/results" "$ROUNDS" "$SPAN_MB" "$IOS" "$cuts" <<'PY'
 import statistics, sys, time
