@@ -35,9 +35,10 @@ import (
 // cache). Replies are written under wmu into a buffered writer, which is
 // flushed by whichever handler finishes last (inflight drops to zero), or
 // else by the flusher goroutine, so that a burst of replies costs one
-// write() and no reply waits behind a slow request. WRITEs to a
-// storage.BatchWriter are the exception: they run on the read loop itself,
-// a socket read's worth at a time (readLoop, runBatch).
+// write() and no reply waits behind a slow request. The exception is what
+// needs no wait: small WRITEs to a storage.BatchWriter and small READs a
+// storage.NoWaitReader serves from memory run on the read loop itself, a
+// socket read's worth at a time (readLoop).
 //
 // What a connection may hold, and for how long:
 //   - at most Config.MaxInFlight requests between header and reply
@@ -276,7 +277,7 @@ func (c *conn) readLoop(r *bufio.Reader) error {
 	defer c.settle()
 	var hb [requestHeaderSize]byte
 	for {
-		if (len(c.batch) > 0 || c.unflushed > 0) && !nextBuffered(r) {
+		if c.pending() && !nextBuffered(r) {
 			c.settle()
 		}
 		if err := c.readHeader(r, hb[:]); err != nil {
@@ -298,7 +299,7 @@ func (c *conn) readLoop(r *bufio.Reader) error {
 		// this loop raises inflight, so the limit holds once it is
 		// below it; a stale signal costs one more look.
 		for c.inflight.Load() >= int64(c.s.maxInFlight) {
-			if len(c.batch) > 0 || c.unflushed > 0 {
+			if c.pending() {
 				c.settle()
 				continue
 			}
@@ -313,7 +314,7 @@ func (c *conn) readLoop(r *bufio.Reader) error {
 		if req.typ == cmdWrite && req.length > 0 {
 			if errno == 0 {
 				ok := false
-				if len(c.batch) > 0 || c.unflushed > 0 {
+				if c.pending() {
 					// The batch's buffers must not be what getBuf
 					// waits for, nor the replies already written
 					// wait for it.
@@ -445,6 +446,10 @@ func (c *conn) runBatch() {
 	clear(c.batch)
 	c.batch = c.batch[:0]
 }
+
+// pending reports whether the read loop holds a batch or replies it has
+// not flushed: what settle sends on its way.
+func (c *conn) pending() bool { return len(c.batch) > 0 || c.unflushed > 0 }
 
 // settle runs the batch and flushes the replies the read loop wrote.
 func (c *conn) settle() {
@@ -626,11 +631,8 @@ var errIdle = errors.New("nbd: connection idle")
 func (c *conn) getBuf(n int) (buffer, error) {
 	cost := int64(blockSize(n))
 	if n <= c.s.laneSize {
-		if c.share.TryAcquire(cost) {
-			if b, ok := c.s.bufs.tryGet(n); ok {
-				return b, nil
-			}
-			c.share.Release(cost)
+		if b, ok := c.tryGetBuf(n); ok {
+			return b, nil
 		}
 		select {
 		case c.lane <- struct{}{}:
