@@ -11,12 +11,4 @@ mkfs.ext4 -q -F /dev/nbd0
 mount -t ext4 /dev/nbd0 $MNT
 mkdir $MNT/d
 sync -f $MNT
-i=0
-while :; do
-	dd if=/dev/urandom of=/tmp/w.tmp bs=4k count=$((1 + i % 16)) 2>/dev/null
-	dd if=/tmp/w.tmp of=$MNT/d/w$i bs=4k conv=fsync 2>/dev/null || fail "I/O error on w$i"
-	sync -d $MNT/d
-	echo "SYNCED $(md5sum </tmp/w.tmp | cut -d' ' -f1) w$i"
-	i=$((i + 1))
-	[ $i = "${CUT_AFTER:-20}" ] && echo "CUT-NOW"
-done
+cut_writer $MNT/d

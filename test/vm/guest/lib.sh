@@ -74,6 +74,22 @@ writer() {
 	echo "WRITER: $i files fsync'd"
 }
 
+# cut_writer DIR: the power-cut writer (cut1.sh, kcut1.sh). Each file
+# whose fsync, and the directory's, returned is announced on the console as
+# "SYNCED <md5> <name>"; after CUT_AFTER of them (default 20) it prints
+# CUT-NOW, and the host kills the VM. It never returns.
+cut_writer() {
+	local i=0
+	while :; do
+		dd if=/dev/urandom of=/tmp/w.tmp bs=4k count=$((1 + i % 16)) 2>/dev/null
+		dd if=/tmp/w.tmp of="$1/w$i" bs=4k conv=fsync 2>/dev/null || fail "I/O error on w$i"
+		sync -d "$1"
+		echo "SYNCED $(md5sum </tmp/w.tmp | cut -d' ' -f1) w$i"
+		i=$((i + 1))
+		[ $i = "${CUT_AFTER:-20}" ] && echo "CUT-NOW"
+	done
+}
+
 # synced_count: how many files the writer has fsync'd.
 synced_count() { [ -f /tmp/synced ] && wc -l </tmp/synced || echo 0; }
 
