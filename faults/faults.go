@@ -226,15 +226,18 @@ const maxUndoneShown = 32
 
 // DeviceLoss is what a cut did to one device (JSON for ctl).
 type DeviceLoss struct {
-	Device       string  `json:"device"`
-	Entries      int     `json:"unsynced_writes"`
-	Dropped      int     `json:"dropped"`
-	Kept         int     `json:"kept"`
-	Partial      int     `json:"partly_dropped"`
-	BytesDropped int64   `json:"bytes_dropped"`
-	BytesKept    int64   `json:"bytes_kept"`
-	Torn         []int64 `json:"torn_sectors,omitempty"`
-	Garbage      []int64 `json:"garbage_sectors,omitempty"`
+	Device       string `json:"device"`
+	Entries      int    `json:"unsynced_writes"`
+	Dropped      int    `json:"dropped"`
+	Kept         int    `json:"kept"`
+	Partial      int    `json:"partly_dropped"`
+	BytesDropped int64  `json:"bytes_dropped"`
+	BytesKept    int64  `json:"bytes_kept"`
+	// Torn holds the first byte of the torn write that the tear dropped,
+	// Garbage the offset of the sector filled with random bytes (the torn
+	// model; at most one each, see storage.LossModel).
+	Torn    []int64 `json:"torn_sectors,omitempty"`
+	Garbage []int64 `json:"garbage_sectors,omitempty"`
 	// Undone: the first maxUndoneShown byte ranges the cut undid, as
 	// [offset, length]; UndoneMore counts the rest.
 	Undone       [][2]int64 `json:"undone,omitempty"`
@@ -323,8 +326,14 @@ func (r *Rig) PowerCut(model storage.LossModel, seed uint64, stayOff bool) (Powe
 	for i, rep := range reps {
 		d := DeviceLoss{
 			Device: chains[i].name, Entries: rep.Entries, Dropped: rep.Dropped, Kept: rep.Kept, Partial: rep.Partial,
-			BytesDropped: rep.BytesDropped, BytesKept: rep.BytesKept, Torn: rep.Torn, Garbage: rep.Garbage,
+			BytesDropped: rep.BytesDropped, BytesKept: rep.BytesKept,
 			Overflows: rep.Overflows, WriteThrough: rep.WriteThrough,
+		}
+		if rep.Torn {
+			d.Torn = []int64{rep.TornOff}
+		}
+		if rep.Garbage {
+			d.Garbage = []int64{rep.GarbageOff}
 		}
 		for j, u := range rep.Undone {
 			if j == maxUndoneShown {

@@ -17,61 +17,6 @@ var ErrPoweredOff = errors.New("storage: device powered off")
 // unsynced data.
 const SectorSize = 512
 
-// LossModel chooses what a PowerCut keeps of the unsynced operations.
-// Durable data (flushed, or written with FUA) always survives, except for
-// the one garbage sector LoseTorn may produce; see LoseTorn.
-type LossModel uint8
-
-const (
-	// LoseUnsynced drops every unsynced operation: the new device holds
-	// exactly the durable image.
-	LoseUnsynced LossModel = iota
-	// LoseRandom keeps each 512-byte sector of each unsynced operation
-	// independently with probability 1/2, and applies the survivors on
-	// top of the durable image in the order the operations were made.
-	LoseRandom
-	// LoseTorn is LoseRandom plus a torn last write and, sometimes, one
-	// garbage sector:
-	//
-	//   - W is the last unsynced write (WriteAt without FUA; never a Trim
-	//     or Zero) of which LoseRandom kept at least one sector. W covers
-	//     n device sectors, numbered 0..n-1 (a partial first or last
-	//     sector counts as one).
-	//   - A tear point t is drawn uniformly from 1..n. Sectors t..n-1 of W
-	//     are dropped, i.e. they keep whatever the sectors held before W
-	//     (t = n: W is not torn).
-	//   - With probability 1/2, one whole 512-byte device sector becomes
-	//     random bytes: sector t of W if t < n (the sector being written
-	//     when the power failed), else a sector of W that was kept. It is
-	//     applied at W's place in the order, so a later surviving Trim or
-	//     Zero still covers it.
-	//
-	// So garbage appears only in a sector that an unsynced write touched,
-	// but that sector may have held durable data before: a device that
-	// overwrites durable data in place can lose it. Layouts that never
-	// overwrite live data (append-only buckets, two superblock copies)
-	// are the defence.
-	LoseTorn
-	// KeepUnsynced keeps every operation, like a process kill with the
-	// operating system surviving.
-	KeepUnsynced
-)
-
-// String names the model.
-func (m LossModel) String() string {
-	switch m {
-	case LoseUnsynced:
-		return "lose-unsynced"
-	case LoseRandom:
-		return "lose-random"
-	case LoseTorn:
-		return "lose-torn"
-	case KeepUnsynced:
-		return "keep-unsynced"
-	}
-	return "unknown"
-}
-
 // CutReport says what a PowerCut did to the unsynced log.
 type CutReport struct {
 	Model LossModel
@@ -85,15 +30,7 @@ type CutReport struct {
 	// Bytes of unsynced operations kept and dropped (including the torn
 	// part of the torn write).
 	BytesKept, BytesDropped int64
-	// Torn reports that the tear dropped at least one sector that
-	// LoseRandom had kept; TornOff is the first byte of the torn write
-	// that the tear dropped.
-	Torn    bool
-	TornOff int64
-	// Garbage reports that the 512-byte sector at GarbageOff was filled
-	// with random bytes.
-	Garbage    bool
-	GarbageOff int64
+	Tear
 }
 
 // CrashStats counts requests on a Crash device since it was made.
@@ -456,110 +393,30 @@ func PowerCutAll(model LossModel, rng *rand.Rand, devs ...*Crash) ([]*Crash, []C
 
 // replayCut applies to img the records of log that model keeps.
 func replayCut(img *Mem, log []crashRecord, model LossModel, rng *rand.Rand) CutReport {
-	rep := CutReport{Model: model, Ops: len(log), TornOff: -1, GarbageOff: -1}
-	// keep[i] holds one bit per sector of log[i]; nil means every sector
-	// is kept.
-	keep := make([][]uint64, len(log))
+	ops := make([]cutOp, len(log))
+	for i, r := range log {
+		ops[i] = cutOp{kind: r.kind, off: r.off, n: r.length, forced: r.fua}
+	}
+	plan := planCut(ops, model, rng)
+	rep := CutReport{Model: model, Ops: len(log), Tear: plan.Tear}
 	for i := range log {
 		r := &log[i]
-		if r.fua {
+		if plan.keep[i] == nil {
 			rep.Forced++
-			continue
-		}
-		n := recordSectors(r)
-		bits := make([]uint64, (n+63)/64)
-		switch model {
-		case KeepUnsynced:
-			fillBits(bits, n)
-		case LoseRandom, LoseTorn:
-			for w := range bits {
-				bits[w] = rng.Uint64()
-			}
-			trimBits(bits, n)
-		}
-		keep[i] = bits
-	}
-
-	torn, garbage := -1, int64(-1) // record index of W; sector of garbage
-	if model == LoseTorn {
-		torn, garbage = tearLast(log, keep, rng, &rep)
-	}
-
-	for i := range log {
-		r := &log[i]
-		if keep[i] == nil {
 			applyRecord(img, r, 0, r.length)
 		} else {
-			applySectors(img, r, keep[i], &rep)
+			applySectors(img, r, plan.keep[i], &rep)
 		}
-		if i == torn && garbage >= 0 {
-			junk := make([]byte, min(SectorSize, img.size-garbage))
-			for j := range junk {
-				junk[j] = byte(rng.Uint32())
-			}
-			img.write(junk, garbage)
-			rep.Garbage, rep.GarbageOff = true, garbage
+		if i == plan.torn && plan.Garbage {
+			img.write(plan.junk[:min(SectorSize, img.size-plan.GarbageOff)], plan.GarbageOff)
 		}
 	}
 	return rep
 }
 
-// tearLast implements LoseTorn's tear and garbage on the kept bits. It
-// returns the index of the torn write and the offset of the garbage sector
-// (-1 for none).
-func tearLast(log []crashRecord, keep [][]uint64, rng *rand.Rand, rep *CutReport) (int, int64) {
-	w := -1
-	for i := len(log) - 1; i >= 0; i-- {
-		if log[i].kind == OpWrite && keep[i] != nil && anyBit(keep[i]) {
-			w = i
-			break
-		}
-	}
-	if w < 0 {
-		return -1, -1
-	}
-	r := &log[w]
-	n := recordSectors(r)
-	first := r.off / SectorSize
-	t := 1 + rng.IntN(n)
-	for s := t; s < n; s++ {
-		if getBit(keep[w], s) {
-			if !rep.Torn {
-				rep.Torn = true
-				rep.TornOff = max(r.off, (first+int64(s))*SectorSize)
-			}
-			setBit(keep[w], s, false)
-		}
-	}
-	if rng.IntN(2) == 0 {
-		return w, -1
-	}
-	var s int
-	if t < n {
-		s = t
-	} else {
-		// Every sector of W was kept, or the tear would be below n.
-		var kept []int
-		for j := range n {
-			if getBit(keep[w], j) {
-				kept = append(kept, j)
-			}
-		}
-		s = kept[rng.IntN(len(kept))]
-	}
-	return w, (first + int64(s)) * SectorSize
-}
-
-// recordSectors is the number of device sectors r touches.
-func recordSectors(r *crashRecord) int {
-	first := r.off / SectorSize
-	last := (r.off + r.length - 1) / SectorSize
-	return int(last - first + 1)
-}
-
 // applySectors applies the kept sectors of r, run by run.
 func applySectors(img *Mem, r *crashRecord, bits []uint64, rep *CutReport) {
-	n := recordSectors(r)
+	n := sectorsOf(r.off, r.length)
 	first := r.off / SectorSize
 	// pieceStart is the record-relative start of sector s's piece.
 	pieceStart := func(s int) int64 {
@@ -605,39 +462,5 @@ func applyRecord(img *Mem, r *crashRecord, from, length int64) {
 		img.write(r.data[from:from+length], r.off+from)
 	case OpTrim, OpZero:
 		img.zero(r.off+from, length, false)
-	}
-}
-
-func getBit(bits []uint64, i int) bool { return bits[i/64]&(1<<(i%64)) != 0 }
-
-func setBit(bits []uint64, i int, v bool) {
-	if v {
-		bits[i/64] |= 1 << (i % 64)
-	} else {
-		bits[i/64] &^= 1 << (i % 64)
-	}
-}
-
-func anyBit(bits []uint64) bool {
-	for _, w := range bits {
-		if w != 0 {
-			return true
-		}
-	}
-	return false
-}
-
-// fillBits sets bits 0..n-1.
-func fillBits(bits []uint64, n int) {
-	for i := range bits {
-		bits[i] = ^uint64(0)
-	}
-	trimBits(bits, n)
-}
-
-// trimBits clears the bits at n and above.
-func trimBits(bits []uint64, n int) {
-	if n%64 != 0 {
-		bits[len(bits)-1] &= 1<<(n%64) - 1
 	}
 }

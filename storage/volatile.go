@@ -43,10 +43,8 @@ type VolatileReport struct {
 	// Bytes of the entries undone and kept. A sector of an entry that a
 	// newer surviving or FUA request covers counts as kept.
 	BytesDropped, BytesKept int64
-	// Torn holds the offsets of sectors left half new, half old; Garbage
-	// those filled with random bytes (the torn model only). Each is a
-	// sector whose surviving content came from an unsynced write.
-	Torn, Garbage []int64
+	// What LoseTorn did beyond LoseRandom.
+	Tear
 	// Undone holds the byte ranges whose unsynced contents the cut undid,
 	// sorted and merged.
 	Undone []ByteRange
@@ -340,17 +338,9 @@ func (v *Volatile) Cut(model LossModel, rng *rand.Rand) (VolatileReport, error) 
 // logged, for the model to judge), and, for each device, undoes unsynced
 // entries under model, newest first, and syncs the wrapped device:
 //
-//   - LoseUnsynced undoes every entry: the device holds exactly what was
-//     durable (flushed, or written with FUA).
-//   - LoseRandom walks each sector's entries newest first and undoes each
-//     with probability 1/2, stopping at the first one kept: the sector
-//     holds the data of one write it received since its last durable
-//     content, or that content.
-//   - LoseTorn is LoseRandom, then tears 1 to 4 sectors whose surviving
-//     content came from an unsynced write (WriteAt): each is left half new,
-//     half old (split at a multiple of 64 bytes), or filled with random
-//     bytes, with probability 1/2 each.
-//   - KeepUnsynced undoes nothing (a crash of the process alone).
+// what planCut drops: the same decision a Crash device makes (see
+// LossModel), reached by undoing instead of replaying. LoseUnsynced undoes
+// every entry, KeepUnsynced none (a crash of the process alone).
 //
 // Sectors written with FUA are never undone, nor touched by older
 // entries. Every device is dead afterwards, even when an undo failed; the
@@ -396,72 +386,49 @@ func CutVolatile(model LossModel, rng *rand.Rand, devs ...*Volatile) ([]Volatile
 	return reps, first
 }
 
-// cutLocked undoes the log under model; the caller holds the gate.
+// cutLocked undoes what planCut drops of the log, newest entry first;
+// the caller holds the gate. A sector an entry loses has lost every newer
+// entry's data too (planCut), so restoring each lost sector's old data in
+// that order leaves what planCut's forward replay would.
 func (v *Volatile) cutLocked(model LossModel, rng *rand.Rand) (VolatileReport, error) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	log := v.mu.log
-	rep := VolatileReport{Model: model, Overflows: v.mu.overflows, WriteThrough: v.mu.writeThrough}
 	v.mu.log, v.mu.bytes, v.mu.data, v.mu.pins = nil, 0, 0, 0
-
-	type candidate struct {
-		sector int64
-		e      *undoEntry
+	ops := make([]cutOp, len(log))
+	for i, e := range log {
+		ops[i] = cutOp{kind: e.kind, off: e.off, n: e.n, forced: e.pin}
 	}
-	var cands []candidate
-	stopped := make(map[int64]bool) // sectors whose content is settled
+	plan := planCut(ops, model, rng)
+	rep := VolatileReport{Model: model, Tear: plan.Tear, Overflows: v.mu.overflows, WriteThrough: v.mu.writeThrough}
+
 	var firstErr error
 	for i := len(log) - 1; i >= 0; i-- {
 		e := &log[i]
-		first, last := e.off/SectorSize, (e.off+e.n-1)/SectorSize
 		if e.pin {
-			for s := first; s <= last; s++ {
-				stopped[s] = true
-			}
 			continue
 		}
 		rep.Entries++
 		var dropped, kept int64
-		runStart := int64(-1) // first sector of the run being undone
-		flushRun := func(end int64) {
-			if runStart < 0 {
-				return
+		first, n := e.off/SectorSize, sectorsOf(e.off, e.n)
+		for s := 0; s < n; {
+			k := plan.kept(i, s)
+			end := s + 1
+			for end < n && plan.kept(i, end) == k {
+				end++
 			}
-			a, b := max(runStart*SectorSize, e.off), min(end*SectorSize, e.off+e.n)
-			dropped += b - a
-			rep.Undone = append(rep.Undone, ByteRange{a, b - a})
-			if err := v.restore(e, a, b); err != nil && firstErr == nil {
-				firstErr = err
-			}
-			runStart = -1
-		}
-		for s := first; s <= last; s++ {
-			if stopped[s] {
-				flushRun(s)
-				kept += min((s+1)*SectorSize, e.off+e.n) - max(s*SectorSize, e.off)
-				continue
-			}
-			drop := true
-			switch model {
-			case KeepUnsynced:
-				drop = false
-			case LoseRandom, LoseTorn:
-				drop = rng.IntN(2) == 0
-			}
-			if drop {
-				if runStart < 0 {
-					runStart = s
+			a, b := max((first+int64(s))*SectorSize, e.off), min((first+int64(end))*SectorSize, e.off+e.n)
+			if k {
+				kept += b - a
+			} else {
+				dropped += b - a
+				rep.Undone = append(rep.Undone, ByteRange{a, b - a})
+				if err := v.restore(e, a, b); err != nil && firstErr == nil {
+					firstErr = err
 				}
-				continue
 			}
-			flushRun(s)
-			stopped[s] = true
-			kept += min((s+1)*SectorSize, e.off+e.n) - max(s*SectorSize, e.off)
-			if e.kind == OpWrite && s*SectorSize >= e.off && (s+1)*SectorSize <= e.off+e.n {
-				cands = append(cands, candidate{s, e})
-			}
+			s = end
 		}
-		flushRun(last + 1)
 		rep.BytesDropped += dropped
 		rep.BytesKept += kept
 		switch {
@@ -474,37 +441,12 @@ func (v *Volatile) cutLocked(model LossModel, rng *rand.Rand) (VolatileReport, e
 		}
 	}
 	rep.Undone = mergeRanges(rep.Undone)
-	if model == LoseTorn && len(cands) > 0 {
-		k := 1 + rng.IntN(min(4, len(cands)))
-		for _, j := range rng.Perm(len(cands))[:k] {
-			c := cands[j]
-			off := c.sector * SectorSize
-			sec := make([]byte, SectorSize)
-			if rng.IntN(2) == 0 {
-				// Half new (what the device holds now), half old.
-				if err := v.inner.ReadAt(sec, off); err != nil {
-					firstErr = cmp.Or(firstErr, err)
-					continue
-				}
-				split := 64 * (1 + rng.IntN(SectorSize/64-1))
-				if c.e.old == nil {
-					clear(sec[split:])
-				} else {
-					copy(sec[split:], c.e.old[off-c.e.off+int64(split):off-c.e.off+SectorSize])
-				}
-				rep.Torn = append(rep.Torn, off)
-			} else {
-				for i := range sec {
-					sec[i] = byte(rng.Uint32())
-				}
-				rep.Garbage = append(rep.Garbage, off)
-			}
-			if err := v.inner.WriteAt(sec, off, 0); err != nil {
-				firstErr = cmp.Or(firstErr, err)
-			}
+	if plan.Garbage {
+		// No newer entry keeps the garbage sector (planCut), so it stays.
+		junk := plan.junk[:min(SectorSize, v.inner.Size()-plan.GarbageOff)]
+		if err := v.inner.WriteAt(junk, plan.GarbageOff, 0); err != nil {
+			firstErr = cmp.Or(firstErr, err)
 		}
-		slices.Sort(rep.Torn)
-		slices.Sort(rep.Garbage)
 	}
 	if err := v.inner.Flush(); err != nil && firstErr == nil {
 		firstErr = err
