@@ -20,61 +20,65 @@ type counters struct {
 // Stats is a snapshot of the cache's figures. Byte counts are bytes;
 // request counts are requests.
 type Stats struct {
-	Mode Mode
+	Mode Mode `json:"-"`
 
-	Reads, ReadBytes    int64
-	Hits                int64 // reads served wholly from the cache (device or RAM)
-	Misses              int64 // reads served wholly from the backing
-	PartialHits         int64 // reads served from both
-	RAMHits             int64 // pieces served from the RAM tier
-	ReadRetries         int64 // reads redone because their bucket was emptied under them
-	Writes, WriteBytes  int64
-	CachedWriteBytes    int64 // bytes written into the cache (writes, zeroes and promotions)
-	Bypasses            int64 // requests sent to the backing by mode, cutoff, a thrashing cache or a full one
-	ThrashBypasses      int64 // writes that missed a thrashing cache and went around it (thrashDetector)
-	DirectWaits         int64 // direct backing writes that waited for a writeback (or another direct write) of their range
-	RoomWaits           int64 // writes that found the cache full over a slow backing and waited for room
-	RMW                 int64 // unaligned writes done by read-modify-write
-	BatchedWrites       int64 // writes that went in one go with others (WriteBatch)
-	FUA, Flushes        int64
-	Trims, Zeros        int64
-	Promotions          int64 // read misses copied into the cache
-	PromotedBytes       int64
-	NoSpace             int64 // allocations that found the cache full
-	CacheReadErrors     int64 // cache device read errors (clean data fell back to the backing)
-	CacheWriteErrors    int64
-	DataWrites          int64 // cache device writes of the write path's data (adjacent ones of concurrent writers merge)
-	BackingWriteBytes   int64 // foreground bytes written to the backing
-	BackingWriteNanos   int64 // recent average backing write (bypasses, cleaning) per 4 KiB; above 1 ms the backing counts as a disk
-	DirtyBytes          int64
-	CachedBytes         int64 // bytes in the index
-	Extents             int64
-	CapacityBytes       int64
-	FreeBuckets         int64
-	PendingBuckets      int64 // emptied, reusable after the next checkpoint
-	Buckets             int64
-	JournalRecords      int64
-	JournalBlocks       int64
-	JournalUsedBlocks   int64 // blocks since the last checkpoint
-	JournalSlots        int64
-	Commits             int64 // group commits that wrote the journal
-	CommitWaits         int64 // waits for another committer (group commit sharing)
-	Publishes           int64 // journal writes without a sync that made acknowledged writes survive a kill
-	BackingFlushes      int64 // backing flushes by the cache itself: commits, Drain's last, zeroing dirty data (the writeback engine counts its own: WritebackStats)
-	Checkpoints         int64
-	CheckpointBytes     int64
-	CheckpointsSkipped  int64 // asked for, but made unneeded by a checkpoint that ran meanwhile
-	GCRuns              int64
-	GCMovedBytes        int64 // dirty bytes GC moved to other buckets (never clean ones)
-	GCCleanedBytes      int64 // dirty bytes GC wrote back to the backing to drop them instead
-	EvictedBytes        int64
-	BucketsFreed        int64
-	WritebackBytes      int64 // bytes marked clean after writeback
-	WritebackCollisions int64 // bytes rewritten while being written back (CAS lost)
-	WritebackInFlight   int64
-	ReplayedRecords     int64 // journal records applied by the last recovery
-	ReplayDropped       int64 // records dropped by it (data never became durable)
-	Failed              bool  // a journal commit failed; writes are refused
+	Reads               int64 `json:"cache_reads"`
+	ReadBytes           int64 `json:"cache_read_bytes"`
+	Hits                int64 `json:"hits"`         // reads served wholly from the cache (device or RAM)
+	Misses              int64 `json:"misses"`       // reads served wholly from the backing
+	PartialHits         int64 `json:"partial_hits"` // reads served from both
+	RAMHits             int64 `json:"ram_hits"`     // pieces served from the RAM tier
+	ReadRetries         int64 `json:"read_retries"` // reads redone because their bucket was emptied under them
+	Writes              int64 `json:"cache_writes"`
+	WriteBytes          int64 `json:"cache_write_bytes"`
+	CachedWriteBytes    int64 `json:"cached_write_bytes"` // bytes written into the cache (writes, zeroes and promotions)
+	Bypasses            int64 `json:"bypasses"`           // requests sent to the backing by mode, cutoff, a thrashing cache or a full one
+	ThrashBypasses      int64 `json:"thrash_bypasses"`    // writes that missed a thrashing cache and went around it (thrashDetector)
+	DirectWaits         int64 `json:"direct_waits"`       // direct backing writes that waited for a writeback (or another direct write) of their range
+	RoomWaits           int64 `json:"room_waits"`         // writes that found the cache full over a slow backing and waited for room
+	RMW                 int64 `json:"rmw_writes"`         // unaligned writes done by read-modify-write
+	BatchedWrites       int64 `json:"batched_writes"`     // writes that went in one go with others (WriteBatch)
+	FUA                 int64 `json:"fua_requests"`
+	Flushes             int64 `json:"cache_flushes"`
+	Trims               int64 `json:"cache_trims"`
+	Zeros               int64 `json:"cache_zeroes"`
+	Promotions          int64 `json:"promotions"` // read misses copied into the cache
+	PromotedBytes       int64 `json:"promoted_bytes"`
+	NoSpace             int64 `json:"no_space"`          // allocations that found the cache full
+	CacheReadErrors     int64 `json:"cache_read_errors"` // cache device read errors (clean data fell back to the backing)
+	CacheWriteErrors    int64 `json:"cache_write_errors"`
+	DataWrites          int64 `json:"data_writes"`             // cache device writes of the write path's data (adjacent ones of concurrent writers merge)
+	BackingWriteBytes   int64 `json:"backing_write_bytes"`     // foreground bytes written to the backing
+	BackingWriteNanos   int64 `json:"backing_write_ns_per_4k"` // recent average backing write (bypasses, cleaning) per 4 KiB; above 1 ms the backing counts as a disk
+	DirtyBytes          int64 `json:"dirty_bytes"`
+	CachedBytes         int64 `json:"cached_bytes"` // bytes in the index
+	Extents             int64 `json:"extents"`
+	CapacityBytes       int64 `json:"capacity_bytes"`
+	FreeBuckets         int64 `json:"free_buckets"`
+	PendingBuckets      int64 `json:"pending_buckets"` // emptied, reusable after the next checkpoint
+	Buckets             int64 `json:"buckets"`
+	JournalRecords      int64 `json:"journal_records"`
+	JournalBlocks       int64 `json:"journal_blocks"`
+	JournalUsedBlocks   int64 `json:"journal_used_blocks"` // blocks since the last checkpoint
+	JournalSlots        int64 `json:"journal_slots"`
+	Commits             int64 `json:"journal_commits"`       // group commits that wrote the journal
+	CommitWaits         int64 `json:"journal_commit_waits"`  // waits for another committer (group commit sharing)
+	Publishes           int64 `json:"journal_publishes"`     // journal writes without a sync that made acknowledged writes survive a kill
+	BackingFlushes      int64 `json:"cache_backing_flushes"` // backing flushes by the cache itself: commits, Drain's last, zeroing dirty data (the writeback engine counts its own: WritebackStats)
+	Checkpoints         int64 `json:"checkpoints"`
+	CheckpointBytes     int64 `json:"checkpoint_bytes"`
+	CheckpointsSkipped  int64 `json:"checkpoints_skipped"` // asked for, but made unneeded by a checkpoint that ran meanwhile
+	GCRuns              int64 `json:"gc_runs"`
+	GCMovedBytes        int64 `json:"gc_moved_bytes"`   // dirty bytes GC moved to other buckets (never clean ones)
+	GCCleanedBytes      int64 `json:"gc_cleaned_bytes"` // dirty bytes GC wrote back to the backing to drop them instead
+	EvictedBytes        int64 `json:"evicted_bytes"`
+	BucketsFreed        int64 `json:"buckets_freed"`
+	WritebackBytes      int64 `json:"writeback_bytes"`          // bytes marked clean after writeback
+	WritebackCollisions int64 `json:"clean_mark_refused_bytes"` // bytes rewritten while being written back (CAS lost)
+	WritebackInFlight   int64 `json:"writeback_in_flight"`
+	ReplayedRecords     int64 `json:"replayed_records"` // journal records applied by the last recovery
+	ReplayDropped       int64 `json:"replay_dropped"`   // records dropped by it (data never became durable)
+	Failed              bool  `json:"failed"`           // a journal commit failed; writes are refused
 }
 
 // Stats returns a snapshot.

@@ -15,96 +15,87 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nbdcache/nbdcache/cache"
+	"github.com/nbdcache/nbdcache/nbd"
 	"github.com/nbdcache/nbdcache/unixsock"
+	"github.com/nbdcache/nbdcache/writeback"
 )
 
-// Stats is what `nbdcache stats` shows. Byte counts are bytes; rates are
-// bytes per second; ratios are in [0, 1].
+// Stats is what `nbdcache stats` shows: the counters of the server, the
+// remote backing, the cache and its writeback, each the type its package
+// produces, with the JSON names it gives them (one flat object), and the
+// figures derived from them. Byte counts are bytes; rates are bytes per
+// second; ratios are in [0, 1]. The embedded parts are nil where there is
+// no such thing (no cache, a local backing).
 type Stats struct {
-	Mode string `json:"mode"`
+	Mode          string  `json:"mode"`
+	UptimeSeconds float64 `json:"uptime_seconds"`
 
-	// NBD server.
-	Connections   int64 `json:"connections"`
-	ActiveConns   int64 `json:"active_connections"`
-	Requests      int64 `json:"requests"`
-	RequestErrors int64 `json:"request_errors"`
-	BytesRead     int64 `json:"bytes_read"`
-	BytesWritten  int64 `json:"bytes_written"`
-	ClientFlushes int64 `json:"client_flushes"`
-	// Connections closed before the greeting (--max-connections,
-	// --allow), and connections dropped because the client stalled
-	// (--write-timeout, --read-timeout).
-	RefusedConns  int64 `json:"refused_connections"`
-	TimedOutConns int64 `json:"timed_out_connections"`
-	// Request buffers (--buffer-budget): in use now, the high mark, and
-	// how many requests had to wait for room.
-	BufferBytes int64 `json:"buffer_bytes"`
-	BufferPeak  int64 `json:"buffer_peak"`
-	BufferWaits int64 `json:"buffer_waits"`
+	ServerStats
+	*RemoteStats
+	*CacheStats
+	*WritebackStats
 
-	// Cache.
-	Hits        int64   `json:"hits"`
-	Misses      int64   `json:"misses"`
-	PartialHits int64   `json:"partial_hits"`
-	HitRatio    float64 `json:"hit_ratio"`
-	RAMHits     int64   `json:"ram_hits"`
-	Bypasses    int64   `json:"bypasses"`
-	// Of them, writes that missed a thrashing cache (full of data it must
-	// write back to make room) over a fast backing.
-	ThrashBypasses int64   `json:"thrash_bypasses"`
-	Promotions     int64   `json:"promotions"`
-	DirtyBytes     int64   `json:"dirty_bytes"`
-	CachedBytes    int64   `json:"cached_bytes"`
-	CapacityBytes  int64   `json:"capacity_bytes"`
-	Occupancy      float64 `json:"occupancy"`
-	Extents        int64   `json:"extents"`
-	GCRuns         int64   `json:"gc_runs"`
-	GCMovedBytes   int64   `json:"gc_moved_bytes"`
-	// Dirty bytes GC wrote back to drop them instead of moving them.
-	GCCleanedBytes int64 `json:"gc_cleaned_bytes"`
+	// Derived from the parts.
+	HitRatio float64 `json:"hit_ratio"` // hits, and half of the partial hits, per read
+	// Of the cache's buckets, those in use.
+	Occupancy float64 `json:"occupancy"`
 	// GC's write amplification: bytes GC moved per byte clients wrote.
-	GCWriteAmp     float64 `json:"gc_write_amplification"`
-	EvictedBytes   int64   `json:"evicted_bytes"`
-	JournalCommits int64   `json:"journal_commits"`
-	// Journal writes without a sync that make acknowledged writes survive
-	// a kill of the process; concurrent writes share them.
-	JournalPublishes int64 `json:"journal_publishes"`
-	// Cache device writes of written data; concurrent writes of adjacent
-	// locations share one.
-	DataWrites  int64 `json:"data_writes"`
-	Checkpoints int64 `json:"checkpoints"`
-	// Recent average backing write time per 4 KiB: above 1 ms the backing
-	// counts as a disk, and a full cache waits for room rather than bypass.
-	BackingWriteNanos int64 `json:"backing_write_ns_per_4k"`
-	CacheErrors       int64 `json:"cache_errors"`
-	Failed            bool  `json:"failed"`
-
-	// Writeback.
-	WritebackBytes  int64 `json:"writeback_bytes"`
-	WritebackRate   int64 `json:"writeback_rate"`   // bytes/s written back recently
-	WritebackTarget int64 `json:"writeback_target"` // target dirty bytes
-	Collisions      int64 `json:"collisions"`       // extents whose writeback lost the race with a newer write
-	CollidedBytes   int64 `json:"collided_bytes"`   // bytes rewritten while being written back (the clean mark refused)
-	BackingWrites   int64 `json:"backing_writes"`   // writeback writes to the backing
+	GCWriteAmp float64 `json:"gc_write_amplification"`
 	// Backing flushes: the flusher's, GC's cleaning passes', and those
 	// journal commits needed. Over a fast backing each costs the writes
 	// that go to it (bench/flushfloor.sh).
-	BackingFlushes  int64  `json:"backing_flushes"`
-	BackingWriteAvg int64  `json:"backing_write_avg"` // their average size
-	WritebackState  string `json:"writeback_state"`
-	// Failed cache reads, backing writes and backing flushes of the
-	// writeback, and the last one's message (a failing backing).
-	WritebackErrors    int64  `json:"writeback_errors"`
+	BackingFlushes int64 `json:"backing_flushes"`
+	CacheErrors    int64 `json:"cache_errors"` // cache device read and write errors
+	// What the flusher is doing, and its last error's message (a failing
+	// backing).
+	WritebackState     string `json:"writeback_state,omitempty"`
 	WritebackLastError string `json:"writeback_last_error,omitempty"`
-
 	// An NBD backing (--backing nbd://): "up" or "down" (empty for a
-	// local one), how long the current outage has lasted, and the
-	// connections lost since the start.
-	BackingState       string  `json:"backing_state,omitempty"`
-	BackingDownSeconds float64 `json:"backing_down_seconds,omitempty"`
-	BackingOutages     int64   `json:"backing_outages,omitempty"`
+	// local one).
+	BackingState string `json:"backing_state,omitempty"`
+}
 
-	UptimeSeconds float64 `json:"uptime_seconds"`
+// The parts of Stats, named so that they can be embedded side by side.
+type (
+	ServerStats    = nbd.Stats
+	RemoteStats    = nbd.RemoteStats
+	CacheStats     = cache.Stats
+	WritebackStats = writeback.Stats
+)
+
+// NewStats puts the parts together and derives the rest. remote, c and wb
+// may be nil.
+func NewStats(uptime time.Duration, srv nbd.Stats, remote *nbd.RemoteStats, c *cache.Stats, wb *writeback.Stats) Stats {
+	s := Stats{Mode: "direct", UptimeSeconds: uptime.Seconds(), ServerStats: srv, RemoteStats: remote, CacheStats: c, WritebackStats: wb}
+	if remote != nil {
+		s.BackingState = "up"
+		if !remote.Connected {
+			s.BackingState = "down"
+		}
+	}
+	if c != nil {
+		s.Mode = c.Mode.String()
+		if reads := c.Hits + c.Misses + c.PartialHits; reads > 0 {
+			s.HitRatio = (float64(c.Hits) + float64(c.PartialHits)/2) / float64(reads)
+		}
+		if c.Buckets > 0 {
+			s.Occupancy = float64(c.Buckets-c.FreeBuckets) / float64(c.Buckets)
+		}
+		if c.WriteBytes > 0 {
+			s.GCWriteAmp = float64(c.GCMovedBytes) / float64(c.WriteBytes)
+		}
+		s.BackingFlushes = c.BackingFlushes
+		s.CacheErrors = c.CacheReadErrors + c.CacheWriteErrors
+	}
+	if wb != nil {
+		s.BackingFlushes += wb.Flushes
+		s.WritebackState = wb.Mode.String()
+		if wb.LastError != nil {
+			s.WritebackLastError = wb.LastError.Error()
+		}
+	}
+	return s
 }
 
 // Progress is one line of a drain's progress.

@@ -1,13 +1,19 @@
 package control
 
 import (
-	"os"
-
 	"context"
+	"encoding/json"
 	"errors"
-	"github.com/nbdcache/nbdcache/unixsock"
+	"os"
 	"path/filepath"
+	"reflect"
+	"strings"
 	"testing"
+
+	"github.com/nbdcache/nbdcache/cache"
+	"github.com/nbdcache/nbdcache/nbd"
+	"github.com/nbdcache/nbdcache/unixsock"
+	"github.com/nbdcache/nbdcache/writeback"
 )
 
 type fakeTarget struct {
@@ -16,7 +22,7 @@ type fakeTarget struct {
 	steps    int64
 }
 
-func (f *fakeTarget) Stats() Stats { return Stats{Mode: f.mode, DirtyBytes: 42} }
+func (f *fakeTarget) Stats() Stats { return Stats{Mode: f.mode, CacheStats: &cache.Stats{DirtyBytes: 42}} }
 
 func (f *fakeTarget) Drain(ctx context.Context, progress func(done, total int64)) error {
 	for i := int64(0); i <= f.steps; i++ {
@@ -161,5 +167,62 @@ func TestDrainClientCancelIsNotServerStopped(t *testing.T) {
 	err = Dial(path).Drain(ctx, func(Progress) { cancel() })
 	if !errors.Is(err, context.Canceled) || errors.Is(err, ErrStopped) {
 		t.Fatalf("the client's own cancel: %v", err)
+	}
+}
+
+// TestStatsJSONNames: Stats is one flat JSON object made of its parts'
+// own names. Two parts giving a field the same name would make
+// encoding/json drop both without a word; every name of every part, and
+// of Stats itself, must appear, each once.
+func TestStatsJSONNames(t *testing.T) {
+	s := NewStats(0, nbd.Stats{}, &nbd.RemoteStats{}, &cache.Stats{}, &writeback.Stats{})
+	js, err := json.Marshal(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got map[string]any
+	if err := json.Unmarshal(js, &got); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]string{}
+	var walk func(rt reflect.Type)
+	walk = func(rt reflect.Type) {
+		for i := range rt.NumField() {
+			f := rt.Field(i)
+			if f.Anonymous {
+				if ft := f.Type; ft.Kind() == reflect.Pointer {
+					walk(ft.Elem())
+				} else {
+					walk(ft)
+				}
+				continue
+			}
+			name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+			if name == "-" {
+				continue
+			}
+			if name == "" {
+				t.Errorf("%s.%s has no JSON name", rt, f.Name)
+				continue
+			}
+			if other, ok := want[name]; ok {
+				t.Errorf("%q names both %s and %s.%s", name, other, rt, f.Name)
+			}
+			want[name] = rt.String() + "." + f.Name
+			if _, ok := got[name]; !ok && !strings.HasSuffix(f.Tag.Get("json"), ",omitempty") {
+				t.Errorf("%q (%s) is missing from the JSON", name, want[name])
+			}
+		}
+	}
+	walk(reflect.TypeOf(s))
+	for name := range got {
+		if _, ok := want[name]; !ok {
+			t.Errorf("the JSON has %q, which no field names", name)
+		}
+	}
+	// Without a cache or a remote, their parts are left out.
+	js, _ = json.Marshal(NewStats(0, nbd.Stats{}, nil, nil, nil))
+	if strings.Contains(string(js), "dirty_bytes") || strings.Contains(string(js), "backing_outages") {
+		t.Errorf("a server without a cache shows cache fields: %s", js)
 	}
 }

@@ -126,10 +126,10 @@ func DialRemote(ctx context.Context, uri string, cfg RemoteConfig) (*Remote, err
 
 // RemoteStats is the state of a Remote's connections.
 type RemoteStats struct {
-	Connected   bool    // every connection is up
-	DownSeconds float64 // how long the current outage has lasted (0: none)
-	Outages     int64   // connections lost since the start
-	Reconnects  int64   // connections dialled again
+	Connected   bool    `json:"backing_connected"`    // every connection is up
+	DownSeconds float64 `json:"backing_down_seconds"` // how long the current outage has lasted (0: none)
+	Outages     int64   `json:"backing_outages"`      // connections lost since the start
+	Reconnects  int64   `json:"backing_reconnects"`   // connections dialled again
 }
 
 // Reachable reports whether every connection to the remote is up

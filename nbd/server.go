@@ -493,32 +493,34 @@ func (s *Server) DropConnections() int {
 
 // Stats is a snapshot of the server's counters.
 type Stats struct {
-	Connections   int64 // accepted since start
-	Active        int64 // open now
-	Requests      int64
-	Errors        int64 // requests answered with an error
-	BytesRead     int64
-	BytesWritten  int64
-	Reads         int64
-	Writes        int64
-	Flushes       int64
-	Trims         int64
-	Zeroes        int64
-	BlockStatuses int64
+	Connections   int64 `json:"connections"`        // accepted since start
+	Active        int64 `json:"active_connections"` // open now
+	Requests      int64 `json:"requests"`
+	Errors        int64 `json:"request_errors"` // requests answered with an error
+	BytesRead     int64 `json:"bytes_read"`
+	BytesWritten  int64 `json:"bytes_written"`
+	Reads         int64 `json:"client_reads"`
+	Writes        int64 `json:"client_writes"`
+	Flushes       int64 `json:"client_flushes"`
+	Trims         int64 `json:"client_trims"`
+	Zeroes        int64 `json:"client_zeroes"`
+	BlockStatuses int64 `json:"client_block_statuses"`
 	// Refused counts connections closed before the greeting: over
 	// MaxConnections or outside Allow.
-	Refused int64
+	Refused int64 `json:"refused_connections"`
 	// TimedOut counts connections dropped by WriteTimeout (a client that
 	// stopped reading replies) or ReadTimeout (a stalled payload).
-	TimedOut int64
+	TimedOut int64 `json:"timed_out_connections"`
 	// Idle counts connections closed by IdleTimeout.
-	Idle int64
+	Idle int64 `json:"idle_connections"`
 	// BufferBytes is the buffer budget in use now (the main arena and
 	// the lanes), and BufferWaits the requests that had to wait for it.
 	// BufferPeak is the main arena's high mark plus the lanes': an upper
 	// bound on BufferBytes' high mark, which it reaches only if both
 	// peaked at once.
-	BufferBytes, BufferPeak, BufferWaits int64
+	BufferBytes int64 `json:"buffer_bytes"`
+	BufferPeak  int64 `json:"buffer_peak"`
+	BufferWaits int64 `json:"buffer_waits"`
 }
 
 type counters struct {

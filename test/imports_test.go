@@ -31,7 +31,7 @@ var allowedImports = map[string][]string{
 	"nbd":                 {"storage"},
 	"nbd/kernel":          {},
 	"probe":               {"storage"},
-	"control":             {"unixsock"},
+	"control":             {"cache", "nbd", "unixsock", "writeback"},
 	"storage/storagetest": {"internal/testbytes", "storage", "test/testseed"},
 	"cmd/nbdcache":        {"cache", "control", "faults", "internal/ratelog", "internal/sdnotify", "metrics", "nbd", "nbd/kernel", "probe", "storage", "unixsock", "writeback"},
 	"faults":              {"cache", "control", "nbd", "storage"},

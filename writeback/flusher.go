@@ -82,28 +82,28 @@ type Filler interface {
 
 // Stats is a snapshot of the flusher's counters.
 type Stats struct {
-	Mode         Mode    // what the flusher is doing now
-	Rate         int64   // controller output, bytes/s (the limit in ModeRate)
-	Proportional float64 // controller's proportional term, bytes/s
-	Integral     float64 // controller's integral term, bytes/s
-	Target       int64   // target dirty bytes
-	Dirty        int64   // dirty bytes not yet written back, at the last look (Source.DirtyBytes - Pending)
-	Pending      int64   // bytes of the current batch written to the backing, not yet flushed and marked clean
-	WrittenRate  int64   // bytes/s written back over the last controller interval
+	Mode         Mode    `json:"-"`                       // what the flusher is doing now
+	Rate         int64   `json:"writeback_rate_limit"`    // controller output, bytes/s (the limit in ModeRate)
+	Proportional float64 `json:"writeback_proportional"`  // controller's proportional term, bytes/s
+	Integral     float64 `json:"writeback_integral"`      // controller's integral term, bytes/s
+	Target       int64   `json:"writeback_target"`        // target dirty bytes
+	Dirty        int64   `json:"writeback_dirty_bytes"`   // dirty bytes not yet written back, at the last look (Source.DirtyBytes - Pending)
+	Pending      int64   `json:"writeback_pending_bytes"` // bytes of the current batch written to the backing, not yet flushed and marked clean
+	WrittenRate  int64   `json:"writeback_rate"`          // bytes/s written back over the last controller interval
 
-	BytesWritten  int64 // bytes written to the backing
-	FilledBytes   int64 // of them, clean data that bridged gaps between dirty extents
-	Writes        int64 // backing writes
-	AvgWrite      int64 // BytesWritten / Writes
-	Flushes       int64 // backing flushes
-	Batches       int64 // batches completed
-	Passes        int64 // passes over the whole device completed
-	Cleaned       int64 // bytes marked clean
-	Collisions    int64 // extents that lost the race with a newer write
-	CollidedBytes int64 // bytes of those
-	Busy          int64 // pieces skipped because ReadCached said ErrBusy
-	Errors        int64 // failed cache reads, backing writes and flushes
-	LastError     error // the most recent of those, or nil
+	BytesWritten  int64 `json:"writeback_written_bytes"` // bytes written to the backing
+	FilledBytes   int64 `json:"writeback_filled_bytes"`  // of them, clean data that bridged gaps between dirty extents
+	Writes        int64 `json:"backing_writes"`          // backing writes
+	AvgWrite      int64 `json:"backing_write_avg"`       // BytesWritten / Writes
+	Flushes       int64 `json:"writeback_flushes"`       // backing flushes
+	Batches       int64 `json:"writeback_batches"`       // batches completed
+	Passes        int64 `json:"writeback_passes"`        // passes over the whole device completed
+	Cleaned       int64 `json:"writeback_cleaned_bytes"` // bytes marked clean
+	Collisions    int64 `json:"collisions"`              // extents that lost the race with a newer write
+	CollidedBytes int64 `json:"collided_bytes"`          // bytes of those
+	Busy          int64 `json:"writeback_busy"`          // pieces skipped because ReadCached said ErrBusy
+	Errors        int64 `json:"writeback_errors"`        // failed cache reads, backing writes and flushes
+	LastError     error `json:"-"`                       // the most recent of those, or nil
 }
 
 // Flusher writes dirty data back from the cache to the backing device.

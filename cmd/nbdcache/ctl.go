@@ -74,34 +74,50 @@ func runStats(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 }
 
+// printStats prints a snapshot; with rates, the rates since prev, taken
+// dt before. The cache, writeback and remote lines appear only where the
+// server has those parts.
 func printStats(w io.Writer, s, prev control.Stats, dt time.Duration, rates bool) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	perSec := func(now, before int64) int64 { return int64(float64(now-before) / dt.Seconds()) }
+	rates = rates && dt > 0
 	fmt.Fprintf(tw, "mode\t%s\tuptime\t%.0fs\n", s.Mode, s.UptimeSeconds)
-	fmt.Fprintf(tw, "dirty\t%s\tcached\t%s of %s (occupancy %.1f%%)\n", mibs(s.DirtyBytes), mibs(s.CachedBytes), mibs(s.CapacityBytes), 100*s.Occupancy)
-	fmt.Fprintf(tw, "hit ratio\t%.3f\thits/misses/partial\t%d/%d/%d (RAM %d)\n", s.HitRatio, s.Hits, s.Misses, s.PartialHits, s.RAMHits)
-	fmt.Fprintf(tw, "bypasses\t%d (%d thrashing)\tpromotions\t%d\n", s.Bypasses, s.ThrashBypasses, s.Promotions)
-	wbRate := s.WritebackRate
-	if rates && dt > 0 {
-		wbRate = int64(float64(s.WritebackBytes-prev.WritebackBytes) / dt.Seconds())
+	if c := s.CacheStats; c != nil {
+		fmt.Fprintf(tw, "dirty\t%s\tcached\t%s of %s (occupancy %.1f%%)\n", mibs(c.DirtyBytes), mibs(c.CachedBytes), mibs(c.CapacityBytes), 100*s.Occupancy)
+		fmt.Fprintf(tw, "hit ratio\t%.3f\thits/misses/partial\t%d/%d/%d (RAM %d)\n", s.HitRatio, c.Hits, c.Misses, c.PartialHits, c.RAMHits)
+		fmt.Fprintf(tw, "bypasses\t%d (%d thrashing)\tpromotions\t%d\n", c.Bypasses, c.ThrashBypasses, c.Promotions)
 	}
-	fmt.Fprintf(tw, "writeback\t%s total (%s)\trate\t%s/s, target dirty %s\n", mibs(s.WritebackBytes), s.WritebackState, mibs(wbRate), mibs(s.WritebackTarget))
-	fmt.Fprintf(tw, "collisions\t%d\tbacking writes\t%d (avg %s), %d flushes\n", s.Collisions, s.BackingWrites, mibs(s.BackingWriteAvg), s.BackingFlushes)
-	if s.BackingState != "" {
-		fmt.Fprintf(tw, "backing\t%s\toutages\t%d (down for %.0fs)\n", s.BackingState, s.BackingOutages, s.BackingDownSeconds)
+	if wb := s.WritebackStats; wb != nil {
+		var total, rate int64
+		if c := s.CacheStats; c != nil {
+			total = c.WritebackBytes
+		}
+		rate = wb.WrittenRate
+		if rates && prev.CacheStats != nil {
+			rate = perSec(total, prev.CacheStats.WritebackBytes)
+		}
+		fmt.Fprintf(tw, "writeback\t%s total (%s)\trate\t%s/s, target dirty %s\n", mibs(total), s.WritebackState, mibs(rate), mibs(wb.Target))
+		fmt.Fprintf(tw, "collisions\t%d\tbacking writes\t%d (avg %s), %d flushes\n", wb.Collisions, wb.Writes, mibs(wb.AvgWrite), s.BackingFlushes)
+		if wb.Errors > 0 {
+			fmt.Fprintf(tw, "writeback errors\t%d\tlast\t%s\n", wb.Errors, s.WritebackLastError)
+		}
 	}
-	if s.WritebackErrors > 0 {
-		fmt.Fprintf(tw, "writeback errors\t%d\tlast\t%s\n", s.WritebackErrors, s.WritebackLastError)
+	if r := s.RemoteStats; r != nil {
+		fmt.Fprintf(tw, "backing\t%s\toutages\t%d (down for %.0fs)\n", s.BackingState, r.Outages, r.DownSeconds)
 	}
-	fmt.Fprintf(tw, "requests\t%d (errors %d)\tconnections\t%d open, %d total, %d refused, %d timed out\n", s.Requests, s.RequestErrors, s.ActiveConns, s.Connections, s.RefusedConns, s.TimedOutConns)
-	fmt.Fprintf(tw, "buffers\t%s (peak %s)\twaits\t%d\n", mibs(s.BufferBytes), mibs(s.BufferPeak), s.BufferWaits)
-	if rates && dt > 0 {
+	n := s.ServerStats
+	fmt.Fprintf(tw, "requests\t%d (errors %d)\tconnections\t%d open, %d total, %d refused, %d timed out\n", n.Requests, n.Errors, n.Active, n.Connections, n.Refused, n.TimedOut)
+	fmt.Fprintf(tw, "buffers\t%s (peak %s)\twaits\t%d\n", mibs(n.BufferBytes), mibs(n.BufferPeak), n.BufferWaits)
+	if rates {
 		fmt.Fprintf(tw, "client I/O\tread %s/s\twrite\t%s/s\n",
-			mibs(int64(float64(s.BytesRead-prev.BytesRead)/dt.Seconds())), mibs(int64(float64(s.BytesWritten-prev.BytesWritten)/dt.Seconds())))
+			mibs(perSec(n.BytesRead, prev.ServerStats.BytesRead)), mibs(perSec(n.BytesWritten, prev.ServerStats.BytesWritten)))
 	}
-	fmt.Fprintf(tw, "gc runs\t%d (moved %s, write amplification %.2f; cleaned %s)\tevicted\t%s\n",
-		s.GCRuns, mibs(s.GCMovedBytes), s.GCWriteAmp, mibs(s.GCCleanedBytes), mibs(s.EvictedBytes))
-	if s.Failed {
-		fmt.Fprintf(tw, "FAILED\tthe cache device failed; dirty data is at risk\t\t\n")
+	if c := s.CacheStats; c != nil {
+		fmt.Fprintf(tw, "gc runs\t%d (moved %s, write amplification %.2f; cleaned %s)\tevicted\t%s\n",
+			c.GCRuns, mibs(c.GCMovedBytes), s.GCWriteAmp, mibs(c.GCCleanedBytes), mibs(c.EvictedBytes))
+		if c.Failed {
+			fmt.Fprintf(tw, "FAILED\tthe cache device failed; dirty data is at risk\t\t\n")
+		}
 	}
 	tw.Flush()
 	fmt.Fprintln(w)

@@ -14,6 +14,7 @@ import (
 	"github.com/nbdcache/nbdcache/metrics"
 	"github.com/nbdcache/nbdcache/nbd"
 	"github.com/nbdcache/nbdcache/unixsock"
+	"github.com/nbdcache/nbdcache/writeback"
 )
 
 // daemon is what the control socket sees of a running server: the one
@@ -28,68 +29,18 @@ type daemon struct {
 var _ control.Target = (*daemon)(nil)
 
 func (d *daemon) Stats() control.Stats {
-	n := d.srv.Stats()
-	s := control.Stats{
-		Mode:          "none",
-		Connections:   n.Connections,
-		ActiveConns:   n.Active,
-		Requests:      n.Requests,
-		RequestErrors: n.Errors,
-		BytesRead:     n.BytesRead,
-		BytesWritten:  n.BytesWritten,
-		ClientFlushes: n.Flushes,
-		RefusedConns:  n.Refused,
-		TimedOutConns: n.TimedOut,
-		BufferBytes:   n.BufferBytes,
-		BufferPeak:    n.BufferPeak,
-		BufferWaits:   n.BufferWaits,
-		UptimeSeconds: time.Since(d.started).Seconds(),
-	}
+	var remote *nbd.RemoteStats
 	if r := d.st.remote; r != nil {
 		rs := r.Stats()
-		s.BackingState, s.BackingDownSeconds, s.BackingOutages = "up", rs.DownSeconds, rs.Outages
-		if !rs.Connected {
-			s.BackingState = "down"
-		}
+		remote = &rs
 	}
-	c := d.st.liveCache()
-	if c == nil {
-		s.Mode = "direct"
-		return s
+	var cs *cache.Stats
+	var ws *writeback.Stats
+	if c := d.st.liveCache(); c != nil {
+		s, w := c.Stats(), c.WritebackStats()
+		cs, ws = &s, &w
 	}
-	cs := c.Stats()
-	s.Mode = cs.Mode.String()
-	s.Hits, s.Misses, s.PartialHits, s.RAMHits = cs.Hits, cs.Misses, cs.PartialHits, cs.RAMHits
-	if reads := cs.Hits + cs.Misses + cs.PartialHits; reads > 0 {
-		s.HitRatio = (float64(cs.Hits) + float64(cs.PartialHits)/2) / float64(reads)
-	}
-	s.Bypasses, s.ThrashBypasses, s.Promotions = cs.Bypasses, cs.ThrashBypasses, cs.Promotions
-	s.DirtyBytes, s.CachedBytes, s.CapacityBytes, s.Extents = cs.DirtyBytes, cs.CachedBytes, cs.CapacityBytes, cs.Extents
-	if cs.Buckets > 0 {
-		s.Occupancy = float64(cs.Buckets-cs.FreeBuckets) / float64(cs.Buckets)
-	}
-	s.GCRuns, s.GCMovedBytes, s.GCCleanedBytes, s.EvictedBytes = cs.GCRuns, cs.GCMovedBytes, cs.GCCleanedBytes, cs.EvictedBytes
-	if cs.WriteBytes > 0 {
-		s.GCWriteAmp = float64(cs.GCMovedBytes) / float64(cs.WriteBytes)
-	}
-	s.JournalCommits, s.JournalPublishes, s.Checkpoints = cs.Commits, cs.Publishes, cs.Checkpoints
-	s.DataWrites = cs.DataWrites
-	s.BackingFlushes = cs.BackingFlushes
-	s.BackingWriteNanos = cs.BackingWriteNanos
-	s.CacheErrors = cs.CacheReadErrors + cs.CacheWriteErrors
-	s.Failed = cs.Failed
-	s.WritebackBytes, s.CollidedBytes = cs.WritebackBytes, cs.WritebackCollisions
-	ws := c.WritebackStats()
-	s.Collisions, s.CollidedBytes = ws.Collisions, ws.CollidedBytes // the flusher sees stale reads too
-	s.WritebackRate, s.WritebackTarget = ws.WrittenRate, ws.Target
-	s.BackingWrites, s.BackingWriteAvg = ws.Writes, ws.AvgWrite
-	s.BackingFlushes += ws.Flushes
-	s.WritebackState = ws.Mode.String()
-	s.WritebackErrors = ws.Errors
-	if ws.LastError != nil {
-		s.WritebackLastError = ws.LastError.Error()
-	}
-	return s
+	return control.NewStats(time.Since(d.started), d.srv.Stats(), remote, cs, ws)
 }
 
 func (d *daemon) Drain(ctx context.Context, progress func(done, total int64)) error {
