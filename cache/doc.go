@@ -195,7 +195,8 @@
 // One mutex (mu) guards the index, the bucket table and the journal's
 // in-memory state; it is never held across I/O. What it guards is grouped
 // by owner, each type in its own file with its invariants: mu.j, the
-// journal (journal.go); mu.space, the buckets, their lists and the
+// journal and its writer's turn (journal.go; commit.go drives it, and
+// ring.go admits operations against the ring's room); mu.space, the buckets, their lists and the
 // allocators (space.go); mu.admit, the admission policy's state
 // (admission.go). The index, the range holds (mu.wb, mu.direct,
 // mu.promos) and the checkpoint's place stay on Cache: they are the glue

@@ -1,17 +1,13 @@
 package cache
 
-// journal.go: the journal's state (journal) and its writer: records are
-// appended to an open block under Cache.mu, blocks are sealed into a ring
-// of slots, and one writer at a time (the turn) publishes or commits them.
+// journal.go: the journal's state (journal) and its writer's turn:
+// records are appended to an open block under Cache.mu, blocks are sealed
+// into a ring of slots, and one writer at a time (the turn) publishes or
+// commits them. commit.go drives it.
 
 import (
-	"errors"
-	"fmt"
-	"runtime"
 	"slices"
 	"sync"
-
-	"github.com/nbdcache/nbdcache/storage"
 )
 
 // journal is the journal's state, Cache.mu.j. Cache.mu guards every field
@@ -56,12 +52,12 @@ type journal struct {
 
 	bWrites, bFlushed uint64 // backing writes done / covered by a flush
 
-	// turn is the writer's own buffers, used only by the goroutine that
-	// holds the turn: the blocks of the turn, and the copy of the open
-	// block that a publish writes.
-	turn struct {
-		batch []sealedBlock
-		pub   []byte
+	// bufs are the writer's turn's buffers, used only by the goroutine
+	// that holds the turn (writing), for the blocks it writes and the copy
+	// of the open block that a publish writes.
+	bufs struct {
+		blocks []sealedBlock
+		pub    []byte
 	}
 }
 
@@ -69,7 +65,7 @@ type journal struct {
 // slot pos, with chain value prev), guarded by mu.
 func (j *journal) init(mu *sync.Mutex, seq uint64, pos int64, prev uint32) {
 	j.nextSeq, j.head, j.prev, j.startSeq, j.durable = seq, pos, prev, seq, seq
-	j.open, j.turn.pub = make([]byte, metaBlock), make([]byte, metaBlock)
+	j.open, j.bufs.pub = make([]byte, metaBlock), make([]byte, metaBlock)
 	j.cond.L = mu
 }
 
@@ -114,372 +110,121 @@ func (j *journal) seal(salt uint32, slots int64, ckptSeq uint64) bool {
 // checkpoint does not cover, sealed or not.
 func (j *journal) usedSlots() int64 { return int64(j.nextSeq-j.startSeq) + 1 }
 
-// appendLocked adds r to the open block, sealing it when full.
-func (c *Cache) appendLocked(r record) {
-	full := c.mu.j.add(r)
-	if c.tracing() {
-		c.tracef(r.Off, r.Len, "rec#%d %s [%d+%d)@%d v%d dirty=%v gen=%d blk=%d cleanGone=%d", c.mu.j.appended, recName(r.Type), r.Off, r.Len, r.Loc, r.Ver, r.Dirty, r.Gen, c.mu.j.nextSeq, c.mu.j.cleanGone.newest)
+// turn is one journal writer's turn: what take gave it to write, and
+// where the journal will be once it is written (and, for a commit,
+// synced). A commit's turn outlives the writer's turn (written), through
+// its sync, while a publisher may take the next: it is the caller's own
+// copy. blocks and pub are journal.bufs, the turn's until written.
+type turn struct {
+	sync   bool
+	blocks []sealedBlock // sealed blocks, then the published open block
+	pub    []byte        // the copy of the open block that a publish writes
+	// The published open block's header, finished outside the lock
+	// (openN 0: none).
+	openN                          int
+	openSeq, openDurable, openCkpt uint64
+	openPrev                       uint32
+	// After the writes: every record before visible is written; a backing
+	// flush first (needB) covers the backing writes before bNow. After the
+	// sync (needSync): every block before durable is durable, and every
+	// record before visible synced.
+	durable, visible, bNow uint64
+	needB, needSync        bool
+}
+
+// goal is what a journal writer must make true: the blocks sealed, the
+// records appended and the backing writes done before it began.
+type goal struct{ seq, appended, bWrites uint64 }
+
+func (j *journal) goal() goal { return goal{j.nextSeq, j.appended, j.bWrites} }
+
+// reached reports whether g needs no turn: its records are written, and
+// for a commit (sync) durable with the backing writes flushed.
+func (j *journal) reached(g goal, sync bool) bool {
+	return j.visible >= g.appended && (!sync || j.durable >= g.seq && j.bFlushed >= g.bWrites)
+}
+
+// turnFree reports whether a writer may take the turn: no other writer,
+// and for a commit no sync running either.
+func (j *journal) turnFree(sync bool) bool { return !j.writing && !(sync && j.syncing) }
+
+// take gives the caller the writer's turn (turnFree must hold): the
+// sealed blocks leave the queue for the turn (sealed keeps its array for
+// the appenders), and a publish takes a copy of the open block, which
+// stays open. ckptSeq is the durable checkpoint the open block's header
+// names.
+func (j *journal) take(sync bool, ckptSeq uint64) turn {
+	j.writing = true
+	j.syncing = j.syncing || sync
+	t := turn{sync: sync, pub: j.bufs.pub}
+	t.blocks = append(j.bufs.blocks[:0], j.sealed...)
+	clear(j.sealed)
+	j.sealed = j.sealed[:0]
+	openN, openSeq, openPrev, openDurable, openCkpt := 0, j.nextSeq, j.prev, j.durable, ckptSeq
+	if !sync && j.n > 0 {
+		openN = j.n
+		copy(t.pub, j.open)
+		t.blocks = append(t.blocks, sealedBlock{seq: openSeq, pos: j.head, data: t.pub})
 	}
-	c.stats.journalRecords.Add(1)
-	if full {
-		c.sealLocked()
+	t.openN, t.openSeq, t.openPrev, t.openDurable, t.openCkpt = openN, openSeq, openPrev, openDurable, openCkpt
+	t.durable, t.visible, t.bNow = j.nextSeq, j.appended, j.bWrites
+	t.needB = t.bNow > j.bFlushed && (sync || j.cleanDep > j.visible)
+	t.needSync = sync && t.durable > j.durable
+	return t
+}
+
+// finishOpen finishes the header and checksum of the published open
+// block, outside the lock.
+func (t *turn) finishOpen(salt uint32) {
+	if t.openN > 0 {
+		finishJBlock(t.pub, salt, t.openSeq, t.openPrev, t.openN, t.openDurable, t.openCkpt)
 	}
 }
 
-// sealLocked seals the open block (journal.seal), if it holds records.
-func (c *Cache) sealLocked() {
-	if c.mu.j.seal(c.sb.salt(), c.sb.journalSlots(), c.mu.ckptSeq) {
-		c.stats.journalBlocks.Add(1)
+// giveBack ends a turn that wrote nothing (its backing flush failed): the
+// sealed blocks go back ahead of any sealed meanwhile (the open one is
+// still open).
+func (j *journal) giveBack(t *turn) {
+	unwritten := slices.Clone(t.blocks[:len(t.blocks)-min(t.openN, 1)])
+	j.sealed = append(unwritten, j.sealed...)
+	j.writing = false
+	if t.sync {
+		j.syncing = false
 	}
+	j.release(t)
+	j.cond.Broadcast()
 }
 
-// usedSlotsLocked is journal.usedSlots.
-func (c *Cache) usedSlotsLocked() int64 { return c.mu.j.usedSlots() }
-
-func (c *Cache) errLocked() error {
-	if c.mu.closed {
-		return ErrClosed
-	}
-	return c.mu.failed
-}
-
-// enter admits an index-changing operation. It holds a slot of the
-// semaphore that bounds how many admitted operations may still append
-// records (each appends at most one record, so at most one journal block).
-// When the ring is CheckpointPercent full, the first operation to notice
-// writes a checkpoint itself while the others carry on; only when the
-// ring is so full that the operations in flight could overflow it does an
-// operation wait for a checkpoint (ringFullLocked). Every enter is paired
-// with leave.
-func (c *Cache) enter() error { return c.enterN(1) }
-
-// enterN is enter for k operations at once (a batch appends up to k
-// records), paired with leaveN(k). Batches take their slots one batch at
-// a time (ops.batch): two that each held part of what they need could
-// wait for each other for ever. k is at most maxBatchSlots, or 1.
-func (c *Cache) enterN(k int) error {
-	if k == 1 {
-		c.ops.sem <- struct{}{}
-	} else {
-		c.ops.batch.Lock()
-		for range k {
-			c.ops.sem <- struct{}{}
-		}
-		c.ops.batch.Unlock()
-	}
-	triedSoft := false
-	for {
-		c.mu.Lock()
-		err := c.errLocked()
-		full, want := c.ringFullLocked(), c.ringWantsCheckpointLocked()
-		c.mu.Unlock()
-		switch {
-		case err != nil:
-			c.leaveN(k)
-			return err
-		case full:
-			if err := c.checkpointIf(c.ringFull, true); err != nil {
-				c.leaveN(k)
-				return err
-			}
-		case want && !triedSoft:
-			triedSoft = true
-			if err := c.checkpointIf(c.ringWantsCheckpoint, false); err != nil {
-				c.leaveN(k)
-				return err
-			}
-		default:
-			return nil
-		}
-	}
-}
-
-func (c *Cache) leave() { c.leaveN(1) }
-
-func (c *Cache) leaveN(k int) {
-	for range k {
-		<-c.ops.sem
-	}
-}
-
-// maxBatchSlots is the most slots one batch may hold: half of them, so
-// that single operations always find some (0 with a ring of fewer than
-// 16 blocks: no batches).
-func (c *Cache) maxBatchSlots() int { return cap(c.ops.sem) / 2 }
-
-// ringWantsCheckpointLocked: the ring is CheckpointPercent full.
-func (c *Cache) ringWantsCheckpointLocked() bool {
-	return c.usedSlotsLocked()*100 > c.sb.journalSlots()*int64(c.opts.CheckpointPercent)
-}
-
-// ringFullLocked: admitting one more operation could let the operations
-// in flight (at most cap(sem), one record each, each record at most one
-// new block) seal a block over a slot the durable checkpoint still needs.
-func (c *Cache) ringFullLocked() bool {
-	return c.usedSlotsLocked()+int64(cap(c.ops.sem))+1 > c.sb.journalSlots()
-}
-
-func (c *Cache) ringWantsCheckpoint() bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.ringWantsCheckpointLocked()
-}
-
-func (c *Cache) ringFull() bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.ringFullLocked()
-}
-
-// commit makes every record appended before the call durable, and every
-// backing write completed before the call: it seals the open block and
-// group-commits (writeJournal).
-func (c *Cache) commit() error { return c.writeJournal(true) }
-
-// publish makes every record appended before the call visible: written to
-// the cache device, open block included, but not synced. A process that
-// opens the device after this one was killed replays it, so a write
-// published before it is acknowledged survives kill -9 (the page cache
-// outlives the process). Only a power cut loses what no FLUSH or FUA
-// covered, as the design's contract allows. A filesystem mounted on
-// /dev/nbdX across a server restart (attach --reconnect) depends on this:
-// it never learns that the server died, so a write it was told had
-// completed must still be there.
-//
-// It yields once first, so that writers completing at the same moment
-// append their records and share the write: with fio 4k randwrite at QD32
-// through the server, one publish covered six writes, and IOPS rose by
-// about a tenth.
-func (c *Cache) publish() error {
-	runtime.Gosched()
-	return c.writeJournal(false)
-}
-
-// settleCleanGone makes durable, before a backing write over [off, off+n),
-// every record that removed a clean extent (deleted it, or wrote over it)
-// there: until then a crash can bring the clean extent back, over backing
-// bytes that no longer equal it (goneSet). The commit it may need is
-// shared with whatever commit runs.
-func (c *Cache) settleCleanGone(off, n int64) error {
-	c.mu.Lock()
-	need := c.mu.j.cleanGone.pending(off, n, c.mu.j.synced) && c.test.brk != breakNoCleanGone
-	c.mu.Unlock()
-	if !need {
-		return nil
-	}
-	return c.commit()
-}
-
-// ack completes an acknowledged request: a FUA makes it durable, any
-// other is published.
-func (c *Cache) ack(flags storage.Flags) error {
-	if flags&storage.FUA != 0 {
-		c.stats.fua.Add(1)
-		return c.commit()
-	}
-	return c.publish()
-}
-
-// writeJournal is commit (sync) or publish (!sync). One journal writer at a
-// time (jwriting) writes every sealed block not yet written, and publish
-// also the open block as it is (it stays open; a later write of it, longer,
-// goes to the same slot; a block is never rewritten after a sync covered
-// it, because commit seals before writing). Waiters whose records it
-// covered return with it. A commit then syncs the cache device once
-// (jsyncing), while publishers may write again: the sync covers every
-// block written before it began.
-//
-// The backing is flushed before the blocks are written when a backing
-// write may be among the records a commit makes durable, or when a
-// record that depends on an unflushed backing write is to be written
-// (cleanDep): a clean extent must not outlive, in a crash, the backing
-// data it claims to equal, nor the drop of dirty data the backing data
-// that superseded it.
-func (c *Cache) writeJournal(sync bool) error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if sync {
-		c.sealLocked()
-	}
-	target, visTarget, bTarget := c.mu.j.nextSeq, c.mu.j.appended, c.mu.j.bWrites
-	for {
-		if c.mu.failed != nil {
-			return c.mu.failed
-		}
-		if c.mu.j.visible >= visTarget && (!sync || c.mu.j.durable >= target && c.mu.j.bFlushed >= bTarget) {
-			return nil
-		}
-		if !c.mu.j.writing && !(sync && c.mu.j.syncing) {
-			break
-		}
-		if sync {
-			c.stats.commitWaits.Add(1)
-		}
-		c.mu.j.cond.Wait()
-	}
-	c.mu.j.writing = true
-	if sync {
-		c.mu.j.syncing = true
-		// Seal again: records appended while we waited ride along.
-		c.sealLocked()
-	}
-	// The turn's own buffers: sealed blocks are copied out (jsealed keeps
-	// its array for the appenders), the open block into pubBuf, whose
-	// header and checksum are finished outside the lock.
-	blocks := append(c.mu.j.turn.batch[:0], c.mu.j.sealed...)
-	clear(c.mu.j.sealed)
-	c.mu.j.sealed = c.mu.j.sealed[:0]
-	openN, openSeq, openPrev, openDurable, openCkpt := 0, c.mu.j.nextSeq, c.mu.j.prev, c.mu.j.durable, c.mu.ckptSeq
-	if !sync && c.mu.j.n > 0 {
-		openN = c.mu.j.n
-		copy(c.mu.j.turn.pub, c.mu.j.open)
-		blocks = append(blocks, sealedBlock{seq: openSeq, pos: c.mu.j.head, data: c.mu.j.turn.pub})
-	}
-	durable, visible, bNow := c.mu.j.nextSeq, c.mu.j.appended, c.mu.j.bWrites
-	needB := bNow > c.mu.j.bFlushed && (sync || c.mu.j.cleanDep > c.mu.j.visible)
-	needSync := sync && durable > c.mu.j.durable
-	c.mu.Unlock()
-
-	if openN > 0 {
-		finishJBlock(c.mu.j.turn.pub, c.sb.salt(), openSeq, openPrev, openN, openDurable, openCkpt)
-	}
-	err := c.writeBlocks(blocks, needB, sync)
-	var unwritten []sealedBlock
-	if errors.Is(err, errBackingFlush) {
-		// Nothing was written: the sealed blocks go back (the open one
-		// is still open), ahead of any sealed meanwhile.
-		unwritten = slices.Clone(blocks[:len(blocks)-min(openN, 1)])
-	}
-	clear(blocks)
-	c.mu.j.turn.batch = blocks[:0]
-
-	c.mu.Lock()
-	c.mu.j.writing = false
-	if unwritten != nil {
-		// The backing failed its flush (a remote away, a disk error):
-		// this commit fails, and its caller with it, but the cache
-		// device is fine, so the failure is not sticky.
-		c.mu.j.sealed = append(unwritten, c.mu.j.sealed...)
-		if sync {
-			c.mu.j.syncing = false
-		}
-		c.mu.j.cond.Broadcast()
-		return err
-	}
+// written records the turn's writes (err: they failed). A commit's turn
+// goes on to its sync, still holding syncing, unless they failed.
+func (j *journal) written(t *turn, err error) {
+	j.writing = false
 	if err == nil {
-		c.mu.j.visible = visible
-		if needB {
-			c.mu.j.bFlushed = bNow
+		j.visible = t.visible
+		if t.needB {
+			j.bFlushed = t.bNow
 		}
-		if !sync {
-			c.stats.publishes.Add(1)
-			if c.tracing() {
-				c.tracef(-1, 0, "publish: records <=%d visible (open block %d with %d)", visible, openSeq, openN)
-			}
-		}
+	} else if t.sync {
+		j.syncing = false
 	}
-	if err != nil || !sync {
-		if sync {
-			c.mu.j.syncing = false
-		}
-		return c.journalDoneLocked(err)
-	}
-	// The sync: publishers may write meanwhile.
-	c.mu.j.cond.Broadcast()
-	c.mu.Unlock()
-	if needSync && c.test.brk != breakNoSync {
-		err = c.dev.Flush()
-		if err != nil {
-			err = fmt.Errorf("sync cache: %w", err)
-		}
-	}
-	c.mu.Lock()
-	c.mu.j.syncing = false
-	if err == nil {
-		c.mu.j.durable = durable
-		c.mu.j.synced = max(c.mu.j.synced, visible)
-		c.stats.commits.Add(1)
-		if c.tracing() {
-			c.tracef(-1, 0, "commit: records <=%d durable, blocks <%d, backing flushed %v", visible, durable, needB)
-		}
-	}
-	return c.journalDoneLocked(err)
+	j.release(t)
 }
 
-// journalDoneLocked ends a journal writer's turn: a failure is sticky.
-func (c *Cache) journalDoneLocked(err error) error {
+// syncDone ends a commit's sync (err: it failed) and reports whether the
+// turn's blocks are now durable.
+func (j *journal) syncDone(t *turn, err error) bool {
+	j.syncing = false
 	if err != nil {
-		c.failLocked("journal", err)
+		return false
 	}
-	c.mu.j.cond.Broadcast()
-	return c.mu.failed
+	j.durable = t.durable
+	j.synced = max(j.synced, t.visible)
+	return true
 }
 
-// failLocked makes a failed write of the cache's metadata (what, to the
-// journal or a checkpoint) sticky: writes are refused from now on, and
-// whoever waits for a range or for room gives up. The first failure is the
-// one reported.
-func (c *Cache) failLocked(what string, err error) {
-	if c.mu.failed != nil {
-		return
-	}
-	c.mu.failed = fmt.Errorf("%w: %w", ErrFailed, err)
-	c.log.Error("cache: "+what+" write failed; refusing writes", "err", err)
-	c.mu.wbCond.Broadcast()
-	c.mu.space.cond.Broadcast()
-}
-
-// errBackingFlush marks a commit that failed because the backing failed
-// its flush, before any journal block was written.
-var errBackingFlush = errors.New("cache: flush backing")
-
-// writeBlocks does the I/O of one journal writer's turn before any sync:
-// the backing flush if needB, then the blocks.
-func (c *Cache) writeBlocks(blocks []sealedBlock, needB, sync bool) error {
-	if needB && c.test.brk != breakSkipBFlush {
-		if err := c.flushBacking(); err != nil {
-			return fmt.Errorf("%w: %w", errBackingFlush, err)
-		}
-	}
-	if len(blocks) == 0 {
-		return nil
-	}
-	if sync && c.test.twoSyncs {
-		if err := c.dev.Flush(); err != nil {
-			return fmt.Errorf("sync data: %w", err)
-		}
-	}
-	// Contiguous runs of the ring go out as one write each.
-	for i := 0; i < len(blocks); {
-		j := i + 1
-		for j < len(blocks) && blocks[j].pos == blocks[j-1].pos+1 {
-			j++
-		}
-		buf := blocks[i].data
-		if j-i > 1 {
-			buf = make([]byte, 0, (j-i)*metaBlock)
-			for _, b := range blocks[i:j] {
-				buf = append(buf, b.data...)
-			}
-		}
-		if err := c.dev.WriteAt(buf, c.sb.JournalOff+blocks[i].pos*metaBlock, 0); err != nil {
-			return fmt.Errorf("write journal: %w", err)
-		}
-		i = j
-	}
-	return nil
-}
-
-// Flush makes every write acknowledged before it durable: in the cache
-// (journal group commit, one sync of the cache device) and, for writes that
-// went to the backing, in the backing.
-func (c *Cache) Flush() error {
-	c.mu.Lock()
-	err := c.errLocked()
-	c.mu.Unlock()
-	if err != nil {
-		return err
-	}
-	c.stats.flushes.Add(1)
-	return c.commit()
+// release takes the turn's buffers back, without its references to the
+// blocks it wrote.
+func (j *journal) release(t *turn) {
+	clear(t.blocks)
+	j.bufs.blocks, t.blocks, t.pub = t.blocks[:0], nil, nil
 }

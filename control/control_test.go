@@ -22,7 +22,9 @@ type fakeTarget struct {
 	steps    int64
 }
 
-func (f *fakeTarget) Stats() Stats { return Stats{Mode: f.mode, CacheStats: &cache.Stats{DirtyBytes: 42}} }
+func (f *fakeTarget) Stats() Stats {
+	return Stats{Mode: f.mode, CacheStats: &cache.Stats{DirtyBytes: 42}}
+}
 
 func (f *fakeTarget) Drain(ctx context.Context, progress func(done, total int64)) error {
 	for i := int64(0); i <= f.steps; i++ {
