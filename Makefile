@@ -3,7 +3,7 @@ GO ?= go
 FUZZTIME ?= 10s
 export PATH := /usr/bin:/bin:/usr/sbin:/sbin:$(PATH)
 
-.PHONY: all build deps test race unit integration fuzz bench vet mutate clean
+.PHONY: all build deps test race unit integration fuzz bench vet mutate docs clean
 
 all: build
 
@@ -42,6 +42,12 @@ fuzz:
 MUTATE_SEEDS ?= 1,2,3
 mutate:
 	nice -n 10 $(GO) run ./test/mutate -seeds $(MUTATE_SEEDS) $(MUTATE_FLAGS)
+
+# The man pages (docs/man) and shell completions (contrib/completion),
+# generated from the command tree; TestGeneratedDocs fails when they are
+# stale.
+docs:
+	$(GO) test -count=1 -run '^TestGeneratedDocs$$' ./cmd/nbdcache -update
 
 bench: build
 	./bench/fio-vs-peers.sh

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -174,4 +175,41 @@ func serveCombined(args ...string) ([]byte, error) {
 	cmd := exec.Command(binary, args...)
 	cmd.Env = append(os.Environ(), "PATH=/usr/bin:/bin:"+os.Getenv("PATH"))
 	return cmd.CombinedOutput()
+}
+
+// TestBashCompletion: the checked-in bash completion, sourced by bash with
+// Debian's bash-completion as a login shell has it, completes commands,
+// subcommands and flags by asking the binary.
+func TestBashCompletion(t *testing.T) {
+	bash := tool(t, "bash")
+	const lib = "/usr/share/bash-completion/bash_completion"
+	if _, err := os.Stat(lib); err != nil {
+		if os.Getenv("NBDCACHE_REQUIRE_TOOLS") != "" {
+			t.Fatalf("%s is required (install bash-completion)", lib)
+		}
+		t.Skip("bash-completion not installed")
+	}
+	complete := func(line string) []string {
+		script := `source ` + lib + `; source ../contrib/completion/nbdcache.bash
+read -ra COMP_WORDS <<<"$LINE"; [[ $LINE == *" " ]] && COMP_WORDS+=("")
+COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); COMP_LINE=$LINE; COMP_POINT=${#LINE}
+__start_nbdcache; printf '%s\n' "${COMPREPLY[@]}"`
+		cmd := exec.Command(bash, "-c", script)
+		cmd.Env = append(os.Environ(), "LINE="+line, "PATH="+filepath.Dir(binary)+":"+os.Getenv("PATH"))
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("%q: %v\n%s", line, err, out)
+		}
+		return strings.Fields(string(out))
+	}
+	for line, want := range map[string]string{
+		"nbdcache se":               "serve",
+		"nbdcache ctl power-":       "power-on",
+		"nbdcache serve --backing-": "--backing-timeout",
+		"nbdcache stats --w":        "--watch",
+	} {
+		if got := complete(line); !slices.Contains(got, want) {
+			t.Errorf("%q completes to %q, want %q among them", line, got, want)
+		}
+	}
 }

@@ -41,7 +41,7 @@ type attachFlags struct {
 func (f *attachFlags) register(fs *flag.FlagSet) {
 	f.storage.register(fs)
 	f.control.register(fs, "stats, flush --drain, mode, ctl")
-	fs.BoolVar(&f.storage.faults, "faults", false, "fault mode: power cuts, injected errors and latency through `nbdcache ctl` (needs --control)")
+	fs.BoolVar(&f.storage.faults, "faults", false, "fault mode: power cuts, injected errors and latency through 'nbdcache ctl' (needs --control)")
 	fs.BoolVar(&f.noDrain, "no-drain", false, "on detach, leave dirty data in the cache instead of writing it back first")
 	fs.StringVar(&f.device, "device", "", "attach to `/dev/nbdN` (default: a free one, picked by the kernel)")
 	fs.IntVar(&f.connections, "connections", 2, "`N` socket connections to the kernel (multi-conn)")
@@ -67,190 +67,191 @@ func (f *attachFlags) register(fs *flag.FlagSet) {
 // and on SIGUSR2, which hands the device over: it finishes and flushes
 // like a stop but leaves the device attached, its requests waiting
 // --dead-conn-timeout for `attach --reconnect`.
-func runAttach(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+func runAttach(fs *flag.FlagSet) runner {
 	var f attachFlags
-	fs := newFlagSet("attach", stderr)
 	f.register(fs)
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	if err := f.service.check(); err != nil {
-		return err
-	}
-	log, err := f.log.logger(stderr)
-	if err != nil {
-		return err
-	}
-	if _, err := f.control.access(); err != nil {
-		return err
-	}
-	if f.storage.faults && f.control.addr == "" {
-		return fmt.Errorf("%w: --faults needs --control unix:PATH, through which `nbdcache ctl` drives it", errUsage)
-	}
-	index := kernel.AnyIndex
-	if f.device != "" {
-		n, err := kernel.ParseDevice(f.device)
-		if err != nil {
-			return fmt.Errorf("%w: --device: %v", errUsage, err)
-		}
-		index = n
-	}
-	if f.reconnect && index == kernel.AnyIndex {
-		return fmt.Errorf("%w: --reconnect needs --device", errUsage)
-	}
-	if f.reconnect && f.ioctl {
-		return fmt.Errorf("%w: --reconnect needs netlink; drop --ioctl", errUsage)
-	}
-	if f.connections < 1 || f.connections > 64 {
-		return fmt.Errorf("%w: --connections %d: want 1 to 64", errUsage, f.connections)
-	}
-
-	if f.reconnect {
-		if err := checkOldServerGone(index); err != nil {
+	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+		if err := noArgs(args); err != nil {
 			return err
 		}
-	}
-
-	st, err := f.storage.open(stdout, log)
-	if err != nil {
-		return err
-	}
-	defer st.Close()
-	dev := st.dev
-	var srvRef atomic.Pointer[nbd.Server]
-	m := serverMetrics(st, &srvRef)
-	srv, err := nbd.NewServer(nbd.Config{
-		Exports:  []nbd.Export{{Name: "", Device: dev, ReadOnly: f.storage.readOnly}},
-		Logger:   log,
-		Observer: m.Observer(),
-	})
-	if err != nil {
-		return err
-	}
-	srvRef.Store(srv)
-	if st.rig != nil {
-		st.rig.SetServer(srv) // power cuts drop the connections
-	}
-	if f.control.addr != "" {
-		stopControl, err := startControl(f.control, &daemon{srv: srv, st: st, started: time.Now(), metrics: m})
+		if err := f.service.check(); err != nil {
+			return err
+		}
+		log, err := f.log.logger(stderr)
 		if err != nil {
 			return err
 		}
-		defer stopControl()
-	}
-	info, err := srv.Info("")
-	if err != nil {
-		return err
-	}
-	bs := f.kernelBlockSize
-	if bs == 0 {
-		bs = min(max(info.BlockSize, 512), os.Getpagesize())
-	}
-	size := info.Size - info.Size%int64(bs)
-	if size != info.Size {
-		log.Warn("device size is not a multiple of the block size; the last bytes are not exposed", "size", info.Size, "block_size", bs)
-	}
-	backend := f.backendID
-	if backend == "" {
-		backend = backendIdentifier(&f.storage)
-	}
-
-	handover := make(chan os.Signal, 1)
-	signal.Notify(handover, syscall.SIGUSR2)
-	defer signal.Stop(handover)
-
-	a, err := kernel.Attach(ctx, kernel.AttachConfig{
-		Config: kernel.Config{
-			Index:           index,
-			Size:            size,
-			BlockSize:       bs,
-			ServerFlags:     uint64(info.Flags),
-			Timeout:         f.timeout,
-			DeadConnTimeout: f.deadConnTimeout,
-			Backend:         backend,
-		},
-		Connections: f.connections,
-		Reconnect:   f.reconnect,
-		ForceIoctl:  f.ioctl,
-		Shape: kernel.Shape{
-			Rotational:   dev.Caps().Rotational,
-			MaxSectorsKB: int(f.maxRequest >> 10),
-			NrRequests:   f.queueDepth,
-			Scheduler:    f.scheduler,
-		},
-		Serve:  func(c net.Conn) error { return srv.ServeNegotiated(c, "") },
-		Logger: log,
-	})
-	if err != nil {
-		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		srv.Shutdown(sctx)
-		if errors.Is(err, kernel.ErrBusy) && index != kernel.AnyIndex {
-			return fmt.Errorf("%s is already connected (if its server died, use --reconnect): %w", f.device, err)
+		if _, err := f.control.access(); err != nil {
+			return err
 		}
-		return err
-	}
-	defer a.Close()
-	verb := "attached"
-	if f.reconnect {
-		verb = "reconnected"
-	}
-	fmt.Fprintf(stdout, "nbdcache: %s %s (%d bytes, %d connections, %s)\n", verb, a.Path(), size, f.connections, a.Mode())
-
-	stopping := f.service.ready(log)
-	defer stopping()
-	released := false
-	select {
-	case <-ctx.Done():
-		if err := a.Disconnect(); err != nil {
-			log.Warn("disconnect failed", "device", a.Path(), "err", err)
+		if f.storage.faults && f.control.addr == "" {
+			return fmt.Errorf("%w: --faults needs --control unix:PATH, through which `nbdcache ctl` drives it", errUsage)
 		}
-		t := time.NewTimer(30 * time.Second)
-		select {
-		case <-a.Done():
-		case <-t.C:
-			log.Warn("the kernel kept connections open after the disconnect; closing them", "device", a.Path())
-		}
-		t.Stop()
-	case <-a.Done():
-		if !a.DisconnectRequested() {
-			if f.reconnect && srv.Stats().Requests == 0 {
-				return fmt.Errorf("the kernel did not take the new sockets: is another server still attached to %s? (stop it with SIGUSR2 to hand over)", a.Path())
+		index := kernel.AnyIndex
+		if f.device != "" {
+			n, err := kernel.ParseDevice(f.device)
+			if err != nil {
+				return fmt.Errorf("%w: --device: %v", errUsage, err)
 			}
-			log.Error("every connection died without a disconnect; the device waits for `nbdcache attach --reconnect`", "device", a.Path(), "dead_conn_timeout", f.deadConnTimeout)
+			index = n
+		}
+		if f.reconnect && index == kernel.AnyIndex {
+			return fmt.Errorf("%w: --reconnect needs --device", errUsage)
+		}
+		if f.reconnect && f.ioctl {
+			return fmt.Errorf("%w: --reconnect needs netlink; drop --ioctl", errUsage)
+		}
+		if f.connections < 1 || f.connections > 64 {
+			return fmt.Errorf("%w: --connections %d: want 1 to 64", errUsage, f.connections)
+		}
+
+		if f.reconnect {
+			if err := checkOldServerGone(index); err != nil {
+				return err
+			}
+		}
+
+		st, err := f.storage.open(stdout, log)
+		if err != nil {
+			return err
+		}
+		defer st.Close()
+		dev := st.dev
+		var srvRef atomic.Pointer[nbd.Server]
+		m := serverMetrics(st, &srvRef)
+		srv, err := nbd.NewServer(nbd.Config{
+			Exports:  []nbd.Export{{Name: "", Device: dev, ReadOnly: f.storage.readOnly}},
+			Logger:   log,
+			Observer: m.Observer(),
+		})
+		if err != nil {
+			return err
+		}
+		srvRef.Store(srv)
+		if st.rig != nil {
+			st.rig.SetServer(srv) // power cuts drop the connections
+		}
+		if f.control.addr != "" {
+			stopControl, err := startControl(f.control, &daemon{srv: srv, st: st, started: time.Now(), metrics: m})
+			if err != nil {
+				return err
+			}
+			defer stopControl()
+		}
+		info, err := srv.Info("")
+		if err != nil {
+			return err
+		}
+		bs := f.kernelBlockSize
+		if bs == 0 {
+			bs = min(max(info.BlockSize, 512), os.Getpagesize())
+		}
+		size := info.Size - info.Size%int64(bs)
+		if size != info.Size {
+			log.Warn("device size is not a multiple of the block size; the last bytes are not exposed", "size", info.Size, "block_size", bs)
+		}
+		backend := f.backendID
+		if backend == "" {
+			backend = backendIdentifier(&f.storage)
+		}
+
+		handover := make(chan os.Signal, 1)
+		signal.Notify(handover, syscall.SIGUSR2)
+		defer signal.Stop(handover)
+
+		a, err := kernel.Attach(ctx, kernel.AttachConfig{
+			Config: kernel.Config{
+				Index:           index,
+				Size:            size,
+				BlockSize:       bs,
+				ServerFlags:     uint64(info.Flags),
+				Timeout:         f.timeout,
+				DeadConnTimeout: f.deadConnTimeout,
+				Backend:         backend,
+			},
+			Connections: f.connections,
+			Reconnect:   f.reconnect,
+			ForceIoctl:  f.ioctl,
+			Shape: kernel.Shape{
+				Rotational:   dev.Caps().Rotational,
+				MaxSectorsKB: int(f.maxRequest >> 10),
+				NrRequests:   f.queueDepth,
+				Scheduler:    f.scheduler,
+			},
+			Serve:  func(c net.Conn) error { return srv.ServeNegotiated(c, "") },
+			Logger: log,
+		})
+		if err != nil {
+			sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			srv.Shutdown(sctx)
+			if errors.Is(err, kernel.ErrBusy) && index != kernel.AnyIndex {
+				return fmt.Errorf("%s is already connected (if its server died, use --reconnect): %w", f.device, err)
+			}
+			return err
+		}
+		defer a.Close()
+		verb := "attached"
+		if f.reconnect {
+			verb = "reconnected"
+		}
+		fmt.Fprintf(stdout, "nbdcache: %s %s (%d bytes, %d connections, %s)\n", verb, a.Path(), size, f.connections, a.Mode())
+
+		stopping := f.service.ready(log)
+		defer stopping()
+		released := false
+		select {
+		case <-ctx.Done():
+			if err := a.Disconnect(); err != nil {
+				log.Warn("disconnect failed", "device", a.Path(), "err", err)
+			}
+			t := time.NewTimer(30 * time.Second)
+			select {
+			case <-a.Done():
+			case <-t.C:
+				log.Warn("the kernel kept connections open after the disconnect; closing them", "device", a.Path())
+			}
+			t.Stop()
+		case <-a.Done():
+			if !a.DisconnectRequested() {
+				if f.reconnect && srv.Stats().Requests == 0 {
+					return fmt.Errorf("the kernel did not take the new sockets: is another server still attached to %s? (stop it with SIGUSR2 to hand over)", a.Path())
+				}
+				log.Error("every connection died without a disconnect; the device waits for `nbdcache attach --reconnect`", "device", a.Path(), "dead_conn_timeout", f.deadConnTimeout)
+				released = true
+			}
+		case <-handover:
+			a.Release()
 			released = true
 		}
-	case <-handover:
-		a.Release()
-		released = true
-	}
 
-	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if serr := srv.Shutdown(sctx); serr != nil {
-		log.Warn("shutdown did not finish in time; connections were closed", "err", serr)
-	}
-	if ferr := dev.Flush(); ferr != nil {
-		return fmt.Errorf("final flush: %w", ferr)
-	}
-	if !released && !f.noDrain {
-		// A second SIGINT or SIGTERM stops a long drain; what is left
-		// stays dirty, and safe, in the cache.
-		dctx, stopDrain := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-		defer stopDrain()
-		if err := drainOnDetach(dctx, st, log); err != nil {
-			return err
+		sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if serr := srv.Shutdown(sctx); serr != nil {
+			log.Warn("shutdown did not finish in time; connections were closed", "err", serr)
 		}
-	}
-	if cerr := st.Close(); cerr != nil {
-		return fmt.Errorf("closing: %w", cerr)
-	}
-	if released {
-		fmt.Fprintf(stdout, "nbdcache: released %s; requests wait up to %v for `nbdcache attach --device %s --reconnect`\n", a.Path(), f.deadConnTimeout, a.Path())
+		if ferr := dev.Flush(); ferr != nil {
+			return fmt.Errorf("final flush: %w", ferr)
+		}
+		if !released && !f.noDrain {
+			// A second SIGINT or SIGTERM stops a long drain; what is left
+			// stays dirty, and safe, in the cache.
+			dctx, stopDrain := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+			defer stopDrain()
+			if err := drainOnDetach(dctx, st, log); err != nil {
+				return err
+			}
+		}
+		if cerr := st.Close(); cerr != nil {
+			return fmt.Errorf("closing: %w", cerr)
+		}
+		if released {
+			fmt.Fprintf(stdout, "nbdcache: released %s; requests wait up to %v for `nbdcache attach --device %s --reconnect`\n", a.Path(), f.deadConnTimeout, a.Path())
+			return nil
+		}
+		fmt.Fprintf(stdout, "nbdcache: detached %s\n", a.Path())
 		return nil
 	}
-	fmt.Fprintf(stdout, "nbdcache: detached %s\n", a.Path())
-	return nil
 }
 
 // backendIdentifier names what is served, so that a --reconnect with
@@ -294,48 +295,42 @@ func checkOldServerGone(index int) error {
 }
 
 // runDetach disconnects /dev/nbdN; its attach process then exits.
-func runDetach(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("detach", stderr)
+func runDetach(fs *flag.FlagSet) runner {
 	useIoctl := fs.Bool("ioctl", false, "disconnect with the NBD_DISCONNECT ioctl even when netlink is there")
-	fs.Usage = func() {
-		fmt.Fprintln(stderr, "usage: nbdcache detach [--ioctl] /dev/nbdN")
-		printFlags(stderr, fs)
-	}
-	pos, err := parseArgs(fs, args, true)
-	if err != nil {
-		return err
-	}
-	if len(pos) != 1 {
-		return fmt.Errorf("%w: want one device, /dev/nbdN", errUsage)
-	}
-	path := pos[0]
-	index, err := kernel.ParseDevice(path)
-	if err != nil {
-		return fmt.Errorf("%w: %v", errUsage, err)
-	}
-	var nl *kernel.Netlink
-	if *useIoctl {
-		err = kernel.ErrNoNetlink
-	} else {
-		nl, err = kernel.DialNetlink()
-	}
-	if errors.Is(err, kernel.ErrNoNetlink) {
-		if _, serr := os.Stat(path); serr != nil {
-			return fmt.Errorf("%s: %w (is nbd loaded?)", path, serr)
+	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+		pos := args
+		if len(pos) != 1 {
+			return fmt.Errorf("%w: want one device, /dev/nbdN", errUsage)
 		}
-		if err := kernel.DisconnectIoctl(path); err != nil {
+		path := pos[0]
+		index, err := kernel.ParseDevice(path)
+		if err != nil {
+			return fmt.Errorf("%w: %v", errUsage, err)
+		}
+		var nl *kernel.Netlink
+		if *useIoctl {
+			err = kernel.ErrNoNetlink
+		} else {
+			nl, err = kernel.DialNetlink()
+		}
+		if errors.Is(err, kernel.ErrNoNetlink) {
+			if _, serr := os.Stat(path); serr != nil {
+				return fmt.Errorf("%s: %w (is nbd loaded?)", path, serr)
+			}
+			if err := kernel.DisconnectIoctl(path); err != nil {
+				return err
+			}
+			fmt.Fprintf(stdout, "nbdcache: disconnected %s (ioctl)\n", path)
+			return nil
+		}
+		if err != nil {
 			return err
 		}
-		fmt.Fprintf(stdout, "nbdcache: disconnected %s (ioctl)\n", path)
+		defer nl.Close()
+		if err := nl.Disconnect(index); err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "nbdcache: disconnected %s\n", path)
 		return nil
 	}
-	if err != nil {
-		return err
-	}
-	defer nl.Close()
-	if err := nl.Disconnect(index); err != nil {
-		return err
-	}
-	fmt.Fprintf(stdout, "nbdcache: disconnected %s\n", path)
-	return nil
 }

@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"strings"
 	"testing"
@@ -21,22 +20,20 @@ func TestAttachUsage(t *testing.T) {
 		{[]string{"--device", "/dev/nbd0", "--connections", "0"}, "--connections 0"},
 		{[]string{"stray"}, "unexpected argument"},
 	} {
-		var out, errb bytes.Buffer
-		err := runAttach(context.Background(), tc.args, &out, &errb)
-		if !errors.Is(err, errUsage) || !strings.Contains(err.Error(), tc.want) {
-			t.Errorf("attach %q: %v, want a usage error with %q", tc.args, err, tc.want)
+		code, out, errs := runArgs(t, append([]string{"attach"}, tc.args...)...)
+		if code != exitUsage || !strings.Contains(errs, tc.want) {
+			t.Errorf("attach %q: exit %d, %q; want a usage error with %q", tc.args, code, errs, tc.want)
 		}
-		if out.Len() != 0 {
-			t.Errorf("attach %q printed %q", tc.args, out.String())
+		if out != "" {
+			t.Errorf("attach %q printed %q", tc.args, out)
 		}
 	}
 }
 
 func TestDetachUsage(t *testing.T) {
 	for _, args := range [][]string{nil, {"/dev/nbd0", "/dev/nbd1"}, {"/dev/sdb"}} {
-		var out, errb bytes.Buffer
-		if err := runDetach(context.Background(), args, &out, &errb); !errors.Is(err, errUsage) {
-			t.Errorf("detach %q: %v, want a usage error", args, err)
+		if code, _, errs := runArgs(t, append([]string{"detach"}, args...)...); code != exitUsage {
+			t.Errorf("detach %q: exit %d, %q; want a usage error", args, code, errs)
 		}
 	}
 }

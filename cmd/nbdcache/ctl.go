@@ -32,44 +32,45 @@ func controlFlag(fs *flag.FlagSet) func() (*control.Client, error) {
 	}
 }
 
-func runStats(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("stats", stderr)
+func runStats(fs *flag.FlagSet) runner {
 	dial := controlFlag(fs)
 	asJSON := fs.Bool("json", false, "print the raw JSON snapshot (with --watch: JSON Lines, one object a line)")
 	watch := fs.Duration("watch", 0, "print again every `INTERVAL` (e.g. 1s) until interrupted, with rates")
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	c, err := dial()
-	if err != nil {
-		return err
-	}
-	var prev control.Stats
-	var prevAt time.Time
-	for {
-		s, err := c.Stats(ctx)
+	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+		if err := noArgs(args); err != nil {
+			return err
+		}
+		c, err := dial()
 		if err != nil {
 			return err
 		}
-		now := time.Now()
-		switch {
-		case *asJSON && *watch > 0:
-			json.NewEncoder(stdout).Encode(s) // JSON Lines
-		case *asJSON:
-			printJSON(stdout, s)
-		default:
-			printStats(stdout, s, prev, now.Sub(prevAt), !prevAt.IsZero())
-		}
-		if *watch <= 0 {
-			return nil
-		}
-		prev, prevAt = s, now
-		t := time.NewTimer(*watch)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return nil
-		case <-t.C:
+		var prev control.Stats
+		var prevAt time.Time
+		for {
+			s, err := c.Stats(ctx)
+			if err != nil {
+				return err
+			}
+			now := time.Now()
+			switch {
+			case *asJSON && *watch > 0:
+				json.NewEncoder(stdout).Encode(s) // JSON Lines
+			case *asJSON:
+				printJSON(stdout, s)
+			default:
+				printStats(stdout, s, prev, now.Sub(prevAt), !prevAt.IsZero())
+			}
+			if *watch <= 0 {
+				return nil
+			}
+			prev, prevAt = s, now
+			t := time.NewTimer(*watch)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return nil
+			case <-t.C:
+			}
 		}
 	}
 }
@@ -135,86 +136,85 @@ func mibs(n int64) string {
 	return fmt.Sprintf("%d B", n)
 }
 
-func runFlush(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("flush", stderr)
+func runFlush(fs *flag.FlagSet) runner {
 	dial := controlFlag(fs)
 	drain := fs.Bool("drain", false, "write back every dirty byte and sync the backing (required)")
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	if !*drain {
-		return fmt.Errorf("%w: only `flush --drain` exists: clients flush the cache themselves with NBD FLUSH", errUsage)
-	}
-	c, err := dial()
-	if err != nil {
-		return err
-	}
-	// On a terminal, a bar. Its text is ours: IEC units as everywhere
-	// else, and the rate over the wall time since the drain began (the
-	// bar's own rate, over its first updates, showed 129 GB/s for a
-	// 1.2 MiB drain).
-	var bar *progressbar.ProgressBar
-	if f, ok := stderr.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
-		bar = progressbar.NewOptions64(-1, progressbar.OptionSetWriter(stderr),
-			progressbar.OptionSetDescription("draining"), progressbar.OptionSetPredictTime(true),
-			progressbar.OptionThrottle(100*time.Millisecond))
-	}
-	start := time.Now()
-	var last control.Progress
-	err = c.Drain(ctx, func(p control.Progress) {
-		last = p
+	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+		if err := noArgs(args); err != nil {
+			return err
+		}
+		if !*drain {
+			return fmt.Errorf("%w: only `flush --drain` exists: clients flush the cache themselves with NBD FLUSH", errUsage)
+		}
+		c, err := dial()
+		if err != nil {
+			return err
+		}
+		// On a terminal, a bar. Its text is ours: IEC units as everywhere
+		// else, and the rate over the wall time since the drain began (the
+		// bar's own rate, over its first updates, showed 129 GB/s for a
+		// 1.2 MiB drain).
+		var bar *progressbar.ProgressBar
+		if f, ok := stderr.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
+			bar = progressbar.NewOptions64(-1, progressbar.OptionSetWriter(stderr),
+				progressbar.OptionSetDescription("draining"), progressbar.OptionSetPredictTime(true),
+				progressbar.OptionThrottle(100*time.Millisecond))
+		}
+		start := time.Now()
+		var last control.Progress
+		err = c.Drain(ctx, func(p control.Progress) {
+			last = p
+			if bar != nil {
+				rate := int64(float64(p.Done) / max(time.Since(start).Seconds(), 1e-3))
+				bar.Describe(fmt.Sprintf("draining %s of %s, %s/s", mibs(p.Done), mibs(p.Total), mibs(rate)))
+				bar.ChangeMax64(max(p.Total, 1))
+				bar.Set64(p.Done)
+				return
+			}
+			fmt.Fprintf(stdout, "drain: %d of %d bytes\n", p.Done, p.Total)
+		})
 		if bar != nil {
-			rate := int64(float64(p.Done) / max(time.Since(start).Seconds(), 1e-3))
-			bar.Describe(fmt.Sprintf("draining %s of %s, %s/s", mibs(p.Done), mibs(p.Total), mibs(rate)))
-			bar.ChangeMax64(max(p.Total, 1))
-			bar.Set64(p.Done)
-			return
+			bar.Exit()
+			fmt.Fprintln(stderr)
 		}
-		fmt.Fprintf(stdout, "drain: %d of %d bytes\n", p.Done, p.Total)
-	})
-	if bar != nil {
-		bar.Exit()
-		fmt.Fprintln(stderr)
-	}
-	elapsed := time.Since(start).Seconds()
-	if errors.Is(err, context.Canceled) {
-		return fmt.Errorf("drain interrupted after %.1fs: %s of %s were written back; the rest stays dirty, and safe, in the cache", elapsed, mibs(last.Done), mibs(last.Total))
-	}
-	if errors.Is(err, control.ErrStopped) {
-		return fmt.Errorf("drain interrupted after %.1fs: %w; %s of %s were written back, the rest stays dirty, and safe, in the cache",
-			elapsed, err, mibs(last.Done), mibs(last.Total))
-	}
-	if err != nil {
-		var re *control.RemoteError
-		if errors.As(err, &re) {
-			return fmt.Errorf("drain failed: %s", re.Msg)
+		elapsed := time.Since(start).Seconds()
+		if errors.Is(err, context.Canceled) {
+			return fmt.Errorf("drain interrupted after %.1fs: %s of %s were written back; the rest stays dirty, and safe, in the cache", elapsed, mibs(last.Done), mibs(last.Total))
 		}
-		return err
+		if errors.Is(err, control.ErrStopped) {
+			return fmt.Errorf("drain interrupted after %.1fs: %w; %s of %s were written back, the rest stays dirty, and safe, in the cache",
+				elapsed, err, mibs(last.Done), mibs(last.Total))
+		}
+		if err != nil {
+			var re *control.RemoteError
+			if errors.As(err, &re) {
+				return fmt.Errorf("drain failed: %s", re.Msg)
+			}
+			return err
+		}
+		fmt.Fprintf(stdout, "nbdcache: drained %s in %.1fs (%s/s); the backing is consistent and synced\n",
+			mibs(last.Total), elapsed, mibs(int64(float64(last.Total)/max(elapsed, 1e-3))))
+		return nil
 	}
-	fmt.Fprintf(stdout, "nbdcache: drained %s in %.1fs (%s/s); the backing is consistent and synced\n",
-		mibs(last.Total), elapsed, mibs(int64(float64(last.Total)/max(elapsed, 1e-3))))
-	return nil
 }
 
-func runMode(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("mode", stderr)
+func runMode(fs *flag.FlagSet) runner {
 	dial := controlFlag(fs)
-	pos, err := parseArgs(fs, args, true)
-	if err != nil {
-		return err
+	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+		pos := args
+		if len(pos) != 1 {
+			return fmt.Errorf("%w: want one mode: writeback, writethrough, writearound or none", errUsage)
+		}
+		c, err := dial()
+		if err != nil {
+			return err
+		}
+		if err := c.SetMode(ctx, pos[0]); err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "nbdcache: mode is now %s\n", pos[0])
+		return nil
 	}
-	if len(pos) != 1 {
-		return fmt.Errorf("%w: want one mode: writeback, writethrough, writearound or none", errUsage)
-	}
-	c, err := dial()
-	if err != nil {
-		return err
-	}
-	if err := c.SetMode(ctx, pos[0]); err != nil {
-		return err
-	}
-	fmt.Fprintf(stdout, "nbdcache: mode is now %s\n", pos[0])
-	return nil
 }
 
 // printJSON prints v as indented JSON, for the --json flags.

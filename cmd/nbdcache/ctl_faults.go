@@ -23,10 +23,9 @@ import (
 // check after the cut found a problem.
 var errCutFailed = errors.New("the cache did not come back clean")
 
-func ctlUsage(w io.Writer) {
-	fmt.Fprint(w, `usage: nbdcache ctl --control unix:PATH <command> [flags]
-
-Drives a server started with `+"`nbdcache serve --faults --control unix:PATH`"+`.
+// ctlLong is `nbdcache ctl -h`'s text.
+const ctlLong = `Drives a server started with ` + "`nbdcache serve --faults --control unix:PATH`" + `.
+Every command takes --control unix:PATH, before or after its name.
 
 commands:
   power-cut [--model unflushed|random|torn|keep] [--seed N] [--off] [--json]
@@ -44,81 +43,54 @@ commands:
   delay --target export|cache|backing [--op ...] --latency 5ms
   delay --clear [--target T]
   status [--json]
-        installed errors and delays, errors injected, unsynced bytes, cuts
-`)
-}
+        installed errors and delays, errors injected, unsynced bytes, cuts`
 
-// runCtl is `nbdcache ctl`.
-func runCtl(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("ctl", stderr)
-	fs.Usage = func() { ctlUsage(stderr) }
-	addr := fs.String("control", "", "the server's control socket, `unix:PATH`")
-	pos, err := parseArgs(fs, args, false)
-	if err != nil {
-		return err
+// ctlCommands are ctl's commands.
+func ctlCommands() []command {
+	return []command{
+		{name: "power-cut", summary: "cut the power, power on again and print what was lost (--off: leave it off)", define: ctlPowerCut},
+		{name: "power-on", summary: "after power-cut --off: recover and serve again", define: ctlPowerOn},
+		{name: "error", summary: "make matching requests fail (--clear removes them)", define: ctlError},
+		{name: "delay", summary: "add latency to matching requests (--clear removes it)", define: ctlDelay},
+		{name: "status", summary: "installed errors and delays, errors injected, unsynced bytes, cuts", define: ctlStatus},
 	}
-	if len(pos) == 0 {
-		ctlUsage(stderr)
-		return fmt.Errorf("%w: want a command: power-cut, power-on, error, delay or status", errUsage)
-	}
-	name, rest := pos[0], pos[1:]
-	sub := newFlagSet("ctl "+name, stderr)
-	sub.StringVar(addr, "control", *addr, "the server's control socket, `unix:PATH`")
-	dial := func() (*control.Client, error) {
-		if *addr == "" {
-			return nil, fmt.Errorf("%w: --control unix:PATH is required (the value given to `nbdcache serve --control`)", errUsage)
-		}
-		p, err := control.ParseAddr(*addr)
-		if err != nil {
-			return nil, fmt.Errorf("%w: %v", errUsage, err)
-		}
-		return control.Dial(p), nil
-	}
-	switch name {
-	case "power-cut":
-		return ctlPowerCut(ctx, sub, rest, dial, stdout)
-	case "power-on":
-		return ctlPowerOn(ctx, sub, rest, dial, stdout)
-	case "error":
-		return ctlError(ctx, sub, rest, dial, stdout)
-	case "delay":
-		return ctlDelay(ctx, sub, rest, dial, stdout)
-	case "status":
-		return ctlStatus(ctx, sub, rest, dial, stdout)
-	}
-	ctlUsage(stderr)
-	return fmt.Errorf("%w: unknown command %q", errUsage, name)
 }
 
 type dialFunc func() (*control.Client, error)
 
-func ctlPowerCut(ctx context.Context, fs *flag.FlagSet, args []string, dial dialFunc, stdout io.Writer) error {
+func ctlPowerCut(fs *flag.FlagSet) runner {
+	dial := controlFlag(fs)
 	model := fs.String("model", "unflushed", "what the power failure loses: `MODEL` unflushed (every unsynced write), random (a random subset, per 512-byte sector), torn (random plus torn sectors), keep (nothing: a process crash)")
 	seed := fs.String("seed", "", "seed of the random and torn models, `N` (default: a fresh one, printed)")
-	off := fs.Bool("off", false, "leave the power off: every request fails with EIO until `ctl power-on` (take a mounted filesystem down first)")
+	off := fs.Bool("off", false, "leave the power off: every request fails with EIO until 'ctl power-on' (take a mounted filesystem down first)")
 	asJSON := fs.Bool("json", false, "print the raw JSON report")
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	q := url.Values{"model": {*model}}
-	if *seed != "" {
-		if _, err := strconv.ParseUint(*seed, 0, 64); err != nil {
-			return fmt.Errorf("%w: --seed %q", errUsage, *seed)
+	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+		if err := noArgs(args); err != nil {
+			return err
 		}
-		q.Set("seed", *seed)
+		q := url.Values{"model": {*model}}
+		if *seed != "" {
+			if _, err := strconv.ParseUint(*seed, 0, 64); err != nil {
+				return fmt.Errorf("%w: --seed %q", errUsage, *seed)
+			}
+			q.Set("seed", *seed)
+		}
+		if *off {
+			q.Set("off", "1")
+		}
+		return powerCall(ctx, dial, "/v1/fault/power-cut", q, *asJSON, stdout)
 	}
-	if *off {
-		q.Set("off", "1")
-	}
-	return powerCall(ctx, dial, "/v1/fault/power-cut", q, *asJSON, stdout)
 }
 
-func ctlPowerOn(ctx context.Context, fs *flag.FlagSet, args []string, dial dialFunc, stdout io.Writer) error {
+func ctlPowerOn(fs *flag.FlagSet) runner {
+	dial := controlFlag(fs)
 	asJSON := fs.Bool("json", false, "print the raw JSON report")
-	if err := parseFlags(fs, args); err != nil {
-		return err
+	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+		if err := noArgs(args); err != nil {
+			return err
+		}
+		return powerCall(ctx, dial, "/v1/fault/power-on", nil, *asJSON, stdout)
 	}
-	return powerCall(ctx, dial, "/v1/fault/power-on", nil, *asJSON, stdout)
 }
 
 // powerCall posts a power-cut or power-on and prints the report.
@@ -190,7 +162,8 @@ func printPowerCut(w io.Writer, r faults.PowerCutResult) {
 	}
 }
 
-func ctlError(ctx context.Context, fs *flag.FlagSet, args []string, dial dialFunc, stdout io.Writer) error {
+func ctlError(fs *flag.FlagSet) runner {
+	dial := controlFlag(fs)
 	target := fs.String("target", "", "`TARGET`: export (what clients see), cache or backing (the devices)")
 	op := fs.String("op", "", "kinds of request that fail, `LIST` of read, write, flush, trim, zero, extents (default: all)")
 	errno := fs.String("errno", "EIO", "`ERRNO` the request fails with: EIO, EPERM, ENOSPC, EINVAL, ENOMEM, EOVERFLOW, ENOTSUP or ESHUTDOWN")
@@ -201,65 +174,73 @@ func ctlError(ctx context.Context, fs *flag.FlagSet, args []string, dial dialFun
 	after := fs.Int64("after", 0, "let the first `N` matching requests through")
 	times := fs.Int64("times", 0, "fail at most `N` requests (default: no limit)")
 	clear := fs.Bool("clear", false, "remove the errors (of --target, or of every target)")
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	q := url.Values{"target": {*target}}
-	if *clear {
-		q.Set("clear", "1")
-	} else {
-		if *target == "" {
-			return fmt.Errorf("%w: --target export, cache or backing is required", errUsage)
+	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+		if err := noArgs(args); err != nil {
+			return err
 		}
-		q.Set("op", *op)
-		q.Set("errno", *errno)
-		q.Set("offset", fmt.Sprint(off))
-		q.Set("length", fmt.Sprint(length))
-		q.Set("after", fmt.Sprint(*after))
-		q.Set("times", fmt.Sprint(*times))
-		if *prob != 0 {
-			q.Set("probability", strconv.FormatFloat(*prob, 'g', -1, 64))
+		q := url.Values{"target": {*target}}
+		if *clear {
+			q.Set("clear", "1")
+		} else {
+			if *target == "" {
+				return fmt.Errorf("%w: --target export, cache or backing is required", errUsage)
+			}
+			q.Set("op", *op)
+			q.Set("errno", *errno)
+			q.Set("offset", fmt.Sprint(off))
+			q.Set("length", fmt.Sprint(length))
+			q.Set("after", fmt.Sprint(*after))
+			q.Set("times", fmt.Sprint(*times))
+			if *prob != 0 {
+				q.Set("probability", strconv.FormatFloat(*prob, 'g', -1, 64))
+			}
 		}
+		return postFault(ctx, dial, "/v1/fault/error", q, stdout)
 	}
-	return postFault(ctx, dial, "/v1/fault/error", q, stdout)
 }
 
-func ctlDelay(ctx context.Context, fs *flag.FlagSet, args []string, dial dialFunc, stdout io.Writer) error {
+func ctlDelay(fs *flag.FlagSet) runner {
+	dial := controlFlag(fs)
 	target := fs.String("target", "", "`TARGET`: export, cache or backing")
 	op := fs.String("op", "", "kinds of request delayed, `LIST` of read, write, flush, trim, zero, extents (default: all)")
 	latency := fs.String("latency", "", "added latency per request, `DURATION` such as 5ms (0 removes it)")
 	clear := fs.Bool("clear", false, "remove the delays (of --target, or of every target)")
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	q := url.Values{"target": {*target}}
-	if *clear {
-		q.Set("clear", "1")
-	} else {
-		if *target == "" || *latency == "" {
-			return fmt.Errorf("%w: --target and --latency are required (or --clear)", errUsage)
+	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+		if err := noArgs(args); err != nil {
+			return err
 		}
-		q.Set("op", *op)
-		q.Set("latency", *latency)
+		q := url.Values{"target": {*target}}
+		if *clear {
+			q.Set("clear", "1")
+		} else {
+			if *target == "" || *latency == "" {
+				return fmt.Errorf("%w: --target and --latency are required (or --clear)", errUsage)
+			}
+			q.Set("op", *op)
+			q.Set("latency", *latency)
+		}
+		return postFault(ctx, dial, "/v1/fault/delay", q, stdout)
 	}
-	return postFault(ctx, dial, "/v1/fault/delay", q, stdout)
 }
 
-func ctlStatus(ctx context.Context, fs *flag.FlagSet, args []string, dial dialFunc, stdout io.Writer) error {
+func ctlStatus(fs *flag.FlagSet) runner {
+	dial := controlFlag(fs)
 	asJSON := fs.Bool("json", false, "print the raw JSON")
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	var st faults.Status
-	if err := call(ctx, dial, http.MethodGet, "/v1/fault", nil, &st); err != nil {
-		return err
-	}
-	if *asJSON {
-		printJSON(stdout, st)
+	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+		if err := noArgs(args); err != nil {
+			return err
+		}
+		var st faults.Status
+		if err := call(ctx, dial, http.MethodGet, "/v1/fault", nil, &st); err != nil {
+			return err
+		}
+		if *asJSON {
+			printJSON(stdout, st)
+			return nil
+		}
+		printFaultStatus(stdout, st)
 		return nil
 	}
-	printFaultStatus(stdout, st)
-	return nil
 }
 
 func printFaultStatus(w io.Writer, st faults.Status) {

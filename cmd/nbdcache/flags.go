@@ -1,113 +1,165 @@
 package main
 
-// Command-line parsing on the standard flag package, with what users of
-// GNU-style tools expect: flags before and after positional arguments,
-// help that spells flags --name, a short error with a suggestion for a
-// mistyped flag or command instead of a page of usage.
+// flags.go: the command line, on cobra and pflag. Each command registers
+// its flags on a standard flag.FlagSet (define) and gets back the function
+// that runs it; cobra parses them, GNU-style: flags before and after
+// positional arguments, --name and --name=value, one-letter options where
+// a command names them, "--" to end the flags. A mistyped flag or command
+// gets one short error with the nearest name, not a page of usage.
+//
+// cobra rather than kong: its completion scripts (bash, zsh, fish) and man
+// pages come with it (docs/man, contrib/completion), and the flag package
+// values the commands already had (sizes, repeatable --listen) plug into
+// pflag as they are.
 
 import (
+	"context"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"runtime/debug"
 	"slices"
 	"strings"
 
 	"github.com/BurntSushi/toml"
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 )
 
-// newFlagSet returns a flag set that reports errors instead of exiting.
-// -h prints "usage: nbdcache NAME [flags]" and the flags.
-func newFlagSet(name string, stderr io.Writer) *flag.FlagSet {
-	fs := flag.NewFlagSet("nbdcache "+name, flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() {
-		fmt.Fprintf(stderr, "usage: nbdcache %s [flags]\n\nflags:\n", name)
-		printFlags(stderr, fs)
-	}
-	return fs
-}
-
-// parseFlags parses args, flags anywhere among them, and rejects
+// runner runs a command once its flags are parsed; args are its
 // positional arguments.
-func parseFlags(fs *flag.FlagSet, args []string) error {
-	pos, err := parseArgs(fs, args, true)
-	if err != nil {
-		return err
-	}
-	if len(pos) > 0 {
-		return fmt.Errorf("%w: unexpected argument %q", errUsage, pos[0])
+type runner func(ctx context.Context, args []string, stdout, stderr io.Writer) error
+
+// command is one subcommand.
+type command struct {
+	name    string
+	args    string // its positional arguments, for the usage line
+	summary string
+	long    string
+	// short gives flags a one-letter option as well.
+	short map[string]string
+	// define registers the command's flags and returns its runner; nil
+	// for a group of commands (sub).
+	define func(fs *flag.FlagSet) runner
+	sub    []command
+}
+
+// noArgs is the check of a command that takes no positional argument.
+func noArgs(args []string) error {
+	if len(args) > 0 {
+		return fmt.Errorf("%w: unexpected argument %q", errUsage, args[0])
 	}
 	return nil
 }
 
-// parseArgs parses the flags in args and returns the positional
-// arguments. With interspersed, flags may follow positional arguments
-// (`mode writethrough --control unix:PATH`); without, parsing stops at
-// the first (a command's own subcommand follows). After "--" everything
-// is positional. A flag that fs does not define is reported with the
-// nearest one that it does; only -h prints the whole usage.
-func parseArgs(fs *flag.FlagSet, args []string, interspersed bool) ([]string, error) {
-	if err := checkFlagNames(fs, args, interspersed); err != nil {
-		return nil, err
+// newRoot builds the command tree; the commands write to stdout and
+// stderr and run under ctx.
+func newRoot(ctx context.Context, stdout, stderr io.Writer) *cobra.Command {
+	root := &cobra.Command{
+		Use:           "nbdcache",
+		Short:         "a write-back block cache served over NBD",
+		Long:          "nbdcache serves a block device over NBD, optionally through a write-back cache on a fast device.\nWith no storage flags, `nbdcache serve` runs a demo in a temporary folder.",
+		Version:       versionString(debug.ReadBuildInfo()),
+		SilenceErrors: true,
+		SilenceUsage:  true,
+		Args:          cobra.ArbitraryArgs,
+		RunE:          groupRunE,
 	}
-	// The flag package prints a parse error, and the whole usage, itself:
-	// silence it, and report the error once.
-	usage, out := fs.Usage, fs.Output()
-	fs.Usage = func() {}
-	fs.SetOutput(io.Discard)
-	defer func() { fs.Usage = usage; fs.SetOutput(out) }()
-	var pos []string
-	for {
-		if err := fs.Parse(args); err != nil {
-			if errors.Is(err, flag.ErrHelp) {
-				usage()
-				return nil, err
-			}
-			return nil, fmt.Errorf("%w: %v (nbdcache %s -h lists the flags)", errUsage, err, strings.TrimPrefix(fs.Name(), "nbdcache "))
-		}
-		rest := fs.Args()
-		if consumed := len(args) - len(rest); !interspersed || len(rest) == 0 || (consumed > 0 && args[consumed-1] == "--") {
-			if c := fs.Lookup("config"); c != nil && c.Value.String() != "" {
-				if err := applyConfig(fs, c.Value.String()); err != nil {
-					return nil, err
-				}
-			}
-			return append(pos, rest...), nil
-		}
-		pos, args = append(pos, rest[0]), rest[1:]
+	root.SetVersionTemplate("{{.Version}}\n")
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	root.SetFlagErrorFunc(flagError)
+	for _, c := range commands() {
+		root.AddCommand(c.cobra(ctx, stdout, stderr))
 	}
+	return root
 }
 
-// checkFlagNames finds the first flag in args that fs does not define.
-func checkFlagNames(fs *flag.FlagSet, args []string, interspersed bool) error {
-	for i := 0; i < len(args); i++ {
-		a := args[i]
+// cobra makes c a cobra command.
+func (c command) cobra(ctx context.Context, stdout, stderr io.Writer) *cobra.Command {
+	use := c.name
+	if c.args != "" {
+		use += " " + c.args
+	}
+	cc := &cobra.Command{Use: use, Short: c.summary, Long: c.long, SilenceErrors: true, SilenceUsage: true}
+	if c.define == nil {
+		cc.Args, cc.RunE = cobra.ArbitraryArgs, groupRunE
+		for _, s := range c.sub {
+			cc.AddCommand(s.cobra(ctx, stdout, stderr))
+		}
+		return cc
+	}
+	fs := flag.NewFlagSet("nbdcache "+c.name, flag.ContinueOnError)
+	run := c.define(fs)
+	fs.VisitAll(func(f *flag.Flag) {
+		pf := pflag.PFlagFromGoFlag(f)
+		if s := c.short[f.Name]; s != "" {
+			pf.Shorthand = s
+		}
+		cc.Flags().AddFlag(pf)
+	})
+	cc.RunE = func(cmd *cobra.Command, args []string) error {
+		if cfg := fs.Lookup("config"); cfg != nil && cfg.Value.String() != "" {
+			if err := applyConfig(fs, cfg.Value.String(), cmd.Flags().Changed); err != nil {
+				return err
+			}
+		}
+		return run(ctx, args, stdout, stderr)
+	}
+	return cc
+}
+
+// groupRunE runs a group (the root, ctl) named without a known command.
+func groupRunE(cmd *cobra.Command, args []string) error {
+	if len(args) == 0 {
+		return fmt.Errorf("%w: want a command (%s -h lists them)", errUsage, cmd.CommandPath())
+	}
+	var names []string
+	for _, c := range cmd.Commands() {
+		if c.IsAvailableCommand() {
+			names = append(names, c.Name())
+		}
+	}
+	return fmt.Errorf("%w: unknown command %q%s (%s -h lists them)", errUsage, args[0],
+		didYouMean(args[0], names, func(s string) string { return s }), cmd.CommandPath())
+}
+
+// flagError makes a parse error a usage error, and names the nearest flag
+// for an unknown one.
+func flagError(cmd *cobra.Command, err error) error {
+	hint := ""
+	if ne := (*pflag.NotExistError)(nil); errors.As(err, &ne) && ne.GetSpecifiedName() != "" {
+		var names []string
+		cmd.Flags().VisitAll(func(f *pflag.Flag) { names = append(names, f.Name) })
+		hint = didYouMean(ne.GetSpecifiedName(), names, dashes)
+	}
+	return fmt.Errorf("%w: %v%s (%s -h lists the flags)", errUsage, err, hint, cmd.CommandPath())
+}
+
+// longFlags rewrites -name to --name for every long flag of the commands,
+// as the standard flag package took both: scripts written for earlier
+// versions keep working. One-letter options are left alone.
+func longFlags(root *cobra.Command, args []string) []string {
+	long := map[string]bool{}
+	var walk func(c *cobra.Command)
+	walk = func(c *cobra.Command) {
+		c.Flags().VisitAll(func(f *pflag.Flag) { long[f.Name] = len(f.Name) > 1 })
+		for _, s := range c.Commands() {
+			walk(s)
+		}
+	}
+	walk(root)
+	out := slices.Clone(args)
+	for i, a := range out {
 		if a == "--" {
-			return nil
+			break
 		}
-		if len(a) < 2 || a[0] != '-' {
-			if !interspersed {
-				return nil
-			}
-			continue
-		}
-		name, _, hasValue := strings.Cut(strings.TrimLeft(a, "-"), "=")
-		if name == "h" || name == "help" {
-			continue
-		}
-		f := fs.Lookup(name)
-		if f == nil {
-			var names []string
-			fs.VisitAll(func(f *flag.Flag) { names = append(names, f.Name) })
-			return fmt.Errorf("%w: unknown flag %s%s (nbdcache %s -h lists the flags)", errUsage, dashes(name),
-				didYouMean(name, names, dashes), strings.TrimPrefix(fs.Name(), "nbdcache "))
-		}
-		if b, ok := f.Value.(interface{ IsBoolFlag() bool }); !hasValue && !(ok && b.IsBoolFlag()) {
-			i++ // the flag's value
+		if name, _, _ := strings.Cut(strings.TrimPrefix(a, "-"), "="); len(a) > 2 && a[0] == '-' && a[1] != '-' && long[name] {
+			out[i] = "-" + a
 		}
 	}
-	return nil
+	return out
 }
 
 func dashes(name string) string {
@@ -153,25 +205,6 @@ func editDistance(a, b string) int {
 	return prev[len(b)]
 }
 
-// printFlags is flag.PrintDefaults with the flags spelled as they are
-// used: --name (-x for a one-letter flag).
-func printFlags(w io.Writer, fs *flag.FlagSet) {
-	fs.VisitAll(func(f *flag.Flag) {
-		arg, usage := flag.UnquoteUsage(f)
-		line := "  " + dashes(f.Name)
-		if arg != "" {
-			line += " " + arg
-		}
-		line += "\n    \t" + strings.ReplaceAll(usage, "\n", "\n    \t")
-		switch f.DefValue {
-		case "", "0", "false", "0s", "[]":
-		default:
-			line += " (default " + f.DefValue + ")"
-		}
-		fmt.Fprintln(w, line)
-	})
-}
-
 // configFlag registers --config on fs (serve and attach, the commands a
 // service runs).
 func configFlag(fs *flag.FlagSet) {
@@ -179,17 +212,15 @@ func configFlag(fs *flag.FlagSet) {
 }
 
 // applyConfig sets, from the TOML file at path, every flag of fs that the
-// command line did not set. Keys are flag names without dashes; a value is
+// command line did not set (onCommandLine). Keys are flag names without dashes; a value is
 // a string, number or boolean, or an array of them for a repeatable flag
 // (listen = ["unix:/run/a.sock", "127.0.0.1:10809"]). A key that names no
 // flag is an error, with the nearest flag name.
-func applyConfig(fs *flag.FlagSet, path string) error {
+func applyConfig(fs *flag.FlagSet, path string, onCommandLine func(name string) bool) error {
 	var m map[string]any
 	if _, err := toml.DecodeFile(path, &m); err != nil {
 		return fmt.Errorf("%w: --config: %v", errUsage, err)
 	}
-	onCommandLine := map[string]bool{}
-	fs.Visit(func(f *flag.Flag) { onCommandLine[f.Name] = true })
 	var names []string
 	fs.VisitAll(func(f *flag.Flag) { names = append(names, f.Name) })
 	keys := make([]string, 0, len(m))
@@ -202,7 +233,7 @@ func applyConfig(fs *flag.FlagSet, path string) error {
 			return fmt.Errorf("%w: --config %s: %q is no flag of nbdcache %s%s", errUsage, path, k,
 				strings.TrimPrefix(fs.Name(), "nbdcache "), didYouMean(k, names, func(s string) string { return s }))
 		}
-		if onCommandLine[k] {
+		if onCommandLine(k) {
 			continue
 		}
 		vals, ok := m[k].([]any)

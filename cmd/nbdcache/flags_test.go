@@ -11,50 +11,87 @@ import (
 	"testing"
 )
 
-func TestParseArgs(t *testing.T) {
-	newFS := func() (*flag.FlagSet, *string, *bool) {
-		fs := newFlagSet("test", io.Discard)
-		return fs, fs.String("control", "", ""), fs.Bool("json", false, "")
-	}
-	for _, tc := range []struct {
-		args         []string
-		interspersed bool
-		pos          []string
-		control      string
-		json         bool
-	}{
-		{[]string{"writethrough", "--control", "unix:/x"}, true, []string{"writethrough"}, "unix:/x", false},
-		{[]string{"--control=unix:/x", "a", "--json", "b"}, true, []string{"a", "b"}, "unix:/x", true},
-		{[]string{"--json", "a", "--", "--control", "b"}, true, []string{"a", "--control", "b"}, "", true},
-		{[]string{"--control", "--json"}, true, nil, "--json", false}, // a value that looks like a flag
-		{[]string{"--control", "unix:/x", "power-cut", "--model", "torn"}, false, []string{"power-cut", "--model", "torn"}, "unix:/x", false},
+// runArgs runs the command line args and returns its exit status and
+// what it printed.
+func runArgs(t *testing.T, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	var out, errb strings.Builder
+	code = run(t.Context(), args, &out, &errb)
+	return code, out.String(), errb.String()
+}
+
+// TestCommandLine: flags before and after positional arguments, "--",
+// one-letter options, -name for --name, and short errors that name the
+// nearest flag or command.
+func TestCommandLine(t *testing.T) {
+	sock := "unix:" + filepath.Join(t.TempDir(), "none.sock")
+	// mode's argument and flags in any order: each reaches the dial
+	// (no server there), so the parse succeeded.
+	for _, args := range [][]string{
+		{"mode", "writethrough", "--control", sock},
+		{"mode", "--control=" + sock, "writethrough"},
+		{"mode", "-C", sock, "writethrough"},
+		{"mode", "-control", sock, "writethrough"},
+		{"ctl", "--control", sock, "status"},
+		{"ctl", "status", "--control", sock},
 	} {
-		fs, control, json := newFS()
-		pos, err := parseArgs(fs, tc.args, tc.interspersed)
-		if err != nil || !slices.Equal(pos, tc.pos) || *control != tc.control || *json != tc.json {
-			t.Errorf("%q (interspersed %v): %q, control %q, json %v, %v; want %q, %q, %v", tc.args, tc.interspersed,
-				pos, *control, *json, err, tc.pos, tc.control, tc.json)
+		if code, _, errs := runArgs(t, args...); code != exitError || !strings.Contains(errs, "none.sock") {
+			t.Errorf("%q: exit %d, %q; want the dial to fail", args, code, errs)
 		}
 	}
-	fs, _, _ := newFS()
-	if _, err := parseArgs(fs, []string{"x", "--contrl", "unix:/x"}, true); !errors.Is(err, errUsage) || !strings.Contains(err.Error(), "did you mean --control?") {
-		t.Errorf("a mistyped flag: %v", err)
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"mode", "x", "--contrl", sock}, "did you mean --control?"},
+		{[]string{"stats", "--zzzzzzz"}, "(nbdcache stats -h lists the flags)"},
+		{[]string{"stats", "--json", "stray"}, `unexpected argument "stray"`},
+		{[]string{"mode", "--", "--control", sock}, "want one mode"},
+		{[]string{"sevre"}, "did you mean serve?"},
+		{[]string{"ctl", "powr-cut"}, "did you mean power-cut?"},
+		{[]string{}, "want a command"},
+	} {
+		code, _, errs := runArgs(t, tc.args...)
+		if code != exitUsage || !strings.Contains(errs, tc.want) {
+			t.Errorf("%q: exit %d, %q; want a usage error with %q", tc.args, code, errs, tc.want)
+		}
+		if len(tc.args) > 0 && strings.Contains(errs, "Flags:") {
+			t.Errorf("%q printed the usage page: %q", tc.args, errs)
+		}
 	}
-	fs, _, _ = newFS()
-	if _, err := parseArgs(fs, []string{"--zzzzzzz"}, true); !errors.Is(err, errUsage) || strings.Contains(err.Error(), "did you mean") {
-		t.Errorf("a flag like no other: %v", err)
+	if _, _, errs := runArgs(t, "stats", "--zzzzzzz"); strings.Contains(errs, "did you mean") {
+		t.Errorf("a flag like no other got a suggestion: %q", errs)
 	}
-	fs, _, _ = newFS()
-	if err := parseFlags(fs, []string{"--json", "stray"}); !errors.Is(err, errUsage) || !strings.Contains(err.Error(), `"stray"`) {
-		t.Errorf("a stray argument: %v", err)
+	// Help and the version exit 0.
+	for _, args := range [][]string{{"-h"}, {"serve", "-h"}, {"ctl", "power-cut", "--help"}, {"help", "flush"}} {
+		if code, out, _ := runArgs(t, args...); code != exitOK || !strings.Contains(out, "Usage:") {
+			t.Errorf("%q: exit %d, %q", args, code, out)
+		}
+	}
+	if code, out, _ := runArgs(t, "--version"); code != exitOK || !strings.HasPrefix(out, "nbdcache ") {
+		t.Errorf("--version: exit %d, %q", code, out)
+	}
+	// Completion: cobra's protocol completes flag names.
+	if code, out, _ := runArgs(t, "__complete", "serve", "--back"); code != exitOK || !strings.Contains(out, "--backing-timeout") {
+		t.Errorf("__complete serve --back: exit %d, %q", code, out)
+	}
+	if code, out, _ := runArgs(t, "completion", "bash"); code != exitOK || !strings.Contains(out, "__start_nbdcache") {
+		t.Errorf("completion bash: exit %d, %d bytes", code, len(out))
+	}
+	// One-letter options, and sizes printed as sizes.
+	if _, out, _ := runArgs(t, "serve", "-h"); !strings.Contains(out, "-b, --backing") || !strings.Contains(out, "MiB") {
+		t.Errorf("serve -h lacks -b, --backing or a size default:\n%s", out)
 	}
 }
 
-func TestUnknownCommandSuggests(t *testing.T) {
-	var out strings.Builder
-	if code := run(t.Context(), []string{"sevre"}, io.Discard, &out); code != exitUsage || !strings.Contains(out.String(), "did you mean serve?") || strings.Contains(out.String(), "commands:") {
-		t.Errorf("nbdcache sevre: exit %d:\n%s", code, out.String())
+// parseConfig parses args as the command line, then applies --config.
+func parseConfig(fs *flag.FlagSet, args ...string) error {
+	if err := fs.Parse(args); err != nil {
+		return err
 	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	return applyConfig(fs, fs.Lookup("config").Value.String(), func(name string) bool { return set[name] })
 }
 
 // TestConfigFile: --config sets the flags the command line did not, by
@@ -62,7 +99,8 @@ func TestUnknownCommandSuggests(t *testing.T) {
 // that names the nearest flag.
 func TestConfigFile(t *testing.T) {
 	newFS := func() (*flag.FlagSet, *string, *int64, *[]string) {
-		fs := newFlagSet("test", io.Discard)
+		fs := flag.NewFlagSet("test", flag.ContinueOnError)
+		fs.SetOutput(io.Discard)
 		configFlag(fs)
 		backing := fs.String("backing", "", "")
 		var size int64
@@ -79,7 +117,7 @@ func TestConfigFile(t *testing.T) {
 	}
 	write("backing = \"from-config.img\"\nbucket-size = \"2M\"\nlisten = [\"unix:/a\", \"127.0.0.1:0\"]\n")
 	fs, backing, size, listens := newFS()
-	if err := parseFlags(fs, []string{"--config", path, "--backing", "cli.img"}); err != nil {
+	if err := parseConfig(fs, "--config", path, "--backing", "cli.img"); err != nil {
 		t.Fatal(err)
 	}
 	if *backing != "cli.img" || *size != 2<<20 || !slices.Equal(*listens, []string{"unix:/a", "127.0.0.1:0"}) {
@@ -87,17 +125,17 @@ func TestConfigFile(t *testing.T) {
 	}
 	write("bakcing = \"x\"\n")
 	fs, _, _, _ = newFS()
-	if err := parseFlags(fs, []string{"--config", path}); !errors.Is(err, errUsage) || !strings.Contains(err.Error(), "did you mean backing?") {
+	if err := parseConfig(fs, "--config", path); !errors.Is(err, errUsage) || !strings.Contains(err.Error(), "did you mean backing?") {
 		t.Errorf("a mistyped key: %v", err)
 	}
 	write("bucket-size = 1.3\n")
 	fs, _, _, _ = newFS()
-	if err := parseFlags(fs, []string{"--config", path}); !errors.Is(err, errUsage) {
+	if err := parseConfig(fs, "--config", path); !errors.Is(err, errUsage) {
 		t.Errorf("a bad value: %v", err)
 	}
 	write("backing = [\n")
 	fs, _, _, _ = newFS()
-	if err := parseFlags(fs, []string{"--config", path}); !errors.Is(err, errUsage) {
+	if err := parseConfig(fs, "--config", path); !errors.Is(err, errUsage) {
 		t.Errorf("a file that is no TOML: %v", err)
 	}
 }

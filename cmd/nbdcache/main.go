@@ -17,26 +17,27 @@ import (
 	"github.com/nbdcache/nbdcache/storage"
 )
 
-// command is one subcommand.
-type command struct {
-	name    string
-	summary string
-	run     func(ctx context.Context, args []string, stdout, stderr io.Writer) error
-}
-
 func commands() []command {
 	return []command{
-		{"serve", "serve a device over NBD (with no storage flags: a demo in a temporary folder)", runServe},
-		{"format", "write a cache superblock binding a cache device to its backing", runFormat},
-		{"check", "verify a cache offline; exits 1 on any corruption, 3 if it belongs to another backing", runCheck},
-		{"rebind", "bind a cache to a backing you vouch for (a copy that lost its id, a disk renamed)", runRebind},
-		{"stats", "show a running server's counters (--control)", runStats},
-		{"flush", "flush --drain: write back every dirty byte of a running server and sync the backing", runFlush},
-		{"mode", "switch a running server's cache mode", runMode},
-		{"ctl", "drive a `serve --faults` server: power-cut, error, delay, status", runCtl},
-		{"attach", "attach the storage as /dev/nbdN through the kernel's nbd driver (root)", runAttach},
-		{"detach", "disconnect /dev/nbdN; its attach process flushes and exits", runDetach},
-		{"version", "print the version", runVersion},
+		{name: "serve", summary: "serve a device over NBD (with no storage flags: a demo in a temporary folder)", define: runServe,
+			short: map[string]string{"backing": "b", "cache": "c", "listen": "l", "export": "e", "read-only": "r", "pid-file": "P", "config": "f"}},
+		{name: "format", summary: "write a cache superblock binding a cache device to its backing", define: runFormat,
+			short: map[string]string{"backing": "b", "cache": "c"}},
+		{name: "check", summary: "verify a cache offline; exits 1 on any corruption, 3 if it belongs to another backing", define: runCheck,
+			short: map[string]string{"backing": "b", "cache": "c"}},
+		{name: "rebind", summary: "bind a cache to a backing you vouch for (a copy that lost its id, a disk renamed)", define: runRebind,
+			short: map[string]string{"backing": "b", "cache": "c"}},
+		{name: "stats", summary: "show a running server's counters (--control)", define: runStats,
+			short: map[string]string{"control": "C", "json": "j", "watch": "w"}},
+		{name: "flush", summary: "flush --drain: write back every dirty byte of a running server and sync the backing", define: runFlush,
+			short: map[string]string{"control": "C", "drain": "d"}},
+		{name: "mode", args: "MODE", summary: "switch a running server's cache mode (writeback, writethrough, writearound or none)", define: runMode,
+			short: map[string]string{"control": "C"}},
+		{name: "ctl", summary: "drive a `serve --faults` server: power-cut, error, delay, status", long: ctlLong, sub: ctlCommands()},
+		{name: "attach", summary: "attach the storage as /dev/nbdN through the kernel's nbd driver (root)", define: runAttach,
+			short: map[string]string{"backing": "b", "cache": "c", "read-only": "r", "pid-file": "P", "config": "f"}},
+		{name: "detach", args: "/dev/nbdN", summary: "disconnect /dev/nbdN; its attach process flushes and exits", define: runDetach},
+		{name: "version", summary: "print the version", define: runVersion},
 	}
 }
 
@@ -81,51 +82,30 @@ func main() {
 	os.Exit(run(ctx, os.Args[1:], os.Stdout, os.Stderr))
 }
 
+// run runs the command line args and returns the exit status.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	if len(args) > 0 && (args[0] == "--version" || args[0] == "-version" || args[0] == "-V") {
-		args = []string{"version"}
+	root := newRoot(ctx, stdout, stderr)
+	root.SetArgs(longFlags(root, args))
+	cmd, err := root.ExecuteC()
+	code := exitStatus(err)
+	if code != exitOK {
+		fmt.Fprintf(stderr, "%s: %v\n", cmd.CommandPath(), err)
 	}
-	if len(args) == 0 || args[0] == "help" || args[0] == "-h" || args[0] == "--help" {
-		usage(stderr)
-		if len(args) == 0 {
-			return 2
-		}
-		return 0
-	}
-	for _, c := range commands() {
-		if c.name == args[0] {
-			err := c.run(ctx, args[1:], stdout, stderr)
-			code := exitStatus(err)
-			if code != exitOK {
-				fmt.Fprintf(stderr, "nbdcache %s: %v\n", c.name, err)
-			}
-			return code
-		}
-	}
-	var names []string
-	for _, c := range commands() {
-		names = append(names, c.name)
-	}
-	fmt.Fprintf(stderr, "nbdcache: unknown command %q%s (nbdcache help lists them)\n", args[0],
-		didYouMean(args[0], names, func(s string) string { return s }))
-	return 2
-}
-
-func usage(w io.Writer) {
-	fmt.Fprintln(w, "usage: nbdcache <command> [flags]\n\ncommands:")
-	for _, c := range commands() {
-		fmt.Fprintf(w, "  %-10s %s\n", c.name, c.summary)
-	}
-	fmt.Fprintln(w, "\nRun `nbdcache <command> -h` for a command's flags.")
+	return code
 }
 
 // version, if set at build time with -ldflags "-X main.version=...",
 // overrides the module version from the build information.
 var version = ""
 
-func runVersion(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fmt.Fprintln(stdout, versionString(debug.ReadBuildInfo()))
-	return nil
+func runVersion(fs *flag.FlagSet) runner {
+	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+		if err := noArgs(args); err != nil {
+			return err
+		}
+		fmt.Fprintln(stdout, versionString(debug.ReadBuildInfo()))
+		return nil
+	}
 }
 
 // versionString is "nbdcache VERSION (REVISION[, modified], GO)": the

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -34,9 +35,8 @@ type serveFlags struct {
 	run     string
 }
 
-func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+func runServe(fs *flag.FlagSet) runner {
 	var f serveFlags
-	fs := newFlagSet("serve", stderr)
 	f.storage.register(fs)
 	f.limits.register(fs)
 	fs.Func("listen", "listen on `ADDR`: unix:PATH or HOST:PORT; repeatable (default "+defaultListen+")", func(s string) error {
@@ -54,176 +54,178 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	f.tls.register(fs)
 	fs.StringVar(&f.metrics, "metrics", "", "serve Prometheus metrics at /metrics on `ADDR`: HOST:PORT or unix:PATH (the control socket serves them too)")
 	fs.StringVar(&f.cpuProf, "cpuprofile", "", "write a Go CPU profile of the whole run to `FILE`")
-	fs.BoolVar(&f.storage.faults, "faults", false, "fault mode: power cuts, injected errors and latency through `nbdcache ctl` (needs --control)")
+	fs.BoolVar(&f.storage.faults, "faults", false, "fault mode: power cuts, injected errors and latency through 'nbdcache ctl' (needs --control)")
 	f.service.register(fs)
 	configFlag(fs)
 	fs.StringVar(&f.run, "run", "", "run `CMD` with sh once serving, with $uri, $unixsocket or $port, and $exportname set; stop when it exits, with its exit status (nbdkit's --run)")
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	if err := f.service.check(); err != nil {
-		return err
-	}
-	log, err := f.log.logger(stderr)
-	if err != nil {
-		return err
-	}
-	var cfg nbd.Config
-	if err := f.limits.apply(&cfg); err != nil {
-		return err
-	}
-	if err := f.tls.apply(&cfg); err != nil {
-		return err
-	}
-	if _, err := f.control.access(); err != nil {
-		return err
-	}
-	perm, err := f.sockets.perm()
-	if err != nil {
-		return err
-	}
-	if f.storage.faults && f.control.addr == "" {
-		return fmt.Errorf("%w: --faults needs --control unix:PATH, through which `nbdcache ctl` drives it", errUsage)
-	}
-	if len(f.listens) == 0 {
-		a, _ := parseListen(defaultListen)
-		f.listens = []listenAddr{a}
-	}
-	for _, a := range f.listens {
-		if a.export != "" && a.export != f.export {
-			if f.export != "" || a.export != f.listens[0].export {
-				return fmt.Errorf("%w: --listen names export %q, but the export is %q (one export per server)", errUsage, a.export, f.export)
+	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+		if err := noArgs(args); err != nil {
+			return err
+		}
+		if err := f.service.check(); err != nil {
+			return err
+		}
+		log, err := f.log.logger(stderr)
+		if err != nil {
+			return err
+		}
+		var cfg nbd.Config
+		if err := f.limits.apply(&cfg); err != nil {
+			return err
+		}
+		if err := f.tls.apply(&cfg); err != nil {
+			return err
+		}
+		if _, err := f.control.access(); err != nil {
+			return err
+		}
+		perm, err := f.sockets.perm()
+		if err != nil {
+			return err
+		}
+		if f.storage.faults && f.control.addr == "" {
+			return fmt.Errorf("%w: --faults needs --control unix:PATH, through which `nbdcache ctl` drives it", errUsage)
+		}
+		if len(f.listens) == 0 {
+			a, _ := parseListen(defaultListen)
+			f.listens = []listenAddr{a}
+		}
+		for _, a := range f.listens {
+			if a.export != "" && a.export != f.export {
+				if f.export != "" || a.export != f.listens[0].export {
+					return fmt.Errorf("%w: --listen names export %q, but the export is %q (one export per server)", errUsage, a.export, f.export)
+				}
+				f.export = a.export
 			}
-			f.export = a.export
-		}
-		if a.tls && cfg.TLS == nil {
-			return fmt.Errorf("%w: --listen %s is a TLS URI: give --tls on or --tls require (and --tls-certificates)", errUsage, a)
-		}
-	}
-	if f.cpuProf != "" {
-		stopProf, err := startCPUProfile(f.cpuProf)
-		if err != nil {
-			return err
-		}
-		defer stopProf()
-	}
-
-	st, err := f.storage.open(stdout, log)
-	if err != nil {
-		return err
-	}
-	defer st.Close()
-	dev := st.dev
-
-	cfg.Exports = []nbd.Export{{Name: f.export, Device: dev, ReadOnly: f.storage.readOnly}}
-	cfg.Logger = log
-	var srvRef atomic.Pointer[nbd.Server]
-	m := serverMetrics(st, &srvRef)
-	cfg.Observer = m.Observer()
-	srv, err := nbd.NewServer(cfg)
-	if err != nil {
-		return err
-	}
-	srvRef.Store(srv)
-	if f.metrics != "" {
-		bound, stop, err := serveMetrics(f.metrics, m, perm, log)
-		if err != nil {
-			return err
-		}
-		defer stop()
-		fmt.Fprintf(stdout, "nbdcache: metrics on http://%s/metrics\n", bound)
-	}
-	if st.rig != nil {
-		st.rig.SetServer(srv) // power cuts drop the connections
-	}
-	stopControl := func() error { return nil }
-	if f.control.addr != "" {
-		stop, err := startControl(f.control, &daemon{srv: srv, st: st, started: time.Now(), metrics: m})
-		if err != nil {
-			return err
-		}
-		stopControl = stop
-		defer func() { stopControl() }()
-	}
-	var ls []net.Listener
-	for _, a := range f.listens {
-		l, err := listen(a, perm)
-		if err != nil {
-			for _, l := range ls {
-				l.Close()
+			if a.tls && cfg.TLS == nil {
+				return fmt.Errorf("%w: --listen %s is a TLS URI: give --tls on or --tls require (and --tls-certificates)", errUsage, a)
 			}
+		}
+		if f.cpuProf != "" {
+			stopProf, err := startCPUProfile(f.cpuProf)
+			if err != nil {
+				return err
+			}
+			defer stopProf()
+		}
+
+		st, err := f.storage.open(stdout, log)
+		if err != nil {
 			return err
 		}
-		if a.network == "unix" {
-			defer os.Remove(a.addr)
-		}
-		ls = append(ls, l)
-	}
-	serveErr := make(chan error, len(ls))
-	for _, l := range ls {
-		go func() { serveErr <- srv.Serve(l) }()
-	}
-	for i, l := range ls {
-		fmt.Fprintf(stdout, "nbdcache: serving export %q (%d bytes) on %s\n", f.export, dev.Size(), listenString(f.listens[i], l))
-	}
-	for i, l := range ls {
-		fmt.Fprintf(stdout, "nbdcache: uri %s\n", nbdURI(f.listens[i], l, f.export, cfg.TLS != nil))
-	}
-	if st.rig != nil {
-		fmt.Fprintf(stdout, "nbdcache: fault mode: `nbdcache ctl --control %s power-cut|error|delay|status`\n", f.control.addr)
-	}
-	if st.demo {
-		printConnectHelp(stdout, f.listens[0], ls[0], f.export, cfg.TLS != nil)
-	}
+		defer st.Close()
+		dev := st.dev
 
-	stopping := f.service.ready(log)
-	var child *exec.Cmd
-	var childDone chan error
-	if f.run != "" {
-		child = exec.Command("/bin/sh", "-c", f.run)
-		child.Env = append(os.Environ(), runEnv(f.listens[0], ls[0], f.export, cfg.TLS != nil)...)
-		child.Stdin, child.Stdout, child.Stderr = os.Stdin, stdout, stderr
-		// Its own process group, so that stopping it stops what it
-		// started too; and it dies with serve.
-		child.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
-		if err = child.Start(); err != nil {
-			err = fmt.Errorf("--run: %w", err)
-		} else {
-			childDone = make(chan error, 1)
-			go func() { childDone <- child.Wait() }()
+		cfg.Exports = []nbd.Export{{Name: f.export, Device: dev, ReadOnly: f.storage.readOnly}}
+		cfg.Logger = log
+		var srvRef atomic.Pointer[nbd.Server]
+		m := serverMetrics(st, &srvRef)
+		cfg.Observer = m.Observer()
+		srv, err := nbd.NewServer(cfg)
+		if err != nil {
+			return err
 		}
-	}
-	if err == nil {
-		select {
-		case <-ctx.Done():
-		case err = <-serveErr:
-			log.Error("listener failed", "err", err)
-		case cerr := <-childDone:
-			childDone, err = nil, runExitError(cerr)
+		srvRef.Store(srv)
+		if f.metrics != "" {
+			bound, stop, err := serveMetrics(f.metrics, m, perm, log)
+			if err != nil {
+				return err
+			}
+			defer stop()
+			fmt.Fprintf(stdout, "nbdcache: metrics on http://%s/metrics\n", bound)
 		}
+		if st.rig != nil {
+			st.rig.SetServer(srv) // power cuts drop the connections
+		}
+		stopControl := func() error { return nil }
+		if f.control.addr != "" {
+			stop, err := startControl(f.control, &daemon{srv: srv, st: st, started: time.Now(), metrics: m})
+			if err != nil {
+				return err
+			}
+			stopControl = stop
+			defer func() { stopControl() }()
+		}
+		var ls []net.Listener
+		for _, a := range f.listens {
+			l, err := listen(a, perm)
+			if err != nil {
+				for _, l := range ls {
+					l.Close()
+				}
+				return err
+			}
+			if a.network == "unix" {
+				defer os.Remove(a.addr)
+			}
+			ls = append(ls, l)
+		}
+		serveErr := make(chan error, len(ls))
+		for _, l := range ls {
+			go func() { serveErr <- srv.Serve(l) }()
+		}
+		for i, l := range ls {
+			fmt.Fprintf(stdout, "nbdcache: serving export %q (%d bytes) on %s\n", f.export, dev.Size(), listenString(f.listens[i], l))
+		}
+		for i, l := range ls {
+			fmt.Fprintf(stdout, "nbdcache: uri %s\n", nbdURI(f.listens[i], l, f.export, cfg.TLS != nil))
+		}
+		if st.rig != nil {
+			fmt.Fprintf(stdout, "nbdcache: fault mode: `nbdcache ctl --control %s power-cut|error|delay|status`\n", f.control.addr)
+		}
+		if st.demo {
+			printConnectHelp(stdout, f.listens[0], ls[0], f.export, cfg.TLS != nil)
+		}
+
+		stopping := f.service.ready(log)
+		var child *exec.Cmd
+		var childDone chan error
+		if f.run != "" {
+			child = exec.Command("/bin/sh", "-c", f.run)
+			child.Env = append(os.Environ(), runEnv(f.listens[0], ls[0], f.export, cfg.TLS != nil)...)
+			child.Stdin, child.Stdout, child.Stderr = os.Stdin, stdout, stderr
+			// Its own process group, so that stopping it stops what it
+			// started too; and it dies with serve.
+			child.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
+			if err = child.Start(); err != nil {
+				err = fmt.Errorf("--run: %w", err)
+			} else {
+				childDone = make(chan error, 1)
+				go func() { childDone <- child.Wait() }()
+			}
+		}
+		if err == nil {
+			select {
+			case <-ctx.Done():
+			case err = <-serveErr:
+				log.Error("listener failed", "err", err)
+			case cerr := <-childDone:
+				childDone, err = nil, runExitError(cerr)
+			}
+		}
+		if child != nil && child.Process != nil {
+			stopGroup(child.Process.Pid, childDone, log)
+		}
+		stopping()
+		stopControl()
+		stopControl = func() error { return nil }
+		sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if serr := srv.Shutdown(sctx); serr != nil {
+			log.Warn("shutdown did not finish in time; connections were closed", "err", serr)
+		}
+		if ferr := dev.Flush(); ferr != nil {
+			return fmt.Errorf("final flush: %w", ferr)
+		}
+		if cerr := st.Close(); cerr != nil {
+			return fmt.Errorf("closing: %w", cerr)
+		}
+		if err != nil && !errors.Is(err, nbd.ErrServerClosed) {
+			return err
+		}
+		fmt.Fprintln(stdout, "nbdcache: stopped cleanly")
+		return nil
 	}
-	if child != nil && child.Process != nil {
-		stopGroup(child.Process.Pid, childDone, log)
-	}
-	stopping()
-	stopControl()
-	stopControl = func() error { return nil }
-	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if serr := srv.Shutdown(sctx); serr != nil {
-		log.Warn("shutdown did not finish in time; connections were closed", "err", serr)
-	}
-	if ferr := dev.Flush(); ferr != nil {
-		return fmt.Errorf("final flush: %w", ferr)
-	}
-	if cerr := st.Close(); cerr != nil {
-		return fmt.Errorf("closing: %w", cerr)
-	}
-	if err != nil && !errors.Is(err, nbd.ErrServerClosed) {
-		return err
-	}
-	fmt.Fprintln(stdout, "nbdcache: stopped cleanly")
-	return nil
 }
 
 // listenString shows where a listener really is (port 0 resolved).
