@@ -112,10 +112,17 @@ func startServe(t testing.TB, args ...string) *server {
 // s.listening holds every "serving export" line.
 func startServeBinary(t testing.TB, bin string, args ...string) *server {
 	t.Helper()
+	return startServeIn(t, bin, "", args...)
+}
+
+// startServeIn is startServeBinary run in the folder dir ("": the test's).
+func startServeIn(t testing.TB, bin, dir string, args ...string) *server {
+	t.Helper()
 	sock := filepath.Join(t.TempDir(), "nbd.sock")
 	s := &server{t: t, sock: sock, uri: "nbd+unix:///?socket=" + sock,
 		stdout: new(bytes.Buffer), stderr: new(bytes.Buffer), exited: make(chan error, 1)}
 	s.cmd = exec.Command(bin, append(append([]string{"serve"}, args...), "--listen", "unix:"+sock)...)
+	s.cmd.Dir = dir
 	s.cmd.Stderr = s.stderr
 	out, err := s.cmd.StdoutPipe()
 	if err != nil {
