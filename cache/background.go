@@ -1,0 +1,159 @@
+package cache
+
+// background.go: the background loop (writeback kicks, free buckets,
+// periodic checkpoints) and the early start of the kernel's writeback of
+// the cache device.
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/nbdcache/nbdcache/storage"
+)
+
+func (c *Cache) kickBackground() {
+	c.flusher.Kick()
+	select {
+	case c.bg.kick <- struct{}{}:
+	default:
+	}
+}
+
+// earlyWriteback is how many bytes written into the cache ask for a
+// startWriteback before a bucket fills: what a FLUSH finds left in the
+// page cache to write (600 KiB of it cost the first FLUSH after a burst
+// about 9 ms in the VM benchmark, bench/kernel-caches.sh).
+const earlyWriteback = 128 << 10
+
+// kickStartWriteback asks the background loop for a startWriteback.
+func (c *Cache) kickStartWriteback() {
+	select {
+	case c.bg.startWB <- struct{}{}:
+	default:
+	}
+}
+
+// startWriteback starts the kernel writing the buckets filled since the
+// last call, and what the open buckets hold so far, so that the sync of
+// the next commit, checkpoint or FLUSH finds little left to write: that
+// sync held up writers waiting for free buckets, and FLUSHes.
+func (c *Cache) startWriteback() {
+	ws, ok := c.dev.(storage.WritebackStarter)
+	if !ok {
+		return
+	}
+	c.mu.Lock()
+	sealed := c.mu.space.takeSealed()
+	var open [2][2]int64 // [from, to) of the open buckets
+	for i, a := range []allocator{c.mu.space.fg, c.mu.space.gc} {
+		if a.b >= 0 {
+			open[i] = [2]int64{c.sb.bucketStart(a.b), a.wp}
+		}
+	}
+	c.mu.Unlock()
+	for _, b := range sealed {
+		ws.StartWriteback(c.sb.bucketStart(b), c.sb.BucketSize)
+	}
+	for _, r := range open {
+		if r[1] > r[0] {
+			ws.StartWriteback(r[0], r[1]-r[0])
+		}
+	}
+	// And the journal blocks published since: until the first commit
+	// after a burst, they are all there is to sync (320 KiB of them
+	// after 8000 writes). The kernel skips the ring's clean pages.
+	ws.StartWriteback(c.sb.JournalOff, c.sb.JournalSize)
+}
+
+// checkpointMinBlocks: a periodic checkpoint is skipped while the journal
+// since the last one is this short (about 100 records a block).
+const checkpointMinBlocks = 8
+
+// background kicks the flusher above the dirty target or when free
+// buckets run short (the flusher itself writes everything back when the
+// device is idle), keeps free buckets available, and checkpoints every
+// CheckpointInterval while the journal grows; as the cache is written it
+// starts the kernel writing it out (bg.startWB: that alone). It runs only
+// with a flusher.
+func (c *Cache) background(ctx context.Context) {
+	defer c.bg.done.Done()
+	t := time.NewTicker(200 * time.Millisecond)
+	defer t.Stop()
+	lastCkpt, ckpts := time.Now(), c.stats.checkpoints.Load()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-c.bg.kick:
+		case <-t.C:
+		case <-c.bg.startWB:
+			c.startWriteback()
+			continue
+		}
+		c.startWriteback()
+		c.mu.Lock()
+		full := c.indexFullLocked()
+		c.mu.Unlock()
+		if full {
+			c.shrinkIndex()
+		}
+		if n := c.stats.checkpoints.Load(); n != ckpts {
+			lastCkpt, ckpts = time.Now(), n
+		}
+		if iv := c.opts.CheckpointInterval; iv > 0 && time.Since(lastCkpt) >= iv {
+			grown := func() bool {
+				c.mu.Lock()
+				defer c.mu.Unlock()
+				return c.usedSlotsLocked() > checkpointMinBlocks
+			}
+			if err := c.checkpointIf(grown, false); err != nil && !errors.Is(err, ErrClosed) {
+				c.log.Warn("cache: periodic checkpoint", "err", err)
+			}
+			lastCkpt = time.Now() // a journal too short to checkpoint waits another interval
+		}
+		for ctx.Err() == nil {
+			c.mu.Lock()
+			dirty := c.mu.idx.DirtyBytes()
+			free := int64(len(c.mu.space.free))
+			pending := len(c.mu.space.pending)
+			c.mu.Unlock()
+			lowFree := free < int64(c.lowFree())
+			target := c.CapacityBytes() * int64(c.opts.WritebackPercent) / 100
+			worked := false
+			if lowFree || dirty > target {
+				c.flusher.Kick()
+			}
+			if lowFree {
+				if pending == 0 {
+					var freed int
+					if !c.opts.GCMove {
+						freed = c.gcClean()
+					} else {
+						freed, _ = c.gcStep(true)
+					}
+					if freed > 0 {
+						worked = true
+					}
+				}
+				c.mu.Lock()
+				pending = len(c.mu.space.pending)
+				c.mu.Unlock()
+				if pending > 0 {
+					err := c.checkpointIf(func() bool {
+						c.mu.Lock()
+						defer c.mu.Unlock()
+						return len(c.mu.space.pending) > 0
+					}, true)
+					if err != nil && !errors.Is(err, ErrClosed) {
+						c.log.Warn("cache: background checkpoint", "err", err)
+						break
+					}
+				}
+			}
+			if !worked {
+				break
+			}
+		}
+	}
+}
