@@ -50,9 +50,12 @@ type faultChain struct {
 	knobs
 	name string
 	file storage.Device  // the real device: outlives every cut
-	slot *storage.Switch // holds the current Volatile
+	slot *storage.Switch // holds the current Volatile (the file itself for a remote)
 	top  storage.Device  // what a generation's Gate wraps
 	vol  *storage.Volatile
+	// remote: the device is another machine's (an NBD backing), which
+	// keeps its own power: no Volatile, and a cut leaves it alone.
+	remote bool
 }
 
 // Rig holds fault mode's state for one server.
@@ -88,10 +91,14 @@ func New(log *slog.Logger) *Rig {
 
 // chain builds the persistent wrappers over a real device. model, if not
 // nil, sits between the delays and the volatile cache (the disk model).
-func (r *Rig) chain(name string, file storage.Device, model func(storage.Device) storage.Device) *faultChain {
-	c := &faultChain{name: name, file: file}
-	c.vol = storage.NewVolatile(file, storage.VolatileOptions{MaxUndo: r.maxUndo})
-	c.slot = storage.NewSwitch(c.vol)
+func (r *Rig) chain(name string, file storage.Device, remote bool, model func(storage.Device) storage.Device) *faultChain {
+	c := &faultChain{name: name, file: file, remote: remote}
+	if remote {
+		c.slot = storage.NewSwitch(file)
+	} else {
+		c.vol = storage.NewVolatile(file, storage.VolatileOptions{MaxUndo: r.maxUndo})
+		c.slot = storage.NewSwitch(c.vol)
+	}
 	var d storage.Device = c.slot
 	if model != nil {
 		d = model(d)
@@ -100,15 +107,18 @@ func (r *Rig) chain(name string, file storage.Device, model func(storage.Device)
 	return c
 }
 
-// WrapBacking returns the backing as the first generation sees it.
-func (r *Rig) WrapBacking(file storage.Device, model func(storage.Device) storage.Device) storage.Device {
-	r.back = r.chain("backing", file, model)
+// WrapBacking returns the backing as the first generation sees it. A
+// remote backing (remote: an NBD export) is another machine, with power
+// of its own: errors and delays reach it, power cuts do not. Its outages
+// are the remote's own (kill the NBD server).
+func (r *Rig) WrapBacking(file storage.Device, remote bool, model func(storage.Device) storage.Device) storage.Device {
+	r.back = r.chain("backing", file, remote, model)
 	return r.mu.gen.Wrap(r.back.top)
 }
 
 // WrapCache returns the cache device as the first generation sees it.
 func (r *Rig) WrapCache(file storage.Device) storage.Device {
-	r.cache = r.chain("cache", file, nil)
+	r.cache = r.chain("cache", file, false, nil)
 	return r.mu.gen.Wrap(r.cache.top)
 }
 
@@ -390,12 +400,16 @@ func (r *Rig) PowerOn() (PowerCutResult, error) {
 	return res, nil
 }
 
-// chains are the real devices: the cache's (if any), then the backing's.
+// chains are the real devices a power cut hits: the cache's (if any),
+// then the backing's, unless it is remote.
 func (r *Rig) chains() []*faultChain {
-	if r.cache != nil {
-		return []*faultChain{r.cache, r.back}
+	var cs []*faultChain
+	for _, c := range []*faultChain{r.cache, r.back} {
+		if c != nil && !c.remote {
+			cs = append(cs, c)
+		}
 	}
-	return []*faultChain{r.back}
+	return cs
 }
 
 // powerOnLocked is steps 5 and 6 of a cut: fresh Volatile wrappers and
@@ -614,10 +628,8 @@ func (r *Rig) Status() Status {
 			st.Delays[t] = strings.Join(parts, ",")
 		}
 	}
-	for _, c := range []*faultChain{r.cache, r.back} {
-		if c != nil {
-			st.Pending[c.name] = c.vol.Stats().UnsyncedBytes
-		}
+	for _, c := range r.chains() {
+		st.Pending[c.name] = c.vol.Stats().UnsyncedBytes
 	}
 	return st
 }

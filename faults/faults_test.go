@@ -32,7 +32,7 @@ func newTestRig(t *testing.T, withCache bool) *testRig {
 	t.Helper()
 	log := slog.New(slog.DiscardHandler)
 	r := &testRig{rig: New(log), backMem: storage.NewMem(8 << 20), backingID: [16]byte{1, 2, 3}}
-	r.backDev = r.rig.WrapBacking(r.backMem, nil)
+	r.backDev = r.rig.WrapBacking(r.backMem, false, nil)
 	dev := r.backDev
 	if withCache {
 		r.cacheMem = storage.NewMem(8 << 20)

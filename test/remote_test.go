@@ -332,3 +332,43 @@ func TestRemoteOutagesUnderFio(t *testing.T) {
 	// The remote alone now holds what fio wrote.
 	run(t, fio, append(job, "--uri="+remote.uri, "--verify_only", "--output="+out)...)
 }
+
+// TestRemotePowerCutDuringOutage: fault mode with a remote backing. The
+// remote is another machine, with power of its own: a cut of the cache's
+// machine leaves it alone. Here the cuts come while the remote is down:
+// what was FLUSHed before each cut survives it and is served from the
+// cache, and once the remote is back the drain puts it all there.
+func TestRemotePowerCutDuringOutage(t *testing.T) {
+	qemuIO := tool(t, "qemu-io")
+	remote := startFileRemote(t, 32*mib)
+	cache := sparseFile(t, "cache.img", 16*mib)
+	ctl := "unix:" + filepath.Join(t.TempDir(), "ctl.sock")
+	s := startServe(t, "--backing", remote.uri, "--cache", cache, "--format", "--faults", "--control", ctl, "--backing-timeout", "1s")
+	defer s.stop()
+	run(t, qemuIO, "-f", "raw", "-c", "write -P 0x10 0 1M", "-c", "flush", s.uri)
+	remote.kill()
+	for i, model := range []string{"unflushed", "torn", "random"} {
+		p := 0x11 + i
+		off := (i + 1) * 2 // MiB
+		// Synced, then a write no FLUSH covers, then the cut.
+		run(t, qemuIO, "-f", "raw", "-c", fmt.Sprintf("write -P %d %dM 1M", p, off), "-c", "flush",
+			"-c", fmt.Sprintf("write -P 0x77 %dM 1M", off+1), s.uri)
+		out := run(t, binary, "ctl", "--control", ctl, "power-cut", "--model", model, "--seed", fmt.Sprint(i+1))
+		if strings.Contains(out, "backing:") {
+			t.Errorf("the cut reached the remote backing:\n%s", out)
+		}
+		run(t, qemuIO, "-f", "raw", "-c", "read -P 0x10 0 1M", "-c", fmt.Sprintf("read -P %d %dM 1M", p, off), s.uri)
+	}
+	remote.restart()
+	run(t, binary, "flush", "--drain", "--control", ctl)
+	got, err := os.ReadFile(remote.img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 4 {
+		off := i * 2 * mib
+		if want := bytes.Repeat([]byte{byte(0x10 + i)}, mib); !bytes.Equal(got[off:off+mib], want) {
+			t.Errorf("the remote at %d MiB does not hold pattern %#x after the drain", off/mib, 0x10+i)
+		}
+	}
+}

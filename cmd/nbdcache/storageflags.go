@@ -191,7 +191,7 @@ func (f *storageFlags) open(w io.Writer, log *slog.Logger) (_ *openedStorage, er
 		if model != nil {
 			slow = func(d storage.Device) storage.Device { return storage.NewSlow(d, *model) }
 		}
-		back = o.rig.WrapBacking(bdev, slow)
+		back = o.rig.WrapBacking(bdev, remote, slow)
 	}
 	o.dev = back
 	if cachePath == "" {
