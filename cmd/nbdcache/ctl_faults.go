@@ -45,14 +45,17 @@ commands:
   status [--json]
         installed errors and delays, errors injected, unsynced bytes, cuts`
 
+// ctlShort are the one-letter options of ctl's commands.
+var ctlShort = map[string]string{"control": "C", "json": "j"}
+
 // ctlCommands are ctl's commands.
 func ctlCommands() []command {
 	return []command{
-		{name: "power-cut", summary: "cut the power, power on again and print what was lost (--off: leave it off)", define: ctlPowerCut},
-		{name: "power-on", summary: "after power-cut --off: recover and serve again", define: ctlPowerOn},
-		{name: "error", summary: "make matching requests fail (--clear removes them)", define: ctlError},
-		{name: "delay", summary: "add latency to matching requests (--clear removes it)", define: ctlDelay},
-		{name: "status", summary: "installed errors and delays, errors injected, unsynced bytes, cuts", define: ctlStatus},
+		{name: "power-cut", summary: "cut the power, power on again and print what was lost (--off: leave it off)", define: ctlPowerCut, short: ctlShort},
+		{name: "power-on", summary: "after power-cut --off: recover and serve again", define: ctlPowerOn, short: ctlShort},
+		{name: "error", summary: "make matching requests fail (--clear removes them)", define: ctlError, short: ctlShort},
+		{name: "delay", summary: "add latency to matching requests (--clear removes it)", define: ctlDelay, short: ctlShort},
+		{name: "status", summary: "installed errors and delays, errors injected, unsynced bytes, cuts", define: ctlStatus, short: ctlShort},
 	}
 }
 

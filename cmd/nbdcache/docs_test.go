@@ -24,7 +24,6 @@ func generatedDocs(t *testing.T) map[string][]byte {
 	t.Helper()
 	root := newRoot(t.Context(), io.Discard, io.Discard)
 	root.DisableAutoGenTag = true
-	root.InitDefaultCompletionCmd() // as Execute adds it
 	dir := t.TempDir()
 	hdr := &doc.GenManHeader{Title: "NBDCACHE", Section: "1", Source: "nbdcache", Manual: "nbdcache manual", Date: &manDate}
 	if err := doc.GenManTree(root, hdr, dir); err != nil {

@@ -4,8 +4,11 @@ package main
 // its flags on a standard flag.FlagSet (define) and gets back the function
 // that runs it; cobra parses them, GNU-style: flags before and after
 // positional arguments, --name and --name=value, one-letter options where
-// a command names them, "--" to end the flags. A mistyped flag or command
-// gets one short error with the nearest name, not a page of usage.
+// a command names them, "--" to end the flags. Before cobra, normalize
+// turns -name into --name (as the standard flag package read it), and
+// groupCheck reports a command line that names no command of a group. A
+// mistyped flag or command gets one short error with the nearest name,
+// not a page of usage.
 //
 // cobra rather than kong: its completion scripts (bash, zsh, fish) and man
 // pages come with it (docs/man, contrib/completion), and the flag package
@@ -43,6 +46,10 @@ type command struct {
 	// for a group of commands (sub).
 	define func(fs *flag.FlagSet) runner
 	sub    []command
+	// shared, for a group: flags every command of it defines itself,
+	// also shown on the group so that they may come before a command's
+	// name (and complete there).
+	shared func(fs *flag.FlagSet)
 }
 
 // noArgs is the check of a command that takes no positional argument.
@@ -73,6 +80,9 @@ func newRoot(ctx context.Context, stdout, stderr io.Writer) *cobra.Command {
 	for _, c := range commands() {
 		root.AddCommand(c.cobra(ctx, stdout, stderr))
 	}
+	// What Execute would add, added now so that groupCheck knows them.
+	root.InitDefaultHelpCmd()
+	root.InitDefaultCompletionCmd()
 	return root
 }
 
@@ -85,6 +95,11 @@ func (c command) cobra(ctx context.Context, stdout, stderr io.Writer) *cobra.Com
 	cc := &cobra.Command{Use: use, Short: c.summary, Long: c.long, SilenceErrors: true, SilenceUsage: true}
 	if c.define == nil {
 		cc.Args, cc.RunE = cobra.ArbitraryArgs, groupRunE
+		if c.shared != nil {
+			fs := flag.NewFlagSet(c.name, flag.ContinueOnError)
+			c.shared(fs)
+			addFlags(cc.PersistentFlags(), fs, c.short)
+		}
 		for _, s := range c.sub {
 			cc.AddCommand(s.cobra(ctx, stdout, stderr))
 		}
@@ -92,13 +107,7 @@ func (c command) cobra(ctx context.Context, stdout, stderr io.Writer) *cobra.Com
 	}
 	fs := flag.NewFlagSet("nbdcache "+c.name, flag.ContinueOnError)
 	run := c.define(fs)
-	fs.VisitAll(func(f *flag.Flag) {
-		pf := pflag.PFlagFromGoFlag(f)
-		if s := c.short[f.Name]; s != "" {
-			pf.Shorthand = s
-		}
-		cc.Flags().AddFlag(pf)
-	})
+	addFlags(cc.Flags(), fs, c.short)
 	cc.RunE = func(cmd *cobra.Command, args []string) error {
 		if cfg := fs.Lookup("config"); cfg != nil && cfg.Value.String() != "" {
 			if err := applyConfig(fs, cfg.Value.String(), cmd.Flags().Changed); err != nil {
@@ -108,6 +117,21 @@ func (c command) cobra(ctx context.Context, stdout, stderr io.Writer) *cobra.Com
 		return run(ctx, args, stdout, stderr)
 	}
 	return cc
+}
+
+// addFlags adds the flags of fs to pfs, with the one-letter options
+// short names.
+func addFlags(pfs *pflag.FlagSet, fs *flag.FlagSet, short map[string]string) {
+	fs.VisitAll(func(f *flag.Flag) {
+		pf := pflag.PFlagFromGoFlag(f)
+		if s := short[f.Name]; s != "" {
+			pf.Shorthand = s
+		}
+		if pf.DefValue == "0s" {
+			pf.DefValue = "0" // so that help, as for other zeroes, shows no default
+		}
+		pfs.AddFlag(pf)
+	})
 }
 
 // groupRunE runs a group (the root, ctl) named without a known command.
@@ -137,29 +161,109 @@ func flagError(cmd *cobra.Command, err error) error {
 	return fmt.Errorf("%w: %v%s (%s -h lists the flags)", errUsage, err, hint, cmd.CommandPath())
 }
 
-// longFlags rewrites -name to --name for every long flag of the commands,
-// as the standard flag package took both: scripts written for earlier
-// versions keep working. One-letter options are left alone.
-func longFlags(root *cobra.Command, args []string) []string {
-	long := map[string]bool{}
-	var walk func(c *cobra.Command)
-	walk = func(c *cobra.Command) {
-		c.Flags().VisitAll(func(f *pflag.Flag) { long[f.Name] = len(f.Name) > 1 })
-		for _, s := range c.Commands() {
-			walk(s)
-		}
-	}
-	walk(root)
+// normalize prepares args for cobra, for the command they name:
+//
+//   - -name and -name=value become --name and --name=value, as the
+//     standard flag package took both: scripts written for it keep
+//     working, and a mistyped -nmae gets "unknown flag --nmae; did you
+//     mean --name?" rather than being read as one-letter options
+//     (nbdcache has no bundled ones: -rb is no -r -b);
+//   - -V becomes --version;
+//   - a flag's value is never touched, however it looks: the walk knows
+//     which flags take one.
+func normalize(root *cobra.Command, args []string) []string {
 	out := slices.Clone(args)
-	for i, a := range out {
-		if a == "--" {
-			break
+	if len(out) > 0 && out[0] == "-V" {
+		out[0] = "--version"
+	}
+	cmd, _, err := root.Find(out)
+	if err != nil || cmd == nil {
+		cmd = root
+	}
+	cmd.InitDefaultHelpFlag()
+	root.InitDefaultVersionFlag()
+	takesValue := func(f *pflag.Flag) bool { return f != nil && f.NoOptDefVal == "" }
+	lookup := func(name string) *pflag.Flag {
+		if f := cmd.Flags().Lookup(name); f != nil {
+			return f
 		}
-		if name, _, _ := strings.Cut(strings.TrimPrefix(a, "-"), "="); len(a) > 2 && a[0] == '-' && a[1] != '-' && long[name] {
+		return cmd.InheritedFlags().Lookup(name)
+	}
+	for i := 0; i < len(out); i++ {
+		a := out[i]
+		switch {
+		case a == "--":
+			return out
+		case strings.HasPrefix(a, "--"):
+			if name, _, hasValue := strings.Cut(a[2:], "="); !hasValue && takesValue(lookup(name)) {
+				i++
+			}
+		case len(a) > 2 && a[0] == '-' && a[2] != '=' && isLetter(a[1]):
 			out[i] = "-" + a
+			if name, _, hasValue := strings.Cut(a[1:], "="); !hasValue && takesValue(lookup(name)) {
+				i++
+			}
+		case len(a) == 2 && a[0] == '-' && isLetter(a[1]):
+			if takesValue(cmd.Flags().ShorthandLookup(a[1:])) {
+				i++
+			}
 		}
 	}
 	return out
+}
+
+// groupFlag looks name up among the flags of the group cmd, long or
+// one-letter, its own and the ones its commands share.
+func groupFlag(cmd *cobra.Command, name string) *pflag.Flag {
+	for _, fs := range []*pflag.FlagSet{cmd.Flags(), cmd.PersistentFlags()} {
+		if f := fs.Lookup(name); f != nil {
+			return f
+		}
+		if len(name) == 1 {
+			if f := fs.ShorthandLookup(name); f != nil {
+				return f
+			}
+		}
+	}
+	return nil
+}
+
+func isLetter(b byte) bool { return 'a' <= b && b <= 'z' || 'A' <= b && b <= 'Z' }
+
+// groupCheck finds, before cobra runs, a command line that names a group
+// (the root, ctl) but none of its commands: a mistyped command, perhaps
+// with flags after it, or ctl with flags alone. cobra would parse those
+// flags against the group and report them instead.
+func groupCheck(root *cobra.Command, args []string) (*cobra.Command, error) {
+	if len(args) > 0 && (args[0] == cobra.ShellCompRequestCmd || args[0] == cobra.ShellCompNoDescRequestCmd) {
+		return root, nil // completion asks about partial command lines
+	}
+	cmd, rest, err := root.Find(args)
+	if err != nil || cmd == nil || !cmd.HasSubCommands() {
+		return root, nil
+	}
+	help := false
+	for i := 0; i < len(rest); i++ {
+		a := rest[i]
+		switch {
+		case a == "--":
+			return cmd, fmt.Errorf("%w: %q ends the flags; the command comes before it (%s -h lists them)", errUsage, a, cmd.CommandPath())
+		case a == "-h" || a == "--help" || a == "--version" || a == "-v":
+			help = true
+		case strings.HasPrefix(a, "-") && !strings.Contains(a, "="):
+			// A flag: a known one takes its value, if it has one; an
+			// unknown one is taken to have one, as cobra does.
+			if f := groupFlag(cmd, strings.TrimLeft(a, "-")); f == nil || f.NoOptDefVal == "" {
+				i++
+			}
+		default:
+			return cmd, groupRunE(cmd, rest[i:])
+		}
+	}
+	if help || cmd == root && len(rest) == 0 {
+		return cmd, nil // cobra: help, the version, or the root's usage error
+	}
+	return cmd, groupRunE(cmd, nil)
 }
 
 func dashes(name string) string {

@@ -50,6 +50,18 @@ func TestCommandLine(t *testing.T) {
 		{[]string{"sevre"}, "did you mean serve?"},
 		{[]string{"ctl", "powr-cut"}, "did you mean power-cut?"},
 		{[]string{}, "want a command"},
+		// Single-dash typos are typos, not bundles of one-letter options.
+		{[]string{"serve", "-readonly"}, "unknown flag: --readonly; did you mean --read-only?"},
+		{[]string{"serve", "-verbose"}, "unknown flag: --verbose"},
+		{[]string{"stats", "-jsn"}, "did you mean --json?"},
+		{[]string{"format", "-bakcing=b.img"}, "did you mean --backing?"},
+		// A mistyped command is reported as that, flags or -h after it.
+		{[]string{"sevre", "--backing", "b.img"}, "did you mean serve?"},
+		{[]string{"versoin", "-h"}, "did you mean version?"},
+		{[]string{"ctl", "--control", sock, "stauts"}, "did you mean status?"},
+		{[]string{"ctl", "-C", sock, "stauts", "-h"}, "did you mean status?"},
+		{[]string{"ctl", "--control", sock}, "want a command"},
+		{[]string{"completion", "bogus"}, "unknown command"},
 	} {
 		code, _, errs := runArgs(t, tc.args...)
 		if code != exitUsage || !strings.Contains(errs, tc.want) {
@@ -62,14 +74,16 @@ func TestCommandLine(t *testing.T) {
 	if _, _, errs := runArgs(t, "stats", "--zzzzzzz"); strings.Contains(errs, "did you mean") {
 		t.Errorf("a flag like no other got a suggestion: %q", errs)
 	}
-	// Help and the version exit 0.
-	for _, args := range [][]string{{"-h"}, {"serve", "-h"}, {"ctl", "power-cut", "--help"}, {"help", "flush"}} {
+	// Help and the version exit 0, with one dash too.
+	for _, args := range [][]string{{"-h"}, {"serve", "-h"}, {"ctl", "power-cut", "--help"}, {"help", "flush"}, {"format", "-help"}, {"ctl", "status", "-help"}} {
 		if code, out, _ := runArgs(t, args...); code != exitOK || !strings.Contains(out, "Usage:") {
 			t.Errorf("%q: exit %d, %q", args, code, out)
 		}
 	}
-	if code, out, _ := runArgs(t, "--version"); code != exitOK || !strings.HasPrefix(out, "nbdcache ") {
-		t.Errorf("--version: exit %d, %q", code, out)
+	for _, v := range []string{"--version", "-version", "-V", "-v"} {
+		if code, out, _ := runArgs(t, v); code != exitOK || !strings.HasPrefix(out, "nbdcache ") {
+			t.Errorf("%s: exit %d, %q", v, code, out)
+		}
 	}
 	// Completion: cobra's protocol completes flag names.
 	if code, out, _ := runArgs(t, "__complete", "serve", "--back"); code != exitOK || !strings.Contains(out, "--backing-timeout") {
@@ -174,5 +188,25 @@ func TestStalePIDFile(t *testing.T) {
 	f := serviceFlags{pidFile: path}
 	if err := f.check(); err != nil {
 		t.Fatalf("a pid file naming another program's process: %v", err)
+	}
+}
+
+// TestNormalize: -name becomes --name, but a flag's value is left as it
+// is, however it looks.
+func TestNormalize(t *testing.T) {
+	root := newRoot(t.Context(), io.Discard, io.Discard)
+	for _, tc := range []struct{ in, want []string }{
+		{[]string{"serve", "-backing", "b.img", "-r"}, []string{"serve", "--backing", "b.img", "-r"}},
+		{[]string{"serve", "--export", "-mode", "--run", "-listen"}, []string{"serve", "--export", "-mode", "--run", "-listen"}},
+		{[]string{"serve", "-export", "-mode", "-b", "-cache"}, []string{"serve", "--export", "-mode", "-b", "-cache"}},
+		{[]string{"serve", "-b=x.img", "-readonly"}, []string{"serve", "-b=x.img", "--readonly"}},
+		{[]string{"ctl", "-control", "unix:/x", "status", "-json"}, []string{"ctl", "--control", "unix:/x", "status", "--json"}},
+		{[]string{"mode", "--", "-control"}, []string{"mode", "--", "-control"}},
+		{[]string{"-V"}, []string{"--version"}},
+		{[]string{"ctl", "error", "--after", "-1"}, []string{"ctl", "error", "--after", "-1"}},
+	} {
+		if got := normalize(root, tc.in); !slices.Equal(got, tc.want) {
+			t.Errorf("normalize(%q) = %q, want %q", tc.in, got, tc.want)
+		}
 	}
 }

@@ -33,7 +33,8 @@ func commands() []command {
 			short: map[string]string{"control": "C", "drain": "d"}},
 		{name: "mode", args: "MODE", summary: "switch a running server's cache mode (writeback, writethrough, writearound or none)", define: runMode,
 			short: map[string]string{"control": "C"}},
-		{name: "ctl", summary: "drive a `serve --faults` server: power-cut, error, delay, status", long: ctlLong, sub: ctlCommands()},
+		{name: "ctl", summary: "drive a `serve --faults` server: power-cut, error, delay, status", long: ctlLong, sub: ctlCommands(),
+			shared: func(fs *flag.FlagSet) { controlFlag(fs) }, short: map[string]string{"control": "C"}},
 		{name: "attach", summary: "attach the storage as /dev/nbdN through the kernel's nbd driver (root)", define: runAttach,
 			short: map[string]string{"backing": "b", "cache": "c", "read-only": "r", "pid-file": "P", "config": "f"}},
 		{name: "detach", args: "/dev/nbdN", summary: "disconnect /dev/nbdN; its attach process flushes and exits", define: runDetach},
@@ -85,8 +86,12 @@ func main() {
 // run runs the command line args and returns the exit status.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	root := newRoot(ctx, stdout, stderr)
-	root.SetArgs(longFlags(root, args))
-	cmd, err := root.ExecuteC()
+	args = normalize(root, args)
+	cmd, err := groupCheck(root, args)
+	if err == nil {
+		root.SetArgs(args)
+		cmd, err = root.ExecuteC()
+	}
 	code := exitStatus(err)
 	if code != exitOK {
 		fmt.Fprintf(stderr, "%s: %v\n", cmd.CommandPath(), err)
