@@ -92,12 +92,12 @@ func (c *Cache) ack(flags storage.Flags) error {
 }
 
 // writeJournal is commit (sync) or publish (!sync). One journal writer at a
-// time (jwriting) writes every sealed block not yet written, and publish
+// time (journal.writing) writes every sealed block not yet written, and publish
 // also the open block as it is (it stays open; a later write of it, longer,
 // goes to the same slot; a block is never rewritten after a sync covered
 // it, because commit seals before writing). Waiters whose records it
 // covered return with it. A commit then syncs the cache device once
-// (jsyncing), while publishers may write again: the sync covers every
+// (journal.syncing), while publishers may write again: the sync covers every
 // block written before it began.
 //
 // The backing is flushed before the blocks are written when a backing

@@ -10,9 +10,9 @@ import (
 	"sync"
 )
 
-// journal is the journal's state, Cache.mu.j. Cache.mu guards every field
-// but turn, which belongs to the goroutine holding the writer's turn
-// (writing), outside the lock.
+// journal is the journal's state, Cache.mu.j. Cache.mu guards every field;
+// bufs belong to the goroutine holding the writer's turn (writing), which
+// uses them outside the lock too, from take to written or giveBack.
 //
 // Invariants, under Cache.mu:
 //   - open holds n records (n < jRecsPerBlk); its header is written when

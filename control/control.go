@@ -24,7 +24,7 @@ import (
 // Stats is what `nbdcache stats` shows: the counters of the server, the
 // remote backing, the cache and its writeback, each the type its package
 // produces, with the JSON names it gives them (one flat object), and the
-// figures derived from them. Byte counts are bytes; rates are bytes per
+// figures derived from them (CacheFigures). Byte counts are bytes; rates are bytes per
 // second; ratios are in [0, 1]. The embedded parts are nil where there is
 // no such thing (no cache, a local backing).
 type Stats struct {
@@ -35,8 +35,19 @@ type Stats struct {
 	*RemoteStats
 	*CacheStats
 	*WritebackStats
+	*CacheFigures
 
-	// Derived from the parts.
+	// What the flusher is doing, and its last error's message (a failing
+	// backing).
+	WritebackState     string `json:"writeback_state,omitempty"`
+	WritebackLastError string `json:"writeback_last_error,omitempty"`
+	// An NBD backing (--backing nbd://): "up" or "down" (empty for a
+	// local one).
+	BackingState string `json:"backing_state,omitempty"`
+}
+
+// CacheFigures are derived from the cache's counters and the flusher's.
+type CacheFigures struct {
 	HitRatio float64 `json:"hit_ratio"` // hits, and half of the partial hits, per read
 	// Of the cache's buckets, those in use.
 	Occupancy float64 `json:"occupancy"`
@@ -47,13 +58,6 @@ type Stats struct {
 	// that go to it (bench/flushfloor.sh).
 	BackingFlushes int64 `json:"backing_flushes"`
 	CacheErrors    int64 `json:"cache_errors"` // cache device read and write errors
-	// What the flusher is doing, and its last error's message (a failing
-	// backing).
-	WritebackState     string `json:"writeback_state,omitempty"`
-	WritebackLastError string `json:"writeback_last_error,omitempty"`
-	// An NBD backing (--backing nbd://): "up" or "down" (empty for a
-	// local one).
-	BackingState string `json:"backing_state,omitempty"`
 }
 
 // The parts of Stats, named so that they can be embedded side by side.
@@ -76,20 +80,22 @@ func NewStats(uptime time.Duration, srv nbd.Stats, remote *nbd.RemoteStats, c *c
 	}
 	if c != nil {
 		s.Mode = c.Mode.String()
+		f := &CacheFigures{BackingFlushes: c.BackingFlushes, CacheErrors: c.CacheReadErrors + c.CacheWriteErrors}
 		if reads := c.Hits + c.Misses + c.PartialHits; reads > 0 {
-			s.HitRatio = (float64(c.Hits) + float64(c.PartialHits)/2) / float64(reads)
+			f.HitRatio = (float64(c.Hits) + float64(c.PartialHits)/2) / float64(reads)
 		}
 		if c.Buckets > 0 {
-			s.Occupancy = float64(c.Buckets-c.FreeBuckets) / float64(c.Buckets)
+			f.Occupancy = float64(c.Buckets-c.FreeBuckets) / float64(c.Buckets)
 		}
 		if c.WriteBytes > 0 {
-			s.GCWriteAmp = float64(c.GCMovedBytes) / float64(c.WriteBytes)
+			f.GCWriteAmp = float64(c.GCMovedBytes) / float64(c.WriteBytes)
 		}
-		s.BackingFlushes = c.BackingFlushes
-		s.CacheErrors = c.CacheReadErrors + c.CacheWriteErrors
+		if wb != nil {
+			f.BackingFlushes += wb.Flushes
+		}
+		s.CacheFigures = f
 	}
 	if wb != nil {
-		s.BackingFlushes += wb.Flushes
 		s.WritebackState = wb.Mode.String()
 		if wb.LastError != nil {
 			s.WritebackLastError = wb.LastError.Error()

@@ -28,21 +28,23 @@ const (
 	// garbage sector:
 	//
 	//   - W is the last unsynced write (WriteAt without FUA; never a Trim
-	//     or Zero) of which LoseRandom kept at least one sector. W covers
-	//     n device sectors, numbered 0..n-1 (a partial first or last
-	//     sector counts as one).
-	//   - A tear point t is drawn uniformly from 1..n. Sectors t..n-1 of W
-	//     are dropped, i.e. they keep whatever the sectors held before W
-	//     (t = n: W is not torn).
+	//     or Zero) of which LoseRandom kept at least one sector that no
+	//     newer operation keeps too (a free sector). W covers n device
+	//     sectors, numbered 0..n-1 (a partial first or last sector counts
+	//     as one).
+	//   - A tear point t is drawn uniformly from 1..n. The free sectors
+	//     t..n-1 of W are dropped, i.e. they keep whatever the sectors
+	//     held before W (t = n: W is not torn).
 	//   - With probability 1/2, one whole 512-byte device sector becomes
-	//     random bytes: sector t of W if t < n (the sector being written
-	//     when the power failed), else a sector of W that was kept. It is
-	//     applied at W's place in the order, so a later surviving Trim or
-	//     Zero still covers it.
+	//     random bytes: sector t of W if t < n and it is free (the sector
+	//     being written when the power failed), else, for t = n, a free
+	//     sector of W that was kept. A sector a newer operation keeps
+	//     never turns to garbage.
 	//
 	// So garbage appears only in a sector that an unsynced write touched,
-	// but that sector may have held durable data before: a device that
-	// overwrites durable data in place can lose it. Layouts that never
+	// but that sector may have held durable data before, FUA data
+	// included: a device that overwrites durable data in place can lose
+	// it. Layouts that never
 	// overwrite live data (append-only buckets, two superblock copies)
 	// are the defence.
 	LoseTorn

@@ -305,6 +305,59 @@ func Run(t *testing.T, mk func(t *testing.T, size int64) storage.Device, optiona
 		}
 	})
 
+	t.Run("Batch", func(t *testing.T) {
+		d := mk(t, Size)
+		bw, ok := d.(storage.BatchWriter)
+		if !ok {
+			t.Skip("not a storage.BatchWriter")
+		}
+		seed := testseed.Get(t)
+		rng := testbytes.NewRand(seed)
+		model := make([]byte, Size)
+		for round := range 40 {
+			// Small writes, overlapping each other in a narrow window
+			// half the time: the batch must apply them in order.
+			ws := make([]storage.BatchWrite, 1+rng.IntN(64))
+			window := int64(Size)
+			if rng.IntN(2) == 0 {
+				window = 64 << 10
+			}
+			for i := range ws {
+				off := rng.Int64N(window)
+				length := 1 + rng.Int64N(min(window-off, 32<<10))
+				if rng.IntN(3) != 0 { // 4 KiB-aligned, as NBD clients mostly send
+					off &^= 4095
+					length = max(4096, length&^4095)
+					length = min(length, Size-off)
+				}
+				var flags storage.Flags
+				if rng.IntN(8) == 0 {
+					flags = storage.FUA
+				}
+				ws[i] = storage.BatchWrite{P: testbytes.Fill(int(length), seed+uint64(round*100+i)), Off: off, Flags: flags}
+			}
+			bw.WriteBatch(ws)
+			for i, w := range ws {
+				if w.Err != nil {
+					t.Fatalf("round %d: write %d of %d (%d+%d): %v", round, i, len(ws), w.Off, len(w.P), w.Err)
+				}
+				copy(model[w.Off:], w.P)
+			}
+			if got := readAll(t, d); !bytes.Equal(got, model) {
+				t.Fatalf("round %d, after a batch of %d: %s", round, len(ws), testbytes.FirstDiff(got, model))
+			}
+		}
+		// An invalid write fails alone; the writes around it land.
+		ws := []storage.BatchWrite{{P: []byte{1}, Off: 0}, {P: []byte{2}, Off: Size}, {P: []byte{3}, Off: 1}}
+		bw.WriteBatch(ws)
+		if ws[0].Err != nil || ws[1].Err == nil || ws[2].Err != nil {
+			t.Fatalf("a batch with a write past the end: errors %v, %v, %v", ws[0].Err, ws[1].Err, ws[2].Err)
+		}
+		if p := readAll(t, d)[:2]; p[0] != 1 || p[1] != 3 {
+			t.Fatalf("the writes around the invalid one: %v", p)
+		}
+	})
+
 	t.Run("Close", func(t *testing.T) {
 		d := mk(t, Size)
 		if err := d.Close(); err != nil {
