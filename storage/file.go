@@ -312,6 +312,38 @@ func (f *File) WriteAt(p []byte, off int64, flags Flags) error {
 	return f.write(p, off, flags&FUA != 0)
 }
 
+// WriteBatch does WriteAt for each write (BatchWriter). Into the page
+// cache they go one after another, in order: the NBD server so runs a
+// socket read's worth of small writes on its read loop, without handing
+// each to a worker. With O_DIRECT each write waits for the device, so
+// writes that overlap none of the others go at once, as workers would send
+// them; a batch with overlapping writes goes in order.
+func (f *File) WriteBatch(ws []BatchWrite) {
+	if !f.direct || len(ws) < 2 || overlapping(ws) {
+		for i := range ws {
+			ws[i].Err = f.WriteAt(ws[i].P, ws[i].Off, ws[i].Flags)
+		}
+		return
+	}
+	var wg sync.WaitGroup
+	for i := range ws {
+		wg.Go(func() { ws[i].Err = f.WriteAt(ws[i].P, ws[i].Off, ws[i].Flags) })
+	}
+	wg.Wait()
+}
+
+// overlapping reports whether two writes of ws overlap.
+func overlapping(ws []BatchWrite) bool {
+	for i := range ws {
+		for j := range i {
+			if ws[i].Off < ws[j].Off+int64(len(ws[j].P)) && ws[j].Off < ws[i].Off+int64(len(ws[i].P)) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // Flush makes every write that returned before it durable (fdatasync).
 func (f *File) Flush() error {
 	if err := f.begin(0, 0, false); err != nil {
