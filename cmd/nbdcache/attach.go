@@ -71,9 +71,6 @@ func runAttach(fs *flag.FlagSet) runner {
 	var f attachFlags
 	f.register(fs)
 	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-		if err := noArgs(args); err != nil {
-			return err
-		}
 		if err := f.service.check(); err != nil {
 			return err
 		}

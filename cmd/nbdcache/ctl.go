@@ -37,9 +37,6 @@ func runStats(fs *flag.FlagSet) runner {
 	asJSON := fs.Bool("json", false, "print the raw JSON snapshot (with --watch: JSON Lines, one object a line)")
 	watch := fs.Duration("watch", 0, "print again every `INTERVAL` (e.g. 1s) until interrupted, with rates")
 	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-		if err := noArgs(args); err != nil {
-			return err
-		}
 		c, err := dial()
 		if err != nil {
 			return err
@@ -140,9 +137,6 @@ func runFlush(fs *flag.FlagSet) runner {
 	dial := controlFlag(fs)
 	drain := fs.Bool("drain", false, "write back every dirty byte and sync the backing (required)")
 	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-		if err := noArgs(args); err != nil {
-			return err
-		}
 		if !*drain {
 			return fmt.Errorf("%w: only `flush --drain` exists: clients flush the cache themselves with NBD FLUSH", errUsage)
 		}

@@ -68,9 +68,6 @@ func ctlPowerCut(fs *flag.FlagSet) runner {
 	off := fs.Bool("off", false, "leave the power off: every request fails with EIO until 'ctl power-on' (take a mounted filesystem down first)")
 	asJSON := fs.Bool("json", false, "print the raw JSON report")
 	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-		if err := noArgs(args); err != nil {
-			return err
-		}
 		q := url.Values{"model": {*model}}
 		if *seed != "" {
 			if _, err := strconv.ParseUint(*seed, 0, 64); err != nil {
@@ -89,9 +86,6 @@ func ctlPowerOn(fs *flag.FlagSet) runner {
 	dial := controlFlag(fs)
 	asJSON := fs.Bool("json", false, "print the raw JSON report")
 	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-		if err := noArgs(args); err != nil {
-			return err
-		}
 		return powerCall(ctx, dial, "/v1/fault/power-on", nil, *asJSON, stdout)
 	}
 }
@@ -178,9 +172,6 @@ func ctlError(fs *flag.FlagSet) runner {
 	times := fs.Int64("times", 0, "fail at most `N` requests (default: no limit)")
 	clear := fs.Bool("clear", false, "remove the errors (of --target, or of every target)")
 	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-		if err := noArgs(args); err != nil {
-			return err
-		}
 		q := url.Values{"target": {*target}}
 		if *clear {
 			q.Set("clear", "1")
@@ -209,9 +200,6 @@ func ctlDelay(fs *flag.FlagSet) runner {
 	latency := fs.String("latency", "", "added latency per request, `DURATION` such as 5ms (0 removes it)")
 	clear := fs.Bool("clear", false, "remove the delays (of --target, or of every target)")
 	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-		if err := noArgs(args); err != nil {
-			return err
-		}
 		q := url.Values{"target": {*target}}
 		if *clear {
 			q.Set("clear", "1")
@@ -230,9 +218,6 @@ func ctlStatus(fs *flag.FlagSet) runner {
 	dial := controlFlag(fs)
 	asJSON := fs.Bool("json", false, "print the raw JSON")
 	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-		if err := noArgs(args); err != nil {
-			return err
-		}
 		var st faults.Status
 		if err := call(ctx, dial, http.MethodGet, "/v1/fault", nil, &st); err != nil {
 			return err

@@ -37,7 +37,7 @@ type runner func(ctx context.Context, args []string, stdout, stderr io.Writer) e
 // command is one subcommand.
 type command struct {
 	name    string
-	args    string // its positional arguments, for the usage line
+	args    string // its positional arguments, for the usage line ("": none taken)
 	summary string
 	long    string
 	// short gives flags a one-letter option as well.
@@ -109,6 +109,11 @@ func (c command) cobra(ctx context.Context, stdout, stderr io.Writer) *cobra.Com
 	run := c.define(fs)
 	addFlags(cc.Flags(), fs, c.short)
 	cc.RunE = func(cmd *cobra.Command, args []string) error {
+		if c.args == "" {
+			if err := noArgs(args); err != nil {
+				return err
+			}
+		}
 		if cfg := fs.Lookup("config"); cfg != nil && cfg.Value.String() != "" {
 			if err := applyConfig(fs, cfg.Value.String(), cmd.Flags().Changed); err != nil {
 				return err

@@ -24,9 +24,6 @@ func runFormat(fs *flag.FlagSet) runner {
 	fs.Var(sizeFlag{&bucketSize}, "bucket-size", "cache bucket `SIZE`")
 	force := fs.Bool("force", false, "format even over what the cache device holds: a cache (its dirty data too), a backing, a filesystem, any data; all of it is lost")
 	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-		if err := noArgs(args); err != nil {
-			return err
-		}
 		if *cachePath == "" || *backing == "" {
 			return fmt.Errorf("%w: --cache and --backing are required", errUsage)
 		}
@@ -97,9 +94,6 @@ func runCheck(fs *flag.FlagSet) runner {
 	live := fs.Bool("live", false, "check even while a server holds the devices: a snapshot, which a write in flight can make look corrupt")
 	deep := fs.Bool("deep", false, "also compare every clean extent with the backing (reads all cached data)")
 	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-		if err := noArgs(args); err != nil {
-			return err
-		}
 		if *cachePath == "" || *backing == "" {
 			return fmt.Errorf("%w: --cache and --backing are required", errUsage)
 		}

@@ -105,9 +105,6 @@ var version = ""
 
 func runVersion(fs *flag.FlagSet) runner {
 	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-		if err := noArgs(args); err != nil {
-			return err
-		}
 		fmt.Fprintln(stdout, versionString(debug.ReadBuildInfo()))
 		return nil
 	}

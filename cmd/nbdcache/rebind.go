@@ -25,9 +25,6 @@ func runRebind(fs *flag.FlagSet) runner {
 	ob.register(fs)
 	force := fs.Bool("force", false, "rebind even a backing file that carries the id of another cache, which then refuses it")
 	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-		if err := noArgs(args); err != nil {
-			return err
-		}
 		if *cachePath == "" || *backing == "" {
 			return fmt.Errorf("%w: --cache and --backing are required", errUsage)
 		}

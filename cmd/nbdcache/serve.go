@@ -59,9 +59,6 @@ func runServe(fs *flag.FlagSet) runner {
 	configFlag(fs)
 	fs.StringVar(&f.run, "run", "", "run `CMD` with sh once serving, with $uri, $unixsocket or $port, and $exportname set; stop when it exits, with its exit status (nbdkit's --run)")
 	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-		if err := noArgs(args); err != nil {
-			return err
-		}
 		if err := f.service.check(); err != nil {
 			return err
 		}
