@@ -120,7 +120,7 @@ type turn struct {
 	blocks []sealedBlock // sealed blocks, then the published open block
 	pub    []byte        // the copy of the open block that a publish writes
 	// The published open block's header, finished outside the lock
-	// (openN 0: none).
+	// (openN 0: none; openSeq is the open block's sequence either way).
 	openN                          int
 	openSeq, openDurable, openCkpt uint64
 	openPrev                       uint32
@@ -156,17 +156,15 @@ func (j *journal) turnFree(sync bool) bool { return !j.writing && !(sync && j.sy
 func (j *journal) take(sync bool, ckptSeq uint64) turn {
 	j.writing = true
 	j.syncing = j.syncing || sync
-	t := turn{sync: sync, pub: j.bufs.pub}
+	t := turn{sync: sync, pub: j.bufs.pub, openSeq: j.nextSeq}
 	t.blocks = append(j.bufs.blocks[:0], j.sealed...)
 	clear(j.sealed)
 	j.sealed = j.sealed[:0]
-	openN, openSeq, openPrev, openDurable, openCkpt := 0, j.nextSeq, j.prev, j.durable, ckptSeq
 	if !sync && j.n > 0 {
-		openN = j.n
 		copy(t.pub, j.open)
-		t.blocks = append(t.blocks, sealedBlock{seq: openSeq, pos: j.head, data: t.pub})
+		t.openN, t.openPrev, t.openDurable, t.openCkpt = j.n, j.prev, j.durable, ckptSeq
+		t.blocks = append(t.blocks, sealedBlock{seq: t.openSeq, pos: j.head, data: t.pub})
 	}
-	t.openN, t.openSeq, t.openPrev, t.openDurable, t.openCkpt = openN, openSeq, openPrev, openDurable, openCkpt
 	t.durable, t.visible, t.bNow = j.nextSeq, j.appended, j.bWrites
 	t.needB = t.bNow > j.bFlushed && (sync || j.cleanDep > j.visible)
 	t.needSync = sync && t.durable > j.durable

@@ -131,6 +131,8 @@ func planCut(ops []cutOp, model LossModel, rng *rand.Rand) cutPlan {
 	if model == LoseTorn {
 		p.tear(ops, p.covered(ops), rng)
 	}
+	// Covered again after a tear: the sectors W lost no longer cover
+	// older ops.
 	for i, c := range p.covered(ops) {
 		for w := range c {
 			p.keep[i][w] |= c[w]

@@ -222,13 +222,8 @@ func runAttach(fs *flag.FlagSet) runner {
 			released = true
 		}
 
-		sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		if serr := srv.Shutdown(sctx); serr != nil {
-			log.Warn("shutdown did not finish in time; connections were closed", "err", serr)
-		}
-		if ferr := dev.Flush(); ferr != nil {
-			return fmt.Errorf("final flush: %w", ferr)
+		if err := shutdownAndFlush(srv, dev, log); err != nil {
+			return err
 		}
 		if !released && !f.noDrain {
 			// A second SIGINT or SIGTERM stops a long drain; what is left

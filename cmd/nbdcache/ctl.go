@@ -80,22 +80,24 @@ func printStats(w io.Writer, s, prev control.Stats, dt time.Duration, rates bool
 	perSec := func(now, before int64) int64 { return int64(float64(now-before) / dt.Seconds()) }
 	rates = rates && dt > 0
 	fmt.Fprintf(tw, "mode\t%s\tuptime\t%.0fs\n", s.Mode, s.UptimeSeconds)
-	if c, f := s.CacheStats, s.CacheFigures; c != nil && f != nil {
+	c, f := s.CacheStats, s.CacheFigures
+	cached := c != nil && f != nil
+	if cached {
 		fmt.Fprintf(tw, "dirty\t%s\tcached\t%s of %s (occupancy %.1f%%)\n", mibs(c.DirtyBytes), mibs(c.CachedBytes), mibs(c.CapacityBytes), 100*f.Occupancy)
 		fmt.Fprintf(tw, "hit ratio\t%.3f\thits/misses/partial\t%d/%d/%d (RAM %d)\n", f.HitRatio, c.Hits, c.Misses, c.PartialHits, c.RAMHits)
 		fmt.Fprintf(tw, "bypasses\t%d (%d thrashing)\tpromotions\t%d\n", c.Bypasses, c.ThrashBypasses, c.Promotions)
 	}
 	if wb := s.WritebackStats; wb != nil {
-		var total, rate int64
-		if c, f := s.CacheStats, s.CacheFigures; c != nil && f != nil {
-			total = c.WritebackBytes
+		var total, flushes int64
+		if cached {
+			total, flushes = c.WritebackBytes, f.BackingFlushes
 		}
-		rate = wb.WrittenRate
+		rate := wb.WrittenRate
 		if rates && prev.CacheStats != nil {
 			rate = perSec(total, prev.CacheStats.WritebackBytes)
 		}
 		fmt.Fprintf(tw, "writeback\t%s total (%s)\trate\t%s/s, target dirty %s\n", mibs(total), s.WritebackState, mibs(rate), mibs(wb.Target))
-		fmt.Fprintf(tw, "collisions\t%d\tbacking writes\t%d (avg %s), %d flushes\n", wb.Collisions, wb.Writes, mibs(wb.AvgWrite), backingFlushes(s))
+		fmt.Fprintf(tw, "collisions\t%d\tbacking writes\t%d (avg %s), %d flushes\n", wb.Collisions, wb.Writes, mibs(wb.AvgWrite), flushes)
 		if wb.Errors > 0 {
 			fmt.Fprintf(tw, "writeback errors\t%d\tlast\t%s\n", wb.Errors, s.WritebackLastError)
 		}
@@ -110,7 +112,7 @@ func printStats(w io.Writer, s, prev control.Stats, dt time.Duration, rates bool
 		fmt.Fprintf(tw, "client I/O\tread %s/s\twrite\t%s/s\n",
 			mibs(perSec(n.BytesRead, prev.ServerStats.BytesRead)), mibs(perSec(n.BytesWritten, prev.ServerStats.BytesWritten)))
 	}
-	if c, f := s.CacheStats, s.CacheFigures; c != nil && f != nil {
+	if cached {
 		fmt.Fprintf(tw, "gc runs\t%d (moved %s, write amplification %.2f; cleaned %s)\tevicted\t%s\n",
 			c.GCRuns, mibs(c.GCMovedBytes), f.GCWriteAmp, mibs(c.GCCleanedBytes), mibs(c.EvictedBytes))
 		if c.Failed {
@@ -215,12 +217,4 @@ func runMode(fs *flag.FlagSet) runner {
 func printJSON(w io.Writer, v any) {
 	b, _ := json.MarshalIndent(v, "", "  ")
 	fmt.Fprintln(w, string(b))
-}
-
-// backingFlushes is s's backing_flushes (0 from a server without a cache).
-func backingFlushes(s control.Stats) int64 {
-	if s.CacheFigures == nil {
-		return 0
-	}
-	return s.CacheFigures.BackingFlushes
 }

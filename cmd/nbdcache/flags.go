@@ -187,29 +187,23 @@ func normalize(root *cobra.Command, args []string) []string {
 	}
 	cmd.InitDefaultHelpFlag()
 	root.InitDefaultVersionFlag()
-	takesValue := func(f *pflag.Flag) bool { return f != nil && f.NoOptDefVal == "" }
-	lookup := func(name string) *pflag.Flag {
-		if f := cmd.Flags().Lookup(name); f != nil {
-			return f
-		}
-		return cmd.InheritedFlags().Lookup(name)
-	}
+	takesValue := func(name string) bool { f := flagOf(cmd, name); return f != nil && f.NoOptDefVal == "" }
 	for i := 0; i < len(out); i++ {
 		a := out[i]
 		switch {
 		case a == "--":
 			return out
 		case strings.HasPrefix(a, "--"):
-			if name, _, hasValue := strings.Cut(a[2:], "="); !hasValue && takesValue(lookup(name)) {
+			if name, _, hasValue := strings.Cut(a[2:], "="); !hasValue && takesValue(name) {
 				i++
 			}
 		case len(a) > 2 && a[0] == '-' && a[2] != '=' && isLetter(a[1]):
 			out[i] = "-" + a
-			if name, _, hasValue := strings.Cut(a[1:], "="); !hasValue && takesValue(lookup(name)) {
+			if name, _, hasValue := strings.Cut(a[1:], "="); !hasValue && takesValue(name) {
 				i++
 			}
 		case len(a) == 2 && a[0] == '-' && isLetter(a[1]):
-			if takesValue(cmd.Flags().ShorthandLookup(a[1:])) {
+			if takesValue(a[1:]) {
 				i++
 			}
 		}
@@ -217,10 +211,10 @@ func normalize(root *cobra.Command, args []string) []string {
 	return out
 }
 
-// groupFlag looks name up among the flags of the group cmd, long or
-// one-letter, its own and the ones its commands share.
-func groupFlag(cmd *cobra.Command, name string) *pflag.Flag {
-	for _, fs := range []*pflag.FlagSet{cmd.Flags(), cmd.PersistentFlags()} {
+// flagOf looks name up, long or one-letter, among the flags cmd takes: its
+// own, those it inherits, and those it shares with its commands.
+func flagOf(cmd *cobra.Command, name string) *pflag.Flag {
+	for _, fs := range []*pflag.FlagSet{cmd.Flags(), cmd.InheritedFlags(), cmd.PersistentFlags()} {
 		if f := fs.Lookup(name); f != nil {
 			return f
 		}
@@ -258,7 +252,7 @@ func groupCheck(root *cobra.Command, args []string) (*cobra.Command, error) {
 		case strings.HasPrefix(a, "-") && !strings.Contains(a, "="):
 			// A flag: a known one takes its value, if it has one; an
 			// unknown one is taken to have one, as cobra does.
-			if f := groupFlag(cmd, strings.TrimLeft(a, "-")); f == nil || f.NoOptDefVal == "" {
+			if f := flagOf(cmd, strings.TrimLeft(a, "-")); f == nil || f.NoOptDefVal == "" {
 				i++
 			}
 		default:

@@ -24,23 +24,12 @@ func runFormat(fs *flag.FlagSet) runner {
 	fs.Var(sizeFlag{&bucketSize}, "bucket-size", "cache bucket `SIZE`")
 	force := fs.Bool("force", false, "format even over what the cache device holds: a cache (its dirty data too), a backing, a filesystem, any data; all of it is lost")
 	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-		if *cachePath == "" || *backing == "" {
-			return fmt.Errorf("%w: --cache and --backing are required", errUsage)
-		}
-		if err := refuseOverlap(*cachePath, *backing); err != nil {
-			return err
-		}
 		log := warnLogger(stderr)
-		bdev, err := ob.open(*backing, storage.ClaimExclusive, inUseHint, log)
+		bdev, cdev, closeAll, err := ob.openPair(*cachePath, *backing, log)
 		if err != nil {
 			return err
 		}
-		defer bdev.Close()
-		cdev, err := openDevice("cache", *cachePath, storage.FileOptions{Claim: storage.ClaimExclusive}, inUseHint)
-		if err != nil {
-			return err
-		}
-		defer cdev.Close()
+		defer closeAll()
 		why, err := formatRefusals(*cachePath, cdev)
 		if err != nil {
 			return err

@@ -10,7 +10,6 @@ import (
 
 	"github.com/nbdcache/nbdcache/cache"
 	"github.com/nbdcache/nbdcache/nbd"
-	"github.com/nbdcache/nbdcache/storage"
 )
 
 // runRebind binds a cache to a backing the user vouches for: a copy of
@@ -25,22 +24,11 @@ func runRebind(fs *flag.FlagSet) runner {
 	ob.register(fs)
 	force := fs.Bool("force", false, "rebind even a backing file that carries the id of another cache, which then refuses it")
 	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-		if *cachePath == "" || *backing == "" {
-			return fmt.Errorf("%w: --cache and --backing are required", errUsage)
-		}
-		if err := refuseOverlap(*cachePath, *backing); err != nil {
-			return err
-		}
-		bdev, err := ob.open(*backing, storage.ClaimExclusive, inUseHint, warnLogger(stderr))
+		bdev, cdev, closeAll, err := ob.openPair(*cachePath, *backing, warnLogger(stderr))
 		if err != nil {
 			return err
 		}
-		defer bdev.Close()
-		cdev, err := openDevice("cache", *cachePath, storage.FileOptions{Claim: storage.ClaimExclusive}, inUseHint)
-		if err != nil {
-			return err
-		}
-		defer cdev.Close()
+		defer closeAll()
 		ident, err := cache.Identify(cdev)
 		if errors.Is(err, cache.ErrNotFormatted) {
 			msg := fmt.Sprintf("%s holds no cache to rebind", *cachePath)

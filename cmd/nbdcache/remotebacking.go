@@ -112,3 +112,23 @@ func (o *offlineBacking) open(path string, claim storage.Claim, hint string, log
 	f := storageFlags{backingTLS: o.tlsDir, backingConns: 1, backingWait: 10 * time.Second}
 	return f.dialBacking(path, log)
 }
+
+// openPair opens the devices of format and rebind, which write the cache:
+// both must be named, must not overlap, and are claimed exclusively.
+// close closes them.
+func (o *offlineBacking) openPair(cachePath, backing string, log *slog.Logger) (bdev storage.Device, cdev *storage.File, close func(), err error) {
+	if cachePath == "" || backing == "" {
+		return nil, nil, nil, fmt.Errorf("%w: --cache and --backing are required", errUsage)
+	}
+	if err := refuseOverlap(cachePath, backing); err != nil {
+		return nil, nil, nil, err
+	}
+	if bdev, err = o.open(backing, storage.ClaimExclusive, inUseHint, log); err != nil {
+		return nil, nil, nil, err
+	}
+	if cdev, err = openDevice("cache", cachePath, storage.FileOptions{Claim: storage.ClaimExclusive}, inUseHint); err != nil {
+		bdev.Close()
+		return nil, nil, nil, err
+	}
+	return bdev, cdev, func() { cdev.Close(); bdev.Close() }, nil
+}

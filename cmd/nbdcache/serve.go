@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/nbdcache/nbdcache/nbd"
+	"github.com/nbdcache/nbdcache/storage"
 )
 
 const defaultListen = "127.0.0.1:10809"
@@ -206,13 +207,8 @@ func runServe(fs *flag.FlagSet) runner {
 		stopping()
 		stopControl()
 		stopControl = func() error { return nil }
-		sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		if serr := srv.Shutdown(sctx); serr != nil {
-			log.Warn("shutdown did not finish in time; connections were closed", "err", serr)
-		}
-		if ferr := dev.Flush(); ferr != nil {
-			return fmt.Errorf("final flush: %w", ferr)
+		if err := shutdownAndFlush(srv, dev, log); err != nil {
+			return err
 		}
 		if cerr := st.Close(); cerr != nil {
 			return fmt.Errorf("closing: %w", cerr)
@@ -329,3 +325,18 @@ func stopGroup(pgid int, done <-chan error, log *slog.Logger) {
 
 // runGrace is how long --run's command has to stop after SIGTERM.
 const runGrace = 10 * time.Second
+
+// shutdownAndFlush ends serving, as serve and attach do at the end: the
+// requests in flight are answered (for up to 30 s; then the connections
+// are closed), and the device is flushed.
+func shutdownAndFlush(srv *nbd.Server, dev storage.Device, log *slog.Logger) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(ctx); err != nil {
+		log.Warn("shutdown did not finish in time; connections were closed", "err", err)
+	}
+	if err := dev.Flush(); err != nil {
+		return fmt.Errorf("final flush: %w", err)
+	}
+	return nil
+}
