@@ -69,7 +69,11 @@ func TestWriteBack(t *testing.T) {
 		}
 		src.check(t)
 		ws := dev.writes()
-		checkAscending(t, ws, 4)
+		// The window is 4 jobs in flight (MaxInFlight), each up to
+		// jobBytes of consecutive spans written in order: a write can be
+		// overtaken by the other jobs' spans, up to that many one-block
+		// spans each.
+		checkAscending(t, ws, 4*jobBytes/bs)
 		var long bool
 		var sum int64
 		for _, w := range ws {
