@@ -96,7 +96,10 @@ func (c *Cache) droppedLocked(e btreeExtent) {
 // change, that the index has room for what it may add (roomLocked):
 //   - an insert adds its extent and may cut one extent in two: 2;
 //   - a compare-and-swap (MarkClean, GC's Replace) of part of an extent
-//     cuts it at each edge that falls inside it (edgeCutsLocked);
+//     cuts it at each edge that falls inside it (edgeCutsLocked); when
+//     the index has no room for that, MarkClean cleans and drops a piece
+//     at an edge of its extent (the extent stays one) and leaves one
+//     inside it dirty, for after the pieces before it (innerCutsLocked);
 //   - eviction of a piece may cut its extent in two: 1.
 //
 // Deletions before direct backing writes and trims never add one

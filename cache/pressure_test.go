@@ -1,6 +1,7 @@
 package cache
 
 import (
+	"context"
 	"bytes"
 	"fmt"
 	"sync/atomic"
@@ -570,4 +571,54 @@ func TestThrashLetsAHotSetIn(t *testing.T) {
 		t.Errorf("%d writes of the cached hot set went around the cache", got)
 	}
 	closeChecked(t, c, d)
+}
+
+// TestDrainOverFullIndex: a drain of an index exactly at its capacity,
+// with no background work to evict. The flusher cuts an extent longer
+// than its 1 MiB spans into pieces; cleaning a piece would cut the
+// extent, and the index had no room for that, so MarkClean refused it
+// and counted it as a collision, which is progress: the drain wrote the
+// same pieces back for ever. A piece at the edge of its extent is
+// cleaned and dropped now (eviction, which adds no extent).
+func TestDrainOverFullIndex(t *testing.T) {
+	t.Run("edges", func(t *testing.T) { drainOverFullIndex(t, 4, 1536<<10, 2<<20) })
+	t.Run("inner", func(t *testing.T) { drainOverFullIndex(t, 3, 3<<20, 4<<20) }) // a middle piece each
+}
+
+func drainOverFullIndex(t *testing.T, n, size, bucket int64) {
+	// Adjacent extents longer than a span, written last first so that
+	// the bucket edges (where an extent is split) fall elsewhere than the
+	// spans': every pass cuts some.
+	d := formatMem(t, 4*bucket+n*size, n*size, FormatOptions{BucketSize: bucket, JournalSize: 64 << 10})
+	c := openStillT(t, d, Options{Mode: Writeback, SequentialCutoff: -1})
+	for i := n - 1; i >= 0; i-- {
+		if err := c.WriteAt(payload(i*size, size, uint64(i+1)), i*size, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	full := c.Stats().Extents
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	c = openHooked(t, d, Options{Mode: Writeback}, testHooks{noBackground: true, maxExt: full})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := c.Drain(ctx, nil); err != nil {
+		t.Fatalf("drain of a full index: %v (%d dirty bytes, %d extents of %d)", err, c.DirtyBytes(), c.Stats().Extents, c.maxExtents())
+	}
+	if got := c.Stats().Extents; got > full {
+		t.Fatalf("%d extents after the drain, capacity %d", got, full)
+	}
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Check(d.cache, d.back); err != nil {
+		t.Fatal(err)
+	}
+	for i := range n {
+		got := make([]byte, size)
+		if err := d.back.ReadAt(got, i*size); err != nil || !bytes.Equal(got, payload(i*size, size, uint64(i+1))) {
+			t.Fatalf("extent %d is not on the backing after the drain (%v)", i, err)
+		}
+	}
 }

@@ -135,6 +135,38 @@ func (c *Cache) ReleaseCached(e btreeidx.Extent) {
 	c.mu.Unlock()
 }
 
+// innerCutsLocked counts the dirty extents of e's version that e lies
+// strictly inside: cleaning e and dropping it cuts each in two.
+func (c *Cache) innerCutsLocked(e btreeidx.Extent) int {
+	cuts := 0
+	c.mu.idx.Ascend(e.Off, func(x btreeExtent) bool {
+		if x.Off >= e.End() {
+			return false
+		}
+		if x.Dirty && x.Ver == e.Ver && x.Off < e.Off && x.End() > e.End() {
+			cuts++
+		}
+		return true
+	})
+	return cuts
+}
+
+// evictVersionLocked drops the clean pieces of e's version in e's range,
+// which MarkClean of e just cleaned, and journals it.
+func (c *Cache) evictVersionLocked(e btreeidx.Extent) {
+	var gone []btreeExtent
+	c.mu.idx.Lookup(e.Off, e.Len, func(x btreeExtent) bool {
+		if !x.Dirty && x.Ver == e.Ver {
+			gone = append(gone, x)
+		}
+		return true
+	})
+	for _, x := range gone {
+		c.deleteLocked(x.Off, x.Len)
+		c.stats.evictedBytes.Add(x.Len)
+	}
+}
+
 func (c *Cache) unregisterLocked(e btreeidx.Extent) {
 	if c.mu.wb.remove(inflightWB{off: e.Off, end: e.End(), ver: e.Ver}) {
 		c.mu.holdsEnded++
@@ -157,18 +189,23 @@ func (c *Cache) MarkClean(e btreeidx.Extent) (cleaned, collided int64) {
 		return 0, 0
 	}
 	defer c.leave()
+	evict := false
 	if !c.roomLocked(c.edgeCutsLocked(e.Off, e.Len)) {
-		// The index is full and cleaning part of an extent would cut
-		// it: the piece stays dirty, a collision to retry (whole
-		// extents are cleaned without a cut, then evicted).
-		c.stats.writebackCollisions.Add(e.Len)
-		return 0, e.Len
+		// The index is full and cleaning a piece of an extent would cut
+		// it in two. A piece at an edge of its extent is cleaned and
+		// dropped (evicted): the extent is one still. One inside its
+		// extent stays dirty and counts as no progress: the flusher
+		// retries it, and drops the pieces before it first.
+		if c.busyLocked(e.Off, e.Len) || !c.roomLocked(c.innerCutsLocked(e)) {
+			return 0, 0
+		}
+		evict = true
 	}
 	before := c.mu.idx.DirtyBytes()
 	c.cleanedLocked(e)
 	cleaned, collided = c.mu.idx.MarkClean(e.Off, e.Len, e.Ver)
 	if c.tracing() {
-		c.tracef(e.Off, e.Len, "MarkClean %v: cleaned %d collided %d", e, cleaned, collided)
+		c.tracef(e.Off, e.Len, "MarkClean %v: cleaned %d collided %d evict %v", e, cleaned, collided, evict)
 	}
 	if before != c.mu.idx.DirtyBytes() {
 		// The record names e's whole range, but where it collided
@@ -184,6 +221,9 @@ func (c *Cache) MarkClean(e btreeidx.Extent) (cleaned, collided int64) {
 			c.mu.j.dropClean = true
 		}
 		c.appendLocked(record{Type: recClean, Off: e.Off, Len: e.Len, Ver: e.Ver})
+	}
+	if evict {
+		c.evictVersionLocked(e)
 	}
 	c.stats.writebackBytes.Add(before - c.mu.idx.DirtyBytes())
 	c.stats.writebackCollisions.Add(collided)
