@@ -1,8 +1,8 @@
 package cache
 
 import (
-	"context"
 	"bytes"
+	"context"
 	"fmt"
 	"sync/atomic"
 	"testing"
