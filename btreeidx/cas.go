@@ -1,5 +1,8 @@
 package btreeidx
 
+// cas.go: the compare-and-swap updates (MarkClean for writeback, Replace for
+// GC) and the merging of pieces after them.
+
 import "fmt"
 
 // MarkClean is writeback's compare-and-swap: every part of

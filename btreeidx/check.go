@@ -1,5 +1,7 @@
 package btreeidx
 
+// check.go: Check, the walk that verifies the index's invariants.
+
 import "fmt"
 
 // Check verifies every invariant listed in doc.go and returns an error

@@ -1,5 +1,8 @@
 package btreeidx
 
+// extent.go: Extent, the validation of extents and ranges, the sentinel
+// errors and the limits of the packed form.
+
 import (
 	"errors"
 	"fmt"

@@ -1,5 +1,8 @@
 package btreeidx
 
+// index.go: Index, the B-tree of extents: insert, delete, lookup, ascending
+// walks over all or dirty extents, and the dirty-region bookkeeping.
+
 import "github.com/google/btree"
 
 const (

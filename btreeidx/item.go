@@ -1,6 +1,7 @@
 package btreeidx
 
-// The packed tree item: 24 bytes per extent. doc.go draws the layout.
+// item.go: the packed tree item: 24 bytes per extent. doc.go draws the
+// layout.
 
 const (
 	sectorShift = 9

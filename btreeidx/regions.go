@@ -1,5 +1,8 @@
 package btreeidx
 
+// regions.go: regionSet, the paged bitmap of the regions that may hold dirty
+// extents.
+
 import (
 	"math/bits"
 	"slices"

@@ -1,6 +1,6 @@
 package cache
 
-// Admission decides where a request goes: into the cache or around it, and
+// admission.go: where a request goes: into the cache or around it, and
 // whether a read's misses are copied in. The decisions are pure functions
 // of the request and of the state handed to them (writeRoute, mayPromote),
 // as bcache's check_should_bypass and should_writeback are; the only state

@@ -1,5 +1,7 @@
 package cache
 
+// cache.go: Cache, its state and locks, Open, Close and the cache mode.
+
 import (
 	"context"
 	"fmt"

@@ -1,5 +1,8 @@
 package cache
 
+// check.go: Check, the offline verification of a cache device, and its
+// Report.
+
 import (
 	"fmt"
 	"strings"

@@ -1,5 +1,8 @@
 package cache
 
+// cleangone.go: goneSet, where records that removed a clean extent lie until
+// a sync makes them durable.
+
 // goneSet remembers where records that removed a clean extent lie, and
 // when they were appended, until a sync makes them durable. A backing
 // write must wait for such a record only if it lands on its range: a crash

@@ -1,5 +1,7 @@
 package cache
 
+// extents.go: Extents, the cache's answer to NBD BLOCK_STATUS.
+
 import (
 	"github.com/nbdcache/nbdcache/storage"
 )

@@ -1,5 +1,8 @@
 package cache
 
+// groupwrite.go: groupWriter, which merges the data writes of concurrent
+// writers into long writes.
+
 import (
 	"cmp"
 	"runtime"

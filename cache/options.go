@@ -1,5 +1,7 @@
 package cache
 
+// options.go: Options, FormatOptions, Mode and the sentinel errors.
+
 import (
 	"errors"
 	"fmt"

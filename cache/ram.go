@@ -1,10 +1,11 @@
 package cache
 
-// The RAM tier keeps copies of whole 4 KiB pages of cached extents in a
-// ristretto cache. An entry records the version of the extent it was read
-// from; it is served only for a piece of the same version, so a write (which
-// always gets a new version) can never be answered from an older copy, and
-// ristretto's asynchronous sets and evictions cannot make it stale.
+// ram.go: the RAM tier: copies of whole 4 KiB pages of cached extents,
+// kept in a ristretto cache. An entry records the version of the extent it
+// was read from; it is served only for a piece of the same version, so a
+// write (which always gets a new version) can never be answered from an
+// older copy, and ristretto's asynchronous sets and evictions cannot make
+// it stale.
 
 const ramPage = 4096
 

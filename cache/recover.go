@@ -1,5 +1,8 @@
 package cache
 
+// recover.go: recovery: loading the newest checkpoint, replaying the journal
+// after it (loadState), and telling a torn tail from corruption.
+
 import (
 	"errors"
 	"fmt"

@@ -1,5 +1,7 @@
 package cache
 
+// stats.go: the cache's counters and Stats, their snapshot.
+
 import "sync/atomic"
 
 // counters are the live counters behind Stats.

@@ -1,5 +1,8 @@
 package cache
 
+// trace.go: test-only tracing of the events that change the index or the
+// journal's durability.
+
 import "fmt"
 
 // Test-only tracing (testHooks.trace): one line per event that changes

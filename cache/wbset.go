@@ -1,5 +1,7 @@
 package cache
 
+// wbset.go: wbSet, the writebacks in flight, ordered by offset.
+
 import "github.com/google/btree"
 
 // wbSet holds the writebacks in flight (ReadCached to MarkClean or

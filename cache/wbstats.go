@@ -1,5 +1,7 @@
 package cache
 
+// wbstats.go: WritebackStats, the writeback engine's figures.
+
 import "github.com/nbdcache/nbdcache/writeback"
 
 // WritebackStats reports the writeback engine's figures (rate, target,

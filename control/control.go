@@ -1,5 +1,8 @@
 package control
 
+// control.go: the control API: Stats, the HTTP handler, access checks, the
+// socket server and the client.
+
 import (
 	"bufio"
 	"cmp"

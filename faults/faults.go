@@ -1,5 +1,8 @@
 package faults
 
+// faults.go: Rig, fault mode's state: the device chains, power cuts and
+// recovery, and the error and delay knobs.
+
 import (
 	"cmp"
 	"context"

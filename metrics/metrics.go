@@ -1,5 +1,8 @@
 package metrics
 
+// metrics.go: Metrics: the statistics collector over Sources and the
+// per-request observer.
+
 import (
 	"net/http"
 	"reflect"

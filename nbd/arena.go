@@ -1,5 +1,8 @@
 package nbd
 
+// arena.go: arena, the server's budget for request buffers: a buddy
+// allocator over one mapping.
+
 import (
 	"context"
 	"errors"

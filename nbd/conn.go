@@ -1,5 +1,8 @@
 package nbd
 
+// conn.go: conn, one client connection in transmission: reading requests,
+// running them and writing replies.
+
 import (
 	"bufio"
 	"bytes"

@@ -1,5 +1,8 @@
 package nbd
 
+// errno.go: the mapping of Device errors to NBD errors, and the errors'
+// names.
+
 import (
 	"errors"
 	"fmt"

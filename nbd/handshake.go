@@ -1,5 +1,8 @@
 package nbd
 
+// handshake.go: the server's side of negotiation: the options, STARTTLS, and
+// info and meta context requests.
+
 import (
 	"bufio"
 	"crypto/tls"

@@ -1,5 +1,8 @@
 package nbd
 
+// proto.go: the protocol's constants and the wire form of requests and
+// replies.
+
 import (
 	"encoding/binary"
 	"fmt"

@@ -1,5 +1,8 @@
 package nbd
 
+// remote.go: Remote, an NBD export as a storage.Device: the client side of
+// transmission.
+
 import (
 	"bufio"
 	"context"

@@ -1,5 +1,7 @@
 package nbd
 
+// remote_handshake.go: the client's side of negotiation (handshakeClient).
+
 import (
 	"bufio"
 	"crypto/tls"

@@ -1,5 +1,8 @@
 package nbd
 
+// server.go: Server: its Config and exports, accepting connections,
+// shutdown, and Stats.
+
 import (
 	"context"
 	"crypto/tls"

@@ -1,5 +1,7 @@
 package nbd
 
+// uri.go: URI, NBD URIs as libnbd and qemu write them.
+
 import (
 	"fmt"
 	"net"

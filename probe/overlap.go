@@ -1,5 +1,7 @@
 package probe
 
+// overlap.go: Overlap, whether two paths reach the same sectors.
+
 import (
 	"fmt"
 	"os"

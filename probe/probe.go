@@ -11,6 +11,8 @@
 // first and last MiB.
 package probe
 
+// probe.go: Signatures and NonZero: what a device holds.
+
 import (
 	"bytes"
 	"encoding/binary"

@@ -1,5 +1,7 @@
 package storage
 
+// crash.go: Crash, an in-memory Device that can lose power, and PowerCut.
+
 import (
 	"cmp"
 	"errors"

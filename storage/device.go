@@ -1,5 +1,8 @@
 package storage
 
+// device.go: the Device contract: Flags, Caps, the sentinel errors and the
+// optional interfaces.
+
 import "errors"
 
 // Flags modify a single data request.

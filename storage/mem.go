@@ -1,5 +1,7 @@
 package storage
 
+// mem.go: Mem, a sparse in-memory Device.
+
 import (
 	"sync"
 	"sync/atomic"

@@ -1,5 +1,8 @@
 package storage
 
+// op.go: OpKind and Op: the kinds of storage operations, and one operation
+// as a Crash hook sees it.
+
 import "strings"
 
 // OpKind names a kind of storage operation. Kinds are bits, so a set of

@@ -15,6 +15,8 @@
 //     (SO_PEERCRED, SO_PEERGROUPS), not anything the peer says.
 package unixsock
 
+// unixsock.go: Listen, PeerCred and LookupGroup.
+
 import (
 	"errors"
 	"fmt"

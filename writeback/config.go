@@ -1,5 +1,7 @@
 package writeback
 
+// config.go: Config, the flusher's tuning, and its defaults.
+
 import (
 	"fmt"
 	"log/slog"

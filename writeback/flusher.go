@@ -1,5 +1,8 @@
 package writeback
 
+// flusher.go: Flusher and the Source it writes back from: its Run loop,
+// Drain and Stats.
+
 import (
 	"context"
 	"errors"

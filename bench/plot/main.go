@@ -14,6 +14,9 @@
 // backing, ratio, alone_iops, cached_iops (more are ignored).
 package main
 
+// main.go: the plot command: the writeback time series and the pressure
+// sweep, drawn as PNGs.
+
 import (
 	"encoding/csv"
 	"flag"

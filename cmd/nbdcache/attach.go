@@ -1,5 +1,8 @@
 package main
 
+// attach.go: `nbdcache attach` and `nbdcache detach`: the storage as
+// /dev/nbdN through the kernel's nbd driver.
+
 import (
 	"context"
 	"errors"

@@ -1,5 +1,8 @@
 package main
 
+// backingid.go: the identity of a local backing (file or block device) that
+// a cache is bound to.
+
 import (
 	"crypto/rand"
 	"crypto/sha256"

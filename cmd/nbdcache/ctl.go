@@ -1,5 +1,8 @@
 package main
 
+// ctl.go: the control socket's client commands: `nbdcache stats`, `flush`
+// and `mode`.
+
 import (
 	"context"
 	"encoding/json"

@@ -1,5 +1,8 @@
 package main
 
+// daemon.go: the running server as the control socket's Target, the control
+// flags, and the drain on detach.
+
 import (
 	"context"
 	"errors"

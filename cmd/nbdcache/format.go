@@ -1,5 +1,7 @@
 package main
 
+// format.go: `nbdcache format` and `nbdcache check`.
+
 import (
 	"context"
 	"errors"

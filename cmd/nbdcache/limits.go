@@ -1,5 +1,8 @@
 package main
 
+// limits.go: the flags that bound what clients can make the server spend
+// (nbd.Config's limits).
+
 import (
 	"flag"
 	"fmt"

@@ -1,5 +1,8 @@
 package main
 
+// listen.go: --listen: parsing its address and listening on it, and the unix
+// socket permission flags.
+
 import (
 	"flag"
 	"fmt"

@@ -1,5 +1,7 @@
 package main
 
+// logflags.go: the log flags of serve and attach, and the logger they make.
+
 import (
 	"flag"
 	"fmt"

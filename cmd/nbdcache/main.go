@@ -2,6 +2,8 @@
 // write-back SSD cache. Run `nbdcache help` for the subcommands.
 package main
 
+// main.go: the table of subcommands, main, and `nbdcache version`.
+
 import (
 	"context"
 	"errors"

@@ -1,5 +1,8 @@
 package main
 
+// metrics.go: the server's Prometheus metrics and the endpoint that serves
+// them.
+
 import (
 	"errors"
 	"fmt"

@@ -1,5 +1,7 @@
 package main
 
+// rebind.go: `nbdcache rebind`: binding a cache to another backing.
+
 import (
 	"context"
 	"errors"

@@ -1,5 +1,8 @@
 package main
 
+// remotebacking.go: NBD backings (--backing nbd://...): their id and dialing
+// them, and opening a backing for the offline commands.
+
 import (
 	"context"
 	"crypto/sha256"

@@ -1,5 +1,8 @@
 package main
 
+// serve.go: `nbdcache serve`, its --run command, and the shutdown that
+// flushes.
+
 import (
 	"context"
 	"errors"

@@ -1,7 +1,7 @@
 package main
 
-// Running as a service: the pid file and systemd's readiness protocol
-// (Type=notify; contrib/systemd/nbdcache@.service).
+// service.go: running as a service: the pid file and systemd's readiness
+// protocol (Type=notify; contrib/systemd/nbdcache@.service).
 
 import (
 	"bytes"

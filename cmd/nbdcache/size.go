@@ -1,5 +1,7 @@
 package main
 
+// size.go: sizes with units: parsing, printing and the flag.
+
 import (
 	"fmt"
 	"math/big"

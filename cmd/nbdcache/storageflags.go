@@ -1,5 +1,8 @@
 package main
 
+// storageflags.go: the flags that choose the storage behind an export, and
+// opening (or formatting) it.
+
 import (
 	"errors"
 	"flag"

@@ -1,5 +1,7 @@
 package main
 
+// tls.go: the TLS flags, and loading x509 certificate directories and CRLs.
+
 import (
 	"crypto/tls"
 	"crypto/x509"

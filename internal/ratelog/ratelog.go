@@ -13,6 +13,8 @@
 // and debug records (-v) pass unlimited.
 package ratelog
 
+// ratelog.go: Handler, the rate-limiting slog.Handler.
+
 import (
 	"context"
 	"log/slog"

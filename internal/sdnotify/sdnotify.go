@@ -4,6 +4,8 @@
 // does nothing.
 package sdnotify
 
+// sdnotify.go: Notify, and the messages nbdcache sends to systemd.
+
 import (
 	"fmt"
 	"net"

@@ -4,6 +4,9 @@
 // both a package's own tests and the test suites built on it can use it.
 package testbytes
 
+// testbytes.go: test payloads (Fill), a seeded generator (NewRand) and
+// FirstDiff.
+
 import (
 	"fmt"
 	"math/rand/v2"

@@ -4,6 +4,9 @@
 // client-key.pem for a client. No openssl or certtool needed.
 package testcert
 
+// testcert.go: Set, a throwaway CA with its server and client certificates,
+// as directories, tls.Configs and CRLs.
+
 import (
 	"crypto/ecdsa"
 	"crypto/elliptic"

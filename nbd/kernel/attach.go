@@ -1,5 +1,8 @@
 package kernel
 
+// attach.go: Attach: a /dev/nbdN device served in process over socketpairs,
+// and the healing of its connections.
+
 import (
 	"context"
 	"encoding/binary"

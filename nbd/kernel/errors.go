@@ -1,5 +1,7 @@
 package kernel
 
+// errors.go: the package's sentinel errors.
+
 import "errors"
 
 // Sentinel errors. Callers check them with errors.Is; the messages carry

@@ -1,5 +1,8 @@
 package kernel
 
+// ioctl.go: the legacy ioctl interface, the fallback when netlink is
+// missing.
+
 import (
 	"errors"
 	"fmt"

@@ -1,5 +1,7 @@
 package kernel
 
+// module.go: finding and loading the nbd module.
+
 import (
 	"bytes"
 	"compress/gzip"

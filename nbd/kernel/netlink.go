@@ -1,5 +1,8 @@
 package kernel
 
+// netlink.go: the "nbd" generic netlink family: Config, and connecting,
+// reconfiguring, disconnecting and querying devices.
+
 import (
 	"errors"
 	"fmt"

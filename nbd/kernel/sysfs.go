@@ -1,5 +1,8 @@
 package kernel
 
+// sysfs.go: device paths and sysfs: queue tuning (Tune), the connected
+// server's pid, a free index.
+
 import (
 	"errors"
 	"fmt"

@@ -5,6 +5,8 @@
 // project runs it: storage's own, and cache.Cache in each mode.
 package storagetest
 
+// storagetest.go: Run, the Device contract suite, and its Options.
+
 import (
 	"bytes"
 	"errors"
