@@ -41,6 +41,22 @@ func (c *Cache) fgReserve() int { return int(max(1, c.sb.NBuckets/reserveDiv)) }
 // background loop works to make room.
 func (c *Cache) lowFree() int { return max(c.fgReserve()+2, int(c.sb.NBuckets/lowFreeDiv)) }
 
+// reuseBatch is how many emptied buckets the background loop gathers
+// before the checkpoint that frees them for reuse: a checkpoint writes the
+// whole index (2 MiB for 64k extents), and freeing a bucket or two with
+// each one, as GC passes that aim at lowFree do, cost a checkpoint every
+// 28 ms under fio randwrite at QD32 (362 in 10 s, 743 MB written for
+// 3.5 GB of client data).
+func (c *Cache) reuseBatch() int { return max(1, c.lowFree()/2) }
+
+// reuseNowLocked reports whether the background loop should checkpoint
+// to free the pending buckets: a batch of them is there, or the free ones
+// are down to half of lowFree (writers are nearing the reserve).
+func (c *Cache) reuseNowLocked() bool {
+	pending, free := len(c.mu.space.pending), len(c.mu.space.free)
+	return pending >= c.reuseBatch() || pending > 0 && free < c.lowFree()/2
+}
+
 // allocLocked hands out up to want bytes (rounded up to the block size) in
 // a's open bucket, opening a new bucket when needed. Foreground allocation
 // (reserve > 0) fails when that would dip into the reserve or when the

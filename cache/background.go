@@ -125,7 +125,7 @@ func (c *Cache) background(ctx context.Context) {
 				c.flusher.Kick()
 			}
 			if lowFree {
-				if pending == 0 {
+				if pending < c.reuseBatch() {
 					var freed int
 					if !c.opts.GCMove {
 						freed = c.gcClean()
@@ -137,13 +137,13 @@ func (c *Cache) background(ctx context.Context) {
 					}
 				}
 				c.mu.Lock()
-				pending = len(c.mu.space.pending)
+				reuse := c.reuseNowLocked()
 				c.mu.Unlock()
-				if pending > 0 {
+				if reuse {
 					err := c.checkpointIf(func() bool {
 						c.mu.Lock()
 						defer c.mu.Unlock()
-						return len(c.mu.space.pending) > 0
+						return c.reuseNowLocked()
 					}, true)
 					if err != nil && !errors.Is(err, ErrClosed) {
 						c.log.Warn("cache: background checkpoint", "err", err)

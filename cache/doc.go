@@ -259,8 +259,10 @@
 //     (below GCPercent, 80%, live; foreground allocation leaves it a
 //     reserve of 1/32 of the buckets to move live data into);
 //     eviction drops the clean data of the oldest buckets (moving their
-//     dirty data); a writer that finds no space frees pending buckets by a
-//     checkpoint, runs GC/eviction, and otherwise bypasses to the backing
+//     dirty data); the background loop frees pending buckets by a
+//     checkpoint a batch at a time (reuseBatch: a checkpoint writes the
+//     whole index); a writer that finds no space frees them by a
+//     checkpoint at once, runs GC/eviction, and otherwise bypasses to the backing
 //     (after writing back, itself, any dirty data the range overlaps), so a
 //     full cache never deadlocks.
 //   - Background: the writeback package's Flusher (rate controller,

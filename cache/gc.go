@@ -171,7 +171,9 @@ func (c *Cache) gcPlanLocked(evict, clean bool) (victims map[int64]uint64, work 
 	if clean {
 		enough = c.lowFree() - 1
 	}
-	if len(c.mu.space.pending) > 0 || len(c.mu.space.free) > enough {
+	// Pending buckets are free after the next checkpoint: they count.
+	pending := len(c.mu.space.pending)
+	if pending > 0 && !clean || len(c.mu.space.free)+pending > enough {
 		return nil, nil, true
 	}
 	bsz := c.sb.BucketSize
@@ -203,7 +205,7 @@ func (c *Cache) gcPlanLocked(evict, clean bool) (victims map[int64]uint64, work 
 	// writeback is denser, so each write costs less head travel (on the
 	// hdd model, 0.8 ms a write for 1/4 of a 64 MiB cache over 256 MiB,
 	// 1.8 ms for 1/16).
-	need := c.lowFree() - len(c.mu.space.free)
+	need := c.lowFree() - len(c.mu.space.free) - pending
 	if clean && c.diskLike() {
 		need = max(need, int(nb/4))
 	}

@@ -622,3 +622,34 @@ func drainOverFullIndex(t *testing.T, n, size, bucket int64) {
 		}
 	}
 }
+
+// TestReuseBatchesCheckpoints: emptied buckets are freed for reuse a
+// batch per checkpoint, not one or two. A checkpoint writes the whole
+// index; the background loop used to write one as soon as any bucket was
+// pending below lowFree: under fio randwrite at QD32, a checkpoint every
+// 28 ms, 2 MiB each, for a bucket or two (here 1158 buckets took 951).
+func TestReuseBatchesCheckpoints(t *testing.T) {
+	seed := testseed.Get(t)
+	r := rng(seed)
+	// 128 buckets of 64 KiB; 4 KiB writes over 2 MiB (a quarter of the
+	// cache) overwrite whole buckets, which then need no GC work.
+	d := formatMem(t, 8<<20, 2<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 1 << 20})
+	c := openT(t, d, Options{Mode: Writeback, SequentialCutoff: -1, WritebackPercent: 90})
+	defer c.Close()
+	start := c.Stats()
+	for i := range 20000 {
+		off := r.Int64N(2<<20/4096) * 4096
+		if err := c.WriteAt(payload(off, 4096, uint64(i+1)), off, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st := c.Stats()
+	ckpts, freed := st.Checkpoints-start.Checkpoints, st.BucketsFreed-start.BucketsFreed
+	t.Logf("%d buckets freed by %d checkpoints (batch %d, lowFree %d); %d room waits", freed, ckpts, c.reuseBatch(), c.lowFree(), st.RoomWaits)
+	if freed < 100 {
+		t.Fatalf("only %d buckets freed: the test wrote too little", freed)
+	}
+	if ckpts == 0 || freed/ckpts < int64(c.reuseBatch())/2 {
+		t.Fatalf("%d buckets freed by %d checkpoints: fewer than %d each", freed, ckpts, c.reuseBatch()/2)
+	}
+}
