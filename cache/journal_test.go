@@ -13,7 +13,7 @@ func TestRingFullLeavesRoomForInFlight(t *testing.T) {
 	d := formatMem(t, 4<<20, 4<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 64 * metaBlock})
 	c := openStillT(t, d, Options{})
 	defer c.Close()
-	slots, inFlight := c.sb.journalSlots(), int64(cap(c.ops.sem))
+	slots, inFlight := c.sb.journalSlots(), int64(c.ops.n)
 	c.mu.Lock()
 	next, start := c.mu.j.nextSeq, c.mu.j.startSeq
 	for u := int64(1); u <= slots; u++ {

@@ -3,6 +3,8 @@ package cache
 // ring.go: admission of index-changing operations against the room left
 // in the journal ring, and the checkpoints that make room.
 
+import "context"
+
 // enter admits an index-changing operation. It holds a slot of the
 // semaphore that bounds how many admitted operations may still append
 // records (each appends at most one record, so at most one journal block).
@@ -14,19 +16,9 @@ package cache
 func (c *Cache) enter() error { return c.enterN(1) }
 
 // enterN is enter for k operations at once (a batch appends up to k
-// records), paired with leaveN(k). Batches take their slots one batch at
-// a time (ops.batch): two that each held part of what they need could
-// wait for each other for ever. k is at most maxBatchSlots, or 1.
+// records), paired with leaveN(k). k is at most maxBatchSlots, or 1.
 func (c *Cache) enterN(k int) error {
-	if k == 1 {
-		c.ops.sem <- struct{}{}
-	} else {
-		c.ops.batch.Lock()
-		for range k {
-			c.ops.sem <- struct{}{}
-		}
-		c.ops.batch.Unlock()
-	}
+	_ = c.ops.sem.Acquire(context.Background(), int64(k)) // fails only when its context ends
 	triedSoft := false
 	for {
 		c.mu.Lock()
@@ -56,16 +48,12 @@ func (c *Cache) enterN(k int) error {
 
 func (c *Cache) leave() { c.leaveN(1) }
 
-func (c *Cache) leaveN(k int) {
-	for range k {
-		<-c.ops.sem
-	}
-}
+func (c *Cache) leaveN(k int) { c.ops.sem.Release(int64(k)) }
 
 // maxBatchSlots is the most slots one batch may hold: half of them, so
 // that single operations always find some (0 with a ring of fewer than
 // 16 blocks: no batches).
-func (c *Cache) maxBatchSlots() int { return cap(c.ops.sem) / 2 }
+func (c *Cache) maxBatchSlots() int { return c.ops.n / 2 }
 
 // ringWantsCheckpointLocked: the ring is CheckpointPercent full.
 func (c *Cache) ringWantsCheckpointLocked() bool {
@@ -76,7 +64,7 @@ func (c *Cache) ringWantsCheckpointLocked() bool {
 // in flight (at most cap(sem), one record each, each record at most one
 // new block) seal a block over a slot the durable checkpoint still needs.
 func (c *Cache) ringFullLocked() bool {
-	return c.usedSlotsLocked()+int64(cap(c.ops.sem))+1 > c.sb.journalSlots()
+	return c.usedSlotsLocked()+int64(c.ops.n)+1 > c.sb.journalSlots()
 }
 
 func (c *Cache) ringWantsCheckpoint() bool {
