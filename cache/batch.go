@@ -15,17 +15,17 @@ import (
 type BatchWrite = storage.BatchWrite
 
 // WriteBatch writes ws as WriteAt would write them one after another, in
-// order, and sets each one's Err; each is acknowledged (published, or
-// committed for FUA) before WriteBatch returns. What the write-back cache
-// takes, it takes in one go: aligned writes of at most a bucket that the
-// policy routes into the cache (decideLocked) get their space, then their
-// data with one device write per contiguous run, then their inserts and
-// journal records under one hold of the lock, and one publish for all of
-// them (one commit if one asks for FUA). The first write that cannot go
-// that way (another route, unaligned, too long, no space, no index room)
-// ends the run: it and every write after it go the single way, in order.
-// The durability rules are the single path's: data on the device before
-// the record that names it; a write is acknowledged only once published.
+// order, and sets each one's Err; they are acknowledged together (one
+// publish, or one commit if one asks for FUA) before WriteBatch returns.
+// What the write-back cache takes, it takes in one go: aligned writes of
+// at most a bucket that the policy routes into the cache (decideLocked)
+// get their space, then their data with one device write per contiguous
+// run, then their inserts and journal records under one hold of the lock.
+// The first write that cannot go that way (another route, unaligned, too
+// long, no space, no index room) ends the run: it goes the single way,
+// and a new run starts after it. The durability rules are the single
+// path's: data on the device before the record that names it; a write is
+// acknowledged only once published.
 func (c *Cache) WriteBatch(ws []BatchWrite) {
 	for i := 0; i < len(ws); {
 		n, stop := c.writeRun(ws[i:])
@@ -34,17 +34,16 @@ func (c *Cache) WriteBatch(ws []BatchWrite) {
 			// The write that ended the run was decided (the detectors
 			// fed) but not written: it goes the single way as decided.
 			w := &ws[i+n]
-			if w.Err = c.writeAs(w.P, w.Off, *stop); w.Err == nil {
-				w.Err = c.ack(w.Flags)
-			}
+			w.Err = c.writeAs(w.P, w.Off, *stop)
 			n++
 		case n == 0:
 			w := &ws[i]
-			w.Err = c.WriteAt(w.P, w.Off, w.Flags)
+			w.Err = c.writeUnacked(w.P, w.Off)
 			n = 1
 		}
 		i += n
 	}
+	c.ackAll(ws)
 }
 
 // batchChunk is one allocation of a batch write: [off, off+n) of the
@@ -61,8 +60,9 @@ type batchChunk struct {
 }
 
 // writeRun takes a run from the start of ws that can go in one go (see
-// WriteBatch), writes and acknowledges it, and returns how many writes it
-// took (0 if the first cannot go that way: not batchable). If a write
+// WriteBatch), writes it (WriteBatch acknowledges it), and returns how
+// many writes it took (0 if the first cannot go that way: not
+// batchable). If a write
 // the policy sends elsewhere, or one there is no space for, ended the run,
 // stop is its decision: the caller writes ws[n] with it, holding nothing
 // (a run's journal slots are left before: two runs that each held half
@@ -132,9 +132,6 @@ func (c *Cache) writeRun(ws []BatchWrite) (n int, stop *writeDecision) {
 		c.insertChunks(ws[:n], chunks)
 	}
 	c.leaveN(2 * k)
-	if n > 0 {
-		c.ackRun(ws[:n])
-	}
 	return n, stop
 }
 
@@ -192,14 +189,21 @@ func (c *Cache) insertChunks(ws []BatchWrite, chunks []batchChunk) {
 	}
 }
 
-// ackRun acknowledges the writes of a run: one publish, or one commit if
-// one asked for FUA, for all of them.
-func (c *Cache) ackRun(ws []BatchWrite) {
+// ackAll acknowledges the writes of a batch: one publish, or one commit if
+// one asked for FUA, for all of them. Unlike ack it does not yield first:
+// every write it covers is already in hand.
+func (c *Cache) ackAll(ws []BatchWrite) {
 	fua := storage.Flags(0)
 	for i := range ws {
 		fua |= ws[i].Flags & storage.FUA
 	}
-	err := c.ack(fua)
+	var err error
+	if fua != 0 {
+		c.stats.fua.Add(1)
+		err = c.commit()
+	} else {
+		err = c.writeJournal(false)
+	}
 	for i := range ws {
 		if ws[i].Err == nil {
 			ws[i].Err = err

@@ -107,21 +107,25 @@ const maxSpaceTries = 16
 // WriteAt writes p at off. 512-byte-aligned requests are native; others go
 // through read-modify-write of the sectors they touch.
 func (c *Cache) WriteAt(p []byte, off int64, flags storage.Flags) error {
+	if err := c.writeUnacked(p, off); err != nil {
+		return err
+	}
+	return c.ack(flags)
+}
+
+// writeUnacked is WriteAt but for the acknowledgement.
+func (c *Cache) writeUnacked(p []byte, off int64) error {
 	if err := storage.CheckRange(c.Size(), off, int64(len(p))); err != nil {
 		return err
 	}
-	if len(p) > 0 {
-		var err error
-		if off%sectorSize != 0 || len(p)%sectorSize != 0 {
-			err = c.rmw(p, off)
-		} else {
-			err = c.write(p, off)
-		}
-		if err != nil {
-			return err
-		}
+	switch {
+	case len(p) == 0:
+		return nil
+	case off%sectorSize != 0 || len(p)%sectorSize != 0:
+		return c.rmw(p, off)
+	default:
+		return c.write(p, off)
 	}
-	return c.ack(flags)
 }
 
 // rmw handles an unaligned write. The sectors it covers only in part are
