@@ -9,8 +9,6 @@ import (
 	"sync"
 	"sync/atomic"
 
-	"golang.org/x/sync/semaphore"
-
 	"github.com/dgraph-io/ristretto/v2"
 	"github.com/nbdcache/nbdcache/btreeidx"
 	"github.com/nbdcache/nbdcache/storage"
@@ -53,15 +51,8 @@ type Cache struct {
 	log       *slog.Logger
 
 	// ops bounds the index-changing operations in flight (enter/leave),
-	// so that they cannot overrun the journal ring: a slot of sem each, n
-	// slots in all. A batch takes its k at once, in one O(1) call, and
-	// the semaphore serves waiters in order, so that single operations
-	// cannot starve a batch, nor two batches that each hold part of what
-	// they need wait for each other.
-	ops struct {
-		sem *semaphore.Weighted
-		n   int
-	}
+	// so that they cannot overrun the journal ring: a slot each (ring.go).
+	ops  slotSem
 	ckpt struct {
 		sync.Mutex        // one checkpoint at a time; guards buf
 		buf        []byte // the checkpoint being written, reused
@@ -169,8 +160,7 @@ func open(cacheDev, backing storage.Device, opts Options, h testHooks) (*Cache, 
 	// The operations in flight may add a block each, so a quarter of the
 	// ring (slots/8 operations, with the margin ringFullLocked keeps)
 	// stays for them while a checkpoint started at half full is written.
-	c.ops.n = int(max(1, slots/8))
-	c.ops.sem = semaphore.NewWeighted(int64(c.ops.n))
+	c.ops.init(int(max(1, slots/8)))
 	c.bg.kick = make(chan struct{}, 1)
 	c.bg.startWB = make(chan struct{}, 1)
 	c.mu.wbCond.L = &c.mu.Mutex
