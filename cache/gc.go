@@ -206,6 +206,12 @@ func (c *Cache) gcPlanLocked(evict, clean bool) (victims map[int64]uint64, work 
 	// hdd model, 0.8 ms a write for 1/4 of a 64 MiB cache over 256 MiB,
 	// 1.8 ms for 1/16).
 	need := c.lowFree() - len(c.mu.space.free) - pending
+	if clean {
+		// A cleaning pass ends with a backing flush, and its buckets
+		// wait for a checkpoint (reuseBatch): it takes a batch of
+		// them, not the one or two that reach lowFree.
+		need = max(need, c.reuseBatch()-pending)
+	}
 	if clean && c.diskLike() {
 		need = max(need, int(nb/4))
 	}
