@@ -113,9 +113,10 @@ func (c *Cache) droppedLocked(e btreeExtent) {
 //   - an insert adds its extent and may cut one extent in two: 2;
 //   - a compare-and-swap (MarkClean, GC's Replace) of part of an extent
 //     cuts it at each edge that falls inside it (edgeCutsLocked); when
-//     the index has no room for that, MarkClean cleans and drops a piece
-//     at an edge of its extent (the extent stays one) and leaves one
-//     inside it dirty, for after the pieces before it (innerCutsLocked);
+//     the index has no room for that, MarkClean cleans and drops what it
+//     cleans: a piece at an edge of its extent adds nothing, one inside
+//     it adds one (innerCutsLocked), and without room for that stays
+//     dirty, for after the pieces before it;
 //   - eviction of a piece may cut its extent in two: 1.
 //
 // Deletions before direct backing writes and trims never add one

@@ -653,3 +653,75 @@ func TestReuseBatchesCheckpoints(t *testing.T) {
 		t.Fatalf("%d buckets freed by %d checkpoints: fewer than %d each", freed, ckpts, c.reuseBatch()/2)
 	}
 }
+
+// TestFullIndexWritebackKeepsCleanExtentWhole (found by review): MarkClean
+// of a piece that lies strictly
+// inside an extent that is already clean (a writeback of the whole extent,
+// e.g. gcWriteback or flushRange through flusher.WriteBack, cleaned it
+// after the flusher planned the piece; ReadCached checks version and
+// location only, not dirtiness) takes the new evict path when the index is
+// full. The first version of that path deleted every clean piece of the
+// version in the piece's range, and so cut the clean extent in two: the
+// index ended one extent over its capacity, and the next checkpoint
+// (Close) failed, for good. Only what MarkClean cleaned is dropped now.
+func TestFullIndexWritebackKeepsCleanExtentWhole(t *testing.T) {
+	const bucket, size = 4 << 20, 3 << 20
+	d := formatMem(t, 4*bucket+2*size, 4*size, FormatOptions{BucketSize: bucket, JournalSize: 64 << 10})
+	c := openStillT(t, d, Options{Mode: Writeback, SequentialCutoff: -1})
+	// X: one dirty extent of 3 MiB; and a few 4 KiB extents elsewhere.
+	if err := c.WriteAt(payload(0, size, 1), 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 4 {
+		off := int64(2*size + i*8192)
+		if err := c.WriteAt(payload(off, 4096, uint64(10+i)), off, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	full := c.Stats().Extents
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	c = openHooked(t, d, Options{Mode: Writeback}, testHooks{noBackground: true, maxExt: full})
+	var x btreeExtent
+	c.mu.Lock()
+	c.mu.idx.Lookup(0, size, func(e btreeExtent) bool { x = e; return false })
+	c.mu.Unlock()
+	if x.Off != 0 || x.Len != size || !x.Dirty {
+		t.Fatalf("setup: extent %v", x)
+	}
+	// The flusher planned a piece of X, one span's worth from its middle.
+	p := x
+	p.Off, p.Loc, p.Len = x.Off+1<<20, x.Loc+1<<20, 1<<20
+	// Meanwhile X is written back whole (as gcWriteback or flushRange do).
+	if _, err := c.flusher.WriteBack([]btreeExtent{x}, nil); err != nil {
+		t.Fatal(err)
+	}
+	// Then the flusher writes its piece back: ReadCached accepts it
+	// (version and location current), MarkClean takes the evict path.
+	if _, err := c.flusher.WriteBack([]btreeExtent{p}, nil); err != nil {
+		t.Fatal(err)
+	}
+	c.mu.Lock()
+	n, max := int64(c.mu.idx.Len()), c.maxExtents()
+	c.mu.Unlock()
+	t.Logf("extents %d, capacity %d", n, max)
+	if n > max {
+		// Nothing brings it back: eviction needs room for no cut (roomLocked(0)).
+		c.shrinkIndex()
+		c.GCStep(true)
+		c.mu.Lock()
+		t.Logf("after shrinkIndex and GCStep: %d extents", c.mu.idx.Len())
+		c.mu.Unlock()
+	}
+	if err := c.Checkpoint(); err != nil {
+		t.Errorf("Checkpoint: %v", err)
+	}
+	err := c.Close()
+	if n > max {
+		t.Errorf("index holds %d extents, capacity %d (Close: %v)", n, max, err)
+	}
+	if err != nil {
+		t.Errorf("Close: %v", err)
+	}
+}

@@ -151,20 +151,17 @@ func (c *Cache) innerCutsLocked(e btreeidx.Extent) int {
 	return cuts
 }
 
-// evictVersionLocked drops the clean pieces of e's version in e's range,
-// which MarkClean of e just cleaned, and journals it.
-func (c *Cache) evictVersionLocked(e btreeidx.Extent) {
-	var gone []btreeExtent
+// dirtyPiecesLocked returns the pieces of e's range that hold e's version
+// and are dirty: what MarkClean of e will clean.
+func (c *Cache) dirtyPiecesLocked(e btreeidx.Extent) []btreeExtent {
+	var ps []btreeExtent
 	c.mu.idx.Lookup(e.Off, e.Len, func(x btreeExtent) bool {
-		if !x.Dirty && x.Ver == e.Ver {
-			gone = append(gone, x)
+		if x.Dirty && x.Ver == e.Ver {
+			ps = append(ps, x)
 		}
 		return true
 	})
-	for _, x := range gone {
-		c.deleteLocked(x.Off, x.Len)
-		c.stats.evictedBytes.Add(x.Len)
-	}
+	return ps
 }
 
 func (c *Cache) unregisterLocked(e btreeidx.Extent) {
@@ -189,23 +186,28 @@ func (c *Cache) MarkClean(e btreeidx.Extent) (cleaned, collided int64) {
 		return 0, 0
 	}
 	defer c.leave()
-	evict := false
+	var evict []btreeExtent
 	if !c.roomLocked(c.edgeCutsLocked(e.Off, e.Len)) {
 		// The index is full and cleaning a piece of an extent would cut
-		// it in two. A piece at an edge of its extent is cleaned and
-		// dropped (evicted): the extent is one still. One inside its
-		// extent stays dirty and counts as no progress: the flusher
-		// retries it, and drops the pieces before it first.
-		if c.busyLocked(e.Off, e.Len) || !c.roomLocked(c.innerCutsLocked(e)) {
+		// it in two. Instead the pieces it cleans are dropped (evicted)
+		// once clean: the index then holds what it held less those
+		// ranges, so a piece at an edge of its extent adds no extent,
+		// and one inside it adds one. Without room for that, the piece
+		// stays dirty and counts as no progress: the flusher retries
+		// it, and by then has dropped the pieces before it. Only what
+		// was dirty is dropped: a clean extent around the piece (a
+		// writeback of the whole extent cleaned it meanwhile) would be
+		// cut in two.
+		if !c.roomLocked(c.innerCutsLocked(e)) {
 			return 0, 0
 		}
-		evict = true
+		evict = c.dirtyPiecesLocked(e)
 	}
 	before := c.mu.idx.DirtyBytes()
 	c.cleanedLocked(e)
 	cleaned, collided = c.mu.idx.MarkClean(e.Off, e.Len, e.Ver)
 	if c.tracing() {
-		c.tracef(e.Off, e.Len, "MarkClean %v: cleaned %d collided %d evict %v", e, cleaned, collided, evict)
+		c.tracef(e.Off, e.Len, "MarkClean %v: cleaned %d collided %d evict %d pieces", e, cleaned, collided, len(evict))
 	}
 	if before != c.mu.idx.DirtyBytes() {
 		// The record names e's whole range, but where it collided
@@ -222,8 +224,9 @@ func (c *Cache) MarkClean(e btreeidx.Extent) (cleaned, collided int64) {
 		}
 		c.appendLocked(record{Type: recClean, Off: e.Off, Len: e.Len, Ver: e.Ver})
 	}
-	if evict {
-		c.evictVersionLocked(e)
+	for _, x := range evict {
+		c.deleteLocked(x.Off, x.Len)
+		c.stats.evictedBytes.Add(x.Len)
 	}
 	c.stats.writebackBytes.Add(before - c.mu.idx.DirtyBytes())
 	c.stats.writebackCollisions.Add(collided)
