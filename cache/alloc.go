@@ -88,14 +88,18 @@ func (c *Cache) allocLocked(a *allocator, want int64, reserve int) (loc, got, b 
 func (c *Cache) liveLocked(e btreeExtent, sign int64) { c.mu.space.live(e, sign) }
 
 // cleanedLocked takes out of the buckets' dirty bytes what MarkClean of e
-// is about to clean: the dirty parts of e's range that hold its version.
-func (c *Cache) cleanedLocked(e btreeExtent) {
+// is about to clean: the dirty parts of e's range that hold its version,
+// which it returns.
+func (c *Cache) cleanedLocked(e btreeExtent) []btreeExtent {
+	var ps []btreeExtent
 	c.mu.idx.Lookup(e.Off, e.Len, func(x btreeExtent) bool {
 		if x.Dirty && x.Ver == e.Ver {
 			c.sb.forBuckets(x.Loc, x.Len, func(b, _, n int64) { c.mu.space.buckets[b].dirty -= n })
+			ps = append(ps, x)
 		}
 		return true
 	})
+	return ps
 }
 
 func (c *Cache) droppedLocked(e btreeExtent) {

@@ -151,19 +151,6 @@ func (c *Cache) innerCutsLocked(e btreeidx.Extent) int {
 	return cuts
 }
 
-// dirtyPiecesLocked returns the pieces of e's range that hold e's version
-// and are dirty: what MarkClean of e will clean.
-func (c *Cache) dirtyPiecesLocked(e btreeidx.Extent) []btreeExtent {
-	var ps []btreeExtent
-	c.mu.idx.Lookup(e.Off, e.Len, func(x btreeExtent) bool {
-		if x.Dirty && x.Ver == e.Ver {
-			ps = append(ps, x)
-		}
-		return true
-	})
-	return ps
-}
-
 func (c *Cache) unregisterLocked(e btreeidx.Extent) {
 	if c.mu.wb.remove(inflightWB{off: e.Off, end: e.End(), ver: e.Ver}) {
 		c.mu.holdsEnded++
@@ -186,7 +173,7 @@ func (c *Cache) MarkClean(e btreeidx.Extent) (cleaned, collided int64) {
 		return 0, 0
 	}
 	defer c.leave()
-	var evict []btreeExtent
+	evict := false
 	if !c.roomLocked(c.edgeCutsLocked(e.Off, e.Len)) {
 		// The index is full and cleaning a piece of an extent would cut
 		// it in two. Instead the pieces it cleans are dropped (evicted)
@@ -201,13 +188,13 @@ func (c *Cache) MarkClean(e btreeidx.Extent) (cleaned, collided int64) {
 		if !c.roomLocked(c.innerCutsLocked(e)) {
 			return 0, 0
 		}
-		evict = c.dirtyPiecesLocked(e)
+		evict = true
 	}
 	before := c.mu.idx.DirtyBytes()
-	c.cleanedLocked(e)
+	pieces := c.cleanedLocked(e)
 	cleaned, collided = c.mu.idx.MarkClean(e.Off, e.Len, e.Ver)
 	if c.tracing() {
-		c.tracef(e.Off, e.Len, "MarkClean %v: cleaned %d collided %d evict %d pieces", e, cleaned, collided, len(evict))
+		c.tracef(e.Off, e.Len, "MarkClean %v: cleaned %d collided %d evict %v", e, cleaned, collided, evict)
 	}
 	if before != c.mu.idx.DirtyBytes() {
 		// The record names e's whole range, but where it collided
@@ -224,9 +211,11 @@ func (c *Cache) MarkClean(e btreeidx.Extent) (cleaned, collided int64) {
 		}
 		c.appendLocked(record{Type: recClean, Off: e.Off, Len: e.Len, Ver: e.Ver})
 	}
-	for _, x := range evict {
-		c.deleteLocked(x.Off, x.Len)
-		c.stats.evictedBytes.Add(x.Len)
+	if evict {
+		for _, x := range pieces {
+			c.deleteLocked(x.Off, x.Len)
+			c.stats.evictedBytes.Add(x.Len)
+		}
 	}
 	c.stats.writebackBytes.Add(before - c.mu.idx.DirtyBytes())
 	c.stats.writebackCollisions.Add(collided)
