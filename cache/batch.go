@@ -200,9 +200,9 @@ func (c *Cache) ackAll(ws []BatchWrite) {
 	var err error
 	if fua != 0 {
 		c.stats.fua.Add(1)
-		err = c.commit()
+		err = c.commitBacking()
 	} else {
-		err = c.writeJournal(false)
+		err = c.writeJournal(jPublish)
 	}
 	for i := range ws {
 		if ws[i].Err == nil {

@@ -66,6 +66,7 @@ type Cache struct {
 
 	dw     groupWriter   // the write path's data writes to dev
 	health backingHealth // what the cache measured of its backing (backing.go)
+	bflush flushGroup    // the backing's flushes, shared (bflush.go)
 
 	ram *ristretto.Cache[uint64, ramEntry]
 	// flusher is the writeback engine: every write of dirty data back to

@@ -42,10 +42,14 @@ func (c *Cache) errLocked() error {
 	return c.mu.failed
 }
 
-// commit makes every record appended before the call durable, and every
-// backing write completed before the call: it seals the open block and
-// group-commits (writeJournal).
-func (c *Cache) commit() error { return c.writeJournal(true) }
+// commit makes every record appended before the call durable: it seals
+// the open block and group-commits (writeJournal). The backing is flushed
+// first only if a record depends on a backing write (cleanDep).
+func (c *Cache) commit() error { return c.writeJournal(jCommit) }
+
+// commitBacking is commit, and makes every direct backing write completed
+// before the call durable too: a client's FLUSH or FUA.
+func (c *Cache) commitBacking() error { return c.writeJournal(jCommitBacking) }
 
 // publish makes every record appended before the call visible: written to
 // the cache device, open block included, but not synced. A process that
@@ -63,7 +67,7 @@ func (c *Cache) commit() error { return c.writeJournal(true) }
 // about a tenth.
 func (c *Cache) publish() error {
 	runtime.Gosched()
-	return c.writeJournal(false)
+	return c.writeJournal(jPublish)
 }
 
 // settleCleanGone makes durable, before a backing write over [off, off+n),
@@ -86,12 +90,12 @@ func (c *Cache) settleCleanGone(off, n int64) error {
 func (c *Cache) ack(flags storage.Flags) error {
 	if flags&storage.FUA != 0 {
 		c.stats.fua.Add(1)
-		return c.commit()
+		return c.commitBacking()
 	}
 	return c.publish()
 }
 
-// writeJournal is commit (sync) or publish (!sync). One journal writer at a
+// writeJournal is commit or commitBacking (k.sync()) or publish. One journal writer at a
 // time (journal.writing) writes every sealed block not yet written, and publish
 // also the open block as it is (it stays open; a later write of it, longer,
 // goes to the same slot; a block is never rewritten after a sync covered
@@ -106,7 +110,8 @@ func (c *Cache) ack(flags storage.Flags) error {
 // (cleanDep): a clean extent must not outlive, in a crash, the backing
 // data it claims to equal, nor the drop of dirty data the backing data
 // that superseded it.
-func (c *Cache) writeJournal(sync bool) error {
+func (c *Cache) writeJournal(k jkind) error {
+	sync := k.sync()
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if sync {
@@ -117,7 +122,7 @@ func (c *Cache) writeJournal(sync bool) error {
 		if c.mu.failed != nil {
 			return c.mu.failed
 		}
-		if c.mu.j.reached(g, sync) {
+		if c.mu.j.reached(g, k) {
 			return nil
 		}
 		if c.mu.j.turnFree(sync) {
@@ -131,11 +136,11 @@ func (c *Cache) writeJournal(sync bool) error {
 	if sync {
 		c.sealLocked() // records appended while we waited ride along
 	}
-	t := c.mu.j.take(sync, c.mu.ckptSeq)
+	t := c.mu.j.take(k, c.mu.ckptSeq)
 	c.mu.Unlock()
 
 	t.finishOpen(c.sb.salt())
-	err := c.writeBlocks(t.blocks, t.needB, sync)
+	err := c.writeBlocks(t.blocks, t.needB && !c.backingCovered(t.bNow), sync)
 
 	c.mu.Lock()
 	if errors.Is(err, errBackingFlush) {
@@ -249,5 +254,13 @@ func (c *Cache) Flush() error {
 		return err
 	}
 	c.stats.flushes.Add(1)
-	return c.commit()
+	return c.commitBacking()
+}
+
+// backingCovered reports whether a backing flush has covered the first n
+// direct backing writes already (one shared with the flusher or GC).
+func (c *Cache) backingCovered(n uint64) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.mu.j.bFlushed >= n
 }

@@ -432,7 +432,6 @@ func TestBackingFlushFailureIsNotSticky(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	must(c.WriteAt(payload(0, 4096, 1), 0, 0)) // to the backing: a FLUSH must flush it
 	must(c.SetMode(context.Background(), Writeback))
 	must(c.WriteAt(payload(64<<10, 4096, 2), 64<<10, 0)) // dirty, in the cache
 	// Written back: its clean record is appended, not published (a
@@ -441,6 +440,11 @@ func TestBackingFlushFailureIsNotSticky(t *testing.T) {
 	if _, n, err := writebackStep(c, 0, 1<<20); err != nil || n != 4096 {
 		t.Fatalf("writeback: %d bytes, %v", n, err)
 	}
+	// After the writeback's backing flush (which covers every backing
+	// write before it, and the journal knows it): to the backing, so a
+	// FLUSH must flush it.
+	must(c.SetMode(context.Background(), Writearound))
+	must(c.WriteAt(payload(0, 4096, 1), 0, 0))
 	bdev.SetFaults(storage.Fault{Ops: storage.OpFlush})
 	if err := c.Flush(); !errors.Is(err, storage.ErrInjected) || errors.Is(err, ErrFailed) {
 		t.Fatalf("FLUSH with the backing's flush failing: %v; want the injected error, the cache not failed", err)

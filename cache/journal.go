@@ -132,28 +132,50 @@ type turn struct {
 	needB, needSync        bool
 }
 
+// jkind is what a journal writer makes true of everything appended before
+// it began: published (written to the cache device), committed (synced),
+// or committed with the direct backing writes done before it flushed too
+// (a client's FLUSH or FUA: bypassed writes are acknowledged writes). A
+// commit of the cache's own (a checkpoint, settleCleanGone) needs the
+// backing flushed only for records that depend on it (cleanDep).
+type jkind uint8
+
+const (
+	jPublish jkind = iota
+	jCommit
+	jCommitBacking
+)
+
+func (k jkind) sync() bool { return k != jPublish }
+
 // goal is what a journal writer must make true: the blocks sealed, the
 // records appended and the backing writes done before it began.
 type goal struct{ seq, appended, bWrites uint64 }
 
 func (j *journal) goal() goal { return goal{j.nextSeq, j.appended, j.bWrites} }
 
-// reached reports whether g needs no turn: its records are written, and
-// for a commit (sync) durable with the backing writes flushed.
-func (j *journal) reached(g goal, sync bool) bool {
-	return j.visible >= g.appended && (!sync || j.durable >= g.seq && j.bFlushed >= g.bWrites)
+// reached reports whether g needs no turn of kind k: its records are
+// written, for a commit durable, and for jCommitBacking with the backing
+// writes flushed.
+func (j *journal) reached(g goal, k jkind) bool {
+	return j.visible >= g.appended && (!k.sync() || j.durable >= g.seq && (k != jCommitBacking || j.bFlushed >= g.bWrites))
 }
 
 // turnFree reports whether a writer may take the turn: no other writer,
 // and for a commit no sync running either.
 func (j *journal) turnFree(sync bool) bool { return !j.writing && !(sync && j.syncing) }
 
+// backingFlushed records a backing flush that covered the first n direct
+// backing writes (whoever flushed: a commit's turn, the flusher, GC).
+func (j *journal) backingFlushed(n uint64) { j.bFlushed = max(j.bFlushed, n) }
+
 // take gives the caller the writer's turn (turnFree must hold): the
 // sealed blocks leave the queue for the turn (sealed keeps its array for
 // the appenders), and a publish takes a copy of the open block, which
 // stays open. ckptSeq is the durable checkpoint the open block's header
 // names.
-func (j *journal) take(sync bool, ckptSeq uint64) turn {
+func (j *journal) take(k jkind, ckptSeq uint64) turn {
+	sync := k.sync()
 	j.writing = true
 	j.syncing = j.syncing || sync
 	t := turn{sync: sync, pub: j.bufs.pub, openSeq: j.nextSeq}
@@ -166,7 +188,7 @@ func (j *journal) take(sync bool, ckptSeq uint64) turn {
 		t.blocks = append(t.blocks, sealedBlock{seq: t.openSeq, pos: j.head, data: t.pub})
 	}
 	t.durable, t.visible, t.bNow = j.nextSeq, j.appended, j.bWrites
-	t.needB = t.bNow > j.bFlushed && (sync || j.cleanDep > j.visible)
+	t.needB = t.bNow > j.bFlushed && (k == jCommitBacking || j.cleanDep > j.visible)
 	t.needSync = sync && t.durable > j.durable
 	return t
 }
@@ -200,7 +222,7 @@ func (j *journal) written(t *turn, err error) {
 	if err == nil {
 		j.visible = t.visible
 		if t.needB {
-			j.bFlushed = t.bNow
+			j.backingFlushed(t.bNow)
 		}
 	} else if t.sync {
 		j.syncing = false

@@ -66,7 +66,7 @@ type Stats struct {
 	Commits             int64 `json:"journal_commits"`       // group commits that wrote the journal
 	CommitWaits         int64 `json:"journal_commit_waits"`  // waits for another committer (group commit sharing)
 	Publishes           int64 `json:"journal_publishes"`     // journal writes without a sync that made acknowledged writes survive a kill
-	BackingFlushes      int64 `json:"cache_backing_flushes"` // backing flushes by the cache itself: commits, Drain's last, zeroing dirty data (the writeback engine counts its own: WritebackStats)
+	BackingFlushes      int64 `json:"cache_backing_flushes"` // every backing flush: the flusher's, GC's, commits', Drain's, zeroing dirty data's; one shared by several callers counts once (WritebackStats counts those the flusher asked for)
 	Checkpoints         int64 `json:"checkpoints"`
 	CheckpointBytes     int64 `json:"checkpoint_bytes"`
 	CheckpointsSkipped  int64 `json:"checkpoints_skipped"` // asked for, but made unneeded by a checkpoint that ran meanwhile

@@ -29,7 +29,7 @@ func TestCommitTurnOutlivesPublish(t *testing.T) {
 	if !j.turnFree(true) {
 		t.Fatal("turn not free")
 	}
-	ct := j.take(true, 1)
+	ct := j.take(jCommit, 1)
 	j.written(&ct, nil)
 	wantDurable, wantSynced := g.seq, g.appended
 	if ct.durable != wantDurable || ct.visible != wantSynced {
@@ -41,7 +41,7 @@ func TestCommitTurnOutlivesPublish(t *testing.T) {
 	if !j.turnFree(false) {
 		t.Fatal("a publish may not run during a commit's sync")
 	}
-	pt := j.take(false, 1)
+	pt := j.take(jPublish, 1)
 	pt.finishOpen(1)
 	j.written(&pt, nil)
 	if !j.syncing {

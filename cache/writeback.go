@@ -232,14 +232,30 @@ func (c *Cache) DirtyBytes() int64 {
 // CapacityBytes is the size of the data area.
 func (c *Cache) CapacityBytes() int64 { return c.sb.NBuckets * c.sb.BucketSize }
 
-// flushBacking flushes the backing and counts it (Stats.BackingFlushes).
+// flushBacking flushes the backing, sharing the flush with whoever asks
+// at the same time (flushGroup), and counts it (Stats.BackingFlushes). A
+// flush covers the direct backing writes done before it began: the
+// journal learns it (backingFlushed), so a commit that needs them flushed
+// finds them so. It is the flusher's FlushBacking too.
 func (c *Cache) flushBacking() error {
-	err := c.back.Flush()
-	if err == nil {
+	return c.bflush.flush(func() error {
+		c.mu.Lock()
+		n := c.mu.j.bWrites
+		c.mu.Unlock()
+		if err := c.back.Flush(); err != nil {
+			return err
+		}
 		c.stats.backingFlushes.Add(1)
-	}
-	return err
+		c.mu.Lock()
+		c.mu.j.backingFlushed(n)
+		c.mu.Unlock()
+		return nil
+	})
 }
+
+// FlushBacking is writeback.BackingFlusher: the flusher's flushes are
+// shared with the cache's own.
+func (c *Cache) FlushBacking() error { return c.flushBacking() }
 
 // flushRange writes back the dirty extents overlapping [off, off+n) now,
 // whole (cleaning part of one would cut it, and a full index refuses
@@ -308,7 +324,7 @@ func (c *Cache) Drain(ctx context.Context, progress func(done, total int64)) err
 	if err := c.flushBacking(); err != nil {
 		return fmt.Errorf("cache: drain: flush backing: %w", err)
 	}
-	return c.commit()
+	return c.commitBacking()
 }
 
 // drainRetries bounds how often Drain starts the flusher's drain again

@@ -57,8 +57,9 @@ type CacheFigures struct {
 	// GC's write amplification: bytes GC moved per byte clients wrote.
 	GCWriteAmp float64 `json:"gc_write_amplification"`
 	// Backing flushes: the flusher's, GC's cleaning passes', and those
-	// journal commits needed. Over a fast backing each costs the writes
-	// that go to it (bench/flushfloor.sh).
+	// journal commits needed, shared where they ask at once (the cache
+	// counts them all). Over a fast backing each costs the writes that go
+	// to it (bench/flushfloor.sh).
 	BackingFlushes int64 `json:"backing_flushes"`
 	CacheErrors    int64 `json:"cache_errors"` // cache device read and write errors
 }
@@ -92,9 +93,6 @@ func NewStats(uptime time.Duration, srv nbd.Stats, remote *nbd.RemoteStats, c *c
 		}
 		if c.WriteBytes > 0 {
 			f.GCWriteAmp = float64(c.GCMovedBytes) / float64(c.WriteBytes)
-		}
-		if wb != nil {
-			f.BackingFlushes += wb.Flushes
 		}
 		s.CacheFigures = f
 	}

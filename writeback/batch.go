@@ -576,7 +576,7 @@ func (f *Flusher) writeSpan(s *span, out *spanOut, prev <-chan struct{}, started
 
 // backingFlush flushes the backing and counts it.
 func (f *Flusher) backingFlush() error {
-	err := f.backing.Flush()
+	err := f.doFlush()
 	if err != nil {
 		f.fail(err)
 		return err

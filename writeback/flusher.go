@@ -83,6 +83,14 @@ type Filler interface {
 	CleanExtents(off, end int64, fn func(btreeidx.Extent) bool)
 }
 
+// BackingFlusher is implemented by a Source that flushes the backing
+// itself: the flusher then calls FlushBacking instead of the backing's
+// Flush, so that the Source can share one flush among its own callers and
+// the flusher's (the cache does: its commits and GC flush too).
+type BackingFlusher interface {
+	FlushBacking() error
+}
+
 // Stats is a snapshot of the flusher's counters.
 type Stats struct {
 	Mode         Mode    `json:"-"`                       // what the flusher is doing now
@@ -98,7 +106,7 @@ type Stats struct {
 	FilledBytes   int64 `json:"writeback_filled_bytes"`  // of them, clean data that bridged gaps between dirty extents
 	Writes        int64 `json:"backing_writes"`          // backing writes
 	AvgWrite      int64 `json:"backing_write_avg"`       // BytesWritten / Writes
-	Flushes       int64 `json:"writeback_flushes"`       // backing flushes
+	Flushes       int64 `json:"writeback_flushes"`       // backing flushes asked for (a BackingFlusher may share them)
 	Batches       int64 `json:"writeback_batches"`       // batches completed
 	Passes        int64 `json:"writeback_passes"`        // passes over the whole device completed
 	Cleaned       int64 `json:"writeback_cleaned_bytes"` // bytes marked clean
@@ -113,8 +121,9 @@ type Stats struct {
 // See the package documentation for the order it keeps and the controller.
 type Flusher struct {
 	src     Source
-	rel     Releaser // src, if it is one
-	fill    Filler   // src, if it is one and a Releaser, and MaxGap >= 0
+	rel     Releaser     // src, if it is one
+	fill    Filler       // src, if it is one and a Releaser, and MaxGap >= 0
+	doFlush func() error // src's FlushBacking if it is a BackingFlusher, else backing.Flush
 	backing storage.Device
 	cfg     Config
 	flush   bool // the backing needs Flush for durability
@@ -161,6 +170,10 @@ func New(src Source, backing storage.Device, cfg Config) *Flusher {
 	if rel == nil || cfg.MaxGap < 0 {
 		fill = nil
 	}
+	doFlush := backing.Flush
+	if bf, ok := src.(BackingFlusher); ok {
+		doFlush = bf.FlushBacking
+	}
 	f := &Flusher{
 		src:     src,
 		rel:     rel,
@@ -168,6 +181,7 @@ func New(src Source, backing storage.Device, cfg Config) *Flusher {
 		backing: backing,
 		cfg:     cfg,
 		flush:   backing.Caps().Flush,
+		doFlush: doFlush,
 		wake:    make(chan struct{}, 1),
 		token:   make(chan struct{}, 1),
 		bufs:    make(chan []byte, 2*cfg.MaxInFlight),
