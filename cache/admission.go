@@ -97,8 +97,10 @@ func (a *admitter) sequential(off, n int64) bool {
 // flushed) before the next finds room. A write-back cache over a backing
 // as fast as it gains nothing from such a write (bcache's congestion
 // bypass has the same aim): while it thrashes, a write that misses it
-// goes around it, a write over what it holds stays in it, and read misses
-// are not promoted.
+// goes around it, a write over what it holds stays in it, read misses are
+// not promoted, and the cache sheds what it holds (Cache.Shedding): its
+// dirty data is written back and dropped, so that writes stop landing in
+// it at all.
 //
 // The evidence is the write hit ratio while free buckets are short,
 // counted over windows of about as many writes as the cache holds
@@ -106,29 +108,38 @@ func (a *admitter) sequential(off, n int64) bool {
 // (GC's evictions make some misses), one that does not is mostly misses.
 // A window with under thrashHits hits in it starts thrashing, if GC has
 // also written back a turnover's worth only to make room since the last
-// time (a cache full of clean data frees room without the backing). It
-// lasts thrashWindows windows, or until a window's hit ratio is high
-// again; then a window of writes all cached must find it again. So the
-// cache keeps taking in a new hot set within a window or so, and never
-// bypasses for good. (4k random writes over a fast file, a 64 MiB cache,
-// 2 to 8 times as big a working set: 0.30x the backing alone without it,
-// about 0.45x with it.)
+// time (a cache full of clean data frees room without the backing).
+//
+// A cache that has shed its data hits nothing, so while it thrashes the
+// hit ratio is a ghost's (ghost): the share of writes that would have hit
+// a cache holding the blocks of the last window's writes. Thrashing ends
+// when a window's ghost hit ratio reaches thrashHits: the writes' working
+// set has become one the cache can hold, and it takes it in within about
+// a window. (4k random writes over a fast file, a 64 MiB cache, twice as
+// big a working set: 0.30x the backing alone without the detector, about
+// 0.45x when it stepped aside for 16 windows at a time and kept its data,
+// about 0.5x when it shed its data too.)
 type thrashDetector struct {
 	on           bool
-	left         int // windows left while on
 	writes, hits int // in the current window
 	cleanedMark  int64
+	ghost        ghost
 }
 
-const (
-	thrashHits    = 0.75 // hit ratio below which a window counts as thrashing
-	thrashWindows = 16
-)
+const thrashHits = 0.75 // hit ratio below which a window counts as thrashing
 
-// note counts a write-back write made while free buckets are short or
-// the cache thrashes (hit: part of its range is cached), with GC's
-// cleaned bytes so far, and reports whether the cache thrashes.
-func (t *thrashDetector) note(hit bool, cleaned, turnover int64, window int) bool {
+// note counts a write-back write of block b (its first 4 KiB block) made
+// while free buckets are short or the cache thrashes (hit: part of its
+// range is cached), with GC's cleaned bytes so far, and reports whether
+// the cache thrashes. window is the cache's size in blocks.
+func (t *thrashDetector) note(b uint64, hit bool, cleaned, turnover int64, window int) bool {
+	if t.on {
+		sampled, ghit := t.ghost.note(b)
+		if !sampled {
+			return true
+		}
+		hit, window = ghit, t.ghost.size()
+	}
 	t.writes++
 	if hit {
 		t.hits++
@@ -139,15 +150,63 @@ func (t *thrashDetector) note(hit bool, cleaned, turnover int64, window int) boo
 	missing := float64(t.hits) < thrashHits*float64(t.writes)
 	t.writes, t.hits = 0, 0
 	switch {
-	case t.on:
-		t.left--
-		if !missing || t.left <= 0 {
-			t.on, t.cleanedMark = false, cleaned
-		}
-	case missing && cleaned-t.cleanedMark >= turnover:
-		t.on, t.left = true, thrashWindows
+	case t.on && !missing:
+		t.on, t.cleanedMark = false, cleaned
+	case !t.on && missing && cleaned-t.cleanedMark >= turnover:
+		t.on = true
+		t.ghost.reset(window)
 	}
 	return t.on
+}
+
+// ghost remembers the blocks of the last size() sampled writes, a window's
+// worth, and reports whether a sampled write hits one of them. A block is
+// sampled when its hash falls in 1/rate of the range, so the ghost of a
+// large cache stays at most ghostMax entries (SHARDS's spatial sampling:
+// the hit ratio of the sampled blocks estimates that of all).
+type ghost struct {
+	mask uint64           // sampled: hash(b)&mask == 0
+	ring []uint64         // the last sampled blocks, oldest at next once full
+	next int              // where the next goes
+	full bool             // ring has wrapped
+	in   map[uint64]int32 // how often each block is in ring
+}
+
+const ghostMax = 4096
+
+// reset empties the ghost and sizes it for a window of window writes.
+func (g *ghost) reset(window int) {
+	rate := 1
+	for window/rate > ghostMax {
+		rate *= 2
+	}
+	g.mask = uint64(rate - 1)
+	g.ring = make([]uint64, max(window/rate, 1))
+	g.next, g.full = 0, false
+	g.in = make(map[uint64]int32, len(g.ring))
+}
+
+func (g *ghost) size() int { return len(g.ring) }
+
+// note records a write of block b, if sampled, and whether it hit.
+func (g *ghost) note(b uint64) (sampled, hit bool) {
+	if (b*0x9e3779b97f4a7c15)>>40&g.mask != 0 {
+		return false, false
+	}
+	hit = g.in[b] > 0
+	if g.full {
+		old := g.ring[g.next]
+		if g.in[old]--; g.in[old] <= 0 {
+			delete(g.in, old)
+		}
+	}
+	g.ring[g.next] = b
+	g.in[b]++
+	g.next++
+	if g.next == len(g.ring) {
+		g.next, g.full = 0, true
+	}
+	return true, hit
 }
 
 // promote records a read miss of [off, off+n) that mayPromote allowed and

@@ -53,16 +53,22 @@ func TestSequentialDetector(t *testing.T) {
 }
 
 // TestThrashDetector: a window of writes mostly missing starts thrashing
-// only after GC's turnover; it holds while windows keep missing, ends
-// after thrashWindows of them or at once when a window hits again, and a
+// only after GC's turnover; it holds while the ghost's windows keep
+// missing, however long, ends when a window hits the ghost again, and a
 // new start needs a new turnover.
 func TestThrashDetector(t *testing.T) {
 	const window, turnover = 10, 100
 	var d thrashDetector
-	feed := func(hits int, cleaned int64) bool { // one window
+	fresh := uint64(1 << 20)
+	feed := func(hits int, cleaned int64) bool { // one window: hits on block 0, the rest fresh blocks
 		var on bool
 		for i := range window {
-			on = d.note(i < hits, cleaned, turnover, window)
+			b := uint64(0)
+			if i >= hits {
+				fresh++
+				b = fresh
+			}
+			on = d.note(b, i < hits, cleaned, turnover, window)
 		}
 		return on
 	}
@@ -75,13 +81,25 @@ func TestThrashDetector(t *testing.T) {
 	if !feed(2, 1000) {
 		t.Fatal("not thrashing on a window of 20% hits after a turnover")
 	}
-	for w := 1; w < thrashWindows; w++ {
-		if !feed(2, 1000) {
-			t.Fatalf("thrashing ended after %d missing windows, before thrashWindows", w)
+	for w := range 100 {
+		if !feed(0, 1000) {
+			t.Fatalf("thrashing ended after %d windows that missed the ghost", w+1)
 		}
 	}
-	if feed(2, 1000) {
-		t.Fatalf("still thrashing after thrashWindows windows")
+	// A working set of 5 blocks: its first window half misses the ghost
+	// (80% and more hits end thrashing), the next hits it whole.
+	set := func() bool {
+		var on bool
+		for i := range window {
+			on = d.note(uint64(i%5), false, 1000, turnover, window)
+		}
+		return on
+	}
+	if !set() {
+		t.Fatal("thrashing ended on a window that half missed the ghost")
+	}
+	if set() {
+		t.Fatal("still thrashing after a window that hit the ghost whole")
 	}
 	if feed(0, 1050) {
 		t.Fatal("thrashing again with only 50 cleaned since it ended")
@@ -89,7 +107,43 @@ func TestThrashDetector(t *testing.T) {
 	if !feed(0, 1100) {
 		t.Fatal("not thrashing after a new turnover")
 	}
-	if feed(8, 1100) {
-		t.Fatal("still thrashing after a window of 80% hits")
+}
+
+// TestGhostSamples: the ghost of a large cache keeps at most ghostMax
+// blocks, samples about 1/rate of them, and a sampled block written again
+// within the window hits it, one written a window ago no longer does.
+func TestGhostSamples(t *testing.T) {
+	var g ghost
+	g.reset(1 << 20)
+	if g.size() > ghostMax || g.size() < ghostMax/2 {
+		t.Fatalf("ghost of %d entries for a window of %d", g.size(), 1<<20)
+	}
+	sampled := 0
+	var first []uint64
+	for b := uint64(0); b < 1<<20; b++ {
+		if ok, hit := g.note(b); ok {
+			if hit {
+				t.Fatalf("block %d hit on its first write", b)
+			}
+			sampled++
+			if len(first) < 10 {
+				first = append(first, b)
+			}
+		}
+	}
+	if sampled < g.size()/2 || sampled > 2*g.size() {
+		t.Fatalf("%d of %d blocks sampled, want about %d", sampled, 1<<20, g.size())
+	}
+	// The ring now holds the last size() sampled blocks: the first ten
+	// are gone unless fewer were sampled than it holds.
+	for _, b := range first {
+		if _, hit := g.note(b); hit && sampled > g.size()+10 {
+			t.Fatalf("block %d, written a window ago, still hits", b)
+		}
+	}
+	for _, b := range first {
+		if _, hit := g.note(b); !hit {
+			t.Fatalf("block %d, just written, misses", b)
+		}
 	}
 }

@@ -189,6 +189,11 @@ func (c *Cache) MarkClean(e btreeidx.Extent) (cleaned, collided int64) {
 			return 0, 0
 		}
 		evict = true
+	} else if c.thrashingLocked() {
+		// A cache that steps aside drops what it cleans (Shedding).
+		// Room for the cuts cleaning makes is room for the one or none
+		// that dropping makes.
+		evict = true
 	}
 	before := c.mu.idx.DirtyBytes()
 	pieces := c.cleanedLocked(e)
@@ -220,6 +225,19 @@ func (c *Cache) MarkClean(e btreeidx.Extent) (cleaned, collided int64) {
 	c.stats.writebackBytes.Add(before - c.mu.idx.DirtyBytes())
 	c.stats.writebackCollisions.Add(collided)
 	return cleaned, collided
+}
+
+// Shedding is writeback.Shedder. A cache that steps aside for a working
+// set it cannot hold (thrashingLocked) has its dirty data written back at
+// full speed, and MarkClean drops what it cleans: writes over it would
+// otherwise go on landing in the cache (a write over cached data stays
+// in it), each one to be written back and the backing flushed before the
+// next found room. Emptied, the cache sends every write around it, at
+// about the backing's own cost, until the thrashing ends.
+func (c *Cache) Shedding() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.thrashingLocked()
 }
 
 // DirtyBytes is the amount of dirty data in the cache.

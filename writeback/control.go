@@ -25,9 +25,11 @@ const (
 	ModeAge
 	// ModeDrain: a Drain runs, full speed.
 	ModeDrain
+	// ModeShed: the Source sheds its data (Shedder), full speed.
+	ModeShed
 )
 
-var modeNames = [...]string{"stopped", "rate", "full", "idle", "age", "drain"}
+var modeNames = [...]string{"stopped", "rate", "full", "idle", "age", "drain", "shed"}
 
 func (m Mode) String() string {
 	if int(m) < len(modeNames) {
@@ -43,6 +45,7 @@ func (m Mode) FullSpeed() bool { return m >= ModeFull }
 type situation struct {
 	dirty, capacity int64
 	draining        bool
+	shed            bool // the Source sheds its data (Shedder)
 	idle            bool // no foreground request for IdleAfter
 	aged            bool // an age pass is due or under way
 }
@@ -55,6 +58,8 @@ func decide(s situation, c *Config) Mode {
 		return ModeStopped
 	case s.draining:
 		return ModeDrain
+	case s.shed:
+		return ModeShed
 	case percentAtLeast(s.dirty, s.capacity, c.HighWatermark):
 		return ModeFull
 	case s.idle:

@@ -23,6 +23,10 @@ func TestDecide(t *testing.T) {
 	}{
 		{situation{dirty: 0, capacity: c, draining: true, idle: true, aged: true}, ModeStopped},
 		{situation{dirty: 10, capacity: c, draining: true}, ModeDrain},
+		{situation{dirty: 10, capacity: c, draining: true, shed: true}, ModeDrain},
+		{situation{dirty: 10, capacity: c, shed: true, idle: true}, ModeShed},
+		{situation{dirty: 800, capacity: c, shed: true}, ModeShed},
+		{situation{dirty: 0, capacity: c, shed: true}, ModeStopped},
 		{situation{dirty: 700, capacity: c}, ModeFull},
 		{situation{dirty: 699, capacity: c}, ModeRate},
 		{situation{dirty: 500, capacity: c}, ModeRate},

@@ -87,6 +87,7 @@
 //
 //	nothing dirty                         stopped
 //	a Drain runs                          drain   (full speed)
+//	the Source sheds its data (Shedder)   shed    (full speed)
 //	dirty >= HighWatermark% of capacity   full    (full speed)
 //	no NoteForeground for IdleAfter       idle    (full speed)
 //	last complete pass began more than

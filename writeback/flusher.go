@@ -91,6 +91,14 @@ type BackingFlusher interface {
 	FlushBacking() error
 }
 
+// Shedder is implemented by a Source that may want its dirty data written
+// back at full speed for a while (the cache, when it steps aside for a
+// working set it cannot hold): while Shedding reports true, the flusher
+// runs in ModeShed.
+type Shedder interface {
+	Shedding() bool
+}
+
 // Stats is a snapshot of the flusher's counters.
 type Stats struct {
 	Mode         Mode    `json:"-"`                       // what the flusher is doing now
@@ -124,6 +132,7 @@ type Flusher struct {
 	rel     Releaser     // src, if it is one
 	fill    Filler       // src, if it is one and a Releaser, and MaxGap >= 0
 	doFlush func() error // src's FlushBacking if it is a BackingFlusher, else backing.Flush
+	shed    Shedder      // src, if it is one
 	backing storage.Device
 	cfg     Config
 	flush   bool // the backing needs Flush for durability
@@ -170,6 +179,7 @@ func New(src Source, backing storage.Device, cfg Config) *Flusher {
 	if rel == nil || cfg.MaxGap < 0 {
 		fill = nil
 	}
+	shed, _ := src.(Shedder)
 	doFlush := backing.Flush
 	if bf, ok := src.(BackingFlusher); ok {
 		doFlush = bf.FlushBacking
@@ -182,6 +192,7 @@ func New(src Source, backing storage.Device, cfg Config) *Flusher {
 		cfg:     cfg,
 		flush:   backing.Caps().Flush,
 		doFlush: doFlush,
+		shed:    shed,
 		wake:    make(chan struct{}, 1),
 		token:   make(chan struct{}, 1),
 		bufs:    make(chan []byte, 2*cfg.MaxInFlight),
@@ -238,6 +249,7 @@ func (f *Flusher) situationLocked(now time.Time, boundary bool) situation {
 		dirty:    f.dirtyLocked(),
 		capacity: f.src.CapacityBytes(),
 		draining: f.draining.Load() > 0,
+		shed:     f.shed != nil && f.shed.Shedding(),
 	}
 	s.idle, _ = f.idleAt(now)
 	if s.dirty <= 0 && f.mu.pending == 0 {

@@ -596,3 +596,40 @@ func TestExclusive(t *testing.T) {
 	}
 	src.check(t)
 }
+
+// shedder is a fakeSource that may ask to be shed (Shedder).
+type shedder struct {
+	*fakeSource
+	shed atomic.Bool
+}
+
+func (s *shedder) Shedding() bool { return s.shed.Load() }
+
+// TestShedMode: dirty data below the low watermark stays dirty while the
+// foreground is busy, unless the Source sheds its data: then Run writes
+// it all back at full speed.
+func TestShedMode(t *testing.T) {
+	for _, shed := range []bool{false, true} {
+		synctest.Test(t, func(t *testing.T) {
+			src := &shedder{fakeSource: newFakeSource(64, 4096, 1<<30)}
+			src.shed.Store(shed)
+			densely(src.fakeSource, 1, 1)
+			f := New(src, nullDev{src.size()}, Config{Logger: quiet, IdleAfter: time.Hour})
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan error)
+			go func() { done <- f.Run(ctx) }()
+			f.Kick()
+			time.Sleep(5 * time.Second)
+			synctest.Wait()
+			cancel()
+			<-done
+			left := src.DirtyBytes()
+			if shed && left != 0 {
+				t.Errorf("shedding: %d bytes still dirty after 5 s", left)
+			}
+			if !shed && left == 0 {
+				t.Errorf("not shedding, below the low watermark: all written back (the test shows nothing)")
+			}
+		})
+	}
+}
