@@ -7,6 +7,8 @@ package cache
 
 import (
 	"fmt"
+	"slices"
+	"time"
 
 	"github.com/nbdcache/nbdcache/storage"
 )
@@ -30,6 +32,10 @@ func (c *Cache) WriteBatch(ws []BatchWrite) {
 	for i := 0; i < len(ws); {
 		n, stop := c.writeRun(ws[i:])
 		switch {
+		case stop != nil && stop.thrash:
+			// A miss of a thrashing cache ended the run: it starts a
+			// run of writes around the cache.
+			n += c.bypassRun(ws[i+n:], *stop)
 		case stop != nil:
 			// The write that ended the run was decided (the detectors
 			// fed) but not written: it goes the single way as decided.
@@ -133,6 +139,85 @@ func (c *Cache) writeRun(ws []BatchWrite) (n int, stop *writeDecision) {
 	}
 	c.leaveN(2 * k)
 	return n, stop
+}
+
+// bypassRun writes around a thrashing cache the writes from ws[0] on that
+// miss it, as writeAs would one after another: ws[0] was decided so
+// (first), and each next one is decided under the same hold of the lock
+// that starts them all. Each is checked there as passthrough checks a
+// direct write: no writeback or direct write in flight over it (the
+// run's own earlier writes included), and no record that removed clean
+// data there still to be made durable (settleCleanGone). A miss holds no
+// extent, so starting one appends no record and takes no journal slot.
+// Each is registered as written directly, their backing writes are
+// issued in order, and one more hold of the lock ends them all. The
+// first write that cannot join, once decided, goes the single way after
+// them; one not batchable is left to the caller. It returns how many of
+// ws it wrote.
+func (c *Cache) bypassRun(ws []BatchWrite, first writeDecision) int {
+	k, d, decided := 0, first, true
+	c.mu.Lock()
+	err := c.errLocked()
+	for err == nil && k < len(ws) {
+		w := &ws[k]
+		n := int64(len(w.P))
+		if k > 0 {
+			if decided = c.batchable(w); !decided {
+				break
+			}
+			d = c.decideLocked(w.Off, n)
+		}
+		if !d.thrash || c.directLocked(w.Off, n) || c.mu.j.cleanGone.pending(w.Off, n, c.mu.j.synced) {
+			break
+		}
+		c.mu.direct = append(c.mu.direct, byteRange{w.Off, w.Off + n})
+		c.backingWriteLocked(w.Off, w.Off+n)
+		k++
+	}
+	c.mu.Unlock()
+	if err != nil {
+		ws[0].Err = err
+		return 1
+	}
+	for i := range ws[:k] {
+		w := &ws[i]
+		c.noteWrite(int64(len(w.P)))
+		c.stats.bypasses.Add(1)
+		start := time.Now()
+		if err := c.back.WriteAt(w.P, w.Off, 0); err != nil {
+			w.Err = fmt.Errorf("cache: write backing: %w", err)
+			continue
+		}
+		c.noteBacking(time.Since(start), int64(len(w.P))) // what diskLike measures, as in writeAs
+		c.stats.backingWriteBytes.Add(int64(len(w.P)))
+		c.stats.thrashBypasses.Add(1)
+	}
+	// Their ranges end; no two ranges in direct overlap.
+	ours := make(map[byteRange]bool, k)
+	for i := range ws[:k] {
+		ours[byteRange{ws[i].Off, ws[i].Off + int64(len(ws[i].P))}] = true
+	}
+	c.mu.Lock()
+	c.mu.direct = slices.DeleteFunc(c.mu.direct, func(r byteRange) bool { return ours[r] })
+	c.mu.holdsEnded += uint64(k)
+	for i := range ws[:k] {
+		if ws[i].Err == nil {
+			c.mu.j.bWrites++
+		}
+	}
+	c.mu.wbCond.Broadcast()
+	c.mu.Unlock()
+	for i := range ws[:k] {
+		if w := &ws[i]; w.Err != nil && c.noteUnavailable(w.Err) {
+			w.Err = c.writeDirty(w.P, w.Off) // the backing is away: cache it after all
+		}
+	}
+	if k < len(ws) && (k == 0 || decided) {
+		w := &ws[k]
+		w.Err = c.writeAs(w.P, w.Off, d)
+		k++
+	}
+	return k
 }
 
 // batchable reports whether w may join a run: in range, aligned, and no

@@ -256,3 +256,104 @@ func TestWriteBatchTinyRing(t *testing.T) {
 		t.Errorf("%d writes batched with one slot", st.BatchedWrites)
 	}
 }
+
+// TestBypassRunDurability: a batch of writes that miss a thrashing cache
+// goes around it in one run (bypassRun). A FLUSH after it makes them
+// durable on the backing ("flushed"); and a write in the run over a range
+// whose clean extent's removal is not yet durable waits for it (the
+// single way: settleCleanGone), so a power cut that keeps the backing's
+// writes but loses the cache's unsynced journal cannot bring the clean
+// extent back over newer backing data ("clean-gone").
+func TestBypassRunDurability(t *testing.T) {
+	for _, flushed := range []bool{true, false} {
+		name := map[bool]string{true: "flushed", false: "clean-gone"}[flushed]
+		t.Run(name, func(t *testing.T) { bypassRunDurability(t, flushed) })
+	}
+}
+
+func bypassRunDurability(t *testing.T, flushed bool) {
+	cdev, bdev := storage.NewCrash(2<<20), storage.NewCrash(4<<20)
+	if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: 64 << 10, JournalSize: 64 * metaBlock}); err != nil {
+		t.Fatal(err)
+	}
+	c, err := open(cdev, bdev, Options{BackingID: testBackingID, SequentialCutoff: -1}, testHooks{noBackground: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The cache full of clean data, durable: written, written back,
+	// committed. x, the first, lies in the oldest bucket.
+	const x = 0
+	capacity := c.CapacityBytes()
+	for off := int64(0); off < capacity; off += 64 << 10 {
+		must(c.WriteAt(payload(off, 64<<10, 1), off, 0))
+	}
+	if _, n, err := writebackStep(c, 0, capacity); err != nil || n == 0 {
+		t.Fatalf("writeback: %d, %v", n, err)
+	}
+	must(c.Flush())
+	// The cache thrashes, and GC drops x (clean data is evicted, never
+	// moved): its removal is journaled, not yet durable.
+	c.mu.Lock()
+	c.test.alwaysThrash = true
+	c.mu.Unlock()
+	for range 4 {
+		c.GCStep(true)
+	}
+	c.mu.Lock()
+	evicted := !c.cachedLocked(x, 4096)
+	c.mu.Unlock()
+	if !evicted {
+		t.Fatal("GC did not evict the oldest clean extent")
+	}
+	// A batch of misses; for clean-gone, one of them over x (it goes the
+	// single way; for flushed, none does, so that its backing flush is
+	// not what covers the run's writes).
+	var ws []BatchWrite
+	for i := range 8 {
+		off := int64(3<<20 + i*64<<10)
+		if i == 5 && !flushed {
+			off = x
+		}
+		ws = append(ws, BatchWrite{P: payload(off, 4096, uint64(10+i)), Off: off})
+	}
+	before := c.Stats().ThrashBypasses
+	c.WriteBatch(ws)
+	for i := range ws {
+		must(ws[i].Err)
+	}
+	if got := c.Stats().ThrashBypasses - before; got != int64(len(ws)) {
+		t.Fatalf("%d of %d writes went around the thrashing cache", got, len(ws))
+	}
+	var newC, newB *storage.Crash
+	if flushed {
+		must(c.Flush())
+		devs, _ := storage.PowerCutAll(storage.LoseUnsynced, nil, cdev, bdev)
+		newC, newB = devs[0], devs[1]
+	} else {
+		// The backing's page cache reached its disk; the cache's
+		// unsynced journal did not.
+		newC, _ = cdev.PowerCut(storage.LoseUnsynced, nil)
+		newB, _ = bdev.PowerCut(storage.KeepUnsynced, nil)
+	}
+	if rep, err := CheckDeep(newC, newB); err != nil {
+		t.Fatalf("deep check after the cut: %v (%+v)", err, rep)
+	}
+	if !flushed {
+		return
+	}
+	c2, err := openStill(newC, newB, Options{BackingID: testBackingID})
+	must(err)
+	defer c2.Close()
+	for i, w := range ws {
+		got := make([]byte, 4096)
+		if err := c2.ReadAt(got, w.Off); err != nil || !bytes.Equal(got, w.P) {
+			t.Errorf("write %d at %d, flushed, lost after a power cut (%v)", i, w.Off, err)
+		}
+	}
+}

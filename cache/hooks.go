@@ -29,6 +29,9 @@ type testHooks struct {
 	// twoSyncs: the alternative ordering, measured by BenchmarkFlush: sync
 	// the data, then write the journal and sync again.
 	twoSyncs bool
+	// alwaysThrash: the cache thrashes whatever the detector says (the
+	// power-cut test's thrashing variant runs the paths around it).
+	alwaysThrash bool
 }
 
 // breakMode selects an ordering bug for the harness self-test.

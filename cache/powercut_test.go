@@ -200,6 +200,7 @@ const (
 	pcBackground                  // the background writeback and GC goroutines
 	pcCheckpointer                // a goroutine writing checkpoints back to back
 	pcParallel                    // some writes issued in bursts of adjacent ranges at once
+	pcThrash                      // the background, and the cache always thrashing (alwaysThrash)
 )
 
 // runCut runs one seeded workload, cuts the power at a random storage
@@ -251,8 +252,9 @@ func runCut(seed uint64, model storage.LossModel, brk breakMode, extra pcExtra) 
 	o := newOracle(cfg.back / sectorSize)
 	o.ackDurable = model == storage.KeepUnsynced
 	opts := cfg.opts
-	h := testHooks{brk: brk, noBackground: extra != pcBackground}
-	if extra == pcBackground {
+	bg := extra == pcBackground || extra == pcThrash
+	h := testHooks{brk: brk, noBackground: !bg, alwaysThrash: extra == pcThrash}
+	if bg {
 		opts.Writeback = writeback.Config{TargetPercent: 1, LowWatermark: -1, IdleAfter: time.Millisecond,
 			UpdateInterval: 5 * time.Millisecond, BatchTime: 5 * time.Millisecond, RetryMin: time.Millisecond, RetryMax: 5 * time.Millisecond}
 	}
@@ -648,3 +650,10 @@ func TestPowerCutConcurrentCheckpoint(t *testing.T) { timedCuts(t, 300, 91, pcCh
 // writes. Timing makes a run not exactly replayable; the seed fixes the
 // workload and the cut index.
 func TestPowerCutParallelWrites(t *testing.T) { timedCuts(t, 300, 53, pcParallel) }
+
+// TestPowerCutThrashing: the same, with the background running and the
+// cache thrashing throughout: misses go around it (batches of them in one
+// go: bypassRun), hits stay in it, and what the flusher cleans it drops
+// (Shedding). Timing makes a run not exactly replayable; the seed fixes
+// the workload and the cut index.
+func TestPowerCutThrashing(t *testing.T) { timedCuts(t, 300, 61, pcThrash) }

@@ -22,7 +22,7 @@ func (c *Cache) dirtyLocked(off, n int64) bool {
 // disk's random writes are better cached, and swept back in order) and
 // is in reach.
 func (c *Cache) thrashingLocked() bool {
-	return c.mu.admit.thrash.on && !c.diskLike() && !c.backingAway()
+	return (c.mu.admit.thrash.on || c.test.alwaysThrash) && !c.diskLike() && !c.backingAway()
 }
 
 // noteThrashLocked feeds the thrash detector with a write-back write of
@@ -30,7 +30,7 @@ func (c *Cache) thrashingLocked() bool {
 // reports whether the write misses a cache that steps aside. Otherwise it
 // costs no index lookup.
 func (c *Cache) noteThrashLocked(off, n int64) (around bool) {
-	if !c.mu.admit.thrash.on && len(c.mu.space.free)+len(c.mu.space.pending) >= c.lowFree() {
+	if !c.mu.admit.thrash.on && !c.test.alwaysThrash && len(c.mu.space.free)+len(c.mu.space.pending) >= c.lowFree() {
 		return false
 	}
 	hit := c.cachedLocked(off, n)
