@@ -76,7 +76,8 @@ func (c *Cache) backingAway() bool {
 	if r, ok := c.back.(storage.Reachability); ok && !r.Reachable() {
 		return true
 	}
-	return time.Now().UnixNano() < c.health.awayUntil.Load()
+	u := c.health.awayUntil.Load() // 0 until it was away once: no clock read
+	return u != 0 && time.Now().UnixNano() < u
 }
 
 // backingAwayFor is how long an unreachable backing is taken to stay away.

@@ -179,10 +179,14 @@ func (c *Cache) bypassRun(ws []BatchWrite, first writeDecision) int {
 		ws[0].Err = err
 		return 1
 	}
+	var bytes int64
+	for i := range ws[:k] {
+		bytes += int64(len(ws[i].P))
+	}
+	c.noteWrites(int64(k), bytes)
+	c.stats.bypasses.Add(int64(k))
 	for i := range ws[:k] {
 		w := &ws[i]
-		c.noteWrite(int64(len(w.P)))
-		c.stats.bypasses.Add(1)
 		start := time.Now()
 		if err := c.back.WriteAt(w.P, w.Off, 0); err != nil {
 			w.Err = fmt.Errorf("cache: write backing: %w", err)
@@ -268,10 +272,12 @@ func (c *Cache) insertChunks(ws []BatchWrite, chunks []batchChunk) {
 		c.mu.space.release(ch.b)
 	}
 	c.mu.Unlock()
+	var bytes int64
 	for i := range ws {
-		c.noteWrite(int64(len(ws[i].P)))
-		c.stats.batched.Add(1)
+		bytes += int64(len(ws[i].P))
 	}
+	c.noteWrites(int64(len(ws)), bytes)
+	c.stats.batched.Add(int64(len(ws)))
 }
 
 // ackAll acknowledges the writes of a batch: one publish, or one commit if

@@ -257,8 +257,12 @@ func (c *Cache) writeAs(p []byte, off int64, d writeDecision) error {
 
 // noteWrite counts a client write of n bytes, and tells the flusher the
 // foreground is busy.
-func (c *Cache) noteWrite(n int64) {
-	c.stats.writes.Add(1)
+func (c *Cache) noteWrite(n int64) { c.noteWrites(1, n) }
+
+// noteWrites is noteWrite for k writes of n bytes in all, a batch's run:
+// the flusher is told once (it reads the clock).
+func (c *Cache) noteWrites(k, n int64) {
+	c.stats.writes.Add(k)
 	c.stats.writeBytes.Add(n)
 	c.flusher.NoteForeground()
 	if c.bg.unstarted.Add(n) >= earlyWriteback {
