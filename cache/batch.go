@@ -183,7 +183,7 @@ func (c *Cache) bypassRun(ws []BatchWrite, first writeDecision) int {
 	for i := range ws[:k] {
 		bytes += int64(len(ws[i].P))
 	}
-	c.noteWrites(int64(k), bytes)
+	c.noteWrites(int64(k), bytes, false)
 	c.stats.bypasses.Add(int64(k))
 	for i := range ws[:k] {
 		w := &ws[i]
@@ -276,7 +276,7 @@ func (c *Cache) insertChunks(ws []BatchWrite, chunks []batchChunk) {
 	for i := range ws {
 		bytes += int64(len(ws[i].P))
 	}
-	c.noteWrites(int64(len(ws)), bytes)
+	c.noteWrites(int64(len(ws)), bytes, true)
 	c.stats.batched.Add(int64(len(ws)))
 }
 

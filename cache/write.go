@@ -226,7 +226,7 @@ func (c *Cache) decideLocked(off, n int64) writeDecision {
 // writeAs carries out the write of p at off that d decided.
 func (c *Cache) writeAs(p []byte, off int64, d writeDecision) error {
 	n := int64(len(p))
-	c.noteWrite(n)
+	c.noteWrites(1, n, d.route() != routeBacking)
 	for {
 		var err error
 		switch d.route() {
@@ -255,17 +255,16 @@ func (c *Cache) writeAs(p []byte, off int64, d writeDecision) error {
 	}
 }
 
-// noteWrite counts a client write of n bytes, and tells the flusher the
-// foreground is busy.
-func (c *Cache) noteWrite(n int64) { c.noteWrites(1, n) }
-
-// noteWrites is noteWrite for k writes of n bytes in all, a batch's run:
-// the flusher is told once (it reads the clock).
-func (c *Cache) noteWrites(k, n int64) {
+// noteWrites counts k client writes of n bytes in all (a batch's run, or
+// one write), and tells the flusher the foreground is busy, once (it reads
+// the clock). cached: they go into the cache device, whose pages are
+// started on their way every earlyWriteback bytes (a write around the
+// cache has nothing there to start).
+func (c *Cache) noteWrites(k, n int64, cached bool) {
 	c.stats.writes.Add(k)
 	c.stats.writeBytes.Add(n)
 	c.flusher.NoteForeground()
-	if c.bg.unstarted.Add(n) >= earlyWriteback {
+	if cached && c.bg.unstarted.Add(n) >= earlyWriteback {
 		c.bg.unstarted.Store(0)
 		c.kickStartWriteback()
 	}
