@@ -44,6 +44,21 @@ const (
 	roomBackoff      = 10 * time.Second
 )
 
+// assume starts the measurement from what the backing claims: a device
+// that says it rotates is taken for a disk until its writes show
+// otherwise (a virtio disk claims to rotate; its fast writes bring the
+// average down within a dozen or so). Starting from nothing, the first
+// GC pass over a real disk began before a single write had been timed:
+// it was not kept apart from the flusher's sweep (Exclusive), the two
+// sorted streams interleaved, every write of both was a seek, and writers
+// waiting for the pass stalled for 20 s and more (hdd model, a 64 MiB
+// cache under twice its size).
+func (h *backingHealth) assume(c storage.Caps) {
+	if c.Rotational {
+		h.nanos.Store(2 * slowBackingNanos)
+	}
+}
+
 // noteBacking adds a backing write of n bytes that took d to the average
 // (a lost update between two writers only weakens one sample). A sample
 // counts for at most 4 ms a 4 KiB: a file in the page cache stalls for

@@ -221,6 +221,7 @@ func open(cacheDev, backing storage.Device, opts Options, h testHooks) (*Cache, 
 		return nil, fmt.Errorf("%w: %w", ErrBadOption, err)
 	}
 	c.flusher = writeback.New(c, backing, wcfg)
+	c.health.assume(backing.Caps())
 	if !h.noBackground {
 		ctx, cancel := context.WithCancel(context.Background())
 		c.bg.cancel = cancel

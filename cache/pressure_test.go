@@ -755,3 +755,30 @@ func TestFullIndexWritebackKeepsCleanExtentWhole(t *testing.T) {
 		t.Errorf("Close: %v", err)
 	}
 }
+
+// TestRotatingBackingStartsAsADisk: a backing that says it rotates is
+// taken for a disk before any write was timed, so that the first GC pass
+// over it keeps apart from the flusher's sweep (Exclusive); fast writes
+// then show otherwise. A backing that does not say so starts fast.
+func TestRotatingBackingStartsAsADisk(t *testing.T) {
+	for _, rotates := range []bool{true, false} {
+		d := formatMem(t, 1<<20+256<<10, 8<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 64 << 10})
+		back := d.back
+		if rotates {
+			back = storage.NewSlow(d.back, storage.DiskModel{Name: "instant", TransferRate: 1 << 40})
+		}
+		c := openStillT(t, devPair{d.cache, back}, Options{SequentialCutoff: -1})
+		if got := c.diskLike(); got != rotates {
+			t.Errorf("rotational %v: disk-like %v before any write", rotates, got)
+		}
+		if rotates {
+			for range 40 {
+				c.noteBacking(10*time.Microsecond, 4096)
+			}
+			if c.diskLike() {
+				t.Error("still disk-like after 40 fast writes")
+			}
+		}
+		closeChecked(t, c, devPair{d.cache, back})
+	}
+}
