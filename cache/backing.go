@@ -103,6 +103,9 @@ const backingAwayFor = 5 * time.Second
 // rotational flag does not tell: virtio disks claim to rotate.
 func (c *Cache) diskLike() bool { return c.health.nanos.Load() > slowBackingNanos }
 
+// BackingSeeks is writeback.Seeker: diskLike.
+func (c *Cache) BackingSeeks() bool { return c.diskLike() }
+
 // slowBacking reports whether bypassed writes are slow enough that
 // waiting for room beats them (and no wait timed out lately).
 func (c *Cache) slowBacking() bool {

@@ -277,6 +277,14 @@ type spanOut struct {
 // window's bytes in flight delay the next pace: with 256 KiB jobs a
 // request took half a second to bring an idle full-speed writeback back
 // to the controller's rate over a 4 MiB/s disk (TestIdleFastPath).
+//
+// Over a disk (the Source a Seeker that says so) a job is one span: a
+// job's spans go one after the other, so jobs of many small spans kept
+// about one write in flight, and each write, issued a little after the
+// one before ended, missed its sector and waited most of a revolution
+// (the hdd model, under a working set twice a 64 MiB cache: 206 IOPS
+// against 2,329 before jobs). With a span a job, MaxInFlight writes wait
+// at the disk in address order and each starts as the one before ends.
 const jobBytes = 32 << 10
 
 // issue writes spans to the backing, in ascending order, in a sliding
@@ -295,6 +303,10 @@ func (f *Flusher) issue(ctx context.Context, spans []span, paced bool, observe f
 	close(prev)
 	var sent int64
 	start := time.Now()
+	jb := int64(jobBytes)
+	if f.seeks != nil && f.seeks.BackingSeeks() {
+		jb = 0 // a span a job: MaxInFlight of them queued at the disk
+	}
 dispatch:
 	for n := 0; n < len(spans); {
 		if w := f.cfg.MaxInFlight; len(done) >= w {
@@ -305,7 +317,7 @@ dispatch:
 			}
 		}
 		m, bytes := n+1, spans[n].n
-		for m < len(spans) && bytes+spans[m].n <= jobBytes {
+		for m < len(spans) && bytes+spans[m].n <= jb {
 			bytes += spans[m].n
 			m++
 		}

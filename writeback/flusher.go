@@ -99,6 +99,14 @@ type Shedder interface {
 	Shedding() bool
 }
 
+// Seeker is implemented by a Source that knows whether its backing is a
+// disk now, where the head's position costs more than anything else
+// (the cache measures it): each span is then written as a job of its
+// own, so that MaxInFlight of them are queued at the disk.
+type Seeker interface {
+	BackingSeeks() bool
+}
+
 // Stats is a snapshot of the flusher's counters.
 type Stats struct {
 	Mode         Mode    `json:"-"`                       // what the flusher is doing now
@@ -133,6 +141,7 @@ type Flusher struct {
 	fill    Filler       // src, if it is one and a Releaser, and MaxGap >= 0
 	doFlush func() error // src's FlushBacking if it is a BackingFlusher, else backing.Flush
 	shed    Shedder      // src, if it is one
+	seeks   Seeker       // src, if it is one
 	backing storage.Device
 	cfg     Config
 	flush   bool // the backing needs Flush for durability
@@ -180,6 +189,7 @@ func New(src Source, backing storage.Device, cfg Config) *Flusher {
 		fill = nil
 	}
 	shed, _ := src.(Shedder)
+	seeks, _ := src.(Seeker)
 	doFlush := backing.Flush
 	if bf, ok := src.(BackingFlusher); ok {
 		doFlush = bf.FlushBacking
@@ -193,6 +203,7 @@ func New(src Source, backing storage.Device, cfg Config) *Flusher {
 		flush:   backing.Caps().Flush,
 		doFlush: doFlush,
 		shed:    shed,
+		seeks:   seeks,
 		wake:    make(chan struct{}, 1),
 		token:   make(chan struct{}, 1),
 		bufs:    make(chan []byte, 2*cfg.MaxInFlight),

@@ -633,3 +633,59 @@ func TestShedMode(t *testing.T) {
 		})
 	}
 }
+
+// seeker is a fakeSource whose backing is a disk (Seeker).
+type seeker struct {
+	*fakeSource
+	seeks bool
+}
+
+func (s *seeker) BackingSeeks() bool { return s.seeks }
+
+// inflightDev counts the writes in flight at once; each takes 2 ms.
+type inflightDev struct {
+	nullDev
+	mu       sync.Mutex
+	now, top int
+}
+
+func (d *inflightDev) WriteAt(p []byte, off int64, f storage.Flags) error {
+	d.mu.Lock()
+	d.now++
+	d.top = max(d.top, d.now)
+	d.mu.Unlock()
+	time.Sleep(2 * time.Millisecond)
+	d.mu.Lock()
+	d.now--
+	d.mu.Unlock()
+	return d.nullDev.WriteAt(p, off, f)
+}
+
+// TestSeekerKeepsWritesQueued: over a disk, a batch of small scattered
+// spans keeps MaxInFlight writes queued at the device (each span a job of
+// its own); otherwise spans go in jobs of up to 32 KiB, one after the
+// other within a job. With jobs over the hdd model, about one write was in
+// flight, each missed its sector, and GC's sweeps ran at a tenth of their
+// speed.
+func TestSeekerKeepsWritesQueued(t *testing.T) {
+	for _, seeks := range []bool{true, false} {
+		synctest.Test(t, func(t *testing.T) {
+			src := &seeker{fakeSource: newFakeSource(4096, 4096, 1<<30), seeks: seeks}
+			for b := 0; b < 4096; b += 64 { // 4 KiB every 256 KiB: a span each
+				src.write(b, 1)
+			}
+			dev := &inflightDev{nullDev: nullDev{src.size()}}
+			f := New(src, dev, Config{Logger: quiet, MaxInFlight: 8})
+			if err := f.Drain(context.Background(), nil); err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("seeks %v: at most %d writes in flight", seeks, dev.top)
+			if seeks && dev.top < 6 {
+				t.Errorf("over a disk, at most %d writes in flight, want MaxInFlight (8) or near it", dev.top)
+			}
+			if !seeks && dev.top > 2 {
+				t.Errorf("off a disk, %d writes in flight: the spans did not go in jobs (the test shows nothing)", dev.top)
+			}
+		})
+	}
+}
