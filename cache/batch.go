@@ -143,11 +143,13 @@ func (c *Cache) writeRun(ws []BatchWrite) (n int, stop *writeDecision) {
 
 // bypassRun writes around a thrashing cache the writes from ws[0] on that
 // miss it, as writeAs would one after another: ws[0] was decided so
-// (first), and each next one is decided under the same hold of the lock
-// that starts them all. Each is checked there as passthrough checks a
-// direct write: no writeback or direct write in flight over it (the
-// run's own earlier writes included), and no record that removed clean
-// data there still to be made durable (settleCleanGone). A miss holds no
+// (first), under an earlier hold of the lock, and each next one is
+// decided under the same hold of the lock that starts them all. Each is
+// checked there as passthrough checks a direct write: nothing cached over
+// it (for the first: that decision is void by now), no writeback or
+// direct write in flight over it (the run's own earlier writes included),
+// and no record that removed clean data there still to be made durable
+// (settleCleanGone). A miss holds no
 // extent, so starting one appends no record and takes no journal slot.
 // Each is registered as written directly, their backing writes are
 // issued in order, and one more hold of the lock ends them all. The
@@ -167,7 +169,11 @@ func (c *Cache) bypassRun(ws []BatchWrite, first writeDecision) int {
 			}
 			d = c.decideLocked(w.Off, n)
 		}
-		if !d.thrash || c.directLocked(w.Off, n) || c.mu.j.cleanGone.pending(w.Off, n, c.mu.j.synced) {
+		// The first was decided under an earlier hold of the lock: its
+		// range may hold an extent by now (a write of the batch before
+		// it, inserted since; a promotion; a writeback in flight), and
+		// then it goes the single way, which checks again and deletes.
+		if !d.thrash || k == 0 && c.cachedLocked(w.Off, n) || c.directLocked(w.Off, n) || c.mu.j.cleanGone.pending(w.Off, n, c.mu.j.synced) {
 			break
 		}
 		c.mu.direct = append(c.mu.direct, byteRange{w.Off, w.Off + n})

@@ -2,6 +2,7 @@ package cache
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"sync"
 	"testing"
@@ -362,4 +363,85 @@ func bypassRunDurability(t *testing.T, flushed bool) {
 			t.Errorf("write %d at %d, flushed, lost after a power cut (%v)", i, w.Off, err)
 		}
 	}
+}
+
+// TestBypassRunRechecksItsFirstWrite (from review): the write that ends a
+// batch's cached run was decided a miss before the run's own writes were
+// inserted, and before anyone else could promote over it; bypassRun must
+// not send it around the cache on that decision.
+//   - overlap: A = [X, X+8K) hits the thrashing cache and is cached; B =
+//     [X+4K, X+8K), later in the batch, was decided a miss before A was
+//     inserted. Sent around the cache, B would lie under A's newer-looking
+//     dirty copy: reads return A, and the writeback writes A over B.
+//   - prefetch: between writeRun's decision and bypassRun, an NBD CACHE
+//     copies the old backing bytes in as a clean extent; the write sent
+//     around it would leave that stale copy in place.
+func TestBypassRunRechecksItsFirstWrite(t *testing.T) {
+	setup := func(t *testing.T) (*Cache, devPair) {
+		d := formatMem(t, 2<<20, 4<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 64 * metaBlock})
+		c := openHooked(t, d, Options{SequentialCutoff: -1}, testHooks{noBackground: true})
+		return c, d
+	}
+	const x = 1 << 20
+	t.Run("overlap", func(t *testing.T) {
+		c, d := setup(t)
+		if err := c.WriteAt(payload(x, 4096, 1), x, 0); err != nil { // X cached
+			t.Fatal(err)
+		}
+		c.mu.Lock()
+		c.test.alwaysThrash = true
+		c.mu.Unlock()
+		ws := []BatchWrite{{P: payload(x, 8192, 2), Off: x}, {P: payload(x+4096, 4096, 3), Off: x + 4096}}
+		c.WriteBatch(ws)
+		for _, w := range ws {
+			if w.Err != nil {
+				t.Fatal(w.Err)
+			}
+		}
+		got := make([]byte, 4096)
+		if err := c.ReadAt(got, x+4096); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, ws[1].P) {
+			t.Error("the batch's later write over [X+4K, X+8K) is not what reads return")
+		}
+		if err := c.Drain(context.Background(), nil); err != nil {
+			t.Fatal(err)
+		}
+		back := make([]byte, 4096)
+		if err := d.back.ReadAt(back, x+4096); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(back, ws[1].P) {
+			t.Error("after the drain the backing does not hold the batch's later write")
+		}
+		closeChecked(t, c, d)
+	})
+	t.Run("prefetch", func(t *testing.T) {
+		c, d := setup(t)
+		c.mu.Lock()
+		c.test.alwaysThrash = true
+		c.mu.Unlock()
+		w := []BatchWrite{{P: payload(x, 4096, 5), Off: x}}
+		n, stop := c.writeRun(w)
+		if n != 0 || stop == nil || !stop.thrash {
+			t.Fatalf("writeRun took %d, stop %+v: want a thrash miss", n, stop)
+		}
+		if err := c.Prefetch(x, 4096); err != nil { // the old backing bytes, clean
+			t.Fatal(err)
+		}
+		c.bypassRun(w, *stop)
+		c.ackAll(w)
+		if w[0].Err != nil {
+			t.Fatal(w[0].Err)
+		}
+		got := make([]byte, 4096)
+		if err := c.ReadAt(got, x); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, w[0].P) {
+			t.Error("an acknowledged write is not read back: a stale clean copy is served")
+		}
+		closeChecked(t, c, d)
+	})
 }
