@@ -1,6 +1,10 @@
 package cache
 
-import "testing"
+import (
+	"testing"
+
+	"github.com/nbdcache/nbdcache/test/testseed"
+)
 
 // TestWriteRoute pins the write decision for every mode, and that the
 // write path may skip the pin lookup only where the answer does not
@@ -111,7 +115,8 @@ func TestThrashDetector(t *testing.T) {
 
 // TestGhostSamples: the ghost of a large cache keeps at most ghostMax
 // blocks, samples about 1/rate of them, and a sampled block written again
-// within the window hits it, one written a window ago no longer does.
+// hits it while fewer than its size of other blocks were written since,
+// not after.
 func TestGhostSamples(t *testing.T) {
 	var g ghost
 	g.reset(1 << 20)
@@ -144,6 +149,41 @@ func TestGhostSamples(t *testing.T) {
 	for _, b := range first {
 		if _, hit := g.note(b); !hit {
 			t.Fatalf("block %d, just written, misses", b)
+		}
+	}
+}
+
+// TestGhostEndsThrashingForASetThatFits (from review): uniform random
+// writes over a set of 0.9 times the cache hit a ghost of the last
+// window's writes only about 1 - 1/e of the time, so thrashing never
+// ended; a ghost of the last distinct blocks ends it within a few
+// windows. Over twice the cache it goes on.
+func TestGhostEndsThrashingForASetThatFits(t *testing.T) {
+	const window = 16384
+	r := rng(testseed.Get(t))
+	for _, tc := range []struct {
+		set  float64
+		ends bool
+	}{{0.9, true}, {0.5, true}, {2, false}} {
+		var d thrashDetector
+		d.on = true
+		d.ghost.reset(window)
+		blocks := int64(tc.set * window)
+		ended := -1
+		for w := 0; w < 20 && ended < 0; w++ {
+			for range window {
+				if !d.note(uint64(r.Int64N(blocks)), false, 0, 1<<40, window) {
+					ended = w
+					break
+				}
+			}
+		}
+		t.Logf("a set of %.1f times the cache: thrashing ended in window %d (-1: not in 20)", tc.set, ended)
+		if tc.ends && (ended < 0 || ended > 4) {
+			t.Errorf("a set of %.1f times the cache: thrashing did not end within 5 windows", tc.set)
+		}
+		if !tc.ends && ended >= 0 {
+			t.Errorf("a set of %.1f times the cache: thrashing ended", tc.set)
 		}
 	}
 }
