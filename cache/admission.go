@@ -128,21 +128,32 @@ type thrashDetector struct {
 
 const thrashHits = 0.75 // hit ratio below which a window counts as thrashing
 
-// note counts a write-back write of block b (its first 4 KiB block) made
-// while free buckets are short or the cache thrashes (hit: part of its
-// range is cached), with GC's cleaned bytes so far, and reports whether
-// the cache thrashes. window is the cache's size in blocks.
-func (t *thrashDetector) note(b uint64, hit bool, cleaned, turnover int64, window int) bool {
+// note counts a write-back write of the blocks [b, b+blocks) (4 KiB
+// blocks) made while free buckets are short or the cache thrashes (hit:
+// part of its range is cached), with GC's cleaned bytes so far, and
+// reports whether the cache thrashes. window is the cache's size in
+// blocks. The ghost counts each of the write's blocks (at most 256): it
+// holds as many blocks as the cache, so a 16 KiB write takes four of them,
+// as it would take four in the cache (with one a write, 8 connections of
+// 16 KiB writes over 4 times the cache's size all but hit it).
+func (t *thrashDetector) note(b, blocks uint64, hit bool, cleaned, turnover int64, window int) bool {
 	if t.on {
-		sampled, ghit := t.ghost.note(b)
-		if !sampled {
-			return true
+		for i := range min(max(blocks, 1), 256) {
+			sampled, ghit := t.ghost.note(b + i)
+			if !sampled {
+				continue
+			}
+			t.writes++
+			if ghit {
+				t.hits++
+			}
 		}
-		hit, window = ghit, t.ghost.size()
-	}
-	t.writes++
-	if hit {
-		t.hits++
+		window = t.ghost.size()
+	} else {
+		t.writes++
+		if hit {
+			t.hits++
+		}
 	}
 	if t.writes < window {
 		return t.on

@@ -72,7 +72,7 @@ func TestThrashDetector(t *testing.T) {
 				fresh++
 				b = fresh
 			}
-			on = d.note(b, i < hits, cleaned, turnover, window)
+			on = d.note(b, 1, i < hits, cleaned, turnover, window)
 		}
 		return on
 	}
@@ -95,7 +95,7 @@ func TestThrashDetector(t *testing.T) {
 	set := func() bool {
 		var on bool
 		for i := range window {
-			on = d.note(uint64(i%5), false, 1000, turnover, window)
+			on = d.note(uint64(i%5), 1, false, 1000, turnover, window)
 		}
 		return on
 	}
@@ -157,33 +157,35 @@ func TestGhostSamples(t *testing.T) {
 // writes over a set of 0.9 times the cache hit a ghost of the last
 // window's writes only about 1 - 1/e of the time, so thrashing never
 // ended; a ghost of the last distinct blocks ends it within a few
-// windows. Over twice the cache it goes on.
+// windows. Over twice the cache it goes on; and over four times the cache
+// in 16 KiB writes, each of which takes four blocks of it.
 func TestGhostEndsThrashingForASetThatFits(t *testing.T) {
 	const window = 16384
 	r := rng(testseed.Get(t))
 	for _, tc := range []struct {
-		set  float64
+		set  float64 // in cache sizes
+		per  uint64  // blocks a write
 		ends bool
-	}{{0.9, true}, {0.5, true}, {2, false}} {
+	}{{0.9, 1, true}, {0.5, 1, true}, {2, 1, false}, {0.9, 4, true}, {4, 4, false}} {
 		var d thrashDetector
 		d.on = true
 		d.ghost.reset(window)
-		blocks := int64(tc.set * window)
+		writes := int64(tc.set * window / float64(tc.per)) // distinct aligned writes
 		ended := -1
 		for w := 0; w < 20 && ended < 0; w++ {
 			for range window {
-				if !d.note(uint64(r.Int64N(blocks)), false, 0, 1<<40, window) {
+				if !d.note(uint64(r.Int64N(writes))*tc.per, tc.per, false, 0, 1<<40, window) {
 					ended = w
 					break
 				}
 			}
 		}
-		t.Logf("a set of %.1f times the cache: thrashing ended in window %d (-1: not in 20)", tc.set, ended)
+		t.Logf("a set of %.1f times the cache in writes of %d blocks: thrashing ended in window %d (-1: not in 20)", tc.set, tc.per, ended)
 		if tc.ends && (ended < 0 || ended > 4) {
-			t.Errorf("a set of %.1f times the cache: thrashing did not end within 5 windows", tc.set)
+			t.Errorf("a set of %.1f times the cache in writes of %d blocks: thrashing did not end within 5 windows", tc.set, tc.per)
 		}
 		if !tc.ends && ended >= 0 {
-			t.Errorf("a set of %.1f times the cache: thrashing ended", tc.set)
+			t.Errorf("a set of %.1f times the cache in writes of %d blocks: thrashing ended", tc.set, tc.per)
 		}
 	}
 }

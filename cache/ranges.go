@@ -36,7 +36,7 @@ func (c *Cache) noteThrashLocked(off, n int64) (around bool) {
 	hit := c.cachedLocked(off, n)
 	window := int(max(64, c.CapacityBytes()/4096))
 	was := c.mu.admit.thrash.on
-	if c.mu.admit.thrash.note(uint64(off/4096), hit, c.stats.gcCleanedBytes.Load(), c.CapacityBytes()/2, window) && !was {
+	if c.mu.admit.thrash.note(uint64(off/4096), uint64((off%4096+n+4095)/4096), hit, c.stats.gcCleanedBytes.Load(), c.CapacityBytes()/2, window) && !was {
 		c.flusher.Kick() // to shed (Shedding)
 	}
 	return !hit && c.thrashingLocked()
