@@ -149,13 +149,12 @@ func (c *Cache) writeRun(ws []BatchWrite) (n int, stop *writeDecision) {
 // it (for the first: that decision is void by now), no writeback or
 // direct write in flight over it (the run's own earlier writes included),
 // and no record that removed clean data there still to be made durable
-// (settleCleanGone). A miss holds no
-// extent, so starting one appends no record and takes no journal slot.
-// Each is registered as written directly, their backing writes are
-// issued in order, and one more hold of the lock ends them all. The
-// first write that cannot join, once decided, goes the single way after
-// them; one not batchable is left to the caller. It returns how many of
-// ws it wrote.
+// (settleCleanGone). A miss holds no extent, so starting one appends no
+// record and takes no journal slot. Each is registered as written
+// directly, their backing writes are issued in order, and one more hold
+// of the lock ends them all. The first write that cannot join, once
+// decided, goes the single way after them; one not batchable is left to
+// the caller. It returns how many of ws it wrote.
 func (c *Cache) bypassRun(ws []BatchWrite, first writeDecision) int {
 	k, d, decided := 0, first, true
 	c.mu.Lock()
