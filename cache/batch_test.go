@@ -273,14 +273,8 @@ func TestBypassRunDurability(t *testing.T) {
 }
 
 func bypassRunDurability(t *testing.T, flushed bool) {
-	cdev, bdev := storage.NewCrash(2<<20), storage.NewCrash(4<<20)
-	if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: 64 << 10, JournalSize: 64 * metaBlock}); err != nil {
-		t.Fatal(err)
-	}
-	c, err := open(cdev, bdev, Options{BackingID: testBackingID, SequentialCutoff: -1}, testHooks{noBackground: true})
-	if err != nil {
-		t.Fatal(err)
-	}
+	c, cdev, bdev := openCrashStill(t, 2<<20, 4<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 64 * metaBlock},
+		Options{SequentialCutoff: -1}, testHooks{noBackground: true})
 	must := func(err error) {
 		t.Helper()
 		if err != nil {

@@ -99,14 +99,8 @@ func waitFor(t *testing.T, ok func() bool) {
 // client's FLUSH after it must flush the backing again, and the write
 // survives a power cut.
 func TestBackingFlushCoversOnlyEarlierWrites(t *testing.T) {
-	cdev, bdev := storage.NewCrash(1<<20), storage.NewCrash(2<<20)
-	if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: 32 << 10, JournalSize: 16 * metaBlock}); err != nil {
-		t.Fatal(err)
-	}
-	c, err := openStill(cdev, bdev, Options{BackingID: testBackingID, Mode: Writearound, SequentialCutoff: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
+	c, cdev, bdev := openCrashStill(t, 1<<20, 2<<20, FormatOptions{BucketSize: 32 << 10, JournalSize: 16 * metaBlock},
+		Options{Mode: Writearound, SequentialCutoff: -1}, testHooks{noBackground: true})
 	must := func(err error) {
 		t.Helper()
 		if err != nil {
@@ -157,14 +151,8 @@ func TestBackingFlushCoversOnlyEarlierWrites(t *testing.T) {
 // backing write. Each checkpoint of a thrashing cache used to flush the
 // backing, and with it every bypassed write in the page cache.
 func TestCheckpointLeavesBypassedWritesToFlush(t *testing.T) {
-	cdev, bdev := storage.NewCrash(1<<20), storage.NewCrash(2<<20)
-	if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: 32 << 10, JournalSize: 16 * metaBlock}); err != nil {
-		t.Fatal(err)
-	}
-	c, err := openStill(cdev, bdev, Options{BackingID: testBackingID, Mode: Writearound, SequentialCutoff: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
+	c, _, _ := openCrashStill(t, 1<<20, 2<<20, FormatOptions{BucketSize: 32 << 10, JournalSize: 16 * metaBlock},
+		Options{Mode: Writearound, SequentialCutoff: -1}, testHooks{noBackground: true})
 	defer c.Close()
 	if err := c.WriteAt(payload(0, 4096, 1), 0, 0); err != nil {
 		t.Fatal(err)

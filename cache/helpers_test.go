@@ -149,3 +149,20 @@ func writebackStep(c *Cache, from, maxBytes int64) (next, taken int64, err error
 	}
 	return next, taken, nil
 }
+
+// openCrashStill formats a cache of cacheSize bytes over a backing of
+// backSize, both storage.Crash devices (a power cut can be played on
+// them), and opens it with the hooks given (o.BackingID is set).
+func openCrashStill(t testing.TB, cacheSize, backSize int64, fo FormatOptions, o Options, h testHooks) (*Cache, *storage.Crash, *storage.Crash) {
+	t.Helper()
+	cdev, bdev := storage.NewCrash(cacheSize), storage.NewCrash(backSize)
+	fo.BackingID, o.BackingID = testBackingID, testBackingID
+	if err := Format(cdev, bdev, fo); err != nil {
+		t.Fatal(err)
+	}
+	c, err := open(cdev, bdev, o, h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c, cdev, bdev
+}
