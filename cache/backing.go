@@ -48,8 +48,9 @@ const (
 // that says it rotates is taken for a disk until timed writes show
 // otherwise (a virtio disk claims to rotate; a dozen or so fast ones bring
 // the average down). Only bypassed writes and the Source's own writebacks
-// (GC, flushRange) are timed, not the flusher's batches: while only the
-// flusher writes back, a fast device that claims to rotate stays a disk. Starting from nothing, the first
+// (GC, flushRange) are timed here; the flusher times its batches itself
+// for its own choice (writeback.Seeker is only its prior). Starting from
+// nothing, the first
 // GC pass over a real disk began before a single write had been timed:
 // it was not kept apart from the flusher's sweep (Exclusive), the two
 // sorted streams interleaved, every write of both was a seek, and writers

@@ -102,7 +102,8 @@ type Shedder interface {
 // Seeker is implemented by a Source that knows whether its backing is a
 // disk now, where the head's position costs more than anything else
 // (the cache measures it): each span is then written as a job of its
-// own, so that MaxInFlight of them are queued at the disk.
+// own, so that MaxInFlight of them are queued at the disk. The flusher
+// asks only until it has timed writes of its own (see writeTimes).
 type Seeker interface {
 	BackingSeeks() bool
 }
@@ -142,6 +143,7 @@ type Flusher struct {
 	doFlush func() error // src's FlushBacking if it is a BackingFlusher, else backing.Flush
 	shed    Shedder      // src, if it is one
 	seeks   Seeker       // src, if it is one
+	times   writeTimes   // of the flusher's own backing writes
 	backing storage.Device
 	cfg     Config
 	flush   bool // the backing needs Flush for durability
