@@ -24,7 +24,11 @@ type flushGroup struct {
 
 // flush returns once a flush (do) that began after the call has ended.
 // It fails if that flush failed, or one that was running at the call did
-// (it may have covered the caller's writes, and lost them).
+// (it may have covered the caller's writes, and lost them). A failure
+// that ended before the call is not the caller's: where a failed flush
+// can lose writes that a later one would not redo (a file: the kernel
+// drops the pages it could not write), the device keeps failing every
+// flush after it (storage.ErrSyncFailed), so the fresh one fails too.
 func (g *flushGroup) flush(do func() error) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()

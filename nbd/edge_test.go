@@ -227,6 +227,8 @@ func TestErrnoFor(t *testing.T) {
 		{unix.ENOMEM, nbdENOMEM, nbdENOMEM},
 		{unix.EOVERFLOW, nbdEOVERFLOW, nbdEOVERFLOW},
 		{unix.ESHUTDOWN, nbdESHUTDOWN, nbdESHUTDOWN},
+		// A sync failed earlier: writes are lost, whatever it said.
+		{fmt.Errorf("%w: %w", storage.ErrSyncFailed, unix.ENOSPC), nbdEIO, nbdEIO},
 		// The default.
 		{unix.EIO, nbdEIO, nbdEIO},
 		{unix.ENXIO, nbdEIO, nbdEIO},

@@ -18,6 +18,8 @@ func errnoFor(err error, write bool) uint32 {
 	switch {
 	case err == nil:
 		return 0
+	case errors.Is(err, storage.ErrSyncFailed):
+		return errIO // whatever the first failure was: writes are lost
 	case errors.Is(err, storage.ErrOutOfRange):
 		if write {
 			return errNoSpc

@@ -28,6 +28,9 @@ var (
 	ErrNotSupported = errors.New("storage: operation not supported")
 	ErrClosed       = errors.New("storage: device closed")
 	ErrNoSpace      = errors.New("storage: no space left")
+	// ErrSyncFailed: a sync of the device failed earlier, and writes
+	// done before it may be lost though a later sync succeeds (File).
+	ErrSyncFailed = errors.New("storage: an earlier sync failed; writes before it may be lost (reopen the device to go on)")
 	// ErrUnavailable: the device could not be reached (a remote that went
 	// away and did not come back in time); it may be reachable later.
 	ErrUnavailable = errors.New("storage: device unreachable")

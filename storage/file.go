@@ -73,10 +73,22 @@ type File struct {
 	// sync runs after the kernel drops the inode lock.
 	serial *serialWrites
 
+	// syncErr is the first sync that failed (fdatasync, or EIO from a
+	// write with RWF_DSYNC). After a failed writeback the kernel may have
+	// dropped the pages it could not write, marked clean, and it reports
+	// the error once, to whichever sync comes first: a later fdatasync can
+	// succeed though those writes are gone, and a caller who wrote before
+	// the failure but syncs after it would take them for durable
+	// (PostgreSQL's "fsyncgate", 2018). So the failure is sticky: every
+	// later Flush and FUA write fails with ErrSyncFailed until the device
+	// is opened again. Writes without FUA still go.
+	syncErr atomic.Pointer[error]
+
 	// testOnSync, if set (by tests, before any request), is called just
 	// before each syscall File makes for durability or writeback, so
-	// that a test can prove that Flush and FUA reach the disk.
-	testOnSync func(syncKind)
+	// that a test can prove that Flush and FUA reach the disk. An error
+	// it returns stands for the syscall's: the syscall is not made.
+	testOnSync func(syncKind) error
 
 	// mu is held shared by every request and exclusively by Close.
 	mu struct {
@@ -111,11 +123,42 @@ func (k syncKind) String() string {
 	return "unknown"
 }
 
-// noteSync calls the test hook, if any.
-func (f *File) noteSync(k syncKind) {
+// noteSync calls the test hook, if any, and returns its error.
+func (f *File) noteSync(k syncKind) error {
 	if f.testOnSync != nil {
-		f.testOnSync(k)
+		return f.testOnSync(k)
 	}
+	return nil
+}
+
+// hookErrno is noteSync for a raw syscall: the hook's error as an errno
+// (EIO if it is not one), or 0.
+func (f *File) hookErrno(k syncKind) unix.Errno {
+	err := f.noteSync(k)
+	if err == nil {
+		return 0
+	}
+	var e unix.Errno
+	if !errors.As(err, &e) {
+		e = unix.EIO
+	}
+	return e
+}
+
+// failedSync returns the sticky error of an earlier failed sync (see
+// syncErr), or nil.
+func (f *File) failedSync() error {
+	if e := f.syncErr.Load(); e != nil {
+		return fmt.Errorf("%w: %s: %w", ErrSyncFailed, f.path, *e)
+	}
+	return nil
+}
+
+// syncFailed makes err, the failure of a sync, sticky (the first one
+// stays) and returns it.
+func (f *File) syncFailed(err error) error {
+	f.syncErr.CompareAndSwap(nil, &err)
+	return err
 }
 
 // OpenFile opens a regular file or a block device as a Device.
@@ -299,7 +342,9 @@ func (f *File) StartWriteback(off, length int64) {
 		return
 	}
 	defer f.mu.RUnlock()
-	f.noteSync(syncStartWriteback)
+	if f.noteSync(syncStartWriteback) != nil {
+		return
+	}
 	unix.SyncFileRange(f.fd, off, length, unix.SYNC_FILE_RANGE_WRITE)
 }
 
@@ -663,19 +708,29 @@ func (f *File) pwrite(p []byte, off int64, fua bool) error {
 // returns once its data (and the metadata to reach it) is durable. The
 // iovec lives on the stack, so the call does not allocate.
 func (f *File) pwriteDSync(p []byte, off int64) error {
+	if err := f.failedSync(); err != nil {
+		return err
+	}
 	for len(p) > 0 {
 		var iov unix.Iovec
 		iov.Base = &p[0]
 		iov.SetLen(len(p))
-		f.noteSync(syncDSyncWrite)
-		// pwritev2(fd, iov, iovcnt, pos_l, pos_h, flags); pos_h is 0 on
-		// 64-bit systems.
-		r, _, e := unix.Syscall6(unix.SYS_PWRITEV2, uintptr(f.fd), uintptr(unsafe.Pointer(&iov)), 1,
-			uintptr(off), 0, unix.RWF_DSYNC)
+		var r uintptr
+		e := f.hookErrno(syncDSyncWrite)
+		if e == 0 {
+			// pwritev2(fd, iov, iovcnt, pos_l, pos_h, flags); pos_h is 0
+			// on 64-bit systems.
+			r, _, e = unix.Syscall6(unix.SYS_PWRITEV2, uintptr(f.fd), uintptr(unsafe.Pointer(&iov)), 1,
+				uintptr(off), 0, unix.RWF_DSYNC)
+		}
 		n := int(r)
 		switch {
 		case e == unix.EINTR:
 			continue
+		case e == unix.EIO:
+			// The sync may have reported an earlier writeback's failure,
+			// anywhere in the file.
+			return f.syncFailed(f.errorf("pwritev2", off, e))
 		case e != 0:
 			return f.errorf("pwritev2", off, e)
 		case n == 0:
@@ -766,8 +821,17 @@ func (f *File) stripe(off int64) int { return int(uint64(off/f.align) % fileRMWS
 
 // fdatasync makes the written data durable.
 func (f *File) fdatasync() error {
-	if err := retryEINTR(func() error { f.noteSync(syncFdatasync); return unix.Fdatasync(f.fd) }); err != nil {
-		return fmt.Errorf("storage: fdatasync %s: %w", f.path, err)
+	if err := f.failedSync(); err != nil {
+		return err
+	}
+	err := retryEINTR(func() error {
+		if err := f.noteSync(syncFdatasync); err != nil {
+			return err
+		}
+		return unix.Fdatasync(f.fd)
+	})
+	if err != nil {
+		return f.syncFailed(fmt.Errorf("storage: fdatasync %s: %w", f.path, err))
 	}
 	return nil
 }

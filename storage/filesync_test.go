@@ -6,6 +6,8 @@ import (
 	"slices"
 	"sync"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // syncLog records the syscalls a File reports through testOnSync.
@@ -16,10 +18,11 @@ type syncLog struct {
 
 // watch installs the log as f's hook; f must have no request in flight.
 func (l *syncLog) watch(f *File) {
-	f.testOnSync = func(k syncKind) {
+	f.testOnSync = func(k syncKind) error {
 		l.mu.Lock()
 		defer l.mu.Unlock()
 		l.kinds = append(l.kinds, k)
+		return nil
 	}
 }
 
@@ -172,5 +175,83 @@ func TestFileStartWritebackIsAHint(t *testing.T) {
 		if got := log.take(); !slices.Equal(got, want) {
 			t.Errorf("direct=%v: StartWriteback issued %v, want %v", direct, got, want)
 		}
+	}
+}
+
+// TestFileSyncFailureIsSticky: after a sync fails, the kernel may have
+// dropped the pages it could not write and reports the error only once,
+// so a later fdatasync succeeds though they are lost. File keeps the
+// failure: every later Flush and FUA write fails with ErrSyncFailed (EIO
+// on the wire), until the file is opened again; writes without FUA still
+// go. EIO from a write with RWF_DSYNC counts too (its sync reports an
+// earlier writeback's failure anywhere in the file); ENOSPC from one is
+// that write's own and does not.
+func TestFileSyncFailureIsSticky(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		fail   syncKind
+		errno  unix.Errno
+		sticky bool
+	}{
+		{"fdatasync EIO", syncFdatasync, unix.EIO, true},
+		{"fdatasync ENOSPC", syncFdatasync, unix.ENOSPC, true},
+		{"dsync write EIO", syncDSyncWrite, unix.EIO, true},
+		{"dsync write ENOSPC", syncDSyncWrite, unix.ENOSPC, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := openTemp(t, 1<<20, false)
+			if f.noDSync.Load() && tc.fail == syncDSyncWrite {
+				t.Skip("no RWF_DSYNC here")
+			}
+			var once sync.Once
+			f.testOnSync = func(k syncKind) error {
+				var err error
+				if k == tc.fail {
+					once.Do(func() { err = tc.errno })
+				}
+				return err
+			}
+			if err := f.WriteAt(fill(4096, 1), 0, 0); err != nil {
+				t.Fatal(err)
+			}
+			var err error
+			if tc.fail == syncFdatasync {
+				err = f.Flush()
+			} else {
+				err = f.WriteAt(fill(4096, 2), 8192, FUA)
+			}
+			if !errors.Is(err, tc.errno) {
+				t.Fatalf("the failing sync returned %v, want %v", err, tc.errno)
+			}
+			// The kernel would now report success.
+			err = f.Flush()
+			if !tc.sticky {
+				if err != nil {
+					t.Fatalf("Flush after a write's own ENOSPC: %v", err)
+				}
+				return
+			}
+			if !errors.Is(err, ErrSyncFailed) || !errors.Is(err, tc.errno) {
+				t.Fatalf("Flush after the failure: %v; want ErrSyncFailed with the first error", err)
+			}
+			if err := f.WriteAt(fill(4096, 3), 4096, FUA); !errors.Is(err, ErrSyncFailed) {
+				t.Fatalf("FUA write after the failure: %v; want ErrSyncFailed", err)
+			}
+			if err := f.WriteAt(fill(4096, 4), 4096, 0); err != nil {
+				t.Fatalf("plain write after the failure: %v", err)
+			}
+			path := f.path
+			if err := f.Close(); err != nil {
+				t.Fatal(err)
+			}
+			g, err := OpenFile(path, FileOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer g.Close()
+			if err := g.Flush(); err != nil {
+				t.Fatalf("Flush after reopening: %v", err)
+			}
+		})
 	}
 }
