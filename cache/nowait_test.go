@@ -168,3 +168,62 @@ func TestReadNoWaitRefusalCountsNoRAMHits(t *testing.T) {
 		t.Errorf("a refused ReadNoWait counted %d RAM hits", s.RAMHits-before.RAMHits)
 	}
 }
+
+// TestReadNoWaitServesThrashingMisses: a thrashing cache promotes no read
+// miss, so ReadNoWait serves a miss (or a partial hit) inline when the
+// backing can without waiting (its page cache), with the bytes ReadAt
+// gives, counted once; a backing that cannot tell, or a cache that would
+// promote the miss, refuses it and leaves no trace. Background work runs.
+func TestReadNoWaitServesThrashingMisses(t *testing.T) {
+	for _, tc := range []struct {
+		name          string
+		thrash, plain bool // the cache thrashes; the backing hides ReadNoWait
+		serve         bool
+	}{
+		{"thrashing", true, false, true},
+		{"thrashing, a backing that cannot tell", true, true, false},
+		{"not thrashing: the miss may be promoted", false, false, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := formatMem(t, 8<<20, 4<<20, FormatOptions{BucketSize: 256 << 10})
+			old := payload(0, 64<<10, 1)
+			if err := d.back.WriteAt(old, 0, 0); err != nil {
+				t.Fatal(err)
+			}
+			back := d.back
+			if tc.plain {
+				back = plainDev{d.back}
+			}
+			c := openHooked(t, devPair{d.cache, back}, Options{SequentialCutoff: -1}, testHooks{alwaysThrash: tc.thrash})
+			defer closeChecked(t, c, d)
+			w := payload(16<<10, 4096, 2) // cached: a partial hit
+			if err := c.WriteAt(w, 16<<10, 0); err != nil {
+				t.Fatal(err)
+			}
+			want := bytes.Clone(old)
+			copy(want[16<<10:], w)
+			for _, r := range [][2]int64{{32 << 10, 16 << 10}, {0, 64 << 10}} { // a miss, a partial hit
+				p := make([]byte, r[1])
+				before := c.Stats()
+				got := c.ReadNoWait(p, r[0])
+				s := c.Stats()
+				if got != tc.serve {
+					t.Fatalf("[%d+%d): ReadNoWait = %v, want %v", r[0], r[1], got, tc.serve)
+				}
+				if !got {
+					if s.Reads != before.Reads || s.Misses != before.Misses || s.PartialHits != before.PartialHits || s.Promotions != before.Promotions {
+						t.Errorf("[%d+%d): a refused no-wait read was counted: %+v then %+v", r[0], r[1], before, s)
+					}
+					continue
+				}
+				if !bytes.Equal(p, want[r[0]:r[0]+r[1]]) {
+					t.Errorf("[%d+%d): served other bytes than the device holds", r[0], r[1])
+				}
+				if s.Reads != before.Reads+1 || s.Misses+s.PartialHits != before.Misses+before.PartialHits+1 || s.Promotions != before.Promotions {
+					t.Errorf("[%d+%d): counted %d reads, %d misses or partial hits, %d promotions; want 1, 1, 0", r[0], r[1],
+						s.Reads-before.Reads, s.Misses+s.PartialHits-before.Misses-before.PartialHits, s.Promotions-before.Promotions)
+				}
+			}
+		})
+	}
+}

@@ -55,10 +55,12 @@ func (c *Cache) ReadAt(p []byte, off int64) error {
 	return c.read(p, off, false, false)
 }
 
-// ReadNoWait is ReadAt for a read that the cache holds whole and can serve
-// from memory: the RAM tier, or the cache device's page cache
-// (storage.ReadNoWait). Otherwise it returns false having fed no detector
-// and promoted nothing, and the caller reads with ReadAt.
+// ReadNoWait is ReadAt for a read that can be served from memory: what
+// the cache holds from the RAM tier or the cache device's page cache
+// (storage.ReadNoWait), and, where nothing would promote a miss (a
+// thrashing cache), the rest from the backing's page cache. Otherwise it
+// returns false having fed no detector and promoted nothing, and the
+// caller reads with ReadAt.
 func (c *Cache) ReadNoWait(p []byte, off int64) bool {
 	if storage.CheckRange(c.Size(), off, int64(len(p))) != nil {
 		return false
@@ -102,10 +104,6 @@ func (c *Cache) read(p []byte, off int64, prefetch, nowait bool) error {
 			return ErrClosed
 		}
 		ps := c.lookupLocked(off, n)
-		if nowait && hasGap(ps) {
-			c.mu.Unlock()
-			return errWouldWait
-		}
 		if c.tracing() {
 			var b []byte
 			for _, pc := range ps {
@@ -129,6 +127,12 @@ func (c *Cache) read(p []byte, off int64, prefetch, nowait bool) error {
 		// at a cost.
 		thrash := mode == Writeback && c.thrashingLocked()
 		if mayPromote(mode, seq, hasGap(ps)) && !c.heldLocked(off, n) && (prefetch || !thrash) {
+			if nowait {
+				// A miss that may be promoted takes the worker's path:
+				// the promotion writes to the cache.
+				c.mu.Unlock()
+				return errWouldWait
+			}
 			guard = &promoGuard{byteRange: byteRange{off, off + n}}
 			c.mu.promos = append(c.mu.promos, guard)
 		}
@@ -148,6 +152,15 @@ func (c *Cache) read(p []byte, off int64, prefetch, nowait bool) error {
 			dst := p[pc.off-off : pc.off-off+pc.n]
 			if !pc.cached {
 				gaps = true
+				if nowait {
+					// A miss nothing promotes (a thrashing cache's) is
+					// served inline too if the backing's page cache
+					// holds it.
+					if !storage.ReadNoWait(c.back, dst, pc.off) {
+						return errWouldWait // no guard: nothing to undo
+					}
+					continue
+				}
 				if err := c.back.ReadAt(dst, pc.off); err != nil {
 					done()
 					return fmt.Errorf("cache: read backing: %w", err)
