@@ -190,7 +190,13 @@ type ghost struct {
 
 type ghostWrite struct{ b, seq uint64 }
 
-const ghostMax = 4096
+// ghostMax bounds the ghost's blocks, and so a window's sampled writes
+// while thrashing. With 4096, a cache of 16 MiB or less sampled every
+// block, and the ghost's map took 4.5% of the server's CPU under the
+// parallel load (8 connections of 16 KiB writes: four blocks each); a
+// window of 1024 samples still measures a hit ratio to within a few
+// hundredths.
+const ghostMax = 1024
 
 // reset empties the ghost and sizes it for a cache of window blocks.
 func (g *ghost) reset(window int) {
