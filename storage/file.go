@@ -73,8 +73,8 @@ type File struct {
 	// sync runs after the kernel drops the inode lock.
 	serial *serialWrites
 
-	// syncErr is the first sync that failed (fdatasync, or EIO from a
-	// write with RWF_DSYNC). After a failed writeback the kernel may have
+	// syncErr is the first sync that failed (fdatasync, or EIO, ENOSPC
+	// or EDQUOT from a write with RWF_DSYNC). After a failed writeback the kernel may have
 	// dropped the pages it could not write, marked clean, and it reports
 	// the error once, to whichever sync comes first: a later fdatasync can
 	// succeed though those writes are gone, and a caller who wrote before
@@ -83,6 +83,9 @@ type File struct {
 	// later Flush and FUA write fails with ErrSyncFailed until the device
 	// is opened again. Writes without FUA still go.
 	syncErr atomic.Pointer[error]
+	// syncMu makes fdatasync calls one at a time: of two at once, the
+	// kernel reports a writeback error to one, and the other returns 0.
+	syncMu sync.Mutex
 
 	// testOnSync, if set (by tests, before any request), is called just
 	// before each syscall File makes for durability or writeback, so
@@ -727,9 +730,9 @@ func (f *File) pwriteDSync(p []byte, off int64) error {
 		switch {
 		case e == unix.EINTR:
 			continue
-		case e == unix.EIO:
+		case e == unix.EIO || e == unix.ENOSPC || e == unix.EDQUOT:
 			// The sync may have reported an earlier writeback's failure,
-			// anywhere in the file.
+			// anywhere in the file (a writeback fails with these too).
 			return f.syncFailed(f.errorf("pwritev2", off, e))
 		case e != 0:
 			return f.errorf("pwritev2", off, e)
@@ -739,7 +742,11 @@ func (f *File) pwriteDSync(p []byte, off int64) error {
 		p = p[n:]
 		off += int64(n)
 	}
-	return nil
+	// An fdatasync or another such write beside it may have taken the
+	// error. (Two such writes can still both return 0 and 1 error with
+	// the one that failed yet to record it: a window of a few
+	// instructions that only making them wait for each other closes.)
+	return f.failedSync()
 }
 
 // readBounce serves an unaligned O_DIRECT read through aligned buffers.
@@ -821,6 +828,8 @@ func (f *File) stripe(off int64) int { return int(uint64(off/f.align) % fileRMWS
 
 // fdatasync makes the written data durable.
 func (f *File) fdatasync() error {
+	f.syncMu.Lock()
+	defer f.syncMu.Unlock()
 	if err := f.failedSync(); err != nil {
 		return err
 	}
@@ -833,7 +842,8 @@ func (f *File) fdatasync() error {
 	if err != nil {
 		return f.syncFailed(fmt.Errorf("storage: fdatasync %s: %w", f.path, err))
 	}
-	return nil
+	// A write with RWF_DSYNC beside it may have taken the error.
+	return f.failedSync()
 }
 
 func (f *File) fallocate(mode uint32, off, length int64) error {

@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -183,9 +185,9 @@ func TestFileStartWritebackIsAHint(t *testing.T) {
 // so a later fdatasync succeeds though they are lost. File keeps the
 // failure: every later Flush and FUA write fails with ErrSyncFailed (EIO
 // on the wire), until the file is opened again; writes without FUA still
-// go. EIO from a write with RWF_DSYNC counts too (its sync reports an
-// earlier writeback's failure anywhere in the file); ENOSPC from one is
-// that write's own and does not.
+// go. EIO, ENOSPC and EDQUOT from a write with RWF_DSYNC count too (its
+// sync reports an earlier writeback's failure anywhere in the file, and
+// a failed writeback reports these); another error is the write's own.
 func TestFileSyncFailureIsSticky(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
@@ -196,7 +198,8 @@ func TestFileSyncFailureIsSticky(t *testing.T) {
 		{"fdatasync EIO", syncFdatasync, unix.EIO, true},
 		{"fdatasync ENOSPC", syncFdatasync, unix.ENOSPC, true},
 		{"dsync write EIO", syncDSyncWrite, unix.EIO, true},
-		{"dsync write ENOSPC", syncDSyncWrite, unix.ENOSPC, false},
+		{"dsync write ENOSPC", syncDSyncWrite, unix.ENOSPC, true},
+		{"dsync write EBADMSG", syncDSyncWrite, unix.EBADMSG, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			f := openTemp(t, 1<<20, false)
@@ -227,7 +230,7 @@ func TestFileSyncFailureIsSticky(t *testing.T) {
 			err = f.Flush()
 			if !tc.sticky {
 				if err != nil {
-					t.Fatalf("Flush after a write's own ENOSPC: %v", err)
+					t.Fatalf("Flush after a write's own error: %v", err)
 				}
 				return
 			}
@@ -253,5 +256,42 @@ func TestFileSyncFailureIsSticky(t *testing.T) {
 				t.Fatalf("Flush after reopening: %v", err)
 			}
 		})
+	}
+}
+
+// TestFileSyncsDoNotOverlap: of two fdatasync calls at once, the kernel
+// reports a writeback error to one and the other returns 0. So they go
+// one at a time, and the second, finding the first's failure, fails too.
+// The hook holds the first in its "syscall" and fails it; the second must
+// not return meanwhile, nor succeed after.
+func TestFileSyncsDoNotOverlap(t *testing.T) {
+	f := openTemp(t, 1<<20, false)
+	entered, release := make(chan struct{}), make(chan struct{})
+	var calls atomic.Int32
+	f.testOnSync = func(k syncKind) error {
+		if k == syncFdatasync && calls.Add(1) == 1 {
+			close(entered)
+			<-release
+			return unix.EIO
+		}
+		return nil
+	}
+	first, second := make(chan error, 1), make(chan error, 1)
+	go func() { first <- f.Flush() }()
+	<-entered
+	go func() { second <- f.Flush() }()
+	select {
+	case err := <-second:
+		close(release) // or Close, at cleanup, waits for the first for ever
+		<-first
+		t.Fatalf("a second Flush returned (%v) while the first was in its fdatasync", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	close(release)
+	if err := <-first; !errors.Is(err, unix.EIO) {
+		t.Fatalf("first Flush: %v, want EIO", err)
+	}
+	if err := <-second; !errors.Is(err, ErrSyncFailed) {
+		t.Fatalf("second Flush: %v, want ErrSyncFailed", err)
 	}
 }

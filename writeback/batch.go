@@ -289,12 +289,18 @@ type spanOut struct {
 const jobBytes = 32 << 10
 
 // writeTimes is the average time the flusher's own backing writes took
-// (atomics; a lost update between two writers only weakens one sample).
-// A write on a disk costs a seek or a rotation, a millisecond and more
-// (the hdd model's sorted sweeps: 1-8 ms with MaxInFlight queued); on a
-// file or a fast device it costs microseconds. A sample counts for at
-// most 4 ms, so that one stall of a file (dirty throttling) does not make
-// it a disk for long.
+// (atomics). A write on a disk costs a seek or a rotation, a millisecond
+// and more; on a file or a fast device it costs microseconds. A sample
+// counts for at most 4 ms, so that one stall of a file (dirty throttling)
+// does not make it a disk for long.
+//
+// A write's time includes its wait behind the others in flight: with a
+// span a job, MaxInFlight of them queue, and a device that serves one
+// write at a time in 300 us stays "a disk" (found by review). That costs
+// handoffs, not speed: such a device is as busy either way. Dividing by
+// the writes in flight would instead take a device of high latency that
+// serves many at once (a remote) for a fast one, and its writeback in
+// jobs, one write or two in flight, would crawl.
 type writeTimes struct {
 	avg atomic.Int64 // nanoseconds a write
 	n   atomic.Int64 // writes timed
@@ -306,14 +312,20 @@ const (
 	trustTimes = 8
 )
 
+// note adds a write that took d.
 func (t *writeTimes) note(d time.Duration) {
 	ns := min(int64(d), 4*seekNanos)
-	old := t.avg.Load()
-	if t.n.Add(1) == 1 {
-		t.avg.Store(ns)
-		return
+	first := t.n.Add(1) == 1
+	for {
+		old := t.avg.Load()
+		v := old + (ns-old)/8
+		if first {
+			v = ns
+		}
+		if t.avg.CompareAndSwap(old, v) {
+			return
+		}
 	}
-	t.avg.Store(old + (ns-old)/8)
 }
 
 // backingSeeks reports whether the backing behaves as a disk: by the

@@ -403,6 +403,14 @@ func (f *Flusher) Run(ctx context.Context) error {
 		res := f.batch(ctx)
 		f.release()
 		switch {
+		case errors.Is(res.firstErr, storage.ErrSyncFailed):
+			// The backing lost writes and fails every flush until it is
+			// opened again: nothing written back can be marked clean any
+			// more, and each batch would be written for nothing. The
+			// dirty data stays in the cache.
+			f.cfg.Logger.Error("writeback: the backing lost writes and fails every flush until nbdcache is restarted; writeback stops, dirty data stays in the cache", "err", res.firstErr)
+			<-ctx.Done()
+			return nil
 		case res.errs > 0:
 			backoff = min(max(2*backoff, f.cfg.RetryMin), f.cfg.RetryMax)
 			f.wait(ctx, backoff)
@@ -466,6 +474,9 @@ func (f *Flusher) Drain(ctx context.Context, progress func(done, total int64)) e
 		done += res.cleaned
 		total = max(total, done+f.src.DirtyBytes())
 		report()
+		if errors.Is(res.firstErr, storage.ErrSyncFailed) {
+			return fmt.Errorf("%w: %w", ErrDrain, res.firstErr) // see Run
+		}
 		progressed := res.progressed()
 		passProgress = passProgress || progressed
 		if res.wrapped || res.empty {

@@ -706,3 +706,62 @@ func TestSeekerKeepsWritesQueued(t *testing.T) {
 		})
 	}
 }
+
+// lostDev is a backing whose every Flush fails as a File's does after a
+// failed sync (storage.ErrSyncFailed); it counts writes and flushes.
+type lostDev struct {
+	nullDev
+	writes, flushes atomic.Int64
+}
+
+func (d *lostDev) WriteAt(p []byte, off int64, f storage.Flags) error {
+	d.writes.Add(1)
+	return d.nullDev.WriteAt(p, off, f)
+}
+
+func (d *lostDev) Flush() error {
+	d.flushes.Add(1)
+	return fmt.Errorf("%w: test", storage.ErrSyncFailed)
+}
+
+// TestLostBackingStopsWriteback: once the backing fails a flush for good
+// (storage.ErrSyncFailed: it lost writes and fails every flush until
+// reopened), nothing written back can be marked clean again. Run stops
+// writing back, whatever kicks it, rather than rewrite a batch every few
+// hundred milliseconds for nothing; Drain fails at once. The dirty data
+// stays dirty.
+func TestLostBackingStopsWriteback(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		src := newFakeSource(4096, 4096, 1<<30)
+		for b := 0; b < 4096; b += 64 {
+			src.write(b, 1)
+		}
+		dirty := src.DirtyBytes()
+		dev := &lostDev{nullDev: nullDev{src.size()}}
+		f := New(src, dev, Config{Logger: quiet, MaxInFlight: 8})
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- f.Run(ctx) }()
+		for range 50 {
+			f.Kick()
+			time.Sleep(200 * time.Millisecond)
+		}
+		if n := dev.flushes.Load(); n != 1 {
+			t.Errorf("Run flushed %d times over 10 s of kicks, want 1: writeback went on after the backing lost writes", n)
+		}
+		cancel()
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+		if got := src.DirtyBytes(); got != dirty {
+			t.Errorf("%d bytes dirty, want %d: something was marked clean", got, dirty)
+		}
+		flushes := dev.flushes.Load()
+		if err := f.Drain(context.Background(), nil); !errors.Is(err, ErrDrain) || !errors.Is(err, storage.ErrSyncFailed) {
+			t.Fatalf("Drain: %v, want ErrDrain wrapping ErrSyncFailed", err)
+		}
+		if n := dev.flushes.Load() - flushes; n != 1 {
+			t.Errorf("Drain flushed %d times, want 1", n)
+		}
+	})
+}
