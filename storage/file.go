@@ -74,14 +74,15 @@ type File struct {
 	serial *serialWrites
 
 	// syncErr is the first sync that failed (fdatasync, or EIO, ENOSPC
-	// or EDQUOT from a write with RWF_DSYNC). After a failed writeback the kernel may have
-	// dropped the pages it could not write, marked clean, and it reports
-	// the error once, to whichever sync comes first: a later fdatasync can
-	// succeed though those writes are gone, and a caller who wrote before
-	// the failure but syncs after it would take them for durable
-	// (PostgreSQL's "fsyncgate", 2018). So the failure is sticky: every
-	// later Flush and FUA write fails with ErrSyncFailed until the device
-	// is opened again. Writes without FUA still go.
+	// or EDQUOT from a write with RWF_DSYNC). After a failed writeback
+	// the kernel may have dropped the pages it could not write, marked
+	// clean, and it reports the error once, to whichever sync comes
+	// first: a later fdatasync can succeed though those writes are gone,
+	// and a caller who wrote before the failure but syncs after it would
+	// take them for durable (PostgreSQL's "fsyncgate", 2018). So the
+	// failure is sticky: every later Flush and FUA write fails with
+	// ErrSyncFailed until the device is opened again. Writes without FUA
+	// still go.
 	syncErr atomic.Pointer[error]
 	// syncMu makes fdatasync calls one at a time: of two at once, the
 	// kernel reports a writeback error to one, and the other returns 0.
@@ -743,9 +744,9 @@ func (f *File) pwriteDSync(p []byte, off int64) error {
 		off += int64(n)
 	}
 	// An fdatasync or another such write beside it may have taken the
-	// error. (Two such writes can still both return 0 and 1 error with
-	// the one that failed yet to record it: a window of a few
-	// instructions that only making them wait for each other closes.)
+	// error. (A window remains: this write may return between the other
+	// syscall taking the error and its recording it. Only making such
+	// writes wait for each other would close it.)
 	return f.failedSync()
 }
 
