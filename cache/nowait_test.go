@@ -227,3 +227,30 @@ func TestReadNoWaitServesThrashingMisses(t *testing.T) {
 		})
 	}
 }
+
+// TestReadNoWaitCountsStreamBypasses: a stream of misses past the
+// sequential cutoff, read without waiting from a thrashing cache, counts
+// the same bypasses as when read with ReadAt (the no-wait path feeds the
+// stream detector only once the read is done; found by review).
+func TestReadNoWaitCountsStreamBypasses(t *testing.T) {
+	var got [2]int64
+	for i, nowait := range []bool{false, true} {
+		d := formatMem(t, 8<<20, 4<<20, FormatOptions{BucketSize: 256 << 10})
+		c := openHooked(t, d, Options{SequentialCutoff: 32 << 10}, testHooks{alwaysThrash: true})
+		p := make([]byte, 16<<10)
+		for off := int64(0); off < 16*int64(len(p)); off += int64(len(p)) {
+			if nowait {
+				if !c.ReadNoWait(p, off) {
+					t.Fatalf("a thrashing cache's miss at %d was refused", off)
+				}
+			} else if err := c.ReadAt(p, off); err != nil {
+				t.Fatal(err)
+			}
+		}
+		got[i] = c.Stats().Bypasses
+		closeChecked(t, c, d)
+	}
+	if got[0] == 0 || got[1] != got[0] {
+		t.Errorf("a stream of 16 misses counted %d bypasses read with ReadAt, %d without waiting; want the same, above 0", got[0], got[1])
+	}
+}

@@ -92,9 +92,10 @@ func (c *Cache) Prefetch(off, length int64) error {
 }
 
 // read reads p at off (ReadAt; Prefetch with prefetch). With nowait it
-// reads only what it holds, from memory, or fails with errWouldWait
-// before anything it does is seen (the stream detector is fed only once
-// the read is done).
+// reads only from memory (what it holds, and a miss nothing promotes
+// from the backing's page cache), or fails with errWouldWait before
+// anything it does is seen (the stream detector is fed only once the
+// read is done).
 func (c *Cache) read(p []byte, off int64, prefetch, nowait bool) error {
 	n := int64(len(p))
 	for {
@@ -209,7 +210,7 @@ func (c *Cache) read(p []byte, off int64, prefetch, nowait bool) error {
 			admit = c.mu.admit.promote(off, n, prefetch)
 		}
 		if nowait && !stale {
-			c.mu.admit.sequential(off, n)
+			seq = c.mu.admit.sequential(off, n) // for the bypass count
 		}
 		c.mu.Unlock()
 		if stale {
