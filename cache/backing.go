@@ -50,12 +50,11 @@ const (
 // the average down). Only bypassed writes and the Source's own writebacks
 // (GC, flushRange) are timed here; the flusher times its batches itself
 // for its own choice (writeback.Seeker is only its prior). Starting from
-// nothing, the first
-// GC pass over a real disk began before a single write had been timed:
-// it was not kept apart from the flusher's sweep (Exclusive), the two
-// sorted streams interleaved, every write of both was a seek, and writers
-// waiting for the pass stalled for 20 s and more (hdd model, a 64 MiB
-// cache under twice its size).
+// nothing, the first GC pass over a real disk began before a single write
+// had been timed: it was not kept apart from the flusher's sweep
+// (Exclusive), the two sorted streams interleaved, every write of both
+// was a seek, and writers waiting for the pass stalled for 20 s and more
+// (hdd model, a 64 MiB cache under twice its size).
 func (h *backingHealth) assume(c storage.Caps) {
 	if c.Rotational {
 		h.nanos.Store(2 * slowBackingNanos)

@@ -213,9 +213,9 @@
 // under it), and nothing takes it under mu (Kick and NoteForeground take
 // no lock). Below mu only leaves: the group writer's mutex. The shared
 // backing flush (bflush.go) takes mu inside the flush, without its own
-// mutex held, so flushBacking is never called with mu held. Operations that append
-// journal records (at most one each) hold a slot of a semaphore
-// (enter/leave) of ring/8 slots. A checkpoint (one at a time, ckMu) holds
+// mutex held, so flushBacking is never called with mu held. Operations
+// that append journal records (at most one each) hold a slot of a
+// semaphore (enter/leave) of ring/8 slots. A checkpoint (one at a time, ckMu) holds
 // mu only for its snapshot, and covers exactly the journal before its
 // first block JSeq:
 //
