@@ -16,11 +16,16 @@
 #   NBDCACHE_FLAGS="--direct" bench/kernel-caches.sh   # more flags for nbdcache attach
 #   KEEP=/tmp/kc KCACHE_DEBUG=1 bench/kernel-caches.sh  # keep the consoles; nbdcache stats around the FLUSH
 #   CUTS=3 bench/kernel-caches.sh                 # also 3 power cuts of each cache (kcut1.sh, kcut2.sh)
+#   DRAIN_CUTS=3 ROUNDS=0 bench/kernel-caches.sh  # only 3 power cuts of each in the middle of a full drain
 #
 # A power cut: ext4 on the cache, an fsync-heavy writer, qemu killed 1 s
 # after its 20th fsync'd file; then a second boot brings the cache up on
 # the disks as they were left, replays the journal, and e2fsck and every
-# fsync'd file must be intact.
+# fsync'd file must be intact. A cut in the drain (DRAIN_CUTS) first
+# dirties the cache with 4096 random writes into one file, starts the
+# drain and kills qemu 0.2-1.5 s later, the writer still going; the summary
+# says how many cuts fell in the drain (the cache still dirty at the last
+# look, every 0.1 s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
@@ -29,6 +34,7 @@ IOS=${IOS:-8000}
 SYSTEMS=${SYSTEMS:-"bcache writecache nbdcache"}
 NBDCACHE_FLAGS=${NBDCACHE_FLAGS:-}
 CUTS=${CUTS:-0}
+DRAIN_CUTS=${DRAIN_CUTS:-0}
 storage="--cache /dev/vda --backing /dev/vdb --format $NBDCACHE_FLAGS"
 storage=$(echo $storage | tr ' ' ,) # kernel command line words hold no spaces
 for t in qemu-system-x86_64 busybox fio make-bcache dmsetup mkfs.ext4 e2fsck /usr/bin/python3; do
@@ -66,38 +72,51 @@ for round in $(seq "$ROUNDS"); do
 		echo "$line" >>"$work/results"
 	done
 done
+# cut SYS I KIND: one power cut (KIND "" or "drain"); counts intact cuts in
+# ok, and cuts that fell in the drain (the last DIRTY line above 0) in mid.
+cut() {
+	local sys=$1 i=$2 kind=$3 rc=0 args="SCENARIO=kcut1 KCACHE=$sys NBDCACHE_STORAGE=$storage" delay=1
+	# in the drain: killed 0.2-1.5 s after it began, a different moment each cut
+	[ "$kind" = drain ] && args="$args KCUT_DRAIN=1 SEED=$((RANDOM * 32768 + RANDOM))" && delay=$((2 + RANDOM % 14)) && delay=$((delay / 10)).$((delay % 10))
+	rm -f "$work/vda.img" "$work/vdb.img"
+	truncate -s 256M "$work/vda.img"
+	truncate -s 1G "$work/vdb.img"
+	./test/vm/run-vm.sh -q -m 2048 -t 300 -i "$work/initrd.gz" -l "$work/cut1.log" -K CUT-NOW -D $delay \
+		-A "$args" -d "$work/vda.img" -d "$work/vdb.img" 2>/dev/null || rc=$?
+	grep -a '^SYNCED ' "$work/cut1.log" >"$work/synced.txt" || true
+	local need=20
+	[ "$kind" = drain ] && need=1
+	if [ "$rc" != 137 ] || [ "$(wc -l <"$work/synced.txt")" -lt $need ]; then
+		echo "power cut $i of $sys${kind:+ in the $kind}: part 1 exit status $rc, $(wc -l <"$work/synced.txt") files fsync'd; console tail:" >&2
+		tail -n 30 "$work/cut1.log" >&2
+		exit 1
+	fi
+	local dirty
+	dirty=$(grep -a '^DIRTY ' "$work/cut1.log" | awk 'NR == 1 {f = $2} {l = $2} END {if (NR) print "dirty " f " when the drain began, " l " at the last look"}')
+	[ "$kind" = drain ] && [ "$(grep -a '^DIRTY ' "$work/cut1.log" | tail -n 1 | awk '{print $2}')" != 0 ] && mid=$((mid + 1))
+	rm -f "$work/list.img"
+	truncate -s 1M "$work/list.img"
+	dd if="$work/synced.txt" of="$work/list.img" conv=notrunc status=none
+	rc=0
+	./test/vm/run-vm.sh -q -m 2048 -t 300 -i "$work/initrd.gz" -l "$work/cut2.log" \
+		-A "SCENARIO=kcut2 KCACHE=$sys NBDCACHE_STORAGE=$storage" -d "$work/vda.img" -d "$work/vdb.img" -d "$work/list.img" 2>/dev/null || rc=$?
+	[ -n "${KEEP:-}" ] && mkdir -p "$KEEP" && cp "$work/cut1.log" "$KEEP/$sys-$kind-cut$i-1.log" && cp "$work/cut2.log" "$KEEP/$sys-$kind-cut$i-2.log"
+	if [ "$rc" = 0 ] && grep -aq '^KCUT-OK' "$work/cut2.log"; then
+		ok=$((ok + 1))
+		echo "power cut $i of $sys${kind:+ in the $kind, $delay s after it began}: $(grep -a '^KCUT-OK' "$work/cut2.log")${dirty:+; $dirty}" >&2
+	else
+		echo "power cut $i of $sys${kind:+ in the $kind}: LOST DATA or failed (exit status $rc); console tail:" >&2
+		tail -n 30 "$work/cut2.log" >&2
+	fi
+}
 cuts=""
 for sys in $SYSTEMS; do
-	ok=0
-	for i in $(seq "$CUTS"); do
-		rm -f "$work/vda.img" "$work/vdb.img"
-		truncate -s 256M "$work/vda.img"
-		truncate -s 1G "$work/vdb.img"
-		rc=0
-		./test/vm/run-vm.sh -q -m 2048 -t 300 -i "$work/initrd.gz" -l "$work/cut1.log" -K CUT-NOW -D 1 \
-			-A "SCENARIO=kcut1 KCACHE=$sys NBDCACHE_STORAGE=$storage" -d "$work/vda.img" -d "$work/vdb.img" 2>/dev/null || rc=$?
-		grep -a '^SYNCED ' "$work/cut1.log" >"$work/synced.txt" || true
-		if [ "$rc" != 137 ] || [ "$(wc -l <"$work/synced.txt")" -lt 20 ]; then
-			echo "power cut $i of $sys: part 1 exit status $rc, $(wc -l <"$work/synced.txt") files fsync'd; console tail:" >&2
-			tail -n 30 "$work/cut1.log" >&2
-			exit 1
-		fi
-		rm -f "$work/list.img"
-		truncate -s 1M "$work/list.img"
-		dd if="$work/synced.txt" of="$work/list.img" conv=notrunc status=none
-		rc=0
-		./test/vm/run-vm.sh -q -m 2048 -t 300 -i "$work/initrd.gz" -l "$work/cut2.log" \
-			-A "SCENARIO=kcut2 KCACHE=$sys NBDCACHE_STORAGE=$storage" -d "$work/vda.img" -d "$work/vdb.img" -d "$work/list.img" 2>/dev/null || rc=$?
-		[ -n "${KEEP:-}" ] && mkdir -p "$KEEP" && cp "$work/cut1.log" "$KEEP/$sys-cut$i-1.log" && cp "$work/cut2.log" "$KEEP/$sys-cut$i-2.log"
-		if [ "$rc" = 0 ] && grep -aq '^KCUT-OK' "$work/cut2.log"; then
-			ok=$((ok + 1))
-			echo "power cut $i of $sys: $(grep -a '^KCUT-OK' "$work/cut2.log")" >&2
-		else
-			echo "power cut $i of $sys: LOST DATA or failed (exit status $rc); console tail:" >&2
-			tail -n 30 "$work/cut2.log" >&2
-		fi
-	done
+	ok=0 mid=0
+	for i in $(seq "$CUTS"); do cut "$sys" "$i" ""; done
 	[ "$CUTS" = 0 ] || cuts="$cuts $sys=$ok/$CUTS"
+	ok=0 mid=0
+	for i in $(seq "$DRAIN_CUTS"); do cut "$sys" "$i" drain; done
+	[ "$DRAIN_CUTS" = 0 ] || cuts="$cuts $sys-in-the-drain=$ok/$DRAIN_CUTS($mid-fell-in-it)"
 done
 /usr/bin/python3 - "$work/results" "$ROUNDS" "$SPAN_MB" "$IOS" "$cuts" <<'PY'
 import statistics, sys, time
@@ -135,6 +154,9 @@ for key, name, scale, fmt in [
 avg = {s: med(s, "back_wkib") / med(s, "back_wreq") if med(s, "back_wreq") else 0 for s in systems}
 if sys.argv[5].strip():
     got = dict(kv.split("=") for kv in sys.argv[5].split())
-    print("| power cuts with every fsynced file intact | " + " | ".join(got.get(s, "-") for s in systems) + " | |")
+    if any(s in got for s in systems):
+        print("| power cuts with every fsynced file intact | " + " | ".join(got.get(s, "-") for s in systems) + " | |")
+    if any(s + "-in-the-drain" in got for s in systems):
+        print("| power cuts in a drain, every fsynced file intact (cuts that fell in it) | " + " | ".join(got.get(s + "-in-the-drain", "-").replace("(", " (").replace("-fell-in-it", "") for s in systems) + " | |")
 print("| average backing write (KiB) | " + " | ".join("%.1f" % avg[s] for s in systems) + (" | %.2fx |" % (avg["nbdcache"] / avg["bcache"]) if "bcache" in avg and "nbdcache" in avg and avg["bcache"] else " |"))
 PY

@@ -66,6 +66,79 @@ func (c *Cache) startWriteback() {
 	ws.StartWriteback(c.sb.JournalOff, c.sb.JournalSize)
 }
 
+// armQuietCommit wakes the background loop for a quiet commit, if this is
+// the first write acknowledged since it last looked. It costs the write
+// path one atomic load.
+func (c *Cache) armQuietCommit() {
+	if c.bg.quietArmed.Load() || !c.bg.quietArmed.CompareAndSwap(false, true) {
+		return
+	}
+	select {
+	case c.bg.quiet <- struct{}{}:
+	default:
+	}
+}
+
+// quietCommitGap: quiet commits come at most this often, so that a client
+// whose writes come one every QuietCommit and a bit does not get a sync
+// of the cache device for each.
+const quietCommitGap = 100 * time.Millisecond
+
+// quietCommit is the background loop's state for quiet commits.
+type quietCommit struct {
+	after time.Duration // Options.QuietCommit
+	timer *time.Timer
+	seen  uint64    // records appended when the loop last looked
+	last  time.Time // of the last quiet commit
+}
+
+// arm starts waiting for a quiet spell (on bg.quiet).
+func (q *quietCommit) arm(c *Cache) {
+	q.seen = c.appended()
+	q.timer.Reset(q.after)
+}
+
+// fire is the timer's: commit if no record was appended since the last
+// look, and the last quiet commit is quietCommitGap old; otherwise look
+// again later. The arm is cleared before the look, so a write
+// acknowledged after it arms again and none is left uncommitted.
+func (q *quietCommit) fire(c *Cache) {
+	c.bg.quietArmed.Store(false)
+	if n := c.appended(); n != q.seen {
+		q.seen = n
+		c.bg.quietArmed.Store(true)
+		q.timer.Reset(q.after)
+		return
+	}
+	if wait := quietCommitGap - time.Since(q.last); wait > 0 {
+		c.bg.quietArmed.Store(true)
+		q.timer.Reset(wait)
+		return
+	}
+	if !c.unsynced() {
+		return // a FUA or FLUSH came last
+	}
+	q.last = time.Now()
+	c.stats.quietCommits.Add(1)
+	if err := c.commit(); err != nil && !errors.Is(err, ErrClosed) {
+		c.log.Warn("cache: quiet commit", "err", err)
+	}
+}
+
+// appended is how many journal records were appended since Open.
+func (c *Cache) appended() uint64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.mu.j.appended
+}
+
+// unsynced reports whether a record appended is not yet durable.
+func (c *Cache) unsynced() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.mu.j.synced < c.mu.j.appended
+}
+
 // checkpointMinBlocks: a periodic checkpoint is skipped while the journal
 // since the last one is this short (about 100 records a block).
 const checkpointMinBlocks = 8
@@ -80,6 +153,9 @@ func (c *Cache) background(ctx context.Context) {
 	defer c.bg.done.Done()
 	t := time.NewTicker(200 * time.Millisecond)
 	defer t.Stop()
+	q := quietCommit{after: c.opts.QuietCommit, timer: time.NewTimer(time.Hour)}
+	q.timer.Stop()
+	defer q.timer.Stop()
 	lastCkpt, ckpts := time.Now(), c.stats.checkpoints.Load()
 	for {
 		select {
@@ -89,6 +165,14 @@ func (c *Cache) background(ctx context.Context) {
 		case <-t.C:
 		case <-c.bg.startWB:
 			c.startWriteback()
+			continue
+		case <-c.bg.quiet:
+			if q.after > 0 {
+				q.arm(c)
+			}
+			continue
+		case <-q.timer.C:
+			q.fire(c)
 			continue
 		}
 		c.startWriteback()

@@ -305,4 +305,5 @@ func (c *Cache) ackAll(ws []BatchWrite) {
 			ws[i].Err = err
 		}
 	}
+	c.armQuietCommit()
 }

@@ -83,6 +83,11 @@ type Cache struct {
 		// unstarted bytes were written since the last ask.
 		startWB   chan struct{}
 		unstarted atomic.Int64
+		// quiet: the first write acknowledged since the last quiet
+		// commit arms it (quietArmed) and wakes the loop, which commits
+		// once writes stop for QuietCommit (quietCommit).
+		quiet      chan struct{}
+		quietArmed atomic.Bool
 	}
 
 	mu struct {
@@ -164,6 +169,7 @@ func open(cacheDev, backing storage.Device, opts Options, h testHooks) (*Cache, 
 	c.ops.init(int(max(1, slots/8)))
 	c.bg.kick = make(chan struct{}, 1)
 	c.bg.startWB = make(chan struct{}, 1)
+	c.bg.quiet = make(chan struct{}, 1)
 	c.mu.wbCond.L = &c.mu.Mutex
 	c.mu.wb = newWBSet()
 	c.mu.idx = st.idx

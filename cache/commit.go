@@ -88,6 +88,7 @@ func (c *Cache) settleCleanGone(off, n int64) error {
 // ack completes an acknowledged request: a FUA makes it durable, any
 // other is published.
 func (c *Cache) ack(flags storage.Flags) error {
+	defer c.armQuietCommit()
 	if flags&storage.FUA != 0 {
 		c.stats.fua.Add(1)
 		return c.commitBacking()

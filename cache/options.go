@@ -115,6 +115,14 @@ type Options struct {
 	// checkpointMinBlocks since, so that a slow trickle of writes never
 	// leaves a long journal to replay (default 60 s; negative: never).
 	CheckpointInterval time.Duration
+	// QuietCommit: once no write has been acknowledged for this long,
+	// the background loop commits the journal (at most once every
+	// quietCommitGap), as bcache writes its journal within
+	// journal_delay_ms: a power cut then loses nothing acknowledged
+	// before a quiet spell, and the FLUSH that often ends one (an fsync
+	// after a burst) has nothing left to sync (default 10 ms; negative:
+	// never).
+	QuietCommit time.Duration
 	// GCPercent: when free buckets are short, GC compacts full buckets,
 	// the emptiest first, whose live data is below this share of their
 	// size (default 80).
@@ -144,6 +152,9 @@ func (o *Options) fill() error {
 	}
 	if o.CheckpointInterval == 0 {
 		o.CheckpointInterval = time.Minute
+	}
+	if o.QuietCommit == 0 {
+		o.QuietCommit = 10 * time.Millisecond
 	}
 	if o.GCPercent <= 0 || o.GCPercent >= 100 {
 		o.GCPercent = 80

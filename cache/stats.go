@@ -13,6 +13,7 @@ type counters struct {
 	trims, zeros, promotions, promotedBytes, noSpace                  atomic.Int64
 	cacheReadErrors, cacheWriteErrors, backingWriteBytes              atomic.Int64
 	journalRecords, journalBlocks, commits, commitWaits, publishes    atomic.Int64
+	quietCommits                                                      atomic.Int64
 	backingFlushes, checkpoints, checkpointBytes, checkpointsSkipped  atomic.Int64
 	gcRuns, gcMovedBytes, gcCleanedBytes, evictedBytes, bucketsFreed  atomic.Int64
 	writebackBytes, writebackCollisions, dataWrites                   atomic.Int64
@@ -65,6 +66,7 @@ type Stats struct {
 	JournalSlots        int64 `json:"journal_slots"`
 	Commits             int64 `json:"journal_commits"`       // group commits that wrote the journal
 	CommitWaits         int64 `json:"journal_commit_waits"`  // waits for another committer (group commit sharing)
+	QuietCommits        int64 `json:"journal_quiet_commits"` // commits the background loop made once writes stopped (Options.QuietCommit)
 	Publishes           int64 `json:"journal_publishes"`     // journal writes without a sync that made acknowledged writes survive a kill
 	BackingFlushes      int64 `json:"cache_backing_flushes"` // every backing flush: the flusher's, GC's, commits', Drain's, zeroing dirty data's; one shared by several callers counts once (WritebackStats counts those the flusher asked for)
 	Checkpoints         int64 `json:"checkpoints"`
@@ -94,7 +96,7 @@ func (c *Cache) Stats() Stats {
 		Promotions: c.stats.promotions.Load(), PromotedBytes: c.stats.promotedBytes.Load(), NoSpace: c.stats.noSpace.Load(),
 		CacheReadErrors: c.stats.cacheReadErrors.Load(), CacheWriteErrors: c.stats.cacheWriteErrors.Load(), DataWrites: c.stats.dataWrites.Load(),
 		BackingWriteBytes: c.stats.backingWriteBytes.Load(), JournalRecords: c.stats.journalRecords.Load(),
-		JournalBlocks: c.stats.journalBlocks.Load(), Commits: c.stats.commits.Load(), CommitWaits: c.stats.commitWaits.Load(), Publishes: c.stats.publishes.Load(),
+		JournalBlocks: c.stats.journalBlocks.Load(), Commits: c.stats.commits.Load(), CommitWaits: c.stats.commitWaits.Load(), QuietCommits: c.stats.quietCommits.Load(), Publishes: c.stats.publishes.Load(),
 		BackingFlushes: c.stats.backingFlushes.Load(), Checkpoints: c.stats.checkpoints.Load(),
 		CheckpointBytes: c.stats.checkpointBytes.Load(), CheckpointsSkipped: c.stats.checkpointsSkipped.Load(), GCRuns: c.stats.gcRuns.Load(), GCMovedBytes: c.stats.gcMovedBytes.Load(), GCCleanedBytes: c.stats.gcCleanedBytes.Load(),
 		EvictedBytes: c.stats.evictedBytes.Load(), BucketsFreed: c.stats.bucketsFreed.Load(),

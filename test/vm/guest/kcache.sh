@@ -24,18 +24,6 @@ stat_field() { awk -v f="$2" '{print $f}' /sys/block/"$1"/stat; }
 step "set up $SYS"
 kcache_setup "$SYS" 1
 
-# dirty: what the cache still holds that the backing lacks (0 when drained).
-dirty() {
-	case $SYS in
-	bcache) sed 's/\.[0-9]*//; s/[kMG]$//' /sys/block/bcache0/bcache/dirty_data ;;
-	writecache)
-		# 0 LEN writecache ERR TOTAL FREE WRITEBACK ...: blocks in use
-		dmsetup status wc | awk '{print $5 - $6 + $7}'
-		;;
-	nbdcache) nbdcache stats --json --control unix:/tmp/ctl.sock | sed -n 's/.*"dirty_bytes": *\([0-9]*\).*/\1/p' | head -n 1 ;;
-	esac
-}
-
 b_wreq=$(stat_field vdb 5)
 b_wsect=$(stat_field vdb 7)
 c_wreq=$(stat_field vda 5)
@@ -62,23 +50,11 @@ flush2_us=$(fsynctime $DEV) || fail "fsync $DEV"
 step "drain"
 cpu2=$(busy)
 t2=$(ms)
-case $SYS in
-bcache)
-	echo 0 >/sys/block/bcache0/bcache/writeback_percent
-	n=0
-	while [ "$(dirty)" != 0 ] && [ $n -lt 3000 ]; do sleep 0.01; n=$((n + 1)); done
-	;;
-writecache)
-	dmsetup message wc 0 cleaner
-	n=0
-	while [ "$(dirty)" != 0 ] && [ $n -lt 3000 ]; do sleep 0.01; n=$((n + 1)); done
-	;;
-nbdcache)
-	nbdcache flush --drain --control unix:/tmp/ctl.sock >/tmp/drain.out 2>&1 || fail "drain: $(cat /tmp/drain.out)"
-	;;
-esac
+kcache_drain "$SYS"
+n=0 # nbdcache's drain returned when done; the kernel's are polled
+while [ "$SYS" != nbdcache ] && [ "$(kcache_dirty $SYS)" != 0 ] && [ $n -lt 3000 ]; do sleep 0.01; n=$((n + 1)); done
 t3=$(ms)
 cpu3=$(busy)
-left=$(dirty)
+left=$(kcache_dirty $SYS)
 echo "KCACHE sys=$SYS burst_cpu_cs=$((cpu1 - cpu0)) burst_ms=$((t1 - t0)) flush_us=$flush_us flush2_us=$flush2_us drain_ms=$((t3 - t2)) drain_cpu_cs=$((cpu3 - cpu2)) back_wreq=$(($(stat_field vdb 5) - b_wreq)) back_wkib=$((($(stat_field vdb 7) - b_wsect) / 2)) cache_wreq=$(($(stat_field vda 5) - c_wreq)) dirty_left=$left"
 echo "KCACHE-SCENARIO-OK"

@@ -165,6 +165,32 @@ kcache_setup() {
 	esac
 }
 
+# kcache_dirty SYS: what the cache SYS still holds that the backing lacks
+# (0 when drained): bcache's dirty_data, dm-writecache's blocks in use,
+# nbdcache's dirty_bytes.
+kcache_dirty() {
+	case $1 in
+	bcache) sed 's/\.[0-9]*//; s/[kMG]$//' /sys/block/bcache0/bcache/dirty_data ;;
+	writecache)
+		# 0 LEN writecache ERR TOTAL FREE WRITEBACK ...: blocks in use
+		dmsetup status wc | awk '{print $5 - $6 + $7}'
+		;;
+	nbdcache) nbdcache stats --json --control unix:/tmp/ctl.sock | sed -n 's/.*"dirty_bytes": *\([0-9]*\).*/\1/p' | head -n 1 ;;
+	esac
+}
+
+# kcache_drain SYS: start writing everything dirty back at full speed
+# (bcache: writeback_percent 0; dm-writecache: the cleaner message;
+# nbdcache: flush --drain, which returns when it is done). Callers poll
+# kcache_dirty for the end.
+kcache_drain() {
+	case $1 in
+	bcache) echo 0 >/sys/block/bcache0/bcache/writeback_percent ;;
+	writecache) dmsetup message wc 0 cleaner ;;
+	nbdcache) nbdcache flush --drain --control unix:/tmp/ctl.sock >/tmp/drain.out 2>&1 || fail "drain: $(cat /tmp/drain.out)" ;;
+	esac
+}
+
 # no_io_errors: the kernel logged no I/O error on nbd. ("Dead connection,
 # failed to find a fallback" is not one: the request then waits for a
 # reconnect.)

@@ -1,0 +1,114 @@
+package cache
+
+import (
+	"bytes"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/nbdcache/nbdcache/storage"
+)
+
+// TestQuietCommit: once writes stop for QuietCommit, the background loop
+// commits the journal, so a power cut right after the quiet spell keeps
+// every write acknowledged before it, and the FLUSH that follows has
+// nothing to sync. Writes closer together than QuietCommit get no commit
+// between them, and a client writing just slower than that gets at most one
+// every quietCommitGap. With QuietCommit off the same cut loses the
+// writes: the test's own check that the cut can lose them.
+func TestQuietCommit(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		quiet time.Duration
+	}{{"on", 0}, {"off", -1}} {
+		t.Run(tc.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) { quietCommitCase(t, tc.quiet) })
+		})
+	}
+}
+
+func quietCommitCase(t *testing.T, quiet time.Duration) {
+	cdev, bdev := storage.NewCrash(4<<20), storage.NewCrash(8<<20)
+	if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: 64 << 10, JournalSize: 64 * metaBlock}); err != nil {
+		t.Fatal(err)
+	}
+	c := openHooked(t, devPair{cdev, bdev}, Options{QuietCommit: quiet, SequentialCutoff: -1}, testHooks{})
+	defer c.Close() // a failure's too: the bubble must end (a second Close does nothing)
+	on := quiet >= 0
+	write := func(i int) {
+		t.Helper()
+		if err := c.WriteAt(payload(int64(i)*4096, 4096, uint64(i+1)), int64(i)*4096, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	quiets := func() int64 { return c.Stats().QuietCommits }
+
+	// 40 writes 5 ms apart: never quiet for 10 ms.
+	for i := range 40 {
+		write(i)
+		time.Sleep(5 * time.Millisecond)
+		synctest.Wait()
+	}
+	if n := quiets(); n != 0 {
+		t.Fatalf("%d quiet commits while a write came every 5 ms", n)
+	}
+	// Quiet: one commit, and the FLUSH after it syncs nothing.
+	time.Sleep(20 * time.Millisecond)
+	synctest.Wait()
+	want := int64(0)
+	if on {
+		want = 1
+	}
+	if n := quiets(); n != want {
+		t.Fatalf("%d quiet commits after 20 ms without writes, want %d", n, want)
+	}
+	commits := c.Stats().Commits
+	if err := c.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if n := c.Stats().Commits - commits; on && n != 0 {
+		t.Fatalf("the FLUSH after a quiet commit committed %d times, want none", n)
+	}
+
+	// A write every 15 ms for 1.5 s: a quiet spell before each, but at
+	// most one commit every quietCommitGap.
+	base := quiets()
+	for i := range 100 {
+		write(40 + i)
+		time.Sleep(15 * time.Millisecond)
+		synctest.Wait()
+	}
+	if n := quiets() - base; on && (n < 10 || n > 16) {
+		t.Fatalf("%d quiet commits over 1.5 s of a write every 15 ms, want 10 to 16 (one per %v)", n, quietCommitGap)
+	}
+
+	// The last writes, then a quiet spell, then the power fails.
+	for i := range 8 {
+		write(200 + i)
+	}
+	time.Sleep(quietCommitGap + 20*time.Millisecond)
+	synctest.Wait()
+	devs, _ := storage.PowerCutAll(storage.LoseUnsynced, nil, cdev, bdev)
+	c.Close()
+	c2, err := openStill(devs[0], devs[1], Options{BackingID: testBackingID})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	lost := 0
+	got := make([]byte, 4096)
+	for i := 200; i < 208; i++ {
+		if err := c2.ReadAt(got, int64(i)*4096); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, payload(int64(i)*4096, 4096, uint64(i+1))) {
+			lost++
+		}
+	}
+	switch {
+	case on && lost > 0:
+		t.Fatalf("a power cut after a quiet spell lost %d of 8 acknowledged writes", lost)
+	case !on && lost == 0:
+		t.Fatal("with quiet commits off, the power cut kept every unflushed write: the cut cannot show a loss")
+	}
+}
