@@ -115,6 +115,12 @@ func (c *Cache) writeJournal(k jkind) error {
 	sync := k.sync()
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if k.acks() {
+		c.mu.j.acked = c.mu.j.appended
+	}
+	if k == jFlush && c.mu.failed == nil && c.mu.j.flushed() {
+		return nil
+	}
 	if sync {
 		c.sealLocked()
 	}
@@ -255,7 +261,7 @@ func (c *Cache) Flush() error {
 		return err
 	}
 	c.stats.flushes.Add(1)
-	return c.commitBacking()
+	return c.writeJournal(jFlush)
 }
 
 // backingCovered reports whether a backing flush has covered the first n

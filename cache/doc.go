@@ -94,6 +94,14 @@
 //     A block is never rewritten once a sync covered it: commit seals the
 //     open block before writing it. One journal writer at a time; a
 //     commit's sync does not hold up publishes.
+//   - A FLUSH makes durable every record appended before the last
+//     acknowledgement that began before it (journal.acked), and flushes
+//     the backing's direct writes. Records the cache appended after that
+//     for its own work (clean marks, promotions, GC) need no sync: any
+//     durable prefix of the journal recovers, and losing them loses no
+//     acknowledged write. With nothing acknowledged unsynced, a FLUSH
+//     syncs nothing. After QuietCommit (10 ms) with no write acknowledged,
+//     the background loop commits on its own, at most every 100 ms.
 //   - Recovery stops at the first journal block that fails its checksum,
 //     its sequence or its chain (prev): the torn tail. Unless a valid block
 //     after it (in the next 256 slots, before an earlier lap) says it was

@@ -43,6 +43,7 @@ type journal struct {
 	appended  uint64 // records appended since Open
 	visible   uint64 // records written to the device (not all synced)
 	synced    uint64 // every record appended before this count is durable
+	acked     uint64 // appended when the last acknowledgement began (jkind.acks): what a FLUSH must make durable
 	cleanDep  uint64 // appended after the last record that depends on an unflushed backing write (a clean insert; directOver's drop of the dirty data it superseded)
 	cleanGone goneSet
 	dropClean bool // the index change being journaled removed a clean extent
@@ -137,16 +138,34 @@ type turn struct {
 // or committed with the direct backing writes done before it flushed too
 // (a client's FLUSH or FUA: bypassed writes are acknowledged writes). A
 // commit of the cache's own (a checkpoint, settleCleanGone) needs the
-// backing flushed only for records that depend on it (cleanDep).
+// backing flushed only for records that depend on it (cleanDep). A
+// client's FLUSH (jFlush) is jCommitBacking unless everything it must
+// cover is durable already (journal.flushed).
 type jkind uint8
 
 const (
 	jPublish jkind = iota
 	jCommit
 	jCommitBacking
+	jFlush
 )
 
 func (k jkind) sync() bool { return k != jPublish }
+
+// backing: the turn flushes the direct backing writes done before it.
+func (k jkind) backing() bool { return k == jCommitBacking || k == jFlush }
+
+// acks: the turn acknowledges the writes whose records were appended
+// before it (a publish, or a FUA's commit).
+func (k jkind) acks() bool { return k == jPublish || k == jCommitBacking }
+
+// flushed reports whether a FLUSH now would find nothing to do: every
+// record appended before the last acknowledgement began is durable, and
+// every direct backing write done is flushed. Records appended since by
+// the cache's own work (the flusher's clean marks, GC, promotions) need
+// not be: the journal recovers from any durable prefix, and losing them
+// loses no acknowledged write.
+func (j *journal) flushed() bool { return j.synced >= j.acked && j.bFlushed >= j.bWrites }
 
 // goal is what a journal writer must make true: the blocks sealed, the
 // records appended and the backing writes done before it began.
@@ -158,7 +177,7 @@ func (j *journal) goal() goal { return goal{j.nextSeq, j.appended, j.bWrites} }
 // written, for a commit durable, and for jCommitBacking with the backing
 // writes flushed.
 func (j *journal) reached(g goal, k jkind) bool {
-	return j.visible >= g.appended && (!k.sync() || j.durable >= g.seq && (k != jCommitBacking || j.bFlushed >= g.bWrites))
+	return j.visible >= g.appended && (!k.sync() || j.durable >= g.seq && (!k.backing() || j.bFlushed >= g.bWrites))
 }
 
 // turnFree reports whether a writer may take the turn: no other writer,
@@ -188,7 +207,7 @@ func (j *journal) take(k jkind, ckptSeq uint64) turn {
 		t.blocks = append(t.blocks, sealedBlock{seq: t.openSeq, pos: j.head, data: t.pub})
 	}
 	t.durable, t.visible, t.bNow = j.nextSeq, j.appended, j.bWrites
-	t.needB = t.bNow > j.bFlushed && (k == jCommitBacking || j.cleanDep > j.visible)
+	t.needB = t.bNow > j.bFlushed && (k.backing() || j.cleanDep > j.visible)
 	t.needSync = sync && t.durable > j.durable
 	return t
 }

@@ -42,7 +42,7 @@ func staleCleanSetup(t *testing.T, n int64, brk breakMode) (c *Cache, cdev, bdev
 	must(c.Flush())
 	_, _, err = writebackStep(c, 0, 1<<20)
 	must(err)
-	must(c.Flush())                         // A (write 1) clean, durably
+	must(c.commit())                        // A (write 1) clean, durably (a FLUSH need not sync a clean mark)
 	must(c.WriteAt(payload(0, n, 2), 0, 0)) // B (write 2) dirty, published only
 	return c, cdev, bdev, opts
 }
@@ -134,7 +134,7 @@ func evictedCleanAtZero(t *testing.T, brk breakMode) (*Cache, *storage.Crash, *s
 	}
 	must(c.WriteAt(payload(0, 4096, 1), 0, 0)) // to the backing
 	must(c.ReadAt(make([]byte, 4096), 0))      // promoted: A, clean
-	must(c.Flush())
+	must(c.commitBacking())                    // durable (a FLUSH need not sync a promotion)
 	e := cleanExtentAt(t, c, 0)
 	if !c.gcEvict(gcPiece{off: e.Off, n: e.Len, loc: e.Loc, ver: e.Ver}) {
 		t.Fatal("evict failed")
