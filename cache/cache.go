@@ -128,6 +128,7 @@ type Cache struct {
 var (
 	_ storage.Device     = (*Cache)(nil)
 	_ storage.Prefetcher = (*Cache)(nil)
+	_ storage.NoWaitFlusher = (*Cache)(nil)
 	_ writeback.Source   = (*Cache)(nil)
 	_ writeback.Releaser = (*Cache)(nil)
 )

@@ -264,6 +264,18 @@ func (c *Cache) Flush() error {
 	return c.writeJournal(jFlush)
 }
 
+// FlushNoWait is Flush when it has nothing to do (storage.NoWaitFlusher):
+// every acknowledged write durable, the backing's direct writes flushed.
+func (c *Cache) FlushNoWait() bool {
+	c.mu.Lock()
+	ok := c.errLocked() == nil && c.mu.j.flushed()
+	c.mu.Unlock()
+	if ok {
+		c.stats.flushes.Add(1)
+	}
+	return ok
+}
+
 // backingCovered reports whether a backing flush has covered the first n
 // direct backing writes already (one shared with the flusher or GC).
 func (c *Cache) backingCovered(n uint64) bool {

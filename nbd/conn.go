@@ -87,16 +87,18 @@ type conn struct {
 	kick     chan struct{}
 
 	// batcher is dev as a storage.BatchWriter, or nil; nowait as a
-	// storage.NoWaitReader, or nil. batch holds the valid WRITEs the read
+	// storage.NoWaitReader, nowaitFlush as a storage.NoWaitFlusher, or
+	// nil. batch holds the valid WRITEs the read
 	// loop has read but not run yet, bws their device calls (runBatch);
 	// unflushed counts the replies the read loop wrote and has not
 	// flushed yet (they still count in inflight). Only the read loop
 	// touches them.
-	batcher   storage.BatchWriter
-	nowait    storage.NoWaitReader
-	batch     []job
-	bws       []storage.BatchWrite
-	unflushed int
+	batcher     storage.BatchWriter
+	nowait      storage.NoWaitReader
+	nowaitFlush storage.NoWaitFlusher
+	batch       []job
+	bws         []storage.BatchWrite
+	unflushed   int
 
 	wmu           sync.Mutex
 	w             *bufio.Writer
@@ -188,6 +190,7 @@ func (c *conn) serve() {
 		// and all (TestIdleDropsStuckReaderWithoutWriteTimeout).
 		c.batcher, _ = c.dev.(storage.BatchWriter)
 		c.nowait, _ = c.dev.(storage.NoWaitReader)
+		c.nowaitFlush, _ = c.dev.(storage.NoWaitFlusher)
 	}
 	c.kick = make(chan struct{}, 1)
 	flusherDone := make(chan struct{})
@@ -354,7 +357,8 @@ func (c *conn) readLoop(r *bufio.Reader) error {
 			}
 			continue
 		}
-		if req.typ == cmdRead && req.length > 0 && req.length <= maxInline && c.nowait != nil && c.readInline(req) {
+		if (req.typ == cmdRead && req.length > 0 && req.length <= maxInline && c.nowait != nil && c.readInline(req)) ||
+			(req.typ == cmdFlush && c.nowaitFlush != nil && c.flushInline(req)) {
 			if c.unflushed >= maxBatch {
 				c.settle()
 			}
@@ -501,6 +505,29 @@ func (c *conn) readInline(req request) bool {
 	c.unflushed++
 	if obs != nil {
 		obs.Request(cmdName(cmdRead), time.Since(start), "")
+	}
+	return true
+}
+
+// flushInline answers req, a valid FLUSH, on the read loop if the device
+// has nothing to make durable (every write acknowledged before it is, the
+// batch's included: it ran first) and the reply fits in what the reply
+// buffer has free; otherwise it reports false, having done nothing, and
+// req goes to a worker.
+func (c *conn) flushInline(req request) bool {
+	c.wmu.Lock()
+	room := c.w.Available()
+	c.wmu.Unlock()
+	if room < simpleReplySize || !c.nowaitFlush.FlushNoWait() {
+		return false
+	}
+	c.s.stats.flushes.Add(1)
+	c.wmu.Lock()
+	c.appendOK(req)
+	c.wmu.Unlock()
+	c.unflushed++
+	if obs := c.s.observer; obs != nil {
+		obs.Request(cmdName(cmdFlush), 0, "")
 	}
 	return true
 }

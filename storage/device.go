@@ -147,6 +147,16 @@ func ReadNoWait(dev Device, p []byte, off int64) bool {
 	return ok && r.ReadNoWait(p, off)
 }
 
+// NoWaitFlusher is implemented by devices that can tell a Flush with
+// nothing to do. FlushNoWait returns true, counting a Flush done, when
+// everything a Flush now must make durable is durable already; or false,
+// having done nothing, when a Flush would write, sync or fail: the caller
+// then calls Flush, from where it may wait (the NBD server answers the
+// first kind on its read loop).
+type NoWaitFlusher interface {
+	FlushNoWait() bool
+}
+
 // WritebackStarter is implemented by devices that can start writing a
 // range to stable storage without waiting for it (sync_file_range). It is
 // a hint that shortens a later Flush, and promises nothing.
