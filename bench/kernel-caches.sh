@@ -13,6 +13,7 @@
 #   ROUNDS=8 bench/kernel-caches.sh
 #   SPAN_MB=8 bench/kernel-caches.sh              # the dense variant: the same writes over 8 MiB
 #   SYSTEMS="bcache nbdcache" bench/kernel-caches.sh
+#   SYSTEMS="bcache nbdcache nbdpass" ...        # nbdpass: attach with no cache, the NBD round trip's share
 #   NBDCACHE_FLAGS="--direct" bench/kernel-caches.sh   # more flags for nbdcache attach
 #   KEEP=/tmp/kc KCACHE_DEBUG=1 bench/kernel-caches.sh  # keep the consoles; nbdcache stats around the FLUSH
 #   CUTS=3 bench/kernel-caches.sh                 # also 3 power cuts of each cache (kcut1.sh, kcut2.sh)
@@ -92,7 +93,7 @@ cut() {
 		exit 1
 	fi
 	local dirty
-	dirty=$(grep -a '^DIRTY ' "$work/cut1.log" | awk 'NR == 1 {f = $2} {l = $2} END {if (NR) print "dirty " f " when the drain began, " l " at the last look"}')
+	dirty=$(grep -a '^DIRTY ' "$work/cut1.log" | awk 'NR == 1 {f = $2} {l = $2} END {if (NR) print "dirty " f " when the drain began, " l " at the last look"}') || true # none outside a drain
 	[ "$kind" = drain ] && [ "$(grep -a '^DIRTY ' "$work/cut1.log" | tail -n 1 | awk '{print $2}')" != 0 ] && mid=$((mid + 1))
 	rm -f "$work/list.img"
 	truncate -s 1M "$work/list.img"

@@ -3,6 +3,8 @@
 #   KCACHE=bcache      Linux bcache (make-bcache -b 128k, writeback mode)
 #   KCACHE=writecache  dm-writecache (4 KiB blocks, SSD mode)
 #   KCACHE=nbdcache    nbdcache attach --cache /dev/vda --backing /dev/vdb
+#   KCACHE=nbdpass     nbdcache attach --backing /dev/vdb, no cache: the NBD
+#                      round trip's share of nbdcache's costs
 # /dev/vda is the cache, /dev/vdb the backing. The burst is fio with
 # libaio and O_DIRECT: KCACHE_IOS random 4 KiB writes (default 8000) over
 # the first KCACHE_SPAN MiB (default 128) at QD16, seeded by SEED, the
@@ -13,7 +15,7 @@
 # /sys/block/*/stat from just before the burst to the end of the drain.
 set -e
 . /lib.sh
-SYS=${KCACHE:?KCACHE=bcache|writecache|nbdcache}
+SYS=${KCACHE:?KCACHE=bcache|writecache|nbdcache|nbdpass}
 SPAN=${KCACHE_SPAN:-128}
 IOS=${KCACHE_IOS:-8000}
 

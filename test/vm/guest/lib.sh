@@ -122,7 +122,7 @@ check_ext4() {
 }
 
 # kcache_setup SYS NEW: brings up the write-back cache SYS (bcache,
-# writecache or nbdcache) with /dev/vda as the cache and /dev/vdb as the
+# writecache or nbdcache; or nbdpass, nbdcache attach without a cache) with /dev/vda as the cache and /dev/vdb as the
 # backing, made anew (NEW=1, on blank disks) or as the disks were left
 # (NEW=0: after a power cut); sets DEV to its device (issue 22's
 # scenarios kcache, kcut1 and kcut2).
@@ -161,6 +161,12 @@ kcache_setup() {
 		attach kc --sequential-cutoff 0 --control unix:/tmp/ctl.sock
 		DEV=/dev/nbd0
 		;;
+	nbdpass)
+		# No cache: /dev/nbd0 straight onto /dev/vdb. What the kernel's
+		# nbd driver and a user-space server cost before any caching.
+		STORAGE="--backing /dev/vdb" attach kc --control unix:/tmp/ctl.sock
+		DEV=/dev/nbd0
+		;;
 	*) fail "unknown cache $1" ;;
 	esac
 }
@@ -176,6 +182,7 @@ kcache_dirty() {
 		dmsetup status wc | awk '{print $5 - $6 + $7}'
 		;;
 	nbdcache) nbdcache stats --json --control unix:/tmp/ctl.sock | sed -n 's/.*"dirty_bytes": *\([0-9]*\).*/\1/p' | head -n 1 ;;
+	nbdpass) echo 0 ;;
 	esac
 }
 
@@ -188,6 +195,7 @@ kcache_drain() {
 	bcache) echo 0 >/sys/block/bcache0/bcache/writeback_percent ;;
 	writecache) dmsetup message wc 0 cleaner ;;
 	nbdcache) nbdcache flush --drain --control unix:/tmp/ctl.sock >/tmp/drain.out 2>&1 || fail "drain: $(cat /tmp/drain.out)" ;;
+	nbdpass) ;;
 	esac
 }
 
