@@ -66,9 +66,8 @@ func (c *Cache) startWriteback() {
 	ws.StartWriteback(c.sb.JournalOff, c.sb.JournalSize)
 }
 
-// armQuietCommit wakes the background loop for a quiet commit, if this is
-// the first write acknowledged since it last looked. It costs the write
-// path one atomic load.
+// armQuietCommit wakes quietLoop, if this is the first write acknowledged
+// since it last looked. It costs the write path one atomic load.
 func (c *Cache) armQuietCommit() {
 	if c.bg.quietArmed.Load() || !c.bg.quietArmed.CompareAndSwap(false, true) {
 		return
@@ -84,59 +83,71 @@ func (c *Cache) armQuietCommit() {
 // of the cache device for each.
 const quietCommitGap = 100 * time.Millisecond
 
-// quietCommit is the background loop's state for quiet commits.
-type quietCommit struct {
-	after time.Duration // Options.QuietCommit
-	timer *time.Timer
-	seen  uint64    // records appended when the loop last looked
-	last  time.Time // of the last quiet commit
+// quietLoop makes what a FLUSH would make durable, once no write has been
+// acknowledged for QuietCommit (Options.QuietCommit), at most every
+// quietCommitGap. Quiet means no acknowledgement (journal.acked): the
+// cache's own records (promotions, clean marks, GC) do not hold it off.
+// It runs on its own goroutine, so that a slow backing flush (the
+// writes that went around the cache) holds up nothing else.
+//
+// The arm is cleared before each look at acked, so a write acknowledged
+// after the look arms again: none is left out.
+func (c *Cache) quietLoop(ctx context.Context) {
+	defer c.bg.done.Done()
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
+	defer timer.Stop()
+	var seen uint64    // acked at the last look
+	var last time.Time // of the last quiet commit
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-c.bg.quiet:
+			seen = c.ackedRecords()
+			timer.Reset(c.opts.QuietCommit)
+			continue
+		case <-timer.C:
+		}
+		c.bg.quietArmed.Store(false)
+		if n := c.ackedRecords(); n != seen {
+			seen = n
+			c.bg.quietArmed.Store(true)
+			timer.Reset(c.opts.QuietCommit)
+			continue
+		}
+		if wait := quietCommitGap - time.Since(last); wait > 0 {
+			c.bg.quietArmed.Store(true)
+			timer.Reset(wait)
+			continue
+		}
+		if c.flushNeeded() {
+			last = time.Now()
+			err := c.writeJournal(jFlush)
+			switch {
+			case err == nil:
+				c.stats.quietCommits.Add(1)
+			case !errors.Is(err, ErrClosed):
+				c.log.Warn("cache: quiet commit", "err", err)
+			}
+		}
+	}
 }
 
-// arm starts waiting for a quiet spell (on bg.quiet).
-func (q *quietCommit) arm(c *Cache) {
-	q.seen = c.appended()
-	q.timer.Reset(q.after)
-}
-
-// fire is the timer's: commit if no record was appended since the last
-// look, and the last quiet commit is quietCommitGap old; otherwise look
-// again later. The arm is cleared before the look, so a write
-// acknowledged after it arms again and none is left uncommitted.
-func (q *quietCommit) fire(c *Cache) {
-	c.bg.quietArmed.Store(false)
-	if n := c.appended(); n != q.seen {
-		q.seen = n
-		c.bg.quietArmed.Store(true)
-		q.timer.Reset(q.after)
-		return
-	}
-	if wait := quietCommitGap - time.Since(q.last); wait > 0 {
-		c.bg.quietArmed.Store(true)
-		q.timer.Reset(wait)
-		return
-	}
-	if !c.unsynced() {
-		return // a FUA or FLUSH came last
-	}
-	q.last = time.Now()
-	c.stats.quietCommits.Add(1)
-	if err := c.commit(); err != nil && !errors.Is(err, ErrClosed) {
-		c.log.Warn("cache: quiet commit", "err", err)
-	}
-}
-
-// appended is how many journal records were appended since Open.
-func (c *Cache) appended() uint64 {
+// ackedRecords is journal.acked: the records appended when the last
+// acknowledgement began.
+func (c *Cache) ackedRecords() uint64 {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.mu.j.appended
+	return c.mu.j.acked
 }
 
-// unsynced reports whether a record appended is not yet durable.
-func (c *Cache) unsynced() bool {
+// flushNeeded reports whether a FLUSH now would write or sync anything
+// (journal.flushed) on a cache that has not failed.
+func (c *Cache) flushNeeded() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.mu.j.synced < c.mu.j.appended
+	return c.errLocked() == nil && !c.mu.j.flushed()
 }
 
 // checkpointMinBlocks: a periodic checkpoint is skipped while the journal
@@ -153,9 +164,6 @@ func (c *Cache) background(ctx context.Context) {
 	defer c.bg.done.Done()
 	t := time.NewTicker(200 * time.Millisecond)
 	defer t.Stop()
-	q := quietCommit{after: c.opts.QuietCommit, timer: time.NewTimer(time.Hour)}
-	q.timer.Stop()
-	defer q.timer.Stop()
 	lastCkpt, ckpts := time.Now(), c.stats.checkpoints.Load()
 	for {
 		select {
@@ -165,14 +173,6 @@ func (c *Cache) background(ctx context.Context) {
 		case <-t.C:
 		case <-c.bg.startWB:
 			c.startWriteback()
-			continue
-		case <-c.bg.quiet:
-			if q.after > 0 {
-				q.arm(c)
-			}
-			continue
-		case <-q.timer.C:
-			q.fire(c)
 			continue
 		}
 		c.startWriteback()

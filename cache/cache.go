@@ -83,9 +83,9 @@ type Cache struct {
 		// unstarted bytes were written since the last ask.
 		startWB   chan struct{}
 		unstarted atomic.Int64
-		// quiet: the first write acknowledged since the last quiet
-		// commit arms it (quietArmed) and wakes the loop, which commits
-		// once writes stop for QuietCommit (quietCommit).
+		// quiet: the first write acknowledged since quietLoop last
+		// looked arms it (quietArmed) and wakes the loop, which commits
+		// once acknowledgements stop for QuietCommit.
 		quiet      chan struct{}
 		quietArmed atomic.Bool
 	}
@@ -126,11 +126,11 @@ type Cache struct {
 }
 
 var (
-	_ storage.Device     = (*Cache)(nil)
-	_ storage.Prefetcher = (*Cache)(nil)
+	_ storage.Device        = (*Cache)(nil)
+	_ storage.Prefetcher    = (*Cache)(nil)
 	_ storage.NoWaitFlusher = (*Cache)(nil)
-	_ writeback.Source   = (*Cache)(nil)
-	_ writeback.Releaser = (*Cache)(nil)
+	_ writeback.Source      = (*Cache)(nil)
+	_ writeback.Releaser    = (*Cache)(nil)
 )
 
 // Open recovers the cache on cacheDev (superblock → checkpoint → journal
@@ -233,6 +233,10 @@ func open(cacheDev, backing storage.Device, opts Options, h testHooks) (*Cache, 
 		ctx, cancel := context.WithCancel(context.Background())
 		c.bg.cancel = cancel
 		c.bg.done.Add(2)
+		if opts.QuietCommit > 0 {
+			c.bg.done.Add(1)
+			go c.quietLoop(ctx)
+		}
 		go c.background(ctx)
 		go func() {
 			defer c.bg.done.Done()

@@ -101,7 +101,7 @@
 //     durable prefix of the journal recovers, and losing them loses no
 //     acknowledged write. With nothing acknowledged unsynced, a FLUSH
 //     syncs nothing. After QuietCommit (10 ms) with no write acknowledged,
-//     the background loop commits on its own, at most every 100 ms.
+//     quietLoop does what a FLUSH would, at most every 100 ms.
 //   - Recovery stops at the first journal block that fails its checksum,
 //     its sequence or its chain (prev): the torn tail. Unless a valid block
 //     after it (in the next 256 slots, before an earlier lap) says it was

@@ -116,12 +116,13 @@ type Options struct {
 	// leaves a long journal to replay (default 60 s; negative: never).
 	CheckpointInterval time.Duration
 	// QuietCommit: once no write has been acknowledged for this long,
-	// the background loop commits the journal (at most once every
-	// quietCommitGap), as bcache writes its journal within
+	// the cache makes durable what a FLUSH would (the journal, and the
+	// backing's flush for writes that went around the cache), at most
+	// once every quietCommitGap, as bcache writes its journal within
 	// journal_delay_ms: a power cut then loses nothing acknowledged
 	// before a quiet spell, and the FLUSH that often ends one (an fsync
-	// after a burst) has nothing left to sync (default 10 ms; negative:
-	// never).
+	// after a burst) has nothing left to do (default 10 ms; at least
+	// 1 ms; negative: never).
 	QuietCommit time.Duration
 	// GCPercent: when free buckets are short, GC compacts full buckets,
 	// the emptiest first, whose live data is below this share of their
@@ -155,6 +156,9 @@ func (o *Options) fill() error {
 	}
 	if o.QuietCommit == 0 {
 		o.QuietCommit = 10 * time.Millisecond
+	}
+	if o.QuietCommit > 0 && o.QuietCommit < time.Millisecond {
+		return fmt.Errorf("%w: quiet commit after %v: at least 1ms, or off", ErrBadOption, o.QuietCommit)
 	}
 	if o.GCPercent <= 0 || o.GCPercent >= 100 {
 		o.GCPercent = 80

@@ -2,6 +2,7 @@ package cache
 
 import (
 	"bytes"
+	"errors"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -196,5 +197,150 @@ func TestFlushCoversAcknowledgedWrites(t *testing.T) {
 		if !bytes.Equal(got, payload(w.off, w.n, w.id)) {
 			t.Fatalf("write %d lost in the cut after its FLUSH", w.id)
 		}
+	}
+}
+
+// TestQuietCommitNotStarvedByOwnRecords: after the client's last write, a
+// stream of reads that promote (records of the cache's own, one every
+// 5 ms) must not keep the quiet commit from coming: no write was
+// acknowledged for far longer than QuietCommit.
+func TestQuietCommitNotStarvedByOwnRecords(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		cdev, bdev := storage.NewCrash(4<<20), storage.NewCrash(8<<20)
+		if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: 64 << 10, JournalSize: 64 * metaBlock}); err != nil {
+			t.Fatal(err)
+		}
+		if err := bdev.WriteAt(payload(4<<20, 1<<20, 9), 4<<20, 0); err != nil {
+			t.Fatal(err)
+		}
+		if err := bdev.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		c := openHooked(t, devPair{cdev, bdev}, Options{SequentialCutoff: -1, PromoteAll: true}, testHooks{})
+		defer c.Close()
+		for i := range 8 {
+			if err := c.WriteAt(payload(int64(i)*4096, 4096, uint64(i+1)), int64(i)*4096, 0); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// 300 ms without a write: only reads, each a promotion.
+		got := make([]byte, 4096)
+		for i := range 60 {
+			off := int64(4<<20) + int64(i)*8192 // not adjacent: no readahead stream
+			recs := c.Stats().JournalRecords
+			if err := c.ReadAt(got, off); err != nil {
+				t.Fatal(err)
+			}
+			if i == 0 && c.Stats().JournalRecords == recs {
+				t.Fatal("the read appended no record: the test shows nothing")
+			}
+			time.Sleep(5 * time.Millisecond)
+			synctest.Wait()
+		}
+		n := c.Stats().QuietCommits
+		devs, _ := storage.PowerCutAll(storage.LoseUnsynced, nil, cdev, bdev)
+		c.Close()
+		c2, err := openStill(devs[0], devs[1], Options{BackingID: testBackingID})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c2.Close()
+		lost := 0
+		for i := range 8 {
+			if err := c2.ReadAt(got, int64(i)*4096); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, payload(int64(i)*4096, 4096, uint64(i+1))) {
+				lost++
+			}
+		}
+		if n == 0 || lost > 0 {
+			t.Fatalf("300 ms after the last acknowledged write (reads promoting every 5 ms): %d quiet commits, and a power cut lost %d of 8 writes", n, lost)
+		}
+	})
+}
+
+// TestQuietCommitCoversWritesAround: in write-around mode every write goes
+// to the backing; a quiet spell must leave them as durable as cached ones
+// (--quiet-commit's promise: a power cut after it loses nothing
+// acknowledged before it, and the FLUSH after it has nothing to do).
+func TestQuietCommitCoversWritesAround(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		cdev, bdev := storage.NewCrash(4<<20), storage.NewCrash(8<<20)
+		if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: 64 << 10, JournalSize: 64 * metaBlock}); err != nil {
+			t.Fatal(err)
+		}
+		c := openHooked(t, devPair{cdev, bdev}, Options{SequentialCutoff: -1, Mode: Writearound}, testHooks{})
+		defer c.Close()
+		for i := range 8 {
+			if err := c.WriteAt(payload(int64(i)*4096, 4096, uint64(i+1)), int64(i)*4096, 0); err != nil {
+				t.Fatal(err)
+			}
+		}
+		time.Sleep(quietCommitGap + 50*time.Millisecond)
+		synctest.Wait()
+		noWait := c.FlushNoWait()
+		devs, _ := storage.PowerCutAll(storage.LoseUnsynced, nil, cdev, bdev)
+		c.Close()
+		c2, err := openStill(devs[0], devs[1], Options{BackingID: testBackingID})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c2.Close()
+		lost := 0
+		got := make([]byte, 4096)
+		for i := range 8 {
+			if err := c2.ReadAt(got, int64(i)*4096); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, payload(int64(i)*4096, 4096, uint64(i+1))) {
+				lost++
+			}
+		}
+		if !noWait || lost > 0 {
+			t.Fatalf("after a quiet spell: FlushNoWait %v (a FLUSH would still flush the backing), and a power cut lost %d of 8 writes around the cache", noWait, lost)
+		}
+	})
+}
+
+// TestQuietCommitAfterBatch: the NBD server acknowledges its small WRITEs
+// through WriteBatch (ackAll); a quiet spell after a batch commits it too.
+func TestQuietCommitAfterBatch(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		cdev, bdev := storage.NewCrash(4<<20), storage.NewCrash(8<<20)
+		if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: 64 << 10, JournalSize: 64 * metaBlock}); err != nil {
+			t.Fatal(err)
+		}
+		c := openHooked(t, devPair{cdev, bdev}, Options{SequentialCutoff: -1}, testHooks{})
+		defer c.Close()
+		var ws []BatchWrite
+		for i := range 8 {
+			ws = append(ws, BatchWrite{P: payload(int64(i)*8192, 4096, uint64(i+1)), Off: int64(i) * 8192})
+		}
+		c.WriteBatch(ws)
+		for i := range ws {
+			if ws[i].Err != nil {
+				t.Fatal(ws[i].Err)
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+		synctest.Wait()
+		if n := c.Stats().QuietCommits; n != 1 {
+			t.Fatalf("%d quiet commits 20 ms after a batch, want 1", n)
+		}
+		if !c.FlushNoWait() {
+			t.Fatal("a FLUSH after the quiet commit still has work")
+		}
+	})
+}
+
+// TestQuietCommitBelowAMillisecond: a quiet spell shorter than 1 ms is
+// refused (the loop would look at the journal about as often as writes
+// come), with ErrBadOption.
+func TestQuietCommitBelowAMillisecond(t *testing.T) {
+	d := formatMem(t, 4<<20, 8<<20, FormatOptions{BucketSize: 64 << 10})
+	_, err := open(d.cache, d.back, Options{BackingID: testBackingID, QuietCommit: 500 * time.Microsecond}, testHooks{})
+	if !errors.Is(err, ErrBadOption) {
+		t.Fatalf("QuietCommit 500µs: %v, want ErrBadOption", err)
 	}
 }

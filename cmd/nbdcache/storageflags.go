@@ -62,7 +62,7 @@ func (f *storageFlags) register(fs *flag.FlagSet) {
 	fs.Var(sizeFlag{&f.seqCutoff}, "sequential-cutoff", "sequential streams longer than `SIZE` bypass the cache (0: never)")
 	fs.IntVar(&f.wbPercent, "writeback-percent", 10, "dirty share of the cache that background writeback aims at, in `PERCENT`")
 	fs.IntVar(&f.wbHigh, "writeback-high", 0, "dirty share of the cache at or above which writeback runs at full speed, in `PERCENT` (0: 70, or --writeback-percent if higher)")
-	fs.DurationVar(&f.quietCommit, "quiet-commit", 10*time.Millisecond, "once no write has been acknowledged for this long, commit the journal (at most every 100 ms): a power cut then loses nothing acknowledged before the quiet spell, and the FLUSH after it has nothing to sync (`DURATION`; 0: only on FLUSH, FUA and as the journal needs)")
+	fs.DurationVar(&f.quietCommit, "quiet-commit", 10*time.Millisecond, "once no write has been acknowledged for this long, make durable what a FLUSH would (at most every 100 ms): a power cut then loses nothing acknowledged before the quiet spell, and the FLUSH after it has nothing to do (`DURATION`, at least 1ms; 0: only on FLUSH and FUA)")
 	fs.DurationVar(&f.ckptInterval, "checkpoint-interval", time.Minute, "checkpoint the index at least this often while writes trickle in, so start-up replays a short journal (`DURATION`; negative: only when the journal is half full)")
 	fs.StringVar(&f.backingModel, "backing-model", "", "give the backing a slow disk's latency: `MODEL` hdd (see docs)")
 	fs.BoolVar(&f.readOnly, "read-only", false, "refuse writes, trims and zeroes with EPERM")
