@@ -221,7 +221,11 @@ func TestWriteBatchConcurrent(t *testing.T) {
 			check(c, "at the end")
 			st := c.Stats()
 			t.Logf("%d writes, %d batched, %d checkpoints, %d bypasses", st.Writes, st.BatchedWrites, st.Checkpoints, st.Bypasses)
-			if st.BatchedWrites == 0 {
+			// With 64 extents the index is mostly near a checkpoint's
+			// capacity and writes bypass; on a loaded machine, where
+			// checkpoints lag, all of them may (2 of 30 runs beside two
+			// CPU hogs): only the roomy index must show runs.
+			if st.BatchedWrites == 0 && maxExt == 0 {
 				t.Error("no write went in a run")
 			}
 			closeChecked(t, c, d)

@@ -176,10 +176,12 @@ func TestFioPowerCut(t *testing.T) {
 
 // TestFioPowerCutNegativeControl runs the same rounds against a server
 // that acknowledges writes before they are durable (no --sync always; fio
-// never flushes): verification must fail, and for the right reason.
+// never flushes; no quiet commit, which would make them durable once fio
+// stops, before the cut): verification must fail, and for the right
+// reason.
 func TestFioPowerCutNegativeControl(t *testing.T) {
 	rng := powercutRand(t)
-	f := startFaults(t, 256*mib, 64*mib)
+	f := startFaults(t, 256*mib, 64*mib, "--quiet-commit", "0")
 	out, err := fioPowerCut(t, f, 3, rng.Int63n(1<<31), "unflushed")
 	t.Logf("fio-powercut.sh (expected to fail):\n%s", out)
 	if err == nil {
@@ -225,7 +227,9 @@ func TestPowerCutAcknowledged(t *testing.T) {
 		// survive it without any flush.
 		{"process-kill", nil, "", []string{"keep", "keep"}},
 		{"fua", nil, "fua", []string{"unflushed", "random", "torn", "unflushed"}},
-		{"negative-control", nil, "", []string{"unflushed"}},
+		// No quiet commit: a writer stalled 10 ms would have its writes
+		// made durable before the cut.
+		{"negative-control", []string{"--quiet-commit", "0"}, "", []string{"unflushed"}},
 	} {
 		t.Run(cfg.name, func(t *testing.T) {
 			f := startFaults(t, 32*mib, 16*mib, cfg.extra...) // a small cache: writeback, GC and bypass run
@@ -352,7 +356,9 @@ func TestPowerCutContract(t *testing.T) {
 // refuses.
 func TestFaultErrors(t *testing.T) {
 	py := python3(t)
-	f := startFaults(t, 64*mib, 32*mib)
+	// No quiet commit: the power cut below must find unsynced writes,
+	// though starting `ctl power-cut` takes longer than a quiet spell.
+	f := startFaults(t, 64*mib, 32*mib, "--quiet-commit", "0")
 	p, _ := control.ParseAddr(f.ctl)
 	t.Log(strings.TrimSpace(run(t, py, filepath.Join("testdata", "faults_errors.py"), f.uri, p)))
 	t.Log(strings.TrimSpace(run(t, py, filepath.Join("testdata", "faults_devices.py"), f.uri, p)))
