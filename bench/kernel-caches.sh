@@ -15,7 +15,8 @@
 #   SYSTEMS="bcache nbdcache" bench/kernel-caches.sh
 #   SYSTEMS="bcache nbdcache nbdpass" ...        # nbdpass: attach with no cache, the NBD round trip's share
 #   NBDCACHE_FLAGS="--direct" bench/kernel-caches.sh   # more flags for nbdcache attach
-#   KEEP=/tmp/kc KCACHE_DEBUG=1 bench/kernel-caches.sh  # keep the consoles; nbdcache stats around the FLUSH
+#   KEEP=/tmp/kc KCACHE_DEBUG=1 bench/kernel-caches.sh  # keep the consoles; nbdcache stats around the FLUSH;
+#                                                 # a burst stalled 15 s fails with the server's goroutines
 #   CUTS=3 bench/kernel-caches.sh                 # also 3 power cuts of each cache (kcut1.sh, kcut2.sh)
 #   DRAIN_CUTS=3 ROUNDS=0 bench/kernel-caches.sh  # only 3 power cuts of each in the middle of a full drain
 #

@@ -34,7 +34,19 @@ t0=$(ms)
 step "burst: $IOS random 4k writes over $SPAN MiB, QD16"
 fio --name=burst --filename=$DEV --direct=1 --ioengine=libaio --rw=randwrite --bs=4k --iodepth=16 \
 	--size=${SPAN}m --io_size=$((IOS * 4))k --norandommap --randrepeat=0 --randseed="${SEED:-1}" \
-	--output=/tmp/fio.out || fail "fio"
+	--output=/tmp/fio.out &
+fpid=$!
+# KCACHE_DEBUG: a burst still running after 15 s is a stall (seen on
+# 2026-12-06: the first writes unanswered until the kernel's 30 s
+# timeout): dump the server's goroutines (SIGQUIT) and fail.
+k=0
+while [ -n "${KCACHE_DEBUG:-}" ] && kill -0 $fpid 2>/dev/null && [ $k -lt 150 ]; do sleep 0.1; k=$((k + 1)); done
+if [ $k = 150 ] && kill -0 $fpid 2>/dev/null; then
+	echo "STALL: fio still running after 15 s; in flight: $(cat /sys/block/nbd0/inflight 2>/dev/null)"
+	[ -n "${apid:-}" ] && kill -QUIT $apid && sleep 2 && echo "GOROUTINES-BEGIN" && cat /tmp/kc.err && echo "GOROUTINES-END"
+	fail "the burst stalled"
+fi
+wait $fpid || fail "fio"
 t1=$(ms)
 cpu1=$(busy)
 step "first FLUSH"
