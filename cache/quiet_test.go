@@ -29,10 +29,7 @@ func TestQuietCommit(t *testing.T) {
 }
 
 func quietCommitCase(t *testing.T, quiet time.Duration) {
-	cdev, bdev := storage.NewCrash(4<<20), storage.NewCrash(8<<20)
-	if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: 64 << 10, JournalSize: 64 * metaBlock}); err != nil {
-		t.Fatal(err)
-	}
+	cdev, bdev := quietDevs(t)
 	c := openHooked(t, devPair{cdev, bdev}, Options{QuietCommit: quiet, SequentialCutoff: -1}, testHooks{})
 	defer c.Close() // a failure's too: the bubble must end (a second Close does nothing)
 	on := quiet >= 0
@@ -89,23 +86,7 @@ func quietCommitCase(t *testing.T, quiet time.Duration) {
 	}
 	time.Sleep(quietCommitGap + 20*time.Millisecond)
 	synctest.Wait()
-	devs, _ := storage.PowerCutAll(storage.LoseUnsynced, nil, cdev, bdev)
-	c.Close()
-	c2, err := openStill(devs[0], devs[1], Options{BackingID: testBackingID})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c2.Close()
-	lost := 0
-	got := make([]byte, 4096)
-	for i := 200; i < 208; i++ {
-		if err := c2.ReadAt(got, int64(i)*4096); err != nil {
-			t.Fatal(err)
-		}
-		if !bytes.Equal(got, payload(int64(i)*4096, 4096, uint64(i+1))) {
-			lost++
-		}
-	}
+	lost := lostInCut(t, c, cdev, bdev, 200, 8)
 	switch {
 	case on && lost > 0:
 		t.Fatalf("a power cut after a quiet spell lost %d of 8 acknowledged writes", lost)
@@ -121,10 +102,7 @@ func quietCommitCase(t *testing.T, quiet time.Duration) {
 // nothing. A write acknowledged after that, or a write that went around
 // the cache, still gets its commit or backing flush, and survives a cut.
 func TestFlushCoversAcknowledgedWrites(t *testing.T) {
-	cdev, bdev := storage.NewCrash(4<<20), storage.NewCrash(8<<20)
-	if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: 64 << 10, JournalSize: 64 * metaBlock}); err != nil {
-		t.Fatal(err)
-	}
+	cdev, bdev := quietDevs(t)
 	// No background work: every commit here is the FLUSH's own.
 	c, err := openStill(cdev, bdev, Options{BackingID: testBackingID, SequentialCutoff: -1, PromoteAll: true})
 	if err != nil {
@@ -206,10 +184,7 @@ func TestFlushCoversAcknowledgedWrites(t *testing.T) {
 // acknowledged for far longer than QuietCommit.
 func TestQuietCommitNotStarvedByOwnRecords(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		cdev, bdev := storage.NewCrash(4<<20), storage.NewCrash(8<<20)
-		if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: 64 << 10, JournalSize: 64 * metaBlock}); err != nil {
-			t.Fatal(err)
-		}
+		cdev, bdev := quietDevs(t)
 		if err := bdev.WriteAt(payload(4<<20, 1<<20, 9), 4<<20, 0); err != nil {
 			t.Fatal(err)
 		}
@@ -238,22 +213,7 @@ func TestQuietCommitNotStarvedByOwnRecords(t *testing.T) {
 			synctest.Wait()
 		}
 		n := c.Stats().QuietCommits
-		devs, _ := storage.PowerCutAll(storage.LoseUnsynced, nil, cdev, bdev)
-		c.Close()
-		c2, err := openStill(devs[0], devs[1], Options{BackingID: testBackingID})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c2.Close()
-		lost := 0
-		for i := range 8 {
-			if err := c2.ReadAt(got, int64(i)*4096); err != nil {
-				t.Fatal(err)
-			}
-			if !bytes.Equal(got, payload(int64(i)*4096, 4096, uint64(i+1))) {
-				lost++
-			}
-		}
+		lost := lostInCut(t, c, cdev, bdev, 0, 8)
 		if n == 0 || lost > 0 {
 			t.Fatalf("300 ms after the last acknowledged write (reads promoting every 5 ms): %d quiet commits, and a power cut lost %d of 8 writes", n, lost)
 		}
@@ -266,10 +226,7 @@ func TestQuietCommitNotStarvedByOwnRecords(t *testing.T) {
 // acknowledged before it, and the FLUSH after it has nothing to do).
 func TestQuietCommitCoversWritesAround(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		cdev, bdev := storage.NewCrash(4<<20), storage.NewCrash(8<<20)
-		if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: 64 << 10, JournalSize: 64 * metaBlock}); err != nil {
-			t.Fatal(err)
-		}
+		cdev, bdev := quietDevs(t)
 		c := openHooked(t, devPair{cdev, bdev}, Options{SequentialCutoff: -1, Mode: Writearound}, testHooks{})
 		defer c.Close()
 		for i := range 8 {
@@ -280,23 +237,7 @@ func TestQuietCommitCoversWritesAround(t *testing.T) {
 		time.Sleep(quietCommitGap + 50*time.Millisecond)
 		synctest.Wait()
 		noWait := c.FlushNoWait()
-		devs, _ := storage.PowerCutAll(storage.LoseUnsynced, nil, cdev, bdev)
-		c.Close()
-		c2, err := openStill(devs[0], devs[1], Options{BackingID: testBackingID})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c2.Close()
-		lost := 0
-		got := make([]byte, 4096)
-		for i := range 8 {
-			if err := c2.ReadAt(got, int64(i)*4096); err != nil {
-				t.Fatal(err)
-			}
-			if !bytes.Equal(got, payload(int64(i)*4096, 4096, uint64(i+1))) {
-				lost++
-			}
-		}
+		lost := lostInCut(t, c, cdev, bdev, 0, 8)
 		if !noWait || lost > 0 {
 			t.Fatalf("after a quiet spell: FlushNoWait %v (a FLUSH would still flush the backing), and a power cut lost %d of 8 writes around the cache", noWait, lost)
 		}
@@ -307,10 +248,7 @@ func TestQuietCommitCoversWritesAround(t *testing.T) {
 // through WriteBatch (ackAll); a quiet spell after a batch commits it too.
 func TestQuietCommitAfterBatch(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		cdev, bdev := storage.NewCrash(4<<20), storage.NewCrash(8<<20)
-		if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: 64 << 10, JournalSize: 64 * metaBlock}); err != nil {
-			t.Fatal(err)
-		}
+		cdev, bdev := quietDevs(t)
 		c := openHooked(t, devPair{cdev, bdev}, Options{SequentialCutoff: -1}, testHooks{})
 		defer c.Close()
 		var ws []BatchWrite
@@ -343,4 +281,41 @@ func TestQuietCommitBelowAMillisecond(t *testing.T) {
 	if !errors.Is(err, ErrBadOption) {
 		t.Fatalf("QuietCommit 500µs: %v, want ErrBadOption", err)
 	}
+}
+
+// quietDevs formats a cache on two Crash devices (4 MiB cache, 8 MiB
+// backing, 64 KiB buckets, a 64-block journal).
+func quietDevs(t *testing.T) (cdev, bdev *storage.Crash) {
+	t.Helper()
+	cdev, bdev = storage.NewCrash(4<<20), storage.NewCrash(8<<20)
+	if err := Format(cdev, bdev, FormatOptions{BackingID: testBackingID, BucketSize: 64 << 10, JournalSize: 64 * metaBlock}); err != nil {
+		t.Fatal(err)
+	}
+	return cdev, bdev
+}
+
+// lostInCut cuts the power of c's devices (LoseUnsynced), closes c, opens
+// the cache again on what they kept and counts how many of the n 4 KiB
+// writes from slot first on (write i: payload id i+1 at i*4096) do not read
+// back.
+func lostInCut(t *testing.T, c *Cache, cdev, bdev *storage.Crash, first, n int) (lost int) {
+	t.Helper()
+	devs, _ := storage.PowerCutAll(storage.LoseUnsynced, nil, cdev, bdev)
+	c.Close()
+	c2, err := openStill(devs[0], devs[1], Options{BackingID: testBackingID})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	got := make([]byte, 4096)
+	for i := first; i < first+n; i++ {
+		off := int64(i) * 4096
+		if err := c2.ReadAt(got, off); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, payload(off, 4096, uint64(i+1))) {
+			lost++
+		}
+	}
+	return lost
 }
