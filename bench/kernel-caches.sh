@@ -15,6 +15,7 @@
 #   SYSTEMS="bcache nbdcache" bench/kernel-caches.sh
 #   SYSTEMS="bcache nbdcache nbdpass" ...        # nbdpass: attach with no cache, the NBD round trip's share
 #   NBDCACHE_FLAGS="--direct" bench/kernel-caches.sh   # more flags for nbdcache attach
+#   KEEP=/tmp/kc KCACHE_PROF=1 SYSTEMS=nbdcache bench/kernel-caches.sh  # and nbdcache's CPU profile of each round (go tool pprof)
 #   KEEP=/tmp/kc KCACHE_DEBUG=1 bench/kernel-caches.sh  # keep the consoles; nbdcache stats around the FLUSH;
 #                                                 # a burst stalled 15 s fails with the server's goroutines
 #   CUTS=3 bench/kernel-caches.sh                 # also 3 power cuts of each cache (kcut1.sh, kcut2.sh)
@@ -61,9 +62,12 @@ for round in $(seq "$ROUNDS"); do
 		truncate -s 1G "$work/vdb.img"
 		rc=0
 		./test/vm/run-vm.sh -q -m 2048 -t 600 -i "$work/initrd.gz" -l "$work/console.log" \
-			-A "KCACHE=$sys ${KCACHE_DEBUG:+KCACHE_DEBUG=1} SEED=$seed KCACHE_SPAN=$SPAN_MB KCACHE_IOS=$IOS NBDCACHE_STORAGE=$storage" \
+			-A "KCACHE=$sys ${KCACHE_DEBUG:+KCACHE_DEBUG=1} ${KCACHE_PROF:+KCACHE_PROF=1} SEED=$seed KCACHE_SPAN=$SPAN_MB KCACHE_IOS=$IOS NBDCACHE_STORAGE=$storage" \
 			-d "$work/vda.img" -d "$work/vdb.img" 2>/dev/null || rc=$?
 		[ -n "${KEEP:-}" ] && mkdir -p "$KEEP" && cp "$work/console.log" "$KEEP/$sys-$round.log"
+		if [ -n "${KCACHE_PROF:-}" ] && grep -q '^CPUPROF-END' "$work/console.log"; then
+			sed -n '/^CPUPROF-BEGIN/,/^CPUPROF-END/p' "$work/console.log" | sed '1d;$d' | tr -d '\r' | base64 -d >"${KEEP:-.}/$sys-$round.prof"
+		fi
 		line=$(grep -a '^KCACHE sys=' "$work/console.log" | tail -n 1 || true)
 		if [ "$rc" != 0 ] || [ -z "$line" ]; then
 			echo "round $round $sys: guest exit status $rc; console tail:" >&2

@@ -39,6 +39,7 @@ type attachFlags struct {
 	control         controlFlags
 	noDrain         bool
 	service         serviceFlags
+	cpuProf         string
 }
 
 func (f *attachFlags) register(fs *flag.FlagSet) {
@@ -58,6 +59,7 @@ func (f *attachFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.scheduler, "scheduler", "", "I/O `SCHEDULER` of /dev/nbdN (none, mq-deadline; default: the kernel's)")
 	fs.StringVar(&f.backendID, "backend-id", "", "backend identifier shown in /sys/block/nbdN/backend; a --reconnect must give the same (default: derived from --backing)")
 	fs.BoolVar(&f.ioctl, "ioctl", false, "use the legacy ioctl interface even when netlink is there (no --reconnect)")
+	fs.StringVar(&f.cpuProf, "cpuprofile", "", "write a Go CPU profile of the whole run to `FILE`")
 	f.log.register(fs)
 	f.service.register(fs)
 	configFlag(fs)
@@ -109,6 +111,13 @@ func runAttach(fs *flag.FlagSet) runner {
 			if err := checkOldServerGone(index); err != nil {
 				return err
 			}
+		}
+		if f.cpuProf != "" {
+			stopProf, err := startCPUProfile(f.cpuProf)
+			if err != nil {
+				return err
+			}
+			defer stopProf()
 		}
 
 		st, err := f.storage.open(stdout, log)

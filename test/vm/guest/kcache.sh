@@ -24,6 +24,9 @@ ms() { awk '{printf "%d\n", $1 * 1000}' /proc/uptime; }
 stat_field() { awk -v f="$2" '{print $f}' /sys/block/"$1"/stat; }
 
 step "set up $SYS"
+# KCACHE_PROF: a CPU profile of nbdcache's whole run (burst, FLUSHes and
+# drain), printed in base64 between CPUPROF lines once it has stopped.
+case "$SYS" in nbdcache | nbdpass) [ -z "${KCACHE_PROF:-}" ] || ATTACH_FLAGS="$ATTACH_FLAGS --cpuprofile /tmp/cpu.prof" ;; esac
 kcache_setup "$SYS" 1
 
 b_wreq=$(stat_field vdb 5)
@@ -83,4 +86,11 @@ t3=$(ms)
 cpu3=$(busy)
 left=$(kcache_dirty $SYS)
 echo "KCACHE sys=$SYS burst_cpu_cs=$((cpu1 - cpu0)) burst_ms=$((t1 - t0)) flush_us=$flush_us flush2_us=$flush2_us drain_ms=$((t3 - t2)) drain_cpu_cs=$((cpu3 - cpu2)) back_wreq=$(($(stat_field vdb 5) - b_wreq)) back_wkib=$((($(stat_field vdb 7) - b_wsect) / 2)) cache_wreq=$(($(stat_field vda 5) - c_wreq)) dirty_left=$left"
+if [ -n "${KCACHE_PROF:-}" ] && [ -n "${apid:-}" ]; then
+	kill -TERM $apid
+	wait $apid || fail "attach exited with $?"
+	echo "CPUPROF-BEGIN"
+	base64 /tmp/cpu.prof
+	echo "CPUPROF-END"
+fi
 echo "KCACHE-SCENARIO-OK"
