@@ -4,11 +4,14 @@ package cache
 // MarkClean), the range flush before a bypass, and Drain.
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 
 	"github.com/nbdcache/nbdcache/btreeidx"
+	"github.com/nbdcache/nbdcache/storage"
 	"github.com/nbdcache/nbdcache/writeback"
 )
 
@@ -78,50 +81,129 @@ func (c *Cache) CleanExtents(off, end int64, fn func(btreeidx.Extent) bool) {
 // returns the cache's error (ErrClosed, ErrFailed), which the flusher
 // counts as a failure and backs off from.
 func (c *Cache) ReadCached(e btreeidx.Extent, p []byte) error {
-	if int64(len(p)) != e.Len {
-		return fmt.Errorf("%w: buffer of %d bytes for %d", ErrBadOption, len(p), e.Len)
-	}
-	c.mu.Lock()
-	if err := c.errLocked(); err != nil {
-		c.mu.Unlock()
-		return err
-	}
-	if c.heldLocked(e.Off, e.Len) {
-		c.mu.Unlock()
-		return ErrBusy
-	}
-	if !c.pieceCurrentLocked(gcPiece{off: e.Off, n: e.Len, loc: e.Loc, ver: e.Ver}) {
-		c.mu.Unlock()
-		return ErrStale
-	}
+	var err [1]error
+	c.ReadCachedBatch([]btreeidx.Extent{e}, [][]byte{p}, err[:])
+	return err[0]
+}
+
+// ReadCachedBatch is ReadCached for each es[i] into ps[i], its result in
+// errs[i] (writeback.BatchReader): the checks of all of them under one
+// hold of the lock, before the reads and after, and the reads coalesced
+// where the pieces lie near each other on the cache device (readNear).
+// The flusher hands it every piece of a full-speed batch: a drain of
+// scattered 4 KiB extents read each with a pread of its own, 8,000 of
+// them after issue 22's burst, a fifth of the drain's CPU in the VM.
+// es must not overlap one another.
+func (c *Cache) ReadCachedBatch(es []btreeidx.Extent, ps [][]byte, errs []error) {
 	type be struct{ b, epoch int64 }
 	var eps []be
-	c.sb.forBuckets(e.Loc, e.Len, func(b, _, _ int64) { eps = append(eps, be{b, int64(c.mu.space.buckets[b].epoch)}) })
-	c.mu.wb.add(inflightWB{off: e.Off, end: e.End(), ver: e.Ver})
-	if c.tracing() {
-		c.tracef(e.Off, e.Len, "writeback start %v", e)
-	}
-	if c.test.brk != breakNoPromoGuard {
-		c.backingWriteLocked(e.Off, e.End())
+	epsOf := make([]int, len(es)+1) // es[i]'s epochs are eps[epsOf[i]:epsOf[i+1]]
+	held := make([]bool, len(es))
+	c.mu.Lock()
+	cerr := c.errLocked()
+	for i, e := range es {
+		errs[i] = nil
+		switch {
+		case int64(len(ps[i])) != e.Len:
+			errs[i] = fmt.Errorf("%w: buffer of %d bytes for %d", ErrBadOption, len(ps[i]), e.Len)
+		case cerr != nil:
+			errs[i] = cerr
+		case c.heldLocked(e.Off, e.Len):
+			errs[i] = ErrBusy
+		case !c.pieceCurrentLocked(gcPiece{off: e.Off, n: e.Len, loc: e.Loc, ver: e.Ver}):
+			errs[i] = ErrStale
+		default:
+			c.sb.forBuckets(e.Loc, e.Len, func(b, _, _ int64) { eps = append(eps, be{b, int64(c.mu.space.buckets[b].epoch)}) })
+			c.mu.wb.add(inflightWB{off: e.Off, end: e.End(), ver: e.Ver})
+			held[i] = true
+			if c.tracing() {
+				c.tracef(e.Off, e.Len, "writeback start %v", e)
+			}
+			if c.test.brk != breakNoPromoGuard {
+				c.backingWriteLocked(e.Off, e.End())
+			}
+		}
+		epsOf[i+1] = len(eps)
 	}
 	c.mu.Unlock()
-	err := c.dev.ReadAt(p, e.Loc)
+	c.readNear(es, ps, errs)
 	c.mu.Lock()
-	for _, x := range eps {
-		if int64(c.mu.space.buckets[x.b].epoch) != x.epoch {
-			err = ErrStale
+	for i := range es {
+		for _, x := range eps[epsOf[i]:epsOf[i+1]] {
+			if errs[i] == nil && int64(c.mu.space.buckets[x.b].epoch) != x.epoch {
+				errs[i] = ErrStale
+			}
 		}
 	}
 	c.mu.Unlock()
-	if err == nil {
-		// The caller writes the backing next: what superseded a clean
-		// extent over the range must be durable first.
-		err = c.settleCleanGone(e.Off, e.Len)
+	// The caller writes the backing next: what superseded a clean extent
+	// over the ranges must be durable first.
+	var settle error
+	for i, e := range es {
+		if errs[i] == nil && settle == nil {
+			settle = c.settleCleanGone(e.Off, e.Len)
+		}
+		if errs[i] == nil {
+			errs[i] = settle
+		}
+		if errs[i] != nil && held[i] {
+			c.ReleaseCached(e)
+		}
 	}
-	if err != nil {
-		c.ReleaseCached(e)
+}
+
+// Reads of the cache device that readNear coalesces: pieces at most
+// nearGap apart share one read of at most nearRead bytes. A read of the
+// gap between them costs a copy in the kernel; a read of its own costs a
+// system call, which under the VM's emulation is worth tens of KiB of
+// copying.
+const (
+	nearGap  = 32 << 10
+	nearRead = 1 << 20
+)
+
+// readNear reads es[i] from the cache device into ps[i] for each i with
+// errs[i] == nil, setting errs[i] on failure: pieces in cache-device
+// order, those within nearGap of each other in one read. A coalesced
+// read that fails is done again piece by piece, so that an error in a
+// gap fails nothing.
+func (c *Cache) readNear(es []btreeidx.Extent, ps [][]byte, errs []error) {
+	var idx []int
+	for i := range es {
+		if errs[i] == nil {
+			idx = append(idx, i)
+		}
 	}
-	return err
+	slices.SortFunc(idx, func(a, b int) int { return cmp.Compare(es[a].Loc, es[b].Loc) })
+	var scratch []byte
+	for k := 0; k < len(idx); {
+		first := es[idx[k]]
+		from, end, m := first.Loc, first.Loc+first.Len, k+1
+		for m < len(idx) {
+			e := es[idx[m]]
+			if e.Loc-end > nearGap || max(end, e.Loc+e.Len)-from > nearRead {
+				break
+			}
+			end = max(end, e.Loc+e.Len)
+			m++
+		}
+		group := idx[k:m]
+		k = m
+		if len(group) > 1 {
+			if scratch == nil {
+				scratch = storage.AlignedBuf(nearRead)
+			}
+			if c.dev.ReadAt(scratch[:end-from], from) == nil {
+				for _, i := range group {
+					copy(ps[i], scratch[es[i].Loc-from:])
+				}
+				continue
+			}
+		}
+		for _, i := range group {
+			errs[i] = c.dev.ReadAt(ps[i], es[i].Loc)
+		}
+	}
 }
 
 // ReleaseCached ends a writeback of e that will not be marked clean (its

@@ -358,15 +358,15 @@ func (f *Flusher) issue(ctx context.Context, spans []span, paced bool, observe f
 	close(prev)
 	var sent int64
 	start := time.Now()
-dispatch:
-	for n := 0; n < len(spans); {
-		if w := f.cfg.MaxInFlight; len(done) >= w {
-			select {
-			case <-done[len(done)-w]:
-			case <-ctx.Done():
-				break dispatch
-			}
-		}
+	// ahead holds spans[aheadFrom:] read at once (readAhead): all of
+	// them when unpaced, and in a paced batch the rest of it, planned
+	// again, from the first job that may go at full speed.
+	var ahead *readAhead
+	aheadFrom := 0
+	if !paced && f.breader != nil {
+		ahead = f.readAhead(spans)
+	}
+	jobEnd := func(n int) int {
 		jb := int64(jobBytes)
 		if f.backingSeeks() {
 			jb = 0 // a span a job: MaxInFlight of them queued at the disk
@@ -376,6 +376,18 @@ dispatch:
 			bytes += spans[m].n
 			m++
 		}
+		return m
+	}
+dispatch:
+	for n := 0; n < len(spans); {
+		if w := f.cfg.MaxInFlight; len(done) >= w {
+			select {
+			case <-done[len(done)-w]:
+			case <-ctx.Done():
+				break dispatch
+			}
+		}
+		m := jobEnd(n)
 		if paced {
 			var dirty int64
 			for _, s := range spans[n:m] {
@@ -384,26 +396,56 @@ dispatch:
 			if !f.pace(ctx, dirty, sent, start) {
 				break
 			}
-			// Plan the job again now that it may go: the pace may have
-			// waited long enough for clients to overwrite some of its
-			// extents, and a stale piece would cut its backing write in
-			// two, where the newer version, as dirty, can take its place.
-			// Parts that became clean meanwhile leave gaps: each
-			// contiguous part is a span of its own.
-			again, _ := f.plan(spans[n].off, spans[m-1].end(), spans[m-1].end()-spans[n].off)
-			if len(again) == 0 {
-				again = []span{{off: spans[n].off}} // nothing left: an empty span keeps the order chain
+			switch {
+			case ahead != nil:
+				// Planned and read with the rest of the batch.
+			case f.breader != nil && !f.backingSeeks() && f.fullSpeed():
+				// Nothing will hold the rest back: plan it again
+				// once and read it all now. What clients rewrite
+				// from here on is written back in its old version
+				// and collides at MarkClean, as in WriteBack. Not
+				// over a disk: BatchTime ends a batch there after a
+				// few hundred writes, and the rest, read for
+				// nothing, would be released.
+				end := spans[len(spans)-1].end()
+				if again, _ := f.plan(spans[n].off, end, end-spans[n].off); len(again) > 0 {
+					spans = slices.Replace(spans, n, len(spans), again...)
+					ahead, aheadFrom = f.readAhead(spans[n:]), n
+					m = jobEnd(n)
+					break
+				}
+				fallthrough
+			default:
+				// Plan the job again now that it may go: the pace may
+				// have waited long enough for clients to overwrite some
+				// of its extents, and a stale piece would cut its
+				// backing write in two, where the newer version, as
+				// dirty, can take its place. Parts that became clean
+				// meanwhile leave gaps: each contiguous part is a span
+				// of its own.
+				again, _ := f.plan(spans[n].off, spans[m-1].end(), spans[m-1].end()-spans[n].off)
+				if len(again) == 0 {
+					again = []span{{off: spans[n].off}} // nothing left: an empty span keeps the order chain
+				}
+				spans = slices.Replace(spans, n, m, again...)
+				m = n + len(again)
 			}
-			spans = slices.Replace(spans, n, m, again...)
-			m = n + len(again)
 		}
 		job := spans[n:m:m] // a later Replace moves only spans after m, or copies
 		jobOuts := make([]*spanOut, len(job))
 		starts := make([]chan struct{}, len(job))
+		var data [][]byte // the job's spans as read ahead, or nil
 		for i := range job {
-			jobOuts[i] = &spanOut{st: make([]status, len(job[i].ext))}
+			if ahead != nil {
+				jobOuts[i] = ahead.outs[n-aheadFrom+i]
+			} else {
+				jobOuts[i] = &spanOut{st: make([]status, len(job[i].ext))}
+			}
 			starts[i] = make(chan struct{})
 			sent += job[i].dirty
+		}
+		if ahead != nil {
+			data = ahead.data[n-aheadFrom : m-aheadFrom]
 		}
 		outs = append(outs, jobOuts...)
 		fin := make(chan struct{})
@@ -412,7 +454,11 @@ dispatch:
 		wg.Go(func() {
 			defer close(fin)
 			for i := range job {
-				f.writeSpan(&job[i], jobOuts[i], p, starts[i], observe)
+				var d []byte
+				if data != nil {
+					d = data[i]
+				}
+				f.writeSpan(&job[i], jobOuts[i], d, p, starts[i], observe)
 				p = starts[i]
 			}
 		})
@@ -420,7 +466,90 @@ dispatch:
 		n = m
 	}
 	wg.Wait()
+	if ahead != nil {
+		// Spans read ahead but never issued (ctx ended, or pace stopped
+		// the batch): their pieces
+		// are registered, and nothing else will release them.
+		for i := max(len(outs), aheadFrom); i < len(spans); i++ {
+			for j, st := range ahead.outs[i-aheadFrom].st {
+				if st == pending {
+					f.rel.ReleaseCached(spans[i].ext[j])
+				}
+			}
+		}
+		f.arenas.Put(&ahead.arena)
+	}
 	return spans, outs
+}
+
+// readAhead is every span of an unpaced issue read at once
+// (BatchReader): data[i] is span i's bytes, in one arena; outs[i] the
+// fates of its pieces, read or not.
+type readAhead struct {
+	arena []byte
+	data  [][]byte
+	outs  []*spanOut
+}
+
+// readAhead reads every piece of spans with one ReadCachedBatch. A paced
+// batch plans each job again just before it goes, so only unpaced ones
+// (full speed, WriteBack) read ahead.
+func (f *Flusher) readAhead(spans []span) *readAhead {
+	var total int64
+	pieces := 0
+	for _, s := range spans {
+		total += s.n
+		pieces += len(s.ext)
+	}
+	ra := &readAhead{data: make([][]byte, len(spans)), outs: make([]*spanOut, len(spans))}
+	if ap, _ := f.arenas.Get().(*[]byte); ap != nil && int64(cap(*ap)) >= total {
+		ra.arena = (*ap)[:total]
+	} else {
+		ra.arena = make([]byte, total)
+	}
+	es := make([]btreeidx.Extent, 0, pieces)
+	ps := make([][]byte, 0, pieces)
+	var pos int64
+	for i, s := range spans {
+		d := ra.arena[pos : pos+s.n]
+		pos += s.n
+		ra.data[i] = d
+		ra.outs[i] = &spanOut{st: make([]status, len(s.ext))}
+		for _, e := range s.ext {
+			es = append(es, e)
+			ps = append(ps, d[e.Off-s.off:e.End()-s.off])
+		}
+	}
+	errs := make([]error, len(es))
+	f.breader.ReadCachedBatch(es, ps, errs)
+	k := 0
+	for _, out := range ra.outs {
+		for j := range out.st {
+			out.st[j] = f.readFate(errs[k], out)
+			k++
+		}
+	}
+	return ra
+}
+
+// readFate is the status of a piece whose ReadCached returned err, for a
+// span whose outcome is out.
+func (f *Flusher) readFate(err error, out *spanOut) status {
+	switch {
+	case err == nil:
+		return pending
+	case errors.Is(err, ErrStale):
+		return stale
+	case errors.Is(err, ErrBusy):
+		f.count(func(s *Stats) { s.Busy++ })
+		return busy
+	default:
+		if out.err == nil {
+			out.err = err
+		}
+		f.fail(err)
+		return failed
+	}
 }
 
 // settle makes what issue wrote durable, then marks it clean: one backing
@@ -516,6 +645,13 @@ func (f *Flusher) completePassLocked(now time.Time) {
 	f.mu.passFrom, f.mu.passErrs, f.mu.cursor = now, false, 0
 }
 
+// fullSpeed reports whether the flusher runs at full speed now.
+func (f *Flusher) fullSpeed() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.modeLocked(time.Now(), false).FullSpeed()
+}
+
 // pace blocks until the next span of n bytes may be issued. It reports
 // false when the batch should stop here: ctx is done, the mode turned to
 // stopped, the batch has run for BatchTime, or it has used its budget (in
@@ -555,12 +691,13 @@ func (f *Flusher) pace(ctx context.Context, n, sent int64, start time.Time) bool
 	}
 }
 
-// writeSpan reads the pieces of s from the cache and writes them to the
+// writeSpan reads the pieces of s from the cache (unless data holds them,
+// read ahead, their fates already in out) and writes them to the
 // backing, recording each piece's fate in out. It issues its first backing
 // write only after the span before it has issued its last (prev closed),
 // and closes started just before its own last write: backing writes leave
 // in ascending order. observe, if not nil, is told each write's time.
-func (f *Flusher) writeSpan(s *span, out *spanOut, prev <-chan struct{}, started chan<- struct{}, observe func(time.Duration, int64)) {
+func (f *Flusher) writeSpan(s *span, out *spanOut, data []byte, prev <-chan struct{}, started chan<- struct{}, observe func(time.Duration, int64)) {
 	st := out.st
 	fail := func(err error) {
 		if out.err == nil {
@@ -568,21 +705,12 @@ func (f *Flusher) writeSpan(s *span, out *spanOut, prev <-chan struct{}, started
 		}
 		f.fail(err)
 	}
-	buf := f.getBuf(s.n)
-	defer f.putBuf(buf)
-	for j, e := range s.ext {
-		err := f.src.ReadCached(e, buf[e.Off-s.off:e.End()-s.off])
-		switch {
-		case err == nil:
-			st[j] = pending
-		case errors.Is(err, ErrStale):
-			st[j] = stale
-		case errors.Is(err, ErrBusy):
-			st[j] = busy
-			f.count(func(s *Stats) { s.Busy++ })
-		default:
-			st[j] = failed
-			fail(err)
+	buf := data
+	if buf == nil {
+		buf = f.getBuf(s.n)
+		defer f.putBuf(buf)
+		for j, e := range s.ext {
+			st[j] = f.readFate(f.src.ReadCached(e, buf[e.Off-s.off:e.End()-s.off]), out)
 		}
 	}
 	// Runs of readable pieces, each one backing write.

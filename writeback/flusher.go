@@ -69,6 +69,17 @@ type Releaser interface {
 	ReleaseCached(e btreeidx.Extent)
 }
 
+// BatchReader is implemented by a Source that reads many pieces for less
+// than a ReadCached each (the cache takes its lock once for all of them,
+// and reads pieces that lie near each other on its device together). A
+// full-speed batch and WriteBack hand it every piece before writing any:
+// ReadCachedBatch is ReadCached of each es[i] into ps[i], its result in
+// errs[i]. The flusher uses it only with a Source that is also a
+// Releaser.
+type BatchReader interface {
+	ReadCachedBatch(es []btreeidx.Extent, ps [][]byte, errs []error)
+}
+
 // Filler is implemented by a Source that can also list its clean extents.
 // The flusher then bridges a small gap between two dirty extents (at most
 // Config.MaxGap) that clean extents cover whole: it reads them with
@@ -139,6 +150,7 @@ type Stats struct {
 type Flusher struct {
 	src     Source
 	rel     Releaser     // src, if it is one
+	breader BatchReader  // src, if it is one and a Releaser
 	fill    Filler       // src, if it is one and a Releaser, and MaxGap >= 0
 	doFlush func() error // src's FlushBacking if it is a BackingFlusher, else backing.Flush
 	shed    Shedder      // src, if it is one
@@ -151,6 +163,7 @@ type Flusher struct {
 	wake     chan struct{} // Kick: re-evaluate now (one slot, never blocks)
 	token    chan struct{} // held by whoever runs batches (Run or Drain)
 	bufs     chan []byte   // free MaxWrite buffers: enough for a batch and a WriteBack beside it
+	arenas   sync.Pool     // *[]byte: readAhead's arenas
 	running  atomic.Bool
 	draining atomic.Int32
 	lastFG   atomic.Int64 // UnixNano of the last NoteForeground
@@ -187,6 +200,10 @@ func New(src Source, backing storage.Device, cfg Config) *Flusher {
 	}
 	rel, _ := src.(Releaser)
 	fill, _ := src.(Filler)
+	breader, _ := src.(BatchReader)
+	if rel == nil {
+		breader = nil
+	}
 	if rel == nil || cfg.MaxGap < 0 {
 		fill = nil
 	}
@@ -199,6 +216,7 @@ func New(src Source, backing storage.Device, cfg Config) *Flusher {
 	f := &Flusher{
 		src:     src,
 		rel:     rel,
+		breader: breader,
 		fill:    fill,
 		backing: backing,
 		cfg:     cfg,
