@@ -130,6 +130,9 @@ rows = {}
 for line in open(sys.argv[1]):
     kv = dict(f.split("=", 1) for f in line.split()[1:])
     rows.setdefault(kv.pop("sys"), []).append({k: float(v) for k, v in kv.items()})
+for rs in rows.values():  # results of builds before drain2_ms
+    for r in rs:
+        r.setdefault("drain2_ms", float("nan"))
 systems = list(rows)
 if not systems:  # ROUNDS=0: power cuts only
     print("\npower cuts with every fsynced file intact:" + sys.argv[5])
@@ -149,6 +152,7 @@ for key, name, scale, fmt in [
     ("flush2_us", "a second FLUSH at once (ms)", 0.001, "%.1f"),
     ("drain_ms", "drain time (s)", 0.001, "%.2f"),
     ("drain_cpu_cs", "drain guest CPU-seconds", 0.01, "%.2f"),
+    ("drain2_ms", "the drain command again, nothing dirty (ms)", 1, "%.0f"),
     ("dirty_left", "dirty left after the drain", 1, "%.0f"),
 ]:
     cells = [fmt % (med(s, key) * scale) for s in systems]

@@ -358,26 +358,49 @@ func (f *Flusher) issue(ctx context.Context, spans []span, paced bool, observe f
 	close(prev)
 	var sent int64
 	start := time.Now()
-	// ahead holds spans[aheadFrom:] read at once (readAhead): all of
-	// them when unpaced, and in a paced batch the rest of it, planned
-	// again, from the first job that may go at full speed.
+	// ahead holds spans[aheadFrom:aheadTo] read at once (readAhead), at
+	// most BatchBytes of them: a window of WriteBack's (GC's cleaning
+	// takes a sixteenth of the cache at once), or of a batch's once a job
+	// may go at full speed; a job never straddles two windows. Never over a disk: a few
+	// hundred writes fill BatchTime there, and holding a window's pieces
+	// through its seeks would hold up the writes over them.
 	var ahead *readAhead
-	aheadFrom := 0
-	if !paced && f.breader != nil {
-		ahead = f.readAhead(spans)
-	}
+	aheadFrom, aheadTo := 0, 0
 	jobEnd := func(n int) int {
 		jb := int64(jobBytes)
 		if f.backingSeeks() {
 			jb = 0 // a span a job: MaxInFlight of them queued at the disk
 		}
 		m, bytes := n+1, spans[n].n
-		for m < len(spans) && bytes+spans[m].n <= jb {
+		for m < len(spans) && bytes+spans[m].n <= jb && (ahead == nil || n >= aheadTo || m < aheadTo) {
 			bytes += spans[m].n
 			m++
 		}
 		return m
 	}
+	// window reads the next window from spans[n], once the jobs of the
+	// last one have completed (its arena is reused), and reports whether
+	// it did (not if ctx ended).
+	window := func(n int) bool {
+		if ahead != nil {
+			for _, fin := range done {
+				select {
+				case <-fin:
+				case <-ctx.Done():
+					return false
+				}
+			}
+		}
+		k, bytes := n+1, spans[n].n
+		for k < len(spans) && bytes+spans[k].n <= f.cfg.BatchBytes {
+			bytes += spans[k].n
+			k++
+		}
+		ahead = f.readAhead(spans[n:k], ahead)
+		aheadFrom, aheadTo = n, k
+		return true
+	}
+	readAhead := func() bool { return f.breader != nil && !f.backingSeeks() }
 dispatch:
 	for n := 0; n < len(spans); {
 		if w := f.cfg.MaxInFlight; len(done) >= w {
@@ -386,6 +409,9 @@ dispatch:
 			case <-ctx.Done():
 				break dispatch
 			}
+		}
+		if !paced && (ahead == nil || n >= aheadTo) && readAhead() && !window(n) {
+			break
 		}
 		m := jobEnd(n)
 		if paced {
@@ -397,20 +423,20 @@ dispatch:
 				break
 			}
 			switch {
-			case ahead != nil:
-				// Planned and read with the rest of the batch.
-			case f.breader != nil && !f.backingSeeks() && f.fullSpeed():
+			case ahead != nil && n < aheadTo:
+				// Planned and read with its window.
+			case readAhead() && f.fullSpeed():
 				// Nothing will hold the rest back: plan it again
-				// once and read it all now. What clients rewrite
-				// from here on is written back in its old version
-				// and collides at MarkClean, as in WriteBack. Not
-				// over a disk: BatchTime ends a batch there after a
-				// few hundred writes, and the rest, read for
-				// nothing, would be released.
+				// once and read it a window at a time. What clients
+				// rewrite from here on is written back in its old
+				// version and collides at MarkClean, as in
+				// WriteBack.
 				end := spans[len(spans)-1].end()
-				if again, _ := f.plan(spans[n].off, end, end-spans[n].off); len(again) > 0 {
+				if again, more := f.plan(spans[n].off, end, end-spans[n].off); len(again) > 0 && !more {
 					spans = slices.Replace(spans, n, len(spans), again...)
-					ahead, aheadFrom = f.readAhead(spans[n:]), n
+					if !window(n) {
+						break dispatch
+					}
 					m = jobEnd(n)
 					break
 				}
@@ -435,8 +461,9 @@ dispatch:
 		jobOuts := make([]*spanOut, len(job))
 		starts := make([]chan struct{}, len(job))
 		var data [][]byte // the job's spans as read ahead, or nil
+		inAhead := ahead != nil && n >= aheadFrom && n < aheadTo
 		for i := range job {
-			if ahead != nil {
+			if inAhead {
 				jobOuts[i] = ahead.outs[n-aheadFrom+i]
 			} else {
 				jobOuts[i] = &spanOut{st: make([]status, len(job[i].ext))}
@@ -444,7 +471,7 @@ dispatch:
 			starts[i] = make(chan struct{})
 			sent += job[i].dirty
 		}
-		if ahead != nil {
+		if inAhead {
 			data = ahead.data[n-aheadFrom : m-aheadFrom]
 		}
 		outs = append(outs, jobOuts...)
@@ -467,10 +494,10 @@ dispatch:
 	}
 	wg.Wait()
 	if ahead != nil {
-		// Spans read ahead but never issued (ctx ended, or pace stopped
-		// the batch): their pieces
-		// are registered, and nothing else will release them.
-		for i := max(len(outs), aheadFrom); i < len(spans); i++ {
+		// Spans of the last window never issued (ctx ended, or pace
+		// stopped the batch): their pieces are registered, and nothing
+		// else will release them.
+		for i := max(len(outs), aheadFrom); i < aheadTo; i++ {
 			for j, st := range ahead.outs[i-aheadFrom].st {
 				if st == pending {
 					f.rel.ReleaseCached(spans[i].ext[j])
@@ -482,19 +509,19 @@ dispatch:
 	return spans, outs
 }
 
-// readAhead is every span of an unpaced issue read at once
-// (BatchReader): data[i] is span i's bytes, in one arena; outs[i] the
-// fates of its pieces, read or not.
+// readAhead is a window of an issue's spans read at once (BatchReader):
+// data[i] is span i's bytes, in one arena; outs[i] the fates of its
+// pieces, read or not.
 type readAhead struct {
 	arena []byte
 	data  [][]byte
 	outs  []*spanOut
 }
 
-// readAhead reads every piece of spans with one ReadCachedBatch. A paced
-// batch plans each job again just before it goes, so only unpaced ones
-// (full speed, WriteBack) read ahead.
-func (f *Flusher) readAhead(spans []span) *readAhead {
+// readAhead reads every piece of spans (a window) with one
+// ReadCachedBatch, into the arena of last (a window whose writes have all
+// completed) or of the pool.
+func (f *Flusher) readAhead(spans []span, last *readAhead) *readAhead {
 	var total int64
 	pieces := 0
 	for _, s := range spans {
@@ -502,7 +529,13 @@ func (f *Flusher) readAhead(spans []span) *readAhead {
 		pieces += len(s.ext)
 	}
 	ra := &readAhead{data: make([][]byte, len(spans)), outs: make([]*spanOut, len(spans))}
-	if ap, _ := f.arenas.Get().(*[]byte); ap != nil && int64(cap(*ap)) >= total {
+	var ap *[]byte
+	if last != nil {
+		ap = &last.arena
+	} else {
+		ap, _ = f.arenas.Get().(*[]byte)
+	}
+	if ap != nil && int64(cap(*ap)) >= total {
 		ra.arena = (*ap)[:total]
 	} else {
 		ra.arena = make([]byte, total)

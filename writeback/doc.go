@@ -31,7 +31,13 @@
 //     its extents while it waited: the newer versions, dirty too, take
 //     their place, so the span stays one write; a part that became clean
 //     meanwhile splits it), read its pieces from the cache
-//     (Source.ReadCached) and write it to the backing with one WriteAt. At most MaxInFlight spans are under way,
+//     (Source.ReadCached) and write it to the backing with one WriteAt.
+//     Off a disk, once a job may go at full speed, the rest of the batch
+//     is planned again once and its pieces read ahead a window of at most
+//     BatchBytes at a time (a Source that is a BatchReader and a
+//     Releaser): one call for the window, before its first write; the
+//     pieces of a window the batch stops before writing are released.
+//     At most MaxInFlight spans are under way,
 //     in a sliding window: span k+MaxInFlight is not started before span k
 //     has completed. Spans are read concurrently, but a span's backing
 //     write is issued only after the previous span's was. So within a pass
@@ -70,7 +76,8 @@
 // The Source's own writebacks (the cache's GC cleaning a victim bucket, a
 // bypassed write whose range holds dirty data) call WriteBack with the
 // extents they need clean now. It is steps 2 to 4 of a batch without the
-// plan, the pace or the cursor: the extents are sorted and adjacent ones
+// plan, the pace or the cursor (off a disk, its pieces read ahead by
+// windows, as a full-speed batch's): the extents are sorted and adjacent ones
 // merged up to MaxWrite (one longer than that is written whole, as
 // cleaning part of an extent would cut it), written in the same sliding
 // window, flushed once and marked clean, by the same code and ordering
