@@ -427,7 +427,7 @@ dispatch:
 				// Planned and read with its window.
 			case readAhead() && f.fullSpeed():
 				// Nothing will hold the rest back: plan it again
-				// once and read it a window at a time. What clients
+				// (once a window) and read it a window at a time. What clients
 				// rewrite from here on is written back in its old
 				// version and collides at MarkClean, as in
 				// WriteBack.

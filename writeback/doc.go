@@ -33,12 +33,12 @@
 //     meanwhile splits it), read its pieces from the cache
 //     (Source.ReadCached) and write it to the backing with one WriteAt.
 //     Off a disk, once a job may go at full speed, the rest of the batch
-//     is planned again once and its pieces read ahead a window of at most
-//     BatchBytes at a time (a Source that is a BatchReader and a
-//     Releaser): one call for the window, before its first write; the
-//     pieces of a window the batch stops before writing are released.
-//     At most MaxInFlight spans are under way,
-//     in a sliding window: span k+MaxInFlight is not started before span k
+//     is planned again (once a window) and its pieces are read ahead, a
+//     window of at most BatchBytes at a time (a Source that is a
+//     BatchReader and a Releaser): one call for the window, before its
+//     first write; the pieces of a window the batch stops before writing
+//     are released. At most MaxInFlight spans are under way, in a sliding
+//     window: span k+MaxInFlight is not started before span k
 //     has completed. Spans are read concurrently, but a span's backing
 //     write is issued only after the previous span's was. So within a pass
 //     the backing sees writes in ascending order, except that a write may

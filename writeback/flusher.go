@@ -71,8 +71,9 @@ type Releaser interface {
 
 // BatchReader is implemented by a Source that reads many pieces for less
 // than a ReadCached each (the cache takes its lock once for all of them,
-// and reads pieces that lie near each other on its device together). A
-// full-speed batch and WriteBack hand it every piece before writing any:
+// and reads pieces that lie near each other on its device together). Off
+// a disk, a full-speed batch and WriteBack hand it the pieces of a window
+// of spans (at most BatchBytes) before writing any of them:
 // ReadCachedBatch is ReadCached of each es[i] into ps[i], its result in
 // errs[i]. The flusher uses it only with a Source that is also a
 // Releaser.
