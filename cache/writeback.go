@@ -89,11 +89,12 @@ func (c *Cache) ReadCached(e btreeidx.Extent, p []byte) error {
 // ReadCachedBatch is ReadCached for each es[i] into ps[i], its result in
 // errs[i] (writeback.BatchReader): the checks of all of them under one
 // hold of the lock, before the reads and after, and the reads coalesced
-// where the pieces touch on the cache device (readNear).
-// The flusher hands it every piece of a full-speed batch: a drain of
-// scattered 4 KiB extents read each with a pread of its own, 8,000 of
-// them after issue 22's burst, a fifth of the drain's CPU in the VM.
-// es must not overlap one another.
+// where the pieces touch on the cache device (readNear). The flusher
+// hands it a window of a full-speed batch at a time: a drain of
+// scattered 4 KiB extents checked each under three holds of the lock
+// and read each with a pread of its own, 8,000 of them after issue 22's
+// burst, a third of the drain's CPU in the VM. es must not overlap one
+// another.
 func (c *Cache) ReadCachedBatch(es []btreeidx.Extent, ps [][]byte, errs []error) {
 	type be struct{ b, epoch int64 }
 	var eps []be

@@ -360,10 +360,11 @@ func (f *Flusher) issue(ctx context.Context, spans []span, paced bool, observe f
 	start := time.Now()
 	// ahead holds spans[aheadFrom:aheadTo] read at once (readAhead), at
 	// most BatchBytes of them: a window of WriteBack's (GC's cleaning
-	// takes a sixteenth of the cache at once), or of a batch's once a job
-	// may go at full speed; a job never straddles two windows. Never over a disk: a few
-	// hundred writes fill BatchTime there, and holding a window's pieces
-	// through its seeks would hold up the writes over them.
+	// takes a sixteenth of the cache at once), or of a batch's once a
+	// job may go at full speed; a job never straddles two windows. Never
+	// over a disk: a few hundred writes fill BatchTime there, and holding
+	// a window's pieces through its seeks would hold up the writes over
+	// them.
 	var ahead *readAhead
 	aheadFrom, aheadTo := 0, 0
 	jobEnd := func(n int) int {
@@ -400,7 +401,7 @@ func (f *Flusher) issue(ctx context.Context, spans []span, paced bool, observe f
 		aheadFrom, aheadTo = n, k
 		return true
 	}
-	readAhead := func() bool { return f.breader != nil && !f.backingSeeks() }
+	mayReadAhead := func() bool { return f.breader != nil && !f.backingSeeks() }
 dispatch:
 	for n := 0; n < len(spans); {
 		if w := f.cfg.MaxInFlight; len(done) >= w {
@@ -410,7 +411,7 @@ dispatch:
 				break dispatch
 			}
 		}
-		if !paced && (ahead == nil || n >= aheadTo) && readAhead() && !window(n) {
+		if !paced && (ahead == nil || n >= aheadTo) && mayReadAhead() && !window(n) {
 			break
 		}
 		m := jobEnd(n)
@@ -425,12 +426,12 @@ dispatch:
 			switch {
 			case ahead != nil && n < aheadTo:
 				// Planned and read with its window.
-			case readAhead() && f.fullSpeed():
+			case mayReadAhead() && f.fullSpeed():
 				// Nothing will hold the rest back: plan it again
-				// (once a window) and read it a window at a time. What clients
-				// rewrite from here on is written back in its old
-				// version and collides at MarkClean, as in
-				// WriteBack.
+				// (once a window) and read it a window at a time.
+				// What clients rewrite from here on is written back
+				// in its old version and collides at MarkClean, as
+				// in WriteBack.
 				end := spans[len(spans)-1].end()
 				if again, more := f.plan(spans[n].off, end, end-spans[n].off); len(again) > 0 && !more {
 					spans = slices.Replace(spans, n, len(spans), again...)
