@@ -73,6 +73,13 @@ type File struct {
 	// sync runs after the kernel drops the inode lock.
 	serial *serialWrites
 
+	// mutations counts the writes, zeroes and trims that have returned;
+	// synced is what it was when the last successful fdatasync began.
+	// While they are equal a Flush has nothing to make durable
+	// (FlushNoWait): a request counts only once it returns, so a sync
+	// that began before it returned never claims to cover it.
+	mutations, synced atomic.Uint64
+
 	// syncErr is the first sync that failed (fdatasync, or EIO, ENOSPC
 	// or EDQUOT from a write with RWF_DSYNC). After a failed writeback
 	// the kernel may have dropped the pages it could not write, marked
@@ -358,6 +365,7 @@ func (f *File) WriteAt(p []byte, off int64, flags Flags) error {
 		return err
 	}
 	defer f.mu.RUnlock()
+	defer f.mutations.Add(1)
 	return f.write(p, off, flags&FUA != 0)
 }
 
@@ -402,6 +410,17 @@ func (f *File) Flush() error {
 	return f.fdatasync()
 }
 
+// FlushNoWait reports whether a Flush has nothing to do
+// (NoWaitFlusher): no write, zero or trim has returned since the last
+// successful sync began, and no sync has failed.
+func (f *File) FlushNoWait() bool {
+	if f.begin(0, 0, false) != nil {
+		return false
+	}
+	defer f.mu.RUnlock()
+	return f.failedSync() == nil && f.mutations.Load() == f.synced.Load()
+}
+
 // Trim discards the range: a hole punched in a regular file (it reads
 // back as zeroes), BLKDISCARD on a block device (it reads back as zeroes
 // or old data). Where neither is supported, Trim does nothing, which the
@@ -411,6 +430,7 @@ func (f *File) Trim(off, length int64, flags Flags) error {
 		return err
 	}
 	defer f.mu.RUnlock()
+	defer f.mutations.Add(1)
 	if length == 0 {
 		return nil
 	}
@@ -453,6 +473,7 @@ func (f *File) Zero(off, length int64, flags Flags) error {
 		return err
 	}
 	defer f.mu.RUnlock()
+	defer f.mutations.Add(1)
 	if length == 0 {
 		return nil
 	}
@@ -834,6 +855,7 @@ func (f *File) fdatasync() error {
 	if err := f.failedSync(); err != nil {
 		return err
 	}
+	began := f.mutations.Load()
 	err := retryEINTR(func() error {
 		if err := f.noteSync(syncFdatasync); err != nil {
 			return err
@@ -843,6 +865,7 @@ func (f *File) fdatasync() error {
 	if err != nil {
 		return f.syncFailed(fmt.Errorf("storage: fdatasync %s: %w", f.path, err))
 	}
+	f.synced.Store(began)
 	// A write with RWF_DSYNC beside it may have taken the error.
 	return f.failedSync()
 }

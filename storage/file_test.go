@@ -495,3 +495,68 @@ func TestFileReadNoWait(t *testing.T) {
 		t.Fatal("an O_DIRECT file served a read without waiting")
 	}
 }
+
+// TestFileFlushNoWait: a Flush has nothing to do until a write, zero or
+// trim returns, and again once a sync that began after it has succeeded.
+// A write that returns while a sync runs is not counted as covered by it,
+// and a File whose sync failed never has nothing to do.
+func TestFileFlushNoWait(t *testing.T) {
+	var _ NoWaitFlusher = (*File)(nil)
+	f := openTemp(t, 1<<20, false)
+	if !f.FlushNoWait() {
+		t.Fatal("a fresh File has something to flush")
+	}
+	for _, op := range []struct {
+		name string
+		do   func() error
+	}{
+		{"write", func() error { return f.WriteAt(fill(4096, 1), 0, 0) }},
+		{"zero", func() error { return f.Zero(4096, 4096, 0) }},
+		{"trim", func() error { return f.Trim(8192, 4096, 0) }},
+		{"FUA write", func() error { return f.WriteAt(fill(4096, 2), 0, FUA) }},
+	} {
+		if err := op.do(); err != nil {
+			t.Fatal(op.name, err)
+		}
+		if f.FlushNoWait() {
+			t.Errorf("after a %s, a Flush has nothing to do", op.name)
+		}
+		if err := f.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		if !f.FlushNoWait() {
+			t.Errorf("after a %s and a Flush, a Flush has something to do", op.name)
+		}
+	}
+
+	// A write that returns while the sync runs.
+	f.testOnSync = func(k syncKind) error {
+		if k != syncFdatasync {
+			return nil
+		}
+		f.testOnSync = nil
+		return f.WriteAt(fill(4096, 3), 0, 0)
+	}
+	if err := f.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if f.FlushNoWait() {
+		t.Error("a write that returned while the sync ran counts as covered by it")
+	}
+	if err := f.Flush(); err != nil || !f.FlushNoWait() {
+		t.Fatalf("the next Flush: %v, nothing left %v", err, f.FlushNoWait())
+	}
+
+	// A failed sync: never nothing to do.
+	if err := f.WriteAt(fill(4096, 4), 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	f.testOnSync = func(k syncKind) error { return unix.EIO }
+	if err := f.Flush(); err == nil {
+		t.Fatal("the sync did not fail")
+	}
+	f.testOnSync = nil
+	if f.FlushNoWait() {
+		t.Error("after a failed sync, a Flush has nothing to do")
+	}
+}
