@@ -208,6 +208,11 @@ func OpenFile(path string, opts FileOptions) (*File, error) {
 		unix.Close(fd)
 		return nil, err
 	}
+	// What was written before this open (by an earlier server through
+	// another descriptor, as before attach --reconnect) and the size set
+	// here may not be durable, nor their writeback errors seen: the first
+	// Flush syncs (FlushNoWait).
+	f.mutations.Store(1)
 	return f, nil
 }
 
