@@ -8,25 +8,11 @@ import (
 	"github.com/nbdcache/nbdcache/writeback"
 )
 
-// readBytes counts the bytes read from the device it wraps.
-type readBytes struct {
-	storage.Device
-	mu sync.Mutex
-	n  int64
-}
-
-func (d *readBytes) ReadAt(p []byte, off int64) error {
-	d.mu.Lock()
-	d.n += int64(len(p))
-	d.mu.Unlock()
-	return d.Device.ReadAt(p, off)
-}
-
 // firstWrite records how many bytes rd had read, since base, when the
 // device it wraps saw its first write after armed.
 type firstWrite struct {
 	storage.Device
-	rd          *readBytes
+	rd          *countReads
 	mu          sync.Mutex
 	armed, seen bool
 	base, at    int64
@@ -36,9 +22,7 @@ func (d *firstWrite) WriteAt(p []byte, off int64, f storage.Flags) error {
 	d.mu.Lock()
 	if d.armed && !d.seen {
 		d.seen = true
-		d.rd.mu.Lock()
-		d.at = d.rd.n - d.base
-		d.rd.mu.Unlock()
+		d.at = d.rd.bytes.Load() - d.base
 	}
 	d.mu.Unlock()
 	return d.Device.WriteAt(p, off, f)
@@ -56,7 +40,7 @@ func TestGCWritebackReadsAheadAWindow(t *testing.T) {
 	const window = 2 << 20
 	for _, disk := range []bool{false, true} {
 		t.Run(map[bool]string{false: "fast", true: "disk"}[disk], func(t *testing.T) {
-			rd := &readBytes{Device: storage.NewMem(128 << 20)}
+			rd := &countReads{Device: storage.NewMem(128 << 20)}
 			fw := &firstWrite{Device: storage.NewMem(1 << 30), rd: rd}
 			d := devPair{rd, fw}
 			if err := Format(d.cache, d.back, FormatOptions{BackingID: testBackingID, BucketSize: 256 << 10}); err != nil {
@@ -79,10 +63,8 @@ func TestGCWritebackReadsAheadAWindow(t *testing.T) {
 			if disk {
 				c.health.nanos.Store(slowBackingNanos * 2)
 			}
-			rd.mu.Lock()
-			fw.base = rd.n
-			rd.mu.Unlock()
 			fw.mu.Lock()
+			fw.base = rd.bytes.Load()
 			fw.armed = true
 			fw.mu.Unlock()
 			freed, _ := c.gc(true, true)

@@ -12,14 +12,15 @@ import (
 	"github.com/nbdcache/nbdcache/test/testseed"
 )
 
-// countReads counts the reads of the device it wraps.
+// countReads counts the reads of the device it wraps, and their bytes.
 type countReads struct {
 	storage.Device
-	n atomic.Int64
+	n, bytes atomic.Int64
 }
 
 func (d *countReads) ReadAt(p []byte, off int64) error {
 	d.n.Add(1)
+	d.bytes.Add(int64(len(p)))
 	return d.Device.ReadAt(p, off)
 }
 

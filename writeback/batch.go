@@ -578,12 +578,18 @@ func (f *Flusher) readFate(err error, out *spanOut) status {
 		f.count(func(s *Stats) { s.Busy++ })
 		return busy
 	default:
-		if out.err == nil {
-			out.err = err
-		}
-		f.fail(err)
+		f.spanFailed(out, err)
 		return failed
 	}
+}
+
+// spanFailed records err as the span's first failure, if it is, and as
+// the flusher's.
+func (f *Flusher) spanFailed(out *spanOut, err error) {
+	if out.err == nil {
+		out.err = err
+	}
+	f.fail(err)
 }
 
 // settle makes what issue wrote durable, then marks it clean: one backing
@@ -733,12 +739,6 @@ func (f *Flusher) pace(ctx context.Context, n, sent int64, start time.Time) bool
 // in ascending order. observe, if not nil, is told each write's time.
 func (f *Flusher) writeSpan(s *span, out *spanOut, data []byte, prev <-chan struct{}, started chan<- struct{}, observe func(time.Duration, int64)) {
 	st := out.st
-	fail := func(err error) {
-		if out.err == nil {
-			out.err = err
-		}
-		f.fail(err)
-	}
 	buf := data
 	if buf == nil {
 		buf = f.getBuf(s.n)
@@ -783,7 +783,7 @@ func (f *Flusher) writeSpan(s *span, out *spanOut, data []byte, prev <-chan stru
 		fate := written
 		if err != nil {
 			fate = lost
-			fail(err)
+			f.spanFailed(out, err)
 		} else {
 			var dirty int64
 			for _, e := range s.ext[r.a:r.b] {

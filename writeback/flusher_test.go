@@ -782,17 +782,6 @@ func (s *batchSource) ReadCachedBatch(es []btreeidx.Extent, ps [][]byte, errs []
 	}
 }
 
-// slowWrites makes every backing write take lat (synctest time).
-type slowWrites struct {
-	storage.Device
-	lat time.Duration
-}
-
-func (d slowWrites) WriteAt(p []byte, off int64, f storage.Flags) error {
-	time.Sleep(d.lat)
-	return d.Device.WriteAt(p, off, f)
-}
-
 // TestReadAheadReleasesWhatItDoesNotWrite: at full speed a batch reads
 // all its pieces at once (BatchReader), before writing any. When it stops
 // early (BatchTime runs out over a slow backing), the pieces it read but
@@ -804,7 +793,9 @@ func TestReadAheadReleasesWhatItDoesNotWrite(t *testing.T) {
 		src := &batchSource{fakeSource: newFakeSource(4096, 4096, 1<<30)}
 		densely(src.fakeSource, seed, 3)
 		mem := storage.NewMem(src.size())
-		f := New(src, slowWrites{mem, 20 * time.Millisecond}, Config{Logger: quiet, MaxInFlight: 2, BatchTime: 100 * time.Millisecond})
+		slow := storage.NewDelay(mem)
+		slow.Set(storage.OpWrite, 20*time.Millisecond)
+		f := New(src, slow, Config{Logger: quiet, MaxInFlight: 2, BatchTime: 100 * time.Millisecond})
 		if err := f.Drain(context.Background(), nil); err != nil {
 			t.Fatal(err)
 		}
