@@ -86,7 +86,13 @@ func (ix *Index) Insert(e Extent, dropped func(Extent)) {
 		// the path the insert has just brought into the CPU cache, which
 		// saves most of a cold descent (see BenchmarkInsertRandom).
 		old, replaced := ix.put(q)
-		ix.cut(q.start, q.end, q.end, dropped)
+		// An item that ended where q ends and began at or before q's
+		// start covered all of q, and items never overlap: nothing else
+		// lies under q, and the cut (a second descent) is skipped. This
+		// is the common overwrite of a block in place.
+		if !replaced || old.startS() > q.start {
+			ix.cut(q.start, q.end, q.end, dropped)
+		}
 		if replaced {
 			// old ended where q ends; only its part before q can stay.
 			o := old.unpack()

@@ -87,7 +87,9 @@ func (c *Cache) writeRun(ws []BatchWrite) (n int, stop *writeDecision) {
 		}
 		return k, nil
 	}
-	var chunks []batchChunk
+	// A write makes one chunk, two where it crosses into the next
+	// bucket: a few more than k is room for all but rare runs.
+	chunks := make([]batchChunk, 0, k+k/8+2)
 	c.mu.Lock()
 	for ; n < k; n++ {
 		w := &ws[n]

@@ -424,6 +424,10 @@ func (c *conn) runBatch() {
 		start = time.Now()
 	}
 	c.batcher.WriteBatch(c.bws)
+	var took time.Duration
+	if obs != nil {
+		took = time.Since(start)
+	}
 	st := &c.s.stats
 	for i, j := range c.batch {
 		c.putBuf(j.payload)
@@ -437,7 +441,7 @@ func (c *conn) runBatch() {
 			st.bytesWritten.Add(int64(j.req.length))
 		}
 		if obs != nil {
-			obs.Request(cmdName(cmdWrite), time.Since(start), errnoName(errno))
+			obs.Request(cmdName(cmdWrite), took, errnoName(errno))
 		}
 	}
 	c.wmu.Lock()
