@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/dgraph-io/ristretto/v2"
 	"github.com/nbdcache/nbdcache/btreeidx"
@@ -83,6 +84,10 @@ type Cache struct {
 		// unstarted bytes were written since the last ask.
 		startWB   chan struct{}
 		unstarted atomic.Int64
+		// lastStartAsk is when startWB was last asked for, as time
+		// since epoch (kickStartWriteback).
+		lastStartAsk atomic.Int64
+		epoch        time.Time
 		// quiet: the first write acknowledged since quietLoop last
 		// looked arms it (quietArmed) and wakes the loop, which commits
 		// once acknowledgements stop for QuietCommit.
@@ -170,6 +175,8 @@ func open(cacheDev, backing storage.Device, opts Options, h testHooks) (*Cache, 
 	c.ops.init(int(max(1, slots/8)))
 	c.bg.kick = make(chan struct{}, 1)
 	c.bg.startWB = make(chan struct{}, 1)
+	c.bg.epoch = time.Now()
+	c.bg.lastStartAsk.Store(int64(-earlyWritebackGap))
 	c.bg.quiet = make(chan struct{}, 1)
 	c.mu.wbCond.L = &c.mu.Mutex
 	c.mu.wb = newWBSet()

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -136,6 +137,27 @@ func TestEarlyWriteback(t *testing.T) {
 		}
 	default:
 		t.Fatal("startWriteback left the open bucket out")
+	}
+
+	// Asks come at most once an earlyWritebackGap: within the gap (made
+	// long here) none, however much is written; once it has passed, the
+	// next write asks, for the bytes held back too.
+	<-c.bg.startWB
+	c.bg.lastStartAsk.Store(int64(time.Since(c.bg.epoch) + time.Hour))
+	for end := written + 2*earlyWriteback; written < end; written += 4096 {
+		if err := c.WriteAt(payload(written, 4096, 1), written, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if len(c.bg.startWB) != 0 {
+		t.Fatal("writeback asked for again within earlyWritebackGap")
+	}
+	c.bg.lastStartAsk.Store(int64(time.Since(c.bg.epoch) - earlyWritebackGap))
+	if err := c.WriteAt(payload(written, 4096, 1), written, 0); err != nil {
+		t.Fatal(err)
+	}
+	if len(c.bg.startWB) != 1 {
+		t.Fatal("no writeback asked for by the first write after earlyWritebackGap, with bytes held back")
 	}
 }
 

@@ -264,9 +264,8 @@ func (c *Cache) noteWrites(k, n int64, cached bool) {
 	c.stats.writes.Add(k)
 	c.stats.writeBytes.Add(n)
 	c.flusher.NoteForeground()
-	if cached && c.bg.unstarted.Add(n) >= earlyWriteback {
+	if cached && c.bg.unstarted.Add(n) >= earlyWriteback && c.kickStartWriteback() {
 		c.bg.unstarted.Store(0)
-		c.kickStartWriteback()
 	}
 }
 
