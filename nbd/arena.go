@@ -95,12 +95,14 @@ type arenaWaiter struct {
 }
 
 // buffer is one block handed out by an arena; data is its first n bytes.
-// lane marks a block of the server's lane arena (conn.getBuf).
+// lane marks a block of the server's lane arena (conn.getBuf); borrowed,
+// a payload left in the read buffer (conn.borrow), of no arena.
 type buffer struct {
-	data  []byte
-	page  int32
-	order int8
-	lane  bool
+	data     []byte
+	page     int32
+	order    int8
+	lane     bool
+	borrowed bool
 }
 
 // newArena makes an arena of size bytes (at least one page; rounded down

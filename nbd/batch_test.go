@@ -3,8 +3,10 @@ package nbd
 import (
 	"bytes"
 	"fmt"
+	"io"
 	"maps"
 	"math/rand/v2"
+	"net"
 	"sync"
 	"testing"
 	"time"
@@ -185,6 +187,48 @@ func TestWritesBatchPerRead(t *testing.T) {
 			}
 			if !bytes.Equal(got, want) {
 				t.Errorf("the device's bytes differ from the writes acknowledged")
+			}
+		})
+	}
+}
+
+// TestBatchedWriteCutShortLandsNothing: a batched WRITE whose payload
+// never arrives whole (the client stops sending halfway) writes nothing,
+// while the whole WRITE before it, read in the same batch, lands. The
+// read loop takes a batched payload out of its read buffer without a copy
+// only once all of it is there; a payload still arriving is read the
+// usual way, which fails at the end of the stream.
+func TestBatchedWriteCutShortLandsNothing(t *testing.T) {
+	for _, cut := range []int{0, 1, 4095, 8191} {
+		t.Run(fmt.Sprintf("cut=%d", cut), func(t *testing.T) {
+			mem := storage.NewMem(testSize)
+			dev := &batchDevice{recordingDevice: newRecordingDevice(mem), failAt: map[int64]error{}, fua: map[int64]bool{}}
+			_, addr := startServerConfig(t, Config{Exports: []Export{{Device: dev}}})
+			c := dial(t, addr)
+			c.connect("", true)
+			whole := bytes.Repeat([]byte{0xaa}, 4096)
+			short := bytes.Repeat([]byte{0xbb}, 8192)
+			stream := appendRequest(nil, request{typ: cmdWrite, cookie: 1, offset: 0, length: 4096})
+			stream = append(stream, whole...)
+			stream = appendRequest(stream, request{typ: cmdWrite, cookie: 2, offset: 65536, length: 8192})
+			stream = append(stream, short[:cut]...)
+			c.send(stream)
+			if err := c.nc.(*net.TCPConn).CloseWrite(); err != nil {
+				t.Fatal(err)
+			}
+			// The server answers what it ran and closes: read to the end.
+			if _, err := io.Copy(io.Discard, c.r); err != nil {
+				t.Fatal(err)
+			}
+			got := make([]byte, 65536+8192)
+			if err := mem.ReadAt(got, 0); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got[:4096], whole) {
+				t.Error("the whole WRITE before the cut did not land")
+			}
+			if i := bytes.IndexFunc(got[65536:], func(r rune) bool { return r != 0 }); i >= 0 {
+				t.Errorf("the WRITE cut short after %d of its 8192 bytes landed bytes (first at +%d)", cut, i)
 			}
 		})
 	}

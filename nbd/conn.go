@@ -279,6 +279,13 @@ func remote(nc net.Conn) string {
 // and a batch runs before any other request is dispatched, so a FLUSH
 // read after the writes covers them, and nothing the batch holds is what
 // the loop waits for.
+//
+// A batched WRITE whose payload is whole in r's buffer is not copied out
+// of it (borrow): the batch runs before r reads from the socket again,
+// which is the only time bufio moves or overwrites what it buffered. The
+// loop reads on without running the batch only while the next request is
+// whole in the buffer (nextBuffered), and runs it before any request that
+// is not batched.
 func (c *conn) readLoop(r *bufio.Reader) error {
 	defer c.settle()
 	var hb [requestHeaderSize]byte
@@ -317,7 +324,9 @@ func (c *conn) readLoop(r *bufio.Reader) error {
 		}
 		errno, msg := c.validate(req)
 		var payload buffer
-		if req.typ == cmdWrite && req.length > 0 {
+		if batchable && errno == 0 && r.Buffered() >= int(req.length) {
+			payload = borrow(r, int(req.length))
+		} else if req.typ == cmdWrite && req.length > 0 {
 			if errno == 0 {
 				ok := false
 				if c.pending() {
@@ -401,6 +410,15 @@ func nextBuffered(r *bufio.Reader) bool {
 		return true // reading it does not wait (a bad magic ends the connection)
 	}
 	return int64(n-requestHeaderSize) >= int64(req.length)
+}
+
+// borrow takes the next n bytes of r, all of them buffered, as a payload
+// that stays in r's buffer: valid until r next reads from its source.
+// putBuf ignores it.
+func borrow(r *bufio.Reader, n int) buffer {
+	p, _ := r.Peek(n)
+	r.Discard(n)
+	return buffer{data: p, borrowed: true}
 }
 
 // runBatch runs the WRITEs gathered in c.batch in one device call on this
@@ -708,7 +726,7 @@ func (c *conn) tryGetBuf(n int) (buffer, bool) {
 
 // putBuf gives back a buffer from getBuf (a zero buffer is ignored).
 func (c *conn) putBuf(b buffer) {
-	if b.data == nil {
+	if b.data == nil || b.borrowed {
 		return
 	}
 	if b.lane {
