@@ -782,3 +782,36 @@ func TestRotatingBackingStartsAsADisk(t *testing.T) {
 		closeChecked(t, c, devPair{d.cache, back})
 	}
 }
+
+// TestFlusherTimesCorrectARotatingBacking: a fast backing that says it
+// rotates (a file on a virtio disk) stops being taken for a disk once the
+// flusher has timed its own writes, though no write went around the cache
+// and the cache timed none itself (a working set that fits: nothing
+// bypasses, and GC need not clean).
+func TestFlusherTimesCorrectARotatingBacking(t *testing.T) {
+	d := formatMem(t, 1<<20+256<<10, 8<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 64 << 10})
+	back := storage.NewSlow(d.back, storage.DiskModel{Name: "instant", TransferRate: 1 << 40})
+	c := openStillT(t, devPair{d.cache, back}, Options{SequentialCutoff: -1})
+	defer closeChecked(t, c, devPair{d.cache, back})
+	if !c.diskLike() {
+		t.Fatal("a rotating backing is not taken for a disk before any write was timed")
+	}
+	// 16 dirty blocks apart from each other: 16 backing writes.
+	for i := range int64(16) {
+		if err := c.WriteAt(payload(i*8192, 4096, 1), i*8192, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := c.Drain(t.Context(), nil); err != nil {
+		t.Fatal(err)
+	}
+	if n := c.health.samples.Load(); n >= trustSamples {
+		t.Fatalf("the cache timed %d writes itself: the test no longer shows the flusher's", n)
+	}
+	if _, ok := c.flusher.TimedSeeks(); !ok {
+		t.Fatal("the flusher timed too few writes to say")
+	}
+	if c.diskLike() {
+		t.Error("still taken for a disk after the flusher timed fast writes")
+	}
+}

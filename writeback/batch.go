@@ -328,6 +328,16 @@ func (t *writeTimes) note(d time.Duration) {
 	}
 }
 
+// TimedSeeks reports whether the flusher's own timed backing writes say
+// the backing is a disk (an average over a millisecond), and ok once it
+// has timed enough of them to say (trustTimes).
+func (f *Flusher) TimedSeeks() (seeks, ok bool) {
+	if f.times.n.Load() < trustTimes {
+		return false, false
+	}
+	return f.times.avg.Load() > seekNanos, true
+}
+
 // backingSeeks reports whether the backing behaves as a disk: by the
 // flusher's own timed writes once it has trustTimes of them, else by the
 // Source (a Seeker), else not. The cache's measure (a Seeker) starts from
@@ -336,8 +346,8 @@ func (t *writeTimes) note(d time.Duration) {
 // bypassed write to correct it, every drain went a span a job (issue 22:
 // drain CPU 1.7x). The flusher's writes say what the device is.
 func (f *Flusher) backingSeeks() bool {
-	if f.times.n.Load() >= trustTimes {
-		return f.times.avg.Load() > seekNanos
+	if seeks, ok := f.TimedSeeks(); ok {
+		return seeks
 	}
 	return f.seeks != nil && f.seeks.BackingSeeks()
 }
