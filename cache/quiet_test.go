@@ -319,3 +319,36 @@ func lostInCut(t *testing.T, c *Cache, cdev, bdev *storage.Crash, first, n int) 
 	}
 	return lost
 }
+
+// TestQuietCommitWaitsForWritesAround: writes that go around a thrashing
+// cache append no journal record, but they are writes: while they come
+// closer together than QuietCommit there is no quiet commit (each would
+// flush the backing under a load that never paused), and once they stop
+// there is one, and a power cut after it loses none of them.
+func TestQuietCommitWaitsForWritesAround(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		cdev, bdev := quietDevs(t)
+		c := openHooked(t, devPair{cdev, bdev}, Options{SequentialCutoff: -1}, testHooks{alwaysThrash: true})
+		defer c.Close()
+		for i := range 60 { // 300 ms, a write every 5 ms
+			if err := c.WriteAt(payload(int64(i)*4096, 4096, uint64(i+1)), int64(i)*4096, 0); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(5 * time.Millisecond)
+			synctest.Wait()
+		}
+		if c.Stats().Bypasses < 60 {
+			t.Fatalf("%d of 60 writes went around the cache: the test shows nothing", c.Stats().Bypasses)
+		}
+		if n := c.Stats().QuietCommits; n != 0 {
+			t.Fatalf("%d quiet commits while a write went around the cache every 5 ms", n)
+		}
+		time.Sleep(quietCommitGap + 50*time.Millisecond)
+		synctest.Wait()
+		n := c.Stats().QuietCommits
+		lost := lostInCut(t, c, cdev, bdev, 0, 60)
+		if n != 1 || lost > 0 {
+			t.Fatalf("after the writes stopped: %d quiet commits (want 1), and a power cut lost %d of 60 writes", n, lost)
+		}
+	})
+}
