@@ -17,6 +17,9 @@ type backingHealth struct {
 	// writes and the cache's own writebacks (see slowBacking).
 	nanos         atomic.Int64
 	samples       atomic.Int64 // writes noted in nanos since the prior (assume)
+	// rotates: the prior came from the backing's word that it rotates
+	// (set once, before any goroutine of the cache starts).
+	rotates bool
 	roomWaitAfter atomic.Int64 // unix nanoseconds: no waiting for room before
 	// awayUntil: unix nanoseconds until which the backing is taken to be
 	// unreachable (noteUnavailable).
@@ -59,6 +62,7 @@ const (
 func (h *backingHealth) assume(c storage.Caps) {
 	if c.Rotational {
 		h.nanos.Store(2 * slowBackingNanos)
+		h.rotates = true
 	}
 }
 
@@ -106,17 +110,21 @@ const backingAwayFor = 5 * time.Second
 // then where its head goes matters more than anything else. The sysfs
 // rotational flag does not tell: virtio disks claim to rotate.
 //
-// Until the cache has timed trustSamples writes of its own (bypasses, its
-// writebacks), the flusher's timed writes decide once it has enough of
-// them (writeback.Flusher.TimedSeeks). Without that, a fast file on a
-// virtio disk stayed "a disk" for as long as no write went around the
-// cache: at a working set half a 64 MiB cache (bench/pressure.sh, ratio
-// 0.5) the writers then moved data themselves and waited for checkpoints
-// in some runs and not in others (gc_moved_bytes 180 MB against 12 MB).
+// A backing taken for a disk on its word alone (it says it rotates, and
+// the cache has timed fewer than trustSamples writes of its own) is not
+// one once the flusher's timed writes say it is fast
+// (writeback.Flusher.TimedSeeks). Without that, a fast file on a virtio
+// disk stayed "a disk" for as long as no write went around the cache: at
+// a working set half a 64 MiB cache (bench/pressure.sh, ratio 0.5) the
+// writers then moved data themselves and waited for checkpoints in some
+// runs and not in others (gc_moved_bytes 180 MB against 12 MB). The
+// flusher's word only clears that prior, never makes a disk: it times a
+// write, not 4 KiB, and a fast device's dense 1 MiB writes take
+// milliseconds (found by review).
 func (c *Cache) diskLike() bool {
-	if c.health.samples.Load() < trustSamples && c.flusher != nil {
-		if seeks, ok := c.flusher.TimedSeeks(); ok {
-			return seeks
+	if c.health.rotates && c.health.samples.Load() < trustSamples && c.flusher != nil {
+		if seeks, ok := c.flusher.TimedSeeks(); ok && !seeks {
+			return false
 		}
 	}
 	return c.health.nanos.Load() > slowBackingNanos

@@ -815,3 +815,40 @@ func TestFlusherTimesCorrectARotatingBacking(t *testing.T) {
 		t.Error("still taken for a disk after the flusher timed fast writes")
 	}
 }
+
+// slowPerByte is a backing that is not rotational and takes 2 ns a byte
+// (500 MB/s): 8 µs a 4 KiB write, 2 ms a 1 MiB one.
+type slowPerByte struct{ storage.Device }
+
+func (s slowPerByte) WriteAt(p []byte, off int64, fl storage.Flags) error {
+	time.Sleep(time.Duration(2 * len(p)))
+	return s.Device.WriteAt(p, off, fl)
+}
+
+// TestFlusherTimesMakeNoDisk: the flusher's timed writes can only clear a
+// rotational prior, never make a disk of a fast backing: they time a
+// write, and a drain of dense dirty data writes 1 MiB at a time, 2 ms
+// each on a 500 MB/s device (found by review).
+func TestFlusherTimesMakeNoDisk(t *testing.T) {
+	d := formatMem(t, 16<<20, 64<<20, FormatOptions{BucketSize: 1 << 20, JournalSize: 256 << 10})
+	back := slowPerByte{d.back}
+	c := openStillT(t, devPair{d.cache, back}, Options{SequentialCutoff: -1})
+	defer closeChecked(t, c, devPair{d.cache, back})
+	if c.diskLike() {
+		t.Fatal("a backing that does not say it rotates is taken for a disk before any write")
+	}
+	for off := int64(0); off < 8<<20; off += 64 << 10 {
+		if err := c.WriteAt(payload(off, 64<<10, 1), off, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := c.Drain(t.Context(), nil); err != nil {
+		t.Fatal(err)
+	}
+	if seeks, ok := c.flusher.TimedSeeks(); !ok || !seeks {
+		t.Fatalf("the flusher's writes: seeks %v, ok %v; want a verdict of slow writes, or the test shows nothing", seeks, ok)
+	}
+	if c.diskLike() {
+		t.Error("a 500 MB/s backing is taken for a disk after the flusher timed its 1 MiB writes")
+	}
+}

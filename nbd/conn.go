@@ -91,9 +91,13 @@ type conn struct {
 	// nil. batch holds the valid WRITEs the read
 	// loop has read but not run yet, bws their device calls (runBatch);
 	// unflushed counts the replies the read loop wrote and has not
-	// flushed yet (they still count in inflight). Only the read loop
+	// flushed yet (they still count in inflight). borrows: batched
+	// payloads may stay in the read buffer (borrow), unless the device
+	// wants buffers aligned in memory (O_DIRECT), which the read buffer's
+	// never are (a 28-byte header before each). Only the read loop
 	// touches them.
 	batcher     storage.BatchWriter
+	borrows     bool
 	nowait      storage.NoWaitReader
 	nowaitFlush storage.NoWaitFlusher
 	batch       []job
@@ -189,6 +193,7 @@ func (c *conn) serve() {
 		// client that reads none would stop it for good, idle check
 		// and all (TestIdleDropsStuckReaderWithoutWriteTimeout).
 		c.batcher, _ = c.dev.(storage.BatchWriter)
+		c.borrows = c.batcher != nil && !storage.WantsAligned(c.dev)
 		c.nowait, _ = c.dev.(storage.NoWaitReader)
 		c.nowaitFlush, _ = c.dev.(storage.NoWaitFlusher)
 	}
@@ -324,7 +329,7 @@ func (c *conn) readLoop(r *bufio.Reader) error {
 		}
 		errno, msg := c.validate(req)
 		var payload buffer
-		if batchable && errno == 0 && r.Buffered() >= int(req.length) {
+		if batchable && c.borrows && errno == 0 && r.Buffered() >= int(req.length) {
 			payload = borrow(r, int(req.length))
 		} else if req.typ == cmdWrite && req.length > 0 {
 			if errno == 0 {

@@ -130,6 +130,20 @@ type BatchWriter interface {
 	WriteBatch(ws []BatchWrite)
 }
 
+// AlignedWriter is implemented by devices that write a buffer aligned in
+// memory as it is and copy any other first (an O_DIRECT file): a caller
+// that could hand over either kind should hand over aligned ones when
+// WantsAligned reports true.
+type AlignedWriter interface {
+	WantsAligned() bool
+}
+
+// WantsAligned is dev's WantsAligned, or false if dev does not say.
+func WantsAligned(dev Device) bool {
+	a, ok := dev.(AlignedWriter)
+	return ok && a.WantsAligned()
+}
+
 // NoWaitReader is implemented by devices that can tell a read served from
 // memory (a page cache, a RAM tier) from one that must wait for a disk or
 // a network. ReadNoWait fills p as ReadAt would and returns true, or

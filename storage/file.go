@@ -364,6 +364,11 @@ func (f *File) StartWriteback(off, length int64) {
 	unix.SyncFileRange(f.fd, off, length, unix.SYNC_FILE_RANGE_WRITE)
 }
 
+// WantsAligned reports whether the file is open with O_DIRECT, where a
+// buffer not aligned in memory goes through a bounce buffer
+// (AlignedWriter).
+func (f *File) WantsAligned() bool { return f.direct }
+
 // WriteAt writes p at offset off; with FUA, p is durable on return.
 func (f *File) WriteAt(p []byte, off int64, flags Flags) error {
 	if err := f.begin(off, int64(len(p)), true); err != nil {
