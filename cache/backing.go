@@ -17,10 +17,10 @@ type backingHealth struct {
 	// writes and the cache's own writebacks (see slowBacking).
 	nanos         atomic.Int64
 	samples       atomic.Int64 // writes noted in nanos since the prior (assume)
+	roomWaitAfter atomic.Int64 // unix nanoseconds: no waiting for room before
 	// rotates: the prior came from the backing's word that it rotates
 	// (set once, before any goroutine of the cache starts).
 	rotates bool
-	roomWaitAfter atomic.Int64 // unix nanoseconds: no waiting for room before
 	// awayUntil: unix nanoseconds until which the backing is taken to be
 	// unreachable (noteUnavailable).
 	awayUntil atomic.Int64
