@@ -100,8 +100,9 @@
 //     for its own work (clean marks, promotions, GC) need no sync: any
 //     durable prefix of the journal recovers, and losing them loses no
 //     acknowledged write. With nothing acknowledged unsynced, a FLUSH
-//     syncs nothing. After QuietCommit (10 ms) with no write acknowledged,
-//     quietLoop does what a FLUSH would, at most every 100 ms.
+//     syncs nothing. After QuietCommit (10 ms) with no client write (into
+//     the cache or around it), quietLoop does what a FLUSH would, at most
+//     every 100 ms.
 //   - Recovery stops at the first journal block that fails its checksum,
 //     its sequence or its chain (prev): the torn tail. Unless a valid block
 //     after it (in the next 256 slots, before an earlier lap) says it was
