@@ -262,7 +262,8 @@
 //   - Read promotion: a miss is copied in the second time its 64 KiB region
 //     misses within a window (a TinyLFU-style doorkeeper with aging), so
 //     one-time scans do not evict the working set; Prefetch (NBD CACHE)
-//     promotes unconditionally. A promotion is dropped if any backing
+//     promotes unconditionally, and makes room as a write does (a read
+//     miss takes free space only). A promotion is dropped if any backing
 //     write over its range started meanwhile or the range got cached.
 //   - RAM tier (ristretto): copies of 4 KiB pages tagged with the version
 //     of the extent they came from, served only for that version, so it can

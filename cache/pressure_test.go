@@ -852,3 +852,38 @@ func TestFlusherTimesMakeNoDisk(t *testing.T) {
 		t.Error("a 500 MB/s backing is taken for a disk after the flusher timed its 1 MiB writes")
 	}
 }
+
+// TestPrefetchMakesRoom: an NBD CACHE into a full cache evicts clean data
+// to take its range, as a write would, where a read miss takes only free
+// space. With no background to free buckets, a cache of 16 buckets takes
+// every one of 64 prefetches of a bucket's size, and the last ones are
+// what it holds at the end. (A prefetch that only took free space was
+// refused from the 15th on.)
+func TestPrefetchMakesRoom(t *testing.T) {
+	const bucket = 64 << 10
+	d := formatMem(t, 1<<20+256<<10, 8<<20, FormatOptions{BucketSize: bucket, JournalSize: 64 << 10})
+	c := openStillT(t, d, Options{SequentialCutoff: -1})
+	r := rng(testseed.Get(t))
+	order := r.Perm(64)
+	for i, k := range order {
+		off := int64(k) * bucket
+		before := c.Stats().Promotions
+		if err := c.Prefetch(off, bucket); err != nil {
+			t.Fatal(err)
+		}
+		if c.Stats().Promotions == before {
+			st := c.Stats()
+			t.Fatalf("prefetch %d of [%d+%d) not promoted: %d free buckets, %d bytes cached", i, off, bucket, st.FreeBuckets, st.CachedBytes)
+		}
+	}
+	for _, k := range order[len(order)-4:] {
+		off := int64(k) * bucket
+		c.mu.Lock()
+		hit := c.cachedLocked(off, bucket)
+		c.mu.Unlock()
+		if !hit {
+			t.Fatalf("[%d+%d), one of the last prefetches, is not cached", off, bucket)
+		}
+	}
+	closeChecked(t, c, d)
+}

@@ -240,7 +240,7 @@ func (c *Cache) read(p []byte, off int64, prefetch, nowait bool) error {
 				// Only whole sectors are cached.
 				a, e := alignUp(pc.off, sectorSize), (pc.off+pc.n)/sectorSize*sectorSize
 				if !pc.cached && a < e {
-					c.promote(p[a-off:e-off], a, guard)
+					c.promote(p[a-off:e-off], a, guard, prefetch)
 				}
 			}
 		}
@@ -262,9 +262,15 @@ func hasGap(ps []readPiece) bool {
 // extents, unless a backing write over the read's range started since the
 // read looked it up (guard.void), or the index got an extent there
 // (writeCached's check): either would make the copy stale.
-func (c *Cache) promote(data []byte, off int64, guard *promoGuard) {
+//
+// A read's promotion takes free space only: it makes none, since a read
+// miss is a guess and room costs evictions or GC moves. An NBD CACHE
+// (prefetch) is the client's word that it will read the range, so it
+// makes room as a write does; without that, a full cache (a thrashing
+// one, say) refused every CACHE until the background freed a bucket.
+func (c *Cache) promote(data []byte, off int64, guard *promoGuard, prefetch bool) {
 	ok := func() bool { return !guard.void }
-	done, _ := c.writeCached(data, off, false, ok, false)
+	done, _ := c.writeCached(data, off, false, ok, prefetch)
 	if done > 0 {
 		c.stats.promotions.Add(1)
 		c.stats.promotedBytes.Add(done)

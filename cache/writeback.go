@@ -192,8 +192,11 @@ func (c *Cache) readNear(es []btreeidx.Extent, ps [][]byte, errs []error) {
 		group := idx[k:m]
 		k = m
 		if len(group) > 1 {
-			if scratch == nil {
-				scratch = storage.AlignedBuf(nearRead)
+			// Sized to the group, not to nearRead: most groups are a
+			// few blocks, and a zeroed 1 MiB a call was most of the
+			// CPU of GC's writebacks in small caches.
+			if int64(len(scratch)) < end-from {
+				scratch = storage.AlignedBuf(int(alignUp(end-from, 64<<10)))
 			}
 			if c.dev.ReadAt(scratch[:end-from], from) == nil {
 				for _, i := range group {
