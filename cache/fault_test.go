@@ -141,8 +141,12 @@ func TestOverwritesAboveHalfStayCached(t *testing.T) {
 	st := c.Stats()
 	t.Logf("span %d of %d: bypasses %d, no-space %d, GC runs %d moving %d bytes, checkpoints %d, writeback %d bytes",
 		span, c.CapacityBytes(), st.Bypasses, st.NoSpace, st.GCRuns, st.GCMovedBytes, st.Checkpoints, st.WritebackBytes)
-	if st.Bypasses != 0 {
-		t.Fatalf("%d writes bypassed the cache", st.Bypasses)
+	// With a 25% threshold 380-550 of the 13.5k writes went around. A
+	// write or two may, when the machine starves the background loop
+	// (1 did once in CI, the test package running beside it): a full
+	// cache sends a write to a fast backing rather than keep it waiting.
+	if writes := st.Writes; st.Bypasses > writes/1000 {
+		t.Fatalf("%d of %d writes bypassed the cache", st.Bypasses, writes)
 	}
 }
 
