@@ -167,7 +167,7 @@ func open(cacheDev, backing storage.Device, opts Options, h testHooks) (*Cache, 
 		sb.BackingPath = opts.BackingPath // written with the dirty state below
 	}
 	c := &Cache{dev: cacheDev, back: backing, sb: *sb, opts: opts, test: h, log: opts.Logger}
-	c.dw.dev, c.dw.writes = cacheDev, &c.stats.dataWrites
+	c.dw.init(cacheDev, &c.stats.dataWrites)
 	slots := sb.journalSlots()
 	// The operations in flight may add a block each, so a quarter of the
 	// ring (slots/8 operations, with the margin ringFullLocked keeps)

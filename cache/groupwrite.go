@@ -35,7 +35,8 @@ import (
 // a location its writer allocated).
 type groupWriter struct {
 	dev    storage.Device
-	writes *atomic.Int64 // counts device writes
+	vec    storage.VectorWriter // dev, if it takes a run's pieces as they are
+	writes *atomic.Int64        // counts device writes
 	mu     sync.Mutex
 	cur    *writeBatch // collecting; nil when no leader is yielding
 	buf    sync.Pool   // *[]byte: a leader's buffer for merged runs
@@ -50,6 +51,14 @@ type groupReq struct {
 	p   []byte
 	off int64
 	err error
+}
+
+// init makes g write to dev, counting its writes in writes.
+func (g *groupWriter) init(dev storage.Device, writes *atomic.Int64) {
+	g.dev, g.writes = dev, writes
+	if v, ok := dev.(storage.VectorWriter); ok && !storage.WantsAligned(dev) {
+		g.vec = v
+	}
 }
 
 // maxGroupRun bounds one merged write.
@@ -116,9 +125,18 @@ func (g *groupWriter) flush(reqs []groupReq) {
 	}
 }
 
-// writeRun copies the adjacent requests idx into one buffer and writes it.
-// The buffer is page-aligned, so that an O_DIRECT device takes it as it is.
+// writeRun writes the adjacent requests idx with one call: their pieces
+// as they are to a VectorWriter (one pwritev), else copied into one
+// page-aligned buffer, which an O_DIRECT device takes as it is. (The copy
+// was 2% of the server's CPU under 4k random writes at QD32.)
 func (g *groupWriter) writeRun(reqs []groupReq, idx []int) error {
+	if g.vec != nil {
+		bufs := make([][]byte, len(idx))
+		for i, k := range idx {
+			bufs[i] = reqs[k].p
+		}
+		return g.vec.WriteVecAt(bufs, reqs[idx[0]].off)
+	}
 	bp, _ := g.buf.Get().(*[]byte)
 	if bp == nil {
 		b := storage.AlignedBuf(maxGroupRun)

@@ -130,6 +130,15 @@ type BatchWriter interface {
 	WriteBatch(ws []BatchWrite)
 }
 
+// VectorWriter is implemented by devices that write several buffers, one
+// after another from off, in one call (pwritev), as WriteAt would write
+// them joined: a caller holding pieces adjacent on the device writes them
+// without copying them into one buffer first. A device that also wants
+// aligned buffers (AlignedWriter) may copy unaligned ones.
+type VectorWriter interface {
+	WriteVecAt(bufs [][]byte, off int64) error
+}
+
 // AlignedWriter is implemented by devices that write a buffer aligned in
 // memory as it is and copy any other first (an O_DIRECT file): a caller
 // that could hand over either kind should hand over aligned ones when

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -378,6 +379,66 @@ func (f *File) WriteAt(p []byte, off int64, flags Flags) error {
 	defer f.mutations.Add(1)
 	return f.write(p, off, flags&FUA != 0)
 }
+
+// WriteVecAt writes bufs one after another from off (VectorWriter), with
+// pwritev calls of at most iovMax buffers each. With O_DIRECT the buffers
+// are joined into an aligned one first (a piece of a batch is rarely
+// aligned in memory).
+func (f *File) WriteVecAt(bufs [][]byte, off int64) error {
+	if f.direct {
+		var p []byte
+		for _, b := range bufs {
+			p = append(p, b...)
+		}
+		return f.WriteAt(p, off, 0)
+	}
+	var n int64
+	for _, b := range bufs {
+		n += int64(len(b))
+	}
+	if err := f.begin(off, n, true); err != nil {
+		return err
+	}
+	defer f.mu.RUnlock()
+	defer f.mutations.Add(1)
+	if f.serial != nil {
+		defer f.serial.end(f.serial.begin())
+	}
+	// A write cut short leaves a buffer half written: the rest of it is
+	// resliced here, so work on a copy of the caller's slice (without
+	// empty buffers: every one left has bytes to write).
+	bufs = slices.DeleteFunc(slices.Clone(bufs), func(b []byte) bool { return len(b) == 0 })
+	for len(bufs) > 0 {
+		w, err := unix.Pwritev(f.fd, bufs[:min(len(bufs), iovMax)], off)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err != nil:
+			return f.errorf("pwritev", off, err)
+		case w == 0:
+			return f.errorf("pwritev", off, unix.EIO)
+		}
+		off += int64(w)
+		bufs = skipWritten(bufs, w)
+	}
+	return nil
+}
+
+// skipWritten drops the first w bytes of bufs, none of them empty, and
+// returns what is left to write, with no empty buffer either.
+func skipWritten(bufs [][]byte, w int) [][]byte {
+	for w > 0 {
+		k := min(w, len(bufs[0]))
+		bufs[0], w = bufs[0][k:], w-k
+		if len(bufs[0]) == 0 {
+			bufs = bufs[1:]
+		}
+	}
+	return bufs
+}
+
+// iovMax is Linux's limit on the buffers of one pwritev (UIO_MAXIOV).
+const iovMax = 1024
 
 // WriteBatch does WriteAt for each write (BatchWriter). Into the page
 // cache they go one after another, in order: the NBD server so runs a

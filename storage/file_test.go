@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -585,5 +586,94 @@ func TestFileFlushNoWait(t *testing.T) {
 	f.testOnSync = nil
 	if f.FlushNoWait() {
 		t.Error("after a failed sync, a Flush has nothing to do")
+	}
+}
+
+// TestFileWriteVec: WriteVecAt lands its buffers one after another, as
+// WriteAt of them joined would, buffered and with O_DIRECT (where they are
+// joined into an aligned copy), with empty buffers among them and more
+// than one pwritev's worth (iovMax); and a Flush after it has work to do.
+func TestFileWriteVec(t *testing.T) {
+	seed := testseed.Get(t)
+	for _, direct := range []bool{false, true} {
+		t.Run(fmt.Sprintf("direct=%v", direct), func(t *testing.T) {
+			rng := newRand(seed)
+			const size = 4 << 20
+			f := openTemp(t, size, direct)
+			model := make([]byte, size)
+			for i := range 40 {
+				bufs := make([][]byte, 1+rng.IntN(2*iovMax))
+				total := 0
+				for k := range bufs {
+					n := 0
+					if rng.IntN(8) != 0 {
+						n = 1 + rng.IntN(1024)
+					}
+					bufs[k] = fill(n, seed+uint64(i*4096+k))
+					total += n
+				}
+				// Whole sectors: O_DIRECT writes of them need no read.
+				total = (total + 511) / 512 * 512
+				bufs = append(bufs, make([]byte, total-joinedLen(bufs)))
+				off := rng.Int64N((size-int64(total))/512+1) * 512
+				kept := slices.Clone(bufs)
+				if err := f.WriteVecAt(bufs, off); err != nil {
+					t.Fatalf("op %d: %d buffers at %d: %v", i, len(bufs), off, err)
+				}
+				for k := range bufs {
+					if len(bufs[k]) != len(kept[k]) {
+						t.Fatalf("op %d: WriteVecAt changed the caller's buffer %d", i, k)
+					}
+				}
+				for _, b := range bufs {
+					off += int64(copy(model[off:], b))
+				}
+				if f.FlushNoWait() {
+					t.Fatalf("op %d: a Flush after WriteVecAt would have nothing to do", i)
+				}
+				if err := f.Flush(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if got := readAll(t, f); !bytes.Equal(got, model) {
+				t.Fatalf("final: %s", firstDiff(got, model))
+			}
+			if err := f.WriteVecAt([][]byte{make([]byte, 512), make([]byte, 512)}, size-512); !errors.Is(err, ErrOutOfRange) {
+				t.Fatalf("a write past the end: %v, want ErrOutOfRange", err)
+			}
+		})
+	}
+}
+
+func joinedLen(bufs [][]byte) (n int) {
+	for _, b := range bufs {
+		n += len(b)
+	}
+	return n
+}
+
+// TestSkipWritten: a pwritev cut short anywhere (in a buffer, at the end of
+// one) leaves exactly the bytes after the cut, with no empty buffer.
+func TestSkipWritten(t *testing.T) {
+	rng := newRand(testseed.Get(t))
+	for range 500 {
+		bufs := make([][]byte, 1+rng.IntN(6))
+		var joined []byte
+		for k := range bufs {
+			bufs[k] = fill(1+rng.IntN(9), rng.Uint64())
+			joined = append(joined, bufs[k]...)
+		}
+		w := rng.IntN(len(joined) + 1)
+		left := skipWritten(slices.Clone(bufs), w)
+		var got []byte
+		for _, b := range left {
+			if len(b) == 0 {
+				t.Fatalf("an empty buffer left after %d of %d bytes", w, len(joined))
+			}
+			got = append(got, b...)
+		}
+		if !bytes.Equal(got, joined[w:]) {
+			t.Fatalf("after %d of %d bytes: %d left, want %d", w, len(joined), len(got), len(joined)-w)
+		}
 	}
 }

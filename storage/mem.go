@@ -90,6 +90,25 @@ func (m *Mem) WriteAt(p []byte, off int64, flags Flags) error {
 	return nil
 }
 
+// WriteVecAt writes bufs one after another from off (VectorWriter).
+func (m *Mem) WriteVecAt(bufs [][]byte, off int64) error {
+	if m.closed.Load() {
+		return ErrClosed
+	}
+	var n int64
+	for _, b := range bufs {
+		n += int64(len(b))
+	}
+	if err := CheckRange(m.size, off, n); err != nil {
+		return err
+	}
+	for _, b := range bufs {
+		m.write(b, off)
+		off += int64(len(b))
+	}
+	return nil
+}
+
 // Flush does nothing: Mem has no volatile cache.
 func (m *Mem) Flush() error {
 	if m.closed.Load() {
