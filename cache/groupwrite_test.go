@@ -3,6 +3,7 @@ package cache
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -32,11 +33,43 @@ func (f *failAt) WriteAt(p []byte, off int64, flags storage.Flags) error {
 // chunks, whatever order the writers joined in; a failed run fails its
 // own writers only; and the bytes land where each writer asked.
 func TestGroupWriterMerges(t *testing.T) {
+	for _, vec := range []bool{false, true} {
+		t.Run(fmt.Sprintf("vec=%v", vec), func(t *testing.T) { testGroupWriterMerges(t, vec) })
+	}
+}
+
+// vecDev is a device whose WriteVecAt joins the buffers and writes them
+// with its own WriteAt (so a wrapper's failures and records apply): the
+// group writer's path for a VectorWriter.
+type vecDev struct{ storage.Device }
+
+func (d vecDev) WriteVecAt(bufs [][]byte, off int64) error {
+	var p []byte
+	for _, b := range bufs {
+		p = append(p, b...)
+	}
+	return d.WriteAt(p, off, 0)
+}
+
+// newGroupWriter is a groupWriter on dev, through vecDev if vec.
+func newGroupWriter(dev storage.Device, writes *atomic.Int64, vec bool) *groupWriter {
+	g := new(groupWriter)
+	if vec {
+		dev = vecDev{dev}
+	}
+	g.init(dev, writes)
+	if (g.vec != nil) != vec {
+		panic("groupWriter.init: vector path not as asked")
+	}
+	return g
+}
+
+func testGroupWriterMerges(t *testing.T, vec bool) {
 	const k = 4096
 	rec := &recordingDevice{Device: storage.NewMem(1 << 20)}
 	dev := &failAt{recordingDevice: rec, off: 16 * k}
 	var writes atomic.Int64
-	g := groupWriter{dev: dev, writes: &writes}
+	g := newGroupWriter(dev, &writes, vec)
 	spans := [][2]int64{{2 * k, k}, {0, k}, {k, k}, {20 * k, k}, {16 * k, 4 * k}, {40 * k, 2 * k}, {24 * k, 3 * k}}
 	reqs := make([]groupReq, len(spans))
 	for i, s := range spans {
@@ -73,7 +106,7 @@ func TestGroupWriterMerges(t *testing.T) {
 func TestGroupWriterBoundsRuns(t *testing.T) {
 	rec := &recordingDevice{Device: storage.NewMem(8 << 20)}
 	var writes atomic.Int64
-	g := groupWriter{dev: rec, writes: &writes}
+	g := newGroupWriter(rec, &writes, false)
 	var reqs []groupReq
 	off := int64(0)
 	for _, n := range []int64{256 << 10, 512 << 10, 512 << 10, 3 << 20, 64 << 10} {
@@ -93,10 +126,16 @@ func TestGroupWriterBoundsRuns(t *testing.T) {
 // once its data is on the device.
 func TestGroupWriterConcurrent(t *testing.T) {
 	seed := testseed.Get(t)
+	for _, vec := range []bool{false, true} {
+		t.Run(fmt.Sprintf("vec=%v", vec), func(t *testing.T) { testGroupWriterConcurrent(t, seed, vec) })
+	}
+}
+
+func testGroupWriterConcurrent(t *testing.T, seed uint64, vec bool) {
 	const size = 16 << 20
 	rec := &recordingDevice{Device: storage.NewMem(size)}
 	var writes atomic.Int64
-	g := groupWriter{dev: rec, writes: &writes}
+	g := newGroupWriter(rec, &writes, vec)
 	var next atomic.Int64
 	var wg sync.WaitGroup
 	n := int64(0)

@@ -266,8 +266,11 @@ func hasGap(ps []readPiece) bool {
 // A read's promotion takes free space only: it makes none, since a read
 // miss is a guess and room costs evictions or GC moves. An NBD CACHE
 // (prefetch) is the client's word that it will read the range, so it
-// makes room as a write does; without that, a full cache (a thrashing
-// one, say) refused every CACHE until the background freed a bucket.
+// makes room as a write-back write does (makeSpace: evicting clean data,
+// moving dirty data, a checkpoint), in every mode and while thrashing
+// too; without that, a full cache (a thrashing one, say) refused every
+// CACHE until the background freed a bucket. The NBD server bounds how
+// many CACHE requests run at once.
 func (c *Cache) promote(data []byte, off int64, guard *promoGuard, prefetch bool) {
 	ok := func() bool { return !guard.void }
 	done, _ := c.writeCached(data, off, false, ok, prefetch)

@@ -195,8 +195,8 @@ func (c *Cache) readNear(es []btreeidx.Extent, ps [][]byte, errs []error) {
 			// Sized to the group, not to nearRead: most groups are a
 			// few blocks, and a zeroed 1 MiB a call was most of the
 			// CPU of GC's writebacks in small caches.
-			if int64(len(scratch)) < end-from {
-				scratch = storage.AlignedBuf(int(alignUp(end-from, 64<<10)))
+			if int64(len(scratch)) < end-from { // at most doubling, up to nearRead
+				scratch = storage.AlignedBuf(int(min(max(2*int64(len(scratch)), alignUp(end-from, 64<<10)), nearRead)))
 			}
 			if c.dev.ReadAt(scratch[:end-from], from) == nil {
 				for _, i := range group {

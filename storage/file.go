@@ -385,16 +385,16 @@ func (f *File) WriteAt(p []byte, off int64, flags Flags) error {
 // are joined into an aligned one first (a piece of a batch is rarely
 // aligned in memory).
 func (f *File) WriteVecAt(bufs [][]byte, off int64) error {
+	var n int64
+	for _, b := range bufs {
+		n += int64(len(b))
+	}
 	if f.direct {
-		var p []byte
+		p := AlignedBuf(int(n))[:0]
 		for _, b := range bufs {
 			p = append(p, b...)
 		}
 		return f.WriteAt(p, off, 0)
-	}
-	var n int64
-	for _, b := range bufs {
-		n += int64(len(b))
 	}
 	if err := f.begin(off, n, true); err != nil {
 		return err
