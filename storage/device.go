@@ -139,6 +139,14 @@ type VectorWriter interface {
 	WriteVecAt(bufs [][]byte, off int64) error
 }
 
+// vecLen is the bytes of bufs, joined.
+func vecLen(bufs [][]byte) (n int64) {
+	for _, b := range bufs {
+		n += int64(len(b))
+	}
+	return n
+}
+
 // AlignedWriter is implemented by devices that write a buffer aligned in
 // memory as it is and copy any other first (an O_DIRECT file): a caller
 // that could hand over either kind should hand over aligned ones when

@@ -385,10 +385,7 @@ func (f *File) WriteAt(p []byte, off int64, flags Flags) error {
 // are joined into an aligned one first (a piece of a batch is rarely
 // aligned in memory).
 func (f *File) WriteVecAt(bufs [][]byte, off int64) error {
-	var n int64
-	for _, b := range bufs {
-		n += int64(len(b))
-	}
+	n := vecLen(bufs)
 	if f.direct {
 		p := AlignedBuf(int(n))[:0]
 		for _, b := range bufs {

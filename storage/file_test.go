@@ -614,7 +614,7 @@ func TestFileWriteVec(t *testing.T) {
 				}
 				// Whole sectors: O_DIRECT writes of them need no read.
 				total = (total + 511) / 512 * 512
-				bufs = append(bufs, make([]byte, total-joinedLen(bufs)))
+				bufs = append(bufs, make([]byte, total-int(vecLen(bufs))))
 				off := rng.Int64N((size-int64(total))/512+1) * 512
 				kept := slices.Clone(bufs)
 				if err := f.WriteVecAt(bufs, off); err != nil {
@@ -643,13 +643,6 @@ func TestFileWriteVec(t *testing.T) {
 			}
 		})
 	}
-}
-
-func joinedLen(bufs [][]byte) (n int) {
-	for _, b := range bufs {
-		n += len(b)
-	}
-	return n
 }
 
 // TestSkipWritten: a pwritev cut short anywhere (in a buffer, at the end of

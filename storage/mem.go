@@ -95,11 +95,7 @@ func (m *Mem) WriteVecAt(bufs [][]byte, off int64) error {
 	if m.closed.Load() {
 		return ErrClosed
 	}
-	var n int64
-	for _, b := range bufs {
-		n += int64(len(b))
-	}
-	if err := CheckRange(m.size, off, n); err != nil {
+	if err := CheckRange(m.size, off, vecLen(bufs)); err != nil {
 		return err
 	}
 	for _, b := range bufs {
