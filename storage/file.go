@@ -643,6 +643,35 @@ func (f *File) zeroBlockDev(off, length int64, flags Flags) error {
 	return nil
 }
 
+// Reserve gives a regular file the disk blocks of all its size (fallocate),
+// so that no later write into it can fail for want of space on its file
+// system: a sparse file takes blocks as it is written, and a write-back
+// cache whose file hit a full file system refused every write from then
+// on (the journal could not grow). It returns about how many bytes the
+// file had no blocks for before. On a block device, or a file
+// opened read-only, it does nothing. The errors: ErrNoSpace when the file
+// system has no room for the rest (what it allocated may stay), ErrNotSupported
+// when the file system cannot allocate ahead (its writes may still fail
+// when it fills). A copy-on-write file system (btrfs, ZFS) allocates anew
+// on every overwrite: there a reservation holds only for the first write
+// of each block.
+func (f *File) Reserve() (missing int64, err error) {
+	if f.blockDev || f.caps.ReadOnly {
+		return 0, nil
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(f.fd, &st); err != nil {
+		return 0, fmt.Errorf("storage: stat %s: %w", f.path, err)
+	}
+	// Blocks past the end (fallocate with KEEP_SIZE) may hide holes
+	// inside: the call is cheap over blocks it already has.
+	missing = max(0, f.size-st.Blocks*512)
+	if err := f.fallocate(0, 0, f.size); err != nil {
+		return missing, fmt.Errorf("storage: %s has no blocks for about %d of its %d bytes, and reserving them failed: %w", f.path, missing, f.size, f.errorf("fallocate", 0, err))
+	}
+	return missing, nil
+}
+
 // allocate allocates the range without changing its contents, and reports
 // whether the file system can.
 func (f *File) allocate(off, length int64) bool {

@@ -670,3 +670,64 @@ func TestSkipWritten(t *testing.T) {
 		}
 	}
 }
+
+// TestFileReserve: Reserve gives a sparse file blocks for all of its
+// size, keeps its contents (holes read as zeroes, data stays), and
+// reports what was missing: nothing the second time; on a read-only file
+// it does nothing.
+func TestFileReserve(t *testing.T) {
+	const size = 8 << 20
+	path := filepath.Join(t.TempDir(), "f.img")
+	if err := os.WriteFile(path, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(path, size); err != nil {
+		t.Fatal(err)
+	}
+	blocks := func() int64 {
+		var st unix.Stat_t
+		if err := unix.Stat(path, &st); err != nil {
+			t.Fatal(err)
+		}
+		return st.Blocks * 512
+	}
+	ro, err := OpenFile(path, FileOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if missing, err := ro.Reserve(); err != nil || missing != 0 || blocks() != 0 {
+		t.Errorf("read-only Reserve = %d, %v, and %d bytes of blocks; want nothing done", missing, err, blocks())
+	}
+	ro.Close()
+	f, err := OpenFile(path, FileOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	data := bytes.Repeat([]byte{0x5a}, 4096)
+	if err := f.WriteAt(data, 1<<20, 0); err != nil {
+		t.Fatal(err)
+	}
+	missing, err := f.Reserve()
+	if errors.Is(err, ErrNotSupported) {
+		t.Skipf("the test folder's file system cannot allocate ahead: %v", err)
+	}
+	if err != nil || missing < size-64<<10 || missing > size {
+		t.Fatalf("Reserve = %d, %v; want about %d missing", missing, err, size)
+	}
+	if got := blocks(); got < size {
+		t.Errorf("after Reserve the file has %d bytes of blocks, want %d", got, size)
+	}
+	if missing, err := f.Reserve(); err != nil || missing != 0 {
+		t.Errorf("second Reserve = %d, %v; want 0, nil", missing, err)
+	}
+	got := make([]byte, size)
+	if err := f.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	want := make([]byte, size)
+	copy(want[1<<20:], data)
+	if !bytes.Equal(got, want) {
+		t.Error("Reserve changed the file's contents")
+	}
+}

@@ -443,7 +443,7 @@ func TestFootguns(t *testing.T) {
 	}
 
 	missing := filepath.Join(t.TempDir(), "missing.img")
-	out = refused(t, files, exitCorrupt, []string{"does not exist", "truncate -s"}, "format", "--cache", missing, "--backing", backing)
+	out = refused(t, files, exitCorrupt, []string{"does not exist", "fallocate -l"}, "format", "--cache", missing, "--backing", backing)
 	t.Logf("format on a missing file:\n%s", out)
 	if _, err := os.Stat(missing); err == nil {
 		t.Error("format created the missing file")

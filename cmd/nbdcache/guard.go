@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -59,12 +60,36 @@ func openDevice(role, path string, opts storage.FileOptions, hint string) (*stor
 	case errors.Is(err, storage.ErrInUse):
 		return nil, explain(err, "the %s %s is in use by %s.\n%s", role, path, holders(err), hint)
 	case errors.Is(err, fs.ErrNotExist) && role == "cache":
-		return nil, explain(err, "the cache %s does not exist. Give a block device (a partition of a fast disk), or create a file for it, e.g. `truncate -s 10G %s` (at least %s with the default geometry)",
+		return nil, explain(err, "the cache %s does not exist. Give a block device (a partition of a fast disk), or create a file for it, e.g. `fallocate -l 10G %s` (at least %s with the default geometry)",
 			path, path, humanSize(cache.MinCacheSize(0, 0)))
 	case errors.Is(err, fs.ErrNotExist):
 		return nil, explain(err, "the backing %s does not exist. Give a block device or a disk image; `truncate -s 100G %s` makes an empty one", path, path)
 	}
 	return nil, err
+}
+
+// reserveCache gives a cache file the blocks of all its size
+// (storage.File.Reserve): a sparse cache file on a file system that fills
+// up fails its writes, and the cache then refuses every write until it is
+// restarted. strict: the cache holds nothing yet (it is being formatted),
+// and a file system without room for it refuses the format. Otherwise the
+// cache may hold dirty data, which the export must go on serving: a
+// shortfall is a warning. A file system that cannot allocate ahead is a
+// warning either way.
+func reserveCache(path string, f *storage.File, strict bool, log *slog.Logger) error {
+	missing, err := f.Reserve()
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, storage.ErrNoSpace) && strict:
+		return explain(err, "the file system of the cache %s has no room for it: about %s of the file has no blocks yet, and every write into a cache must find space. Free that much there, or make the file smaller (at least %s with the default geometry)",
+			path, humanSize(missing), humanSize(cache.MinCacheSize(0, 0)))
+	case errors.Is(err, storage.ErrNoSpace), errors.Is(err, storage.ErrNotSupported):
+		log.Warn("the cache file's blocks could not be reserved: once its file system is full, the cache refuses writes until restarted",
+			"cache", path, "unreserved_bytes", missing, "err", err)
+		return nil
+	}
+	return err
 }
 
 // holders names who holds a device, from the *storage.InUseError in err.

@@ -228,13 +228,16 @@ func (f *storageFlags) open(w io.Writer, log *slog.Logger) (_ *openedStorage, er
 	case errors.Is(err, cache.ErrNotFormatted) && !format:
 		return nil, fmt.Errorf("%s: %w; format it with `nbdcache format --cache %s --backing %s`, or pass --format", cachePath, err, cachePath, backing)
 	case errors.Is(err, cache.ErrNotFormatted):
-		if opts.BackingID, err = f.formatCache(w, cachePath, cd, backing, back, log); err != nil {
+		if opts.BackingID, err = f.formatCache(w, cachePath, cdev, cd, backing, back, log); err != nil {
 			return nil, err
 		}
 	case err != nil:
 		return nil, fmt.Errorf("opening the cache %s: %w", cachePath, err)
 	default:
 		if err := checkBacking(cachePath, ident, backing, back.Size()); err != nil {
+			return nil, err
+		}
+		if err := reserveCache(cachePath, cdev, false, log); err != nil {
 			return nil, err
 		}
 		opts.BackingID = ident.BackingID
@@ -254,10 +257,11 @@ func (f *storageFlags) open(w io.Writer, log *slog.Logger) (_ *openedStorage, er
 	return o, nil
 }
 
-// formatCache is --format: it formats a cache device that holds no
-// cache, unless it holds anything else (formatRefusals), and returns the
-// backing id the cache is bound to.
-func (f *storageFlags) formatCache(w io.Writer, cachePath string, cd storage.Device, backing string, back storage.Device, log *slog.Logger) ([16]byte, error) {
+// formatCache is --format: it formats a cache device (file, as cd
+// wraps it) that holds no cache, unless it holds anything else
+// (formatRefusals), once its blocks are reserved (reserveCache), and
+// returns the backing id the cache is bound to.
+func (f *storageFlags) formatCache(w io.Writer, cachePath string, file *storage.File, cd storage.Device, backing string, back storage.Device, log *slog.Logger) ([16]byte, error) {
 	why, err := formatRefusals(cachePath, cd)
 	if err != nil {
 		return [16]byte{}, err
@@ -265,6 +269,9 @@ func (f *storageFlags) formatCache(w io.Writer, cachePath string, cd storage.Dev
 	if len(why) > 0 {
 		return [16]byte{}, refuseFormat(cachePath, why, back, fmt.Sprintf(
 			"--format formats only a device that holds none of these. To destroy what it holds, run `nbdcache format --force --cache %s --backing %s` first.", cachePath, backing))
+	}
+	if err := reserveCache(cachePath, file, true, log); err != nil {
+		return [16]byte{}, err
 	}
 	id, commit, err := newBackingID(backing)
 	if err != nil {
