@@ -643,33 +643,114 @@ func (f *File) zeroBlockDev(off, length int64, flags Flags) error {
 	return nil
 }
 
-// Reserve gives a regular file the disk blocks of all its size (fallocate),
-// so that no later write into it can fail for want of space on its file
-// system: a sparse file takes blocks as it is written, and a write-back
-// cache whose file hit a full file system refused every write from then
-// on (the journal could not grow). It returns about how many bytes the
-// file had no blocks for before. On a block device, or a file
-// opened read-only, it does nothing. The errors: ErrNoSpace when the file
-// system has no room for the rest (what it allocated may stay), ErrNotSupported
-// when the file system cannot allocate ahead (its writes may still fail
-// when it fills). A copy-on-write file system (btrfs, ZFS) allocates anew
-// on every overwrite: there a reservation holds only for the first write
-// of each block.
+// Reserve gives a regular file the disk blocks of all its size, so that
+// no later write into it can fail for want of space on its file system: a
+// sparse file takes blocks as it is written, and a write-back cache whose
+// file hit a full file system refused every write from then on (the
+// journal could not grow). It allocates only the holes (fallocate; XFS sets
+// aside the whole length asked for before it looks at what is allocated,
+// so asking for a whole file it has failed on a full file system), and
+// unshares extents shared with another file (a reflink copy: its first
+// overwrite needs new blocks). It returns how many bytes were holes or
+// shared. On a block device, or a file opened read-only, it does nothing.
+// The errors: ErrNoSpace when the file system has no room for them (what
+// it allocated may stay), ErrNotSupported when it cannot allocate ahead or
+// unshare (its writes may still fail once it fills). A copy-on-write file
+// system (btrfs, ZFS) allocates anew on every overwrite: there no
+// reservation holds.
 func (f *File) Reserve() (missing int64, err error) {
-	if f.blockDev || f.caps.ReadOnly {
+	if f.blockDev || f.caps.ReadOnly || f.size == 0 {
 		return 0, nil
 	}
-	var st unix.Stat_t
-	if err := unix.Fstat(f.fd, &st); err != nil {
-		return 0, fmt.Errorf("storage: stat %s: %w", f.path, err)
+	holes, shared, err := f.unreserved()
+	if err != nil {
+		return 0, err
 	}
-	// Blocks past the end (fallocate with KEEP_SIZE) may hide holes
-	// inside: the call is cheap over blocks it already has.
-	missing = max(0, f.size-st.Blocks*512)
-	if err := f.fallocate(0, 0, f.size); err != nil {
-		return missing, fmt.Errorf("storage: %s has no blocks for about %d of its %d bytes, and reserving them failed: %w", f.path, missing, f.size, f.errorf("fallocate", 0, err))
+	for _, r := range holes {
+		missing += r.n
+	}
+	for _, r := range shared {
+		missing += r.n
+	}
+	for _, r := range holes {
+		if err := f.fallocate(0, r.off, r.n); err != nil {
+			return missing, f.errorf("reserve", r.off, err)
+		}
+	}
+	for _, r := range shared {
+		if err := f.fallocate(unix.FALLOC_FL_UNSHARE_RANGE, r.off, r.n); err != nil {
+			return missing, f.errorf("unshare", r.off, err)
+		}
 	}
 	return missing, nil
+}
+
+// fileRange is [off, off+n) of a file.
+type fileRange struct{ off, n int64 }
+
+// unreserved lists the file's holes and its extents shared with other
+// files, from FIEMAP (an extent allocated but unwritten, or delayed, has
+// its blocks). A file system without FIEMAP (tmpfs) counts as one hole
+// when it has fewer blocks than its size, else none.
+func (f *File) unreserved() (holes, shared []fileRange, err error) {
+	const (
+		fsIocFiemap       = 0xc020660b // _IOWR('f', 11, struct fiemap)
+		fiemapExtentLast  = 0x1
+		fiemapExtentShare = 0x2000
+		batch             = 128
+	)
+	type extent struct {
+		logical, physical, length uint64
+		_                         [2]uint64
+		flags                     uint32
+		_                         [3]uint32
+	}
+	type fiemap struct {
+		start, length                uint64
+		flags, mapped, count, unused uint32
+		extents                      [batch]extent
+	}
+	var m fiemap
+	next := int64(0) // end of the last extent seen
+	for next < f.size {
+		m = fiemap{start: uint64(next), length: uint64(f.size - next), count: batch}
+		_, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(f.fd), fsIocFiemap, uintptr(unsafe.Pointer(&m)))
+		if e != 0 {
+			if notSupported(e) {
+				var st unix.Stat_t
+				if err := unix.Fstat(f.fd, &st); err != nil {
+					return nil, nil, fmt.Errorf("storage: stat %s: %w", f.path, err)
+				}
+				if st.Blocks*512 >= f.size {
+					return nil, nil, nil
+				}
+				return []fileRange{{0, f.size}}, nil, nil
+			}
+			return nil, nil, f.errorf("fiemap", next, e)
+		}
+		if m.mapped == 0 {
+			break
+		}
+		last := false
+		for _, x := range m.extents[:m.mapped] {
+			lo, hi := min(int64(x.logical), f.size), min(int64(x.logical+x.length), f.size)
+			if lo > next {
+				holes = append(holes, fileRange{next, lo - next})
+			}
+			if x.flags&fiemapExtentShare != 0 && hi > lo {
+				shared = append(shared, fileRange{lo, hi - lo})
+			}
+			next = max(next, hi)
+			last = last || x.flags&fiemapExtentLast != 0
+		}
+		if last {
+			break
+		}
+	}
+	if next < f.size {
+		holes = append(holes, fileRange{next, f.size - next})
+	}
+	return holes, shared, nil
 }
 
 // allocate allocates the range without changing its contents, and reports

@@ -413,7 +413,8 @@ func TestReadOnlyShares(t *testing.T) {
 }
 
 // TestFootguns: an impossible --ram-cache is refused, not an out-of-memory
-// crash; a cache too small names the minimum, which then formats; format
+// crash; a cache too small (1 MiB, or empty) names the minimum, which then
+// formats, and is not given blocks first (reserveCache); format
 // on a missing file says how to make one.
 func TestFootguns(t *testing.T) {
 	backing, cache := cacheFiles(t, 32*mib, 16*mib)
@@ -424,22 +425,30 @@ func TestFootguns(t *testing.T) {
 	t.Logf("--ram-cache 100T:\n%s", out)
 
 	tiny := sparseFile(t, "tiny.img", 1*mib)
+	empty := sparseFile(t, "empty.img", 0)
 	minRE := regexp.MustCompile(`needs at least [0-9.]+ MiB \(([0-9]+) bytes\)`)
 	for _, args := range [][]string{
 		{"format", "--cache", tiny, "--backing", backing},
 		{"serve", "--format", "--cache", tiny, "--backing", backing, "--listen", sock},
+		{"format", "--cache", empty, "--backing", backing},
+		{"serve", "--format", "--cache", empty, "--backing", backing, "--listen", sock},
 	} {
-		out := refused(t, append(files, tiny), exitCorrupt, []string{"too small"}, args...)
+		out := refused(t, append(files, tiny, empty), exitCorrupt, []string{"too small"}, args...)
 		m := minRE.FindStringSubmatch(out)
 		if m == nil {
-			t.Fatalf("%s on a 1 MiB cache does not name the minimum:\n%s", args[0], out)
+			t.Fatalf("%s on a cache too small does not name the minimum:\n%s", args[0], out)
 		}
-		t.Logf("%s on a 1 MiB cache:\n%s", args[0], out)
+		t.Logf("%s on a cache too small:\n%s", args[0], out)
 		n, _ := strconv.ParseInt(m[1], 10, 64)
 		fits := sparseFile(t, "fits.img", n)
 		if out, code := nbdcache(t, "format", "--cache", fits, "--backing", backing); code != 0 {
 			t.Errorf("format on a cache of the minimum size (%d bytes): exit %d:\n%s", n, code, out)
 		}
+	}
+
+	var st syscall.Stat_t
+	if err := syscall.Stat(tiny, &st); err != nil || st.Blocks != 0 {
+		t.Errorf("the refused 1 MiB cache was given %d blocks (%v)", st.Blocks, err)
 	}
 
 	missing := filepath.Join(t.TempDir(), "missing.img")

@@ -39,7 +39,7 @@ func runFormat(fs *flag.FlagSet) runner {
 		if len(why) > 0 && !*force {
 			return refuseFormat(*cachePath, why, bdev, "Pass --force to format it anyway; what it holds is lost.")
 		}
-		if err := reserveCache(*cachePath, cdev, true, log); err != nil {
+		if err := reserveCache(*cachePath, cdev, true, blockSize, bucketSize, log); err != nil {
 			return err
 		}
 		id, commit, err := newBackingID(*backing)

@@ -71,25 +71,33 @@ func openDevice(role, path string, opts storage.FileOptions, hint string) (*stor
 // reserveCache gives a cache file the blocks of all its size
 // (storage.File.Reserve): a sparse cache file on a file system that fills
 // up fails its writes, and the cache then refuses every write until it is
-// restarted. strict: the cache holds nothing yet (it is being formatted),
-// and a file system without room for it refuses the format. Otherwise the
-// cache may hold dirty data, which the export must go on serving: a
-// shortfall is a warning. A file system that cannot allocate ahead is a
-// warning either way.
-func reserveCache(path string, f *storage.File, strict bool, log *slog.Logger) error {
-	missing, err := f.Reserve()
-	switch {
-	case err == nil:
-		return nil
-	case errors.Is(err, storage.ErrNoSpace) && strict:
-		return explain(err, "the file system of the cache %s has no room for it: about %s of the file has no blocks yet, and every write into a cache must find space. Free that much there, or make the file smaller (at least %s with the default geometry)",
-			path, humanSize(missing), humanSize(cache.MinCacheSize(0, 0)))
-	case errors.Is(err, storage.ErrNoSpace), errors.Is(err, storage.ErrNotSupported):
-		log.Warn("the cache file's blocks could not be reserved: once its file system is full, the cache refuses writes until restarted",
-			"cache", path, "unreserved_bytes", missing, "err", err)
+// restarted. strict: the cache holds nothing yet (it is being formatted
+// with blockSize and bucketSize), and a file system without room for it
+// refuses the format; a file too small for a cache (or a geometry that
+// fits none) is left to the format to refuse. Otherwise the cache may hold
+// dirty data, which the export must go on serving: any failure is a
+// warning. A file system that cannot allocate ahead is a warning either
+// way.
+func reserveCache(path string, f *storage.File, strict bool, blockSize, bucketSize int64, log *slog.Logger) error {
+	least := cache.MinCacheSize(int(blockSize), bucketSize) // 0: no device fits the geometry
+	if strict && (least == 0 || f.Size() < least) {
 		return nil
 	}
-	return err
+	missing, err := f.Reserve()
+	if err == nil {
+		return nil
+	}
+	room := "has no room for it"
+	if errors.Is(err, unix.EDQUOT) {
+		room = "has no room for it within the quota"
+	}
+	if strict && errors.Is(err, storage.ErrNoSpace) {
+		return explain(err, "the file system of the cache %s %s: %s of the file has no blocks yet (%v), and every write into a cache must find space. Free that much there, or make the file smaller (at least %s for this geometry)",
+			path, room, humanSize(missing), err, humanSize(least))
+	}
+	log.Warn("the cache file's blocks could not be reserved: once its file system is full, the cache refuses writes until restarted",
+		"cache", path, "unreserved_bytes", missing, "err", err)
+	return nil
 }
 
 // holders names who holds a device, from the *storage.InUseError in err.

@@ -237,7 +237,7 @@ func (f *storageFlags) open(w io.Writer, log *slog.Logger) (_ *openedStorage, er
 		if err := checkBacking(cachePath, ident, backing, back.Size()); err != nil {
 			return nil, err
 		}
-		if err := reserveCache(cachePath, cdev, false, log); err != nil {
+		if err := reserveCache(cachePath, cdev, false, 0, 0, log); err != nil {
 			return nil, err
 		}
 		opts.BackingID = ident.BackingID
@@ -270,7 +270,7 @@ func (f *storageFlags) formatCache(w io.Writer, cachePath string, file *storage.
 		return [16]byte{}, refuseFormat(cachePath, why, back, fmt.Sprintf(
 			"--format formats only a device that holds none of these. To destroy what it holds, run `nbdcache format --force --cache %s --backing %s` first.", cachePath, backing))
 	}
-	if err := reserveCache(cachePath, file, true, log); err != nil {
+	if err := reserveCache(cachePath, file, true, f.blockSize, f.bucketSize, log); err != nil {
 		return [16]byte{}, err
 	}
 	id, commit, err := newBackingID(backing)
