@@ -13,6 +13,12 @@ Rows, run in this order on each server (fio's nbd engine, 4 KiB unless said):
   1M sequential write (over the whole span, round and round), then on that data:
   randread QD32 on 1 and 4 connections, QD1 randread, 1M sequential read.
 
+The cache file is twice the span. At the cache's 4k write rates it wraps in
+about 2 s, and its write rows then run with the span's data live in half the
+cache: ratio 0.5 of bench/pressure.sh (issue 18), with its cleaning and
+checkpoints. Before that they write blocks the new file never had. The README
+("What the cache's write rows measure") separates the two.
+
 For each row and server: IOPS (median over rounds), p50/p99 latency for
 QD1 rows, and per request the server's CPU time (/proc/PID/stat), context
 switches and syscalls (perf stat on the server, when perf works). Ratios are
