@@ -87,16 +87,21 @@ type server struct {
 // sparseFile creates a sparse file of size bytes in the test's folder.
 func sparseFile(t testing.TB, name string, size int64) string {
 	t.Helper()
-	p := filepath.Join(t.TempDir(), name)
-	f, err := os.Create(p)
+	return sparseAt(t, filepath.Join(t.TempDir(), name), size)
+}
+
+// sparseAt creates a sparse file of size bytes at path.
+func sparseAt(t testing.TB, path string, size int64) string {
+	t.Helper()
+	f, err := os.Create(path)
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer f.Close()
 	if err := f.Truncate(size); err != nil {
 		t.Fatal(err)
 	}
-	f.Close()
-	return p
+	return path
 }
 
 // startServe starts `nbdcache serve ARGS --listen unix:SOCK` and waits

@@ -79,9 +79,12 @@ func openDevice(role, path string, opts storage.FileOptions, hint string) (*stor
 // warning. A file system that cannot allocate ahead is a warning either
 // way.
 func reserveCache(path string, f *storage.File, strict bool, blockSize, bucketSize int64, log *slog.Logger) error {
-	least := cache.MinCacheSize(int(blockSize), bucketSize) // 0: no device fits the geometry
-	if strict && (least == 0 || f.Size() < least) {
-		return nil
+	var least int64
+	if strict {
+		least = cache.MinCacheSize(int(blockSize), bucketSize) // 0: no device fits the geometry
+		if least == 0 || f.Size() < least {
+			return nil
+		}
 	}
 	missing, err := f.Reserve()
 	if err == nil {
