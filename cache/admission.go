@@ -119,24 +119,67 @@ func (a *admitter) sequential(off, n int64) bool {
 // big a working set: 0.30x the backing alone without the detector, about
 // 0.45x when it stepped aside for 16 windows at a time and kept its data,
 // about 0.5x when it shed its data too.)
+//
+// A working set that fits can still lose: over a backing as fast as the
+// cache device, a cache under pressure is slower than the backing. Writers
+// pay for room (GC, checkpoints and their syncs), and the backing pays for
+// none of it (4k random writes over half a 64 MiB cache, a fast file:
+// 0.62-0.69x the backing alone). So each window also weighs what writes
+// into the cache cost their writers, per 4 KiB, waits for room included,
+// against the backing's recent average (Cache.noteBacking), as bcache's
+// congestion bypass weighs the cache device's latency. A window whose
+// writes into the cache were slower starts thrashing too (slower), and
+// the ghost's hits do not end it: the working set fits, but the cache does
+// not pay. Only writes are weighed, so a cache that served reads in the
+// window (read hits beyond readsWorth of its writes) is never slower: over
+// a device whose page cache takes writes fast but whose reads are slow,
+// stepping aside would lose those hits. It ends when the cache is no
+// longer slower (a backing that slowed down), or after probe windows, to
+// measure the cache again: it fills with what is written, and steps aside
+// again if it is still slower once pressed. A probe costs a second or two
+// at the cache's speed, so each probe that finds it slower again doubles
+// the next wait, from probeWindows up to maxProbeWindows (a 64 MiB cache
+// at 130k writes a second: 8 s, then up to about 2 min).
 type thrashDetector struct {
 	on           bool
 	writes, hits int // in the current window
-	cleanedMark  int64
+	mark         costs
+	cleanedMark  int64 // GC's cleaned bytes when thrashing last ended
 	ghost        ghost
+	// cost: the last window's writes into the cache, per 4 KiB.
+	cost    int64
+	slower  bool // on because the cache was slower than the backing
+	windows int  // windows ended since on
+	probe   int  // windows a slower cache stays aside this time
+	probed  bool // it last ended to probe
 }
 
-const thrashHits = 0.75 // hit ratio below which a window counts as thrashing
+// costs is what a window's end weighs besides the hits: running totals
+// (a window's share is their growth over it), and the backing's average.
+type costs struct {
+	cleaned      int64 // bytes GC wrote back to make room
+	cachedNanos  int64 // writers' time in writes into the cache, waits for room included
+	cachedBytes  int64 // the bytes of those writes
+	readHits     int64 // reads served from the cache, wholly or in part
+	backingPer4k int64 // the backing's recent average write per 4 KiB; 0: none timed
+}
+
+const (
+	thrashHits      = 0.75 // hit ratio below which a window counts as thrashing
+	readsWorth      = 8    // read hits beyond a window's writes / readsWorth keep a slower cache
+	probeWindows    = 64
+	maxProbeWindows = 1024
+)
 
 // note counts a write-back write of the blocks [b, b+blocks) (4 KiB
 // blocks) made while free buckets are short or the cache thrashes (hit:
-// part of its range is cached), with GC's cleaned bytes so far, and
+// part of its range is cached), with the running costs so far, and
 // reports whether the cache thrashes. window is the cache's size in
 // blocks. The ghost counts each of the write's blocks (at most 256): it
 // holds as many blocks as the cache, so a 16 KiB write takes four of them,
 // as it would take four in the cache (with one a write, 8 connections of
 // 16 KiB writes over 4 times the cache's size all but hit it).
-func (t *thrashDetector) note(b, blocks uint64, hit bool, cleaned, turnover int64, window int) bool {
+func (t *thrashDetector) note(b, blocks uint64, hit bool, now costs, turnover int64, window int) bool {
 	if t.on {
 		for i := range min(max(blocks, 1), 256) {
 			sampled, ghit := t.ghost.note(b + i)
@@ -159,15 +202,40 @@ func (t *thrashDetector) note(b, blocks uint64, hit bool, cleaned, turnover int6
 		return t.on
 	}
 	missing := float64(t.hits) < thrashHits*float64(t.writes)
+	slower := t.slowerOver(now, int64(t.writes))
 	t.writes, t.hits = 0, 0
+	if t.on {
+		t.windows++
+	}
 	switch {
-	case t.on && !missing:
-		t.on, t.cleanedMark = false, cleaned
-	case !t.on && missing && cleaned-t.cleanedMark >= turnover:
-		t.on = true
+	case t.on && !missing && !(t.slower && slower && t.windows < t.probe):
+		t.on, t.cleanedMark = false, now.cleaned
+		t.probed = t.slower && slower
+	case !t.on && (missing && now.cleaned-t.cleanedMark >= turnover || slower):
+		t.on, t.slower, t.windows = true, slower && !missing, 0
+		if !t.probed {
+			t.probe = probeWindows
+		} else if slower {
+			t.probe = min(2*t.probe, maxProbeWindows)
+		}
 		t.ghost.reset(window)
 	}
 	return t.on
+}
+
+// slowerOver reports whether the cache was slower than the backing over
+// the window that ends at now, of writes writes, and marks its end. A
+// window with too few writes into the cache to say (a cache that stepped
+// aside takes few) leaves the judgement as it was.
+func (t *thrashDetector) slowerOver(now costs, writes int64) bool {
+	dn, db := now.cachedNanos-t.mark.cachedNanos, now.cachedBytes-t.mark.cachedBytes
+	reads := now.readHits - t.mark.readHits
+	t.mark = now
+	if db < 4096*max(writes/4, 1) {
+		return t.on && t.slower
+	}
+	t.cost = dn * 4096 / db
+	return now.backingPer4k > 0 && t.cost > now.backingPer4k && reads*readsWorth <= writes
 }
 
 // ghost is the cache it would be if it held the last size() distinct

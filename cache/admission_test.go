@@ -72,7 +72,7 @@ func TestThrashDetector(t *testing.T) {
 				fresh++
 				b = fresh
 			}
-			on = d.note(b, 1, i < hits, cleaned, turnover, window)
+			on = d.note(b, 1, i < hits, costs{cleaned: cleaned}, turnover, window)
 		}
 		return on
 	}
@@ -95,7 +95,7 @@ func TestThrashDetector(t *testing.T) {
 	set := func() bool {
 		var on bool
 		for i := range window {
-			on = d.note(uint64(i%5), 1, false, 1000, turnover, window)
+			on = d.note(uint64(i%5), 1, false, costs{cleaned: 1000}, turnover, window)
 		}
 		return on
 	}
@@ -174,7 +174,7 @@ func TestGhostEndsThrashingForASetThatFits(t *testing.T) {
 		ended := -1
 		for w := 0; w < 20 && ended < 0; w++ {
 			for range window {
-				if !d.note(uint64(r.Int64N(writes))*tc.per, tc.per, false, 0, 1<<40, window) {
+				if !d.note(uint64(r.Int64N(writes))*tc.per, tc.per, false, costs{}, 1<<40, window) {
 					ended = w
 					break
 				}
@@ -187,5 +187,79 @@ func TestGhostEndsThrashingForASetThatFits(t *testing.T) {
 		if !tc.ends && ended >= 0 {
 			t.Errorf("a set of %.1f times the cache in writes of %d blocks: thrashing ended", tc.set, tc.per)
 		}
+	}
+}
+
+// TestThrashWhenSlower: a window of hits (a working set that fits) whose
+// writes into the cache cost more per 4 KiB than the backing's starts
+// thrashing with no turnover cleaned; the ghost's hits do not end it,
+// probe windows do; a probe that finds it slower again doubles the wait,
+// up to maxProbeWindows; a cache that got faster than the backing ends it
+// at once, and the next wait starts over. A window whose reads hit the
+// cache, or with no backing write timed, or one cheaper than the backing,
+// starts nothing.
+func TestThrashWhenSlower(t *testing.T) {
+	const window = 64
+	var d thrashDetector
+	var now costs
+	// one window of hits on blocks 0..window-1 (the ghost holds them all),
+	// each write into the cache taking per4k, the backing's average
+	// backing, with reads read hits in it; it reports whether thrashing.
+	feed := func(per4k, backing, reads int64) bool {
+		var on bool
+		for i := range window {
+			now.cachedNanos += per4k
+			now.cachedBytes += 4096
+			now.backingPer4k = backing
+			if i == 0 {
+				now.readHits += reads
+			}
+			on = d.note(uint64(i), 1, true, now, 1<<40, window)
+		}
+		return on
+	}
+	feed(1000, 2000, 0) // the first window marks the running totals
+	if feed(1000, 2000, 0) {
+		t.Fatal("thrashing, the cache cheaper than the backing")
+	}
+	if feed(3000, 0, 0) {
+		t.Fatal("thrashing with no backing write timed")
+	}
+	if feed(3000, 2000, window/readsWorth+1) {
+		t.Fatal("thrashing, slower, though reads hit the cache")
+	}
+	if !feed(3000, 2000, 0) || !d.slower {
+		t.Fatal("not thrashing (for slower) on a window slower than the backing, no turnover cleaned")
+	}
+	// Aside, the ghost hits and few writes go into the cache: it stays
+	// for probeWindows, then ends to probe.
+	aside := func() int {
+		for w := 1; w <= 2*maxProbeWindows; w++ {
+			if !feed(0, 2000, 0) {
+				return w
+			}
+			now.cachedBytes -= window * 4096 // none went into the cache
+		}
+		return -1
+	}
+	if w := aside(); w != probeWindows {
+		t.Fatalf("the first probe came after %d windows, want %d", w, probeWindows)
+	}
+	for want := 2 * probeWindows; want <= 2*maxProbeWindows; want *= 2 {
+		if !feed(3000, 2000, 0) {
+			t.Fatal("a probe that found the cache slower did not step aside again")
+		}
+		if w := aside(); w != min(want, maxProbeWindows) {
+			t.Fatalf("a probe came after %d windows, want %d", w, min(want, maxProbeWindows))
+		}
+	}
+	if !feed(3000, 2000, 0) || !feed(3000, 2000, 0) { // the second window hits the ghost
+		t.Fatal("not aside again")
+	}
+	if feed(1000, 2000, 0) {
+		t.Fatal("still thrashing after a window that found the cache faster than the backing")
+	}
+	if !feed(3000, 2000, 0) || d.probe != probeWindows {
+		t.Fatalf("stepped aside again with a wait of %d windows, want %d", d.probe, probeWindows)
 	}
 }

@@ -18,6 +18,10 @@ type backingHealth struct {
 	nanos         atomic.Int64
 	samples       atomic.Int64 // writes noted in nanos since the prior (assume)
 	roomWaitAfter atomic.Int64 // unix nanoseconds: no waiting for room before
+	// cachedNanos, cachedBytes: writers' time in writes into the cache,
+	// waits for room included, and their bytes (noteCached), running
+	// totals that thrashDetector weighs window by window.
+	cachedNanos, cachedBytes atomic.Int64
 	// rotates: the prior came from the backing's word that it rotates
 	// (set once, before any goroutine of the cache starts).
 	rotates bool
@@ -78,6 +82,14 @@ func (c *Cache) noteBacking(d time.Duration, n int64) {
 	old := c.health.nanos.Load()
 	c.health.nanos.Store(old + (per4k-old)/8)
 	c.health.samples.Add(1)
+}
+
+// noteCached counts a write of n bytes into the cache that took its
+// writer d, waits for room included (thrashDetector weighs them against
+// the backing's writes).
+func (c *Cache) noteCached(d time.Duration, n int64) {
+	c.health.cachedNanos.Add(int64(d))
+	c.health.cachedBytes.Add(n)
 }
 
 // noteUnavailable reports whether err says the backing could not be

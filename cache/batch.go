@@ -81,6 +81,7 @@ func (c *Cache) writeRun(ws []BatchWrite) (n int, stop *writeDecision) {
 	if k == 0 || !c.batchable(&ws[0]) {
 		return 0, nil
 	}
+	start := time.Now()
 	if err := c.enterN(2 * k); err != nil {
 		for i := range k {
 			ws[i].Err = err
@@ -138,6 +139,11 @@ func (c *Cache) writeRun(ws []BatchWrite) (n int, stop *writeDecision) {
 	if n > 0 {
 		c.writeChunks(ws, chunks)
 		c.insertChunks(ws[:n], chunks)
+		var bytes int64
+		for i := range ws[:n] {
+			bytes += int64(len(ws[i].P))
+		}
+		c.noteCached(time.Since(start), bytes)
 	}
 	c.leaveN(2 * k)
 	return n, stop

@@ -118,6 +118,12 @@ func TestOverwritesAboveHalfStayCached(t *testing.T) {
 	slow := storage.NewDelay(d.cache)
 	slow.Set(storage.OpRead, 50*time.Microsecond)
 	d.cache = slow
+	// A backing slower than the cache (200 us a write), as one worth
+	// caching is: over one as fast, a cache this pressed steps aside
+	// (TestSlowerCacheStepsAside).
+	slowBack := storage.NewDelay(d.back)
+	slowBack.Set(storage.OpWrite, 200*time.Microsecond)
+	d.back = slowBack
 	c := openT(t, d, Options{SequentialCutoff: -1, WritebackPercent: 100,
 		Writeback: writeback.Config{HighWatermark: 100, LowWatermark: -1, MaxDirtyAge: -1, IdleAfter: time.Hour}})
 	defer c.Close()

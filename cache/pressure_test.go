@@ -502,12 +502,17 @@ func TestThrashBypass(t *testing.T) {
 
 // TestThrashSparesAFittingSet: random writes over a working set of 40%
 // of the cache, 300 passes, with the background running (GC cleans and
-// drops what it evicts, so its cleaned bytes pass any turnover): the
+// drops what it evicts, so its cleaned bytes pass any turnover), over a
+// backing whose writes take 200 us (slower than the cache, as a backing
+// worth caching is; TestSlowerCacheStepsAside has one as fast): the
 // writes mostly hit, so the cache never thrashes, and at the end most of
 // the set is cached. (The first detector, which looked at free buckets
 // and cleaned bytes alone, bypassed about half of these writes for good.)
 func TestThrashSparesAFittingSet(t *testing.T) {
 	d := formatMem(t, 1<<20+256<<10, 8<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 64 << 10})
+	slow := storage.NewDelay(d.back)
+	slow.Set(storage.OpWrite, 20*time.Microsecond)
+	d.back = slow
 	c := openT(t, d, Options{SequentialCutoff: -1})
 	r := rng(testseed.Get(t))
 	set := c.CapacityBytes() * 40 / 100 / 4096
@@ -526,8 +531,8 @@ func TestThrashSparesAFittingSet(t *testing.T) {
 		}
 	}
 	c.mu.Unlock()
-	t.Logf("%d writes over %d blocks: GC cleaned %d bytes (capacity %d), %d thrash bypasses, %d of the blocks cached",
-		300*set, set, st.GCCleanedBytes, st.CapacityBytes, st.ThrashBypasses, cached)
+	t.Logf("%d writes over %d blocks: GC cleaned %d bytes (capacity %d), %d thrash bypasses, %d of the blocks cached; a write per 4 KiB: %d ns into the cache, %d ns to the backing",
+		300*set, set, st.GCCleanedBytes, st.CapacityBytes, st.ThrashBypasses, cached, st.CachedWriteNanos, st.BackingWriteNanos)
 	if st.ThrashBypasses != 0 {
 		t.Errorf("%d writes of a working set that fits went around the cache", st.ThrashBypasses)
 	}
@@ -535,6 +540,54 @@ func TestThrashSparesAFittingSet(t *testing.T) {
 		t.Errorf("only %d of the set's %d blocks are cached", cached, set)
 	}
 	closeChecked(t, c, d)
+}
+
+// TestSlowerCacheStepsAside: the working set of TestThrashSparesAFittingSet
+// (40% of the cache), but over a backing as fast as the cache (memory
+// both), with the background running: writers pay for room (GC, the
+// checkpoints that free buckets) and the backing pays for nothing, so the
+// cache is slower and steps aside (thrashDetector's slower) though the set
+// fits; every block reads back as last written, and Verify passes. With a
+// read of the set after every write, the cache serves reads, and it stays.
+func TestSlowerCacheStepsAside(t *testing.T) {
+	for _, reads := range []bool{false, true} {
+		t.Run(map[bool]string{false: "writes", true: "reads too"}[reads], func(t *testing.T) {
+			d := formatMem(t, 1<<20+256<<10, 8<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 64 << 10})
+			c := openT(t, d, Options{SequentialCutoff: -1})
+			r := rng(testseed.Get(t))
+			set := c.CapacityBytes() * 40 / 100 / 4096
+			last := make([]uint64, set)
+			got := make([]byte, 4096)
+			writes := 300 * set
+			for i := range writes {
+				b := r.Int64N(set)
+				last[b] = uint64(i + 1)
+				if err := c.WriteAt(payload(b*4096, 4096, last[b]), b*4096, 0); err != nil {
+					t.Fatal(err)
+				}
+				if reads {
+					if err := c.ReadAt(got, r.Int64N(set)*4096); err != nil {
+						t.Fatal(err)
+					}
+				}
+			}
+			st := c.Stats()
+			t.Logf("%d writes over %d blocks: %d thrash bypasses; a write per 4 KiB: %d ns into the cache, %d ns to the backing",
+				writes, set, st.ThrashBypasses, st.CachedWriteNanos, st.BackingWriteNanos)
+			if !reads && st.ThrashBypasses < writes/4 {
+				t.Errorf("%d of %d writes went around a cache slower than its backing, want a quarter or more", st.ThrashBypasses, writes)
+			}
+			if reads && st.ThrashBypasses != 0 {
+				t.Errorf("%d writes went around a cache that serves reads", st.ThrashBypasses)
+			}
+			for b := range set {
+				if err := c.ReadAt(got, b*4096); err != nil || !bytes.Equal(got, payload(b*4096, 4096, last[b])) {
+					t.Fatalf("block %d: not as last written (write %d), err %v", b, last[b], err)
+				}
+			}
+			closeChecked(t, c, d)
+		})
+	}
 }
 
 // TestThrashLetsAHotSetIn: after the cache thrashes under a working set

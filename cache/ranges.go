@@ -36,10 +36,20 @@ func (c *Cache) noteThrashLocked(off, n int64) (around bool) {
 	hit := c.cachedLocked(off, n)
 	window := int(max(64, c.CapacityBytes()/4096))
 	was := c.mu.admit.thrash.on
-	if c.mu.admit.thrash.note(uint64(off/4096), uint64((off%4096+n+4095)/4096), hit, c.stats.gcCleanedBytes.Load(), c.CapacityBytes()/2, window) && !was {
+	if c.mu.admit.thrash.note(uint64(off/4096), uint64((off%4096+n+4095)/4096), hit, c.costsNow(), c.CapacityBytes()/2, window) && !was {
 		c.flusher.Kick() // to shed (Shedding)
 	}
 	return !hit && c.thrashingLocked()
+}
+
+// costsNow is what thrashDetector weighs at a window's end.
+func (c *Cache) costsNow() costs {
+	return costs{
+		cleaned:     c.stats.gcCleanedBytes.Load(),
+		cachedNanos: c.health.cachedNanos.Load(), cachedBytes: c.health.cachedBytes.Load(),
+		readHits:     c.stats.hits.Load() + c.stats.partialHits.Load(),
+		backingPer4k: c.health.nanos.Load(),
+	}
 }
 
 // cachedLocked reports whether part of [off, off+n) is cached, clean or

@@ -53,6 +53,9 @@ type Stats struct {
 	DataWrites          int64 `json:"data_writes"`             // cache device writes of the write path's data (adjacent ones of concurrent writers merge)
 	BackingWriteBytes   int64 `json:"backing_write_bytes"`     // foreground bytes written to the backing
 	BackingWriteNanos   int64 `json:"backing_write_ns_per_4k"` // recent average backing write (bypasses, cleaning) per 4 KiB; above 1 ms the backing counts as a disk
+	CachedWriteNanos    int64 `json:"cached_write_ns_per_4k"`  // writes into the cache per 4 KiB, their writers' time (waits for room included), over the thrash detector's last window under pressure
+	Thrashing           bool  `json:"thrashing"`               // the cache steps aside for writes that miss it and sheds its data (thrashDetector)
+	SlowerThanBacking   bool  `json:"slower_than_backing"`     // it does so because writes into it cost more than the backing's
 	DirtyBytes          int64 `json:"dirty_bytes"`
 	CachedBytes         int64 `json:"cached_bytes"` // bytes in the index
 	Extents             int64 `json:"extents"`
@@ -115,6 +118,9 @@ func (c *Cache) Stats() Stats {
 	s.JournalUsedBlocks = int64(c.mu.j.nextSeq - c.mu.j.startSeq)
 	s.WritebackInFlight = int64(c.mu.wb.len())
 	s.Failed = c.mu.failed != nil
+	s.Thrashing = c.thrashingLocked()
+	s.SlowerThanBacking = s.Thrashing && c.mu.admit.thrash.slower
+	s.CachedWriteNanos = c.mu.admit.thrash.cost
 	c.mu.Unlock()
 	return s
 }

@@ -231,7 +231,12 @@ func (c *Cache) writeAs(p []byte, off int64, d writeDecision) error {
 		var err error
 		switch d.route() {
 		case routeDirty:
-			return c.writeDirty(p, off)
+			start := time.Now()
+			err := c.writeDirty(p, off)
+			if err == nil {
+				c.noteCached(time.Since(start), n)
+			}
+			return err
 		case routeBacking:
 			c.stats.bypasses.Add(1)
 			var took time.Duration
