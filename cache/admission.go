@@ -121,25 +121,31 @@ func (a *admitter) sequential(off, n int64) bool {
 // about 0.5x when it shed its data too.)
 //
 // A working set that fits can still lose: over a backing as fast as the
-// cache device, a cache under pressure is slower than the backing. Writers
-// pay for room (GC, checkpoints and their syncs), and the backing pays for
-// none of it (4k random writes over half a 64 MiB cache, a fast file:
-// 0.62-0.69x the backing alone). So each window also weighs what writes
-// into the cache cost their writers, per 4 KiB, waits for room included,
-// against the backing's recent average (Cache.noteBacking), as bcache's
-// congestion bypass weighs the cache device's latency. A window whose
-// writes into the cache were slower starts thrashing too (slower), and
-// the ghost's hits do not end it: the working set fits, but the cache does
-// not pay. Only writes are weighed, so a cache that served reads in the
-// window (read hits beyond readsWorth of its writes) is never slower: over
-// a device whose page cache takes writes fast but whose reads are slow,
-// stepping aside would lose those hits. It ends when the cache is no
-// longer slower (a backing that slowed down), or after probe windows, to
-// measure the cache again: it fills with what is written, and steps aside
-// again if it is still slower once pressed. A probe costs a second or two
-// at the cache's speed, so each probe that finds it slower again doubles
-// the next wait, from probeWindows up to maxProbeWindows (a 64 MiB cache
-// at 130k writes a second: 8 s, then up to about 2 min).
+// cache device, a cache under pressure is slower than the backing. It
+// pays for room (GC, checkpoints and their syncs), and the backing pays
+// for none of it (4k random writes over half a 64 MiB cache, a fast file:
+// 0.62-0.69x the backing alone). So each window also weighs what a write
+// into the cache costs, per 4 KiB, against the backing's recent average
+// write (Cache.noteBacking), as bcache's congestion bypass weighs the
+// cache device's latency. A write's cost is its writer's time (waits for
+// room included), shared among the writes in flight, plus the
+// background's time making room (its GC passes, the checkpoints that free
+// buckets). The writers' time alone does not show it: at ratio 0.5 it was
+// 3.5-4.6 us per 4 KiB against 3-4 us for the backing's writes, the rest
+// being in the background; with it, 8-30 us. A window whose writes cost
+// over slowerBy times the backing's (a margin for noise) starts thrashing
+// too (slower), and the ghost's hits do not end it: the working set fits,
+// but the cache does not pay. Only writes are weighed, so a cache that
+// served reads in the window (read hits beyond 1/readsWorth of its
+// writes) is never slower: over a device whose page cache takes writes
+// fast but whose reads are slow, stepping aside would lose those hits.
+// It ends when the cache is no longer slower (its last cost against a
+// backing that slowed down), or after probe windows, to measure the
+// cache again: it fills with what is written, and steps aside again if
+// it is still slower once pressed. A probe costs a second or two at the
+// cache's speed, so each probe that finds it slower again doubles the
+// next wait, from probeWindows up to maxProbeWindows (a 64 MiB cache at
+// 130k writes a second: 8 s, then up to about 2 min).
 type thrashDetector struct {
 	on           bool
 	writes, hits int // in the current window
@@ -158,7 +164,7 @@ type thrashDetector struct {
 // (a window's share is their growth over it), and the backing's average.
 type costs struct {
 	cleaned      int64 // bytes GC wrote back to make room
-	cachedNanos  int64 // writers' time in writes into the cache, waits for room included
+	cachedNanos  int64 // writers' time in writes into the cache (waits for room included), and the background's making room
 	cachedBytes  int64 // the bytes of those writes
 	readHits     int64 // reads served from the cache, wholly or in part
 	backingPer4k int64 // the backing's recent average write per 4 KiB; 0: none timed
@@ -167,6 +173,7 @@ type costs struct {
 const (
 	thrashHits      = 0.75 // hit ratio below which a window counts as thrashing
 	readsWorth      = 8    // read hits beyond a window's writes / readsWorth keep a slower cache
+	slowerBy        = 2    // slower: the cache's cost over slowerBy times the backing's
 	probeWindows    = 64
 	maxProbeWindows = 1024
 )
@@ -212,7 +219,7 @@ func (t *thrashDetector) note(b, blocks uint64, hit bool, now costs, turnover in
 		t.on, t.cleanedMark = false, now.cleaned
 		t.probed = t.slower && slower
 	case !t.on && (missing && now.cleaned-t.cleanedMark >= turnover || slower):
-		t.on, t.slower, t.windows = true, slower && !missing, 0
+		t.on, t.slower, t.windows = true, slower, 0
 		if !t.probed {
 			t.probe = probeWindows
 		} else if slower {
@@ -225,17 +232,19 @@ func (t *thrashDetector) note(b, blocks uint64, hit bool, now costs, turnover in
 
 // slowerOver reports whether the cache was slower than the backing over
 // the window that ends at now, of writes writes, and marks its end. A
-// window with too few writes into the cache to say (a cache that stepped
-// aside takes few) leaves the judgement as it was.
+// window with too few writes into the cache to measure it (a cache that
+// stepped aside takes few) weighs its last cost against the backing's
+// now: a backing that slowed down ends the thrashing.
 func (t *thrashDetector) slowerOver(now costs, writes int64) bool {
 	dn, db := now.cachedNanos-t.mark.cachedNanos, now.cachedBytes-t.mark.cachedBytes
 	reads := now.readHits - t.mark.readHits
 	t.mark = now
-	if db < 4096*max(writes/4, 1) {
-		return t.on && t.slower
+	if db >= 4096*max(writes/4, 1) {
+		t.cost = dn * 4096 / db
+	} else if !t.on {
+		return false
 	}
-	t.cost = dn * 4096 / db
-	return now.backingPer4k > 0 && t.cost > now.backingPer4k && reads*readsWorth <= writes
+	return now.backingPer4k > 0 && t.cost > slowerBy*now.backingPer4k && reads*readsWorth <= writes
 }
 
 // ghost is the cache it would be if it held the last size() distinct

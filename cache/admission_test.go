@@ -191,25 +191,28 @@ func TestGhostEndsThrashingForASetThatFits(t *testing.T) {
 }
 
 // TestThrashWhenSlower: a window of hits (a working set that fits) whose
-// writes into the cache cost more per 4 KiB than the backing's starts
-// thrashing with no turnover cleaned; the ghost's hits do not end it,
-// probe windows do; a probe that finds it slower again doubles the wait,
-// up to maxProbeWindows; a cache that got faster than the backing ends it
-// at once, and the next wait starts over. A window whose reads hit the
-// cache, or with no backing write timed, or one cheaper than the backing,
-// starts nothing.
+// writes into the cache cost over slowerBy times the backing's, per
+// 4 KiB, starts thrashing with no turnover cleaned; the ghost's hits do
+// not end it, probe windows do; a probe that finds it slower again
+// doubles the wait, up to maxProbeWindows; a cache that got faster than
+// the backing ends it at once, and the next wait starts over. A window
+// whose reads hit the cache, or with no backing write timed, or one
+// slower by less than slowerBy, starts nothing.
 func TestThrashWhenSlower(t *testing.T) {
 	const window = 64
 	var d thrashDetector
 	var now costs
 	// one window of hits on blocks 0..window-1 (the ghost holds them all),
-	// each write into the cache taking per4k, the backing's average
-	// backing, with reads read hits in it; it reports whether thrashing.
+	// each write into the cache taking per4k (< 0: none goes into it),
+	// the backing's average backing, with reads read hits in it; it
+	// reports whether thrashing.
 	feed := func(per4k, backing, reads int64) bool {
 		var on bool
 		for i := range window {
-			now.cachedNanos += per4k
-			now.cachedBytes += 4096
+			if per4k >= 0 {
+				now.cachedNanos += per4k
+				now.cachedBytes += 4096
+			}
 			now.backingPer4k = backing
 			if i == 0 {
 				now.readHits += reads
@@ -222,23 +225,25 @@ func TestThrashWhenSlower(t *testing.T) {
 	if feed(1000, 2000, 0) {
 		t.Fatal("thrashing, the cache cheaper than the backing")
 	}
-	if feed(3000, 0, 0) {
+	if feed(3000, 2000, 0) {
+		t.Fatal("thrashing, the cache slower than the backing by less than slowerBy")
+	}
+	if feed(5000, 0, 0) {
 		t.Fatal("thrashing with no backing write timed")
 	}
-	if feed(3000, 2000, window/readsWorth+1) {
+	if feed(5000, 2000, window/readsWorth+1) {
 		t.Fatal("thrashing, slower, though reads hit the cache")
 	}
-	if !feed(3000, 2000, 0) || !d.slower {
+	if !feed(5000, 2000, 0) || !d.slower {
 		t.Fatal("not thrashing (for slower) on a window slower than the backing, no turnover cleaned")
 	}
 	// Aside, the ghost hits and few writes go into the cache: it stays
 	// for probeWindows, then ends to probe.
 	aside := func() int {
 		for w := 1; w <= 2*maxProbeWindows; w++ {
-			if !feed(0, 2000, 0) {
+			if !feed(-1, 2000, 0) {
 				return w
 			}
-			now.cachedBytes -= window * 4096 // none went into the cache
 		}
 		return -1
 	}
@@ -246,20 +251,28 @@ func TestThrashWhenSlower(t *testing.T) {
 		t.Fatalf("the first probe came after %d windows, want %d", w, probeWindows)
 	}
 	for want := 2 * probeWindows; want <= 2*maxProbeWindows; want *= 2 {
-		if !feed(3000, 2000, 0) {
+		if !feed(5000, 2000, 0) {
 			t.Fatal("a probe that found the cache slower did not step aside again")
 		}
 		if w := aside(); w != min(want, maxProbeWindows) {
 			t.Fatalf("a probe came after %d windows, want %d", w, min(want, maxProbeWindows))
 		}
 	}
-	if !feed(3000, 2000, 0) || !feed(3000, 2000, 0) { // the second window hits the ghost
+	if !feed(5000, 2000, 0) || !feed(5000, 2000, 0) { // the second window hits the ghost
 		t.Fatal("not aside again")
 	}
 	if feed(1000, 2000, 0) {
 		t.Fatal("still thrashing after a window that found the cache faster than the backing")
 	}
-	if !feed(3000, 2000, 0) || d.probe != probeWindows {
+	// Aside, the backing slows down: the cache's last cost is no longer
+	// slower, and it ends.
+	if !feed(5000, 2000, 0) || !feed(-1, 2000, 0) {
+		t.Fatal("not aside again")
+	}
+	if feed(-1, 4000, 0) {
+		t.Fatal("still thrashing once the backing cost more than the cache's last cost over slowerBy")
+	}
+	if !feed(5000, 2000, 0) || d.probe != probeWindows {
 		t.Fatalf("stepped aside again with a wait of %d windows, want %d", d.probe, probeWindows)
 	}
 }

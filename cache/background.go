@@ -236,6 +236,7 @@ func (c *Cache) background(ctx context.Context) {
 				c.flusher.Kick()
 			}
 			if lowFree {
+				start := time.Now()
 				if pending < c.reuseBatch() {
 					var freed int
 					if !c.opts.GCMove {
@@ -261,6 +262,7 @@ func (c *Cache) background(ctx context.Context) {
 						break
 					}
 				}
+				c.health.roomNanos.Add(int64(time.Since(start)))
 			}
 			if !worked {
 				break

@@ -81,8 +81,9 @@ func (c *Cache) writeRun(ws []BatchWrite) (n int, stop *writeDecision) {
 	if k == 0 || !c.batchable(&ws[0]) {
 		return 0, nil
 	}
-	start := time.Now()
+	start, inFlight := c.cachedStart()
 	if err := c.enterN(2 * k); err != nil {
+		c.cachedDone(start, inFlight, 0)
 		for i := range k {
 			ws[i].Err = err
 		}
@@ -136,15 +137,15 @@ func (c *Cache) writeRun(ws []BatchWrite) (n int, stop *writeDecision) {
 		}
 	}
 	c.mu.Unlock()
+	var bytes int64
 	if n > 0 {
 		c.writeChunks(ws, chunks)
 		c.insertChunks(ws[:n], chunks)
-		var bytes int64
 		for i := range ws[:n] {
 			bytes += int64(len(ws[i].P))
 		}
-		c.noteCached(time.Since(start), bytes)
 	}
+	c.cachedDone(start, inFlight, bytes)
 	c.leaveN(2 * k)
 	return n, stop
 }

@@ -32,6 +32,12 @@ type testHooks struct {
 	// alwaysThrash: the cache thrashes whatever the detector says (the
 	// power-cut test's thrashing variant runs the paths around it).
 	alwaysThrash bool
+	// neverSlower: the cache never counts as slower than its backing
+	// (thrashDetector's cost rule off), for tests of GC and of the miss
+	// rule on memory devices: there the cache's cost under a loaded
+	// machine (CI runs packages side by side) comes and goes around the
+	// backing's, and the cost rule has tests of its own.
+	neverSlower bool
 }
 
 // breakMode selects an ordering bug for the harness self-test.

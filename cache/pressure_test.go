@@ -502,18 +502,15 @@ func TestThrashBypass(t *testing.T) {
 
 // TestThrashSparesAFittingSet: random writes over a working set of 40%
 // of the cache, 300 passes, with the background running (GC cleans and
-// drops what it evicts, so its cleaned bytes pass any turnover), over a
-// backing whose writes take 200 us (slower than the cache, as a backing
-// worth caching is; TestSlowerCacheStepsAside has one as fast): the
+// drops what it evicts, so its cleaned bytes pass any turnover): the
 // writes mostly hit, so the cache never thrashes, and at the end most of
 // the set is cached. (The first detector, which looked at free buckets
 // and cleaned bytes alone, bypassed about half of these writes for good.)
+// The miss rule alone (neverSlower): over a memory backing the cache is
+// slower, and steps aside by the cost rule (TestSlowerCacheStepsAside).
 func TestThrashSparesAFittingSet(t *testing.T) {
 	d := formatMem(t, 1<<20+256<<10, 8<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 64 << 10})
-	slow := storage.NewDelay(d.back)
-	slow.Set(storage.OpWrite, 20*time.Microsecond)
-	d.back = slow
-	c := openT(t, d, Options{SequentialCutoff: -1})
+	c := openHooked(t, d, Options{SequentialCutoff: -1}, testHooks{neverSlower: true})
 	r := rng(testseed.Get(t))
 	set := c.CapacityBytes() * 40 / 100 / 4096
 	for i := range 300 * set {
@@ -593,11 +590,13 @@ func TestSlowerCacheStepsAside(t *testing.T) {
 // TestThrashLetsAHotSetIn: after the cache thrashes under a working set
 // eight times its size, the load moves to a hot set of an eighth of the
 // cache: it must be cached (and stay so) within a bounded number of
-// writes, so that the cache never bypasses for good.
+// writes, so that the cache never bypasses for good. The miss rule alone
+// (neverSlower): a cache slower than its backing stays aside until it
+// probes (TestThrashWhenSlower).
 func TestThrashLetsAHotSetIn(t *testing.T) {
 	const size = 8 << 20
 	d := formatMem(t, 1<<20+256<<10, size, FormatOptions{BucketSize: 64 << 10, JournalSize: 64 << 10})
-	c := openT(t, d, Options{SequentialCutoff: -1})
+	c := openHooked(t, d, Options{SequentialCutoff: -1}, testHooks{neverSlower: true})
 	r := rng(testseed.Get(t))
 	id := uint64(0)
 	write := func(off int64) {

@@ -44,12 +44,16 @@ func (c *Cache) noteThrashLocked(off, n int64) (around bool) {
 
 // costsNow is what thrashDetector weighs at a window's end.
 func (c *Cache) costsNow() costs {
-	return costs{
+	s := costs{
 		cleaned:     c.stats.gcCleanedBytes.Load(),
-		cachedNanos: c.health.cachedNanos.Load(), cachedBytes: c.health.cachedBytes.Load(),
+		cachedNanos: c.health.cachedNanos.Load() + c.health.roomNanos.Load(), cachedBytes: c.health.cachedBytes.Load(),
 		readHits:     c.stats.hits.Load() + c.stats.partialHits.Load(),
 		backingPer4k: c.health.nanos.Load(),
 	}
+	if c.test.neverSlower {
+		s.backingPer4k = 0 // none timed: never slower
+	}
+	return s
 }
 
 // cachedLocked reports whether part of [off, off+n) is cached, clean or

@@ -231,11 +231,12 @@ func (c *Cache) writeAs(p []byte, off int64, d writeDecision) error {
 		var err error
 		switch d.route() {
 		case routeDirty:
-			start := time.Now()
+			start, inFlight := c.cachedStart()
 			err := c.writeDirty(p, off)
-			if err == nil {
-				c.noteCached(time.Since(start), n)
+			if err != nil {
+				n = 0
 			}
+			c.cachedDone(start, inFlight, n)
 			return err
 		case routeBacking:
 			c.stats.bypasses.Add(1)
