@@ -136,16 +136,22 @@ func (a *admitter) sequential(off, n int64) bool {
 // over slowerBy times the backing's (a margin for noise) starts thrashing
 // too (slower), and the ghost's hits do not end it: the working set fits,
 // but the cache does not pay. Only writes are weighed, so a cache that
-// served reads in the window (read hits beyond 1/readsWorth of its
-// writes) is never slower: over a device whose page cache takes writes
-// fast but whose reads are slow, stepping aside would lose those hits.
-// It ends when the cache is no longer slower (its last cost against a
-// backing that slowed down), or after probe windows, to measure the
-// cache again: it fills with what is written, and steps aside again if
-// it is still slower once pressed. A probe costs a second or two at the
+// served reads in the window (read hits beyond 1/readsWorth of the
+// client's writes over the same span) is never slower: over a device
+// whose page cache takes writes fast but whose reads are slow, stepping
+// aside would lose those hits. The cost errs towards the cache being
+// slower where a writer waits for the background (a checkpoint it needs):
+// that time counts on both sides, and GC's backing flushes count against
+// the cache, where a bypassed write has its flush only at the client's
+// FLUSH. Aside, it is not measured again (the writes that still go into a
+// cache shedding its data are not pressed): it ends when the backing
+// becomes slower than the cost measured before, or after probe windows,
+// to measure the cache again: it fills with what is written, and steps
+// aside again if it is still slower once pressed. A probe costs a second or two at the
 // cache's speed, so each probe that finds it slower again doubles the
 // next wait, from probeWindows up to maxProbeWindows (a 64 MiB cache at
-// 130k writes a second: 8 s, then up to about 2 min).
+// 130k writes a second: 8 s, then up to about 2 min); one that finds it
+// faster starts the waits over.
 type thrashDetector struct {
 	on           bool
 	writes, hits int // in the current window
@@ -160,12 +166,14 @@ type thrashDetector struct {
 	probed  bool // it last ended to probe
 }
 
-// costs is what a window's end weighs besides the hits: running totals
-// (a window's share is their growth over it), and the backing's average.
+// costs is what a window weighs besides the hits: running totals (a
+// window's share is their growth from its first write to its end), and
+// the backing's average.
 type costs struct {
 	cleaned      int64 // bytes GC wrote back to make room
 	cachedNanos  int64 // writers' time in writes into the cache (waits for room included), and the background's making room
 	cachedBytes  int64 // the bytes of those writes
+	writes       int64 // the client's writes, every route
 	readHits     int64 // reads served from the cache, wholly or in part
 	backingPer4k int64 // the backing's recent average write per 4 KiB; 0: none timed
 }
@@ -187,6 +195,9 @@ const (
 // as it would take four in the cache (with one a write, 8 connections of
 // 16 KiB writes over 4 times the cache's size all but hit it).
 func (t *thrashDetector) note(b, blocks uint64, hit bool, now costs, turnover int64, window int) bool {
+	if t.writes == 0 {
+		t.mark = now // the window's span starts here
+	}
 	if t.on {
 		for i := range min(max(blocks, 1), 256) {
 			sampled, ghit := t.ghost.note(b + i)
@@ -209,10 +220,12 @@ func (t *thrashDetector) note(b, blocks uint64, hit bool, now costs, turnover in
 		return t.on
 	}
 	missing := float64(t.hits) < thrashHits*float64(t.writes)
-	slower := t.slowerOver(now, int64(t.writes))
+	slower := t.slowerOver(now)
 	t.writes, t.hits = 0, 0
 	if t.on {
 		t.windows++
+	} else if !slower {
+		t.probed = false // the last probe found the cache worth it
 	}
 	switch {
 	case t.on && !missing && !(t.slower && slower && t.windows < t.probe):
@@ -230,19 +243,24 @@ func (t *thrashDetector) note(b, blocks uint64, hit bool, now costs, turnover in
 	return t.on
 }
 
-// slowerOver reports whether the cache was slower than the backing over
-// the window that ends at now, of writes writes, and marks its end. A
-// window with too few writes into the cache to measure it (a cache that
-// stepped aside takes few) weighs its last cost against the backing's
-// now: a backing that slowed down ends the thrashing.
-func (t *thrashDetector) slowerOver(now costs, writes int64) bool {
-	dn, db := now.cachedNanos-t.mark.cachedNanos, now.cachedBytes-t.mark.cachedBytes
+// slowerOver reports whether the cache is slower than the backing, at the
+// end of a window that began at t.mark. Off, it measures the window's
+// writes into the cache (a window with too few of them to say is not
+// slower); aside, it weighs the cost it measured before it stepped aside
+// against the backing's now (a backing that slowed down ends it): writes
+// into a cache that sheds its data are no longer pressed, and measuring
+// those would end every stay aside within a window or two (found by
+// review). Reads and writes are counted over the same span: every write
+// the client made, not only the window's (pressed or sampled) ones.
+func (t *thrashDetector) slowerOver(now costs) bool {
+	writes := now.writes - t.mark.writes
 	reads := now.readHits - t.mark.readHits
-	t.mark = now
-	if db >= 4096*max(writes/4, 1) {
-		t.cost = dn * 4096 / db
-	} else if !t.on {
-		return false
+	if !t.on {
+		db := now.cachedBytes - t.mark.cachedBytes
+		if db < 4096*max(writes/4, 1) {
+			return false
+		}
+		t.cost = (now.cachedNanos - t.mark.cachedNanos) / max(db/4096, 1)
 	}
 	return now.backingPer4k > 0 && t.cost > slowerBy*now.backingPer4k && reads*readsWorth <= writes
 }

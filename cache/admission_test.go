@@ -193,11 +193,12 @@ func TestGhostEndsThrashingForASetThatFits(t *testing.T) {
 // TestThrashWhenSlower: a window of hits (a working set that fits) whose
 // writes into the cache cost over slowerBy times the backing's, per
 // 4 KiB, starts thrashing with no turnover cleaned; the ghost's hits do
-// not end it, probe windows do; a probe that finds it slower again
-// doubles the wait, up to maxProbeWindows; a cache that got faster than
-// the backing ends it at once, and the next wait starts over. A window
-// whose reads hit the cache, or with no backing write timed, or one
-// slower by less than slowerBy, starts nothing.
+// not end it, and neither do cheap writes into a cache aside; probe
+// windows do; a probe that finds it slower again doubles the wait, up to
+// maxProbeWindows, and one that finds it faster starts the next wait
+// over; a backing that got slower than the cache's last cost ends it at
+// once. A window whose reads hit the cache, or with no backing write
+// timed, or one slower by less than slowerBy, starts nothing.
 func TestThrashWhenSlower(t *testing.T) {
 	const window = 64
 	var d thrashDetector
@@ -209,12 +210,13 @@ func TestThrashWhenSlower(t *testing.T) {
 	feed := func(per4k, backing, reads int64) bool {
 		var on bool
 		for i := range window {
+			now.writes++
 			if per4k >= 0 {
 				now.cachedNanos += per4k
 				now.cachedBytes += 4096
 			}
 			now.backingPer4k = backing
-			if i == 0 {
+			if i == window/2 {
 				now.readHits += reads
 			}
 			on = d.note(uint64(i), 1, true, now, 1<<40, window)
@@ -258,15 +260,9 @@ func TestThrashWhenSlower(t *testing.T) {
 			t.Fatalf("a probe came after %d windows, want %d", w, min(want, maxProbeWindows))
 		}
 	}
-	if !feed(5000, 2000, 0) || !feed(5000, 2000, 0) { // the second window hits the ghost
-		t.Fatal("not aside again")
-	}
-	if feed(1000, 2000, 0) {
-		t.Fatal("still thrashing after a window that found the cache faster than the backing")
-	}
 	// Aside, the backing slows down: the cache's last cost is no longer
-	// slower, and it ends.
-	if !feed(5000, 2000, 0) || !feed(-1, 2000, 0) {
+	// slower, and it ends; the next wait starts over.
+	if !feed(5000, 2000, 0) || !feed(-1, 2000, 0) { // the second window hits the ghost
 		t.Fatal("not aside again")
 	}
 	if feed(-1, 4000, 0) {
@@ -274,5 +270,23 @@ func TestThrashWhenSlower(t *testing.T) {
 	}
 	if !feed(5000, 2000, 0) || d.probe != probeWindows {
 		t.Fatalf("stepped aside again with a wait of %d windows, want %d", d.probe, probeWindows)
+	}
+	// A probe that finds the cache worth it (a window in, not slower)
+	// starts the next wait over; one that finds it slower doubles it.
+	if w := aside(); w != probeWindows {
+		t.Fatalf("probe after %d windows, want %d", w, probeWindows)
+	}
+	if feed(1000, 2000, 0) || !feed(5000, 2000, 0) || d.probe != probeWindows {
+		t.Fatalf("after a probe that found the cache faster, stepped aside with a wait of %d windows, want %d", d.probe, probeWindows)
+	}
+	// Aside, writes over what the cache still holds go into it, cheaply
+	// (no longer pressed): they are not measured, and it stays aside.
+	if !feed(5000, 2000, 0) {
+		t.Fatal("not aside")
+	}
+	for w := range probeWindows - 3 {
+		if !feed(100, 2000, 0) {
+			t.Fatalf("a cache aside ended after %d windows of cheap writes into it, want %d", w+1, probeWindows)
+		}
 	}
 }

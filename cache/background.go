@@ -259,6 +259,7 @@ func (c *Cache) background(ctx context.Context) {
 					}, true)
 					if err != nil && !errors.Is(err, ErrClosed) {
 						c.log.Warn("cache: background checkpoint", "err", err)
+						c.health.roomNanos.Add(int64(time.Since(start)))
 						break
 					}
 				}

@@ -47,6 +47,7 @@ func (c *Cache) costsNow() costs {
 	s := costs{
 		cleaned:     c.stats.gcCleanedBytes.Load(),
 		cachedNanos: c.health.cachedNanos.Load() + c.health.roomNanos.Load(), cachedBytes: c.health.cachedBytes.Load(),
+		writes:       c.stats.writes.Load(),
 		readHits:     c.stats.hits.Load() + c.stats.partialHits.Load(),
 		backingPer4k: c.health.nanos.Load(),
 	}

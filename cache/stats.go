@@ -53,7 +53,7 @@ type Stats struct {
 	DataWrites          int64 `json:"data_writes"`             // cache device writes of the write path's data (adjacent ones of concurrent writers merge)
 	BackingWriteBytes   int64 `json:"backing_write_bytes"`     // foreground bytes written to the backing
 	BackingWriteNanos   int64 `json:"backing_write_ns_per_4k"` // recent average backing write (bypasses, cleaning) per 4 KiB; above 1 ms the backing counts as a disk
-	CachedWriteNanos    int64 `json:"cached_write_ns_per_4k"`  // writes into the cache per 4 KiB, their writers' time (waits for room included), over the thrash detector's last window under pressure
+	CachedWriteNanos    int64 `json:"cached_write_ns_per_4k"`  // what a write into the cache cost per 4 KiB over the thrash detector's last window under pressure: its writer's time (waits for room included, shared among the writes in flight) and the background's making room
 	Thrashing           bool  `json:"thrashing"`               // the cache steps aside for writes that miss it and sheds its data (thrashDetector)
 	SlowerThanBacking   bool  `json:"slower_than_backing"`     // it does so because writes into it cost more than the backing's
 	DirtyBytes          int64 `json:"dirty_bytes"`
