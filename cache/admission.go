@@ -147,23 +147,24 @@ func (a *admitter) sequential(off, n int64) bool {
 // cache shedding its data are not pressed): it ends when the backing
 // becomes slower than the cost measured before, or after probe windows,
 // to measure the cache again: it fills with what is written, and steps
-// aside again if it is still slower once pressed. A probe costs a second or two at the
-// cache's speed, so each probe that finds it slower again doubles the
-// next wait, from probeWindows up to maxProbeWindows (a 64 MiB cache at
-// 130k writes a second: 8 s, then up to about 2 min); one that finds it
-// faster starts the waits over.
+// aside again if it is still slower once pressed. A probe costs a second
+// or two at the cache's speed, so each probe that finds it slower again
+// doubles the next wait, from probeWindows up to maxProbeWindows (a
+// 64 MiB cache at 130k writes a second: 8 s, then up to about 2 min); one
+// that finds it faster starts the waits over.
 type thrashDetector struct {
 	on           bool
 	writes, hits int // in the current window
 	mark         costs
 	cleanedMark  int64 // GC's cleaned bytes when thrashing last ended
 	ghost        ghost
-	// cost: the last window's writes into the cache, per 4 KiB.
+	// cost: what a write into the cache cost per 4 KiB over the last
+	// window measured (slowerOver).
 	cost    int64
 	slower  bool // on because the cache was slower than the backing
 	windows int  // windows ended since on
 	probe   int  // windows a slower cache stays aside this time
-	probed  bool // it last ended to probe
+	probed  bool // it last ended to probe, and no window since found it worth it
 }
 
 // costs is what a window weighs besides the hits: running totals (a

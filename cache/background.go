@@ -154,6 +154,36 @@ func (c *Cache) quietLoop(ctx context.Context) {
 	}
 }
 
+// makeRoomBackground is the background loop's turn at making room once
+// free buckets run short: a GC pass unless a batch of emptied buckets is
+// pending already (gcClean; gcStep with GCMove), then the checkpoint that
+// frees them once enough are pending (reuseNowLocked). It returns the
+// buckets the pass emptied, and the checkpoint's error (not ErrClosed).
+func (c *Cache) makeRoomBackground(pending int) (freed int, err error) {
+	if pending < c.reuseBatch() {
+		if !c.opts.GCMove {
+			freed = c.gcClean()
+		} else {
+			freed, _ = c.gcStep(true)
+		}
+	}
+	c.mu.Lock()
+	reuse := c.reuseNowLocked()
+	c.mu.Unlock()
+	if !reuse {
+		return freed, nil
+	}
+	err = c.checkpointIf(func() bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.reuseNowLocked()
+	}, true)
+	if errors.Is(err, ErrClosed) {
+		err = nil
+	}
+	return freed, err
+}
+
 // quietMark moves with every write the client makes: it is journal.acked
 // (the records appended when the last acknowledgement began) plus the
 // client's writes, counted as they start. Writes around a thrashing cache
@@ -237,33 +267,13 @@ func (c *Cache) background(ctx context.Context) {
 			}
 			if lowFree {
 				start := time.Now()
-				if pending < c.reuseBatch() {
-					var freed int
-					if !c.opts.GCMove {
-						freed = c.gcClean()
-					} else {
-						freed, _ = c.gcStep(true)
-					}
-					if freed > 0 {
-						worked = true
-					}
-				}
-				c.mu.Lock()
-				reuse := c.reuseNowLocked()
-				c.mu.Unlock()
-				if reuse {
-					err := c.checkpointIf(func() bool {
-						c.mu.Lock()
-						defer c.mu.Unlock()
-						return c.reuseNowLocked()
-					}, true)
-					if err != nil && !errors.Is(err, ErrClosed) {
-						c.log.Warn("cache: background checkpoint", "err", err)
-						c.health.roomNanos.Add(int64(time.Since(start)))
-						break
-					}
-				}
+				freed, err := c.makeRoomBackground(pending)
 				c.health.roomNanos.Add(int64(time.Since(start)))
+				if err != nil {
+					c.log.Warn("cache: background checkpoint", "err", err)
+					break
+				}
+				worked = freed > 0
 			}
 			if !worked {
 				break

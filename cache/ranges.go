@@ -45,8 +45,9 @@ func (c *Cache) noteThrashLocked(off, n int64) (around bool) {
 // costsNow is what thrashDetector weighs at a window's end.
 func (c *Cache) costsNow() costs {
 	s := costs{
-		cleaned:     c.stats.gcCleanedBytes.Load(),
-		cachedNanos: c.health.cachedNanos.Load() + c.health.roomNanos.Load(), cachedBytes: c.health.cachedBytes.Load(),
+		cleaned:      c.stats.gcCleanedBytes.Load(),
+		cachedNanos:  c.health.cachedNanos.Load() + c.health.roomNanos.Load(),
+		cachedBytes:  c.health.cachedBytes.Load(),
 		writes:       c.stats.writes.Load(),
 		readHits:     c.stats.hits.Load() + c.stats.partialHits.Load(),
 		backingPer4k: c.health.nanos.Load(),

@@ -89,6 +89,14 @@ func printStats(w io.Writer, s, prev control.Stats, dt time.Duration, rates bool
 		fmt.Fprintf(tw, "dirty\t%s\tcached\t%s of %s (occupancy %.1f%%)\n", mibs(c.DirtyBytes), mibs(c.CachedBytes), mibs(c.CapacityBytes), 100*f.Occupancy)
 		fmt.Fprintf(tw, "hit ratio\t%.3f\thits/misses/partial\t%d/%d/%d (RAM %d)\n", f.HitRatio, c.Hits, c.Misses, c.PartialHits, c.RAMHits)
 		fmt.Fprintf(tw, "bypasses\t%d (%d thrashing)\tpromotions\t%d\n", c.Bypasses, c.ThrashBypasses, c.Promotions)
+		if c.Thrashing {
+			why := "its working set does not fit"
+			if c.SlowerThanBacking {
+				why = fmt.Sprintf("slower than the backing (%s against %s a 4 KiB write)",
+					time.Duration(c.CachedWriteNanos), time.Duration(c.BackingWriteNanos))
+			}
+			fmt.Fprintf(tw, "stepped aside\t%s\n", why)
+		}
 	}
 	if wb := s.WritebackStats; wb != nil {
 		var total, flushes int64
