@@ -140,10 +140,7 @@ func (c *Cache) writeRun(ws []BatchWrite) (n int, stop *writeDecision) {
 	var bytes int64
 	if n > 0 {
 		c.writeChunks(ws, chunks)
-		c.insertChunks(ws[:n], chunks)
-		for i := range ws[:n] {
-			bytes += int64(len(ws[i].P))
-		}
+		bytes = c.insertChunks(ws[:n], chunks)
 	}
 	c.cachedDone(start, inFlight, bytes)
 	c.leaveN(2 * k)
@@ -274,8 +271,8 @@ func (c *Cache) writeChunks(ws []BatchWrite, chunks []batchChunk) {
 // insertChunks inserts, under one hold of mu, the chunks whose data is on
 // the device, in order (a later write over the same range wins, as it
 // would one after another), in the index room writeRun reserved for them,
-// and releases every allocation.
-func (c *Cache) insertChunks(ws []BatchWrite, chunks []batchChunk) {
+// and releases every allocation. It returns the bytes of ws.
+func (c *Cache) insertChunks(ws []BatchWrite, chunks []batchChunk) (bytes int64) {
 	c.mu.Lock()
 	for _, ch := range chunks {
 		c.mu.reservedExt -= 2
@@ -286,12 +283,12 @@ func (c *Cache) insertChunks(ws []BatchWrite, chunks []batchChunk) {
 		c.mu.space.release(ch.b)
 	}
 	c.mu.Unlock()
-	var bytes int64
 	for i := range ws {
 		bytes += int64(len(ws[i].P))
 	}
 	c.noteWrites(int64(len(ws)), bytes, true)
 	c.stats.batched.Add(int64(len(ws)))
+	return bytes
 }
 
 // ackAll acknowledges the writes of a batch: one publish, or one commit if

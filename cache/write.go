@@ -233,10 +233,11 @@ func (c *Cache) writeAs(p []byte, off int64, d writeDecision) error {
 		case routeDirty:
 			start, inFlight := c.cachedStart()
 			err := c.writeDirty(p, off)
+			written := n
 			if err != nil {
-				n = 0
+				written = 0 // not counted
 			}
-			c.cachedDone(start, inFlight, n)
+			c.cachedDone(start, inFlight, written)
 			return err
 		case routeBacking:
 			c.stats.bypasses.Add(1)
