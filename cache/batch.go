@@ -89,9 +89,7 @@ func (c *Cache) writeRun(ws []BatchWrite) (n int, stop *writeDecision) {
 		}
 		return k, nil
 	}
-	// A write makes one chunk, two where it crosses into the next
-	// bucket: a few more than k is room for all but rare runs.
-	chunks := make([]batchChunk, 0, k+k/8+2)
+	var chunks []batchChunk
 	c.mu.Lock()
 	for ; n < k; n++ {
 		w := &ws[n]
@@ -105,6 +103,13 @@ func (c *Cache) writeRun(ws []BatchWrite) (n int, stop *writeDecision) {
 		if d.route() != routeDirty {
 			stop = &d
 			break
+		}
+		if chunks == nil {
+			// A write makes one chunk, two where it crosses into the
+			// next bucket: a few more than k is room for all but rare
+			// runs. None for a run that ends at its first write (a
+			// thrashing cache's miss, as every write while it sheds).
+			chunks = make([]batchChunk, 0, k+k/8+2)
 		}
 		mark := len(chunks)
 		for done := int64(0); done < int64(len(w.P)); {
@@ -196,14 +201,18 @@ func (c *Cache) bypassRun(ws []BatchWrite, first writeDecision) int {
 	}
 	c.noteWrites(int64(k), bytes, false)
 	c.stats.bypasses.Add(int64(k))
+	start := time.Now()
 	for i := range ws[:k] {
 		w := &ws[i]
-		start := time.Now()
-		if err := c.back.WriteAt(w.P, w.Off, 0); err != nil {
+		err := c.back.WriteAt(w.P, w.Off, 0)
+		end := time.Now() // one clock read a write: the next write starts now
+		if err != nil {
 			w.Err = fmt.Errorf("cache: write backing: %w", err)
+			start = end
 			continue
 		}
-		c.noteBacking(time.Since(start), int64(len(w.P))) // what diskLike measures, as in writeAs
+		c.noteBacking(end.Sub(start), int64(len(w.P))) // what diskLike measures, as in writeAs
+		start = end
 		c.stats.backingWriteBytes.Add(int64(len(w.P)))
 		c.stats.thrashBypasses.Add(1)
 	}

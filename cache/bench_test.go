@@ -244,3 +244,84 @@ func BenchmarkDrain(b *testing.B) {
 	b.ReportMetric(float64(switches)/float64(b.N*writes), "ctxsw/extent")
 	b.ReportMetric(float64(cpu)/float64(b.N*writes), "cpu-ns/extent")
 }
+
+// BenchmarkThrashBypass: what a thrashing cache adds to a write it sends
+// around itself, the shape of bench/parallel.sh (16 KiB random writes,
+// batches of 8 as from one socket read, 4 goroutines as connections)
+// over a span of 4 times a 16 MiB cache, on memory devices so that the
+// devices' own cost is small. "alone" is the same batches written to the
+// backing device straight; the backing takes writes without copying them
+// (discardWrites), so the time per write is the bypass path's overhead
+// (issue 18's parallel goal: no slower than no cache).
+func BenchmarkThrashBypass(b *testing.B) {
+	const cacheSize, span, size, batch = 16 << 20, 64 << 20, 16 << 10, 8
+	for _, kind := range []string{"alone", "cache"} {
+		b.Run(kind, func(b *testing.B) {
+			back := discardWrites{storage.NewMem(span)}
+			write := func(ws []BatchWrite) { // as storage.File.WriteBatch: one by one
+				for i := range ws {
+					ws[i].Err = back.WriteAt(ws[i].P, ws[i].Off, 0)
+				}
+			}
+			var c *Cache
+			if kind == "cache" {
+				d := devPair{storage.NewMem(cacheSize + 2<<20), back}
+				if err := Format(d.cache, d.back, FormatOptions{BackingID: testBackingID}); err != nil {
+					b.Fatal(err)
+				}
+				var err error
+				if c, err = Open(d.cache, d.back, Options{BackingID: testBackingID}); err != nil {
+					b.Fatal(err)
+				}
+				b.Cleanup(func() { c.Close() })
+				c.mu.Lock()
+				t := &c.mu.admit.thrash
+				t.on, t.probe = true, maxProbeWindows
+				t.ghost.reset(int(c.CapacityBytes() / 4096))
+				c.mu.Unlock()
+				write = c.WriteBatch
+			}
+			b.SetBytes(size)
+			b.ReportAllocs()
+			b.SetParallelism(2) // 4 goroutines on 2 cores
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				r := rand.New(rand.NewPCG(rand.Uint64(), 1))
+				ws := make([]BatchWrite, batch)
+				for i := range ws {
+					ws[i].P = make([]byte, size)
+				}
+				for pb.Next() { // a batch is batch ops' worth: b.N counts writes
+					for i := range ws {
+						ws[i].Off, ws[i].Err = r.Int64N(span/size)*size, nil
+					}
+					write(ws)
+					for i := range ws {
+						if ws[i].Err != nil {
+							b.Error(ws[i].Err)
+							return
+						}
+					}
+					for range batch - 1 {
+						if !pb.Next() {
+							return
+						}
+					}
+				}
+			})
+			b.StopTimer()
+			if c != nil {
+				st := c.Stats()
+				b.ReportMetric(float64(st.Bypasses)/float64(max(st.Writes, 1)), "bypass-share")
+			}
+		})
+	}
+}
+
+// discardWrites is a Mem whose writes are checked and dropped: a backing
+// that costs nothing to write.
+type discardWrites struct{ *storage.Mem }
+
+func (d discardWrites) WriteAt(p []byte, off int64, _ storage.Flags) error {
+	return storage.CheckRange(d.Size(), off, int64(len(p)))
+}
