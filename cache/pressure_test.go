@@ -11,6 +11,7 @@ import (
 
 	"github.com/nbdcache/nbdcache/storage"
 	"github.com/nbdcache/nbdcache/test/testseed"
+	"github.com/nbdcache/nbdcache/writeback"
 )
 
 // TestGCNeverMovesClean: a tiny cache (16 buckets) under a working set
@@ -933,6 +934,41 @@ func TestFlusherTimesCorrectARotatingBacking(t *testing.T) {
 	}
 	if c.diskLike() {
 		t.Error("still taken for a disk after the flusher timed fast writes")
+	}
+}
+
+// TestFlusherProbesARotatingBacking: a fast backing that says it rotates
+// is timed as soon as it has dirty data, not when the dirty level, an age
+// pass or an idle spell next sends the flusher to it (ModeProbe): the
+// flusher writes back a little, probeBytes a batch, until it has timed
+// trustTimes writes, and no more, since the level is below the low
+// watermark. The dirty data is dense (2 MiB in a row): a batch with a
+// full budget would write it all back in 1 MiB writes. Without the probe,
+// nothing here is written back within the test's 10 s (no idle, no age).
+func TestFlusherProbesARotatingBacking(t *testing.T) {
+	d := formatMem(t, 64<<20, 128<<20, FormatOptions{})
+	back := storage.NewSlow(d.back, storage.DiskModel{Name: "instant", TransferRate: 1 << 40})
+	c := openT(t, devPair{d.cache, back}, Options{SequentialCutoff: -1,
+		Writeback: writeback.Config{IdleAfter: time.Hour, MaxDirtyAge: -1}})
+	defer closeChecked(t, c, devPair{d.cache, back})
+	if !c.diskLike() {
+		t.Fatal("a rotating backing is not taken for a disk before any write was timed")
+	}
+	const dense = 2 << 20 // below the low watermark (5% of 64 MiB)
+	for off := int64(0); off < dense; off += 64 << 10 {
+		if err := c.WriteAt(payload(off, 64<<10, 1), off, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, func() bool { _, ok := c.flusher.TimedSeeks(); return ok })
+	if c.diskLike() {
+		t.Error("still taken for a disk after the flusher's probe timed fast writes")
+	}
+	waitFor(t, func() bool { st := c.flusher.Stats(); return st.Mode == writeback.ModeStopped && st.Pending == 0 })
+	st := c.flusher.Stats()
+	const limit = 2 * 8 * 32 << 10 // twice the probe's 8 batches of 32 KiB
+	if st.BytesWritten > limit || c.Stats().DirtyBytes < dense-limit {
+		t.Errorf("the probe wrote back %d bytes in %d writes (%d left dirty), want at most %d", st.BytesWritten, st.Writes, c.Stats().DirtyBytes, limit)
 	}
 }
 

@@ -27,9 +27,13 @@ const (
 	ModeDrain
 	// ModeShed: the Source sheds its data (Shedder), full speed.
 	ModeShed
+	// ModeProbe: the backing is a disk only by its word (the Seeker's
+	// prior), and the flusher has timed too few writes of its own to say:
+	// it writes back probeBytes at full speed, to time them.
+	ModeProbe
 )
 
-var modeNames = [...]string{"stopped", "rate", "full", "idle", "age", "drain", "shed"}
+var modeNames = [...]string{"stopped", "rate", "full", "idle", "age", "drain", "shed", "probe"}
 
 func (m Mode) String() string {
 	if int(m) < len(modeNames) {
@@ -48,6 +52,7 @@ type situation struct {
 	shed            bool // the Source sheds its data (Shedder)
 	idle            bool // no foreground request for IdleAfter
 	aged            bool // an age pass is due or under way
+	probe           bool // the backing seeks only by the Seeker's word, untimed (ModeProbe)
 }
 
 // decide is the writeback policy, bcache's should_writeback for the
@@ -66,6 +71,8 @@ func decide(s situation, c *Config) Mode {
 		return ModeIdle
 	case s.aged:
 		return ModeAge
+	case s.probe:
+		return ModeProbe
 	case c.LowWatermark >= 0 && !percentAtLeast(s.dirty, s.capacity, c.LowWatermark):
 		return ModeStopped
 	}

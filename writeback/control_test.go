@@ -37,7 +37,13 @@ func TestDecide(t *testing.T) {
 		{situation{dirty: 49, capacity: c}, ModeStopped},
 		{situation{dirty: 50, capacity: c}, ModeRate},
 		{situation{dirty: 100, capacity: c}, ModeRate},
-		{situation{dirty: 10, capacity: 0}, ModeFull}, // no capacity: everything is over the mark
+		{situation{dirty: 10, capacity: 0}, ModeFull},                // no capacity: everything is over the mark
+		{situation{dirty: 10, capacity: c, probe: true}, ModeProbe},  // below the low mark
+		{situation{dirty: 500, capacity: c, probe: true}, ModeProbe}, // in the rate band
+		{situation{dirty: 0, capacity: c, probe: true}, ModeStopped},
+		{situation{dirty: 800, capacity: c, probe: true}, ModeFull},
+		{situation{dirty: 10, capacity: c, idle: true, probe: true}, ModeIdle},
+		{situation{dirty: 10, capacity: c, shed: true, probe: true}, ModeShed},
 	} {
 		if got := decide(tc.s, &cfg); got != tc.want {
 			t.Errorf("decide(%+v) = %v, want %v", tc.s, got, tc.want)
