@@ -107,7 +107,7 @@ func (c *Cache) writeRun(ws []BatchWrite) (n int, stop *writeDecision) {
 		if chunks == nil {
 			// A write makes one chunk, two where it crosses into the
 			// next bucket: a few more than k is room for all but rare
-			// runs. None for a run that ends at its first write (a
+			// runs. None for a run whose first write goes elsewhere (a
 			// thrashing cache's miss, as every write while it sheds).
 			chunks = make([]batchChunk, 0, k+k/8+2)
 		}

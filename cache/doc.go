@@ -219,8 +219,8 @@
 //	rmwMu → gcPass → the flusher's turn (Exclusive) → ckpt → sbMu → mu
 //
 // The flusher's own mutex comes before mu (it asks DirtyBytes and Shedding
-// under it), and nothing takes it under mu (Kick and NoteForeground take
-// no lock). Below mu only leaves: the group writer's mutex. The shared
+// under it, and BackingSeeks, which takes no lock), and nothing takes it
+// under mu (Kick, NoteForeground and TimedSeeks take no lock). Below mu only leaves: the group writer's mutex. The shared
 // backing flush (bflush.go) takes mu inside the flush, without its own
 // mutex held, so flushBacking is never called with mu held. Operations
 // that append journal records (at most one each) hold a slot of a

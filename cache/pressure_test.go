@@ -942,9 +942,11 @@ func TestFlusherTimesCorrectARotatingBacking(t *testing.T) {
 // pass or an idle spell next sends the flusher to it (ModeProbe): the
 // flusher writes back a little, probeBytes a batch, until it has timed
 // trustTimes writes, and no more, since the level is below the low
-// watermark. The dirty data is dense (2 MiB in a row): a batch with a
-// full budget would write it all back in 1 MiB writes. Without the probe,
-// nothing here is written back within the test's 10 s (no idle, no age).
+// watermark. The dirty data is dense, 2 MiB in a row of 4 KiB extents
+// (a batch's budget is checked before each): a probe batch merges 8 of
+// them into one 32 KiB write, where a batch with a full budget would
+// write it all back in 1 MiB writes. Without the probe, nothing here is
+// written back within the test's 10 s (no idle, no age).
 func TestFlusherProbesARotatingBacking(t *testing.T) {
 	d := formatMem(t, 64<<20, 128<<20, FormatOptions{})
 	back := storage.NewSlow(d.back, storage.DiskModel{Name: "instant", TransferRate: 1 << 40})
@@ -955,8 +957,8 @@ func TestFlusherProbesARotatingBacking(t *testing.T) {
 		t.Fatal("a rotating backing is not taken for a disk before any write was timed")
 	}
 	const dense = 2 << 20 // below the low watermark (5% of 64 MiB)
-	for off := int64(0); off < dense; off += 64 << 10 {
-		if err := c.WriteAt(payload(off, 64<<10, 1), off, 0); err != nil {
+	for off := int64(0); off < dense; off += 4096 {
+		if err := c.WriteAt(payload(off, 4096, 1), off, 0); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -966,7 +968,7 @@ func TestFlusherProbesARotatingBacking(t *testing.T) {
 	}
 	waitFor(t, func() bool { st := c.flusher.Stats(); return st.Mode == writeback.ModeStopped && st.Pending == 0 })
 	st := c.flusher.Stats()
-	const limit = 2 * 8 * 32 << 10 // twice the probe's 8 batches of 32 KiB
+	const limit = 8 * (32 + 4) << 10 // 8 batches of 32 KiB, and a piece over
 	if st.BytesWritten > limit || c.Stats().DirtyBytes < dense-limit {
 		t.Errorf("the probe wrote back %d bytes in %d writes (%d left dirty), want at most %d", st.BytesWritten, st.Writes, c.Stats().DirtyBytes, limit)
 	}

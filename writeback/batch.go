@@ -314,16 +314,19 @@ const (
 	// trustTimes: writes timed before the average overrides the Seeker.
 	trustTimes = 8
 	// probeBytes is a batch's budget in ModeProbe: trustTimes writes of
-	// 4 KiB where the dirty data is sparse; dense data takes a batch a
-	// write, and a few batches.
+	// 4 KiB where the dirty data is sparse; dense data takes a write a
+	// batch. The budget is checked before each piece, and a batch takes
+	// one piece at least: a probe over extents of up to MaxWrite writes
+	// up to about trustTimes * MaxWrite in all.
 	probeBytes = trustTimes * 4096
 )
 
 // Until it has timed trustTimes writes, the flusher has only the Seeker's
 // word, and a Seeker that says the backing seeks may only repeat what the
 // device claims (the cache starts from the rotational flag, and a virtio
-// disk claims to rotate). So the flusher probes (ModeProbe): it writes
-// back a little dirty data at once, whatever the dirty level, to time it.
+// disk claims to rotate). So while the Seeker says so, the flusher probes
+// (ModeProbe): it writes back a little dirty data at once, whatever the
+// dirty level, to time it.
 // Without the probe, a fast file on a virtio disk stayed a disk for the
 // first 5-7 s under 4k random writes over half a 64 MiB cache
 // (bench/pressure.sh, ratio 0.5): the flusher, paced at the controller's
@@ -331,8 +334,12 @@ const (
 // batches held the turn that GC's cleaning waits for over a disk
 // (Exclusive), so writers ran out of room and moved data themselves
 // (83-90k writes a second, 20 MB/s moved, against 140-150k once the
-// backing was timed). Over a real disk the probe costs trustTimes writes,
-// once.
+// backing was timed). Over a real disk the probe costs trustTimes writes
+// (and up to trustTimes batches, each with its backing flush), once per
+// start. Sparse pieces go in flight together (a job each, as over a
+// disk), so each write's time includes its wait behind the others: a
+// device that serves one write at a time in a few hundred microseconds
+// may still be taken for a disk, as writeTimes already accepts.
 
 // note adds a write that took d.
 func (t *writeTimes) note(d time.Duration) {

@@ -27,9 +27,9 @@ const (
 	ModeDrain
 	// ModeShed: the Source sheds its data (Shedder), full speed.
 	ModeShed
-	// ModeProbe: the backing is a disk only by its word (the Seeker's
-	// prior), and the flusher has timed too few writes of its own to say:
-	// it writes back probeBytes at full speed, to time them.
+	// ModeProbe: the Seeker says the backing seeks, and the flusher has
+	// timed too few writes of its own to say (trustTimes): it writes back
+	// about probeBytes a batch at full speed, to time them.
 	ModeProbe
 )
 
@@ -52,7 +52,7 @@ type situation struct {
 	shed            bool // the Source sheds its data (Shedder)
 	idle            bool // no foreground request for IdleAfter
 	aged            bool // an age pass is due or under way
-	probe           bool // the backing seeks only by the Seeker's word, untimed (ModeProbe)
+	probe           bool // the Seeker says the backing seeks, and the flusher has not timed it (ModeProbe)
 }
 
 // decide is the writeback policy, bcache's should_writeback for the

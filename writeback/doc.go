@@ -99,9 +99,8 @@
 //	no NoteForeground for IdleAfter       idle    (full speed)
 //	last complete pass began more than
 //	  MaxDirtyAge ago                     age     (full speed, a fresh pass)
-//	the backing seeks by the Seeker's
-//	  word only, fewer than trustTimes
-//	  writes timed                        probe   (full speed, probeBytes a batch)
+//	the Seeker says the backing seeks,
+//	  fewer than trustTimes writes timed  probe   (full speed, about probeBytes a batch)
 //	dirty < LowWatermark% of capacity     stopped
 //	otherwise                             rate    (the controller's rate)
 //

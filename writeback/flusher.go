@@ -115,7 +115,9 @@ type Shedder interface {
 // disk now, where the head's position costs more than anything else
 // (the cache measures it): each span is then written as a job of its
 // own, so that MaxInFlight of them are queued at the disk. The flusher
-// asks only until it has timed writes of its own (see writeTimes).
+// asks only until it has timed writes of its own (see writeTimes), and
+// asks under its own mutex (the probe, ModeProbe): BackingSeeks must not
+// block, take a lock, or call the Flusher but for TimedSeeks.
 type Seeker interface {
 	BackingSeeks() bool
 }
