@@ -291,3 +291,33 @@ func TestConfigValidate(t *testing.T) {
 		}
 	}
 }
+
+// TestWriteTimesFirstStall: one stalled write among the first trustTimes
+// does not make a fast backing a disk, wherever it falls (the average
+// started from the first sample, and a 4 ms first write left it at
+// 1.6 ms after 8); eight slow writes make one, and a disk's times stay a
+// disk's when fast ones follow only a few.
+func TestWriteTimesFirstStall(t *testing.T) {
+	const fast, stall = 10 * time.Microsecond, 4 * time.Millisecond
+	for at := range trustTimes {
+		var f Flusher
+		for i := range trustTimes {
+			d := fast
+			if i == at {
+				d = stall
+			}
+			f.times.note(d)
+		}
+		if seeks, ok := f.TimedSeeks(); !ok || seeks {
+			t.Errorf("a stall at write %d of %d: seeks %v, ok %v (average %d ns); want a fast verdict", at, trustTimes, seeks, ok, f.times.avg.Load())
+		}
+	}
+	var f Flusher
+	for range trustTimes {
+		f.times.note(2 * time.Millisecond)
+	}
+	f.times.note(fast)
+	if seeks, ok := f.TimedSeeks(); !ok || !seeks {
+		t.Errorf("8 writes of 2 ms and one fast: seeks %v, ok %v; want a disk", seeks, ok)
+	}
+}
