@@ -428,7 +428,7 @@ func TestBypassRunRechecksItsFirstWrite(t *testing.T) {
 		if err := c.Prefetch(x, 4096); err != nil { // the old backing bytes, clean
 			t.Fatal(err)
 		}
-		c.bypassRun(w, *stop)
+		c.bypassRun(w, stop)
 		c.ackAll(w)
 		if w[0].Err != nil {
 			t.Fatal(w[0].Err)
@@ -442,4 +442,54 @@ func TestBypassRunRechecksItsFirstWrite(t *testing.T) {
 		}
 		closeChecked(t, c, d)
 	})
+}
+
+// TestBypassHintDecidesAgain: after a write went around a thrashing cache
+// (bypassHint), the next batch starts in bypassRun, which must decide its
+// first write under its own hold of the lock: a write over dirty data the
+// cache holds stays in the cache, superseding it. Sent around on the
+// hint's word, it would land on the backing and leave the cache's older
+// copy to be read, and written back over it later.
+func TestBypassHintDecidesAgain(t *testing.T) {
+	d := formatMem(t, 2<<20, 4<<20, FormatOptions{BucketSize: 64 << 10, JournalSize: 64 * metaBlock})
+	c := openHooked(t, d, Options{SequentialCutoff: -1}, testHooks{noBackground: true})
+	const x, miss = 1 << 20, 3 << 20
+	if err := c.WriteAt(payload(x, 4096, 1), x, 0); err != nil { // x cached, dirty
+		t.Fatal(err)
+	}
+	c.mu.Lock()
+	c.test.alwaysThrash = true
+	c.mu.Unlock()
+	ws := []BatchWrite{{P: payload(miss, 4096, 2), Off: miss}}
+	c.WriteBatch(ws)
+	if ws[0].Err != nil || !c.bypassHint.Load() {
+		t.Fatalf("a miss of a thrashing cache: err %v, hint %v; want it sent around", ws[0].Err, c.bypassHint.Load())
+	}
+	ws = []BatchWrite{{P: payload(x, 4096, 3), Off: x}, {P: payload(miss, 4096, 4), Off: miss}}
+	c.WriteBatch(ws)
+	for _, w := range ws {
+		if w.Err != nil {
+			t.Fatal(w.Err)
+		}
+	}
+	for _, w := range ws {
+		got := make([]byte, len(w.P))
+		if err := c.ReadAt(got, w.Off); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, w.P) {
+			t.Errorf("[%d+%d) reads back stale data", w.Off, len(w.P))
+		}
+	}
+	if err := c.Drain(t.Context(), nil); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 4096)
+	if err := d.back.ReadAt(got, x); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, ws[0].P) {
+		t.Error("the backing holds stale data at x after the drain")
+	}
+	closeChecked(t, c, d)
 }

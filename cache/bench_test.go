@@ -247,16 +247,20 @@ func BenchmarkDrain(b *testing.B) {
 
 // BenchmarkThrashBypass: what a thrashing cache adds to a write it sends
 // around itself, the shape of bench/parallel.sh (16 KiB random writes,
-// batches of 8 as from one socket read, 4 goroutines as connections)
+// batches of 2 or 8 as from one socket read, 4 goroutines as connections)
 // over a span of 4 times a 16 MiB cache, on memory devices so that the
 // devices' own cost is small. "alone" is the same batches written to the
 // backing device straight; the backing takes writes without copying them
 // (discardWrites), so the time per write is the bypass path's overhead
 // (issue 18's parallel goal: no slower than no cache).
 func BenchmarkThrashBypass(b *testing.B) {
-	const cacheSize, span, size, batch = 16 << 20, 64 << 20, 16 << 10, 8
-	for _, kind := range []string{"alone", "cache"} {
-		b.Run(kind, func(b *testing.B) {
+	const cacheSize, span, size = 16 << 20, 64 << 20, 16 << 10
+	for _, bench := range []struct {
+		kind  string
+		batch int
+	}{{"alone", 8}, {"cache", 2}, {"cache", 8}} {
+		kind, batch := bench.kind, bench.batch
+		b.Run(fmt.Sprintf("%s/batch=%d", kind, batch), func(b *testing.B) {
 			back := discardWrites{storage.NewMem(span)}
 			write := func(ws []BatchWrite) { // as storage.File.WriteBatch: one by one
 				for i := range ws {

@@ -76,6 +76,11 @@ type Cache struct {
 
 	stats counters
 
+	// bypassHint: the last write decided (decideLocked) went around a
+	// thrashing cache. Only a hint, read without mu: WriteBatch then
+	// starts with bypassRun, which decides again under the lock.
+	bypassHint atomic.Bool
+
 	bg struct { // the background loop and the flusher's Run
 		cancel context.CancelFunc // nil without background work (testHooks.noBackground)
 		done   sync.WaitGroup

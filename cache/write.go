@@ -220,6 +220,9 @@ func (c *Cache) decideLocked(off, n int64) writeDecision {
 	if routeNeedsPin(d.mode, d.around) && !d.thrash {
 		d.pinned = c.pinnedLocked(off, n)
 	}
+	if c.bypassHint.Load() != d.thrash {
+		c.bypassHint.Store(d.thrash)
+	}
 	return d
 }
 
