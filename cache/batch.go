@@ -210,6 +210,13 @@ func (c *Cache) bypassRun(ws []BatchWrite, first *writeDecision) int {
 		ws[0].Err = err
 		return 1
 	}
+	if k == 0 {
+		// The first cannot go around (a stale hint's, or one an earlier
+		// decision no longer holds for): the single way, as decided now,
+		// with none of the run's bookkeeping.
+		ws[0].Err = c.writeAs(ws[0].P, ws[0].Off, d)
+		return 1
+	}
 	var bytes int64
 	for i := range ws[:k] {
 		bytes += int64(len(ws[i].P))
@@ -251,7 +258,7 @@ func (c *Cache) bypassRun(ws []BatchWrite, first *writeDecision) int {
 			w.Err = c.writeDirty(w.P, w.Off) // the backing is away: cache it after all
 		}
 	}
-	if k < len(ws) && (k == 0 || decided) {
+	if k < len(ws) && decided {
 		w := &ws[k]
 		w.Err = c.writeAs(w.P, w.Off, d)
 		k++

@@ -220,7 +220,8 @@
 //
 // The flusher's own mutex comes before mu (it asks DirtyBytes and Shedding
 // under it, and BackingSeeks, which takes no lock), and nothing takes it
-// under mu (Kick, NoteForeground and TimedSeeks take no lock). Below mu only leaves: the group writer's mutex. The shared
+// under mu (Kick and NoteForeground take no lock; TimedSeeks only a leaf
+// mutex of the flusher's write times). Below mu only leaves: the group writer's mutex. The shared
 // backing flush (bflush.go) takes mu inside the flush, without its own
 // mutex held, so flushBacking is never called with mu held. Operations
 // that append journal records (at most one each) hold a slot of a

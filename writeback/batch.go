@@ -13,7 +13,6 @@ import (
 	"math"
 	"slices"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/nbdcache/nbdcache/btreeidx"
@@ -305,8 +304,9 @@ const jobBytes = 32 << 10
 // serves many at once (a remote) for a fast one, and its writeback in
 // jobs, one write or two in flight, would crawl.
 type writeTimes struct {
-	avg atomic.Int64 // nanoseconds a write
-	n   atomic.Int64 // writes timed
+	mu  sync.Mutex // the count and the average move together (jobs note in parallel)
+	avg int64      // nanoseconds a write
+	n   int64      // writes timed
 }
 
 const (
@@ -348,23 +348,35 @@ const (
 // is 0.5 ms.
 func (t *writeTimes) note(d time.Duration) {
 	ns := min(int64(d), 4*seekNanos)
-	w := min(t.n.Add(1), trustTimes)
-	for {
-		old := t.avg.Load()
-		if t.avg.CompareAndSwap(old, old+(ns-old)/w) {
-			return
-		}
-	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.n++
+	w := min(t.n, trustTimes)
+	t.avg += (ns - t.avg) / w
+}
+
+// get returns the average and the writes timed.
+func (t *writeTimes) get() (avg, n int64) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.avg, t.n
 }
 
 // TimedSeeks reports whether the flusher's own timed backing writes say
 // the backing is a disk (an average over a millisecond), and ok once it
 // has timed enough of them to say (trustTimes).
 func (f *Flusher) TimedSeeks() (seeks, ok bool) {
-	if f.times.n.Load() < trustTimes {
+	avg, n := f.times.get()
+	if n < trustTimes {
 		return false, false
 	}
-	return f.times.avg.Load() > seekNanos, true
+	return avg > seekNanos, true
+}
+
+// timed reports whether the flusher has timed trustTimes writes.
+func (f *Flusher) timed() bool {
+	_, n := f.times.get()
+	return n >= trustTimes
 }
 
 // backingSeeks reports whether the backing behaves as a disk: by the

@@ -309,7 +309,7 @@ func TestWriteTimesFirstStall(t *testing.T) {
 			f.times.note(d)
 		}
 		if seeks, ok := f.TimedSeeks(); !ok || seeks {
-			t.Errorf("a stall at write %d of %d: seeks %v, ok %v (average %d ns); want a fast verdict", at, trustTimes, seeks, ok, f.times.avg.Load())
+			t.Errorf("a stall at write %d of %d: seeks %v, ok %v (average %d ns); want a fast verdict", at, trustTimes, seeks, ok, f.times.avg)
 		}
 	}
 	var f Flusher
