@@ -221,9 +221,10 @@
 // The flusher's own mutex comes before mu (it asks DirtyBytes and Shedding
 // under it, and BackingSeeks, which takes no lock), and nothing takes it
 // under mu (Kick and NoteForeground take no lock; TimedSeeks only a leaf
-// mutex of the flusher's write times). Below mu only leaves: the group writer's mutex. The shared
-// backing flush (bflush.go) takes mu inside the flush, without its own
-// mutex held, so flushBacking is never called with mu held. Operations
+// mutex of the flusher's write times). Below mu only leaves: the group
+// writer's mutex. The shared backing flush (bflush.go) takes mu inside
+// the flush, without its own mutex held, so flushBacking is never called
+// with mu held. Operations
 // that append journal records (at most one each) hold a slot of a
 // semaphore (enter/leave) of ring/8 slots. A checkpoint (one at a time, ckMu) holds
 // mu only for its snapshot, and covers exactly the journal before its

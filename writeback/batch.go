@@ -373,12 +373,6 @@ func (f *Flusher) TimedSeeks() (seeks, ok bool) {
 	return avg > seekNanos, true
 }
 
-// timed reports whether the flusher has timed trustTimes writes.
-func (f *Flusher) timed() bool {
-	_, n := f.times.get()
-	return n >= trustTimes
-}
-
 // backingSeeks reports whether the backing behaves as a disk: by the
 // flusher's own timed writes once it has trustTimes of them, else by the
 // Source (a Seeker), else not. The cache's measure (a Seeker) starts from

@@ -286,7 +286,8 @@ func (f *Flusher) situationLocked(now time.Time, boundary bool) situation {
 		shed:     f.shed != nil && f.shed.Shedding(),
 	}
 	s.idle, _ = f.idleAt(now)
-	s.probe = f.seeks != nil && !f.timed() && f.seeks.BackingSeeks()
+	_, timed := f.TimedSeeks()
+	s.probe = f.seeks != nil && !timed && f.seeks.BackingSeeks()
 	if s.dirty <= 0 && f.mu.pending == 0 {
 		// Nothing dirty: nothing is old.
 		f.mu.swept, f.mu.agePass = now, false
