@@ -53,6 +53,18 @@ printf 'exec sh /scenarios/${SCENARIO:-kcache}.sh\n' >"$work/test.sh"
 	-f test/vm/guest/kcut2.sh:/scenarios/kcut2.sh \
 	-b "$work/nbdcache" -b "$work/fsynctime" -b fio -b make-bcache -b dmsetup -b mkfs.ext4 -b e2fsck \
 	-m bcache -m dm-writecache >"$work/build.log" 2>&1 || { cat "$work/build.log"; exit 1; }
+# vm ARGS...: run-vm.sh, booted once more if the boot hung before /init
+# (status 123: nothing ran in the guest, the disks are as they were).
+vm() {
+	local rc=0
+	./test/vm/run-vm.sh "$@" 2>/dev/null || rc=$?
+	if [ "$rc" = 123 ]; then
+		echo "the VM's boot hung before /init; booting again" >&2
+		rc=0
+		./test/vm/run-vm.sh "$@" 2>/dev/null || rc=$?
+	fi
+	return "$rc"
+}
 : >"$work/results"
 for round in $(seq "$ROUNDS"); do
 	seed=$((RANDOM * 32768 + RANDOM))
@@ -61,9 +73,9 @@ for round in $(seq "$ROUNDS"); do
 		truncate -s 256M "$work/vda.img"
 		truncate -s 1G "$work/vdb.img"
 		rc=0
-		./test/vm/run-vm.sh -q -m 2048 -t 600 -i "$work/initrd.gz" -l "$work/console.log" \
+		vm -q -m 2048 -t 600 -i "$work/initrd.gz" -l "$work/console.log" \
 			-A "KCACHE=$sys ${KCACHE_DEBUG:+KCACHE_DEBUG=1} ${KCACHE_PROF:+KCACHE_PROF=1} SEED=$seed KCACHE_SPAN=$SPAN_MB KCACHE_IOS=$IOS NBDCACHE_STORAGE=$storage" \
-			-d "$work/vda.img" -d "$work/vdb.img" 2>/dev/null || rc=$?
+			-d "$work/vda.img" -d "$work/vdb.img" || rc=$?
 		[ -n "${KEEP:-}" ] && mkdir -p "$KEEP" && cp "$work/console.log" "$KEEP/$sys-$round.log"
 		if [ -n "${KCACHE_PROF:-}" ] && grep -q '^CPUPROF-END' "$work/console.log"; then
 			sed -n '/^CPUPROF-BEGIN/,/^CPUPROF-END/p' "$work/console.log" | sed '1d;$d' | tr -d '\r' | base64 -d >"${KEEP:-.}/$sys-$round.prof"
@@ -87,8 +99,8 @@ cut() {
 	rm -f "$work/vda.img" "$work/vdb.img"
 	truncate -s 256M "$work/vda.img"
 	truncate -s 1G "$work/vdb.img"
-	./test/vm/run-vm.sh -q -m 2048 -t 300 -i "$work/initrd.gz" -l "$work/cut1.log" -K CUT-NOW -D $delay \
-		-A "$args" -d "$work/vda.img" -d "$work/vdb.img" 2>/dev/null || rc=$?
+	vm -q -m 2048 -t 300 -i "$work/initrd.gz" -l "$work/cut1.log" -K CUT-NOW -D $delay \
+		-A "$args" -d "$work/vda.img" -d "$work/vdb.img" || rc=$?
 	grep -a '^SYNCED ' "$work/cut1.log" >"$work/synced.txt" || true
 	local need=20
 	[ "$kind" = drain ] && need=1
@@ -104,8 +116,8 @@ cut() {
 	truncate -s 1M "$work/list.img"
 	dd if="$work/synced.txt" of="$work/list.img" conv=notrunc status=none
 	rc=0
-	./test/vm/run-vm.sh -q -m 2048 -t 300 -i "$work/initrd.gz" -l "$work/cut2.log" \
-		-A "SCENARIO=kcut2 KCACHE=$sys NBDCACHE_STORAGE=$storage" -d "$work/vda.img" -d "$work/vdb.img" -d "$work/list.img" 2>/dev/null || rc=$?
+	vm -q -m 2048 -t 300 -i "$work/initrd.gz" -l "$work/cut2.log" \
+		-A "SCENARIO=kcut2 KCACHE=$sys NBDCACHE_STORAGE=$storage" -d "$work/vda.img" -d "$work/vdb.img" -d "$work/list.img" || rc=$?
 	[ -n "${KEEP:-}" ] && mkdir -p "$KEEP" && cp "$work/cut1.log" "$KEEP/$sys-$kind-cut$i-1.log" && cp "$work/cut2.log" "$KEEP/$sys-$kind-cut$i-2.log"
 	if [ "$rc" = 0 ] && grep -aq '^KCUT-OK' "$work/cut2.log"; then
 		ok=$((ok + 1))
