@@ -14,6 +14,7 @@
 #   SPAN_MB=8 bench/kernel-caches.sh              # the dense variant: the same writes over 8 MiB
 #   SYSTEMS="bcache nbdcache" bench/kernel-caches.sh
 #   SYSTEMS="bcache nbdcache nbdpass" ...        # nbdpass: attach with no cache, the NBD round trip's share
+#   SYSTEMS="bcache nbdcache floor" ...          # floor: the least a user-space drain does (test/vm/drainfloor)
 #   NBDCACHE_FLAGS="--direct" bench/kernel-caches.sh   # more flags for nbdcache attach
 #   KEEP=/tmp/kc KCACHE_PROF=1 SYSTEMS=nbdcache bench/kernel-caches.sh  # and nbdcache's CPU profile of each round (go tool pprof)
 #   KEEP=/tmp/kc KCACHE_DEBUG=1 bench/kernel-caches.sh  # keep the consoles; nbdcache stats around the FLUSH;
@@ -47,11 +48,12 @@ work=$(mktemp -d /tmp/nbdcache-kcache.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 CGO_ENABLED=0 go build -trimpath -o "$work/nbdcache" ./cmd/nbdcache
 CGO_ENABLED=0 go build -trimpath -o "$work/fsynctime" ./test/vm/fsynctime
+CGO_ENABLED=0 go build -trimpath -o "$work/drainfloor" ./test/vm/drainfloor
 printf 'exec sh /scenarios/${SCENARIO:-kcache}.sh\n' >"$work/test.sh"
 ./test/vm/build-initramfs.sh -o "$work/initrd.gz" -s "$work/test.sh" -f test/vm/guest/lib.sh:/lib.sh \
 	-f test/vm/guest/kcache.sh:/scenarios/kcache.sh -f test/vm/guest/kcut1.sh:/scenarios/kcut1.sh \
 	-f test/vm/guest/kcut2.sh:/scenarios/kcut2.sh \
-	-b "$work/nbdcache" -b "$work/fsynctime" -b fio -b make-bcache -b dmsetup -b mkfs.ext4 -b e2fsck \
+	-b "$work/nbdcache" -b "$work/fsynctime" -b "$work/drainfloor" -b fio -b make-bcache -b dmsetup -b mkfs.ext4 -b e2fsck \
 	-m bcache -m dm-writecache >"$work/build.log" 2>&1 || { cat "$work/build.log"; exit 1; }
 # vm ARGS...: run-vm.sh, booted once more if the boot hung before /init
 # (status 123: nothing ran in the guest, the disks are as they were).
@@ -152,8 +154,9 @@ if not systems:  # ROUNDS=0: power cuts only
 def med(s, k):
     return statistics.median(r[k] for r in rows[s])
 print("\n%s rounds, %s random 4 KiB writes over %s MiB at QD16, VM under TCG, %s" % (sys.argv[2], sys.argv[4], sys.argv[3], time.strftime("%Y-%m-%d")))
-print("| | " + " | ".join(systems) + (" | nbdcache / bcache |" if "bcache" in rows and "nbdcache" in rows else " |"))
-print("|---" * (len(systems) + 2) + "|")
+ratios = [(a, b) for a, b in [("nbdcache", "bcache"), ("floor", "bcache"), ("nbdcache", "floor")] if a in rows and b in rows]
+print("| | " + " | ".join(systems + ["%s / %s" % r for r in ratios]) + " |")
+print("|---" * (len(systems) + len(ratios) + 1) + "|")
 for key, name, scale, fmt in [
     ("back_wreq", "backing write requests", 1, "%.0f"),
     ("back_wkib", "backing KiB written", 1, "%.0f"),
@@ -168,17 +171,14 @@ for key, name, scale, fmt in [
     ("dirty_left", "dirty left after the drain", 1, "%.0f"),
 ]:
     cells = [fmt % (med(s, key) * scale) for s in systems]
-    ratio = ""
-    if "bcache" in rows and "nbdcache" in rows:
-        b = med("bcache", key)
-        ratio = " | %.2fx" % (med("nbdcache", key) / b) if b else " | -"
-    print("| %s | %s%s |" % (name, " | ".join(cells), ratio))
+    cells += ["%.2fx" % (med(a, key) / med(b, key)) if med(b, key) else "-" for a, b in ratios]
+    print("| %s | %s |" % (name, " | ".join(cells)))
 avg = {s: med(s, "back_wkib") / med(s, "back_wreq") if med(s, "back_wreq") else 0 for s in systems}
 if sys.argv[5].strip():
     got = dict(kv.split("=") for kv in sys.argv[5].split())
     if any(s in got for s in systems):
-        print("| power cuts with every fsynced file intact | " + " | ".join(got.get(s, "-") for s in systems) + " | |")
+        print("| power cuts with every fsynced file intact | " + " | ".join(got.get(s, "-") for s in systems) + " |" * len(ratios) + " |")
     if any(s + "-in-the-drain" in got for s in systems):
-        print("| power cuts in a drain, every fsynced file intact (cuts that fell in it) | " + " | ".join(got.get(s + "-in-the-drain", "-").replace("(", " (").replace("-fell-in-it", "") for s in systems) + " | |")
-print("| average backing write (KiB) | " + " | ".join("%.1f" % avg[s] for s in systems) + (" | %.2fx |" % (avg["nbdcache"] / avg["bcache"]) if "bcache" in avg and "nbdcache" in avg and avg["bcache"] else " |"))
+        print("| power cuts in a drain, every fsynced file intact (cuts that fell in it) | " + " | ".join(got.get(s + "-in-the-drain", "-").replace("(", " (").replace("-fell-in-it", "") for s in systems) + " |" * len(ratios) + " |")
+print("| average backing write (KiB) | " + " | ".join(["%.1f" % avg[s] for s in systems] + ["%.2fx" % (avg[a] / avg[b]) if avg[b] else "-" for a, b in ratios]) + " |")
 PY

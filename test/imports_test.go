@@ -39,6 +39,7 @@ var allowedImports = map[string][]string{
 	"test":                {},
 	"test/vm":             {},
 	"test/vm/fsynctime":   {},
+	"test/vm/drainfloor":  {},
 }
 
 const module = "github.com/nbdcache/nbdcache"

@@ -3,6 +3,9 @@
 #   KCACHE=bcache      Linux bcache (make-bcache -b 128k, writeback mode)
 #   KCACHE=writecache  dm-writecache (4 KiB blocks, SSD mode)
 #   KCACHE=nbdcache    nbdcache attach --cache /dev/vda --backing /dev/vdb
+#   KCACHE=floor       no cache: drainfloor writes the burst into /dev/vda as
+#                      a log, then drains it (the least a user-space drain
+#                      does: a pread a block, a pwrite a run, one fsync)
 #   KCACHE=nbdpass     nbdcache attach --backing /dev/vdb, no cache: the NBD
 #                      round trip's share of nbdcache's costs
 # /dev/vda is the cache, /dev/vdb the backing. The burst is fio with
@@ -15,7 +18,7 @@
 # /sys/block/*/stat from just before the burst to the end of the drain.
 set -e
 . /lib.sh
-SYS=${KCACHE:?KCACHE=bcache|writecache|nbdcache|nbdpass}
+SYS=${KCACHE:?KCACHE=bcache|writecache|nbdcache|nbdpass|floor}
 SPAN=${KCACHE_SPAN:-128}
 IOS=${KCACHE_IOS:-8000}
 
@@ -35,9 +38,13 @@ c_wreq=$(stat_field vda 5)
 cpu0=$(busy)
 t0=$(ms)
 step "burst: $IOS random 4k writes over $SPAN MiB, QD16"
-fio --name=burst --filename=$DEV --direct=1 --ioengine=libaio --rw=randwrite --bs=4k --iodepth=16 \
-	--size=${SPAN}m --io_size=$((IOS * 4))k --norandommap --randrepeat=0 --randseed="${SEED:-1}" \
-	--output=/tmp/fio.out &
+if [ "$SYS" = floor ]; then
+	drainfloor fill -span "$SPAN" -ios "$IOS" -seed "${SEED:-1}" &
+else
+	fio --name=burst --filename=$DEV --direct=1 --ioengine=libaio --rw=randwrite --bs=4k --iodepth=16 \
+		--size=${SPAN}m --io_size=$((IOS * 4))k --norandommap --randrepeat=0 --randseed="${SEED:-1}" \
+		--output=/tmp/fio.out &
+fi
 fpid=$!
 # KCACHE_DEBUG: a burst still running after 15 s is a stall (seen on
 # 2026-12-06: the first writes unanswered until the kernel's 30 s

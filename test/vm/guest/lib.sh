@@ -161,6 +161,10 @@ kcache_setup() {
 		attach kc --sequential-cutoff 0 --control unix:/tmp/ctl.sock
 		DEV=/dev/nbd0
 		;;
+	floor)
+		# No cache: drainfloor plays one (kcache.sh), on the raw disks.
+		DEV=/dev/vda
+		;;
 	nbdpass)
 		# No cache: /dev/nbd0 straight onto /dev/vdb. What the kernel's
 		# nbd driver and a user-space server cost before any caching.
@@ -182,7 +186,7 @@ kcache_dirty() {
 		dmsetup status wc | awk '{print $5 - $6 + $7}'
 		;;
 	nbdcache) nbdcache stats --json --control unix:/tmp/ctl.sock | sed -n 's/.*"dirty_bytes": *\([0-9]*\).*/\1/p' | head -n 1 ;;
-	nbdpass) echo 0 ;;
+	nbdpass | floor) echo 0 ;;
 	esac
 }
 
@@ -196,6 +200,7 @@ kcache_drain() {
 	writecache) dmsetup message wc 0 cleaner ;;
 	nbdcache) nbdcache flush --drain --control unix:/tmp/ctl.sock >/tmp/drain.out 2>&1 || fail "drain: $(cat /tmp/drain.out)" ;;
 	nbdpass) ;;
+	floor) drainfloor drain -span "$SPAN" -ios "$IOS" -seed "${SEED:-1}" || fail "drainfloor drain" ;;
 	esac
 }
 

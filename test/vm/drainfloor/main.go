@@ -1,0 +1,188 @@
+// Command drainfloor is a guest tool of the VM benchmarks (issue 22): the
+// least a user-space write-back cache must do to drain the burst of
+// bench/kernel-caches.sh, with nothing else. Its drain time is the floor
+// that nbdcache's drain is measured against.
+//
+//	drainfloor fill  -cache /dev/vda -span MiB -ios N -seed S
+//	drainfloor drain -cache /dev/vda -backing /dev/vdb -span MiB -ios N -seed S
+//
+// fill writes the burst into the cache device as a log-structured cache
+// lays it out: ios random 4 KiB blocks over the first span MiB (uniform,
+// with repeats, as fio's norandommap draws them), the i-th write at
+// 4 KiB x i, through the page cache, then one fsync. drain draws the same
+// blocks again from the seed and writes back the last version of each
+// block: blocks in address order, one pwrite a run of adjacent blocks,
+// each block read from its place in the log with one pread, with as many
+// writes in flight as nbdcache's flusher allows (8), then one fsync of
+// the backing. No index, no checksums, no journal: only the system calls
+// every user-space drain of this burst makes. A second drain finds a
+// marker file and does nothing (the tool's own start, as nbdcache's
+// "drain again" row).
+package main
+
+import (
+	"flag"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"slices"
+	"sync"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+const block = 4096
+
+func main() {
+	if len(os.Args) < 2 {
+		fmt.Fprintln(os.Stderr, "usage: drainfloor fill|drain [flags]")
+		os.Exit(2)
+	}
+	fs := flag.NewFlagSet(os.Args[1], flag.ExitOnError)
+	cache := fs.String("cache", "/dev/vda", "the cache device")
+	backing := fs.String("backing", "/dev/vdb", "the backing device")
+	span := fs.Int64("span", 128, "MiB the burst's writes fall over")
+	ios := fs.Int("ios", 8000, "writes in the burst")
+	seed := fs.Uint64("seed", 1, "the burst's seed")
+	jobs := fs.Int("jobs", 8, "writes in flight in the drain")
+	direct := fs.Bool("direct", false, "write the backing with O_DIRECT")
+	marker := fs.String("marker", "/tmp/drainfloor.done", "written after a drain; a drain that finds it does nothing")
+	fs.Parse(os.Args[2:])
+	blocks := burst(*span<<20/block, *ios, *seed)
+	var err error
+	switch os.Args[1] {
+	case "fill":
+		err = fill(*cache, blocks)
+	case "drain":
+		if _, e := os.Stat(*marker); e == nil {
+			return
+		}
+		if err = drain(*cache, *backing, blocks, *jobs, *direct); err == nil {
+			err = os.WriteFile(*marker, nil, 0o644)
+		}
+	default:
+		err = fmt.Errorf("unknown mode %q", os.Args[1])
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "drainfloor:", err)
+		os.Exit(1)
+	}
+}
+
+// burst draws the block of each write.
+func burst(nblocks int64, ios int, seed uint64) []int64 {
+	r := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
+	b := make([]int64, ios)
+	for i := range b {
+		b[i] = r.Int64N(nblocks)
+	}
+	return b
+}
+
+func fill(cache string, blocks []int64) error {
+	f, err := os.OpenFile(cache, os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	buf := make([]byte, block)
+	for i, b := range blocks {
+		for j := range buf {
+			buf[j] = byte(b) + byte(j)
+		}
+		if _, err := f.WriteAt(buf, int64(i)*block); err != nil {
+			return err
+		}
+	}
+	return f.Sync()
+}
+
+// run is a run of adjacent blocks on the backing, and where each block's
+// last version lies in the log.
+type run struct {
+	first int64
+	logAt []int64
+}
+
+func drain(cache, backing string, blocks []int64, jobs int, direct bool) error {
+	last := make(map[int64]int64, len(blocks)) // block -> its last write's place in the log
+	for i, b := range blocks {
+		last[b] = int64(i) * block
+	}
+	keys := make([]int64, 0, len(last))
+	for b := range last {
+		keys = append(keys, b)
+	}
+	slices.Sort(keys)
+	var runs []run
+	for _, b := range keys {
+		if n := len(runs); n > 0 && runs[n-1].first+int64(len(runs[n-1].logAt)) == b {
+			runs[n-1].logAt = append(runs[n-1].logAt, last[b])
+			continue
+		}
+		runs = append(runs, run{first: b, logAt: []int64{last[b]}})
+	}
+	c, err := os.Open(cache)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	flags := os.O_WRONLY
+	if direct {
+		flags |= unix.O_DIRECT
+	}
+	w, err := os.OpenFile(backing, flags, 0)
+	if err != nil {
+		return err
+	}
+	defer w.Close()
+	work := make(chan run)
+	errs := make(chan error, jobs)
+	var wg sync.WaitGroup
+	for range jobs {
+		wg.Go(func() {
+			var buf []byte
+			for r := range work {
+				if need := len(r.logAt) * block; cap(buf) < need {
+					buf = aligned(need)
+				}
+				buf = buf[:len(r.logAt)*block]
+				for i, at := range r.logAt {
+					if _, err := unix.Pread(int(c.Fd()), buf[i*block:(i+1)*block], at); err != nil {
+						errs <- err
+						return
+					}
+				}
+				if _, err := unix.Pwrite(int(w.Fd()), buf, r.first*block); err != nil {
+					errs <- err
+					return
+				}
+			}
+		})
+	}
+	for _, r := range runs {
+		select {
+		case work <- r:
+		case err := <-errs:
+			close(work)
+			wg.Wait()
+			return err
+		}
+	}
+	close(work)
+	wg.Wait()
+	select {
+	case err := <-errs:
+		return err
+	default:
+	}
+	return w.Sync()
+}
+
+// aligned returns n bytes at a block-aligned address (O_DIRECT).
+func aligned(n int) []byte {
+	b := make([]byte, n+block)
+	off := block - int(uintptr(unsafe.Pointer(&b[0]))%block)
+	return b[off%block : off%block+n]
+}
