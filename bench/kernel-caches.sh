@@ -15,6 +15,7 @@
 #   SYSTEMS="bcache nbdcache" bench/kernel-caches.sh
 #   SYSTEMS="bcache nbdcache nbdpass" ...        # nbdpass: attach with no cache, the NBD round trip's share
 #   SYSTEMS="bcache nbdcache floor" ...          # floor: the least a user-space drain does (test/vm/drainfloor)
+#   SYSTEMS="bcache floor flooruring" ...        # flooruring: the same through io_uring, O_DIRECT backing writes
 #   NBDCACHE_FLAGS="--direct" bench/kernel-caches.sh   # more flags for nbdcache attach
 #   KEEP=/tmp/kc KCACHE_PROF=1 SYSTEMS=nbdcache bench/kernel-caches.sh  # and nbdcache's CPU profile of each round (go tool pprof)
 #   KEEP=/tmp/kc KCACHE_DEBUG=1 bench/kernel-caches.sh  # keep the consoles; nbdcache stats around the FLUSH;
@@ -154,7 +155,7 @@ if not systems:  # ROUNDS=0: power cuts only
 def med(s, k):
     return statistics.median(r[k] for r in rows[s])
 print("\n%s rounds, %s random 4 KiB writes over %s MiB at QD16, VM under TCG, %s" % (sys.argv[2], sys.argv[4], sys.argv[3], time.strftime("%Y-%m-%d")))
-ratios = [(a, b) for a, b in [("nbdcache", "bcache"), ("floor", "bcache"), ("nbdcache", "floor")] if a in rows and b in rows]
+ratios = [(a, b) for a, b in [("nbdcache", "bcache"), ("floor", "bcache"), ("flooruring", "bcache"), ("nbdcache", "floor")] if a in rows and b in rows]
 print("| | " + " | ".join(systems + ["%s / %s" % r for r in ratios]) + " |")
 print("|---" * (len(systems) + len(ratios) + 1) + "|")
 for key, name, scale, fmt in [

@@ -47,6 +47,7 @@ func main() {
 	seed := fs.Uint64("seed", 1, "the burst's seed")
 	jobs := fs.Int("jobs", 8, "writes in flight in the drain")
 	direct := fs.Bool("direct", false, "write the backing with O_DIRECT")
+	uring := fs.Uint("uring", 0, "read and write through io_uring, this many in flight (0: pread and pwrite)")
 	marker := fs.String("marker", "/tmp/drainfloor.done", "written after a drain; a drain that finds it does nothing")
 	fs.Parse(os.Args[2:])
 	blocks := burst(*span<<20/block, *ios, *seed)
@@ -58,7 +59,7 @@ func main() {
 		if _, e := os.Stat(*marker); e == nil {
 			return
 		}
-		if err = drain(*cache, *backing, blocks, *jobs, *direct); err == nil {
+		if err = drain(*cache, *backing, blocks, *jobs, *direct, uint32(*uring)); err == nil {
 			err = os.WriteFile(*marker, nil, 0o644)
 		}
 	default:
@@ -105,7 +106,7 @@ type run struct {
 	logAt []int64
 }
 
-func drain(cache, backing string, blocks []int64, jobs int, direct bool) error {
+func drain(cache, backing string, blocks []int64, jobs int, direct bool, uring uint32) error {
 	last := make(map[int64]int64, len(blocks)) // block -> its last write's place in the log
 	for i, b := range blocks {
 		last[b] = int64(i) * block
@@ -137,6 +138,12 @@ func drain(cache, backing string, blocks []int64, jobs int, direct bool) error {
 		return err
 	}
 	defer w.Close()
+	if uring > 0 {
+		if err := drainRing(runs, int(c.Fd()), int(w.Fd()), uring); err != nil {
+			return err
+		}
+		return w.Sync()
+	}
 	work := make(chan run)
 	errs := make(chan error, jobs)
 	var wg sync.WaitGroup
@@ -185,4 +192,48 @@ func aligned(n int) []byte {
 	b := make([]byte, n+block)
 	off := block - int(uintptr(unsafe.Pointer(&b[0]))%block)
 	return b[off%block : off%block+n]
+}
+
+// drainRing drains runs through io_uring, a window of at most 16 MiB at a
+// time: every block of the window read, then every run written.
+func drainRing(runs []run, cache, backing int, depth uint32) error {
+	r, err := newRing(depth)
+	if err != nil {
+		return err
+	}
+	defer r.close()
+	const window = 16 << 20
+	arena := aligned(window)
+	for len(runs) > 0 {
+		k, bytes := 0, 0
+		for k < len(runs) && (k == 0 || bytes+len(runs[k].logAt)*block <= window) {
+			bytes += len(runs[k].logAt) * block
+			k++
+		}
+		at := 0
+		for _, rn := range runs[:k] {
+			for _, l := range rn.logAt {
+				if err := r.queue(opRead, cache, arena[at:at+block], l); err != nil {
+					return err
+				}
+				at += block
+			}
+		}
+		if err := r.wait(); err != nil {
+			return err
+		}
+		at = 0
+		for _, rn := range runs[:k] {
+			n := len(rn.logAt) * block
+			if err := r.queue(opWrite, backing, arena[at:at+n], rn.first*block); err != nil {
+				return err
+			}
+			at += n
+		}
+		if err := r.wait(); err != nil {
+			return err
+		}
+		runs = runs[k:]
+	}
+	return nil
 }

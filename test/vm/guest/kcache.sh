@@ -6,6 +6,8 @@
 #   KCACHE=floor       no cache: drainfloor writes the burst into /dev/vda as
 #                      a log, then drains it (the least a user-space drain
 #                      does: a pread a block, a pwrite a run, one fsync)
+#   KCACHE=flooruring  the same drain through io_uring, 64 in flight, the
+#                      backing written with O_DIRECT
 #   KCACHE=nbdpass     nbdcache attach --backing /dev/vdb, no cache: the NBD
 #                      round trip's share of nbdcache's costs
 # /dev/vda is the cache, /dev/vdb the backing. The burst is fio with
@@ -18,7 +20,7 @@
 # /sys/block/*/stat from just before the burst to the end of the drain.
 set -e
 . /lib.sh
-SYS=${KCACHE:?KCACHE=bcache|writecache|nbdcache|nbdpass|floor}
+SYS=${KCACHE:?KCACHE=bcache|writecache|nbdcache|nbdpass|floor|flooruring}
 SPAN=${KCACHE_SPAN:-128}
 IOS=${KCACHE_IOS:-8000}
 
@@ -38,7 +40,7 @@ c_wreq=$(stat_field vda 5)
 cpu0=$(busy)
 t0=$(ms)
 step "burst: $IOS random 4k writes over $SPAN MiB, QD16"
-if [ "$SYS" = floor ]; then
+if [ "$SYS" = floor ] || [ "$SYS" = flooruring ]; then
 	drainfloor fill -span "$SPAN" -ios "$IOS" -seed "${SEED:-1}" &
 else
 	fio --name=burst --filename=$DEV --direct=1 --ioengine=libaio --rw=randwrite --bs=4k --iodepth=16 \

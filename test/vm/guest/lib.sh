@@ -161,7 +161,7 @@ kcache_setup() {
 		attach kc --sequential-cutoff 0 --control unix:/tmp/ctl.sock
 		DEV=/dev/nbd0
 		;;
-	floor)
+	floor | flooruring)
 		# No cache: drainfloor plays one (kcache.sh), on the raw disks.
 		DEV=/dev/vda
 		;;
@@ -186,7 +186,7 @@ kcache_dirty() {
 		dmsetup status wc | awk '{print $5 - $6 + $7}'
 		;;
 	nbdcache) nbdcache stats --json --control unix:/tmp/ctl.sock | sed -n 's/.*"dirty_bytes": *\([0-9]*\).*/\1/p' | head -n 1 ;;
-	nbdpass | floor) echo 0 ;;
+	nbdpass | floor | flooruring) echo 0 ;;
 	esac
 }
 
@@ -201,6 +201,7 @@ kcache_drain() {
 	nbdcache) nbdcache flush --drain --control unix:/tmp/ctl.sock >/tmp/drain.out 2>&1 || fail "drain: $(cat /tmp/drain.out)" ;;
 	nbdpass) ;;
 	floor) drainfloor drain -span "$SPAN" -ios "$IOS" -seed "${SEED:-1}" || fail "drainfloor drain" ;;
+	flooruring) drainfloor drain -span "$SPAN" -ios "$IOS" -seed "${SEED:-1}" -uring 64 -direct || fail "drainfloor drain" ;;
 	esac
 }
 
