@@ -132,6 +132,7 @@ cut() {
 }
 cuts=""
 for sys in $SYSTEMS; do
+	case $sys in floor | flooruring) continue ;; esac # no cache to cut
 	ok=0 mid=0
 	for i in $(seq "$CUTS"); do cut "$sys" "$i" ""; done
 	[ "$CUTS" = 0 ] || cuts="$cuts $sys=$ok/$CUTS"

@@ -5,6 +5,7 @@
 //
 //	drainfloor fill  -cache /dev/vda -span MiB -ios N -seed S
 //	drainfloor drain -cache /dev/vda -backing /dev/vdb -span MiB -ios N -seed S
+//	drainfloor verify -backing /dev/vdb -span MiB -ios N -seed S
 //
 // fill writes the burst into the cache device as a log-structured cache
 // lays it out: ios random 4 KiB blocks over the first span MiB (uniform,
@@ -21,10 +22,12 @@
 package main
 
 import (
+	"bytes"
 	"flag"
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"runtime"
 	"slices"
 	"sync"
 	"unsafe"
@@ -55,6 +58,8 @@ func main() {
 	switch os.Args[1] {
 	case "fill":
 		err = fill(*cache, blocks)
+	case "verify":
+		err = verify(*backing, blocks)
 	case "drain":
 		if _, e := os.Stat(*marker); e == nil {
 			return
@@ -89,14 +94,45 @@ func fill(cache string, blocks []int64) error {
 	defer f.Close()
 	buf := make([]byte, block)
 	for i, b := range blocks {
-		for j := range buf {
-			buf[j] = byte(b) + byte(j)
-		}
+		version(buf, b, i)
 		if _, err := f.WriteAt(buf, int64(i)*block); err != nil {
 			return err
 		}
 	}
 	return f.Sync()
+}
+
+// version fills buf with the i-th write's bytes, of block b. Each version
+// of a block differs: a drain that wrote an older one leaves other bytes.
+func version(buf []byte, b int64, i int) {
+	for j := range buf {
+		buf[j] = byte(b) + byte(i) + byte(i>>8) + byte(j)
+	}
+}
+
+// verify checks that the backing holds the last version of every block
+// written.
+func verify(backing string, blocks []int64) error {
+	f, err := os.Open(backing)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	last := make(map[int64]int, len(blocks))
+	for i, b := range blocks {
+		last[b] = i
+	}
+	want, got := make([]byte, block), make([]byte, block)
+	for b, i := range last {
+		version(want, b, i)
+		if _, err := f.ReadAt(got, b*block); err != nil {
+			return err
+		}
+		if !bytes.Equal(got, want) {
+			return fmt.Errorf("block %d does not hold its last version (write %d)", b, i)
+		}
+	}
+	return nil
 }
 
 // run is a run of adjacent blocks on the backing, and where each block's
@@ -156,13 +192,13 @@ func drain(cache, backing string, blocks []int64, jobs int, direct bool, uring u
 				}
 				buf = buf[:len(r.logAt)*block]
 				for i, at := range r.logAt {
-					if _, err := unix.Pread(int(c.Fd()), buf[i*block:(i+1)*block], at); err != nil {
-						errs <- err
+					if n, err := unix.Pread(int(c.Fd()), buf[i*block:(i+1)*block], at); err != nil || n != block {
+						errs <- fmt.Errorf("read %d bytes of %d at %d: %v", n, block, at, err)
 						return
 					}
 				}
-				if _, err := unix.Pwrite(int(w.Fd()), buf, r.first*block); err != nil {
-					errs <- err
+				if n, err := unix.Pwrite(int(w.Fd()), buf, r.first*block); err != nil || n != len(buf) {
+					errs <- fmt.Errorf("wrote %d bytes of %d at %d: %v", n, len(buf), r.first*block, err)
 					return
 				}
 			}
@@ -194,15 +230,22 @@ func aligned(n int) []byte {
 	return b[off%block : off%block+n]
 }
 
-// drainRing drains runs through io_uring, a window of at most 16 MiB at a
-// time: every block of the window read, then every run written.
+// drainRing drains runs through io_uring, a window of at most 16 MiB (or
+// one longer run) at a time: every block of the window read, then every
+// run written. A full ring waits for all it holds before taking more, so
+// depth is a batch, not a steady depth.
 func drainRing(runs []run, cache, backing int, depth uint32) error {
+	runtime.LockOSThread() // one thread enters the ring
+	defer runtime.UnlockOSThread()
 	r, err := newRing(depth)
 	if err != nil {
 		return err
 	}
 	defer r.close()
-	const window = 16 << 20
+	window := 16 << 20
+	for _, rn := range runs {
+		window = max(window, len(rn.logAt)*block)
+	}
 	arena := aligned(window)
 	for len(runs) > 0 {
 		k, bytes := 0, 0

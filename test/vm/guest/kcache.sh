@@ -6,8 +6,8 @@
 #   KCACHE=floor       no cache: drainfloor writes the burst into /dev/vda as
 #                      a log, then drains it (the least a user-space drain
 #                      does: a pread a block, a pwrite a run, one fsync)
-#   KCACHE=flooruring  the same drain through io_uring, 64 in flight, the
-#                      backing written with O_DIRECT
+#   KCACHE=flooruring  the same drain through io_uring, in batches of 64,
+#                      the backing written with O_DIRECT
 #   KCACHE=nbdpass     nbdcache attach --backing /dev/vdb, no cache: the NBD
 #                      round trip's share of nbdcache's costs
 # /dev/vda is the cache, /dev/vdb the backing. The burst is fio with
@@ -66,7 +66,7 @@ if [ -n "${KCACHE_DEBUG:-}" ]; then
 	) &
 	wdog=$!
 fi
-wait $fpid || fail "fio"
+wait $fpid || fail "the burst"
 if [ -n "${wdog:-}" ]; then
 	kill $wdog 2>/dev/null || wait $wdog
 	[ ! -e /tmp/stalled ] || fail "the burst stalled"
@@ -101,6 +101,7 @@ t4=$(ms)
 kcache_drain "$SYS"
 while [ "$SYS" != nbdcache ] && [ "$(kcache_dirty $SYS)" != 0 ]; do sleep 0.01; done
 t5=$(ms)
+case "$SYS" in floor | flooruring) drainfloor verify -span "$SPAN" -ios "$IOS" -seed "${SEED:-1}" || fail "the floor's drain left the backing wrong" ;; esac
 echo "KCACHE sys=$SYS burst_cpu_cs=$((cpu1 - cpu0)) burst_ms=$((t1 - t0)) flush_us=$flush_us flush2_us=$flush2_us drain_ms=$((t3 - t2)) drain_cpu_cs=$((cpu3 - cpu2)) drain2_ms=$((t5 - t4)) back_wreq=$(($(stat_field vdb 5) - b_wreq)) back_wkib=$((($(stat_field vdb 7) - b_wsect) / 2)) cache_wreq=$(($(stat_field vda 5) - c_wreq)) dirty_left=$left"
 if [ -n "${KCACHE_PROF:-}" ] && [ -n "${apid:-}" ]; then
 	kill -TERM $apid
