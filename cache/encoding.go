@@ -93,7 +93,7 @@ func finishJBlock(b []byte, salt uint32, seq uint64, prev uint32, n int, durable
 	le.PutUint32(b[16:], prev)
 	le.PutUint32(b[20:], durableField(seq, durable))
 	le.PutUint64(b[jCkptOff:], ckpt)
-	c := crc32.Update(salt, castagnoli, b[:metaBlock-4])
+	c := crc32.Update(salt, castagnoli(), b[:metaBlock-4])
 	le.PutUint32(b[metaBlock-4:], c)
 	return c
 }
@@ -127,7 +127,7 @@ func decodeJBlock(salt uint32, b []byte) (*jblock, error) {
 	if string(b[0:4]) != jMagic {
 		return nil, errJBlockMagic
 	}
-	c := crc32.Update(salt, castagnoli, b[:metaBlock-4])
+	c := crc32.Update(salt, castagnoli(), b[:metaBlock-4])
 	if c != le.Uint32(b[metaBlock-4:]) {
 		return nil, errJBlockChecksum
 	}
@@ -193,7 +193,7 @@ func encodeCkptHeader(salt uint32, h *ckptHeader) []byte {
 	le.PutUint64(b[40:], h.NextVer)
 	le.PutUint64(b[48:], h.NExt)
 	le.PutUint32(b[56:], h.BodyCRC)
-	le.PutUint32(b[60:], crc32.Update(salt, castagnoli, b[:60]))
+	le.PutUint32(b[60:], crc32.Update(salt, castagnoli(), b[:60]))
 	return b
 }
 
@@ -205,7 +205,7 @@ func decodeCkptHeader(salt uint32, b []byte) (*ckptHeader, error) {
 		return nil, fmt.Errorf("%w: checkpoint magic", ErrCorrupt)
 	}
 	le := binary.LittleEndian
-	if crc32.Update(salt, castagnoli, b[:60]) != le.Uint32(b[60:]) {
+	if crc32.Update(salt, castagnoli(), b[:60]) != le.Uint32(b[60:]) {
 		return nil, fmt.Errorf("%w: checkpoint header checksum", ErrCorrupt)
 	}
 	h := &ckptHeader{
@@ -258,7 +258,7 @@ func decodeCkptBody(salt uint32, h *ckptHeader, b []byte) (*checkpoint, error) {
 	if int64(len(b)) != h.bodyLen() {
 		return nil, fmt.Errorf("%w: checkpoint body of %d bytes, want %d", ErrCorrupt, len(b), h.bodyLen())
 	}
-	if crc32.Update(salt, castagnoli, b) != h.BodyCRC {
+	if crc32.Update(salt, castagnoli(), b) != h.BodyCRC {
 		return nil, fmt.Errorf("%w: checkpoint body checksum", ErrCorrupt)
 	}
 	ck := &checkpoint{ckptHeader: *h, Gens: append([]uint8(nil), b[:h.NBuckets]...)}

@@ -15,7 +15,7 @@ import (
 	"github.com/nbdcache/nbdcache/storage"
 )
 
-func crcSalted(salt uint32, p []byte) uint32 { return crc32.Update(salt, castagnoli, p) }
+func crcSalted(salt uint32, p []byte) uint32 { return crc32.Update(salt, castagnoli(), p) }
 
 func randSeed() uint32 { return rand.Uint32() }
 
