@@ -19,6 +19,11 @@
 // every user-space drain of this burst makes. A second drain finds a
 // marker file and does nothing (the tool's own start, as nbdcache's
 // "drain again" row).
+//
+// Between fill and drain the caller must hold the cache device open, as
+// a cache's own process would (kcache.sh does): Linux drops a block
+// device's page cache at its last close, and the drain would then read
+// every block from the disk instead of from memory.
 package main
 
 import (

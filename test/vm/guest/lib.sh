@@ -163,6 +163,10 @@ kcache_setup() {
 		;;
 	floor | flooruring)
 		# No cache: drainfloor plays one (kcache.sh), on the raw disks.
+		# The shell holds the cache disk open, as a cache's process
+		# would: the last close of a block device drops its page cache,
+		# and the drain would then read every block from the disk.
+		exec 9</dev/vda
 		DEV=/dev/vda
 		;;
 	nbdpass)
