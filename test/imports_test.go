@@ -39,7 +39,7 @@ var allowedImports = map[string][]string{
 	"test":                {},
 	"test/vm":             {},
 	"test/vm/fsynctime":   {},
-	"test/vm/drainfloor":  {},
+	"test/vm/drainfloor":  {"storage"},
 }
 
 const module = "github.com/nbdcache/nbdcache"

@@ -30,21 +30,23 @@ import (
 	"bytes"
 	"flag"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"os"
 	"runtime"
 	"slices"
 	"sync"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nbdcache/nbdcache/storage"
 )
 
 const block = 4096
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: drainfloor fill|drain [flags]")
+		fmt.Fprintln(os.Stderr, "usage: drainfloor fill|drain|verify [flags]")
 		os.Exit(2)
 	}
 	fs := flag.NewFlagSet(os.Args[1], flag.ExitOnError)
@@ -123,12 +125,8 @@ func verify(backing string, blocks []int64) error {
 		return err
 	}
 	defer f.Close()
-	last := make(map[int64]int, len(blocks))
-	for i, b := range blocks {
-		last[b] = i
-	}
 	want, got := make([]byte, block), make([]byte, block)
-	for b, i := range last {
+	for b, i := range lastWrites(blocks) {
 		version(want, b, i)
 		if _, err := f.ReadAt(got, b*block); err != nil {
 			return err
@@ -140,6 +138,15 @@ func verify(backing string, blocks []int64) error {
 	return nil
 }
 
+// lastWrites maps each block written to the index of its last write.
+func lastWrites(blocks []int64) map[int64]int {
+	last := make(map[int64]int, len(blocks))
+	for i, b := range blocks {
+		last[b] = i
+	}
+	return last
+}
+
 // run is a run of adjacent blocks on the backing, and where each block's
 // last version lies in the log.
 type run struct {
@@ -148,22 +155,16 @@ type run struct {
 }
 
 func drain(cache, backing string, blocks []int64, jobs int, direct bool, uring uint32) error {
-	last := make(map[int64]int64, len(blocks)) // block -> its last write's place in the log
-	for i, b := range blocks {
-		last[b] = int64(i) * block
-	}
-	keys := make([]int64, 0, len(last))
-	for b := range last {
-		keys = append(keys, b)
-	}
-	slices.Sort(keys)
+	last := lastWrites(blocks) // the i-th write lies at 4 KiB x i in the log
+	keys := slices.Sorted(maps.Keys(last))
 	var runs []run
 	for _, b := range keys {
+		at := int64(last[b]) * block
 		if n := len(runs); n > 0 && runs[n-1].first+int64(len(runs[n-1].logAt)) == b {
-			runs[n-1].logAt = append(runs[n-1].logAt, last[b])
+			runs[n-1].logAt = append(runs[n-1].logAt, at)
 			continue
 		}
-		runs = append(runs, run{first: b, logAt: []int64{last[b]}})
+		runs = append(runs, run{first: b, logAt: []int64{at}})
 	}
 	c, err := os.Open(cache)
 	if err != nil {
@@ -192,10 +193,11 @@ func drain(cache, backing string, blocks []int64, jobs int, direct bool, uring u
 		wg.Go(func() {
 			var buf []byte
 			for r := range work {
-				if need := len(r.logAt) * block; cap(buf) < need {
-					buf = aligned(need)
+				need := len(r.logAt) * block
+				if cap(buf) < need {
+					buf = storage.AlignedBuf(need)
 				}
-				buf = buf[:len(r.logAt)*block]
+				buf = buf[:need]
 				for i, at := range r.logAt {
 					if n, err := unix.Pread(int(c.Fd()), buf[i*block:(i+1)*block], at); err != nil || n != block {
 						errs <- fmt.Errorf("read %d bytes of %d at %d: %v", n, block, at, err)
@@ -228,13 +230,6 @@ func drain(cache, backing string, blocks []int64, jobs int, direct bool, uring u
 	return w.Sync()
 }
 
-// aligned returns n bytes at a block-aligned address (O_DIRECT).
-func aligned(n int) []byte {
-	b := make([]byte, n+block)
-	off := block - int(uintptr(unsafe.Pointer(&b[0]))%block)
-	return b[off%block : off%block+n]
-}
-
 // drainRing drains runs through io_uring, a window of at most 16 MiB (or
 // one longer run) at a time: every block of the window read, then every
 // run written. A full ring waits for all it holds before taking more, so
@@ -251,7 +246,7 @@ func drainRing(runs []run, cache, backing int, depth uint32) error {
 	for _, rn := range runs {
 		window = max(window, len(rn.logAt)*block)
 	}
-	arena := aligned(window)
+	arena := storage.AlignedBuf(window)
 	for len(runs) > 0 {
 		k, bytes := 0, 0
 		for k < len(runs) && (k == 0 || bytes+len(runs[k].logAt)*block <= window) {
