@@ -404,14 +404,17 @@ func (f *Flusher) issue(ctx context.Context, spans []span, paced bool, observe f
 	var sent int64
 	start := time.Now()
 	// ahead holds spans[aheadFrom:aheadTo] read at once (readAhead), at
-	// most BatchBytes of them: a window of WriteBack's (GC's cleaning
+	// most windowBytes of them: windows of WriteBack's (GC's cleaning
 	// takes a sixteenth of the cache at once), or of a batch's once a
-	// job may go at full speed; a job never straddles two windows. Never
-	// over a disk: a few hundred writes fill BatchTime there, and holding
-	// a window's pieces through its seeks would hold up the writes over
-	// them.
-	var ahead *readAhead
+	// job may go at full speed; a job never straddles two windows. While
+	// ahead's jobs write, next reads the window after it, so that reads
+	// and writes overlap (one window read before its writes, in the VM's
+	// drain, took a third of the drain's time). Never over a disk: a few
+	// hundred writes fill BatchTime there, and holding a window's pieces
+	// through its seeks would hold up the writes over them.
+	var ahead, next *readAhead
 	aheadFrom, aheadTo := 0, 0
+	var spare *[]byte // the arena of the window before ahead
 	jobEnd := func(n int) int {
 		jb := int64(jobBytes)
 		if f.backingSeeks() {
@@ -424,11 +427,27 @@ func (f *Flusher) issue(ctx context.Context, spans []span, paced bool, observe f
 		}
 		return m
 	}
-	// window reads the next window from spans[n], once the jobs of the
-	// last one have completed (its arena is reused), and reports whether
-	// it did (not if ctx ended).
+	windowEnd := func(n int) int {
+		k, bytes := n+1, spans[n].n
+		for k < len(spans) && bytes+spans[k].n <= f.windowBytes() {
+			bytes += spans[k].n
+			k++
+		}
+		return k
+	}
+	// window makes spans[n:] the window ahead: the one next read, if it
+	// begins there, else one read now, once every job issued has
+	// completed (their arenas are reused). Then it starts next, reading
+	// the window after it into spare's arena once the jobs issued so far
+	// have completed. It reports whether it did (not if ctx ended).
 	window := func(n int) bool {
-		if ahead != nil {
+		if next != nil && next.from != n {
+			next.wait()
+			f.releaseUnwritten(next, 0)
+			f.arenas.Put(&next.arena)
+			next = nil
+		}
+		if next == nil {
 			for _, fin := range done {
 				select {
 				case <-fin:
@@ -436,14 +455,32 @@ func (f *Flusher) issue(ctx context.Context, spans []span, paced bool, observe f
 					return false
 				}
 			}
+			if ahead != nil { // written whole: its arena is free
+				if spare != nil {
+					f.arenas.Put(spare)
+				}
+				spare, ahead = &ahead.arena, nil
+			}
+			next = f.startReadAhead(spans[n:windowEnd(n)], n, spare, nil)
+			spare = nil
 		}
-		k, bytes := n+1, spans[n].n
-		for k < len(spans) && bytes+spans[k].n <= f.cfg.BatchBytes {
-			bytes += spans[k].n
-			k++
+		select {
+		case <-next.ready:
+		case <-ctx.Done():
+			return false
 		}
-		ahead = f.readAhead(spans[n:k], ahead)
-		aheadFrom, aheadTo = n, k
+		if ahead != nil {
+			if spare != nil {
+				f.arenas.Put(spare)
+			}
+			spare = &ahead.arena
+		}
+		ahead, next = next, nil
+		aheadFrom, aheadTo = ahead.from, ahead.from+len(ahead.spans)
+		if aheadTo < len(spans) {
+			next = f.startReadAhead(spans[aheadTo:windowEnd(aheadTo)], aheadTo, spare, done)
+			spare = nil
+		}
 		return true
 	}
 	mayReadAhead := func() bool { return f.breader != nil && !f.backingSeeks() }
@@ -456,7 +493,10 @@ dispatch:
 				break dispatch
 			}
 		}
-		if !paced && (ahead == nil || n >= aheadTo) && mayReadAhead() && !window(n) {
+		// (A window read ahead is taken even if the backing has since
+		// turned out to seek: its pieces are held, and a job reading
+		// them again would find them busy.)
+		if !paced && (ahead == nil || n >= aheadTo) && (next != nil || mayReadAhead()) && !window(n) {
 			break
 		}
 		m := jobEnd(n)
@@ -471,6 +511,13 @@ dispatch:
 			switch {
 			case ahead != nil && n < aheadTo:
 				// Planned and read with its window.
+			case next != nil && next.from == n:
+				// Planned with the window before, and read (or being
+				// read) while its jobs wrote.
+				if !window(n) {
+					break dispatch
+				}
+				m = jobEnd(n)
 			case mayReadAhead() && f.fullSpeed():
 				// Nothing will hold the rest back: plan it again
 				// (once a window) and read it a window at a time.
@@ -539,46 +586,84 @@ dispatch:
 		n = m
 	}
 	wg.Wait()
+	// Pieces read ahead and never written (ctx ended, or pace stopped
+	// the batch) are registered, and nothing else will release them.
 	if ahead != nil {
-		// Spans of the last window never issued (ctx ended, or pace
-		// stopped the batch): their pieces are registered, and nothing
-		// else will release them.
-		for i := max(len(outs), aheadFrom); i < aheadTo; i++ {
-			for j, st := range ahead.outs[i-aheadFrom].st {
-				if st == pending {
-					f.rel.ReleaseCached(spans[i].ext[j])
-				}
-			}
-		}
+		f.releaseUnwritten(ahead, len(outs)-aheadFrom)
 		f.arenas.Put(&ahead.arena)
+	}
+	if next != nil {
+		next.wait()
+		f.releaseUnwritten(next, 0)
+		f.arenas.Put(&next.arena)
+	}
+	if spare != nil {
+		f.arenas.Put(spare)
 	}
 	return spans, outs
 }
 
+// windowBytes bounds a window read ahead: a quarter of a batch, so that
+// the first window's read, before any write, is short, and the two arenas
+// in use (the window being written, the next being read) hold half a
+// batch.
+func (f *Flusher) windowBytes() int64 { return max(f.cfg.BatchBytes/4, f.cfg.MaxWrite) }
+
 // readAhead is a window of an issue's spans read at once (BatchReader):
-// data[i] is span i's bytes, in one arena; outs[i] the fates of its
-// pieces, read or not.
+// spans[i], spans[from+i] of the issue, is read into data[i], in one
+// arena; outs[i] holds the fates of its pieces, read or not. ready is
+// closed once they are read.
 type readAhead struct {
+	from  int
+	spans []span
 	arena []byte
 	data  [][]byte
 	outs  []*spanOut
+	ready chan struct{}
 }
 
-// readAhead reads every piece of spans (a window) with one
-// ReadCachedBatch, into the arena of last (a window whose writes have all
-// completed) or of the pool.
-func (f *Flusher) readAhead(spans []span, last *readAhead) *readAhead {
+func (ra *readAhead) wait() { <-ra.ready }
+
+// startReadAhead reads every piece of spans (a window, from the issue's
+// span from on) with one ReadCachedBatch, in a goroutine of its own, once
+// every job in after has completed: into the arena ap (whose window's
+// jobs are among them) or one of the pool's.
+func (f *Flusher) startReadAhead(spans []span, from int, ap *[]byte, after []chan struct{}) *readAhead {
+	ra := &readAhead{from: from, spans: spans[:len(spans):len(spans)], ready: make(chan struct{})}
+	after = after[:len(after):len(after)]
+	go func() {
+		defer close(ra.ready)
+		for _, fin := range after {
+			<-fin // a job always completes, whatever ctx says
+		}
+		f.readAhead(ra, ap)
+	}()
+	return ra
+}
+
+// releaseUnwritten releases the pieces read ahead in ra that no job
+// took, those of its spans from the i'th on.
+func (f *Flusher) releaseUnwritten(ra *readAhead, i int) {
+	for i = max(i, 0); i < len(ra.spans); i++ {
+		for j, st := range ra.outs[i].st {
+			if st == pending {
+				f.rel.ReleaseCached(ra.spans[i].ext[j])
+			}
+		}
+	}
+}
+
+// readAhead reads every piece of ra.spans with one ReadCachedBatch, into
+// the arena ap or, if it is too small or nil, one of the pool's.
+func (f *Flusher) readAhead(ra *readAhead, ap *[]byte) {
 	var total int64
 	pieces := 0
-	for _, s := range spans {
+	for _, s := range ra.spans {
 		total += s.n
 		pieces += len(s.ext)
 	}
-	ra := &readAhead{data: make([][]byte, len(spans)), outs: make([]*spanOut, len(spans))}
-	var ap *[]byte
-	if last != nil {
-		ap = &last.arena
-	} else {
+	ra.data, ra.outs = make([][]byte, len(ra.spans)), make([]*spanOut, len(ra.spans))
+	if ap == nil || int64(cap(*ap)) < total {
 		ap, _ = f.arenas.Get().(*[]byte)
 	}
 	if ap != nil && int64(cap(*ap)) >= total {
@@ -589,7 +674,7 @@ func (f *Flusher) readAhead(spans []span, last *readAhead) *readAhead {
 	es := make([]btreeidx.Extent, 0, pieces)
 	ps := make([][]byte, 0, pieces)
 	var pos int64
-	for i, s := range spans {
+	for i, s := range ra.spans {
 		d := ra.arena[pos : pos+s.n]
 		pos += s.n
 		ra.data[i] = d
@@ -608,7 +693,6 @@ func (f *Flusher) readAhead(spans []span, last *readAhead) *readAhead {
 			k++
 		}
 	}
-	return ra
 }
 
 // readFate is the status of a piece whose ReadCached returned err, for a

@@ -33,13 +33,15 @@
 //     meanwhile splits it), read its pieces from the cache
 //     (Source.ReadCached) and write it to the backing with one WriteAt.
 //     Off a disk, once a job may go at full speed, the rest of the batch
-//     is planned again (once a window) and its pieces are read ahead, a
-//     window of at most BatchBytes at a time (a Source that is a
-//     BatchReader and a Releaser): one call for the window, before its
-//     first write; the pieces of a window the batch stops before writing
-//     are released. At most MaxInFlight spans are under way, in a sliding
-//     window: span k+MaxInFlight is not started before span k
-//     has completed. Spans are read concurrently, but a span's backing
+//     is planned again and its pieces are read ahead (a Source that is a
+//     BatchReader and a Releaser), a window of at most a quarter of
+//     BatchBytes at a time, one call a window: the first before its
+//     first write, each next one while the window before is written, into
+//     the arena of the window before that once its writes have completed
+//     (two arenas in use, half a batch). The pieces of the windows the
+//     batch stops before writing are released. At most MaxInFlight
+//     spans are under way, in a sliding window: span k+MaxInFlight is
+//     not started before span k has completed. Spans are read concurrently, but a span's backing
 //     write is issued only after the previous span's was. So within a pass
 //     the backing sees writes in ascending order, except that a write may
 //     be overtaken by writes of fewer than MaxInFlight later spans (the

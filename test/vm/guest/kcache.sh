@@ -10,6 +10,7 @@
 #                      the backing written with O_DIRECT
 #   KCACHE=nbdpass     nbdcache attach --backing /dev/vdb, no cache: the NBD
 #                      round trip's share of nbdcache's costs
+#   KCACHE=nbdcache-b  as nbdcache, with the binary nbdcache-b (an A/B build)
 # /dev/vda is the cache, /dev/vdb the backing. The burst is fio with
 # libaio and O_DIRECT: KCACHE_IOS random 4 KiB writes (default 8000) over
 # the first KCACHE_SPAN MiB (default 128) at QD16, seeded by SEED, the
@@ -20,7 +21,11 @@
 # /sys/block/*/stat from just before the burst to the end of the drain.
 set -e
 . /lib.sh
-SYS=${KCACHE:?KCACHE=bcache|writecache|nbdcache|nbdpass|floor|flooruring}
+SYS=${KCACHE:?KCACHE=bcache|writecache|nbdcache|nbdcache-b|nbdpass|floor|flooruring}
+NAME=$SYS
+if [ "$SYS" = nbdcache-b ]; then
+	export NBDCACHE=nbdcache-b SYS=nbdcache
+fi
 SPAN=${KCACHE_SPAN:-128}
 IOS=${KCACHE_IOS:-8000}
 
@@ -102,7 +107,7 @@ kcache_drain "$SYS"
 while [ "$SYS" != nbdcache ] && [ "$(kcache_dirty $SYS)" != 0 ]; do sleep 0.01; done
 t5=$(ms)
 case "$SYS" in floor | flooruring) drainfloor verify -span "$SPAN" -ios "$IOS" -seed "${SEED:-1}" || fail "the floor's drain left the backing wrong" ;; esac
-echo "KCACHE sys=$SYS burst_cpu_cs=$((cpu1 - cpu0)) burst_ms=$((t1 - t0)) flush_us=$flush_us flush2_us=$flush2_us drain_ms=$((t3 - t2)) drain_cpu_cs=$((cpu3 - cpu2)) drain2_ms=$((t5 - t4)) back_wreq=$(($(stat_field vdb 5) - b_wreq)) back_wkib=$((($(stat_field vdb 7) - b_wsect) / 2)) cache_wreq=$(($(stat_field vda 5) - c_wreq)) dirty_left=$left"
+echo "KCACHE sys=$NAME burst_cpu_cs=$((cpu1 - cpu0)) burst_ms=$((t1 - t0)) flush_us=$flush_us flush2_us=$flush2_us drain_ms=$((t3 - t2)) drain_cpu_cs=$((cpu3 - cpu2)) drain2_ms=$((t5 - t4)) back_wreq=$(($(stat_field vdb 5) - b_wreq)) back_wkib=$((($(stat_field vdb 7) - b_wsect) / 2)) cache_wreq=$(($(stat_field vda 5) - c_wreq)) dirty_left=$left"
 if [ -n "${KCACHE_PROF:-}" ] && [ -n "${apid:-}" ]; then
 	kill -TERM $apid
 	wait $apid || fail "attach exited with $?"
