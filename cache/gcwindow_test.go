@@ -31,10 +31,10 @@ func (d *firstWrite) WriteAt(p []byte, off int64, f storage.Flags) error {
 // TestGCWritebackReadsAheadAWindow: a GC cleaning pass hands all its
 // victims' dirty pieces to one WriteBack: a sixteenth of the cache, or a
 // quarter over a disk. Off a disk the flusher reads them ahead a window
-// of a quarter of BatchBytes at a time, and the next window while one is
-// written, so at most half of BatchBytes is read (and held in memory)
-// before the first backing write; over a disk it reads each span
-// just before its write. Found by review: the first read-ahead read all
+// at a time (a quarter of BatchBytes, at least MaxWrite: here MaxWrite,
+// 1 MiB), and the next window beside the writes of one, so at most two
+// windows are read (and held in memory) before the first backing write;
+// over a disk it reads each span just before its write. Found by review: the first read-ahead read all
 // of them first, 30 MiB of a 120 MiB cache, and would have held a
 // quarter of a large cache in memory.
 func TestGCWritebackReadsAheadAWindow(t *testing.T) {
@@ -71,7 +71,7 @@ func TestGCWritebackReadsAheadAWindow(t *testing.T) {
 			freed, _ := c.gc(true, true)
 			st := c.Stats()
 			t.Logf("%d buckets, %d freed, %d MiB cleaned; %d KiB read before the first backing write", c.sb.NBuckets, freed, st.GCCleanedBytes>>20, fw.at>>10)
-			limit := int64(window / 2)
+			limit := int64(2 << 20) // two windows of MaxWrite
 			if disk {
 				limit = 8 * 64 << 10 // a span for each of the MaxInFlight jobs under way
 			}

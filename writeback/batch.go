@@ -392,7 +392,9 @@ func (f *Flusher) backingSeeks() bool {
 // span is a job alone), each written by one goroutine in order; job k+w
 // (w = MaxInFlight) is not issued before job k has completed. A batch's
 // jobs are paced: each waits for the limiter, and its spans are planned
-// again just before it goes; the batch stops where pace says so. observe,
+// again just before it goes (at full speed, the rest of the batch at
+// once, and read ahead by windows; not at the first job if pace did not
+// wait); the batch stops where pace says so. observe,
 // if not nil, is told each write's time and length. It returns the spans
 // (as planned again) and the outcomes of those issued, a prefix of them.
 func (f *Flusher) issue(ctx context.Context, spans []span, paced bool, observe func(time.Duration, int64)) ([]span, []*spanOut) {
@@ -435,11 +437,14 @@ func (f *Flusher) issue(ctx context.Context, spans []span, paced bool, observe f
 		}
 		return k
 	}
+	mayReadAhead := func() bool { return f.breader != nil && !f.backingSeeks() }
 	// window makes spans[n:] the window ahead: the one next read, if it
-	// begins there, else one read now, once every job issued has
-	// completed (their arenas are reused). Then it starts next, reading
-	// the window after it into spare's arena once the jobs issued so far
-	// have completed. It reports whether it did (not if ctx ended).
+	// begins there, else one read now (once every job issued has
+	// completed, if an arena of theirs is reused). Then, while reading
+	// ahead still pays (not over a disk; in a paced batch, at full
+	// speed), it starts next, reading the window after it into spare's
+	// arena once the jobs issued so far have completed. It reports
+	// whether it did (not if ctx ended).
 	window := func(n int) bool {
 		if next != nil && next.from != n {
 			next.wait()
@@ -447,7 +452,7 @@ func (f *Flusher) issue(ctx context.Context, spans []span, paced bool, observe f
 			f.arenas.Put(&next.arena)
 			next = nil
 		}
-		if next == nil {
+		if next == nil && (ahead != nil || spare != nil) {
 			for _, fin := range done {
 				select {
 				case <-fin:
@@ -455,6 +460,8 @@ func (f *Flusher) issue(ctx context.Context, spans []span, paced bool, observe f
 					return false
 				}
 			}
+		}
+		if next == nil {
 			if ahead != nil { // written whole: its arena is free
 				if spare != nil {
 					f.arenas.Put(spare)
@@ -477,13 +484,12 @@ func (f *Flusher) issue(ctx context.Context, spans []span, paced bool, observe f
 		}
 		ahead, next = next, nil
 		aheadFrom, aheadTo = ahead.from, ahead.from+len(ahead.spans)
-		if aheadTo < len(spans) {
+		if aheadTo < len(spans) && mayReadAhead() && (!paced || f.fullSpeed()) {
 			next = f.startReadAhead(spans[aheadTo:windowEnd(aheadTo)], aheadTo, spare, done)
 			spare = nil
 		}
 		return true
 	}
-	mayReadAhead := func() bool { return f.breader != nil && !f.backingSeeks() }
 dispatch:
 	for n := 0; n < len(spans); {
 		if w := f.cfg.MaxInFlight; len(done) >= w {
@@ -614,10 +620,10 @@ dispatch:
 	return spans, outs
 }
 
-// windowBytes bounds a window read ahead: a quarter of a batch, so that
-// the first window's read, before any write, is short, and the two arenas
-// in use (the window being written, the next being read) hold half a
-// batch.
+// windowBytes bounds a window read ahead (a span longer than it is a
+// window alone): a quarter of a batch, so that the first window's read,
+// before any write, is short, and the two arenas in use (the window being
+// written, the next being read) hold half a batch; at least MaxWrite.
 func (f *Flusher) windowBytes() int64 { return max(f.cfg.BatchBytes/4, f.cfg.MaxWrite) }
 
 // readAhead is a window of an issue's spans read at once (BatchReader):

@@ -33,13 +33,17 @@
 //     meanwhile splits it), read its pieces from the cache
 //     (Source.ReadCached) and write it to the backing with one WriteAt.
 //     Off a disk, once a job may go at full speed, the rest of the batch
-//     is planned again and its pieces are read ahead (a Source that is a
-//     BatchReader and a Releaser), a window of at most a quarter of
-//     BatchBytes at a time, one call a window: the first before its
-//     first write, each next one while the window before is written, into
-//     the arena of the window before that once its writes have completed
-//     (two arenas in use, half a batch). The pieces of the windows the
-//     batch stops before writing are released. At most MaxInFlight
+//     is planned again (not if it is the batch's first job and nothing
+//     held it back: the batch was planned a moment ago) and its pieces
+//     are read ahead (a Source that is a BatchReader and a Releaser), a
+//     window at a time, one call a window. A window is a quarter of
+//     BatchBytes, at least MaxWrite (a longer span is a window alone).
+//     The first is read before any write; as each window's writes begin,
+//     the next is read beside them, into the arena of the window before
+//     once its writes have completed: two arenas in use, half a batch
+//     with the default sizes. Reading ahead stops when the backing turns
+//     out to seek, or the batch leaves full speed. The pieces of the
+//     windows the batch stops before writing are released. At most MaxInFlight
 //     spans are under way, in a sliding window: span k+MaxInFlight is
 //     not started before span k has completed. Spans are read concurrently, but a span's backing
 //     write is issued only after the previous span's was. So within a pass

@@ -73,8 +73,8 @@ type Releaser interface {
 // than a ReadCached each (the cache takes its lock once for all of them,
 // and reads pieces that lie near each other on its device together). Off
 // a disk, a full-speed batch and WriteBack hand it the pieces of a window
-// of spans (at most a quarter of BatchBytes) before writing any of them,
-// from a goroutine of their own, while the window before is written:
+// of spans (a quarter of BatchBytes) before writing any of them, from a
+// goroutine of their own, the next window's while one is written:
 // ReadCachedBatch is ReadCached of each es[i] into ps[i], its result in
 // errs[i]. The flusher uses it only with a Source that is also a
 // Releaser.

@@ -859,3 +859,96 @@ func TestReadAheadOverlapsWrites(t *testing.T) {
 		}
 	})
 }
+
+// TestReadAheadStopsOverDisk: once the flusher's own timed writes say the
+// backing seeks, a WriteBack reads no further window ahead (found by
+// review: the next window was read whatever the backing, so a GC
+// cleaning pass over a disk held every window's pieces through its
+// seeks). The window read when the timing turns may still be in flight.
+func TestReadAheadStopsOverDisk(t *testing.T) {
+	seed := testseed.Get(t)
+	synctest.Test(t, func(t *testing.T) {
+		src := &batchSource{fakeSource: newFakeSource(4096, 4096, 1<<30)}
+		densely(src.fakeSource, seed, 2)
+		slow := storage.NewDelay(storage.NewMem(src.size()))
+		slow.Set(storage.OpWrite, 3*time.Millisecond) // a disk: over seekNanos
+		var f *Flusher
+		var afterDisk atomic.Int64
+		src.onRead = func() {
+			if seeks, ok := f.TimedSeeks(); ok && seeks {
+				afterDisk.Add(1)
+			}
+		}
+		f = New(src, slow, Config{Logger: quiet, MaxWrite: 64 << 10, BatchBytes: 1 << 20})
+		var es []btreeidx.Extent
+		src.DirtyExtents(0, func(e btreeidx.Extent) bool { es = append(es, e); return true })
+		if _, err := f.WriteBack(es, nil); err != nil {
+			t.Fatal(err)
+		}
+		src.check(t)
+		checkImage(t, slow, src.fakeSource)
+		t.Logf("%d extents, %d window reads, %d begun after the backing was timed as a disk", len(es), src.batches.Load(), afterDisk.Load())
+		if afterDisk.Load() > 1 {
+			t.Errorf("%d windows read ahead after the backing was timed as a disk, want at most 1", afterDisk.Load())
+		}
+	})
+}
+
+// TestDrainCancelledWhileReadingAhead: a drain whose ctx ends inside a
+// window's read, or inside a backing write while the next window is read,
+// leaves nothing registered, and a second drain ends with the backing
+// equal to the model.
+func TestDrainCancelledWhileReadingAhead(t *testing.T) {
+	seed := testseed.Get(t)
+	for k := 1; k <= 6; k++ {
+		for _, inWrite := range []bool{false, true} {
+			t.Run(fmt.Sprintf("k=%d,in-write=%v", k, inWrite), func(t *testing.T) {
+				synctest.Test(t, func(t *testing.T) {
+					src := &batchSource{fakeSource: newFakeSource(2048, 4096, 1<<30)}
+					densely(src.fakeSource, seed+uint64(k), 2)
+					slow := storage.NewDelay(storage.NewMem(src.size()))
+					slow.Set(storage.OpWrite, time.Millisecond)
+					ctx, cancel := context.WithCancel(context.Background())
+					defer cancel()
+					if !inWrite {
+						var reads atomic.Int64
+						src.onRead = func() {
+							if reads.Add(1) == int64(k) {
+								cancel()
+								time.Sleep(5 * time.Millisecond) // the dispatcher sees ctx end first
+							}
+						}
+					}
+					dev := &cancelDev{Device: slow, at: int64(7 * k)}
+					if inWrite {
+						dev.cancel = cancel
+					}
+					f := New(src, dev, Config{Logger: quiet, MaxWrite: 64 << 10, BatchBytes: 1 << 20, MaxInFlight: 3})
+					err := f.Drain(ctx, nil)
+					t.Logf("first drain: %v after %d window reads", err, src.batches.Load())
+					src.check(t)
+					if err := f.Drain(context.Background(), nil); err != nil {
+						t.Fatal(err)
+					}
+					src.check(t)
+					checkImage(t, slow, src.fakeSource)
+				})
+			})
+		}
+	}
+}
+
+// cancelDev calls cancel at its at'th write, if cancel is set.
+type cancelDev struct {
+	storage.Device
+	n      atomic.Int64
+	at     int64
+	cancel func()
+}
+
+func (d *cancelDev) WriteAt(p []byte, off int64, f storage.Flags) error {
+	if d.cancel != nil && d.n.Add(1) == d.at {
+		d.cancel()
+	}
+	return d.Device.WriteAt(p, off, f)
+}
