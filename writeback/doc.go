@@ -37,9 +37,10 @@
 //     held it back: the batch was planned a moment ago) and its pieces
 //     are read ahead (a Source that is a BatchReader and a Releaser), a
 //     window at a time, one call a window. A window is a quarter of
-//     BatchBytes, at least MaxWrite (a longer span is a window alone).
-//     The first is read before any write; as each window's writes begin,
-//     the next is read beside them, into the arena of the window before
+//     BatchBytes, at least MaxWrite (a longer span is a window alone),
+//     but the first is MaxWrite and each next one twice the one before,
+//     up to that. The first is read before any write; as each window's
+//     writes begin, the next is read beside them, into the arena of the window before
 //     once its writes have completed: two arenas in use, half a batch
 //     with the default sizes. Reading ahead stops when the backing turns
 //     out to seek, or the batch leaves full speed. The pieces of the

@@ -773,13 +773,17 @@ func TestLostBackingStopsWriteback(t *testing.T) {
 type batchSource struct {
 	*fakeSource
 	batches atomic.Int64
-	onRead  func() // if not nil, called at each ReadCachedBatch
+	onRead  func(bytes int64) // if not nil, called at each ReadCachedBatch with the bytes it reads
 }
 
 func (s *batchSource) ReadCachedBatch(es []btreeidx.Extent, ps [][]byte, errs []error) {
 	s.batches.Add(1)
 	if s.onRead != nil {
-		s.onRead()
+		var n int64
+		for _, p := range ps {
+			n += int64(len(p))
+		}
+		s.onRead(n)
 	}
 	for i, e := range es {
 		errs[i] = s.ReadCached(e, ps[i])
@@ -841,7 +845,7 @@ func TestReadAheadOverlapsWrites(t *testing.T) {
 		slow.Set(storage.OpWrite, time.Millisecond)
 		dev := &writingDev{Device: slow}
 		var reads, overlapped atomic.Int64
-		src.onRead = func() {
+		src.onRead = func(int64) {
 			reads.Add(1)
 			if dev.n.Load() > 0 {
 				overlapped.Add(1)
@@ -874,7 +878,7 @@ func TestReadAheadStopsOverDisk(t *testing.T) {
 		slow.Set(storage.OpWrite, 3*time.Millisecond) // a disk: over seekNanos
 		var f *Flusher
 		var afterDisk atomic.Int64
-		src.onRead = func() {
+		src.onRead = func(int64) {
 			if seeks, ok := f.TimedSeeks(); ok && seeks {
 				afterDisk.Add(1)
 			}
@@ -912,7 +916,7 @@ func TestDrainCancelledWhileReadingAhead(t *testing.T) {
 					defer cancel()
 					if !inWrite {
 						var reads atomic.Int64
-						src.onRead = func() {
+						src.onRead = func(int64) {
 							if reads.Add(1) == int64(k) {
 								cancel()
 								time.Sleep(5 * time.Millisecond) // the dispatcher sees ctx end first
@@ -951,4 +955,37 @@ func (d *cancelDev) WriteAt(p []byte, off int64, f storage.Flags) error {
 		d.cancel()
 	}
 	return d.Device.WriteAt(p, off, f)
+}
+
+// TestFirstWindowIsSmall: nothing is written while a batch reads its
+// first window, so the first is MaxWrite and the next ones grow, each read
+// while the one before is written, up to a quarter of BatchBytes.
+func TestFirstWindowIsSmall(t *testing.T) {
+	seed := testseed.Get(t)
+	synctest.Test(t, func(t *testing.T) {
+		src := &batchSource{fakeSource: newFakeSource(2048, 4096, 1<<30)}
+		densely(src.fakeSource, seed, 2)
+		mem := storage.NewMem(src.size())
+		const maxWrite, batch = 64 << 10, 1 << 20
+		var mu sync.Mutex
+		var sizes []int64
+		src.onRead = func(n int64) {
+			mu.Lock()
+			sizes = append(sizes, n)
+			mu.Unlock()
+		}
+		f := New(src, mem, Config{Logger: quiet, MaxWrite: maxWrite, BatchBytes: batch})
+		if err := f.Drain(context.Background(), nil); err != nil {
+			t.Fatal(err)
+		}
+		src.check(t)
+		checkImage(t, mem, src.fakeSource)
+		t.Logf("%d batches; window reads of %v bytes", f.Stats().Batches, sizes)
+		if len(sizes) == 0 || sizes[0] > maxWrite {
+			t.Fatalf("first window read %v bytes, want at most MaxWrite (%d)", sizes, maxWrite)
+		}
+		if top := slices.Max(sizes); top > batch/4 || top <= maxWrite {
+			t.Errorf("largest window %d bytes, want more than MaxWrite (%d) and at most a quarter of BatchBytes (%d)", top, maxWrite, batch/4)
+		}
+	})
 }
