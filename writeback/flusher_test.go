@@ -820,6 +820,14 @@ func TestReadAheadReleasesWhatItDoesNotWrite(t *testing.T) {
 	})
 }
 
+// denseBatchSource is a batchSource of blocks 4 KiB blocks, each written
+// twice over on average.
+func denseBatchSource(blocks int, seed uint64) *batchSource {
+	src := &batchSource{fakeSource: newFakeSource(blocks, 4096, 1<<30)}
+	densely(src.fakeSource, seed, 2)
+	return src
+}
+
 // writingDev counts the writes under way on a device.
 type writingDev struct {
 	storage.Device
@@ -839,8 +847,7 @@ func (d *writingDev) WriteAt(p []byte, off int64, f storage.Flags) error {
 func TestReadAheadOverlapsWrites(t *testing.T) {
 	seed := testseed.Get(t)
 	synctest.Test(t, func(t *testing.T) {
-		src := &batchSource{fakeSource: newFakeSource(2048, 4096, 1<<30)}
-		densely(src.fakeSource, seed, 2)
+		src := denseBatchSource(2048, seed)
 		slow := storage.NewDelay(storage.NewMem(src.size()))
 		slow.Set(storage.OpWrite, time.Millisecond)
 		dev := &writingDev{Device: slow}
@@ -872,8 +879,7 @@ func TestReadAheadOverlapsWrites(t *testing.T) {
 func TestReadAheadStopsOverDisk(t *testing.T) {
 	seed := testseed.Get(t)
 	synctest.Test(t, func(t *testing.T) {
-		src := &batchSource{fakeSource: newFakeSource(4096, 4096, 1<<30)}
-		densely(src.fakeSource, seed, 2)
+		src := denseBatchSource(4096, seed)
 		slow := storage.NewDelay(storage.NewMem(src.size()))
 		slow.Set(storage.OpWrite, 3*time.Millisecond) // a disk: over seekNanos
 		var f *Flusher
@@ -908,8 +914,7 @@ func TestDrainCancelledWhileReadingAhead(t *testing.T) {
 		for _, inWrite := range []bool{false, true} {
 			t.Run(fmt.Sprintf("k=%d,in-write=%v", k, inWrite), func(t *testing.T) {
 				synctest.Test(t, func(t *testing.T) {
-					src := &batchSource{fakeSource: newFakeSource(2048, 4096, 1<<30)}
-					densely(src.fakeSource, seed+uint64(k), 2)
+					src := denseBatchSource(2048, seed+uint64(k))
 					slow := storage.NewDelay(storage.NewMem(src.size()))
 					slow.Set(storage.OpWrite, time.Millisecond)
 					ctx, cancel := context.WithCancel(context.Background())
@@ -963,8 +968,7 @@ func (d *cancelDev) WriteAt(p []byte, off int64, f storage.Flags) error {
 func TestFirstWindowIsSmall(t *testing.T) {
 	seed := testseed.Get(t)
 	synctest.Test(t, func(t *testing.T) {
-		src := &batchSource{fakeSource: newFakeSource(2048, 4096, 1<<30)}
-		densely(src.fakeSource, seed, 2)
+		src := denseBatchSource(2048, seed)
 		mem := storage.NewMem(src.size())
 		const maxWrite, batch = 64 << 10, 1 << 20
 		var mu sync.Mutex
