@@ -14,6 +14,8 @@
 #   SPAN_MB=8 bench/kernel-caches.sh              # the dense variant: the same writes over 8 MiB
 #   SYSTEMS="bcache nbdcache" bench/kernel-caches.sh
 #   SYSTEMS="bcache nbdcache nbdpass" ...        # nbdpass: attach with no cache, the NBD round trip's share
+#   SYSTEMS="bcache nbdpass nbdkit nbdnull" ...  # nbdkit: its file plugin on /dev/vdb via nbd-client;
+#                                                 # nbdnull: its null plugin, the round trip's floor
 #   SYSTEMS="bcache nbdcache floor" ...          # floor: the least a user-space drain does (test/vm/drainfloor)
 #   SYSTEMS="bcache floor flooruring" ...        # flooruring: the same through io_uring, O_DIRECT backing writes
 #   NBDCACHE_FLAGS="--direct" bench/kernel-caches.sh   # more flags for nbdcache attach
@@ -59,9 +61,11 @@ hpet) kargs="" ;;
 esac
 storage="--cache /dev/vda --backing /dev/vdb --format $NBDCACHE_FLAGS"
 storage=$(echo $storage | tr ' ' ,) # kernel command line words hold no spaces
-for t in qemu-system-x86_64 busybox fio make-bcache dmsetup mkfs.ext4 e2fsck /usr/bin/python3; do
+plugins=/usr/lib/x86_64-linux-gnu/nbdkit/plugins
+for t in qemu-system-x86_64 busybox fio make-bcache dmsetup mkfs.ext4 e2fsck nbdkit nbd-client /usr/bin/python3; do
 	command -v "$t" >/dev/null || { echo "missing $t (run make deps)"; exit 1; }
 done
+[ -e $plugins/nbdkit-null-plugin.so ] || { echo "missing $plugins/nbdkit-null-plugin.so (run make deps)"; exit 1; }
 work=$(mktemp -d /tmp/nbdcache-kcache.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 CGO_ENABLED=0 go build -trimpath -o "$work/nbdcache" ./cmd/nbdcache
@@ -81,6 +85,7 @@ printf 'exec sh /scenarios/${SCENARIO:-kcache}.sh\n' >"$work/test.sh"
 	-f test/vm/guest/kcache.sh:/scenarios/kcache.sh -f test/vm/guest/kcut1.sh:/scenarios/kcut1.sh \
 	-f test/vm/guest/kcut2.sh:/scenarios/kcut2.sh \
 	-b "$work/nbdcache" -b "$work/fsynctime" -b "$work/drainfloor" "${extra[@]}" -b fio -b make-bcache -b dmsetup -b mkfs.ext4 -b e2fsck \
+	-b nbdkit -b nbd-client -f $plugins/nbdkit-file-plugin.so:/nbdkit/nbdkit-file-plugin.so -f $plugins/nbdkit-null-plugin.so:/nbdkit/nbdkit-null-plugin.so \
 	-m bcache -m dm-writecache >"$work/build.log" 2>&1 || { cat "$work/build.log"; exit 1; }
 # vm ARGS...: run-vm.sh, booted once more if the boot hung before /init
 # (status 123: nothing ran in the guest, the disks are as they were).
@@ -158,7 +163,7 @@ cut() {
 }
 cuts=""
 for sys in $SYSTEMS; do
-	case $sys in floor | flooruring | nbdcache-b) continue ;; esac # no cache to cut (nbdcache-b: cut nbdcache itself)
+	case $sys in floor | flooruring | nbdpass | nbdkit | nbdnull | nbdcache-b) continue ;; esac # no cache to cut (nbdcache-b: cut nbdcache itself)
 	ok=0 mid=0
 	for i in $(seq "$CUTS"); do cut "$sys" "$i" ""; done
 	[ "$CUTS" = 0 ] || cuts="$cuts $sys=$ok/$CUTS"
@@ -175,6 +180,8 @@ for line in open(sys.argv[1]):
 for rs in rows.values():  # results of builds before drain2_ms
     for r in rs:
         r.setdefault("drain2_ms", float("nan"))
+        r.setdefault("burst_srv_usr_cs", float("nan"))
+        r.setdefault("burst_srv_sys_cs", float("nan"))
 systems = list(rows)
 if not systems:  # ROUNDS=0: power cuts only
     print("\npower cuts with every fsynced file intact:" + sys.argv[5])
@@ -182,7 +189,7 @@ if not systems:  # ROUNDS=0: power cuts only
 def med(s, k):
     return statistics.median(r[k] for r in rows[s])
 print("\n%s rounds, %s random 4 KiB writes over %s MiB at QD16, VM under TCG, clock %s, %s" % (sys.argv[2], sys.argv[4], sys.argv[3], sys.argv[6], time.strftime("%Y-%m-%d")))
-ratios = [(a, b) for a, b in [("nbdcache", "bcache"), ("nbdcache-b", "bcache"), ("nbdcache", "nbdcache-b"), ("floor", "bcache"), ("flooruring", "bcache"), ("nbdcache", "floor")] if a in rows and b in rows]
+ratios = [(a, b) for a, b in [("nbdcache", "bcache"), ("nbdcache-b", "bcache"), ("nbdcache", "nbdcache-b"), ("floor", "bcache"), ("flooruring", "bcache"), ("nbdcache", "floor"), ("nbdpass", "bcache"), ("nbdkit", "bcache"), ("nbdnull", "bcache"), ("nbdcache", "nbdnull")] if a in rows and b in rows]
 print("| | " + " | ".join(systems + ["%s / %s" % r for r in ratios]) + " |")
 print("|---" * (len(systems) + len(ratios) + 1) + "|")
 for key, name, scale, fmt in [
@@ -191,6 +198,8 @@ for key, name, scale, fmt in [
     ("cache_wreq", "cache-disk write requests", 1, "%.0f"),
     ("burst_ms", "burst time (ms)", 1, "%.0f"),
     ("burst_cpu_cs", "burst guest CPU-seconds", 0.01, "%.2f"),
+    ("burst_srv_usr_cs", "of which the server's user time", 0.01, "%.2f"),
+    ("burst_srv_sys_cs", "of which the server's system time", 0.01, "%.2f"),
     ("flush_us", "first FLUSH after the burst (ms)", 0.001, "%.1f"),
     ("flush2_us", "a second FLUSH at once (ms)", 0.001, "%.1f"),
     ("drain_ms", "drain time (s)", 0.001, "%.2f"),

@@ -10,18 +10,22 @@
 #                      the backing written with O_DIRECT
 #   KCACHE=nbdpass     nbdcache attach --backing /dev/vdb, no cache: the NBD
 #                      round trip's share of nbdcache's costs
+#   KCACHE=nbdkit      nbdkit's file plugin on /dev/vdb through nbd-client: a C
+#                      server's round trip, no cache
+#   KCACHE=nbdnull     nbdkit's null plugin (keeps nothing): the round trip's floor
 #   KCACHE=nbdcache-b  as nbdcache, with the binary nbdcache-b (an A/B build)
 # /dev/vda is the cache, /dev/vdb the backing. The burst is fio with
 # libaio and O_DIRECT: KCACHE_IOS random 4 KiB writes (default 8000) over
 # the first KCACHE_SPAN MiB (default 128) at QD16, seeded by SEED, the
 # same for every cache. Prints one line:
-#   KCACHE sys=NAME burst_cpu_cs=.. burst_ms=.. flush_us=.. flush2_us=.. drain_ms=..
+#   KCACHE sys=NAME burst_cpu_cs=.. burst_srv_usr_cs=.. burst_srv_sys_cs=.. burst_ms=.. flush_us=.. flush2_us=.. drain_ms=..
 #          drain_cpu_cs=.. drain2_ms=.. back_wreq=.. back_wkib=.. cache_wreq=.. dirty_left=..
-# with CPU in centiseconds of guest CPU (all CPUs), and write counters of
+# with CPU in centiseconds of guest CPU (all CPUs; burst_srv_*: the
+# user-space server's own user and system time, 0 for the kernel's), and write counters of
 # /sys/block/*/stat from just before the burst to the end of the drain.
 set -e
 . /lib.sh
-SYS=${KCACHE:?KCACHE=bcache|writecache|nbdcache|nbdcache-b|nbdpass|floor|flooruring}
+SYS=${KCACHE:?KCACHE=bcache|writecache|nbdcache|nbdcache-b|nbdpass|nbdkit|nbdnull|floor|flooruring}
 NAME=$SYS
 if [ "$SYS" = nbdcache-b ]; then
 	export NBDCACHE=nbdcache-b SYS=nbdcache
@@ -30,6 +34,11 @@ SPAN=${KCACHE_SPAN:-128}
 IOS=${KCACHE_IOS:-8000}
 
 busy() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
+# srv_cpu: the server process's user and system CPU (all its threads), in
+# centiseconds; "0 0" where the cache has no user-space server.
+srv_cpu() {
+	if [ -n "${SRVPID:-}" ]; then awk '{print $14, $15}' /proc/$SRVPID/stat; else echo 0 0; fi
+}
 ms() { awk '{printf "%d\n", $1 * 1000}' /proc/uptime; }
 stat_field() { awk -v f="$2" '{print $f}' /sys/block/"$1"/stat; }
 
@@ -43,6 +52,7 @@ b_wreq=$(stat_field vdb 5)
 b_wsect=$(stat_field vdb 7)
 c_wreq=$(stat_field vda 5)
 cpu0=$(busy)
+srv0=$(srv_cpu)
 t0=$(ms)
 step "burst: $IOS random 4k writes over $SPAN MiB, QD16"
 if [ "$SYS" = floor ] || [ "$SYS" = flooruring ]; then
@@ -78,6 +88,9 @@ if [ -n "${wdog:-}" ]; then
 fi
 t1=$(ms)
 cpu1=$(busy)
+srv1=$(srv_cpu)
+# shellcheck disable=SC2086
+srv_burst=$(echo $srv0 $srv1 | awk '{print "burst_srv_usr_cs=" $3 - $1 " burst_srv_sys_cs=" $4 - $2}')
 step "first FLUSH"
 debug() {
 	[ -n "${KCACHE_DEBUG:-}" ] || return 0
@@ -107,7 +120,7 @@ kcache_drain "$SYS"
 while [ "$SYS" != nbdcache ] && [ "$(kcache_dirty $SYS)" != 0 ]; do sleep 0.01; done
 t5=$(ms)
 case "$SYS" in floor | flooruring) drainfloor verify -span "$SPAN" -ios "$IOS" -seed "${SEED:-1}" || fail "the floor's drain left the backing wrong" ;; esac
-echo "KCACHE sys=$NAME burst_cpu_cs=$((cpu1 - cpu0)) burst_ms=$((t1 - t0)) flush_us=$flush_us flush2_us=$flush2_us drain_ms=$((t3 - t2)) drain_cpu_cs=$((cpu3 - cpu2)) drain2_ms=$((t5 - t4)) back_wreq=$(($(stat_field vdb 5) - b_wreq)) back_wkib=$((($(stat_field vdb 7) - b_wsect) / 2)) cache_wreq=$(($(stat_field vda 5) - c_wreq)) dirty_left=$left"
+echo "KCACHE sys=$NAME burst_cpu_cs=$((cpu1 - cpu0)) $srv_burst burst_ms=$((t1 - t0)) flush_us=$flush_us flush2_us=$flush2_us drain_ms=$((t3 - t2)) drain_cpu_cs=$((cpu3 - cpu2)) drain2_ms=$((t5 - t4)) back_wreq=$(($(stat_field vdb 5) - b_wreq)) back_wkib=$((($(stat_field vdb 7) - b_wsect) / 2)) cache_wreq=$(($(stat_field vda 5) - c_wreq)) dirty_left=$left"
 if [ -n "${KCACHE_PROF:-}" ] && [ -n "${apid:-}" ]; then
 	kill -TERM $apid
 	wait $apid || fail "attach exited with $?"

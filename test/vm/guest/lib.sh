@@ -122,9 +122,11 @@ check_ext4() {
 }
 
 # kcache_setup SYS NEW: brings up the write-back cache SYS (bcache,
-# writecache or nbdcache; or nbdpass, nbdcache attach without a cache) with /dev/vda as the cache and /dev/vdb as the
+# writecache or nbdcache; or nbdpass, nbdcache attach without a cache; or
+# nbdkit and nbdnull, nbdkit's file and null plugins through nbd-client) with /dev/vda as the cache and /dev/vdb as the
 # backing, made anew (NEW=1, on blank disks) or as the disks were left
-# (NEW=0: after a power cut); sets DEV to its device (issue 22's
+# (NEW=0: after a power cut); sets DEV to its device, and SRVPID to the
+# user-space server's process where there is one (issue 22's
 # scenarios kcache, kcut1 and kcut2).
 kcache_setup() {
 	case $1 in
@@ -159,6 +161,7 @@ kcache_setup() {
 		;;
 	nbdcache)
 		attach kc --sequential-cutoff 0 --control unix:/tmp/ctl.sock
+		SRVPID=$apid
 		DEV=/dev/nbd0
 		;;
 	floor | flooruring)
@@ -173,6 +176,25 @@ kcache_setup() {
 		# No cache: /dev/nbd0 straight onto /dev/vdb. What the kernel's
 		# nbd driver and a user-space server cost before any caching.
 		STORAGE="--backing /dev/vdb" attach kc --control unix:/tmp/ctl.sock
+		SRVPID=$apid
+		DEV=/dev/nbd0
+		;;
+	nbdkit | nbdnull)
+		# No cache, and not nbdcache: nbdkit (C, 16 threads) serves
+		# /dev/vdb with its file plugin (nbdkit), or serves a disk that
+		# keeps nothing (nbdnull: the null plugin), and nbd-client hands
+		# its socket to the kernel, with 2 connections as attach does.
+		# nbdnull is the floor of the NBD round trip: the kernel's nbd
+		# driver and a server that does no work with the data.
+		local plugin=file args=file=/dev/vdb
+		[ "$1" = nbdnull ] && plugin=null args=size=1G
+		modprobe nbd
+		nbdkit -f -U /tmp/nk.sock -t 16 /nbdkit/nbdkit-$plugin-plugin.so $args >/tmp/nk.err 2>&1 &
+		SRVPID=$!
+		local n=0
+		while [ ! -S /tmp/nk.sock ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+		[ -S /tmp/nk.sock ] || fail "nbdkit did not start: $(cat /tmp/nk.err)"
+		nbd-client -u /tmp/nk.sock /dev/nbd0 -b 4096 -C 2 -N "" >/tmp/nc.out 2>&1 || fail "nbd-client: $(cat /tmp/nc.out)"
 		DEV=/dev/nbd0
 		;;
 	*) fail "unknown cache $1" ;;
@@ -190,7 +212,7 @@ kcache_dirty() {
 		dmsetup status wc | awk '{print $5 - $6 + $7}'
 		;;
 	nbdcache) nbdcache stats --json --control unix:/tmp/ctl.sock | sed -n 's/.*"dirty_bytes": *\([0-9]*\).*/\1/p' | head -n 1 ;;
-	nbdpass | floor | flooruring) echo 0 ;;
+	nbdpass | nbdkit | nbdnull | floor | flooruring) echo 0 ;;
 	esac
 }
 
@@ -203,7 +225,7 @@ kcache_drain() {
 	bcache) echo 0 >/sys/block/bcache0/bcache/writeback_percent ;;
 	writecache) dmsetup message wc 0 cleaner ;;
 	nbdcache) nbdcache flush --drain --control unix:/tmp/ctl.sock >/tmp/drain.out 2>&1 || fail "drain: $(cat /tmp/drain.out)" ;;
-	nbdpass) ;;
+	nbdpass | nbdkit | nbdnull) ;;
 	floor) drainfloor drain -span "$SPAN" -ios "$IOS" -seed "${SEED:-1}" || fail "drainfloor drain" ;;
 	flooruring) drainfloor drain -span "$SPAN" -ios "$IOS" -seed "${SEED:-1}" -uring 64 -direct || fail "drainfloor drain" ;;
 	esac
