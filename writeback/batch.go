@@ -453,28 +453,37 @@ func (f *Flusher) issue(ctx context.Context, spans []span, paced bool, observe f
 	// speed), it starts next, reading the window after it into spare's
 	// arena once the jobs issued so far have completed. It reports
 	// whether it did (not if ctx ended).
-	window := func(n int) bool {
-		if next != nil && next.from != n {
-			next.wait()
-			f.releaseUnwritten(next, 0)
-			f.arenas.Put(&next.arena)
-			next = nil
+	// dropNext waits for next, releases every piece it read (none was
+	// written) and puts its arena back.
+	dropNext := func() {
+		next.wait()
+		f.releaseUnwritten(next, 0)
+		f.arenas.Put(&next.arena)
+		next = nil
+	}
+	// retire makes ahead's arena the spare: its window is written, or
+	// being written by jobs that every later read of the arena waits for.
+	// (spare is only ever set beside ahead.)
+	retire := func() {
+		if spare != nil {
+			f.arenas.Put(spare)
 		}
-		if next == nil && (ahead != nil || spare != nil) {
-			for _, fin := range done {
-				select {
-				case <-fin:
-				case <-ctx.Done():
-					return false
-				}
-			}
+		spare, ahead = &ahead.arena, nil
+	}
+	window := func(n int) bool {
+		if next != nil && next.from != n { // a guard: next begins where ahead ends
+			dropNext()
 		}
 		if next == nil {
-			if ahead != nil { // written whole: its arena is free
-				if spare != nil {
-					f.arenas.Put(spare)
+			if ahead != nil { // its arena is read into now: its jobs must be done
+				for _, fin := range done {
+					select {
+					case <-fin:
+					case <-ctx.Done():
+						return false
+					}
 				}
-				spare, ahead = &ahead.arena, nil
+				retire()
 			}
 			next = f.startReadAhead(spans[n:windowEnd(n)], n, spare, nil)
 			spare = nil
@@ -485,10 +494,7 @@ func (f *Flusher) issue(ctx context.Context, spans []span, paced bool, observe f
 			return false
 		}
 		if ahead != nil {
-			if spare != nil {
-				f.arenas.Put(spare)
-			}
-			spare = &ahead.arena
+			retire()
 		}
 		ahead, next = next, nil
 		aheadFrom, aheadTo = ahead.from, ahead.from+len(ahead.spans)
@@ -542,7 +548,6 @@ dispatch:
 				// The batch's first job, not held back, goes as the
 				// batch was planned a moment ago: planning it again
 				// was a third of the drain's planning (VM profile).
-				end := spans[len(spans)-1].end()
 				if n == 0 && !waited {
 					if !window(n) {
 						break dispatch
@@ -550,6 +555,7 @@ dispatch:
 					m = jobEnd(n)
 					break
 				}
+				end := spans[len(spans)-1].end()
 				if again, more := f.plan(spans[n].off, end, end-spans[n].off); len(again) > 0 && !more {
 					spans = slices.Replace(spans, n, len(spans), again...)
 					if !window(n) {
@@ -618,9 +624,7 @@ dispatch:
 		f.arenas.Put(&ahead.arena)
 	}
 	if next != nil {
-		next.wait()
-		f.releaseUnwritten(next, 0)
-		f.arenas.Put(&next.arena)
+		dropNext()
 	}
 	if spare != nil {
 		f.arenas.Put(spare)
