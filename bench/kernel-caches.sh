@@ -163,7 +163,7 @@ cut() {
 }
 cuts=""
 for sys in $SYSTEMS; do
-	case $sys in floor | flooruring | nbdpass | nbdkit | nbdnull | nbdcache-b) continue ;; esac # no cache to cut (nbdcache-b: cut nbdcache itself)
+	case $sys in floor | flooruring | nbdkit | nbdnull | nbdcache-b) continue ;; esac # no cache to cut (nbdcache-b: cut nbdcache itself)
 	ok=0 mid=0
 	for i in $(seq "$CUTS"); do cut "$sys" "$i" ""; done
 	[ "$CUTS" = 0 ] || cuts="$cuts $sys=$ok/$CUTS"

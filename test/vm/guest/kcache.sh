@@ -52,7 +52,7 @@ b_wreq=$(stat_field vdb 5)
 b_wsect=$(stat_field vdb 7)
 c_wreq=$(stat_field vda 5)
 cpu0=$(busy)
-srv0=$(srv_cpu)
+srv0=$(srv_cpu) || fail "the server is gone"
 t0=$(ms)
 step "burst: $IOS random 4k writes over $SPAN MiB, QD16"
 if [ "$SYS" = floor ] || [ "$SYS" = flooruring ]; then
@@ -88,7 +88,7 @@ if [ -n "${wdog:-}" ]; then
 fi
 t1=$(ms)
 cpu1=$(busy)
-srv1=$(srv_cpu)
+srv1=$(srv_cpu) || fail "the server is gone"
 # shellcheck disable=SC2086
 srv_burst=$(echo $srv0 $srv1 | awk '{print "burst_srv_usr_cs=" $3 - $1 " burst_srv_sys_cs=" $4 - $2}')
 step "first FLUSH"

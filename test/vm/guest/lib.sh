@@ -189,11 +189,12 @@ kcache_setup() {
 		local plugin=file args=file=/dev/vdb
 		[ "$1" = nbdnull ] && plugin=null args=size=1G
 		modprobe nbd
-		nbdkit -f -U /tmp/nk.sock -t 16 /nbdkit/nbdkit-$plugin-plugin.so $args >/tmp/nk.err 2>&1 &
+		# (-P: nbdkit writes its pid file once it listens)
+		nbdkit -f -U /tmp/nk.sock -P /tmp/nk.pid -t 16 /nbdkit/nbdkit-$plugin-plugin.so $args >/tmp/nk.err 2>&1 &
 		SRVPID=$!
 		local n=0
-		while [ ! -S /tmp/nk.sock ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
-		[ -S /tmp/nk.sock ] || fail "nbdkit did not start: $(cat /tmp/nk.err)"
+		while [ ! -s /tmp/nk.pid ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+		[ -s /tmp/nk.pid ] || fail "nbdkit did not start: $(cat /tmp/nk.err)"
 		nbd-client -u /tmp/nk.sock /dev/nbd0 -b 4096 -C 2 -N "" >/tmp/nc.out 2>&1 || fail "nbd-client: $(cat /tmp/nc.out)"
 		DEV=/dev/nbd0
 		;;
