@@ -446,13 +446,6 @@ func (f *Flusher) issue(ctx context.Context, spans []span, paced bool, observe f
 		return k
 	}
 	mayReadAhead := func() bool { return f.breader != nil && !f.backingSeeks() }
-	// window makes spans[n:] the window ahead: the one next read, if it
-	// begins there, else one read now (once every job issued has
-	// completed, if an arena of theirs is reused). Then, while reading
-	// ahead still pays (not over a disk; in a paced batch, at full
-	// speed), it starts next, reading the window after it into spare's
-	// arena once the jobs issued so far have completed. It reports
-	// whether it did (not if ctx ended).
 	// dropNext waits for next, releases every piece it read (none was
 	// written) and puts its arena back.
 	dropNext := func() {
@@ -470,6 +463,13 @@ func (f *Flusher) issue(ctx context.Context, spans []span, paced bool, observe f
 		}
 		spare, ahead = &ahead.arena, nil
 	}
+	// window makes spans[n:] the window ahead: the one next read, if it
+	// begins there, else one read now (once every job issued has
+	// completed, if an arena of theirs is reused). Then, while reading
+	// ahead still pays (not over a disk; in a paced batch, at full
+	// speed), it starts next, reading the window after it into spare's
+	// arena once the jobs issued so far have completed. It reports
+	// whether it did (not if ctx ended).
 	window := func(n int) bool {
 		if next != nil && next.from != n { // a guard: next begins where ahead ends
 			dropNext()

@@ -40,9 +40,9 @@
 //     BatchBytes, at least MaxWrite (a longer span is a window alone),
 //     but the first is MaxWrite and each next one twice the one before,
 //     up to that. The first is read before any write; as each window's
-//     writes begin, the next is read beside them, into the arena of the window before
-//     once its writes have completed: two arenas in use, half a batch
-//     with the default sizes. Reading ahead stops when the backing turns
+//     writes begin, the next is read beside them, into the arena of the
+//     window before once its writes have completed: two arenas in use,
+//     half a batch with the default sizes. Reading ahead stops when the backing turns
 //     out to seek, or the batch leaves full speed. The pieces of the
 //     windows the batch stops before writing are released. At most MaxInFlight
 //     spans are under way, in a sliding window: span k+MaxInFlight is

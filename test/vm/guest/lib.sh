@@ -123,8 +123,8 @@ check_ext4() {
 
 # kcache_setup SYS NEW: brings up the write-back cache SYS (bcache,
 # writecache or nbdcache; or nbdpass, nbdcache attach without a cache; or
-# nbdkit and nbdnull, nbdkit's file and null plugins through nbd-client) with /dev/vda as the cache and /dev/vdb as the
-# backing, made anew (NEW=1, on blank disks) or as the disks were left
+# nbdkit and nbdnull, nbdkit's file and null plugins through nbd-client)
+# with /dev/vda as the cache and /dev/vdb as the backing, made anew (NEW=1, on blank disks) or as the disks were left
 # (NEW=0: after a power cut); sets DEV to its device, and SRVPID to the
 # user-space server's process where there is one (issue 22's
 # scenarios kcache, kcut1 and kcut2).
